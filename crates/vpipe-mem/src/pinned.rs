@@ -1,0 +1,84 @@
+//! Page-locked host copies of weights and their upload to the device.
+//!
+//! A host→device copy from pinned memory runs at the bus's speed (55 GB/s measured on an H100,
+//! against 7–10 GB/s from pageable memory), so the host tier of a CUDA run is pinned.
+
+use candle_core::backprop::BackpropOp;
+use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut, PinnedHostSlice};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, CudaStorage, DType, Shape, Storage, Tensor};
+
+/// One tensor's bytes in page-locked host memory.
+pub(crate) struct PinnedTensor {
+    dtype: DType,
+    shape: Shape,
+    bytes: PinnedHostSlice<u8>,
+}
+
+fn driver_error(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl PinnedTensor {
+    /// Copies `data` (the raw little-endian bytes of a `dtype` tensor of `shape`) into freshly
+    /// pinned memory.
+    pub(crate) fn from_bytes(
+        device: &CudaDevice,
+        dtype: DType,
+        shape: Shape,
+        data: &[u8],
+    ) -> candle_core::Result<Self> {
+        let context = device.cuda_stream().context().clone();
+        // Portable, not write-combined: the CPU writes it once, the copy engine reads it.
+        // SAFETY: the buffer is fully written below before anything reads it.
+        let mut bytes = unsafe { context.alloc_pinned_with_flags::<u8>(data.len().max(1), 0) }
+            .map_err(driver_error)?;
+        let destination = bytes.as_mut_slice().map_err(driver_error)?;
+        destination[..data.len()].copy_from_slice(data);
+        Ok(Self {
+            dtype,
+            shape,
+            bytes,
+        })
+    }
+
+    fn upload_as<T: CudaDType>(&self, device: &CudaDevice) -> candle_core::Result<Tensor> {
+        let stream = device.cuda_stream();
+        let len = self.shape.elem_count();
+        // SAFETY: every element is written by the copy below before the tensor is used.
+        let mut slice = unsafe { stream.alloc::<T>(len) }.map_err(driver_error)?;
+        {
+            let source = self.bytes.as_slice().map_err(driver_error)?;
+            let source = &source[..len * std::mem::size_of::<T>()];
+            let (destination, _record) = slice.device_ptr_mut(&stream);
+            // SAFETY: `destination` holds exactly `source.len()` bytes; the pinned buffer
+            // outlives the copy (it is dropped only after the device copy is, and every drop
+            // is followed by a synchronize before the next reading).
+            unsafe { result::memcpy_htod_async(destination, source, stream.cu_stream()) }
+                .map_err(driver_error)?;
+        }
+        let storage = CudaStorage::wrap_cuda_slice(slice, device.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            self.shape.clone(),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// Makes a device tensor with one host→device copy from the pinned bytes.
+    pub(crate) fn upload(&self, device: &CudaDevice) -> candle_core::Result<Tensor> {
+        match self.dtype {
+            DType::BF16 => self.upload_as::<half::bf16>(device),
+            DType::F16 => self.upload_as::<half::f16>(device),
+            DType::F32 => self.upload_as::<f32>(device),
+            DType::F64 => self.upload_as::<f64>(device),
+            DType::U8 => self.upload_as::<u8>(device),
+            DType::U32 => self.upload_as::<u32>(device),
+            DType::I64 => self.upload_as::<i64>(device),
+            other => Err(candle_core::Error::Msg(format!(
+                "no device upload for dtype {other:?}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! A memory session: the store, the meters, the budget and the ledger of one run, and the
+//! phases through which all work on them goes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use crate::ledger::{Check, Event, Ledger};
+use crate::meter::{Meters, Reading};
+use crate::store::{describe_checkpoint, HostCopy, Lease, Model, ModelId, Tier};
+use crate::MemError;
+
+/// Limits on what may be resident, in bytes above the run's baseline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Budget {
+    /// The compute tier: device memory on CUDA (the pool's live bytes; the context's own
+    /// memory, measured at start as the baseline, is not counted), host heap on a CPU run.
+    pub compute: Option<u64>,
+    /// Host RAM for host copies of weights on a CUDA run (on a CPU run `compute` governs it).
+    pub host: Option<u64>,
+}
+
+/// How closely a measured change must match the expected one.
+#[derive(Debug, Clone, Copy)]
+struct Tolerance {
+    fraction: f64,
+    floor: u64,
+}
+
+impl Tolerance {
+    fn for_bytes(&self, expected: i64) -> u64 {
+        ((expected.unsigned_abs() as f64 * self.fraction) as u64).max(self.floor)
+    }
+}
+
+const MIB: u64 = 1 << 20;
+/// Heap bytes are counted exactly; the slack covers bookkeeping (maps, names) of the move.
+const HEAP_TOLERANCE: Tolerance = Tolerance { fraction: 0.01, floor: MIB };
+/// RSS moves in pages and with the allocator's own arenas.
+const RSS_TOLERANCE: Tolerance = Tolerance { fraction: 0.05, floor: 8 * MIB };
+/// The pool counts allocation sizes, rounded up to its granularity per tensor.
+const POOL_TOLERANCE: Tolerance = Tolerance { fraction: 0.005, floor: 16 * MIB };
+/// What may be in use at a phase's end beyond the resident models: a phase's small outputs
+/// (text embeddings, latents of a short clip) and the ledger's own growth.
+const PHASE_EXIT_TOLERANCE: Tolerance = Tolerance { fraction: 0.02, floor: 4 * MIB };
+
+const CLONE_HINT: &str = "a tensor of the model is still referenced (a clone kept past its lease?)";
+const LOAD_HINT: &str = "the copy did not land where it was counted";
+
+/// The memory side of one run. All moves of weights happen inside [`MemorySession::phase`].
+pub struct MemorySession {
+    device: Device,
+    meters: Meters,
+    budget: Budget,
+    baseline: Reading,
+    models: Vec<Model>,
+    ledger: Ledger,
+}
+
+impl MemorySession {
+    /// A session computing on `device`. Takes the baseline reading first: the empty process
+    /// (CUDA context and handles included), against which every later figure is compared.
+    pub fn new(device: Device, budget: Budget) -> Result<Self, MemError> {
+        let meters = Meters::for_device(&device)?;
+        Self::with_meters(device, meters, budget)
+    }
+
+    /// Like [`MemorySession::new`], with meters made by the caller (e.g. with an observer).
+    pub fn with_meters(device: Device, meters: Meters, budget: Budget) -> Result<Self, MemError> {
+        let baseline = meters.read()?;
+        let mut ledger = Ledger::default();
+        ledger.record(None, Event::Baseline { reading: baseline });
+        Ok(Self {
+            device,
+            meters,
+            budget,
+            baseline,
+            models: Vec::new(),
+            ledger,
+        })
+    }
+
+    /// Registers a safetensors checkpoint (header only; nothing is loaded). With `load_dtype`
+    /// the weights are converted when they are read into host memory.
+    pub fn register(
+        &mut self,
+        name: &str,
+        path: &Path,
+        load_dtype: Option<DType>,
+    ) -> Result<ModelId, MemError> {
+        self.models.push(describe_checkpoint(name, path, load_dtype)?);
+        Ok(ModelId(self.models.len() - 1))
+    }
+
+    /// The device models compute on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The tier models compute from.
+    pub fn compute_tier(&self) -> Tier {
+        if self.device.is_cuda() {
+            Tier::Device
+        } else {
+            Tier::Host
+        }
+    }
+
+    /// The report of everything recorded so far.
+    pub fn report(&self) -> Result<crate::Report, MemError> {
+        crate::Report::from_ledger(&self.ledger, self.budget)
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// The reading taken when the session started.
+    pub fn baseline(&self) -> &Reading {
+        &self.baseline
+    }
+
+    /// The meters (for readings that are not recorded).
+    pub fn meters(&self) -> &Meters {
+        &self.meters
+    }
+
+    /// Everything recorded so far.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Where a model is.
+    pub fn tier(&self, id: ModelId) -> Tier {
+        self.models[id.0].tier()
+    }
+
+    /// A model's name.
+    pub fn model_name(&self, id: ModelId) -> &str {
+        &self.models[id.0].name
+    }
+
+    /// Bytes a model's weights take in memory (after any dtype conversion).
+    pub fn model_bytes(&self, id: ModelId) -> u64 {
+        self.models[id.0].bytes()
+    }
+
+    /// Bytes of weights the store holds in the compute tier.
+    pub fn resident_compute_bytes(&self) -> u64 {
+        let tier = self.compute_tier();
+        self.models
+            .iter()
+            .filter(|m| m.tier() >= tier)
+            .map(Model::bytes)
+            .sum()
+    }
+
+    /// Runs `work` as the phase `name`: resets the high-water marks, records entry and exit,
+    /// then checks that nothing beyond the resident models stayed in the compute tier and
+    /// records a violation if the phase's peak exceeded the budget.
+    pub fn phase<R, E: From<MemError>>(
+        &mut self,
+        name: &str,
+        work: impl FnOnce(&mut Phase<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
+        self.meters.reset_peaks()?;
+        let reading = self.meters.read()?;
+        self.ledger.record(
+            Some(name),
+            Event::PhaseEnter {
+                phase: name.to_owned(),
+                reading,
+            },
+        );
+        let mut phase = Phase {
+            session: self,
+            name: name.to_owned(),
+        };
+        let result = work(&mut phase);
+        // The exit is recorded even when the work failed; the work's own error comes first.
+        let exit = self.exit_phase(name);
+        let value = result?;
+        exit?;
+        Ok(value)
+    }
+
+    fn exit_phase(&mut self, name: &str) -> Result<(), MemError> {
+        let reading = self.meters.read()?;
+        let resident = self.resident_compute_bytes();
+        self.ledger.record(
+            Some(name),
+            Event::PhaseExit {
+                phase: name.to_owned(),
+                reading,
+                resident_compute_bytes: resident,
+            },
+        );
+        let base = self.baseline.compute_used();
+        if let Some(budget) = self.budget.compute {
+            let peak = reading.compute_peak().saturating_sub(base);
+            if peak > budget {
+                self.ledger.record(
+                    Some(name),
+                    Event::Violation {
+                        phase: name.to_owned(),
+                        peak_above_baseline: peak,
+                        budget,
+                    },
+                );
+            }
+        }
+        let measured = reading.compute_used().saturating_sub(base);
+        let tolerance = PHASE_EXIT_TOLERANCE.for_bytes(resident as i64);
+        if measured > resident + tolerance {
+            return Err(MemError::PhaseLeak {
+                phase: name.to_owned(),
+                tier: self.compute_tier(),
+                expected: resident,
+                measured,
+                tolerance,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An open phase: the only place where weights move and leases are handed out.
+pub struct Phase<'s> {
+    session: &'s mut MemorySession,
+    name: String,
+}
+
+fn check(meter: &str, expected: i64, before: u64, after: u64, tolerance: Tolerance) -> Check {
+    let measured = after as i64 - before as i64;
+    let tolerance = tolerance.for_bytes(expected);
+    Check {
+        meter: meter.to_owned(),
+        expected,
+        measured,
+        tolerance,
+        ok: measured.abs_diff(expected) <= tolerance,
+    }
+}
+
+impl Phase<'_> {
+    /// The phase's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The session (read-only).
+    pub fn session(&self) -> &MemorySession {
+        self.session
+    }
+
+    /// A reading of every meter now (not recorded).
+    pub fn read(&self) -> Result<Reading, MemError> {
+        self.session.meters.read()
+    }
+
+    /// Records that a cheaper way was taken after a failure.
+    pub fn fallback(&mut self, what: &str, detail: &str) {
+        self.session.ledger.record(
+            Some(&self.name),
+            Event::Fallback {
+                what: what.to_owned(),
+                detail: detail.to_owned(),
+            },
+        );
+    }
+
+    /// Hands out the model's weights in the compute tier for as long as the lease lives.
+    pub fn lease(&self, id: ModelId) -> Result<Lease<'_>, MemError> {
+        let model = &self.session.models[id.0];
+        let tier = self.session.compute_tier();
+        let wrong_tier = || MemError::WrongTier {
+            model: model.name.clone(),
+            operation: "a lease",
+            needed: tier,
+            actual: model.tier(),
+        };
+        let tensors = match tier {
+            Tier::Device => model.device.as_ref().ok_or_else(wrong_tier)?,
+            _ => match &model.host {
+                Some(HostCopy::Pageable(tensors)) => tensors,
+                _ => return Err(wrong_tier()),
+            },
+        };
+        Ok(Lease {
+            model: &model.name,
+            tensors,
+        })
+    }
+
+    /// Brings a model into the compute tier (reading it from disk first if needed).
+    pub fn make_resident(&mut self, id: ModelId) -> Result<(), MemError> {
+        if self.session.tier(id) == Tier::Disk {
+            self.load(id)?;
+        }
+        if self.session.compute_tier() == Tier::Device && self.session.tier(id) == Tier::Host {
+            self.upload(id)?;
+        }
+        Ok(())
+    }
+
+    fn refuse_over_budget(
+        &mut self,
+        id: ModelId,
+        tier: Tier,
+        in_use: u64,
+        allowed: Option<u64>,
+    ) -> Result<(), MemError> {
+        let Some(allowed) = allowed else {
+            return Ok(());
+        };
+        let model = &self.session.models[id.0];
+        let needed = model.bytes();
+        if in_use + needed <= allowed {
+            return Ok(());
+        }
+        let model = model.name.clone();
+        self.session.ledger.record(
+            Some(&self.name),
+            Event::Refusal {
+                model: model.clone(),
+                tier,
+                needed,
+                in_use,
+                allowed,
+            },
+        );
+        Err(MemError::OverBudget {
+            model,
+            tier,
+            needed,
+            in_use,
+            allowed,
+        })
+    }
+
+    /// Host-side checks of a move of `expected` bytes (negative: freed).
+    fn host_checks(&self, expected: i64, before: &Reading, after: &Reading) -> Vec<Check> {
+        let mut checks = Vec::new();
+        let pinned = self.session.compute_tier() == Tier::Device;
+        if pinned {
+            // Page-locked buffers are not heap allocations; the kernel counts them.
+            checks.push(check(
+                "rss_anon+shmem",
+                expected,
+                before.host.anon + before.host.shmem,
+                after.host.anon + after.host.shmem,
+                RSS_TOLERANCE,
+            ));
+        } else {
+            if let (Some(b), Some(a)) = (before.heap, after.heap) {
+                checks.push(check("heap", expected, b.current, a.current, HEAP_TOLERANCE));
+            }
+            checks.push(check(
+                "rss_anon",
+                expected,
+                before.host.anon,
+                after.host.anon,
+                RSS_TOLERANCE,
+            ));
+        }
+        checks
+    }
+
+    fn device_checks(&self, expected: i64, before: &Reading, after: &Reading) -> Vec<Check> {
+        #[cfg(feature = "cuda")]
+        if let (Some(b), Some(a)) = (before.cuda, after.cuda) {
+            return vec![check(
+                "pool_used",
+                expected,
+                b.pool_used,
+                a.pool_used,
+                POOL_TOLERANCE,
+            )];
+        }
+        let _ = (expected, before, after, POOL_TOLERANCE);
+        Vec::new()
+    }
+
+    /// Records a move and fails with the first check that did not pass.
+    fn record_move(
+        &mut self,
+        id: ModelId,
+        from: Tier,
+        to: Tier,
+        expected: i64,
+        before: Reading,
+        after: Reading,
+        checks: Vec<Check>,
+    ) -> Result<(), MemError> {
+        let model = self.session.models[id.0].name.clone();
+        let failed = checks.iter().find(|c| !c.ok).cloned();
+        self.session.ledger.record(
+            Some(&self.name),
+            Event::Transition {
+                model: model.clone(),
+                from,
+                to,
+                expected_bytes: expected,
+                before,
+                after,
+                checks,
+            },
+        );
+        match failed {
+            None => Ok(()),
+            Some(c) => Err(MemError::VerificationFailed {
+                model,
+                transition: format!("{from} -> {to}"),
+                meter: c.meter,
+                expected: c.expected,
+                measured: c.measured,
+                tolerance: c.tolerance,
+                hint: if expected < 0 { CLONE_HINT } else { LOAD_HINT },
+            }),
+        }
+    }
+
+    /// Disk → host: reads the checkpoint into host memory, after checking the budget.
+    pub fn load(&mut self, id: ModelId) -> Result<(), MemError> {
+        self.expect_tier(id, Tier::Disk, "load")?;
+        let before = self.session.meters.read()?;
+        let host_in_use = before
+            .host_used()
+            .saturating_sub(self.session.baseline.host_used());
+        let host_budget = match self.session.compute_tier() {
+            Tier::Device => self.session.budget.host,
+            _ => self.session.budget.compute,
+        };
+        self.refuse_over_budget(id, Tier::Host, host_in_use, host_budget)?;
+        let copy = self.session.models[id.0].read_host_copy(&self.session.device)?;
+        self.session.models[id.0].host = Some(copy);
+        let after = self.session.meters.read()?;
+        let expected = self.session.models[id.0].bytes() as i64;
+        let checks = self.host_checks(expected, &before, &after);
+        self.record_move(id, Tier::Disk, Tier::Host, expected, before, after, checks)
+    }
+
+    /// Host → device: one copy per tensor from the pinned host copy, after checking the budget.
+    pub fn upload(&mut self, id: ModelId) -> Result<(), MemError> {
+        self.expect_tier(id, Tier::Host, "upload")?;
+        let before = self.session.meters.read()?;
+        let in_use = before
+            .compute_used()
+            .saturating_sub(self.session.baseline.compute_used());
+        self.refuse_over_budget(id, Tier::Device, in_use, self.session.budget.compute)?;
+        let device = self.session.upload_copy(id)?;
+        self.session.models[id.0].device = Some(device);
+        let after = self.session.meters.read()?;
+        let expected = self.session.models[id.0].bytes() as i64;
+        let checks = self.device_checks(expected, &before, &after);
+        self.record_move(id, Tier::Host, Tier::Device, expected, before, after, checks)
+    }
+
+    /// Moves a model down to `to` (device → host drops the device copy; host → disk drops
+    /// the host copy), verifying after each step that the memory was really given back.
+    pub fn offload(&mut self, id: ModelId, to: Tier) -> Result<(), MemError> {
+        if self.session.tier(id) == Tier::Device && to < Tier::Device {
+            let before = self.session.meters.read()?;
+            self.session.models[id.0].device = None;
+            let after = self.session.meters.read()?;
+            let expected = -(self.session.models[id.0].bytes() as i64);
+            let checks = self.device_checks(expected, &before, &after);
+            self.record_move(id, Tier::Device, Tier::Host, expected, before, after, checks)?;
+        }
+        if self.session.tier(id) == Tier::Host && to == Tier::Disk {
+            let before = self.session.meters.read()?;
+            self.session.models[id.0].host = None;
+            let after = self.session.meters.read()?;
+            let expected = -(self.session.models[id.0].bytes() as i64);
+            let checks = self.host_checks(expected, &before, &after);
+            self.record_move(id, Tier::Host, Tier::Disk, expected, before, after, checks)?;
+        }
+        Ok(())
+    }
+
+    fn expect_tier(&self, id: ModelId, needed: Tier, operation: &'static str) -> Result<(), MemError> {
+        let model = &self.session.models[id.0];
+        if model.tier() == needed {
+            Ok(())
+        } else {
+            Err(MemError::WrongTier {
+                model: model.name.clone(),
+                operation,
+                needed,
+                actual: model.tier(),
+            })
+        }
+    }
+}
+
+impl MemorySession {
+    #[cfg(feature = "cuda")]
+    fn upload_copy(&self, id: ModelId) -> Result<BTreeMap<String, candle_core::Tensor>, MemError> {
+        let model = &self.models[id.0];
+        let (Device::Cuda(cuda), Some(HostCopy::Pinned(host))) = (&self.device, &model.host)
+        else {
+            return Err(MemError::WrongTier {
+                model: model.name.clone(),
+                operation: "upload (needs a CUDA session and a pinned host copy)",
+                needed: Tier::Host,
+                actual: model.tier(),
+            });
+        };
+        host.iter()
+            .map(|(name, pinned)| {
+                pinned
+                    .upload(cuda)
+                    .map(|t| (name.clone(), t))
+                    .map_err(|source| MemError::Tensor {
+                        context: format!("uploading '{}' tensor '{name}'", model.name),
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn upload_copy(&self, id: ModelId) -> Result<BTreeMap<String, candle_core::Tensor>, MemError> {
+        let model = &self.models[id.0];
+        Err(MemError::WrongTier {
+            model: model.name.clone(),
+            operation: "upload (this build has no CUDA)",
+            needed: Tier::Device,
+            actual: model.tier(),
+        })
+    }
+}

@@ -1,0 +1,215 @@
+//! The residency store: the one owner of every model's weights, in one of three tiers.
+//!
+//! - **disk**: the checkpoint file; nothing of the model is in memory.
+//! - **host**: a copy in host RAM (pinned when computing on CUDA, so uploads run at full PCIe
+//!   speed; pageable otherwise). On a CPU run this is also the compute tier.
+//! - **device**: a copy on the CUDA device, made from the host copy. Weights are immutable
+//!   during a run, so leaving the device is dropping this copy, never copying back.
+//!
+//! Moves between tiers are made by [`crate::Phase`], which measures and verifies each one;
+//! this module only holds the copies and knows their sizes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
+
+use crate::MemError;
+
+/// Where a model's weights are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Only in the checkpoint file.
+    Disk,
+    /// In host RAM.
+    Host,
+    /// On the CUDA device (with the host copy kept).
+    Device,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Disk => "disk",
+            Tier::Host => "host",
+            Tier::Device => "device",
+        })
+    }
+}
+
+/// Handle of a registered model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ModelId(pub(crate) usize);
+
+/// A tensor of a registered model as it will be held in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// Checkpoint key.
+    pub name: String,
+    /// Dtype in memory (after any conversion at load).
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorMeta {
+    /// Bytes this tensor occupies in memory.
+    pub fn bytes(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64 * self.dtype.size_in_bytes() as u64
+    }
+}
+
+pub(crate) enum HostCopy {
+    Pageable(BTreeMap<String, Tensor>),
+    #[cfg(feature = "cuda")]
+    Pinned(BTreeMap<String, crate::pinned::PinnedTensor>),
+}
+
+pub(crate) struct Model {
+    pub(crate) name: String,
+    pub(crate) path: PathBuf,
+    pub(crate) tensors: Vec<TensorMeta>,
+    pub(crate) host: Option<HostCopy>,
+    pub(crate) device: Option<BTreeMap<String, Tensor>>,
+}
+
+impl Model {
+    pub(crate) fn tier(&self) -> Tier {
+        if self.device.is_some() {
+            Tier::Device
+        } else if self.host.is_some() {
+            Tier::Host
+        } else {
+            Tier::Disk
+        }
+    }
+
+    /// Bytes of the weights in memory, in any tier.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.tensors.iter().map(TensorMeta::bytes).sum()
+    }
+
+    fn checkpoint_error(&self, detail: impl fmt::Display) -> MemError {
+        MemError::Checkpoint {
+            path: self.path.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn map(&self) -> Result<MmapedSafetensors, MemError> {
+        // SAFETY: the checkpoint is mapped read-only; vpipe never writes to model files while
+        // running, and a file changed underneath by another program is the user's to avoid,
+        // as with every program that maps its inputs.
+        unsafe { MmapedSafetensors::new(&self.path) }.map_err(|e| self.checkpoint_error(e))
+    }
+
+    /// Reads the checkpoint into host memory: pageable tensors, or pinned buffers when
+    /// `pinned_for` is a CUDA device.
+    pub(crate) fn read_host_copy(&self, pinned_for: &Device) -> Result<HostCopy, MemError> {
+        let mapped = self.map()?;
+        let load = |meta: &TensorMeta| -> Result<Tensor, MemError> {
+            let tensor = mapped
+                .load(&meta.name, &Device::Cpu)
+                .and_then(|t| t.to_dtype(meta.dtype))
+                .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
+            Ok(tensor)
+        };
+        match pinned_for {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                let mut copies = BTreeMap::new();
+                for meta in &self.tensors {
+                    let view = mapped
+                        .get(&meta.name)
+                        .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
+                    let converted;
+                    let data: std::borrow::Cow<'_, [u8]> =
+                        if DType::try_from(view.dtype()).ok() == Some(meta.dtype) {
+                            std::borrow::Cow::Borrowed(view.data())
+                        } else {
+                            converted = load(meta)?;
+                            safetensors::View::data(&&converted)
+                        };
+                    let pinned = crate::pinned::PinnedTensor::from_bytes(
+                        cuda,
+                        meta.dtype,
+                        meta.shape.clone().into(),
+                        &data,
+                    )
+                    .map_err(|e| self.checkpoint_error(format!("pinning '{}': {e}", meta.name)))?;
+                    copies.insert(meta.name.clone(), pinned);
+                }
+                Ok(HostCopy::Pinned(copies))
+            }
+            _ => {
+                let mut copies = BTreeMap::new();
+                for meta in &self.tensors {
+                    copies.insert(meta.name.clone(), load(meta)?);
+                }
+                Ok(HostCopy::Pageable(copies))
+            }
+        }
+    }
+}
+
+/// Reads a safetensors checkpoint's header and describes the model it holds.
+pub(crate) fn describe_checkpoint(
+    name: &str,
+    path: &Path,
+    load_dtype: Option<DType>,
+) -> Result<Model, MemError> {
+    let model = Model {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        tensors: Vec::new(),
+        host: None,
+        device: None,
+    };
+    let mapped = model.map()?;
+    let mut tensors = Vec::new();
+    for (key, view) in mapped.tensors() {
+        let file_dtype = DType::try_from(view.dtype())
+            .map_err(|e| model.checkpoint_error(format!("tensor '{key}': {e}")))?;
+        tensors.push(TensorMeta {
+            name: key,
+            dtype: load_dtype.unwrap_or(file_dtype),
+            shape: view.shape().to_vec(),
+        });
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Model { tensors, ..model })
+}
+
+/// A phase's borrow of one model's weights in the compute tier.
+///
+/// The lease borrows the phase that handed it out, so the model cannot be moved while a lease
+/// is alive, and no tensor reference can outlive the phase (a compile error). An owned clone
+/// of a tensor can still be made (candle tensors are reference-counted); a clone that is still
+/// alive when the model is offloaded keeps its memory, and the offload's verification then
+/// fails naming the model and both numbers.
+pub struct Lease<'p> {
+    pub(crate) model: &'p str,
+    pub(crate) tensors: &'p BTreeMap<String, Tensor>,
+}
+
+impl<'p> Lease<'p> {
+    /// The model's name.
+    pub fn model(&self) -> &str {
+        self.model
+    }
+
+    /// One weight, by checkpoint key.
+    pub fn get(&self, name: &str) -> Result<&'p Tensor, MemError> {
+        self.tensors.get(name).ok_or_else(|| MemError::UnknownTensor {
+            model: self.model.to_owned(),
+            tensor: name.to_owned(),
+        })
+    }
+
+    /// All weights, by checkpoint key.
+    pub fn iter(&self) -> impl Iterator<Item = (&'p str, &'p Tensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}

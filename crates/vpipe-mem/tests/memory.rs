@@ -1,0 +1,328 @@
+//! The memory core's promises, measured on the host tiers (seed TEST 1, 3 and 5 on the CPU).
+//!
+//! Every test here reads process-wide meters, so they run one at a time (`SERIAL`), and this
+//! file is its own test binary with the counting allocator installed.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use vpipe_mem::{
+    heap_stats, Budget, Event, MemError, MemorySession, Meters, Reading, Report, Tier,
+};
+
+#[global_allocator]
+static ALLOC: vpipe_mem::CountingAllocator = vpipe_mem::CountingAllocator;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const MIB: u64 = 1 << 20;
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes a safetensors checkpoint of `tensors` f32 tensors of `mib_each` MiB, filled with a
+/// non-constant pattern (so that no page is shared or skipped), and frees the source buffers
+/// before returning.
+fn write_checkpoint(dir: &Path, name: &str, tensors: usize, mib_each: usize) -> PathBuf {
+    let path = dir.join(name);
+    let elems = mib_each * (1 << 20) / 4;
+    let mut map = std::collections::HashMap::new();
+    for i in 0..tensors {
+        let t = Tensor::arange(0u32, elems as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(1e-3, i as f64)
+            .unwrap();
+        map.insert(format!("blocks.{i}.weight"), t);
+    }
+    candle_core::safetensors::save(&map, &path).unwrap();
+    path
+}
+
+/// RssAnon read by the test's own parser, not the library's.
+fn independent_rss_anon() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+fn within(measured: i64, expected: i64, fraction: f64) -> bool {
+    (measured - expected).unsigned_abs() as f64 <= expected.unsigned_abs() as f64 * fraction
+}
+
+#[test]
+fn host_tier_load_raises_rss_by_the_weights_and_offload_gives_it_back() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "big.safetensors", 4, 64);
+    let bytes = 256 * MIB as i64;
+
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("big", &path, None).unwrap();
+    assert_eq!(session.model_bytes(model), bytes as u64);
+
+    let start = independent_rss_anon() as i64;
+    session.phase("load", |p| p.load(model)).unwrap();
+    let loaded = independent_rss_anon() as i64;
+    assert!(
+        within(loaded - start, bytes, 0.05),
+        "load raised RssAnon by {} bytes, expected {bytes} ± 5%",
+        loaded - start
+    );
+    assert_eq!(session.tier(model), Tier::Host);
+
+    session.phase("offload", |p| p.offload(model, Tier::Disk)).unwrap();
+    let offloaded = independent_rss_anon() as i64;
+    assert!(
+        within(offloaded - loaded, -bytes, 0.05),
+        "offload changed RssAnon by {} bytes, expected -{bytes} ± 5%",
+        offloaded - loaded
+    );
+    assert_eq!(session.tier(model), Tier::Disk);
+
+    // The store verified both moves itself, with the same meters.
+    let report = session.report().unwrap();
+    assert_eq!(report.transitions.len(), 2);
+    assert!(report.transitions.iter().all(|t| t.verified), "{report:#?}");
+}
+
+#[test]
+fn three_phases_in_sequence_leave_no_accumulation() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "m.safetensors", 2, 16);
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("m", &path, None).unwrap();
+    let heap_at_start = heap_stats().unwrap().current;
+
+    let mut after_each = Vec::new();
+    for phase in ["text", "sample", "decode"] {
+        session
+            .phase(phase, |p| -> Result<(), MemError> {
+                p.make_resident(model)?;
+                {
+                    let lease = p.lease(model)?;
+                    let w = lease.get("blocks.0.weight")?;
+                    // Real work on the leased weight: activations come and go inside the phase.
+                    let activations = w.reshape((1024, 4096)).unwrap().sqr().unwrap();
+                    let _sum = activations.sum_all().unwrap().to_scalar::<f32>().unwrap();
+                }
+                p.offload(model, Tier::Disk)
+            })
+            .unwrap();
+        after_each.push(heap_stats().unwrap().current);
+    }
+    for (i, heap) in after_each.iter().enumerate() {
+        assert!(
+            heap.abs_diff(heap_at_start) < MIB,
+            "heap after phase {i}: {heap}, at start {heap_at_start}: memory accumulated"
+        );
+    }
+    let report = session.report().unwrap();
+    assert_eq!(report.phases.len(), 3);
+    for phase in &report.phases {
+        assert!(phase.exit_above_baseline < MIB, "{phase:#?}");
+        // The phase really held the weights and its activations at its peak.
+        assert!(phase.peak_above_baseline >= 32 * MIB, "{phase:#?}");
+    }
+}
+
+#[test]
+fn a_clone_kept_past_its_lease_fails_the_offload_verification() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "m.safetensors", 2, 16);
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("leaky", &path, None).unwrap();
+
+    let mut kept = None;
+    let result = session.phase("leak", |p| -> Result<(), MemError> {
+        p.make_resident(model)?;
+        kept = Some(p.lease(model)?.get("blocks.1.weight")?.clone());
+        p.offload(model, Tier::Disk)
+    });
+    let error = result.unwrap_err();
+    match &error {
+        MemError::VerificationFailed {
+            model,
+            meter,
+            expected,
+            measured,
+            ..
+        } => {
+            assert_eq!(model, "leaky");
+            assert_eq!(meter, "heap");
+            assert_eq!(*expected, -(32 * MIB as i64));
+            // The kept tensor (16 MiB) did not come back.
+            assert!(
+                (*measured + 16 * MIB as i64).abs() < MIB as i64,
+                "measured {measured}"
+            );
+        }
+        other => panic!("expected a failed verification, got {other}"),
+    }
+    let message = error.to_string();
+    assert!(message.contains("'leaky'") && message.contains("32.00 MiB"), "{message}");
+    let report = session.report().unwrap();
+    assert!(!report.transitions.last().unwrap().verified);
+    drop(kept);
+}
+
+#[test]
+fn over_budget_is_refused_before_anything_is_loaded() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "m.safetensors", 1, 16);
+    let budget = Budget {
+        compute: Some(8 * MIB),
+        host: None,
+    };
+    let mut session = MemorySession::new(Device::Cpu, budget).unwrap();
+    let model = session.register("too-big", &path, None).unwrap();
+    let heap_before = heap_stats().unwrap().current;
+    let error = session.phase("load", |p| p.load(model)).unwrap_err();
+    assert!(heap_stats().unwrap().current.abs_diff(heap_before) < MIB);
+    assert_eq!(session.tier(model), Tier::Disk);
+    match &error {
+        MemError::OverBudget {
+            needed, allowed, ..
+        } => {
+            assert_eq!(*needed, 16 * MIB);
+            assert_eq!(*allowed, 8 * MIB);
+        }
+        other => panic!("expected a refusal, got {other}"),
+    }
+    let message = error.to_string();
+    assert!(
+        message.contains("too-big") && message.contains("16.00 MiB") && message.contains("8.00 MiB"),
+        "{message}"
+    );
+    assert_eq!(session.report().unwrap().refusals.len(), 1);
+}
+
+/// The test's own reading at the instant of each library reading, keyed by its timestamp.
+#[derive(Debug, Clone, Copy)]
+struct Independent {
+    t_ms: f64,
+    heap_current: u64,
+    heap_peak: u64,
+    rss_anon: u64,
+}
+
+#[test]
+fn every_number_in_the_report_equals_an_independent_reading() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "m.safetensors", 2, 16);
+    let seen: Arc<Mutex<Vec<Independent>>> = Arc::new(Mutex::new(Vec::with_capacity(256)));
+    let sink = seen.clone();
+    let meters = Meters::host().with_observer(Box::new(move |r: &Reading| {
+        // The allocator counters first, through the public accessor, then /proc through the
+        // test's own parser.
+        let heap = heap_stats().unwrap();
+        let rss_anon = independent_rss_anon();
+        sink.lock().unwrap().push(Independent {
+            t_ms: r.t_ms,
+            heap_current: heap.current,
+            heap_peak: heap.peak,
+            rss_anon,
+        });
+    }));
+    let mut session = MemorySession::with_meters(Device::Cpu, meters, Budget::default()).unwrap();
+    let model = session.register("m", &path, None).unwrap();
+    for phase in ["load", "work", "offload"] {
+        session
+            .phase(phase, |p| -> Result<(), MemError> {
+                match phase {
+                    "load" => p.load(model),
+                    "work" => {
+                        let lease = p.lease(model)?;
+                        let _ = lease.get("blocks.0.weight")?.sqr().unwrap();
+                        Ok(())
+                    }
+                    _ => p.offload(model, Tier::Disk),
+                }
+            })
+            .unwrap();
+    }
+    let out = dir.path().join("report.json");
+    session.report().unwrap().write_json(&out).unwrap();
+    let report: Report = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    let find = |r: &Reading| -> Independent {
+        *seen
+            .iter()
+            .find(|i| i.t_ms == r.t_ms)
+            .unwrap_or_else(|| panic!("no independent reading at t = {} ms", r.t_ms))
+    };
+    let mut compared = 0;
+    let mut compare = |r: &Reading| {
+        let i = find(r);
+        let heap = r.heap.unwrap();
+        assert_eq!(heap.current, i.heap_current, "heap at {} ms", r.t_ms);
+        assert_eq!(heap.peak, i.heap_peak, "heap peak at {} ms", r.t_ms);
+        assert_eq!(r.host.anon, i.rss_anon, "RssAnon at {} ms", r.t_ms);
+        compared += 1;
+    };
+    compare(&report.baseline);
+    for p in &report.phases {
+        compare(&p.entry);
+        compare(&p.exit);
+        let i = find(&p.exit);
+        let base = report.baseline.heap.unwrap().current;
+        assert_eq!(p.peak_above_baseline, i.heap_peak - base);
+        assert_eq!(p.exit_above_baseline, i.heap_current.saturating_sub(base));
+    }
+    for s in &report.samples {
+        let i = find(&Reading {
+            t_ms: s.t_ms,
+            ..report.baseline
+        });
+        assert_eq!(s.compute_used, i.heap_current);
+        assert_eq!(s.compute_peak, i.heap_peak);
+        assert_eq!(s.rss_anon, i.rss_anon);
+    }
+    // Transitions: the measured change of each check is the difference of two readings.
+    let ledger_transitions = session
+        .ledger()
+        .entries()
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Transition { before, after, .. } => Some((*before, *after)),
+            _ => None,
+        });
+    for ((before, after), t) in ledger_transitions.zip(&report.transitions) {
+        let (b, a) = (find(&before), find(&after));
+        let heap_check = t.checks.iter().find(|c| c.meter == "heap").unwrap();
+        assert_eq!(heap_check.measured, a.heap_current as i64 - b.heap_current as i64);
+        let rss_check = t.checks.iter().find(|c| c.meter == "rss_anon").unwrap();
+        assert_eq!(rss_check.measured, a.rss_anon as i64 - b.rss_anon as i64);
+    }
+    assert!(compared >= 7);
+    assert_eq!(report.transitions.len(), 2);
+}
+
+#[test]
+fn the_chart_shows_every_phase_and_the_budget() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "m.safetensors", 1, 4);
+    let budget = Budget {
+        compute: Some(64 * MIB),
+        host: None,
+    };
+    let mut session = MemorySession::new(Device::Cpu, budget).unwrap();
+    let model = session.register("m", &path, None).unwrap();
+    session.phase("load <1>", |p| p.load(model)).unwrap();
+    session.phase("unload", |p| p.offload(model, Tier::Disk)).unwrap();
+    let svg = vpipe_mem::render_svg(&session.report().unwrap());
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("load &lt;1&gt;") && svg.contains("unload"));
+    assert!(svg.contains("budget + baseline"));
+    assert_eq!(svg.matches("<polyline").count(), 3);
+}
