@@ -93,12 +93,11 @@ pub enum MemError {
         /// What usually causes it.
         hint: &'static str,
     },
-    /// At a phase's end, more memory was in use than the resident models account for.
+    /// A phase added more to the compute tier than its models and outputs explain.
     #[error(
-        "phase '{phase}' left {} in the {tier} tier that no resident model accounts for (resident models {}, measured {} above baseline, tolerance {})",
-        crate::fmt_bytes(measured.saturating_sub(*expected)),
-        crate::fmt_bytes(*expected),
-        crate::fmt_bytes(*measured),
+        "phase '{phase}' added {} to the {tier} tier but its resident models and declared outputs explain {} (tolerance {}): memory is accumulating",
+        crate::fmt_signed_bytes(*grown),
+        crate::fmt_signed_bytes(*explained),
         crate::fmt_bytes(*tolerance)
     )]
     PhaseLeak {
@@ -106,10 +105,10 @@ pub enum MemError {
         phase: String,
         /// The compute tier.
         tier: crate::Tier,
-        /// Bytes the store's resident models account for.
-        expected: u64,
-        /// Bytes measured above the run's baseline.
-        measured: u64,
+        /// Measured change of the compute tier over the phase.
+        grown: i64,
+        /// Change the resident models and declared outputs account for.
+        explained: i64,
         /// Allowed difference.
         tolerance: u64,
     },

@@ -76,6 +76,13 @@ pub enum Event {
         /// The tier's budget.
         allowed: u64,
     },
+    /// Data a phase produced for later phases and keeps in the compute tier.
+    Output {
+        /// What it is.
+        what: String,
+        /// Its size.
+        bytes: u64,
+    },
     /// A cheaper way was taken after a failure (smaller tile, streamed blocks, …).
     Fallback {
         /// What fell back.

@@ -52,7 +52,7 @@ pub use host::{read_host_rss, HostRss};
 pub use ledger::{Check, Entry, Event, Ledger};
 pub use meter::{ComputeKind, CudaReading, Meters, Reading, ReadingObserver};
 pub use report::{
-    Fallback, PhaseReport, Refusal, Report, Sample, TransitionReport, Violation,
+    Fallback, Output, PhaseReport, Refusal, Report, Sample, TransitionReport, Violation,
     REPORT_SCHEMA_VERSION,
 };
 pub use session::{Budget, MemorySession, Phase};

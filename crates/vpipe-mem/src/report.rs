@@ -31,6 +31,8 @@ pub struct Report {
     pub transitions: Vec<TransitionReport>,
     /// Loads refused by the budget.
     pub refusals: Vec<Refusal>,
+    /// Data phases declared as produced for later phases.
+    pub outputs: Vec<Output>,
     /// Cheaper ways taken after failures.
     pub fallbacks: Vec<Fallback>,
     /// Phases whose peak exceeded the budget.
@@ -94,6 +96,17 @@ pub struct Refusal {
     pub allowed: u64,
 }
 
+/// A phase's declared output.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Output {
+    /// Phase.
+    pub phase: Option<String>,
+    /// What it is.
+    pub what: String,
+    /// Bytes.
+    pub bytes: u64,
+}
+
 /// A fallback.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Fallback {
@@ -155,6 +168,7 @@ impl Report {
             phases: Vec::new(),
             transitions: Vec::new(),
             refusals: Vec::new(),
+            outputs: Vec::new(),
             fallbacks: Vec::new(),
             violations: Vec::new(),
             samples: ledger
@@ -222,6 +236,11 @@ impl Report {
                     needed: *needed,
                     in_use: *in_use,
                     allowed: *allowed,
+                }),
+                Event::Output { what, bytes } => report.outputs.push(Output {
+                    phase: entry.phase.clone(),
+                    what: what.clone(),
+                    bytes: *bytes,
                 }),
                 Event::Fallback { what, detail } => report.fallbacks.push(Fallback {
                     phase: entry.phase.clone(),

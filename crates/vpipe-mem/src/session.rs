@@ -41,8 +41,8 @@ const HEAP_TOLERANCE: Tolerance = Tolerance { fraction: 0.01, floor: MIB };
 const RSS_TOLERANCE: Tolerance = Tolerance { fraction: 0.05, floor: 8 * MIB };
 /// The pool counts allocation sizes, rounded up to its granularity per tensor.
 const POOL_TOLERANCE: Tolerance = Tolerance { fraction: 0.005, floor: 16 * MIB };
-/// What may be in use at a phase's end beyond the resident models: a phase's small outputs
-/// (text embeddings, latents of a short clip) and the ledger's own growth.
+/// What a phase may add beyond its resident models and declared outputs (the ledger's own
+/// growth, allocator rounding).
 const PHASE_EXIT_TOLERANCE: Tolerance = Tolerance { fraction: 0.02, floor: 4 * MIB };
 
 const CLONE_HINT: &str = "a tensor of the model is still referenced (a clone kept past its lease?)";
@@ -174,19 +174,30 @@ impl MemorySession {
                 reading,
             },
         );
+        let resident_at_entry = self.resident_compute_bytes();
         let mut phase = Phase {
             session: self,
             name: name.to_owned(),
+            outputs: 0,
         };
         let result = work(&mut phase);
+        let outputs = phase.outputs;
         // The exit is recorded even when the work failed; the work's own error comes first.
-        let exit = self.exit_phase(name);
+        let exit = self.exit_phase(name, &reading, resident_at_entry, outputs);
         let value = result?;
         exit?;
         Ok(value)
     }
 
-    fn exit_phase(&mut self, name: &str) -> Result<(), MemError> {
+    /// Records the exit, then checks for accumulation: what the phase added to the compute
+    /// tier must be explained by the models it made resident and the outputs it declared.
+    fn exit_phase(
+        &mut self,
+        name: &str,
+        entry: &Reading,
+        resident_at_entry: u64,
+        outputs: u64,
+    ) -> Result<(), MemError> {
         let reading = self.meters.read()?;
         let resident = self.resident_compute_bytes();
         self.ledger.record(
@@ -211,14 +222,15 @@ impl MemorySession {
                 );
             }
         }
-        let measured = reading.compute_used().saturating_sub(base);
+        let grown = reading.compute_used() as i64 - entry.compute_used() as i64;
+        let explained = resident as i64 - resident_at_entry as i64 + outputs as i64;
         let tolerance = PHASE_EXIT_TOLERANCE.for_bytes(resident as i64);
-        if measured > resident + tolerance {
+        if grown > explained + tolerance as i64 {
             return Err(MemError::PhaseLeak {
                 phase: name.to_owned(),
                 tier: self.compute_tier(),
-                expected: resident,
-                measured,
+                grown,
+                explained,
                 tolerance,
             });
         }
@@ -230,6 +242,7 @@ impl MemorySession {
 pub struct Phase<'s> {
     session: &'s mut MemorySession,
     name: String,
+    outputs: u64,
 }
 
 fn check(meter: &str, expected: i64, before: u64, after: u64, tolerance: Tolerance) -> Check {
@@ -255,9 +268,32 @@ impl Phase<'_> {
         self.session
     }
 
+    /// Registers a checkpoint (see [`MemorySession::register`]): phase 1's work.
+    pub fn register(
+        &mut self,
+        name: &str,
+        path: &Path,
+        load_dtype: Option<DType>,
+    ) -> Result<ModelId, MemError> {
+        self.session.register(name, path, load_dtype)
+    }
+
     /// A reading of every meter now (not recorded).
     pub fn read(&self) -> Result<Reading, MemError> {
         self.session.meters.read()
+    }
+
+    /// Declares data the phase produces for later phases (embeddings, latents, frames) and
+    /// keeps in the compute tier; the accumulation check at the phase's end allows for it.
+    pub fn declare_output(&mut self, what: &str, bytes: u64) {
+        self.outputs += bytes;
+        self.session.ledger.record(
+            Some(&self.name),
+            Event::Output {
+                what: what.to_owned(),
+                bytes,
+            },
+        );
     }
 
     /// Records that a cheaper way was taken after a failure.

@@ -1,0 +1,28 @@
+//! `--device cpu|cuda|cuda:N`.
+
+use crate::exit::BadInput;
+
+/// Opens the device named by a `--device` value.
+pub(crate) fn open(spec: &str) -> anyhow::Result<candle_core::Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(BadInput(format!(
+                    "--device {spec}: expected cpu, cuda or cuda:N (N a GPU index)"
+                ))
+                .into())
+            }
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(BadInput(format!(
+            "--device {spec}: this vpipe was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        ))
+        .into());
+    }
+    Ok(candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("--device {spec}: could not open the CUDA device: {e}"))?)
+}

@@ -1,0 +1,67 @@
+//! Exit codes, so that a job scheduler can tell bad input from a refused budget from a failed
+//! run.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | the run failed (I/O, device, a bug) |
+//! | 2 | bad input: a flag, a file, a tensor is not what was expected |
+//! | 3 | refused: the work does not fit the memory budget (nothing was loaded) |
+//! | 4 | a memory verification failed: an offload did not free what it should have |
+//! | 5 | not built yet |
+
+use std::process::ExitCode;
+
+use vpipe_mem::MemError;
+
+/// A capability that is on the roadmap but not in this build.
+#[derive(Debug)]
+pub(crate) struct NotBuiltYet(pub(crate) &'static str);
+
+impl std::fmt::Display for NotBuiltYet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "not built yet: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotBuiltYet {}
+
+/// Bad input found by vpipe itself (flag values, combinations).
+#[derive(Debug)]
+pub(crate) struct BadInput(pub(crate) String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
+    for cause in err.chain() {
+        if cause.is::<BadInput>() || cause.is::<vpipe_ckpt::InspectError>() {
+            return ExitCode::from(2);
+        }
+        if cause.is::<NotBuiltYet>() {
+            return ExitCode::from(5);
+        }
+        if let Some(mem) = cause.downcast_ref::<MemError>() {
+            return ExitCode::from(match mem {
+                MemError::OverBudget { .. } => 3,
+                MemError::VerificationFailed { .. } | MemError::PhaseLeak { .. } => 4,
+                MemError::Checkpoint { .. } => 2,
+                _ => 1,
+            });
+        }
+    }
+    ExitCode::from(1)
+}
+
+pub(crate) fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

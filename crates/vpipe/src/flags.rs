@@ -1,0 +1,185 @@
+//! Command-line flags in two layers: what clap parses (raw strings and numbers), and the
+//! validated settings each command runs with.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit::BadInput;
+
+/// Wan 2.1 video diffusion under a memory budget that vpipe keeps and proves.
+///
+/// Every run measures memory at every phase boundary and verifies that each offload really
+/// freed what it should have; the report says what was resident where, measured.
+#[derive(Parser, Debug)]
+#[command(name = "vpipe", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Run the built-in demonstration job on any CPU in about a minute: a small built-in model
+    /// goes through the pipeline's phases, and the run writes report.json and memory.svg.
+    Demo(DemoArgs),
+    /// Generate a video: text-to-video, image-to-video or video-to-video, with LoRAs, under a
+    /// memory budget (not built yet).
+    Run(PipelineArgs),
+    /// Dry run of `run`: what will be resident in each phase, tile sizes, peak estimate, and
+    /// whether it fits the budget (not built yet).
+    Plan(PipelineArgs),
+    /// Describe a checkpoint without loading it: family (Wan DiT T2V/I2V, Wan VAE, umT5, CLIP
+    /// vision, LoRA), key layout (original Wan/ComfyUI or diffusers), detected config, dtypes,
+    /// parameter count and bytes. Reads .safetensors headers and .pth archives only.
+    Inspect(InspectArgs),
+    /// Run one component on tensors stored in safetensors files, for parity checks and
+    /// debugging (components arrive with the models; none is built yet).
+    Tensors(TensorsArgs),
+}
+
+/// Flags of `vpipe demo`.
+#[derive(Args, Debug)]
+pub(crate) struct DemoArgs {
+    /// Folder for the demo's outputs (report.json, memory.svg, the built-in weights).
+    #[arg(long, default_value = "vpipe-demo")]
+    out: PathBuf,
+    /// Where to compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Memory budget of the compute tier (device memory, or host heap on the CPU), e.g. 8GiB.
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Denoising steps of the sampling phase.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Seed of the built-in model's weights and inputs.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+/// Validated settings of `vpipe demo`.
+pub(crate) struct Demo {
+    pub(crate) out: PathBuf,
+    pub(crate) device: String,
+    pub(crate) budget: vpipe_mem::Budget,
+    pub(crate) steps: usize,
+    pub(crate) seed: u64,
+}
+
+/// Parses a `--flag SIZE` value.
+fn parse_budget(flag: &str, value: &Option<String>) -> Result<Option<u64>, BadInput> {
+    value
+        .as_deref()
+        .map(|text| {
+            vpipe_mem::parse_bytes(text).ok_or_else(|| {
+                BadInput(format!(
+                    "{flag} {text}: expected a size such as 8GiB, 512MiB or 1.5GB"
+                ))
+            })
+        })
+        .transpose()
+}
+
+impl DemoArgs {
+    pub(crate) fn validate(self) -> Result<Demo, BadInput> {
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(BadInput(format!(
+                "--steps {}: expected 1 to 1000",
+                self.steps
+            )));
+        }
+        Ok(Demo {
+            out: self.out,
+            device: self.device,
+            budget: vpipe_mem::Budget {
+                compute: parse_budget("--vram-budget", &self.vram_budget)?,
+                host: None,
+            },
+            steps: self.steps,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Flags of `vpipe run` and `vpipe plan`.
+#[derive(Args, Debug)]
+pub(crate) struct PipelineArgs {
+    /// Folder with the model files (DiT, VAE, umT5; ComfyUI or diffusers layout).
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Negative prompt.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Input clip for video-to-video (H.264 MP4).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// How much of the input clip to repaint (video-to-video), 0 to 1.
+    #[arg(long)]
+    strength: Option<f64>,
+    /// First frame for image-to-video (PNG or JPEG).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// LoRA file and strength, FILE:STRENGTH; repeat for several.
+    #[arg(long)]
+    lora: Vec<String>,
+    /// Frame size WIDTHxHEIGHT.
+    #[arg(long, default_value = "832x480")]
+    size: String,
+    /// Number of frames (4k+1).
+    #[arg(long, default_value_t = 81)]
+    frames: usize,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 6.0)]
+    cfg: f64,
+    /// Flow shift.
+    #[arg(long, default_value_t = 8.0)]
+    shift: f64,
+    /// Sampler: euler or unipc.
+    #[arg(long, default_value = "unipc")]
+    sampler: String,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Device memory budget, e.g. 8GiB (default: what the device has free).
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Output video.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where to write the memory report.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Flags of `vpipe inspect`.
+#[derive(Args, Debug)]
+pub(crate) struct InspectArgs {
+    /// Print JSON instead of the summary.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// A .safetensors or .pth checkpoint.
+    pub(crate) file: PathBuf,
+}
+
+/// Flags of `vpipe tensors`.
+#[derive(Args, Debug)]
+pub(crate) struct TensorsArgs {
+    /// The component to run (vae-encode, vae-decode, …).
+    pub(crate) component: String,
+    /// The component's flags.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub(crate) args: Vec<String>,
+}
+
+/// Parses the command line (clap prints help and usage errors itself, with exit code 2).
+pub(crate) fn parse() -> Command {
+    Cli::parse().command
+}

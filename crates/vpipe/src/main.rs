@@ -1,0 +1,55 @@
+//! `vpipe`: Wan 2.1 video diffusion under a memory budget that it keeps and proves.
+//!
+//! `main` stays thin: parse flags, run, turn errors into one line on stderr and an exit code
+//! that a scheduler can act on (see [`exit::code_for`]).
+
+use std::process::ExitCode;
+
+#[global_allocator]
+static ALLOC: vpipe_mem::CountingAllocator = vpipe_mem::CountingAllocator;
+
+mod demo;
+mod device;
+mod exit;
+mod flags;
+mod inspect;
+
+fn main() -> ExitCode {
+    let command = flags::parse();
+    init_tracing();
+    match run(command) {
+        Ok(code) => code,
+        Err(err) => {
+            if exit::is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("vpipe: {err:#}");
+            exit::code_for(&err)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VPIPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
+    match command {
+        flags::Command::Demo(args) => demo::run(args.validate()?),
+        flags::Command::Inspect(args) => inspect::run(&args),
+        flags::Command::Run(_) | flags::Command::Plan(_) => Err(exit::NotBuiltYet(
+            "the Wan 2.1 pipeline (`run`, `plan`) needs the VAE, DiT, umT5 and sampler, which are not built yet",
+        )
+        .into()),
+        flags::Command::Tensors(args) => Err(exit::NotBuiltYet(match args.component.as_str() {
+            "vae-encode" | "vae-decode" => "the Wan VAE components are not built yet",
+            _ => "no tensor components are built yet",
+        })
+        .into()),
+    }
+}
