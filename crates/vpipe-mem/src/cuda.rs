@@ -77,12 +77,7 @@ impl CudaMeter {
         driver("cuDeviceGetDefaultMemPool", unsafe {
             sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
         })?;
-        let attr = |a| {
-            context
-                .attribute(a)
-                .map_err(wrap)
-                .map(|v| v as u32)
-        };
+        let attr = |a| context.attribute(a).map_err(wrap).map(|v| v as u32);
         let pci_bus_id = format!(
             "{:08X}:{:02X}:{:02X}.0",
             attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
@@ -115,13 +110,19 @@ impl CudaMeter {
 
     fn nvml_process_used(&self) -> Option<u64> {
         let nvml = self.nvml.as_ref()?;
-        let device = nvml.nvml.device_by_pci_bus_id(nvml.pci_bus_id.as_str()).ok()?;
+        let device = nvml
+            .nvml
+            .device_by_pci_bus_id(nvml.pci_bus_id.as_str())
+            .ok()?;
         let pid = std::process::id();
         let processes = device.running_compute_processes().ok()?;
-        processes.iter().find(|p| p.pid == pid).and_then(|p| match p.used_gpu_memory {
-            nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) => Some(bytes),
-            nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
-        })
+        processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .and_then(|p| match p.used_gpu_memory {
+                nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) => Some(bytes),
+                nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+            })
     }
 
     /// Synchronizes the device, then reads every meter.
@@ -153,7 +154,10 @@ impl CudaMeter {
             detail: e.to_string(),
         })?;
         use sys::CUmemPool_attribute::*;
-        for attribute in [CU_MEMPOOL_ATTR_USED_MEM_HIGH, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH] {
+        for attribute in [
+            CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        ] {
             let mut zero: u64 = 0;
             // SAFETY: resetting a HIGH attribute takes a cuuint64_t 0.
             driver("cuMemPoolSetAttribute", unsafe {

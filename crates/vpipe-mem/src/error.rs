@@ -31,7 +31,9 @@ pub enum MemError {
         model: String,
     },
     /// A model is not in the tier an operation needs.
-    #[error("model '{model}': {operation} needs it in the {needed} tier, it is in the {actual} tier")]
+    #[error(
+        "model '{model}': {operation} needs it in the {needed} tier, it is in the {actual} tier"
+    )]
     WrongTier {
         /// The model.
         model: String,
@@ -72,7 +74,7 @@ pub enum MemError {
     },
     /// A transition's measured effect did not match what it should have done.
     #[error(
-        "'{model}' {transition}: {meter} changed by {} but {} was expected (tolerance {}); {hint}",
+        "'{model}' {from} -> {to}: {meter} changed by {} but {} was expected (tolerance {}); {hint}",
         crate::fmt_signed_bytes(*measured),
         crate::fmt_signed_bytes(*expected),
         crate::fmt_bytes(*tolerance)
@@ -80,8 +82,10 @@ pub enum MemError {
     VerificationFailed {
         /// The model moved.
         model: String,
-        /// e.g. `host -> disk`.
-        transition: String,
+        /// Tier it left.
+        from: crate::Tier,
+        /// Tier it went to.
+        to: crate::Tier,
         /// The meter that disagreed.
         meter: String,
         /// Expected change in bytes (negative: freed).
@@ -121,7 +125,7 @@ pub enum MemError {
         context: String,
         /// candle's error.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// Writing a report or chart failed.
     #[error("{}: {source}", path.display())]

@@ -56,6 +56,8 @@ pub enum Event {
         to: Tier,
         /// Bytes the move should add (positive) or free (negative) in the tier it touches.
         expected_bytes: i64,
+        /// Milliseconds the move itself took, device synchronized at its end (no meter reads).
+        work_ms: f64,
         /// Reading before the move.
         before: Reading,
         /// Reading after the move.

@@ -101,7 +101,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
         "tb" => 1e12,
         _ => return None,
     };
-    (number.is_finite() && number >= 0.0).then(|| (number * scale) as u64)
+    (number.is_finite() && number >= 0.0).then_some((number * scale) as u64)
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it into place, so that a

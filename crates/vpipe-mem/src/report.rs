@@ -71,8 +71,8 @@ pub struct TransitionReport {
     pub to: Tier,
     /// Expected change in bytes (negative: freed).
     pub expected_bytes: i64,
-    /// Milliseconds the move took (between its two readings).
-    pub duration_ms: f64,
+    /// Milliseconds the move itself took, device synchronized at its end.
+    pub work_ms: f64,
     /// Verifications.
     pub checks: Vec<Check>,
     /// All checks passed.
@@ -161,7 +161,12 @@ impl Report {
         let base = baseline.compute_used();
         let mut report = Report {
             schema_version: REPORT_SCHEMA_VERSION,
-            compute: if baseline.cuda.is_some() { "cuda" } else { "cpu" }.into(),
+            compute: if baseline.cuda.is_some() {
+                "cuda"
+            } else {
+                "cpu"
+            }
+            .into(),
             compute_meter: baseline.compute_meter().into(),
             budget,
             baseline,
@@ -210,16 +215,16 @@ impl Report {
                     from,
                     to,
                     expected_bytes,
-                    before,
-                    after,
+                    work_ms,
                     checks,
+                    ..
                 } => report.transitions.push(TransitionReport {
                     phase: entry.phase.clone(),
                     model: model.clone(),
                     from: *from,
                     to: *to,
                     expected_bytes: *expected_bytes,
-                    duration_ms: after.t_ms - before.t_ms,
+                    work_ms: *work_ms,
                     checks: checks.clone(),
                     verified: checks.iter().all(|c| c.ok),
                 }),

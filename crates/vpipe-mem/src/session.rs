@@ -36,14 +36,26 @@ impl Tolerance {
 
 const MIB: u64 = 1 << 20;
 /// Heap bytes are counted exactly; the slack covers bookkeeping (maps, names) of the move.
-const HEAP_TOLERANCE: Tolerance = Tolerance { fraction: 0.01, floor: MIB };
+const HEAP_TOLERANCE: Tolerance = Tolerance {
+    fraction: 0.01,
+    floor: MIB,
+};
 /// RSS moves in pages and with the allocator's own arenas.
-const RSS_TOLERANCE: Tolerance = Tolerance { fraction: 0.05, floor: 8 * MIB };
+const RSS_TOLERANCE: Tolerance = Tolerance {
+    fraction: 0.05,
+    floor: 8 * MIB,
+};
 /// The pool counts allocation sizes, rounded up to its granularity per tensor.
-const POOL_TOLERANCE: Tolerance = Tolerance { fraction: 0.005, floor: 16 * MIB };
+const POOL_TOLERANCE: Tolerance = Tolerance {
+    fraction: 0.005,
+    floor: 16 * MIB,
+};
 /// What a phase may add beyond its resident models and declared outputs (the ledger's own
 /// growth, allocator rounding).
-const PHASE_EXIT_TOLERANCE: Tolerance = Tolerance { fraction: 0.02, floor: 4 * MIB };
+const PHASE_EXIT_TOLERANCE: Tolerance = Tolerance {
+    fraction: 0.02,
+    floor: 4 * MIB,
+};
 
 const CLONE_HINT: &str = "a tensor of the model is still referenced (a clone kept past its lease?)";
 const LOAD_HINT: &str = "the copy did not land where it was counted";
@@ -89,7 +101,8 @@ impl MemorySession {
         path: &Path,
         load_dtype: Option<DType>,
     ) -> Result<ModelId, MemError> {
-        self.models.push(describe_checkpoint(name, path, load_dtype)?);
+        self.models
+            .push(describe_checkpoint(name, path, load_dtype)?);
         Ok(ModelId(self.models.len() - 1))
     }
 
@@ -391,7 +404,13 @@ impl Phase<'_> {
             ));
         } else {
             if let (Some(b), Some(a)) = (before.heap, after.heap) {
-                checks.push(check("heap", expected, b.current, a.current, HEAP_TOLERANCE));
+                checks.push(check(
+                    "heap",
+                    expected,
+                    b.current,
+                    a.current,
+                    HEAP_TOLERANCE,
+                ));
             }
             checks.push(check(
                 "rss_anon",
@@ -419,13 +438,33 @@ impl Phase<'_> {
         Vec::new()
     }
 
+    /// Runs `work` (one move of weights), then synchronizes the device, and returns how long
+    /// that took in milliseconds.
+    fn timed(
+        &mut self,
+        work: impl FnOnce(&mut MemorySession) -> Result<(), MemError>,
+    ) -> Result<f64, MemError> {
+        let start = std::time::Instant::now();
+        work(self.session)?;
+        self.session
+            .device
+            .synchronize()
+            .map_err(|source| MemError::Tensor {
+                context: "synchronizing after a move".into(),
+                source: Box::new(source),
+            })?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// Records a move and fails with the first check that did not pass.
+    #[allow(clippy::too_many_arguments)] // one call per kind of move; a struct would only rename them
     fn record_move(
         &mut self,
         id: ModelId,
         from: Tier,
         to: Tier,
         expected: i64,
+        work_ms: f64,
         before: Reading,
         after: Reading,
         checks: Vec<Check>,
@@ -439,6 +478,7 @@ impl Phase<'_> {
                 from,
                 to,
                 expected_bytes: expected,
+                work_ms,
                 before,
                 after,
                 checks,
@@ -448,7 +488,8 @@ impl Phase<'_> {
             None => Ok(()),
             Some(c) => Err(MemError::VerificationFailed {
                 model,
-                transition: format!("{from} -> {to}"),
+                from,
+                to,
                 meter: c.meter,
                 expected: c.expected,
                 measured: c.measured,
@@ -470,12 +511,24 @@ impl Phase<'_> {
             _ => self.session.budget.compute,
         };
         self.refuse_over_budget(id, Tier::Host, host_in_use, host_budget)?;
-        let copy = self.session.models[id.0].read_host_copy(&self.session.device)?;
-        self.session.models[id.0].host = Some(copy);
+        let work_ms = self.timed(|s| {
+            let copy = s.models[id.0].read_host_copy(&s.device)?;
+            s.models[id.0].host = Some(copy);
+            Ok(())
+        })?;
         let after = self.session.meters.read()?;
         let expected = self.session.models[id.0].bytes() as i64;
         let checks = self.host_checks(expected, &before, &after);
-        self.record_move(id, Tier::Disk, Tier::Host, expected, before, after, checks)
+        self.record_move(
+            id,
+            Tier::Disk,
+            Tier::Host,
+            expected,
+            work_ms,
+            before,
+            after,
+            checks,
+        )
     }
 
     /// Host → device: one copy per tensor from the pinned host copy, after checking the budget.
@@ -486,12 +539,24 @@ impl Phase<'_> {
             .compute_used()
             .saturating_sub(self.session.baseline.compute_used());
         self.refuse_over_budget(id, Tier::Device, in_use, self.session.budget.compute)?;
-        let device = self.session.upload_copy(id)?;
-        self.session.models[id.0].device = Some(device);
+        let work_ms = self.timed(|s| {
+            let device = s.upload_copy(id)?;
+            s.models[id.0].device = Some(device);
+            Ok(())
+        })?;
         let after = self.session.meters.read()?;
         let expected = self.session.models[id.0].bytes() as i64;
         let checks = self.device_checks(expected, &before, &after);
-        self.record_move(id, Tier::Host, Tier::Device, expected, before, after, checks)
+        self.record_move(
+            id,
+            Tier::Host,
+            Tier::Device,
+            expected,
+            work_ms,
+            before,
+            after,
+            checks,
+        )
     }
 
     /// Moves a model down to `to` (device → host drops the device copy; host → disk drops
@@ -499,24 +564,53 @@ impl Phase<'_> {
     pub fn offload(&mut self, id: ModelId, to: Tier) -> Result<(), MemError> {
         if self.session.tier(id) == Tier::Device && to < Tier::Device {
             let before = self.session.meters.read()?;
-            self.session.models[id.0].device = None;
+            let work_ms = self.timed(|s| {
+                s.models[id.0].device = None;
+                Ok(())
+            })?;
             let after = self.session.meters.read()?;
             let expected = -(self.session.models[id.0].bytes() as i64);
             let checks = self.device_checks(expected, &before, &after);
-            self.record_move(id, Tier::Device, Tier::Host, expected, before, after, checks)?;
+            self.record_move(
+                id,
+                Tier::Device,
+                Tier::Host,
+                expected,
+                work_ms,
+                before,
+                after,
+                checks,
+            )?;
         }
         if self.session.tier(id) == Tier::Host && to == Tier::Disk {
             let before = self.session.meters.read()?;
-            self.session.models[id.0].host = None;
+            let work_ms = self.timed(|s| {
+                s.models[id.0].host = None;
+                Ok(())
+            })?;
             let after = self.session.meters.read()?;
             let expected = -(self.session.models[id.0].bytes() as i64);
             let checks = self.host_checks(expected, &before, &after);
-            self.record_move(id, Tier::Host, Tier::Disk, expected, before, after, checks)?;
+            self.record_move(
+                id,
+                Tier::Host,
+                Tier::Disk,
+                expected,
+                work_ms,
+                before,
+                after,
+                checks,
+            )?;
         }
         Ok(())
     }
 
-    fn expect_tier(&self, id: ModelId, needed: Tier, operation: &'static str) -> Result<(), MemError> {
+    fn expect_tier(
+        &self,
+        id: ModelId,
+        needed: Tier,
+        operation: &'static str,
+    ) -> Result<(), MemError> {
         let model = &self.session.models[id.0];
         if model.tier() == needed {
             Ok(())
@@ -535,8 +629,7 @@ impl MemorySession {
     #[cfg(feature = "cuda")]
     fn upload_copy(&self, id: ModelId) -> Result<BTreeMap<String, candle_core::Tensor>, MemError> {
         let model = &self.models[id.0];
-        let (Device::Cuda(cuda), Some(HostCopy::Pinned(host))) = (&self.device, &model.host)
-        else {
+        let (Device::Cuda(cuda), Some(HostCopy::Pinned(host))) = (&self.device, &model.host) else {
             return Err(MemError::WrongTier {
                 model: model.name.clone(),
                 operation: "upload (needs a CUDA session and a pinned host copy)",
@@ -551,7 +644,7 @@ impl MemorySession {
                     .map(|t| (name.clone(), t))
                     .map_err(|source| MemError::Tensor {
                         context: format!("uploading '{}' tensor '{name}'", model.name),
-                        source,
+                        source: Box::new(source),
                     })
             })
             .collect()

@@ -18,7 +18,9 @@ use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use crate::MemError;
 
 /// Where a model's weights are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// Only in the checkpoint file.
@@ -121,9 +123,9 @@ impl Model {
             Device::Cuda(cuda) => {
                 let mut copies = BTreeMap::new();
                 for meta in &self.tensors {
-                    let view = mapped
-                        .get(&meta.name)
-                        .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
+                    let view = mapped.get(&meta.name).map_err(|e| {
+                        self.checkpoint_error(format!("tensor '{}': {e}", meta.name))
+                    })?;
                     let converted;
                     let data: std::borrow::Cow<'_, [u8]> =
                         if DType::try_from(view.dtype()).ok() == Some(meta.dtype) {
@@ -202,10 +204,12 @@ impl<'p> Lease<'p> {
 
     /// One weight, by checkpoint key.
     pub fn get(&self, name: &str) -> Result<&'p Tensor, MemError> {
-        self.tensors.get(name).ok_or_else(|| MemError::UnknownTensor {
-            model: self.model.to_owned(),
-            tensor: name.to_owned(),
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| MemError::UnknownTensor {
+                model: self.model.to_owned(),
+                tensor: name.to_owned(),
+            })
     }
 
     /// All weights, by checkpoint key.

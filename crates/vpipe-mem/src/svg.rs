@@ -95,7 +95,12 @@ pub fn render_svg(report: &Report) -> String {
             fmt_bytes(line)
         );
     }
-    let series: [(&str, &str, fn(&crate::report::Sample) -> u64); 3] = [
+    type Series = (
+        &'static str,
+        &'static str,
+        fn(&crate::report::Sample) -> u64,
+    );
+    let series: [Series; 3] = [
         ("compute high-water", "#e69500", |s| s.compute_peak),
         ("compute in use", "#1f5fbf", |s| s.compute_used),
         ("host RssAnon", "#2a9d55", |s| s.rss_anon),
@@ -119,7 +124,11 @@ pub fn render_svg(report: &Report) -> String {
             HEIGHT - 30.0,
             lx + 22.0,
             HEIGHT - 26.0,
-            if i < 2 { report.compute_meter.as_str() } else { "measured" }
+            if i < 2 {
+                report.compute_meter.as_str()
+            } else {
+                "measured"
+            }
         );
     }
     svg.push_str("</svg>\n");

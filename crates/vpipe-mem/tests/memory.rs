@@ -75,7 +75,9 @@ fn host_tier_load_raises_rss_by_the_weights_and_offload_gives_it_back() {
     );
     assert_eq!(session.tier(model), Tier::Host);
 
-    session.phase("offload", |p| p.offload(model, Tier::Disk)).unwrap();
+    session
+        .phase("offload", |p| p.offload(model, Tier::Disk))
+        .unwrap();
     let offloaded = independent_rss_anon() as i64;
     assert!(
         within(offloaded - loaded, -bytes, 0.05),
@@ -166,7 +168,10 @@ fn a_clone_kept_past_its_lease_fails_the_offload_verification() {
         other => panic!("expected a failed verification, got {other}"),
     }
     let message = error.to_string();
-    assert!(message.contains("'leaky'") && message.contains("32.00 MiB"), "{message}");
+    assert!(
+        message.contains("'leaky'") && message.contains("32.00 MiB"),
+        "{message}"
+    );
     let report = session.report().unwrap();
     assert!(!report.transitions.last().unwrap().verified);
     drop(kept);
@@ -198,7 +203,9 @@ fn over_budget_is_refused_before_anything_is_loaded() {
     }
     let message = error.to_string();
     assert!(
-        message.contains("too-big") && message.contains("16.00 MiB") && message.contains("8.00 MiB"),
+        message.contains("too-big")
+            && message.contains("16.00 MiB")
+            && message.contains("8.00 MiB"),
         "{message}"
     );
     assert_eq!(session.report().unwrap().refusals.len(), 1);
@@ -299,7 +306,10 @@ fn every_number_in_the_report_equals_an_independent_reading() {
     for ((before, after), t) in ledger_transitions.zip(&report.transitions) {
         let (b, a) = (find(&before), find(&after));
         let heap_check = t.checks.iter().find(|c| c.meter == "heap").unwrap();
-        assert_eq!(heap_check.measured, a.heap_current as i64 - b.heap_current as i64);
+        assert_eq!(
+            heap_check.measured,
+            a.heap_current as i64 - b.heap_current as i64
+        );
         let rss_check = t.checks.iter().find(|c| c.meter == "rss_anon").unwrap();
         assert_eq!(rss_check.measured, a.rss_anon as i64 - b.rss_anon as i64);
     }
@@ -319,7 +329,9 @@ fn the_chart_shows_every_phase_and_the_budget() {
     let mut session = MemorySession::new(Device::Cpu, budget).unwrap();
     let model = session.register("m", &path, None).unwrap();
     session.phase("load <1>", |p| p.load(model)).unwrap();
-    session.phase("unload", |p| p.offload(model, Tier::Disk)).unwrap();
+    session
+        .phase("unload", |p| p.offload(model, Tier::Disk))
+        .unwrap();
     let svg = vpipe_mem::render_svg(&session.report().unwrap());
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("load &lt;1&gt;") && svg.contains("unload"));

@@ -42,7 +42,9 @@ impl Rng {
     }
 
     fn tensor(&mut self, shape: (usize, usize), scale: f32) -> candle_core::Result<Tensor> {
-        let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| self.next_f32() * scale).collect();
+        let data: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| self.next_f32() * scale)
+            .collect();
         Tensor::from_vec(data, shape, &Device::Cpu)
     }
 }
@@ -100,7 +102,10 @@ fn with_model(
         p.make_resident(model)?;
         let result = work(&p.lease(model)?)?;
         p.offload(model, Tier::Disk)?;
-        p.declare_output(output, (result.elem_count() * result.dtype().size_in_bytes()) as u64);
+        p.declare_output(
+            output,
+            (result.elem_count() * result.dtype().size_in_bytes()) as u64,
+        );
         Ok(result)
     })
 }
@@ -126,12 +131,16 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         unreachable!("three built-in parts")
     };
 
-    let prompt_ids: Vec<u32> = (0..TEXT_TOKENS as u32).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
+    let prompt_ids: Vec<u32> = (0..TEXT_TOKENS as u32)
+        .map(|i| (i * 37 + 11) % VOCAB as u32)
+        .collect();
     let embeddings = with_model(&mut session, "text", text, "prompt embedding", |lease| {
         let ids = Tensor::new(prompt_ids.as_slice(), &device)?;
         let tokens = lease.get("embed.weight")?.index_select(&ids, 0)?;
         // Host copy: only the small embeddings outlive the phase.
-        Ok(forward(lease, tokens)?.mean_keepdim(0)?.to_device(&Device::Cpu)?)
+        Ok(forward(lease, tokens)?
+            .mean_keepdim(0)?
+            .to_device(&Device::Cpu)?)
     })?;
 
     let mut rng = Rng(demo.seed ^ 0xA5A5_A5A5);
@@ -141,17 +150,23 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     })?;
 
     let steps = demo.steps;
-    let sampled = with_model(&mut session, "sample", denoiser, "denoised latents", |lease| {
-        let condition = embeddings.to_device(&device)?;
-        let mut x = latents.to_device(&device)?;
-        for step in 0..steps {
-            let dt = 1.0 / steps as f64;
-            let velocity = forward(lease, x.broadcast_add(&condition)?)?;
-            x = (x - (velocity * dt)?)?;
-            tracing::debug!(step, "denoising step done");
-        }
-        Ok(x.to_device(&Device::Cpu)?)
-    })?;
+    let sampled = with_model(
+        &mut session,
+        "sample",
+        denoiser,
+        "denoised latents",
+        |lease| {
+            let condition = embeddings.to_device(&device)?;
+            let mut x = latents.to_device(&device)?;
+            for step in 0..steps {
+                let dt = 1.0 / steps as f64;
+                let velocity = forward(lease, x.broadcast_add(&condition)?)?;
+                x = (x - (velocity * dt)?)?;
+                tracing::debug!(step, "denoising step done");
+            }
+            Ok(x.to_device(&Device::Cpu)?)
+        },
+    )?;
 
     let decoded = with_model(&mut session, "vae decode", vae, "decoded frames", |lease| {
         Ok(forward(lease, sampled.to_device(&device)?)?.to_device(&Device::Cpu)?)

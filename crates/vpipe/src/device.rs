@@ -23,6 +23,6 @@ pub(crate) fn open(spec: &str) -> anyhow::Result<candle_core::Device> {
         ))
         .into());
     }
-    Ok(candle_core::Device::new_cuda(ordinal)
-        .map_err(|e| anyhow::anyhow!("--device {spec}: could not open the CUDA device: {e}"))?)
+    candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("--device {spec}: could not open the CUDA device: {e}"))
 }
