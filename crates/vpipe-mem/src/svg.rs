@@ -10,7 +10,7 @@ const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 400.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 30.0;
+const TOP: f64 = 44.0;
 const BOTTOM: f64 = 50.0;
 const PHASE_FILLS: [&str; 2] = ["#eef3fb", "#f8f1e6"];
 
@@ -56,11 +56,13 @@ pub fn render_svg(report: &Report) -> String {
             escape(&phase.name),
             fmt_bytes(phase.peak_above_baseline)
         );
+        // Narrow bands get their labels staggered so neighbours do not overlap.
+        let narrow = (x1 - x0) < phase.name.len() as f64 * 6.5;
+        let label_y = TOP - 6.0 - if narrow && i % 2 == 1 { 14.0 } else { 0.0 };
         let _ = writeln!(
             svg,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#445">{}</text>"##,
+            r##"<text x="{:.1}" y="{label_y:.1}" text-anchor="middle" fill="#445">{}</text>"##,
             (x0 + x1) / 2.0,
-            TOP - 8.0,
             escape(&phase.name)
         );
     }

@@ -31,7 +31,14 @@ fn demo_runs_every_phase_and_writes_a_verified_report_and_chart() {
         .collect();
     assert_eq!(
         phases,
-        ["load", "text", "vae encode", "sample", "vae decode", "write"]
+        [
+            "load",
+            "text",
+            "vae encode",
+            "sample",
+            "vae decode",
+            "write"
+        ]
     );
     let transitions = report["transitions"].as_array().unwrap();
     // Each of the four model phases loads one model and gives it back.
