@@ -456,19 +456,25 @@ impl Phase<'_> {
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 
-    /// Records a move and fails with the first check that did not pass.
-    #[allow(clippy::too_many_arguments)] // one call per kind of move; a struct would only rename them
-    fn record_move(
+    /// Moves a model from one tier to the next: runs `work`, reads the meters, verifies the
+    /// change against the model's size on the meters of the tier touched, records it, and
+    /// fails with the first check that did not pass. `before` is the reading taken before.
+    fn move_model(
         &mut self,
         id: ModelId,
-        from: Tier,
-        to: Tier,
-        expected: i64,
-        work_ms: f64,
+        (from, to): (Tier, Tier),
         before: Reading,
-        after: Reading,
-        checks: Vec<Check>,
+        work: impl FnOnce(&mut MemorySession) -> Result<(), MemError>,
     ) -> Result<(), MemError> {
+        let work_ms = self.timed(work)?;
+        let after = self.session.meters.read()?;
+        let bytes = self.session.models[id.0].bytes() as i64;
+        let expected = if to > from { bytes } else { -bytes };
+        let checks = if to == Tier::Device || from == Tier::Device {
+            self.device_checks(expected, &before, &after)
+        } else {
+            self.host_checks(expected, &before, &after)
+        };
         let model = self.session.models[id.0].name.clone();
         let failed = checks.iter().find(|c| !c.ok).cloned();
         self.session.ledger.record(
@@ -511,24 +517,11 @@ impl Phase<'_> {
             _ => self.session.budget.compute,
         };
         self.refuse_over_budget(id, Tier::Host, host_in_use, host_budget)?;
-        let work_ms = self.timed(|s| {
+        self.move_model(id, (Tier::Disk, Tier::Host), before, |s| {
             let copy = s.models[id.0].read_host_copy(&s.device)?;
             s.models[id.0].host = Some(copy);
             Ok(())
-        })?;
-        let after = self.session.meters.read()?;
-        let expected = self.session.models[id.0].bytes() as i64;
-        let checks = self.host_checks(expected, &before, &after);
-        self.record_move(
-            id,
-            Tier::Disk,
-            Tier::Host,
-            expected,
-            work_ms,
-            before,
-            after,
-            checks,
-        )
+        })
     }
 
     /// Host → device: one copy per tensor from the pinned host copy, after checking the budget.
@@ -539,24 +532,11 @@ impl Phase<'_> {
             .compute_used()
             .saturating_sub(self.session.baseline.compute_used());
         self.refuse_over_budget(id, Tier::Device, in_use, self.session.budget.compute)?;
-        let work_ms = self.timed(|s| {
+        self.move_model(id, (Tier::Host, Tier::Device), before, |s| {
             let device = s.upload_copy(id)?;
             s.models[id.0].device = Some(device);
             Ok(())
-        })?;
-        let after = self.session.meters.read()?;
-        let expected = self.session.models[id.0].bytes() as i64;
-        let checks = self.device_checks(expected, &before, &after);
-        self.record_move(
-            id,
-            Tier::Host,
-            Tier::Device,
-            expected,
-            work_ms,
-            before,
-            after,
-            checks,
-        )
+        })
     }
 
     /// Moves a model down to `to` (device → host drops the device copy; host → disk drops
@@ -564,43 +544,17 @@ impl Phase<'_> {
     pub fn offload(&mut self, id: ModelId, to: Tier) -> Result<(), MemError> {
         if self.session.tier(id) == Tier::Device && to < Tier::Device {
             let before = self.session.meters.read()?;
-            let work_ms = self.timed(|s| {
+            self.move_model(id, (Tier::Device, Tier::Host), before, |s| {
                 s.models[id.0].device = None;
                 Ok(())
             })?;
-            let after = self.session.meters.read()?;
-            let expected = -(self.session.models[id.0].bytes() as i64);
-            let checks = self.device_checks(expected, &before, &after);
-            self.record_move(
-                id,
-                Tier::Device,
-                Tier::Host,
-                expected,
-                work_ms,
-                before,
-                after,
-                checks,
-            )?;
         }
         if self.session.tier(id) == Tier::Host && to == Tier::Disk {
             let before = self.session.meters.read()?;
-            let work_ms = self.timed(|s| {
+            self.move_model(id, (Tier::Host, Tier::Disk), before, |s| {
                 s.models[id.0].host = None;
                 Ok(())
             })?;
-            let after = self.session.meters.read()?;
-            let expected = -(self.session.models[id.0].bytes() as i64);
-            let checks = self.host_checks(expected, &before, &after);
-            self.record_move(
-                id,
-                Tier::Host,
-                Tier::Disk,
-                expected,
-                work_ms,
-                before,
-                after,
-                checks,
-            )?;
         }
         Ok(())
     }

@@ -42,9 +42,24 @@ fn write_checkpoint(dir: &Path, name: &str, tensors: usize, mib_each: usize) -> 
     path
 }
 
-/// RssAnon read by the test's own parser, not the library's.
+/// RssAnon read by the test's own parser, not the library's. It reads into a static buffer
+/// (touched once before the comparisons start): a fresh heap or stack page touched here would
+/// move the very figure being compared.
 fn independent_rss_anon() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    use std::io::Read;
+    static BUFFER: Mutex<[u8; 16384]> = Mutex::new([0; 16384]);
+    let mut guard = BUFFER.lock().unwrap();
+    let buf = &mut *guard;
+    let mut file = std::fs::File::open("/proc/self/status").unwrap();
+    let mut len = 0;
+    loop {
+        let n = file.read(&mut buf[len..]).unwrap();
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    let status = std::str::from_utf8(&buf[..len]).unwrap();
     let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
@@ -212,6 +227,11 @@ fn over_budget_is_refused_before_anything_is_loaded() {
 }
 
 /// The test's own reading at the instant of each library reading, keyed by its timestamp.
+/// RssAnon is read twice a few microseconds apart while candle's worker threads may still be
+/// settling; between the two reads their stacks can touch a page or two. Heap figures have no
+/// such excuse and must be equal to the byte.
+const RSS_READ_SLACK: u64 = 2 * 4096;
+
 #[derive(Debug, Clone, Copy)]
 struct Independent {
     t_ms: f64,
@@ -225,6 +245,7 @@ fn every_number_in_the_report_equals_an_independent_reading() {
     let _guard = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = write_checkpoint(dir.path(), "m.safetensors", 2, 16);
+    independent_rss_anon(); // touch the reader's buffer before any comparison
     let seen: Arc<Mutex<Vec<Independent>>> = Arc::new(Mutex::new(Vec::with_capacity(256)));
     let sink = seen.clone();
     let meters = Meters::host().with_observer(Box::new(move |r: &Reading| {
@@ -273,7 +294,13 @@ fn every_number_in_the_report_equals_an_independent_reading() {
         let heap = r.heap.unwrap();
         assert_eq!(heap.current, i.heap_current, "heap at {} ms", r.t_ms);
         assert_eq!(heap.peak, i.heap_peak, "heap peak at {} ms", r.t_ms);
-        assert_eq!(r.host.anon, i.rss_anon, "RssAnon at {} ms", r.t_ms);
+        assert!(
+            r.host.anon.abs_diff(i.rss_anon) <= RSS_READ_SLACK,
+            "RssAnon at {} ms: report {}, independent {}",
+            r.t_ms,
+            r.host.anon,
+            i.rss_anon
+        );
         compared += 1;
     };
     compare(&report.baseline);
@@ -292,7 +319,7 @@ fn every_number_in_the_report_equals_an_independent_reading() {
         });
         assert_eq!(s.compute_used, i.heap_current);
         assert_eq!(s.compute_peak, i.heap_peak);
-        assert_eq!(s.rss_anon, i.rss_anon);
+        assert!(s.rss_anon.abs_diff(i.rss_anon) <= RSS_READ_SLACK);
     }
     // Transitions: the measured change of each check is the difference of two readings.
     let ledger_transitions = session
@@ -311,7 +338,8 @@ fn every_number_in_the_report_equals_an_independent_reading() {
             a.heap_current as i64 - b.heap_current as i64
         );
         let rss_check = t.checks.iter().find(|c| c.meter == "rss_anon").unwrap();
-        assert_eq!(rss_check.measured, a.rss_anon as i64 - b.rss_anon as i64);
+        let independent = a.rss_anon as i64 - b.rss_anon as i64;
+        assert!(rss_check.measured.abs_diff(independent) <= 2 * RSS_READ_SLACK);
     }
     assert!(compared >= 7);
     assert_eq!(report.transitions.len(), 2);
