@@ -1,1 +1,17 @@
-//! Wan 2.1 model components for vpipe (the VAE is being built).
+//! Wan 2.1 model components for vpipe, in candle: the video VAE (causal 3D convolutions with a
+//! chunked feature cache), the conv3d it needs, and checkpoint key translation.
+//!
+//! - [`wan::WanVae`]: encode / decode, loaded from original Wan, ComfyUI or diffusers
+//!   checkpoints (`.safetensors` or `.pth`).
+//! - [`ops::CausalConv3d`]: Wan's causal 3D convolution as a sum of candle 2D convolutions.
+//! - [`Error`]: the crate's error type.
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+mod error;
+pub mod ops;
+pub mod tiling;
+pub mod wan;
+
+pub use error::{Error, Result};

@@ -1,0 +1,347 @@
+//! Spatial tiling for the VAE: tiles in pixels, a linear-ramp blend over the overlap, tiles
+//! cropped to the stride, the result assembled on the host.
+//!
+//! The layout and the blend are those of diffusers' `AutoencoderKLWan.tiled_encode` /
+//! `tiled_decode`, so that a tiled vpipe run can be checked against diffusers with the same
+//! tile and stride: tiles start every `stride` pixels from the top-left corner, edge tiles are
+//! cut at the frame border (so every frame size works, down to a single 8×8 frame), each tile
+//! runs the whole temporal causal pass with its own feature cache (never temporal tiling: a
+//! restarted cache makes frames blink), and each tile is blended with its already blended
+//! upper and left neighbours over `tile − stride` (latent units on encode, pixels on decode:
+//! the overlap is converted by the spatial scale factor 8) before it is cropped to the stride.
+//! A tile that covers the whole frame runs the untiled path, so its result is exactly the
+//! untiled one.
+
+use candle_core::{Device, Tensor};
+
+/// Pixels per latent cell in each spatial direction.
+pub const SPATIAL_SCALE: usize = 8;
+/// The largest tile vpipe accepts, in pixels (seed TEST 4: tiles stay below 512×512 pixels'
+/// worth of activations per side; larger frames are tiled).
+pub const MAX_TILE: usize = 512;
+
+/// Tile size and stride in pixels (square tiles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TileSpec {
+    /// Tile side, pixels.
+    pub tile: usize,
+    /// Distance between tile origins, pixels (`tile − stride` is the overlap).
+    pub stride: usize,
+}
+
+/// A tile specification that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TileError {
+    /// The tile size is unusable.
+    #[error("tile {tile} px: {reason}")]
+    Tile {
+        /// The tile given.
+        tile: usize,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The stride is unusable.
+    #[error("stride {stride} px with tile {tile} px: {reason}")]
+    Stride {
+        /// The stride given.
+        stride: usize,
+        /// The tile it goes with.
+        tile: usize,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+}
+
+impl TileSpec {
+    /// diffusers' default: 256-px tiles every 192 px.
+    pub const DEFAULT: TileSpec = TileSpec {
+        tile: 256,
+        stride: 192,
+    };
+
+    /// Checks the spec before any work starts.
+    pub fn validate(&self) -> Result<(), TileError> {
+        let tile = self.tile;
+        if tile == 0 || !tile.is_multiple_of(SPATIAL_SCALE) {
+            return Err(TileError::Tile {
+                tile,
+                reason: "must be a positive multiple of 8 (the VAE's spatial scale)",
+            });
+        }
+        if tile > MAX_TILE {
+            return Err(TileError::Tile {
+                tile,
+                reason: "must be at most 512",
+            });
+        }
+        let stride = self.stride;
+        let reason = if stride == 0 || !stride.is_multiple_of(SPATIAL_SCALE) {
+            Some("must be a positive multiple of 8")
+        } else if stride > tile {
+            Some("must not exceed the tile (tiles would leave gaps)")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(TileError::Stride {
+                stride,
+                tile,
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The spec in latent cells.
+    fn latent(&self) -> (usize, usize) {
+        (self.tile / SPATIAL_SCALE, self.stride / SPATIAL_SCALE)
+    }
+}
+
+/// How tile outputs relate to tile inputs.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Tile side and stride in input units.
+    tile_in: usize,
+    stride_in: usize,
+    /// Overlap blended and crop kept, in output units.
+    blend_out: usize,
+    crop_out: usize,
+}
+
+/// Encodes `video` ([B, C, T, H, W], pixels) tile by tile with `encode_tile`, which maps a
+/// pixel tile to its latent tile (any channel count, the same T for every tile). Returns the
+/// assembled latents on the host.
+///
+/// # Shapes
+/// - `video`: `[B, C, T, H, W]`
+/// - returns: `[B, C', T', ⌈H/8⌉, ⌈W/8⌉]` as `encode_tile` shapes each tile
+pub fn tiled_encode<E: From<candle_core::Error>>(
+    video: &Tensor,
+    spec: TileSpec,
+    encode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
+) -> Result<Tensor, E> {
+    let (tile_latent, stride_latent) = spec.latent();
+    let layout = Layout {
+        tile_in: spec.tile,
+        stride_in: spec.stride,
+        blend_out: tile_latent - stride_latent,
+        crop_out: stride_latent,
+    };
+    let (_, _, _, h, w) = video.dims5()?;
+    run_tiled(
+        video,
+        layout,
+        (h / SPATIAL_SCALE, w / SPATIAL_SCALE),
+        encode_tile,
+    )
+}
+
+/// Decodes `latents` ([B, C, T, h, w]) tile by tile with `decode_tile`, which maps a latent
+/// tile to its pixel tile. Blending is in pixels over `tile − stride`. The result is on the
+/// host and NOT clamped (the caller clamps after assembly, as diffusers does).
+///
+/// # Shapes
+/// - `latents`: `[B, C, T, h, w]`
+/// - returns: `[B, C', T', 8h, 8w]` as `decode_tile` shapes each tile
+pub fn tiled_decode<E: From<candle_core::Error>>(
+    latents: &Tensor,
+    spec: TileSpec,
+    decode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
+) -> Result<Tensor, E> {
+    let (tile_latent, stride_latent) = spec.latent();
+    let layout = Layout {
+        tile_in: tile_latent,
+        stride_in: stride_latent,
+        blend_out: spec.tile - spec.stride,
+        crop_out: spec.stride,
+    };
+    let (_, _, _, h, w) = latents.dims5()?;
+    run_tiled(
+        latents,
+        layout,
+        (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
+        decode_tile,
+    )
+}
+
+/// Tile origins along one axis: every `stride` from 0 while inside the frame.
+fn origins(len: usize, stride: usize) -> impl Iterator<Item = usize> {
+    (0..len).step_by(stride)
+}
+
+fn run_tiled<E: From<candle_core::Error>>(
+    input: &Tensor,
+    layout: Layout,
+    (out_h, out_w): (usize, usize),
+    mut run: impl FnMut(&Tensor) -> Result<Tensor, E>,
+) -> Result<Tensor, E> {
+    let (_, _, _, h, w) = input.dims5()?;
+    if h <= layout.tile_in && w <= layout.tile_in {
+        return run(input);
+    }
+    let mut upper_row: Vec<Tensor> = Vec::new();
+    let mut assembled_rows = Vec::new();
+    for top in origins(h, layout.stride_in) {
+        let mut row: Vec<Tensor> = Vec::new();
+        let mut cropped = Vec::new();
+        for (column, left) in origins(w, layout.stride_in).enumerate() {
+            let tile = input.narrow(3, top, layout.tile_in.min(h - top))?.narrow(
+                4,
+                left,
+                layout.tile_in.min(w - left),
+            )?;
+            let mut out = run(&tile)?.to_device(&Device::Cpu)?;
+            if let Some(above) = upper_row.get(column) {
+                out = blend(above, &out, 3, layout.blend_out)?;
+            }
+            if let Some(before) = row.last() {
+                out = blend(before, &out, 4, layout.blend_out)?;
+            }
+            let (_, _, _, th, tw) = out.dims5()?;
+            cropped.push(out.narrow(3, 0, layout.crop_out.min(th))?.narrow(
+                4,
+                0,
+                layout.crop_out.min(tw),
+            )?);
+            row.push(out);
+        }
+        assembled_rows.push(Tensor::cat(&cropped, 4)?);
+        upper_row = row;
+    }
+    let assembled = Tensor::cat(&assembled_rows, 3)?;
+    let (_, _, _, ah, aw) = assembled.dims5()?;
+    Ok(assembled
+        .narrow(3, 0, out_h.min(ah))?
+        .narrow(4, 0, out_w.min(aw))?)
+}
+
+/// Blends the end of `previous` into the start of `next` along `dim` over `extent` cells:
+/// `next[y] = previous[len − extent + y]·(1 − y/extent) + next[y]·(y/extent)`.
+fn blend(
+    previous: &Tensor,
+    next: &Tensor,
+    dim: usize,
+    extent: usize,
+) -> candle_core::Result<Tensor> {
+    let extent = extent.min(previous.dim(dim)?).min(next.dim(dim)?);
+    if extent == 0 {
+        return Ok(next.clone());
+    }
+    let mut weight_shape = [1usize; 5];
+    weight_shape[dim] = extent;
+    let ramp: Vec<f32> = (0..extent)
+        .map(|y| (y as f64 / extent as f64) as f32)
+        .collect();
+    let ramp =
+        Tensor::from_vec(ramp, weight_shape.as_slice(), next.device())?.to_dtype(next.dtype())?;
+    let keep = (ramp.ones_like()? - &ramp)?;
+    let tail = previous.narrow(dim, previous.dim(dim)? - extent, extent)?;
+    let head = next.narrow(dim, 0, extent)?;
+    let blended = (tail.broadcast_mul(&keep)? + head.broadcast_mul(&ramp)?)?;
+    let rest = next.narrow(dim, extent, next.dim(dim)? - extent)?;
+    Tensor::cat(&[&blended, &rest], dim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    #[test]
+    fn specs_are_validated_before_work() {
+        assert!(TileSpec::DEFAULT.validate().is_ok());
+        assert!(TileSpec {
+            tile: 512,
+            stride: 384
+        }
+        .validate()
+        .is_ok());
+        for (tile, stride) in [
+            (0, 0),
+            (250, 192),
+            (520, 256),
+            (256, 0),
+            (256, 100),
+            (256, 264),
+        ] {
+            let err = TileSpec { tile, stride }.validate().unwrap_err();
+            assert!(err.to_string().contains("px"), "{err}");
+        }
+    }
+
+    fn ramp_video(h: usize, w: usize) -> Tensor {
+        let data: Vec<f32> = (0..2 * 3 * h * w).map(|i| (i % 97) as f32 / 97.0).collect();
+        Tensor::from_vec(data, (1, 2, 3, h, w), &Device::Cpu).unwrap()
+    }
+
+    /// A tile function that is exactly "downsample by 8 by averaging": tiling it must give the
+    /// untiled result wherever the overlap blends two equal values.
+    fn pool8(t: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, f, h, w) = t.dims5()?;
+        t.reshape((b, c * f, h, w))?
+            .avg_pool2d(8)?
+            .reshape((b, c, f, h / 8, w / 8))
+    }
+
+    #[test]
+    fn a_pointwise_tile_function_tiles_to_the_untiled_result() {
+        for (h, w) in [(120, 200), (56, 72), (8, 8), (480, 832)] {
+            let video = ramp_video(h, w);
+            let untiled = pool8(&video).unwrap();
+            for spec in [
+                TileSpec {
+                    tile: 64,
+                    stride: 48,
+                },
+                TileSpec {
+                    tile: 32,
+                    stride: 32,
+                },
+            ] {
+                let tiled = tiled_encode(&video, spec, pool8).unwrap();
+                assert_eq!(tiled.dims(), untiled.dims(), "{h}x{w} {spec:?}");
+                let diff = (tiled - &untiled)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{h}x{w} {spec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_tile_covering_the_frame_is_exactly_untiled() {
+        let latents = ramp_video(15, 25);
+        let mut calls = 0;
+        let out = tiled_decode(
+            &latents,
+            TileSpec {
+                tile: 256,
+                stride: 192,
+            },
+            |t| {
+                calls += 1;
+                t.affine(2.0, 1.0)
+            },
+        )
+        .unwrap();
+        assert_eq!(calls, 1);
+        let expected = latents.affine(2.0, 1.0).unwrap();
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_overlap_ramps_linearly_from_the_previous_tile() {
+        let previous = Tensor::ones((1, 1, 1, 1, 4), DType::F32, &Device::Cpu).unwrap();
+        let next = Tensor::zeros((1, 1, 1, 1, 6), DType::F32, &Device::Cpu).unwrap();
+        let blended = blend(&previous, &next, 4, 4).unwrap();
+        let values = blended.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values, [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]);
+    }
+}

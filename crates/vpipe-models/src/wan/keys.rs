@@ -1,0 +1,312 @@
+//! Checkpoint key layouts of the Wan VAE, and the one place where they are translated.
+//!
+//! The model code asks for tensors by their **original Wan names** (`Wan2.1:wan/modules/vae.py`,
+//! also used by ComfyUI's repackaged files), e.g. `encoder.downsamples.0.residual.0.gamma`.
+//! A diffusers checkpoint (`AutoencoderKLWan.state_dict()`) stores the same 194 tensors under
+//! other names, e.g. `encoder.down_blocks.0.norm1.gamma`; [`wan_to_diffusers`] computes the
+//! diffusers name of an original name and [`canonical_var_builder`] wraps a `VarBuilder` so that
+//! the layers never see the difference (the rule is `diffusers:scripts/convert_wan_to_diffusers.py`,
+//! `convert_vae`, read backwards).
+//!
+//! Within a block the sub-keys map as
+//!
+//! | original | diffusers |
+//! |---|---|
+//! | `residual.0` | `norm1` |
+//! | `residual.2` | `conv1` |
+//! | `residual.3` | `norm2` |
+//! | `residual.6` | `conv2` |
+//! | `shortcut` | `conv_shortcut` |
+//! | `resample.1`, `time_conv`, `norm`, `to_qkv`, `proj` | unchanged |
+//!
+//! and the block prefixes as
+//!
+//! | original | diffusers |
+//! |---|---|
+//! | `conv1`, `conv2` | `quant_conv`, `post_quant_conv` |
+//! | `{encoder,decoder}.conv1` | `{encoder,decoder}.conv_in` |
+//! | `{encoder,decoder}.head.0`, `.head.2` | `{encoder,decoder}.norm_out`, `.conv_out` |
+//! | `{encoder,decoder}.middle.0`, `.1`, `.2` | `….mid_block.resnets.0`, `.attentions.0`, `.resnets.1` |
+//! | `encoder.downsamples.n` | `encoder.down_blocks.n` |
+//! | `decoder.upsamples.n` | `decoder.up_blocks.{n / (r+2)}.resnets.{n % (r+2)}`, or `.upsamplers.0` when `n % (r+2) = r+1` |
+//!
+//! where `r` is `num_res_blocks` (2 for Wan 2.1: `upsamples.3` is `up_blocks.0.upsamplers.0`).
+
+use candle_nn::VarBuilder;
+
+/// Key prefixes a VAE checkpoint may carry in front of its names (ComfyUI full checkpoints use
+/// `first_stage_model.`, some exports `vae.`).
+pub const KNOWN_PREFIXES: [&str; 4] = ["", "first_stage_model.", "vae.", "model."];
+
+/// How a VAE checkpoint names its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// Original Wan names (`Wan2.1_VAE.pth`, ComfyUI `wan_2.1_vae.safetensors`).
+    Wan,
+    /// diffusers `AutoencoderKLWan` names (`vae/diffusion_pytorch_model.safetensors`).
+    Diffusers,
+}
+
+/// Finds the key layout and prefix of a VAE checkpoint: `encoder.conv1.weight` marks the original
+/// layout, `encoder.conv_in.weight` the diffusers one. `vb` must have an empty path.
+pub fn detect_layout(vb: &VarBuilder) -> Option<(KeyLayout, &'static str)> {
+    KNOWN_PREFIXES.iter().find_map(|&prefix| {
+        if vb.contains_tensor(&format!("{prefix}encoder.conv1.weight")) {
+            Some((KeyLayout::Wan, prefix))
+        } else if vb.contains_tensor(&format!("{prefix}encoder.conv_in.weight")) {
+            Some((KeyLayout::Diffusers, prefix))
+        } else {
+            None
+        }
+    })
+}
+
+/// Wraps a checkpoint's `VarBuilder` (empty path) so that it answers to original Wan names.
+///
+/// `num_res_blocks` is needed for the diffusers decoder names only; encoder and top-level names
+/// do not depend on it (config detection can run with any value).
+pub fn canonical_var_builder<'a>(
+    vb: VarBuilder<'a>,
+    layout: KeyLayout,
+    prefix: &'static str,
+    num_res_blocks: usize,
+) -> VarBuilder<'a> {
+    match layout {
+        KeyLayout::Wan if prefix.is_empty() => vb,
+        KeyLayout::Wan => vb.rename_f(move |name: &str| format!("{prefix}{name}")),
+        KeyLayout::Diffusers => vb.rename_f(move |name: &str| {
+            format!("{prefix}{}", wan_to_diffusers(name, num_res_blocks))
+        }),
+    }
+}
+
+/// Block sub-keys: original → diffusers.
+const SUB_KEYS: [(&str, &str); 5] = [
+    ("residual.0", "norm1"),
+    ("residual.2", "conv1"),
+    ("residual.3", "norm2"),
+    ("residual.6", "conv2"),
+    ("shortcut", "conv_shortcut"),
+];
+
+fn sub_to_diffusers(rest: &str) -> String {
+    for (wan, diff) in SUB_KEYS {
+        if let Some(tail) = rest.strip_prefix(wan) {
+            if tail.is_empty() || tail.starts_with('.') {
+                return format!("{diff}{tail}");
+            }
+        }
+    }
+    rest.to_string()
+}
+
+fn sub_to_wan(rest: &str) -> String {
+    for (wan, diff) in SUB_KEYS {
+        if let Some(tail) = rest.strip_prefix(diff) {
+            if tail.is_empty() || tail.starts_with('.') {
+                return format!("{wan}{tail}");
+            }
+        }
+    }
+    rest.to_string()
+}
+
+/// Splits `"12.rest.of.key"` into `(12, "rest.of.key")`.
+fn split_index(s: &str) -> Option<(usize, &str)> {
+    let (n, rest) = s.split_once('.')?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// The diffusers name of an original Wan VAE tensor name. Names that match no rule come back
+/// unchanged.
+pub fn wan_to_diffusers(name: &str, num_res_blocks: usize) -> String {
+    let per_block = num_res_blocks + 2;
+    if let Some(rest) = name.strip_prefix("conv1.") {
+        return format!("quant_conv.{rest}");
+    }
+    if let Some(rest) = name.strip_prefix("conv2.") {
+        return format!("post_quant_conv.{rest}");
+    }
+    for part in ["encoder.", "decoder."] {
+        let Some(rest) = name.strip_prefix(part) else {
+            continue;
+        };
+        let mapped = if let Some(r) = rest.strip_prefix("conv1.") {
+            format!("conv_in.{r}")
+        } else if let Some(r) = rest.strip_prefix("head.0.") {
+            format!("norm_out.{r}")
+        } else if let Some(r) = rest.strip_prefix("head.2.") {
+            format!("conv_out.{r}")
+        } else if let Some((n, r)) = rest.strip_prefix("middle.").and_then(split_index) {
+            match n {
+                0 => format!("mid_block.resnets.0.{}", sub_to_diffusers(r)),
+                1 => format!("mid_block.attentions.0.{r}"),
+                2 => format!("mid_block.resnets.1.{}", sub_to_diffusers(r)),
+                _ => return name.to_string(),
+            }
+        } else if let Some((n, r)) = rest.strip_prefix("downsamples.").and_then(split_index) {
+            format!("down_blocks.{n}.{}", sub_to_diffusers(r))
+        } else if let Some((n, r)) = rest.strip_prefix("upsamples.").and_then(split_index) {
+            let (block, i) = (n / per_block, n % per_block);
+            if i == per_block - 1 {
+                format!("up_blocks.{block}.upsamplers.0.{r}")
+            } else {
+                format!("up_blocks.{block}.resnets.{i}.{}", sub_to_diffusers(r))
+            }
+        } else {
+            return name.to_string();
+        };
+        return format!("{part}{mapped}");
+    }
+    name.to_string()
+}
+
+/// The original Wan name of a diffusers VAE tensor name (the inverse of [`wan_to_diffusers`]).
+/// Names that match no rule come back unchanged.
+pub fn diffusers_to_wan(name: &str, num_res_blocks: usize) -> String {
+    let per_block = num_res_blocks + 2;
+    if let Some(rest) = name.strip_prefix("quant_conv.") {
+        return format!("conv1.{rest}");
+    }
+    if let Some(rest) = name.strip_prefix("post_quant_conv.") {
+        return format!("conv2.{rest}");
+    }
+    for part in ["encoder.", "decoder."] {
+        let Some(rest) = name.strip_prefix(part) else {
+            continue;
+        };
+        let mapped = if let Some(r) = rest.strip_prefix("conv_in.") {
+            format!("conv1.{r}")
+        } else if let Some(r) = rest.strip_prefix("norm_out.") {
+            format!("head.0.{r}")
+        } else if let Some(r) = rest.strip_prefix("conv_out.") {
+            format!("head.2.{r}")
+        } else if let Some(r) = rest.strip_prefix("mid_block.resnets.0.") {
+            format!("middle.0.{}", sub_to_wan(r))
+        } else if let Some(r) = rest.strip_prefix("mid_block.attentions.0.") {
+            format!("middle.1.{r}")
+        } else if let Some(r) = rest.strip_prefix("mid_block.resnets.1.") {
+            format!("middle.2.{}", sub_to_wan(r))
+        } else if let Some((n, r)) = rest.strip_prefix("down_blocks.").and_then(split_index) {
+            format!("downsamples.{n}.{}", sub_to_wan(r))
+        } else if let Some((block, r)) = rest.strip_prefix("up_blocks.").and_then(split_index) {
+            if let Some((i, r)) = r.strip_prefix("resnets.").and_then(split_index) {
+                format!("upsamples.{}.{}", block * per_block + i, sub_to_wan(r))
+            } else if let Some(r) = r.strip_prefix("upsamplers.0.") {
+                format!("upsamples.{}.{r}", block * per_block + per_block - 1)
+            } else {
+                return name.to_string();
+            }
+        } else {
+            return name.to_string();
+        };
+        return format!("{part}{mapped}");
+    }
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of the table in `reference/wan21-architecture.md` §6.4 (Wan 2.1, num_res_blocks 2).
+    const PAIRS: [(&str, &str); 22] = [
+        ("encoder.conv1.weight", "encoder.conv_in.weight"),
+        (
+            "encoder.downsamples.0.residual.0.gamma",
+            "encoder.down_blocks.0.norm1.gamma",
+        ),
+        (
+            "encoder.downsamples.0.residual.2.bias",
+            "encoder.down_blocks.0.conv1.bias",
+        ),
+        (
+            "encoder.downsamples.3.residual.3.gamma",
+            "encoder.down_blocks.3.norm2.gamma",
+        ),
+        (
+            "encoder.downsamples.3.residual.6.weight",
+            "encoder.down_blocks.3.conv2.weight",
+        ),
+        (
+            "encoder.downsamples.3.shortcut.weight",
+            "encoder.down_blocks.3.conv_shortcut.weight",
+        ),
+        (
+            "encoder.downsamples.5.resample.1.weight",
+            "encoder.down_blocks.5.resample.1.weight",
+        ),
+        (
+            "encoder.downsamples.5.time_conv.bias",
+            "encoder.down_blocks.5.time_conv.bias",
+        ),
+        (
+            "encoder.middle.0.residual.0.gamma",
+            "encoder.mid_block.resnets.0.norm1.gamma",
+        ),
+        (
+            "encoder.middle.1.to_qkv.weight",
+            "encoder.mid_block.attentions.0.to_qkv.weight",
+        ),
+        (
+            "encoder.middle.1.norm.gamma",
+            "encoder.mid_block.attentions.0.norm.gamma",
+        ),
+        (
+            "encoder.middle.2.residual.6.bias",
+            "encoder.mid_block.resnets.1.conv2.bias",
+        ),
+        ("encoder.head.0.gamma", "encoder.norm_out.gamma"),
+        ("encoder.head.2.weight", "encoder.conv_out.weight"),
+        ("conv1.weight", "quant_conv.weight"),
+        ("conv2.bias", "post_quant_conv.bias"),
+        ("decoder.conv1.weight", "decoder.conv_in.weight"),
+        (
+            "decoder.upsamples.2.residual.2.weight",
+            "decoder.up_blocks.0.resnets.2.conv1.weight",
+        ),
+        (
+            "decoder.upsamples.3.time_conv.weight",
+            "decoder.up_blocks.0.upsamplers.0.time_conv.weight",
+        ),
+        (
+            "decoder.upsamples.4.shortcut.bias",
+            "decoder.up_blocks.1.resnets.0.conv_shortcut.bias",
+        ),
+        (
+            "decoder.upsamples.11.resample.1.weight",
+            "decoder.up_blocks.2.upsamplers.0.resample.1.weight",
+        ),
+        (
+            "decoder.upsamples.14.residual.0.gamma",
+            "decoder.up_blocks.3.resnets.2.norm1.gamma",
+        ),
+    ];
+
+    #[test]
+    fn reference_table_rows_map_both_ways() {
+        for (wan, diff) in PAIRS {
+            assert_eq!(wan_to_diffusers(wan, 2), diff, "{wan}");
+            assert_eq!(diffusers_to_wan(diff, 2), wan, "{diff}");
+        }
+    }
+
+    #[test]
+    fn decoder_index_follows_num_res_blocks() {
+        // With 3 residual blocks per stage, each decoder stage has 4 resnets and 1 upsampler.
+        assert_eq!(
+            wan_to_diffusers("decoder.upsamples.4.resample.1.weight", 3),
+            "decoder.up_blocks.0.upsamplers.0.resample.1.weight"
+        );
+        assert_eq!(
+            wan_to_diffusers("decoder.upsamples.5.residual.0.gamma", 3),
+            "decoder.up_blocks.1.resnets.0.norm1.gamma"
+        );
+    }
+
+    #[test]
+    fn unknown_names_pass_through() {
+        assert_eq!(wan_to_diffusers("something.else", 2), "something.else");
+        assert_eq!(diffusers_to_wan("something.else", 2), "something.else");
+    }
+}
