@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaContext};
 use candle_core::CudaDevice;
 

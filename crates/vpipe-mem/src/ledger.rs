@@ -78,6 +78,13 @@ pub enum Event {
         /// The tier's budget.
         allowed: u64,
     },
+    /// A setting a phase chose (tile size, precision, …), so the report says how it ran.
+    Note {
+        /// What was chosen.
+        what: String,
+        /// The choice.
+        detail: String,
+    },
     /// Data a phase produced for later phases and keeps in the compute tier.
     Output {
         /// What it is.

@@ -3,9 +3,11 @@
 //! A host→device copy from pinned memory runs at the bus's speed (55 GB/s measured on an H100,
 //! against 7–10 GB/s from pageable memory), so the host tier of a CUDA run is pinned.
 
-use candle_core::backprop::BackpropOp;
-use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut, PinnedHostSlice};
+use candle_core::cuda_backend::cudarc::driver::{
+    result, DevicePtrMut, DeviceRepr, PinnedHostSlice,
+};
 use candle_core::cuda_backend::CudaDType;
+use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Shape, Storage, Tensor};
 
 /// One tensor's bytes in page-locked host memory.
@@ -42,7 +44,10 @@ impl PinnedTensor {
         })
     }
 
-    fn upload_as<T: CudaDType>(&self, device: &CudaDevice) -> candle_core::Result<Tensor> {
+    fn upload_as<T: CudaDType + DeviceRepr>(
+        &self,
+        device: &CudaDevice,
+    ) -> candle_core::Result<Tensor> {
         let stream = device.cuda_stream();
         let len = self.shape.elem_count();
         // SAFETY: every element is written by the copy below before the tensor is used.

@@ -33,6 +33,8 @@ pub struct Report {
     pub refusals: Vec<Refusal>,
     /// Data phases declared as produced for later phases.
     pub outputs: Vec<Output>,
+    /// Settings phases chose (tile sizes, precision).
+    pub notes: Vec<Fallback>,
     /// Cheaper ways taken after failures.
     pub fallbacks: Vec<Fallback>,
     /// Phases whose peak exceeded the budget.
@@ -107,7 +109,7 @@ pub struct Output {
     pub bytes: u64,
 }
 
-/// A fallback.
+/// A fallback or a note: what, and the detail.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Fallback {
     /// Phase.
@@ -174,6 +176,7 @@ impl Report {
             transitions: Vec::new(),
             refusals: Vec::new(),
             outputs: Vec::new(),
+            notes: Vec::new(),
             fallbacks: Vec::new(),
             violations: Vec::new(),
             samples: ledger
@@ -246,6 +249,11 @@ impl Report {
                     phase: entry.phase.clone(),
                     what: what.clone(),
                     bytes: *bytes,
+                }),
+                Event::Note { what, detail } => report.notes.push(Fallback {
+                    phase: entry.phase.clone(),
+                    what: what.clone(),
+                    detail: detail.clone(),
                 }),
                 Event::Fallback { what, detail } => report.fallbacks.push(Fallback {
                     phase: entry.phase.clone(),

@@ -309,6 +309,17 @@ impl Phase<'_> {
         );
     }
 
+    /// Records a setting the phase chose (tile size, precision), for the report.
+    pub fn note(&mut self, what: &str, detail: &str) {
+        self.session.ledger.record(
+            Some(&self.name),
+            Event::Note {
+                what: what.to_owned(),
+                detail: detail.to_owned(),
+            },
+        );
+    }
+
     /// Records that a cheaper way was taken after a failure.
     pub fn fallback(&mut self, what: &str, detail: &str) {
         self.session.ledger.record(

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use candle_core::pickle::PthTensors;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 
 use crate::MemError;
@@ -69,9 +70,28 @@ pub(crate) enum HostCopy {
     Pinned(BTreeMap<String, crate::pinned::PinnedTensor>),
 }
 
+/// The checkpoint formats the store reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Safetensors,
+    /// PyTorch zip archive. Callers should have the file checked by a reader that never
+    /// executes its pickle (`vpipe_ckpt::inspect`) before registering it.
+    Pth,
+}
+
+impl Format {
+    fn of(path: &Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("pth" | "pt" | "ckpt" | "bin") => Format::Pth,
+            _ => Format::Safetensors,
+        }
+    }
+}
+
 pub(crate) struct Model {
     pub(crate) name: String,
     pub(crate) path: PathBuf,
+    pub(crate) format: Format,
     pub(crate) tensors: Vec<TensorMeta>,
     pub(crate) host: Option<HostCopy>,
     pub(crate) device: Option<BTreeMap<String, Tensor>>,
@@ -107,9 +127,16 @@ impl Model {
         unsafe { MmapedSafetensors::new(&self.path) }.map_err(|e| self.checkpoint_error(e))
     }
 
+    fn open_pth(&self) -> Result<PthTensors, MemError> {
+        PthTensors::new(&self.path, None).map_err(|e| self.checkpoint_error(e))
+    }
+
     /// Reads the checkpoint into host memory: pageable tensors, or pinned buffers when
     /// `pinned_for` is a CUDA device.
     pub(crate) fn read_host_copy(&self, pinned_for: &Device) -> Result<HostCopy, MemError> {
+        if self.format == Format::Pth {
+            return self.read_pth_host_copy(pinned_for);
+        }
         let mapped = self.map()?;
         let load = |meta: &TensorMeta| -> Result<Tensor, MemError> {
             let tensor = mapped
@@ -132,7 +159,7 @@ impl Model {
                             std::borrow::Cow::Borrowed(view.data())
                         } else {
                             converted = load(meta)?;
-                            safetensors::View::data(&&converted)
+                            safetensors::View::data(&converted)
                         };
                     let pinned = crate::pinned::PinnedTensor::from_bytes(
                         cuda,
@@ -156,7 +183,45 @@ impl Model {
     }
 }
 
-/// Reads a safetensors checkpoint's header and describes the model it holds.
+impl Model {
+    fn read_pth_host_copy(&self, pinned_for: &Device) -> Result<HostCopy, MemError> {
+        let archive = self.open_pth()?;
+        let mut pageable = BTreeMap::new();
+        for meta in &self.tensors {
+            let tensor = archive
+                .get(&meta.name)
+                .and_then(|t| {
+                    t.ok_or_else(|| candle_core::Error::Msg("missing".into()))?
+                        .to_dtype(meta.dtype)?
+                        .contiguous()
+                })
+                .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
+            pageable.insert(meta.name.clone(), tensor);
+        }
+        match pinned_for {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                let mut copies = BTreeMap::new();
+                for (name, tensor) in pageable {
+                    let data = safetensors::View::data(&tensor);
+                    let pinned = crate::pinned::PinnedTensor::from_bytes(
+                        cuda,
+                        tensor.dtype(),
+                        tensor.shape().clone(),
+                        &data,
+                    )
+                    .map_err(|e| self.checkpoint_error(format!("pinning '{name}': {e}")))?;
+                    copies.insert(name, pinned);
+                }
+                Ok(HostCopy::Pinned(copies))
+            }
+            _ => Ok(HostCopy::Pageable(pageable)),
+        }
+    }
+}
+
+/// Reads a checkpoint's header (safetensors) or tensor index (.pth) and describes the model
+/// it holds.
 pub(crate) fn describe_checkpoint(
     name: &str,
     path: &Path,
@@ -165,20 +230,34 @@ pub(crate) fn describe_checkpoint(
     let model = Model {
         name: name.to_owned(),
         path: path.to_owned(),
+        format: Format::of(path),
         tensors: Vec::new(),
         host: None,
         device: None,
     };
-    let mapped = model.map()?;
     let mut tensors = Vec::new();
-    for (key, view) in mapped.tensors() {
-        let file_dtype = DType::try_from(view.dtype())
-            .map_err(|e| model.checkpoint_error(format!("tensor '{key}': {e}")))?;
-        tensors.push(TensorMeta {
-            name: key,
-            dtype: load_dtype.unwrap_or(file_dtype),
-            shape: view.shape().to_vec(),
-        });
+    match model.format {
+        Format::Safetensors => {
+            let mapped = model.map()?;
+            for (key, view) in mapped.tensors() {
+                let file_dtype = DType::try_from(view.dtype())
+                    .map_err(|e| model.checkpoint_error(format!("tensor '{key}': {e}")))?;
+                tensors.push(TensorMeta {
+                    name: key,
+                    dtype: load_dtype.unwrap_or(file_dtype),
+                    shape: view.shape().to_vec(),
+                });
+            }
+        }
+        Format::Pth => {
+            for (key, info) in model.open_pth()?.tensor_infos() {
+                tensors.push(TensorMeta {
+                    name: key.clone(),
+                    dtype: load_dtype.unwrap_or(info.dtype),
+                    shape: info.layout.shape().dims().to_vec(),
+                });
+            }
+        }
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Model { tensors, ..model })

@@ -366,3 +366,32 @@ fn the_chart_shows_every_phase_and_the_budget() {
     assert!(svg.contains("budget + baseline"));
     assert_eq!(svg.matches("<polyline").count(), 3);
 }
+
+/// A `.pth` written by torch (fixture of vpipe-ckpt, made by tools/fixtures/make_pth_fixtures.py:
+/// 42 tensors, 10,256 bytes, values `arange % 251`) is registered, loaded and leased.
+#[test]
+fn pth_checkpoints_load_into_the_host_tier() {
+    let _guard = serial();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../vpipe-ckpt/tests/fixtures/tiny_wan_dit_t2v.pth");
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("tiny dit", &path, None).unwrap();
+    assert_eq!(session.model_bytes(model), 10_256);
+    session
+        .phase("load", |p| -> Result<(), MemError> {
+            p.load(model)?;
+            let lease = p.lease(model)?;
+            assert_eq!(lease.iter().count(), 42);
+            let (name, tensor) = lease.iter().next().unwrap();
+            let values = tensor
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(values.iter().any(|v| *v != 0.0), "{name} is all zeros");
+            p.offload(model, Tier::Disk)
+        })
+        .unwrap();
+}

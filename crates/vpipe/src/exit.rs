@@ -43,6 +43,22 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
         if cause.is::<BadInput>() || cause.is::<vpipe_ckpt::InspectError>() {
             return ExitCode::from(2);
         }
+        if let Some(model) = cause.downcast_ref::<vpipe_models::Error>() {
+            use vpipe_models::Error::*;
+            if matches!(
+                model,
+                Rank { .. }
+                    | Empty { .. }
+                    | Channels { .. }
+                    | FrameCount { .. }
+                    | SpatialSize { .. }
+                    | UnsupportedFile { .. }
+                    | UnknownLayout { .. }
+                    | Config { .. }
+            ) {
+                return ExitCode::from(2);
+            }
+        }
         if cause.is::<NotBuiltYet>() {
             return ExitCode::from(5);
         }

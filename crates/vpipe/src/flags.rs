@@ -35,7 +35,7 @@ pub(crate) enum Command {
     /// parameter count and bytes. Reads .safetensors headers and .pth archives only.
     Inspect(InspectArgs),
     /// Run one component on tensors stored in safetensors files, for parity checks and
-    /// debugging (components arrive with the models; none is built yet).
+    /// debugging, with the same memory accounting as a full run (vae-encode, vae-decode).
     Tensors(TensorsArgs),
 }
 
@@ -172,11 +172,105 @@ pub(crate) struct InspectArgs {
 /// Flags of `vpipe tensors`.
 #[derive(Args, Debug)]
 pub(crate) struct TensorsArgs {
-    /// The component to run (vae-encode, vae-decode, …).
-    pub(crate) component: String,
-    /// The component's flags.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub(crate) args: Vec<String>,
+    #[command(subcommand)]
+    pub(crate) component: TensorsComponent,
+}
+
+/// The components `vpipe tensors` runs.
+#[derive(Subcommand, Debug)]
+pub(crate) enum TensorsComponent {
+    /// Wan VAE encode: reads `video_in` ([B,3,T,H,W] in [-1,1], T = 1+4k) and writes `enc_mean`
+    /// (the raw posterior mean, before latents_mean/std).
+    VaeEncode(VaeArgs),
+    /// Wan VAE decode: reads `enc_mean` ([B,16,T,h,w], raw latents) and writes `decoded`
+    /// (clamped to [-1,1]).
+    VaeDecode(VaeArgs),
+}
+
+/// Flags of `vpipe tensors vae-encode|vae-decode`.
+#[derive(Args, Debug)]
+pub(crate) struct VaeArgs {
+    /// The VAE checkpoint (.safetensors or .pth; original Wan, ComfyUI or diffusers layout).
+    #[arg(long)]
+    vae: PathBuf,
+    /// Input safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file (written to a temporary file, then renamed).
+    #[arg(long)]
+    output: PathBuf,
+    /// Spatial tile side in pixels (multiple of 8, at most 512). Default: 256.
+    #[arg(long)]
+    tile: Option<usize>,
+    /// Distance between tiles in pixels (multiple of 8, at most the tile). Default: 3/4 of the
+    /// tile.
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Where to compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the weights and the computation: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Memory budget of the compute tier, e.g. 2GiB.
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Write the memory report here (and the chart next to it, as .svg).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Validated settings of a VAE tensor job.
+pub(crate) struct VaeJob {
+    pub(crate) vae: PathBuf,
+    pub(crate) input: PathBuf,
+    pub(crate) output: PathBuf,
+    pub(crate) tiles: vpipe_models::tiling::TileSpec,
+    pub(crate) device: String,
+    pub(crate) dtype: candle_core::DType,
+    pub(crate) budget: vpipe_mem::Budget,
+    pub(crate) report: Option<PathBuf>,
+}
+
+impl VaeArgs {
+    pub(crate) fn validate(self) -> Result<VaeJob, BadInput> {
+        let tile = self
+            .tile
+            .unwrap_or(vpipe_models::tiling::TileSpec::DEFAULT.tile);
+        let stride = self.stride.unwrap_or(tile / 4 * 3 / 8 * 8);
+        let tiles = vpipe_models::tiling::TileSpec { tile, stride };
+        tiles
+            .validate()
+            .map_err(|e| BadInput(format!("--tile {tile} --stride {stride}: {e}")))?;
+        let dtype = match self.dtype.as_str() {
+            "f32" => candle_core::DType::F32,
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            other => {
+                return Err(BadInput(format!(
+                    "--dtype {other}: expected f32, bf16 or f16"
+                )))
+            }
+        };
+        for (flag, path) in [("--vae", &self.vae), ("--input", &self.input)] {
+            if !path.is_file() {
+                return Err(BadInput(format!("{flag} {}: no such file", path.display())));
+            }
+        }
+        Ok(VaeJob {
+            vae: self.vae,
+            input: self.input,
+            output: self.output,
+            tiles,
+            device: self.device,
+            dtype,
+            budget: vpipe_mem::Budget {
+                compute: parse_budget("--vram-budget", &self.vram_budget)?,
+                host: None,
+            },
+            report: self.report,
+        })
+    }
 }
 
 /// Parses the command line (clap prints help and usage errors itself, with exit code 2).

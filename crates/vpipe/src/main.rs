@@ -13,6 +13,7 @@ mod device;
 mod exit;
 mod flags;
 mod inspect;
+mod tensors;
 
 fn main() -> ExitCode {
     let command = flags::parse();
@@ -46,10 +47,13 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
             "the Wan 2.1 pipeline (`run`, `plan`) needs the VAE, DiT, umT5 and sampler, which are not built yet",
         )
         .into()),
-        flags::Command::Tensors(args) => Err(exit::NotBuiltYet(match args.component.as_str() {
-            "vae-encode" | "vae-decode" => "the Wan VAE components are not built yet",
-            _ => "no tensor components are built yet",
-        })
-        .into()),
+        flags::Command::Tensors(args) => match args.component {
+            flags::TensorsComponent::VaeEncode(vae) => {
+                tensors::run_vae(tensors::VaeOp::Encode, vae.validate()?)
+            }
+            flags::TensorsComponent::VaeDecode(vae) => {
+                tensors::run_vae(tensors::VaeOp::Decode, vae.validate()?)
+            }
+        },
     }
 }

@@ -1,0 +1,192 @@
+//! `vpipe tensors vae-encode|vae-decode`: one component on tensors in safetensors files, run
+//! through the same residency store, phases and meters as a full run.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use vpipe_mem::{fmt_bytes, MemorySession, Phase, Tier};
+use vpipe_models::tiling::{tiled_decode, tiled_encode, TileSpec};
+use vpipe_models::wan::vae::WanVae;
+
+use crate::exit::BadInput;
+use crate::flags::VaeJob;
+
+/// Which way through the VAE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VaeOp {
+    Encode,
+    Decode,
+}
+
+impl VaeOp {
+    fn phase(self) -> &'static str {
+        match self {
+            VaeOp::Encode => "vae encode",
+            VaeOp::Decode => "vae decode",
+        }
+    }
+
+    fn keys(self) -> (&'static str, &'static str) {
+        match self {
+            VaeOp::Encode => ("video_in", "enc_mean"),
+            VaeOp::Decode => ("enc_mean", "decoded"),
+        }
+    }
+}
+
+/// The smallest tile a device out-of-memory may shrink to before the run gives up.
+const SMALLEST_TILE: usize = 64;
+
+fn read_input(path: &Path, key: &str) -> anyhow::Result<Tensor> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("--input {}", path.display()))?;
+    tensors.remove(key).ok_or_else(|| {
+        let mut found: Vec<_> = tensors.keys().cloned().collect();
+        found.sort();
+        BadInput(format!(
+            "--input {}: no tensor '{key}' (found: {})",
+            path.display(),
+            found.join(", ")
+        ))
+        .into()
+    })
+}
+
+fn is_device_out_of_memory(err: &vpipe_models::Error) -> bool {
+    err.to_string().contains("OUT_OF_MEMORY")
+}
+
+/// Runs the VAE over `input` tile by tile; on a device out-of-memory the tile is halved and
+/// the whole pass retried, and the fallback recorded.
+fn run_tiled(
+    phase: &mut Phase<'_>,
+    vae: &WanVae,
+    op: VaeOp,
+    input: &Tensor,
+    mut tiles: TileSpec,
+) -> anyhow::Result<Tensor> {
+    let device = phase.session().device().clone();
+    let dtype = vae.dtype();
+    loop {
+        let mut count = 0usize;
+        let on_device = |t: &Tensor| -> Result<Tensor, vpipe_models::Error> {
+            Ok(t.to_device(&device)?.to_dtype(dtype)?)
+        };
+        let result = match op {
+            VaeOp::Encode => tiled_encode(input, tiles, |t| {
+                count += 1;
+                let moments = vae.encode_moments(&on_device(t)?)?;
+                Ok::<_, vpipe_models::Error>(moments.to_dtype(DType::F32)?)
+            })
+            .and_then(|moments| {
+                let z = vae.config().z_dim;
+                Ok(moments.narrow(1, 0, z)?)
+            }),
+            VaeOp::Decode => tiled_decode(input, tiles, |t| {
+                count += 1;
+                let pixels = vae.decode_unclamped(&on_device(t)?)?;
+                Ok::<_, vpipe_models::Error>(pixels.to_dtype(DType::F32)?)
+            })
+            .and_then(|pixels| Ok(pixels.clamp(-1f32, 1f32)?)),
+        };
+        match result {
+            Err(e) if is_device_out_of_memory(&e) && tiles.tile / 2 >= SMALLEST_TILE => {
+                let smaller = TileSpec {
+                    tile: tiles.tile / 2,
+                    stride: (tiles.stride / 2 / 8 * 8).max(8),
+                };
+                phase.fallback(
+                    "vae tile",
+                    &format!(
+                        "device out of memory at tile {} px: retrying with tile {} px, stride {} px",
+                        tiles.tile, smaller.tile, smaller.stride
+                    ),
+                );
+                tiles = smaller;
+            }
+            Err(e) => return Err(e.into()),
+            Ok(out) => {
+                phase.note(
+                    "vae tiles",
+                    &format!(
+                        "tile {} px, stride {} px, {count} tile(s), {:?}",
+                        tiles.tile, tiles.stride, dtype
+                    ),
+                );
+                return Ok(out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+            }
+        }
+    }
+}
+
+pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
+    // A reader that never executes pickle code checks the file before anything loads it.
+    vpipe_ckpt::inspect(&job.vae)?;
+    let device = crate::device::open(&job.device)?;
+    let (in_key, out_key) = op.keys();
+    let input = read_input(&job.input, in_key)?;
+    let mut session = MemorySession::new(device.clone(), job.budget)?;
+
+    let vae_id = session.phase("load", |p| -> anyhow::Result<_> {
+        Ok(p.register("vae", &job.vae, Some(job.dtype))?)
+    })?;
+    let output = session.phase(op.phase(), |p| -> anyhow::Result<Tensor> {
+        p.make_resident(vae_id)?;
+        let output = {
+            let lease = p.lease(vae_id)?;
+            let weights: HashMap<String, Tensor> = lease
+                .iter()
+                .map(|(name, t)| (name.to_owned(), t.clone()))
+                .collect();
+            let vb = VarBuilder::from_tensors(weights, job.dtype, &device);
+            let vae = WanVae::from_checkpoint(vb)
+                .with_context(|| format!("--vae {}", job.vae.display()))?;
+            run_tiled(p, &vae, op, &input, job.tiles)?
+            // The model and its clones of the leased weights end here, before the offload
+            // verifies that the weights' memory came back.
+        };
+        p.offload(vae_id, Tier::Disk)?;
+        p.declare_output(out_key, (output.elem_count() * 4) as u64);
+        Ok(output)
+    })?;
+    session.phase("write", |_| -> anyhow::Result<()> {
+        let partial = job.output.with_extension("safetensors.partial");
+        let map = HashMap::from([(out_key.to_owned(), output.clone())]);
+        candle_core::safetensors::save(&map, &partial)
+            .with_context(|| format!("--output {}", partial.display()))?;
+        std::fs::rename(&partial, &job.output)
+            .with_context(|| format!("--output {}", job.output.display()))?;
+        Ok(())
+    })?;
+
+    let report = session.report()?;
+    if let Some(path) = &job.report {
+        report.write_json(path)?;
+        vpipe_mem::write_svg(&report, &path.with_extension("svg"))?;
+    }
+    let phase = report
+        .phases
+        .iter()
+        .find(|p| p.name == op.phase())
+        .expect("the phase was recorded");
+    let tiles = report
+        .notes
+        .iter()
+        .find(|n| n.what == "vae tiles")
+        .map(|n| n.detail.as_str())
+        .unwrap_or("");
+    println!(
+        "{}: {tiles}; peak {} above baseline ({}, measured); {} fallback(s); wrote '{out_key}' {:?} to {}",
+        op.phase(),
+        fmt_bytes(phase.peak_above_baseline),
+        report.compute_meter,
+        report.fallbacks.len(),
+        output.dims(),
+        job.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
