@@ -45,6 +45,9 @@ pub enum Event {
         reading: Reading,
         /// Bytes of model weights the store had in the compute tier at exit.
         resident_compute_bytes: u64,
+        /// Compute-tier high-water mark of the whole phase: the exit reading's mark, or a
+        /// higher one read before the phase reset the marks to measure a part of its work.
+        compute_peak: u64,
     },
     /// A model moved between tiers; `checks` compare expected and measured change.
     Transition {

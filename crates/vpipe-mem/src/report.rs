@@ -199,6 +199,7 @@ impl Report {
                     phase,
                     reading,
                     resident_compute_bytes,
+                    compute_peak,
                 } => {
                     let entry_reading = match open.take() {
                         Some((name, r)) if &name == phase => r,
@@ -208,7 +209,7 @@ impl Report {
                         name: phase.clone(),
                         entry: entry_reading,
                         exit: *reading,
-                        peak_above_baseline: reading.compute_peak().saturating_sub(base),
+                        peak_above_baseline: compute_peak.saturating_sub(base),
                         exit_above_baseline: reading.compute_used().saturating_sub(base),
                         resident_compute_bytes: *resident_compute_bytes,
                     });

@@ -192,11 +192,12 @@ impl MemorySession {
             session: self,
             name: name.to_owned(),
             outputs: 0,
+            peak_floor: 0,
         };
         let result = work(&mut phase);
-        let outputs = phase.outputs;
+        let (outputs, peak_floor) = (phase.outputs, phase.peak_floor);
         // The exit is recorded even when the work failed; the work's own error comes first.
-        let exit = self.exit_phase(name, &reading, resident_at_entry, outputs);
+        let exit = self.exit_phase(name, &reading, resident_at_entry, outputs, peak_floor);
         let value = result?;
         exit?;
         Ok(value)
@@ -210,20 +211,23 @@ impl MemorySession {
         entry: &Reading,
         resident_at_entry: u64,
         outputs: u64,
+        peak_floor: u64,
     ) -> Result<(), MemError> {
         let reading = self.meters.read()?;
         let resident = self.resident_compute_bytes();
+        let compute_peak = reading.compute_peak().max(peak_floor);
         self.ledger.record(
             Some(name),
             Event::PhaseExit {
                 phase: name.to_owned(),
                 reading,
                 resident_compute_bytes: resident,
+                compute_peak,
             },
         );
         let base = self.baseline.compute_used();
         if let Some(budget) = self.budget.compute {
-            let peak = reading.compute_peak().saturating_sub(base);
+            let peak = compute_peak.saturating_sub(base);
             if peak > budget {
                 self.ledger.record(
                     Some(name),
@@ -256,6 +260,7 @@ pub struct Phase<'s> {
     session: &'s mut MemorySession,
     name: String,
     outputs: u64,
+    peak_floor: u64,
 }
 
 fn check(meter: &str, expected: i64, before: u64, after: u64, tolerance: Tolerance) -> Check {
@@ -307,6 +312,26 @@ impl Phase<'_> {
                 bytes,
             },
         );
+    }
+
+    /// Runs `work` and returns, with its result, the compute-tier high-water mark it reached
+    /// above the use at its start (a measurement, e.g. for calibrating tile sizes). The
+    /// phase's own peak is kept: the marks reached before are carried into the phase's exit.
+    pub fn measure_peak<R, E: From<MemError>>(
+        &mut self,
+        work: impl FnOnce() -> Result<R, E>,
+    ) -> Result<(R, u64), E> {
+        let before = self.session.meters.read()?;
+        self.peak_floor = self.peak_floor.max(before.compute_peak());
+        self.session.meters.reset_peaks()?;
+        let start = self.session.meters.read()?;
+        let result = work()?;
+        let after = self.session.meters.read()?;
+        self.peak_floor = self.peak_floor.max(after.compute_peak());
+        Ok((
+            result,
+            after.compute_peak().saturating_sub(start.compute_used()),
+        ))
     }
 
     /// Records a setting the phase chose (tile size, precision), for the report.

@@ -11,6 +11,14 @@
 //! the overlap is converted by the spatial scale factor 8) before it is cropped to the stride.
 //! A tile that covers the whole frame runs the untiled path, so its result is exactly the
 //! untiled one.
+//!
+//! What the tile function returns is blended as it is: on encode that is `quant_conv`'s 32-channel
+//! output (`[mean; logvar]`, unclamped), which diffusers blends before it splits the posterior and
+//! clamps the log-variance; on decode it is the unclamped pixels, which diffusers clamps to
+//! [-1, 1] once, after assembly. [`crate::wan::WanVae::encode_posterior_tiled`] and
+//! [`crate::wan::WanVae::decode_tiled`] do it in that order. The spec is checked
+//! ([`TileSpec::validate`]) before the tile function is first called; every result, the
+//! untiled one included, is returned on the host.
 
 use candle_core::{Device, Tensor};
 
@@ -50,6 +58,16 @@ pub enum TileError {
         /// Why it is refused.
         reason: &'static str,
     },
+}
+
+/// For the crate's functions: a refused spec is reported as an [`crate::Error::Config`] whose
+/// reason is the [`TileError`]'s message.
+impl From<TileError> for crate::Error {
+    fn from(err: TileError) -> Self {
+        crate::Error::Config {
+            reason: format!("tiling: {err}"),
+        }
+    }
 }
 
 impl TileSpec {
@@ -92,6 +110,15 @@ impl TileSpec {
         }
     }
 
+    /// How many tiles cover a frame of `height`×`width` pixels.
+    pub fn count(&self, height: usize, width: usize) -> usize {
+        if height <= self.tile && width <= self.tile {
+            1
+        } else {
+            height.div_ceil(self.stride) * width.div_ceil(self.stride)
+        }
+    }
+
     /// The spec in latent cells.
     fn latent(&self) -> (usize, usize) {
         (self.tile / SPATIAL_SCALE, self.stride / SPATIAL_SCALE)
@@ -111,16 +138,19 @@ struct Layout {
 
 /// Encodes `video` ([B, C, T, H, W], pixels) tile by tile with `encode_tile`, which maps a
 /// pixel tile to its latent tile (any channel count, the same T for every tile). Returns the
-/// assembled latents on the host.
+/// assembled latents on the host. A spec that [`TileSpec::validate`] refuses is an error before
+/// `encode_tile` is called.
 ///
 /// # Shapes
 /// - `video`: `[B, C, T, H, W]`
-/// - returns: `[B, C', T', ⌈H/8⌉, ⌈W/8⌉]` as `encode_tile` shapes each tile
-pub fn tiled_encode<E: From<candle_core::Error>>(
+/// - returns: `[B, C', T', ⌊H/8⌋, ⌊W/8⌋]` as `encode_tile` shapes each tile (cropped to
+///   `⌊H/8⌋ × ⌊W/8⌋`, as diffusers does)
+pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
     video: &Tensor,
     spec: TileSpec,
     encode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
+    spec.validate()?;
     let (tile_latent, stride_latent) = spec.latent();
     let layout = Layout {
         tile_in: spec.tile,
@@ -139,16 +169,18 @@ pub fn tiled_encode<E: From<candle_core::Error>>(
 
 /// Decodes `latents` ([B, C, T, h, w]) tile by tile with `decode_tile`, which maps a latent
 /// tile to its pixel tile. Blending is in pixels over `tile − stride`. The result is on the
-/// host and NOT clamped (the caller clamps after assembly, as diffusers does).
+/// host and NOT clamped (the caller clamps after assembly, as diffusers does). A spec that
+/// [`TileSpec::validate`] refuses is an error before `decode_tile` is called.
 ///
 /// # Shapes
 /// - `latents`: `[B, C, T, h, w]`
 /// - returns: `[B, C', T', 8h, 8w]` as `decode_tile` shapes each tile
-pub fn tiled_decode<E: From<candle_core::Error>>(
+pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
     latents: &Tensor,
     spec: TileSpec,
     decode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
+    spec.validate()?;
     let (tile_latent, stride_latent) = spec.latent();
     let layout = Layout {
         tile_in: tile_latent,
@@ -178,7 +210,7 @@ fn run_tiled<E: From<candle_core::Error>>(
 ) -> Result<Tensor, E> {
     let (_, _, _, h, w) = input.dims5()?;
     if h <= layout.tile_in && w <= layout.tile_in {
-        return run(input);
+        return Ok(run(input)?.to_device(&Device::Cpu)?);
     }
     let mut upper_row: Vec<Tensor> = Vec::new();
     let mut assembled_rows = Vec::new();
@@ -277,11 +309,11 @@ mod tests {
 
     /// A tile function that is exactly "downsample by 8 by averaging": tiling it must give the
     /// untiled result wherever the overlap blends two equal values.
-    fn pool8(t: &Tensor) -> candle_core::Result<Tensor> {
+    fn pool8(t: &Tensor) -> crate::Result<Tensor> {
         let (b, c, f, h, w) = t.dims5()?;
-        t.reshape((b, c * f, h, w))?
+        Ok(t.reshape((b, c * f, h, w))?
             .avg_pool2d(8)?
-            .reshape((b, c, f, h / 8, w / 8))
+            .reshape((b, c, f, h / 8, w / 8))?)
     }
 
     #[test]
@@ -324,7 +356,7 @@ mod tests {
             },
             |t| {
                 calls += 1;
-                t.affine(2.0, 1.0)
+                Ok::<_, crate::Error>(t.affine(2.0, 1.0)?)
             },
         )
         .unwrap();

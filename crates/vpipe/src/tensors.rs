@@ -9,7 +9,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use vpipe_mem::{fmt_bytes, MemorySession, Phase, Tier};
-use vpipe_models::tiling::{tiled_decode, tiled_encode, TileSpec};
+use vpipe_models::tiling::{TileSpec, SPATIAL_SCALE};
 use vpipe_models::wan::vae::WanVae;
 
 use crate::exit::BadInput;
@@ -60,8 +60,8 @@ fn is_device_out_of_memory(err: &vpipe_models::Error) -> bool {
     err.to_string().contains("OUT_OF_MEMORY")
 }
 
-/// Runs the VAE over `input` tile by tile; on a device out-of-memory the tile is halved and
-/// the whole pass retried, and the fallback recorded.
+/// Runs the VAE over `input` (on the host) tile by tile; on a device out-of-memory the tile is
+/// halved and the whole pass retried, and the fallback recorded.
 fn run_tiled(
     phase: &mut Phase<'_>,
     vae: &WanVae,
@@ -69,35 +69,21 @@ fn run_tiled(
     input: &Tensor,
     mut tiles: TileSpec,
 ) -> anyhow::Result<Tensor> {
-    let device = phase.session().device().clone();
-    let dtype = vae.dtype();
+    let (_, _, _, h, w) = input.dims5()?;
+    let pixels = match op {
+        VaeOp::Encode => (h, w),
+        VaeOp::Decode => (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
+    };
     loop {
-        let mut count = 0usize;
-        let on_device = |t: &Tensor| -> Result<Tensor, vpipe_models::Error> {
-            Ok(t.to_device(&device)?.to_dtype(dtype)?)
-        };
         let result = match op {
-            VaeOp::Encode => tiled_encode(input, tiles, |t| {
-                count += 1;
-                let moments = vae.encode_moments(&on_device(t)?)?;
-                Ok::<_, vpipe_models::Error>(moments.to_dtype(DType::F32)?)
-            })
-            .and_then(|moments| {
-                let z = vae.config().z_dim;
-                Ok(moments.narrow(1, 0, z)?)
-            }),
-            VaeOp::Decode => tiled_decode(input, tiles, |t| {
-                count += 1;
-                let pixels = vae.decode_unclamped(&on_device(t)?)?;
-                Ok::<_, vpipe_models::Error>(pixels.to_dtype(DType::F32)?)
-            })
-            .and_then(|pixels| Ok(pixels.clamp(-1f32, 1f32)?)),
+            VaeOp::Encode => vae.encode_tiled(input, tiles),
+            VaeOp::Decode => vae.decode_tiled(input, tiles),
         };
         match result {
             Err(e) if is_device_out_of_memory(&e) && tiles.tile / 2 >= SMALLEST_TILE => {
                 let smaller = TileSpec {
                     tile: tiles.tile / 2,
-                    stride: (tiles.stride / 2 / 8 * 8).max(8),
+                    stride: (tiles.stride / 2 / SPATIAL_SCALE * SPATIAL_SCALE).max(SPATIAL_SCALE),
                 };
                 phase.fallback(
                     "vae tile",
@@ -113,8 +99,11 @@ fn run_tiled(
                 phase.note(
                     "vae tiles",
                     &format!(
-                        "tile {} px, stride {} px, {count} tile(s), {:?}",
-                        tiles.tile, tiles.stride, dtype
+                        "tile {} px, stride {} px, {} tile(s), {:?}",
+                        tiles.tile,
+                        tiles.stride,
+                        tiles.count(pixels.0, pixels.1),
+                        vae.dtype()
                     ),
                 );
                 return Ok(out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);

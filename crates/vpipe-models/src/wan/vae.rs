@@ -19,6 +19,7 @@ use candle_nn::VarBuilder;
 use super::keys;
 use crate::error::{Error, Result};
 use crate::ops::conv3d::{conv2d_any_dtype, CausalConv3d, Conv3dConfig};
+use crate::tiling::{self, TileSpec};
 
 /// Frames of history each causal convolution keeps between chunks (`CACHE_T` upstream).
 pub const CACHE_T: usize = 2;
@@ -916,7 +917,12 @@ impl WanVae {
     /// # Shapes
     /// As [`Self::encode`].
     pub fn encode_posterior(&self, video: &Tensor) -> Result<Posterior> {
-        let moments = self.encode_moments(video)?;
+        self.posterior(&self.encode_moments(video)?)
+    }
+
+    /// Splits `quant_conv`'s output into mean and log-variance (clamped to [-30, 20], as
+    /// diffusers' `DiagonalGaussianDistribution`).
+    fn posterior(&self, moments: &Tensor) -> Result<Posterior> {
         let z = self.cfg.z_dim;
         Ok(Posterior {
             mean: moments.narrow(1, 0, z)?,
@@ -977,6 +983,65 @@ impl WanVae {
             outs.push(self.decoder.forward(&x.narrow(2, i, 1)?, &mut cursor)?);
         }
         Ok(Tensor::cat(&outs, 2)?)
+    }
+
+    /// Encodes a clip tile by tile ([`crate::tiling`]) to the raw posterior mean: diffusers'
+    /// `encode(video).latent_dist.mode()` after `enable_tiling(tile_sample_min_height=tile,
+    /// tile_sample_min_width=tile, tile_sample_stride_height=stride,
+    /// tile_sample_stride_width=stride)`. A tile covering the frame gives exactly
+    /// [`Self::encode`]'s result.
+    ///
+    /// # Errors
+    /// A refused spec ([`TileSpec::validate`], reported as [`Error::Config`]) or a video
+    /// [`Self::encode`] refuses, both before any tile is encoded.
+    ///
+    /// # Shapes
+    /// As [`Self::encode`]; the result is in the model's dtype, on the host (the tiles are
+    /// assembled there).
+    pub fn encode_tiled(&self, video: &Tensor, spec: TileSpec) -> Result<Tensor> {
+        Ok(self.encode_posterior_tiled(video, spec)?.mean)
+    }
+
+    /// Tiled [`Self::encode_posterior`]: the 32-channel `quant_conv` output of each tile is
+    /// blended (as diffusers' `tiled_encode` does), then split into mean and log-variance, and
+    /// the log-variance clamped to [-30, 20].
+    ///
+    /// # Errors and shapes
+    /// As [`Self::encode_tiled`].
+    pub fn encode_posterior_tiled(&self, video: &Tensor, spec: TileSpec) -> Result<Posterior> {
+        spec.validate()?;
+        self.check_video(video)?;
+        let moments = tiling::tiled_encode(video, spec, |tile| {
+            self.encode_moments(&self.on_device(tile)?)
+        })?;
+        self.posterior(&moments)
+    }
+
+    /// Decodes raw latents tile by tile ([`crate::tiling`]) and clamps to [-1, 1] after
+    /// assembly: diffusers' `decode(z).sample` with tiling enabled as in
+    /// [`Self::encode_tiled`]. A tile covering the frame gives exactly [`Self::decode`]'s
+    /// result. For the unclamped output, run [`tiling::tiled_decode`] with
+    /// [`Self::decode_unclamped`].
+    ///
+    /// # Errors
+    /// A refused spec ([`TileSpec::validate`], reported as [`Error::Config`]) or latents
+    /// [`Self::decode`] refuses, both before any tile is decoded.
+    ///
+    /// # Shapes
+    /// As [`Self::decode`]; the result is in the model's dtype, on the host.
+    pub fn decode_tiled(&self, z: &Tensor, spec: TileSpec) -> Result<Tensor> {
+        spec.validate()?;
+        self.check_latents(z)?;
+        let out = tiling::tiled_decode(z, spec, |tile| {
+            self.decode_unclamped(&self.on_device(tile)?)
+        })?;
+        Ok(out.clamp(-1f64, 1f64)?)
+    }
+
+    /// A tile of a host-side input, on the model's device and in its dtype: tiled runs keep the
+    /// whole input on the host and move one tile at a time.
+    fn on_device(&self, tile: &Tensor) -> Result<Tensor> {
+        Ok(tile.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// `(z − latents_mean) / latents_std` per channel: raw latents to the DiT's space.

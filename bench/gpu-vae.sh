@@ -1,0 +1,25 @@
+#!/bin/bash
+# Device-machine run for the VAE (issue 3): diffusers' tiled encode/decode and vpipe's on the same
+# card in the same call; full-size Wan 2.1 VAE with random weights, bf16, the real 832x480x81 clip.
+# Needs: .carry/vpipe.xz (CUDA build), .carry/clip.mp4 (../shared/media/wan21-cheesecake-832x480x81-h264.mp4),
+# .whl/ with diffusers 0.42.1. Run with carry [".carry", ".whl"].
+set -u
+OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site
+xz -dc .carry/vpipe.xz > /tmp/vpipe && chmod +x /tmp/vpipe
+W=/tmp/vaebench
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+python3 bench/vae_gpu.py prepare .carry/clip.mp4 || exit 4
+V="/tmp/vpipe tensors"
+COMMON="--vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 --stride 192"
+# warm-up: the first use of each candle kernel compiles its PTX; keep that out of the timings
+$V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
+$V vae-decode $COMMON --input $W/frame_enc.safetensors --output $W/frame_dec.safetensors
+$V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
+$V vae-encode $COMMON --input $W/clip.safetensors --output $W/vpipe_enc.safetensors --report $W/vpipe_enc.json
+$V vae-decode $COMMON --input $W/diffusers_enc.safetensors --output $W/vpipe_dec.safetensors --report $W/vpipe_dec.json
+cp $W/vpipe_enc.json $W/vpipe_dec.json $W/diffusers.json "$OUT/" 2>/dev/null
+cp $W/vpipe_dec.svg "$OUT/" 2>/dev/null
+python3 bench/vae_gpu.py compare

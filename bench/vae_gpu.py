@@ -1,0 +1,161 @@
+"""VAE benchmark on the GPU machine: diffusers' tiled encode/decode next to vpipe's, same card,
+same call. Full-size Wan 2.1 VAE (base dim 96, z 16) with seeded random weights, bf16, the real
+clip (832x480, 81 frames), tiles 256 / stride 192 px.
+
+    python3 bench/vae_gpu.py prepare CLIP.mp4   # clip + weights + diffusers timings -> /tmp/vaebench
+    python3 bench/vae_gpu.py compare            # reads vpipe's outputs and reports, prints a table
+
+Run by bench/gpu-vae.sh; numbers land in $OUT/vae_summary.json.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+WORK = "/tmp/vaebench"
+OUT = os.environ.get("OUT", "/tmp/out")
+TILE, STRIDE = 256, 192
+GiB = 1024**3
+
+
+def log(*a):
+    print(time.strftime("[%H:%M:%S]"), *a, flush=True)
+
+
+def read_clip(path):
+    import cv2
+
+    cap = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    video = torch.from_numpy(np.stack(frames)).float().div(127.5).sub(1.0)  # T,H,W,C
+    return video.permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # 1,3,T,H,W
+
+
+def make_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(1234)
+    vae = AutoencoderKLWan()  # Wan 2.1 defaults: base_dim 96, z_dim 16
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if p.dim() > 1:
+                fan_in = p[0].numel()
+                p.normal_(0.0, 1.0 / fan_in**0.5)
+            elif name.endswith("gamma"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.02)
+    return vae.to(torch.bfloat16).eval()
+
+
+def timed(fn, reps=2):
+    torch.cuda.synchronize()
+    times, out = [], None
+    for _ in range(reps):
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated()
+
+
+def prepare(clip_path):
+    from safetensors.torch import save_file
+
+    os.makedirs(WORK, exist_ok=True)
+    video = read_clip(clip_path)
+    log("clip", tuple(video.shape), float(video.min()), float(video.max()))
+    save_file({"video_in": video}, f"{WORK}/clip.safetensors")
+    save_file({"video_in": video[:, :, :1].contiguous()}, f"{WORK}/frame.safetensors")
+    vae = make_vae()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, f"{WORK}/vae.safetensors")
+    log("weights", sum(p.numel() for p in vae.parameters()), "params")
+
+    vae = vae.cuda()
+    vae.enable_tiling(
+        tile_sample_min_height=TILE, tile_sample_min_width=TILE,
+        tile_sample_stride_height=STRIDE, tile_sample_stride_width=STRIDE,
+    )
+    x = video.cuda().to(torch.bfloat16)
+    weights = torch.cuda.memory_allocated()
+    res = {"weights_bytes": weights}
+    with torch.no_grad():
+        _, t, peak = timed(lambda: vae.encode(x[:, :, :1]).latent_dist.mean, reps=3)
+        res["frame_encode_s"], res["frame_encode_peak"] = t, peak - x.numel() * 2
+        mean, t, peak = timed(lambda: vae.encode(x).latent_dist.mean)
+        res["encode_s"], res["encode_peak"] = t, peak - x.numel() * 2
+        log("diffusers tiled encode", f"{t:.2f} s", f"peak {peak / GiB:.2f} GiB (incl. input)")
+        del x
+        torch.cuda.empty_cache()
+        z = mean.clone()
+        decoded, t, peak = timed(lambda: vae.decode(z).sample)
+        res["decode_s"], res["decode_peak"] = t, peak - decoded.numel() * 2
+        log("diffusers tiled decode", f"{t:.2f} s", f"peak {peak / GiB:.2f} GiB (incl. output)")
+    save_file({"enc_mean": mean.float().cpu().contiguous()}, f"{WORK}/diffusers_enc.safetensors")
+    save_file({"decoded": decoded.cpu().contiguous()}, f"{WORK}/diffusers_dec.safetensors")
+    json.dump(res, open(f"{WORK}/diffusers.json", "w"), indent=1)
+
+
+def phase_stats(report_path, name):
+    r = json.load(open(report_path))
+    phase = next(p for p in r["phases"] if p["name"] == name)
+    moves = sum(t["work_ms"] for t in r["transitions"] if t["phase"] == name)
+    wall = phase["exit"]["t_ms"] - phase["entry"]["t_ms"]
+    return {
+        "compute_s": (wall - moves) / 1e3,
+        "phase_s": wall / 1e3,
+        "peak_above_baseline": phase["peak_above_baseline"],
+        "resident_weights": max(
+            (t["expected_bytes"] for t in r["transitions"] if t["phase"] == name), default=0
+        ),
+        "verified": all(t["verified"] for t in r["transitions"]),
+        "fallbacks": r["fallbacks"],
+        "notes": r["notes"],
+        "baseline_driver_used": r["baseline"]["cuda"]["driver_total"] - r["baseline"]["cuda"]["driver_free"],
+    }
+
+
+def compare():
+    from safetensors.torch import load_file
+
+    d = json.load(open(f"{WORK}/diffusers.json"))
+    enc = phase_stats(f"{WORK}/vpipe_enc.json", "vae encode")
+    dec = phase_stats(f"{WORK}/vpipe_dec.json", "vae decode")
+    frame = phase_stats(f"{WORK}/vpipe_frame.json", "vae encode")
+
+    def err(a, b):
+        a, b = a.float(), b.float()
+        return {"max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / b.norm())}
+
+    e = err(load_file(f"{WORK}/vpipe_enc.safetensors")["enc_mean"],
+            load_file(f"{WORK}/diffusers_enc.safetensors")["enc_mean"])
+    x = err(load_file(f"{WORK}/vpipe_dec.safetensors")["decoded"],
+            load_file(f"{WORK}/diffusers_dec.safetensors")["decoded"])
+    summary = {"diffusers": d, "vpipe_encode": enc, "vpipe_decode": dec, "vpipe_frame_encode": frame,
+               "encode_vs_diffusers": e, "decode_vs_diffusers": x,
+               "ratio_time_enc_plus_dec": (enc["compute_s"] + dec["compute_s"]) / (d["encode_s"] + d["decode_s"])}
+    json.dump(summary, open(f"{OUT}/vae_summary.json", "w"), indent=1)
+    g = lambda b: f"{b / GiB:.2f} GiB"
+    print(f"{'':28}{'vpipe':>22}{'diffusers':>22}")
+    print(f"{'encode time':28}{enc['compute_s']:>20.2f} s{d['encode_s']:>20.2f} s")
+    print(f"{'encode peak (weights+act.)':28}{g(enc['peak_above_baseline']):>22}{g(d['encode_peak']):>22}")
+    print(f"{'decode time':28}{dec['compute_s']:>20.2f} s{d['decode_s']:>20.2f} s")
+    print(f"{'decode peak (weights+act.)':28}{g(dec['peak_above_baseline']):>22}{g(d['decode_peak']):>22}")
+    print(f"{'1-frame encode peak':28}{g(frame['peak_above_baseline']):>22}{g(d['frame_encode_peak']):>22}")
+    print("encode vs diffusers (both bf16):", e)
+    print("decode vs diffusers (both bf16, vpipe decodes diffusers' latents):", x)
+    print("(enc+dec) vpipe / diffusers time:", round(summary["ratio_time_enc_plus_dec"], 3))
+    print("vpipe notes:", enc["notes"], dec["notes"], "fallbacks:", enc["fallbacks"], dec["fallbacks"])
+
+
+if __name__ == "__main__":
+    {"prepare": lambda: prepare(sys.argv[2]), "compare": compare}[sys.argv[1]]()
