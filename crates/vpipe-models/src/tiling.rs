@@ -28,6 +28,12 @@ pub const SPATIAL_SCALE: usize = 8;
 /// worth of activations per side; larger frames are tiled).
 pub const MAX_TILE: usize = 512;
 
+/// The stride vpipe pairs with a tile when none is given: three quarters of it, on the 8-px
+/// grid (256 → 192, as diffusers' default).
+pub fn default_stride(tile: usize) -> usize {
+    (tile / 4 * 3 / SPATIAL_SCALE * SPATIAL_SCALE).max(SPATIAL_SCALE)
+}
+
 /// Tile size and stride in pixels (square tiles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TileSpec {

@@ -199,9 +199,11 @@ pub(crate) struct VaeArgs {
     /// Output safetensors file (written to a temporary file, then renamed).
     #[arg(long)]
     output: PathBuf,
-    /// Spatial tile side in pixels (multiple of 8, at most 512). Default: 256.
+    /// Spatial tile side in pixels (multiple of 8, at most 512), or `auto`: the largest tile
+    /// that fits the budget by a per-pixel memory model measured on two small crops. Default:
+    /// `auto` with --vram-budget, else 256.
     #[arg(long)]
-    tile: Option<usize>,
+    tile: Option<String>,
     /// Distance between tiles in pixels (multiple of 8, at most the tile). Default: 3/4 of the
     /// tile.
     #[arg(long)]
@@ -225,7 +227,8 @@ pub(crate) struct VaeJob {
     pub(crate) vae: PathBuf,
     pub(crate) input: PathBuf,
     pub(crate) output: PathBuf,
-    pub(crate) tiles: vpipe_models::tiling::TileSpec,
+    /// `None`: chosen from the budget by calibration.
+    pub(crate) tiles: Option<vpipe_models::tiling::TileSpec>,
     pub(crate) device: String,
     pub(crate) dtype: candle_core::DType,
     pub(crate) budget: vpipe_mem::Budget,
@@ -234,14 +237,41 @@ pub(crate) struct VaeJob {
 
 impl VaeArgs {
     pub(crate) fn validate(self) -> Result<VaeJob, BadInput> {
-        let tile = self
-            .tile
-            .unwrap_or(vpipe_models::tiling::TileSpec::DEFAULT.tile);
-        let stride = self.stride.unwrap_or(tile / 4 * 3 / 8 * 8);
-        let tiles = vpipe_models::tiling::TileSpec { tile, stride };
-        tiles
-            .validate()
-            .map_err(|e| BadInput(format!("--tile {tile} --stride {stride}: {e}")))?;
+        let budget = parse_budget("--vram-budget", &self.vram_budget)?;
+        let tile = match self.tile.as_deref() {
+            Some("auto") => None,
+            None if budget.is_some() => None,
+            None => Some(vpipe_models::tiling::TileSpec::DEFAULT.tile),
+            Some(text) => Some(text.parse::<usize>().map_err(|_| {
+                BadInput(format!(
+                    "--tile {text}: expected a number of pixels or auto"
+                ))
+            })?),
+        };
+        if tile.is_none() && budget.is_none() {
+            return Err(BadInput(
+                "--tile auto: needs --vram-budget to choose a tile against".into(),
+            ));
+        }
+        if tile.is_none() && self.stride.is_some() {
+            return Err(BadInput(
+                "--stride: give it with a numeric --tile; an automatic tile picks its own stride"
+                    .into(),
+            ));
+        }
+        let tiles = match tile {
+            None => None,
+            Some(tile) => {
+                let stride = self
+                    .stride
+                    .unwrap_or(vpipe_models::tiling::default_stride(tile));
+                let tiles = vpipe_models::tiling::TileSpec { tile, stride };
+                tiles
+                    .validate()
+                    .map_err(|e| BadInput(format!("--tile {tile} --stride {stride}: {e}")))?;
+                Some(tiles)
+            }
+        };
         let dtype = match self.dtype.as_str() {
             "f32" => candle_core::DType::F32,
             "bf16" => candle_core::DType::BF16,
@@ -265,7 +295,7 @@ impl VaeArgs {
             device: self.device,
             dtype,
             budget: vpipe_mem::Budget {
-                compute: parse_budget("--vram-budget", &self.vram_budget)?,
+                compute: budget,
                 host: None,
             },
             report: self.report,

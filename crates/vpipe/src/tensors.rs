@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use vpipe_mem::{fmt_bytes, MemorySession, Phase, Tier};
-use vpipe_models::tiling::{TileSpec, SPATIAL_SCALE};
+use vpipe_mem::{fmt_bytes, MemError, MemorySession, Phase, Tier};
+use vpipe_models::tiling::{default_stride, TileSpec, MAX_TILE, SPATIAL_SCALE};
 use vpipe_models::wan::vae::WanVae;
 
 use crate::exit::BadInput;
@@ -83,7 +83,7 @@ fn run_tiled(
             Err(e) if is_device_out_of_memory(&e) && tiles.tile / 2 >= SMALLEST_TILE => {
                 let smaller = TileSpec {
                     tile: tiles.tile / 2,
-                    stride: (tiles.stride / 2 / SPATIAL_SCALE * SPATIAL_SCALE).max(SPATIAL_SCALE),
+                    stride: default_stride(tiles.tile / 2),
                 };
                 phase.fallback(
                     "vae tile",
@@ -112,6 +112,127 @@ fn run_tiled(
     }
 }
 
+/// Compute-tier memory of one tile as measured on two crops: `fixed + per_pixel · side²`.
+#[derive(Debug, Clone, Copy)]
+struct TileMemoryModel {
+    fixed: f64,
+    per_pixel: f64,
+}
+
+impl TileMemoryModel {
+    fn bytes(&self, side: usize) -> u64 {
+        (self.fixed + self.per_pixel * (side * side) as f64).max(0.0) as u64
+    }
+}
+
+/// Runs the VAE untiled on two square crops of the input (all the frames one causal chunk
+/// needs, so the peak is that of a whole pass) and fits the measured compute-tier peaks.
+fn calibrate(
+    phase: &mut Phase<'_>,
+    vae: &WanVae,
+    op: VaeOp,
+    input: &Tensor,
+) -> anyhow::Result<TileMemoryModel> {
+    let (_, _, t, h, w) = input.dims5()?;
+    let cell = match op {
+        VaeOp::Encode => 1,
+        VaeOp::Decode => SPATIAL_SCALE,
+    };
+    // Crops in pixels, on the 8-px grid, no larger than the frame.
+    let frame_pixels = h.min(w) * cell;
+    let large = 128.min(frame_pixels / SPATIAL_SCALE * SPATIAL_SCALE);
+    let small = (large / 2 / SPATIAL_SCALE * SPATIAL_SCALE).max(SPATIAL_SCALE);
+    if small == large {
+        anyhow::bail!(
+            "--tile auto: the frame ({}x{} px) is too small to calibrate on; give --tile",
+            h * cell,
+            w * cell
+        );
+    }
+    let frames = match op {
+        VaeOp::Encode => t.min(5),
+        VaeOp::Decode => t.min(2),
+    };
+    let mut peaks = Vec::new();
+    for side in [small, large] {
+        let crop = input
+            .narrow(2, 0, frames)?
+            .narrow(3, 0, side / cell)?
+            .narrow(4, 0, side / cell)?
+            .to_device(phase.session().device())?
+            .to_dtype(vae.dtype())?;
+        let (_, peak) = phase.measure_peak(|| -> anyhow::Result<()> {
+            let out = match op {
+                VaeOp::Encode => vae.encode_moments(&crop)?,
+                VaeOp::Decode => vae.decode_unclamped(&crop)?,
+            };
+            drop(out);
+            Ok(())
+        })?;
+        peaks.push((side, peak));
+    }
+    let ((s1, p1), (s2, p2)) = (peaks[0], peaks[1]);
+    let per_pixel = (p2 as f64 - p1 as f64) / ((s2 * s2) as f64 - (s1 * s1) as f64);
+    let model = TileMemoryModel {
+        fixed: p1 as f64 - per_pixel * (s1 * s1) as f64,
+        per_pixel: per_pixel.max(0.0),
+    };
+    phase.note(
+        "vae tile calibration",
+        &format!(
+            "measured peak {} at {s1} px and {} at {s2} px ({} frames): {:.1} B per pixel + {} fixed",
+            fmt_bytes(p1),
+            fmt_bytes(p2),
+            frames,
+            model.per_pixel,
+            fmt_bytes(model.fixed.max(0.0) as u64)
+        ),
+    );
+    Ok(model)
+}
+
+/// The largest tile (multiple of 32 px, 64 to 512) whose modelled peak fits what the budget
+/// leaves, or a refusal naming both numbers.
+fn choose_tile(
+    phase: &mut Phase<'_>,
+    model: TileMemoryModel,
+    budget: u64,
+) -> Result<TileSpec, MemError> {
+    let session = phase.session();
+    let in_use = phase
+        .read()?
+        .compute_used()
+        .saturating_sub(session.baseline().compute_used());
+    let left = budget.saturating_sub(in_use);
+    let fits = (SMALLEST_TILE..=MAX_TILE)
+        .rev()
+        .step_by(32)
+        .find(|&side| model.bytes(side) <= left);
+    let Some(tile) = fits else {
+        return Err(MemError::OverBudget {
+            model: format!("vae activations of a {SMALLEST_TILE}-px tile (modelled)"),
+            tier: session.compute_tier(),
+            needed: model.bytes(SMALLEST_TILE),
+            in_use,
+            allowed: budget,
+        });
+    };
+    let tiles = TileSpec {
+        tile,
+        stride: default_stride(tile),
+    };
+    phase.note(
+        "vae tile choice",
+        &format!(
+            "{} of the budget left: tile {tile} px (modelled peak {}), stride {} px",
+            fmt_bytes(left),
+            fmt_bytes(model.bytes(tile)),
+            tiles.stride
+        ),
+    );
+    Ok(tiles)
+}
+
 pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
     // A reader that never executes pickle code checks the file before anything loads it.
     vpipe_ckpt::inspect(&job.vae)?;
@@ -134,7 +255,15 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
             let vb = VarBuilder::from_tensors(weights, job.dtype, &device);
             let vae = WanVae::from_checkpoint(vb)
                 .with_context(|| format!("--vae {}", job.vae.display()))?;
-            run_tiled(p, &vae, op, &input, job.tiles)?
+            let tiles = match (job.tiles, job.budget.compute) {
+                (Some(tiles), _) => tiles,
+                (None, Some(budget)) => {
+                    let model = calibrate(p, &vae, op, &input)?;
+                    choose_tile(p, model, budget)?
+                }
+                (None, None) => unreachable!("flags require a budget for an automatic tile"),
+            };
+            run_tiled(p, &vae, op, &input, tiles)?
             // The model and its clones of the leased weights end here, before the offload
             // verifies that the weights' memory came back.
         };

@@ -181,3 +181,66 @@ fn bad_tensor_inputs_get_clear_errors_and_no_output() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("at most 512"));
 }
+
+/// `--vram-budget` without `--tile`: the tile is chosen from a per-pixel model measured on two
+/// crops, the run stays inside the budget, and a budget too small for the smallest tile is a
+/// refusal (exit code 3). Input: a seeded 5×128×160 ramp clip (made here), tiny fixture VAE.
+#[test]
+fn an_automatic_tile_keeps_the_budget_or_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let values: Vec<f32> = (0..3 * 5 * 128 * 160u64)
+        .map(|i: u64| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let video = Tensor::from_vec(values, (1, 3, 5, 128, 160), &Device::Cpu).unwrap();
+    save(&input, "video_in", &video);
+    let output = dir.path().join("out.safetensors");
+    let report = dir.path().join("report.json");
+    let vae = fixtures().join("wan_vae_tiny_wan.pth");
+    let args = |budget: &'static str| {
+        vec![
+            "tensors".to_owned(),
+            "vae-encode".into(),
+            "--vae".into(),
+            vae.to_str().unwrap().into(),
+            "--input".into(),
+            input.to_str().unwrap().into(),
+            "--output".into(),
+            output.to_str().unwrap().into(),
+            "--vram-budget".into(),
+            budget.into(),
+            "--report".into(),
+            report.to_str().unwrap().into(),
+        ]
+    };
+    let run = vpipe(&args("20MiB").iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let notes: Vec<&str> = report_json["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        notes,
+        ["vae tile calibration", "vae tile choice", "vae tiles"]
+    );
+    let phase = &report_json["phases"][1];
+    assert_eq!(phase["name"], "vae encode");
+    assert!(
+        phase["peak_above_baseline"].as_u64().unwrap() <= 20 << 20,
+        "{phase}"
+    );
+    assert!(report_json["violations"].as_array().unwrap().is_empty());
+
+    let refused = vpipe(&args("2MiB").iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("64-px tile"), "{stderr}");
+}
