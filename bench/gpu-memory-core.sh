@@ -16,12 +16,12 @@ for f in .carry/*.xz; do
   name=$(basename "$f" .xz)
   xz -dc "$f" > "$BIN/$name" && chmod +x "$BIN/$name"
 done
-date -u +"%Y-%m-%dT%H:%MZ" > "$OUT/smi.txt"
-nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,pcie.link.gen.current,pcie.link.width.current --format=csv >> "$OUT/smi.txt" 2>&1
-cat "$OUT/smi.txt"
+date -u +"%Y-%m-%dT%H:%MZ"
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,pcie.link.gen.current,pcie.link.width.current --format=csv 2>&1
 
 echo "=== vpipe residency benchmark (4 GiB bf16, 3 rounds)"
-"$BIN/residency_bench" --gib 4 --rounds 3 --out "$OUT/residency" 2>&1 | tee "$OUT/residency.log"
+"$BIN/residency_bench" --gib 4 --rounds 3 --out "$OUT/residency" 2>&1
+rm -f "$OUT/residency/memory.svg"  # drawn again from report.json here; $OUT returns 8 files at most
 
 if [ -x "$BIN/vpipe" ]; then
   echo "=== vpipe demo --device cuda:0"

@@ -8,11 +8,12 @@ OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site
-xz -dc .carry/vpipe.xz > /tmp/vpipe && chmod +x /tmp/vpipe
+VPIPE=/tmp/vpipe-bin/vpipe
+[ -x $VPIPE ] || { mkdir -p /tmp/vpipe-bin && xz -dc .carry/vpipe.xz > $VPIPE && chmod +x $VPIPE; }
 W=/tmp/vaebench
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 bench/vae_gpu.py prepare .carry/clip.mp4 || exit 4
-V="/tmp/vpipe tensors"
+V="$VPIPE tensors"
 COMMON="--vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 --stride 192"
 # warm-up: the first use of each candle kernel compiles its PTX; keep that out of the timings
 $V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
@@ -20,6 +21,14 @@ $V vae-decode $COMMON --input $W/frame_enc.safetensors --output $W/frame_dec.saf
 $V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
 $V vae-encode $COMMON --input $W/clip.safetensors --output $W/vpipe_enc.safetensors --report $W/vpipe_enc.json
 $V vae-decode $COMMON --input $W/diffusers_enc.safetensors --output $W/vpipe_dec.safetensors --report $W/vpipe_dec.json
-cp $W/vpipe_enc.json $W/vpipe_dec.json $W/diffusers.json "$OUT/" 2>/dev/null
-cp $W/vpipe_dec.svg "$OUT/" 2>/dev/null
+cp $W/vpipe_enc.json $W/vpipe_dec.json "$OUT/" 2>/dev/null
 python3 bench/vae_gpu.py compare
+echo "=== vpipe encode with --vram-budget 1GiB and an automatic tile"
+$V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --vram-budget 1GiB \
+  --input $W/clip.safetensors --output $W/auto_enc.safetensors --report $W/vpipe_auto.json
+python3 -c "
+import json; r=json.load(open('$W/vpipe_auto.json'))
+p=[p for p in r['phases'] if p['name']=='vae encode'][0]
+print('auto tile: peak above baseline %.3f GiB; budget 1 GiB; violations %s' % (p['peak_above_baseline']/2**30, r['violations']))
+for n in r['notes']: print('  ', n['what'], ':', n['detail'])
+print('   fallbacks:', r['fallbacks'])"

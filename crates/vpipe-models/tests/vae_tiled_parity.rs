@@ -409,3 +409,24 @@ fn wan_vae_tiled_methods_refuse_bad_specs() {
     let err = vae.encode_tiled(&video, spec(16, 8)).unwrap_err();
     assert!(matches!(err, Error::FrameCount { frames: 2, .. }), "{err}");
 }
+
+/// A 120×200 frame (not a multiple of any tile; seeded ramp input made here, no reference
+/// values): tiled encode with 64/48 px cuts 3×5 tiles with partial edge tiles, the latents are
+/// 15×25, and decoding them tiled gives a finite 120×200 frame in [-1, 1].
+#[test]
+fn a_120x200_frame_tiles_with_partial_edge_tiles() {
+    let ramp: Vec<f32> = (0..3 * 120 * 200u64)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let video = Tensor::from_vec(ramp, (1, 3, 1, 120, 200), &Device::Cpu).unwrap();
+    let vae = vae();
+    let tiles = spec(64, 48);
+    assert_eq!(tiles.count(120, 200), 3 * 5);
+    let z = vae.encode_tiled(&video, tiles).unwrap();
+    assert_eq!(z.dims(), [1, 16, 1, 15, 25]);
+    assert_finite(&z, "120x200 latents");
+    let decoded = vae.decode_tiled(&z, tiles).unwrap();
+    assert_eq!(decoded.dims(), [1, 3, 1, 120, 200]);
+    assert_finite(&decoded, "120x200 decoded");
+    assert!(values(&decoded).iter().all(|v| (-1.0..=1.0).contains(v)));
+}
