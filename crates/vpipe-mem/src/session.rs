@@ -93,7 +93,8 @@ impl MemorySession {
         })
     }
 
-    /// Registers a safetensors checkpoint (header only; nothing is loaded). With `load_dtype`
+    /// Registers a checkpoint, .safetensors (header only) or .pth (tensor index only;
+    /// check it first with a reader that never executes pickle code): nothing is loaded. With `load_dtype`
     /// the weights are converted when they are read into host memory.
     pub fn register(
         &mut self,

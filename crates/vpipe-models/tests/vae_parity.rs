@@ -10,7 +10,6 @@
 //! (`strict=True`), gives exactly the diffusers outputs (max abs 0.0).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -19,25 +18,8 @@ use vpipe_models::wan::keys::{self, KeyLayout};
 use vpipe_models::wan::vae::{Config, WanVae, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
 use vpipe_models::Error;
 
-/// f32 tolerance against diffusers (reference/parity-testing.md §3).
-const TOL: f64 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vae")
-        .join(name)
-}
-
-fn cases() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("vae_cases.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn case(cases: &HashMap<String, Tensor>, key: &str) -> Tensor {
-    cases
-        .get(key)
-        .unwrap_or_else(|| panic!("fixture tensor {key} missing"))
-        .clone()
-}
+mod common;
+use common::{case, cases, fixture, TOL};
 
 /// `wan_vae_tiny_diffusers.safetensors`: diffusers names, memory-mapped safetensors.
 fn vae_diffusers(dtype: DType) -> WanVae {

@@ -12,34 +12,14 @@
 //! and is clamped. Tests without a tiled diffusers reference compare with the untiled fixtures
 //! (diffusers runs untiled when the tile covers the frame) or with vpipe's own untiled output.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use vpipe_models::ops::max_abs_diff;
 use vpipe_models::tiling::{self, TileError, TileSpec};
 use vpipe_models::wan::WanVae;
 use vpipe_models::Error;
 
-/// f32 tolerance against diffusers (reference/parity-testing.md §3).
-const TOL: f64 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vae")
-        .join(name)
-}
-
-fn cases() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("vae_cases.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn case(cases: &HashMap<String, Tensor>, key: &str) -> Tensor {
-    cases
-        .get(key)
-        .unwrap_or_else(|| panic!("fixture tensor {key} missing"))
-        .clone()
-}
+mod common;
+use common::{case, cases, fixture, TOL};
 
 /// The tiny fixture VAE, diffusers key names, f32 on the CPU.
 fn vae() -> WanVae {
