@@ -16,15 +16,15 @@ python3 bench/vae_gpu.py prepare .carry/clip.mp4 || exit 4
 V="$VPIPE tensors"
 COMMON="--vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 --stride 192"
 # warm-up: the first use of each candle kernel compiles its PTX; keep that out of the timings
-$V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
-$V vae-decode $COMMON --input $W/frame_enc.safetensors --output $W/frame_dec.safetensors
-$V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
-$V vae-encode $COMMON --input $W/clip.safetensors --output $W/vpipe_enc.safetensors --report $W/vpipe_enc.json
-$V vae-decode $COMMON --input $W/diffusers_enc.safetensors --output $W/vpipe_dec.safetensors --report $W/vpipe_dec.json
+timeout 150 $V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
+timeout 150 $V vae-decode $COMMON --input $W/frame_enc.safetensors --output $W/frame_dec.safetensors
+timeout 150 $V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
+timeout 150 $V vae-encode $COMMON --input $W/clip.safetensors --output $W/vpipe_enc.safetensors --report $W/vpipe_enc.json
+timeout 150 $V vae-decode $COMMON --input $W/diffusers_enc.safetensors --output $W/vpipe_dec.safetensors --report $W/vpipe_dec.json
 cp $W/vpipe_enc.json $W/vpipe_dec.json "$OUT/" 2>/dev/null
 python3 bench/vae_gpu.py compare
 echo "=== vpipe encode with --vram-budget 1GiB and an automatic tile"
-$V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --vram-budget 1GiB \
+timeout 150 $V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --vram-budget 1GiB \
   --input $W/clip.safetensors --output $W/auto_enc.safetensors --report $W/vpipe_auto.json
 python3 -c "
 import json; r=json.load(open('$W/vpipe_auto.json'))

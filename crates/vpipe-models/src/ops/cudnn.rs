@@ -6,6 +6,9 @@
 //! enabled for bf16/f16, and f32 keeps full-precision math so that f32 results stay comparable
 //! with the CPU path.
 
+// Device allocations and the cuDNN launch are FFI; each unsafe block says what it relies on.
+#![allow(unsafe_code)]
+
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
