@@ -21,6 +21,8 @@ timeout 150 $V vae-decode $COMMON --input $W/frame_enc.safetensors --output $W/f
 timeout 150 $V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
 timeout 150 $V vae-encode $COMMON --input $W/clip.safetensors --output $W/vpipe_enc.safetensors --report $W/vpipe_enc.json
 timeout 150 $V vae-decode $COMMON --input $W/diffusers_enc.safetensors --output $W/vpipe_dec.safetensors --report $W/vpipe_dec.json
+timeout 150 $V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype f32 --tile 128 --input $W/crop.safetensors --output $W/vpipe_crop_enc.safetensors
+timeout 150 $V vae-decode --vae $W/vae.safetensors --device cuda:0 --dtype f32 --tile 128 --input $W/diffusers_crop_enc.safetensors --output $W/vpipe_crop_dec.safetensors
 cp $W/vpipe_enc.json $W/vpipe_dec.json "$OUT/" 2>/dev/null
 python3 bench/vae_gpu.py compare
 echo "=== vpipe encode with --vram-budget 1GiB and an automatic tile"

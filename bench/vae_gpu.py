@@ -100,6 +100,19 @@ def prepare(clip_path):
         decoded, t, peak = timed(lambda: vae.decode(z).sample)
         res["decode_s"], res["decode_peak"] = t, peak - decoded.numel() * 2
         log("diffusers tiled decode", f"{t:.2f} s", f"peak {peak / GiB:.2f} GiB (incl. output)")
+    # f32 parity on the GPU: a 9-frame 128x128 crop, untiled, no TF32 anywhere.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    vae32 = vae.float()
+    vae32.disable_tiling()
+    crop = video[:, :, :9, :128, :128].contiguous()
+    with torch.no_grad():
+        m32 = vae32.encode(crop.cuda()).latent_dist.mean
+        d32 = vae32.decode(m32).sample
+    save_file({"video_in": crop}, f"{WORK}/crop.safetensors")
+    save_file({"enc_mean": m32.cpu().contiguous()}, f"{WORK}/diffusers_crop_enc.safetensors")
+    save_file({"decoded": d32.cpu().contiguous()}, f"{WORK}/diffusers_crop_dec.safetensors")
+    del vae32
     save_file({"enc_mean": mean.float().cpu().contiguous()}, f"{WORK}/diffusers_enc.safetensors")
     save_file({"decoded": decoded.cpu().contiguous()}, f"{WORK}/diffusers_dec.safetensors")
     json.dump(res, open(f"{WORK}/diffusers.json", "w"), indent=1)
@@ -140,7 +153,11 @@ def compare():
             load_file(f"{WORK}/diffusers_enc.safetensors")["enc_mean"])
     x = err(load_file(f"{WORK}/vpipe_dec.safetensors")["decoded"],
             load_file(f"{WORK}/diffusers_dec.safetensors")["decoded"])
-    summary = {"diffusers": d, "vpipe_encode": enc, "vpipe_decode": dec, "vpipe_frame_encode": frame,
+    f32_enc = err(load_file(f"{WORK}/vpipe_crop_enc.safetensors")["enc_mean"],
+                  load_file(f"{WORK}/diffusers_crop_enc.safetensors")["enc_mean"])
+    f32_dec = err(load_file(f"{WORK}/vpipe_crop_dec.safetensors")["decoded"],
+                  load_file(f"{WORK}/diffusers_crop_dec.safetensors")["decoded"])
+    summary = {"diffusers": d, "f32_crop_encode_vs_diffusers": f32_enc, "f32_crop_decode_vs_diffusers": f32_dec, "vpipe_encode": enc, "vpipe_decode": dec, "vpipe_frame_encode": frame,
                "encode_vs_diffusers": e, "decode_vs_diffusers": x,
                "ratio_time_enc_plus_dec": (enc["compute_s"] + dec["compute_s"]) / (d["encode_s"] + d["decode_s"])}
     json.dump(summary, open(f"{OUT}/vae_summary.json", "w"), indent=1)
@@ -151,6 +168,7 @@ def compare():
     print(f"{'decode time':28}{dec['compute_s']:>20.2f} s{d['decode_s']:>20.2f} s")
     print(f"{'decode peak (weights+act.)':28}{g(dec['peak_above_baseline']):>22}{g(d['decode_peak']):>22}")
     print(f"{'1-frame encode peak':28}{g(frame['peak_above_baseline']):>22}{g(d['frame_encode_peak']):>22}")
+    print("f32, 9x128x128 crop, untiled, vs diffusers f32 (no TF32): encode", f32_enc, "decode", f32_dec)
     print("encode vs diffusers (both bf16):", e)
     print("decode vs diffusers (both bf16, vpipe decodes diffusers' latents):", x)
     print("(enc+dec) vpipe / diffusers time:", round(summary["ratio_time_enc_plus_dec"], 3))

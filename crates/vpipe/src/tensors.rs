@@ -40,6 +40,11 @@ impl VaeOp {
 
 /// The smallest tile a device out-of-memory may shrink to before the run gives up.
 const SMALLEST_TILE: usize = 64;
+/// The largest crop calibration measures, in pixels.
+const CALIBRATION_SIDE: usize = 192;
+/// Share of what the budget leaves that a modelled tile may take: the model extrapolates
+/// from crops no larger than CALIBRATION_SIDE.
+const TILE_BUDGET_SHARE: f64 = 0.9;
 
 fn read_input(path: &Path, key: &str) -> anyhow::Result<Tensor> {
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
@@ -112,20 +117,38 @@ fn run_tiled(
     }
 }
 
-/// Compute-tier memory of one tile as measured on two crops: `fixed + per_pixel · side²`.
+/// Compute-tier memory of one tile as a function of its pixel count `p = side²`, fitted
+/// through three measured crops: `y₁ + d₁·(p − p₁) + d₂·(p − p₁)(p − p₂)`. The quadratic term
+/// is the middle block's per-frame attention, whose scores grow with the square of the tokens.
 #[derive(Debug, Clone, Copy)]
 struct TileMemoryModel {
-    fixed: f64,
-    per_pixel: f64,
+    points: [(f64, f64); 3],
+    slope: f64,
+    curvature: f64,
 }
 
 impl TileMemoryModel {
+    fn fit(measured: [(usize, u64); 3]) -> Self {
+        let points = measured.map(|(side, peak)| ((side * side) as f64, peak as f64));
+        let [(p1, y1), (p2, y2), (p3, y3)] = points;
+        let slope = (y2 - y1) / (p2 - p1);
+        // Never assume that larger tiles cost less per pixel than the crops showed.
+        let curvature = (((y3 - y2) / (p3 - p2) - slope) / (p3 - p1)).max(0.0);
+        Self {
+            points,
+            slope: slope.max(0.0),
+            curvature,
+        }
+    }
+
     fn bytes(&self, side: usize) -> u64 {
-        (self.fixed + self.per_pixel * (side * side) as f64).max(0.0) as u64
+        let p = (side * side) as f64;
+        let [(p1, y1), (p2, _), _] = self.points;
+        (y1 + self.slope * (p - p1) + self.curvature * (p - p1) * (p - p2)).max(0.0) as u64
     }
 }
 
-/// Runs the VAE untiled on two square crops of the input (all the frames one causal chunk
+/// Runs the VAE untiled on three square crops of the input (all the frames one causal chunk
 /// needs, so the peak is that of a whole pass) and fits the measured compute-tier peaks.
 fn calibrate(
     phase: &mut Phase<'_>,
@@ -139,10 +162,10 @@ fn calibrate(
         VaeOp::Decode => SPATIAL_SCALE,
     };
     // Crops in pixels, on the 8-px grid, no larger than the frame.
-    let frame_pixels = h.min(w) * cell;
-    let large = 128.min(frame_pixels / SPATIAL_SCALE * SPATIAL_SCALE);
-    let small = (large / 2 / SPATIAL_SCALE * SPATIAL_SCALE).max(SPATIAL_SCALE);
-    if small == large {
+    let on_grid = |px: usize| px / SPATIAL_SCALE * SPATIAL_SCALE;
+    let large = on_grid(CALIBRATION_SIDE.min(h.min(w) * cell));
+    let sides = [on_grid(large / 3), on_grid(large * 2 / 3), large];
+    if sides[0] == 0 || sides[0] == sides[1] {
         anyhow::bail!(
             "--tile auto: the frame ({}x{} px) is too small to calibrate on; give --tile",
             h * cell,
@@ -153,8 +176,8 @@ fn calibrate(
         VaeOp::Encode => t.min(5),
         VaeOp::Decode => t.min(2),
     };
-    let mut peaks = Vec::new();
-    for side in [small, large] {
+    let mut measured = [(0, 0); 3];
+    for (slot, side) in measured.iter_mut().zip(sides) {
         let crop = input
             .narrow(2, 0, frames)?
             .narrow(3, 0, side / cell)?
@@ -169,23 +192,18 @@ fn calibrate(
             drop(out);
             Ok(())
         })?;
-        peaks.push((side, peak));
+        *slot = (side, peak);
     }
-    let ((s1, p1), (s2, p2)) = (peaks[0], peaks[1]);
-    let per_pixel = (p2 as f64 - p1 as f64) / ((s2 * s2) as f64 - (s1 * s1) as f64);
-    let model = TileMemoryModel {
-        fixed: p1 as f64 - per_pixel * (s1 * s1) as f64,
-        per_pixel: per_pixel.max(0.0),
-    };
+    let model = TileMemoryModel::fit(measured);
     phase.note(
         "vae tile calibration",
         &format!(
-            "measured peak {} at {s1} px and {} at {s2} px ({} frames): {:.1} B per pixel + {} fixed",
-            fmt_bytes(p1),
-            fmt_bytes(p2),
-            frames,
-            model.per_pixel,
-            fmt_bytes(model.fixed.max(0.0) as u64)
+            "measured peaks ({frames} frames): {}",
+            measured
+                .iter()
+                .map(|(side, peak)| format!("{side} px {}", fmt_bytes(*peak)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     );
     Ok(model)
@@ -204,10 +222,11 @@ fn choose_tile(
         .compute_used()
         .saturating_sub(session.baseline().compute_used());
     let left = budget.saturating_sub(in_use);
+    let allowed = (left as f64 * TILE_BUDGET_SHARE) as u64;
     let fits = (SMALLEST_TILE..=MAX_TILE)
         .rev()
         .step_by(32)
-        .find(|&side| model.bytes(side) <= left);
+        .find(|&side| model.bytes(side) <= allowed);
     let Some(tile) = fits else {
         return Err(MemError::OverBudget {
             model: format!("vae activations of a {SMALLEST_TILE}-px tile (modelled)"),
@@ -224,8 +243,9 @@ fn choose_tile(
     phase.note(
         "vae tile choice",
         &format!(
-            "{} of the budget left: tile {tile} px (modelled peak {}), stride {} px",
+            "{} of the budget left, {}% of it allowed: tile {tile} px (modelled peak {}), stride {} px",
             fmt_bytes(left),
+            (TILE_BUDGET_SHARE * 100.0) as u32,
             fmt_bytes(model.bytes(tile)),
             tiles.stride
         ),
@@ -307,4 +327,26 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         job.output.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TileMemoryModel;
+
+    #[test]
+    fn the_tile_model_reproduces_a_quadratic_and_never_bends_down() {
+        // peak(p) = 1000 + 3·p + 0.001·p², p = side²
+        let peak = |side: usize| {
+            let p = (side * side) as f64;
+            (1000.0 + 3.0 * p + 0.001 * p * p) as u64
+        };
+        let model = TileMemoryModel::fit([64, 128, 192].map(|s| (s, peak(s))));
+        for side in [64, 256, 512] {
+            let (got, want) = (model.bytes(side) as f64, peak(side) as f64);
+            assert!((got - want).abs() / want < 1e-6, "{side}: {got} vs {want}");
+        }
+        // Measured peaks that grow less than linearly are extrapolated linearly, not lower.
+        let model = TileMemoryModel::fit([(64, 1000), (128, 3000), (192, 4000)]);
+        assert!(model.bytes(256) >= 4000);
+    }
 }

@@ -3,7 +3,7 @@
 //! candle has no conv3d, and its conv2d is about 20× slower than cuDNN on the VAE's shapes
 //! (`shared/reference/rust-stack.md` §4.4). Each distinct shape gets its descriptors and
 //! algorithm once (building them per call costs 2–3× the convolution itself); tensor-op math is
-//! enabled for bf16/f16, and f32 keeps full-precision math so that f32 results stay comparable
+//! enabled for bf16/f16, and f32 uses FMA math (no TF32, which cuDNN's default math allows on Ampere and later) so that f32 results stay comparable
 //! with the CPU path.
 
 // Device allocations and the cuDNN launch are FFI; each unsafe block says what it relies on.
@@ -111,7 +111,7 @@ fn plan<T: CudnnDataType + 'static>(
         )
         .map_err(|e| fail("convolution descriptor", e))?;
     let math = if key.dtype == DType::F32 {
-        sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
     } else {
         sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
     };
