@@ -114,6 +114,9 @@ def prepare(clip_path):
     save_file({"decoded": d32.cpu().contiguous()}, f"{WORK}/diffusers_crop_dec.safetensors")
     del vae32
     save_file({"enc_mean": mean.float().cpu().contiguous()}, f"{WORK}/diffusers_enc.safetensors")
+    # one-tile inputs for the span profile
+    save_file({"video_in": video[:, :, :, :256, :256].contiguous()}, f"{WORK}/tile.safetensors")
+    save_file({"enc_mean": mean[:, :, :, :32, :32].float().cpu().contiguous()}, f"{WORK}/tile_lat.safetensors")
     save_file({"decoded": decoded.cpu().contiguous()}, f"{WORK}/diffusers_dec.safetensors")
     json.dump(res, open(f"{WORK}/diffusers.json", "w"), indent=1)
 

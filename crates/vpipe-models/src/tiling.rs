@@ -218,10 +218,19 @@ fn run_tiled<E: From<candle_core::Error>>(
     if h <= layout.tile_in && w <= layout.tile_in {
         return Ok(run(input)?.to_device(&Device::Cpu)?);
     }
-    let mut upper_row: Vec<Tensor> = Vec::new();
+    // Blending needs only the last `blend_out` rows of the (blended) tile above and the last
+    // `blend_out` columns of the (blended) tile to the left. Those strips stay where the model
+    // computed; only each tile's final, cropped part goes to the host.
+    let strip = |t: &Tensor, dim: usize| -> candle_core::Result<Tensor> {
+        let len = t.dim(dim)?;
+        let keep = layout.blend_out.min(len);
+        t.narrow(dim, len - keep, keep)?.contiguous()
+    };
+    let mut strips_above: Vec<Tensor> = Vec::new();
     let mut assembled_rows = Vec::new();
     for top in origins(h, layout.stride_in) {
-        let mut row: Vec<Tensor> = Vec::new();
+        let mut row_strips = Vec::new();
+        let mut strip_left: Option<Tensor> = None;
         let mut cropped = Vec::new();
         for (column, left) in origins(w, layout.stride_in).enumerate() {
             let tile = input.narrow(3, top, layout.tile_in.min(h - top))?.narrow(
@@ -229,23 +238,23 @@ fn run_tiled<E: From<candle_core::Error>>(
                 left,
                 layout.tile_in.min(w - left),
             )?;
-            let mut out = run(&tile)?.to_device(&Device::Cpu)?;
-            if let Some(above) = upper_row.get(column) {
+            let mut out = run(&tile)?;
+            if let Some(above) = strips_above.get(column) {
                 out = blend(above, &out, 3, layout.blend_out)?;
             }
-            if let Some(before) = row.last() {
+            if let Some(before) = &strip_left {
                 out = blend(before, &out, 4, layout.blend_out)?;
             }
+            row_strips.push(strip(&out, 3)?);
+            strip_left = Some(strip(&out, 4)?);
             let (_, _, _, th, tw) = out.dims5()?;
-            cropped.push(out.narrow(3, 0, layout.crop_out.min(th))?.narrow(
-                4,
-                0,
-                layout.crop_out.min(tw),
-            )?);
-            row.push(out);
+            let kept =
+                out.narrow(3, 0, layout.crop_out.min(th))?
+                    .narrow(4, 0, layout.crop_out.min(tw))?;
+            cropped.push(kept.to_device(&Device::Cpu)?);
         }
         assembled_rows.push(Tensor::cat(&cropped, 4)?);
-        upper_row = row;
+        strips_above = row_strips;
     }
     let assembled = Tensor::cat(&assembled_rows, 3)?;
     let (_, _, _, ah, aw) = assembled.dims5()?;
