@@ -28,7 +28,7 @@ for op in encode decode; do
   in=$W/tile.safetensors; [ $op = decode ] && in=$W/tile_lat.safetensors
   CUDA_LAUNCH_BLOCKING=1 VPIPE_LOG_SPANS=1 VPIPE_LOG=vpipe_models=trace timeout 150 $V vae-$op $COMMON \
     --input $in --output $W/prof_$op.safetensors 2> $W/spans_$op.log
-  echo "--- $op"; python3 bench/span_profile.py $W/spans_$op.log | head -14
+  echo "--- $op"; python3 bench/span_profile.py $W/spans_$op.log 2>/dev/null | head -14
 done
 cp $W/vpipe_enc.json $W/vpipe_dec.json "$OUT/" 2>/dev/null
 python3 bench/vae_gpu.py compare
