@@ -370,10 +370,13 @@ impl Conv2d {
 /// (dimension 1), no bias. Half-precision inputs are normalised in f32, as diffusers does.
 #[derive(Debug, Clone)]
 struct RmsNorm {
-    /// shape [1, C, 1, 1, 1] (video) or [1, C, 1, 1] (per-frame images)
+    /// shape [C]
     gamma: Tensor,
-    scale: f64,
 }
+
+/// Added under the root of the mean square: the reference divides by `max(‖x‖, 1e-12)`, so an
+/// all-zero channel vector must give zeros, not NaN.
+const RMS_EPS: f64 = 1e-24;
 
 impl RmsNorm {
     /// `images`: gamma is stored as [C, 1, 1] (attention) instead of [C, 1, 1, 1].
@@ -384,20 +387,20 @@ impl RmsNorm {
             vb.get((dim, 1, 1, 1), "gamma")?
         };
         Ok(Self {
-            gamma: gamma.unsqueeze(0)?,
-            scale: (dim as f64).sqrt(),
+            gamma: gamma.flatten_all()?,
         })
     }
 
+    /// `F.normalize(x, dim=1) · √C · γ`, which is `x / √mean(x²) · γ` over the channels: one
+    /// fused RMS-norm kernel (f32 inside) on a channels-last copy instead of nine full passes.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = match dtype {
-            DType::BF16 | DType::F16 => x.to_dtype(DType::F32)?,
-            _ => x.clone(),
-        };
-        let norm = xf.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
-        let normalized = xf.broadcast_div(&norm)?.to_dtype(dtype)?;
-        (normalized * self.scale)?.broadcast_mul(&self.gamma)
+        let rank = x.rank();
+        // [B, C, rest…] → [B, rest…, C], and back.
+        let to_last: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
+        let back: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
+        let channels_last = x.permute(to_last)?.contiguous()?;
+        let gamma = self.gamma.to_dtype(x.dtype())?;
+        candle_nn::ops::rms_norm(&channels_last, &gamma, RMS_EPS as f32)?.permute(back)
     }
 }
 
