@@ -47,8 +47,12 @@ const CALIBRATION_SIDE: usize = 192;
 const TILE_BUDGET_SHARE: f64 = 0.9;
 
 fn read_input(path: &Path, key: &str) -> anyhow::Result<Tensor> {
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("--input {}", path.display()))?;
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        BadInput(format!(
+            "--input {}: not a readable safetensors file: {e}",
+            path.display()
+        ))
+    })?;
     tensors.remove(key).ok_or_else(|| {
         let mut found: Vec<_> = tensors.keys().cloned().collect();
         found.sort();

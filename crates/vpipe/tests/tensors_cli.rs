@@ -166,6 +166,21 @@ fn bad_tensor_inputs_get_clear_errors_and_no_output() {
         assert!(stderr.contains(words), "{stderr}");
         assert!(!output.exists(), "a failed run left {}", output.display());
     }
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, b"\x40\x00\x00\x00\x00\x00\x00\x00{\"video_in\"").unwrap();
+    let run = vpipe(&[
+        "tensors",
+        "vae-encode",
+        "--vae",
+        vae.to_str().unwrap(),
+        "--input",
+        truncated.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("truncated.safetensors") && !stderr.contains("panicked"));
     let run = vpipe(&[
         "tensors",
         "vae-encode",
