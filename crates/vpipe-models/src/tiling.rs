@@ -131,6 +131,33 @@ impl TileSpec {
     }
 }
 
+/// Runs `attempt` with `spec`; while it fails with an error `retry_smaller` accepts (a device
+/// out-of-memory) and half the tile is still at least `smallest` pixels, calls `on_fallback`
+/// with the failed and the next spec and tries again with half the tile. Returns the result
+/// and the spec that produced it.
+pub fn halving_on_failure<T, E>(
+    mut spec: TileSpec,
+    smallest: usize,
+    retry_smaller: impl Fn(&E) -> bool,
+    mut on_fallback: impl FnMut(TileSpec, TileSpec),
+    mut attempt: impl FnMut(TileSpec) -> Result<T, E>,
+) -> Result<(T, TileSpec), E> {
+    loop {
+        match attempt(spec) {
+            Err(e) if retry_smaller(&e) && spec.tile / 2 >= smallest => {
+                let half = spec.tile / 2 / SPATIAL_SCALE * SPATIAL_SCALE;
+                let smaller = TileSpec {
+                    tile: half,
+                    stride: default_stride(half),
+                };
+                on_fallback(spec, smaller);
+                spec = smaller;
+            }
+            other => return other.map(|value| (value, spec)),
+        }
+    }
+}
+
 /// How tile outputs relate to tile inputs.
 #[derive(Debug, Clone, Copy)]
 struct Layout {
@@ -294,6 +321,47 @@ fn blend(
 mod tests {
     use super::*;
     use candle_core::DType;
+
+    #[test]
+    fn a_failing_tile_is_halved_until_it_works_or_is_too_small() {
+        let mut fallbacks = Vec::new();
+        let fits_at_64 = |spec: TileSpec| {
+            if spec.tile > 64 {
+                Err("CUDA_ERROR_OUT_OF_MEMORY")
+            } else {
+                Ok(spec.tile)
+            }
+        };
+        let (value, used) = halving_on_failure(
+            TileSpec::DEFAULT,
+            64,
+            |e: &&str| e.contains("OUT_OF_MEMORY"),
+            |from, to| fallbacks.push((from.tile, to.tile, to.stride)),
+            fits_at_64,
+        )
+        .unwrap();
+        assert_eq!((value, used.tile, used.stride), (64, 64, 48));
+        assert_eq!(fallbacks, [(256, 128, 96), (128, 64, 48)]);
+
+        // Below the smallest tile the failure is returned, and other errors at once.
+        let never = |_: TileSpec| Err::<(), _>("CUDA_ERROR_OUT_OF_MEMORY");
+        assert!(
+            halving_on_failure(TileSpec::DEFAULT, 128, |_: &&str| true, |_, _| {}, never).is_err()
+        );
+        let mut calls = 0;
+        let other = halving_on_failure(
+            TileSpec::DEFAULT,
+            8,
+            |e: &&str| e.contains("MEMORY"),
+            |_, _| {},
+            |_| {
+                calls += 1;
+                Err::<(), _>("shape mismatch")
+            },
+        );
+        assert!(other.is_err());
+        assert_eq!(calls, 1);
+    }
 
     #[test]
     fn specs_are_validated_before_work() {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use vpipe_mem::{fmt_bytes, MemError, MemorySession, Phase, Tier};
-use vpipe_models::tiling::{default_stride, TileSpec, MAX_TILE, SPATIAL_SCALE};
+use vpipe_models::tiling::{default_stride, halving_on_failure, TileSpec, MAX_TILE, SPATIAL_SCALE};
 use vpipe_models::wan::vae::WanVae;
 
 use crate::exit::BadInput;
@@ -76,49 +76,42 @@ fn run_tiled(
     vae: &WanVae,
     op: VaeOp,
     input: &Tensor,
-    mut tiles: TileSpec,
+    tiles: TileSpec,
 ) -> anyhow::Result<Tensor> {
     let (_, _, _, h, w) = input.dims5()?;
     let pixels = match op {
         VaeOp::Encode => (h, w),
         VaeOp::Decode => (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
     };
-    loop {
-        let result = match op {
+    let (output, used) = halving_on_failure(
+        tiles,
+        SMALLEST_TILE,
+        is_device_out_of_memory,
+        |failed, smaller| {
+            phase.fallback(
+                "vae tile",
+                &format!(
+                    "device out of memory at tile {} px: retrying with tile {} px, stride {} px",
+                    failed.tile, smaller.tile, smaller.stride
+                ),
+            )
+        },
+        |tiles| match op {
             VaeOp::Encode => vae.encode_tiled(input, tiles),
             VaeOp::Decode => vae.decode_tiled(input, tiles),
-        };
-        match result {
-            Err(e) if is_device_out_of_memory(&e) && tiles.tile / 2 >= SMALLEST_TILE => {
-                let smaller = TileSpec {
-                    tile: tiles.tile / 2,
-                    stride: default_stride(tiles.tile / 2),
-                };
-                phase.fallback(
-                    "vae tile",
-                    &format!(
-                        "device out of memory at tile {} px: retrying with tile {} px, stride {} px",
-                        tiles.tile, smaller.tile, smaller.stride
-                    ),
-                );
-                tiles = smaller;
-            }
-            Err(e) => return Err(e.into()),
-            Ok(out) => {
-                phase.note(
-                    "vae tiles",
-                    &format!(
-                        "tile {} px, stride {} px, {} tile(s), {:?}",
-                        tiles.tile,
-                        tiles.stride,
-                        tiles.count(pixels.0, pixels.1),
-                        vae.dtype()
-                    ),
-                );
-                return Ok(out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
-            }
-        }
-    }
+        },
+    )?;
+    phase.note(
+        "vae tiles",
+        &format!(
+            "tile {} px, stride {} px, {} tile(s), {:?}",
+            used.tile,
+            used.stride,
+            used.count(pixels.0, pixels.1),
+            vae.dtype()
+        ),
+    );
+    Ok(output.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
 }
 
 /// Compute-tier memory of one tile as a function of its pixel count `p = side²`, fitted
