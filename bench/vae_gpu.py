@@ -121,6 +121,37 @@ def prepare(clip_path):
     json.dump(res, open(f"{WORK}/diffusers.json", "w"), indent=1)
 
 
+def tile_inputs(clip_path):
+    """Weights and one-tile inputs only (for profiling): vae.safetensors, tile.safetensors,
+    tile_lat.safetensors (the tile's latents from diffusers' untiled encode of the crop)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(WORK, exist_ok=True)
+    video = read_clip(clip_path)[:, :, :, :256, :256].contiguous()
+    vae = make_vae()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, f"{WORK}/vae.safetensors")
+    save_file({"video_in": video}, f"{WORK}/tile.safetensors")
+    vae = vae.cuda()
+    with torch.no_grad():
+        mean = vae.encode(video.cuda().to(torch.bfloat16)).latent_dist.mean
+    save_file({"enc_mean": mean.float().cpu().contiguous()}, f"{WORK}/tile_lat.safetensors")
+
+
+def diffusers_tile(op):
+    """One untiled 256-px tile through diffusers, for a profiler to watch."""
+    from safetensors.torch import load_file
+
+    vae = make_vae().cuda()
+    with torch.no_grad():
+        if op == "encode":
+            x = load_file(f"{WORK}/tile.safetensors")["video_in"].cuda().to(torch.bfloat16)
+            vae.encode(x)
+        else:
+            z = load_file(f"{WORK}/tile_lat.safetensors")["enc_mean"].cuda().to(torch.bfloat16)
+            vae.decode(z)
+    torch.cuda.synchronize()
+
+
 def phase_stats(report_path, name):
     r = json.load(open(report_path))
     phase = next(p for p in r["phases"] if p["name"] == name)
@@ -179,4 +210,9 @@ def compare():
 
 
 if __name__ == "__main__":
-    {"prepare": lambda: prepare(sys.argv[2]), "compare": compare}[sys.argv[1]]()
+    {
+        "prepare": lambda: prepare(sys.argv[2]),
+        "compare": compare,
+        "tile-inputs": lambda: tile_inputs(sys.argv[2]),
+        "diffusers-tile": lambda: diffusers_tile(sys.argv[2]),
+    }[sys.argv[1]]()
