@@ -200,7 +200,7 @@ pub(crate) struct VaeArgs {
     #[arg(long)]
     output: PathBuf,
     /// Spatial tile side in pixels (multiple of 8, at most 512), or `auto`: the largest tile
-    /// that fits the budget by a per-pixel memory model measured on two small crops. Default:
+    /// that fits the budget by a per-pixel memory model measured on three small crops. Default:
     /// `auto` with --vram-budget, else 256.
     #[arg(long)]
     tile: Option<String>,
