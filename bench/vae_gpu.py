@@ -131,20 +131,21 @@ def tile_inputs(clip_path):
     vae = make_vae()
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, f"{WORK}/vae.safetensors")
     save_file({"video_in": video}, f"{WORK}/tile.safetensors")
+    save_file({"video_in": video[:, :, :5].contiguous()}, f"{WORK}/tile5.safetensors")
     vae = vae.cuda()
     with torch.no_grad():
         mean = vae.encode(video.cuda().to(torch.bfloat16)).latent_dist.mean
     save_file({"enc_mean": mean.float().cpu().contiguous()}, f"{WORK}/tile_lat.safetensors")
 
 
-def diffusers_tile(op):
+def diffusers_tile(op, name="tile"):
     """One untiled 256-px tile through diffusers, for a profiler to watch."""
     from safetensors.torch import load_file
 
     vae = make_vae().cuda()
     with torch.no_grad():
         if op == "encode":
-            x = load_file(f"{WORK}/tile.safetensors")["video_in"].cuda().to(torch.bfloat16)
+            x = load_file(f"{WORK}/{name}.safetensors")["video_in"].cuda().to(torch.bfloat16)
             vae.encode(x)
         else:
             z = load_file(f"{WORK}/tile_lat.safetensors")["enc_mean"].cuda().to(torch.bfloat16)
@@ -214,5 +215,5 @@ if __name__ == "__main__":
         "prepare": lambda: prepare(sys.argv[2]),
         "compare": compare,
         "tile-inputs": lambda: tile_inputs(sys.argv[2]),
-        "diffusers-tile": lambda: diffusers_tile(sys.argv[2]),
+        "diffusers-tile": lambda: diffusers_tile(*sys.argv[2:4]),
     }[sys.argv[1]]()
