@@ -157,11 +157,13 @@ impl CausalConv3d {
         }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let y = super::cudnn::conv3d(&x, &self.weight, [0, p_h, p_w], [s_t, s_hw, s_hw])?;
-            return Ok(match &self.bias {
-                Some(bias) => y.broadcast_add(&bias.reshape((1, c_out, 1, 1, 1))?)?,
-                None => y,
-            });
+            return super::cudnn::conv3d(
+                &x,
+                &self.weight,
+                self.bias.as_ref(),
+                [0, p_h, p_w],
+                [s_t, s_hw, s_hw],
+            );
         }
         let t_out = (t_pad - k_t) / s_t + 1;
         // [B, T, C, H, W]: frames become rows of the 2D batch.
@@ -189,7 +191,7 @@ impl CausalConv3d {
                 x.index_select(&ids, 1)?
             };
             let frames = frames.reshape((b * t_out, c_in, h, w))?;
-            let y = conv2d_any_dtype(&frames, tap, p_2d, s_hw)?.to_dtype(acc_dtype)?;
+            let y = conv2d_any_dtype(&frames, tap, None, p_2d, s_hw)?.to_dtype(acc_dtype)?;
             acc = Some(match acc {
                 None => y,
                 Some(a) => (a + y)?,
@@ -217,6 +219,7 @@ impl CausalConv3d {
 pub(crate) fn conv2d_any_dtype(
     x: &Tensor,
     kernel: &Tensor,
+    bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
@@ -226,17 +229,22 @@ pub(crate) fn conv2d_any_dtype(
         let y = super::cudnn::conv3d(
             &x.unsqueeze(2)?,
             &kernel.unsqueeze(2)?,
+            bias,
             [0, padding, padding],
             [1, stride, stride],
         )?;
         return y.squeeze(2);
     }
-    if x.dtype() == DType::BF16 && x.device().is_cpu() {
+    let y = if x.dtype() == DType::BF16 && x.device().is_cpu() {
         x.to_dtype(DType::F32)?
             .conv2d(&kernel.to_dtype(DType::F32)?, padding, stride, 1, 1)?
-            .to_dtype(DType::BF16)
+            .to_dtype(DType::BF16)?
     } else {
-        x.conv2d(kernel, padding, stride, 1, 1)
+        x.conv2d(kernel, padding, stride, 1, 1)?
+    };
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+        None => Ok(y),
     }
 }
 

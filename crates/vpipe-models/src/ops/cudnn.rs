@@ -150,6 +150,7 @@ fn dims5(t: &Tensor) -> candle_core::Result<[usize; 5]> {
 fn conv3d_typed<T>(
     input: &Tensor,
     filter: &Tensor,
+    bias: Option<&Tensor>,
     padding: [usize; 3],
     stride: [usize; 3],
 ) -> candle_core::Result<Tensor>
@@ -211,6 +212,9 @@ where
         }
         .map_err(|e| fail("launch", e))?;
     }
+    if let Some(bias) = bias {
+        add_bias::<T>(&stream, &mut out, plan.output_dims, bias)?;
+    }
     let storage = CudaStorage::wrap_cuda_slice(out, device);
     Ok(Tensor::from_storage(
         Storage::Cuda(storage),
@@ -252,22 +256,143 @@ mod num_traits_one {
     }
 }
 
-/// Cross-correlation of `input` with `filter` (no bias), zero padding symmetric per axis.
+/// Cross-correlation of `input` with `filter`, plus `bias` per output channel, zero padding
+/// symmetric per axis.
 ///
 /// # Shapes
 /// - `input`: `[N, C, D, H, W]` on a CUDA device, f32 / bf16 / f16
 /// - `filter`: `[K, C, kd, kh, kw]`, same dtype
+/// - `bias`: `K` elements (any shape), same dtype
 /// - returns: `[N, K, (D + 2pd − kd)/sd + 1, …]`
 pub fn conv3d(
     input: &Tensor,
     filter: &Tensor,
+    bias: Option<&Tensor>,
     padding: [usize; 3],
     stride: [usize; 3],
 ) -> candle_core::Result<Tensor> {
     match input.dtype() {
-        DType::F32 => conv3d_typed::<f32>(input, filter, padding, stride),
-        DType::BF16 => conv3d_typed::<half::bf16>(input, filter, padding, stride),
-        DType::F16 => conv3d_typed::<half::f16>(input, filter, padding, stride),
+        DType::F32 => conv3d_typed::<f32>(input, filter, bias, padding, stride),
+        DType::BF16 => conv3d_typed::<half::bf16>(input, filter, bias, padding, stride),
+        DType::F16 => conv3d_typed::<half::f16>(input, filter, bias, padding, stride),
         other => Err(fail("dtype", other)),
+    }
+}
+
+/// A raw cuDNN handle per stream, for the calls cudarc's safe API does not expose
+/// (`cudnnAddTensor`). Lives as long as its thread.
+fn raw_handle(stream: &Arc<CudaStream>) -> candle_core::Result<sys::cudnnHandle_t> {
+    thread_local! {
+        static RAW: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
+    }
+    let key = Arc::as_ptr(stream) as usize;
+    RAW.with(|raw| {
+        if let Some(&h) = raw.borrow().get(&key) {
+            return Ok(h as sys::cudnnHandle_t);
+        }
+        let mut h: sys::cudnnHandle_t = std::ptr::null_mut();
+        // SAFETY: plain handle creation; the stream outlives the thread's use of it.
+        unsafe {
+            status(sys::cudnnCreate(&mut h), "cudnnCreate")?;
+            status(
+                sys::cudnnSetStream(h, stream.cu_stream() as _),
+                "cudnnSetStream",
+            )?;
+        }
+        raw.borrow_mut().insert(key, h as usize);
+        Ok(h)
+    })
+}
+
+fn status(code: sys::cudnnStatus_t, what: &str) -> candle_core::Result<()> {
+    if code == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(fail(what, code))
+    }
+}
+
+/// An Nd tensor descriptor that is destroyed with it.
+struct RawDescriptor(sys::cudnnTensorDescriptor_t);
+
+impl RawDescriptor {
+    fn new<T: CudnnDataType>(dims: [usize; 5]) -> candle_core::Result<Self> {
+        let mut desc: sys::cudnnTensorDescriptor_t = std::ptr::null_mut();
+        let dims_i32 = dims.map(|d| d as i32);
+        let strides = contiguous_strides(&dims);
+        // SAFETY: the descriptor is created, then set from arrays of the declared length.
+        unsafe {
+            status(
+                sys::cudnnCreateTensorDescriptor(&mut desc),
+                "tensor descriptor",
+            )?;
+            let described = Self(desc);
+            status(
+                sys::cudnnSetTensorNdDescriptor(
+                    desc,
+                    T::DATA_TYPE,
+                    5,
+                    dims_i32.as_ptr(),
+                    strides.as_ptr(),
+                ),
+                "tensor descriptor dims",
+            )?;
+            Ok(described)
+        }
+    }
+}
+
+impl Drop for RawDescriptor {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreateTensorDescriptor and used by no call after this one.
+        unsafe { sys::cudnnDestroyTensorDescriptor(self.0) };
+    }
+}
+
+/// `out += bias` broadcast over every position, in place, with one cuDNN kernel: candle's
+/// broadcasting add takes its slow strided path for a `[1, C, 1, 1, 1]` operand.
+fn add_bias<T: CudnnDataType + CudaDType + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    out_dims: [usize; 5],
+    bias: &Tensor,
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let channels = out_dims[1];
+    if bias.elem_count() != channels {
+        return Err(fail(
+            "bias",
+            format!("{} values for {channels} channels", bias.elem_count()),
+        ));
+    }
+    let bias = bias.contiguous()?;
+    let out_desc = RawDescriptor::new::<T>(out_dims)?;
+    let bias_desc = RawDescriptor::new::<T>([1, channels, 1, 1, 1])?;
+    let handle = raw_handle(stream)?;
+    let (storage, layout) = bias.storage_and_layout();
+    let Storage::Cuda(b) = &*storage else {
+        return Err(fail("bias", "must be on the CUDA device"));
+    };
+    let b = b.as_cuda_slice::<T>()?;
+    let b = b.slice(layout.start_offset()..layout.start_offset() + channels);
+    let (b_ptr, _b_sync) = b.device_ptr(stream);
+    let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
+    // The scaling factors of f32, bf16 and f16 tensors are f32.
+    let one = 1.0f32;
+    // SAFETY: both descriptors describe the buffers passed, which live until the calls return
+    // on the handle's stream (the sync guards record that use).
+    unsafe {
+        status(
+            sys::cudnnAddTensor(
+                handle,
+                &one as *const f32 as *const _,
+                bias_desc.0,
+                b_ptr as *const _,
+                &one as *const f32 as *const _,
+                out_desc.0,
+                out_ptr as *mut _,
+            ),
+            "cudnnAddTensor",
+        )
     }
 }
