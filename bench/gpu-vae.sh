@@ -32,6 +32,7 @@ for op in encode decode; do
 done
 cp $W/vpipe_enc.json $W/vpipe_dec.json "$OUT/" 2>/dev/null
 python3 bench/vae_gpu.py compare
+[ -n "${SKIP_AUTO:-}" ] && exit 0
 echo "=== vpipe encode with --vram-budget 1GiB and an automatic tile"
 timeout 150 $V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --vram-budget 1GiB \
   --input $W/clip.safetensors --output $W/auto_enc.safetensors --report $W/vpipe_auto.json

@@ -3,6 +3,8 @@
 pub mod conv3d;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
+#[cfg(feature = "cuda")]
+pub mod fused;
 
 pub use conv3d::{CausalConv3d, Conv3dConfig};
 

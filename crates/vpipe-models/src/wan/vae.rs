@@ -391,21 +391,37 @@ impl RmsNorm {
         })
     }
 
-    /// `F.normalize(x, dim=1) · √C · γ`, which is `x / √mean(x²) · γ` over the channels: one
-    /// fused RMS-norm kernel (f32 inside) on a channels-last copy instead of nine full passes.
-    ///
-    /// The result is a channels-first view of the channels-last output: the caller's next
-    /// elementwise kernel (SiLU) reads through it and writes contiguous memory, which is the
-    /// copy back for free (measured on an H100: SiLU on the contiguous output plus a separate
-    /// copy was slower, every consumer of a strided view copies it again).
+    /// `F.normalize(x, dim=1) · √C · γ`, which is `x / √mean(x²) · γ` over the channels.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_maybe_silu(x, false)
+    }
+
+    /// `silu(norm(x))`.
+    fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_maybe_silu(x, true)
+    }
+
+    fn forward_maybe_silu(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        // On CUDA one kernel reduces over the channels in place and applies SiLU (measured on
+        // an H100: transposing for candle's last-dim rms_norm cost more than the norm itself).
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::ops::fused::rms_norm_channels(x, &self.gamma, RMS_EPS as f32, silu);
+        }
+        // Elsewhere candle's fused RMS norm over the last dimension, on a channels-last copy;
+        // the result is a view that the SiLU reads through, writing contiguous memory.
         let rank = x.rank();
         // [B, C, rest…] → [B, rest…, C], and back.
         let to_last: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
         let back: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
         let channels_last = x.permute(to_last)?.contiguous()?;
         let gamma = self.gamma.to_dtype(x.dtype())?;
-        candle_nn::ops::rms_norm(&channels_last, &gamma, RMS_EPS as f32)?.permute(back)
+        let y = candle_nn::ops::rms_norm(&channels_last, &gamma, RMS_EPS as f32)?.permute(back)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -448,9 +464,9 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = self.norm1.forward(x)?.silu()?;
+        let y = self.norm1.forward_silu(x)?;
         let y = conv_cached(&self.conv1, &y, cache.next_slot())?;
-        let y = self.norm2.forward(&y)?.silu()?;
+        let y = self.norm2.forward_silu(&y)?;
         let y = conv_cached(&self.conv2, &y, cache.next_slot())?;
         y + h
     }
@@ -733,7 +749,7 @@ impl Encoder {
             x = layer.forward(&x, cache)?;
         }
         let x = self.middle.forward(&x, cache)?;
-        let x = self.head_norm.forward(&x)?.silu()?;
+        let x = self.head_norm.forward_silu(&x)?;
         conv_cached(&self.head_conv, &x, cache.next_slot())
     }
 }
@@ -806,7 +822,7 @@ impl Decoder {
         for layer in &self.upsamples {
             x = layer.forward(&x, cache)?;
         }
-        let x = self.head_norm.forward(&x)?.silu()?;
+        let x = self.head_norm.forward_silu(&x)?;
         conv_cached(&self.head_conv, &x, cache.next_slot())
     }
 }
