@@ -1,5 +1,5 @@
 //! Spatial tiling for the VAE: tiles in pixels, a linear-ramp blend over the overlap, tiles
-//! cropped to the stride, the result assembled on the host.
+//! cropped to the stride and written row by row into one preallocated host buffer.
 //!
 //! The layout and the blend are those of diffusers' `AutoencoderKLWan.tiled_encode` /
 //! `tiled_decode`, so that a tiled vpipe run can be checked against diffusers with the same
@@ -254,7 +254,10 @@ fn run_tiled<E: From<candle_core::Error>>(
         t.narrow(dim, len - keep, keep)?.contiguous()
     };
     let mut strips_above: Vec<Tensor> = Vec::new();
-    let mut assembled_rows = Vec::new();
+    // The host buffer the cropped rows are written into, made when the first row gives the
+    // output's batch, channels, frames and dtype.
+    let mut output: Option<Tensor> = None;
+    let mut filled = 0;
     for top in origins(h, layout.stride_in) {
         let mut row_strips = Vec::new();
         let mut strip_left: Option<Tensor> = None;
@@ -280,14 +283,35 @@ fn run_tiled<E: From<candle_core::Error>>(
                     .narrow(4, 0, layout.crop_out.min(tw))?;
             cropped.push(kept.to_device(&Device::Cpu)?);
         }
-        assembled_rows.push(Tensor::cat(&cropped, 4)?);
         strips_above = row_strips;
+        let row = Tensor::cat(&cropped, 4)?;
+        let (b, c, t, rows, width) = row.dims5()?;
+        let rows = rows.min(out_h - filled);
+        if rows == 0 {
+            continue;
+        }
+        let buffer = match &output {
+            Some(buffer) => buffer,
+            None => output.insert(Tensor::zeros(
+                (b, c, t, out_h, out_w),
+                row.dtype(),
+                &Device::Cpu,
+            )?),
+        };
+        let row = row
+            .narrow(3, 0, rows)?
+            .narrow(4, 0, out_w.min(width))?
+            .contiguous()?;
+        buffer.slice_set(&row, 3, filled)?;
+        filled += rows;
     }
-    let assembled = Tensor::cat(&assembled_rows, 3)?;
-    let (_, _, _, ah, aw) = assembled.dims5()?;
-    Ok(assembled
-        .narrow(3, 0, out_h.min(ah))?
-        .narrow(4, 0, out_w.min(aw))?)
+    match output {
+        Some(output) if filled == out_h => Ok(output),
+        _ => Err(candle_core::Error::Msg(format!(
+            "tiling: the tiles covered {filled} of {out_h} output rows"
+        ))
+        .into()),
+    }
 }
 
 /// Blends the end of `previous` into the start of `next` along `dim` over `extent` cells:
