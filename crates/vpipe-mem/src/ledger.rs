@@ -81,6 +81,11 @@ pub enum Event {
         /// The tier's budget.
         allowed: u64,
     },
+    /// A reading taken inside a phase (e.g. after each tile), for the chart.
+    Sample {
+        /// The reading.
+        reading: Reading,
+    },
     /// A setting a phase chose (tile size, precision, …), so the report says how it ran.
     Note {
         /// What was chosen.
@@ -148,7 +153,8 @@ impl Ledger {
         self.entries.iter().flat_map(|e| match &e.event {
             Event::Baseline { reading }
             | Event::PhaseEnter { reading, .. }
-            | Event::PhaseExit { reading, .. } => vec![reading],
+            | Event::PhaseExit { reading, .. }
+            | Event::Sample { reading } => vec![reading],
             Event::Transition { before, after, .. } => vec![before, after],
             _ => vec![],
         })

@@ -193,7 +193,7 @@ impl Report {
         let mut open: Option<(String, Reading)> = None;
         for entry in entries {
             match &entry.event {
-                Event::Baseline { .. } => {}
+                Event::Baseline { .. } | Event::Sample { .. } => {}
                 Event::PhaseEnter { phase, reading } => open = Some((phase.clone(), *reading)),
                 Event::PhaseExit {
                     phase,

@@ -335,6 +335,14 @@ impl Phase<'_> {
         ))
     }
 
+    /// Records a reading taken earlier with [`Phase::read`] (samples inside a phase: the
+    /// chart's points between the phase's entry and exit).
+    pub fn record_sample(&mut self, reading: Reading) {
+        self.session
+            .ledger
+            .record(Some(&self.name), Event::Sample { reading });
+    }
+
     /// Records a setting the phase chose (tile size, precision), for the report.
     pub fn note(&mut self, what: &str, detail: &str) {
         self.session.ledger.record(

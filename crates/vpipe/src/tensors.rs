@@ -83,24 +83,39 @@ fn run_tiled(
         VaeOp::Encode => (h, w),
         VaeOp::Decode => (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
     };
-    let (output, used) = halving_on_failure(
+    // The attempt reads the meters after every tile (the report's chart gets a point per
+    // tile); fallbacks and samples are recorded once the attempts are over.
+    let mut fallbacks = Vec::new();
+    let mut samples = Vec::new();
+    let reader = &*phase;
+    let attempts = halving_on_failure(
         tiles,
         SMALLEST_TILE,
         is_device_out_of_memory,
-        |failed, smaller| {
-            phase.fallback(
-                "vae tile",
-                &format!(
-                    "device out of memory at tile {} px: retrying with tile {} px, stride {} px",
-                    failed.tile, smaller.tile, smaller.stride
-                ),
-            )
+        |failed, smaller| fallbacks.push((failed, smaller)),
+        |tiles| {
+            let mut after_tile = || samples.push(reader.read());
+            match op {
+                VaeOp::Encode => vae
+                    .encode_posterior_tiled_observed(input, tiles, &mut after_tile)
+                    .map(|posterior| posterior.mean),
+                VaeOp::Decode => vae.decode_tiled_observed(input, tiles, &mut after_tile),
+            }
         },
-        |tiles| match op {
-            VaeOp::Encode => vae.encode_tiled(input, tiles),
-            VaeOp::Decode => vae.decode_tiled(input, tiles),
-        },
-    )?;
+    );
+    for reading in samples {
+        phase.record_sample(reading?);
+    }
+    for (failed, smaller) in fallbacks {
+        phase.fallback(
+            "vae tile",
+            &format!(
+                "device out of memory at tile {} px: retrying with tile {} px, stride {} px",
+                failed.tile, smaller.tile, smaller.stride
+            ),
+        );
+    }
+    let (output, used) = attempts?;
     phase.note(
         "vae tiles",
         &format!(

@@ -90,6 +90,18 @@ fn tiled_encode_through_the_cli_matches_diffusers_tiled_encode() {
             report["notes"][0]["detail"],
             "tile 24 px, stride 16 px, 6 tile(s), F32"
         );
+        // The chart gets a reading after each of the 6 tiles, besides the 4 of the two moves.
+        let phase = &report["phases"][1];
+        let start = phase["entry"]["t_ms"].as_f64().unwrap();
+        let end = phase["exit"]["t_ms"].as_f64().unwrap();
+        let inside = report["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["t_ms"].as_f64().unwrap())
+            .filter(|t| *t > start && *t < end)
+            .count();
+        assert_eq!(inside, 6 + 4, "{phase}");
     }
     assert!(dir.path().join("report.svg").exists());
 }

@@ -1033,10 +1033,23 @@ impl WanVae {
     /// # Errors and shapes
     /// As [`Self::encode_tiled`].
     pub fn encode_posterior_tiled(&self, video: &Tensor, spec: TileSpec) -> Result<Posterior> {
+        self.encode_posterior_tiled_observed(video, spec, &mut || {})
+    }
+
+    /// [`Self::encode_posterior_tiled`], calling `after_tile` once each tile's latents exist
+    /// (a caller's memory sample per tile).
+    pub fn encode_posterior_tiled_observed(
+        &self,
+        video: &Tensor,
+        spec: TileSpec,
+        after_tile: &mut dyn FnMut(),
+    ) -> Result<Posterior> {
         spec.validate()?;
         self.check_video(video)?;
         let moments = tiling::tiled_encode(video, spec, |tile| {
-            self.encode_moments(&self.on_device(tile)?)
+            let moments = self.encode_moments(&self.on_device(tile)?)?;
+            after_tile();
+            Ok::<_, Error>(moments)
         })?;
         self.posterior(&moments)
     }
@@ -1054,10 +1067,23 @@ impl WanVae {
     /// # Shapes
     /// As [`Self::decode`]; the result is in the model's dtype, on the host.
     pub fn decode_tiled(&self, z: &Tensor, spec: TileSpec) -> Result<Tensor> {
+        self.decode_tiled_observed(z, spec, &mut || {})
+    }
+
+    /// [`Self::decode_tiled`], calling `after_tile` once each tile's pixels exist (a caller's
+    /// memory sample per tile).
+    pub fn decode_tiled_observed(
+        &self,
+        z: &Tensor,
+        spec: TileSpec,
+        after_tile: &mut dyn FnMut(),
+    ) -> Result<Tensor> {
         spec.validate()?;
         self.check_latents(z)?;
         let out = tiling::tiled_decode(z, spec, |tile| {
-            self.decode_unclamped(&self.on_device(tile)?)
+            let pixels = self.decode_unclamped(&self.on_device(tile)?)?;
+            after_tile();
+            Ok::<_, Error>(pixels)
         })?;
         Ok(out.clamp(-1f64, 1f64)?)
     }
