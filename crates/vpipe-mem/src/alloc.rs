@@ -62,7 +62,13 @@ fn page_size() -> usize {
 }
 
 fn is_direct(layout: &Layout) -> bool {
-    layout.size() >= DIRECT_MAP_THRESHOLD && layout.align() <= page_size()
+    is_directly_mapped(layout.size()) && layout.align() <= page_size()
+}
+
+/// Whether a block of `size` bytes (with ordinary alignment) is mapped straight from the
+/// kernel, and so returned to it when freed.
+pub(crate) fn is_directly_mapped(size: usize) -> bool {
+    size >= DIRECT_MAP_THRESHOLD
 }
 
 fn count_alloc(size: usize) {

@@ -113,6 +113,16 @@ impl Model {
         self.tensors.iter().map(TensorMeta::bytes).sum()
     }
 
+    /// Bytes of the tensors large enough for the counting allocator to map directly (and so
+    /// to show up in, and leave, RssAnon with them).
+    pub(crate) fn directly_mapped_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(TensorMeta::bytes)
+            .filter(|&b| crate::alloc::is_directly_mapped(b as usize))
+            .sum()
+    }
+
     fn checkpoint_error(&self, detail: impl fmt::Display) -> MemError {
         MemError::Checkpoint {
             path: self.path.clone(),

@@ -1,9 +1,10 @@
 //! `vpipe demo`: the pipeline's phases on a small built-in model, with every memory figure
 //! measured and every move of weights verified.
 //!
-//! The built-in model stands in for the Wan components until they are built: three checkpoints
-//! (a text encoder, a VAE, a denoiser) of seeded random weights, each a stack of linear layers
-//! with real matrix work in every phase. What the demo shows is the memory discipline: each
+//! The VAE phases run the real Wan 2.1 VAE (narrower than the released one, base width 16
+//! instead of 96, with seeded random weights) on a synthetic 9-frame clip, tiled. The text
+//! encoder and the denoiser are stand-ins until those models are built: seeded random stacks of
+//! linear layers with real matrix work. What the demo shows is the memory discipline: each
 //! phase makes one model resident, leases it, computes, and gives it back, and the report
 //! proves it with meter readings.
 
@@ -17,16 +18,18 @@ use vpipe_mem::{fmt_bytes, Lease, MemorySession, ModelId, Report, Tier};
 
 use crate::flags::Demo;
 
-/// Width of every layer of the built-in model.
+/// Width of every layer of the stand-in models.
 const WIDTH: usize = 1024;
-/// Tokens the denoiser works on (a stand-in for the latent sequence).
-const TOKENS: usize = 512;
 /// Prompt tokens.
 const TEXT_TOKENS: usize = 64;
 const VOCAB: usize = 1024;
+/// The demo clip: frames (1 + 4k), height, width.
+const CLIP: (usize, usize, usize) = (9, 64, 96);
+/// Base width of the demo's Wan VAE (the released model has 96).
+const VAE_BASE_DIM: usize = 16;
 
-/// The built-in model's parts: checkpoint name and number of layers.
-const PARTS: [(&str, usize); 3] = [("text-encoder", 4), ("vae", 8), ("denoiser", 16)];
+/// The stand-in parts: checkpoint name and number of hidden layers.
+const STAND_INS: [(&str, usize); 2] = [("text-encoder", 4), ("denoiser", 16)];
 
 /// A small deterministic generator (xorshift64*), so the built-in weights are the same on
 /// every machine without a dependency.
@@ -49,18 +52,67 @@ impl Rng {
     }
 }
 
+/// Writes `tensors` as a safetensors file (to a temporary name, then renamed).
+fn save_checkpoint(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+    let partial = path.with_extension("safetensors.partial");
+    candle_core::safetensors::save(tensors, &partial)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("renaming into {}", path.display()))
+}
+
+/// A Wan 2.1 VAE checkpoint (original key names) of width `VAE_BASE_DIM` with seeded weights:
+/// matrices and kernels scaled by 1/√fan-in, norm gains near 1, small biases.
+fn vae_weights(rng: &mut Rng) -> anyhow::Result<HashMap<String, Tensor>> {
+    let cfg = vpipe_models::wan::vae::Config {
+        base_dim: VAE_BASE_DIM,
+        ..vpipe_models::wan::vae::Config::wan21()
+    };
+    // Building the model over an empty VarMap lists every weight it needs, with its shape.
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    vpipe_models::wan::WanVae::new(&cfg, vb)?;
+    let vars = varmap.data().lock().expect("the VarMap is not shared");
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut tensors = HashMap::new();
+    for name in names {
+        let shape = vars[name].shape().clone();
+        let count = shape.elem_count();
+        let fan_in = shape.dims().iter().skip(1).product::<usize>().max(1);
+        let (offset, scale) = if name.ends_with("gamma") {
+            (1.0, 0.1)
+        } else if shape.rank() > 1 {
+            (0.0, (3.0 / fan_in as f32).sqrt())
+        } else {
+            (0.0, 0.02)
+        };
+        let values: Vec<f32> = (0..count)
+            .map(|_| offset + rng.next_f32() * scale)
+            .collect();
+        tensors.insert(name.clone(), Tensor::from_vec(values, shape, &Device::Cpu)?);
+    }
+    Ok(tensors)
+}
+
 /// Writes the built-in checkpoints (unless present) and returns their paths.
 fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let scale = (1.0 / WIDTH as f32).sqrt();
     let mut paths = Vec::new();
-    for (name, layers) in PARTS {
+    for (name, layers) in STAND_INS {
         let path = dir.join(format!("{name}-seed{seed}.safetensors"));
         if !path.exists() {
             let mut tensors = HashMap::new();
             if name == "text-encoder" {
                 tensors.insert("embed.weight".to_owned(), rng.tensor((VOCAB, WIDTH), 1.0)?);
+            } else {
+                // The denoiser reads and writes latents (16 channels).
+                tensors.insert("proj_in.weight".to_owned(), rng.tensor((16, WIDTH), 0.25)?);
+                tensors.insert(
+                    "proj_out.weight".to_owned(),
+                    rng.tensor((WIDTH, 16), scale)?,
+                );
             }
             for layer in 0..layers {
                 tensors.insert(
@@ -68,16 +120,53 @@ fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<Vec<(&'static st
                     rng.tensor((WIDTH, WIDTH), scale)?,
                 );
             }
-            let partial = dir.join(format!(".{name}-seed{seed}.safetensors.partial"));
-            candle_core::safetensors::save(&tensors, &partial)
-                .with_context(|| format!("writing {}", partial.display()))?;
-            std::fs::rename(&partial, &path)
-                .with_context(|| format!("renaming into {}", path.display()))?;
+            save_checkpoint(&path, &tensors)?;
         }
         paths.push((name, path));
     }
+    let path = dir.join(format!("wan-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"));
+    if !path.exists() {
+        save_checkpoint(&path, &vae_weights(&mut rng)?)?;
+    }
+    paths.push(("vae", path));
     Ok(paths)
 }
+
+/// The demo clip: a smooth pattern drifting across the frame, in [-1, 1].
+///
+/// # Shapes
+/// returns `[1, 3, T, H, W]`
+fn demo_clip() -> candle_core::Result<Tensor> {
+    let (t, h, w) = CLIP;
+    let mut values = Vec::with_capacity(3 * t * h * w);
+    for c in 0..3 {
+        for f in 0..t {
+            for y in 0..h {
+                for x in 0..w {
+                    let phase = (x + 3 * f) as f32 / 11.0 + y as f32 / 17.0 + c as f32 * 2.1;
+                    values.push(phase.sin() * 0.8);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(values, (1, 3, t, h, w), &Device::Cpu)
+}
+
+/// The leased VAE as a model (it holds clones of the leased weights until it is dropped).
+fn wan_vae(lease: &Lease<'_>, device: &Device) -> anyhow::Result<vpipe_models::wan::WanVae> {
+    let weights: HashMap<String, Tensor> = lease
+        .iter()
+        .map(|(name, t)| (name.to_owned(), t.clone()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, device);
+    Ok(vpipe_models::wan::WanVae::from_checkpoint(vb)?)
+}
+
+/// Tiles of the demo clip: 64 px every 48 px, so the 96-px-wide clip takes two tiles a row.
+const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpec {
+    tile: 64,
+    stride: 48,
+};
 
 /// `x ↦ gelu(x · Wᵢ)` through every layer of a leased model.
 fn forward(lease: &Lease<'_>, mut x: Tensor) -> anyhow::Result<Tensor> {
@@ -127,7 +216,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
             .map(|(name, path)| Ok(p.register(name, path, Some(DType::F32))?))
             .collect()
     })?;
-    let [text, vae, denoiser] = models[..] else {
+    let [text, denoiser, vae] = models[..] else {
         unreachable!("three built-in parts")
     };
 
@@ -143,10 +232,10 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
             .to_device(&Device::Cpu)?)
     })?;
 
-    let mut rng = Rng(demo.seed ^ 0xA5A5_A5A5);
-    let frames = rng.tensor((TOKENS, WIDTH), 1.0)?;
+    let clip = demo_clip()?;
     let latents = with_model(&mut session, "vae encode", vae, "latents", |lease| {
-        Ok(forward(lease, frames.to_device(&device)?)?.to_device(&Device::Cpu)?)
+        let vae = wan_vae(lease, &device)?;
+        Ok(vae.encode_tiled(&clip, DEMO_TILES)?)
     })?;
 
     let steps = demo.steps;
@@ -156,31 +245,37 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         denoiser,
         "denoised latents",
         |lease| {
+            // Latents as tokens: [positions, 16 channels].
+            let (b, c, t, h, w) = latents.dims5()?;
             let condition = embeddings.to_device(&device)?;
-            let mut x = latents.to_device(&device)?;
+            let mut x = latents
+                .to_device(&device)?
+                .flatten_from(2)?
+                .squeeze(0)?
+                .t()?
+                .contiguous()?;
             for step in 0..steps {
                 let dt = 1.0 / steps as f64;
-                let velocity = forward(lease, x.broadcast_add(&condition)?)?;
+                let hidden = x
+                    .matmul(lease.get("proj_in.weight")?)?
+                    .broadcast_add(&condition)?;
+                let velocity = forward(lease, hidden)?.matmul(lease.get("proj_out.weight")?)?;
                 x = (x - (velocity * dt)?)?;
                 tracing::debug!(step, "denoising step done");
             }
-            Ok(x.to_device(&Device::Cpu)?)
+            Ok(x.t()?.reshape((b, c, t, h, w))?.to_device(&Device::Cpu)?)
         },
     )?;
 
     let decoded = with_model(&mut session, "vae decode", vae, "decoded frames", |lease| {
-        Ok(forward(lease, sampled.to_device(&device)?)?.to_device(&Device::Cpu)?)
+        let vae = wan_vae(lease, &device)?;
+        Ok(vae.decode_tiled(&sampled, DEMO_TILES)?)
     })?;
 
     let out = &demo.out;
     session.phase("write", |_| -> anyhow::Result<()> {
         let map = HashMap::from([("decoded".to_owned(), decoded)]);
-        let partial = out.join(".output.safetensors.partial");
-        candle_core::safetensors::save(&map, &partial)
-            .with_context(|| format!("writing {}", partial.display()))?;
-        std::fs::rename(&partial, out.join("output.safetensors"))
-            .with_context(|| format!("renaming into {}", out.display()))?;
-        Ok(())
+        save_checkpoint(&out.join("output.safetensors"), &map)
     })?;
 
     let report = session.report()?;
