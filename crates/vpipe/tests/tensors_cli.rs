@@ -30,17 +30,24 @@ fn vpipe(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    vpipe_models::ops::max_abs_diff(a, b).unwrap()
+}
+
+/// `vpipe tensors vae-encode --vae VAE --input IN --output OUT` plus `extra` flags.
+fn encode(vae: &Path, input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "tensors",
+        "vae-encode",
+        "--vae",
+        vae.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    vpipe(&args)
 }
 
 #[test]
@@ -52,22 +59,19 @@ fn tiled_encode_through_the_cli_matches_diffusers_tiled_encode() {
     let output = dir.path().join("out.safetensors");
     let report = dir.path().join("report.json");
     for vae in ["wan_vae_tiny_wan.pth", "wan_vae_tiny_diffusers.safetensors"] {
-        let run = vpipe(&[
-            "tensors",
-            "vae-encode",
-            "--vae",
-            fixtures().join(vae).to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--tile",
-            "24",
-            "--stride",
-            "16",
-            "--report",
-            report.to_str().unwrap(),
-        ]);
+        let run = encode(
+            &fixtures().join(vae),
+            &input,
+            &output,
+            &[
+                "--tile",
+                "24",
+                "--stride",
+                "16",
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
         assert!(
             run.status.success(),
             "{}",
@@ -163,16 +167,7 @@ fn bad_tensor_inputs_get_clear_errors_and_no_output() {
     for (key, tensor, words) in cases_in {
         let input = dir.path().join("in.safetensors");
         save(&input, key, &tensor);
-        let run = vpipe(&[
-            "tensors",
-            "vae-encode",
-            "--vae",
-            vae.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ]);
+        let run = encode(&vae, &input, &output, &[]);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert_eq!(run.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(words), "{stderr}");
@@ -180,36 +175,21 @@ fn bad_tensor_inputs_get_clear_errors_and_no_output() {
     }
     let truncated = dir.path().join("truncated.safetensors");
     std::fs::write(&truncated, b"\x40\x00\x00\x00\x00\x00\x00\x00{\"video_in\"").unwrap();
-    let run = vpipe(&[
-        "tensors",
-        "vae-encode",
-        "--vae",
-        vae.to_str().unwrap(),
-        "--input",
-        truncated.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let run = encode(&vae, &truncated, &output, &[]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("truncated.safetensors") && !stderr.contains("panicked"));
-    let run = vpipe(&[
-        "tensors",
-        "vae-encode",
-        "--vae",
-        vae.to_str().unwrap(),
-        "--input",
-        "missing.safetensors",
-        "--output",
-        output.to_str().unwrap(),
-        "--tile",
-        "600",
-    ]);
+    let run = encode(
+        &vae,
+        Path::new("missing.safetensors"),
+        &output,
+        &["--tile", "600"],
+    );
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("at most 512"));
 }
 
-/// `--vram-budget` without `--tile`: the tile is chosen from a per-pixel model measured on two
+/// `--vram-budget` without `--tile`: the tile is chosen from a per-pixel model measured on three
 /// crops, the run stays inside the budget, and a budget too small for the smallest tile is a
 /// refusal (exit code 3). Input: a seeded 5×128×160 ramp clip (made here), tiny fixture VAE.
 #[test]
@@ -224,23 +204,20 @@ fn an_automatic_tile_keeps_the_budget_or_is_refused() {
     let output = dir.path().join("out.safetensors");
     let report = dir.path().join("report.json");
     let vae = fixtures().join("wan_vae_tiny_wan.pth");
-    let args = |budget: &'static str| {
-        vec![
-            "tensors".to_owned(),
-            "vae-encode".into(),
-            "--vae".into(),
-            vae.to_str().unwrap().into(),
-            "--input".into(),
-            input.to_str().unwrap().into(),
-            "--output".into(),
-            output.to_str().unwrap().into(),
-            "--vram-budget".into(),
-            budget.into(),
-            "--report".into(),
-            report.to_str().unwrap().into(),
-        ]
+    let with_budget = |budget: &str| {
+        encode(
+            &vae,
+            &input,
+            &output,
+            &[
+                "--vram-budget",
+                budget,
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        )
     };
-    let run = vpipe(&args("20MiB").iter().map(String::as_str).collect::<Vec<_>>());
+    let run = with_budget("20MiB");
     assert!(
         run.status.success(),
         "{}",
@@ -266,7 +243,7 @@ fn an_automatic_tile_keeps_the_budget_or_is_refused() {
     );
     assert!(report_json["violations"].as_array().unwrap().is_empty());
 
-    let refused = vpipe(&args("2MiB").iter().map(String::as_str).collect::<Vec<_>>());
+    let refused = with_budget("2MiB");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("64-px tile"), "{stderr}");

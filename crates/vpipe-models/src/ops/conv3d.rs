@@ -352,19 +352,7 @@ mod tests {
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let a = a.to_dtype(DType::F64).unwrap();
-        let b = b.to_dtype(DType::F64).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        crate::ops::max_abs_diff(a, b).unwrap()
     }
 
     /// The causal reference: zero-pad `2·p_t` frames in front, then a plain conv3d without
