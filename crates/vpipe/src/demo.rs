@@ -152,16 +152,6 @@ fn demo_clip() -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, (1, 3, t, h, w), &Device::Cpu)
 }
 
-/// The leased VAE as a model (it holds clones of the leased weights until it is dropped).
-fn wan_vae(lease: &Lease<'_>, device: &Device) -> anyhow::Result<vpipe_models::wan::WanVae> {
-    let weights: HashMap<String, Tensor> = lease
-        .iter()
-        .map(|(name, t)| (name.to_owned(), t.clone()))
-        .collect();
-    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, device);
-    Ok(vpipe_models::wan::WanVae::from_checkpoint(vb)?)
-}
-
 /// Tiles of the demo clip: 64 px every 48 px, so the 96-px-wide clip takes two tiles a row.
 const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpec {
     tile: 64,
@@ -234,7 +224,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
 
     let clip = demo_clip()?;
     let latents = with_model(&mut session, "vae encode", vae, "latents", |lease| {
-        let vae = wan_vae(lease, &device)?;
+        let vae = crate::leased::wan_vae(lease, DType::F32, &device)?;
         Ok(vae.encode_tiled(&clip, DEMO_TILES)?)
     })?;
 
@@ -268,7 +258,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     )?;
 
     let decoded = with_model(&mut session, "vae decode", vae, "decoded frames", |lease| {
-        let vae = wan_vae(lease, &device)?;
+        let vae = crate::leased::wan_vae(lease, DType::F32, &device)?;
         Ok(vae.decode_tiled(&sampled, DEMO_TILES)?)
     })?;
 

@@ -13,6 +13,7 @@ mod device;
 mod exit;
 mod flags;
 mod inspect;
+mod leased;
 mod tensors;
 
 fn main() -> ExitCode {

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use vpipe_mem::{fmt_bytes, MemError, MemorySession, Phase, Tier};
 use vpipe_models::tiling::{default_stride, halving_on_failure, TileSpec, MAX_TILE, SPATIAL_SCALE};
 use vpipe_models::wan::vae::WanVae;
@@ -280,12 +279,7 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         p.make_resident(vae_id)?;
         let output = {
             let lease = p.lease(vae_id)?;
-            let weights: HashMap<String, Tensor> = lease
-                .iter()
-                .map(|(name, t)| (name.to_owned(), t.clone()))
-                .collect();
-            let vb = VarBuilder::from_tensors(weights, job.dtype, &device);
-            let vae = WanVae::from_checkpoint(vb)
+            let vae = crate::leased::wan_vae(&lease, job.dtype, &device)
                 .with_context(|| format!("--vae {}", job.vae.display()))?;
             let tiles = match (job.tiles, job.budget.compute) {
                 (Some(tiles), _) => tiles,
