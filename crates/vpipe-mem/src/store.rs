@@ -171,13 +171,7 @@ impl Model {
                             converted = load(meta)?;
                             safetensors::View::data(&converted)
                         };
-                    let pinned = crate::pinned::PinnedTensor::from_bytes(
-                        cuda,
-                        meta.dtype,
-                        meta.shape.clone().into(),
-                        &data,
-                    )
-                    .map_err(|e| self.checkpoint_error(format!("pinning '{}': {e}", meta.name)))?;
+                    let pinned = self.pin(cuda, &meta.name, meta.dtype, &meta.shape, &data)?;
                     copies.insert(meta.name.clone(), pinned);
                 }
                 Ok(HostCopy::Pinned(copies))
@@ -191,9 +185,21 @@ impl Model {
             }
         }
     }
-}
 
-impl Model {
+    /// One tensor's bytes into pinned memory, errors naming the checkpoint and the tensor.
+    #[cfg(feature = "cuda")]
+    fn pin(
+        &self,
+        cuda: &candle_core::CudaDevice,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        data: &[u8],
+    ) -> Result<crate::pinned::PinnedTensor, MemError> {
+        crate::pinned::PinnedTensor::from_bytes(cuda, dtype, shape.to_vec().into(), data)
+            .map_err(|e| self.checkpoint_error(format!("pinning '{name}': {e}")))
+    }
+
     fn read_pth_host_copy(&self, pinned_for: &Device) -> Result<HostCopy, MemError> {
         let archive = self.open_pth()?;
         let mut pageable = BTreeMap::new();
@@ -214,13 +220,7 @@ impl Model {
                 let mut copies = BTreeMap::new();
                 for (name, tensor) in pageable {
                     let data = safetensors::View::data(&tensor);
-                    let pinned = crate::pinned::PinnedTensor::from_bytes(
-                        cuda,
-                        tensor.dtype(),
-                        tensor.shape().clone(),
-                        &data,
-                    )
-                    .map_err(|e| self.checkpoint_error(format!("pinning '{name}': {e}")))?;
+                    let pinned = self.pin(cuda, &name, tensor.dtype(), tensor.dims(), &data)?;
                     copies.insert(name, pinned);
                 }
                 Ok(HostCopy::Pinned(copies))
