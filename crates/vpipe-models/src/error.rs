@@ -97,6 +97,33 @@ pub enum Error {
         reason: String,
     },
 
+    /// The checkpoint holds no Wan DiT under any known key layout.
+    #[error(
+        "no Wan DiT in the checkpoint: found neither `head.modulation` (original Wan / ComfyUI \
+         names) nor `condition_embedder.time_embedder.linear_1.weight` (diffusers names), with \
+         any of the prefixes {prefixes:?}"
+    )]
+    NoDit {
+        /// The key prefixes that were tried.
+        prefixes: Vec<&'static str>,
+    },
+
+    /// A DiT configuration is inconsistent, could not be read, or is not supported.
+    #[error("DiT config: {reason}")]
+    DitConfig {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// An input of the DiT has the wrong shape or type.
+    #[error("DiT input `{tensor}`: {reason}")]
+    DitInput {
+        /// Which input (`hidden_states`, `timestep`, `encoder_hidden_states`).
+        tensor: &'static str,
+        /// What was expected and what came.
+        reason: String,
+    },
+
     // ---- Wrapped -----------------------------------------------------------------------------
     /// A candle error (tensor operation, missing tensor, shape mismatch while loading).
     #[error(transparent)]

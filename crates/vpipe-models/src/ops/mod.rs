@@ -1,10 +1,12 @@
 //! Tensor operations candle lacks, and small numeric helpers.
 
+pub mod attention;
 pub mod conv3d;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
 #[cfg(feature = "cuda")]
 pub mod fused;
+pub mod linear;
 
 pub use conv3d::{CausalConv3d, Conv3dConfig};
 

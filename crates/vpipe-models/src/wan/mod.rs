@@ -22,7 +22,10 @@
 //! Parity with diffusers is tested in `crates/vpipe-models/tests/vae_parity.rs` on fixtures made
 //! by `tools/fixtures/make_vae_fixtures.py`.
 
+pub mod dit;
+pub mod dit_keys;
 pub mod keys;
 pub mod vae;
 
+pub use dit::{Config as DitConfig, WanModel};
 pub use vae::{Config as VaeConfig, Posterior, WanVae};

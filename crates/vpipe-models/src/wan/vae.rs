@@ -891,28 +891,9 @@ impl WanVae {
     /// (a `torch.save` state dict), original Wan/ComfyUI or diffusers names. Weights are
     /// converted to `dtype` (f32, bf16 or f16) on `device`.
     pub fn from_file(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let path = path.as_ref();
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        let vb = match ext.as_deref() {
-            Some("safetensors") => {
-                // SAFETY: the file is mapped read-only; as with every mmap, it must not be
-                // modified while the VarBuilder lives (tensors are copied out when built).
-                #[allow(unsafe_code)]
-                unsafe {
-                    VarBuilder::from_mmaped_safetensors(&[path], dtype, device)?
-                }
-            }
-            Some("pth" | "pt" | "ckpt") => VarBuilder::from_pth(path, dtype, device)?,
-            _ => {
-                return Err(Error::UnsupportedFile {
-                    path: path.to_path_buf(),
-                })
-            }
-        };
-        Self::from_checkpoint(vb)
+        Self::from_checkpoint(crate::checkpoint::var_builder_from_file(
+            path, dtype, device,
+        )?)
     }
 
     /// The configuration.

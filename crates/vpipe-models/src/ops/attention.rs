@@ -1,0 +1,140 @@
+//! Attention with bounded memory: the softmax scores of at most `query_chunk` query rows exist
+//! at any time, so 32 760 tokens × 40 heads never materialise the 86 GB score matrix.
+//!
+//! This is the one function every attention in the models calls, so that a fused kernel can
+//! replace it without touching the models.
+
+use candle_core::{DType, Result, Tensor};
+
+/// How many query rows one attention pass handles at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryChunk(pub usize);
+
+impl QueryChunk {
+    /// The largest chunk whose scratch fits `budget_bytes`: per query row, the scores and the
+    /// softmax probabilities ([B, H, 1, Lk] each, in `dtype`) plus its output row [B, H, 1, D].
+    /// At least one row, even when the budget is smaller (the caller checks the budget first).
+    pub fn for_budget(
+        budget_bytes: u64,
+        batch: usize,
+        heads: usize,
+        key_len: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Self {
+        let row = Self::bytes_per_row(batch, heads, key_len, head_dim, dtype);
+        Self((budget_bytes / row.max(1)).max(1) as usize)
+    }
+
+    /// Scratch bytes one query row needs (see [`Self::for_budget`]).
+    pub fn bytes_per_row(
+        batch: usize,
+        heads: usize,
+        key_len: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> u64 {
+        let elem = dtype.size_in_bytes() as u64;
+        (batch * heads) as u64 * (2 * key_len + head_dim) as u64 * elem
+    }
+}
+
+/// `softmax(q·kᵀ / √D) · v`, computed `chunk` query rows at a time.
+///
+/// # Shapes
+/// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D], all contiguous and of one dtype.
+/// - output: [B, H, Lq, D].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let (_, _, lk, dk) = k.dims4()?;
+    if dk != d || v.dims4()? != (b, h, lk, d) || k.dims4()?.0 != b || k.dims4()?.1 != h {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} must be [B, H, L, D] with equal B, H and D",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let scale = 1.0 / (d as f64).sqrt();
+    let kt = k.t()?;
+    let rows = chunk.0.max(1);
+    if rows >= lq {
+        return attend(q, &kt, v, scale);
+    }
+    let out = Tensor::zeros((b, h, lq, d), q.dtype(), q.device())?;
+    let mut start = 0;
+    while start < lq {
+        let n = rows.min(lq - start);
+        let part = attend(&q.narrow(2, start, n)?.contiguous()?, &kt, v, scale)?;
+        out.slice_set(&part, 2, start)?;
+        start += n;
+    }
+    Ok(out)
+}
+
+fn attend(q: &Tensor, kt: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q.matmul(kt)? * scale)?;
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn random(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
+        // A small LCG keeps the test independent of candle's RNG.
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut state = seed;
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+
+    #[test]
+    fn chunked_equals_unchunked() -> Result<()> {
+        let q = random((2, 3, 37, 16), 1)?;
+        let k = random((2, 3, 29, 16), 2)?;
+        let v = random((2, 3, 29, 16), 3)?;
+        let full = attention(&q, &k, &v, QueryChunk(usize::MAX))?;
+        // Reference written out without the chunking code path.
+        let reference =
+            candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.25)?)?.matmul(&v)?;
+        assert_eq!(crate::ops::max_abs_diff(&full, &reference)?, 0.0);
+        for rows in [1, 5, 36, 37] {
+            let chunked = attention(&q, &k, &v, QueryChunk(rows))?;
+            let err = crate::ops::max_abs_diff(&chunked, &full)?;
+            assert!(err <= 1e-5, "chunk {rows}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn chunk_follows_budget() {
+        // 14B self-attention: B 1, 40 heads, 32 760 keys, bf16: 5.2 MB per query row.
+        let row = QueryChunk::bytes_per_row(1, 40, 32_760, 128, DType::BF16);
+        assert_eq!(row, 40 * (2 * 32_760 + 128) * 2);
+        assert_eq!(
+            QueryChunk::for_budget(row * 100 + 1, 1, 40, 32_760, 128, DType::BF16).0,
+            100
+        );
+        assert_eq!(
+            QueryChunk::for_budget(10, 1, 40, 32_760, 128, DType::BF16).0,
+            1
+        );
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() -> Result<()> {
+        let q = random((1, 2, 4, 8), 1)?;
+        let k = random((1, 2, 5, 4), 2)?;
+        assert!(attention(&q, &k, &k, QueryChunk(2)).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,880 @@
+//! The Wan 2.1 diffusion transformer (text-to-video): `WanModel` in `Wan2.1:wan/modules/model.py`,
+//! `WanTransformer3DModel` in diffusers (`models/transformers/transformer_wan.py`).
+//!
+//! Video latents [B, 16, F, H, W] are cut into (1, 2, 2) patches (tokens), run through `layers`
+//! blocks of self-attention with 3D RoPE, cross-attention to the umT5 context, and a gated FFN,
+//! each modulated by the timestep, and put back together as the predicted velocity.
+//!
+//! Precision follows diffusers: the time embedding, the modulation tables, the layer norms and
+//! the residual updates run in f32 whatever the weights' dtype; everything else runs in the
+//! weights' dtype. Linear weights may also be ComfyUI's scaled float8 ([`crate::ops::linear`]).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::dit_keys;
+use crate::error::{Error, Result};
+use crate::ops::attention::{attention, QueryChunk};
+use crate::ops::linear::{layer_norm_f32, Linear};
+
+/// Scratch that one attention call may use for its scores when no budget is given.
+pub const DEFAULT_ATTENTION_SCRATCH: u64 = 1 << 30;
+
+/// The DiT's hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Model width (`dim`; diffusers `num_attention_heads · attention_head_dim`).
+    pub dim: usize,
+    /// Hidden width of the FFN.
+    pub ffn_dim: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Transformer blocks.
+    pub num_layers: usize,
+    /// Latent channels in (16 for text-to-video).
+    pub in_channels: usize,
+    /// Latent channels out.
+    pub out_channels: usize,
+    /// Width of the text encoder's output (umT5-XXL: 4096).
+    pub text_dim: usize,
+    /// Width of the sinusoidal timestep features.
+    pub freq_dim: usize,
+    /// Patch size (t, h, w).
+    pub patch_size: [usize; 3],
+    /// Epsilon of every norm.
+    pub eps: f64,
+    /// Positions each RoPE axis covers (the latent grid must fit).
+    pub rope_max_seq_len: usize,
+}
+
+impl Config {
+    /// Wan2.1-T2V-1.3B (`Wan2.1:wan/configs/wan_t2v_1_3B.py`: dim 1536, ffn_dim 8960,
+    /// num_heads 12, num_layers 30).
+    pub fn wan21_t2v_1_3b() -> Self {
+        Self {
+            dim: 1536,
+            ffn_dim: 8960,
+            num_heads: 12,
+            num_layers: 30,
+            ..Self::wan21_t2v_14b()
+        }
+    }
+
+    /// Wan2.1-T2V-14B (`Wan2.1:wan/configs/wan_t2v_14B.py`: dim 5120, ffn_dim 13824,
+    /// num_heads 40, num_layers 40; shared: patch (1, 2, 2), text_len 512, freq_dim 256,
+    /// eps 1e-6).
+    pub fn wan21_t2v_14b() -> Self {
+        Self {
+            dim: 5120,
+            ffn_dim: 13824,
+            num_heads: 40,
+            num_layers: 40,
+            in_channels: 16,
+            out_channels: 16,
+            text_dim: 4096,
+            freq_dim: 256,
+            patch_size: [1, 2, 2],
+            eps: 1e-6,
+            rope_max_seq_len: 1024,
+        }
+    }
+
+    /// The preset named `name`: `wan2.1-t2v-14b` or `wan2.1-t2v-1.3b`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "wan2.1-t2v-14b" => Some(Self::wan21_t2v_14b()),
+            "wan2.1-t2v-1.3b" => Some(Self::wan21_t2v_1_3b()),
+            _ => None,
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.num_heads
+    }
+
+    /// Checks the configuration for sizes the model cannot run.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |reason: String| Err(Error::DitConfig { reason });
+        if self.num_heads == 0 || !self.dim.is_multiple_of(self.num_heads) {
+            return fail(format!(
+                "dim {} is not a multiple of num_heads {}",
+                self.dim, self.num_heads
+            ));
+        }
+        let head_dim = self.head_dim();
+        if !head_dim.is_multiple_of(2) || head_dim < 6 {
+            return fail(format!(
+                "head_dim {head_dim} must be even and at least 6 for 3D RoPE"
+            ));
+        }
+        if !self.freq_dim.is_multiple_of(2) {
+            return fail(format!("freq_dim {} must be even", self.freq_dim));
+        }
+        if self.patch_size.contains(&0) {
+            return fail(format!("patch_size {:?} has a zero", self.patch_size));
+        }
+        for (name, v) in [
+            ("dim", self.dim),
+            ("ffn_dim", self.ffn_dim),
+            ("num_layers", self.num_layers),
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("text_dim", self.text_dim),
+        ] {
+            if v == 0 {
+                return fail(format!("{name} is 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a diffusers `transformer/config.json` (`WanTransformer3DModel`). Image-to-video
+    /// configurations (`image_dim`, `added_kv_proj_dim`) are refused.
+    pub fn from_diffusers_json(text: &str) -> Result<Self> {
+        let raw: DiffusersConfig = serde_json::from_str(text).map_err(|e| Error::DitConfig {
+            reason: format!("not a WanTransformer3DModel config.json: {e}"),
+        })?;
+        if raw.image_dim.is_some() || raw.added_kv_proj_dim.is_some() {
+            return Err(Error::DitConfig {
+                reason: "image-to-video transformers (image_dim / added_kv_proj_dim set) are \
+                         not supported yet; vpipe runs text-to-video and video-to-video"
+                    .into(),
+            });
+        }
+        if !raw.cross_attn_norm || raw.qk_norm.as_deref() != Some("rms_norm_across_heads") {
+            return Err(Error::DitConfig {
+                reason: format!(
+                    "cross_attn_norm {} / qk_norm {:?}: Wan 2.1 uses true / \
+                     \"rms_norm_across_heads\", nothing else is implemented",
+                    raw.cross_attn_norm, raw.qk_norm
+                ),
+            });
+        }
+        let cfg = Self {
+            dim: raw.num_attention_heads * raw.attention_head_dim,
+            ffn_dim: raw.ffn_dim,
+            num_heads: raw.num_attention_heads,
+            num_layers: raw.num_layers,
+            in_channels: raw.in_channels,
+            out_channels: raw.out_channels.unwrap_or(raw.in_channels),
+            text_dim: raw.text_dim,
+            freq_dim: raw.freq_dim,
+            patch_size: raw.patch_size,
+            eps: raw.eps,
+            rope_max_seq_len: raw.rope_max_seq_len,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads the configuration from the tensor shapes of a checkpoint (original names, see
+    /// [`dit_keys::canonical_var_builder`]). The head count is `dim / 128`, as ComfyUI assumes
+    /// (every Wan 2.1 model has 128-wide heads); other models need a `config.json`.
+    pub fn from_var_builder(vb: &VarBuilder) -> Result<Self> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            Ok(vb.get_unchecked_dtype(name, DType::F32)?.dims().to_vec())
+        };
+        if vb.contains_tensor("img_emb.proj.0.weight")
+            || vb.contains_tensor("blocks.0.cross_attn.k_img.weight")
+        {
+            return Err(Error::DitConfig {
+                reason: "this is an image-to-video DiT (it has img_emb / k_img); vpipe runs \
+                         text-to-video and video-to-video only so far"
+                    .into(),
+            });
+        }
+        let patch = shape("patch_embedding.weight")?;
+        let [dim, in_channels, pt, ph, pw] = patch[..] else {
+            return Err(Error::DitConfig {
+                reason: format!(
+                    "patch_embedding.weight has shape {patch:?}, expected [dim, C, t, h, w]"
+                ),
+            });
+        };
+        let text = shape("text_embedding.0.weight")?;
+        let time = shape("time_embedding.0.weight")?;
+        let ffn = shape("blocks.0.ffn.0.bias")?;
+        let head = shape("head.head.bias")?;
+        let num_layers = (0..)
+            .take_while(|i| vb.contains_tensor(&format!("blocks.{i}.modulation")))
+            .count();
+        const HEAD_DIM: usize = 128;
+        if dim % HEAD_DIM != 0 {
+            return Err(Error::DitConfig {
+                reason: format!(
+                    "dim {dim} is not a multiple of 128, so the head count cannot be derived \
+                     from the shapes; pass the diffusers config.json (--config)"
+                ),
+            });
+        }
+        let cfg = Self {
+            dim,
+            ffn_dim: ffn[0],
+            num_heads: dim / HEAD_DIM,
+            num_layers,
+            in_channels,
+            out_channels: head[0] / (pt * ph * pw).max(1),
+            text_dim: text[1],
+            freq_dim: time[1],
+            patch_size: [pt, ph, pw],
+            eps: 1e-6,
+            rope_max_seq_len: 1024,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parameter count of the text-to-video model (used for memory plans).
+    pub fn parameter_count(&self) -> u64 {
+        let (d, f) = (self.dim as u64, self.ffn_dim as u64);
+        let linear = |i: u64, o: u64| i * o + o;
+        let [pt, ph, pw] = self.patch_size.map(|v| v as u64);
+        let patch = self.in_channels as u64 * pt * ph * pw * d + d;
+        let embed = linear(self.text_dim as u64, d)
+            + linear(d, d)
+            + linear(self.freq_dim as u64, d)
+            + linear(d, d)
+            + linear(d, 6 * d);
+        let block = 8 * linear(d, d) + 4 * d + 2 * d + linear(d, f) + linear(f, d) + 6 * d;
+        let head = linear(d, self.out_channels as u64 * pt * ph * pw) + 2 * d;
+        patch + embed + self.num_layers as u64 * block + head
+    }
+}
+
+/// The fields of diffusers' `WanTransformer3DModel` config that matter here, with diffusers'
+/// defaults.
+#[derive(Debug, Deserialize)]
+struct DiffusersConfig {
+    #[serde(default = "default_patch")]
+    patch_size: [usize; 3],
+    #[serde(default = "default_heads")]
+    num_attention_heads: usize,
+    #[serde(default = "default_head_dim")]
+    attention_head_dim: usize,
+    #[serde(default = "default_channels")]
+    in_channels: usize,
+    #[serde(default)]
+    out_channels: Option<usize>,
+    #[serde(default = "default_text_dim")]
+    text_dim: usize,
+    #[serde(default = "default_freq_dim")]
+    freq_dim: usize,
+    #[serde(default = "default_ffn_dim")]
+    ffn_dim: usize,
+    #[serde(default = "default_heads")]
+    num_layers: usize,
+    #[serde(default = "default_true")]
+    cross_attn_norm: bool,
+    #[serde(default = "default_qk_norm")]
+    qk_norm: Option<String>,
+    #[serde(default = "default_eps")]
+    eps: f64,
+    #[serde(default)]
+    image_dim: Option<usize>,
+    #[serde(default)]
+    added_kv_proj_dim: Option<usize>,
+    #[serde(default = "default_rope_len")]
+    rope_max_seq_len: usize,
+}
+
+fn default_patch() -> [usize; 3] {
+    [1, 2, 2]
+}
+fn default_heads() -> usize {
+    40
+}
+fn default_head_dim() -> usize {
+    128
+}
+fn default_channels() -> usize {
+    16
+}
+fn default_text_dim() -> usize {
+    4096
+}
+fn default_freq_dim() -> usize {
+    256
+}
+fn default_ffn_dim() -> usize {
+    13824
+}
+fn default_true() -> bool {
+    true
+}
+fn default_qk_norm() -> Option<String> {
+    Some("rms_norm_across_heads".into())
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_rope_len() -> usize {
+    1024
+}
+
+/// RMS norm over the last dimension with a learned gain (q/k norm across all heads).
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    /// shape [dim]
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            x,
+            &self.weight.to_dtype(x.dtype())?,
+            self.eps,
+        )?)
+    }
+}
+
+/// Per-token cos/sin of the 3D rotary embedding, for one latent grid.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// shape [L, head_dim / 2], f32
+    pub cos: Tensor,
+    /// shape [L, head_dim / 2], f32
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// The tables for a grid of `frames × height × width` tokens, in token order (frame-major),
+    /// with the head dimension's complex pairs split between the axes as
+    /// `[D − 4·(D/6), 2·(D/6), 2·(D/6)]` real dimensions (128 → 44/42/42) and θ = 10000.
+    /// Computed in f64 as the reference does, stored as f32.
+    pub fn new(head_dim: usize, grid: [usize; 3], max_len: usize, device: &Device) -> Result<Self> {
+        let hw = 2 * (head_dim / 6);
+        let axis_dims = [head_dim - 2 * hw, hw, hw];
+        if let Some(axis) = grid.iter().position(|&n| n > max_len) {
+            return Err(Error::DitInput {
+                tensor: "hidden_states",
+                reason: format!(
+                    "the token grid {grid:?} exceeds the RoPE table length {max_len} on axis {axis}"
+                ),
+            });
+        }
+        // For each axis and pair: the rotation frequency.
+        let freqs: Vec<Vec<f64>> = axis_dims
+            .iter()
+            .map(|&d| {
+                (0..d / 2)
+                    .map(|i| 1.0 / 10000f64.powf((2 * i) as f64 / d as f64))
+                    .collect()
+            })
+            .collect();
+        let pairs = head_dim / 2;
+        let tokens = grid.iter().product::<usize>();
+        let mut cos = Vec::with_capacity(tokens * pairs);
+        let mut sin = Vec::with_capacity(tokens * pairs);
+        for f in 0..grid[0] {
+            for h in 0..grid[1] {
+                for w in 0..grid[2] {
+                    for (axis, pos) in [f, h, w].into_iter().enumerate() {
+                        for &freq in &freqs[axis] {
+                            let angle = pos as f64 * freq;
+                            cos.push(angle.cos() as f32);
+                            sin.push(angle.sin() as f32);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (tokens, pairs), device)?,
+            sin: Tensor::from_vec(sin, (tokens, pairs), device)?,
+        })
+    }
+
+    /// Rotates interleaved pairs of `x`, in f32.
+    ///
+    /// # Shapes
+    /// - `x`: [B, H, L, D] (contiguous) → same shape and dtype.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let rotated =
+            candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?, &self.cos, &self.sin)?;
+        Ok(rotated.to_dtype(x.dtype())?)
+    }
+}
+
+/// Self- or cross-attention with q/k RMS norm across all heads.
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    num_heads: usize,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.dim;
+        Ok(Self {
+            q: Linear::new(d, d, true, vb.pp("q"))?,
+            k: Linear::new(d, d, true, vb.pp("k"))?,
+            v: Linear::new(d, d, true, vb.pp("v"))?,
+            o: Linear::new(d, d, true, vb.pp("o"))?,
+            norm_q: RmsNorm::new(d, cfg.eps, vb.pp("norm_q"))?,
+            norm_k: RmsNorm::new(d, cfg.eps, vb.pp("norm_k"))?,
+            num_heads: cfg.num_heads,
+        })
+    }
+
+    /// [B, L, dim] → [B, heads, L, head_dim], contiguous.
+    fn heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        Ok(x.reshape((b, l, self.num_heads, d / self.num_heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// # Shapes
+    /// - `x`: [B, L, dim]; `context`: [B, Lc, dim] for cross-attention, `None` for self.
+    /// - output: [B, L, dim]
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        rope: Option<&Rope>,
+        chunk: QueryChunk,
+    ) -> Result<Tensor> {
+        let kv_source = context.unwrap_or(x);
+        let mut q = self.heads(&self.norm_q.forward(&self.q.forward(x)?)?)?;
+        let mut k = self.heads(&self.norm_k.forward(&self.k.forward(kv_source)?)?)?;
+        let v = self.heads(&self.v.forward(kv_source)?)?;
+        if let Some(rope) = rope {
+            q = rope.apply(&q)?;
+            k = rope.apply(&k)?;
+        }
+        let out = attention(&q, &k, &v, chunk)?;
+        let (b, h, l, hd) = out.dims4()?;
+        let out = out.transpose(1, 2)?.reshape((b, l, h * hd))?;
+        Ok(self.o.forward(&out)?)
+    }
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+struct Block {
+    self_attn: Attention,
+    cross_attn: Attention,
+    /// The cross-attention norm (affine; diffusers `norm2`). shape [dim] each.
+    norm3_weight: Tensor,
+    norm3_bias: Tensor,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    /// shape [1, 6, dim], f32
+    modulation: Tensor,
+    eps: f64,
+}
+
+impl Block {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.dim;
+        Ok(Self {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            cross_attn: Attention::new(cfg, vb.pp("cross_attn"))?,
+            norm3_weight: vb.pp("norm3").get_with_hints_dtype(
+                d,
+                "weight",
+                Default::default(),
+                DType::F32,
+            )?,
+            norm3_bias: vb.pp("norm3").get_with_hints_dtype(
+                d,
+                "bias",
+                Default::default(),
+                DType::F32,
+            )?,
+            ffn_in: Linear::new(d, cfg.ffn_dim, true, vb.pp("ffn.0"))?,
+            ffn_out: Linear::new(cfg.ffn_dim, d, true, vb.pp("ffn.2"))?,
+            modulation: vb.get_with_hints_dtype(
+                (1, 6, d),
+                "modulation",
+                Default::default(),
+                DType::F32,
+            )?,
+            eps: cfg.eps,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: [B, L, dim]; `time`: [B, 6, dim] (f32); `context`: [B, Lc, dim].
+    fn forward(
+        &self,
+        x: &Tensor,
+        time: &Tensor,
+        context: &Tensor,
+        rope: &Rope,
+        chunks: (QueryChunk, QueryChunk),
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let m = self.modulation.broadcast_add(time)?;
+        let part = |i: usize| m.narrow(1, i, 1);
+        let (shift_sa, scale_sa, gate_sa) = (part(0)?, part(1)?, part(2)?);
+        let (shift_ff, scale_ff, gate_ff) = (part(3)?, part(4)?, part(5)?);
+
+        let h = modulate(&layer_norm_f32(x, self.eps)?, &shift_sa, &scale_sa)?.to_dtype(dtype)?;
+        let y = self.self_attn.forward(&h, None, Some(rope), chunks.0)?;
+        let x = gated_residual(x, &y, &gate_sa)?;
+
+        let h = candle_nn::ops::layer_norm(
+            &x.to_dtype(DType::F32)?,
+            &self.norm3_weight,
+            &self.norm3_bias,
+            self.eps as f32,
+        )?
+        .to_dtype(dtype)?;
+        let x = (&x + self.cross_attn.forward(&h, Some(context), None, chunks.1)?)?;
+
+        let h = modulate(&layer_norm_f32(&x, self.eps)?, &shift_ff, &scale_ff)?.to_dtype(dtype)?;
+        let y = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
+        gated_residual(&x, &y, &gate_ff)
+    }
+}
+
+/// `x · (1 + scale) + shift` (f32).
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+}
+
+/// `x + y · gate` in f32, returned in `x`'s dtype.
+fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let sum = x
+        .to_dtype(DType::F32)?
+        .add(&y.to_dtype(DType::F32)?.broadcast_mul(gate)?)?;
+    Ok(sum.to_dtype(x.dtype())?)
+}
+
+/// Diffusers' `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`: `[cos, sin]` of
+/// `t · 10000^(−i/half)`, computed in f32 operation by operation as diffusers does.
+fn timestep_features(timestep: &[f32], freq_dim: usize, device: &Device) -> Result<Tensor> {
+    let half = freq_dim / 2;
+    let log_max = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (log_max * i as f32 / half as f32).exp())
+        .collect();
+    let mut out = Vec::with_capacity(timestep.len() * freq_dim);
+    for &t in timestep {
+        out.extend(freqs.iter().map(|&f| (t * f).cos()));
+        out.extend(freqs.iter().map(|&f| (t * f).sin()));
+    }
+    Ok(Tensor::from_vec(out, (timestep.len(), freq_dim), device)?)
+}
+
+/// The Wan 2.1 text-to-video DiT.
+#[derive(Debug, Clone)]
+pub struct WanModel {
+    /// Patch embedding as a matrix: shape [dim, C·pt·ph·pw].
+    patch_weight: Tensor,
+    /// shape [dim]
+    patch_bias: Tensor,
+    text_in: Linear,
+    text_out: Linear,
+    /// Kept in f32 (diffusers keeps `time_embedder` in f32).
+    time_in: Linear,
+    time_out: Linear,
+    time_projection: Linear,
+    blocks: Vec<Block>,
+    head: Linear,
+    /// shape [1, 2, dim], f32
+    head_modulation: Tensor,
+    cfg: Config,
+    dtype: DType,
+    device: Device,
+    attention_scratch: u64,
+}
+
+impl WanModel {
+    /// Builds the model from `vb` (original Wan names, see [`dit_keys::canonical_var_builder`]),
+    /// in `vb`'s dtype.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.dim;
+        let [pt, ph, pw] = cfg.patch_size;
+        let patch_in = cfg.in_channels * pt * ph * pw;
+        let patch = vb.pp("patch_embedding");
+        let patch_weight = patch
+            .get((d, cfg.in_channels, pt, ph, pw), "weight")?
+            .reshape((d, patch_in))?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let out_dim = cfg.out_channels * pt * ph * pw;
+        Ok(Self {
+            patch_weight,
+            patch_bias: patch.get(d, "bias")?,
+            text_in: Linear::new(cfg.text_dim, d, true, vb.pp("text_embedding.0"))?,
+            text_out: Linear::new(d, d, true, vb.pp("text_embedding.2"))?,
+            time_in: Linear::new_in(cfg.freq_dim, d, true, DType::F32, vb.pp("time_embedding.0"))?,
+            time_out: Linear::new_in(d, d, true, DType::F32, vb.pp("time_embedding.2"))?,
+            time_projection: Linear::new(d, 6 * d, true, vb.pp("time_projection.1"))?,
+            blocks,
+            head: Linear::new(d, out_dim, true, vb.pp("head.head"))?,
+            head_modulation: vb.get_with_hints_dtype(
+                (1, 2, d),
+                "head.modulation",
+                Default::default(),
+                DType::F32,
+            )?,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            attention_scratch: DEFAULT_ATTENTION_SCRATCH,
+        })
+    }
+
+    /// Builds the model from a checkpoint's `VarBuilder` (empty path) in either key layout and
+    /// with or without a ComfyUI prefix. The configuration is `cfg` when given (e.g. from a
+    /// diffusers `config.json`), else read from the tensor shapes.
+    pub fn from_checkpoint(vb: VarBuilder, cfg: Option<&Config>) -> Result<Self> {
+        let (layout, prefix) = dit_keys::detect_layout(&vb).ok_or_else(|| Error::NoDit {
+            prefixes: dit_keys::KNOWN_PREFIXES.to_vec(),
+        })?;
+        let vb = dit_keys::canonical_var_builder(vb, layout, prefix);
+        let cfg = match cfg {
+            Some(cfg) => cfg.clone(),
+            None => Config::from_var_builder(&vb)?,
+        };
+        tracing::debug!(?layout, prefix, ?cfg, "loading Wan DiT");
+        Self::new(&cfg, vb)
+    }
+
+    /// Loads a DiT checkpoint file (`.safetensors` or `.pth`) in `dtype` on `device`.
+    pub fn from_file(
+        path: impl AsRef<Path>,
+        cfg: Option<&Config>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = crate::checkpoint::var_builder_from_file(path, dtype, device)?;
+        Self::from_checkpoint(vb, cfg)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The dtype the model computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Sets how many bytes the scores of one attention call may take; the query chunk follows
+    /// from it ([`QueryChunk::for_budget`]).
+    pub fn set_attention_scratch(&mut self, bytes: u64) {
+        self.attention_scratch = bytes;
+    }
+
+    /// The query chunks (self-attention, cross-attention) this model uses for `batch` samples
+    /// of `tokens` tokens with `context_len` context rows.
+    pub fn query_chunks(
+        &self,
+        batch: usize,
+        tokens: usize,
+        context_len: usize,
+    ) -> (QueryChunk, QueryChunk) {
+        let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim());
+        let budget = self.attention_scratch;
+        (
+            QueryChunk::for_budget(budget, batch, h, tokens, hd, self.dtype),
+            QueryChunk::for_budget(budget, batch, h, context_len, hd, self.dtype),
+        )
+    }
+
+    /// The token grid (frames, height, width) of a latent of this shape.
+    pub fn token_grid(&self, frames: usize, height: usize, width: usize) -> Result<[usize; 3]> {
+        let [pt, ph, pw] = self.cfg.patch_size;
+        if !frames.is_multiple_of(pt) || !height.is_multiple_of(ph) || !width.is_multiple_of(pw) {
+            return Err(Error::DitInput {
+                tensor: "hidden_states",
+                reason: format!(
+                    "latent frames × height × width {frames}×{height}×{width} must be multiples \
+                     of the patch size {:?}",
+                    self.cfg.patch_size
+                ),
+            });
+        }
+        Ok([frames / pt, height / ph, width / pw])
+    }
+
+    /// Predicts the flow velocity.
+    ///
+    /// # Shapes
+    /// - `latents`: [B, in_channels, F, H, W] (F, H, W multiples of the patch size).
+    /// - `timestep`: [B], float, in [0, 1000] (σ · 1000).
+    /// - `context`: [B, Lc, text_dim]: the umT5 output, zero-padded (512 rows in Wan).
+    /// - output: [B, out_channels, F, H, W] in the model's dtype.
+    pub fn forward(&self, latents: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, f, h, w) = latents.dims5().map_err(|_| Error::DitInput {
+            tensor: "hidden_states",
+            reason: format!(
+                "expected [B, {}, F, H, W], got {:?}",
+                self.cfg.in_channels,
+                latents.dims()
+            ),
+        })?;
+        if c != self.cfg.in_channels {
+            return Err(Error::DitInput {
+                tensor: "hidden_states",
+                reason: format!(
+                    "expected {} channels, got shape {:?}",
+                    self.cfg.in_channels,
+                    latents.dims()
+                ),
+            });
+        }
+        let t: Vec<f32> = timestep
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()
+            .map_err(|e| Error::DitInput {
+                tensor: "timestep",
+                reason: e.to_string(),
+            })?;
+        if t.len() != b {
+            return Err(Error::DitInput {
+                tensor: "timestep",
+                reason: format!(
+                    "expected {b} values (one per sample), got shape {:?}",
+                    timestep.dims()
+                ),
+            });
+        }
+        let (cb, _, cd) = context.dims3().map_err(|_| Error::DitInput {
+            tensor: "encoder_hidden_states",
+            reason: format!(
+                "expected [B, L, {}], got {:?}",
+                self.cfg.text_dim,
+                context.dims()
+            ),
+        })?;
+        if cb != b || cd != self.cfg.text_dim {
+            return Err(Error::DitInput {
+                tensor: "encoder_hidden_states",
+                reason: format!(
+                    "expected [{b}, L, {}], got {:?}",
+                    self.cfg.text_dim,
+                    context.dims()
+                ),
+            });
+        }
+        let grid = self.token_grid(f, h, w)?;
+        let tokens: usize = grid.iter().product();
+        let rope = Rope::new(
+            self.cfg.head_dim(),
+            grid,
+            self.cfg.rope_max_seq_len,
+            &self.device,
+        )?;
+
+        let x = self.patchify(&latents.to_dtype(self.dtype)?, grid)?;
+
+        let _span = tracing::trace_span!("dit_embed").entered();
+        let features = timestep_features(&t, self.cfg.freq_dim, &self.device)?;
+        let temb = self
+            .time_out
+            .forward(&self.time_in.forward(&features)?.silu()?)?;
+        let time = self
+            .time_projection
+            .forward(&temb.to_dtype(self.dtype)?.silu()?)?
+            .to_dtype(DType::F32)?
+            .reshape((b, 6, self.cfg.dim))?;
+        let context = self.text_out.forward(
+            &self
+                .text_in
+                .forward(&context.to_dtype(self.dtype)?)?
+                .gelu()?,
+        )?;
+        drop(_span);
+
+        let chunks = self.query_chunks(b, tokens, context.dim(1)?);
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let _span = tracing::trace_span!("dit_block", i).entered();
+            x = block.forward(&x, &time, &context, &rope, chunks)?;
+        }
+
+        let m = self.head_modulation.broadcast_add(&temb.unsqueeze(1)?)?;
+        let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
+        let x =
+            modulate(&layer_norm_f32(&x, self.cfg.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
+        let x = self.head.forward(&x)?;
+        self.unpatchify(&x, grid)
+    }
+
+    /// [B, C, F, H, W] → tokens [B, L, dim] (the (1, 2, 2)-strided Conv3d as one matmul).
+    fn patchify(&self, x: &Tensor, grid: [usize; 3]) -> Result<Tensor> {
+        let (b, c, _, _, _) = x.dims5()?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        let [gf, gh, gw] = grid;
+        let patches = x
+            .reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .contiguous()?
+            .reshape((b * gf * gh * gw, c * pt * ph * pw))?;
+        let tokens = patches
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?;
+        Ok(tokens.reshape((b, gf * gh * gw, self.cfg.dim))?)
+    }
+
+    /// Head output [B, L, C·pt·ph·pw] → [B, C, F, H, W].
+    fn unpatchify(&self, x: &Tensor, grid: [usize; 3]) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let [pt, ph, pw] = self.cfg.patch_size;
+        let [gf, gh, gw] = grid;
+        let c = self.cfg.out_channels;
+        Ok(x.reshape(vec![b, gf, gh, gw, pt, ph, pw, c])?
+            .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
+            .contiguous()?
+            .reshape((b, c, gf * pt, gh * ph, gw * pw))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_match_published_sizes() {
+        // wan21-architecture.md §2: 1.419 B and 14.289 B parameters.
+        let small = Config::wan21_t2v_1_3b().parameter_count() as f64 / 1e9;
+        let large = Config::wan21_t2v_14b().parameter_count() as f64 / 1e9;
+        assert!((small - 1.419).abs() < 0.001, "{small}");
+        assert!((large - 14.289).abs() < 0.001, "{large}");
+    }
+
+    #[test]
+    fn rope_split_is_44_42_42_for_128() -> Result<()> {
+        // Frame 1, row 0, column 0: only the first 22 pairs (time axis) rotate.
+        let rope = Rope::new(128, [2, 1, 1], 1024, &Device::Cpu)?;
+        let sin = rope.sin.to_vec2::<f32>()?;
+        assert_eq!(sin[1].iter().filter(|v| **v != 0.0).count(), 22);
+        assert!(sin[1][22..].iter().all(|v| *v == 0.0));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_config_json_is_an_error() {
+        assert!(Config::from_diffusers_json("{").is_err());
+        let i2v = r#"{"image_dim": 1280, "added_kv_proj_dim": 5120}"#;
+        let err = Config::from_diffusers_json(i2v).unwrap_err().to_string();
+        assert!(err.contains("image-to-video"), "{err}");
+    }
+}

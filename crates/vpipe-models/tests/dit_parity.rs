@@ -1,0 +1,192 @@
+//! Parity of the Wan DiT with diffusers' `WanTransformer3DModel`.
+//!
+//! Fixtures: `tools/fixtures/make_dit_fixtures.py` (diffusers 0.42.1, fp32, CPU, seed 31001; a
+//! tiny model with the real structure: dim 32 = 2 heads × 16, ffn 64, 2 layers, 16 channels,
+//! text_dim 24, freq_dim 16). Cases: `batch2` (2 samples, 3×8×12 latents, contexts with 13 and
+//! 7 non-zero rows of 20, t = 757.25 and 31.5) and `single` (1 frame, 6×10, t = 999).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use vpipe_models::ops::max_abs_diff;
+use vpipe_models::wan::dit::{Config, Rope, WanModel};
+
+const TOL: f64 = 1e-4;
+const CASES: [&str; 2] = ["batch2", "single"];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/dit")
+        .join(name)
+}
+
+fn cases() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("dit_cases.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn config() -> Config {
+    Config::from_diffusers_json(&std::fs::read_to_string(fixture("config.json")).unwrap()).unwrap()
+}
+
+fn run(model: &WanModel, cases: &HashMap<String, Tensor>, case: &str) -> Tensor {
+    let get = |k: &str| cases[&format!("{case}.{k}")].clone();
+    model
+        .forward(
+            &get("hidden_states"),
+            &get("timestep"),
+            &get("encoder_hidden_states"),
+        )
+        .unwrap()
+}
+
+fn check(file: &str, expected_key: &str, tol: f64) {
+    let model =
+        WanModel::from_file(fixture(file), Some(&config()), DType::F32, &Device::Cpu).unwrap();
+    let cases = cases();
+    for case in CASES {
+        let out = run(&model, &cases, case);
+        let expected = &cases[&format!("{case}.{expected_key}")];
+        let err = max_abs_diff(&out, expected).unwrap();
+        println!("{file} {case}: max abs {err:.3e}");
+        assert!(err <= tol, "{file} {case}: max abs {err} > {tol}");
+    }
+}
+
+#[test]
+fn diffusers_layout_matches_diffusers() {
+    check("dit_tiny_diffusers.safetensors", "out", TOL);
+}
+
+#[test]
+fn original_layout_with_comfy_prefix_matches_diffusers() {
+    check("dit_tiny_wan.safetensors", "out", TOL);
+}
+
+#[test]
+fn scaled_fp8_weights_match_dequantised_diffusers() {
+    check("dit_tiny_wan_fp8.safetensors", "out_fp8", TOL);
+}
+
+#[test]
+fn rope_tables_match_diffusers() {
+    let cases = cases();
+    let cfg = config();
+    // batch2: 3×8×12 latents → 3×4×6 tokens; diffusers repeats each pair's value twice.
+    let rope = Rope::new(cfg.head_dim(), [3, 4, 6], 1024, &Device::Cpu).unwrap();
+    for (ours, key) in [(&rope.cos, "rope.cos"), (&rope.sin, "rope.sin")] {
+        let theirs = &cases[key];
+        let (l, d) = theirs.dims2().unwrap();
+        let pairs = theirs
+            .reshape((l, d / 2, 2))
+            .unwrap()
+            .narrow(2, 0, 1)
+            .unwrap()
+            .squeeze(2)
+            .unwrap();
+        let err = max_abs_diff(ours, &pairs).unwrap();
+        assert!(err <= 1e-7, "{key}: {err}");
+    }
+}
+
+#[test]
+fn config_from_shapes_needs_128_wide_heads() {
+    // The tiny model has 16-wide heads: from shapes alone its head count is unknowable, and the
+    // error says what to pass instead.
+    let err = WanModel::from_file(
+        fixture("dit_tiny_wan.safetensors"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--config"), "{err}");
+}
+
+#[test]
+fn bf16_stays_close_to_f32() {
+    let model = WanModel::from_file(
+        fixture("dit_tiny_diffusers.safetensors"),
+        Some(&config()),
+        DType::BF16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cases = cases();
+    for case in CASES {
+        let out = run(&model, &cases, case).to_dtype(DType::F32).unwrap();
+        let expected = &cases[&format!("{case}.out")];
+        let err = max_abs_diff(&out, expected).unwrap();
+        let scale = expected
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        println!("bf16 {case}: max abs {err:.3e} (output max {scale:.2})");
+        // bf16 has 8 mantissa bits: a few percent of the output's range after 2 blocks.
+        assert!(err <= 0.05 * scale, "{case}: {err}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let model = WanModel::from_file(
+        fixture("dit_tiny_diffusers.safetensors"),
+        Some(&config()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cases = cases();
+    let get = |k: &str| cases[&format!("batch2.{k}")].clone();
+    let (x, t, ctx) = (
+        get("hidden_states"),
+        get("timestep"),
+        get("encoder_hidden_states"),
+    );
+    let odd = x.narrow(3, 0, 7).unwrap();
+    let err = model.forward(&odd, &t, &ctx).unwrap_err().to_string();
+    assert!(err.contains("multiples of the patch size"), "{err}");
+    let err = model
+        .forward(&x.narrow(1, 0, 4).unwrap(), &t, &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected 16 channels"), "{err}");
+    let err = model
+        .forward(&x, &t.narrow(0, 0, 1).unwrap(), &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("timestep"), "{err}");
+    let err = model
+        .forward(&x, &t, &ctx.narrow(2, 0, 20).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("encoder_hidden_states"), "{err}");
+}
+
+#[test]
+fn chunked_attention_does_not_change_the_output() {
+    let mut model = WanModel::from_file(
+        fixture("dit_tiny_diffusers.safetensors"),
+        Some(&config()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cases = cases();
+    let full = run(&model, &cases, "batch2");
+    // A few rows per chunk: 72 tokens in 1-2 KB of scratch.
+    model.set_attention_scratch(2048);
+    let (self_chunk, _) = model.query_chunks(2, 72, 20);
+    assert!(self_chunk.0 < 72, "{self_chunk:?}");
+    let chunked = run(&model, &cases, "batch2");
+    let err = max_abs_diff(&chunked, &full).unwrap();
+    assert!(err <= 1e-5, "{err}");
+}
