@@ -52,7 +52,7 @@ pub enum Error {
     },
 
     /// Two tensors that must have the same shape do not.
-    #[error("{what}: expected shape {expected:?}, got {got:?}")]
+    #[error("{what}: expected shape {expected:?}, got shape {got:?}")]
     ShapeMismatch {
         /// Which argument.
         what: &'static str,

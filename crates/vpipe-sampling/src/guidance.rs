@@ -51,3 +51,80 @@ pub fn cfg_batched(pred: &Tensor, scale: f64) -> Result<Tensor> {
         _ => Err(Error::NotCondUncondBatch(dims.to_vec())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn cfg_by_hand() {
+        let cond = t(&[1.0, 2.0, -1.0, 0.5], &[2, 2]);
+        let uncond = t(&[0.0, 1.0, 1.0, 0.5], &[2, 2]);
+        // uncond + 5·(cond − uncond): 0 + 5·1, 1 + 5·1, 1 + 5·(−2), 0.5 + 0.
+        let got = cfg(&cond, &uncond, 5.0).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [5.0, 6.0, -9.0, 0.5]
+        );
+        assert_eq!(got.dims(), &[2, 2]);
+        let one = cfg(&cond, &uncond, 1.0).unwrap();
+        assert_eq!(
+            one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1.0, 2.0, -1.0, 0.5]
+        );
+        let zero = cfg(&cond, &uncond, 0.0).unwrap();
+        assert_eq!(
+            zero.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [0.0, 1.0, 1.0, 0.5]
+        );
+    }
+
+    #[test]
+    fn batched_is_cond_first_then_uncond() {
+        // Batch of 2·B, B = 2: rows 0, 1 cond; rows 2, 3 uncond.
+        let pred = t(&[1.0, 2.0, 0.0, 0.0], &[4, 1]);
+        let got = cfg_batched(&pred, 3.0).unwrap();
+        assert_eq!(got.dims(), &[2, 1]);
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [3.0, 6.0]
+        );
+    }
+
+    #[test]
+    fn keeps_the_dtype() {
+        let cond = t(&[1.0, 2.0], &[2]).to_dtype(DType::BF16).unwrap();
+        let uncond = t(&[0.5, 0.5], &[2]).to_dtype(DType::BF16).unwrap();
+        let got = cfg(&cond, &uncond, 2.0).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_eq!(
+            got.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            [1.5, 3.5]
+        );
+    }
+
+    #[test]
+    fn bad_shapes_are_clear_errors() {
+        let err = cfg(&t(&[1.0, 2.0], &[2]), &t(&[1.0, 2.0], &[1, 2]), 5.0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cfg uncond (must match cond): expected shape [2], got shape [1, 2]"
+        );
+        let err = cfg_batched(&t(&[1.0, 2.0, 3.0], &[3, 1]), 5.0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "batched CFG prediction must be [2B, ...] (cond rows first, then uncond), got shape [3, 1]"
+        );
+        let scalar = Tensor::new(1f32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            cfg_batched(&scalar, 5.0),
+            Err(Error::NotCondUncondBatch(_))
+        ));
+    }
+}

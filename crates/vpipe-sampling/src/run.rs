@@ -84,3 +84,65 @@ pub fn run_on_schedule(
         timesteps,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    #[test]
+    fn samples_start_with_x0_and_follow_the_sampler() {
+        let x0 = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 2, 2))
+            .unwrap();
+        let outputs = Tensor::ones((3, 1, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        let run = run_schedule(SamplerKind::UniPc, 3.0, 3, &x0, &outputs).unwrap();
+        assert_eq!(run.samples.dims(), &[4, 1, 2, 2, 2]);
+        assert_eq!(run.sigmas.len(), 4);
+        assert_eq!(run.timesteps.len(), 3);
+        let first = run.samples.get(0).unwrap();
+        assert_eq!(
+            first.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x0.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // The same steps taken by hand.
+        let mut sampler = Sampler::new(Schedule::new(SamplerKind::UniPc, 3, 3.0).unwrap());
+        let mut x = x0.clone();
+        for i in 0..3 {
+            x = sampler.step(&outputs.get(i).unwrap(), &x).unwrap();
+            let row = run.samples.get(i + 1).unwrap();
+            assert_eq!(
+                row.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn bad_model_outputs_are_clear_errors() {
+        let x0 = Tensor::zeros((1, 2, 3), DType::F32, &Device::Cpu).unwrap();
+        let four = Tensor::zeros((4, 1, 2, 3), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            run_schedule(SamplerKind::Euler, 3.0, 5, &x0, &four)
+                .unwrap_err()
+                .to_string(),
+            "model_outputs holds 4 predictions along dim 0, the schedule has 5 steps"
+        );
+        let wrong = Tensor::zeros((4, 1, 3, 2), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            run_schedule(SamplerKind::Euler, 3.0, 4, &x0, &wrong)
+                .unwrap_err()
+                .to_string(),
+            "model_outputs (must be [steps, ...x0 shape]): expected shape [4, 1, 2, 3], got \
+             shape [4, 1, 3, 2]"
+        );
+        assert_eq!(
+            run_schedule(SamplerKind::UniPc, 3.0, 0, &x0, &four)
+                .unwrap_err()
+                .to_string(),
+            "steps must be at least 1, got 0"
+        );
+    }
+}

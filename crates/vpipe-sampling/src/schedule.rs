@@ -250,3 +250,138 @@ fn unipc_schedule(steps: usize, shift: f64) -> (Vec<f64>, Vec<f64>) {
     sigmas.push(0.0);
     (sigmas, timesteps)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shift_formula() {
+        // s·σ / (1 + (s − 1)·σ) by hand: 3·0.5 / (1 + 2·0.5) = 0.75.
+        assert_eq!(shift_sigma(0.5, 3.0), 0.75);
+        // 5·0.25 / (1 + 4·0.25) = 0.625.
+        assert_eq!(shift_sigma(0.25, 5.0), 0.625);
+        for s in [0.5, 1.0, 3.0, 5.0, 8.0, 12.0] {
+            assert_eq!(shift_sigma(0.0, s), 0.0, "shift {s} keeps 0");
+            assert_eq!(shift_sigma(1.0, s), 1.0, "shift {s} keeps 1");
+        }
+        for i in 0..=20 {
+            let sigma = f64::from(i) / 20.0;
+            assert_eq!(shift_sigma(sigma, 1.0), sigma, "shift 1 is the identity");
+            // Shifts compose by multiplying: shift_b(shift_a(σ)) = shift_{a·b}(σ).
+            let composed = shift_sigma(shift_sigma(sigma, 3.0), 2.5);
+            assert!((composed - shift_sigma(sigma, 7.5)).abs() < 1e-15);
+            // Shift 1/s undoes shift s.
+            assert!((shift_sigma(shift_sigma(sigma, 8.0), 1.0 / 8.0) - sigma).abs() < 1e-15);
+            // s > 1 raises σ inside (0, 1).
+            if i > 0 && i < 20 {
+                assert!(shift_sigma(sigma, 3.0) > sigma);
+            }
+        }
+    }
+
+    #[test]
+    fn sampler_names() {
+        assert_eq!("euler".parse::<SamplerKind>().unwrap(), SamplerKind::Euler);
+        assert_eq!("unipc".parse::<SamplerKind>().unwrap(), SamplerKind::UniPc);
+        assert_eq!("uni_pc".parse::<SamplerKind>().unwrap(), SamplerKind::UniPc);
+        assert_eq!("UniPC".parse::<SamplerKind>().unwrap(), SamplerKind::UniPc);
+        for kind in [SamplerKind::Euler, SamplerKind::UniPc] {
+            assert_eq!(kind.to_string().parse::<SamplerKind>().unwrap(), kind);
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(serde_json::from_str::<SamplerKind>(&json).unwrap(), kind);
+        }
+        assert_eq!(
+            serde_json::from_str::<SamplerKind>("\"uni_pc\"").unwrap(),
+            SamplerKind::UniPc
+        );
+        assert_eq!(
+            "dpmpp_2m".parse::<SamplerKind>().unwrap_err().to_string(),
+            "unknown sampler \"dpmpp_2m\": expected \"euler\" or \"unipc\" (also \"uni_pc\")"
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_clear_errors() {
+        let err = |kind, steps, shift| Schedule::new(kind, steps, shift).unwrap_err().to_string();
+        assert_eq!(
+            err(SamplerKind::Euler, 0, 3.0),
+            "steps must be at least 1, got 0"
+        );
+        assert_eq!(
+            err(SamplerKind::UniPc, 0, 3.0),
+            "steps must be at least 1, got 0"
+        );
+        for (shift, shown) in [
+            (0.0, "0"),
+            (-3.0, "-3"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "inf"),
+        ] {
+            assert_eq!(
+                err(SamplerKind::UniPc, 10, shift),
+                format!("shift must be a finite number > 0, got {shown}")
+            );
+        }
+
+        let full = Schedule::new(SamplerKind::Euler, 10, 3.0).unwrap();
+        for (strength, shown) in [(0.0, "0"), (-0.5, "-0.5"), (1.5, "1.5"), (f64::NAN, "NaN")] {
+            assert_eq!(
+                full.for_strength(strength).unwrap_err().to_string(),
+                format!("strength must be in (0, 1], got {shown}")
+            );
+        }
+        assert_eq!(
+            full.for_strength(0.05).unwrap_err().to_string(),
+            "strength 0.05 with 10 steps runs no step (int(10 * 0.05) = 0): raise the strength \
+             to at least 0.1 or use more steps"
+        );
+    }
+
+    /// The smallest strength the error suggests really keeps one step, also where 1/steps
+    /// times steps rounds below 1 (49 · (1/49) = 0.9999999999999999).
+    #[test]
+    fn suggested_min_strength_keeps_a_step() {
+        for steps in 1..=200 {
+            let full = Schedule::new(SamplerKind::Euler, steps, 3.0).unwrap();
+            let tiny = 0.5 / steps as f64;
+            match full.for_strength(tiny) {
+                Err(Error::NoStepLeft { min_strength, .. }) => {
+                    assert_eq!(full.for_strength(min_strength).unwrap().steps(), 1);
+                    assert!(full.for_strength(min_strength.next_down()).is_err());
+                }
+                other => panic!("{steps} steps, strength {tiny}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn strength_keeps_the_tail() {
+        let full = Schedule::new(SamplerKind::UniPc, 10, 3.0).unwrap();
+        assert_eq!(full.for_strength(1.0).unwrap(), full);
+        let cut = full.for_strength(0.6).unwrap();
+        assert_eq!(cut.steps(), 6);
+        assert_eq!(cut.sigmas(), &full.sigmas()[4..]);
+        assert_eq!(cut.timesteps(), &full.timesteps()[4..]);
+        assert_eq!(*cut.sigmas().last().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn schedules_are_decreasing_and_end_in_zero() {
+        for kind in [SamplerKind::Euler, SamplerKind::UniPc] {
+            for steps in [1, 2, 5, 50, 200] {
+                for shift in [0.5, 1.0, 3.0, 12.0] {
+                    let s = Schedule::new(kind, steps, shift).unwrap();
+                    assert_eq!(s.steps(), steps);
+                    assert_eq!(s.sigmas().len(), steps + 1);
+                    assert_eq!(*s.sigmas().last().unwrap(), 0.0);
+                    assert!(
+                        s.sigmas().windows(2).all(|w| w[0] > w[1]),
+                        "{kind} {steps} {shift}"
+                    );
+                    assert!(s.sigmas()[0] <= 1.0);
+                }
+            }
+        }
+    }
+}
