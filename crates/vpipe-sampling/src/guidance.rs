@@ -30,7 +30,7 @@ pub fn cfg(cond: &Tensor, uncond: &Tensor, scale: f64) -> Result<Tensor> {
 }
 
 /// Guidance on one batched forward: splits a prediction `[2B, …]` into its first `B` rows
-/// (**cond**) and its last `B` rows (**uncond**), and combines them with [`cfg`].
+/// (**cond**) and its last `B` rows (**uncond**), and combines them with [`cfg()`].
 ///
 /// The caller builds the model input in the same order: `cat([x, x])` along dim 0 with the
 /// positive context first and the negative context second (as ComfyUI's batched cond+uncond

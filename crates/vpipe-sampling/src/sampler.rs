@@ -169,9 +169,10 @@ impl Sampler {
         let (lambda_t, lambda_s0) = (self.lambda(i + 1), self.lambda(i));
         let h = lambda_t - lambda_s0;
         let hh = -h;
-        // At the last step σ_t = 0, h = +∞: h_phi_1 = b_h = −1 and the step lands on m0.
+        // bh2 takes B(h) = e^hh − 1, the same value as h·φ1(h). At the last step σ_t = 0,
+        // h = +∞: both are −1 and the step lands on m0.
         let h_phi_1 = hh.exp_m1();
-        let b_h = hh.exp_m1();
+        let b_h = h_phi_1;
         let x_t = ((x * (sigma_t / sigma_s0))? - (m0 * (alpha_t * h_phi_1))?)?;
         match m1 {
             None => Ok(x_t),
@@ -204,8 +205,8 @@ impl Sampler {
         let h = lambda_t - lambda_s0;
         let hh = -h;
         let h_phi_1 = hh.exp_m1();
-        let b_h = hh.exp_m1();
-        // b_k = h_phi_k · k! / B(h), h_phi_1 = e^hh − 1, h_phi_{k+1} = h_phi_k / hh − 1/(k+1)!.
+        let b_h = h_phi_1; // bh2
+                           // b_k = h_phi_k · k! / B(h), h_phi_1 = e^hh − 1, h_phi_{k+1} = h_phi_k / hh − 1/(k+1)!.
         let h_phi_k1 = h_phi_1 / hh - 1.0;
         let b1 = h_phi_k1 / b_h;
         let x_t = ((last_sample * (sigma_t / sigma_s0))? - (m0 * (alpha_t * h_phi_1))?)?;
