@@ -230,6 +230,20 @@ impl Model {
     }
 }
 
+/// The dtype a stored tensor is kept in when the model is loaded in `load_dtype`.
+///
+/// Quantisation data keeps its stored dtype: float8 weights stay float8 (1 byte each; the
+/// model dequantises them per use) and one-element f32 tensors, their per-tensor scales, stay
+/// f32 (a bf16 scale would be off by up to 0.4 %). Every other floating tensor is converted.
+fn resident_dtype(file: DType, shape: &[usize], load_dtype: Option<DType>) -> DType {
+    let is_scale = file == DType::F32 && shape.iter().product::<usize>() <= 1;
+    match load_dtype {
+        Some(_) if matches!(file, DType::F8E4M3) || is_scale => file,
+        Some(dtype) if file.is_float() => dtype,
+        _ => file,
+    }
+}
+
 /// Reads a checkpoint's header (safetensors) or tensor index (.pth) and describes the model
 /// it holds.
 pub(crate) fn describe_checkpoint(
@@ -252,19 +266,21 @@ pub(crate) fn describe_checkpoint(
             for (key, view) in mapped.tensors() {
                 let file_dtype = DType::try_from(view.dtype())
                     .map_err(|e| model.checkpoint_error(format!("tensor '{key}': {e}")))?;
+                let shape = view.shape().to_vec();
                 tensors.push(TensorMeta {
                     name: key,
-                    dtype: load_dtype.unwrap_or(file_dtype),
-                    shape: view.shape().to_vec(),
+                    dtype: resident_dtype(file_dtype, &shape, load_dtype),
+                    shape,
                 });
             }
         }
         Format::Pth => {
             for (key, info) in model.open_pth()?.tensor_infos() {
+                let shape = info.layout.shape().dims().to_vec();
                 tensors.push(TensorMeta {
                     name: key.clone(),
-                    dtype: load_dtype.unwrap_or(info.dtype),
-                    shape: info.layout.shape().dims().to_vec(),
+                    dtype: resident_dtype(info.dtype, &shape, load_dtype),
+                    shape,
                 });
             }
         }
@@ -304,5 +320,24 @@ impl<'p> Lease<'p> {
     /// All weights, by checkpoint key.
     pub fn iter(&self) -> impl Iterator<Item = (&'p str, &'p Tensor)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resident_dtype;
+    use candle_core::DType;
+
+    #[test]
+    fn quantisation_data_keeps_its_dtype() {
+        let bf16 = Some(DType::BF16);
+        assert_eq!(resident_dtype(DType::F32, &[16, 16], bf16), DType::BF16);
+        assert_eq!(resident_dtype(DType::F16, &[4], bf16), DType::BF16);
+        assert_eq!(resident_dtype(DType::F8E4M3, &[16, 16], bf16), DType::F8E4M3);
+        assert_eq!(resident_dtype(DType::F32, &[1], bf16), DType::F32);
+        assert_eq!(resident_dtype(DType::F32, &[], bf16), DType::F32);
+        // The bytes of an embedded tokenizer model are not numbers to convert.
+        assert_eq!(resident_dtype(DType::U8, &[1000], bf16), DType::U8);
+        assert_eq!(resident_dtype(DType::F32, &[16], None), DType::F32);
     }
 }

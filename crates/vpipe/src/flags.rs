@@ -35,7 +35,8 @@ pub(crate) enum Command {
     /// parameter count and bytes. Reads .safetensors headers and .pth archives only.
     Inspect(InspectArgs),
     /// Run one component on tensors stored in safetensors files, for parity checks and
-    /// debugging, with the same memory accounting as a full run (vae-encode, vae-decode).
+    /// debugging, with the same memory accounting as a full run (vae-encode, vae-decode, dit,
+    /// schedule).
     Tensors(TensorsArgs),
 }
 
@@ -185,6 +186,166 @@ pub(crate) enum TensorsComponent {
     /// Wan VAE decode: reads `enc_mean` ([B,16,T,h,w], raw latents) and writes `decoded`
     /// (clamped to [-1,1]).
     VaeDecode(VaeArgs),
+    /// Wan DiT forward: reads `hidden_states` ([B,16,F,H,W] latents), `timestep` ([B], σ·1000)
+    /// and `encoder_hidden_states` ([B,L,4096] text context), writes `out` (the velocity).
+    Dit(DitArgs),
+    /// A sampler over given predictions: reads `x0` and `model_outputs` ([N,...x0 shape]),
+    /// writes `samples` ([N+1,...]), `sigmas` and `timesteps`.
+    Schedule(ScheduleArgs),
+}
+
+/// Flags of `vpipe tensors dit`.
+#[derive(Args, Debug)]
+pub(crate) struct DitArgs {
+    /// The DiT checkpoint (.safetensors or .pth; original Wan / ComfyUI or diffusers layout;
+    /// f32, bf16, f16 or ComfyUI's scaled fp8).
+    #[arg(long)]
+    dit: PathBuf,
+    /// A diffusers `transformer/config.json`; without it the config comes from the tensor
+    /// shapes (128-wide heads, as every Wan 2.1 model has).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Input safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file (written to a temporary file, then renamed).
+    #[arg(long)]
+    output: PathBuf,
+    /// Where to compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the weights and the computation: f32, bf16 or f16 (scaled-fp8 weights
+    /// stay fp8 in memory and are dequantised per layer).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Memory budget of the compute tier, e.g. 40GiB; sets the attention chunk.
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Write the memory report here (and the chart next to it, as .svg).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Validated settings of a DiT tensor job.
+pub(crate) struct DitJob {
+    pub(crate) dit: PathBuf,
+    pub(crate) config: Option<vpipe_models::wan::DitConfig>,
+    pub(crate) input: PathBuf,
+    pub(crate) output: PathBuf,
+    pub(crate) device: String,
+    pub(crate) dtype: candle_core::DType,
+    pub(crate) budget: vpipe_mem::Budget,
+    pub(crate) report: Option<PathBuf>,
+}
+
+impl DitArgs {
+    pub(crate) fn validate(self) -> Result<DitJob, BadInput> {
+        require_files(&[("--dit", &self.dit), ("--input", &self.input)])?;
+        let config = match &self.config {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))?;
+                Some(
+                    vpipe_models::wan::DitConfig::from_diffusers_json(&text)
+                        .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))?,
+                )
+            }
+        };
+        Ok(DitJob {
+            dit: self.dit,
+            config,
+            input: self.input,
+            output: self.output,
+            device: self.device,
+            dtype: parse_dtype(&self.dtype)?,
+            budget: vpipe_mem::Budget {
+                compute: parse_budget("--vram-budget", &self.vram_budget)?,
+                host: None,
+            },
+            report: self.report,
+        })
+    }
+}
+
+/// Flags of `vpipe tensors schedule`.
+#[derive(Args, Debug)]
+pub(crate) struct ScheduleArgs {
+    /// euler (FlowMatchEulerDiscreteScheduler) or unipc (UniPCMultistepScheduler, flow).
+    #[arg(long)]
+    sampler: String,
+    /// Flow shift s: σ' = s·σ / (1 + (s−1)·σ).
+    #[arg(long)]
+    shift: f64,
+    /// Number of steps.
+    #[arg(long)]
+    steps: usize,
+    /// Input safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file (written to a temporary file, then renamed).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+/// Validated settings of a schedule tensor job.
+pub(crate) struct ScheduleJob {
+    pub(crate) sampler: vpipe_sampling::SamplerKind,
+    pub(crate) shift: f64,
+    pub(crate) steps: usize,
+    pub(crate) input: PathBuf,
+    pub(crate) output: PathBuf,
+}
+
+impl ScheduleArgs {
+    pub(crate) fn validate(self) -> Result<ScheduleJob, BadInput> {
+        let sampler = self
+            .sampler
+            .parse()
+            .map_err(|e| BadInput(format!("--sampler {}: {e}", self.sampler)))?;
+        require_files(&[("--input", &self.input)])?;
+        if !(self.shift.is_finite() && self.shift > 0.0) {
+            return Err(BadInput(format!(
+                "--shift {}: expected a number above 0",
+                self.shift
+            )));
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(BadInput(format!(
+                "--steps {}: expected 1 to 1000",
+                self.steps
+            )));
+        }
+        Ok(ScheduleJob {
+            sampler,
+            shift: self.shift,
+            steps: self.steps,
+            input: self.input,
+            output: self.output,
+        })
+    }
+}
+
+/// Parses a `--dtype` value.
+fn parse_dtype(text: &str) -> Result<candle_core::DType, BadInput> {
+    match text {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        other => Err(BadInput(format!(
+            "--dtype {other}: expected f32, bf16 or f16"
+        ))),
+    }
+}
+
+/// Checks that each `(flag, path)` names an existing file.
+fn require_files(files: &[(&str, &PathBuf)]) -> Result<(), BadInput> {
+    for (flag, path) in files {
+        if !path.is_file() {
+            return Err(BadInput(format!("{flag} {}: no such file", path.display())));
+        }
+    }
+    Ok(())
 }
 
 /// Flags of `vpipe tensors vae-encode|vae-decode`.
@@ -272,21 +433,8 @@ impl VaeArgs {
                 Some(tiles)
             }
         };
-        let dtype = match self.dtype.as_str() {
-            "f32" => candle_core::DType::F32,
-            "bf16" => candle_core::DType::BF16,
-            "f16" => candle_core::DType::F16,
-            other => {
-                return Err(BadInput(format!(
-                    "--dtype {other}: expected f32, bf16 or f16"
-                )))
-            }
-        };
-        for (flag, path) in [("--vae", &self.vae), ("--input", &self.input)] {
-            if !path.is_file() {
-                return Err(BadInput(format!("{flag} {}: no such file", path.display())));
-            }
-        }
+        let dtype = parse_dtype(&self.dtype)?;
+        require_files(&[("--vae", &self.vae), ("--input", &self.input)])?;
         Ok(VaeJob {
             vae: self.vae,
             input: self.input,

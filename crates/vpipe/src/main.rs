@@ -64,6 +64,10 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
             flags::TensorsComponent::VaeDecode(vae) => {
                 tensors::run_vae(tensors::VaeOp::Decode, vae.validate()?)
             }
+            flags::TensorsComponent::Dit(dit) => tensors::run_dit(dit.validate()?),
+            flags::TensorsComponent::Schedule(schedule) => {
+                tensors::run_schedule(schedule.validate()?)
+            }
         },
     }
 }

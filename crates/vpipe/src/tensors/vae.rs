@@ -1,8 +1,6 @@
-//! `vpipe tensors vae-encode|vae-decode`: one component on tensors in safetensors files, run
-//! through the same residency store, phases and meters as a full run.
+//! `vpipe tensors vae-encode|vae-decode`: the Wan VAE, tiled, with a budget-driven tile.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -11,7 +9,6 @@ use vpipe_mem::{fmt_bytes, MemError, MemorySession, Phase, Tier};
 use vpipe_models::tiling::{default_stride, halving_on_failure, TileSpec, MAX_TILE, SPATIAL_SCALE};
 use vpipe_models::wan::vae::WanVae;
 
-use crate::exit::BadInput;
 use crate::flags::VaeJob;
 
 /// Which way through the VAE.
@@ -44,25 +41,6 @@ const CALIBRATION_SIDE: usize = 192;
 /// Share of what the budget leaves that a modelled tile may take: the model extrapolates
 /// from crops no larger than CALIBRATION_SIDE.
 const TILE_BUDGET_SHARE: f64 = 0.9;
-
-fn read_input(path: &Path, key: &str) -> anyhow::Result<Tensor> {
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-        BadInput(format!(
-            "--input {}: not a readable safetensors file: {e}",
-            path.display()
-        ))
-    })?;
-    tensors.remove(key).ok_or_else(|| {
-        let mut found: Vec<_> = tensors.keys().cloned().collect();
-        found.sort();
-        BadInput(format!(
-            "--input {}: no tensor '{key}' (found: {})",
-            path.display(),
-            found.join(", ")
-        ))
-        .into()
-    })
-}
 
 fn is_device_out_of_memory(err: &vpipe_models::Error) -> bool {
     err.to_string().contains("OUT_OF_MEMORY")
@@ -269,7 +247,7 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
     vpipe_ckpt::inspect(&job.vae)?;
     let device = crate::device::open(&job.device)?;
     let (in_key, out_key) = op.keys();
-    let input = read_input(&job.input, in_key)?;
+    let [input] = super::read_inputs(&job.input, [in_key])?;
     let mut session = MemorySession::new(device.clone(), job.budget)?;
 
     let vae_id = session.phase("load", |p| -> anyhow::Result<_> {
@@ -298,25 +276,13 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         Ok(output)
     })?;
     session.phase("write", |_| -> anyhow::Result<()> {
-        let partial = job.output.with_extension("safetensors.partial");
-        let map = HashMap::from([(out_key.to_owned(), output.clone())]);
-        candle_core::safetensors::save(&map, &partial)
-            .with_context(|| format!("--output {}", partial.display()))?;
-        std::fs::rename(&partial, &job.output)
-            .with_context(|| format!("--output {}", job.output.display()))?;
-        Ok(())
+        super::write_outputs(
+            &job.output,
+            &HashMap::from([(out_key.to_owned(), output.clone())]),
+        )
     })?;
 
-    let report = session.report()?;
-    if let Some(path) = &job.report {
-        report.write_json(path)?;
-        vpipe_mem::write_svg(&report, &path.with_extension("svg"))?;
-    }
-    let phase = report
-        .phases
-        .iter()
-        .find(|p| p.name == op.phase())
-        .expect("the phase was recorded");
+    let report = super::finish_report(&session, job.report.as_deref())?;
     let tiles = report
         .notes
         .iter()
@@ -324,10 +290,9 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         .map(|n| n.detail.as_str())
         .unwrap_or("");
     println!(
-        "{}: {tiles}; peak {} above baseline ({}, measured); {} fallback(s); wrote '{out_key}' {:?} to {}",
+        "{}: {tiles}; peak {}; {} fallback(s); wrote '{out_key}' {:?} to {}",
         op.phase(),
-        fmt_bytes(phase.peak_above_baseline),
-        report.compute_meter,
+        super::phase_peak(&report, op.phase()),
         report.fallbacks.len(),
         output.dims(),
         job.output.display()

@@ -1,0 +1,90 @@
+//! `vpipe tensors dit`: one forward of the Wan DiT.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+use vpipe_mem::{fmt_bytes, MemorySession, Tier};
+use vpipe_models::ops::attention::QueryChunk;
+use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
+
+use crate::flags::DitJob;
+
+const PHASE: &str = "dit";
+/// Share of what the budget leaves after the weights that attention scores may take; the
+/// rest is for the block's other activations (the FFN's hidden state is the largest).
+const ATTENTION_BUDGET_SHARE: f64 = 0.25;
+
+pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
+    vpipe_ckpt::inspect(&job.dit)?;
+    let device = crate::device::open(&job.device)?;
+    let [latents, timestep, context] = super::read_inputs(
+        &job.input,
+        ["hidden_states", "timestep", "encoder_hidden_states"],
+    )?;
+    let mut session = MemorySession::new(device.clone(), job.budget)?;
+
+    let dit_id = session.phase("load", |p| -> anyhow::Result<_> {
+        Ok(p.register("dit", &job.dit, Some(job.dtype))?)
+    })?;
+    let output = session.phase(PHASE, |p| -> anyhow::Result<Tensor> {
+        p.make_resident(dit_id)?;
+        let output = {
+            let lease = p.lease(dit_id)?;
+            let mut model = crate::leased::wan_dit(&lease, job.config.as_ref(), job.dtype, &device)
+                .with_context(|| format!("--dit {}", job.dit.display()))?;
+            let scratch = match job.budget.compute {
+                Some(budget) => {
+                    let session = p.session();
+                    let in_use = p
+                        .read()?
+                        .compute_used()
+                        .saturating_sub(session.baseline().compute_used());
+                    let left = budget.saturating_sub(in_use);
+                    ((left as f64 * ATTENTION_BUDGET_SHARE) as u64).max(1 << 26)
+                }
+                None => DEFAULT_ATTENTION_SCRATCH,
+            };
+            model.set_attention_scratch(scratch);
+            let (b, _, f, h, w) = latents.dims5().unwrap_or((0, 0, 0, 0, 0));
+            if let Ok(grid) = model.token_grid(f, h, w) {
+                let tokens = grid.iter().product();
+                let (QueryChunk(self_rows), QueryChunk(cross_rows)) =
+                    model.query_chunks(b, tokens, context.dim(1).unwrap_or(0));
+                p.note(
+                    "attention chunks",
+                    &format!(
+                        "{tokens} tokens; {} of score scratch: {} query rows per self-attention pass, {} per cross-attention pass",
+                        fmt_bytes(scratch),
+                        self_rows.min(tokens),
+                        cross_rows.min(tokens)
+                    ),
+                );
+            }
+            let on_device = |t: &Tensor| t.to_device(&device);
+            let out = model
+                .forward(&on_device(&latents)?, &on_device(&timestep)?, &on_device(&context)?)
+                .context("dit forward")?;
+            out.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?
+        };
+        p.offload(dit_id, Tier::Disk)?;
+        p.declare_output("out", (output.elem_count() * 4) as u64);
+        Ok(output)
+    })?;
+    session.phase("write", |_| {
+        super::write_outputs(
+            &job.output,
+            &HashMap::from([("out".to_owned(), output.clone())]),
+        )
+    })?;
+
+    let report = super::finish_report(&session, job.report.as_deref())?;
+    println!(
+        "dit: peak {}; wrote 'out' {:?} to {}",
+        super::phase_peak(&report, PHASE),
+        output.dims(),
+        job.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

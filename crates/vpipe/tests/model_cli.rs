@@ -1,0 +1,180 @@
+//! `vpipe tensors dit` and `vpipe tensors schedule` against the diffusers fixtures of
+//! vpipe-models (`tools/fixtures/make_dit_fixtures.py`: tiny `WanTransformer3DModel`, f32, seed
+//! 31001) and vpipe-sampling (`tools/fixtures/make_sampling_fixtures.py`: diffusers 0.42.1
+//! schedulers driven with seeded model outputs).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+
+fn fixture(crate_dir: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crate_dir)
+        .join(name)
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn vpipe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vpipe"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    vpipe_models::ops::max_abs_diff(a, b).unwrap()
+}
+
+#[test]
+fn dit_through_the_cli_matches_diffusers_in_both_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = load(&fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_cases.safetensors",
+    ));
+    let input = dir.path().join("in.safetensors");
+    let inputs: HashMap<String, Tensor> = ["hidden_states", "timestep", "encoder_hidden_states"]
+        .into_iter()
+        .map(|k| (k.to_owned(), cases[&format!("batch2.{k}")].clone()))
+        .collect();
+    candle_core::safetensors::save(&inputs, &input).unwrap();
+    let config = fixture("vpipe-models", "tests/fixtures/dit/config.json");
+    let output = dir.path().join("out.safetensors");
+    let report = dir.path().join("report.json");
+    for file in ["dit_tiny_wan.safetensors", "dit_tiny_diffusers.safetensors"] {
+        let dit = fixture("vpipe-models", &format!("tests/fixtures/dit/{file}"));
+        let run = vpipe(&[
+            "tensors",
+            "dit",
+            "--dit",
+            dit.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = &load(&output)["out"];
+        let err = max_abs(out, &cases["batch2.out"]);
+        assert!(err <= 1e-4, "{file}: max abs {err}");
+        // The phases are recorded: the model came and went through the store.
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let phases: Vec<_> = report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(phases, ["load", "dit", "write"]);
+    }
+}
+
+#[test]
+fn dit_input_without_a_key_is_bad_input_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let t = Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("timestep".to_owned(), t)]), &input).unwrap();
+    let dit = fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_tiny_diffusers.safetensors",
+    );
+    let run = vpipe(&[
+        "tensors",
+        "dit",
+        "--dit",
+        dit.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        dir.path().join("o.safetensors").to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("'hidden_states'") && stderr.contains("'encoder_hidden_states'"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn schedule_through_the_cli_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = load(&fixture(
+        "vpipe-sampling",
+        "tests/fixtures/sampling_cases.safetensors",
+    ));
+    for (sampler, shift, steps, case) in [
+        ("euler", "5", 10, "euler_s5_n10"),
+        ("unipc", "3", 30, "unipc_s3_n30"),
+    ] {
+        let expected = &cases[&format!("{case}.samples")];
+        let input = dir.path().join("in.safetensors");
+        let x0 = expected.get(0).unwrap();
+        let outputs = cases["model_outputs"].narrow(0, 0, steps).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("x0".to_owned(), x0), ("model_outputs".to_owned(), outputs)]),
+            &input,
+        )
+        .unwrap();
+        let output = dir.path().join("out.safetensors");
+        let run = vpipe(&[
+            "tensors",
+            "schedule",
+            "--sampler",
+            sampler,
+            "--shift",
+            shift,
+            "--steps",
+            &steps.to_string(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let got = load(&output);
+        for key in ["samples", "sigmas", "timesteps"] {
+            let want = cases[&format!("{case}.{key}")]
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            let err = max_abs(&got[key], &want);
+            assert!(err <= 1e-5, "{case} {key}: max abs {err}");
+        }
+    }
+    let run = vpipe(&[
+        "tensors",
+        "schedule",
+        "--sampler",
+        "ddim",
+        "--shift",
+        "3",
+        "--steps",
+        "4",
+        "--input",
+        "x",
+        "--output",
+        "y",
+    ]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--sampler ddim"));
+}
