@@ -1,0 +1,474 @@
+//! Matching LoRA modules to model weights, and merging.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+
+use crate::error::{Error, Result};
+use crate::file::{LoraFile, Module, Naming, PairStyle};
+
+/// One contribution to one model weight.
+#[derive(Debug)]
+struct Patch {
+    strength: f64,
+    delta: Delta,
+}
+
+#[derive(Debug)]
+enum Delta {
+    /// `scale · up · down`, flattened to `[out, in·k…]` and reshaped to the weight.
+    LowRank {
+        /// shape [out, rank, 1…]
+        up: Tensor,
+        /// shape [rank, in, k…]
+        down: Tensor,
+        scale: f64,
+    },
+    /// `scale · delta`, same shape as the weight.
+    Full { delta: Tensor, scale: f64 },
+}
+
+impl Patch {
+    /// The patch in `dtype` on `device`, shaped like the weight.
+    fn delta(&self, dtype: DType, device: &Device, shape: &Shape) -> Result<Tensor> {
+        let out = match &self.delta {
+            Delta::LowRank { up, down, scale } => {
+                let rank = down.dims()[0];
+                let out_dim = up.dims()[0];
+                let up = up
+                    .to_device(device)?
+                    .to_dtype(dtype)?
+                    .reshape((out_dim, rank))?;
+                let down = down.to_device(device)?.to_dtype(dtype)?;
+                let in_flat = down.elem_count() / rank;
+                let down = down.reshape((rank, in_flat))?;
+                // One multiply by strength · alpha / rank, as ComfyUI does.
+                up.matmul(&down)?
+                    .affine(self.strength * scale, 0.0)?
+                    .reshape(shape)?
+            }
+            Delta::Full { delta, scale } => delta
+                .to_device(device)?
+                .to_dtype(dtype)?
+                .affine(self.strength * scale, 0.0)?,
+        };
+        Ok(out)
+    }
+}
+
+#[derive(Debug)]
+struct Target {
+    shape: Shape,
+    patches: Vec<Patch>,
+}
+
+/// What one LoRA file contributes to a [`MergePlan`], for logging ([`MergePlan::summary`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSummary {
+    /// The file name.
+    pub file: String,
+    /// The strength it is merged with.
+    pub strength: f64,
+    /// Key namings found (usually one).
+    pub namings: BTreeSet<Naming>,
+    /// Pair namings found (empty for a diff-only file).
+    pub pair_styles: BTreeSet<PairStyle>,
+    /// Low-rank pairs (one weight each).
+    pub pairs: usize,
+    /// Full weight deltas (`diff`).
+    pub diffs: usize,
+    /// Bias deltas (`diff_b`, `lora_B.bias`).
+    pub bias_diffs: usize,
+    /// Distinct ranks of the pairs.
+    pub ranks: BTreeSet<usize>,
+    /// Distinct alphas of the pairs, ascending.
+    pub alphas: Vec<f64>,
+    /// Pairs without alpha (scale 1).
+    pub pairs_without_alpha: usize,
+}
+
+impl FileSummary {
+    /// Model weights this file patches.
+    pub fn patches(&self) -> usize {
+        self.pairs + self.diffs + self.bias_diffs
+    }
+}
+
+impl fmt::Display for FileSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let namings: Vec<String> = self.namings.iter().map(|n| n.to_string()).collect();
+        write!(
+            f,
+            "{} (strength {}): {}; {} patches ({} low-rank",
+            self.file,
+            self.strength,
+            namings.join(", "),
+            self.patches(),
+            self.pairs
+        )?;
+        if !self.pair_styles.is_empty() {
+            let styles: Vec<String> = self.pair_styles.iter().map(|s| s.to_string()).collect();
+            write!(f, " {}", styles.join("+"))?;
+        }
+        write!(f, ", {} diff, {} bias diff)", self.diffs, self.bias_diffs)?;
+        if self.pairs > 0 {
+            write!(f, "; rank {:?}; alpha {:?}", self.ranks, self.alphas)?;
+            if self.pairs_without_alpha > 0 {
+                write!(
+                    f,
+                    " ({} pairs without alpha: scale 1)",
+                    self.pairs_without_alpha
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds the model weight a LoRA module names.
+struct Resolver<'a> {
+    weights: &'a BTreeMap<String, Shape>,
+    diffusers_to_original: &'a dyn Fn(&str) -> Option<String>,
+    /// kohya flat name (`blocks_0_self_attn_q`) → the model weights it spells.
+    flat: HashMap<String, Vec<String>>,
+}
+
+enum Resolved {
+    Weight(String),
+    Missing,
+    Ambiguous(Vec<String>),
+}
+
+impl<'a> Resolver<'a> {
+    fn new(
+        weights: &'a BTreeMap<String, Shape>,
+        diffusers_to_original: &'a dyn Fn(&str) -> Option<String>,
+    ) -> Self {
+        let mut flat: HashMap<String, Vec<String>> = HashMap::new();
+        for name in weights.keys() {
+            // ComfyUI builds `lora_unet_` names from `.weight` tensors; parameters without that
+            // suffix (`blocks.0.modulation`) are spelled in full.
+            let stem = name.strip_suffix(".weight").unwrap_or(name);
+            flat.entry(stem.replace('.', "_"))
+                .or_default()
+                .push(name.clone());
+        }
+        Self {
+            weights,
+            diffusers_to_original,
+            flat,
+        }
+    }
+
+    /// `stem.weight`, or the stem itself for parameters such as `modulation`.
+    fn original(&self, stem: &str) -> Option<String> {
+        [format!("{stem}.weight"), stem.to_string()]
+            .into_iter()
+            .find(|n| self.weights.contains_key(n))
+    }
+
+    fn diffusers(&self, stem: &str) -> Option<String> {
+        [format!("{stem}.weight"), stem.to_string()]
+            .iter()
+            .filter_map(|n| (self.diffusers_to_original)(n))
+            .find(|n| self.weights.contains_key(n))
+    }
+
+    fn resolve(&self, module: &Module) -> Resolved {
+        let name = module.name();
+        let found = |w: Option<String>| w.map_or(Resolved::Missing, Resolved::Weight);
+        match module.naming {
+            Naming::Original => found(self.original(name)),
+            Naming::Diffusers => found(self.diffusers(name)),
+            Naming::KohyaFlat | Naming::WanFun => match self.flat.get(name) {
+                None => Resolved::Missing,
+                Some(v) if v.len() == 1 => Resolved::Weight(v[0].clone()),
+                Some(v) => Resolved::Ambiguous(v.clone()),
+            },
+            Naming::Bare => match (self.original(name), self.diffusers(name)) {
+                (Some(a), Some(b)) if a != b => Resolved::Ambiguous(vec![a, b]),
+                (Some(a), _) | (None, Some(a)) => Resolved::Weight(a),
+                (None, None) => Resolved::Missing,
+            },
+        }
+    }
+}
+
+/// Which model weights get which LoRA patches: the result of matching one or more
+/// [`LoraFile`]s, each with its strength, against a model's weight names and shapes.
+///
+/// The patches of all files are summed onto each weight ([`MergePlan::apply`]), in f32 (f64 for
+/// an f64 weight) on the weight's device, and the result is cast back to the weight's dtype:
+///
+/// - low-rank pair: `ΔW = strength · (alpha / rank) · up · down`, `rank = down.shape[0]`, scale 1
+///   without alpha; conv weights (`patch_embedding`, `[out, in, 1, 2, 2]`) through the
+///   flattened `[out, in·1·2·2]` product;
+/// - `diff`: `ΔW = strength · diff`; `diff_b`: `Δbias = strength · diff_b`;
+/// - `lora_B.bias` (PEFT): `Δbias = strength · (alpha / rank) · bias`, as PEFT scales it.
+///
+/// These are ComfyUI's formulas (`comfy/lora.py`, `comfy/weight_adapter/lora.py`).
+///
+/// The plan remembers which weights it has patched, so that a loader can check afterwards that
+/// the model really asked for every patched weight under the planned name
+/// ([`MergePlan::ensure_all_applied`]).
+#[derive(Debug)]
+pub struct MergePlan {
+    targets: BTreeMap<String, Target>,
+    summaries: Vec<FileSummary>,
+    applied: Mutex<BTreeSet<String>>,
+}
+
+impl MergePlan {
+    /// Matches each LoRA's keys to `model_weights` and checks every shape.
+    ///
+    /// - `loras`: each file with its strength (ComfyUI's `strength_model`).
+    /// - `model_weights`: every weight of the model under its **original Wan / ComfyUI name**
+    ///   (`blocks.0.self_attn.q.weight`, `blocks.0.modulation`, `head.head.weight`, …), without
+    ///   any checkpoint prefix, with its shape.
+    /// - `diffusers_to_original`: maps a diffusers weight name (`blocks.0.attn1.to_q.weight`) to
+    ///   the original name, `None` if it knows none; used for `transformer.`-prefixed and bare
+    ///   LoRA keys.
+    ///
+    /// Kohya flat names (`lora_unet_blocks_0_self_attn_q`, Wan-Fun's `lora_unet__…`) are matched
+    /// against the model names with `.` replaced by `_`.
+    ///
+    /// # Errors
+    /// Per file, in this order: [`Error::Strength`] for a non-finite strength,
+    /// [`Error::Ambiguous`], [`Error::Unmatched`] listing every key that fits no weight,
+    /// [`Error::DuplicateTarget`], [`Error::ShapeMismatch`].
+    pub fn new(
+        loras: &[(&LoraFile, f64)],
+        model_weights: &BTreeMap<String, Shape>,
+        diffusers_to_original: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let resolver = Resolver::new(model_weights, diffusers_to_original);
+        let mut targets: BTreeMap<String, Target> = BTreeMap::new();
+        let mut summaries = Vec::new();
+        for &(lora, strength) in loras {
+            let file = lora.name().to_string();
+            if !strength.is_finite() {
+                return Err(Error::Strength { file, strength });
+            }
+            let mut summary = FileSummary {
+                file: file.clone(),
+                strength,
+                namings: lora.namings(),
+                pair_styles: BTreeSet::new(),
+                pairs: 0,
+                diffs: 0,
+                bias_diffs: 0,
+                ranks: BTreeSet::new(),
+                alphas: Vec::new(),
+                pairs_without_alpha: 0,
+            };
+            let mut unmatched = Vec::new();
+            // weight → (LoRA key, patch) of this file.
+            let mut mine: BTreeMap<String, Vec<(String, Delta)>> = BTreeMap::new();
+            for module in lora.modules() {
+                let weight = match resolver.resolve(module) {
+                    Resolved::Weight(w) => Some(w),
+                    Resolved::Missing => None,
+                    Resolved::Ambiguous(candidates) => {
+                        return Err(Error::Ambiguous {
+                            file,
+                            key: module.key.clone(),
+                            candidates,
+                        })
+                    }
+                };
+                let bias = weight
+                    .as_deref()
+                    .and_then(|w| w.strip_suffix(".weight"))
+                    .map(|stem| format!("{stem}.bias"))
+                    .filter(|b| model_weights.contains_key(b));
+                let scale = module.pair.as_ref().map_or(1.0, |p| p.scale());
+                if let Some(p) = &module.pair {
+                    match &weight {
+                        Some(w) => mine.entry(w.clone()).or_default().push((
+                            p.up_key.clone(),
+                            Delta::LowRank {
+                                up: p.up.clone(),
+                                down: p.down.clone(),
+                                scale,
+                            },
+                        )),
+                        None => unmatched.extend([p.down_key.clone(), p.up_key.clone()]),
+                    }
+                }
+                if let Some(d) = &module.diff {
+                    match &weight {
+                        Some(w) => mine.entry(w.clone()).or_default().push((
+                            d.key.clone(),
+                            Delta::Full {
+                                delta: d.delta.clone(),
+                                scale: 1.0,
+                            },
+                        )),
+                        None => unmatched.push(d.key.clone()),
+                    }
+                }
+                for (d, scale) in [(&module.diff_b, 1.0), (&module.peft_bias, scale)] {
+                    let Some(d) = d else { continue };
+                    match &bias {
+                        Some(b) => mine.entry(b.clone()).or_default().push((
+                            d.key.clone(),
+                            Delta::Full {
+                                delta: d.delta.clone(),
+                                scale,
+                            },
+                        )),
+                        None => unmatched.push(d.key.clone()),
+                    }
+                }
+            }
+            if !unmatched.is_empty() {
+                unmatched.sort();
+                return Err(Error::Unmatched {
+                    file,
+                    keys: unmatched,
+                });
+            }
+            for (weight, mut patches) in mine {
+                if patches.len() > 1 {
+                    return Err(Error::DuplicateTarget {
+                        file,
+                        weight,
+                        keys: patches.into_iter().map(|(k, _)| k).collect(),
+                    });
+                }
+                let (key, delta) = patches.pop().expect("one patch per weight");
+                let shape = &model_weights[&weight];
+                check_shape(&file, &key, &delta, &weight, shape)?;
+                match (&delta, weight.ends_with(".bias")) {
+                    (_, true) => summary.bias_diffs += 1,
+                    (Delta::LowRank { .. }, false) => summary.pairs += 1,
+                    (Delta::Full { .. }, false) => summary.diffs += 1,
+                }
+                targets
+                    .entry(weight)
+                    .or_insert_with(|| Target {
+                        shape: shape.clone(),
+                        patches: Vec::new(),
+                    })
+                    .patches
+                    .push(Patch { strength, delta });
+            }
+            for p in lora.modules().iter().filter_map(|m| m.pair.as_ref()) {
+                summary.pair_styles.insert(p.style);
+                summary.ranks.insert(p.rank());
+                match p.alpha {
+                    Some(a) if !summary.alphas.contains(&a) => summary.alphas.push(a),
+                    Some(_) => {}
+                    None => summary.pairs_without_alpha += 1,
+                }
+            }
+            summary.alphas.sort_by(f64::total_cmp);
+            summaries.push(summary);
+        }
+        Ok(Self {
+            targets,
+            summaries,
+            applied: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// The model weights that get at least one patch, sorted.
+    pub fn patched_weights(&self) -> impl Iterator<Item = &str> {
+        self.targets.keys().map(String::as_str)
+    }
+
+    /// Whether `name` gets a patch.
+    pub fn patches(&self, name: &str) -> bool {
+        self.targets.contains_key(name)
+    }
+
+    /// Per file: naming, patch counts, ranks, alphas. Each implements `Display` for logging.
+    pub fn summary(&self) -> &[FileSummary] {
+        &self.summaries
+    }
+
+    /// The merged weight: `weight` plus every patch planned for `name`, computed in f32 (f64 for
+    /// an f64 weight) on `weight`'s device, returned in `weight`'s dtype. A weight the plan does
+    /// not patch comes back unchanged (a cheap clone of the same storage).
+    ///
+    /// # Shapes
+    /// `weight` must have the shape given for `name` in the plan's model weight list; the
+    /// result has the same shape.
+    pub fn apply(&self, name: &str, weight: &Tensor) -> Result<Tensor> {
+        let Some(target) = self.targets.get(name) else {
+            return Ok(weight.clone());
+        };
+        if weight.shape() != &target.shape {
+            return Err(Error::WeightShape {
+                weight: name.to_string(),
+                expected: target.shape.clone(),
+                got: weight.shape().clone(),
+            });
+        }
+        let compute = if weight.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let device = weight.device();
+        let mut acc = weight.to_dtype(compute)?;
+        for patch in &target.patches {
+            acc = (acc + patch.delta(compute, device, &target.shape)?)?;
+        }
+        let merged = acc.to_dtype(weight.dtype())?;
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        Ok(merged)
+    }
+
+    /// Patched weights that [`MergePlan::apply`] has not been called for yet, sorted.
+    pub fn unapplied(&self) -> Vec<String> {
+        let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        self.targets
+            .keys()
+            .filter(|k| !applied.contains(*k))
+            .cloned()
+            .collect()
+    }
+
+    /// Fails with [`Error::NotApplied`] if some patched weight was never merged, e.g. because
+    /// the model loads it under another name than the one the plan was made with. Call it after
+    /// building the model through a [`crate::LoraBackend`].
+    pub fn ensure_all_applied(&self) -> Result<()> {
+        let weights = self.unapplied();
+        if weights.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotApplied { weights })
+        }
+    }
+}
+
+fn check_shape(file: &str, key: &str, delta: &Delta, weight: &str, shape: &Shape) -> Result<()> {
+    let dims = shape.dims();
+    let (fits, lora_shape) = match delta {
+        Delta::LowRank { up, down, .. } => {
+            let rank = down.dims()[0];
+            let fits = !dims.is_empty()
+                && up.dims()[0] == dims[0]
+                && down.elem_count() / rank == shape.elem_count() / dims[0];
+            (fits, format!("up {:?} · down {:?}", up.dims(), down.dims()))
+        }
+        Delta::Full { delta, .. } => (delta.dims() == dims, format!("{:?}", delta.dims())),
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            file: file.to_string(),
+            key: key.to_string(),
+            lora_shape,
+            weight: weight.to_string(),
+            weight_shape: shape.clone(),
+        })
+    }
+}
