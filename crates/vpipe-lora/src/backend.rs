@@ -54,7 +54,7 @@ impl<'a> LoraBackend<'a> {
 
     fn merge(&self, name: &str, weight: Tensor) -> candle_core::Result<Tensor> {
         self.plan.apply(name, &weight).map_err(|e| match e {
-            Error::Candle(e) => e,
+            Error::Candle(e) => *e,
             e => candle_core::Error::wrap(e),
         })
     }

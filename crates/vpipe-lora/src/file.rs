@@ -194,7 +194,7 @@ impl LoraFile {
         let path = path.as_ref();
         let read_err = |source| Error::Read {
             path: path.display().to_string(),
-            source,
+            source: Box::new(source),
         };
         let bytes = std::fs::read(path).map_err(|e| read_err(e.into()))?;
         let tensors =
@@ -326,6 +326,8 @@ impl LoraFile {
                         ));
                         continue;
                     }
+                    // A pair spelled half PEFT, half kohya (lora_A + lora_up) still has one
+                    // meaning; it is reported as down/up.
                     let style = if ds == us { ds } else { PairStyle::DownUp };
                     let alpha = match (alpha, style) {
                         (None, PairStyle::Peft) => metadata_alpha,

@@ -118,7 +118,7 @@ impl fmt::Display for FileSummary {
             if self.pairs_without_alpha > 0 {
                 write!(
                     f,
-                    " ({} pairs without alpha: scale 1)",
+                    " ({} pair(s) without alpha: scale 1)",
                     self.pairs_without_alpha
                 )?;
             }
@@ -468,7 +468,7 @@ fn check_shape(file: &str, key: &str, delta: &Delta, weight: &str, shape: &Shape
             key: key.to_string(),
             lora_shape,
             weight: weight.to_string(),
-            weight_shape: shape.clone(),
+            weight_shape: dims.into(),
         })
     }
 }

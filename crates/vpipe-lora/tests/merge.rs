@@ -67,6 +67,21 @@ fn peft_alpha_not_rank() {
 }
 
 #[test]
+fn unprefixed_original_names() {
+    // DiffSynth-style keys without a prefix: tried as original and as diffusers names.
+    let all =
+        candle_core::safetensors::load(common::fixture("lora_peft.safetensors"), &Device::Cpu)
+            .unwrap();
+    let bare: HashMap<String, Tensor> = all
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("diffusion_model.").unwrap().to_string(), v))
+        .collect();
+    let f = LoraFile::from_tensors("bare.safetensors", bare).unwrap();
+    assert_eq!(f.namings(), BTreeSet::from([Naming::Bare]));
+    check(&plan(&[(&f, 1.0)]), "peft_1");
+}
+
+#[test]
 fn strength_scales_the_delta() {
     let f = lora("peft");
     for (strength, name) in [(0.7, "peft_0.7"), (-1.5, "peft_-1.5")] {
