@@ -380,7 +380,7 @@ impl MergePlan {
     }
 
     /// Whether `name` gets a patch.
-    pub fn patches(&self, name: &str) -> bool {
+    pub fn is_patched(&self, name: &str) -> bool {
         self.targets.contains_key(name)
     }
 

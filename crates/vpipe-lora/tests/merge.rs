@@ -106,7 +106,7 @@ fn down_up_conv_and_global_layers() {
     assert_eq!(s.pair_styles, BTreeSet::from([PairStyle::DownUp]));
     assert_eq!(s.alphas, vec![0.5, 1.5]);
     assert_eq!(s.pairs_without_alpha, 1);
-    assert!(p.patches("patch_embedding.weight"));
+    assert!(p.is_patched("patch_embedding.weight"));
     eprintln!("{s}");
     check(&p, "downup_1");
 }
@@ -125,7 +125,7 @@ fn diff_and_diff_b() {
         "blocks.1.modulation",
         "patch_embedding.bias",
     ] {
-        assert!(p.patches(w), "{w}");
+        assert!(p.is_patched(w), "{w}");
     }
     check(&p, "diff_1");
     check(&plan(&[(&f, 0.4)]), "diff_0.4");
@@ -252,7 +252,7 @@ fn cross_check(file: &str, strength: &str) -> Vec<String> {
     let fused = case(&format!("xcheck_lora_{file}_{strength}"));
     let mut worst = 0f32;
     for (name, want) in &fused {
-        assert!(p.patches(name), "diffusers changed {name}, we do not");
+        assert!(p.is_patched(name), "diffusers changed {name}, we do not");
         let err = max_abs_diff(&p.apply(name, &model()[name]).unwrap(), want);
         assert!(err <= TOL, "{file}: {name} off by {err} from diffusers");
         worst = worst.max(err);
