@@ -72,8 +72,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Resul
     Ok(out)
 }
 
+/// One pass; the scale goes on the query rows ([c, D]) rather than the scores ([c, Lk]), a
+/// pass over far fewer elements.
 fn attend(q: &Tensor, kt: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (q.matmul(kt)? * scale)?;
+    let scores = (q * scale)?.matmul(kt)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
 }
 

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""diffusers/transformers side of the DiT and umT5 benchmarks (same card, same call as vpipe's).
+
+    python3 bench/dit_gpu.py dit [--reps 2]     # WanTransformer3DModel 14B, bf16, SDPA
+    python3 bench/dit_gpu.py umt5 [--reps 5]    # UMT5EncoderModel (umT5-xxl), bf16, 512 tokens
+
+Random weights built directly on the device (speed and memory do not depend on the values),
+with the modules diffusers keeps in fp32 (`_keep_in_fp32_modules`) upcast as from_pretrained
+would. Prints one JSON object per measurement: median seconds of `reps` synchronized runs after
+one warm-up, and torch's peak allocated bytes above what was allocated before the call. The
+attention share is SDPA alone on q/k/v of the model's shapes (the [B,S,H,D]→[B,H,S,D] layout
+diffusers passes), per block kind, times the number of blocks.
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+GIB = 2**30
+DEV = "cuda"
+
+
+def emit(**rec):
+    print(json.dumps(rec), flush=True)
+
+
+def measure(fn, reps):
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], (torch.cuda.max_memory_allocated() - before) / GIB
+
+
+def build(ctor):
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = ctor()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name.split(".") for k in keep):
+                p.data = p.data.float()
+    return model.eval().requires_grad_(False)
+
+
+def dit(reps):
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+               patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    t0 = time.perf_counter()
+    model = build(lambda: WanTransformer3DModel(**cfg))
+    torch.cuda.synchronize()
+    emit(what="build", weights_gib=torch.cuda.memory_allocated() / GIB, build_s=time.perf_counter() - t0,
+         torch=torch.__version__)
+    F, H, W, L = 21, 60, 104, 512
+    tokens = F * (H // 2) * (W // 2)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for B in (2, 1):
+        hs = torch.randn(B, 16, F, H, W, generator=g, device=DEV).to(torch.bfloat16)
+        ehs = torch.randn(B, L, 4096, generator=g, device=DEV).to(torch.bfloat16)
+        ts = torch.full((B,), 999.0, device=DEV)
+        fwd = lambda: model(hidden_states=hs, timestep=ts, encoder_hidden_states=ehs, return_dict=False)
+        step, peak = measure(fwd, reps)
+        q = torch.randn(B, tokens, 40, 128, device=DEV, dtype=torch.bfloat16).permute(0, 2, 1, 3)
+        kv = torch.randn(B, L, 40, 128, device=DEV, dtype=torch.bfloat16).permute(0, 2, 1, 3)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        self_s, _ = measure(lambda: sdpa(q, q, q), reps)
+        cross_s, _ = measure(lambda: sdpa(q, kv, kv), reps)
+        attn = (self_s + cross_s) * cfg["num_layers"]
+        emit(what="forward", batch=B, tokens=tokens, text_len=L, forward_s=step, peak_above_weights_gib=peak,
+             attention_s=attn, non_attention_s=step - attn, self_attention_layer_s=self_s,
+             cross_attention_layer_s=cross_s)
+        del hs, ehs, q, kv
+        torch.cuda.empty_cache()
+
+
+def umt5(reps):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=256384,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+                     is_encoder_decoder=False)
+    model = build(lambda: UMT5EncoderModel(cfg)).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    emit(what="umt5 build", weights_gib=torch.cuda.memory_allocated() / GIB,
+         attn=getattr(model.config, "_attn_implementation", None))
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for B in (1, 2):
+        ids = torch.randint(0, cfg.vocab_size, (B, 512), generator=g, device=DEV)
+        mask = torch.ones(B, 512, dtype=torch.long, device=DEV)
+        t, peak = measure(lambda: model(input_ids=ids, attention_mask=mask).last_hidden_state, reps)
+        emit(what="umt5 encode", batch=B, tokens=512, encode_s=t, peak_above_weights_gib=peak)
+
+
+if __name__ == "__main__":
+    section = sys.argv[1]
+    reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 2
+    {"dit": dit, "umt5": umt5}[section](reps)

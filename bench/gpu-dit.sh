@@ -1,0 +1,28 @@
+#!/bin/bash
+# Device-machine run for issue 4: the 14B DiT step with CFG (vpipe vs diffusers SDPA) and the
+# umT5-xxl encoder (vpipe vs transformers), full size, random bf16 weights, same card, same call.
+# Needs .carry/dit_bench.xz (and .carry/umt5_bench.xz when present) from a CUDA build, .whl/ with
+# diffusers 0.42.1. Run with carry [".carry", ".whl"]; results in $OUT/dit.jsonl and log.
+set -u
+OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site
+mkdir -p /tmp/vpipe-bin
+for b in dit_bench umt5_bench; do
+  [ -f .carry/$b.xz ] && xz -dc .carry/$b.xz > /tmp/vpipe-bin/$b && chmod +x /tmp/vpipe-bin/$b
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+date -u
+{
+  echo "=== vpipe DiT 14B"
+  timeout 330 /tmp/vpipe-bin/dit_bench --preset wan2.1-t2v-14b --scratch-gib ${SCRATCH_GIB:-4} --reps 2 | sed 's/^/vpipe /'
+  echo "=== diffusers DiT 14B"
+  timeout 240 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+  if [ -x /tmp/vpipe-bin/umt5_bench ]; then
+    echo "=== vpipe umT5-xxl"
+    timeout 120 /tmp/vpipe-bin/umt5_bench --reps 5 | sed 's/^/vpipe /'
+    echo "=== transformers umT5-xxl"
+    timeout 120 python3 bench/dit_gpu.py umt5 --reps 5 | sed 's/^/transformers /'
+  fi
+} 2>&1 | tee "$OUT/dit.log"

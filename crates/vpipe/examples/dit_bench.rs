@@ -1,0 +1,140 @@
+//! DiT benchmark at full size: the Wan 2.1 14B architecture with random bf16 weights, one
+//! denoising step with CFG at 832×480×81 (32 760 tokens, 512 text tokens), time and measured
+//! device memory, split into attention and the rest.
+//!
+//! ```text
+//! cargo build --release --features cuda -p vpipe --example dit_bench
+//! dit_bench --preset wan2.1-t2v-14b --scratch-gib 4 --reps 2 > dit.jsonl
+//! dit_bench --preset wan2.1-t2v-1.3b --layers 1 --latent 1,4,4 --device cpu   # script check
+//! ```
+//!
+//! Prints one JSON object per measurement. Memory is the CUDA pool's high-water mark above
+//! what was in use before the call (the weights), read through vpipe-mem's meters. The
+//! attention share is measured by timing the attention function alone on tensors of the
+//! model's shapes, once per block kind, times the number of blocks.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::json;
+use vpipe_mem::Meters;
+use vpipe_models::ops::attention::attention;
+use vpipe_models::wan::dit::{Config, WanModel};
+
+mod common;
+use common::{measure, RandomWeights, GIB};
+
+struct Args {
+    preset: String,
+    scratch_gib: f64,
+    reps: usize,
+    /// Latent frames, height, width (832×480×81 → 21, 60, 104).
+    latent: [usize; 3],
+    /// Fewer blocks than the preset (a quick check of the script on a CPU).
+    layers: Option<usize>,
+    cpu: bool,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        preset: "wan2.1-t2v-14b".into(),
+        scratch_gib: 4.0,
+        reps: 2,
+        latent: [21, 60, 104],
+        layers: None,
+        cpu: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--preset" => args.preset = value,
+            "--scratch-gib" => args.scratch_gib = value.parse().expect("--scratch-gib X"),
+            "--reps" => args.reps = value.parse().expect("--reps N"),
+            "--latent" => {
+                let v: Vec<usize> = value
+                    .split(',')
+                    .map(|x| x.parse().expect("--latent F,H,W"))
+                    .collect();
+                args.latent = [v[0], v[1], v[2]];
+            }
+            "--layers" => args.layers = Some(value.parse().expect("--layers N")),
+            "--device" => args.cpu = value == "cpu",
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    args
+}
+
+fn main() -> Result<()> {
+    let args = parse_args();
+    let device = if args.cpu {
+        Device::Cpu
+    } else {
+        Device::new_cuda(0)?
+    };
+    let meters = Meters::for_device(&device).expect("meters");
+    let mut cfg = Config::preset(&args.preset).expect("preset: wan2.1-t2v-14b or wan2.1-t2v-1.3b");
+    if let Some(layers) = args.layers {
+        cfg.num_layers = layers;
+    }
+    let dtype = DType::BF16;
+
+    let start = Instant::now();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+    let mut model = WanModel::new(&cfg, vb).map_err(candle_core::Error::wrap)?;
+    device.synchronize()?;
+    let scratch = (args.scratch_gib * GIB) as u64;
+    model.set_attention_scratch(scratch);
+    let weights = meters.read().expect("meter").compute_used() as f64 / GIB;
+    println!(
+        "{}",
+        json!({"what": "build", "preset": args.preset, "params": cfg.parameter_count(),
+        "weights_gib": weights, "build_s": start.elapsed().as_secs_f64()}),
+    );
+
+    let [frames, height, width] = args.latent;
+    let text_len = 512;
+    let tokens = frames * (height / 2) * (width / 2);
+    for batch in [2usize, 1] {
+        let latents = Tensor::randn(
+            0f32,
+            1.,
+            (batch, cfg.in_channels, frames, height, width),
+            &device,
+        )?
+        .to_dtype(dtype)?;
+        let timestep = Tensor::new(vec![999f32; batch], &device)?;
+        let context =
+            Tensor::randn(0f32, 1., (batch, text_len, cfg.text_dim), &device)?.to_dtype(dtype)?;
+        let (step_s, peak_gib) = measure(&device, &meters, args.reps, || {
+            model
+                .forward(&latents, &timestep, &context)
+                .map(drop)
+                .map_err(candle_core::Error::wrap)
+        })?;
+
+        let (self_chunk, cross_chunk) = model.query_chunks(batch, tokens, text_len);
+        let (h, hd) = (cfg.num_heads, cfg.head_dim());
+        let q = Tensor::randn(0f32, 1., (batch, h, tokens, hd), &device)?.to_dtype(dtype)?;
+        let kv_text =
+            Tensor::randn(0f32, 1., (batch, h, text_len, hd), &device)?.to_dtype(dtype)?;
+        let (self_s, _) = measure(&device, &meters, args.reps, || {
+            attention(&q, &q, &q, self_chunk).map(drop)
+        })?;
+        let (cross_s, _) = measure(&device, &meters, args.reps, || {
+            attention(&q, &kv_text, &kv_text, cross_chunk).map(drop)
+        })?;
+        let attention_s = (self_s + cross_s) * cfg.num_layers as f64;
+        println!(
+            "{}",
+            json!({"what": "forward", "batch": batch, "tokens": tokens, "text_len": text_len,
+            "forward_s": step_s, "peak_above_weights_gib": peak_gib,
+            "attention_s": attention_s, "non_attention_s": step_s - attention_s,
+            "self_attention_layer_s": self_s, "cross_attention_layer_s": cross_s,
+            "scratch_gib": args.scratch_gib, "self_chunk_rows": self_chunk.0, "cross_chunk_rows": cross_chunk.0.min(tokens)}),
+        );
+    }
+    Ok(())
+}
