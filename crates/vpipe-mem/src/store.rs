@@ -333,7 +333,10 @@ mod tests {
         let bf16 = Some(DType::BF16);
         assert_eq!(resident_dtype(DType::F32, &[16, 16], bf16), DType::BF16);
         assert_eq!(resident_dtype(DType::F16, &[4], bf16), DType::BF16);
-        assert_eq!(resident_dtype(DType::F8E4M3, &[16, 16], bf16), DType::F8E4M3);
+        assert_eq!(
+            resident_dtype(DType::F8E4M3, &[16, 16], bf16),
+            DType::F8E4M3
+        );
         assert_eq!(resident_dtype(DType::F32, &[1], bf16), DType::F32);
         assert_eq!(resident_dtype(DType::F32, &[], bf16), DType::F32);
         // The bytes of an embedded tokenizer model are not numbers to convert.
