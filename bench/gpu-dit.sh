@@ -9,17 +9,23 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site
 mkdir -p /tmp/vpipe-bin
-for b in dit_bench umt5_bench; do
+for b in dit_bench umt5_bench dit_parity; do
   [ -f .carry/$b.xz ] && xz -dc .carry/$b.xz > /tmp/vpipe-bin/$b && chmod +x /tmp/vpipe-bin/$b
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 date -u
 {
+  if [ -x /tmp/vpipe-bin/dit_parity ]; then
+    echo "=== DiT parity on the GPU (fused kernels vs diffusers fixtures)"
+    # The test binary finds its fixtures under the path it was built in.
+    [ -e /work/main/crates ] || { mkdir -p /work && ln -sfn "$PWD" /work/main; }
+    timeout 120 /tmp/vpipe-bin/dit_parity --nocapture --test-threads 1 2>&1 | grep -E "max abs|test result|panicked|FAILED"
+  fi
   echo "=== vpipe DiT 14B"
   timeout 330 /tmp/vpipe-bin/dit_bench --preset wan2.1-t2v-14b --scratch-gib ${SCRATCH_GIB:-4} --reps 2 | sed 's/^/vpipe /'
   echo "=== diffusers DiT 14B"
   timeout 240 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
-  if [ -x /tmp/vpipe-bin/umt5_bench ]; then
+  if [ -x /tmp/vpipe-bin/umt5_bench ] && [ -z "${SKIP_UMT5:-}" ]; then
     echo "=== vpipe umT5-xxl"
     timeout 120 /tmp/vpipe-bin/umt5_bench --reps 5 | sed 's/^/vpipe /'
     echo "=== transformers umT5-xxl"

@@ -2,7 +2,10 @@
 //! nvcc (the same one candle-kernels uses: `CUDA_HOME` / `PATH`, `CUDA_COMPUTE_CAP`).
 
 fn main() {
-    println!("cargo:rerun-if-changed=kernels/rms_channels.cu");
+    const KERNELS: [&str; 2] = ["rms_channels", "dit"];
+    for name in KERNELS {
+        println!("cargo:rerun-if-changed=kernels/{name}.cu");
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -13,11 +16,13 @@ fn main() {
         .map(|home| std::path::PathBuf::from(home).join("bin/nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
-    let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])
-        .arg(out.join("rms_channels.ptx"))
-        .arg("kernels/rms_channels.cu")
-        .status()
-        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on kernels/rms_channels.cu");
+    for name in KERNELS {
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])
+            .arg(out.join(format!("{name}.ptx")))
+            .arg(format!("kernels/{name}.cu"))
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+        assert!(status.success(), "nvcc failed on kernels/{name}.cu");
+    }
 }

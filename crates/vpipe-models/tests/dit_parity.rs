@@ -190,3 +190,54 @@ fn chunked_attention_does_not_change_the_output() {
     let err = max_abs_diff(&chunked, &full).unwrap();
     assert!(err <= 1e-5, "{err}");
 }
+
+/// The fused CUDA kernels (layer norm + modulation, gated residual, RoPE + head split) against
+/// the same diffusers outputs; f32 on the GPU, and bf16 within the CPU bf16 bound.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches_diffusers() {
+    let device = Device::new_cuda(0).unwrap();
+    let cases = cases();
+    for (dtype, tol_share) in [(DType::F32, None), (DType::BF16, Some(0.05))] {
+        let model = WanModel::from_file(
+            fixture("dit_tiny_wan_fp8.safetensors"),
+            Some(&config()),
+            dtype,
+            &device,
+        )
+        .unwrap();
+        for case in CASES {
+            let get = |k: &str| cases[&format!("{case}.{k}")].to_device(&device).unwrap();
+            let out = model
+                .forward(
+                    &get("hidden_states"),
+                    &get("timestep"),
+                    &get("encoder_hidden_states"),
+                )
+                .unwrap_or_else(|e| panic!("cuda {dtype:?} {case}: {e}"))
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let expected = &cases[&format!("{case}.out_fp8")];
+            let err = max_abs_diff(&out, expected).unwrap();
+            let tol = match tol_share {
+                None => TOL,
+                Some(share) => {
+                    share
+                        * expected
+                            .abs()
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .max(0)
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap() as f64
+                }
+            };
+            println!("cuda {dtype:?} {case}: max abs {err:.3e} (bound {tol:.1e})");
+            assert!(err <= tol, "cuda {dtype:?} {case}: {err}");
+        }
+    }
+}

@@ -10,8 +10,9 @@
 //!
 //! Prints one JSON object per measurement. Memory is the CUDA pool's high-water mark above
 //! what was in use before the call (the weights), read through vpipe-mem's meters. The
-//! attention share is measured by timing the attention function alone on tensors of the
-//! model's shapes, once per block kind, times the number of blocks.
+//! attention share is measured twice: the attention function alone on tensors of the model's
+//! shapes, once per block kind, times the number of blocks; and every attention call inside one
+//! more forward, each between two device synchronisations.
 
 use std::time::Instant;
 
@@ -19,7 +20,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
 use vpipe_mem::Meters;
-use vpipe_models::ops::attention::attention;
+use vpipe_models::ops::attention::{attention, time_calls, timed_seconds};
 use vpipe_models::wan::dit::{Config, WanModel};
 
 mod common;
@@ -127,12 +128,24 @@ fn main() -> Result<()> {
             attention(&q, &kv_text, &kv_text, cross_chunk).map(drop)
         })?;
         let attention_s = (self_s + cross_s) * cfg.num_layers as f64;
+        // Once more with every attention call timed inside the forward (synchronised).
+        time_calls(true);
+        let start = Instant::now();
+        model
+            .forward(&latents, &timestep, &context)
+            .map_err(candle_core::Error::wrap)?;
+        device.synchronize()?;
+        let timed_forward_s = start.elapsed().as_secs_f64();
+        let in_model_attention_s = timed_seconds();
+        time_calls(false);
         println!(
             "{}",
             json!({"what": "forward", "batch": batch, "tokens": tokens, "text_len": text_len,
             "forward_s": step_s, "peak_above_weights_gib": peak_gib,
             "attention_s": attention_s, "non_attention_s": step_s - attention_s,
             "self_attention_layer_s": self_s, "cross_attention_layer_s": cross_s,
+            "timed_forward_s": timed_forward_s, "in_model_attention_s": in_model_attention_s,
+            "in_model_non_attention_s": timed_forward_s - in_model_attention_s,
             "scratch_gib": args.scratch_gib, "self_chunk_rows": self_chunk.0, "cross_chunk_rows": cross_chunk.0.min(tokens)}),
         );
     }

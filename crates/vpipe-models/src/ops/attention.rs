@@ -4,7 +4,25 @@
 //! This is the one function every attention in the models calls, so that a fused kernel can
 //! replace it without touching the models.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use candle_core::{DType, Result, Tensor};
+
+static TIMING: AtomicBool = AtomicBool::new(false);
+static TIMED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Starts (or stops) timing every [`attention`] call with a device synchronisation before and
+/// after it, and resets the total; for benchmarks that split a model's time into attention
+/// and the rest. The synchronisations cost a little time themselves.
+pub fn time_calls(on: bool) {
+    TIMED_NANOS.store(0, Ordering::Relaxed);
+    TIMING.store(on, Ordering::Relaxed);
+}
+
+/// Seconds spent in [`attention`] since [`time_calls`]`(true)`.
+pub fn timed_seconds() -> f64 {
+    TIMED_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
+}
 
 /// How many query rows one attention pass handles at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +63,18 @@ impl QueryChunk {
 /// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D], all contiguous and of one dtype.
 /// - output: [B, H, Lq, D].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
+    if !TIMING.load(Ordering::Relaxed) {
+        return chunked(q, k, v, chunk);
+    }
+    q.device().synchronize()?;
+    let start = std::time::Instant::now();
+    let out = chunked(q, k, v, chunk)?;
+    q.device().synchronize()?;
+    TIMED_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    Ok(out)
+}
+
+fn chunked(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let (_, _, lk, dk) = k.dims4()?;
     if dk != d || v.dims4()? != (b, h, lk, d) || k.dims4()?.0 != b || k.dims4()?.1 != h {

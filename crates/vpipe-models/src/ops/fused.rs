@@ -86,3 +86,217 @@ pub fn rms_norm_channels(
         other => candle_core::bail!("rms_channels: no kernel for {other:?}"),
     }
 }
+
+const DIT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit.ptx"));
+
+/// The kernel-name suffix of a dtype, and the check that the DiT kernels have it.
+fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => candle_core::bail!("vpipe DiT kernels: no kernel for {other:?}"),
+    }
+}
+
+/// A contiguous CUDA tensor's raw device pointer (the tensor must stay alive while it is used).
+fn device_ptr(t: &Tensor) -> candle_core::Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        candle_core::bail!("vpipe DiT kernels: tensors must be on the CUDA device")
+    };
+    if !layout.is_contiguous() {
+        candle_core::bail!("vpipe DiT kernels: tensors must be contiguous");
+    }
+    let offset = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
+    let stream = cuda.device.cuda_stream();
+    let base = match &cuda.slice {
+        candle_core::cuda_backend::CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+        candle_core::cuda_backend::CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        candle_core::cuda_backend::CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+        candle_core::cuda_backend::CudaStorageSlice::F8E4M3(s) => s.device_ptr(&stream).0,
+        _ => candle_core::bail!("vpipe DiT kernels: unsupported dtype {:?}", t.dtype()),
+    };
+    Ok(base + offset)
+}
+
+/// An uninitialised CUDA tensor like `like` (device, dtype) of `shape`, and its device pointer;
+/// the kernel that receives the pointer must write every element.
+fn empty(like: &Tensor, shape: &[usize]) -> candle_core::Result<(Tensor, u64)> {
+    let device = like.device().as_cuda_device()?.clone();
+    let n: usize = shape.iter().product();
+    let stream = device.cuda_stream();
+    // SAFETY (all three): the caller's kernel writes every element.
+    let storage = match like.dtype() {
+        DType::F32 => {
+            CudaStorage::wrap_cuda_slice(unsafe { stream.alloc::<f32>(n) }.w()?, device.clone())
+        }
+        DType::BF16 => CudaStorage::wrap_cuda_slice(
+            unsafe { stream.alloc::<half::bf16>(n) }.w()?,
+            device.clone(),
+        ),
+        DType::F16 => CudaStorage::wrap_cuda_slice(
+            unsafe { stream.alloc::<half::f16>(n) }.w()?,
+            device.clone(),
+        ),
+        other => candle_core::bail!("vpipe DiT kernels: no kernel for {other:?}"),
+    };
+    let out = Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false);
+    let ptr = device_ptr(&out)?;
+    Ok((out, ptr))
+}
+
+/// `LN(x) · mul[b] + add[b]`: layer norm without affine over the last dimension with f32
+/// statistics, then a per-sample (or shared) f32 multiply-add, rounded once to `x`'s dtype.
+///
+/// # Shapes
+/// - `x`: [B, L, D]; `mul`, `add`: [B, 1, D] or [1, 1, D], f32. Returns [B, L, D].
+pub fn ln_modulate(
+    x: &Tensor,
+    mul: &Tensor,
+    add: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    let x = x.contiguous()?;
+    let mod_batches = mul.dim(0)?;
+    let stride = if mod_batches == 1 { 0i64 } else { d as i64 };
+    let mul = mul.to_dtype(DType::F32)?.contiguous()?;
+    let add = add.to_dtype(DType::F32)?.contiguous()?;
+    let (xp, mp, ap) = (device_ptr(&x)?, device_ptr(&mul)?, device_ptr(&add)?);
+    let cfg = LaunchConfig {
+        grid_dim: ((b * l) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (d * 4) as u32,
+    };
+    let (dim, rows, eps) = (d as i32, l as i64, eps);
+    let (out, op) = empty(&x, &[b, l, d])?;
+    let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("ln_modulate_{}", suffix(x.dtype())?),
+        "vpipe_dit",
+        DIT_PTX,
+    )?;
+    let mut a = func.builder();
+    a.arg(&xp);
+    a.arg(&mp);
+    a.arg(&ap);
+    a.arg(&op);
+    a.arg(&dim);
+    a.arg(&rows);
+    a.arg(&stride);
+    a.arg(&eps);
+    // SAFETY: arguments match `ln_modulate_*` in kernels/dit.cu; the pointers belong to live,
+    // contiguous tensors of the sizes the kernel reads and writes.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// `x + r · gate[b]` in f32, rounded once to `x`'s dtype.
+///
+/// # Shapes
+/// - `x`, `r`: [B, L, D] of one dtype; `gate`: [B, 1, D] f32. Returns [B, L, D].
+pub fn gated_residual(x: &Tensor, r: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    let x = x.contiguous()?;
+    let r = r.to_dtype(x.dtype())?.contiguous()?;
+    let gate = gate
+        .to_dtype(DType::F32)?
+        .broadcast_as((b, 1, d))?
+        .contiguous()?;
+    let (xp, rp, gp) = (device_ptr(&x)?, device_ptr(&r)?, device_ptr(&gate)?);
+    let n = x.elem_count();
+    let cfg = LaunchConfig::for_num_elems(n as u32);
+    let (n, dim, rows) = (n as i64, d as i32, l as i64);
+    let (out, op) = empty(&x, &[b, l, d])?;
+    let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("gated_residual_{}", suffix(x.dtype())?),
+        "vpipe_dit",
+        DIT_PTX,
+    )?;
+    let mut a = func.builder();
+    a.arg(&xp);
+    a.arg(&rp);
+    a.arg(&gp);
+    a.arg(&op);
+    a.arg(&n);
+    a.arg(&dim);
+    a.arg(&rows);
+    // SAFETY: as in `ln_modulate`, for `gated_residual_*`.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// Rotary embedding of interleaved pairs (in f32) fused with the head split.
+///
+/// # Shapes
+/// - `x`: [B, L, H·D] (token-major, straight from a linear layer); `cos`, `sin`: [L, D/2] f32.
+/// - returns [B, H, L, D] in `x`'s dtype.
+pub fn rope_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, l, hd) = x.dims3()?;
+    let d = hd / heads;
+    let x = x.contiguous()?;
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let (xp, cp, sp) = (device_ptr(&x)?, device_ptr(&cos)?, device_ptr(&sin)?);
+    let cfg = LaunchConfig::for_num_elems((b * l * hd / 2) as u32);
+    let (bi, li, hi, di) = (b as i32, l as i32, heads as i32, d as i32);
+    let (out, op) = empty(&x, &[b, heads, l, d])?;
+    let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("rope_heads_{}", suffix(x.dtype())?),
+        "vpipe_dit",
+        DIT_PTX,
+    )?;
+    let mut a = func.builder();
+    a.arg(&xp);
+    a.arg(&cp);
+    a.arg(&sp);
+    a.arg(&op);
+    a.arg(&bi);
+    a.arg(&li);
+    a.arg(&hi);
+    a.arg(&di);
+    // SAFETY: as in `ln_modulate`, for `rope_heads_*`.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// `float(w8) · scale` in `dtype`: a scaled float8 e4m3 weight made usable for a matmul.
+///
+/// # Shapes
+/// - `weight`: any shape, float8 e4m3; `scale`: one f32 element. Returns `weight`'s shape.
+pub fn dequantize_fp8(
+    weight: &Tensor,
+    scale: &Tensor,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    if weight.dtype() != DType::F8E4M3 {
+        candle_core::bail!(
+            "dequantize_fp8: expected a float8 e4m3 weight, got {:?}",
+            weight.dtype()
+        );
+    }
+    let weight = weight.contiguous()?;
+    let scale = scale.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+    let (wp, sp) = (device_ptr(&weight)?, device_ptr(&scale)?);
+    let like = Tensor::zeros((), dtype, weight.device())?;
+    let (out, op) = empty(&like, weight.dims())?;
+    let n = weight.elem_count() as i64;
+    let func = weight.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("dequant_fp8_{}", suffix(dtype)?),
+        "vpipe_dit",
+        DIT_PTX,
+    )?;
+    let mut a = func.builder();
+    a.arg(&wp);
+    a.arg(&sp);
+    a.arg(&op);
+    a.arg(&n);
+    // SAFETY: as in `ln_modulate`, for `dequant_fp8_*`.
+    unsafe { a.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+    Ok(out)
+}

@@ -80,7 +80,10 @@ impl Linear {
     /// The weight as the computation uses it, in `dtype`.
     fn weight_in(&self, dtype: DType) -> Result<Tensor> {
         match &self.scale {
-            // No direct float8 → bf16 cast exists on CUDA; going through f32 is exact.
+            #[cfg(feature = "cuda")]
+            Some(scale) if self.weight.device().is_cuda() => {
+                crate::ops::fused::dequantize_fp8(&self.weight, scale, dtype)
+            }
             Some(scale) => self
                 .weight
                 .to_dtype(DType::F32)?

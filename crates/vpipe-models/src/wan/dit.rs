@@ -397,13 +397,24 @@ impl Rope {
         })
     }
 
-    /// Rotates interleaved pairs of `x`, in f32.
+    /// Splits `x` into heads and rotates its interleaved pairs, in f32.
     ///
     /// # Shapes
-    /// - `x`: [B, H, L, D] (contiguous) → same shape and dtype.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let rotated =
-            candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?, &self.cos, &self.sin)?;
+    /// - `x`: [B, L, H·D] → [B, H, L, D] (contiguous), `x`'s dtype.
+    fn heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused(x) {
+            return Ok(crate::ops::fused::rope_heads(
+                x, &self.cos, &self.sin, heads,
+            )?);
+        }
+        let (b, l, hd) = x.dims3()?;
+        let split = x
+            .reshape((b, l, heads, hd / heads))?
+            .transpose(1, 2)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let rotated = candle_nn::rotary_emb::rope_i(&split, &self.cos, &self.sin)?;
         Ok(rotated.to_dtype(x.dtype())?)
     }
 }
@@ -453,13 +464,16 @@ impl Attention {
         chunk: QueryChunk,
     ) -> Result<Tensor> {
         let kv_source = context.unwrap_or(x);
-        let mut q = self.heads(&self.norm_q.forward(&self.q.forward(x)?)?)?;
-        let mut k = self.heads(&self.norm_k.forward(&self.k.forward(kv_source)?)?)?;
+        let q = self.norm_q.forward(&self.q.forward(x)?)?;
+        let k = self.norm_k.forward(&self.k.forward(kv_source)?)?;
+        let (q, k) = match rope {
+            Some(rope) => (
+                rope.heads(&q, self.num_heads)?,
+                rope.heads(&k, self.num_heads)?,
+            ),
+            None => (self.heads(&q)?, self.heads(&k)?),
+        };
         let v = self.heads(&self.v.forward(kv_source)?)?;
-        if let Some(rope) = rope {
-            q = rope.apply(&q)?;
-            k = rope.apply(&k)?;
-        }
         let out = attention(&q, &k, &v, chunk)?;
         let (b, h, l, hd) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((b, l, h * hd))?;
@@ -522,38 +536,59 @@ impl Block {
         rope: &Rope,
         chunks: (QueryChunk, QueryChunk),
     ) -> Result<Tensor> {
-        let dtype = x.dtype();
         let m = self.modulation.broadcast_add(time)?;
         let part = |i: usize| m.narrow(1, i, 1);
         let (shift_sa, scale_sa, gate_sa) = (part(0)?, part(1)?, part(2)?);
         let (shift_ff, scale_ff, gate_ff) = (part(3)?, part(4)?, part(5)?);
 
-        let h = modulate(&layer_norm_f32(x, self.eps)?, &shift_sa, &scale_sa)?.to_dtype(dtype)?;
+        let h = norm_modulate(x, &(scale_sa + 1.0)?, &shift_sa, self.eps)?;
         let y = self.self_attn.forward(&h, None, Some(rope), chunks.0)?;
         let x = gated_residual(x, &y, &gate_sa)?;
 
-        let h = candle_nn::ops::layer_norm(
-            &x.to_dtype(DType::F32)?,
-            &self.norm3_weight,
-            &self.norm3_bias,
-            self.eps as f32,
-        )?
-        .to_dtype(dtype)?;
+        let h = norm_modulate(&x, &self.norm3_weight, &self.norm3_bias, self.eps)?;
         let x = (&x + self.cross_attn.forward(&h, Some(context), None, chunks.1)?)?;
 
-        let h = modulate(&layer_norm_f32(&x, self.eps)?, &shift_ff, &scale_ff)?.to_dtype(dtype)?;
+        let h = norm_modulate(&x, &(scale_ff + 1.0)?, &shift_ff, self.eps)?;
         let y = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
         gated_residual(&x, &y, &gate_ff)
     }
 }
 
-/// `x · (1 + scale) + shift` (f32).
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+/// Whether `x` lives where vpipe's fused CUDA kernels run.
+#[cfg(feature = "cuda")]
+fn fused(x: &Tensor) -> bool {
+    x.device().is_cuda()
+}
+
+/// `LN(x) · mul + add` with LN without affine, all in f32, rounded once to `x`'s dtype
+/// (diffusers' `FP32LayerNorm` followed by the modulation, or the affine cross-attention norm
+/// with `mul`, `add` = its weight and bias).
+///
+/// # Shapes
+/// - `x`: [B, L, D]; `mul`, `add`: f32, [B, 1, D], [1, 1, D] or [D].
+fn norm_modulate(x: &Tensor, mul: &Tensor, add: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(2)?;
+    let (mul, add) = if mul.rank() == 1 {
+        (mul.reshape((1, 1, d))?, add.reshape((1, 1, d))?)
+    } else {
+        (mul.clone(), add.clone())
+    };
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        return Ok(crate::ops::fused::ln_modulate(x, &mul, &add, eps as f32)?);
+    }
+    let y = layer_norm_f32(x, eps)?
+        .broadcast_mul(&mul)?
+        .broadcast_add(&add)?;
+    Ok(y.to_dtype(x.dtype())?)
 }
 
 /// `x + y · gate` in f32, returned in `x`'s dtype.
 fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        return Ok(crate::ops::fused::gated_residual(x, y, gate)?);
+    }
     let sum = x
         .to_dtype(DType::F32)?
         .add(&y.to_dtype(DType::F32)?.broadcast_mul(gate)?)?;
@@ -812,8 +847,7 @@ impl WanModel {
 
         let m = self.head_modulation.broadcast_add(&temb.unsqueeze(1)?)?;
         let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
-        let x =
-            modulate(&layer_norm_f32(&x, self.cfg.eps)?, &shift, &scale)?.to_dtype(self.dtype)?;
+        let x = norm_modulate(&x, &(scale + 1.0)?, &shift, self.cfg.eps)?;
         let x = self.head.forward(&x)?;
         self.unpatchify(&x, grid)
     }

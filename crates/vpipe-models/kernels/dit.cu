@@ -1,0 +1,121 @@
+// Element-wise work of a Wan DiT block, fused so that each step reads and writes the token
+// tensor once instead of going through f32 copies (the reference computes these steps in f32
+// and rounds once at the end; so do these kernels).
+//
+// - ln_modulate: y = LN(x) * mul[b] + add[b]; LN without affine, f32 statistics, one block
+//   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
+// - gated_residual: y = x + r * gate[b], in f32.
+// - rope_heads: [B, L, H, D] -> [B, H, L, D] with interleaved pairs rotated by cos/sin [L, D/2].
+// - dequant_fp8: w = float(w8) * scale (ComfyUI's scaled fp8 weights); candle 0.11.1's own
+//   float8 casts on CUDA look up kernels under names the kernel file does not define.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
+
+// Sum over the block; every thread gets the result. `shared` holds 32 floats.
+__device__ float block_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  int warps = (blockDim.x + 31) / 32;
+  v = lane < warps ? shared[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ void ln_modulate(const T* x, const float* mul, const float* add, T* y, int dim,
+                            long long rows_per_batch, long long mod_stride, float eps) {
+  extern __shared__ float row[];
+  __shared__ float partial[32];
+  long long r = blockIdx.x;
+  const T* xr = x + r * dim;
+  float sum = 0.f;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    float v = to_f32(xr[c]);
+    row[c] = v;
+    sum += v;
+  }
+  float mean = block_sum(sum, partial) / dim;
+  float sq = 0.f;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    float d = row[c] - mean;
+    sq += d * d;
+  }
+  float rstd = rsqrtf(block_sum(sq, partial) / dim + eps);
+  long long b = r / rows_per_batch;
+  const float* m = mul + b * mod_stride;
+  const float* a = add + b * mod_stride;
+  T* yr = y + r * dim;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    yr[c] = from_f32<T>((row[c] - mean) * rstd * m[c] + a[c]);
+  }
+}
+
+template <typename T>
+__device__ void gated_residual(const T* x, const T* res, const float* gate, T* y, long long n,
+                               int dim, long long rows_per_batch) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  long long row = i / dim;
+  int c = i - row * dim;
+  float g = gate[(row / rows_per_batch) * dim + c];
+  y[i] = from_f32<T>(to_f32(x[i]) + to_f32(res[i]) * g);
+}
+
+template <typename T>
+__device__ void rope_heads(const T* x, const float* cos, const float* sin, T* y, int batches,
+                           int tokens, int heads, int head_dim) {
+  int pairs = head_dim / 2;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long n = (long long)batches * tokens * heads * pairs;
+  if (i >= n) return;
+  int p = i % pairs;
+  long long rest = i / pairs;
+  int h = rest % heads;
+  rest /= heads;
+  int l = rest % tokens;
+  int b = rest / tokens;
+  long long src = (((long long)b * tokens + l) * heads + h) * head_dim + 2 * p;
+  long long dst = (((long long)b * heads + h) * tokens + l) * head_dim + 2 * p;
+  float x1 = to_f32(x[src]), x2 = to_f32(x[src + 1]);
+  float c = cos[(long long)l * pairs + p], s = sin[(long long)l * pairs + p];
+  y[dst] = from_f32<T>(x1 * c - x2 * s);
+  y[dst + 1] = from_f32<T>(x1 * s + x2 * c);
+}
+
+#define DIT_KERNELS(SUFFIX, T)                                                                 \
+  extern "C" __global__ void ln_modulate_##SUFFIX(const T* x, const float* mul,               \
+                                                  const float* add, T* y, int dim,            \
+                                                  long long rows_per_batch,                   \
+                                                  long long mod_stride, float eps) {          \
+    ln_modulate<T>(x, mul, add, y, dim, rows_per_batch, mod_stride, eps);                     \
+  }                                                                                            \
+  extern "C" __global__ void gated_residual_##SUFFIX(const T* x, const T* res,                \
+                                                     const float* gate, T* y, long long n,    \
+                                                     int dim, long long rows_per_batch) {     \
+    gated_residual<T>(x, res, gate, y, n, dim, rows_per_batch);                               \
+  }                                                                                            \
+  extern "C" __global__ void rope_heads_##SUFFIX(const T* x, const float* cos,                \
+                                                 const float* sin, T* y, int batches,         \
+                                                 int tokens, int heads, int head_dim) {       \
+    rope_heads<T>(x, cos, sin, y, batches, tokens, heads, head_dim);                          \
+  }                                                                                            \
+  extern "C" __global__ void dequant_fp8_##SUFFIX(const __nv_fp8_e4m3* w, const float* scale, \
+                                                  T* y, long long n) {                        \
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                            \
+    if (i < n) y[i] = from_f32<T>(float(w[i]) * scale[0]);                                     \
+  }
+DIT_KERNELS(f32, float)
+DIT_KERNELS(bf16, __nv_bfloat16)
+DIT_KERNELS(f16, __half)
