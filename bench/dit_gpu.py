@@ -83,9 +83,18 @@ def dit(reps):
         self_s, _ = measure(lambda: sdpa(q, q, q), reps)
         cross_s, _ = measure(lambda: sdpa(q, kv, kv), reps)
         attn = (self_s + cross_s) * cfg["num_layers"]
+        # Everything but attention: SDPA returns its query (diffusers calls it through the module
+        # attribute at call time), as vpipe's `skip_for_benchmark` does.
+        real_sdpa = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = lambda *a, **kw: kw.get("query", a[0] if a else None)
+        try:
+            rest, rest_peak = measure(fwd, reps)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real_sdpa
         emit(what="forward", batch=B, tokens=tokens, text_len=L, forward_s=step, peak_above_weights_gib=peak,
              attention_s=attn, non_attention_s=step - attn, self_attention_layer_s=self_s,
-             cross_attention_layer_s=cross_s)
+             cross_attention_layer_s=cross_s, forward_without_attention_s=rest,
+             forward_without_attention_peak_gib=rest_peak)
         del hs, ehs, q, kv
         torch.cuda.empty_cache()
 

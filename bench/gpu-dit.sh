@@ -22,7 +22,7 @@ date -u
     timeout 120 /tmp/vpipe-bin/dit_parity --nocapture --test-threads 1 2>&1 | grep -E "max abs|test result|panicked|FAILED"
   fi
   echo "=== vpipe DiT 14B"
-  timeout 330 /tmp/vpipe-bin/dit_bench --preset wan2.1-t2v-14b --scratch-gib ${SCRATCH_GIB:-4} --reps 2 | sed 's/^/vpipe /'
+  timeout 330 /tmp/vpipe-bin/dit_bench --preset wan2.1-t2v-14b --scratch-gib ${SCRATCH_GIB:-4} --reps ${DIT_REPS:-2} | sed 's/^/vpipe /'
   echo "=== diffusers DiT 14B"
   timeout 240 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
   if [ -x /tmp/vpipe-bin/umt5_bench ] && [ -z "${SKIP_UMT5:-}" ]; then

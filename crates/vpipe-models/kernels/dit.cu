@@ -6,6 +6,8 @@
 //   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
 // - gated_residual: y = x + r * gate[b], in f32.
 // - rope_heads: [B, L, H, D] -> [B, H, L, D] with interleaved pairs rotated by cos/sin [L, D/2].
+// - bias_act: y = act(y + bias) in place on a fresh matmul output, act = identity or
+//   GELU(tanh); f32 arithmetic.
 // - dequant_fp8: w = float(w8) * scale (ComfyUI's scaled fp8 weights); candle 0.11.1's own
 //   float8 casts on CUDA look up kernels under names the kernel file does not define.
 #include <cuda_bf16.h>
@@ -94,6 +96,15 @@ __device__ void rope_heads(const T* x, const float* cos, const float* sin, T* y,
   y[dst + 1] = from_f32<T>(x1 * s + x2 * c);
 }
 
+template <typename T>
+__device__ void bias_act(T* y, const T* bias, long long n, int dim, int gelu) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float v = to_f32(y[i]) + to_f32(bias[i % dim]);
+  if (gelu) v = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  y[i] = from_f32<T>(v);
+}
+
 #define DIT_KERNELS(SUFFIX, T)                                                                 \
   extern "C" __global__ void ln_modulate_##SUFFIX(const T* x, const float* mul,               \
                                                   const float* add, T* y, int dim,            \
@@ -110,6 +121,10 @@ __device__ void rope_heads(const T* x, const float* cos, const float* sin, T* y,
                                                  const float* sin, T* y, int batches,         \
                                                  int tokens, int heads, int head_dim) {       \
     rope_heads<T>(x, cos, sin, y, batches, tokens, heads, head_dim);                          \
+  }                                                                                            \
+  extern "C" __global__ void bias_act_##SUFFIX(T* y, const T* bias, long long n, int dim,     \
+                                               int gelu) {                                    \
+    bias_act<T>(y, bias, n, dim, gelu);                                                       \
   }                                                                                            \
   extern "C" __global__ void dequant_fp8_##SUFFIX(const __nv_fp8_e4m3* w, const float* scale, \
                                                   T* y, long long n) {                        \

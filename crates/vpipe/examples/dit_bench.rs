@@ -12,7 +12,9 @@
 //! what was in use before the call (the weights), read through vpipe-mem's meters. The
 //! attention share is measured twice: the attention function alone on tensors of the model's
 //! shapes, once per block kind, times the number of blocks; and every attention call inside one
-//! more forward, each between two device synchronisations.
+//! more forward, each between two device synchronisations. Last, the forward runs with
+//! attention replaced by the identity (`skip_for_benchmark`): the time of everything else,
+//! measured directly and compared with diffusers under the same switch.
 
 use std::time::Instant;
 
@@ -20,7 +22,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
 use vpipe_mem::Meters;
-use vpipe_models::ops::attention::{attention, time_calls, timed_seconds};
+use vpipe_models::ops::attention::{attention, skip_for_benchmark, time_calls, timed_seconds};
 use vpipe_models::wan::dit::{Config, WanModel};
 
 mod common;
@@ -138,6 +140,15 @@ fn main() -> Result<()> {
         let timed_forward_s = start.elapsed().as_secs_f64();
         let in_model_attention_s = timed_seconds();
         time_calls(false);
+        // And the forward without attention at all (attention returns its query).
+        skip_for_benchmark(true);
+        let (rest_s, rest_peak_gib) = measure(&device, &meters, args.reps, || {
+            model
+                .forward(&latents, &timestep, &context)
+                .map(drop)
+                .map_err(candle_core::Error::wrap)
+        })?;
+        skip_for_benchmark(false);
         println!(
             "{}",
             json!({"what": "forward", "batch": batch, "tokens": tokens, "text_len": text_len,
@@ -146,6 +157,7 @@ fn main() -> Result<()> {
             "self_attention_layer_s": self_s, "cross_attention_layer_s": cross_s,
             "timed_forward_s": timed_forward_s, "in_model_attention_s": in_model_attention_s,
             "in_model_non_attention_s": timed_forward_s - in_model_attention_s,
+            "forward_without_attention_s": rest_s, "forward_without_attention_peak_gib": rest_peak_gib,
             "scratch_gib": args.scratch_gib, "self_chunk_rows": self_chunk.0, "cross_chunk_rows": cross_chunk.0.min(tokens)}),
         );
     }

@@ -300,3 +300,32 @@ pub fn dequantize_fp8(
     unsafe { a.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
     Ok(out)
 }
+
+/// `y ← act(y + bias)` **in place**, act = identity or GELU(tanh), in f32 per element.
+///
+/// `y` must be a fresh tensor that nothing else shares (a matmul's output): its buffer is
+/// overwritten, which saves the allocation and the second pass of a separate add and GELU.
+///
+/// # Shapes
+/// - `y`: [..., D] contiguous; `bias`: [D] of `y`'s dtype.
+pub fn bias_act_in_place(y: &Tensor, bias: &Tensor, gelu: bool) -> candle_core::Result<()> {
+    let d = y.dim(candle_core::D::Minus1)?;
+    let bias = bias.to_dtype(y.dtype())?.contiguous()?;
+    let (yp, bp) = (device_ptr(y)?, device_ptr(&bias)?);
+    let n = y.elem_count() as i64;
+    let (dim, gelu) = (d as i32, gelu as i32);
+    let func = y.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("bias_act_{}", suffix(y.dtype())?),
+        "vpipe_dit",
+        DIT_PTX,
+    )?;
+    let mut a = func.builder();
+    a.arg(&yp);
+    a.arg(&bp);
+    a.arg(&n);
+    a.arg(&dim);
+    a.arg(&gelu);
+    // SAFETY: as in `ln_modulate`, for `bias_act_*`; `y` is contiguous with `n` elements.
+    unsafe { a.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+    Ok(())
+}

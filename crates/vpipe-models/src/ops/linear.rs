@@ -99,10 +99,10 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    /// # Shapes
-    /// - `x`: [..., in] → [..., out], computed in `x`'s dtype.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `act(x·Wᵀ + b)`; on CUDA the bias and the activation are one in-place pass over the
+    /// matmul's output.
+    fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         let weight = self.weight_in(x.dtype())?;
         let (out_dim, in_dim) = weight.dims2()?;
         let mut out_shape = x.dims().to_vec();
@@ -110,11 +110,37 @@ impl Module for Linear {
         out_shape[last] = out_dim;
         let rows = x.elem_count() / in_dim.max(1);
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
+        #[cfg(feature = "cuda")]
+        if y.device().is_cuda() {
+            if let Some(b) = &self.bias {
+                crate::ops::fused::bias_act_in_place(&y, b, gelu)?;
+            } else if gelu {
+                return y.gelu()?.reshape(out_shape);
+            }
+            return y.reshape(out_shape);
+        }
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         };
+        let y = if gelu { y.gelu()? } else { y };
         y.reshape(out_shape)
+    }
+
+    /// `GELU_tanh(x·Wᵀ + b)` (the first half of Wan's FFN).
+    ///
+    /// # Shapes
+    /// - `x`: [..., in] → [..., out]
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, true)
+    }
+}
+
+impl Module for Linear {
+    /// # Shapes
+    /// - `x`: [..., in] → [..., out], computed in `x`'s dtype.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
     }
 }
 

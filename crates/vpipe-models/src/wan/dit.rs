@@ -549,7 +549,7 @@ impl Block {
         let x = (&x + self.cross_attn.forward(&h, Some(context), None, chunks.1)?)?;
 
         let h = norm_modulate(&x, &(scale_ff + 1.0)?, &shift_ff, self.eps)?;
-        let y = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
+        let y = self.ffn_out.forward(&self.ffn_in.forward_gelu(&h)?)?;
         gated_residual(&x, &y, &gate_ff)
     }
 }
