@@ -55,9 +55,26 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
                     | UnsupportedFile { .. }
                     | UnknownLayout { .. }
                     | Config { .. }
+                    | NoDit { .. }
+                    | DitConfig { .. }
+                    | DitInput { .. }
             ) {
                 return ExitCode::from(2);
             }
+        }
+        // LoRA files, text-encoder inputs and sampler settings: every error but a tensor
+        // operation's is about what the user passed.
+        let bad_input = cause
+            .downcast_ref::<vpipe_lora::Error>()
+            .is_some_and(|e| !matches!(e, vpipe_lora::Error::Candle(_)))
+            || cause
+                .downcast_ref::<vpipe_text::Error>()
+                .is_some_and(|e| !matches!(e, vpipe_text::Error::Candle(_)))
+            || cause
+                .downcast_ref::<vpipe_sampling::Error>()
+                .is_some_and(|e| !matches!(e, vpipe_sampling::Error::Candle(_)));
+        if bad_input {
+            return ExitCode::from(2);
         }
         if cause.is::<NotBuiltYet>() {
             return ExitCode::from(5);

@@ -36,7 +36,7 @@ pub(crate) enum Command {
     Inspect(InspectArgs),
     /// Run one component on tensors stored in safetensors files, for parity checks and
     /// debugging, with the same memory accounting as a full run (vae-encode, vae-decode, dit,
-    /// schedule).
+    /// text-encode, schedule).
     Tensors(TensorsArgs),
 }
 
@@ -189,6 +189,9 @@ pub(crate) enum TensorsComponent {
     /// Wan DiT forward: reads `hidden_states` ([B,16,F,H,W] latents), `timestep` ([B], σ·1000)
     /// and `encoder_hidden_states` ([B,L,4096] text context), writes `out` (the velocity).
     Dit(DitArgs),
+    /// umT5 encoder: reads `input_ids` and `attention_mask` ([B,L], pad 0, L = 512 in Wan) and
+    /// writes `last_hidden_state` ([B,L,4096], zero past each prompt's length).
+    TextEncode(TextEncodeArgs),
     /// A sampler over given predictions: reads `x0` and `model_outputs` ([N,...x0 shape]),
     /// writes `samples` ([N+1,...]), `sigmas` and `timesteps`.
     Schedule(ScheduleArgs),
@@ -221,6 +224,12 @@ pub(crate) struct DitArgs {
     /// Memory budget of the compute tier, e.g. 40GiB; sets the attention chunk.
     #[arg(long)]
     vram_budget: Option<String>,
+    /// A LoRA to merge into the weights (any Wan LoRA key format); repeat for several.
+    #[arg(long)]
+    lora: Vec<PathBuf>,
+    /// Strength of each --lora, in the same order (default 1.0 for those not given).
+    #[arg(long, allow_negative_numbers = true)]
+    lora_strength: Vec<f64>,
     /// Write the memory report here (and the chart next to it, as .svg).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -235,12 +244,40 @@ pub(crate) struct DitJob {
     pub(crate) device: String,
     pub(crate) dtype: candle_core::DType,
     pub(crate) budget: vpipe_mem::Budget,
+    /// LoRA files with their strengths.
+    pub(crate) loras: Vec<(PathBuf, f64)>,
     pub(crate) report: Option<PathBuf>,
 }
 
 impl DitArgs {
     pub(crate) fn validate(self) -> Result<DitJob, BadInput> {
         require_files(&[("--dit", &self.dit), ("--input", &self.input)])?;
+        for lora in &self.lora {
+            require_files(&[("--lora", lora)])?;
+        }
+        if self.lora_strength.len() > self.lora.len() {
+            return Err(BadInput(format!(
+                "--lora-strength given {} times for {} --lora file(s)",
+                self.lora_strength.len(),
+                self.lora.len()
+            )));
+        }
+        if let Some(bad) = self.lora_strength.iter().find(|s| !s.is_finite()) {
+            return Err(BadInput(format!(
+                "--lora-strength {bad}: expected a finite number"
+            )));
+        }
+        let loras = self
+            .lora
+            .iter()
+            .enumerate()
+            .map(|(i, path)| {
+                (
+                    path.clone(),
+                    self.lora_strength.get(i).copied().unwrap_or(1.0),
+                )
+            })
+            .collect();
         let config = match &self.config {
             None => None,
             Some(path) => {
@@ -254,6 +291,79 @@ impl DitArgs {
         };
         Ok(DitJob {
             dit: self.dit,
+            config,
+            input: self.input,
+            output: self.output,
+            device: self.device,
+            dtype: parse_dtype(&self.dtype)?,
+            budget: vpipe_mem::Budget {
+                compute: parse_budget("--vram-budget", &self.vram_budget)?,
+                host: None,
+            },
+            loras,
+            report: self.report,
+        })
+    }
+}
+
+/// Flags of `vpipe tensors text-encode`.
+#[derive(Args, Debug)]
+pub(crate) struct TextEncodeArgs {
+    /// The umT5 encoder checkpoint (.safetensors or .pth; transformers / ComfyUI or original
+    /// Wan names).
+    #[arg(long)]
+    text_encoder: PathBuf,
+    /// A transformers `config.json`; without it the config comes from the tensor shapes.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Input safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file (written to a temporary file, then renamed).
+    #[arg(long)]
+    output: PathBuf,
+    /// Where to compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the weights and the computation: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Memory budget of the compute tier, e.g. 16GiB.
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Write the memory report here (and the chart next to it, as .svg).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Validated settings of a text-encode tensor job.
+pub(crate) struct TextEncodeJob {
+    pub(crate) text_encoder: PathBuf,
+    pub(crate) config: Option<vpipe_text::umt5::Config>,
+    pub(crate) input: PathBuf,
+    pub(crate) output: PathBuf,
+    pub(crate) device: String,
+    pub(crate) dtype: candle_core::DType,
+    pub(crate) budget: vpipe_mem::Budget,
+    pub(crate) report: Option<PathBuf>,
+}
+
+impl TextEncodeArgs {
+    pub(crate) fn validate(self) -> Result<TextEncodeJob, BadInput> {
+        require_files(&[
+            ("--text-encoder", &self.text_encoder),
+            ("--input", &self.input),
+        ])?;
+        let config = self
+            .config
+            .as_ref()
+            .map(|path| {
+                vpipe_text::umt5::Config::from_json_file(path)
+                    .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))
+            })
+            .transpose()?;
+        Ok(TextEncodeJob {
+            text_encoder: self.text_encoder,
             config,
             input: self.input,
             output: self.output,

@@ -1,21 +1,27 @@
 //! Models built from leased weights. A model made here holds clones of the lease's tensors:
 //! drop it before the phase offloads the weights, or the offload's verification fails.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
+use vpipe_lora::{FileSummary, LoraFile, MergePlan};
 use vpipe_mem::Lease;
-use vpipe_models::wan::{DitConfig, WanModel, WanVae};
+use vpipe_models::wan::{dit_keys, DitConfig, WanModel, WanVae};
+use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder};
 
 /// A `VarBuilder` over a lease's weights, handing them out in `dtype` unless a layer asks for
 /// another (scaled-fp8 weights stay float8).
 fn var_builder(lease: &Lease<'_>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    let weights: HashMap<String, Tensor> = lease
+    VarBuilder::from_tensors(lease_weights(lease), dtype, device)
+}
+
+/// Clones (reference counts) of a lease's tensors, by checkpoint key.
+fn lease_weights(lease: &Lease<'_>) -> HashMap<String, Tensor> {
+    lease
         .iter()
         .map(|(name, t)| (name.to_owned(), t.clone()))
-        .collect();
-    VarBuilder::from_tensors(weights, dtype, device)
+        .collect()
 }
 
 /// The Wan VAE over a lease's weights (either key layout; config from the shapes).
@@ -23,16 +29,98 @@ pub(crate) fn wan_vae(lease: &Lease<'_>, dtype: DType, device: &Device) -> anyho
     Ok(WanVae::from_checkpoint(var_builder(lease, dtype, device))?)
 }
 
-/// The Wan DiT over a lease's weights (either key layout); `config` from a diffusers
-/// `config.json`, else from the shapes.
+/// The Wan DiT over a lease's weights (either key layout) with `loras` merged in; `config`
+/// from a diffusers `config.json`, else from the shapes.
+///
+/// Merged weights are new tensors: while the model lives, each patched weight exists twice
+/// (the lease's and the merged one), and the phase's measured peak shows it.
 pub(crate) fn wan_dit(
     lease: &Lease<'_>,
     config: Option<&DitConfig>,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<WanModel> {
-    Ok(WanModel::from_checkpoint(
-        var_builder(lease, dtype, device),
-        config,
-    )?)
+    loras: &[(LoraFile, f64)],
+) -> anyhow::Result<(WanModel, Vec<FileSummary>)> {
+    let mut weights = lease_weights(lease);
+    let summaries = if loras.is_empty() {
+        Vec::new()
+    } else {
+        merge_loras(&mut weights, loras, dtype, device)?
+    };
+    let vb = VarBuilder::from_tensors(weights, dtype, device);
+    Ok((WanModel::from_checkpoint(vb, config)?, summaries))
+}
+
+/// Merges `loras` into the DiT weights (checkpoint names, either layout). A scaled-fp8 weight
+/// that a LoRA patches is dequantised first and kept in `dtype`.
+fn merge_loras(
+    weights: &mut HashMap<String, Tensor>,
+    loras: &[(LoraFile, f64)],
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Vec<FileSummary>> {
+    let probe = VarBuilder::from_tensors(weights.clone(), dtype, device);
+    let (layout, prefix) = dit_keys::detect_layout(&probe)
+        .ok_or_else(|| anyhow::anyhow!("no Wan DiT in the checkpoint to merge the LoRA into"))?;
+    drop(probe);
+    // original name → checkpoint key
+    let keys: HashMap<String, String> = weights
+        .keys()
+        .filter_map(|k| dit_keys::original_name(k, layout, prefix).map(|o| (o, k.clone())))
+        .collect();
+    let shapes: BTreeMap<String, Shape> = keys
+        .iter()
+        .map(|(original, key)| (original.clone(), weights[key].shape().clone()))
+        .collect();
+    let pairs: Vec<(&LoraFile, f64)> = loras.iter().map(|(f, s)| (f, *s)).collect();
+    let plan = MergePlan::new(&pairs, &shapes, &dit_keys::diffusers_to_wan)?;
+    let patched: Vec<String> = plan.patched_weights().map(str::to_owned).collect();
+    for original in patched {
+        let key = &keys[&original];
+        let mut weight = weights[key].clone();
+        if weight.dtype() == DType::F8E4M3 {
+            weight = dequantized(weights, key, dtype)?;
+        }
+        let merged = plan.apply(&original, &weight)?;
+        weights.insert(key.clone(), merged);
+    }
+    Ok(plan.summary().to_vec())
+}
+
+/// The scaled-fp8 weight `key` as `dtype` (its scale removed from `weights`): computed on the
+/// host, where candle's float8 casts work.
+fn dequantized(
+    weights: &mut HashMap<String, Tensor>,
+    key: &str,
+    dtype: DType,
+) -> anyhow::Result<Tensor> {
+    let device = weights[key].device().clone();
+    let stem = key.strip_suffix("weight").unwrap_or(key);
+    let scale = ["scale_weight", "weight_scale"]
+        .iter()
+        .find_map(|s| weights.remove(&format!("{stem}{s}")));
+    let mut weight = weights[key].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    if let Some(scale) = scale {
+        let scale = scale
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?;
+        weight = weight.broadcast_mul(&scale.reshape(())?)?;
+    }
+    Ok(weight.to_dtype(dtype)?.to_device(&device)?)
+}
+
+/// The umT5 encoder over a lease's weights (transformers / ComfyUI or original Wan names);
+/// `config` from a `config.json`, else from the shapes.
+pub(crate) fn umt5(
+    lease: &Lease<'_>,
+    config: Option<&Umt5Config>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Umt5Encoder> {
+    let vb = var_builder(lease, dtype, device);
+    Ok(match config {
+        Some(cfg) => Umt5Encoder::from_checkpoint_with_config(cfg, vb)?,
+        None => Umt5Encoder::from_checkpoint(vb)?,
+    })
 }

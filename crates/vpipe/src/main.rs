@@ -65,6 +65,9 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
                 tensors::run_vae(tensors::VaeOp::Decode, vae.validate()?)
             }
             flags::TensorsComponent::Dit(dit) => tensors::run_dit(dit.validate()?),
+            flags::TensorsComponent::TextEncode(text) => {
+                tensors::run_text_encode(text.validate()?)
+            }
             flags::TensorsComponent::Schedule(schedule) => {
                 tensors::run_schedule(schedule.validate()?)
             }

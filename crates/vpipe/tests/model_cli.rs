@@ -178,3 +178,170 @@ fn schedule_through_the_cli_matches_diffusers() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--sampler ddim"));
 }
+
+/// `vpipe tensors dit` with the batch2 inputs of the DiT fixtures, plus `extra` flags.
+fn dit_run(dir: &Path, file: &str, extra: &[&str]) -> std::process::Output {
+    let cases = load(&fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_cases.safetensors",
+    ));
+    let input = dir.join("in.safetensors");
+    let inputs: HashMap<String, Tensor> = ["hidden_states", "timestep", "encoder_hidden_states"]
+        .into_iter()
+        .map(|k| (k.to_owned(), cases[&format!("batch2.{k}")].clone()))
+        .collect();
+    candle_core::safetensors::save(&inputs, &input).unwrap();
+    let dit = fixture("vpipe-models", &format!("tests/fixtures/dit/{file}"));
+    let config = fixture("vpipe-models", "tests/fixtures/dit/config.json");
+    let output = dir.join("out.safetensors");
+    let mut args = vec![
+        "tensors",
+        "dit",
+        "--dit",
+        dit.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    vpipe(&args)
+}
+
+#[test]
+fn dit_with_a_comfy_lora_matches_diffusers_with_merged_weights() {
+    // make_dit_fixtures.py: rank 4, alpha 3, strength 0.8 on self/cross q,k,v,o and ffn.0/2 of
+    // both blocks; reference = diffusers with W + 0.8 · 3/4 · B·A.
+    let dir = tempfile::tempdir().unwrap();
+    let cases = load(&fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_cases.safetensors",
+    ));
+    let lora = fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/lora_tiny_peft.safetensors",
+    );
+    let report = dir.path().join("report.json");
+    for file in ["dit_tiny_wan.safetensors", "dit_tiny_diffusers.safetensors"] {
+        let run = dit_run(
+            dir.path(),
+            file,
+            &[
+                "--lora",
+                lora.to_str().unwrap(),
+                "--lora-strength",
+                "0.8",
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            run.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = &load(&dir.path().join("out.safetensors"))["out"];
+        let err = max_abs(out, &cases["batch2.out_lora"]);
+        assert!(err <= 1e-4, "{file}: max abs {err}");
+        // Without the LoRA the output is far from the merged one: the test can fail.
+        assert!(max_abs(out, &cases["batch2.out"]) > 0.1);
+        let text = std::fs::read_to_string(&report).unwrap();
+        assert!(
+            text.contains("lora_tiny_peft.safetensors at strength 0.8"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_lora_that_matches_no_weight_is_bad_input_listing_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = dir.path().join("stray.safetensors");
+    let t =
+        |shape: (usize, usize)| Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([
+            (
+                "diffusion_model.blocks.9.self_attn.q.lora_A.weight".to_owned(),
+                t((4, 32)),
+            ),
+            (
+                "diffusion_model.blocks.9.self_attn.q.lora_B.weight".to_owned(),
+                t((32, 4)),
+            ),
+        ]),
+        &lora,
+    )
+    .unwrap();
+    let run = dit_run(
+        dir.path(),
+        "dit_tiny_wan.safetensors",
+        &["--lora", lora.to_str().unwrap()],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("blocks.9.self_attn.q") && stderr.contains("stray.safetensors"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn text_encode_through_the_cli_matches_transformers() {
+    // make_umt5_fixtures.py: tiny UMT5EncoderModel (transformers 5.24.0, f32), two prompts
+    // padded to 512, output trimmed to each prompt's length and zero-padded.
+    let dir = tempfile::tempdir().unwrap();
+    let cases = load(&fixture(
+        "vpipe-text",
+        "tests/fixtures/umt5_cases.safetensors",
+    ));
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([
+            ("input_ids".to_owned(), cases["prompt.input_ids"].clone()),
+            (
+                "attention_mask".to_owned(),
+                cases["prompt.attention_mask"].clone(),
+            ),
+        ]),
+        &input,
+    )
+    .unwrap();
+    let config = fixture("vpipe-text", "tests/fixtures/umt5_tiny_config.json");
+    let output = dir.path().join("out.safetensors");
+    for (file, with_config) in [
+        ("umt5_tiny_transformers.safetensors", true),
+        ("umt5_tiny_comfy.safetensors", false),
+    ] {
+        let encoder = fixture("vpipe-text", &format!("tests/fixtures/{file}"));
+        let mut args = vec![
+            "tensors",
+            "text-encode",
+            "--text-encoder",
+            encoder.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        if with_config {
+            args.extend_from_slice(&["--config", config.to_str().unwrap()]);
+        }
+        let run = vpipe(&args);
+        assert!(
+            run.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let out = &load(&output)["last_hidden_state"];
+        let err = max_abs(out, &cases["prompt.last_hidden_state"]);
+        assert!(err <= 1e-4, "{file}: max abs {err}");
+    }
+}

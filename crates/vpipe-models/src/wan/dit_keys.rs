@@ -109,6 +109,16 @@ pub fn diffusers_to_wan(name: &str) -> Option<String> {
     translate(name, Side::Diffusers)
 }
 
+/// The original Wan name of a checkpoint key in `layout` with `prefix` (`None` for keys outside
+/// the model, e.g. another prefix or I2V tensors).
+pub fn original_name(key: &str, layout: KeyLayout, prefix: &str) -> Option<String> {
+    let name = key.strip_prefix(prefix)?;
+    match layout {
+        KeyLayout::Wan => Some(name.to_string()),
+        KeyLayout::Diffusers => diffusers_to_wan(name),
+    }
+}
+
 /// Finds the key layout and prefix of a DiT checkpoint from `head.modulation` (original, as
 /// ComfyUI's model detection does) or `proj_out.weight` + `condition_embedder` (diffusers).
 /// `vb` must have an empty path.

@@ -25,15 +25,32 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
     )?;
     let mut session = MemorySession::new(device.clone(), job.budget)?;
 
-    let dit_id = session.phase("load", |p| -> anyhow::Result<_> {
-        Ok(p.register("dit", &job.dit, Some(job.dtype))?)
+    let (dit_id, loras) = session.phase("load", |p| -> anyhow::Result<_> {
+        let id = p.register("dit", &job.dit, Some(job.dtype))?;
+        let loras = job
+            .loras
+            .iter()
+            .map(|(path, strength)| {
+                let file = vpipe_lora::LoraFile::read(path)
+                    .with_context(|| format!("--lora {}", path.display()))?;
+                Ok((file, *strength))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((id, loras))
     })?;
     let output = session.phase(PHASE, |p| -> anyhow::Result<Tensor> {
         p.make_resident(dit_id)?;
         let output = {
             let lease = p.lease(dit_id)?;
-            let mut model = crate::leased::wan_dit(&lease, job.config.as_ref(), job.dtype, &device)
-                .with_context(|| format!("--dit {}", job.dit.display()))?;
+            let (mut model, merged) =
+                crate::leased::wan_dit(&lease, job.config.as_ref(), job.dtype, &device, &loras)
+                    .with_context(|| format!("--dit {}", job.dit.display()))?;
+            for (summary, (path, strength)) in merged.iter().zip(&job.loras) {
+                p.note(
+                    "lora",
+                    &format!("{} at strength {strength}: {summary}", path.display()),
+                );
+            }
             let scratch = match job.budget.compute {
                 Some(budget) => {
                     let session = p.session();

@@ -3,10 +3,12 @@
 
 mod dit;
 mod schedule;
+mod text;
 mod vae;
 
 pub(crate) use dit::run_dit;
 pub(crate) use schedule::run_schedule;
+pub(crate) use text::run_text_encode;
 pub(crate) use vae::{run_vae, VaeOp};
 
 use std::collections::HashMap;
