@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use vpipe_models::ops::max_abs_diff;
-use vpipe_models::wan::dit::{Config, Rope, WanModel};
+use vpipe_models::wan::dit::{Config, GuidancePasses, Rope, WanModel};
 
 const TOL: f64 = 1e-4;
 const CASES: [&str; 2] = ["batch2", "single"];
@@ -240,4 +240,44 @@ fn cuda_matches_diffusers() {
             assert!(err <= tol, "cuda {dtype:?} {case}: {err}");
         }
     }
+}
+
+#[test]
+fn guidance_batched_equals_two_passes_and_follows_memory() {
+    // batch2's two contexts play cond and uncond for sample 0's latents.
+    let model = WanModel::from_file(
+        fixture("dit_tiny_diffusers.safetensors"),
+        Some(&config()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cases = cases();
+    let get = |k: &str| cases[&format!("batch2.{k}")].clone();
+    let x = get("hidden_states").narrow(0, 0, 1).unwrap();
+    let t = get("timestep").narrow(0, 0, 1).unwrap();
+    let ctx = get("encoder_hidden_states");
+    let (cond, uncond) = (ctx.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 1, 1).unwrap());
+    let run = |passes| {
+        model
+            .forward_guided(&x, &t, &cond, &uncond, 5.0, passes)
+            .unwrap()
+    };
+    let (batched, two) = (run(GuidancePasses::Batched), run(GuidancePasses::TwoPasses));
+    let err = max_abs_diff(&batched, &two).unwrap();
+    assert!(err <= 1e-5, "batched vs two passes: {err}");
+    // uncond + 5 (cond − uncond), from two plain forwards.
+    let c = model.forward(&x, &t, &cond).unwrap();
+    let u = model.forward(&x, &t, &uncond).unwrap();
+    let manual = (&u + ((c - &u).unwrap() * 5.0).unwrap()).unwrap();
+    assert!(max_abs_diff(&two, &manual).unwrap() <= 1e-6);
+
+    let tokens = 3 * 4 * 6;
+    let need = model.activation_bytes_estimate(2, tokens);
+    assert!(need > model.activation_bytes_estimate(1, tokens));
+    assert_eq!(model.guidance_passes(need, tokens), GuidancePasses::Batched);
+    assert_eq!(
+        model.guidance_passes(need - 1, tokens),
+        GuidancePasses::TwoPasses
+    );
 }

@@ -463,18 +463,18 @@ impl Attention {
         rope: Option<&Rope>,
         chunk: QueryChunk,
     ) -> Result<Tensor> {
+        // Each intermediate lives only inside its block: the token-sized tensors are what
+        // bounds the activation peak (see `WanModel::activation_bytes_estimate`).
         let kv_source = context.unwrap_or(x);
-        let q = self.norm_q.forward(&self.q.forward(x)?)?;
-        let k = self.norm_k.forward(&self.k.forward(kv_source)?)?;
-        let (q, k) = match rope {
-            Some(rope) => (
-                rope.heads(&q, self.num_heads)?,
-                rope.heads(&k, self.num_heads)?,
-            ),
-            None => (self.heads(&q)?, self.heads(&k)?),
+        let split = |t: Tensor| match rope {
+            Some(rope) => rope.heads(&t, self.num_heads),
+            None => self.heads(&t),
         };
+        let q = split(self.norm_q.forward(&self.q.forward(x)?)?)?;
+        let k = split(self.norm_k.forward(&self.k.forward(kv_source)?)?)?;
         let v = self.heads(&self.v.forward(kv_source)?)?;
         let out = attention(&q, &k, &v, chunk)?;
+        drop((q, k, v));
         let (b, h, l, hd) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((b, l, h * hd))?;
         Ok(self.o.forward(&out)?)
@@ -541,15 +541,25 @@ impl Block {
         let (shift_sa, scale_sa, gate_sa) = (part(0)?, part(1)?, part(2)?);
         let (shift_ff, scale_ff, gate_ff) = (part(3)?, part(4)?, part(5)?);
 
-        let h = norm_modulate(x, &(scale_sa + 1.0)?, &shift_sa, self.eps)?;
-        let y = self.self_attn.forward(&h, None, Some(rope), chunks.0)?;
-        let x = gated_residual(x, &y, &gate_sa)?;
-
-        let h = norm_modulate(&x, &self.norm3_weight, &self.norm3_bias, self.eps)?;
-        let x = (&x + self.cross_attn.forward(&h, Some(context), None, chunks.1)?)?;
-
+        // Scoped so that each step's normed input and output are freed before the next step
+        // (a shadowed binding would live to the end of the function).
+        let x = {
+            let h = norm_modulate(x, &(scale_sa + 1.0)?, &shift_sa, self.eps)?;
+            let y = self.self_attn.forward(&h, None, Some(rope), chunks.0)?;
+            drop(h);
+            gated_residual(x, &y, &gate_sa)?
+        };
+        let x = {
+            let h = norm_modulate(&x, &self.norm3_weight, &self.norm3_bias, self.eps)?;
+            let y = self.cross_attn.forward(&h, Some(context), None, chunks.1)?;
+            drop(h);
+            (&x + y)?
+        };
         let h = norm_modulate(&x, &(scale_ff + 1.0)?, &shift_ff, self.eps)?;
-        let y = self.ffn_out.forward(&self.ffn_in.forward_gelu(&h)?)?;
+        let hidden = self.ffn_in.forward_gelu(&h)?;
+        drop(h);
+        let y = self.ffn_out.forward(&hidden)?;
+        drop(hidden);
         gated_residual(&x, &y, &gate_ff)
     }
 }
@@ -609,6 +619,15 @@ fn timestep_features(timestep: &[f32], freq_dim: usize, device: &Device) -> Resu
         out.extend(freqs.iter().map(|&f| (t * f).sin()));
     }
     Ok(Tensor::from_vec(out, (timestep.len(), freq_dim), device)?)
+}
+
+/// How a step with classifier-free guidance runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuidancePasses {
+    /// Condition and uncondition in one forward of batch 2 (faster, twice the activations).
+    Batched,
+    /// Two forwards of batch 1 (half the activations).
+    TwoPasses,
 }
 
 /// The Wan 2.1 text-to-video DiT.
@@ -730,6 +749,69 @@ impl WanModel {
             QueryChunk::for_budget(budget, batch, h, tokens, hd, self.dtype),
             QueryChunk::for_budget(budget, batch, h, context_len, hd, self.dtype),
         )
+    }
+
+    /// **Estimated** device bytes one forward of `batch` samples of `tokens` tokens needs on
+    /// top of the weights: the larger of the two live sets inside a block, self-attention
+    /// (the residual stream, its normed copy, q, k, v and the attention output: 6 token-sized
+    /// tensors, plus the score scratch) and the FFN (residual, normed copy, output, and the
+    /// `ffn_dim`-wide hidden state). An estimate from the code's structure, not a measurement;
+    /// `dit_bench` reports the measured peak next to it.
+    pub fn activation_bytes_estimate(&self, batch: usize, tokens: usize) -> u64 {
+        let elem = self.dtype.size_in_bytes() as u64;
+        let token_row = (batch * tokens) as u64 * elem;
+        let (d, f) = (self.cfg.dim as u64, self.cfg.ffn_dim as u64);
+        let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim());
+        let all_scores =
+            QueryChunk::bytes_per_row(batch, h, tokens, hd, self.dtype) * tokens as u64;
+        let attention = token_row * 6 * d + self.attention_scratch.min(all_scores);
+        let ffn = token_row * (3 * d + f);
+        attention.max(ffn)
+    }
+
+    /// Batched guidance when its estimated activations fit `free_bytes`, else two passes
+    /// (ComfyUI batches cond and uncond when memory allows, the reference runs two forwards).
+    pub fn guidance_passes(&self, free_bytes: u64, tokens: usize) -> GuidancePasses {
+        if self.activation_bytes_estimate(2, tokens) <= free_bytes {
+            GuidancePasses::Batched
+        } else {
+            GuidancePasses::TwoPasses
+        }
+    }
+
+    /// The guided velocity `uncond + scale · (cond − uncond)` for one sample.
+    ///
+    /// # Shapes
+    /// - `latents`: [1, C, F, H, W]; `timestep`: [1]; `cond`, `uncond`: [1, Lc, text_dim].
+    /// - output: [1, C, F, H, W] in the model's dtype.
+    pub fn forward_guided(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        cond: &Tensor,
+        uncond: &Tensor,
+        scale: f64,
+        passes: GuidancePasses,
+    ) -> Result<Tensor> {
+        let guided = match passes {
+            GuidancePasses::Batched => {
+                let both = self.forward(
+                    &Tensor::cat(&[latents, latents], 0)?,
+                    &Tensor::cat(&[timestep, timestep], 0)?,
+                    &Tensor::cat(&[cond, uncond], 0)?,
+                )?;
+                vpipe_sampling::cfg_batched(&both, scale)
+            }
+            GuidancePasses::TwoPasses => {
+                let c = self.forward(latents, timestep, cond)?;
+                let u = self.forward(latents, timestep, uncond)?;
+                vpipe_sampling::cfg(&c, &u, scale)
+            }
+        };
+        guided.map_err(|e| Error::DitInput {
+            tensor: "guidance",
+            reason: e.to_string(),
+        })
     }
 
     /// The token grid (frames, height, width) of a latent of this shape.
