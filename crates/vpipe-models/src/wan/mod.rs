@@ -1,4 +1,5 @@
-//! Wan 2.1 (Wan-AI, 2025) model components: the causal 3D video VAE.
+//! Wan 2.1 (Wan-AI, 2025) model components: the causal 3D video VAE and the text-to-video
+//! diffusion transformer (DiT, [`WanModel`]).
 //!
 //! - Paper and code: <https://github.com/Wan-Video/Wan2.1> (`wan/modules/vae.py`)
 //! - diffusers port: `AutoencoderKLWan`
@@ -19,8 +20,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Parity with diffusers is tested in `crates/vpipe-models/tests/vae_parity.rs` on fixtures made
-//! by `tools/fixtures/make_vae_fixtures.py`.
+//! Parity with diffusers is tested in `crates/vpipe-models/tests/vae_parity.rs` and
+//! `dit_parity.rs` on fixtures made by `tools/fixtures/make_vae_fixtures.py` and
+//! `make_dit_fixtures.py`. From the command line:
+//!
+//! ```text
+//! vpipe tensors dit --dit wan2.1_t2v_14B_bf16.safetensors --input in.safetensors \
+//!     --output out.safetensors --device cuda:0 --dtype bf16 --vram-budget 60GiB
+//! ```
 
 pub mod dit;
 pub mod dit_keys;
