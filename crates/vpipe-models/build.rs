@@ -6,6 +6,7 @@ fn main() {
     for name in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{name}.cu");
     }
+    println!("cargo:rerun-if-changed=kernels/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

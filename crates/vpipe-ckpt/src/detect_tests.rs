@@ -92,64 +92,11 @@ fn wan_dit(dim: usize, ffn: usize, layers: usize, in_dim: usize) -> List {
     l
 }
 
-/// The §6.2 rename rule, original Wan → diffusers (plain substring replacement, in order).
+/// The §6.2 rename rule, original Wan → diffusers, from vpipe-models' key map (the one the
+/// model loader uses).
 fn to_diffusers_dit(name: &str) -> String {
-    let mut s = name.to_owned();
-    for (from, to) in [
-        (
-            "time_embedding.0",
-            "condition_embedder.time_embedder.linear_1",
-        ),
-        (
-            "time_embedding.2",
-            "condition_embedder.time_embedder.linear_2",
-        ),
-        (
-            "text_embedding.0",
-            "condition_embedder.text_embedder.linear_1",
-        ),
-        (
-            "text_embedding.2",
-            "condition_embedder.text_embedder.linear_2",
-        ),
-        ("time_projection.1", "condition_embedder.time_proj"),
-        ("head.modulation", "scale_shift_table"),
-        ("head.head", "proj_out"),
-        ("modulation", "scale_shift_table"),
-        ("ffn.0", "ffn.net.0.proj"),
-        ("ffn.2", "ffn.net.2"),
-        ("norm2", "norm__placeholder"),
-        ("norm3", "norm2"),
-        ("norm__placeholder", "norm3"),
-        ("self_attn.q", "attn1.to_q"),
-        ("self_attn.k", "attn1.to_k"),
-        ("self_attn.v", "attn1.to_v"),
-        ("self_attn.o", "attn1.to_out.0"),
-        ("self_attn.norm_q", "attn1.norm_q"),
-        ("self_attn.norm_k", "attn1.norm_k"),
-        ("cross_attn.q", "attn2.to_q"),
-        ("cross_attn.k", "attn2.to_k"),
-        ("cross_attn.v", "attn2.to_v"),
-        ("cross_attn.o", "attn2.to_out.0"),
-        ("cross_attn.norm_q", "attn2.norm_q"),
-        ("cross_attn.norm_k", "attn2.norm_k"),
-        ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
-        (
-            "img_emb.proj.1",
-            "condition_embedder.image_embedder.ff.net.0.proj",
-        ),
-        (
-            "img_emb.proj.3",
-            "condition_embedder.image_embedder.ff.net.2",
-        ),
-        ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
-        ("attn2.to_k_img", "attn2.add_k_proj"),
-        ("attn2.to_v_img", "attn2.add_v_proj"),
-        ("attn2.norm_k_img", "attn2.norm_added_k"),
-    ] {
-        s = s.replace(from, to);
-    }
-    s
+    vpipe_models::wan::dit_keys::wan_to_diffusers(name)
+        .unwrap_or_else(|| panic!("{name}: no diffusers name"))
 }
 
 fn renamed(list: &List, f: impl Fn(&str) -> String) -> List {

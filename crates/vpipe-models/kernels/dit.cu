@@ -10,17 +10,9 @@
 //   GELU(tanh); f32 arithmetic.
 // - dequant_fp8: w = float(w8) * scale (ComfyUI's scaled fp8 weights); candle 0.11.1's own
 //   float8 casts on CUDA look up kernels under names the kernel file does not define.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
+#include "common.cuh"
 
 // Sum over the block; every thread gets the result. `shared` holds 32 floats.
 __device__ float block_sum(float v, float* shared) {

@@ -2,16 +2,7 @@
 // optionally followed by SiLU: y[b,c,s] = f(x[b,c,s] * rsqrt(mean_c x[b,:,s]^2 + eps) * g[c]).
 // One thread per (b, s); consecutive threads read consecutive s, so every channel's loads are
 // coalesced and no transpose is needed. Accumulation in f32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
+#include "common.cuh"
 
 template <typename T>
 __device__ void rms_channels(const T* x, const T* gamma, T* y, long long batches, int channels,

@@ -29,6 +29,18 @@ fn config() -> Config {
     Config::from_diffusers_json(&std::fs::read_to_string(fixture("config.json")).unwrap()).unwrap()
 }
 
+/// Largest absolute value of a tensor (the scale a bf16 bound is taken against).
+fn output_max(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+}
+
 fn run(model: &WanModel, cases: &HashMap<String, Tensor>, case: &str) -> Tensor {
     let get = |k: &str| cases[&format!("{case}.{k}")].clone();
     model
@@ -118,17 +130,7 @@ fn bf16_stays_close_to_f32() {
         let out = run(&model, &cases, case).to_dtype(DType::F32).unwrap();
         let expected = &cases[&format!("{case}.out")];
         let err = max_abs_diff(&out, expected).unwrap();
-        let scale = expected
-            .abs()
-            .unwrap()
-            .max_keepdim(0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+        let scale = output_max(expected);
         println!("bf16 {case}: max abs {err:.3e} (output max {scale:.2})");
         // bf16 has 8 mantissa bits: a few percent of the output's range after 2 blocks.
         assert!(err <= 0.05 * scale, "{case}: {err}");
@@ -223,18 +225,7 @@ fn cuda_matches_diffusers() {
             let err = max_abs_diff(&out, expected).unwrap();
             let tol = match tol_share {
                 None => TOL,
-                Some(share) => {
-                    share
-                        * expected
-                            .abs()
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .max(0)
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap() as f64
-                }
+                Some(share) => share * output_max(expected),
             };
             println!("cuda {dtype:?} {case}: max abs {err:.3e} (bound {tol:.1e})");
             assert!(err <= tol, "cuda {dtype:?} {case}: {err}");

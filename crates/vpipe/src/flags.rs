@@ -214,25 +214,14 @@ pub(crate) struct DitArgs {
     /// Output safetensors file (written to a temporary file, then renamed).
     #[arg(long)]
     output: PathBuf,
-    /// Where to compute: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Precision of the weights and the computation: f32, bf16 or f16 (scaled-fp8 weights
-    /// stay fp8 in memory and are dequantised per layer).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Memory budget of the compute tier, e.g. 40GiB; sets the attention chunk.
-    #[arg(long)]
-    vram_budget: Option<String>,
     /// A LoRA to merge into the weights (any Wan LoRA key format); repeat for several.
     #[arg(long)]
     lora: Vec<PathBuf>,
     /// Strength of each --lora, in the same order (default 1.0 for those not given).
     #[arg(long, allow_negative_numbers = true)]
     lora_strength: Vec<f64>,
-    /// Write the memory report here (and the chart next to it, as .svg).
-    #[arg(long)]
-    report: Option<PathBuf>,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// Validated settings of a DiT tensor job.
@@ -241,12 +230,9 @@ pub(crate) struct DitJob {
     pub(crate) config: Option<vpipe_models::wan::DitConfig>,
     pub(crate) input: PathBuf,
     pub(crate) output: PathBuf,
-    pub(crate) device: String,
-    pub(crate) dtype: candle_core::DType,
-    pub(crate) budget: vpipe_mem::Budget,
     /// LoRA files with their strengths.
     pub(crate) loras: Vec<(PathBuf, f64)>,
-    pub(crate) report: Option<PathBuf>,
+    pub(crate) compute: Compute,
 }
 
 impl DitArgs {
@@ -294,14 +280,8 @@ impl DitArgs {
             config,
             input: self.input,
             output: self.output,
-            device: self.device,
-            dtype: parse_dtype(&self.dtype)?,
-            budget: vpipe_mem::Budget {
-                compute: parse_budget("--vram-budget", &self.vram_budget)?,
-                host: None,
-            },
+            compute: self.compute.validate()?,
             loras,
-            report: self.report,
         })
     }
 }
@@ -322,18 +302,8 @@ pub(crate) struct TextEncodeArgs {
     /// Output safetensors file (written to a temporary file, then renamed).
     #[arg(long)]
     output: PathBuf,
-    /// Where to compute: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Precision of the weights and the computation: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Memory budget of the compute tier, e.g. 16GiB.
-    #[arg(long)]
-    vram_budget: Option<String>,
-    /// Write the memory report here (and the chart next to it, as .svg).
-    #[arg(long)]
-    report: Option<PathBuf>,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// Validated settings of a text-encode tensor job.
@@ -342,10 +312,7 @@ pub(crate) struct TextEncodeJob {
     pub(crate) config: Option<vpipe_text::umt5::Config>,
     pub(crate) input: PathBuf,
     pub(crate) output: PathBuf,
-    pub(crate) device: String,
-    pub(crate) dtype: candle_core::DType,
-    pub(crate) budget: vpipe_mem::Budget,
-    pub(crate) report: Option<PathBuf>,
+    pub(crate) compute: Compute,
 }
 
 impl TextEncodeArgs {
@@ -367,13 +334,7 @@ impl TextEncodeArgs {
             config,
             input: self.input,
             output: self.output,
-            device: self.device,
-            dtype: parse_dtype(&self.dtype)?,
-            budget: vpipe_mem::Budget {
-                compute: parse_budget("--vram-budget", &self.vram_budget)?,
-                host: None,
-            },
-            report: self.report,
+            compute: self.compute.validate()?,
         })
     }
 }
@@ -436,6 +397,47 @@ impl ScheduleArgs {
     }
 }
 
+/// Where and how a tensor job computes, and where its report goes.
+#[derive(Args, Debug)]
+pub(crate) struct ComputeArgs {
+    /// Where to compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the weights and the computation: f32, bf16 or f16 (scaled-fp8 DiT
+    /// weights stay fp8 in memory and are dequantised per layer).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Memory budget of the compute tier, e.g. 8GiB (VAE: sets the tile; DiT: the attention
+    /// chunk).
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Write the memory report here (and the chart next to it, as .svg).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// Validated [`ComputeArgs`].
+pub(crate) struct Compute {
+    pub(crate) device: String,
+    pub(crate) dtype: candle_core::DType,
+    pub(crate) budget: vpipe_mem::Budget,
+    pub(crate) report: Option<PathBuf>,
+}
+
+impl ComputeArgs {
+    fn validate(self) -> Result<Compute, BadInput> {
+        Ok(Compute {
+            dtype: parse_dtype(&self.dtype)?,
+            budget: vpipe_mem::Budget {
+                compute: parse_budget("--vram-budget", &self.vram_budget)?,
+                host: None,
+            },
+            device: self.device,
+            report: self.report,
+        })
+    }
+}
+
 /// Parses a `--dtype` value.
 fn parse_dtype(text: &str) -> Result<candle_core::DType, BadInput> {
     match text {
@@ -479,18 +481,8 @@ pub(crate) struct VaeArgs {
     /// tile.
     #[arg(long)]
     stride: Option<usize>,
-    /// Where to compute: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Precision of the weights and the computation: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Memory budget of the compute tier, e.g. 2GiB.
-    #[arg(long)]
-    vram_budget: Option<String>,
-    /// Write the memory report here (and the chart next to it, as .svg).
-    #[arg(long)]
-    report: Option<PathBuf>,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// Validated settings of a VAE tensor job.
@@ -500,15 +492,13 @@ pub(crate) struct VaeJob {
     pub(crate) output: PathBuf,
     /// `None`: chosen from the budget by calibration.
     pub(crate) tiles: Option<vpipe_models::tiling::TileSpec>,
-    pub(crate) device: String,
-    pub(crate) dtype: candle_core::DType,
-    pub(crate) budget: vpipe_mem::Budget,
-    pub(crate) report: Option<PathBuf>,
+    pub(crate) compute: Compute,
 }
 
 impl VaeArgs {
     pub(crate) fn validate(self) -> Result<VaeJob, BadInput> {
-        let budget = parse_budget("--vram-budget", &self.vram_budget)?;
+        let compute = self.compute.validate()?;
+        let budget = compute.budget.compute;
         let tile = match self.tile.as_deref() {
             Some("auto") => None,
             None if budget.is_some() => None,
@@ -543,20 +533,13 @@ impl VaeArgs {
                 Some(tiles)
             }
         };
-        let dtype = parse_dtype(&self.dtype)?;
         require_files(&[("--vae", &self.vae), ("--input", &self.input)])?;
         Ok(VaeJob {
             vae: self.vae,
             input: self.input,
             output: self.output,
             tiles,
-            device: self.device,
-            dtype,
-            budget: vpipe_mem::Budget {
-                compute: budget,
-                host: None,
-            },
-            report: self.report,
+            compute,
         })
     }
 }

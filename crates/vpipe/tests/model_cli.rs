@@ -4,71 +4,33 @@
 //! schedulers driven with seeded model outputs).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-fn fixture(crate_dir: &str, name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(crate_dir)
-        .join(name)
-}
+mod common;
+use common::{load, max_abs, vpipe};
 
-fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn vpipe(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vpipe"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    vpipe_models::ops::max_abs_diff(a, b).unwrap()
+fn fixture(crate_dir: &str, name: &str) -> std::path::PathBuf {
+    common::fixture(
+        crate_dir,
+        name.strip_prefix("tests/fixtures/").unwrap_or(name),
+    )
 }
 
 #[test]
 fn dit_through_the_cli_matches_diffusers_in_both_layouts() {
     let dir = tempfile::tempdir().unwrap();
-    let cases = load(&fixture(
-        "vpipe-models",
-        "tests/fixtures/dit/dit_cases.safetensors",
-    ));
-    let input = dir.path().join("in.safetensors");
-    let inputs: HashMap<String, Tensor> = ["hidden_states", "timestep", "encoder_hidden_states"]
-        .into_iter()
-        .map(|k| (k.to_owned(), cases[&format!("batch2.{k}")].clone()))
-        .collect();
-    candle_core::safetensors::save(&inputs, &input).unwrap();
-    let config = fixture("vpipe-models", "tests/fixtures/dit/config.json");
-    let output = dir.path().join("out.safetensors");
+    let cases = load(&fixture("vpipe-models", "dit/dit_cases.safetensors"));
     let report = dir.path().join("report.json");
     for file in ["dit_tiny_wan.safetensors", "dit_tiny_diffusers.safetensors"] {
-        let dit = fixture("vpipe-models", &format!("tests/fixtures/dit/{file}"));
-        let run = vpipe(&[
-            "tensors",
-            "dit",
-            "--dit",
-            dit.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ]);
+        let run = dit_run(dir.path(), file, &["--report", report.to_str().unwrap()]);
         assert!(
             run.status.success(),
             "{file}: {}",
             String::from_utf8_lossy(&run.stderr)
         );
-        let out = &load(&output)["out"];
+        let out = &load(&dir.path().join("out.safetensors"))["out"];
         let err = max_abs(out, &cases["batch2.out"]);
         assert!(err <= 1e-4, "{file}: max abs {err}");
         // The phases are recorded: the model came and went through the store.

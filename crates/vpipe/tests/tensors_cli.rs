@@ -7,31 +7,22 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
+mod common;
+use common::{max_abs, vpipe};
+
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../vpipe-models/tests/fixtures/vae")
+    common::fixture("vpipe-models", "vae")
 }
 
 fn cases() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("vae_cases.safetensors"), &Device::Cpu).unwrap()
+    common::load(&fixtures().join("vae_cases.safetensors"))
 }
 
 fn save(path: &Path, key: &str, t: &Tensor) {
     candle_core::safetensors::save(&HashMap::from([(key.to_owned(), t.clone())]), path).unwrap();
-}
-
-fn vpipe(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vpipe"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    vpipe_models::ops::max_abs_diff(a, b).unwrap()
 }
 
 /// `vpipe tensors vae-encode --vae VAE --input IN --output OUT` plus `extra` flags.

@@ -22,8 +22,9 @@ pub enum KeyLayout {
     Diffusers,
 }
 
-/// Global modules: (original, diffusers).
-const GLOBAL_MODULES: [(&str, &str); 8] = [
+/// Global modules: (original, diffusers). The `img_emb` entries are image-to-video's (named
+/// for key translation and detection; the model itself runs text-to-video).
+const GLOBAL_MODULES: [(&str, &str); 13] = [
     ("patch_embedding", "patch_embedding"),
     (
         "text_embedding.0",
@@ -44,10 +45,24 @@ const GLOBAL_MODULES: [(&str, &str); 8] = [
     ("time_projection.1", "condition_embedder.time_proj"),
     ("head.head", "proj_out"),
     ("head.modulation", "scale_shift_table"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    (
+        "img_emb.proj.1",
+        "condition_embedder.image_embedder.ff.net.0.proj",
+    ),
+    (
+        "img_emb.proj.3",
+        "condition_embedder.image_embedder.ff.net.2",
+    ),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    (
+        "img_emb.emb_pos",
+        "condition_embedder.image_embedder.pos_embed",
+    ),
 ];
 
-/// Modules inside `blocks.N.`: (original, diffusers).
-const BLOCK_MODULES: [(&str, &str); 16] = [
+/// Modules inside `blocks.N.`: (original, diffusers); the `_img` ones are image-to-video's.
+const BLOCK_MODULES: [(&str, &str); 19] = [
     ("self_attn.q", "attn1.to_q"),
     ("self_attn.k", "attn1.to_k"),
     ("self_attn.v", "attn1.to_v"),
@@ -60,6 +75,9 @@ const BLOCK_MODULES: [(&str, &str); 16] = [
     ("cross_attn.o", "attn2.to_out.0"),
     ("cross_attn.norm_q", "attn2.norm_q"),
     ("cross_attn.norm_k", "attn2.norm_k"),
+    ("cross_attn.k_img", "attn2.add_k_proj"),
+    ("cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k"),
     ("norm3", "norm2"),
     ("ffn.0", "ffn.net.0.proj"),
     ("ffn.2", "ffn.net.2"),
@@ -98,8 +116,8 @@ fn translate(name: &str, from: Side) -> Option<String> {
     swap_module(name, &GLOBAL_MODULES, from)
 }
 
-/// The diffusers name of an original Wan DiT tensor name; `None` for names outside the
-/// text-to-video model (e.g. I2V's `img_emb`).
+/// The diffusers name of an original Wan DiT tensor name; `None` for names that are not Wan
+/// DiT tensors.
 pub fn wan_to_diffusers(name: &str) -> Option<String> {
     translate(name, Side::Wan)
 }
@@ -201,7 +219,12 @@ mod tests {
         // `self_attn.q` must not capture `self_attn.qx`, nor `modulation` a longer segment.
         assert_eq!(wan_to_diffusers("blocks.0.self_attn.qx.weight"), None);
         assert_eq!(wan_to_diffusers("blocks.x.self_attn.q.weight"), None);
-        assert_eq!(wan_to_diffusers("img_emb.proj.0.weight"), None);
-        assert_eq!(diffusers_to_wan("blocks.0.attn2.add_k_proj.weight"), None);
+        assert_eq!(wan_to_diffusers("img_emb.proj.2.weight"), None);
+        assert_eq!(diffusers_to_wan("blocks.0.attn2.add_q_proj.weight"), None);
+        // `cross_attn.k` must not capture `cross_attn.k_img`.
+        assert_eq!(
+            wan_to_diffusers("blocks.3.cross_attn.k_img.weight").as_deref(),
+            Some("blocks.3.attn2.add_k_proj.weight")
+        );
     }
 }

@@ -18,15 +18,15 @@ const ATTENTION_BUDGET_SHARE: f64 = 0.25;
 
 pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
     vpipe_ckpt::inspect(&job.dit)?;
-    let device = crate::device::open(&job.device)?;
+    let device = crate::device::open(&job.compute.device)?;
     let [latents, timestep, context] = super::read_inputs(
         &job.input,
         ["hidden_states", "timestep", "encoder_hidden_states"],
     )?;
-    let mut session = MemorySession::new(device.clone(), job.budget)?;
+    let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
 
     let (dit_id, loras) = session.phase("load", |p| -> anyhow::Result<_> {
-        let id = p.register("dit", &job.dit, Some(job.dtype))?;
+        let id = p.register("dit", &job.dit, Some(job.compute.dtype))?;
         let loras = job
             .loras
             .iter()
@@ -43,7 +43,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         let output = {
             let lease = p.lease(dit_id)?;
             let (mut model, merged) =
-                crate::leased::wan_dit(&lease, job.config.as_ref(), job.dtype, &device, &loras)
+                crate::leased::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device, &loras)
                     .with_context(|| format!("--dit {}", job.dit.display()))?;
             for (summary, (path, strength)) in merged.iter().zip(&job.loras) {
                 p.note(
@@ -51,7 +51,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
                     &format!("{} at strength {strength}: {summary}", path.display()),
                 );
             }
-            let scratch = match job.budget.compute {
+            let scratch = match job.compute.budget.compute {
                 Some(budget) => {
                     let session = p.session();
                     let in_use = p
@@ -96,7 +96,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         )
     })?;
 
-    let report = super::finish_report(&session, job.report.as_deref())?;
+    let report = super::finish_report(&session, job.compute.report.as_deref())?;
     println!(
         "dit: peak {}; wrote 'out' {:?} to {}",
         super::phase_peak(&report, PHASE),

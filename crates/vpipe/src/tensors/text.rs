@@ -13,19 +13,20 @@ const PHASE: &str = "text";
 
 pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
     vpipe_ckpt::inspect(&job.text_encoder)?;
-    let device = crate::device::open(&job.device)?;
+    let device = crate::device::open(&job.compute.device)?;
     let [ids, mask] = super::read_inputs(&job.input, ["input_ids", "attention_mask"])?;
-    let mut session = MemorySession::new(device.clone(), job.budget)?;
+    let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
 
     let id = session.phase("load", |p| -> anyhow::Result<_> {
-        Ok(p.register("text encoder", &job.text_encoder, Some(job.dtype))?)
+        Ok(p.register("text encoder", &job.text_encoder, Some(job.compute.dtype))?)
     })?;
     let output = session.phase(PHASE, |p| -> anyhow::Result<Tensor> {
         p.make_resident(id)?;
         let output = {
             let lease = p.lease(id)?;
-            let encoder = crate::leased::umt5(&lease, job.config.as_ref(), job.dtype, &device)
-                .with_context(|| format!("--text-encoder {}", job.text_encoder.display()))?;
+            let encoder =
+                crate::leased::umt5(&lease, job.config.as_ref(), job.compute.dtype, &device)
+                    .with_context(|| format!("--text-encoder {}", job.text_encoder.display()))?;
             let out = encoder
                 .forward(&ids.to_device(&device)?, &mask.to_device(&device)?)
                 .context("text encode")?;
@@ -42,7 +43,7 @@ pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
             &HashMap::from([("last_hidden_state".to_owned(), output.clone())]),
         )
     })?;
-    let report = super::finish_report(&session, job.report.as_deref())?;
+    let report = super::finish_report(&session, job.compute.report.as_deref())?;
     println!(
         "text encode: peak {}; wrote 'last_hidden_state' {:?} to {}",
         super::phase_peak(&report, PHASE),

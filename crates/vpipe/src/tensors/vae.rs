@@ -245,21 +245,21 @@ fn choose_tile(
 pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
     // A reader that never executes pickle code checks the file before anything loads it.
     vpipe_ckpt::inspect(&job.vae)?;
-    let device = crate::device::open(&job.device)?;
+    let device = crate::device::open(&job.compute.device)?;
     let (in_key, out_key) = op.keys();
     let [input] = super::read_inputs(&job.input, [in_key])?;
-    let mut session = MemorySession::new(device.clone(), job.budget)?;
+    let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
 
     let vae_id = session.phase("load", |p| -> anyhow::Result<_> {
-        Ok(p.register("vae", &job.vae, Some(job.dtype))?)
+        Ok(p.register("vae", &job.vae, Some(job.compute.dtype))?)
     })?;
     let output = session.phase(op.phase(), |p| -> anyhow::Result<Tensor> {
         p.make_resident(vae_id)?;
         let output = {
             let lease = p.lease(vae_id)?;
-            let vae = crate::leased::wan_vae(&lease, job.dtype, &device)
+            let vae = crate::leased::wan_vae(&lease, job.compute.dtype, &device)
                 .with_context(|| format!("--vae {}", job.vae.display()))?;
-            let tiles = match (job.tiles, job.budget.compute) {
+            let tiles = match (job.tiles, job.compute.budget.compute) {
                 (Some(tiles), _) => tiles,
                 (None, Some(budget)) => {
                     let model = calibrate(p, &vae, op, &input)?;
@@ -282,7 +282,7 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         )
     })?;
 
-    let report = super::finish_report(&session, job.report.as_deref())?;
+    let report = super::finish_report(&session, job.compute.report.as_deref())?;
     let tiles = report
         .notes
         .iter()

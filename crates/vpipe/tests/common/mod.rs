@@ -1,0 +1,35 @@
+//! Shared by the CLI test binaries (each uses part of it).
+#![allow(dead_code)] // every test binary compiles this module and uses only some of it
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+
+/// A file of another crate's `tests/fixtures`, e.g. `fixture("vpipe-models", "dit/config.json")`.
+pub fn fixture(crate_dir: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crate_dir)
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Every tensor of a safetensors file.
+pub fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Runs the built `vpipe` binary.
+pub fn vpipe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vpipe"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Largest element-wise difference.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    vpipe_models::ops::max_abs_diff(a, b).unwrap()
+}
