@@ -1,12 +1,13 @@
-//! `vpipe demo`: the pipeline's phases on a small built-in model, with every memory figure
-//! measured and every move of weights verified.
+//! `vpipe demo`: the whole pipeline (all eight phases, video-to-video) on a small built-in
+//! model, with every memory figure measured and every move of weights verified.
 //!
-//! The VAE phases run the real Wan 2.1 VAE (narrower than the released one, base width 16
-//! instead of 96, with seeded random weights) on a synthetic 9-frame clip, tiled. The text
-//! encoder and the denoiser are stand-ins until those models are built: seeded random stacks of
-//! linear layers with real matrix work. What the demo shows is the memory discipline: each
-//! phase makes one model resident, leases it, computes, and gives it back, and the report
-//! proves it with meter readings.
+//! The built-in model is the real Wan 2.1 architecture at a small width: a DiT (dim 256, two
+//! 128-wide heads, 2 blocks), a umT5 encoder (width 64, 2 blocks) with a small SentencePiece
+//! Unigram tokenizer, the VAE (base width 16 instead of 96) and a LoRA. Their weights are
+//! seeded random numbers made in-process, written in the real file formats (ComfyUI-style
+//! safetensors, `tokenizer.json`) and loaded back through the normal loaders. The clip is a
+//! built-in synthetic pattern; random weights make the output video noise-like, but every
+//! number in the report is a meter reading of real work.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,22 +15,23 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use vpipe_mem::{fmt_bytes, Lease, MemorySession, ModelId, Report, Tier};
+use vpipe_mem::{fmt_bytes, Report};
+
+use crate::pipeline::{self, Job, Mode, ModelFiles};
 
 use crate::flags::Demo;
 
-/// Width of every layer of the stand-in models.
-const WIDTH: usize = 1024;
-/// Prompt tokens.
-const TEXT_TOKENS: usize = 64;
-const VOCAB: usize = 1024;
 /// The demo clip: frames (1 + 4k), height, width.
 const CLIP: (usize, usize, usize) = (9, 64, 96);
 /// Base width of the demo's Wan VAE (the released model has 96).
 const VAE_BASE_DIM: usize = 16;
-
-/// The stand-in parts: checkpoint name and number of hidden layers.
-const STAND_INS: [(&str, usize); 2] = [("text-encoder", 4), ("denoiser", 16)];
+/// The demo's prompt, and the start of Wan's default negative prompt.
+const PROMPT: &str = "A cheesecake with berries on a plate, slow camera pan, soft light";
+const NEGATIVE_PROMPT: &str =
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，worst quality, low quality";
+/// A small SentencePiece Unigram tokenizer (677 pieces, English + Chinese; trained by
+/// `tools/fixtures/make_umt5_fixtures.py`, which also tests it against `sentencepiece`).
+const TOKENIZER_JSON: &str = include_str!("../../vpipe-text/tests/fixtures/tokenizer.json");
 
 /// A small deterministic generator (xorshift64*), so the built-in weights are the same on
 /// every machine without a dependency.
@@ -60,33 +62,39 @@ fn save_checkpoint(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Re
     std::fs::rename(&partial, path).with_context(|| format!("renaming into {}", path.display()))
 }
 
-/// A Wan 2.1 VAE checkpoint (original key names) of width `VAE_BASE_DIM` with seeded weights:
-/// matrices and kernels scaled by 1/√fan-in, norm gains near 1, small biases.
-fn vae_weights(rng: &mut Rng) -> anyhow::Result<HashMap<String, Tensor>> {
-    let cfg = vpipe_models::wan::vae::Config {
-        base_dim: VAE_BASE_DIM,
-        ..vpipe_models::wan::vae::Config::wan21()
-    };
+/// Seeded weights for every tensor `build` asks a `VarBuilder` for, under the names it asks
+/// for: matrices and kernels scaled by 1/√fan-in, norm gains near 1, small biases and
+/// modulation tables.
+fn seeded_weights(
+    rng: &mut Rng,
+    build: impl FnOnce(candle_nn::VarBuilder) -> anyhow::Result<()>,
+) -> anyhow::Result<HashMap<String, Tensor>> {
     // Building the model over an empty VarMap lists every weight it needs, with its shape.
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    vpipe_models::wan::WanVae::new(&cfg, vb)?;
+    build(candle_nn::VarBuilder::from_varmap(
+        &varmap,
+        DType::F32,
+        &Device::Cpu,
+    ))?;
     let vars = varmap.data().lock().expect("the VarMap is not shared");
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
     let mut tensors = HashMap::new();
     for name in names {
         let shape = vars[name].shape().clone();
-        let count = shape.elem_count();
         let fan_in = shape.dims().iter().skip(1).product::<usize>().max(1);
-        let (offset, scale) = if name.ends_with("gamma") {
+        let is_gain = name.ends_with("gamma")
+            || (shape.rank() == 1 && name.ends_with("weight") && !name.contains("embedding"));
+        let (offset, scale) = if is_gain {
             (1.0, 0.1)
+        } else if name.ends_with("modulation") {
+            (0.0, 0.05)
         } else if shape.rank() > 1 {
             (0.0, (3.0 / fan_in as f32).sqrt())
         } else {
             (0.0, 0.02)
         };
-        let values: Vec<f32> = (0..count)
+        let values: Vec<f32> = (0..shape.elem_count())
             .map(|_| offset + rng.next_f32() * scale)
             .collect();
         tensors.insert(name.clone(), Tensor::from_vec(values, shape, &Device::Cpu)?);
@@ -94,42 +102,121 @@ fn vae_weights(rng: &mut Rng) -> anyhow::Result<HashMap<String, Tensor>> {
     Ok(tensors)
 }
 
-/// Writes the built-in checkpoints (unless present) and returns their paths.
-fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
+/// The built-in model's configurations.
+fn dit_config(text_dim: usize) -> vpipe_models::wan::DitConfig {
+    vpipe_models::wan::DitConfig {
+        dim: 256,
+        ffn_dim: 512,
+        num_heads: 2,
+        num_layers: 2,
+        text_dim,
+        ..vpipe_models::wan::DitConfig::wan21_t2v_1_3b()
+    }
+}
+
+fn text_config(vocab_size: usize) -> vpipe_text::umt5::Config {
+    vpipe_text::umt5::Config {
+        vocab_size,
+        d_model: 64,
+        d_kv: 16,
+        d_ff: 128,
+        num_layers: 2,
+        num_heads: 4,
+        ..vpipe_text::umt5::Config::umt5_xxl()
+    }
+}
+
+/// The files of the built-in model.
+struct BuiltIn {
+    dit: PathBuf,
+    vae: PathBuf,
+    text_encoder: PathBuf,
+    tokenizer: PathBuf,
+    lora: PathBuf,
+}
+
+/// Writes the built-in model's files (unless present) in the formats users have: the DiT and
+/// the text encoder as ComfyUI-style safetensors, the tokenizer as `tokenizer.json`, the VAE
+/// with original Wan names, a LoRA with ComfyUI's PEFT names.
+fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let scale = (1.0 / WIDTH as f32).sqrt();
-    let mut paths = Vec::new();
-    for (name, layers) in STAND_INS {
-        let path = dir.join(format!("{name}-seed{seed}.safetensors"));
-        if !path.exists() {
-            let mut tensors = HashMap::new();
-            if name == "text-encoder" {
-                tensors.insert("embed.weight".to_owned(), rng.tensor((VOCAB, WIDTH), 1.0)?);
-            } else {
-                // The denoiser reads and writes latents (16 channels).
-                tensors.insert("proj_in.weight".to_owned(), rng.tensor((16, WIDTH), 0.25)?);
-                tensors.insert(
-                    "proj_out.weight".to_owned(),
-                    rng.tensor((WIDTH, 16), scale)?,
-                );
+    let files = BuiltIn {
+        dit: dir.join(format!("wan2.1-dit-tiny-seed{seed}.safetensors")),
+        vae: dir.join(format!("wan2.1-vae-{VAE_BASE_DIM}-seed{seed}.safetensors")),
+        text_encoder: dir.join(format!("umt5-tiny-seed{seed}.safetensors")),
+        tokenizer: dir.join("tokenizer.json"),
+        lora: dir.join(format!("lora-tiny-seed{seed}.safetensors")),
+    };
+    let vocab = PromptTokenizerVocab::of(TOKENIZER_JSON)?;
+    if !files.tokenizer.exists() {
+        let partial = files.tokenizer.with_extension("json.partial");
+        std::fs::write(&partial, TOKENIZER_JSON)
+            .with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, &files.tokenizer)?;
+    }
+    let text_cfg = text_config(vocab);
+    if !files.text_encoder.exists() {
+        let tensors = seeded_weights(&mut rng, |vb| {
+            vpipe_text::umt5::Umt5Encoder::new(&text_cfg, vb)?;
+            Ok(())
+        })?;
+        save_checkpoint(&files.text_encoder, &tensors)?;
+    }
+    let dit_cfg = dit_config(text_cfg.d_model);
+    if !files.dit.exists() {
+        let tensors = seeded_weights(&mut rng, |vb| {
+            vpipe_models::wan::WanModel::new(&dit_cfg, vb)?;
+            Ok(())
+        })?;
+        // ComfyUI's diffusion-model files carry this prefix.
+        let prefixed = tensors
+            .into_iter()
+            .map(|(k, v)| (format!("model.diffusion_model.{k}"), v))
+            .collect();
+        save_checkpoint(&files.dit, &prefixed)?;
+    }
+    if !files.vae.exists() {
+        let cfg = vpipe_models::wan::vae::Config {
+            base_dim: VAE_BASE_DIM,
+            ..vpipe_models::wan::vae::Config::wan21()
+        };
+        let tensors = seeded_weights(&mut rng, |vb| {
+            vpipe_models::wan::WanVae::new(&cfg, vb)?;
+            Ok(())
+        })?;
+        save_checkpoint(&files.vae, &tensors)?;
+    }
+    if !files.lora.exists() {
+        // Rank 4, alpha 2 on the self-attention query and the FFN input of both blocks.
+        let mut tensors = HashMap::new();
+        for block in 0..dit_cfg.num_layers {
+            for (target, rows, cols) in [
+                ("self_attn.q", dit_cfg.dim, dit_cfg.dim),
+                ("ffn.0", dit_cfg.ffn_dim, dit_cfg.dim),
+            ] {
+                let key = format!("diffusion_model.blocks.{block}.{target}");
+                tensors.insert(format!("{key}.lora_A.weight"), rng.tensor((4, cols), 0.1)?);
+                tensors.insert(format!("{key}.lora_B.weight"), rng.tensor((rows, 4), 0.1)?);
+                tensors.insert(format!("{key}.alpha"), Tensor::new(2f32, &Device::Cpu)?);
             }
-            for layer in 0..layers {
-                tensors.insert(
-                    format!("layers.{layer}.weight"),
-                    rng.tensor((WIDTH, WIDTH), scale)?,
-                );
-            }
-            save_checkpoint(&path, &tensors)?;
         }
-        paths.push((name, path));
+        save_checkpoint(&files.lora, &tensors)?;
     }
-    let path = dir.join(format!("wan-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"));
-    if !path.exists() {
-        save_checkpoint(&path, &vae_weights(&mut rng)?)?;
+    Ok(files)
+}
+
+/// The vocabulary size of a `tokenizer.json` (the text encoder's embedding rows).
+struct PromptTokenizerVocab;
+
+impl PromptTokenizerVocab {
+    fn of(json: &str) -> anyhow::Result<usize> {
+        let value: serde_json::Value = serde_json::from_str(json)?;
+        value["model"]["vocab"]
+            .as_array()
+            .map(Vec::len)
+            .context("the built-in tokenizer.json has no model.vocab")
     }
-    paths.push(("vae", path));
-    Ok(paths)
 }
 
 /// The demo clip: a smooth pattern drifting across the frame, in [-1, 1].
@@ -158,114 +245,53 @@ const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpe
     stride: 48,
 };
 
-/// `x ↦ gelu(x · Wᵢ)` through every layer of a leased model.
-fn forward(lease: &Lease<'_>, mut x: Tensor) -> anyhow::Result<Tensor> {
-    let mut layer = 0;
-    while let Ok(weight) = lease.get(&format!("layers.{layer}.weight")) {
-        x = x.matmul(weight)?.gelu()?;
-        layer += 1;
-    }
-    Ok(x)
-}
-
-/// Leases `model`, runs `work` on it, gives the model back to the disk tier, and declares
-/// the work's output (kept for later phases) as `output`.
-fn with_model(
-    session: &mut MemorySession,
-    phase: &str,
-    model: ModelId,
-    output: &str,
-    work: impl FnOnce(&Lease<'_>) -> anyhow::Result<Tensor>,
-) -> anyhow::Result<Tensor> {
-    session.phase(phase, |p| -> anyhow::Result<Tensor> {
-        p.make_resident(model)?;
-        let result = work(&p.lease(model)?)?;
-        p.offload(model, Tier::Disk)?;
-        p.declare_output(
-            output,
-            (result.elem_count() * result.dtype().size_in_bytes()) as u64,
-        );
-        Ok(result)
-    })
-}
-
 pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     let device = crate::device::open(&demo.device)?;
-    let weights = write_builtin_model(&demo.out.join("weights"), demo.seed)?;
-    let mut session = MemorySession::new(device.clone(), demo.budget)?;
+    let files = write_builtin_model(&demo.out.join("weights"), demo.seed)?;
     println!(
-        "vpipe demo: built-in model ({} checkpoints, seeded random weights) on {}",
-        weights.len(),
+        "vpipe demo: built-in Wan 2.1-architecture model (seeded random weights), video-to-video on {}",
         demo.device
     );
-
-    // Phase 1 reads the checkpoints' headers only: nothing is resident yet.
-    let models = session.phase("load", |p| -> anyhow::Result<Vec<ModelId>> {
-        weights
-            .iter()
-            .map(|(name, path)| Ok(p.register(name, path, Some(DType::F32))?))
-            .collect()
-    })?;
-    let [text, denoiser, vae] = models[..] else {
-        unreachable!("three built-in parts")
-    };
-
-    let prompt_ids: Vec<u32> = (0..TEXT_TOKENS as u32)
-        .map(|i| (i * 37 + 11) % VOCAB as u32)
-        .collect();
-    let embeddings = with_model(&mut session, "text", text, "prompt embedding", |lease| {
-        let ids = Tensor::new(prompt_ids.as_slice(), &device)?;
-        let tokens = lease.get("embed.weight")?.index_select(&ids, 0)?;
-        // Host copy: only the small embeddings outlive the phase.
-        Ok(forward(lease, tokens)?
-            .mean_keepdim(0)?
-            .to_device(&Device::Cpu)?)
-    })?;
-
-    let clip = demo_clip()?;
-    let latents = with_model(&mut session, "vae encode", vae, "latents", |lease| {
-        let vae = crate::leased::wan_vae(lease, DType::F32, &device)?;
-        Ok(vae.encode_tiled(&clip, DEMO_TILES)?)
-    })?;
-
-    let steps = demo.steps;
-    let sampled = with_model(
-        &mut session,
-        "sample",
-        denoiser,
-        "denoised latents",
-        |lease| {
-            // Latents as tokens: [positions, 16 channels].
-            let (b, c, t, h, w) = latents.dims5()?;
-            let condition = embeddings.to_device(&device)?;
-            let mut x = latents
-                .to_device(&device)?
-                .flatten_from(2)?
-                .squeeze(0)?
-                .t()?
-                .contiguous()?;
-            for step in 0..steps {
-                let dt = 1.0 / steps as f64;
-                let hidden = x
-                    .matmul(lease.get("proj_in.weight")?)?
-                    .broadcast_add(&condition)?;
-                let velocity = forward(lease, hidden)?.matmul(lease.get("proj_out.weight")?)?;
-                x = (x - (velocity * dt)?)?;
-                tracing::debug!(step, "denoising step done");
-            }
-            Ok(x.t()?.reshape((b, c, t, h, w))?.to_device(&Device::Cpu)?)
+    let (frames, height, width) = CLIP;
+    let job = Job {
+        models: ModelFiles {
+            dit: files.dit,
+            dit_config: None,
+            vae: files.vae,
+            text_encoder: files.text_encoder,
+            text_encoder_config: None,
+            tokenizer: Some(files.tokenizer),
+            loras: vec![(files.lora, 0.8)],
         },
-    )?;
-
-    let decoded = with_model(&mut session, "vae decode", vae, "decoded frames", |lease| {
-        let vae = crate::leased::wan_vae(lease, DType::F32, &device)?;
-        Ok(vae.decode_tiled(&sampled, DEMO_TILES)?)
-    })?;
+        prompt: PROMPT.into(),
+        negative_prompt: NEGATIVE_PROMPT.into(),
+        mode: Mode::VideoToVideo {
+            video: demo_clip()?,
+            strength: 0.7,
+        },
+        frames,
+        height,
+        width,
+        steps: demo.steps,
+        guidance: 5.0,
+        shift: 3.0,
+        sampler: vpipe_sampling::SamplerKind::UniPc,
+        seed: demo.seed,
+        tiles: DEMO_TILES,
+        device,
+        dtype: DType::F32,
+        budget: demo.budget,
+    };
+    let (video, mut session) = pipeline::run(&job)?;
 
     let out = &demo.out;
-    session.phase("write", |_| -> anyhow::Result<()> {
-        let map = HashMap::from([("decoded".to_owned(), decoded)]);
-        save_checkpoint(&out.join("output.safetensors"), &map)
+    let output = out.join("output.safetensors");
+    session.phase("write", |p| -> anyhow::Result<()> {
+        p.declare_output("video file", tensor_bytes(&video));
+        save_checkpoint(
+            &output,
+            &HashMap::from([("video".to_owned(), video.clone())]),
+        )
     })?;
 
     let report = session.report()?;
@@ -276,9 +302,13 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         "wrote {}, {} and {}",
         out.join("report.json").display(),
         out.join("memory.svg").display(),
-        out.join("output.safetensors").display()
+        output.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
 fn print_summary(report: &Report) {

@@ -14,6 +14,7 @@ mod exit;
 mod flags;
 mod inspect;
 mod leased;
+mod pipeline;
 mod tensors;
 
 fn main() -> ExitCode {

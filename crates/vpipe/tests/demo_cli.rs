@@ -33,7 +33,9 @@ fn demo_runs_every_phase_and_writes_a_verified_report_and_chart() {
         phases,
         [
             "load",
+            "lora",
             "text",
+            "shift",
             "vae encode",
             "sample",
             "vae decode",
@@ -47,9 +49,17 @@ fn demo_runs_every_phase_and_writes_a_verified_report_and_chart() {
     for phase in report["phases"].as_array().unwrap() {
         assert_eq!(phase["resident_compute_bytes"], 0, "{phase}");
     }
-    // The denoiser (16 layers of 1024×1024 f32 = 64 MiB) was really resident while sampling.
-    let sample = &report["phases"][3];
-    assert!(sample["peak_above_baseline"].as_u64().unwrap() >= 64 << 20);
+    // The DiT (8.5 MiB of f32 weights) was really resident while sampling, and the LoRA was
+    // checked against it and merged.
+    let sample = &report["phases"][5];
+    assert!(
+        sample["peak_above_baseline"].as_u64().unwrap() >= 8 << 20,
+        "{sample}"
+    );
+    let notes = report["notes"].to_string();
+    assert!(notes.contains("4 patches"), "{notes}");
+    // The shift phase moved no model.
+    assert!(transitions.iter().all(|t| t["phase"] != "shift"));
     let svg = std::fs::read_to_string(out.join("memory.svg")).unwrap();
     assert!(svg.contains("vae decode"));
     assert!(out.join("output.safetensors").exists());
@@ -67,7 +77,7 @@ fn demo_over_budget_is_refused_with_exit_code_3() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(3), "{stderr}");
     assert!(
-        stderr.contains("refused to load 'text-encoder'") && stderr.contains("8.00 MiB"),
+        stderr.contains("refused to load 'vae'") && stderr.contains("8.00 MiB"),
         "{stderr}"
     );
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");

@@ -9,7 +9,7 @@ mod vae;
 pub(crate) use dit::run_dit;
 pub(crate) use schedule::run_schedule;
 pub(crate) use text::run_text_encode;
-pub(crate) use vae::{run_vae, VaeOp};
+pub(crate) use vae::{run_tiled, run_vae, VaeOp};
 
 use std::collections::HashMap;
 use std::path::Path;

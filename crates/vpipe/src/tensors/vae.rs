@@ -48,7 +48,7 @@ fn is_device_out_of_memory(err: &vpipe_models::Error) -> bool {
 
 /// Runs the VAE over `input` (on the host) tile by tile; on a device out-of-memory the tile is
 /// halved and the whole pass retried, and the fallback recorded.
-fn run_tiled(
+pub(crate) fn run_tiled(
     phase: &mut Phase<'_>,
     vae: &WanVae,
     op: VaeOp,

@@ -1,0 +1,354 @@
+//! The Wan 2.1 pipeline as phases of one memory session (DESIGN §1–3): load, lora, text,
+//! shift, vae encode, sample, vae decode, write.
+//!
+//! Every model lives in the residency store; a phase makes resident what it needs, leases it,
+//! computes, and gives it back before the phase ends, and the session verifies each move by
+//! measurement. So no phase starts with a model resident that it does not use. The shift
+//! phase only computes the schedule and touches no device.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
+use vpipe_models::tiling::TileSpec;
+use vpipe_models::wan::{dit_keys, DitConfig, GuidancePasses};
+use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
+use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
+use vpipe_text::umt5::Config as Umt5Config;
+
+use crate::tensors::{run_tiled, VaeOp};
+
+/// Frames per second of Wan 2.1's output.
+pub(crate) const FPS: u32 = 16;
+/// Latent channels of the Wan 2.1 VAE.
+const LATENT_CHANNELS: usize = 16;
+/// Share of what the budget leaves after the DiT's weights that attention scores may take.
+const ATTENTION_BUDGET_SHARE: f64 = 0.25;
+
+/// What the pipeline makes.
+pub(crate) enum Mode {
+    /// From noise.
+    TextToVideo,
+    /// From a clip: `video` [1, 3, T, H, W] in [-1, 1] at the output size, T = 1 + 4k;
+    /// `strength` 1 repaints everything, smaller keeps more of the clip.
+    VideoToVideo { video: Tensor, strength: f64 },
+}
+
+/// The model files of a run.
+pub(crate) struct ModelFiles {
+    pub(crate) dit: PathBuf,
+    pub(crate) dit_config: Option<DitConfig>,
+    pub(crate) vae: PathBuf,
+    pub(crate) text_encoder: PathBuf,
+    pub(crate) text_encoder_config: Option<Umt5Config>,
+    /// A `tokenizer.json`; without it, the `spiece_model` tensor of the text-encoder file.
+    pub(crate) tokenizer: Option<PathBuf>,
+    pub(crate) loras: Vec<(PathBuf, f64)>,
+}
+
+/// A validated run.
+pub(crate) struct Job {
+    pub(crate) models: ModelFiles,
+    pub(crate) prompt: String,
+    pub(crate) negative_prompt: String,
+    pub(crate) mode: Mode,
+    /// Output frames (1 + 4k), height and width (multiples of 16).
+    pub(crate) frames: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) steps: usize,
+    pub(crate) guidance: f64,
+    pub(crate) shift: f64,
+    pub(crate) sampler: SamplerKind,
+    pub(crate) seed: u64,
+    pub(crate) tiles: TileSpec,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+    pub(crate) budget: vpipe_mem::Budget,
+}
+
+/// The models registered in the store.
+struct Registered {
+    dit: ModelId,
+    vae: ModelId,
+    text: ModelId,
+}
+
+/// Runs every phase but `write` and returns the decoded video ([1, 3, T, H, W] in [-1, 1],
+/// f32, on the host) with the session, so that the caller writes the file in a phase of its
+/// own.
+pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
+    let mut session = MemorySession::new(job.device.clone(), job.budget)?;
+    let models = &job.models;
+
+    let (ids, tokenizer, loras) = session.phase("load", |p| -> anyhow::Result<_> {
+        for path in [&models.dit, &models.vae, &models.text_encoder] {
+            vpipe_ckpt::inspect(path)?;
+        }
+        let ids = Registered {
+            dit: p.register("dit", &models.dit, Some(job.dtype))?,
+            vae: p.register("vae", &models.vae, Some(job.dtype))?,
+            text: p.register("text encoder", &models.text_encoder, Some(job.dtype))?,
+        };
+        let tokenizer = match &models.tokenizer {
+            Some(path) => PromptTokenizer::from_tokenizer_json(path),
+            None => PromptTokenizer::from_checkpoint_file(&models.text_encoder),
+        }
+        .context("the prompt tokenizer")?;
+        let loras = models
+            .loras
+            .iter()
+            .map(|(path, strength)| {
+                let file = vpipe_lora::LoraFile::read(path)
+                    .with_context(|| format!("--lora {}", path.display()))?;
+                Ok((file, *strength))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((ids, tokenizer, loras))
+    })?;
+
+    session.phase("lora", |p| -> anyhow::Result<()> {
+        if loras.is_empty() {
+            p.note("lora", "none");
+            return Ok(());
+        }
+        // Checked against the DiT's header before any weight moves, so that a LoRA that
+        // matches nothing fails here; the merge happens when the DiT becomes resident.
+        let header = vpipe_ckpt::inspect(&models.dit)?;
+        let layout = match header.detection.layout {
+            vpipe_ckpt::KeyLayout::Diffusers => dit_keys::KeyLayout::Diffusers,
+            _ => dit_keys::KeyLayout::Wan,
+        };
+        let prefix = &header.detection.prefix;
+        let shapes = header
+            .tensors
+            .iter()
+            .filter_map(|t| {
+                dit_keys::original_name(&t.name, layout, prefix)
+                    .map(|name| (name, candle_core::Shape::from(t.shape.clone())))
+            })
+            .collect();
+        let pairs: Vec<_> = loras.iter().map(|(f, s)| (f, *s)).collect();
+        let plan = vpipe_lora::MergePlan::new(&pairs, &shapes, &dit_keys::diffusers_to_wan)?;
+        for (summary, (path, strength)) in plan.summary().iter().zip(&models.loras) {
+            p.note(
+                "lora",
+                &format!("{} at strength {strength}: {summary}", path.display()),
+            );
+        }
+        Ok(())
+    })?;
+
+    let context = session.phase("text", |p| -> anyhow::Result<Tensor> {
+        let encoded = [&job.prompt, &job.negative_prompt]
+            .into_iter()
+            .map(|text| tokenizer.encode(text))
+            .collect::<Result<Vec<Encoded>, _>>()?;
+        for (what, e) in ["prompt", "negative prompt"].into_iter().zip(&encoded) {
+            let truncated = if e.truncated { " (truncated)" } else { "" };
+            p.note(what, &format!("{} tokens{truncated}", e.true_len));
+        }
+        p.make_resident(ids.text)?;
+        let context = {
+            let lease = p.lease(ids.text)?;
+            let encoder = crate::leased::umt5(
+                &lease,
+                models.text_encoder_config.as_ref(),
+                job.dtype,
+                &job.device,
+            )
+            .with_context(|| format!("text encoder {}", models.text_encoder.display()))?;
+            let (input_ids, mask) = Encoded::to_tensors(&encoded, &job.device)?;
+            encoder
+                .forward(&input_ids, &mask)?
+                .to_device(&Device::Cpu)?
+        };
+        p.offload(ids.text, Tier::Disk)?;
+        p.declare_output("text context (host)", tensor_bytes(&context));
+        Ok(context)
+    })?;
+
+    let schedule = session.phase("shift", |p| -> anyhow::Result<Schedule> {
+        let full = Schedule::new(job.sampler, job.steps, job.shift)?;
+        let schedule = match &job.mode {
+            Mode::TextToVideo => full,
+            Mode::VideoToVideo { strength, .. } => full.for_strength(*strength)?,
+        };
+        p.note(
+            "schedule",
+            &format!(
+                "{} at shift {}: {} of {} steps, sigmas {:?}",
+                job.sampler,
+                job.shift,
+                schedule.steps(),
+                job.steps,
+                schedule
+                    .sigmas()
+                    .iter()
+                    .map(|s| (s * 1e4).round() / 1e4)
+                    .collect::<Vec<_>>()
+            ),
+        );
+        Ok(schedule)
+    })?;
+
+    let clean_latents = match &job.mode {
+        Mode::TextToVideo => None,
+        Mode::VideoToVideo { video, .. } => {
+            Some(session.phase("vae encode", |p| -> anyhow::Result<Tensor> {
+                p.make_resident(ids.vae)?;
+                let latents = {
+                    let lease = p.lease(ids.vae)?;
+                    let vae = crate::leased::wan_vae(&lease, job.dtype, &job.device)?;
+                    let mean = run_tiled(p, &vae, VaeOp::Encode, video, job.tiles)?;
+                    vae.normalize_latents(&mean)?
+                };
+                p.offload(ids.vae, Tier::Disk)?;
+                p.declare_output("clip latents (host)", tensor_bytes(&latents));
+                Ok(latents)
+            })?)
+        }
+    };
+
+    let latents = session.phase("sample", |p| -> anyhow::Result<Tensor> {
+        p.make_resident(ids.dit)?;
+        let (mut model, _) = {
+            let lease = p.lease(ids.dit)?;
+            crate::leased::wan_dit(
+                &lease,
+                models.dit_config.as_ref(),
+                job.dtype,
+                &job.device,
+                &loras,
+            )
+            .with_context(|| format!("dit {}", models.dit.display()))?
+        };
+        let shape = (
+            1,
+            LATENT_CHANNELS,
+            1 + (job.frames - 1) / 4,
+            job.height / 8,
+            job.width / 8,
+        );
+        let grid = model.token_grid(shape.2, shape.3, shape.4)?;
+        let tokens: usize = grid.iter().product();
+        let in_use = p
+            .read()?
+            .compute_used()
+            .saturating_sub(p.session().baseline().compute_used());
+        let passes = match job.budget.compute {
+            Some(budget) => {
+                let left = budget.saturating_sub(in_use);
+                model.set_attention_scratch(
+                    ((left as f64 * ATTENTION_BUDGET_SHARE) as u64).max(1 << 26),
+                );
+                model.guidance_passes(left, tokens)
+            }
+            None => GuidancePasses::Batched,
+        };
+        p.note(
+            "sampling",
+            &format!(
+                "{tokens} tokens, CFG {} {:?}: estimated activations {} (batched) / {} (one pass)",
+                job.guidance,
+                passes,
+                fmt_bytes(model.activation_bytes_estimate(2, tokens)),
+                fmt_bytes(model.activation_bytes_estimate(1, tokens)),
+            ),
+        );
+        // Noise from a seeded host generator: the same on every device.
+        let noise = seeded_noise(job.seed, shape)?;
+        let mut x = match &clean_latents {
+            Some(z0) => noise_latents(z0, &noise, schedule.sigmas()[0])?,
+            None => noise,
+        }
+        .to_device(&job.device)?;
+        let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
+        let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
+        let mut sampler = Sampler::new(schedule.clone());
+        while let Some(t) = sampler.timestep() {
+            let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
+            let timestep = Tensor::new(&[t as f32], &job.device)?;
+            let velocity = model.forward_guided(
+                &x.to_dtype(job.dtype)?,
+                &timestep,
+                &cond,
+                &uncond,
+                job.guidance,
+                passes,
+            )?;
+            x = sampler.step(&velocity, &x)?;
+            let reading = p.read()?;
+            p.record_sample(reading);
+        }
+        drop(model);
+        let latents = x.to_device(&Device::Cpu)?;
+        p.offload(ids.dit, Tier::Disk)?;
+        p.declare_output("latents (host)", tensor_bytes(&latents));
+        Ok(latents)
+    })?;
+
+    let video = session.phase("vae decode", |p| -> anyhow::Result<Tensor> {
+        p.make_resident(ids.vae)?;
+        let video = {
+            let lease = p.lease(ids.vae)?;
+            let vae = crate::leased::wan_vae(&lease, job.dtype, &job.device)?;
+            let raw = vae.denormalize_latents(&latents)?;
+            run_tiled(p, &vae, VaeOp::Decode, &raw, job.tiles)?
+        };
+        p.offload(ids.vae, Tier::Disk)?;
+        p.declare_output("video (host)", tensor_bytes(&video));
+        Ok(video)
+    })?;
+    Ok((video, session))
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+/// Standard normal noise of `shape` from `seed`: SplitMix64 uniforms through Box–Muller, on
+/// the host, so that a seed gives the same noise on every device and build.
+fn seeded_noise(seed: u64, shape: (usize, usize, usize, usize, usize)) -> anyhow::Result<Tensor> {
+    let mut state = seed;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // (0, 1]: never 0, so the logarithm below is finite.
+        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let n = shape.0 * shape.1 * shape.2 * shape.3 * shape.4;
+    let mut values = Vec::with_capacity(n + 1);
+    while values.len() < n {
+        let (u1, u2) = (uniform(), uniform());
+        let radius = (-2.0 * u1.ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * u2;
+        values.push((radius * angle.cos()) as f32);
+        values.push((radius * angle.sin()) as f32);
+    }
+    values.truncate(n);
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn seeded_noise_is_standard_normal_and_repeatable() {
+        let a = super::seeded_noise(7, (1, 16, 3, 8, 8)).unwrap();
+        let b = super::seeded_noise(7, (1, 16, 3, 8, 8)).unwrap();
+        let c = super::seeded_noise(8, (1, 16, 3, 8, 8)).unwrap();
+        let v: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_ne!(v, c.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
+    }
+}
