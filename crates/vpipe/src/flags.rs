@@ -107,28 +107,46 @@ impl DemoArgs {
 /// Flags of `vpipe run` and `vpipe plan`.
 #[derive(Args, Debug)]
 pub(crate) struct PipelineArgs {
-    /// Folder with the model files (DiT, VAE, umT5; ComfyUI or diffusers layout).
+    /// Folder with the model files (a ComfyUI `models/` folder or any folder holding one Wan
+    /// DiT, one Wan VAE and one umT5 file; each is recognised from its tensor names).
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// The DiT file (overrides the one found in --model-dir).
+    #[arg(long)]
+    dit: Option<PathBuf>,
+    /// A diffusers `transformer/config.json` for the DiT (default: from its tensor shapes).
+    #[arg(long)]
+    dit_config: Option<PathBuf>,
+    /// The VAE file (overrides the one found in --model-dir).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// The umT5 text-encoder file (overrides the one found in --model-dir).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// A `tokenizer.json` (default: the `spiece_model` inside the text-encoder file, or a
+    /// tokenizer.json in --model-dir).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// The prompt.
     #[arg(long)]
     prompt: Option<String>,
     /// Negative prompt.
-    #[arg(long)]
-    negative_prompt: Option<String>,
-    /// Input clip for video-to-video (H.264 MP4).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Input clip for video-to-video (a safetensors file with `video_in` [1,3,T,H,W] in
+    /// [-1,1] at the output size).
     #[arg(long)]
     input: Option<PathBuf>,
-    /// How much of the input clip to repaint (video-to-video), 0 to 1.
-    #[arg(long)]
-    strength: Option<f64>,
-    /// First frame for image-to-video (PNG or JPEG).
+    /// How much of the input clip to repaint (video-to-video), above 0 up to 1.
+    #[arg(long, default_value_t = 0.7)]
+    strength: f64,
+    /// First frame for image-to-video (not built yet).
     #[arg(long)]
     image: Option<PathBuf>,
-    /// LoRA file and strength, FILE:STRENGTH; repeat for several.
+    /// LoRA file and strength, FILE:STRENGTH (strength 1 if left out); repeat for several.
     #[arg(long)]
     lora: Vec<String>,
-    /// Frame size WIDTHxHEIGHT.
+    /// Frame size WIDTHxHEIGHT (multiples of 16).
     #[arg(long, default_value = "832x480")]
     size: String,
     /// Number of frames (4k+1).
@@ -146,18 +164,176 @@ pub(crate) struct PipelineArgs {
     /// Sampler: euler or unipc.
     #[arg(long, default_value = "unipc")]
     sampler: String,
-    /// Seed.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Device memory budget, e.g. 8GiB (default: what the device has free).
-    #[arg(long)]
-    vram_budget: Option<String>,
-    /// Output video.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Where to write the memory report.
-    #[arg(long)]
-    report: Option<PathBuf>,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// VAE tile side in pixels (multiple of 8, at most 512).
+    #[arg(long, default_value_t = 256)]
+    tile: usize,
+    /// Output file: .safetensors (key `video`, [1,3,T,H,W] in [-1,1]).
+    #[arg(long, default_value = "vpipe-out.safetensors")]
+    out: PathBuf,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+/// Validated settings of `vpipe run`.
+pub(crate) struct RunJob {
+    pub(crate) model_dir: Option<PathBuf>,
+    pub(crate) dit: Option<PathBuf>,
+    pub(crate) dit_config: Option<vpipe_models::wan::DitConfig>,
+    pub(crate) vae: Option<PathBuf>,
+    pub(crate) text_encoder: Option<PathBuf>,
+    pub(crate) tokenizer: Option<PathBuf>,
+    pub(crate) prompt: String,
+    pub(crate) negative_prompt: String,
+    /// Video-to-video input and strength.
+    pub(crate) input: Option<(PathBuf, f64)>,
+    pub(crate) loras: Vec<(PathBuf, f64)>,
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) frames: usize,
+    pub(crate) steps: usize,
+    pub(crate) guidance: f64,
+    pub(crate) shift: f64,
+    pub(crate) sampler: vpipe_sampling::SamplerKind,
+    pub(crate) seed: u64,
+    pub(crate) tiles: vpipe_models::tiling::TileSpec,
+    pub(crate) out: PathBuf,
+    pub(crate) compute: Compute,
+}
+
+impl PipelineArgs {
+    pub(crate) fn validate(self) -> anyhow::Result<RunJob> {
+        if self.image.is_some() {
+            return Err(crate::exit::NotBuiltYet(
+                "--image: image-to-video needs the I2V DiT and CLIP vision, which are not built yet",
+            )
+            .into());
+        }
+        let prompt = self
+            .prompt
+            .ok_or_else(|| BadInput("--prompt: required".into()))?;
+        let (width, height) = self
+            .size
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
+            .filter(|&(w, h)| w > 0 && h > 0 && w % 16 == 0 && h % 16 == 0)
+            .ok_or_else(|| {
+                BadInput(format!(
+                    "--size {}: expected WIDTHxHEIGHT, both multiples of 16 (e.g. 832x480)",
+                    self.size
+                ))
+            })?;
+        if self.frames == 0 || !(self.frames - 1).is_multiple_of(4) {
+            return Err(BadInput(format!(
+                "--frames {}: expected 4k+1 (1, 5, 9, ..., 81)",
+                self.frames
+            ))
+            .into());
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(BadInput(format!("--steps {}: expected 1 to 1000", self.steps)).into());
+        }
+        if !(self.cfg.is_finite() && self.cfg >= 0.0) {
+            return Err(BadInput(format!("--cfg {}: expected a number >= 0", self.cfg)).into());
+        }
+        if !(self.shift.is_finite() && self.shift > 0.0) {
+            return Err(
+                BadInput(format!("--shift {}: expected a number above 0", self.shift)).into(),
+            );
+        }
+        if !(self.strength > 0.0 && self.strength <= 1.0) {
+            return Err(BadInput(format!(
+                "--strength {}: expected above 0, at most 1",
+                self.strength
+            ))
+            .into());
+        }
+        let sampler = self
+            .sampler
+            .parse()
+            .map_err(|e| BadInput(format!("--sampler {}: {e}", self.sampler)))?;
+        let tiles = vpipe_models::tiling::TileSpec {
+            tile: self.tile,
+            stride: vpipe_models::tiling::default_stride(self.tile),
+        };
+        tiles
+            .validate()
+            .map_err(|e| BadInput(format!("--tile {}: {e}", self.tile)))?;
+        let loras = self
+            .lora
+            .iter()
+            .map(|spec| {
+                let (path, strength) = match spec.rsplit_once(':') {
+                    Some((path, s)) if s.parse::<f64>().is_ok() => {
+                        (path, s.parse::<f64>().unwrap_or(1.0))
+                    }
+                    _ => (spec.as_str(), 1.0),
+                };
+                let path = PathBuf::from(path);
+                require_files(&[("--lora", &path)])?;
+                if !strength.is_finite() {
+                    return Err(BadInput(format!(
+                        "--lora {spec}: the strength must be finite"
+                    )));
+                }
+                Ok((path, strength))
+            })
+            .collect::<Result<Vec<_>, BadInput>>()?;
+        for (flag, path) in [
+            ("--dit", &self.dit),
+            ("--vae", &self.vae),
+            ("--text-encoder", &self.text_encoder),
+            ("--tokenizer", &self.tokenizer),
+            ("--input", &self.input),
+        ] {
+            if let Some(path) = path {
+                require_files(&[(flag, path)])?;
+            }
+        }
+        if let Some(dir) = &self.model_dir {
+            if !dir.is_dir() {
+                return Err(
+                    BadInput(format!("--model-dir {}: no such folder", dir.display())).into(),
+                );
+            }
+        }
+        let dit_config = match &self.dit_config {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| BadInput(format!("--dit-config {}: {e}", path.display())))?;
+                Some(
+                    vpipe_models::wan::DitConfig::from_diffusers_json(&text)
+                        .map_err(|e| BadInput(format!("--dit-config {}: {e}", path.display())))?,
+                )
+            }
+        };
+        Ok(RunJob {
+            model_dir: self.model_dir,
+            dit: self.dit,
+            dit_config,
+            vae: self.vae,
+            text_encoder: self.text_encoder,
+            tokenizer: self.tokenizer,
+            prompt,
+            negative_prompt: self.negative_prompt,
+            input: self.input.map(|p| (p, self.strength)),
+            loras,
+            width,
+            height,
+            frames: self.frames,
+            steps: self.steps,
+            guidance: self.cfg,
+            shift: self.shift,
+            sampler,
+            seed: self.seed,
+            tiles,
+            out: self.out,
+            compute: self.compute.validate()?,
+        })
+    }
 }
 
 /// Flags of `vpipe inspect`.

@@ -15,6 +15,7 @@ mod flags;
 mod inspect;
 mod leased;
 mod pipeline;
+mod run;
 mod tensors;
 
 fn main() -> ExitCode {
@@ -54,8 +55,9 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
     match command {
         flags::Command::Demo(args) => demo::run(args.validate()?),
         flags::Command::Inspect(args) => inspect::run(&args),
-        flags::Command::Run(_) | flags::Command::Plan(_) => Err(exit::NotBuiltYet(
-            "the Wan 2.1 pipeline (`run`, `plan`) needs the VAE, DiT, umT5 and sampler, which are not built yet",
+        flags::Command::Run(args) => run::run(args.validate()?),
+        flags::Command::Plan(_) => Err(exit::NotBuiltYet(
+            "`plan` (per-phase residency, tiles, attention chunk and peak estimates) is not built yet",
         )
         .into()),
         flags::Command::Tensors(args) => match args.component {

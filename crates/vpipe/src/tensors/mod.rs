@@ -22,7 +22,10 @@ use crate::exit::BadInput;
 
 /// Reads the tensors `keys` from a safetensors file, on the host; a missing key is bad input
 /// that lists what the file holds.
-fn read_inputs<const N: usize>(path: &Path, keys: [&str; N]) -> anyhow::Result<[Tensor; N]> {
+pub(crate) fn read_inputs<const N: usize>(
+    path: &Path,
+    keys: [&str; N],
+) -> anyhow::Result<[Tensor; N]> {
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
         BadInput(format!(
             "--input {}: not a readable safetensors file: {e}",
@@ -56,7 +59,7 @@ fn read_inputs<const N: usize>(path: &Path, keys: [&str; N]) -> anyhow::Result<[
 
 /// Writes `tensors` to `path` through a temporary file in the same folder, so that an
 /// interrupted run never leaves a half-written output.
-fn write_outputs(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+pub(crate) fn write_outputs(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
     let partial = path.with_extension("safetensors.partial");
     candle_core::safetensors::save(tensors, &partial)
         .with_context(|| format!("--output {}", partial.display()))?;
@@ -64,7 +67,10 @@ fn write_outputs(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Resu
 }
 
 /// Renders the session's report, writes it (and its chart) when asked, and returns it.
-fn finish_report(session: &MemorySession, path: Option<&Path>) -> anyhow::Result<Report> {
+pub(crate) fn finish_report(
+    session: &MemorySession,
+    path: Option<&Path>,
+) -> anyhow::Result<Report> {
     let report = session.report()?;
     if let Some(path) = path {
         report.write_json(path)?;

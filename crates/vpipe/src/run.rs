@@ -1,0 +1,180 @@
+//! `vpipe run`: the pipeline on the user's model files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::Device;
+use vpipe_ckpt::Family;
+use vpipe_mem::fmt_bytes;
+
+use crate::exit::BadInput;
+use crate::flags::RunJob;
+use crate::pipeline::{self, Job, Mode, ModelFiles};
+
+/// The checkpoint files below `dir` (and its ComfyUI subfolders) whose tensors say they are a
+/// model of `family`.
+fn find_models(dir: &Path, family: Family) -> anyhow::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    for sub in ["diffusion_models", "unet", "vae", "text_encoders", "clip"] {
+        folders.push(dir.join(sub));
+    }
+    for folder in folders.iter().filter(|f| f.is_dir()) {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
+            .with_context(|| format!("--model-dir {}", folder.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("safetensors" | "pth" | "pt" | "ckpt")
+                )
+            })
+            .collect();
+        entries.sort();
+        for path in entries {
+            // Files that are not checkpoints at all are skipped, not fatal.
+            if let Ok(inspection) = vpipe_ckpt::inspect(&path) {
+                if inspection.detection.family == family {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The file for `flag`: given explicitly, or the one model of `family` in the model folder.
+fn resolve(
+    flag: &str,
+    given: &Option<PathBuf>,
+    dir: &Option<PathBuf>,
+    family: Family,
+) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.clone());
+    }
+    let Some(dir) = dir else {
+        return Err(BadInput(format!(
+            "{flag}: required (or --model-dir with the file in it)"
+        ))
+        .into());
+    };
+    let found = find_models(dir, family)?;
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(BadInput(format!(
+            "--model-dir {}: no {} found; give {flag}",
+            dir.display(),
+            family.describe()
+        ))
+        .into()),
+        several => Err(BadInput(format!(
+            "--model-dir {}: several {} files ({}); choose one with {flag}",
+            dir.display(),
+            family.describe(),
+            several
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .into()),
+    }
+}
+
+pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
+    let ext = job.out.extension().and_then(|e| e.to_str());
+    if ext != Some("safetensors") {
+        return Err(BadInput(format!(
+            "--out {}: this build writes .safetensors (key `video`); MP4, GIF and PNG output come with video I/O",
+            job.out.display()
+        ))
+        .into());
+    }
+    let models = ModelFiles {
+        dit: resolve("--dit", &job.dit, &job.model_dir, Family::WanDitT2v)?,
+        dit_config: job.dit_config.clone(),
+        vae: resolve("--vae", &job.vae, &job.model_dir, Family::WanVae)?,
+        text_encoder: resolve(
+            "--text-encoder",
+            &job.text_encoder,
+            &job.model_dir,
+            Family::Umt5Encoder,
+        )?,
+        text_encoder_config: None,
+        tokenizer: job.tokenizer.clone().or_else(|| {
+            job.model_dir
+                .as_ref()
+                .map(|d| d.join("tokenizer.json"))
+                .filter(|p| p.is_file())
+        }),
+        loras: job.loras.clone(),
+    };
+    let mode = match &job.input {
+        None => Mode::TextToVideo,
+        Some((path, strength)) => {
+            let [video] = crate::tensors::read_inputs(path, ["video_in"])?;
+            let expected = [1, 3, job.frames, job.height, job.width];
+            if video.dims() != expected {
+                return Err(BadInput(format!(
+                    "--input {}: video_in has shape {:?}, expected {expected:?} (--frames, --size)",
+                    path.display(),
+                    video.dims()
+                ))
+                .into());
+            }
+            Mode::VideoToVideo {
+                video: video.to_dtype(candle_core::DType::F32)?,
+                strength: *strength,
+            }
+        }
+    };
+    let device = crate::device::open(&job.compute.device)?;
+    let pipeline_job = Job {
+        models,
+        prompt: job.prompt.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        mode,
+        frames: job.frames,
+        height: job.height,
+        width: job.width,
+        steps: job.steps,
+        guidance: job.guidance,
+        shift: job.shift,
+        sampler: job.sampler,
+        seed: job.seed,
+        tiles: job.tiles,
+        device,
+        dtype: job.compute.dtype,
+        budget: job.compute.budget,
+    };
+    let (video, mut session) = pipeline::run(&pipeline_job)?;
+    session.phase("write", |p| -> anyhow::Result<()> {
+        p.note(
+            "video",
+            &format!("{:?} at {} fps", video.dims(), pipeline::FPS),
+        );
+        crate::tensors::write_outputs(
+            &job.out,
+            &HashMap::from([("video".to_owned(), video.to_device(&Device::Cpu)?)]),
+        )
+    })?;
+    let report = crate::tensors::finish_report(&session, job.compute.report.as_deref())?;
+    let peak = report
+        .phases
+        .iter()
+        .map(|p| p.peak_above_baseline)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "run: {} phases, highest peak {} above baseline ({}, measured), {} violation(s); wrote {}",
+        report.phases.len(),
+        fmt_bytes(peak),
+        report.compute_meter,
+        report.violations.len(),
+        job.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,177 @@
+//! `vpipe run` on the demo's built-in model files (written by `vpipe demo` into a temporary
+//! folder first): text-to-video and video-to-video through every phase, and bad input.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+mod common;
+use common::{load, vpipe};
+
+/// Runs `vpipe demo` into `dir` and returns the folder with its model files.
+fn builtin_models(dir: &Path) -> std::path::PathBuf {
+    let run = vpipe(&["demo", "--steps", "2", "--out", dir.to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    dir.join("weights")
+}
+
+fn phases(report: &Path) -> Vec<String> {
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    assert!(report["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["verified"] == true));
+    report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn text_to_video_and_video_to_video_run_every_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = builtin_models(&dir.path().join("demo"));
+    let models = models.to_str().unwrap();
+    let out = dir.path().join("t2v.safetensors");
+    let report = dir.path().join("t2v.json");
+    let common = [
+        "--prompt",
+        "a red kite over the sea",
+        "--size",
+        "96x64",
+        "--frames",
+        "9",
+        "--tile",
+        "64",
+    ];
+    let mut args = vec!["run", "--model-dir", models, "--steps", "2"];
+    args.extend_from_slice(&common);
+    args.extend_from_slice(&[
+        "--out",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let run = vpipe(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        phases(&report),
+        [
+            "load",
+            "lora",
+            "text",
+            "shift",
+            "sample",
+            "vae decode",
+            "write"
+        ]
+    );
+    let video = &load(&out)["video"];
+    assert_eq!(video.dims(), &[1, 3, 9, 64, 96]);
+    let max = video
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(max <= 1.0, "decoded values are clamped: {max}");
+
+    // Video-to-video from that output, with a LoRA.
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([("video_in".to_owned(), video.clone())]),
+        &input,
+    )
+    .unwrap();
+    let lora = format!("{models}/lora-tiny-seed42.safetensors:0.5");
+    let out2 = dir.path().join("v2v.safetensors");
+    let mut args = vec![
+        "run",
+        "--model-dir",
+        models,
+        "--steps",
+        "4",
+        "--input",
+        input.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&common);
+    args.extend_from_slice(&[
+        "--strength",
+        "0.5",
+        "--lora",
+        &lora,
+        "--out",
+        out2.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let run = vpipe(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        phases(&report),
+        [
+            "load",
+            "lora",
+            "text",
+            "shift",
+            "vae encode",
+            "sample",
+            "vae decode",
+            "write"
+        ]
+    );
+    assert_eq!(load(&out2)["video"].dims(), &[1, 3, 9, 64, 96]);
+}
+
+#[test]
+fn bad_run_input_gets_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let cases: [(&[&str], i32, &str); 5] = [
+        (&["run", "--model-dir", d], 2, "--prompt"),
+        (
+            &["run", "--model-dir", d, "--prompt", "x", "--frames", "10"],
+            2,
+            "--frames 10",
+        ),
+        (
+            &["run", "--model-dir", d, "--prompt", "x", "--size", "100x64"],
+            2,
+            "--size 100x64",
+        ),
+        (
+            &["run", "--model-dir", d, "--prompt", "x", "--image", "a.png"],
+            5,
+            "image-to-video",
+        ),
+        (
+            &["run", "--model-dir", d, "--prompt", "x"],
+            2,
+            "no Wan 2.1 DiT, text-to-video found",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let run = vpipe(args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
