@@ -30,6 +30,18 @@ impl std::error::Error for NotBuiltYet {}
 #[derive(Debug)]
 pub(crate) struct BadInput(pub(crate) String);
 
+/// The plan of a run does not fit its budget: refused before any weight moves (exit 3).
+#[derive(Debug)]
+pub(crate) struct PlanDoesNotFit(pub(crate) String);
+
+impl std::fmt::Display for PlanDoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PlanDoesNotFit {}
+
 impl std::fmt::Display for BadInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -75,6 +87,9 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
                 .is_some_and(|e| !matches!(e, vpipe_sampling::Error::Candle(_)));
         if bad_input {
             return ExitCode::from(2);
+        }
+        if cause.is::<PlanDoesNotFit>() {
+            return ExitCode::from(3);
         }
         if cause.is::<NotBuiltYet>() {
             return ExitCode::from(5);

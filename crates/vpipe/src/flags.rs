@@ -173,6 +173,13 @@ pub(crate) struct PipelineArgs {
     /// Output file: .safetensors (key `video`, [1,3,T,H,W] in [-1,1]).
     #[arg(long, default_value = "vpipe-out.safetensors")]
     out: PathBuf,
+    /// `plan` only: plan for a named architecture without weight files (wan2.1-t2v-14b,
+    /// wan2.1-t2v-1.3b; with the Wan 2.1 VAE and umT5-XXL).
+    #[arg(long)]
+    pub(crate) preset: Option<String>,
+    /// `plan` only: print the plan as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -204,16 +211,26 @@ pub(crate) struct RunJob {
 }
 
 impl PipelineArgs {
-    pub(crate) fn validate(self) -> anyhow::Result<RunJob> {
+    /// Validates the flags of `run` (`for_plan` false: a prompt is required, a preset is not
+    /// allowed) or `plan`.
+    pub(crate) fn validate(self, for_plan: bool) -> anyhow::Result<RunJob> {
+        if !for_plan && self.preset.is_some() {
+            return Err(BadInput(
+                "--preset: a preset has no weights to run; use it with `vpipe plan`".into(),
+            )
+            .into());
+        }
         if self.image.is_some() {
             return Err(crate::exit::NotBuiltYet(
                 "--image: image-to-video needs the I2V DiT and CLIP vision, which are not built yet",
             )
             .into());
         }
-        let prompt = self
-            .prompt
-            .ok_or_else(|| BadInput("--prompt: required".into()))?;
+        let prompt = match self.prompt {
+            Some(prompt) => prompt,
+            None if for_plan => String::new(),
+            None => return Err(BadInput("--prompt: required".into()).into()),
+        };
         let (width, height) = self
             .size
             .split_once('x')

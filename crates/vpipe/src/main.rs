@@ -15,6 +15,7 @@ mod flags;
 mod inspect;
 mod leased;
 mod pipeline;
+mod plan;
 mod run;
 mod tensors;
 
@@ -55,11 +56,11 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
     match command {
         flags::Command::Demo(args) => demo::run(args.validate()?),
         flags::Command::Inspect(args) => inspect::run(&args),
-        flags::Command::Run(args) => run::run(args.validate()?),
-        flags::Command::Plan(_) => Err(exit::NotBuiltYet(
-            "`plan` (per-phase residency, tiles, attention chunk and peak estimates) is not built yet",
-        )
-        .into()),
+        flags::Command::Run(args) => run::run(args.validate(false)?),
+        flags::Command::Plan(args) => {
+            let (preset, json) = (args.preset.clone(), args.json);
+            plan::run(args.validate(true)?, preset.as_deref(), json)
+        }
         flags::Command::Tensors(args) => match args.component {
             flags::TensorsComponent::VaeEncode(vae) => {
                 tensors::run_vae(tensors::VaeOp::Encode, vae.validate()?)
@@ -68,9 +69,7 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
                 tensors::run_vae(tensors::VaeOp::Decode, vae.validate()?)
             }
             flags::TensorsComponent::Dit(dit) => tensors::run_dit(dit.validate()?),
-            flags::TensorsComponent::TextEncode(text) => {
-                tensors::run_text_encode(text.validate()?)
-            }
+            flags::TensorsComponent::TextEncode(text) => tensors::run_text_encode(text.validate()?),
             flags::TensorsComponent::Schedule(schedule) => {
                 tensors::run_schedule(schedule.validate()?)
             }

@@ -23,8 +23,7 @@ use crate::tensors::{run_tiled, VaeOp};
 pub(crate) const FPS: u32 = 16;
 /// Latent channels of the Wan 2.1 VAE.
 const LATENT_CHANNELS: usize = 16;
-/// Share of what the budget leaves after the DiT's weights that attention scores may take.
-const ATTENTION_BUDGET_SHARE: f64 = 0.25;
+use crate::plan::ATTENTION_BUDGET_SHARE;
 
 /// What the pipeline makes.
 pub(crate) enum Mode {

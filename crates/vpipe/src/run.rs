@@ -9,9 +9,10 @@ use candle_core::Device;
 use vpipe_ckpt::Family;
 use vpipe_mem::fmt_bytes;
 
-use crate::exit::BadInput;
+use crate::exit::{BadInput, PlanDoesNotFit};
 use crate::flags::RunJob;
 use crate::pipeline::{self, Job, Mode, ModelFiles};
+use crate::plan::{ModelSizes, Plan};
 
 /// The checkpoint files below `dir` (and its ComfyUI subfolders) whose tensors say they are a
 /// model of `family`.
@@ -84,16 +85,9 @@ fn resolve(
     }
 }
 
-pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
-    let ext = job.out.extension().and_then(|e| e.to_str());
-    if ext != Some("safetensors") {
-        return Err(BadInput(format!(
-            "--out {}: this build writes .safetensors (key `video`); MP4, GIF and PNG output come with video I/O",
-            job.out.display()
-        ))
-        .into());
-    }
-    let models = ModelFiles {
+/// The model files of a run: given per file, or found in the model folder.
+pub(crate) fn resolve_models(job: &RunJob) -> anyhow::Result<ModelFiles> {
+    Ok(ModelFiles {
         dit: resolve("--dit", &job.dit, &job.model_dir, Family::WanDitT2v)?,
         dit_config: job.dit_config.clone(),
         vae: resolve("--vae", &job.vae, &job.model_dir, Family::WanVae)?,
@@ -111,7 +105,43 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
                 .filter(|p| p.is_file())
         }),
         loras: job.loras.clone(),
-    };
+    })
+}
+
+pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
+    let ext = job.out.extension().and_then(|e| e.to_str());
+    if ext != Some("safetensors") {
+        return Err(BadInput(format!(
+            "--out {}: this build writes .safetensors (key `video`); MP4, GIF and PNG output come with video I/O",
+            job.out.display()
+        ))
+        .into());
+    }
+    let models = resolve_models(&job)?;
+    // Sampling never starts when the plan does not fit.
+    let sizes = ModelSizes::from_files(
+        &models.dit,
+        models.dit_config.as_ref(),
+        &models.vae,
+        &models.text_encoder,
+        job.compute.dtype,
+    )?;
+    let plan = Plan::new(&job, &sizes);
+    if !plan.fits {
+        let worst = plan
+            .phases
+            .iter()
+            .max_by_key(|p| p.estimated_peak_bytes)
+            .expect("a plan has phases");
+        return Err(PlanDoesNotFit(format!(
+            "refused before loading anything: phase '{}' is estimated at {} ({}), over the budget of {}; see `vpipe plan` with the same flags",
+            worst.name,
+            fmt_bytes(worst.estimated_peak_bytes),
+            worst.resident.join(", "),
+            fmt_bytes(plan.budget_bytes.unwrap_or(0)),
+        ))
+        .into());
+    }
     let mode = match &job.input {
         None => Mode::TextToVideo,
         Some((path, strength)) => {

@@ -175,3 +175,88 @@ fn bad_run_input_gets_clear_errors() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn plan_for_a_preset_needs_no_weights_and_says_whether_it_fits() {
+    let plan = |budget: &str| {
+        vpipe(&[
+            "plan",
+            "--preset",
+            "wan2.1-t2v-14b",
+            "--dtype",
+            "bf16",
+            "--vram-budget",
+            budget,
+            "--json",
+        ])
+    };
+    let run = plan("78GiB");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["fits"], true);
+    let names: Vec<_> = json["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "load",
+            "lora",
+            "text",
+            "shift",
+            "sample",
+            "vae decode",
+            "write"
+        ]
+    );
+    // The 14B DiT's weights alone are 28.6 GB (26.6 GiB) in bf16.
+    let sample = json["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "sample")
+        .unwrap();
+    assert!(sample["estimated_peak_bytes"].as_u64().unwrap() > 28_576_000_000);
+    let run = plan("24GiB");
+    assert_eq!(run.status.code(), Some(3));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["fits"], false);
+}
+
+#[test]
+fn a_run_whose_plan_does_not_fit_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = builtin_models(&dir.path().join("demo"));
+    let out = dir.path().join("never.safetensors");
+    let run = vpipe(&[
+        "run",
+        "--model-dir",
+        models.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--size",
+        "96x64",
+        "--frames",
+        "9",
+        "--tile",
+        "64",
+        "--vram-budget",
+        "4MiB",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("refused before loading anything"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}

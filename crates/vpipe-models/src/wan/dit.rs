@@ -228,6 +228,27 @@ impl Config {
         Ok(cfg)
     }
 
+    /// **Estimated** activation bytes of one forward in `dtype` (see
+    /// [`WanModel::activation_bytes_estimate`]), with at most `attention_scratch` bytes of
+    /// attention scores.
+    pub fn activation_bytes_estimate(
+        &self,
+        dtype: DType,
+        batch: usize,
+        tokens: usize,
+        attention_scratch: u64,
+    ) -> u64 {
+        let elem = dtype.size_in_bytes() as u64;
+        let token_row = (batch * tokens) as u64 * elem;
+        let (d, f) = (self.dim as u64, self.ffn_dim as u64);
+        let all_scores =
+            QueryChunk::bytes_per_row(batch, self.num_heads, tokens, self.head_dim(), dtype)
+                * tokens as u64;
+        let attention = token_row * 6 * d + attention_scratch.min(all_scores);
+        let ffn = token_row * (3 * d + f);
+        attention.max(ffn)
+    }
+
     /// Parameter count of the text-to-video model (used for memory plans).
     pub fn parameter_count(&self) -> u64 {
         let (d, f) = (self.dim as u64, self.ffn_dim as u64);
@@ -758,15 +779,8 @@ impl WanModel {
     /// `ffn_dim`-wide hidden state). An estimate from the code's structure, not a measurement;
     /// `dit_bench` reports the measured peak next to it.
     pub fn activation_bytes_estimate(&self, batch: usize, tokens: usize) -> u64 {
-        let elem = self.dtype.size_in_bytes() as u64;
-        let token_row = (batch * tokens) as u64 * elem;
-        let (d, f) = (self.cfg.dim as u64, self.cfg.ffn_dim as u64);
-        let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim());
-        let all_scores =
-            QueryChunk::bytes_per_row(batch, h, tokens, hd, self.dtype) * tokens as u64;
-        let attention = token_row * 6 * d + self.attention_scratch.min(all_scores);
-        let ffn = token_row * (3 * d + f);
-        attention.max(ffn)
+        self.cfg
+            .activation_bytes_estimate(self.dtype, batch, tokens, self.attention_scratch)
     }
 
     /// Batched guidance when its estimated activations fit `free_bytes`, else two passes

@@ -1,0 +1,356 @@
+//! `vpipe plan`: what each phase of a run will hold in the compute tier, the tile and the
+//! attention chunk it will use, its **estimated** peak, and whether the run fits the budget —
+//! without loading any weight. `vpipe run` makes the same plan first and refuses to start
+//! when it does not fit.
+//!
+//! Weights are counted exactly (from the file headers, or the preset's architecture).
+//! Activations are estimates: the DiT's from its block structure
+//! ([`DitConfig::activation_bytes_estimate`], within 0.4 % of the H100 measurement in
+//! BENCHMARKS.md), the VAE's from per-pixel constants measured on the H100 (256-px tiles,
+//! 2026-11-27), the text encoder's from its layer structure.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use candle_core::DType;
+use serde::Serialize;
+use vpipe_mem::fmt_bytes;
+use vpipe_models::ops::attention::QueryChunk;
+use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
+use vpipe_models::wan::{DitConfig, GuidancePasses};
+use vpipe_text::umt5::Config as Umt5Config;
+
+use crate::flags::RunJob;
+
+/// VAE activation bytes per (base channel × tile pixel × element byte), measured on the H100
+/// (full-size VAE, bf16, 256-px tiles, 81 frames: encode 0.89 GiB, decode 1.06 GiB above
+/// baseline with 0.24 GiB of weights; `bench/results/`, BENCHMARKS.md "Wan 2.1 VAE").
+const VAE_ENCODE_BYTES_PER_UNIT: u64 = 56;
+const VAE_DECODE_BYTES_PER_UNIT: u64 = 70;
+/// Share of what the budget leaves after the DiT's weights that attention scores may take
+/// (the same share `run` uses).
+pub(crate) const ATTENTION_BUDGET_SHARE: f64 = 0.25;
+/// Wan's text context length.
+const TEXT_TOKENS: usize = 512;
+
+/// The sizes a plan needs, from files or a preset.
+pub(crate) struct ModelSizes {
+    pub(crate) dit: DitConfig,
+    pub(crate) dit_bytes: u64,
+    pub(crate) vae_base_dim: usize,
+    pub(crate) vae_bytes: u64,
+    pub(crate) text: Umt5Config,
+    pub(crate) text_bytes: u64,
+}
+
+/// Bytes of a checkpoint's tensors once loaded in `dtype` (float8 stays 1 byte).
+fn loaded_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
+    inspection
+        .tensors
+        .iter()
+        .map(|t| {
+            let elems: u64 = t.shape.iter().map(|&d| d as u64).product();
+            match t.dtype.to_candle() {
+                // Converted on load, as the store does; float8 and integers keep their size.
+                Some(stored) if stored.is_float() && stored != DType::F8E4M3 => {
+                    elems * dtype.size_in_bytes() as u64
+                }
+                _ => t.dtype.bytes_for(elems).unwrap_or(0),
+            }
+        })
+        .sum()
+}
+
+impl ModelSizes {
+    /// A named preset's sizes (no weights needed): `wan2.1-t2v-14b` or `wan2.1-t2v-1.3b`, with
+    /// the Wan 2.1 VAE and umT5-XXL.
+    pub(crate) fn preset(name: &str, dtype: DType) -> Option<Self> {
+        let dit = DitConfig::preset(name)?;
+        let text = Umt5Config::umt5_xxl();
+        let elem = dtype.size_in_bytes() as u64;
+        let (d, ff) = (text.d_model as u64, text.d_ff as u64);
+        let text_params = text.vocab_size as u64 * d
+            + text.num_layers as u64
+                * (4 * d * d
+                    + 3 * d * ff
+                    + 2 * d
+                    + (text.relative_attention_num_buckets * text.num_heads) as u64)
+            + d;
+        Some(Self {
+            dit_bytes: dit.parameter_count() * elem,
+            dit,
+            vae_base_dim: 96,
+            // wan21-architecture.md §1: 126.9 M parameters.
+            vae_bytes: 126_900_000 * elem,
+            text,
+            text_bytes: text_params * elem,
+        })
+    }
+
+    /// The sizes of the given model files, from their headers.
+    pub(crate) fn from_files(
+        dit: &Path,
+        dit_config: Option<&DitConfig>,
+        vae: &Path,
+        text_encoder: &Path,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        let dit_header = vpipe_ckpt::inspect(dit)?;
+        let vae_header = vpipe_ckpt::inspect(vae)?;
+        let text_header = vpipe_ckpt::inspect(text_encoder)?;
+        let dit_cfg = match (dit_config, &dit_header.detection.config) {
+            (Some(cfg), _) => cfg.clone(),
+            (None, Some(vpipe_ckpt::ModelConfig::Dit(c))) => DitConfig {
+                dim: c.dim,
+                ffn_dim: c.ffn_dim,
+                num_heads: c.num_heads,
+                num_layers: c.num_layers,
+                in_channels: c.in_dim,
+                out_channels: c.out_dim,
+                text_dim: c.text_dim,
+                freq_dim: c.freq_dim,
+                patch_size: c.patch_size,
+                ..DitConfig::wan21_t2v_14b()
+            },
+            _ => anyhow::bail!("{}: no Wan DiT configuration in its header", dit.display()),
+        };
+        let vae_base_dim = match &vae_header.detection.config {
+            Some(vpipe_ckpt::ModelConfig::Vae(c)) => c.base_dim,
+            _ => anyhow::bail!("{}: no Wan VAE configuration in its header", vae.display()),
+        };
+        let text = match &text_header.detection.config {
+            Some(vpipe_ckpt::ModelConfig::Umt5(c)) => Umt5Config {
+                vocab_size: c.vocab_size,
+                d_model: c.d_model,
+                d_kv: c.d_kv,
+                d_ff: c.d_ff,
+                num_layers: c.num_layers,
+                num_heads: c.num_heads,
+                ..Umt5Config::umt5_xxl()
+            },
+            _ => anyhow::bail!(
+                "{}: no umT5 configuration in its header",
+                text_encoder.display()
+            ),
+        };
+        Ok(Self {
+            dit: dit_cfg,
+            dit_bytes: loaded_bytes(&dit_header, dtype),
+            vae_base_dim,
+            vae_bytes: loaded_bytes(&vae_header, dtype),
+            text,
+            text_bytes: loaded_bytes(&text_header, dtype),
+        })
+    }
+}
+
+/// One phase of a plan.
+#[derive(Debug, Serialize)]
+pub(crate) struct PhasePlan {
+    pub(crate) name: &'static str,
+    /// Models in the compute tier during the phase.
+    pub(crate) resident: Vec<&'static str>,
+    /// Weights plus estimated activations, in bytes.
+    pub(crate) estimated_peak_bytes: u64,
+    pub(crate) detail: String,
+}
+
+/// A run's plan.
+#[derive(Debug, Serialize)]
+pub(crate) struct Plan {
+    pub(crate) phases: Vec<PhasePlan>,
+    pub(crate) budget_bytes: Option<u64>,
+    /// Every phase's estimated peak within the budget (true without a budget).
+    pub(crate) fits: bool,
+    pub(crate) guidance: &'static str,
+    pub(crate) attention_query_rows: usize,
+    pub(crate) vae_tile_px: usize,
+}
+
+impl Plan {
+    /// The plan of `job` for models of `sizes`.
+    pub(crate) fn new(job: &RunJob, sizes: &ModelSizes) -> Self {
+        let dtype = job.compute.dtype;
+        let elem = dtype.size_in_bytes() as u64;
+        let budget = job.compute.budget.compute;
+        let latent_frames = 1 + (job.frames - 1) / 4;
+        let [pt, ph, pw] = sizes.dit.patch_size;
+        let tokens = (latent_frames / pt) * (job.height / 8 / ph) * (job.width / 8 / pw);
+
+        let t = &sizes.text;
+        let (b, l) = (2u64, TEXT_TOKENS as u64);
+        let text_activations = b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
+            + 2 * b * t.num_heads as u64 * l * l * 4;
+
+        let scratch = match budget {
+            Some(budget) => ((budget.saturating_sub(sizes.dit_bytes) as f64
+                * ATTENTION_BUDGET_SHARE) as u64)
+                .max(1 << 26),
+            None => DEFAULT_ATTENTION_SCRATCH,
+        };
+        let batched = sizes
+            .dit
+            .activation_bytes_estimate(dtype, 2, tokens, scratch);
+        let single = sizes
+            .dit
+            .activation_bytes_estimate(dtype, 1, tokens, scratch);
+        let passes = match budget {
+            Some(budget) if sizes.dit_bytes + batched > budget => GuidancePasses::TwoPasses,
+            _ => GuidancePasses::Batched,
+        };
+        let (dit_activations, batch) = match passes {
+            GuidancePasses::Batched => (batched, 2),
+            GuidancePasses::TwoPasses => (single, 1),
+        };
+        let rows = QueryChunk::for_budget(
+            scratch,
+            batch,
+            sizes.dit.num_heads,
+            tokens,
+            sizes.dit.head_dim(),
+            dtype,
+        )
+        .0
+        .min(tokens);
+
+        let tile = job.tiles.tile as u64;
+        let vae_unit = sizes.vae_base_dim as u64 * tile * tile * elem;
+        let mut phases = vec![
+            PhasePlan {
+                name: "load",
+                resident: vec![],
+                estimated_peak_bytes: 0,
+                detail: "headers only".into(),
+            },
+            PhasePlan {
+                name: "lora",
+                resident: vec![],
+                estimated_peak_bytes: 0,
+                detail: format!(
+                    "{} LoRA file(s) checked against the DiT's keys",
+                    job.loras.len()
+                ),
+            },
+            PhasePlan {
+                name: "text",
+                resident: vec!["text encoder"],
+                estimated_peak_bytes: sizes.text_bytes + text_activations,
+                detail: format!("prompt and negative prompt, {TEXT_TOKENS} tokens each"),
+            },
+            PhasePlan {
+                name: "shift",
+                resident: vec![],
+                estimated_peak_bytes: 0,
+                detail: format!(
+                    "{} schedule, shift {}, no device work",
+                    job.sampler, job.shift
+                ),
+            },
+        ];
+        if job.input.is_some() {
+            phases.push(PhasePlan {
+                name: "vae encode",
+                resident: vec!["vae"],
+                estimated_peak_bytes: sizes.vae_bytes + VAE_ENCODE_BYTES_PER_UNIT * vae_unit,
+                detail: format!("tile {} px, stride {} px", job.tiles.tile, job.tiles.stride),
+            });
+        }
+        phases.push(PhasePlan {
+            name: "sample",
+            resident: vec!["dit"],
+            estimated_peak_bytes: sizes.dit_bytes + dit_activations,
+            detail: format!(
+                "{tokens} tokens, {} steps, CFG {:?}, attention in chunks of {rows} query rows ({} of score scratch)",
+                job.steps,
+                passes,
+                fmt_bytes(scratch)
+            ),
+        });
+        phases.push(PhasePlan {
+            name: "vae decode",
+            resident: vec!["vae"],
+            estimated_peak_bytes: sizes.vae_bytes + VAE_DECODE_BYTES_PER_UNIT * vae_unit,
+            detail: format!("tile {} px, stride {} px", job.tiles.tile, job.tiles.stride),
+        });
+        phases.push(PhasePlan {
+            name: "write",
+            resident: vec![],
+            estimated_peak_bytes: 0,
+            detail: format!("{}", job.out.display()),
+        });
+        let fits =
+            budget.is_none_or(|budget| phases.iter().all(|p| p.estimated_peak_bytes <= budget));
+        Self {
+            phases,
+            budget_bytes: budget,
+            fits,
+            guidance: match passes {
+                GuidancePasses::Batched => "batched",
+                GuidancePasses::TwoPasses => "two passes",
+            },
+            attention_query_rows: rows,
+            vae_tile_px: job.tiles.tile,
+        }
+    }
+
+    /// The plan as a table (estimates are marked as such).
+    pub(crate) fn print(&self) {
+        println!(
+            "{:<11} {:<14} {:>16}  detail",
+            "phase", "resident", "estimated peak"
+        );
+        for phase in &self.phases {
+            println!(
+                "{:<11} {:<14} {:>16}  {}",
+                phase.name,
+                if phase.resident.is_empty() {
+                    "-".to_string()
+                } else {
+                    phase.resident.join(", ")
+                },
+                fmt_bytes(phase.estimated_peak_bytes),
+                phase.detail
+            );
+        }
+        match self.budget_bytes {
+            Some(budget) => println!(
+                "budget {}: {} (estimates: weights exact, activations estimated)",
+                fmt_bytes(budget),
+                if self.fits { "fits" } else { "does NOT fit" }
+            ),
+            None => println!("no budget given (estimates: weights exact, activations estimated)"),
+        }
+    }
+}
+
+/// `vpipe plan`.
+pub(crate) fn run(job: RunJob, preset: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let sizes = match preset {
+        Some(name) => ModelSizes::preset(name, job.compute.dtype).ok_or_else(|| {
+            crate::exit::BadInput(format!(
+                "--preset {name}: expected wan2.1-t2v-14b or wan2.1-t2v-1.3b"
+            ))
+        })?,
+        None => {
+            let files = crate::run::resolve_models(&job)?;
+            ModelSizes::from_files(
+                &files.dit,
+                files.dit_config.as_ref(),
+                &files.vae,
+                &files.text_encoder,
+                job.compute.dtype,
+            )?
+        }
+    };
+    let plan = Plan::new(&job, &sizes);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        plan.print();
+    }
+    Ok(if plan.fits {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
