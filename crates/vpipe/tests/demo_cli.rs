@@ -97,6 +97,12 @@ fn bad_flags_and_missing_features_get_clear_errors() {
     assert!(String::from_utf8_lossy(&device.stderr).contains("--device tpu"));
 
     let run = vpipe().args(["run", "--prompt", "a cat"]).output().unwrap();
-    assert_eq!(run.status.code(), Some(5));
-    assert!(String::from_utf8_lossy(&run.stderr).contains("not built yet"));
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--dit: required"));
+    let image = vpipe()
+        .args(["run", "--prompt", "a cat", "--image", "first.png"])
+        .output()
+        .unwrap();
+    assert_eq!(image.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&image.stderr).contains("not built yet"));
 }
