@@ -1,0 +1,760 @@
+//! H.264 in MP4: `mp4` demux/mux around OpenH264 decode/encode.
+//!
+//! The `mp4` crate parses only the sample entries it knows (avc1, hev1, vp09, mp4a, tx3g) and
+//! silently drops the rest, so a small box walker here finds what each track really holds, to
+//! name it in errors; it also finds boxes that run past the end of a truncated file before the
+//! `mp4` parser turns that into a generic message.
+
+use std::io::{Cursor, Seek, Write};
+use std::path::Path;
+
+use openh264::decoder::{DecodedYUV, Decoder, DecoderConfig, Flush};
+use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, FrameType, VuiConfig};
+use openh264::formats::{RgbSliceU8, YUVBuffer, YUVSource};
+use openh264::{OpenH264API, Timestamp};
+
+use crate::error::{Result, VideoError};
+use crate::video::Video;
+
+/// What an MP4's header says about its first video track, without decoding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mp4Info {
+    /// Track id of the video track.
+    pub track_id: u32,
+    /// Sample entry four-character code (`"avc1"` for H.264).
+    pub codec: String,
+    /// Coded width from the sample entry.
+    pub width: u32,
+    /// Coded height from the sample entry.
+    pub height: u32,
+    /// Number of samples (frames) in the track.
+    pub frames: usize,
+    /// Frames per second: track timescale / sample delta, or frames / track duration when the
+    /// deltas vary.
+    pub fps: f64,
+    /// Track duration in seconds (`mdhd` duration / `mdhd` timescale).
+    pub track_duration_secs: f64,
+    /// Movie duration in seconds (`mvhd` duration / `mvhd` timescale).
+    pub movie_duration_secs: f64,
+    /// H.264 `profile_idc` from the SPS (66 Baseline, 77 Main, 100 High, ...).
+    pub profile_idc: u8,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Box walking
+
+struct RawBox {
+    kind: [u8; 4],
+    body: std::ops::Range<usize>,
+}
+
+fn fourcc(kind: &[u8; 4]) -> String {
+    kind.iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// Boxes inside `range` of `buf`; a box that runs past `range` is an error telling how far.
+fn boxes(buf: &[u8], range: std::ops::Range<usize>) -> std::result::Result<Vec<RawBox>, String> {
+    let mut out = Vec::new();
+    let mut pos = range.start;
+    while pos < range.end {
+        if range.end - pos < 8 {
+            return Err(format!(
+                "{} stray bytes at byte {pos} where a box header (8 bytes) should be",
+                range.end - pos
+            ));
+        }
+        let size32 = u32::from_be_bytes(buf[pos..pos + 4].try_into().unwrap()) as u64;
+        let kind: [u8; 4] = buf[pos + 4..pos + 8].try_into().unwrap();
+        let (header, size) = match size32 {
+            0 => (8u64, (range.end - pos) as u64),
+            1 => {
+                if range.end - pos < 16 {
+                    return Err(format!(
+                        "box '{}' at byte {pos} has a 64-bit size the data ends before",
+                        fourcc(&kind)
+                    ));
+                }
+                let s = u64::from_be_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
+                (16, s)
+            }
+            s => (8, s),
+        };
+        if size < header {
+            return Err(format!(
+                "box '{}' at byte {pos} declares size {size}, smaller than its header",
+                fourcc(&kind)
+            ));
+        }
+        let available = (range.end - pos) as u64;
+        if size > available {
+            return Err(format!(
+                "box '{}' at byte {pos} declares {size} bytes but only {available} remain",
+                fourcc(&kind)
+            ));
+        }
+        let end = pos + size as usize;
+        out.push(RawBox {
+            kind,
+
+            body: pos + header as usize..end,
+        });
+        pos = end;
+    }
+    Ok(out)
+}
+
+fn child<'a>(list: &'a [RawBox], kind: &[u8; 4]) -> Option<&'a RawBox> {
+    list.iter().find(|b| &b.kind == kind)
+}
+
+/// One `trak` as the walker sees it.
+struct TrackSummary {
+    id: u32,
+    handler: [u8; 4],
+    entry: Option<[u8; 4]>,
+}
+
+fn summarise_track(buf: &[u8], trak: &RawBox) -> std::result::Result<TrackSummary, String> {
+    let kids = boxes(buf, trak.body.clone())?;
+    let id = child(&kids, b"tkhd")
+        .and_then(|tkhd| {
+            let b = &buf[tkhd.body.clone()];
+            let off = if b.first() == Some(&1) { 20 } else { 12 };
+            b.get(off..off + 4)
+                .map(|s| u32::from_be_bytes(s.try_into().unwrap()))
+        })
+        .unwrap_or(0);
+    let mdia = child(&kids, b"mdia").ok_or_else(|| format!("track {id} has no mdia box"))?;
+    let mdia_kids = boxes(buf, mdia.body.clone())?;
+    let handler = child(&mdia_kids, b"hdlr")
+        .and_then(|h| buf[h.body.clone()].get(8..12))
+        .map(|s| s.try_into().unwrap())
+        .unwrap_or(*b"????");
+    let entry = (|| {
+        let minf = child(&mdia_kids, b"minf")?;
+        let minf_kids = boxes(buf, minf.body.clone()).ok()?;
+        let stbl = child(&minf_kids, b"stbl")?;
+        let stbl_kids = boxes(buf, stbl.body.clone()).ok()?;
+        let stsd = child(&stbl_kids, b"stsd")?;
+        // Full box header (4) + entry count (4), then the first entry's size (4) and type (4).
+        buf[stsd.body.clone()]
+            .get(12..16)
+            .map(|s| s.try_into().unwrap())
+    })();
+    Ok(TrackSummary { id, handler, entry })
+}
+
+fn codec_name(entry: &[u8; 4]) -> &'static str {
+    match entry {
+        b"mp4v" => "MPEG-4 Part 2 Visual",
+        b"hvc1" | b"hev1" => "H.265/HEVC",
+        b"vp08" => "VP8",
+        b"vp09" => "VP9",
+        b"av01" => "AV1",
+        b"s263" | b"h263" => "H.263",
+        b"avc3" | b"avc4" => {
+            "H.264 with in-band parameter sets (avc3), not supported by this reader"
+        }
+        b"jpeg" | b"mjpa" | b"mjpb" => "Motion JPEG",
+        b"apch" | b"apcn" | b"apcs" | b"apco" | b"ap4h" => "Apple ProRes",
+        b"encv" => "an encrypted video stream",
+        _ => "an unknown codec",
+    }
+}
+
+fn profile_name(idc: u8) -> &'static str {
+    match idc {
+        44 => "CAVLC 4:4:4 Intra",
+        66 => "Baseline",
+        77 => "Main",
+        88 => "Extended",
+        100 => "High",
+        110 => "High 10",
+        122 => "High 4:2:2",
+        244 => "High 4:4:4 Predictive",
+        _ => "unknown",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+struct Opened<'a> {
+    reader: mp4::Mp4Reader<Cursor<&'a [u8]>>,
+    info: Mp4Info,
+    length_size: usize,
+    sps: Vec<Vec<u8>>,
+    pps: Vec<Vec<u8>>,
+}
+
+fn malformed(path: &Path, e: impl std::fmt::Display) -> VideoError {
+    VideoError::Malformed {
+        path: path.to_path_buf(),
+        format: "MP4",
+        detail: e.to_string(),
+    }
+}
+
+fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
+    let truncated = |detail: String| VideoError::Truncated {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let top = boxes(bytes, 0..bytes.len()).map_err(truncated)?;
+    let moov = child(&top, b"moov").ok_or_else(|| {
+        malformed(
+            path,
+            format!(
+                "no 'moov' box (top-level boxes: {}); an unfinished recording or not an MP4",
+                top.iter()
+                    .map(|b| fourcc(&b.kind))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    let moov_kids = boxes(bytes, moov.body.clone()).map_err(|e| malformed(path, e))?;
+    let tracks = moov_kids
+        .iter()
+        .filter(|b| &b.kind == b"trak")
+        .map(|t| summarise_track(bytes, t))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| malformed(path, e))?;
+    let Some(video) = tracks.iter().find(|t| &t.handler == b"vide") else {
+        let found = if tracks.is_empty() {
+            "no tracks".to_string()
+        } else {
+            tracks
+                .iter()
+                .map(|t| {
+                    format!(
+                        "track {}: {} ({})",
+                        t.id,
+                        fourcc(&t.handler),
+                        t.entry.map_or("no sample entry".into(), |e| fourcc(&e))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(VideoError::NoVideoTrack {
+            path: path.to_path_buf(),
+            found,
+        });
+    };
+    match video.entry {
+        Some(e) if &e == b"avc1" => {}
+        other => {
+            return Err(VideoError::UnsupportedCodec {
+                path: path.to_path_buf(),
+                track: video.id,
+                codec: match other {
+                    Some(e) => format!("{} ({})", fourcc(&e), codec_name(&e)),
+                    None => "no sample description".into(),
+                },
+            })
+        }
+    }
+    let track_id = video.id;
+
+    let reader = mp4::Mp4Reader::read_header(Cursor::new(bytes), bytes.len() as u64)
+        .map_err(|e| malformed(path, e))?;
+    let track = reader
+        .tracks()
+        .get(&track_id)
+        .ok_or_else(|| malformed(path, format!("track {track_id} not parsed")))?;
+    let trak = &track.trak;
+    let avc1 = trak
+        .mdia
+        .minf
+        .stbl
+        .stsd
+        .avc1
+        .as_ref()
+        .ok_or_else(|| malformed(path, format!("track {track_id}: avc1 entry not parsed")))?;
+    let avcc = &avc1.avcc;
+    let sps: Vec<Vec<u8>> = avcc
+        .sequence_parameter_sets
+        .iter()
+        .map(|n| n.bytes.clone())
+        .collect();
+    let pps: Vec<Vec<u8>> = avcc
+        .picture_parameter_sets
+        .iter()
+        .map(|n| n.bytes.clone())
+        .collect();
+    if sps.is_empty() || pps.is_empty() {
+        return Err(malformed(
+            path,
+            format!(
+                "avcC of track {track_id} holds {} SPS and {} PPS; both are needed",
+                sps.len(),
+                pps.len()
+            ),
+        ));
+    }
+    let profile_idc = sps[0]
+        .get(1)
+        .copied()
+        .unwrap_or(avcc.avc_profile_indication);
+    if matches!(profile_idc, 44 | 110 | 122 | 244) {
+        return Err(VideoError::UnsupportedProfile {
+            path: path.to_path_buf(),
+            profile_idc,
+            profile: profile_name(profile_idc).into(),
+        });
+    }
+
+    let timescale = trak.mdia.mdhd.timescale;
+    let frames = track.sample_count() as usize;
+    if timescale == 0 {
+        return Err(malformed(path, "track timescale is 0"));
+    }
+    let track_duration_secs = trak.mdia.mdhd.duration as f64 / timescale as f64;
+    let stts = &trak.mdia.minf.stbl.stts.entries;
+    let fps = match stts.first() {
+        Some(first)
+            if first.sample_delta > 0
+                && stts.iter().all(|e| e.sample_delta == first.sample_delta) =>
+        {
+            timescale as f64 / first.sample_delta as f64
+        }
+        _ if track_duration_secs > 0.0 => frames as f64 / track_duration_secs,
+        _ => {
+            return Err(malformed(
+                path,
+                "cannot derive a frame rate: no sample durations",
+            ))
+        }
+    };
+    let mvhd = &reader.moov.mvhd;
+    let movie_duration_secs = if mvhd.timescale > 0 {
+        mvhd.duration as f64 / mvhd.timescale as f64
+    } else {
+        0.0
+    };
+    let info = Mp4Info {
+        track_id,
+        codec: "avc1".into(),
+        width: u32::from(avc1.width),
+        height: u32::from(avc1.height),
+        frames,
+        fps,
+        track_duration_secs,
+        movie_duration_secs,
+        profile_idc,
+    };
+    let length_size = usize::from(avcc.length_size_minus_one & 3) + 1;
+    Ok(Opened {
+        reader,
+        info,
+        length_size,
+        sps,
+        pps,
+    })
+}
+
+pub(crate) fn probe(path: &Path, bytes: &[u8]) -> Result<Mp4Info> {
+    open(path, bytes).map(|o| o.info)
+}
+
+const START_CODE: [u8; 4] = [0, 0, 0, 1];
+
+/// Length-prefixed NAL units (AVCC) to start-code-prefixed (Annex B), appended to `out`.
+fn avcc_to_annexb(
+    sample: &[u8],
+    length_size: usize,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), String> {
+    let mut pos = 0;
+    while pos < sample.len() {
+        if sample.len() - pos < length_size {
+            return Err(format!(
+                "{} trailing bytes, shorter than a NAL length field",
+                sample.len() - pos
+            ));
+        }
+        let len = sample[pos..pos + length_size]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        pos += length_size;
+        if len > sample.len() - pos {
+            return Err(format!(
+                "NAL unit of {len} bytes runs past the sample's end ({} bytes left)",
+                sample.len() - pos
+            ));
+        }
+        out.extend_from_slice(&START_CODE);
+        out.extend_from_slice(&sample[pos..pos + len]);
+        pos += len;
+    }
+    Ok(())
+}
+
+pub(crate) fn read(path: &Path, bytes: &[u8]) -> Result<Video> {
+    let Opened {
+        mut reader,
+        info,
+        length_size,
+        sps,
+        pps,
+    } = open(path, bytes)?;
+    let samples = info.frames;
+    let decode_error = |sample: usize, detail: String| VideoError::Decode {
+        path: path.to_path_buf(),
+        sample,
+        samples,
+        detail,
+    };
+
+    // Flushing after every packet (the crate's default) forces pictures out before their
+    // reordering delay with B-frames; OpenH264 then fails mid-stream (dsOutOfMemory at sample 7
+    // of the test clip). Pictures are taken as they become ready and the rest flushed at the end.
+    let config = DecoderConfig::new().flush_after_decode(Flush::NoFlush);
+    let mut decoder = Decoder::with_api_config(OpenH264API::from_source(), config)
+        .map_err(|e| decode_error(0, format!("cannot create the decoder: {e}")))?;
+    let mut frames = Frames::new(path);
+    let mut annexb = Vec::new();
+    for i in 0..samples {
+        let sample = match reader.read_sample(info.track_id, i as u32 + 1) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Err(malformed(
+                    path,
+                    format!("sample {i} of {samples} missing from the sample tables"),
+                ))
+            }
+            Err(mp4::Error::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(VideoError::Truncated {
+                    path: path.to_path_buf(),
+                    detail: format!("sample {i} of {samples} lies past the end of the file"),
+                })
+            }
+            Err(e) => return Err(malformed(path, format!("sample {i}: {e}"))),
+        };
+        annexb.clear();
+        if i == 0 {
+            for ps in sps.iter().chain(&pps) {
+                annexb.extend_from_slice(&START_CODE);
+                annexb.extend_from_slice(ps);
+            }
+        }
+        avcc_to_annexb(&sample.bytes, length_size, &mut annexb)
+            .map_err(|e| malformed(path, format!("sample {i}: {e}")))?;
+        match decoder.decode(&annexb) {
+            Ok(Some(yuv)) => frames.push(&yuv)?,
+            Ok(None) => {}
+            Err(e) => return Err(decode_error(i, openh264_message(&e))),
+        }
+    }
+    // Pictures held back for reordering (B-frames) come out here, still in display order.
+    let rest = decoder
+        .flush_remaining()
+        .map_err(|e| decode_error(samples.saturating_sub(1), openh264_message(&e)))?;
+    for yuv in &rest {
+        frames.push(yuv)?;
+    }
+    if frames.count != samples {
+        return Err(decode_error(
+            frames.count.min(samples.saturating_sub(1)),
+            format!(
+                "only {} of {samples} samples produced a picture",
+                frames.count
+            ),
+        ));
+    }
+    frames.finish(info.fps)
+}
+
+/// OpenH264's `Display` appends a backtrace note; keep the code and state only.
+fn openh264_message(e: &openh264::Error) -> String {
+    format!("OpenH264 error (native code {})", e.native_code())
+        + &e.to_string()
+            .split(". ")
+            .filter(|part| {
+                part.starts_with("Decoding State") || part.starts_with("User Message:Some")
+            })
+            .map(|p| format!("; {p}"))
+            .collect::<String>()
+}
+
+/// Decoded pictures gathered as RGB, all of one size.
+struct Frames<'p> {
+    path: &'p Path,
+    data: Vec<u8>,
+    size: Option<(usize, usize)>,
+    count: usize,
+}
+
+impl<'p> Frames<'p> {
+    fn new(path: &'p Path) -> Self {
+        Self {
+            path,
+            data: Vec::new(),
+            size: None,
+            count: 0,
+        }
+    }
+
+    fn push(&mut self, yuv: &DecodedYUV<'_>) -> Result<()> {
+        let (w, h) = yuv.dimensions();
+        let (fw, fh) = *self.size.get_or_insert((w, h));
+        if (w, h) != (fw, fh) {
+            return Err(VideoError::FrameSizeMismatch {
+                path: self.path.to_path_buf(),
+                frame: self.count,
+                width: fw as u32,
+                height: fh as u32,
+                got_width: w as u32,
+                got_height: h as u32,
+            });
+        }
+        let start = self.data.len();
+        self.data.resize(start + w * h * 3, 0);
+        yuv.write_rgb8(&mut self.data[start..]);
+        self.count += 1;
+        Ok(())
+    }
+
+    fn finish(self, fps: f64) -> Result<Video> {
+        let (w, h) = self.size.unwrap_or((0, 0));
+        Video::new(self.data, w as u32, h as u32, fps).map_err(|e| VideoError::Malformed {
+            path: self.path.to_path_buf(),
+            format: "MP4",
+            detail: e.to_string(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+/// Default H.264 bitrate: 0.75 bits per pixel per frame (≈ 4.8 Mbps at 832×480, 16 fps),
+/// clamped to 0.5–50 Mbps.
+pub fn default_bitrate(width: u32, height: u32, fps: f64) -> u32 {
+    let bps = 0.75 * f64::from(width) * f64::from(height) * fps;
+    bps.clamp(500_000.0, 50_000_000.0) as u32
+}
+
+/// The track's time base: `fps = timescale / delta` exactly for integer rates and the NTSC
+/// family (30000/1001), else to a millihertz.
+fn time_base(fps: f64) -> (u32, u32) {
+    for delta in [1u32, 1001, 1000] {
+        let ts = fps * f64::from(delta);
+        if (ts - ts.round()).abs() < 1e-6 * ts && ts.round() >= 1.0 && ts.round() < u32::MAX as f64
+        {
+            // Integer rates get ×1000 so the timescale is a common one (16000, 24000, ...).
+            return if delta == 1 && ts.round() * 1000.0 < u32::MAX as f64 {
+                (ts.round() as u32 * 1000, 1000)
+            } else {
+                (ts.round() as u32, delta)
+            };
+        }
+    }
+    ((fps * 1000.0).round().max(1.0) as u32, 1000)
+}
+
+/// Splits one encoded frame into NAL units without start codes.
+fn nal_units<'a>(layer_nals: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    layer_nals.map(|nal| {
+        let skip = if nal.starts_with(&[0, 0, 0, 1]) {
+            4
+        } else if nal.starts_with(&[0, 0, 1]) {
+            3
+        } else {
+            0
+        };
+        &nal[skip..]
+    })
+}
+
+/// OpenH264 prints a warning to stderr at initialisation when frame skipping is off (it is, on
+/// purpose: see `skip_frames(false)`), and the wrapper lowers the log level only after
+/// initialising. The trace level is the one option OpenH264 accepts before initialisation.
+#[allow(unsafe_code)]
+fn quiet_encoder_log(encoder: &mut Encoder) {
+    let mut level = openh264_sys2::WELS_LOG_QUIET as std::ffi::c_int;
+    // SAFETY: `raw_api` is the live encoder owned by `encoder`; SetOption(TRACE_LEVEL) reads
+    // one int through the pointer during the call and is allowed before initialisation
+    // (welsEncoderExt.cpp, CWelsH264SVCEncoder::SetOption). A failure only leaves logging on.
+    unsafe {
+        encoder.raw_api().set_option(
+            openh264_sys2::ENCODER_OPTION_TRACE_LEVEL,
+            (&raw mut level).cast(),
+        );
+    }
+}
+
+pub(crate) fn write<W: Write + Seek>(
+    out: W,
+    path: &Path,
+    video: &Video,
+    bitrate_bps: Option<u32>,
+) -> Result<W> {
+    let encode_error = |detail: String| VideoError::Encode {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let (w, h) = (video.width(), video.height());
+    if !w.is_multiple_of(2) || !h.is_multiple_of(2) {
+        return Err(encode_error(format!(
+            "frame size {w}x{h} is odd; H.264 4:2:0 needs even width and height (resize or crop first)"
+        )));
+    }
+    if w > u32::from(u16::MAX) || h > u32::from(u16::MAX) {
+        return Err(encode_error(format!("frame size {w}x{h} is too large")));
+    }
+    let bitrate = bitrate_bps.unwrap_or_else(|| default_bitrate(w, h, video.fps()));
+    let config = EncoderConfig::new()
+        .bitrate(BitRate::from_bps(bitrate))
+        .max_frame_rate(FrameRate::from_hz(video.fps() as f32))
+        // Every input frame must become a sample, or the duration and count are wrong.
+        .skip_frames(false)
+        // Same matrix and range as the crate's RGB→YUV conversion.
+        .vui(VuiConfig::bt601());
+    let mut encoder =
+        Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| {
+            encode_error(format!(
+                "cannot create the encoder: {}",
+                openh264_message(&e)
+            ))
+        })?;
+    quiet_encoder_log(&mut encoder);
+
+    let (timescale, delta) = time_base(video.fps());
+    let mp4_config = mp4::Mp4Config {
+        major_brand: "isom".parse().unwrap(),
+        minor_version: 512,
+        compatible_brands: ["isom", "iso2", "avc1", "mp41"]
+            .iter()
+            .map(|b| b.parse().unwrap())
+            .collect(),
+        // Equal to the track's: the `mp4` crate rounds each sample's duration into the movie
+        // timescale, so any other value drifts (16 fps at 1000: 62 ms per frame, not 62.5).
+        timescale,
+    };
+    let mux_error = |e: mp4::Error| match e {
+        mp4::Error::IoError(source) => VideoError::io(path, "write", source),
+        other => encode_error(format!("MP4 mux: {other}")),
+    };
+    let mut muxer = mp4::Mp4Writer::write_start(out, &mp4_config).map_err(mux_error)?;
+
+    let mut yuv = YUVBuffer::new(w as usize, h as usize);
+    let mut params: Option<(Vec<u8>, Vec<u8>)> = None;
+    let mut sample = Vec::new();
+    for (i, frame) in video.frames().enumerate() {
+        yuv.read_rgb8(RgbSliceU8::new(frame, (w as usize, h as usize)));
+        let millis = (i as f64 * 1000.0 / video.fps()).round() as u64;
+        let bs = encoder
+            .encode_at(&yuv, Timestamp::from_millis(millis))
+            .map_err(|e| encode_error(format!("frame {i}: {}", openh264_message(&e))))?;
+        let frame_type = bs.frame_type();
+        if matches!(frame_type, FrameType::Skip | FrameType::Invalid) {
+            return Err(encode_error(format!(
+                "frame {i}: encoder returned {frame_type:?}"
+            )));
+        }
+        let (mut sps, mut pps) = (None, None);
+        sample.clear();
+        let layers = (0..bs.num_layers()).filter_map(|l| bs.layer(l));
+        for layer in layers {
+            let nals = (0..layer.nal_count()).filter_map(|n| layer.nal_unit(n));
+            for nal in nal_units(nals) {
+                match nal.first().map(|b| b & 0x1f) {
+                    None => {}
+                    // Parameter sets go to the avcC box; with constant ids they repeat unchanged.
+                    Some(7) => sps = Some(nal.to_vec()),
+                    Some(8) => pps = Some(nal.to_vec()),
+                    Some(_) => {
+                        sample.extend_from_slice(&(nal.len() as u32).to_be_bytes());
+                        sample.extend_from_slice(nal);
+                    }
+                }
+            }
+        }
+        if params.is_none() {
+            let (Some(sps), Some(pps)) = (sps, pps) else {
+                return Err(encode_error("the first frame carries no SPS/PPS".into()));
+            };
+            muxer
+                .add_track(&mp4::TrackConfig {
+                    track_type: mp4::TrackType::Video,
+                    timescale,
+                    language: "und".into(),
+                    media_conf: mp4::MediaConfig::AvcConfig(mp4::AvcConfig {
+                        width: w as u16,
+                        height: h as u16,
+                        seq_param_set: sps.clone(),
+                        pic_param_set: pps.clone(),
+                    }),
+                })
+                .map_err(mux_error)?;
+            params = Some((sps, pps));
+        }
+        muxer
+            .write_sample(
+                1,
+                &mp4::Mp4Sample {
+                    start_time: i as u64 * u64::from(delta),
+                    duration: delta,
+                    rendering_offset: 0,
+                    is_sync: frame_type == FrameType::IDR,
+                    bytes: mp4::Bytes::copy_from_slice(&sample),
+                },
+            )
+            .map_err(mux_error)?;
+    }
+    muxer.write_end().map_err(mux_error)?;
+    Ok(muxer.into_writer())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_base_is_exact_for_common_rates() {
+        assert_eq!(time_base(16.0), (16000, 1000));
+        assert_eq!(time_base(24.0), (24000, 1000));
+        assert_eq!(time_base(30000.0 / 1001.0), (30000, 1001));
+        assert_eq!(time_base(12.5), (12500, 1000));
+        for fps in [16.0, 24.0, 30000.0 / 1001.0, 12.5, 7.3] {
+            let (ts, d) = time_base(fps);
+            assert!((f64::from(ts) / f64::from(d) - fps).abs() < 1e-9, "{fps}");
+        }
+    }
+
+    #[test]
+    fn annexb_conversion_and_bad_lengths() {
+        let mut out = Vec::new();
+        avcc_to_annexb(&[0, 0, 0, 2, 0x65, 0xaa, 0, 0, 0, 1, 0x41], 4, &mut out).unwrap();
+        assert_eq!(out, [0, 0, 0, 1, 0x65, 0xaa, 0, 0, 0, 1, 0x41]);
+        out.clear();
+        assert!(avcc_to_annexb(&[0, 0, 0, 9, 0x65], 4, &mut out).is_err());
+        assert!(avcc_to_annexb(&[0, 0], 4, &mut out).is_err());
+    }
+
+    #[test]
+    fn walker_reports_overrun() {
+        // 'free' box claiming 100 bytes in a 16-byte buffer.
+        let mut buf = vec![0, 0, 0, 100];
+        buf.extend_from_slice(b"free");
+        buf.extend_from_slice(&[0; 8]);
+        let err = boxes(&buf, 0..buf.len()).err().unwrap();
+        assert!(err.contains("'free'") && err.contains("100"), "{err}");
+    }
+
+    #[test]
+    fn default_bitrate_scales() {
+        assert_eq!(default_bitrate(832, 480, 16.0), 4_792_320);
+        assert_eq!(default_bitrate(64, 64, 16.0), 500_000);
+    }
+}
