@@ -30,13 +30,13 @@ pub(crate) fn read_gif(path: &Path, bytes: &[u8]) -> Result<Video> {
     let mut count = 0;
     // Frames come composited onto the full canvas, disposal applied.
     for frame in decoder.into_frames() {
+        // The `image` crate reports a cut-off GIF as a format error; a GIF that fails and lacks
+        // its trailer byte (0x3B) was cut off.
         let frame = frame.map_err(|e| match e {
-            image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                VideoError::Truncated {
-                    path: path.to_path_buf(),
-                    detail: format!("GIF ends inside frame {count}"),
-                }
-            }
+            _ if bytes.last() != Some(&0x3b) => VideoError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!("GIF ends inside frame {count} ({e})"),
+            },
             other => malformed(other),
         })?;
         let (n, d) = frame.delay().numer_denom_ms();

@@ -227,7 +227,7 @@ fn write_file_atomically(
     }
     let mut tmp = builder
         .tempfile_in(dir)
-        .map_err(|e| VideoError::io(dir, "create temporary file in", e))?;
+        .map_err(|e| VideoError::io(path, "create temporary file beside it", e))?;
     write(tmp.as_file_mut())?;
     tmp.as_file()
         .sync_all()
@@ -257,7 +257,7 @@ fn write_folder_atomically(path: &Path, video: &Video) -> Result<()> {
     }
     let tmp = builder
         .tempdir_in(dir)
-        .map_err(|e| VideoError::io(dir, "create temporary folder in", e))?;
+        .map_err(|e| VideoError::io(path, "create temporary folder beside it", e))?;
     images::write_png_folder(tmp.path(), path, video)?;
     // Replaces `path` only if it is missing or an empty folder; anything else fails here and
     // the temporary folder is removed when `tmp` drops.

@@ -452,13 +452,13 @@ pub(crate) fn read(path: &Path, bytes: &[u8]) -> Result<Video> {
         match decoder.decode(&annexb) {
             Ok(Some(yuv)) => frames.push(&yuv)?,
             Ok(None) => {}
-            Err(e) => return Err(decode_error(i, openh264_message(&e))),
+            Err(e) => return Err(decode_error(i, decode_message(&e))),
         }
     }
     // Pictures held back for reordering (B-frames) come out here, still in display order.
     let rest = decoder
         .flush_remaining()
-        .map_err(|e| decode_error(samples.saturating_sub(1), openh264_message(&e)))?;
+        .map_err(|e| decode_error(samples.saturating_sub(1), decode_message(&e)))?;
     for yuv in &rest {
         frames.push(yuv)?;
     }
@@ -474,16 +474,43 @@ pub(crate) fn read(path: &Path, bytes: &[u8]) -> Result<Video> {
     frames.finish(info.fps)
 }
 
-/// OpenH264's `Display` appends a backtrace note; keep the code and state only.
+/// OpenH264's `Display` appends a backtrace note; keep the code and the user message.
 fn openh264_message(e: &openh264::Error) -> String {
-    format!("OpenH264 error (native code {})", e.native_code())
-        + &e.to_string()
-            .split(". ")
-            .filter(|part| {
-                part.starts_with("Decoding State") || part.starts_with("User Message:Some")
-            })
-            .map(|p| format!("; {p}"))
-            .collect::<String>()
+    let text = e.to_string();
+    let user = text
+        .split(". ")
+        .find_map(|part| part.strip_prefix("User Message:Some("))
+        .map(|m| format!(": {}", m.trim_end_matches(')').trim_matches('"')))
+        .unwrap_or_default();
+    format!("OpenH264 error code {}{user}", e.native_code())
+}
+
+/// The decoder's native code is a DECODING_STATE bit set (codec_def.h); name its bits.
+fn decode_message(e: &openh264::Error) -> String {
+    const BITS: [(i64, &str); 11] = [
+        (0x1, "frame pending"),
+        (0x2, "reference lost"),
+        (0x4, "bitstream error"),
+        (0x8, "dependency layer lost"),
+        (0x10, "no parameter sets"),
+        (0x20, "data error concealed"),
+        (0x40, "reference list null pointers"),
+        (0x1000, "invalid argument"),
+        (0x2000, "initialisation expected"),
+        (0x4000, "out of memory"),
+        (0x8000, "destination buffer needs expansion"),
+    ];
+    let code = e.native_code();
+    let names: Vec<&str> = BITS
+        .iter()
+        .filter(|(bit, _)| code & bit != 0)
+        .map(|&(_, name)| name)
+        .collect();
+    if names.is_empty() {
+        openh264_message(e)
+    } else {
+        format!("OpenH264 decoding state {code:#x} ({})", names.join(", "))
+    }
 }
 
 /// Decoded pictures gathered as RGB, all of one size.

@@ -521,14 +521,7 @@ fn frames_the_decoder_rejects_are_a_decode_error() {
     let err = read_video(&p).unwrap_err();
     eprintln!("{err}");
     assert!(
-        matches!(
-            &err,
-            VideoError::Decode {
-                sample: 0,
-                samples: 1,
-                ..
-            }
-        ),
+        matches!(&err, VideoError::Decode { sample: 0, samples: 1, detail, .. } if detail.contains("bitstream error")),
         "{err}"
     );
 }
@@ -571,10 +564,7 @@ fn truncated_files_say_so() {
     let p = write_tmp(dir.path(), "cut.gif", &bytes[..bytes.len() / 2]);
     let err = read_video(&p).unwrap_err();
     assert!(
-        matches!(
-            &err,
-            VideoError::Truncated { .. } | VideoError::Malformed { .. }
-        ),
+        matches!(&err, VideoError::Truncated { detail, .. } if detail.contains("GIF ends inside frame")),
         "{err}"
     );
 }
@@ -650,7 +640,10 @@ fn failed_writes_leave_no_partial_file() {
     // Missing directory: fails before any byte is written.
     let missing = dir.path().join("no/such/dir/out.mp4");
     let err = write_video(&missing, &video, &WriteOptions::default()).unwrap_err();
-    assert!(matches!(err, VideoError::Io { .. }), "{err}");
+    assert!(
+        matches!(&err, VideoError::Io { path, .. } if *path == missing),
+        "{err}"
+    );
     assert!(leftovers(dir.path()).is_empty());
 
     // Fails after the whole file was written: the target is a non-empty directory, so the
