@@ -160,9 +160,7 @@ fn codec_name(entry: &[u8; 4]) -> &'static str {
         b"vp09" => "VP9",
         b"av01" => "AV1",
         b"s263" | b"h263" => "H.263",
-        b"avc3" | b"avc4" => {
-            "H.264 with in-band parameter sets (avc3), not supported by this reader"
-        }
+        b"avc3" | b"avc4" => "H.264 with in-band parameter sets",
         b"jpeg" | b"mjpa" | b"mjpb" => "Motion JPEG",
         b"apch" | b"apcn" | b"apcs" | b"apco" | b"ap4h" => "Apple ProRes",
         b"encv" => "an encrypted video stream",
@@ -315,6 +313,12 @@ fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
 
     let timescale = trak.mdia.mdhd.timescale;
     let frames = track.sample_count() as usize;
+    if frames == 0 {
+        return Err(malformed(
+            path,
+            format!("video track {track_id} has no samples"),
+        ));
+    }
     if timescale == 0 {
         return Err(malformed(path, "track timescale is 0"));
     }

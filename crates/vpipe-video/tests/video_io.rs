@@ -724,3 +724,31 @@ fn overwrite_replaces_the_old_file_whole() {
     }
     assert!(leftovers(dir.path()).is_empty());
 }
+
+#[test]
+fn video_track_without_samples_is_malformed() {
+    let cfg = mp4::Mp4Config {
+        major_brand: "isom".parse().unwrap(),
+        minor_version: 512,
+        compatible_brands: vec!["isom".parse().unwrap()],
+        timescale: 1000,
+    };
+    let mut w = mp4::Mp4Writer::write_start(Cursor::new(Vec::new()), &cfg).unwrap();
+    w.add_track(&mp4::TrackConfig::from(mp4::MediaConfig::AvcConfig(
+        mp4::AvcConfig {
+            width: 64,
+            height: 48,
+            seq_param_set: vec![0x67, 66, 0xc0, 30],
+            pic_param_set: vec![0x68, 0xce, 0x3c, 0x80],
+        },
+    )))
+    .unwrap();
+    w.write_end().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_tmp(dir.path(), "nothing.mp4", &w.into_writer().into_inner());
+    let err = read_video(&p).unwrap_err();
+    assert!(
+        matches!(&err, VideoError::Malformed { detail, .. } if detail == "video track 1 has no samples"),
+        "{err}"
+    );
+}
