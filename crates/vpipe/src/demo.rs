@@ -282,7 +282,8 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         dtype: DType::F32,
         budget: demo.budget,
     };
-    let (video, mut session) = pipeline::run(&job)?;
+    let mut session = vpipe_mem::MemorySession::new(job.device.clone(), job.budget)?;
+    let video = pipeline::run(&job, &mut session)?;
 
     let out = &demo.out;
     let output = out.join("output.safetensors");

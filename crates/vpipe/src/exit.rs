@@ -88,6 +88,9 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
         if bad_input {
             return ExitCode::from(2);
         }
+        if cause.is::<crate::progress::Interrupted>() {
+            return ExitCode::from(130);
+        }
         if cause.is::<PlanDoesNotFit>() {
             return ExitCode::from(3);
         }

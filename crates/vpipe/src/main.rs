@@ -16,12 +16,14 @@ mod inspect;
 mod leased;
 mod pipeline;
 mod plan;
+mod progress;
 mod run;
 mod tensors;
 
 fn main() -> ExitCode {
     let command = flags::parse();
     init_tracing();
+    progress::catch_interrupt();
     match run(command) {
         Ok(code) => code,
         Err(err) => {

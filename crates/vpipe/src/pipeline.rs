@@ -17,6 +17,7 @@ use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
 
+use crate::progress::{check_interrupt, Progress};
 use crate::tensors::{run_tiled, VaeOp};
 
 /// Frames per second of Wan 2.1's output.
@@ -74,11 +75,11 @@ struct Registered {
     text: ModelId,
 }
 
-/// Runs every phase but `write` and returns the decoded video ([1, 3, T, H, W] in [-1, 1],
-/// f32, on the host) with the session, so that the caller writes the file in a phase of its
-/// own.
-pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
-    let mut session = MemorySession::new(job.device.clone(), job.budget)?;
+/// Runs every phase but `write` in `session` and returns the decoded video ([1, 3, T, H, W]
+/// in [-1, 1], f32, on the host); the caller writes the file in a phase of its own, and can
+/// write the report so far when a phase fails or Ctrl-C stops the run (checked between
+/// phases and steps).
+pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tensor> {
     let models = &job.models;
 
     let (ids, tokenizer, loras) = session.phase("load", |p| -> anyhow::Result<_> {
@@ -107,6 +108,7 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
         Ok((ids, tokenizer, loras))
     })?;
 
+    check_interrupt()?;
     session.phase("lora", |p| -> anyhow::Result<()> {
         if loras.is_empty() {
             p.note("lora", "none");
@@ -139,6 +141,7 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
         Ok(())
     })?;
 
+    check_interrupt()?;
     let context = session.phase("text", |p| -> anyhow::Result<Tensor> {
         let encoded = [&job.prompt, &job.negative_prompt]
             .into_iter()
@@ -192,6 +195,7 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
         Ok(schedule)
     })?;
 
+    check_interrupt()?;
     let clean_latents = match &job.mode {
         Mode::TextToVideo => None,
         Mode::VideoToVideo { video, .. } => {
@@ -210,6 +214,7 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
         }
     };
 
+    check_interrupt()?;
     let latents = session.phase("sample", |p| -> anyhow::Result<Tensor> {
         p.make_resident(ids.dit)?;
         let (mut model, _) = {
@@ -266,7 +271,9 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
         let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
         let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
         let mut sampler = Sampler::new(schedule.clone());
+        let mut progress = Progress::new("sample", schedule.steps() as u64);
         while let Some(t) = sampler.timestep() {
+            check_interrupt()?;
             let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
             let timestep = Tensor::new(&[t as f32], &job.device)?;
             let velocity = model.forward_guided(
@@ -280,6 +287,7 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
             x = sampler.step(&velocity, &x)?;
             let reading = p.read()?;
             p.record_sample(reading);
+            progress.inc(&format!("t = {t:.1}"));
         }
         drop(model);
         let latents = x.to_device(&Device::Cpu)?;
@@ -288,6 +296,7 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
         Ok(latents)
     })?;
 
+    check_interrupt()?;
     let video = session.phase("vae decode", |p| -> anyhow::Result<Tensor> {
         p.make_resident(ids.vae)?;
         let video = {
@@ -300,7 +309,7 @@ pub(crate) fn run(job: &Job) -> anyhow::Result<(Tensor, MemorySession)> {
         p.declare_output("video (host)", tensor_bytes(&video));
         Ok(video)
     })?;
-    Ok((video, session))
+    Ok(video)
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {

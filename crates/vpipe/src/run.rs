@@ -180,17 +180,30 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
         dtype: job.compute.dtype,
         budget: job.compute.budget,
     };
-    let (video, mut session) = pipeline::run(&pipeline_job)?;
-    session.phase("write", |p| -> anyhow::Result<()> {
-        p.note(
-            "video",
-            &format!("{:?} at {} fps", video.dims(), pipeline::FPS),
-        );
-        crate::tensors::write_outputs(
-            &job.out,
-            &HashMap::from([("video".to_owned(), video.to_device(&Device::Cpu)?)]),
-        )
-    })?;
+    let mut session =
+        vpipe_mem::MemorySession::new(pipeline_job.device.clone(), job.compute.budget)?;
+    let written = pipeline::run(&pipeline_job, &mut session).and_then(|video| {
+        session.phase("write", |p| -> anyhow::Result<()> {
+            crate::progress::check_interrupt()?;
+            p.note(
+                "video",
+                &format!("{:?} at {} fps", video.dims(), pipeline::FPS),
+            );
+            crate::tensors::write_outputs(
+                &job.out,
+                &HashMap::from([("video".to_owned(), video.to_device(&Device::Cpu)?)]),
+            )
+        })
+    });
+    if let Err(err) = written {
+        // The report so far: what ran, what it measured, where it stopped.
+        if let Some(path) = job.compute.report.as_deref() {
+            if let Err(report_err) = crate::tensors::finish_report(&session, Some(path)) {
+                eprintln!("vpipe: could not write the report so far: {report_err:#}");
+            }
+        }
+        return Err(err);
+    }
     let report = crate::tensors::finish_report(&session, job.compute.report.as_deref())?;
     let peak = report
         .phases

@@ -61,9 +61,16 @@ pub(crate) fn read_inputs<const N: usize>(
 /// interrupted run never leaves a half-written output.
 pub(crate) fn write_outputs(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
     let partial = path.with_extension("safetensors.partial");
-    candle_core::safetensors::save(tensors, &partial)
-        .with_context(|| format!("--output {}", partial.display()))?;
-    std::fs::rename(&partial, path).with_context(|| format!("--output {}", path.display()))
+    let written = candle_core::safetensors::save(tensors, &partial)
+        .with_context(|| format!("writing {}", partial.display()))
+        .and_then(|()| {
+            std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
+        });
+    if written.is_err() {
+        // Never leave a half-written file behind.
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 /// Renders the session's report, writes it (and its chart) when asked, and returns it.

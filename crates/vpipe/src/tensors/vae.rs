@@ -65,13 +65,18 @@ pub(crate) fn run_tiled(
     let mut fallbacks = Vec::new();
     let mut samples = Vec::new();
     let reader = &*phase;
+    let mut progress =
+        crate::progress::Progress::new(op.phase(), tiles.count(pixels.0, pixels.1) as u64);
     let attempts = halving_on_failure(
         tiles,
         SMALLEST_TILE,
         is_device_out_of_memory,
         |failed, smaller| fallbacks.push((failed, smaller)),
         |tiles| {
-            let mut after_tile = || samples.push(reader.read());
+            let mut after_tile = || {
+                samples.push(reader.read());
+                progress.inc("tile");
+            };
             match op {
                 VaeOp::Encode => vae
                     .encode_posterior_tiled_observed(input, tiles, &mut after_tile)
