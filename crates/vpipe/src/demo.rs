@@ -286,13 +286,11 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     let video = pipeline::run(&job, &mut session)?;
 
     let out = &demo.out;
-    let output = out.join("output.safetensors");
+    let output = out.join("demo.mp4");
     session.phase("write", |p| -> anyhow::Result<()> {
-        p.declare_output("video file", tensor_bytes(&video));
-        save_checkpoint(
-            &output,
-            &HashMap::from([("video".to_owned(), video.clone())]),
-        )
+        crate::run::write_clip(&output, &video)?;
+        p.declare_output("demo.mp4", std::fs::metadata(&output)?.len());
+        Ok(())
     })?;
 
     let report = session.report()?;
@@ -306,10 +304,6 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         output.display()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn tensor_bytes(t: &Tensor) -> u64 {
-    (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
 fn print_summary(report: &Report) {

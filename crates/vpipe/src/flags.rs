@@ -133,8 +133,9 @@ pub(crate) struct PipelineArgs {
     /// Negative prompt.
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Input clip for video-to-video (a safetensors file with `video_in` [1,3,T,H,W] in
-    /// [-1,1] at the output size).
+    /// Input clip for video-to-video: H.264 MP4, GIF or a folder of PNG frames (resized to
+    /// cover --size, centre-cropped, the first --frames frames), or a safetensors file with
+    /// `video_in` [1,3,T,H,W] in [-1,1] at the output size.
     #[arg(long)]
     input: Option<PathBuf>,
     /// How much of the input clip to repaint (video-to-video), above 0 up to 1.
@@ -170,8 +171,9 @@ pub(crate) struct PipelineArgs {
     /// VAE tile side in pixels (multiple of 8, at most 512).
     #[arg(long, default_value_t = 256)]
     tile: usize,
-    /// Output file: .safetensors (key `video`, [1,3,T,H,W] in [-1,1]).
-    #[arg(long, default_value = "vpipe-out.safetensors")]
+    /// Output: .mp4 (H.264, 16 fps), .gif, a folder of PNG frames (no extension), or
+    /// .safetensors (key `video`, [1,3,T,H,W] in [-1,1]).
+    #[arg(long, default_value = "vpipe-out.mp4")]
     out: PathBuf,
     /// `plan` only: plan for a named architecture without weight files (wan2.1-t2v-14b,
     /// wan2.1-t2v-1.3b; with the Wan 2.1 VAE and umT5-XXL).

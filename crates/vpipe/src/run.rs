@@ -85,6 +85,62 @@ fn resolve(
     }
 }
 
+/// The input clip as `[1, 3, T, H, W]` in [-1, 1] at the run's size: a video file (H.264 MP4,
+/// GIF, a folder of PNG frames) resized to cover the frame, centre-cropped, and cut to the
+/// run's frame count (a notice says what was dropped); or a safetensors file with `video_in`
+/// already at that shape.
+fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
+    let expected = [1, 3, job.frames, job.height, job.width];
+    if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        let [video] = crate::tensors::read_inputs(path, ["video_in"])?;
+        if video.dims() != expected {
+            return Err(BadInput(format!(
+                "--input {}: video_in has shape {:?}, expected {expected:?} (--frames, --size)",
+                path.display(),
+                video.dims()
+            ))
+            .into());
+        }
+        return Ok(video.to_dtype(candle_core::DType::F32)?);
+    }
+    let mut clip = vpipe_video::read_video(path).map_err(|e| BadInput(format!("--input: {e}")))?;
+    if clip.num_frames() < job.frames {
+        return Err(BadInput(format!(
+            "--input {}: {} frames, but --frames {} asks for more",
+            path.display(),
+            clip.num_frames(),
+            job.frames
+        ))
+        .into());
+    }
+    if clip.num_frames() > job.frames {
+        eprintln!(
+            "vpipe: --input {}: using the first {} of {} frames (--frames)",
+            path.display(),
+            job.frames,
+            clip.num_frames()
+        );
+        clip.truncate(job.frames)?;
+    }
+    let clip = vpipe_video::resize_center_crop(&clip, job.width as u32, job.height as u32)?;
+    Ok(vpipe_video::to_tensor(&clip, &Device::Cpu)?)
+}
+
+/// Writes the decoded video by the output's extension: `.mp4` (H.264), `.gif`, `.safetensors`
+/// (key `video`), or no extension for a folder of PNG frames; always through a temporary
+/// name, renamed into place.
+pub(crate) fn write_clip(path: &Path, video: &candle_core::Tensor) -> anyhow::Result<()> {
+    if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        return crate::tensors::write_outputs(
+            path,
+            &HashMap::from([("video".to_owned(), video.clone())]),
+        );
+    }
+    let clip = vpipe_video::from_tensor(video, pipeline::FPS as f64)?;
+    vpipe_video::write_video(path, &clip, &vpipe_video::WriteOptions::default())
+        .with_context(|| format!("--out {}", path.display()))
+}
+
 /// The model files of a run: given per file, or found in the model folder.
 pub(crate) fn resolve_models(job: &RunJob) -> anyhow::Result<ModelFiles> {
     Ok(ModelFiles {
@@ -109,14 +165,6 @@ pub(crate) fn resolve_models(job: &RunJob) -> anyhow::Result<ModelFiles> {
 }
 
 pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
-    let ext = job.out.extension().and_then(|e| e.to_str());
-    if ext != Some("safetensors") {
-        return Err(BadInput(format!(
-            "--out {}: this build writes .safetensors (key `video`); MP4, GIF and PNG output come with video I/O",
-            job.out.display()
-        ))
-        .into());
-    }
     let models = resolve_models(&job)?;
     // Sampling never starts when the plan does not fit.
     let sizes = ModelSizes::from_files(
@@ -144,22 +192,10 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
     }
     let mode = match &job.input {
         None => Mode::TextToVideo,
-        Some((path, strength)) => {
-            let [video] = crate::tensors::read_inputs(path, ["video_in"])?;
-            let expected = [1, 3, job.frames, job.height, job.width];
-            if video.dims() != expected {
-                return Err(BadInput(format!(
-                    "--input {}: video_in has shape {:?}, expected {expected:?} (--frames, --size)",
-                    path.display(),
-                    video.dims()
-                ))
-                .into());
-            }
-            Mode::VideoToVideo {
-                video: video.to_dtype(candle_core::DType::F32)?,
-                strength: *strength,
-            }
-        }
+        Some((path, strength)) => Mode::VideoToVideo {
+            video: read_clip(path, &job)?,
+            strength: *strength,
+        },
     };
     let device = crate::device::open(&job.compute.device)?;
     let pipeline_job = Job {
@@ -189,10 +225,7 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
                 "video",
                 &format!("{:?} at {} fps", video.dims(), pipeline::FPS),
             );
-            crate::tensors::write_outputs(
-                &job.out,
-                &HashMap::from([("video".to_owned(), video.to_device(&Device::Cpu)?)]),
-            )
+            write_clip(&job.out, &video.to_device(&Device::Cpu)?)
         })
     });
     if let Err(err) = written {

@@ -62,7 +62,12 @@ fn demo_runs_every_phase_and_writes_a_verified_report_and_chart() {
     assert!(transitions.iter().all(|t| t["phase"] != "shift"));
     let svg = std::fs::read_to_string(out.join("memory.svg")).unwrap();
     assert!(svg.contains("vae decode"));
-    assert!(out.join("output.safetensors").exists());
+    // The MP4 decodes back to the clip's frame count and size.
+    let video = vpipe_video::read_video(out.join("demo.mp4")).unwrap();
+    assert_eq!(
+        (video.num_frames(), video.width(), video.height()),
+        (9, 96, 64)
+    );
     assert!(stdout.contains("measured"), "{stdout}");
 }
 

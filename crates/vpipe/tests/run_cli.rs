@@ -260,3 +260,54 @@ fn a_run_whose_plan_does_not_fit_is_refused_before_loading() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn video_to_video_from_a_real_mp4_to_an_mp4() {
+    // The real Wan 2.1 clip (832×480, 81 frames, MIT; crates/vpipe-video/tests/fixtures),
+    // resized and cropped to 96×64, its first 5 frames.
+    let dir = tempfile::tempdir().unwrap();
+    let models = builtin_models(&dir.path().join("demo"));
+    let clip = common::fixture("vpipe-video", "wan21-cheesecake-832x480x81-h264.mp4");
+    let out = dir.path().join("v2v.mp4");
+    let run = vpipe(&[
+        "run",
+        "--model-dir",
+        models.to_str().unwrap(),
+        "--prompt",
+        "a cheesecake",
+        "--input",
+        clip.to_str().unwrap(),
+        "--size",
+        "96x64",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+        "--tile",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("using the first 5 of 81 frames"),
+        "{stderr}"
+    );
+    let video = vpipe_video::read_video(&out).unwrap();
+    assert_eq!(
+        (video.num_frames(), video.width(), video.height()),
+        (5, 96, 64)
+    );
+    // Wan's 16 fps, and a duration of exactly 5/16 s.
+    let info = vpipe_video::probe_mp4(&out).unwrap();
+    assert_eq!(
+        (info.codec.as_str(), info.frames, info.fps),
+        ("avc1", 5, 16.0),
+        "{info:?}"
+    );
+    assert!(
+        (info.movie_duration_secs - 5.0 / 16.0).abs() < 1e-9,
+        "{info:?}"
+    );
+}
