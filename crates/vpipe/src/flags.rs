@@ -24,11 +24,13 @@ pub(crate) enum Command {
     /// Run the built-in demonstration job on any CPU in about a minute: a small built-in model
     /// goes through the pipeline's phases, and the run writes report.json and memory.svg.
     Demo(DemoArgs),
-    /// Generate a video: text-to-video, image-to-video or video-to-video, with LoRAs, under a
-    /// memory budget (not built yet).
+    /// Generate a video: text-to-video or video-to-video, with LoRAs, under a memory budget
+    /// (image-to-video: not built yet). Flags can come from a TOML file (--pipeline).
+    #[command(args_override_self = true)]
     Run(PipelineArgs),
-    /// Dry run of `run`: what will be resident in each phase, tile sizes, peak estimate, and
-    /// whether it fits the budget (not built yet).
+    /// Dry run of `run`: what will be resident in each phase, tile sizes, attention chunk,
+    /// estimated peak, and whether it fits the budget; also for presets without weights.
+    #[command(args_override_self = true)]
     Plan(PipelineArgs),
     /// Describe a checkpoint without loading it: family (Wan DiT T2V/I2V, Wan VAE, umT5, CLIP
     /// vision, LoRA), key layout (original Wan/ComfyUI or diffusers), detected config, dtypes,
@@ -107,6 +109,10 @@ impl DemoArgs {
 /// Flags of `vpipe run` and `vpipe plan`.
 #[derive(Args, Debug)]
 pub(crate) struct PipelineArgs {
+    /// A TOML file with any of these flags as keys (`prompt = "..."`, `model_dir = "..."`,
+    /// `steps = 30`, `lora = ["a.safetensors:0.8"]`); flags on the command line win.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
     /// Folder with the model files (a ComfyUI `models/` folder or any folder holding one Wan
     /// DiT, one Wan VAE and one umT5 file; each is recognised from its tensor names).
     #[arg(long)]
@@ -741,5 +747,71 @@ impl VaeArgs {
 
 /// Parses the command line (clap prints help and usage errors itself, with exit code 2).
 pub(crate) fn parse() -> Command {
-    Cli::parse().command
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match with_pipeline_file(args) {
+        Ok(args) => Cli::parse_from(args).command,
+        Err(err) => {
+            eprintln!("vpipe: {err}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// `args` with the flags of a `--pipeline FILE.toml` inserted right after the subcommand, so
+/// that the command line's own flags come later and win.
+fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, BadInput> {
+    let Some(at) = args.iter().position(|a| a == "--pipeline") else {
+        return Ok(args);
+    };
+    let Some(path) = args.get(at + 1).map(PathBuf::from) else {
+        return Ok(args); // clap reports the missing value
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| BadInput(format!("--pipeline {}: {e}", path.display())))?;
+    let table: toml::Table = text.parse().map_err(|e| {
+        BadInput(format!(
+            "--pipeline {}: not valid TOML: {e}",
+            path.display()
+        ))
+    })?;
+    let mut flags: Vec<std::ffi::OsString> = Vec::new();
+    for (key, value) in &table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let scalar = |v: &toml::Value| -> Result<String, BadInput> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                other => Err(BadInput(format!(
+                    "--pipeline {}: key `{key}` has a {}; expected a string, number, boolean or list",
+                    path.display(),
+                    other.type_str()
+                ))),
+            }
+        };
+        match value {
+            toml::Value::Boolean(true) => flags.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    flags.push(flag.clone().into());
+                    flags.push(scalar(item)?.into());
+                }
+            }
+            other => {
+                flags.push(flag.into());
+                flags.push(scalar(other)?.into());
+            }
+        }
+    }
+    // After the subcommand (`run` / `plan`), which is the first argument not starting with '-'.
+    let sub = args
+        .iter()
+        .skip(1)
+        .position(|a| !a.to_string_lossy().starts_with('-'))
+        .map_or(1, |i| i + 2);
+    let mut out = args[..sub.min(args.len())].to_vec();
+    out.extend(flags);
+    out.extend_from_slice(&args[sub.min(args.len())..]);
+    Ok(out)
 }

@@ -311,3 +311,42 @@ fn video_to_video_from_a_real_mp4_to_an_mp4() {
         "{info:?}"
     );
 }
+
+#[test]
+fn flags_come_from_a_toml_pipeline_file_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &file,
+        "preset = \"wan2.1-t2v-1.3b\"\ndtype = \"bf16\"\nsteps = 12\nsize = \"480x320\"\nframes = 33\njson = true\n",
+    )
+    .unwrap();
+    let run = vpipe(&[
+        "plan",
+        "--pipeline",
+        file.to_str().unwrap(),
+        "--steps",
+        "20",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let sample = json["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "sample")
+        .unwrap();
+    // 33 frames → 9 latent frames; 480×320 → 30×20 patches: 5400 tokens; 20 steps from the
+    // command line over the file's 12.
+    let detail = sample["detail"].as_str().unwrap();
+    assert!(detail.starts_with("5400 tokens, 20 steps"), "{detail}");
+
+    std::fs::write(&file, "steps = [1\n").unwrap();
+    let run = vpipe(&["plan", "--pipeline", file.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("not valid TOML"));
+}
