@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use anyhow::Context;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use vpipe_lora::{FileSummary, LoraFile, MergePlan};
@@ -123,4 +124,18 @@ pub(crate) fn umt5(
         Some(cfg) => Umt5Encoder::from_checkpoint_with_config(cfg, vb)?,
         None => Umt5Encoder::from_checkpoint(vb)?,
     })
+}
+
+/// Reads LoRA files (headers and tensors, on the host), each with its strength.
+pub(crate) fn read_loras(
+    files: &[(std::path::PathBuf, f64)],
+) -> anyhow::Result<Vec<(LoraFile, f64)>> {
+    files
+        .iter()
+        .map(|(path, strength)| {
+            let file =
+                LoraFile::read(path).with_context(|| format!("--lora {}", path.display()))?;
+            Ok((file, *strength))
+        })
+        .collect()
 }

@@ -96,15 +96,7 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
             None => PromptTokenizer::from_checkpoint_file(&models.text_encoder),
         }
         .context("the prompt tokenizer")?;
-        let loras = models
-            .loras
-            .iter()
-            .map(|(path, strength)| {
-                let file = vpipe_lora::LoraFile::read(path)
-                    .with_context(|| format!("--lora {}", path.display()))?;
-                Ok((file, *strength))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let loras = crate::leased::read_loras(&models.loras)?;
         Ok((ids, tokenizer, loras))
     })?;
 

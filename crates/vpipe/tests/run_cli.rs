@@ -5,18 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 mod common;
-use common::{load, vpipe};
-
-/// Runs `vpipe demo` into `dir` and returns the folder with its model files.
-fn builtin_models(dir: &Path) -> std::path::PathBuf {
-    let run = vpipe(&["demo", "--steps", "2", "--out", dir.to_str().unwrap()]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    dir.join("weights")
-}
+use common::{builtin_models, load, vpipe};
 
 fn phases(report: &Path) -> Vec<String> {
     let report: serde_json::Value =

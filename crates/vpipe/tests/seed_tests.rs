@@ -3,24 +3,14 @@
 //! is the host heap, measured by vpipe's counting allocator.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
 mod common;
-use common::vpipe;
+use common::{builtin_models, vpipe};
 
 const MIB: u64 = 1 << 20;
-
-fn builtin_models(dir: &Path) -> PathBuf {
-    let run = vpipe(&["demo", "--steps", "2", "--out", dir.to_str().unwrap()]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    dir.join("weights")
-}
 
 /// A smooth 5-frame clip of `width`×`height` in [-1, 1].
 fn clip(path: &Path, width: usize, height: usize) {

@@ -27,15 +27,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
 
     let (dit_id, loras) = session.phase("load", |p| -> anyhow::Result<_> {
         let id = p.register("dit", &job.dit, Some(job.compute.dtype))?;
-        let loras = job
-            .loras
-            .iter()
-            .map(|(path, strength)| {
-                let file = vpipe_lora::LoraFile::read(path)
-                    .with_context(|| format!("--lora {}", path.display()))?;
-                Ok((file, *strength))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let loras = crate::leased::read_loras(&job.loras)?;
         Ok((id, loras))
     })?;
     let output = session.phase(PHASE, |p| -> anyhow::Result<Tensor> {

@@ -33,3 +33,14 @@ pub fn vpipe(args: &[&str]) -> std::process::Output {
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     vpipe_models::ops::max_abs_diff(a, b).unwrap()
 }
+
+/// Runs `vpipe demo` into `dir` and returns the folder with its built-in model files.
+pub fn builtin_models(dir: &Path) -> PathBuf {
+    let run = vpipe(&["demo", "--steps", "2", "--out", dir.to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    dir.join("weights")
+}
