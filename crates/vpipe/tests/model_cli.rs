@@ -206,6 +206,7 @@ fn dit_with_a_comfy_lora_matches_diffusers_with_merged_weights() {
         );
         let out = &load(&dir.path().join("out.safetensors"))["out"];
         let err = max_abs(out, &cases["batch2.out_lora"]);
+        println!("{file} with the LoRA: max abs {err:.3e}");
         assert!(err <= 1e-4, "{file}: max abs {err}");
         // Without the LoRA the output is far from the merged one: the test can fail.
         assert!(max_abs(out, &cases["batch2.out"]) > 0.1);
