@@ -86,10 +86,16 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
         for path in [&models.dit, &models.vae, &models.text_encoder] {
             vpipe_ckpt::inspect(path)?;
         }
+        let mut progress = Progress::new("load", 3);
+        let mut register = |name: &'static str, path: &PathBuf| -> anyhow::Result<ModelId> {
+            let id = p.register(name, path, Some(job.dtype))?;
+            progress.inc(name);
+            Ok(id)
+        };
         let ids = Registered {
-            dit: p.register("dit", &models.dit, Some(job.dtype))?,
-            vae: p.register("vae", &models.vae, Some(job.dtype))?,
-            text: p.register("text encoder", &models.text_encoder, Some(job.dtype))?,
+            dit: register("dit", &models.dit)?,
+            vae: register("vae", &models.vae)?,
+            text: register("text encoder", &models.text_encoder)?,
         };
         let tokenizer = match &models.tokenizer {
             Some(path) => PromptTokenizer::from_tokenizer_json(path),

@@ -137,8 +137,11 @@ pub(crate) fn write_clip(path: &Path, video: &candle_core::Tensor) -> anyhow::Re
         );
     }
     let clip = vpipe_video::from_tensor(video, pipeline::FPS as f64)?;
+    let mut progress = crate::progress::Progress::new("write", 1);
     vpipe_video::write_video(path, &clip, &vpipe_video::WriteOptions::default())
-        .with_context(|| format!("--out {}", path.display()))
+        .with_context(|| format!("--out {}", path.display()))?;
+    progress.inc(&path.display().to_string());
+    Ok(())
 }
 
 /// The model files of a run: given per file, or found in the model folder.
