@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Full-size Wan 2.1 checkpoints with random weights, in the files users have, for the pipeline
+benchmark (`bench/gpu-pipeline.sh`): the 14B text-to-video DiT as a ComfyUI diffusion-model file
+(original names, `model.diffusion_model.` prefix, bf16, 28.6 GB) and umT5-XXL under transformers
+names (bf16, 11.4 GB). The VAE comes from `bench/vae_gpu.py prepare` (diffusers layout).
+
+    python3 bench/make_random_checkpoints.py OUT_DIR          # full size (needs ~45 GB RAM + disk)
+    TINY=1 python3 bench/make_random_checkpoints.py OUT_DIR   # same key set, tiny widths (a check)
+
+Values: normal with std 1/sqrt(fan_in) for matrices, 1 ± 0.05 for norm gains, 0.02 for biases
+and modulation tables; generated on the GPU when there is one. Speed and memory do not depend on
+the values; correctness is the parity tests' job.
+"""
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+TINY = bool(os.environ.get("TINY"))
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GEN = torch.Generator(device=DEV).manual_seed(2025)
+
+
+def rand(shape, kind):
+    if kind == "gain":
+        t = 1.0 + 0.05 * torch.randn(shape, generator=GEN, device=DEV)
+    elif kind == "small":
+        t = 0.02 * torch.randn(shape, generator=GEN, device=DEV)
+    else:
+        fan_in = 1
+        for d in shape[1:]:
+            fan_in *= d
+        t = torch.randn(shape, generator=GEN, device=DEV) / fan_in**0.5
+    return t.to(torch.bfloat16).cpu()
+
+
+def dit():
+    # Wan2.1-T2V-14B (wan21-architecture.md §2, §6.3).
+    dim, ffn, layers, text_dim, freq = (256, 512, 2, 64, 256) if TINY else (5120, 13824, 40, 4096, 256)
+    w = {}
+
+    def linear(name, out_dim, in_dim):
+        w[f"{name}.weight"] = rand((out_dim, in_dim), "matrix")
+        w[f"{name}.bias"] = rand((out_dim,), "small")
+
+    w["patch_embedding.weight"] = rand((dim, 16, 1, 2, 2), "matrix")
+    w["patch_embedding.bias"] = rand((dim,), "small")
+    linear("text_embedding.0", dim, text_dim)
+    linear("text_embedding.2", dim, dim)
+    linear("time_embedding.0", dim, freq)
+    linear("time_embedding.2", dim, dim)
+    linear("time_projection.1", 6 * dim, dim)
+    for i in range(layers):
+        b = f"blocks.{i}"
+        w[f"{b}.modulation"] = rand((1, 6, dim), "small")
+        for attn in ("self_attn", "cross_attn"):
+            for p in "qkvo":
+                linear(f"{b}.{attn}.{p}", dim, dim)
+            w[f"{b}.{attn}.norm_q.weight"] = rand((dim,), "gain")
+            w[f"{b}.{attn}.norm_k.weight"] = rand((dim,), "gain")
+        w[f"{b}.norm3.weight"] = rand((dim,), "gain")
+        w[f"{b}.norm3.bias"] = rand((dim,), "small")
+        linear(f"{b}.ffn.0", ffn, dim)
+        linear(f"{b}.ffn.2", dim, ffn)
+    linear("head.head", 64, dim)
+    w["head.modulation"] = rand((1, 2, dim), "small")
+    return {f"model.diffusion_model.{k}": v for k, v in w.items()}
+
+
+def umt5():
+    # umT5-XXL encoder (wan21-architecture.md §3, §6.5), transformers names.
+    d, ff, layers, heads, vocab = (64, 128, 2, 4, 1024) if TINY else (4096, 10240, 24, 64, 256384)
+    w = {"shared.weight": rand((vocab, d), "matrix"), "encoder.final_layer_norm.weight": rand((d,), "gain")}
+    for i in range(layers):
+        b = f"encoder.block.{i}.layer"
+        w[f"{b}.0.layer_norm.weight"] = rand((d,), "gain")
+        for p in "qkvo":
+            w[f"{b}.0.SelfAttention.{p}.weight"] = rand((d, d), "matrix")
+        w[f"{b}.0.SelfAttention.relative_attention_bias.weight"] = rand((32, heads), "small")
+        w[f"{b}.1.layer_norm.weight"] = rand((d,), "gain")
+        w[f"{b}.1.DenseReluDense.wi_0.weight"] = rand((ff, d), "matrix")
+        w[f"{b}.1.DenseReluDense.wi_1.weight"] = rand((ff, d), "matrix")
+        w[f"{b}.1.DenseReluDense.wo.weight"] = rand((d, ff), "matrix")
+    return w
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    for name, make in (("wan2.1_t2v_14B_random_bf16.safetensors", dit), ("umt5_xxl_random_bf16.safetensors", umt5)):
+        tensors = make()
+        save_file(tensors, os.path.join(out, name))
+        print(name, sum(t.numel() for t in tensors.values()), "parameters", flush=True)
+        del tensors
