@@ -75,14 +75,6 @@ pub enum Error {
         prefixes: Vec<&'static str>,
     },
 
-    /// The checkpoint is a kind this crate recognises but does not load.
-    #[error("{path}: {reason}")]
-    UnsupportedCheckpoint {
-        /// The file.
-        path: PathBuf,
-        /// What is unsupported.
-        reason: String,
-    },
 
     /// A configuration is inconsistent, or could not be read from the tensor shapes.
     #[error("umT5 config: {reason}")]

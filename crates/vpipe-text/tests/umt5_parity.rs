@@ -288,29 +288,38 @@ fn missing_embedding_names_it() {
     assert!(err.contains("shared.weight"), "{err}");
 }
 
+/// ComfyUI's "fp8 scaled" text encoders (`umt5_xxl_fp8_e4m3fn_scaled`): block matrices in
+/// float8 e4m3fn with a per-tensor `scale_weight`. Fixture: `tools/fixtures/
+/// make_umt5_fp8_fixture.py` (transformers on the dequantised weights, f32).
 #[test]
-fn fp8_scaled_checkpoint_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut tensors: Vec<(String, Tensor)> =
-        candle_core::safetensors::load(fixture("umt5_tiny_transformers.safetensors"), &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .collect();
-    tensors.push((
-        "scaled_fp8".into(),
-        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
-    ));
-    let refs: Vec<(&str, Tensor)> = tensors
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    let path = write_safetensors(&dir, "umt5_fp8.safetensors", &refs);
-    let err = Umt5Encoder::from_file(&path, None, DType::F32, &Device::Cpu).unwrap_err();
-    assert!(
-        matches!(err, Error::UnsupportedCheckpoint { .. }),
-        "{err:?}"
-    );
-    assert!(err.to_string().contains("fp8 scaled"), "{err}");
+fn fp8_scaled_checkpoint_matches_transformers_on_dequantised_weights() {
+    let enc = Umt5Encoder::from_file(
+        fixture("umt5_tiny_fp8.safetensors"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cases =
+        candle_core::safetensors::load(fixture("umt5_cases.safetensors"), &Device::Cpu).unwrap();
+    let expected =
+        candle_core::safetensors::load(fixture("umt5_fp8_cases.safetensors"), &Device::Cpu)
+            .unwrap();
+    let out = enc
+        .forward(&cases["prompt.input_ids"], &cases["prompt.attention_mask"])
+        .unwrap();
+    let err = (out - &expected["prompt.last_hidden_state"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("fp8 scaled: max abs {err:.3e}");
+    assert!(err <= 1e-4, "{err}");
 }
 
 #[test]

@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+// The linear layer that also reads ComfyUI's scaled-fp8 weights (kept in fp8, dequantised per
+// use); one implementation for the DiT and the text encoder.
+use vpipe_models::ops::linear::Linear;
 
 use super::keys::{self, KeyLayout};
 use crate::{Error, Result};
@@ -316,10 +319,10 @@ impl SelfAttention {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         Ok(Self {
-            q: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: Linear::new(cfg.d_model, inner, false, vb.pp("q"))?,
+            k: Linear::new(cfg.d_model, inner, false, vb.pp("k"))?,
+            v: Linear::new(cfg.d_model, inner, false, vb.pp("v"))?,
+            o: Linear::new(inner, cfg.d_model, false, vb.pp("o"))?,
             relative_attention_bias: vb.get(
                 (cfg.relative_attention_num_buckets, cfg.num_heads),
                 "relative_attention_bias.weight",
@@ -373,9 +376,9 @@ struct GatedFeedForward {
 impl GatedFeedForward {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            wi_0: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-            wi_1: candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?,
-            wo: candle_nn::linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
+            wi_0: Linear::new(cfg.d_model, cfg.d_ff, false, vb.pp("wi_0"))?,
+            wi_1: Linear::new(cfg.d_model, cfg.d_ff, false, vb.pp("wi_1"))?,
+            wo: Linear::new(cfg.d_ff, cfg.d_model, false, vb.pp("wo"))?,
         })
     }
 
@@ -539,18 +542,6 @@ impl Umt5Encoder {
                 path: bad.to_path_buf(),
             });
         };
-        if let Some(prefix) = keys::KNOWN_PREFIXES
-            .iter()
-            .find(|p| vb.contains_tensor(&format!("{p}scaled_fp8")))
-        {
-            return Err(Error::UnsupportedCheckpoint {
-                path: first.to_path_buf(),
-                reason: format!(
-                    "a ComfyUI \"fp8 scaled\" checkpoint (`{prefix}scaled_fp8`, per-layer \
-                     `scale_weight`); use the fp16/bf16 text encoder"
-                ),
-            });
-        }
         match config {
             Some(c) => Self::from_checkpoint_with_config(&Config::from_json_file(c)?, vb),
             None => Self::from_checkpoint(vb),
