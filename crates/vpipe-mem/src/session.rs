@@ -107,6 +107,36 @@ impl MemorySession {
         Ok(ModelId(self.models.len() - 1))
     }
 
+    /// Sets the patch applied to `id`'s weights whenever they are read from disk (see
+    /// [`crate::WeightPatch`]). The model must be on disk, so that no copy in memory misses it.
+    pub fn set_patch(&mut self, id: ModelId, patch: crate::WeightPatch) -> Result<(), MemError> {
+        let model = &mut self.models[id.0];
+        if model.tier() != Tier::Disk {
+            return Err(MemError::Checkpoint {
+                path: model.path.clone(),
+                detail: format!(
+                    "a weight patch can only be set while '{}' is on disk (it is in {:?})",
+                    model.name,
+                    model.tier()
+                ),
+            });
+        }
+        if let Some(missing) = patch
+            .keys
+            .iter()
+            .find(|k| !model.tensors.iter().any(|t| &t.name == *k))
+        {
+            return Err(MemError::Checkpoint {
+                path: model.path.clone(),
+                detail: format!(
+                    "the weight patch names '{missing}', which the checkpoint does not have"
+                ),
+            });
+        }
+        model.patch = Some(patch);
+        Ok(())
+    }
+
     /// The device models compute on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -295,6 +325,11 @@ impl Phase<'_> {
         load_dtype: Option<DType>,
     ) -> Result<ModelId, MemError> {
         self.session.register(name, path, load_dtype)
+    }
+
+    /// See [`MemorySession::set_patch`].
+    pub fn set_patch(&mut self, id: ModelId, patch: crate::WeightPatch) -> Result<(), MemError> {
+        self.session.set_patch(id, patch)
     }
 
     /// A reading of every meter now (not recorded).

@@ -88,6 +88,26 @@ impl Format {
     }
 }
 
+/// Computes a patched weight from the stored one (same shape and dtype), given its key.
+pub type PatchFn = dyn Fn(&str, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// A change applied to some of a model's weights each time they are read from disk (e.g.
+/// LoRAs merged into the weights), so that the patched weights replace the originals in
+/// memory instead of sitting next to them.
+#[derive(Clone)]
+pub struct WeightPatch {
+    /// The checkpoint keys the patch changes.
+    pub keys: std::collections::BTreeSet<String>,
+    /// The change; see [`PatchFn`].
+    pub apply: std::sync::Arc<PatchFn>,
+}
+
+impl fmt::Debug for WeightPatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WeightPatch({} keys)", self.keys.len())
+    }
+}
+
 pub(crate) struct Model {
     pub(crate) name: String,
     pub(crate) path: PathBuf,
@@ -95,6 +115,7 @@ pub(crate) struct Model {
     pub(crate) tensors: Vec<TensorMeta>,
     pub(crate) host: Option<HostCopy>,
     pub(crate) device: Option<BTreeMap<String, Tensor>>,
+    pub(crate) patch: Option<WeightPatch>,
 }
 
 impl Model {
@@ -153,7 +174,7 @@ impl Model {
                 .load(&meta.name, &Device::Cpu)
                 .and_then(|t| t.to_dtype(meta.dtype))
                 .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
-            Ok(tensor)
+            self.patched(meta, tensor)
         };
         match pinned_for {
             #[cfg(feature = "cuda")]
@@ -164,8 +185,12 @@ impl Model {
                         self.checkpoint_error(format!("tensor '{}': {e}", meta.name))
                     })?;
                     let converted;
+                    let unpatched = self
+                        .patch
+                        .as_ref()
+                        .is_none_or(|p| !p.keys.contains(&meta.name));
                     let data: std::borrow::Cow<'_, [u8]> =
-                        if DType::try_from(view.dtype()).ok() == Some(meta.dtype) {
+                        if unpatched && DType::try_from(view.dtype()).ok() == Some(meta.dtype) {
                             std::borrow::Cow::Borrowed(view.data())
                         } else {
                             converted = load(meta)?;
@@ -184,6 +209,28 @@ impl Model {
                 Ok(HostCopy::Pageable(copies))
             }
         }
+    }
+
+    /// `tensor` with the model's patch applied when the patch changes it; the patched tensor
+    /// must keep the stored shape and dtype (the store's byte accounting depends on it).
+    fn patched(&self, meta: &TensorMeta, tensor: Tensor) -> Result<Tensor, MemError> {
+        let Some(patch) = self.patch.as_ref().filter(|p| p.keys.contains(&meta.name)) else {
+            return Ok(tensor);
+        };
+        let out = (patch.apply)(&meta.name, &tensor)
+            .and_then(|t| t.contiguous())
+            .map_err(|e| self.checkpoint_error(format!("patching '{}': {e}", meta.name)))?;
+        if out.dims() != meta.shape.as_slice() || out.dtype() != meta.dtype {
+            return Err(self.checkpoint_error(format!(
+                "patching '{}' changed it from {:?} {:?} to {:?} {:?}",
+                meta.name,
+                meta.shape,
+                meta.dtype,
+                out.dims(),
+                out.dtype()
+            )));
+        }
+        Ok(out)
     }
 
     /// One tensor's bytes into pinned memory, errors naming the checkpoint and the tensor.
@@ -212,7 +259,7 @@ impl Model {
                         .contiguous()
                 })
                 .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
-            pageable.insert(meta.name.clone(), tensor);
+            pageable.insert(meta.name.clone(), self.patched(meta, tensor)?);
         }
         match pinned_for {
             #[cfg(feature = "cuda")]
@@ -258,6 +305,7 @@ pub(crate) fn describe_checkpoint(
         tensors: Vec::new(),
         host: None,
         device: None,
+        patch: None,
     };
     let mut tensors = Vec::new();
     match model.format {

@@ -395,3 +395,67 @@ fn pth_checkpoints_load_into_the_host_tier() {
         })
         .unwrap();
 }
+
+/// A weight patch replaces the patched weights as they are read: the loaded tensor is the
+/// patched one, the byte accounting is unchanged, and bad patches are errors.
+#[test]
+fn a_weight_patch_replaces_weights_as_they_are_read() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "small.safetensors", 2, 1);
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("small", &path, None).unwrap();
+    let double = |keys: &[&str]| vpipe_mem::WeightPatch {
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        apply: std::sync::Arc::new(|_: &str, t: &Tensor| t * 2.0),
+    };
+    let err = session
+        .set_patch(model, double(&["blocks.9.weight"]))
+        .unwrap_err();
+    assert!(err.to_string().contains("'blocks.9.weight'"), "{err}");
+    session
+        .set_patch(model, double(&["blocks.1.weight"]))
+        .unwrap();
+    let (first, second) = session
+        .phase("use", |p| -> Result<(f32, f32), vpipe_mem::MemError> {
+            p.make_resident(model)?;
+            let read = |lease: &vpipe_mem::Lease<'_>, key: &str| {
+                lease
+                    .get(key)
+                    .unwrap()
+                    .get(5)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let values = {
+                let lease = p.lease(model)?;
+                (
+                    read(&lease, "blocks.0.weight"),
+                    read(&lease, "blocks.1.weight"),
+                )
+            };
+            // Still on the host: a patch cannot be set now.
+            assert!(p.set_patch(model, double(&["blocks.0.weight"])).is_err());
+            p.offload(model, Tier::Disk)?;
+            Ok(values)
+        })
+        .unwrap();
+    // write_checkpoint: tensor i holds arange · 1e-3 + i; element 5 of tensor 1 is 1.005.
+    assert!((first - 0.005).abs() < 1e-6, "{first}");
+    assert!((second - 2.0 * 1.005).abs() < 1e-6, "{second}");
+
+    // A patch that changes a weight's shape fails the load, naming the tensor.
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("small", &path, None).unwrap();
+    let reshape = vpipe_mem::WeightPatch {
+        keys: ["blocks.0.weight".to_string()].into(),
+        apply: std::sync::Arc::new(|_: &str, t: &Tensor| t.narrow(0, 0, 4)),
+    };
+    session.set_patch(model, reshape).unwrap();
+    let err = session.phase("load", |p| p.load(model)).unwrap_err();
+    assert!(
+        err.to_string().contains("patching 'blocks.0.weight'"),
+        "{err}"
+    );
+}

@@ -6,8 +6,10 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Context;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
-use vpipe_lora::{FileSummary, LoraFile, MergePlan};
-use vpipe_mem::Lease;
+use std::path::{Path, PathBuf};
+use vpipe_lora::{LoraFile, MergePlan};
+
+use vpipe_mem::{Lease, ModelId, Phase, WeightPatch};
 use vpipe_models::wan::{dit_keys, DitConfig, WanModel, WanVae};
 use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder};
 
@@ -34,22 +36,21 @@ pub(crate) fn wan_vae(lease: &Lease<'_>, dtype: DType, device: &Device) -> anyho
 /// from a diffusers `config.json`, else from the shapes.
 ///
 /// Merged weights are new tensors: while the model lives, each patched weight exists twice
-/// (the lease's and the merged one), and the phase's measured peak shows it.
+/// (the lease's and the merged one), and the phase's measured peak shows it. Only LoRAs on
+/// scaled-fp8 weights come here; others are merged by the store ([`plan_loras`]).
 pub(crate) fn wan_dit(
     lease: &Lease<'_>,
     config: Option<&DitConfig>,
     dtype: DType,
     device: &Device,
     loras: &[(LoraFile, f64)],
-) -> anyhow::Result<(WanModel, Vec<FileSummary>)> {
+) -> anyhow::Result<WanModel> {
     let mut weights = lease_weights(lease);
-    let summaries = if loras.is_empty() {
-        Vec::new()
-    } else {
-        merge_loras(&mut weights, loras, dtype, device)?
-    };
+    if !loras.is_empty() {
+        merge_loras(&mut weights, loras, dtype, device)?;
+    }
     let vb = VarBuilder::from_tensors(weights, dtype, device);
-    Ok((WanModel::from_checkpoint(vb, config)?, summaries))
+    Ok(WanModel::from_checkpoint(vb, config)?)
 }
 
 /// Merges `loras` into the DiT weights (checkpoint names, either layout). A scaled-fp8 weight
@@ -59,7 +60,7 @@ fn merge_loras(
     loras: &[(LoraFile, f64)],
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<Vec<FileSummary>> {
+) -> anyhow::Result<()> {
     let probe = VarBuilder::from_tensors(weights.clone(), dtype, device);
     let (layout, prefix) = dit_keys::detect_layout(&probe)
         .ok_or_else(|| anyhow::anyhow!("no Wan DiT in the checkpoint to merge the LoRA into"))?;
@@ -85,7 +86,7 @@ fn merge_loras(
         let merged = plan.apply(&original, &weight)?;
         weights.insert(key.clone(), merged);
     }
-    Ok(plan.summary().to_vec())
+    Ok(())
 }
 
 /// The scaled-fp8 weight `key` as `dtype` (its scale removed from `weights`): computed on the
@@ -138,4 +139,79 @@ pub(crate) fn read_loras(
             Ok((file, *strength))
         })
         .collect()
+}
+
+/// Checks `loras` against the DiT's header (before any weight moves, so that a LoRA that
+/// matches nothing fails early), notes what each file patches, and arranges the merge:
+/// normally as a store patch, so that merged weights replace the originals as they are read
+/// from disk; when a LoRA patches scaled-fp8 weights (whose dtype the merge changes), at model
+/// build time instead (see [`wan_dit`]), which the returned `true` says.
+pub(crate) fn plan_loras(
+    p: &mut Phase<'_>,
+    dit: ModelId,
+    dit_path: &Path,
+    loras: &[(LoraFile, f64)],
+    files: &[(PathBuf, f64)],
+) -> anyhow::Result<bool> {
+    if loras.is_empty() {
+        p.note("lora", "none");
+        return Ok(false);
+    }
+    let header = vpipe_ckpt::inspect(dit_path)?;
+    let layout = match header.detection.layout {
+        vpipe_ckpt::KeyLayout::Diffusers => dit_keys::KeyLayout::Diffusers,
+        _ => dit_keys::KeyLayout::Wan,
+    };
+    let prefix = &header.detection.prefix;
+    // original name → (checkpoint key, shape, stored as float8)
+    let weights: HashMap<String, (String, Shape, bool)> = header
+        .tensors
+        .iter()
+        .filter_map(|t| {
+            let fp8 = t.dtype.to_candle() == Some(DType::F8E4M3);
+            dit_keys::original_name(&t.name, layout, prefix)
+                .map(|o| (o, (t.name.clone(), Shape::from(t.shape.clone()), fp8)))
+        })
+        .collect();
+    let shapes: BTreeMap<String, Shape> = weights
+        .iter()
+        .map(|(o, (_, shape, _))| (o.clone(), shape.clone()))
+        .collect();
+    let pairs: Vec<_> = loras.iter().map(|(f, s)| (f, *s)).collect();
+    let plan = MergePlan::new(&pairs, &shapes, &dit_keys::diffusers_to_wan)?;
+    for (summary, (path, strength)) in plan.summary().iter().zip(files) {
+        p.note(
+            "lora",
+            &format!("{} at strength {strength}: {summary}", path.display()),
+        );
+    }
+    let patched: Vec<String> = plan.patched_weights().map(str::to_owned).collect();
+    if patched.iter().any(|o| weights[o].2) {
+        p.note(
+            "lora",
+            "merged when the DiT is built (it patches scaled-fp8 weights)",
+        );
+        return Ok(true);
+    }
+    let by_key: HashMap<String, String> = patched
+        .iter()
+        .map(|o| (weights[o].0.clone(), o.clone()))
+        .collect();
+    let plan = std::sync::Arc::new(plan);
+    let patch = WeightPatch {
+        keys: by_key.keys().cloned().collect(),
+        apply: std::sync::Arc::new(move |key: &str, weight: &Tensor| {
+            plan.apply(&by_key[key], weight)
+                .map_err(candle_core::Error::wrap)
+        }),
+    };
+    p.note(
+        "lora",
+        &format!(
+            "{} weights merged as they are read from disk",
+            patch.keys.len()
+        ),
+    );
+    p.set_patch(dit, patch)?;
+    Ok(false)
 }

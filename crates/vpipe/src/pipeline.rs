@@ -12,7 +12,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::tiling::TileSpec;
-use vpipe_models::wan::{dit_keys, DitConfig, GuidancePasses};
+use vpipe_models::wan::{DitConfig, GuidancePasses};
 use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
@@ -107,36 +107,13 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
     })?;
 
     check_interrupt()?;
-    session.phase("lora", |p| -> anyhow::Result<()> {
+    // See `leased::plan_loras`: merged as the weights are read, or when the model is built.
+    let merge_at_build = session.phase("lora", |p| -> anyhow::Result<bool> {
         if loras.is_empty() {
             p.note("lora", "none");
-            return Ok(());
+            return Ok(false);
         }
-        // Checked against the DiT's header before any weight moves, so that a LoRA that
-        // matches nothing fails here; the merge happens when the DiT becomes resident.
-        let header = vpipe_ckpt::inspect(&models.dit)?;
-        let layout = match header.detection.layout {
-            vpipe_ckpt::KeyLayout::Diffusers => dit_keys::KeyLayout::Diffusers,
-            _ => dit_keys::KeyLayout::Wan,
-        };
-        let prefix = &header.detection.prefix;
-        let shapes = header
-            .tensors
-            .iter()
-            .filter_map(|t| {
-                dit_keys::original_name(&t.name, layout, prefix)
-                    .map(|name| (name, candle_core::Shape::from(t.shape.clone())))
-            })
-            .collect();
-        let pairs: Vec<_> = loras.iter().map(|(f, s)| (f, *s)).collect();
-        let plan = vpipe_lora::MergePlan::new(&pairs, &shapes, &dit_keys::diffusers_to_wan)?;
-        for (summary, (path, strength)) in plan.summary().iter().zip(&models.loras) {
-            p.note(
-                "lora",
-                &format!("{} at strength {strength}: {summary}", path.display()),
-            );
-        }
-        Ok(())
+        crate::leased::plan_loras(p, ids.dit, &models.dit, &loras, &models.loras)
     })?;
 
     check_interrupt()?;
@@ -215,14 +192,15 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
     check_interrupt()?;
     let latents = session.phase("sample", |p| -> anyhow::Result<Tensor> {
         p.make_resident(ids.dit)?;
-        let (mut model, _) = {
+        let mut model = {
             let lease = p.lease(ids.dit)?;
+            let build_loras = if merge_at_build { &loras[..] } else { &[] };
             crate::leased::wan_dit(
                 &lease,
                 models.dit_config.as_ref(),
                 job.dtype,
                 &job.device,
-                &loras,
+                build_loras,
             )
             .with_context(|| format!("dit {}", models.dit.display()))?
         };

@@ -10,11 +10,9 @@ use vpipe_models::ops::attention::QueryChunk;
 use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
 
 use crate::flags::DitJob;
+use crate::plan::ATTENTION_BUDGET_SHARE;
 
 const PHASE: &str = "dit";
-/// Share of what the budget leaves after the weights that attention scores may take; the
-/// rest is for the block's other activations (the FFN's hidden state is the largest).
-const ATTENTION_BUDGET_SHARE: f64 = 0.25;
 
 pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
     vpipe_ckpt::inspect(&job.dit)?;
@@ -28,21 +26,16 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
     let (dit_id, loras) = session.phase("load", |p| -> anyhow::Result<_> {
         let id = p.register("dit", &job.dit, Some(job.compute.dtype))?;
         let loras = crate::leased::read_loras(&job.loras)?;
-        Ok((id, loras))
+        let merge_at_build = crate::leased::plan_loras(p, id, &job.dit, &loras, &job.loras)?;
+        Ok((id, if merge_at_build { loras } else { Vec::new() }))
     })?;
     let output = session.phase(PHASE, |p| -> anyhow::Result<Tensor> {
         p.make_resident(dit_id)?;
         let output = {
             let lease = p.lease(dit_id)?;
-            let (mut model, merged) =
+            let mut model =
                 crate::leased::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device, &loras)
                     .with_context(|| format!("--dit {}", job.dit.display()))?;
-            for (summary, (path, strength)) in merged.iter().zip(&job.loras) {
-                p.note(
-                    "lora",
-                    &format!("{} at strength {strength}: {summary}", path.display()),
-                );
-            }
             let scratch = match job.compute.budget.compute {
                 Some(budget) => {
                     let session = p.session();
