@@ -124,6 +124,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// The caller stopped a tiled pass between two tiles (e.g. on Ctrl-C).
+    #[error("stopped by the caller between two tiles")]
+    Stopped,
+
     // ---- Wrapped -----------------------------------------------------------------------------
     /// A candle error (tensor operation, missing tensor, shape mismatch while loading).
     #[error(transparent)]

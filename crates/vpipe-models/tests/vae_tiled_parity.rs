@@ -410,3 +410,19 @@ fn a_120x200_frame_tiles_with_partial_edge_tiles() {
     assert_finite(&decoded, "120x200 decoded");
     assert!(values(&decoded).iter().all(|v| (-1.0..=1.0).contains(v)));
 }
+
+#[test]
+fn a_caller_can_stop_a_tiled_pass_between_tiles() {
+    let vae = vae();
+    let cases = cases();
+    let video = case(&cases, "t5_h40_w24.video");
+    let mut seen = 0;
+    let err = vae
+        .encode_posterior_tiled_observed(&video, spec(24, 16), &mut || {
+            seen += 1;
+            false
+        })
+        .unwrap_err();
+    assert!(matches!(err, vpipe_models::Error::Stopped), "{err:?}");
+    assert_eq!(seen, 1, "stopped after the first tile");
+}

@@ -1014,22 +1014,25 @@ impl WanVae {
     /// # Errors and shapes
     /// As [`Self::encode_tiled`].
     pub fn encode_posterior_tiled(&self, video: &Tensor, spec: TileSpec) -> Result<Posterior> {
-        self.encode_posterior_tiled_observed(video, spec, &mut || {})
+        self.encode_posterior_tiled_observed(video, spec, &mut || true)
     }
 
     /// [`Self::encode_posterior_tiled`], calling `after_tile` once each tile's latents exist
-    /// (a caller's memory sample per tile).
+    /// (a caller's memory sample per tile); `after_tile` returning false stops the pass with
+    /// [`Error::Stopped`] (e.g. Ctrl-C).
     pub fn encode_posterior_tiled_observed(
         &self,
         video: &Tensor,
         spec: TileSpec,
-        after_tile: &mut dyn FnMut(),
+        after_tile: &mut dyn FnMut() -> bool,
     ) -> Result<Posterior> {
         spec.validate()?;
         self.check_video(video)?;
         let moments = tiling::tiled_encode(video, spec, |tile| {
             let moments = self.encode_moments(&self.on_device(tile)?)?;
-            after_tile();
+            if !after_tile() {
+                return Err(Error::Stopped);
+            }
             Ok::<_, Error>(moments)
         })?;
         self.posterior(&moments)
@@ -1048,22 +1051,25 @@ impl WanVae {
     /// # Shapes
     /// As [`Self::decode`]; the result is in the model's dtype, on the host.
     pub fn decode_tiled(&self, z: &Tensor, spec: TileSpec) -> Result<Tensor> {
-        self.decode_tiled_observed(z, spec, &mut || {})
+        self.decode_tiled_observed(z, spec, &mut || true)
     }
 
     /// [`Self::decode_tiled`], calling `after_tile` once each tile's pixels exist (a caller's
-    /// memory sample per tile).
+    /// memory sample per tile); `after_tile` returning false stops the pass with
+    /// [`Error::Stopped`].
     pub fn decode_tiled_observed(
         &self,
         z: &Tensor,
         spec: TileSpec,
-        after_tile: &mut dyn FnMut(),
+        after_tile: &mut dyn FnMut() -> bool,
     ) -> Result<Tensor> {
         spec.validate()?;
         self.check_latents(z)?;
         let out = tiling::tiled_decode(z, spec, |tile| {
             let pixels = self.decode_unclamped(&self.on_device(tile)?)?;
-            after_tile();
+            if !after_tile() {
+                return Err(Error::Stopped);
+            }
             Ok::<_, Error>(pixels)
         })?;
         Ok(out.clamp(-1f64, 1f64)?)

@@ -76,6 +76,7 @@ pub(crate) fn run_tiled(
             let mut after_tile = || {
                 samples.push(reader.read());
                 progress.inc("tile");
+                crate::progress::check_interrupt().is_ok()
             };
             match op {
                 VaeOp::Encode => vae
@@ -97,7 +98,10 @@ pub(crate) fn run_tiled(
             ),
         );
     }
-    let (output, used) = attempts?;
+    let (output, used) = attempts.map_err(|e| match e {
+        vpipe_models::Error::Stopped => anyhow::Error::new(crate::progress::Interrupted),
+        other => other.into(),
+    })?;
     phase.note(
         "vae tiles",
         &format!(
