@@ -75,7 +75,6 @@ pub enum Error {
         prefixes: Vec<&'static str>,
     },
 
-
     /// A configuration is inconsistent, or could not be read from the tensor shapes.
     #[error("umT5 config: {reason}")]
     Config {
