@@ -56,7 +56,7 @@ pub use report::{
     REPORT_SCHEMA_VERSION,
 };
 pub use session::{Budget, MemorySession, Phase};
-pub use store::{Lease, ModelId, PatchFn, TensorMeta, Tier, WeightPatch};
+pub use store::{resident_dtype, Lease, ModelId, PatchFn, TensorMeta, Tier, WeightPatch};
 pub use svg::{render_svg, write_svg};
 
 /// Bytes as a short human figure with binary units (`1.50 GiB`).

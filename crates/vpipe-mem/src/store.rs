@@ -282,7 +282,7 @@ impl Model {
 /// Quantisation data keeps its stored dtype: float8 weights stay float8 (1 byte each; the
 /// model dequantises them per use) and one-element f32 tensors, their per-tensor scales, stay
 /// f32 (a bf16 scale would be off by up to 0.4 %). Every other floating tensor is converted.
-fn resident_dtype(file: DType, shape: &[usize], load_dtype: Option<DType>) -> DType {
+pub fn resident_dtype(file: DType, shape: &[usize], load_dtype: Option<DType>) -> DType {
     let is_scale = file == DType::F32 && shape.iter().product::<usize>() <= 1;
     match load_dtype {
         Some(_) if matches!(file, DType::F8E4M3) || is_scale => file,

@@ -24,7 +24,7 @@ use crate::tensors::{run_tiled, VaeOp};
 pub(crate) const FPS: u32 = 16;
 /// Latent channels of the Wan 2.1 VAE.
 const LATENT_CHANNELS: usize = 16;
-use crate::plan::ATTENTION_BUDGET_SHARE;
+use crate::plan::attention_scratch;
 
 /// What the pipeline makes.
 pub(crate) enum Mode {
@@ -217,14 +217,9 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
             .read()?
             .compute_used()
             .saturating_sub(p.session().baseline().compute_used());
+        model.set_attention_scratch(attention_scratch(job.budget.compute, in_use));
         let passes = match job.budget.compute {
-            Some(budget) => {
-                let left = budget.saturating_sub(in_use);
-                model.set_attention_scratch(
-                    ((left as f64 * ATTENTION_BUDGET_SHARE) as u64).max(1 << 26),
-                );
-                model.guidance_passes(left, tokens)
-            }
+            Some(budget) => model.guidance_passes(budget.saturating_sub(in_use), tokens),
             None => GuidancePasses::Batched,
         };
         p.note(

@@ -27,9 +27,20 @@ use crate::flags::RunJob;
 /// baseline with 0.24 GiB of weights; `bench/results/`, BENCHMARKS.md "Wan 2.1 VAE").
 const VAE_ENCODE_BYTES_PER_UNIT: u64 = 56;
 const VAE_DECODE_BYTES_PER_UNIT: u64 = 70;
-/// Share of what the budget leaves after the DiT's weights that attention scores may take
-/// (the same share `run` uses).
-pub(crate) const ATTENTION_BUDGET_SHARE: f64 = 0.25;
+/// Share of what the budget leaves after the DiT's weights that attention scores may take.
+const ATTENTION_BUDGET_SHARE: f64 = 0.25;
+/// Bytes of attention-score scratch a DiT forward gets: a share of what `budget` leaves over
+/// `in_use` (at least 64 MiB), or the model's default without a budget. One rule for `plan`,
+/// `run` and `tensors dit`.
+pub(crate) fn attention_scratch(budget: Option<u64>, in_use: u64) -> u64 {
+    match budget {
+        Some(budget) => {
+            ((budget.saturating_sub(in_use) as f64 * ATTENTION_BUDGET_SHARE) as u64).max(1 << 26)
+        }
+        None => DEFAULT_ATTENTION_SCRATCH,
+    }
+}
+
 /// Wan's text context length.
 const TEXT_TOKENS: usize = 512;
 
@@ -43,7 +54,8 @@ pub(crate) struct ModelSizes {
     pub(crate) text_bytes: u64,
 }
 
-/// Bytes of a checkpoint's tensors once loaded in `dtype` (float8 stays 1 byte).
+/// Bytes of a checkpoint's tensors once the store has loaded them in `dtype`
+/// ([`vpipe_mem::resident_dtype`]: float8 weights and their scales keep their stored dtype).
 fn loaded_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
     inspection
         .tensors
@@ -51,11 +63,12 @@ fn loaded_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
         .map(|t| {
             let elems: u64 = t.shape.iter().map(|&d| d as u64).product();
             match t.dtype.to_candle() {
-                // Converted on load, as the store does; float8 and integers keep their size.
-                Some(stored) if stored.is_float() && stored != DType::F8E4M3 => {
-                    elems * dtype.size_in_bytes() as u64
+                Some(stored) => {
+                    let resident = vpipe_mem::resident_dtype(stored, &t.shape, Some(dtype));
+                    elems * resident.size_in_bytes() as u64
                 }
-                _ => t.dtype.bytes_for(elems).unwrap_or(0),
+                // A dtype candle cannot hold: its stored size.
+                None => t.dtype.bytes_for(elems).unwrap_or(0),
             }
         })
         .sum()
@@ -182,12 +195,7 @@ impl Plan {
         let text_activations = b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
             + 2 * b * t.num_heads as u64 * l * l * 4;
 
-        let scratch = match budget {
-            Some(budget) => ((budget.saturating_sub(sizes.dit_bytes) as f64
-                * ATTENTION_BUDGET_SHARE) as u64)
-                .max(1 << 26),
-            None => DEFAULT_ATTENTION_SCRATCH,
-        };
+        let scratch = attention_scratch(budget, sizes.dit_bytes);
         let batched = sizes
             .dit
             .activation_bytes_estimate(dtype, 2, tokens, scratch);

@@ -7,10 +7,9 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, Tier};
 use vpipe_models::ops::attention::QueryChunk;
-use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
 
 use crate::flags::DitJob;
-use crate::plan::ATTENTION_BUDGET_SHARE;
+use crate::plan::attention_scratch;
 
 const PHASE: &str = "dit";
 
@@ -36,18 +35,11 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
             let mut model =
                 crate::leased::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device, &loras)
                     .with_context(|| format!("--dit {}", job.dit.display()))?;
-            let scratch = match job.compute.budget.compute {
-                Some(budget) => {
-                    let session = p.session();
-                    let in_use = p
-                        .read()?
-                        .compute_used()
-                        .saturating_sub(session.baseline().compute_used());
-                    let left = budget.saturating_sub(in_use);
-                    ((left as f64 * ATTENTION_BUDGET_SHARE) as u64).max(1 << 26)
-                }
-                None => DEFAULT_ATTENTION_SCRATCH,
-            };
+            let in_use = p
+                .read()?
+                .compute_used()
+                .saturating_sub(p.session().baseline().compute_used());
+            let scratch = attention_scratch(job.compute.budget.compute, in_use);
             model.set_attention_scratch(scratch);
             let (b, _, f, h, w) = latents.dims5().unwrap_or((0, 0, 0, 0, 0));
             if let Ok(grid) = model.token_grid(f, h, w) {
