@@ -324,17 +324,7 @@ impl PipelineArgs {
                 );
             }
         }
-        let dit_config = match &self.dit_config {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| BadInput(format!("--dit-config {}: {e}", path.display())))?;
-                Some(
-                    vpipe_models::wan::DitConfig::from_diffusers_json(&text)
-                        .map_err(|e| BadInput(format!("--dit-config {}: {e}", path.display())))?,
-                )
-            }
-        };
+        let dit_config = read_dit_config("--dit-config", self.dit_config.as_deref())?;
         Ok(RunJob {
             model_dir: self.model_dir,
             dit: self.dit,
@@ -465,17 +455,7 @@ impl DitArgs {
                 )
             })
             .collect();
-        let config = match &self.config {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))?;
-                Some(
-                    vpipe_models::wan::DitConfig::from_diffusers_json(&text)
-                        .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))?,
-                )
-            }
-        };
+        let config = read_dit_config("--config", self.config.as_deref())?;
         Ok(DitJob {
             dit: self.dit,
             config,
@@ -637,6 +617,19 @@ impl ComputeArgs {
             report: self.report,
         })
     }
+}
+
+/// Reads the diffusers `transformer/config.json` given with `flag`, if any.
+fn read_dit_config(
+    flag: &str,
+    path: Option<&std::path::Path>,
+) -> Result<Option<vpipe_models::wan::DitConfig>, BadInput> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))?;
+    vpipe_models::wan::DitConfig::from_diffusers_json(&text)
+        .map(Some)
+        .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
 }
 
 /// Parses a `--dtype` value.
