@@ -41,6 +41,11 @@ fn output_max(t: &Tensor) -> f64 {
         .unwrap() as f64
 }
 
+/// A fixture model with the fixture's config.json, in `dtype` on `device`.
+fn model(file: &str, dtype: DType, device: &Device) -> WanModel {
+    WanModel::from_file(fixture(file), Some(&config()), dtype, device).unwrap()
+}
+
 fn run(model: &WanModel, cases: &HashMap<String, Tensor>, case: &str) -> Tensor {
     let get = |k: &str| cases[&format!("{case}.{k}")].clone();
     model
@@ -53,8 +58,7 @@ fn run(model: &WanModel, cases: &HashMap<String, Tensor>, case: &str) -> Tensor 
 }
 
 fn check(file: &str, expected_key: &str, tol: f64) {
-    let model =
-        WanModel::from_file(fixture(file), Some(&config()), DType::F32, &Device::Cpu).unwrap();
+    let model = model(file, DType::F32, &Device::Cpu);
     let cases = cases();
     for case in CASES {
         let out = run(&model, &cases, case);
@@ -118,13 +122,7 @@ fn config_from_shapes_needs_128_wide_heads() {
 
 #[test]
 fn bf16_stays_close_to_f32() {
-    let model = WanModel::from_file(
-        fixture("dit_tiny_diffusers.safetensors"),
-        Some(&config()),
-        DType::BF16,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = model("dit_tiny_diffusers.safetensors", DType::BF16, &Device::Cpu);
     let cases = cases();
     for case in CASES {
         let out = run(&model, &cases, case).to_dtype(DType::F32).unwrap();
@@ -139,13 +137,7 @@ fn bf16_stays_close_to_f32() {
 
 #[test]
 fn bad_inputs_are_clear_errors() {
-    let model = WanModel::from_file(
-        fixture("dit_tiny_diffusers.safetensors"),
-        Some(&config()),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
     let cases = cases();
     let get = |k: &str| cases[&format!("batch2.{k}")].clone();
     let (x, t, ctx) = (
@@ -175,13 +167,7 @@ fn bad_inputs_are_clear_errors() {
 
 #[test]
 fn chunked_attention_does_not_change_the_output() {
-    let mut model = WanModel::from_file(
-        fixture("dit_tiny_diffusers.safetensors"),
-        Some(&config()),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
     let cases = cases();
     let full = run(&model, &cases, "batch2");
     // A few rows per chunk: 72 tokens in 1-2 KB of scratch.
@@ -201,13 +187,7 @@ fn cuda_matches_diffusers() {
     let device = Device::new_cuda(0).unwrap();
     let cases = cases();
     for (dtype, tol_share) in [(DType::F32, None), (DType::BF16, Some(0.05))] {
-        let model = WanModel::from_file(
-            fixture("dit_tiny_wan_fp8.safetensors"),
-            Some(&config()),
-            dtype,
-            &device,
-        )
-        .unwrap();
+        let model = model("dit_tiny_wan_fp8.safetensors", dtype, &device);
         for case in CASES {
             let get = |k: &str| cases[&format!("{case}.{k}")].to_device(&device).unwrap();
             let out = model
@@ -236,13 +216,7 @@ fn cuda_matches_diffusers() {
 #[test]
 fn guidance_batched_equals_two_passes_and_follows_memory() {
     // batch2's two contexts play cond and uncond for sample 0's latents.
-    let model = WanModel::from_file(
-        fixture("dit_tiny_diffusers.safetensors"),
-        Some(&config()),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
     let cases = cases();
     let get = |k: &str| cases[&format!("batch2.{k}")].clone();
     let x = get("hidden_states").narrow(0, 0, 1).unwrap();

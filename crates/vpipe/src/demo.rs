@@ -148,7 +148,7 @@ fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
         tokenizer: dir.join("tokenizer.json"),
         lora: dir.join(format!("lora-tiny-seed{seed}.safetensors")),
     };
-    let vocab = PromptTokenizerVocab::of(TOKENIZER_JSON)?;
+    let vocab = tokenizer_vocab_size(TOKENIZER_JSON)?;
     if !files.tokenizer.exists() {
         let partial = files.tokenizer.with_extension("json.partial");
         std::fs::write(&partial, TOKENIZER_JSON)
@@ -207,16 +207,12 @@ fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
 }
 
 /// The vocabulary size of a `tokenizer.json` (the text encoder's embedding rows).
-struct PromptTokenizerVocab;
-
-impl PromptTokenizerVocab {
-    fn of(json: &str) -> anyhow::Result<usize> {
-        let value: serde_json::Value = serde_json::from_str(json)?;
-        value["model"]["vocab"]
-            .as_array()
-            .map(Vec::len)
-            .context("the built-in tokenizer.json has no model.vocab")
-    }
+fn tokenizer_vocab_size(json: &str) -> anyhow::Result<usize> {
+    let value: serde_json::Value = serde_json::from_str(json)?;
+    value["model"]["vocab"]
+        .as_array()
+        .map(Vec::len)
+        .context("the built-in tokenizer.json has no model.vocab")
 }
 
 /// The demo clip: a smooth pattern drifting across the frame, in [-1, 1].
