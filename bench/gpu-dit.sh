@@ -1,6 +1,7 @@
 #!/bin/bash
 # Device-machine run for issue 4: the 14B DiT step with CFG (vpipe vs diffusers SDPA) and the
-# umT5-xxl encoder (vpipe vs transformers), full size, random bf16 weights, same card, same call.
+# umT5-xxl encoder (vpipe vs transformers), full size, random bf16 weights, same card, same call;
+# first the fused attention kernel's GPU test and the DiT parity test when their binaries are there.
 # Needs .carry/dit_bench.xz (and .carry/umt5_bench.xz when present) from a CUDA build, .whl/ with
 # diffusers 0.42.1. Run with carry [".carry", ".whl"]; results in $OUT/dit.jsonl and log.
 set -u
@@ -9,12 +10,16 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site
 mkdir -p /tmp/vpipe-bin
-for b in dit_bench umt5_bench dit_parity; do
+for b in dit_bench umt5_bench dit_parity fused_attention_gpu; do
   [ -f .carry/$b.xz ] && xz -dc .carry/$b.xz > /tmp/vpipe-bin/$b && chmod +x /tmp/vpipe-bin/$b
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 date -u
 {
+  if [ -x /tmp/vpipe-bin/fused_attention_gpu ]; then
+    echo "=== fused attention kernel vs the chunked path"
+    timeout 120 /tmp/vpipe-bin/fused_attention_gpu --nocapture --test-threads 1 2>&1 | grep -E "max abs|test result|panicked|FAILED"
+  fi
   if [ -x /tmp/vpipe-bin/dit_parity ]; then
     echo "=== DiT parity on the GPU (fused kernels vs diffusers fixtures)"
     # The test binary finds its fixtures under the path it was built in.

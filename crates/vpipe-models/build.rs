@@ -2,7 +2,7 @@
 //! nvcc (the same one candle-kernels uses: `CUDA_HOME` / `PATH`, `CUDA_COMPUTE_CAP`).
 
 fn main() {
-    const KERNELS: [&str; 2] = ["rms_channels", "dit"];
+    const KERNELS: [&str; 3] = ["rms_channels", "dit", "attention"];
     for name in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{name}.cu");
     }

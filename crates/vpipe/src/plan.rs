@@ -5,8 +5,8 @@
 //!
 //! Weights are counted exactly (from the file headers, or the preset's architecture).
 //! Activations are estimates: the DiT's from its block structure
-//! ([`DitConfig::activation_bytes_estimate`], within 0.4 % of the H100 measurement in
-//! BENCHMARKS.md), the VAE's from per-pixel constants measured on the H100 (256-px tiles,
+//! ([`DitConfig::activation_bytes_estimate`], 1 % under the H100 measurement with the fused
+//! attention kernel in BENCHMARKS.md), the VAE's from per-pixel constants measured on the H100 (256-px tiles,
 //! 2026-11-27), the text encoder's from its layer structure.
 
 use std::path::Path;
@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use candle_core::DType;
 use serde::Serialize;
 use vpipe_mem::fmt_bytes;
-use vpipe_models::ops::attention::QueryChunk;
+use vpipe_models::ops::attention::{fused_kernel_applies, QueryChunk};
 use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
 use vpipe_models::wan::{DitConfig, GuidancePasses};
 use vpipe_text::umt5::Config as Umt5Config;
@@ -195,7 +195,16 @@ impl Plan {
         let text_activations = b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
             + 2 * b * t.num_heads as u64 * l * l * 4;
 
-        let scratch = attention_scratch(budget, sizes.dit_bytes);
+        let fused = fused_kernel_applies(
+            job.compute.device.starts_with("cuda"),
+            dtype,
+            sizes.dit.head_dim(),
+        );
+        let scratch = if fused {
+            0
+        } else {
+            attention_scratch(budget, sizes.dit_bytes)
+        };
         let batched = sizes
             .dit
             .activation_bytes_estimate(dtype, 2, tokens, scratch);
@@ -210,16 +219,21 @@ impl Plan {
             GuidancePasses::Batched => (batched, 2),
             GuidancePasses::TwoPasses => (single, 1),
         };
-        let rows = QueryChunk::for_budget(
-            scratch,
-            batch,
-            sizes.dit.num_heads,
-            tokens,
-            sizes.dit.head_dim(),
-            dtype,
-        )
-        .0
-        .min(tokens);
+        // The fused kernel takes every query row in one launch.
+        let rows = if fused {
+            tokens
+        } else {
+            QueryChunk::for_budget(
+                scratch,
+                batch,
+                sizes.dit.num_heads,
+                tokens,
+                sizes.dit.head_dim(),
+                dtype,
+            )
+            .0
+            .min(tokens)
+        };
 
         let tile = job.tiles.tile as u64;
         let vae_unit = sizes.vae_base_dim as u64 * tile * tile * elem;
@@ -267,12 +281,18 @@ impl Plan {
             name: "sample",
             resident: vec!["dit"],
             estimated_peak_bytes: sizes.dit_bytes + dit_activations,
-            detail: format!(
-                "{tokens} tokens, {} steps, CFG {:?}, attention in chunks of {rows} query rows ({} of score scratch)",
-                job.steps,
-                passes,
-                fmt_bytes(scratch)
-            ),
+            detail: if fused {
+                format!(
+                    "{tokens} tokens, {} steps, CFG {passes:?}, fused attention kernel (no score scratch)",
+                    job.steps
+                )
+            } else {
+                format!(
+                    "{tokens} tokens, {} steps, CFG {passes:?}, attention in chunks of {rows} query rows ({} of score scratch)",
+                    job.steps,
+                    fmt_bytes(scratch)
+                )
+            },
         });
         phases.push(PhasePlan {
             name: "vae decode",

@@ -1,8 +1,9 @@
 //! Attention with bounded memory: the softmax scores of at most `query_chunk` query rows exist
 //! at any time, so 32 760 tokens × 40 heads never materialise the 86 GB score matrix.
 //!
-//! This is the one function every attention in the models calls, so that a fused kernel can
-//! replace it without touching the models.
+//! This is the one function every attention in the models calls. On CUDA, for bf16/f16 with
+//! head dim 128 (every Wan DiT), it runs vpipe's fused kernel instead, which keeps no scores at
+//! all (`ops::fused::flash_attention`); everything else goes through the chunked path.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -65,27 +66,67 @@ impl QueryChunk {
     }
 }
 
-/// `softmax(q·kᵀ / √D) · v`, computed `chunk` query rows at a time.
+/// Whether this build has the fused kernel for attention on a CUDA device (`on_cuda`) in
+/// `dtype` with heads of `head_dim`; where it does, attention takes no score scratch (strides
+/// of the operands aside, which the models keep aligned: see [`is_fused`]).
+pub fn fused_kernel_applies(on_cuda: bool, dtype: DType, head_dim: usize) -> bool {
+    cfg!(feature = "cuda")
+        && on_cuda
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && head_dim == FUSED_HEAD_DIM
+}
+
+/// The head dimension of the fused kernel (kernels/attention.cu).
+pub const FUSED_HEAD_DIM: usize = 128;
+
+/// Whether [`attention`] runs the fused kernel for these operands (it then needs no scratch,
+/// whatever the chunk).
+pub fn is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::ops::fused::flash_attention_supports(q, k, v)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v);
+        false
+    }
+}
+
+/// `softmax(q·kᵀ / √D) · v`: fused where [`is_fused`], otherwise `chunk` query rows at a time.
 ///
 /// # Shapes
-/// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D], all contiguous and of one dtype.
-/// - output: [B, H, Lq, D].
+/// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D], of one dtype (any strides).
+/// - output: [B, H, Lq, D], possibly a transposed view of a token-major buffer.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
     if SKIPPED.load(Ordering::Relaxed) {
         return Ok(q.clone());
     }
     if !TIMING.load(Ordering::Relaxed) {
-        return chunked(q, k, v, chunk);
+        return dispatch(q, k, v, chunk);
     }
     q.device().synchronize()?;
     let start = std::time::Instant::now();
-    let out = chunked(q, k, v, chunk)?;
+    let out = dispatch(q, k, v, chunk)?;
     q.device().synchronize()?;
     TIMED_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     Ok(out)
 }
 
-fn chunked(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
+fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if is_fused(q, k, v) {
+        return crate::ops::fused::flash_attention(q, k, v);
+    }
+    chunked_attention(q, k, v, chunk)
+}
+
+/// The unfused path of [`attention`] on any device: `chunk` query rows at a time (public so
+/// that the GPU checks can compare the fused kernel with it).
+///
+/// # Shapes
+/// As [`attention`]; the output is contiguous.
+pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let (_, _, lk, dk) = k.dims4()?;
     if dk != d || v.dims4()? != (b, h, lk, d) || k.dims4()?.0 != b || k.dims4()?.1 != h {
@@ -97,16 +138,17 @@ fn chunked(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tens
         );
     }
     let scale = 1.0 / (d as f64).sqrt();
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
     let kt = k.t()?;
     let rows = chunk.0.max(1);
     if rows >= lq {
-        return attend(q, &kt, v, scale);
+        return attend(&q.contiguous()?, &kt, &v, scale);
     }
     let out = Tensor::zeros((b, h, lq, d), q.dtype(), q.device())?;
     let mut start = 0;
     while start < lq {
         let n = rows.min(lq - start);
-        let part = attend(&q.narrow(2, start, n)?.contiguous()?, &kt, v, scale)?;
+        let part = attend(&q.narrow(2, start, n)?.contiguous()?, &kt, &v, scale)?;
         out.slice_set(&part, 2, start)?;
         start += n;
     }

@@ -8,6 +8,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
+use crate::ops::attention::FUSED_HEAD_DIM;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_channels.ptx"));
 
 fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
@@ -101,14 +103,19 @@ fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
 
 /// A contiguous CUDA tensor's raw device pointer (the tensor must stay alive while it is used).
 fn device_ptr(t: &Tensor) -> candle_core::Result<u64> {
+    if !t.layout().is_contiguous() {
+        candle_core::bail!("vpipe DiT kernels: tensors must be contiguous");
+    }
+    layout_ptr(t)
+}
+
+/// The raw device pointer of a CUDA tensor's first element, whatever its strides.
+fn layout_ptr(t: &Tensor) -> candle_core::Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cuda) = &*storage else {
         candle_core::bail!("vpipe DiT kernels: tensors must be on the CUDA device")
     };
-    if !layout.is_contiguous() {
-        candle_core::bail!("vpipe DiT kernels: tensors must be contiguous");
-    }
     let offset = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
     let stream = cuda.device.cuda_stream();
     let base = match &cuda.slice {
@@ -328,4 +335,96 @@ pub fn bias_act_in_place(y: &Tensor, bias: &Tensor, gelu: bool) -> candle_core::
     // SAFETY: as in `ln_modulate`, for `bias_act_*`; `y` is contiguous with `n` elements.
     unsafe { a.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
     Ok(())
+}
+
+/// Whether [`flash_attention`] takes these operands: CUDA, bf16 or f16, head dim 128, the
+/// head dimension contiguous and every row 16-byte aligned (its loads are 16 bytes wide).
+pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let aligned = |t: &Tensor| {
+        let layout = t.layout();
+        t.rank() == 4
+            && t.dim(3).is_ok_and(|d| d == FUSED_HEAD_DIM)
+            && layout.stride()[3] == 1
+            && layout.stride()[..3].iter().all(|s| s % 8 == 0)
+            && layout.start_offset() % 8 == 0
+    };
+    q.device().is_cuda()
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && [q, k, v].into_iter().all(aligned)
+}
+
+/// Query rows per block in kernels/attention.cu.
+const FLASH_BLOCK_Q: usize = 64;
+const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+/// `softmax(q·kᵀ / √D) · v` in one kernel (kernels/attention.cu): no score matrix exists, so
+/// it needs no scratch beyond its output. The caller checks [`flash_attention_supports`].
+///
+/// The output is written token-major and returned as a [B, H, Lq, D] view of it, so that the
+/// usual `transpose(1, 2)` back to [B, Lq, H, D] is free.
+///
+/// # Shapes
+/// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D] (any strides with D contiguous), D = 128.
+/// - returns [B, H, Lq, D].
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    if !flash_attention_supports(q, k, v) {
+        candle_core::bail!(
+            "flash_attention: unsupported operands q {:?} {:?}, k {:?}, v {:?}",
+            q.dims(),
+            q.dtype(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let (b, h, lq, d) = q.dims4()?;
+    let (kb, kh, lk, _) = k.dims4()?;
+    if (kb, kh) != (b, h) || v.dims4()? != (b, h, lk, d) || k.dim(3)? != d {
+        candle_core::bail!(
+            "flash_attention: q {:?}, k {:?} and v {:?} must be [B, H, L, D] with equal B, H and D",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let (token_major, op) = empty(q, &[b, lq, h, d])?;
+    let out = token_major.transpose(1, 2)?;
+    let strides = |t: &Tensor| {
+        let s = t.layout().stride();
+        [s[0] as i64, s[1] as i64, s[2] as i64]
+    };
+    let (qp, kp, vp) = (layout_ptr(q)?, layout_ptr(k)?, layout_ptr(v)?);
+    let [qs, ks, vs, os] = [q, k, v, &out].map(strides);
+    let (heads, q_len, k_len) = (h as i32, lq as i32, lk as i32);
+    let scale_log2 = (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32;
+    let func = q.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("flash_attention_{}", suffix(q.dtype())?),
+        "vpipe_attention",
+        ATTENTION_PTX,
+    )?;
+    let cfg = LaunchConfig {
+        grid_dim: (lq.div_ceil(FLASH_BLOCK_Q) as u32, (b * h) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut a = func.builder();
+    a.arg(&qp);
+    a.arg(&kp);
+    a.arg(&vp);
+    a.arg(&op);
+    for s in [&qs, &ks, &vs, &os] {
+        for x in s {
+            a.arg(x);
+        }
+    }
+    a.arg(&heads);
+    a.arg(&q_len);
+    a.arg(&k_len);
+    a.arg(&scale_log2);
+    // SAFETY: arguments match `flash_attention_*` in kernels/attention.cu; q, k and v are live
+    // tensors whose strides the kernel follows and whose rows it reads only below the lengths
+    // passed; it writes every element of `token_major`.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(out)
 }

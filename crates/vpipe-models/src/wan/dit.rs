@@ -245,7 +245,7 @@ impl Config {
             QueryChunk::bytes_per_row(batch, self.num_heads, tokens, self.head_dim(), dtype)
                 * tokens as u64;
         let attention = token_row * 6 * d + attention_scratch.min(all_scores);
-        let ffn = token_row * (3 * d + f);
+        let ffn = token_row * (4 * d + f);
         attention.max(ffn)
     }
 
@@ -466,12 +466,12 @@ impl Attention {
         })
     }
 
-    /// [B, L, dim] → [B, heads, L, head_dim], contiguous.
+    /// [B, L, dim] → [B, heads, L, head_dim], as a view: the fused attention kernel reads
+    /// token-major heads in place, the chunked path copies what it needs.
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         Ok(x.reshape((b, l, self.num_heads, d / self.num_heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
+            .transpose(1, 2)?)
     }
 
     /// # Shapes
@@ -775,12 +775,19 @@ impl WanModel {
     /// **Estimated** device bytes one forward of `batch` samples of `tokens` tokens needs on
     /// top of the weights: the larger of the two live sets inside a block, self-attention
     /// (the residual stream, its normed copy, q, k, v and the attention output: 6 token-sized
-    /// tensors, plus the score scratch) and the FFN (residual, normed copy, output, and the
-    /// `ffn_dim`-wide hidden state). An estimate from the code's structure, not a measurement;
-    /// `dit_bench` reports the measured peak next to it.
+    /// tensors, plus the score scratch unless the fused kernel runs) and the FFN (residual,
+    /// normed copy, output, the new residual the gated add makes, and the `ffn_dim`-wide hidden
+    /// state). An estimate from the code's structure, not a measurement; `dit_bench` reports
+    /// the measured peak next to it.
     pub fn activation_bytes_estimate(&self, batch: usize, tokens: usize) -> u64 {
+        let fused = crate::ops::attention::fused_kernel_applies(
+            self.device.is_cuda(),
+            self.dtype,
+            self.cfg.head_dim(),
+        );
+        let scratch = if fused { 0 } else { self.attention_scratch };
         self.cfg
-            .activation_bytes_estimate(self.dtype, batch, tokens, self.attention_scratch)
+            .activation_bytes_estimate(self.dtype, batch, tokens, scratch)
     }
 
     /// Batched guidance when its estimated activations fit `free_bytes`, else two passes
