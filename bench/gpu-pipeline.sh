@@ -19,14 +19,16 @@ date -u
   python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4   # writes /tmp/vaebench/vae.safetensors
   $VPIPE plan --dit $M/wan2.1_t2v_14B_random_bf16.safetensors --vae /tmp/vaebench/vae.safetensors \
     --text-encoder $M/umt5_xxl_random_bf16.safetensors --input .carry/clip.mp4 --dtype bf16 \
-    --vram-budget 76GiB --steps 4 --size 832x480 --frames 81
-  /usr/bin/time -v $VPIPE run --dit $M/wan2.1_t2v_14B_random_bf16.safetensors \
+    --device cuda:0 --vram-budget 76GiB --steps 4 --size 832x480 --frames 81
+  TIMER=""; [ -x /usr/bin/time ] && TIMER="/usr/bin/time -v"
+  $TIMER $VPIPE run --dit $M/wan2.1_t2v_14B_random_bf16.safetensors \
     --vae /tmp/vaebench/vae.safetensors --text-encoder $M/umt5_xxl_random_bf16.safetensors \
     --tokenizer crates/vpipe-text/tests/fixtures/tokenizer.json \
     --prompt "A cheesecake with berries on a plate, slow camera pan" \
     --input .carry/clip.mp4 --strength 0.5 --steps 4 --size 832x480 --frames 81 --tile 256 \
     --device cuda:0 --dtype bf16 --vram-budget 76GiB \
-    --out $OUT/out.mp4 --report $OUT/report.json 2>&1 | tail -30
+    --out $OUT/out.mp4 --report $OUT/report.json > $OUT/run.log 2>&1; echo "vpipe run exit $?"
+  tail -40 $OUT/run.log
   $VPIPE tensors vae-encode --vae /tmp/vaebench/vae.safetensors --input /tmp/vaebench/frame.safetensors \
     --output /tmp/frame_enc.safetensors --device cuda:0 --dtype bf16 --tile 256 --report $OUT/frame_report.json
   python3 bench/check_pipeline_report.py $OUT/report.json $OUT/out.mp4 81 $OUT/frame_report.json
