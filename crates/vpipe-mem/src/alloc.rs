@@ -51,7 +51,7 @@ pub fn reset_heap_peak() {
 /// Global allocator that counts every byte and maps large blocks directly (see module docs).
 pub struct CountingAllocator;
 
-fn page_size() -> usize {
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if size > 0 {

@@ -174,6 +174,7 @@ impl Model {
                 .load(&meta.name, &Device::Cpu)
                 .and_then(|t| t.to_dtype(meta.dtype))
                 .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
+            release_mapped_pages(&mapped, &meta.name);
             self.patched(meta, tensor)
         };
         match pinned_for {
@@ -197,6 +198,7 @@ impl Model {
                             safetensors::View::data(&converted)
                         };
                     let pinned = self.pin(cuda, &meta.name, meta.dtype, &meta.shape, &data)?;
+                    release_mapped_pages(&mapped, &meta.name);
                     copies.insert(meta.name.clone(), pinned);
                 }
                 Ok(HostCopy::Pinned(copies))
@@ -368,6 +370,29 @@ impl<'p> Lease<'p> {
     /// All weights, by checkpoint key.
     pub fn iter(&self) -> impl Iterator<Item = (&'p str, &'p Tensor)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// Drops the pages of tensor `name`'s bytes from this process's resident set once they have been
+/// copied: without it, reading a 28.6 GB checkpoint into its host copy peaks at twice its size
+/// in RSS (the copy plus every file page touched through the map, measured on the H100 host).
+/// The pages stay in the kernel's page cache, and a later read through the map faults them
+/// back in, so this only changes what the process holds.
+fn release_mapped_pages(mapped: &MmapedSafetensors, name: &str) {
+    let Ok(view) = mapped.get(name) else { return };
+    let data = view.data();
+    if data.is_empty() {
+        return;
+    }
+    let page = crate::alloc::page_size();
+    let start = data.as_ptr() as usize / page * page;
+    let end = data.as_ptr() as usize + data.len();
+    // SAFETY: [start, end) lies within the read-only file mapping `mapped` holds (rounded down
+    // to its page; the mapping starts on a page boundary). MADV_DONTNEED on a shared file
+    // mapping only unmaps pages; their contents stay in the file and the page cache, so every
+    // slice into the mapping, including neighbours sharing the edge pages, stays valid.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
     }
 }
 

@@ -107,6 +107,41 @@ fn host_tier_load_raises_rss_by_the_weights_and_offload_gives_it_back() {
     assert!(report.transitions.iter().all(|t| t.verified), "{report:#?}");
 }
 
+/// A field of /proc/self/status in bytes, read by the test itself.
+fn status_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn reading_a_checkpoint_does_not_hold_its_mapped_pages_next_to_the_copy() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "big.safetensors", 4, 64);
+    let bytes = 256 * MIB;
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("big", &path, None).unwrap();
+
+    // Writing 5 to clear_refs resets VmHWM, the kernel's peak RSS (anon + file + shmem).
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let before = status_bytes("VmRSS:");
+    session.phase("load", |p| p.load(model)).unwrap();
+    let peak_rise = status_bytes("VmHWM:").saturating_sub(before);
+    // The host copy is 256 MiB; every page read through the map as well would be 512 MiB. One
+    // 64 MiB tensor's pages may be mapped while it is copied.
+    assert!(
+        peak_rise < bytes + 96 * MIB,
+        "peak RSS rose by {} MiB while reading a {} MiB checkpoint",
+        peak_rise / MIB,
+        bytes / MIB
+    );
+    session
+        .phase("offload", |p| p.offload(model, Tier::Disk))
+        .unwrap();
+}
+
 #[test]
 fn three_phases_in_sequence_leave_no_accumulation() {
     let _guard = serial();
