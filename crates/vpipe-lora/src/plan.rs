@@ -9,6 +9,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use crate::error::{Error, Result};
 use crate::file::{LoraFile, Module, Naming, PairStyle};
 
+/// The largest finite float8 e4m3fn value.
+const F8E4M3_MAX: f64 = 448.0;
+
 /// One contribution to one model weight.
 #[derive(Debug)]
 struct Patch {
@@ -423,6 +426,28 @@ impl MergePlan {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string());
         Ok(merged)
+    }
+
+    /// [`MergePlan::apply`] for a ComfyUI scaled-fp8 weight (`w = f32(w8) · scale`): the patches
+    /// are merged into the dequantised weight in f32, and the result is stored back as float8
+    /// with the same scale (round to nearest even, saturating at ±448), so the merged weight
+    /// takes no more memory than the original. ComfyUI rounds stochastically at this point;
+    /// vpipe rounds to nearest so that a run is reproducible.
+    ///
+    /// # Shapes
+    /// `weight` as in [`MergePlan::apply`], float8 e4m3; `scale` one element (or broadcastable
+    /// to `weight`).
+    pub fn apply_scaled_fp8(&self, name: &str, weight: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        if !self.targets.contains_key(name) {
+            return Ok(weight.clone());
+        }
+        let scale = scale.to_dtype(DType::F32)?;
+        let dequantised = weight.to_dtype(DType::F32)?.broadcast_mul(&scale)?;
+        let merged = self.apply(name, &dequantised)?;
+        Ok(merged
+            .broadcast_div(&scale)?
+            .clamp(-F8E4M3_MAX, F8E4M3_MAX)?
+            .to_dtype(weight.dtype())?)
     }
 
     /// Patched weights that [`MergePlan::apply`] has not been called for yet, sorted.

@@ -401,3 +401,66 @@ fn unloaded_weights_are_reported() {
     assert!(msg.contains("blocks.1.ffn.0.weight"), "{msg}");
     assert!(!msg.contains(w), "{msg}");
 }
+
+#[test]
+fn scaled_fp8_weights_stay_float8_with_their_scale() {
+    // ComfyUI "fp8 scaled": w8 = w / scale in float8 e4m3, scale = absmax / 448.
+    let p = plan(&[(&lora("peft"), 1.0)]);
+    let expected = case("peft_1");
+    let weights = model();
+    let mut checked = 0;
+    for name in p.patched_weights() {
+        let w = &weights[name];
+        let scale = (w.abs().unwrap().max_all().unwrap() / 448.0).unwrap();
+        let w8 = w
+            .broadcast_div(&scale)
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
+        let dequant = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .broadcast_mul(&scale)
+                .unwrap()
+        };
+        let merged = p.apply_scaled_fp8(name, &w8, &scale).unwrap();
+        assert_eq!(merged.dtype(), DType::F8E4M3, "{name}");
+        // The delta the fixture merges, added to the weight the fp8 file holds, saturated
+        // at ±448 · scale: the merged float8 weight is that up to float8's rounding (3
+        // mantissa bits: half a step is 1/16 of the value, 2^-10 · scale in the subnormals).
+        let delta = (&expected[name] - w).unwrap();
+        let s = scale.to_scalar::<f32>().unwrap() as f64;
+        let want = (dequant(&w8) + delta)
+            .unwrap()
+            .clamp(-448.0 * s, 448.0 * s)
+            .unwrap();
+        let got = dequant(&merged);
+        let err = (&got - &want).unwrap().abs().unwrap();
+        let bound = ((want.abs().unwrap() / 16.0).unwrap() + s / 1024.0).unwrap();
+        let over = (err - bound)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(over <= 1e-7, "{name}: off by {over} beyond float8 rounding");
+        assert!(max_abs_diff(&got, &dequant(&w8)) > 1e-3, "{name} unchanged");
+        checked += 1;
+    }
+    assert!(checked > 0);
+    // A weight the plan does not patch comes back as it was.
+    let untouched = weights
+        .keys()
+        .find(|n| !p.patched_weights().any(|q| q == n.as_str()))
+        .unwrap();
+    let w8 = weights[untouched.as_str()].to_dtype(DType::F8E4M3).unwrap();
+    let one = Tensor::new(1f32, &Device::Cpu).unwrap();
+    let same = p.apply_scaled_fp8(untouched, &w8, &one).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &same.to_dtype(DType::F32).unwrap(),
+            &w8.to_dtype(DType::F32).unwrap()
+        ),
+        0.0
+    );
+}

@@ -32,84 +32,18 @@ pub(crate) fn wan_vae(lease: &Lease<'_>, dtype: DType, device: &Device) -> anyho
     Ok(WanVae::from_checkpoint(var_builder(lease, dtype, device))?)
 }
 
-/// The Wan DiT over a lease's weights (either key layout) with `loras` merged in; `config`
-/// from a diffusers `config.json`, else from the shapes.
-///
-/// Merged weights are new tensors: while the model lives, each patched weight exists twice
-/// (the lease's and the merged one), and the phase's measured peak shows it. Only LoRAs on
-/// scaled-fp8 weights come here; others are merged by the store ([`plan_loras`]).
+/// The Wan DiT over a lease's weights (either key layout, LoRAs already merged by the store,
+/// see [`plan_loras`]); `config` from a diffusers `config.json`, else from the shapes.
 pub(crate) fn wan_dit(
     lease: &Lease<'_>,
     config: Option<&DitConfig>,
     dtype: DType,
     device: &Device,
-    loras: &[(LoraFile, f64)],
 ) -> anyhow::Result<WanModel> {
-    let mut weights = lease_weights(lease);
-    if !loras.is_empty() {
-        merge_loras(&mut weights, loras, dtype, device)?;
-    }
-    let vb = VarBuilder::from_tensors(weights, dtype, device);
-    Ok(WanModel::from_checkpoint(vb, config)?)
-}
-
-/// Merges `loras` into the DiT weights (checkpoint names, either layout). A scaled-fp8 weight
-/// that a LoRA patches is dequantised first and kept in `dtype`.
-fn merge_loras(
-    weights: &mut HashMap<String, Tensor>,
-    loras: &[(LoraFile, f64)],
-    dtype: DType,
-    device: &Device,
-) -> anyhow::Result<()> {
-    let probe = VarBuilder::from_tensors(weights.clone(), dtype, device);
-    let (layout, prefix) = dit_keys::detect_layout(&probe)
-        .ok_or_else(|| anyhow::anyhow!("no Wan DiT in the checkpoint to merge the LoRA into"))?;
-    drop(probe);
-    // original name → checkpoint key
-    let keys: HashMap<String, String> = weights
-        .keys()
-        .filter_map(|k| dit_keys::original_name(k, layout, prefix).map(|o| (o, k.clone())))
-        .collect();
-    let shapes: BTreeMap<String, Shape> = keys
-        .iter()
-        .map(|(original, key)| (original.clone(), weights[key].shape().clone()))
-        .collect();
-    let pairs: Vec<(&LoraFile, f64)> = loras.iter().map(|(f, s)| (f, *s)).collect();
-    let plan = MergePlan::new(&pairs, &shapes, &dit_keys::diffusers_to_wan)?;
-    let patched: Vec<String> = plan.patched_weights().map(str::to_owned).collect();
-    for original in patched {
-        let key = &keys[&original];
-        let mut weight = weights[key].clone();
-        if weight.dtype() == DType::F8E4M3 {
-            weight = dequantized(weights, key, dtype)?;
-        }
-        let merged = plan.apply(&original, &weight)?;
-        weights.insert(key.clone(), merged);
-    }
-    Ok(())
-}
-
-/// The scaled-fp8 weight `key` as `dtype` (its scale removed from `weights`): computed on the
-/// host, where candle's float8 casts work.
-fn dequantized(
-    weights: &mut HashMap<String, Tensor>,
-    key: &str,
-    dtype: DType,
-) -> anyhow::Result<Tensor> {
-    let device = weights[key].device().clone();
-    let stem = key.strip_suffix("weight").unwrap_or(key);
-    let scale = ["scale_weight", "weight_scale"]
-        .iter()
-        .find_map(|s| weights.remove(&format!("{stem}{s}")));
-    let mut weight = weights[key].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    if let Some(scale) = scale {
-        let scale = scale
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?;
-        weight = weight.broadcast_mul(&scale.reshape(())?)?;
-    }
-    Ok(weight.to_dtype(dtype)?.to_device(&device)?)
+    Ok(WanModel::from_checkpoint(
+        var_builder(lease, dtype, device),
+        config,
+    )?)
 }
 
 /// The umT5 encoder over a lease's weights (transformers / ComfyUI or original Wan names);
@@ -142,20 +76,20 @@ pub(crate) fn read_loras(
 }
 
 /// Checks `loras` against the DiT's header (before any weight moves, so that a LoRA that
-/// matches nothing fails early), notes what each file patches, and arranges the merge:
-/// normally as a store patch, so that merged weights replace the originals as they are read
-/// from disk; when a LoRA patches scaled-fp8 weights (whose dtype the merge changes), at model
-/// build time instead (see [`wan_dit`]), which the returned `true` says.
+/// matches nothing fails early), notes what each file patches, and arranges the merge as a
+/// store patch: merged weights replace the originals as they are read from disk, so the DiT
+/// never exists twice. A scaled-fp8 weight is merged in f32 and stored back as float8 with its
+/// own scale ([`MergePlan::apply_scaled_fp8`]); its scale is read from the file here.
 pub(crate) fn plan_loras(
     p: &mut Phase<'_>,
     dit: ModelId,
     dit_path: &Path,
     loras: &[(LoraFile, f64)],
     files: &[(PathBuf, f64)],
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<()> {
     if loras.is_empty() {
         p.note("lora", "none");
-        return Ok(false);
+        return Ok(());
     }
     let header = vpipe_ckpt::inspect(dit_path)?;
     let layout = match header.detection.layout {
@@ -185,33 +119,60 @@ pub(crate) fn plan_loras(
             &format!("{} at strength {strength}: {summary}", path.display()),
         );
     }
-    let patched: Vec<String> = plan.patched_weights().map(str::to_owned).collect();
-    if patched.iter().any(|o| weights[o].2) {
-        p.note(
-            "lora",
-            "merged when the DiT is built (it patches scaled-fp8 weights)",
-        );
-        return Ok(true);
+    // checkpoint key → (original name, float8 scale when the weight is scaled fp8)
+    let mut by_key: HashMap<String, (String, Option<Tensor>)> = HashMap::new();
+    let mut fp8 = 0;
+    for original in plan.patched_weights() {
+        let (key, _, is_fp8) = &weights[original];
+        let scale = if *is_fp8 {
+            fp8 += 1;
+            Some(fp8_scale(dit_path, &header, key)?)
+        } else {
+            None
+        };
+        by_key.insert(key.clone(), (original.to_owned(), scale));
     }
-    let by_key: HashMap<String, String> = patched
-        .iter()
-        .map(|o| (weights[o].0.clone(), o.clone()))
-        .collect();
     let plan = std::sync::Arc::new(plan);
     let patch = WeightPatch {
         keys: by_key.keys().cloned().collect(),
         apply: std::sync::Arc::new(move |key: &str, weight: &Tensor| {
-            plan.apply(&by_key[key], weight)
-                .map_err(candle_core::Error::wrap)
+            let (original, scale) = &by_key[key];
+            match scale {
+                Some(scale) => plan.apply_scaled_fp8(original, weight, scale),
+                None => plan.apply(original, weight),
+            }
+            .map_err(candle_core::Error::wrap)
         }),
     };
     p.note(
         "lora",
         &format!(
-            "{} weights merged as they are read from disk",
+            "{} weights merged as they are read from disk ({fp8} of them scaled fp8, kept in float8)",
             patch.keys.len()
         ),
     );
     p.set_patch(dit, patch)?;
-    Ok(false)
+    Ok(())
+}
+
+/// The scale of the scaled-fp8 weight `key` (ComfyUI stores it next to the weight as
+/// `…scale_weight`, some exporters as `…weight_scale`), read from the checkpoint, in f32.
+fn fp8_scale(path: &Path, header: &vpipe_ckpt::Inspection, key: &str) -> anyhow::Result<Tensor> {
+    let stem = key.strip_suffix("weight").unwrap_or(key);
+    let names = [format!("{stem}scale_weight"), format!("{stem}weight_scale")];
+    let name = names
+        .iter()
+        .find(|n| header.tensors.iter().any(|t| &t.name == *n))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: '{key}' is float8 but has no scale ('{}' or '{}'); a LoRA cannot be merged \
+                 into an unscaled fp8 weight",
+                path.display(),
+                names[0],
+                names[1]
+            )
+        })?;
+    // SAFETY: read-only map of a checkpoint file, as the store maps it.
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }?;
+    Ok(mapped.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
 }

@@ -107,12 +107,8 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
     })?;
 
     check_interrupt()?;
-    // See `leased::plan_loras`: merged as the weights are read, or when the model is built.
-    let merge_at_build = session.phase("lora", |p| -> anyhow::Result<bool> {
-        if loras.is_empty() {
-            p.note("lora", "none");
-            return Ok(false);
-        }
+    // See `leased::plan_loras`: merged by the store as the weights are read.
+    session.phase("lora", |p| {
         crate::leased::plan_loras(p, ids.dit, &models.dit, &loras, &models.loras)
     })?;
 
@@ -194,15 +190,8 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
         p.make_resident(ids.dit)?;
         let mut model = {
             let lease = p.lease(ids.dit)?;
-            let build_loras = if merge_at_build { &loras[..] } else { &[] };
-            crate::leased::wan_dit(
-                &lease,
-                models.dit_config.as_ref(),
-                job.dtype,
-                &job.device,
-                build_loras,
-            )
-            .with_context(|| format!("dit {}", models.dit.display()))?
+            crate::leased::wan_dit(&lease, models.dit_config.as_ref(), job.dtype, &job.device)
+                .with_context(|| format!("dit {}", models.dit.display()))?
         };
         let shape = (
             1,

@@ -219,6 +219,53 @@ fn dit_with_a_comfy_lora_matches_diffusers_with_merged_weights() {
 }
 
 #[test]
+fn a_lora_on_scaled_fp8_weights_keeps_them_float8_and_matches_diffusers() {
+    // make_dit_fixtures.py: the same LoRA merged into the fp8 file's dequantised weights, each
+    // merged weight stored back as float8 with its own scale (RNE, saturating at 448), then
+    // run through diffusers with those weights dequantised.
+    let dir = tempfile::tempdir().unwrap();
+    let cases = load(&fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_cases.safetensors",
+    ));
+    let lora = fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/lora_tiny_peft.safetensors",
+    );
+    let report = dir.path().join("report.json");
+    let run = dit_run(
+        dir.path(),
+        "dit_tiny_wan_fp8.safetensors",
+        &[
+            "--lora",
+            lora.to_str().unwrap(),
+            "--lora-strength",
+            "0.8",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let out = &load(&dir.path().join("out.safetensors"))["out"];
+    let err = max_abs(out, &cases["batch2.out_fp8_lora"]);
+    println!("fp8 DiT with the LoRA: max abs {err:.3e}");
+    assert!(err <= 1e-4, "max abs {err}");
+    // The fp8 rounding of the merged weights is visible: the test can tell the two apart.
+    assert!(max_abs(out, &cases["batch2.out_lora"]) > 1e-2);
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        text.contains(
+            "20 weights merged as they are read from disk (20 of them scaled fp8, kept in float8)"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_lora_that_matches_no_weight_is_bad_input_listing_its_keys() {
     let dir = tempfile::tempdir().unwrap();
     let lora = dir.path().join("stray.safetensors");

@@ -22,18 +22,18 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
     )?;
     let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
 
-    let (dit_id, loras) = session.phase("load", |p| -> anyhow::Result<_> {
+    let dit_id = session.phase("load", |p| -> anyhow::Result<_> {
         let id = p.register("dit", &job.dit, Some(job.compute.dtype))?;
         let loras = crate::leased::read_loras(&job.loras)?;
-        let merge_at_build = crate::leased::plan_loras(p, id, &job.dit, &loras, &job.loras)?;
-        Ok((id, if merge_at_build { loras } else { Vec::new() }))
+        crate::leased::plan_loras(p, id, &job.dit, &loras, &job.loras)?;
+        Ok(id)
     })?;
     let output = session.phase(PHASE, |p| -> anyhow::Result<Tensor> {
         p.make_resident(dit_id)?;
         let output = {
             let lease = p.lease(dit_id)?;
             let mut model =
-                crate::leased::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device, &loras)
+                crate::leased::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device)
                     .with_context(|| format!("--dit {}", job.dit.display()))?;
             let in_use = p
                 .read()?
