@@ -21,7 +21,7 @@ date -u
     --text-encoder $M/umt5_xxl_random_bf16.safetensors --input .carry/clip.mp4 --dtype bf16 \
     --device cuda:0 --vram-budget 76GiB --steps 4 --size 832x480 --frames 81
   TIMER=""; [ -x /usr/bin/time ] && TIMER="/usr/bin/time -v"
-  $TIMER $VPIPE run --dit $M/wan2.1_t2v_14B_random_bf16.safetensors \
+  VPIPE_LOG=info $TIMER $VPIPE run --dit $M/wan2.1_t2v_14B_random_bf16.safetensors \
     --vae /tmp/vaebench/vae.safetensors --text-encoder $M/umt5_xxl_random_bf16.safetensors \
     --tokenizer crates/vpipe-text/tests/fixtures/tokenizer.json \
     --prompt "A cheesecake with berries on a plate, slow camera pan" \

@@ -235,6 +235,7 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
         while let Some(t) = sampler.timestep() {
             check_interrupt()?;
             let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
+            let started = std::time::Instant::now();
             let timestep = Tensor::new(&[t as f32], &job.device)?;
             let velocity = model.forward_guided(
                 &x.to_dtype(job.dtype)?,
@@ -245,9 +246,19 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
                 passes,
             )?;
             x = sampler.step(&velocity, &x)?;
+            // The meters synchronise the device first, so the step's time is its compute.
             let reading = p.read()?;
+            let seconds = started.elapsed().as_secs_f64();
             p.record_sample(reading);
-            progress.inc(&format!("t = {t:.1}"));
+            p.note(
+                "step",
+                &format!(
+                    "{}/{} at t = {t:.1}: {seconds:.2} s",
+                    sampler.step_index(),
+                    schedule.steps()
+                ),
+            );
+            progress.inc(&format!("t = {t:.1}, {seconds:.2} s"));
         }
         drop(model);
         let latents = x.to_device(&Device::Cpu)?;

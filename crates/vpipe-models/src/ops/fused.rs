@@ -3,6 +3,7 @@
 // Device allocation and kernel launch are FFI; each unsafe block says what it relies on.
 #![allow(unsafe_code)]
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -356,7 +357,10 @@ pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// Query rows per block in kernels/attention.cu.
-const FLASH_BLOCK_Q: usize = 64;
+const FLASH_BLOCK_Q: usize = 128;
+/// Its dynamic shared memory: q (128 rows), k and v (64 rows each), rows of 128 elements padded
+/// to 272 bytes.
+const FLASH_SHARED_BYTES: u32 = (128 + 2 * 64) * 272;
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// `softmax(q·kᵀ / √D) · v` in one kernel (kernels/attention.cu): no score matrix exists, so
@@ -403,10 +407,16 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resul
         "vpipe_attention",
         ATTENTION_PTX,
     )?;
+    // Over 48 KiB of shared memory per block needs the function's explicit permission.
+    func.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        FLASH_SHARED_BYTES as i32,
+    )
+    .w()?;
     let cfg = LaunchConfig {
         grid_dim: (lq.div_ceil(FLASH_BLOCK_Q) as u32, (b * h) as u32, 1),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: FLASH_SHARED_BYTES,
     };
     let mut a = func.builder();
     a.arg(&qp);
