@@ -87,6 +87,16 @@ pub fn read_video(path: impl AsRef<Path>) -> Result<Video> {
     }
 }
 
+/// How many frames [`read_video`] would return: an MP4's from its header, without decoding; a
+/// GIF or a PNG folder by reading it.
+pub fn count_frames(path: impl AsRef<Path>) -> Result<usize> {
+    let path = path.as_ref();
+    match probe_mp4(path) {
+        Ok(info) => Ok(info.frames),
+        Err(_) => Ok(read_video(path)?.num_frames()),
+    }
+}
+
 /// Reads an MP4's header: codec, size, frame count, frame rate and durations, without decoding.
 ///
 /// Fails like [`read_video`] on files it could not decode for header reasons (no video track,

@@ -1,7 +1,7 @@
 //! Command-line flags in two layers: what clap parses (raw strings and numbers), and the
 //! validated settings each command runs with.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -156,9 +156,10 @@ pub(crate) struct PipelineArgs {
     /// Frame size WIDTHxHEIGHT (multiples of 16).
     #[arg(long, default_value = "832x480")]
     size: String,
-    /// Number of frames (4k+1).
-    #[arg(long, default_value_t = 81)]
-    frames: usize,
+    /// Number of frames (4k+1). Default 81; with --input, the clip's length cut down to 4k+1
+    /// (at most 81).
+    #[arg(long)]
+    frames: Option<usize>,
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
     steps: usize,
@@ -250,13 +251,19 @@ impl PipelineArgs {
                     self.size
                 ))
             })?;
-        if self.frames == 0 || !(self.frames - 1).is_multiple_of(4) {
-            return Err(BadInput(format!(
-                "--frames {}: expected 4k+1 (1, 5, 9, ..., 81)",
-                self.frames
-            ))
-            .into());
-        }
+        let frames = match (self.frames, &self.input) {
+            (Some(frames), _) => {
+                if frames == 0 || !(frames - 1).is_multiple_of(4) {
+                    return Err(BadInput(format!(
+                        "--frames {frames}: expected 4k+1 (1, 5, 9, ..., 81)"
+                    ))
+                    .into());
+                }
+                frames
+            }
+            (None, Some(input)) => frames_of_clip(input)?,
+            (None, None) => DEFAULT_FRAMES,
+        };
         if self.steps == 0 || self.steps > 1000 {
             return Err(BadInput(format!("--steps {}: expected 1 to 1000", self.steps)).into());
         }
@@ -338,7 +345,7 @@ impl PipelineArgs {
             loras,
             width,
             height,
-            frames: self.frames,
+            frames,
             steps: self.steps,
             guidance: self.cfg,
             shift: self.shift,
@@ -349,6 +356,29 @@ impl PipelineArgs {
             compute: self.compute.validate()?,
         })
     }
+}
+
+/// Frames of a run without --frames: Wan 2.1's 81 (5 s at 16 fps).
+const DEFAULT_FRAMES: usize = 81;
+
+/// The frames a video-to-video run takes from `input` when --frames is not given: its length,
+/// at most [`DEFAULT_FRAMES`], cut down to 4k+1 (the VAE's temporal grid); `read_clip` says
+/// so when it drops frames.
+fn frames_of_clip(input: &Path) -> anyhow::Result<usize> {
+    let count = if input.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        let [video] = crate::tensors::read_inputs(input, ["video_in"])?;
+        video.dims().get(2).copied().unwrap_or(0)
+    } else {
+        vpipe_video::count_frames(input).map_err(|e| BadInput(format!("--input: {e}")))?
+    };
+    if count == 0 {
+        return Err(BadInput(format!(
+            "--input {}: the clip has no frames",
+            input.display()
+        ))
+        .into());
+    }
+    Ok((count.min(DEFAULT_FRAMES) - 1) / 4 * 4 + 1)
 }
 
 /// Flags of `vpipe inspect`.

@@ -115,7 +115,7 @@ fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
     }
     if clip.num_frames() > job.frames {
         eprintln!(
-            "vpipe: --input {}: using the first {} of {} frames (--frames)",
+            "vpipe: --input {}: using the first {} of {} frames (--frames, 4k+1)",
             path.display(),
             job.frames,
             clip.num_frames()

@@ -339,3 +339,52 @@ fn flags_come_from_a_toml_pipeline_file_and_the_command_line_wins() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("not valid TOML"));
 }
+
+#[test]
+fn without_frames_a_clip_is_cut_to_4k_plus_1_with_a_notice() {
+    // A 7-frame GIF: Wan's VAE takes 4k+1 frames, so the run uses its first 5.
+    let dir = tempfile::tempdir().unwrap();
+    let models = builtin_models(&dir.path().join("demo"));
+    let (w, h) = (96u32, 64u32);
+    let frames: Vec<Vec<u8>> = (0..7u8)
+        .map(|i| {
+            (0..w * h)
+                .flat_map(|p| [(p % 251) as u8, i * 30, (p / w) as u8 * 3])
+                .collect()
+        })
+        .collect();
+    let clip = dir.path().join("seven.gif");
+    let video = vpipe_video::Video::from_frames(&frames, w, h, 16.0).unwrap();
+    vpipe_video::write_video(&clip, &video, &Default::default()).unwrap();
+    let out = dir.path().join("v2v.safetensors");
+    let args = [
+        "--model-dir",
+        models.to_str().unwrap(),
+        "--prompt",
+        "stripes",
+        "--input",
+        clip.to_str().unwrap(),
+        "--size",
+        "96x64",
+        "--steps",
+        "2",
+        "--tile",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let plan = vpipe(&[&["plan", "--json"], &args[..]].concat());
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let run = vpipe(&[&["run"], &args[..]].concat());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("using the first 5 of 7 frames (--frames, 4k+1)"),
+        "{stderr}"
+    );
+    assert_eq!(load(&out)["video"].dims(), &[1, 3, 5, 64, 96]);
+}
