@@ -4,6 +4,7 @@ clip (832x480, 81 frames), tiles 256 / stride 192 px.
 
     python3 bench/vae_gpu.py prepare CLIP.mp4   # clip + weights + diffusers timings -> /tmp/vaebench
     python3 bench/vae_gpu.py compare            # reads vpipe's outputs and reports, prints a table
+    python3 bench/vae_gpu.py warm 256,320 2     # diffusers warm, per tile size (as vae_bench)
 
 Run by bench/gpu-vae.sh; numbers land in $OUT/vae_summary.json.
 """
@@ -153,6 +154,49 @@ def diffusers_tile(op, name="tile"):
     torch.cuda.synchronize()
 
 
+def warm(tiles="256", reps="2"):
+    """diffusers' tiled encode and decode measured as `vae_bench` measures vpipe: for each tile
+    size, one untimed pass, then the median of `reps` (JSON lines). Peaks are
+    `max_memory_allocated` above the weights, less the input (encode) or output (decode) it
+    holds on the device; vpipe keeps both on the host."""
+    from safetensors.torch import load_file
+
+    vae = make_vae()
+    vae.load_state_dict(load_file(f"{WORK}/vae.safetensors"))
+    vae = vae.cuda()
+    weights = torch.cuda.memory_allocated()
+    x = load_file(f"{WORK}/clip.safetensors")["video_in"].cuda().to(torch.bfloat16)
+    z = load_file(f"{WORK}/diffusers_enc.safetensors")["enc_mean"].cuda().to(torch.bfloat16)
+    base = torch.cuda.memory_allocated()
+    for tile in [int(t) for t in tiles.split(",")]:
+        stride = tile // 4 * 3 // 8 * 8
+        vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                          tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+        for op, fn, held in (("encode", lambda: vae.encode(x).latent_dist.mean, 0),
+                             ("decode", lambda: vae.decode(z).sample, x.numel() * 2)):
+            with torch.no_grad():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                out = fn()
+                torch.cuda.synchronize()
+                cold = time.perf_counter() - t0
+                del out
+                times = []
+                for _ in range(int(reps)):
+                    t0 = time.perf_counter()
+                    out = fn()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                    del out
+            peak = torch.cuda.max_memory_allocated() - base - held
+            print(json.dumps({"what": op, "tile": tile, "stride": stride, "cold_s": cold,
+                              "warm_s": sorted(times)[len(times) // 2],
+                              "peak_above_weights_gib": peak / GiB,
+                              "peak_with_weights_gib": (peak + weights) / GiB}), flush=True)
+            torch.cuda.empty_cache()
+
+
 def phase_stats(report_path, name):
     r = json.load(open(report_path))
     phase = next(p for p in r["phases"] if p["name"] == name)
@@ -216,4 +260,5 @@ if __name__ == "__main__":
         "compare": compare,
         "tile-inputs": lambda: tile_inputs(sys.argv[2]),
         "diffusers-tile": lambda: diffusers_tile(*sys.argv[2:4]),
+        "warm": lambda: warm(*sys.argv[2:4]),
     }[sys.argv[1]]()
