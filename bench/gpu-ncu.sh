@@ -1,6 +1,7 @@
 #!/bin/bash
 # Per-kernel device time (Nsight Compute, gpu__time_duration) of a 5-frame 256-px VAE encode
-# (two causal chunks), vpipe next to diffusers, summed by kernel name. carry: [".carry", ".whl"]
+# (two causal chunks), or with OP=decode of its 2 latent frames, vpipe next to diffusers, summed
+# by kernel name. carry: [".carry", ".whl"]
 set -u
 OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -12,14 +13,16 @@ W=/tmp/vaebench
 python3 bench/vae_gpu.py tile-inputs .carry/clip.mp4 > /dev/null 2>&1 || exit 4
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 echo "ncu: ${NCU:-none}"; [ -n "$NCU" ] || exit 5
-$VPIPE tensors vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 \
-  --input $W/tile5.safetensors --output $W/o.safetensors > /dev/null  # warm the PTX cache
-timeout 240 $NCU --metrics gpu__time_duration.sum --csv --log-file $W/vp.csv $VPIPE tensors vae-encode \
-  --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 --input $W/tile5.safetensors --output $W/o.safetensors > /dev/null 2>&1
+OP=${OP:-encode}
+IN=tile5; [ $OP = decode ] && IN=tile_lat2
+$VPIPE tensors vae-$OP --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 \
+  --input $W/$IN.safetensors --output $W/o.safetensors > /dev/null  # warm the PTX cache
+timeout 240 $NCU --metrics gpu__time_duration.sum --csv --log-file $W/vp.csv $VPIPE tensors vae-$OP \
+  --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 --input $W/$IN.safetensors --output $W/o.safetensors > /dev/null 2>&1
 timeout 240 $NCU --metrics gpu__time_duration.sum --csv --log-file $W/df.csv \
-  python3 bench/vae_gpu.py diffusers-tile encode tile5 > /dev/null 2>&1
+  python3 bench/vae_gpu.py diffusers-tile $OP $IN > /dev/null 2>&1
 for who in vp df; do
-  echo "=== $who: 5-frame 256-px encode, kernel time by name"
+  echo "=== $who: $IN 256-px $OP, kernel time by name"
   python3 - $W/$who.csv <<'PY' | tee -a "$OUT/ncu.txt"
 import csv, sys
 from collections import defaultdict
@@ -34,7 +37,7 @@ for r in rows:
     name = r["Kernel Name"][:100]
     tot[name] += v; cnt[name] += 1
 print(f"total {sum(tot.values()):.2f} ms in {sum(cnt.values())} kernels")
-for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:18]:
+for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:28]:
     print(f"{v:9.2f} ms {cnt[k]:5d}x  {k}")
 PY
 done

@@ -23,8 +23,8 @@ timeout 150 $V vae-encode $COMMON --input $W/clip.safetensors --output $W/vpipe_
 timeout 150 $V vae-decode $COMMON --input $W/diffusers_enc.safetensors --output $W/vpipe_dec.safetensors --report $W/vpipe_dec.json
 timeout 150 $V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype f32 --tile 128 --input $W/crop.safetensors --output $W/vpipe_crop_enc.safetensors
 timeout 150 $V vae-decode --vae $W/vae.safetensors --device cuda:0 --dtype f32 --tile 128 --input $W/diffusers_crop_enc.safetensors --output $W/vpipe_crop_dec.safetensors
-echo "=== span profile of one 256-px tile, 81 frames (CUDA_LAUNCH_BLOCKING=1: busy time is device time)"
-for op in encode decode; do
+[ -z "${SKIP_SPANS:-}" ] && echo "=== span profile of one 256-px tile, 81 frames (CUDA_LAUNCH_BLOCKING=1: busy time is device time)"
+[ -z "${SKIP_SPANS:-}" ] && for op in encode decode; do
   in=$W/tile.safetensors; [ $op = decode ] && in=$W/tile_lat.safetensors
   CUDA_LAUNCH_BLOCKING=1 VPIPE_LOG_SPANS=1 VPIPE_LOG=vpipe_models=trace timeout 150 $V vae-$op $COMMON \
     --input $in --output $W/prof_$op.safetensors 2> $W/spans_$op.log

@@ -137,10 +137,12 @@ def tile_inputs(clip_path):
     with torch.no_grad():
         mean = vae.encode(video.cuda().to(torch.bfloat16)).latent_dist.mean
     save_file({"enc_mean": mean.float().cpu().contiguous()}, f"{WORK}/tile_lat.safetensors")
+    save_file({"enc_mean": mean[:, :, :2].float().cpu().contiguous()}, f"{WORK}/tile_lat2.safetensors")
 
 
 def diffusers_tile(op, name="tile"):
-    """One untiled 256-px tile through diffusers, for a profiler to watch."""
+    """One untiled 256-px tile through diffusers, for a profiler to watch (`name`: the input
+    file in WORK: tile, tile5 for encode; tile_lat, tile_lat2 for decode)."""
     from safetensors.torch import load_file
 
     vae = make_vae().cuda()
@@ -149,7 +151,7 @@ def diffusers_tile(op, name="tile"):
             x = load_file(f"{WORK}/{name}.safetensors")["video_in"].cuda().to(torch.bfloat16)
             vae.encode(x)
         else:
-            z = load_file(f"{WORK}/tile_lat.safetensors")["enc_mean"].cuda().to(torch.bfloat16)
+            z = load_file(f"{WORK}/{name}.safetensors")["enc_mean"].cuda().to(torch.bfloat16)
             vae.decode(z)
     torch.cuda.synchronize()
 

@@ -26,7 +26,16 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     let dims = x.dims();
     let (batches, channels) = (dims[0], dims[1]);
     let positions: usize = dims[2..].iter().product();
-    let func = device.get_or_load_custom_func(kernel, "vpipe_rms_channels", PTX)?;
+    // 16-bit values go in 4-byte pairs when every channel row starts on an even element.
+    let pairs = std::mem::size_of::<T>() == 2
+        && positions.is_multiple_of(2)
+        && x.layout().start_offset().is_multiple_of(2);
+    let (kernel, per_lane) = if pairs {
+        (format!("{kernel}_pairs"), 2)
+    } else {
+        (kernel.to_owned(), 1)
+    };
+    let func = device.get_or_load_custom_func(&kernel, "vpipe_rms_channels", PTX)?;
     let stream = device.cuda_stream();
     // SAFETY: the kernel writes every element.
     let mut out = unsafe { stream.alloc::<T>(x.elem_count()) }.w()?;
@@ -42,24 +51,24 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         let gv = gs
             .as_cuda_slice::<T>()?
             .slice(gl.start_offset()..gl.start_offset() + channels);
-        let threads = batches * positions;
-        let cfg = LaunchConfig::for_num_elems(threads as u32);
-        let (b, c, p, silu) = (
-            batches as i64,
-            channels as i32,
-            positions as i64,
-            silu as i32,
-        );
+        // Blocks of 32 × 8 threads, each covering 32 · per_lane positions of one batch item.
+        let per_block = 32 * per_lane;
+        let cfg = LaunchConfig {
+            grid_dim: ((batches * positions.div_ceil(per_block)) as u32, 1, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let (c, p, silu) = (channels as i32, positions as i64, silu as i32);
         let mut builder = func.builder();
         builder.arg(&xv);
         builder.arg(&gv);
         builder.arg(&mut out);
-        builder.arg(&b);
         builder.arg(&c);
         builder.arg(&p);
         builder.arg(&eps);
         builder.arg(&silu);
-        // SAFETY: argument types and order match the kernel's signature.
+        // SAFETY: argument types and order match the kernel's signature; `pairs` only when
+        // every pair the kernel loads is 4-byte aligned and inside the tensor.
         unsafe { builder.launch(cfg) }.w()?;
     }
     let storage = CudaStorage::wrap_cuda_slice(out, device);
@@ -88,6 +97,39 @@ pub fn rms_norm_channels(
         DType::F16 => typed::<half::f16>(x, gamma, eps, silu, "rms_channels_f16"),
         other => candle_core::bail!("rms_channels: no kernel for {other:?}"),
     }
+}
+
+const VAE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/vae.ptx"));
+
+/// Nearest ×2 spatial upsampling of every frame, into the frames-as-batch layout the 2D
+/// convolution after it takes: one kernel instead of a permute copy and candle's upsample.
+///
+/// # Shapes
+/// - `x`: [B, C, T, H, W]; returns [B·T, C, 2H, 2W].
+pub fn upsample2x_frames(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, t, h, w) = x.dims5()?;
+    let x = x.contiguous()?;
+    let xp = device_ptr(&x)?;
+    let (out, op) = empty(&x, &[b * t, c, 2 * h, 2 * w])?;
+    let total = x.elem_count() as i64;
+    let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("upsample2x_frames_{}", suffix(x.dtype())?),
+        "vpipe_vae",
+        VAE_PTX,
+    )?;
+    let (ci, ti, hi, wi) = (c as i32, t as i32, h as i32, w as i32);
+    let mut a = func.builder();
+    a.arg(&xp);
+    a.arg(&op);
+    a.arg(&ci);
+    a.arg(&ti);
+    a.arg(&hi);
+    a.arg(&wi);
+    a.arg(&total);
+    // SAFETY: arguments match `upsample2x_frames_*` in kernels/vae.cu; `x` is contiguous with
+    // `total` elements and the kernel writes all 4·total elements of `out`.
+    unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+    Ok(out)
 }
 
 const DIT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit.ptx"));

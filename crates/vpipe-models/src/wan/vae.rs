@@ -644,15 +644,19 @@ impl Resample {
             }
         }
         let (b, c, t, h, w) = x.dims5()?;
-        let frames = x.permute((0, 2, 1, 3, 4))?.reshape((b * t, c, h, w))?;
+        let as_frames = |x: &Tensor| x.permute((0, 2, 1, 3, 4))?.reshape((b * t, c, h, w));
         let frames = match self.mode {
+            // nearest-exact ×2 picks source index ⌊i/2⌋, the same as nearest.
+            #[cfg(feature = "cuda")]
+            ResampleMode::Up2d | ResampleMode::Up3d if x.device().is_cuda() => {
+                crate::ops::fused::upsample2x_frames(&x)?
+            }
             ResampleMode::Up2d | ResampleMode::Up3d => {
-                // nearest-exact ×2 picks source index ⌊i/2⌋, the same as nearest.
-                frames.upsample_nearest2d(2 * h, 2 * w)?
+                as_frames(&x)?.upsample_nearest2d(2 * h, 2 * w)?
             }
-            ResampleMode::Down2d | ResampleMode::Down3d => {
-                frames.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?
-            }
+            ResampleMode::Down2d | ResampleMode::Down3d => as_frames(&x)?
+                .pad_with_zeros(2, 0, 1)?
+                .pad_with_zeros(3, 0, 1)?,
         };
         let y = self.conv.forward(&frames)?;
         let (_, c2, h2, w2) = y.dims4()?;
