@@ -18,15 +18,14 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
-use vpipe_mem::Meters;
 use vpipe_models::ops::attention::{attention, skip_for_benchmark, time_calls, timed_seconds};
 use vpipe_models::wan::dit::{Config, WanModel};
 
 mod common;
-use common::{measure, RandomWeights, GIB};
+use common::{device_and_meters, measure, Measured, RandomWeights, GIB};
 
 struct Args {
     preset: String,
@@ -72,12 +71,7 @@ fn parse_args() -> Args {
 
 fn main() -> Result<()> {
     let args = parse_args();
-    let device = if args.cpu {
-        Device::Cpu
-    } else {
-        Device::new_cuda(0)?
-    };
-    let meters = Meters::for_device(&device).expect("meters");
+    let (device, meters) = device_and_meters(args.cpu)?;
     let mut cfg = Config::preset(&args.preset).expect("preset: wan2.1-t2v-14b or wan2.1-t2v-1.3b");
     if let Some(layers) = args.layers {
         cfg.num_layers = layers;
@@ -111,7 +105,11 @@ fn main() -> Result<()> {
         let timestep = Tensor::new(vec![999f32; batch], &device)?;
         let context =
             Tensor::randn(0f32, 1., (batch, text_len, cfg.text_dim), &device)?.to_dtype(dtype)?;
-        let (step_s, peak_gib) = measure(&device, &meters, args.reps, || {
+        let Measured {
+            median_s: step_s,
+            peak_gib,
+            ..
+        } = measure(&device, &meters, args.reps, || {
             model
                 .forward(&latents, &timestep, &context)
                 .map(drop)
@@ -123,10 +121,14 @@ fn main() -> Result<()> {
         let q = Tensor::randn(0f32, 1., (batch, h, tokens, hd), &device)?.to_dtype(dtype)?;
         let kv_text =
             Tensor::randn(0f32, 1., (batch, h, text_len, hd), &device)?.to_dtype(dtype)?;
-        let (self_s, _) = measure(&device, &meters, args.reps, || {
+        let Measured {
+            median_s: self_s, ..
+        } = measure(&device, &meters, args.reps, || {
             attention(&q, &q, &q, self_chunk).map(drop)
         })?;
-        let (cross_s, _) = measure(&device, &meters, args.reps, || {
+        let Measured {
+            median_s: cross_s, ..
+        } = measure(&device, &meters, args.reps, || {
             attention(&q, &kv_text, &kv_text, cross_chunk).map(drop)
         })?;
         let attention_s = (self_s + cross_s) * cfg.num_layers as f64;
@@ -142,7 +144,11 @@ fn main() -> Result<()> {
         time_calls(false);
         // And the forward without attention at all (attention returns its query).
         skip_for_benchmark(true);
-        let (rest_s, rest_peak_gib) = measure(&device, &meters, args.reps, || {
+        let Measured {
+            median_s: rest_s,
+            peak_gib: rest_peak_gib,
+            ..
+        } = measure(&device, &meters, args.reps, || {
             model
                 .forward(&latents, &timestep, &context)
                 .map(drop)

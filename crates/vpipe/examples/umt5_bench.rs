@@ -8,18 +8,17 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
-use vpipe_mem::Meters;
 use vpipe_text::umt5::{Config, Umt5Encoder};
 
 mod common;
-use common::{measure, RandomWeights, GIB};
+use common::{device_and_meters, measure, Measured, RandomWeights, GIB};
 
 fn main() -> Result<()> {
     let mut reps = 5;
-    let mut device = None;
+    let mut cpu = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -27,15 +26,11 @@ fn main() -> Result<()> {
             .unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--reps" => reps = value.parse().expect("--reps N"),
-            "--device" if value == "cpu" => device = Some(Device::Cpu),
+            "--device" => cpu = value == "cpu",
             other => panic!("unknown flag {other}"),
         }
     }
-    let device = match device {
-        Some(d) => d,
-        None => Device::new_cuda(0)?,
-    };
-    let meters = Meters::for_device(&device).expect("meters");
+    let (device, meters) = device_and_meters(cpu)?;
     let mut cfg = Config::umt5_xxl();
     if device.is_cpu() {
         // A script check only: two layers.
@@ -56,7 +51,11 @@ fn main() -> Result<()> {
             .collect();
         let ids = Tensor::from_vec(ids, (batch, 512), &device)?;
         let mask = Tensor::ones((batch, 512), DType::U32, &device)?;
-        let (t, peak) = measure(&device, &meters, reps, || {
+        let Measured {
+            median_s: t,
+            peak_gib: peak,
+            ..
+        } = measure(&device, &meters, reps, || {
             model
                 .forward(&ids, &mask)
                 .map(drop)

@@ -15,16 +15,13 @@
 //! (operation, tile): seconds, and the pool's high-water mark above the memory in use before the
 //! first pass (the weights, which are reported apart) through vpipe-mem's meters.
 
-use std::time::Instant;
-
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::json;
-use vpipe_mem::Meters;
 use vpipe_models::tiling::{default_stride, TileSpec};
 use vpipe_models::wan::WanVae;
 
 mod common;
-use common::GIB;
+use common::{device_and_meters, measure, GIB};
 
 struct Args {
     vae: String,
@@ -76,38 +73,9 @@ fn read(path: &str, key: &str) -> Result<Tensor> {
         .ok_or_else(|| candle_core::Error::Msg(format!("{path}: no tensor '{key}'")))
 }
 
-/// Seconds of the first pass, the median of `reps` more, and the high-water mark above the
-/// memory in use before the first, in GiB.
-fn passes(
-    device: &Device,
-    meters: &Meters,
-    reps: usize,
-    mut pass: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64, f64)> {
-    let before = meters.read().expect("meter").compute_used();
-    meters.reset_peaks().expect("meter");
-    let mut times = Vec::new();
-    for _ in 0..=reps {
-        let start = Instant::now();
-        pass()?;
-        device.synchronize()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    let peak = meters.read().expect("meter").compute_peak();
-    let cold = times.remove(0);
-    times.sort_by(f64::total_cmp);
-    let warm = times.get(times.len() / 2).copied().unwrap_or(cold);
-    Ok((cold, warm, peak.saturating_sub(before) as f64 / GIB))
-}
-
 fn main() -> Result<()> {
     let args = parse_args();
-    let device = if args.cpu {
-        Device::Cpu
-    } else {
-        Device::new_cuda(0)?
-    };
-    let meters = Meters::for_device(&device).expect("meters");
+    let (device, meters) = device_and_meters(args.cpu)?;
     let dtype = DType::BF16;
     let vae = WanVae::from_file(&args.vae, dtype, &device).map_err(candle_core::Error::wrap)?;
     device.synchronize()?;
@@ -124,28 +92,24 @@ fn main() -> Result<()> {
             tile,
             stride: default_stride(tile),
         };
-        let (cold, warm, peak) = passes(&device, &meters, args.reps, || {
+        let encode = measure(&device, &meters, args.reps, || {
             vae.encode_posterior_tiled(&clip, spec)
                 .map(drop)
                 .map_err(candle_core::Error::wrap)
         })?;
-        println!(
-            "{}",
-            json!({"what": "encode", "tile": tile, "stride": spec.stride, "tiles": spec.count(h, w),
-            "cold_s": cold, "warm_s": warm, "peak_above_weights_gib": peak,
-            "peak_with_weights_gib": peak + weights})
-        );
-        let (cold, warm, peak) = passes(&device, &meters, args.reps, || {
+        let decode = measure(&device, &meters, args.reps, || {
             vae.decode_tiled(&latents, spec)
                 .map(drop)
                 .map_err(candle_core::Error::wrap)
         })?;
-        println!(
-            "{}",
-            json!({"what": "decode", "tile": tile, "stride": spec.stride, "tiles": spec.count(h, w),
-            "cold_s": cold, "warm_s": warm, "peak_above_weights_gib": peak,
-            "peak_with_weights_gib": peak + weights})
-        );
+        for (what, m) in [("encode", encode), ("decode", decode)] {
+            println!(
+                "{}",
+                json!({"what": what, "tile": tile, "stride": spec.stride, "tiles": spec.count(h, w),
+                "cold_s": m.cold_s, "warm_s": m.median_s, "peak_above_weights_gib": m.peak_gib,
+                "peak_with_weights_gib": m.peak_gib + weights})
+            );
+        }
     }
     Ok(())
 }

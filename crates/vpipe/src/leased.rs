@@ -144,10 +144,14 @@ pub(crate) fn plan_loras(
             .map_err(candle_core::Error::wrap)
         }),
     };
+    let kept = match fp8 {
+        0 => String::new(),
+        n => format!(" ({n} of them scaled fp8, kept in float8)"),
+    };
     p.note(
         "lora",
         &format!(
-            "{} weights merged as they are read from disk ({fp8} of them scaled fp8, kept in float8)",
+            "{} weights merged as they are read from disk{kept}",
             patch.keys.len()
         ),
     );

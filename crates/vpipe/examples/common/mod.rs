@@ -37,29 +37,50 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-/// Median wall time of `reps` synchronized runs after one warm-up, and the pool's high-water
-/// mark above the memory in use before the first run.
+/// The device an example runs on (`cpu`: the host, for a quick check of the script) and its
+/// meters.
+pub fn device_and_meters(cpu: bool) -> Result<(Device, Meters)> {
+    let device = if cpu {
+        Device::Cpu
+    } else {
+        Device::new_cuda(0)?
+    };
+    let meters = Meters::for_device(&device).expect("meters");
+    Ok((device, meters))
+}
+
+/// One synchronized run's time measured apart (`cold`: first uses of kernels and cuDNN
+/// shapes), the median of `reps` more, and the pool's high-water mark above the memory in
+/// use before the first run, in GiB.
+pub struct Measured {
+    pub cold_s: f64,
+    pub median_s: f64,
+    pub peak_gib: f64,
+}
+
+/// Runs `f` once untimed-for-the-median, then `reps` more times, each followed by a device
+/// synchronisation (see [`Measured`]).
 pub fn measure(
     device: &Device,
     meters: &Meters,
     reps: usize,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
+) -> Result<Measured> {
     let before = meters.read().expect("meter").compute_used();
     meters.reset_peaks().expect("meter");
-    f()?;
-    device.synchronize()?;
     let mut times = Vec::new();
-    for _ in 0..reps {
+    for _ in 0..=reps {
         let start = Instant::now();
         f()?;
         device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
     let peak = meters.read().expect("meter").compute_peak();
+    let cold_s = times.remove(0);
     times.sort_by(f64::total_cmp);
-    Ok((
-        times[times.len() / 2],
-        (peak.saturating_sub(before)) as f64 / GIB,
-    ))
+    Ok(Measured {
+        cold_s,
+        median_s: times.get(times.len() / 2).copied().unwrap_or(cold_s),
+        peak_gib: peak.saturating_sub(before) as f64 / GIB,
+    })
 }
