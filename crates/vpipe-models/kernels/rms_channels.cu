@@ -1,5 +1,7 @@
 // RMS norm over the channel dimension of a contiguous [B, C, S] tensor (S = all positions),
 // optionally followed by SiLU: y[b,c,s] = f(x[b,c,s] * rsqrt(mean_c x[b,:,s]^2 + eps) * g[c]).
+// y's rows may be longer than x's: y[b,c] starts at (b·C + c)·out_row and s lands at
+// out_offset + s, so a causal convolution's front frames can sit before it in the same buffer.
 //
 // A block of 32 × ROWS threads covers 32·VEC consecutive positions of one batch item: lane x
 // owns VEC adjacent positions (one 4-byte load for bf16/f16 pairs), and the ROWS warps split
@@ -35,7 +37,7 @@ template <typename T> struct Pack<T, 2> {
 
 template <typename T, int VEC>
 __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, long long positions,
-                             float eps, int silu) {
+                             long long out_row, long long out_offset, float eps, int silu) {
   __shared__ float partial[ROWS][32 * VEC];
   __shared__ float inv_rms[32 * VEC];
   const int lane = threadIdx.x, row = threadIdx.y;
@@ -45,7 +47,7 @@ __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, lon
   // With VEC = 2 the launcher guarantees an even `positions`, so a pair never straddles the end.
   const bool active = s < positions;
   const T* xp = x + b * channels * positions + s;
-  T* yp = y + b * channels * positions + s;
+  T* yp = y + b * channels * out_row + out_offset + s;
 
   float sum[VEC] = {};
   if (active) {
@@ -84,18 +86,19 @@ __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, lon
       v[i] *= inv[i] * g;
       if (silu) v[i] = v[i] / (1.f + __expf(-v[i]));
     }
-    Pack<T, VEC>::store(yp + (long long)c * positions, v);
+    Pack<T, VEC>::store(yp + (long long)c * out_row, v);
   }
 }
 
 }  // namespace
 
 // Launch: block (32, ROWS), grid batches · ceil(positions / (32 · VEC)); VEC 2 needs an even
-// `positions` (the `_pairs` kernels).
+// `positions`, `out_row` and `out_offset` (the `_pairs` kernels).
 #define RMS_CHANNELS(NAME, T, VEC)                                                            \
   extern "C" __global__ void NAME(const T* x, const T* gamma, T* y, int channels,             \
-                                  long long positions, float eps, int silu) {                 \
-    rms_channels<T, VEC>(x, gamma, y, channels, positions, eps, silu);                        \
+                                  long long positions, long long out_row,                     \
+                                  long long out_offset, float eps, int silu) {                \
+    rms_channels<T, VEC>(x, gamma, y, channels, positions, out_row, out_offset, eps, silu);   \
   }
 RMS_CHANNELS(rms_channels_f32, float, 1)
 RMS_CHANNELS(rms_channels_bf16, __nv_bfloat16, 1)

@@ -132,12 +132,6 @@ impl CausalConv3d {
     ///   cache replaces padding, it does not add frames; a convolution without temporal padding
     ///   ignores it) and `H_out = (H + 2·p_h − k_h)/s_h + 1`, likewise W.
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
-        let _enter = self.span.enter();
-        let (b, c_in, _, _, _) = x.dims5()?;
-        let (c_out, c_in_k, k_t, _, _) = self.weight.dims5()?;
-        if c_in != c_in_k {
-            bail!("conv3d: input has {c_in} channels, the kernel expects {c_in_k}")
-        }
         let front = self.front_padding();
         let x = match cache {
             Some(cache) if front > 0 => {
@@ -149,6 +143,22 @@ impl CausalConv3d {
             }
             _ => x.pad_with_zeros(2, front, 0)?,
         };
+        self.forward_padded(&x)
+    }
+
+    /// [`Self::forward`] on an input that already carries its [`Self::front_padding`] frames
+    /// (cache or zeros) in front: for producers that write them in place instead of having
+    /// them concatenated, a copy of the whole input.
+    ///
+    /// # Shapes
+    /// - `x`: [B, C_in, front + T, H, W]; output as [`Self::forward`]'s for `T` frames.
+    pub fn forward_padded(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (b, c_in, _, _, _) = x.dims5()?;
+        let (c_out, c_in_k, k_t, _, _) = self.weight.dims5()?;
+        if c_in != c_in_k {
+            bail!("conv3d: input has {c_in} channels, the kernel expects {c_in_k}")
+        }
         let (s_t, s_hw) = (self.cfg.stride.0, self.cfg.stride.1);
         let (p_h, p_w) = (self.cfg.padding.1, self.cfg.padding.2);
         let t_pad = x.dim(2)?;
@@ -158,7 +168,7 @@ impl CausalConv3d {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             return super::cudnn::conv3d(
-                &x,
+                x,
                 &self.weight,
                 self.bias.as_ref(),
                 [0, p_h, p_w],

@@ -18,6 +18,7 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     gamma: &Tensor,
     eps: f32,
     silu: bool,
+    front: Option<&Tensor>,
     kernel: &str,
 ) -> candle_core::Result<Tensor> {
     let device = x.device().as_cuda_device()?.clone();
@@ -26,10 +27,28 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     let dims = x.dims();
     let (batches, channels) = (dims[0], dims[1]);
     let positions: usize = dims[2..].iter().product();
-    // 16-bit values go in 4-byte pairs when every channel row starts on an even element.
+    // With front frames the output is [B, C, F + T, H, W] and the norm fills frames F.. of it.
+    let (out_shape, out_offset) = match front {
+        Some(front) => {
+            let (b, c, f, h, w) = front.dims5()?;
+            let (xb, xc, t, xh, xw) = x.dims5()?;
+            if (b, c, h, w) != (xb, xc, xh, xw) {
+                candle_core::bail!(
+                    "rms_channels: front frames {:?} do not match the input {:?}",
+                    front.dims(),
+                    x.dims()
+                );
+            }
+            (vec![b, c, f + t, h, w], f * h * w)
+        }
+        None => (dims.to_vec(), 0),
+    };
+    let out_row = positions + out_offset;
+    // 16-bit values go in 4-byte pairs when every row of both tensors starts on an even element.
     let pairs = std::mem::size_of::<T>() == 2
-        && positions.is_multiple_of(2)
-        && x.layout().start_offset().is_multiple_of(2);
+        && [positions, out_offset, x.layout().start_offset()]
+            .iter()
+            .all(|n| n.is_multiple_of(2));
     let (kernel, per_lane) = if pairs {
         (format!("{kernel}_pairs"), 2)
     } else {
@@ -37,8 +56,10 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     };
     let func = device.get_or_load_custom_func(&kernel, "vpipe_rms_channels", PTX)?;
     let stream = device.cuda_stream();
-    // SAFETY: the kernel writes every element.
-    let mut out = unsafe { stream.alloc::<T>(x.elem_count()) }.w()?;
+    let out_len: usize = out_shape.iter().product();
+    // SAFETY: the kernel writes every element past the front frames; those are written below
+    // before the tensor is returned.
+    let mut out = unsafe { stream.alloc::<T>(out_len) }.w()?;
     {
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = gamma.storage_and_layout();
@@ -58,26 +79,34 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        let (c, p, silu) = (channels as i32, positions as i64, silu as i32);
+        let (c, p, row, offset, silu) = (
+            channels as i32,
+            positions as i64,
+            out_row as i64,
+            out_offset as i64,
+            silu as i32,
+        );
         let mut builder = func.builder();
         builder.arg(&xv);
         builder.arg(&gv);
         builder.arg(&mut out);
         builder.arg(&c);
         builder.arg(&p);
+        builder.arg(&row);
+        builder.arg(&offset);
         builder.arg(&eps);
         builder.arg(&silu);
-        // SAFETY: argument types and order match the kernel's signature; `pairs` only when
-        // every pair the kernel loads is 4-byte aligned and inside the tensor.
+        // SAFETY: argument types and order match the kernel's signature; the output holds
+        // batches · channels rows of `out_row` elements; `pairs` only when every pair the
+        // kernel touches is 4-byte aligned and inside its row.
         unsafe { builder.launch(cfg) }.w()?;
     }
     let storage = CudaStorage::wrap_cuda_slice(out, device);
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        x.shape().clone(),
-        BackpropOp::none(),
-        false,
-    ))
+    let out = Tensor::from_storage(Storage::Cuda(storage), out_shape, BackpropOp::none(), false);
+    if let Some(front) = front {
+        out.slice_set(&front.to_dtype(out.dtype())?.contiguous()?, 2, 0)?;
+    }
+    Ok(out)
 }
 
 /// RMS norm over dimension 1 (channels) of a CUDA tensor, times `gamma` per channel, then
@@ -91,10 +120,36 @@ pub fn rms_norm_channels(
     eps: f32,
     silu: bool,
 ) -> candle_core::Result<Tensor> {
+    rms_norm_dispatch(x, gamma, eps, silu, None)
+}
+
+/// [`rms_norm_channels`] of a clip written after `front` frames in one new tensor: the input of
+/// a causal convolution whose cache (or zero padding) is `front`, without concatenating the
+/// normed clip to it afterwards.
+///
+/// # Shapes
+/// - `x`: [B, C, T, H, W]; `front`: [B, C, F, H, W]; returns [B, C, F + T, H, W].
+pub fn rms_norm_channels_after(
+    x: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    silu: bool,
+    front: &Tensor,
+) -> candle_core::Result<Tensor> {
+    rms_norm_dispatch(x, gamma, eps, silu, Some(front))
+}
+
+fn rms_norm_dispatch(
+    x: &Tensor,
+    gamma: &Tensor,
+    eps: f32,
+    silu: bool,
+    front: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     match x.dtype() {
-        DType::F32 => typed::<f32>(x, gamma, eps, silu, "rms_channels_f32"),
-        DType::BF16 => typed::<half::bf16>(x, gamma, eps, silu, "rms_channels_bf16"),
-        DType::F16 => typed::<half::f16>(x, gamma, eps, silu, "rms_channels_f16"),
+        DType::F32 => typed::<f32>(x, gamma, eps, silu, front, "rms_channels_f32"),
+        DType::BF16 => typed::<half::bf16>(x, gamma, eps, silu, front, "rms_channels_bf16"),
+        DType::F16 => typed::<half::f16>(x, gamma, eps, silu, front, "rms_channels_f16"),
         other => candle_core::bail!("rms_channels: no kernel for {other:?}"),
     }
 }

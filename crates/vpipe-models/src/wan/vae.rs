@@ -316,6 +316,49 @@ fn conv_cached(conv: &CausalConv3d, x: &Tensor, slot: &mut Slot) -> candle_core:
     Ok(y)
 }
 
+/// `conv(silu(norm(x)))` through the convolution's cache slot. On CUDA the norm writes its
+/// output after the cached frames (or zeros) in one new tensor, which the convolution takes as
+/// it is: the concatenation that `conv_cached` makes would copy the whole normed clip again.
+/// The slot then holds the last `CACHE_T` frames of that tensor, zeros included where the clip
+/// was shorter, which the next chunk's convolution reads the same way as the shorter cache.
+fn norm_silu_conv_cached(
+    norm: &RmsNorm,
+    conv: &CausalConv3d,
+    x: &Tensor,
+    slot: &mut Slot,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && conv.front_padding() == CACHE_T {
+        let (b, c, _, h, w) = x.dims5()?;
+        let zeros = |n: usize| Tensor::zeros((b, c, n, h, w), x.dtype(), x.device());
+        let front = match &*slot {
+            Slot::Frames(prev) => {
+                let t_c = prev.dim(2)?;
+                let used = t_c.min(CACHE_T);
+                let tail = prev.narrow(2, t_c - used, used)?;
+                if used < CACHE_T {
+                    Tensor::cat(&[&zeros(CACHE_T - used)?, &tail], 2)?
+                } else {
+                    tail
+                }
+            }
+            _ => zeros(CACHE_T)?,
+        };
+        let padded = crate::ops::fused::rms_norm_channels_after(
+            x,
+            &norm.gamma,
+            RMS_EPS as f32,
+            true,
+            &front,
+        )?;
+        let t = padded.dim(2)?;
+        *slot = Slot::Frames(padded.narrow(2, t - CACHE_T, CACHE_T)?.contiguous()?);
+        return conv.forward_padded(&padded);
+    }
+    let y = norm.forward_maybe_silu(x, true)?;
+    conv_cached(conv, &y, slot)
+}
+
 // ---- Layers ------------------------------------------------------------------------------------
 
 /// Loads a [`CausalConv3d`] with a bias.
@@ -396,11 +439,6 @@ impl RmsNorm {
         self.forward_maybe_silu(x, false)
     }
 
-    /// `silu(norm(x))`.
-    fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_maybe_silu(x, true)
-    }
-
     fn forward_maybe_silu(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         // On CUDA one kernel reduces over the channels in place and applies SiLU (measured on
         // an H100: transposing for candle's last-dim rms_norm cost more than the norm itself).
@@ -464,10 +502,8 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = self.norm1.forward_silu(x)?;
-        let y = conv_cached(&self.conv1, &y, cache.next_slot())?;
-        let y = self.norm2.forward_silu(&y)?;
-        let y = conv_cached(&self.conv2, &y, cache.next_slot())?;
+        let y = norm_silu_conv_cached(&self.norm1, &self.conv1, x, cache.next_slot())?;
+        let y = norm_silu_conv_cached(&self.norm2, &self.conv2, &y, cache.next_slot())?;
         y + h
     }
 }
@@ -753,8 +789,7 @@ impl Encoder {
             x = layer.forward(&x, cache)?;
         }
         let x = self.middle.forward(&x, cache)?;
-        let x = self.head_norm.forward_silu(&x)?;
-        conv_cached(&self.head_conv, &x, cache.next_slot())
+        norm_silu_conv_cached(&self.head_norm, &self.head_conv, &x, cache.next_slot())
     }
 }
 
@@ -826,8 +861,7 @@ impl Decoder {
         for layer in &self.upsamples {
             x = layer.forward(&x, cache)?;
         }
-        let x = self.head_norm.forward_silu(&x)?;
-        conv_cached(&self.head_conv, &x, cache.next_slot())
+        norm_silu_conv_cached(&self.head_norm, &self.head_conv, &x, cache.next_slot())
     }
 }
 
