@@ -1,7 +1,10 @@
-// RMS norm over the channel dimension of a contiguous [B, C, S] tensor (S = all positions),
+// RMS norm over the channel dimension of a [B, C, S] tensor (S = all positions),
 // optionally followed by SiLU: y[b,c,s] = f(x[b,c,s] * rsqrt(mean_c x[b,:,s]^2 + eps) * g[c]).
-// y's rows may be longer than x's: y[b,c] starts at (b·C + c)·out_row and s lands at
-// out_offset + s, so a causal convolution's front frames can sit before it in the same buffer.
+// x may be a strided view: position s = t·frame + r of item b, channel c is read at
+// b·in_batch + c·in_channel + t·in_frame + r (a [T, C, H, W] batch of frames seen as
+// [1, C, T, H, W] needs no copy). y's rows may be longer than x's: y[b,c] starts at
+// (b·C + c)·out_row and s lands at out_offset + s, so a causal convolution's front frames can
+// sit before it in the same buffer.
 //
 // A block of 32 × ROWS threads covers 32·VEC consecutive positions of one batch item: lane x
 // owns VEC adjacent positions (one 4-byte load for bf16/f16 pairs), and the ROWS warps split
@@ -37,7 +40,9 @@ template <typename T> struct Pack<T, 2> {
 
 template <typename T, int VEC>
 __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, long long positions,
-                             long long out_row, long long out_offset, float eps, int silu) {
+                             long long frame, long long in_batch, long long in_channel,
+                             long long in_frame, long long out_row, long long out_offset,
+                             float eps, int silu) {
   __shared__ float partial[ROWS][32 * VEC];
   __shared__ float inv_rms[32 * VEC];
   const int lane = threadIdx.x, row = threadIdx.y;
@@ -46,7 +51,7 @@ __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, lon
   const long long s = (blockIdx.x - b * blocks_per_item) * 32 * VEC + lane * VEC;
   // With VEC = 2 the launcher guarantees an even `positions`, so a pair never straddles the end.
   const bool active = s < positions;
-  const T* xp = x + b * channels * positions + s;
+  const T* xp = x + b * in_batch + (s / frame) * in_frame + s % frame;
   T* yp = y + b * channels * out_row + out_offset + s;
 
   float sum[VEC] = {};
@@ -54,7 +59,7 @@ __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, lon
 #pragma unroll 4
     for (int c = row; c < channels; c += ROWS) {
       float v[VEC];
-      Pack<T, VEC>::load(xp + (long long)c * positions, v);
+      Pack<T, VEC>::load(xp + (long long)c * in_channel, v);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) sum[i] += v[i] * v[i];
     }
@@ -79,7 +84,7 @@ __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, lon
 #pragma unroll 4
   for (int c = row; c < channels; c += ROWS) {
     float v[VEC];
-    Pack<T, VEC>::load(xp + (long long)c * positions, v);
+    Pack<T, VEC>::load(xp + (long long)c * in_channel, v);
     const float g = to_f32(gamma[c]);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -92,13 +97,15 @@ __device__ void rms_channels(const T* x, const T* gamma, T* y, int channels, lon
 
 }  // namespace
 
-// Launch: block (32, ROWS), grid batches · ceil(positions / (32 · VEC)); VEC 2 needs an even
-// `positions`, `out_row` and `out_offset` (the `_pairs` kernels).
+// Launch: block (32, ROWS), grid batches · ceil(positions / (32 · VEC)); VEC 2 needs even
+// positions, frame, strides, out_row and out_offset (the `_pairs` kernels).
 #define RMS_CHANNELS(NAME, T, VEC)                                                            \
   extern "C" __global__ void NAME(const T* x, const T* gamma, T* y, int channels,             \
-                                  long long positions, long long out_row,                     \
+                                  long long positions, long long frame, long long in_batch,   \
+                                  long long in_channel, long long in_frame, long long out_row,\
                                   long long out_offset, float eps, int silu) {                \
-    rms_channels<T, VEC>(x, gamma, y, channels, positions, out_row, out_offset, eps, silu);   \
+    rms_channels<T, VEC>(x, gamma, y, channels, positions, frame, in_batch, in_channel,       \
+                         in_frame, out_row, out_offset, eps, silu);                           \
   }
 RMS_CHANNELS(rms_channels_f32, float, 1)
 RMS_CHANNELS(rms_channels_bf16, __nv_bfloat16, 1)

@@ -22,11 +22,34 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     kernel: &str,
 ) -> candle_core::Result<Tensor> {
     let device = x.device().as_cuda_device()?.clone();
-    let x = x.contiguous()?;
+    // A [B, C, T, H, W] view whose frames are contiguous H×W planes is read in place (e.g. the
+    // frames-as-batch output of a 2D convolution seen as a clip); anything else is copied.
+    let planes = |t: &Tensor| {
+        let (st, d) = (t.layout().stride(), t.dims());
+        t.rank() == 5 && st[4] == 1 && st[3] == d[4]
+    };
+    let x = if planes(x) || x.is_contiguous() {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
     let dims = x.dims();
     let (batches, channels) = (dims[0], dims[1]);
     let positions: usize = dims[2..].iter().product();
+    // Element strides: (frame length, batch, channel, frame).
+    let (frame, in_batch, in_channel, in_frame) = if x.rank() == 5 {
+        let st = x.layout().stride();
+        (dims[3] * dims[4], st[0], st[1], st[2])
+    } else {
+        (positions, channels * positions, positions, 0)
+    };
+    // Elements the kernel may read from the view's start.
+    let span = 1 + dims
+        .iter()
+        .zip(x.layout().stride())
+        .map(|(d, st)| (d - 1) * st)
+        .sum::<usize>();
     // With front frames the output is [B, C, F + T, H, W] and the norm fills frames F.. of it.
     let (out_shape, out_offset) = match front {
         Some(front) => {
@@ -46,9 +69,17 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     let out_row = positions + out_offset;
     // 16-bit values go in 4-byte pairs when every row of both tensors starts on an even element.
     let pairs = std::mem::size_of::<T>() == 2
-        && [positions, out_offset, x.layout().start_offset()]
-            .iter()
-            .all(|n| n.is_multiple_of(2));
+        && [
+            positions,
+            frame,
+            in_batch,
+            in_channel,
+            in_frame,
+            out_offset,
+            x.layout().start_offset(),
+        ]
+        .iter()
+        .all(|n| n.is_multiple_of(2));
     let (kernel, per_lane) = if pairs {
         (format!("{kernel}_pairs"), 2)
     } else {
@@ -68,7 +99,7 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         };
         let xv = xs
             .as_cuda_slice::<T>()?
-            .slice(xl.start_offset()..xl.start_offset() + x.elem_count());
+            .slice(xl.start_offset()..xl.start_offset() + span);
         let gv = gs
             .as_cuda_slice::<T>()?
             .slice(gl.start_offset()..gl.start_offset() + channels);
@@ -86,17 +117,22 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             out_offset as i64,
             silu as i32,
         );
+        let strides = [frame, in_batch, in_channel, in_frame].map(|n| n as i64);
         let mut builder = func.builder();
         builder.arg(&xv);
         builder.arg(&gv);
         builder.arg(&mut out);
         builder.arg(&c);
         builder.arg(&p);
+        for stride in &strides {
+            builder.arg(stride);
+        }
         builder.arg(&row);
         builder.arg(&offset);
         builder.arg(&eps);
         builder.arg(&silu);
-        // SAFETY: argument types and order match the kernel's signature; the output holds
+        // SAFETY: argument types and order match the kernel's signature; the kernel reads x
+        // only within `span` elements of its start (its own strides), and the output holds
         // batches · channels rows of `out_row` elements; `pairs` only when every pair the
         // kernel touches is 4-byte aligned and inside its row.
         unsafe { builder.launch(cfg) }.w()?;
@@ -159,30 +195,56 @@ const VAE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/vae.ptx"));
 /// Nearest ×2 spatial upsampling of every frame, into the frames-as-batch layout the 2D
 /// convolution after it takes: one kernel instead of a permute copy and candle's upsample.
 ///
+/// `x` may be a view: `[B, C, T, H, W]`, or `[B, C, T, R, H, W]` whose frame `t·R + r` is
+/// `x[.., t, r, ..]` (the time upsampling's interleave, read in place). Its H×W planes must be
+/// contiguous, else it is copied first.
+///
 /// # Shapes
-/// - `x`: [B, C, T, H, W]; returns [B·T, C, 2H, 2W].
+/// - `x`: [B, C, T, H, W] or [B, C, T, R, H, W]; returns [B·T·R, C, 2H, 2W].
 pub fn upsample2x_frames(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, c, t, h, w) = x.dims5()?;
-    let x = x.contiguous()?;
-    let xp = device_ptr(&x)?;
-    let (out, op) = empty(&x, &[b * t, c, 2 * h, 2 * w])?;
-    let total = x.elem_count() as i64;
+    let grouped = x.rank() == 6;
+    let planes = |t: &Tensor| {
+        let (st, d) = (t.layout().stride(), t.dims());
+        let r = t.rank();
+        st[r - 1] == 1 && st[r - 2] == d[r - 1]
+    };
+    let x = if planes(x) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    let d = x.dims().to_vec();
+    let st = x.layout().stride().to_vec();
+    let (b, c, h, w) = (d[0], d[1], d[d.len() - 2], d[d.len() - 1]);
+    let (frames, s_outer, s_inner, inner) = if grouped {
+        (d[2] * d[3], st[2], st[3], d[3])
+    } else {
+        (d[2], st[2], 0, 1)
+    };
+    let (out, op) = empty(&x, &[b * frames, c, 2 * h, 2 * w])?;
+    let total = (b * c * frames * h * w) as i64;
     let func = x.device().as_cuda_device()?.get_or_load_custom_func(
         &format!("upsample2x_frames_{}", suffix(x.dtype())?),
         "vpipe_vae",
         VAE_PTX,
     )?;
-    let (ci, ti, hi, wi) = (c as i32, t as i32, h as i32, w as i32);
+    let xp = layout_ptr(&x)?;
+    let (ci, fi, hi, wi, ii) = (c as i32, frames as i32, h as i32, w as i32, inner as i32);
+    let strides = [st[0], st[1], s_outer, s_inner].map(|n| n as i64);
     let mut a = func.builder();
     a.arg(&xp);
     a.arg(&op);
     a.arg(&ci);
-    a.arg(&ti);
+    a.arg(&fi);
     a.arg(&hi);
     a.arg(&wi);
     a.arg(&total);
-    // SAFETY: arguments match `upsample2x_frames_*` in kernels/vae.cu; `x` is contiguous with
-    // `total` elements and the kernel writes all 4·total elements of `out`.
+    for stride in &strides {
+        a.arg(stride);
+    }
+    a.arg(&ii);
+    // SAFETY: arguments match `upsample2x_frames_*` in kernels/vae.cu; the kernel reads `x`
+    // only through its own strides and shape, and writes all 4·total elements of `out`.
     unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
     Ok(out)
 }

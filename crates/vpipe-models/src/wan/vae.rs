@@ -647,6 +647,9 @@ impl Resample {
 
     fn forward(&self, x: &Tensor, cache: &mut Cursor) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
+        // On CUDA, the time upsampling's [B, C, T, 2, H, W] interleave stays a view that the
+        // spatial upsampling reads in place.
+        let mut interleaved: Option<Tensor> = None;
         if let (ResampleMode::Up3d, Some(time_conv)) = (self.mode, &self.time_conv) {
             let slot = cache.next_slot();
             if let Slot::Empty = slot {
@@ -673,19 +676,29 @@ impl Resample {
                 };
                 *slot = Slot::Frames(next.contiguous()?);
                 // [B, 2C, T, H, W]: channel half 0 gives the even output frames, half 1 the odd.
-                x = y
+                let view = y
                     .reshape(vec![b, 2, c, t, h, w])?
-                    .permute(vec![0, 2, 3, 1, 4, 5])?
-                    .reshape((b, c, 2 * t, h, w))?;
+                    .permute(vec![0, 2, 3, 1, 4, 5])?;
+                if cfg!(feature = "cuda") && y.device().is_cuda() {
+                    interleaved = Some(view);
+                } else {
+                    x = view.reshape((b, c, 2 * t, h, w))?;
+                }
             }
         }
-        let (b, c, t, h, w) = x.dims5()?;
+        let (b, c, t, h, w) = match &interleaved {
+            Some(v) => {
+                let d = v.dims();
+                (d[0], d[1], d[2] * d[3], d[4], d[5])
+            }
+            None => x.dims5()?,
+        };
         let as_frames = |x: &Tensor| x.permute((0, 2, 1, 3, 4))?.reshape((b * t, c, h, w));
         let frames = match self.mode {
             // nearest-exact ×2 picks source index ⌊i/2⌋, the same as nearest.
             #[cfg(feature = "cuda")]
             ResampleMode::Up2d | ResampleMode::Up3d if x.device().is_cuda() => {
-                crate::ops::fused::upsample2x_frames(&x)?
+                crate::ops::fused::upsample2x_frames(interleaved.as_ref().unwrap_or(&x))?
             }
             ResampleMode::Up2d | ResampleMode::Up3d => {
                 as_frames(&x)?.upsample_nearest2d(2 * h, 2 * w)?
