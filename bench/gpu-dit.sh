@@ -5,14 +5,8 @@
 # Needs .carry/dit_bench.xz (and .carry/umt5_bench.xz when present) from a CUDA build, .whl/ with
 # diffusers 0.42.1. Run with carry [".carry", ".whl"]; results in $OUT/dit.jsonl and log.
 set -u
-OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site
-mkdir -p /tmp/vpipe-bin
-for b in dit_bench umt5_bench dit_parity fused_attention_gpu; do
-  [ -f .carry/$b.xz ] && xz -dc .carry/$b.xz > /tmp/vpipe-bin/$b && chmod +x /tmp/vpipe-bin/$b
-done
+. bench/device-env.sh
+for b in dit_bench umt5_bench dit_parity fused_attention_gpu; do unpack $b > /dev/null; done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 date -u
 {

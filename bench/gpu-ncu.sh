@@ -3,12 +3,8 @@
 # (two causal chunks), or with OP=decode of its 2 latent frames, vpipe next to diffusers, summed
 # by kernel name. carry: [".carry", ".whl"]
 set -u
-OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site
-VPIPE=/tmp/vpipe-bin/vpipe
-mkdir -p /tmp/vpipe-bin && xz -dc .carry/vpipe.xz > $VPIPE && chmod +x $VPIPE
+. bench/device-env.sh
+VPIPE=$(unpack vpipe)
 W=/tmp/vaebench
 python3 bench/vae_gpu.py tile-inputs .carry/clip.mp4 > /dev/null 2>&1 || exit 4
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)

@@ -5,12 +5,8 @@
 # Needs .carry/vpipe.xz (CUDA build), .carry/clip.mp4, .whl/ (diffusers, for the VAE weights).
 # Run with carry [".carry", ".whl"]; results in $OUT (report.json, memory.svg, out.mp4 probe, log).
 set -u
-OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site
-VPIPE=/tmp/vpipe-bin/vpipe
-[ -x $VPIPE ] || { mkdir -p /tmp/vpipe-bin && xz -dc .carry/vpipe.xz > $VPIPE && chmod +x $VPIPE; }
+. bench/device-env.sh
+VPIPE=$(unpack vpipe)
 M=/tmp/wan-random
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 date -u

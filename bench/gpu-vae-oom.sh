@@ -5,12 +5,8 @@
 # the fallback in its report. Needs .carry/vpipe.xz, .carry/clip.mp4, .whl/ (diffusers, for the
 # weights). Run with carry [".carry", ".whl"].
 set -u
-OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site
-VPIPE=/tmp/vpipe-bin/vpipe
-[ -x $VPIPE ] || { mkdir -p /tmp/vpipe-bin && xz -dc .carry/vpipe.xz > $VPIPE && chmod +x $VPIPE; }
+. bench/device-env.sh
+VPIPE=$(unpack vpipe)
 W=/tmp/vaebench
 [ -f $W/clip.safetensors ] || python3 bench/vae_gpu.py prepare .carry/clip.mp4 > $OUT/prepare.log 2>&1 || exit 4
 HEADROOM_GIB=${HEADROOM_GIB:-2.0}

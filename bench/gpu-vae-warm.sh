@@ -5,11 +5,8 @@
 # Needs .carry/vae_bench.xz (cargo build --release -p vpipe --features vpipe/cuda --examples),
 # .carry/clip.mp4, .whl/ with diffusers 0.42.1. Run with carry [".carry", ".whl"].
 set -u
-OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site
-mkdir -p /tmp/vpipe-bin && xz -dc .carry/vae_bench.xz > /tmp/vpipe-bin/vae_bench && chmod +x /tmp/vpipe-bin/vae_bench
+. bench/device-env.sh
+VAE_BENCH=$(unpack vae_bench)
 W=/tmp/vaebench
 TILES=${TILES:-256,320,384}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -18,7 +15,7 @@ date -u
   # gpu-vae.sh leaves the same inputs behind when it ran first in the call.
   [ -f $W/diffusers_enc.safetensors ] || python3 bench/vae_gpu.py prepare .carry/clip.mp4 > $OUT/prepare.log 2>&1 || { tail $OUT/prepare.log; exit 4; }
   echo "=== vpipe (vae_bench)"
-  timeout 280 /tmp/vpipe-bin/vae_bench --vae $W/vae.safetensors --clip $W/clip.safetensors \
+  timeout 280 $VAE_BENCH --vae $W/vae.safetensors --clip $W/clip.safetensors \
     --latents $W/diffusers_enc.safetensors --tiles $TILES --reps 2 | sed 's/^/vpipe /'
   echo "=== diffusers"
   timeout 280 python3 bench/vae_gpu.py warm $TILES 2 | sed 's/^/diffusers /'

@@ -4,12 +4,9 @@
 # Needs: .carry/vpipe.xz (CUDA build), .carry/clip.mp4 (../shared/media/wan21-cheesecake-832x480x81-h264.mp4),
 # .whl/ with diffusers 0.42.1. Run with carry [".carry", ".whl"].
 set -u
-OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site
-VPIPE=/tmp/vpipe-bin/vpipe
-[ -x $VPIPE ] || { mkdir -p /tmp/vpipe-bin && xz -dc .carry/vpipe.xz > $VPIPE && chmod +x $VPIPE; }
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. bench/device-env.sh
+VPIPE=$(unpack vpipe)
 W=/tmp/vaebench
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 bench/vae_gpu.py prepare .carry/clip.mp4 || exit 4
