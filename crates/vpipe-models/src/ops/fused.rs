@@ -498,8 +498,15 @@ pub fn bias_act_in_place(y: &Tensor, bias: &Tensor, gelu: bool) -> candle_core::
 }
 
 /// Whether [`flash_attention`] takes these operands: CUDA, bf16 or f16, head dim 128, the
-/// head dimension contiguous and every row 16-byte aligned (its loads are 16 bytes wide).
+/// head dimension contiguous, every row 16-byte aligned (its loads are 16 bytes wide), and
+/// batch × heads and the lengths within its launch grid and 32-bit indices.
 pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let within_grid = match (q.dims4(), k.dims4()) {
+        (Ok((b, h, lq, _)), Ok((_, _, lk, _))) => {
+            b * h <= 65_535 && lq <= i32::MAX as usize && lk <= i32::MAX as usize
+        }
+        _ => false,
+    };
     let aligned = |t: &Tensor| {
         let layout = t.layout();
         t.rank() == 4
@@ -508,7 +515,8 @@ pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
             && layout.stride()[..3].iter().all(|s| s % 8 == 0)
             && layout.start_offset() % 8 == 0
     };
-    q.device().is_cuda()
+    within_grid
+        && q.device().is_cuda()
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
