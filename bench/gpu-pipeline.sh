@@ -2,7 +2,8 @@
 # Device-machine run for issue 5: `vpipe run` at full size — 14B DiT, umT5-XXL, Wan VAE, random
 # bf16 weights — video-to-video from the real clip (832x480, 81 frames), 2 sampling steps, and
 # the report checked against the seed's targets (bench/check_pipeline_report.py).
-# Needs .carry/vpipe.xz (CUDA build), .carry/clip.mp4, .whl/ (diffusers, for the VAE weights).
+# Needs .carry/vpipe.xz (CUDA build), .carry/clip.mp4, .whl/ (diffusers, for the VAE weights);
+# runs vpipe-mem's `pinned_gpu` test first when .carry/pinned_gpu.xz is there.
 # Run with carry [".carry", ".whl"]; results in $OUT (report.json, memory.svg, out.mp4 probe, log).
 set -u
 . bench/device-env.sh
@@ -11,6 +12,11 @@ M=/tmp/wan-random
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 date -u
 {
+  PINNED_TEST=$(unpack pinned_gpu)
+  if [ -x "$PINNED_TEST" ]; then
+    echo "=== the CUDA host tier: weights read into pinned memory reach the device equal to the file"
+    timeout 120 $PINNED_TEST --test-threads 1 --nocapture 2>&1 | grep -E "max abs|test result|panicked"
+  fi
   python3 bench/make_random_checkpoints.py $M || exit 4
   python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4   # writes /tmp/vaebench/vae.safetensors
   $VPIPE plan --dit $M/wan2.1_t2v_14B_random_bf16.safetensors --vae /tmp/vaebench/vae.safetensors \
