@@ -44,36 +44,6 @@ impl PinnedTensor {
         })
     }
 
-    /// Reads `len` bytes at `offset` of `file` (the raw little-endian bytes of a `dtype` tensor
-    /// of `shape`) straight into freshly pinned memory, without mapping the file.
-    pub(crate) fn from_file(
-        device: &CudaDevice,
-        dtype: DType,
-        shape: Shape,
-        file: &std::fs::File,
-        offset: u64,
-        len: usize,
-    ) -> candle_core::Result<Self> {
-        use std::os::unix::fs::FileExt;
-        if len != shape.elem_count() * dtype.size_in_bytes() {
-            candle_core::bail!(
-                "{len} bytes in the file for {shape:?} of {dtype:?} ({} expected)",
-                shape.elem_count() * dtype.size_in_bytes()
-            );
-        }
-        let context = device.cuda_stream().context().clone();
-        // SAFETY: the buffer is fully written by the read below before anything reads it.
-        let mut bytes = unsafe { context.alloc_pinned_with_flags::<u8>(len.max(1), 0) }
-            .map_err(driver_error)?;
-        let destination = bytes.as_mut_slice().map_err(driver_error)?;
-        file.read_exact_at(&mut destination[..len], offset)?;
-        Ok(Self {
-            dtype,
-            shape,
-            bytes,
-        })
-    }
-
     fn upload_as<T: CudaDType + DeviceRepr>(
         &self,
         device: &CudaDevice,

@@ -9,7 +9,7 @@
 //! Moves between tiers are made by [`crate::Phase`], which measures and verifies each one;
 //! this module only holds the copies and knows their sizes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -180,47 +180,25 @@ impl Model {
         match pinned_for {
             #[cfg(feature = "cuda")]
             Device::Cuda(cuda) => {
-                // Bytes kept as they are stored are read from the file straight into pinned
-                // memory: through the map, each 4 KiB page costs a fault (10.9 M of them for
-                // the 14B DiT and umT5-xxl on the H100 host, most of a 17 s load).
-                let file = std::fs::File::open(&self.path)
-                    .map_err(|e| self.checkpoint_error(format!("opening: {e}")))?;
-                let offsets = data_offsets(&self.path)?;
                 let mut copies = BTreeMap::new();
                 for meta in &self.tensors {
                     let view = mapped.get(&meta.name).map_err(|e| {
                         self.checkpoint_error(format!("tensor '{}': {e}", meta.name))
                     })?;
+                    let converted;
                     let unpatched = self
                         .patch
                         .as_ref()
                         .is_none_or(|p| !p.keys.contains(&meta.name));
-                    let pinned = match offsets.get(&meta.name) {
-                        Some(&(start, len))
-                            if unpatched
-                                && DType::try_from(view.dtype()).ok() == Some(meta.dtype) =>
-                        {
-                            crate::pinned::PinnedTensor::from_file(
-                                cuda,
-                                meta.dtype,
-                                meta.shape.clone().into(),
-                                &file,
-                                start,
-                                len,
-                            )
-                            .map_err(|e| {
-                                self.checkpoint_error(format!("reading '{}': {e}", meta.name))
-                            })?
-                        }
-                        _ => {
-                            let converted = load(meta)?;
-                            let data = safetensors::View::data(&converted);
-                            let pinned =
-                                self.pin(cuda, &meta.name, meta.dtype, &meta.shape, &data)?;
-                            release_mapped_pages(&mapped, &meta.name);
-                            pinned
-                        }
-                    };
+                    let data: std::borrow::Cow<'_, [u8]> =
+                        if unpatched && DType::try_from(view.dtype()).ok() == Some(meta.dtype) {
+                            std::borrow::Cow::Borrowed(view.data())
+                        } else {
+                            converted = load(meta)?;
+                            safetensors::View::data(&converted)
+                        };
+                    let pinned = self.pin(cuda, &meta.name, meta.dtype, &meta.shape, &data)?;
+                    release_mapped_pages(&mapped, &meta.name);
                     copies.insert(meta.name.clone(), pinned);
                 }
                 Ok(HostCopy::Pinned(copies))
@@ -395,31 +373,6 @@ impl<'p> Lease<'p> {
     }
 }
 
-/// Where each tensor's bytes lie in a safetensors file: name → (absolute offset, length).
-/// Used by the pinned (CUDA) read; its unit test runs everywhere.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn data_offsets(path: &Path) -> Result<HashMap<String, (u64, usize)>, MemError> {
-    let error = |detail: String| MemError::Checkpoint {
-        path: path.to_owned(),
-        detail,
-    };
-    let file = std::fs::File::open(path).map_err(|e| error(format!("opening: {e}")))?;
-    // SAFETY: a read-only map of a checkpoint, as `Model::map` makes; only the header is read.
-    let mapped =
-        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| error(format!("mapping: {e}")))?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mapped)
-        .map_err(|e| error(format!("reading the header: {e}")))?;
-    let data_start = 8 + header_len as u64;
-    Ok(metadata
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| {
-            let (start, end) = info.data_offsets;
-            (name, (data_start + start as u64, end - start))
-        })
-        .collect())
-}
-
 /// Drops the pages of tensor `name`'s bytes from this process's resident set once they have been
 /// copied: without it, reading a 28.6 GB checkpoint into its host copy peaks at twice its size
 /// in RSS (the copy plus every file page touched through the map, measured on the H100 host).
@@ -445,52 +398,8 @@ fn release_mapped_pages(mapped: &MmapedSafetensors, name: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::{data_offsets, resident_dtype};
-    use candle_core::{DType, Device, Tensor};
-
-    #[test]
-    fn data_offsets_point_at_each_tensors_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.safetensors");
-        let tensors: std::collections::HashMap<String, Tensor> = [
-            ("a", Tensor::arange(0f32, 7., &Device::Cpu).unwrap()),
-            (
-                "b.weight",
-                Tensor::arange(0f32, 12., &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap()
-                    .reshape((3, 4))
-                    .unwrap(),
-            ),
-            ("c", Tensor::new(&[1u8, 2, 3], &Device::Cpu).unwrap()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        candle_core::safetensors::save(&tensors, &path).unwrap();
-        let file = std::fs::read(&path).unwrap();
-        let offsets = data_offsets(&path).unwrap();
-        assert_eq!(offsets.len(), 3);
-        for (name, tensor) in &tensors {
-            let (start, len) = offsets[name];
-            let bytes = &file[start as usize..start as usize + len];
-            let back = Tensor::from_raw_buffer(bytes, tensor.dtype(), tensor.dims(), &Device::Cpu)
-                .unwrap();
-            let same = back
-                .to_dtype(DType::F32)
-                .unwrap()
-                .eq(&tensor.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .min(0)
-                .unwrap()
-                .to_scalar::<u8>()
-                .unwrap();
-            assert_eq!(same, 1, "{name}");
-        }
-    }
+    use super::resident_dtype;
+    use candle_core::DType;
 
     #[test]
     fn quantisation_data_keeps_its_dtype() {

@@ -1,6 +1,6 @@
-//! The CUDA host tier on a real device: weights read from the file into pinned memory (raw
-//! bytes, no map) or converted on the way (dtype change, patch) come back on the device equal
-//! to the file's values. Built only with the `cuda` feature; run by `bench/gpu-pipeline.sh`.
+//! The CUDA host tier on a real device: weights copied into pinned memory as they are stored,
+//! or converted on the way (dtype change), come back on the device equal to the file's values.
+//! Built only with the `cuda` feature; run by `bench/gpu-pipeline.sh`.
 #![cfg(feature = "cuda")]
 
 use std::collections::HashMap;
