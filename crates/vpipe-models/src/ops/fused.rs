@@ -9,7 +9,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
-use crate::ops::attention::FUSED_HEAD_DIM;
+use crate::ops::attention::fused_kernel_applies;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_channels.ptx"));
 
@@ -24,11 +24,7 @@ fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     let device = x.device().as_cuda_device()?.clone();
     // A [B, C, T, H, W] view whose frames are contiguous H×W planes is read in place (e.g. the
     // frames-as-batch output of a 2D convolution seen as a clip); anything else is copied.
-    let planes = |t: &Tensor| {
-        let (st, d) = (t.layout().stride(), t.dims());
-        t.rank() == 5 && st[4] == 1 && st[3] == d[4]
-    };
-    let x = if planes(x) || x.is_contiguous() {
+    let x = if (x.rank() == 5 && has_contiguous_planes(x)) || x.is_contiguous() {
         x.clone()
     } else {
         x.contiguous()?
@@ -203,12 +199,7 @@ const VAE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/vae.ptx"));
 /// - `x`: [B, C, T, H, W] or [B, C, T, R, H, W]; returns [B·T·R, C, 2H, 2W].
 pub fn upsample2x_frames(x: &Tensor) -> candle_core::Result<Tensor> {
     let grouped = x.rank() == 6;
-    let planes = |t: &Tensor| {
-        let (st, d) = (t.layout().stride(), t.dims());
-        let r = t.rank();
-        st[r - 1] == 1 && st[r - 2] == d[r - 1]
-    };
-    let x = if planes(x) {
+    let x = if has_contiguous_planes(x) {
         x.clone()
     } else {
         x.contiguous()?
@@ -250,6 +241,13 @@ pub fn upsample2x_frames(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 const DIT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit.ptx"));
+
+/// Whether a tensor's last two dimensions form contiguous planes (the H×W of a frame), the
+/// layout the VAE kernels read through strides.
+fn has_contiguous_planes(t: &Tensor) -> bool {
+    let (st, d, r) = (t.layout().stride(), t.dims(), t.rank());
+    r >= 2 && st[r - 1] == 1 && st[r - 2] == d[r - 1]
+}
 
 /// The kernel-name suffix of a dtype, and the check that the DiT kernels have it.
 fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
@@ -497,27 +495,25 @@ pub fn bias_act_in_place(y: &Tensor, bias: &Tensor, gelu: bool) -> candle_core::
     Ok(())
 }
 
-/// Whether [`flash_attention`] takes these operands: CUDA, bf16 or f16, head dim 128, the
-/// head dimension contiguous, every row 16-byte aligned (its loads are 16 bytes wide), and
-/// batch × heads and the lengths within its launch grid and 32-bit indices.
+/// Whether [`flash_attention`] takes these operands: the device, dtype and head dim of
+/// [`fused_kernel_applies`], the head dimension contiguous, every row 16-byte aligned (its
+/// loads are 16 bytes wide), and batch × heads and the lengths within its launch grid and
+/// 32-bit indices.
 pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let within_grid = match (q.dims4(), k.dims4()) {
-        (Ok((b, h, lq, _)), Ok((_, _, lk, _))) => {
-            b * h <= 65_535 && lq <= i32::MAX as usize && lk <= i32::MAX as usize
-        }
-        _ => false,
+    let (Ok((b, h, lq, head_dim)), Ok((_, _, lk, _))) = (q.dims4(), k.dims4()) else {
+        return false;
     };
+    let within_grid = b * h <= 65_535 && lq <= i32::MAX as usize && lk <= i32::MAX as usize;
     let aligned = |t: &Tensor| {
         let layout = t.layout();
         t.rank() == 4
-            && t.dim(3).is_ok_and(|d| d == FUSED_HEAD_DIM)
+            && t.dim(3).is_ok_and(|d| d == head_dim)
             && layout.stride()[3] == 1
             && layout.stride()[..3].iter().all(|s| s % 8 == 0)
             && layout.start_offset() % 8 == 0
     };
     within_grid
-        && q.device().is_cuda()
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && fused_kernel_applies(q.device().is_cuda(), q.dtype(), head_dim)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
         && [q, k, v].into_iter().all(aligned)
