@@ -105,16 +105,17 @@ fn main() -> Result<()> {
         let timestep = Tensor::new(vec![999f32; batch], &device)?;
         let context =
             Tensor::randn(0f32, 1., (batch, text_len, cfg.text_dim), &device)?.to_dtype(dtype)?;
-        let Measured {
-            median_s: step_s,
-            peak_gib,
-            ..
-        } = measure(&device, &meters, args.reps, || {
+        let forward = || {
             model
                 .forward(&latents, &timestep, &context)
                 .map(drop)
                 .map_err(candle_core::Error::wrap)
-        })?;
+        };
+        let Measured {
+            median_s: step_s,
+            peak_gib,
+            ..
+        } = measure(&device, &meters, args.reps, forward)?;
 
         let (self_chunk, cross_chunk) = model.query_chunks(batch, tokens, text_len);
         let (h, hd) = (cfg.num_heads, cfg.head_dim());
@@ -135,9 +136,7 @@ fn main() -> Result<()> {
         // Once more with every attention call timed inside the forward (synchronised).
         time_calls(true);
         let start = Instant::now();
-        model
-            .forward(&latents, &timestep, &context)
-            .map_err(candle_core::Error::wrap)?;
+        forward()?;
         device.synchronize()?;
         let timed_forward_s = start.elapsed().as_secs_f64();
         let in_model_attention_s = timed_seconds();
@@ -148,12 +147,7 @@ fn main() -> Result<()> {
             median_s: rest_s,
             peak_gib: rest_peak_gib,
             ..
-        } = measure(&device, &meters, args.reps, || {
-            model
-                .forward(&latents, &timestep, &context)
-                .map(drop)
-                .map_err(candle_core::Error::wrap)
-        })?;
+        } = measure(&device, &meters, args.reps, forward)?;
         skip_for_benchmark(false);
         println!(
             "{}",

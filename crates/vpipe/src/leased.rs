@@ -13,18 +13,14 @@ use vpipe_mem::{Lease, ModelId, Phase, WeightPatch};
 use vpipe_models::wan::{dit_keys, DitConfig, WanModel, WanVae};
 use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder};
 
-/// A `VarBuilder` over a lease's weights, handing them out in `dtype` unless a layer asks for
-/// another (scaled-fp8 weights stay float8).
+/// A `VarBuilder` over clones (reference counts) of a lease's weights, handing them out in
+/// `dtype` unless a layer asks for another (scaled-fp8 weights stay float8).
 fn var_builder(lease: &Lease<'_>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_tensors(lease_weights(lease), dtype, device)
-}
-
-/// Clones (reference counts) of a lease's tensors, by checkpoint key.
-fn lease_weights(lease: &Lease<'_>) -> HashMap<String, Tensor> {
-    lease
+    let weights: HashMap<String, Tensor> = lease
         .iter()
         .map(|(name, t)| (name.to_owned(), t.clone()))
-        .collect()
+        .collect();
+    VarBuilder::from_tensors(weights, dtype, device)
 }
 
 /// The Wan VAE over a lease's weights (either key layout; config from the shapes).

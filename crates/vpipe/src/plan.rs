@@ -270,13 +270,14 @@ impl Plan {
                 ),
             },
         ];
+        let vae_phase = |name, bytes_per_unit| PhasePlan {
+            name,
+            resident: vec!["vae"],
+            estimated_peak_bytes: sizes.vae_bytes + bytes_per_unit * vae_unit,
+            detail: format!("tile {} px, stride {} px", job.tiles.tile, job.tiles.stride),
+        };
         if job.input.is_some() {
-            phases.push(PhasePlan {
-                name: "vae encode",
-                resident: vec!["vae"],
-                estimated_peak_bytes: sizes.vae_bytes + VAE_ENCODE_BYTES_PER_UNIT * vae_unit,
-                detail: format!("tile {} px, stride {} px", job.tiles.tile, job.tiles.stride),
-            });
+            phases.push(vae_phase("vae encode", VAE_ENCODE_BYTES_PER_UNIT));
         }
         phases.push(PhasePlan {
             name: "sample",
@@ -295,12 +296,7 @@ impl Plan {
                 )
             },
         });
-        phases.push(PhasePlan {
-            name: "vae decode",
-            resident: vec!["vae"],
-            estimated_peak_bytes: sizes.vae_bytes + VAE_DECODE_BYTES_PER_UNIT * vae_unit,
-            detail: format!("tile {} px, stride {} px", job.tiles.tile, job.tiles.stride),
-        });
+        phases.push(vae_phase("vae decode", VAE_DECODE_BYTES_PER_UNIT));
         phases.push(PhasePlan {
             name: "write",
             resident: vec![],
