@@ -30,6 +30,14 @@ done
 cp $W/vpipe_enc.json $W/vpipe_dec.json "$OUT/" 2>/dev/null
 python3 bench/vae_gpu.py compare
 [ -n "${SKIP_AUTO:-}" ] && exit 0
+echo "=== vpipe with --vram-budget at diffusers' measured peak (its on-device input or output included) and an automatic tile"
+budget() { python3 -c "import json; print(json.load(open('$W/diffusers.json'))['$1'])"; }
+timeout 150 $V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --vram-budget "$(budget encode_peak_total)" \
+  --input $W/clip.safetensors --output $W/budget_enc.safetensors --report $W/vpipe_budget_enc.json
+timeout 150 $V vae-decode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --vram-budget "$(budget decode_peak_total)" \
+  --input $W/diffusers_enc.safetensors --output $W/budget_dec.safetensors --report $W/vpipe_budget_dec.json
+cp $W/vpipe_budget_enc.json $W/vpipe_budget_dec.json "$OUT/" 2>/dev/null
+python3 bench/vae_gpu.py budget-compare
 echo "=== vpipe encode with --vram-budget 1GiB and an automatic tile"
 timeout 150 $V vae-encode --vae $W/vae.safetensors --device cuda:0 --dtype bf16 --vram-budget 1GiB \
   --input $W/clip.safetensors --output $W/auto_enc.safetensors --report $W/vpipe_auto.json

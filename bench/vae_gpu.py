@@ -94,12 +94,14 @@ def prepare(clip_path):
         res["frame_encode_s"], res["frame_encode_peak"] = t, peak - x.numel() * 2
         mean, t, peak = timed(lambda: vae.encode(x).latent_dist.mean)
         res["encode_s"], res["encode_peak"] = t, peak - x.numel() * 2
+        res["encode_peak_total"] = peak
         log("diffusers tiled encode", f"{t:.2f} s", f"peak {peak / GiB:.2f} GiB (incl. input)")
         del x
         torch.cuda.empty_cache()
         z = mean.clone()
         decoded, t, peak = timed(lambda: vae.decode(z).sample)
         res["decode_s"], res["decode_peak"] = t, peak - decoded.numel() * 2
+        res["decode_peak_total"] = peak
         log("diffusers tiled decode", f"{t:.2f} s", f"peak {peak / GiB:.2f} GiB (incl. output)")
     # f32 parity on the GPU: a 9-frame 128x128 crop, untiled, no TF32 anywhere.
     torch.backends.cudnn.allow_tf32 = False
@@ -256,10 +258,32 @@ def compare():
     print("vpipe notes:", enc["notes"], dec["notes"], "fallbacks:", enc["fallbacks"], dec["fallbacks"])
 
 
+def budget_compare():
+    """vpipe's encode and decode with --vram-budget at diffusers' whole peak (its input or
+    output included) against diffusers' tiled time: the issue's "at no more memory"."""
+    d = json.load(open(f"{WORK}/diffusers.json"))
+    enc = phase_stats(f"{WORK}/vpipe_budget_enc.json", "vae encode")
+    dec = phase_stats(f"{WORK}/vpipe_budget_dec.json", "vae decode")
+    g = lambda b: f"{b / GiB:.3f} GiB"
+    for name, v, budget, t_d in [("encode", enc, d["encode_peak_total"], d["encode_s"]),
+                                 ("decode", dec, d["decode_peak_total"], d["decode_s"])]:
+        tiles = [n["detail"] for n in v["notes"] if n["what"] in ("vae tile choice", "vae tiles")]
+        print(f"{name}: budget {g(budget)} (diffusers' peak incl. its I/O); vpipe peak "
+              f"{g(v['peak_above_baseline'])}, {v['compute_s']:.2f} s (calibration included) "
+              f"vs diffusers {t_d:.2f} s; fallbacks {v['fallbacks']}; {tiles}")
+    ratio = (enc["compute_s"] + dec["compute_s"]) / (d["encode_s"] + d["decode_s"])
+    ok = enc["peak_above_baseline"] <= d["encode_peak_total"] and dec["peak_above_baseline"] <= d["decode_peak_total"]
+    print(f"(enc+dec) vpipe at diffusers' memory / diffusers tiled 256 px time: {ratio:.3f}; "
+          f"vpipe peaks within diffusers': {ok}")
+    json.dump({"encode": enc, "decode": dec, "diffusers": d, "ratio": ratio, "peaks_within": ok},
+              open(f"{OUT}/vae_budget_summary.json", "w"), indent=1)
+
+
 if __name__ == "__main__":
     {
         "prepare": lambda: prepare(sys.argv[2]),
         "compare": compare,
+        "budget-compare": budget_compare,
         "tile-inputs": lambda: tile_inputs(sys.argv[2]),
         "diffusers-tile": lambda: diffusers_tile(*sys.argv[2:4]),
         "warm": lambda: warm(*sys.argv[2:4]),

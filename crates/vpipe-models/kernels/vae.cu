@@ -1,46 +1,92 @@
-// The VAE decoder's spatial ×2 nearest upsampling, fused with the layout changes around it:
-// x [B, C, T, H, W] -> y [B·T, C, 2H, 2W], the frames as the 2D convolution after it takes
-// them. x may be a strided view whose H×W planes are contiguous, and its frames may come in
-// groups of `inner` (the time upsampling's [B, C, T/2, 2, H, W] interleave), so neither the
-// permute nor the interleave is copied first. One thread per input element; it writes its
-// 2 × 2 copies, so reads and writes are both coalesced (candle's upsample_nearest2d after a
-// permute copy took 3.4× PyTorch's time on the H100 profile,
-// bench/results/2026-11-27-vae-ncu-decode.txt).
+// Element-wise kernels of the VAE's channels-last path on CUDA.
 #include "common.cuh"
 
-template <typename T>
-__device__ void upsample2x_frames(const T* x, T* y, int channels, int frames, int height,
-                                  int width, long long total, long long s_batch,
-                                  long long s_channel, long long s_outer, long long s_inner,
-                                  int inner) {
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+// Nearest ×2 spatial upsampling into a packed channels-last clip y [B, F, 2H, 2W, C].
+// x is any strided view of [B, C, F, H, W] whose frame f is read at (f / inner)·s_outer +
+// (f % inner)·s_inner: the time upsampling's interleave of channel halves into frames
+// ([B, C, F/2, 2, H, W]) is read in place. One thread per VEC channels of an input position;
+// it writes the 2 × 2 copies (VEC > 1 needs s_channel = 1).
+template <typename T, int VEC>
+__device__ void upsample2x_cl(const T* x, T* y, int channels, int frames, int height, int width,
+                              int inner, long long total, long long s_batch, long long s_channel,
+                              long long s_outer, long long s_inner, long long s_row,
+                              long long s_col) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
-  const int w = i % width;
-  long long rest = i / width;
+  const int groups = channels / VEC;
+  const int c = (i % groups) * VEC;
+  long long rest = i / groups;
+  const int w = rest % width;
+  rest /= width;
   const int h = rest % height;
   rest /= height;
-  const int t = rest % frames;
-  rest /= frames;
-  const int c = rest % channels;
-  const long long b = rest / channels;
-  const T v = x[b * s_batch + c * s_channel + (t / inner) * s_outer + (t % inner) * s_inner +
-                (long long)h * width + w];
-  const long long out_w = 2LL * width;
-  T* row = y + (((b * frames + t) * channels + c) * 2LL * height + 2LL * h) * out_w + 2LL * w;
-  row[0] = v;
-  row[1] = v;
-  row[out_w] = v;
-  row[out_w + 1] = v;
+  const int f = rest % frames;
+  const long long b = rest / frames;
+  float v[VEC];
+  if (VEC == 1) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      v[k] = to_f32(x[b * s_batch + (c + k) * s_channel + (f / inner) * s_outer +
+                      (f % inner) * s_inner + h * s_row + w * s_col]);
+  } else {
+    Vec<T, VEC>::load(x + b * s_batch + c + (f / inner) * s_outer + (f % inner) * s_inner +
+                          h * s_row + w * s_col,
+                      v);
+  }
+  const long long out_row = 2LL * width * channels;
+  T* o = y + ((b * frames + f) * 2LL * height + 2LL * h) * out_row + 2LL * w * channels + c;
+  Vec<T, VEC>::store(o, v);
+  Vec<T, VEC>::store(o + channels, v);
+  Vec<T, VEC>::store(o + out_row, v);
+  Vec<T, VEC>::store(o + out_row + channels, v);
 }
 
-#define UPSAMPLE(SUFFIX, T)                                                                   \
-  extern "C" __global__ void upsample2x_frames_##SUFFIX(                                      \
-      const T* x, T* y, int channels, int frames, int height, int width, long long total,     \
-      long long s_batch, long long s_channel, long long s_outer, long long s_inner,           \
-      int inner) {                                                                            \
-    upsample2x_frames<T>(x, y, channels, frames, height, width, total, s_batch, s_channel,    \
-                         s_outer, s_inner, inner);                                            \
+#define UPSAMPLE(NAME, T, VEC)                                                                 \
+  extern "C" __global__ void NAME(const T* x, T* y, int channels, int frames, int height,      \
+                                  int width, int inner, long long total, long long s_batch,    \
+                                  long long s_channel, long long s_outer, long long s_inner,   \
+                                  long long s_row, long long s_col) {                          \
+    upsample2x_cl<T, VEC>(x, y, channels, frames, height, width, inner, total, s_batch,        \
+                          s_channel, s_outer, s_inner, s_row, s_col);                          \
   }
-UPSAMPLE(f32, float)
-UPSAMPLE(bf16, __nv_bfloat16)
-UPSAMPLE(f16, __half)
+UPSAMPLE(upsample2x_cl_f32, float, 1)
+UPSAMPLE(upsample2x_cl_bf16, __nv_bfloat16, 1)
+UPSAMPLE(upsample2x_cl_f16, __half, 1)
+UPSAMPLE(upsample2x_cl_bf16_vec4, __nv_bfloat16, 4)
+UPSAMPLE(upsample2x_cl_f16_vec4, __half, 4)
+
+// y ← y + bias[c] + residual, in place on a packed channels-last convolution output, summed in
+// f32 and rounded once. `bias` or `residual` (packed like y) may be null. One thread per VEC elements
+// (VEC 4 needs C divisible by 4).
+template <typename T, int VEC>
+__device__ void bias_residual(T* y, const T* bias, const T* residual, int channels,
+                              long long total) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const long long at = i * VEC;
+  const int c = at % channels;
+  float v[VEC];
+  Vec<T, VEC>::load(y + at, v);
+  if (residual) {
+    float r[VEC];
+    Vec<T, VEC>::load(residual + at, r);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] += r[k];
+  }
+  if (bias) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] += to_f32(bias[c + k]);
+  }
+  Vec<T, VEC>::store(y + at, v);
+}
+
+#define BIAS_RESIDUAL(NAME, T, VEC)                                                            \
+  extern "C" __global__ void NAME(T* y, const T* bias, const T* residual, int channels,        \
+                                  long long total) {                                           \
+    bias_residual<T, VEC>(y, bias, residual, channels, total);                                 \
+  }
+BIAS_RESIDUAL(bias_residual_f32, float, 1)
+BIAS_RESIDUAL(bias_residual_bf16, __nv_bfloat16, 1)
+BIAS_RESIDUAL(bias_residual_f16, __half, 1)
+BIAS_RESIDUAL(bias_residual_bf16_vec4, __nv_bfloat16, 4)
+BIAS_RESIDUAL(bias_residual_f16_vec4, __half, 4)

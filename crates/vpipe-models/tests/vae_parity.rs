@@ -26,14 +26,14 @@ fn vae_diffusers(dtype: DType) -> WanVae {
     WanVae::from_file(
         fixture("wan_vae_tiny_diffusers.safetensors"),
         dtype,
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap()
 }
 
 /// `wan_vae_tiny_wan.pth`: original Wan names, torch.save state dict.
 fn vae_wan(dtype: DType) -> WanVae {
-    WanVae::from_file(fixture("wan_vae_tiny_wan.pth"), dtype, &Device::Cpu).unwrap()
+    WanVae::from_file(fixture("wan_vae_tiny_wan.pth"), dtype, &common::device()).unwrap()
 }
 
 fn tiny_config() -> Config {

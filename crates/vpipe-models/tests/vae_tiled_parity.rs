@@ -26,7 +26,7 @@ fn vae() -> WanVae {
     WanVae::from_file(
         fixture("wan_vae_tiny_diffusers.safetensors"),
         DType::F32,
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap()
 }

@@ -13,6 +13,8 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
+use super::layout;
+
 /// Stride and padding of a [`CausalConv3d`]. Kernel sizes come from the weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv3dConfig {
@@ -133,26 +135,37 @@ impl CausalConv3d {
     ///   ignores it) and `H_out = (H + 2·p_h − k_h)/s_h + 1`, likewise W.
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
         let front = self.front_padding();
-        let x = match cache {
-            Some(cache) if front > 0 => {
+        if front == 0 {
+            return self.forward_padded(x, None);
+        }
+        let cached = match cache {
+            Some(cache) if cache.dim(2)? > 0 => {
                 let t_c = cache.dim(2)?;
                 let used = t_c.min(front);
-                let cache = cache.narrow(2, t_c - used, used)?.to_dtype(x.dtype())?;
-                let x = Tensor::cat(&[&cache, x], 2)?;
-                x.pad_with_zeros(2, front - used, 0)?
+                Some(cache.narrow(2, t_c - used, used)?.to_dtype(x.dtype())?)
             }
-            _ => x.pad_with_zeros(2, front, 0)?,
+            _ => None,
         };
-        self.forward_padded(&x)
+        let used = cached.as_ref().map_or(Ok(0), |c| c.dim(2))?;
+        let zeros = (used < front)
+            .then(|| layout::zero_frames(x, front - used))
+            .transpose()?;
+        let parts: Vec<&Tensor> = [zeros.as_ref(), cached.as_ref(), Some(x)]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.forward_padded(&layout::cat_time(&parts)?, None)
     }
 
     /// [`Self::forward`] on an input that already carries its [`Self::front_padding`] frames
     /// (cache or zeros) in front: for producers that write them in place instead of having
-    /// them concatenated, a copy of the whole input.
+    /// them concatenated, a copy of the whole input. `residual`, when given, is added to the
+    /// output (on CUDA in the same pass as the bias).
     ///
     /// # Shapes
-    /// - `x`: [B, C_in, front + T, H, W]; output as [`Self::forward`]'s for `T` frames.
-    pub fn forward_padded(&self, x: &Tensor) -> Result<Tensor> {
+    /// - `x`: [B, C_in, front + T, H, W]; output as [`Self::forward`]'s for `T` frames, and
+    ///   `residual` the output's shape.
+    pub fn forward_padded(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (b, c_in, _, _, _) = x.dims5()?;
         let (c_out, c_in_k, k_t, _, _) = self.weight.dims5()?;
@@ -171,6 +184,7 @@ impl CausalConv3d {
                 x,
                 &self.weight,
                 self.bias.as_ref(),
+                residual,
                 [0, p_h, p_w],
                 [s_t, s_hw, s_hw],
             );
@@ -215,36 +229,27 @@ impl CausalConv3d {
             y = y.broadcast_add(&bias)?;
         }
         let (_, _, h_out, w_out) = y.dims4()?;
-        y.to_dtype(self.weight.dtype())?
+        let y = y
+            .to_dtype(self.weight.dtype())?
             .reshape((b, t_out, c_out, h_out, w_out))?
             .permute((0, 2, 1, 3, 4))?
-            .contiguous()
+            .contiguous()?;
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
     }
 }
 
-/// `x.conv2d(kernel, padding, stride, 1, 1)`, computed in f32 where the backend has no matmul
-/// for the dtype (candle 0.11's CPU backend has none for bf16), and through cuDNN on CUDA
-/// (candle's own im2col conv2d is about 20× slower there and needs a column buffer of
-/// C_in·k²·H·W). The result has `x`'s dtype.
-pub(crate) fn conv2d_any_dtype(
+/// `x.conv2d(kernel, padding, stride, 1, 1)` on the CPU, computed in f32 for bf16 (candle
+/// 0.11's CPU backend has no bf16 matmul). The result has `x`'s dtype.
+fn conv2d_any_dtype(
     x: &Tensor,
     kernel: &Tensor,
     bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
-        // A 2D convolution is a 3D one over a single frame.
-        let y = super::cudnn::conv3d(
-            &x.unsqueeze(2)?,
-            &kernel.unsqueeze(2)?,
-            bias,
-            [0, padding, padding],
-            [1, stride, stride],
-        )?;
-        return y.squeeze(2);
-    }
     let y = if x.dtype() == DType::BF16 && x.device().is_cpu() {
         x.to_dtype(DType::F32)?
             .conv2d(&kernel.to_dtype(DType::F32)?, padding, stride, 1, 1)?

@@ -3,8 +3,15 @@
 //! candle has no conv3d, and its conv2d is about 20× slower than cuDNN on the VAE's shapes
 //! (`shared/reference/rust-stack.md` §4.4). Each distinct shape gets its descriptors and
 //! algorithm once (building them per call costs 2–3× the convolution itself); tensor-op math is
-//! enabled for bf16/f16, and f32 uses FMA math (no TF32, which cuDNN's default math allows on Ampere and later) so that f32 results stay comparable
-//! with the CPU path.
+//! enabled for bf16/f16, and f32 uses FMA math (no TF32, which cuDNN's default math allows on
+//! Ampere and later) so that f32 results stay comparable with the CPU path.
+//!
+//! Data is channels-last (NDHWC, filters KTRSC; [`super::layout`]), the layout cuDNN's
+//! tensor-core kernels compute in: given NCDHW data, cuDNN transposes input and output around
+//! every convolution (measured on the H100: 3.2 ms of a 27 ms decoder pass in PyTorch,
+//! bench/results/2026-11-27-vae-ncu-decode.txt). Channel counts are padded with zeros to a
+//! multiple of 8, which those kernels need (the VAE's 3-channel video in and out). The bias,
+//! and a residual when there is one, are added by one in-place kernel after the convolution.
 
 // Device allocations and the cuDNN launch are FFI; each unsafe block says what it relies on.
 #![allow(unsafe_code)]
@@ -22,6 +29,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaStream, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
+
+use super::{fused, layout};
 
 fn fail(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuDNN conv3d: {what}: {e:?}"))
@@ -66,12 +75,10 @@ fn handle(stream: &Arc<CudaStream>) -> candle_core::Result<Arc<Cudnn>> {
     })
 }
 
-fn contiguous_strides(dims: &[usize; 5]) -> [i32; 5] {
-    let mut strides = [1i32; 5];
-    for i in (0..4).rev() {
-        strides[i] = strides[i + 1] * dims[i + 1] as i32;
-    }
-    strides
+/// Element strides of a packed NDHWC tensor, in cuDNN's NCDHW dimension order.
+fn channels_last_strides(dims: &[usize; 5]) -> [i32; 5] {
+    let [_, c, d, h, w] = dims.map(|v| v as i32);
+    [d * h * w * c, 1, h * w * c, w * c, c]
 }
 
 fn plan<T: CudnnDataType + 'static>(
@@ -91,14 +98,14 @@ fn plan<T: CudnnDataType + 'static>(
     let output_dims = [n, k, out(d, kd, 0), out(h, kh, 1), out(w, kw, 2)];
     let as_i32 = |a: &[usize]| a.iter().map(|&v| v as i32).collect::<Vec<_>>();
     let input = cudnn
-        .create_nd_tensor::<T>(&as_i32(&key.input), &contiguous_strides(&key.input))
+        .create_nd_tensor::<T>(&as_i32(&key.input), &channels_last_strides(&key.input))
         .map_err(|e| fail("input descriptor", e))?;
     let output = cudnn
-        .create_nd_tensor::<T>(&as_i32(&output_dims), &contiguous_strides(&output_dims))
+        .create_nd_tensor::<T>(&as_i32(&output_dims), &channels_last_strides(&output_dims))
         .map_err(|e| fail("output descriptor", e))?;
     let filter = cudnn
         .create_nd_filter::<T>(
-            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
             &as_i32(&key.filter),
         )
         .map_err(|e| fail("filter descriptor", e))?;
@@ -142,15 +149,14 @@ fn plan<T: CudnnDataType + 'static>(
     Ok(planned)
 }
 
-fn dims5(t: &Tensor) -> candle_core::Result<[usize; 5]> {
-    let (a, b, c, d, e) = t.dims5()?;
-    Ok([a, b, c, d, e])
-}
+/// Channel counts are padded to a multiple of this for the tensor-core kernels.
+const CHANNEL_ALIGN: usize = 8;
 
 fn conv3d_typed<T>(
     input: &Tensor,
     filter: &Tensor,
     bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
     padding: [usize; 3],
     stride: [usize; 3],
 ) -> candle_core::Result<Tensor>
@@ -161,13 +167,38 @@ where
     let device = input.device().as_cuda_device()?.clone();
     let stream = device.cuda_stream();
     let cudnn = handle(&stream)?;
-    let input = input.contiguous()?;
-    let filter = filter.contiguous()?;
+    let (k, c, kt, kh, kw) = filter.dims5()?;
+    if input.dim(1)? != c {
+        return Err(fail(
+            "input",
+            format!("{} channels, the filter expects {c}", input.dim(1)?),
+        ));
+    }
+    let c_pad = c.next_multiple_of(CHANNEL_ALIGN) - c;
+    let k_pad = k.next_multiple_of(CHANNEL_ALIGN) - k;
+    // [N, D, H, W, C] packed, and the filter as [K, kt, kh, kw, C]; a per-call copy of the
+    // filter (at most a few MiB) instead of a second resident copy of every weight.
+    let mut x = layout::physical(input)?.contiguous()?;
+    let mut w = filter.permute((0, 2, 3, 4, 1))?;
+    if c_pad > 0 {
+        x = x.pad_with_zeros(4, 0, c_pad)?;
+        w = w.pad_with_zeros(4, 0, c_pad)?;
+    }
+    if k_pad > 0 {
+        w = w.pad_with_zeros(0, 0, k_pad)?;
+    }
+    let w = w.contiguous()?;
+    let bias = match bias {
+        Some(b) if k_pad > 0 => Some(b.flatten_all()?.pad_with_zeros(0, 0, k_pad)?),
+        Some(b) => Some(b.flatten_all()?),
+        None => None,
+    };
+    let (n, d, h, wd, cp) = x.dims5()?;
     let key = PlanKey {
         stream: Arc::as_ptr(&stream) as usize,
         dtype: input.dtype(),
-        input: dims5(&input)?,
-        filter: dims5(&filter)?,
+        input: [n, cp, d, h, wd],
+        filter: [k + k_pad, cp, kt, kh, kw],
         padding,
         stride,
     };
@@ -184,44 +215,72 @@ where
         None
     };
     {
-        let (x_storage, x_layout) = input.storage_and_layout();
-        let (w_storage, w_layout) = filter.storage_and_layout();
-        let (Storage::Cuda(x), Storage::Cuda(w)) = (&*x_storage, &*w_storage) else {
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let (Storage::Cuda(xs), Storage::Cuda(ws)) = (&*x_storage, &*w_storage) else {
             return Err(fail("storage", "tensors must be on the CUDA device"));
         };
-        let x = x.as_cuda_slice::<T>()?;
-        let w = w.as_cuda_slice::<T>()?;
-        let x = x.slice(x_layout.start_offset()..x_layout.start_offset() + input.elem_count());
-        let w = w.slice(w_layout.start_offset()..w_layout.start_offset() + filter.elem_count());
+        let xs = xs.as_cuda_slice::<T>()?;
+        let ws = ws.as_cuda_slice::<T>()?;
+        let xs = xs.slice(x_layout.start_offset()..x_layout.start_offset() + x.elem_count());
+        let ws = ws.slice(w_layout.start_offset()..w_layout.start_offset() + w.elem_count());
         let forward = ConvForward {
             conv: &plan.conv,
             x: &plan.input,
             w: &plan.filter,
             y: &plan.output,
         };
-        // SAFETY: the descriptors were built from these tensors' dtype and contiguous shapes.
+        // SAFETY: the descriptors were built from these packed tensors' dtype and shapes.
         unsafe {
             forward.launch(
                 plan.algorithm,
                 workspace.as_mut(),
                 (T::one(), T::zero()),
-                &x,
-                &w,
+                &xs,
+                &ws,
                 &mut out,
             )
         }
         .map_err(|e| fail("launch", e))?;
     }
-    if let Some(bias) = bias {
-        add_bias::<T>(&stream, &mut out, plan.output_dims, bias)?;
-    }
-    let storage = CudaStorage::wrap_cuda_slice(out, device);
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        plan.output_dims.to_vec(),
+    let [_, kp, d_out, h_out, w_out] = plan.output_dims;
+    let out = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device)),
+        vec![n, d_out, h_out, w_out, kp],
         BackpropOp::none(),
         false,
-    ))
+    );
+    // Packed like the output, padded channels included.
+    let residual = residual
+        .map(|r| {
+            let r = layout::physical(r)?;
+            if k_pad > 0 {
+                r.pad_with_zeros(4, 0, k_pad)?.contiguous()
+            } else {
+                r.contiguous()
+            }
+        })
+        .transpose()?;
+    if let Some(r) = &residual {
+        if r.dims() != out.dims() {
+            return Err(fail(
+                "residual",
+                format!(
+                    "shape {:?} does not match the output {:?}",
+                    r.dims(),
+                    out.dims()
+                ),
+            ));
+        }
+    }
+    // `out` was allocated above and nothing else holds it.
+    fused::bias_residual_in_place(&out, bias.as_ref(), residual.as_ref())?;
+    let out = layout::logical(&out)?;
+    if k_pad > 0 {
+        out.narrow(1, 0, k)
+    } else {
+        Ok(out)
+    }
 }
 
 /// Minimal one/zero for the scaling parameters, so no numeric-traits dependency is needed.
@@ -256,143 +315,29 @@ mod num_traits_one {
     }
 }
 
-/// Cross-correlation of `input` with `filter`, plus `bias` per output channel, zero padding
-/// symmetric per axis.
+/// Cross-correlation of `input` with `filter`, plus `bias` per output channel and `residual`,
+/// zero padding symmetric per axis. The result's memory is channels-last ([`layout`]); `input`
+/// and `residual` may have any layout (channels-last ones are read without a copy).
 ///
 /// # Shapes
 /// - `input`: `[N, C, D, H, W]` on a CUDA device, f32 / bf16 / f16
 /// - `filter`: `[K, C, kd, kh, kw]`, same dtype
 /// - `bias`: `K` elements (any shape), same dtype
+/// - `residual`: the output's shape, same dtype
 /// - returns: `[N, K, (D + 2pd − kd)/sd + 1, …]`
 pub fn conv3d(
     input: &Tensor,
     filter: &Tensor,
     bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
     padding: [usize; 3],
     stride: [usize; 3],
 ) -> candle_core::Result<Tensor> {
+    let (b, r) = (bias, residual);
     match input.dtype() {
-        DType::F32 => conv3d_typed::<f32>(input, filter, bias, padding, stride),
-        DType::BF16 => conv3d_typed::<half::bf16>(input, filter, bias, padding, stride),
-        DType::F16 => conv3d_typed::<half::f16>(input, filter, bias, padding, stride),
+        DType::F32 => conv3d_typed::<f32>(input, filter, b, r, padding, stride),
+        DType::BF16 => conv3d_typed::<half::bf16>(input, filter, b, r, padding, stride),
+        DType::F16 => conv3d_typed::<half::f16>(input, filter, b, r, padding, stride),
         other => Err(fail("dtype", other)),
-    }
-}
-
-/// A raw cuDNN handle per stream, for the calls cudarc's safe API does not expose
-/// (`cudnnAddTensor`). Lives as long as its thread.
-fn raw_handle(stream: &Arc<CudaStream>) -> candle_core::Result<sys::cudnnHandle_t> {
-    thread_local! {
-        static RAW: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
-    }
-    let key = Arc::as_ptr(stream) as usize;
-    RAW.with(|raw| {
-        if let Some(&h) = raw.borrow().get(&key) {
-            return Ok(h as sys::cudnnHandle_t);
-        }
-        let mut h: sys::cudnnHandle_t = std::ptr::null_mut();
-        // SAFETY: plain handle creation; the stream outlives the thread's use of it.
-        unsafe {
-            status(sys::cudnnCreate(&mut h), "cudnnCreate")?;
-            status(
-                sys::cudnnSetStream(h, stream.cu_stream() as _),
-                "cudnnSetStream",
-            )?;
-        }
-        raw.borrow_mut().insert(key, h as usize);
-        Ok(h)
-    })
-}
-
-fn status(code: sys::cudnnStatus_t, what: &str) -> candle_core::Result<()> {
-    if code == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        Err(fail(what, code))
-    }
-}
-
-/// An Nd tensor descriptor that is destroyed with it.
-struct RawDescriptor(sys::cudnnTensorDescriptor_t);
-
-impl RawDescriptor {
-    fn new<T: CudnnDataType>(dims: [usize; 5]) -> candle_core::Result<Self> {
-        let mut desc: sys::cudnnTensorDescriptor_t = std::ptr::null_mut();
-        let dims_i32 = dims.map(|d| d as i32);
-        let strides = contiguous_strides(&dims);
-        // SAFETY: the descriptor is created, then set from arrays of the declared length.
-        unsafe {
-            status(
-                sys::cudnnCreateTensorDescriptor(&mut desc),
-                "tensor descriptor",
-            )?;
-            let described = Self(desc);
-            status(
-                sys::cudnnSetTensorNdDescriptor(
-                    desc,
-                    T::DATA_TYPE,
-                    5,
-                    dims_i32.as_ptr(),
-                    strides.as_ptr(),
-                ),
-                "tensor descriptor dims",
-            )?;
-            Ok(described)
-        }
-    }
-}
-
-impl Drop for RawDescriptor {
-    fn drop(&mut self) {
-        // SAFETY: created by cudnnCreateTensorDescriptor and used by no call after this one.
-        unsafe { sys::cudnnDestroyTensorDescriptor(self.0) };
-    }
-}
-
-/// `out += bias` broadcast over every position, in place, with one cuDNN kernel: candle's
-/// broadcasting add takes its slow strided path for a `[1, C, 1, 1, 1]` operand.
-fn add_bias<T: CudnnDataType + CudaDType + DeviceRepr>(
-    stream: &Arc<CudaStream>,
-    out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    out_dims: [usize; 5],
-    bias: &Tensor,
-) -> candle_core::Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-    let channels = out_dims[1];
-    if bias.elem_count() != channels {
-        return Err(fail(
-            "bias",
-            format!("{} values for {channels} channels", bias.elem_count()),
-        ));
-    }
-    let bias = bias.contiguous()?;
-    let out_desc = RawDescriptor::new::<T>(out_dims)?;
-    let bias_desc = RawDescriptor::new::<T>([1, channels, 1, 1, 1])?;
-    let handle = raw_handle(stream)?;
-    let (storage, layout) = bias.storage_and_layout();
-    let Storage::Cuda(b) = &*storage else {
-        return Err(fail("bias", "must be on the CUDA device"));
-    };
-    let b = b.as_cuda_slice::<T>()?;
-    let b = b.slice(layout.start_offset()..layout.start_offset() + channels);
-    let (b_ptr, _b_sync) = b.device_ptr(stream);
-    let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
-    // The scaling factors of f32, bf16 and f16 tensors are f32.
-    let one = 1.0f32;
-    // SAFETY: both descriptors describe the buffers passed, which live until the calls return
-    // on the handle's stream (the sync guards record that use).
-    unsafe {
-        status(
-            sys::cudnnAddTensor(
-                handle,
-                &one as *const f32 as *const _,
-                bias_desc.0,
-                b_ptr as *const _,
-                &one as *const f32 as *const _,
-                out_desc.0,
-                out_ptr as *mut _,
-            ),
-            "cudnnAddTensor",
-        )
     }
 }

@@ -5,249 +5,254 @@
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 
 use crate::ops::attention::fused_kernel_applies;
+use crate::ops::layout;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_channels.ptx"));
 
-fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+/// Whether 16-bit elements may go four at a time (8-byte accesses): every element offset the
+/// kernel adds is divisible by 4.
+fn vec4(dtype: DType, offsets: &[usize]) -> bool {
+    dtype.size_in_bytes() == 2 && offsets.iter().all(|n| n.is_multiple_of(4))
+}
+
+/// `{base}_{dtype}` or `{base}_{dtype}_vec4`.
+fn kernel_name(base: &str, dtype: DType, four: bool) -> candle_core::Result<String> {
+    let vec = if four { "_vec4" } else { "" };
+    Ok(format!("{base}_{}{vec}", suffix(dtype)?))
+}
+
+/// RMS norm over the channels of a clip, times `gamma` per channel, then SiLU if asked, in one
+/// kernel; the output is channels-last ([`layout`]) and, given `front` frames, starts with a
+/// copy of them: the input of a causal convolution whose cache (or zero padding) is `front`,
+/// without concatenating the normed clip to it afterwards.
+///
+/// `x` is read in place when its channels are contiguous and the positions of a frame evenly
+/// spaced (any channels-last clip, time slices included); anything else is copied first.
+///
+/// # Shapes
+/// - `x`: [B, C, T, H, W]; `gamma`: C elements; `front`: [B, C, F, H, W].
+/// - returns [B, C, F + T, H, W] (F = 0 without `front`).
+pub fn rms_norm_channels_last(
     x: &Tensor,
     gamma: &Tensor,
     eps: f32,
     silu: bool,
     front: Option<&Tensor>,
-    kernel: &str,
 ) -> candle_core::Result<Tensor> {
-    let device = x.device().as_cuda_device()?.clone();
-    // A [B, C, T, H, W] view whose frames are contiguous H×W planes is read in place (e.g. the
-    // frames-as-batch output of a 2D convolution seen as a clip); anything else is copied.
-    let x = if (x.rank() == 5 && has_contiguous_planes(x)) || x.is_contiguous() {
-        x.clone()
-    } else {
-        x.contiguous()?
-    };
-    let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
-    let dims = x.dims();
-    let (batches, channels) = (dims[0], dims[1]);
-    let positions: usize = dims[2..].iter().product();
-    // Element strides: (frame length, batch, channel, frame).
-    let (frame, in_batch, in_channel, in_frame) = if x.rank() == 5 {
-        let st = x.layout().stride();
-        (dims[3] * dims[4], st[0], st[1], st[2])
-    } else {
-        (positions, channels * positions, positions, 0)
-    };
-    // Elements the kernel may read from the view's start.
-    let span = 1 + dims
-        .iter()
-        .zip(x.layout().stride())
-        .map(|(d, st)| (d - 1) * st)
-        .sum::<usize>();
-    // With front frames the output is [B, C, F + T, H, W] and the norm fills frames F.. of it.
-    let (out_shape, out_offset) = match front {
+    let (b, c, t, h, w) = x.dims5()?;
+    let mut rows = layout::physical(x)?;
+    let st = rows.layout().stride();
+    if st[4] != 1 || st[2] != w * st[3] {
+        rows = rows.contiguous()?;
+    }
+    let st = rows.layout().stride().to_vec();
+    let (x_batch, x_frame, x_position) = (st[0], st[1], st[3]);
+    let f = match front {
         Some(front) => {
-            let (b, c, f, h, w) = front.dims5()?;
-            let (xb, xc, t, xh, xw) = x.dims5()?;
-            if (b, c, h, w) != (xb, xc, xh, xw) {
+            let (fb, fc, f, fh, fw) = front.dims5()?;
+            if (fb, fc, fh, fw) != (b, c, h, w) {
                 candle_core::bail!(
-                    "rms_channels: front frames {:?} do not match the input {:?}",
+                    "rms_norm_channels_last: front frames {:?} do not match the input {:?}",
                     front.dims(),
                     x.dims()
                 );
             }
-            (vec![b, c, f + t, h, w], f * h * w)
+            f
         }
-        None => (dims.to_vec(), 0),
+        None => 0,
     };
-    let out_row = positions + out_offset;
-    // 16-bit values go in 4-byte pairs when every row of both tensors starts on an even element.
-    let pairs = std::mem::size_of::<T>() == 2
-        && [
-            positions,
-            frame,
-            in_batch,
-            in_channel,
-            in_frame,
-            out_offset,
-            x.layout().start_offset(),
-        ]
-        .iter()
-        .all(|n| n.is_multiple_of(2));
-    let (kernel, per_lane) = if pairs {
-        (format!("{kernel}_pairs"), 2)
-    } else {
-        (kernel.to_owned(), 1)
-    };
-    let func = device.get_or_load_custom_func(&kernel, "vpipe_rms_channels", PTX)?;
-    let stream = device.cuda_stream();
-    let out_len: usize = out_shape.iter().product();
-    // SAFETY: the kernel writes every element past the front frames; those are written below
-    // before the tensor is returned.
-    let mut out = unsafe { stream.alloc::<T>(out_len) }.w()?;
-    {
-        let (xs, xl) = x.storage_and_layout();
-        let (gs, gl) = gamma.storage_and_layout();
-        let (Storage::Cuda(xs), Storage::Cuda(gs)) = (&*xs, &*gs) else {
-            candle_core::bail!("rms_channels: tensors must be on the CUDA device")
-        };
-        let xv = xs
-            .as_cuda_slice::<T>()?
-            .slice(xl.start_offset()..xl.start_offset() + span);
-        let gv = gs
-            .as_cuda_slice::<T>()?
-            .slice(gl.start_offset()..gl.start_offset() + channels);
-        // Blocks of 32 × 8 threads, each covering 32 · per_lane positions of one batch item.
-        let per_block = 32 * per_lane;
-        let cfg = LaunchConfig {
-            grid_dim: ((batches * positions.div_ceil(per_block)) as u32, 1, 1),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
-        let (c, p, row, offset, silu) = (
-            channels as i32,
-            positions as i64,
-            out_row as i64,
-            out_offset as i64,
-            silu as i32,
+    let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
+    if gamma.elem_count() != c {
+        candle_core::bail!(
+            "rms_norm_channels_last: {} gains for {c} channels",
+            gamma.elem_count()
         );
-        let strides = [frame, in_batch, in_channel, in_frame].map(|n| n as i64);
-        let mut builder = func.builder();
-        builder.arg(&xv);
-        builder.arg(&gv);
-        builder.arg(&mut out);
-        builder.arg(&c);
-        builder.arg(&p);
-        for stride in &strides {
-            builder.arg(stride);
-        }
-        builder.arg(&row);
-        builder.arg(&offset);
-        builder.arg(&eps);
-        builder.arg(&silu);
-        // SAFETY: argument types and order match the kernel's signature; the kernel reads x
-        // only within `span` elements of its start (its own strides), and the output holds
-        // batches · channels rows of `out_row` elements; `pairs` only when every pair the
-        // kernel touches is 4-byte aligned and inside its row.
-        unsafe { builder.launch(cfg) }.w()?;
     }
-    let storage = CudaStorage::wrap_cuda_slice(out, device);
-    let out = Tensor::from_storage(Storage::Cuda(storage), out_shape, BackpropOp::none(), false);
+    let (out, op) = empty(x, &[b, f + t, h, w, c])?;
+    let positions = h * w;
+    let row_count = b * t * positions;
+    let four = vec4(
+        x.dtype(),
+        &[
+            c,
+            x_batch,
+            x_frame,
+            x_position,
+            rows.layout().start_offset(),
+        ],
+    );
+    let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+        &kernel_name("rms_rows", x.dtype(), four)?,
+        "vpipe_rms_channels",
+        PTX,
+    )?;
+    let (xp, gp) = (layout_ptr(&rows)?, device_ptr(&gamma)?);
+    let (ci, ti) = (c as i32, t as i32);
+    let longs = [positions, row_count, x_batch, x_frame, x_position, f + t, f].map(|n| n as i64);
+    let silu = silu as i32;
+    let mut a = func.builder();
+    a.arg(&xp);
+    a.arg(&gp);
+    a.arg(&op);
+    a.arg(&ci);
+    a.arg(&ti);
+    for n in &longs {
+        a.arg(n);
+    }
+    a.arg(&eps);
+    a.arg(&silu);
+    // Eight rows (warps) per block of 256 threads.
+    let cfg = LaunchConfig {
+        grid_dim: (row_count.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match `rms_rows_*` in kernels/rms_channels.cu; the kernel reads `x`
+    // only through its own shape and strides, and writes every row of frames F.. of `out`
+    // (frames ..F are written below).
+    unsafe { a.launch(cfg) }.w()?;
     if let Some(front) = front {
-        out.slice_set(&front.to_dtype(out.dtype())?.contiguous()?, 2, 0)?;
+        let front = layout::physical(&front.to_dtype(x.dtype())?)?.contiguous()?;
+        out.slice_set(&front, 1, 0)?;
     }
-    Ok(out)
-}
-
-/// RMS norm over dimension 1 (channels) of a CUDA tensor, times `gamma` per channel, then
-/// SiLU if asked: one kernel, no transposes.
-///
-/// # Shapes
-/// - `x`: `[B, C, …]`; `gamma`: `C` elements; returns `x`'s shape
-pub fn rms_norm_channels(
-    x: &Tensor,
-    gamma: &Tensor,
-    eps: f32,
-    silu: bool,
-) -> candle_core::Result<Tensor> {
-    rms_norm_dispatch(x, gamma, eps, silu, None)
-}
-
-/// [`rms_norm_channels`] of a clip written after `front` frames in one new tensor: the input of
-/// a causal convolution whose cache (or zero padding) is `front`, without concatenating the
-/// normed clip to it afterwards.
-///
-/// # Shapes
-/// - `x`: [B, C, T, H, W]; `front`: [B, C, F, H, W]; returns [B, C, F + T, H, W].
-pub fn rms_norm_channels_after(
-    x: &Tensor,
-    gamma: &Tensor,
-    eps: f32,
-    silu: bool,
-    front: &Tensor,
-) -> candle_core::Result<Tensor> {
-    rms_norm_dispatch(x, gamma, eps, silu, Some(front))
-}
-
-fn rms_norm_dispatch(
-    x: &Tensor,
-    gamma: &Tensor,
-    eps: f32,
-    silu: bool,
-    front: Option<&Tensor>,
-) -> candle_core::Result<Tensor> {
-    match x.dtype() {
-        DType::F32 => typed::<f32>(x, gamma, eps, silu, front, "rms_channels_f32"),
-        DType::BF16 => typed::<half::bf16>(x, gamma, eps, silu, front, "rms_channels_bf16"),
-        DType::F16 => typed::<half::f16>(x, gamma, eps, silu, front, "rms_channels_f16"),
-        other => candle_core::bail!("rms_channels: no kernel for {other:?}"),
-    }
+    layout::logical(&out)
 }
 
 const VAE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/vae.ptx"));
 
-/// Nearest ×2 spatial upsampling of every frame, into the frames-as-batch layout the 2D
-/// convolution after it takes: one kernel instead of a permute copy and candle's upsample.
+/// Nearest ×2 spatial upsampling of every frame into a channels-last clip: one kernel, which
+/// reads `x` through its strides, so neither a layout change nor the time upsampling's
+/// interleave is copied first.
 ///
-/// `x` may be a view: `[B, C, T, H, W]`, or `[B, C, T, R, H, W]` whose frame `t·R + r` is
-/// `x[.., t, r, ..]` (the time upsampling's interleave, read in place). Its H×W planes must be
-/// contiguous, else it is copied first.
+/// `x` is `[B, C, T, H, W]`, or `[B, C, T, R, H, W]` whose frame `t·R + r` is
+/// `x[.., t, r, ..]` (the interleave), any strides.
 ///
 /// # Shapes
-/// - `x`: [B, C, T, H, W] or [B, C, T, R, H, W]; returns [B·T·R, C, 2H, 2W].
-pub fn upsample2x_frames(x: &Tensor) -> candle_core::Result<Tensor> {
-    let grouped = x.rank() == 6;
-    let x = if has_contiguous_planes(x) {
-        x.clone()
-    } else {
-        x.contiguous()?
-    };
-    let d = x.dims().to_vec();
-    let st = x.layout().stride().to_vec();
-    let (b, c, h, w) = (d[0], d[1], d[d.len() - 2], d[d.len() - 1]);
-    let (frames, s_outer, s_inner, inner) = if grouped {
+/// - `x`: [B, C, T, H, W] or [B, C, T, R, H, W]; returns [B, C, T·R, 2H, 2W] channels-last.
+pub fn upsample2x_channels_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (d, st, r) = (x.dims(), x.layout().stride(), x.rank());
+    if r != 5 && r != 6 {
+        candle_core::bail!(
+            "upsample2x_channels_last: expected rank 5 or 6, got {:?}",
+            d
+        );
+    }
+    let (b, c, h, w) = (d[0], d[1], d[r - 2], d[r - 1]);
+    let (frames, s_outer, s_inner, inner) = if r == 6 {
         (d[2] * d[3], st[2], st[3], d[3])
     } else {
         (d[2], st[2], 0, 1)
     };
-    let (out, op) = empty(&x, &[b * frames, c, 2 * h, 2 * w])?;
-    let total = (b * c * frames * h * w) as i64;
+    let (out, op) = empty(x, &[b, frames, 2 * h, 2 * w, c])?;
+    let four = st[1] == 1
+        && vec4(
+            x.dtype(),
+            &[
+                c,
+                st[0],
+                s_outer,
+                s_inner,
+                st[r - 2],
+                st[r - 1],
+                x.layout().start_offset(),
+            ],
+        );
+    let total = (b * frames * h * w * c / if four { 4 } else { 1 }) as i64;
     let func = x.device().as_cuda_device()?.get_or_load_custom_func(
-        &format!("upsample2x_frames_{}", suffix(x.dtype())?),
+        &kernel_name("upsample2x_cl", x.dtype(), four)?,
         "vpipe_vae",
         VAE_PTX,
     )?;
-    let xp = layout_ptr(&x)?;
-    let (ci, fi, hi, wi, ii) = (c as i32, frames as i32, h as i32, w as i32, inner as i32);
-    let strides = [st[0], st[1], s_outer, s_inner].map(|n| n as i64);
+    let xp = layout_ptr(x)?;
+    let ints = [c, frames, h, w, inner].map(|n| n as i32);
+    let strides = [st[0], st[1], s_outer, s_inner, st[r - 2], st[r - 1]].map(|n| n as i64);
     let mut a = func.builder();
     a.arg(&xp);
     a.arg(&op);
-    a.arg(&ci);
-    a.arg(&fi);
-    a.arg(&hi);
-    a.arg(&wi);
-    a.arg(&total);
-    for stride in &strides {
-        a.arg(stride);
+    for n in &ints {
+        a.arg(n);
     }
-    a.arg(&ii);
-    // SAFETY: arguments match `upsample2x_frames_*` in kernels/vae.cu; the kernel reads `x`
-    // only through its own strides and shape, and writes all 4·total elements of `out`.
+    a.arg(&total);
+    for n in &strides {
+        a.arg(n);
+    }
+    // SAFETY: arguments match `upsample2x_cl_*` in kernels/vae.cu; the kernel reads `x` only
+    // through its own shape and strides, and writes all of `out`.
     unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
-    Ok(out)
+    layout::logical(&out)
+}
+
+/// `y ← y + bias + residual` **in place** (either may be absent), summed in f32 and rounded
+/// once: a convolution's epilogue.
+///
+/// `y` must be a fresh packed channels-last output that nothing else shares.
+///
+/// # Shapes
+/// - `y`: [..., C] contiguous; `bias`: C elements; `residual`: `y`'s shape, contiguous.
+pub fn bias_residual_in_place(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<()> {
+    if bias.is_none() && residual.is_none() {
+        return Ok(());
+    }
+    let c = y.dim(candle_core::D::Minus1)?;
+    let bias = bias
+        .map(|b| b.to_dtype(y.dtype())?.contiguous())
+        .transpose()?;
+    if let Some(b) = &bias {
+        if b.elem_count() != c {
+            candle_core::bail!("bias_residual: {} biases for {c} channels", b.elem_count());
+        }
+    }
+    if let Some(r) = residual {
+        if r.dims() != y.dims() || r.dtype() != y.dtype() {
+            candle_core::bail!(
+                "bias_residual: residual {:?} {:?} does not match {:?} {:?}",
+                r.dims(),
+                r.dtype(),
+                y.dims(),
+                y.dtype()
+            );
+        }
+    }
+    let offsets: Vec<usize> = [Some(y), bias.as_ref(), residual]
+        .into_iter()
+        .flatten()
+        .map(|t| t.layout().start_offset())
+        .chain([c])
+        .collect();
+    let four = vec4(y.dtype(), &offsets);
+    let yp = device_ptr(y)?;
+    let bp = bias.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
+    let rp = residual.map(device_ptr).transpose()?.unwrap_or(0);
+    let total = (y.elem_count() / if four { 4 } else { 1 }) as i64;
+    let ci = c as i32;
+    let func = y.device().as_cuda_device()?.get_or_load_custom_func(
+        &kernel_name("bias_residual", y.dtype(), four)?,
+        "vpipe_vae",
+        VAE_PTX,
+    )?;
+    let mut a = func.builder();
+    a.arg(&yp);
+    a.arg(&bp);
+    a.arg(&rp);
+    a.arg(&ci);
+    a.arg(&total);
+    // SAFETY: arguments match `bias_residual_*` in kernels/vae.cu; `y` and `residual` are
+    // live contiguous tensors of `y`'s element count, `bias` holds C elements, and a null
+    // pointer marks an absent operand.
+    unsafe { a.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+    Ok(())
 }
 
 const DIT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit.ptx"));
-
-/// Whether a tensor's last two dimensions form contiguous planes (the H×W of a frame), the
-/// layout the VAE kernels read through strides.
-fn has_contiguous_planes(t: &Tensor) -> bool {
-    let (st, d, r) = (t.layout().stride(), t.dims(), t.rank());
-    r >= 2 && st[r - 1] == 1 && st[r - 2] == d[r - 1]
-}
 
 /// The kernel-name suffix of a dtype, and the check that the DiT kernels have it.
 fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
@@ -509,8 +514,8 @@ pub fn flash_attention_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         t.rank() == 4
             && t.dim(3).is_ok_and(|d| d == head_dim)
             && layout.stride()[3] == 1
-            && layout.stride()[..3].iter().all(|s| s % 8 == 0)
-            && layout.start_offset() % 8 == 0
+            && layout.stride()[..3].iter().all(|s| s.is_multiple_of(8))
+            && layout.start_offset().is_multiple_of(8)
     };
     within_grid
         && fused_kernel_applies(q.device().is_cuda(), q.dtype(), head_dim)

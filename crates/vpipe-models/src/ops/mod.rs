@@ -6,6 +6,7 @@ pub mod conv3d;
 pub mod cudnn;
 #[cfg(feature = "cuda")]
 pub mod fused;
+pub mod layout;
 pub mod linear;
 
 pub use conv3d::{CausalConv3d, Conv3dConfig};
@@ -13,7 +14,7 @@ pub use conv3d::{CausalConv3d, Conv3dConfig};
 use candle_core::{DType, Tensor, D};
 
 /// Largest absolute element-wise difference of two tensors of equal shape, computed in f64
-/// (parity tests and reports).
+/// on the host (parity tests and reports; the tensors may live on different devices).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     if a.dims() != b.dims() {
         return Err(candle_core::Error::ShapeMismatchBinaryOp {
@@ -22,6 +23,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
             op: "max_abs_diff",
         });
     }
-    let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?;
+    let host = |t: &Tensor| t.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F64);
+    let d = (host(a)? - host(b)?)?.abs()?;
     d.flatten_all()?.max(D::Minus1)?.to_scalar::<f64>()
 }

@@ -18,7 +18,8 @@ use candle_nn::VarBuilder;
 
 use super::keys;
 use crate::error::{Error, Result};
-use crate::ops::conv3d::{conv2d_any_dtype, CausalConv3d, Conv3dConfig};
+use crate::ops::conv3d::{CausalConv3d, Conv3dConfig};
+use crate::ops::layout;
 use crate::tiling::{self, TileSpec};
 
 /// Frames of history each causal convolution keeps between chunks (`CACHE_T` upstream).
@@ -292,16 +293,15 @@ impl<'a> Cursor<'a> {
 fn next_cache(x: &Tensor, prev: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let t = x.dim(2)?;
     let keep = t.min(CACHE_T);
-    let tail = x.narrow(2, t - keep, keep)?;
-    let tail = match prev {
+    // A copy, so that the chunk's activation can be freed.
+    let tail = layout::copy_frames(x, t - keep, keep)?;
+    match prev {
         Some(p) if keep < CACHE_T => {
             let last = p.narrow(2, p.dim(2)? - 1, 1)?;
-            Tensor::cat(&[&last, &tail], 2)?
+            layout::cat_time(&[&last, &tail])
         }
-        _ => tail,
-    };
-    // A copy, so that the chunk's activation can be freed.
-    tail.contiguous()
+        _ => Ok(tail),
+    }
 }
 
 /// A causal convolution that reads and updates its cache slot.
@@ -316,47 +316,43 @@ fn conv_cached(conv: &CausalConv3d, x: &Tensor, slot: &mut Slot) -> candle_core:
     Ok(y)
 }
 
-/// `conv(silu(norm(x)))` through the convolution's cache slot. On CUDA the norm writes its
+/// `conv(silu(norm(x))) + residual` through the convolution's cache slot. The norm writes its
 /// output after the cached frames (or zeros) in one new tensor, which the convolution takes as
-/// it is: the concatenation that `conv_cached` makes would copy the whole normed clip again.
+/// it is (on CUDA, where the norm is one kernel, this saves a copy of the whole normed chunk).
 /// The slot then holds the last `CACHE_T` frames of that tensor, zeros included where the clip
-/// was shorter, which the next chunk's convolution reads the same way as the shorter cache.
+/// was shorter, which the next chunk's convolution reads the same way as the reference's
+/// shorter cache behind zero padding.
 fn norm_silu_conv_cached(
     norm: &RmsNorm,
     conv: &CausalConv3d,
     x: &Tensor,
     slot: &mut Slot,
+    residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && conv.front_padding() == CACHE_T {
-        let (b, c, _, h, w) = x.dims5()?;
-        let zeros = |n: usize| Tensor::zeros((b, c, n, h, w), x.dtype(), x.device());
-        let front = match &*slot {
-            Slot::Frames(prev) => {
-                let t_c = prev.dim(2)?;
-                let used = t_c.min(CACHE_T);
-                let tail = prev.narrow(2, t_c - used, used)?;
-                if used < CACHE_T {
-                    Tensor::cat(&[&zeros(CACHE_T - used)?, &tail], 2)?
-                } else {
-                    tail
-                }
-            }
-            _ => zeros(CACHE_T)?,
+    if conv.front_padding() != CACHE_T {
+        let y = conv_cached(conv, &norm.normalize(x, true, None)?, slot)?;
+        return match residual {
+            Some(r) => y + r,
+            None => Ok(y),
         };
-        let padded = crate::ops::fused::rms_norm_channels_after(
-            x,
-            &norm.gamma,
-            RMS_EPS as f32,
-            true,
-            &front,
-        )?;
-        let t = padded.dim(2)?;
-        *slot = Slot::Frames(padded.narrow(2, t - CACHE_T, CACHE_T)?.contiguous()?);
-        return conv.forward_padded(&padded);
     }
-    let y = norm.forward_maybe_silu(x, true)?;
-    conv_cached(conv, &y, slot)
+    let front = match &*slot {
+        Slot::Frames(prev) => {
+            let t_c = prev.dim(2)?;
+            let used = t_c.min(CACHE_T);
+            let tail = prev.narrow(2, t_c - used, used)?;
+            if used < CACHE_T {
+                layout::cat_time(&[&layout::zero_frames(x, CACHE_T - used)?, &tail])?
+            } else {
+                tail
+            }
+        }
+        _ => layout::zero_frames(x, CACHE_T)?,
+    };
+    let padded = norm.normalize(x, true, Some(&front))?;
+    let t = padded.dim(2)?;
+    *slot = Slot::Frames(layout::copy_frames(&padded, t - CACHE_T, CACHE_T)?);
+    conv.forward_padded(&padded, residual)
 }
 
 // ---- Layers ------------------------------------------------------------------------------------
@@ -374,38 +370,60 @@ fn causal_conv3d(
     CausalConv3d::new(weight, Some(bias), cfg)
 }
 
-/// A 2D convolution with bias (`nn.Conv2d`).
+/// A 2D convolution with bias (`nn.Conv2d`, `k`×`k`) applied to every frame of a clip: a
+/// causal convolution with one temporal tap.
+fn frame_conv(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    padding: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<CausalConv3d> {
+    let weight = vb.get((c_out, c_in, k, k), "weight")?.unsqueeze(2)?;
+    let bias = vb.get(c_out, "bias")?;
+    let cfg = Conv3dConfig {
+        stride: (1, stride, stride),
+        padding: (0, padding, padding),
+    };
+    CausalConv3d::new(weight, Some(bias), cfg)
+}
+
+/// A 1×1 `nn.Conv2d` applied to tokens: a linear map over their channels.
 #[derive(Debug, Clone)]
-struct Conv2d {
-    /// shape [C_out, C_in, k, k]
+struct Pointwise {
+    /// shape [C_out, C_in]
     weight: Tensor,
     /// shape [C_out]
     bias: Tensor,
-    padding: usize,
-    stride: usize,
 }
 
-impl Conv2d {
-    fn new(
-        c_in: usize,
-        c_out: usize,
-        k: usize,
-        padding: usize,
-        stride: usize,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+impl Pointwise {
+    fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            weight: vb.get((c_out, c_in, k, k), "weight")?,
+            weight: vb
+                .get((c_out, c_in, 1, 1), "weight")?
+                .reshape((c_out, c_in))?,
             bias: vb.get(c_out, "bias")?,
-            padding,
-            stride,
         })
     }
 
     /// # Shapes
-    /// [N, C_in, H, W] → [N, C_out, H', W']
+    /// [N, L, C_in] → [N, L, C_out]
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        conv2d_any_dtype(x, &self.weight, Some(&self.bias), self.padding, self.stride)
+        let (n, l, c) = x.dims3()?;
+        // candle's CPU backend has no bf16 matmul.
+        let dtype = if x.device().is_cpu() && x.dtype() == DType::BF16 {
+            DType::F32
+        } else {
+            x.dtype()
+        };
+        let y = x
+            .to_dtype(dtype)?
+            .reshape((n * l, c))?
+            .matmul(&self.weight.to_dtype(dtype)?.t()?)?
+            .broadcast_add(&self.bias.to_dtype(dtype)?)?;
+        y.reshape((n, l, ()))?.to_dtype(x.dtype())
     }
 }
 
@@ -434,32 +452,45 @@ impl RmsNorm {
         })
     }
 
-    /// `F.normalize(x, dim=1) · √C · γ`, which is `x / √mean(x²) · γ` over the channels.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_maybe_silu(x, false)
-    }
-
-    fn forward_maybe_silu(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        // On CUDA one kernel reduces over the channels in place and applies SiLU (measured on
-        // an H100: transposing for candle's last-dim rms_norm cost more than the norm itself).
+    /// `F.normalize(x, dim=1) · √C · γ`, which is `x / √mean(x²) · γ` over the channels, then
+    /// SiLU if asked; given `front` frames, the result comes after them in one tensor.
+    ///
+    /// # Shapes
+    /// - `x`: [B, C, T, H, W]; `front`: [B, C, F, H, W]; returns [B, C, F + T, H, W].
+    fn normalize(
+        &self,
+        x: &Tensor,
+        silu: bool,
+        front: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        // On CUDA one kernel over the channels-last rows, written after the front frames.
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            return crate::ops::fused::rms_norm_channels(x, &self.gamma, RMS_EPS as f32, silu);
+            return crate::ops::fused::rms_norm_channels_last(
+                x,
+                &self.gamma,
+                RMS_EPS as f32,
+                silu,
+                front,
+            );
         }
         // Elsewhere candle's fused RMS norm over the last dimension, on a channels-last copy;
         // the result is a view that the SiLU reads through, writing contiguous memory.
-        let rank = x.rank();
-        // [B, C, rest…] → [B, rest…, C], and back.
-        let to_last: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
-        let back: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
-        let channels_last = x.permute(to_last)?.contiguous()?;
-        let gamma = self.gamma.to_dtype(x.dtype())?;
-        let y = candle_nn::ops::rms_norm(&channels_last, &gamma, RMS_EPS as f32)?.permute(back)?;
-        if silu {
-            y.silu()
-        } else {
-            Ok(y)
+        let y = layout::logical(&self.over_last_dim(&layout::physical(x)?.contiguous()?)?)?;
+        let y = if silu { y.silu()? } else { y };
+        match front {
+            Some(front) => layout::cat_time(&[front, &y]),
+            None => Ok(y),
         }
+    }
+
+    /// The norm over the last dimension of tokens.
+    ///
+    /// # Shapes
+    /// […, C] → […, C]
+    fn over_last_dim(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let gamma = self.gamma.to_dtype(tokens.dtype())?;
+        candle_nn::ops::rms_norm(&tokens.contiguous()?, &gamma, RMS_EPS as f32)
     }
 }
 
@@ -502,41 +533,38 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = norm_silu_conv_cached(&self.norm1, &self.conv1, x, cache.next_slot())?;
-        let y = norm_silu_conv_cached(&self.norm2, &self.conv2, &y, cache.next_slot())?;
-        y + h
+        let y = norm_silu_conv_cached(&self.norm1, &self.conv1, x, cache.next_slot(), None)?;
+        norm_silu_conv_cached(&self.norm2, &self.conv2, &y, cache.next_slot(), Some(&h))
     }
 }
 
 /// `AttentionBlock`: single-head self-attention over the H·W positions of each frame, with a
-/// 1×1 conv for q, k, v and one for the output.
+/// 1×1 conv for q, k, v and one for the output. Computed on tokens ([B·T, H·W, C]), which on
+/// channels-last memory are the clip itself.
 #[derive(Debug, Clone)]
 struct AttentionBlock {
     norm: RmsNorm,
-    to_qkv: Conv2d,
-    proj: Conv2d,
+    to_qkv: Pointwise,
+    proj: Pointwise,
 }
 
 impl AttentionBlock {
     fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
             norm: RmsNorm::new(dim, true, vb.pp("norm"))?,
-            to_qkv: Conv2d::new(dim, 3 * dim, 1, 0, 1, vb.pp("to_qkv"))?,
-            proj: Conv2d::new(dim, dim, 1, 0, 1, vb.pp("proj"))?,
+            to_qkv: Pointwise::new(dim, 3 * dim, vb.pp("to_qkv"))?,
+            proj: Pointwise::new(dim, dim, vb.pp("proj"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, t, h, w) = x.dims5()?;
-        let frames = x.permute((0, 2, 1, 3, 4))?.reshape((b * t, c, h, w))?;
-        let frames = self.norm.forward(&frames)?;
-        // [BT, 3C, H, W] → [BT, HW, 3C]; channels [0, C) are q, [C, 2C) k, [2C, 3C) v.
-        let qkv = self
-            .to_qkv
-            .forward(&frames)?
-            .reshape((b * t, 3 * c, h * w))?
-            .transpose(1, 2)?
-            .to_dtype(DType::F32)?;
+        let tokens = layout::physical(x)?
+            .contiguous()?
+            .reshape((b * t, h * w, c))?;
+        let normed = self.norm.over_last_dim(&tokens)?;
+        // [BT, HW, 3C]; channels [0, C) are q, [C, 2C) k, [2C, 3C) v.
+        let qkv = self.to_qkv.forward(&normed)?.to_dtype(DType::F32)?;
         let q = qkv.narrow(2, 0, c)?;
         let k_t = qkv.narrow(2, c, c)?.transpose(1, 2)?.contiguous()?;
         let v = qkv.narrow(2, 2 * c, c)?.contiguous()?;
@@ -550,14 +578,9 @@ impl AttentionBlock {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             outs.push(probs.matmul(&v)?);
         }
-        let attn = Tensor::cat(&outs, 1)?; // [BT, HW, C]
-        let attn = attn
-            .transpose(1, 2)?
-            .reshape((b * t, c, h, w))?
-            .to_dtype(x.dtype())?;
-        let y = self.proj.forward(&attn)?;
-        let y = y.reshape((b, t, c, h, w))?.permute((0, 2, 1, 3, 4))?;
-        y + x
+        let attn = Tensor::cat(&outs, 1)?.to_dtype(x.dtype())?; // [BT, HW, C]
+        let y = (self.proj.forward(&attn)? + tokens)?;
+        layout::logical(&y.reshape((b, t, h, w, c))?)
     }
 }
 
@@ -601,7 +624,8 @@ enum ResampleMode {
 #[derive(Debug, Clone)]
 struct Resample {
     mode: ResampleMode,
-    conv: Conv2d,
+    /// The 3×3 `nn.Conv2d`, applied to every frame.
+    conv: CausalConv3d,
     time_conv: Option<CausalConv3d>,
 }
 
@@ -609,10 +633,10 @@ impl Resample {
     fn new(dim: usize, mode: ResampleMode, vb: VarBuilder) -> candle_core::Result<Self> {
         let conv = match mode {
             ResampleMode::Up2d | ResampleMode::Up3d => {
-                Conv2d::new(dim, dim / 2, 3, 1, 1, vb.pp("resample.1"))?
+                frame_conv(dim, dim / 2, 3, 1, 1, vb.pp("resample.1"))?
             }
             ResampleMode::Down2d | ResampleMode::Down3d => {
-                Conv2d::new(dim, dim, 3, 0, 2, vb.pp("resample.1"))?
+                frame_conv(dim, dim, 3, 0, 2, vb.pp("resample.1"))?
             }
         };
         let time_conv = match mode {
@@ -658,64 +682,50 @@ impl Resample {
             } else {
                 let (b, c, t, h, w) = x.dims5()?;
                 let keep = t.min(CACHE_T);
-                let mut next = x.narrow(2, t - keep, keep)?;
+                let mut next = layout::copy_frames(&x, t - keep, keep)?;
                 let y = match &*slot {
                     Slot::Frames(prev) => {
                         if keep < CACHE_T {
                             let last = prev.narrow(2, prev.dim(2)? - 1, 1)?;
-                            next = Tensor::cat(&[&last, &next], 2)?;
+                            next = layout::cat_time(&[&last, &next])?;
                         }
                         time_conv.forward(&x, Some(prev))?
                     }
                     _ => {
                         if keep < CACHE_T {
-                            next = Tensor::cat(&[&next.zeros_like()?, &next], 2)?;
+                            let zeros = layout::zero_frames(&next, CACHE_T - keep)?;
+                            next = layout::cat_time(&[&zeros, &next])?;
                         }
                         time_conv.forward(&x, None)?
                     }
                 };
-                *slot = Slot::Frames(next.contiguous()?);
+                *slot = Slot::Frames(next);
                 // [B, 2C, T, H, W]: channel half 0 gives the even output frames, half 1 the odd.
-                let view = y
-                    .reshape(vec![b, 2, c, t, h, w])?
-                    .permute(vec![0, 2, 3, 1, 4, 5])?;
-                if cfg!(feature = "cuda") && y.device().is_cuda() {
-                    interleaved = Some(view);
+                if layout::channels_last_device(&y) {
+                    let packed = layout::physical(&layout::channels_last(&y)?)?;
+                    let halves = packed.reshape((b, t, h, w, 2, c))?;
+                    interleaved = Some(halves.permute((0, 5, 1, 4, 2, 3))?);
                 } else {
-                    x = view.reshape((b, c, 2 * t, h, w))?;
+                    x = y
+                        .reshape((b, 2, c, t, h, w))?
+                        .permute((0, 2, 3, 1, 4, 5))?
+                        .reshape((b, c, 2 * t, h, w))?;
                 }
             }
         }
-        let (b, c, t, h, w) = match &interleaved {
-            Some(v) => {
-                let d = v.dims();
-                (d[0], d[1], d[2] * d[3], d[4], d[5])
-            }
-            None => x.dims5()?,
-        };
-        let as_frames = |x: &Tensor| x.permute((0, 2, 1, 3, 4))?.reshape((b * t, c, h, w));
-        let frames = match self.mode {
-            // nearest-exact ×2 picks source index ⌊i/2⌋, the same as nearest.
-            #[cfg(feature = "cuda")]
-            ResampleMode::Up2d | ResampleMode::Up3d if x.device().is_cuda() => {
-                crate::ops::fused::upsample2x_frames(interleaved.as_ref().unwrap_or(&x))?
-            }
+        let x = match self.mode {
             ResampleMode::Up2d | ResampleMode::Up3d => {
-                as_frames(&x)?.upsample_nearest2d(2 * h, 2 * w)?
+                upsample2x(interleaved.as_ref().unwrap_or(&x))?
             }
-            ResampleMode::Down2d | ResampleMode::Down3d => as_frames(&x)?
-                .pad_with_zeros(2, 0, 1)?
-                .pad_with_zeros(3, 0, 1)?,
+            ResampleMode::Down2d | ResampleMode::Down3d => layout::pad_bottom_right(&x)?,
         };
-        let y = self.conv.forward(&frames)?;
-        let (_, c2, h2, w2) = y.dims4()?;
-        let mut x = y.reshape((b, t, c2, h2, w2))?.permute((0, 2, 1, 3, 4))?;
+        let mut x = self.conv.forward(&x, None)?;
         if let (ResampleMode::Down3d, Some(time_conv)) = (self.mode, &self.time_conv) {
             let slot = cache.next_slot();
-            let last = x.narrow(2, t - 1, 1)?.contiguous()?;
+            let last = layout::copy_frames(&x, x.dim(2)? - 1, 1)?;
             if let Slot::Frames(prev) = &*slot {
                 let prev_last = prev.narrow(2, prev.dim(2)? - 1, 1)?;
-                x = time_conv.forward(&Tensor::cat(&[&prev_last, &x], 2)?, None)?;
+                x = time_conv.forward(&layout::cat_time(&[&prev_last, &x])?, None)?;
             }
             *slot = Slot::Frames(last);
         }
@@ -723,10 +733,29 @@ impl Resample {
     }
 }
 
+/// Nearest ×2 spatial upsampling of every frame (nearest-exact ×2 picks source index ⌊i/2⌋,
+/// the same as nearest).
+///
+/// # Shapes
+/// [B, C, T, H, W] → [B, C, T, 2H, 2W]; on CUDA also the interleave
+/// [B, C, T, R, H, W] → [B, C, T·R, 2H, 2W].
+fn upsample2x(x: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::ops::fused::upsample2x_channels_last(x);
+    }
+    let (b, c, t, h, w) = x.dims5()?;
+    x.permute((0, 2, 1, 3, 4))?
+        .reshape((b * t, c, h, w))?
+        .upsample_nearest2d(2 * h, 2 * w)?
+        .reshape((b, t, c, 2 * h, 2 * w))?
+        .permute((0, 2, 1, 3, 4))
+}
+
 #[derive(Debug, Clone)]
 enum Layer {
     Residual(Box<ResidualBlock>),
-    Resample(Resample),
+    Resample(Box<Resample>),
 }
 
 impl Layer {
@@ -776,7 +805,7 @@ impl Encoder {
                     ResampleMode::Down2d
                 };
                 let r = Resample::new(c_out, mode, vd.pp(downsamples.len()))?;
-                downsamples.push(Layer::Resample(r));
+                downsamples.push(Layer::Resample(Box::new(r)));
             }
         }
         let top = dims[stages];
@@ -802,7 +831,13 @@ impl Encoder {
             x = layer.forward(&x, cache)?;
         }
         let x = self.middle.forward(&x, cache)?;
-        norm_silu_conv_cached(&self.head_norm, &self.head_conv, &x, cache.next_slot())
+        norm_silu_conv_cached(
+            &self.head_norm,
+            &self.head_conv,
+            &x,
+            cache.next_slot(),
+            None,
+        )
     }
 }
 
@@ -848,7 +883,7 @@ impl Decoder {
                     ResampleMode::Up2d
                 };
                 let r = Resample::new(c_out, mode, vu.pp(upsamples.len()))?;
-                upsamples.push(Layer::Resample(r));
+                upsamples.push(Layer::Resample(Box::new(r)));
             }
         }
         let last = dims[stages];
@@ -874,7 +909,13 @@ impl Decoder {
         for layer in &self.upsamples {
             x = layer.forward(&x, cache)?;
         }
-        norm_silu_conv_cached(&self.head_norm, &self.head_conv, &x, cache.next_slot())
+        norm_silu_conv_cached(
+            &self.head_norm,
+            &self.head_conv,
+            &x,
+            cache.next_slot(),
+            None,
+        )
     }
 }
 
@@ -1010,8 +1051,9 @@ impl WanVae {
                     .forward(&x.narrow(2, start, len)?, &mut cursor)?,
             );
         }
-        let h = Tensor::cat(&outs, 2)?;
-        Ok(self.quant_conv.forward(&h, None)?)
+        let h = layout::cat_time(&outs.iter().collect::<Vec<_>>())?;
+        // Contiguous [B, C, T, H, W] whatever the device's layout, for the host.
+        Ok(self.quant_conv.forward(&h, None)?.contiguous()?)
     }
 
     /// Decodes raw latents and clamps to [-1, 1] (diffusers `decode(z).sample`).
@@ -1038,7 +1080,8 @@ impl WanVae {
             let mut cursor = Cursor::new(&mut slots);
             outs.push(self.decoder.forward(&x.narrow(2, i, 1)?, &mut cursor)?);
         }
-        Ok(Tensor::cat(&outs, 2)?)
+        // Contiguous [B, C, T, H, W] whatever the device's layout, for the host.
+        Ok(layout::cat_time(&outs.iter().collect::<Vec<_>>())?.contiguous()?)
     }
 
     /// Encodes a clip tile by tile ([`crate::tiling`]) to the raw posterior mean: diffusers'

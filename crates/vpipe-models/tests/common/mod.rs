@@ -9,6 +9,16 @@ use candle_core::{Device, Tensor};
 /// f32 tolerance against diffusers (reference/parity-testing.md §3).
 pub const TOL: f64 = 1e-4;
 
+/// Where the models under test run: the first CUDA device when the tests are built with the
+/// `cuda` feature (the GPU run of the same parity checks), else the CPU.
+pub fn device() -> Device {
+    if cfg!(feature = "cuda") {
+        Device::new_cuda(0).expect("built with `cuda`: CUDA device 0")
+    } else {
+        Device::Cpu
+    }
+}
+
 /// A file of `tests/fixtures/vae/`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
