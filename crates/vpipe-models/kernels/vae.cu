@@ -90,3 +90,33 @@ BIAS_RESIDUAL(bias_residual_bf16, __nv_bfloat16, 1)
 BIAS_RESIDUAL(bias_residual_f16, __half, 1)
 BIAS_RESIDUAL(bias_residual_bf16_vec4, __nv_bfloat16, 4)
 BIAS_RESIDUAL(bias_residual_f16_vec4, __half, 4)
+
+// A convolution filter [K, C, S] (S = kt·kh·kw taps) rearranged for cuDNN's channels-last
+// kernels: [K_pad, S, C_pad], zero-padded to K_pad output and C_pad input channels. One block
+// per output channel: its C·S weights are staged in shared memory by contiguous reads and leave
+// by contiguous writes (a per-element strided copy reads 2-byte values 2·S bytes apart).
+template <typename T>
+__device__ void filter_channels_last(const T* w, T* out, int k_in, int c_in, int taps,
+                                     int c_pad) {
+  extern __shared__ unsigned char staged_raw[];
+  T* staged = reinterpret_cast<T*>(staged_raw);
+  const int k = blockIdx.x;
+  const int n = c_in * taps;
+  if (k < k_in)
+    for (int i = threadIdx.x; i < n; i += blockDim.x) staged[i] = w[(long long)k * n + i];
+  __syncthreads();
+  const int m = taps * c_pad;
+  T* o = out + (long long)k * m;
+  for (int i = threadIdx.x; i < m; i += blockDim.x) {
+    const int c = i % c_pad, tap = i / c_pad;
+    o[i] = (k < k_in && c < c_in) ? staged[c * taps + tap] : from_f32<T>(0.f);
+  }
+}
+
+#define FILTER_CL(NAME, T)                                                                      \
+  extern "C" __global__ void NAME(const T* w, T* out, int k_in, int c_in, int taps, int c_pad) { \
+    filter_channels_last<T>(w, out, k_in, c_in, taps, c_pad);                                   \
+  }
+FILTER_CL(filter_channels_last_f32, float)
+FILTER_CL(filter_channels_last_bf16, __nv_bfloat16)
+FILTER_CL(filter_channels_last_f16, __half)

@@ -176,18 +176,13 @@ where
     }
     let c_pad = c.next_multiple_of(CHANNEL_ALIGN) - c;
     let k_pad = k.next_multiple_of(CHANNEL_ALIGN) - k;
-    // [N, D, H, W, C] packed, and the filter as [K, kt, kh, kw, C]; a per-call copy of the
+    // [N, D, H, W, C] packed, and the filter as [K, kt, kh, kw, C]: a per-call copy of the
     // filter (at most a few MiB) instead of a second resident copy of every weight.
     let mut x = layout::physical(input)?.contiguous()?;
-    let mut w = filter.permute((0, 2, 3, 4, 1))?;
     if c_pad > 0 {
         x = x.pad_with_zeros(4, 0, c_pad)?;
-        w = w.pad_with_zeros(4, 0, c_pad)?;
     }
-    if k_pad > 0 {
-        w = w.pad_with_zeros(0, 0, k_pad)?;
-    }
-    let w = w.contiguous()?;
+    let w = fused::filter_channels_last(filter, k + k_pad, c + c_pad)?;
     let bias = match bias {
         Some(b) if k_pad > 0 => Some(b.flatten_all()?.pad_with_zeros(0, 0, k_pad)?),
         Some(b) => Some(b.flatten_all()?),

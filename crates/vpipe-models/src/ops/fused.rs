@@ -187,6 +187,63 @@ pub fn upsample2x_channels_last(x: &Tensor) -> candle_core::Result<Tensor> {
     layout::logical(&out)
 }
 
+/// Shared memory a block may take without the function's explicit permission.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+/// A convolution filter in cuDNN's channels-last order, zero-padded to `k_total` output and
+/// `c_total` input channels: one kernel that reads and writes contiguously (a permuted copy
+/// reads the 2-byte weights `2·kt·kh·kw` bytes apart).
+///
+/// # Shapes
+/// - `filter`: [K, C, kt, kh, kw]; returns [k_total, kt, kh, kw, c_total], contiguous.
+pub fn filter_channels_last(
+    filter: &Tensor,
+    k_total: usize,
+    c_total: usize,
+) -> candle_core::Result<Tensor> {
+    let (k, c, kt, kh, kw) = filter.dims5()?;
+    let taps = kt * kh * kw;
+    if k_total < k || c_total < c {
+        candle_core::bail!(
+            "filter_channels_last: {k_total} x {c_total} channels cannot hold [{k}, {c}]"
+        );
+    }
+    let staged = c * taps * filter.dtype().size_in_bytes();
+    if staged > DEFAULT_SHARED_BYTES {
+        // Larger than any Wan VAE filter: a padded permuted copy.
+        let w = filter
+            .permute((0, 2, 3, 4, 1))?
+            .pad_with_zeros(4, 0, c_total - c)?
+            .pad_with_zeros(0, 0, k_total - k)?;
+        return w.contiguous();
+    }
+    let filter = filter.contiguous()?;
+    let (out, op) = empty(&filter, &[k_total, kt, kh, kw, c_total])?;
+    let func = filter.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("filter_channels_last_{}", suffix(filter.dtype())?),
+        "vpipe_vae",
+        VAE_PTX,
+    )?;
+    let wp = device_ptr(&filter)?;
+    let ints = [k, c, taps, c_total].map(|n| n as i32);
+    let mut a = func.builder();
+    a.arg(&wp);
+    a.arg(&op);
+    for n in &ints {
+        a.arg(n);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (k_total as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: staged as u32,
+    };
+    // SAFETY: arguments match `filter_channels_last_*` in kernels/vae.cu; `filter` is a live
+    // contiguous [K, C, taps] tensor, the staged slice fits the default shared memory, and
+    // the kernel writes all k_total · taps · c_total elements of `out`.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(out)
+}
+
 /// `y ← y + bias + residual` **in place** (either may be absent), summed in f32 and rounded
 /// once: a convolution's epilogue.
 ///
