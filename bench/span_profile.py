@@ -1,5 +1,5 @@
-"""Sums span busy times from a vpipe log made with VPIPE_LOG_SPANS=1 (and, on CUDA,
-CUDA_LAUNCH_BLOCKING=1 so that busy time is device time): python3 bench/span_profile.py LOG"""
+"""Sums span busy times from a vpipe log made with VPIPE_LOG_SPANS=1: python3 bench/span_profile.py LOG.
+On CUDA with CUDA_LAUNCH_BLOCKING=1 busy time is device time plus launch; without it, host time."""
 import re
 import sys
 from collections import defaultdict
@@ -7,7 +7,7 @@ from collections import defaultdict
 UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 totals, counts = defaultdict(float), defaultdict(int)
 for line in open(sys.argv[1], errors="replace"):
-    m = re.search(r"(\w+)\{([^}]*)\}: \S+ close time\.busy=([\d.]+)(ns|µs|us|ms|s)", line)
+    m = re.search(r"(\w+)(?:\{([^}]*)\})?: \S+ close time\.busy=([\d.]+)(ns|µs|us|ms|s)", line)
     if not m:
         continue
     name, fields, value, unit = m.groups()

@@ -111,5 +111,37 @@ fn main() -> Result<()> {
             );
         }
     }
+    // Is one tile's pass bound by the GPU or by the host? The time until the call returns
+    // (everything enqueued, nothing awaited unless the code synchronises) against the time
+    // until the device is done.
+    let side = args.tiles[0];
+    let video_tile = clip.narrow(3, 0, side.min(h))?.narrow(4, 0, side.min(w))?;
+    let latent_tile =
+        latents
+            .narrow(3, 0, (side / 8).min(h / 8))?
+            .narrow(4, 0, (side / 8).min(w / 8))?;
+    let video_tile = video_tile.to_device(&device)?.to_dtype(dtype)?;
+    let latent_tile = latent_tile.to_device(&device)?.to_dtype(dtype)?;
+    for what in ["encode", "decode"] {
+        let pass = || -> Result<Tensor> {
+            match what {
+                "encode" => vae.encode_moments(&video_tile),
+                _ => vae.decode_unclamped(&latent_tile),
+            }
+            .map_err(candle_core::Error::wrap)
+        };
+        drop(pass()?);
+        device.synchronize()?;
+        let start = std::time::Instant::now();
+        let out = pass()?;
+        let enqueued = start.elapsed().as_secs_f64();
+        device.synchronize()?;
+        let done = start.elapsed().as_secs_f64();
+        drop(out);
+        println!(
+            "{}",
+            json!({"what": format!("one {side}-px tile, {what}"), "returned_s": enqueued, "device_done_s": done})
+        );
+    }
     Ok(())
 }

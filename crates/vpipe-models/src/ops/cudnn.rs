@@ -182,7 +182,8 @@ where
     if c_pad > 0 {
         x = x.pad_with_zeros(4, 0, c_pad)?;
     }
-    let w = fused::filter_channels_last(filter, k + k_pad, c + c_pad)?;
+    let w = tracing::trace_span!("conv_filter")
+        .in_scope(|| fused::filter_channels_last(filter, k + k_pad, c + c_pad))?;
     let bias = match bias {
         Some(b) if k_pad > 0 => Some(b.flatten_all()?.pad_with_zeros(0, 0, k_pad)?),
         Some(b) => Some(b.flatten_all()?),
@@ -209,7 +210,7 @@ where
     } else {
         None
     };
-    {
+    tracing::trace_span!("cudnn_forward").in_scope(|| -> candle_core::Result<()> {
         let (x_storage, x_layout) = x.storage_and_layout();
         let (w_storage, w_layout) = w.storage_and_layout();
         let (Storage::Cuda(xs), Storage::Cuda(ws)) = (&*x_storage, &*w_storage) else {
@@ -236,8 +237,8 @@ where
                 &mut out,
             )
         }
-        .map_err(|e| fail("launch", e))?;
-    }
+        .map_err(|e| fail("launch", e))
+    })?;
     let [_, kp, d_out, h_out, w_out] = plan.output_dims;
     let out = Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device)),
@@ -269,7 +270,8 @@ where
         }
     }
     // `out` was allocated above and nothing else holds it.
-    fused::bias_residual_in_place(&out, bias.as_ref(), residual.as_ref())?;
+    tracing::trace_span!("conv_epilogue")
+        .in_scope(|| fused::bias_residual_in_place(&out, bias.as_ref(), residual.as_ref()))?;
     let out = layout::logical(&out)?;
     if k_pad > 0 {
         out.narrow(1, 0, k)
