@@ -767,14 +767,34 @@ impl Layer {
     }
 }
 
+/// The last layers of the encoder and the decoder: RMS norm, SiLU, causal 3×3×3 conv
+/// (`head.0`, `head.2`).
+#[derive(Debug, Clone)]
+struct Head {
+    norm: RmsNorm,
+    conv: CausalConv3d,
+}
+
+impl Head {
+    fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm: RmsNorm::new(c_in, false, vb.pp(0))?,
+            conv: causal_conv3d(c_in, c_out, (3, 3, 3), Conv3dConfig::padded(1), vb.pp(2))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cache: &mut Cursor) -> candle_core::Result<Tensor> {
+        norm_silu_conv_cached(&self.norm, &self.conv, x, cache.next_slot(), None)
+    }
+}
+
 /// `Encoder3d`.
 #[derive(Debug, Clone)]
 struct Encoder {
     conv1: CausalConv3d,
     downsamples: Vec<Layer>,
     middle: Middle,
-    head_norm: RmsNorm,
-    head_conv: CausalConv3d,
+    head: Head,
 }
 
 impl Encoder {
@@ -813,14 +833,7 @@ impl Encoder {
             conv1,
             downsamples,
             middle: Middle::new(top, vb.pp("middle"))?,
-            head_norm: RmsNorm::new(top, false, vb.pp("head.0"))?,
-            head_conv: causal_conv3d(
-                top,
-                2 * cfg.z_dim,
-                k3,
-                Conv3dConfig::padded(1),
-                vb.pp("head.2"),
-            )?,
+            head: Head::new(top, 2 * cfg.z_dim, vb.pp("head"))?,
         })
     }
 
@@ -831,13 +844,7 @@ impl Encoder {
             x = layer.forward(&x, cache)?;
         }
         let x = self.middle.forward(&x, cache)?;
-        norm_silu_conv_cached(
-            &self.head_norm,
-            &self.head_conv,
-            &x,
-            cache.next_slot(),
-            None,
-        )
+        self.head.forward(&x, cache)
     }
 }
 
@@ -847,8 +854,7 @@ struct Decoder {
     conv1: CausalConv3d,
     middle: Middle,
     upsamples: Vec<Layer>,
-    head_norm: RmsNorm,
-    head_conv: CausalConv3d,
+    head: Head,
 }
 
 impl Decoder {
@@ -891,14 +897,7 @@ impl Decoder {
             conv1,
             middle,
             upsamples,
-            head_norm: RmsNorm::new(last, false, vb.pp("head.0"))?,
-            head_conv: causal_conv3d(
-                last,
-                cfg.out_channels,
-                k3,
-                Conv3dConfig::padded(1),
-                vb.pp("head.2"),
-            )?,
+            head: Head::new(last, cfg.out_channels, vb.pp("head"))?,
         })
     }
 
@@ -909,13 +908,7 @@ impl Decoder {
         for layer in &self.upsamples {
             x = layer.forward(&x, cache)?;
         }
-        norm_silu_conv_cached(
-            &self.head_norm,
-            &self.head_conv,
-            &x,
-            cache.next_slot(),
-            None,
-        )
+        self.head.forward(&x, cache)
     }
 }
 
