@@ -23,11 +23,11 @@ use vpipe_text::umt5::Config as Umt5Config;
 use crate::flags::RunJob;
 
 /// VAE activation bytes per (base channel × tile pixel × element byte), measured on the H100
-/// (full-size VAE, bf16, 256-px tiles, 81 frames: encode 0.80 GiB, decode 0.97 GiB above
-/// baseline with 0.24 GiB of weights; `bench/results/2026-11-27-vae-warm-run3.log`,
-/// BENCHMARKS.md "Wan 2.1 VAE").
-const VAE_ENCODE_BYTES_PER_UNIT: u64 = 48;
-const VAE_DECODE_BYTES_PER_UNIT: u64 = 63;
+/// (full-size VAE, bf16, 256-px tiles, 81 frames, channels-last CUDA path: 0.44 GiB for encode
+/// and 0.66 GiB for decode above the 0.24 GiB of weights, rounded up;
+/// `bench/results/2026-11-27-h100-vae-cl-1128-vae_warm.log`, BENCHMARKS.md "Wan 2.1 VAE").
+const VAE_ENCODE_BYTES_PER_UNIT: u64 = 38;
+const VAE_DECODE_BYTES_PER_UNIT: u64 = 57;
 /// Share of what the budget leaves after the DiT's weights that attention scores may take.
 const ATTENTION_BUDGET_SHARE: f64 = 0.25;
 /// Bytes of attention-score scratch a DiT forward gets: a share of what `budget` leaves over
