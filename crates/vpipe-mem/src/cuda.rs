@@ -14,25 +14,6 @@ use candle_core::CudaDevice;
 
 use crate::MemError;
 
-/// Opens CUDA device `ordinal` for a process that runs all its device work on the device's one
-/// stream, as vpipe does (candle's kernels, cuDNN, cuBLAS and the pinned uploads all use
-/// candle's stream). With a single stream, stream order alone keeps every buffer safe, and
-/// cudarc's per-buffer events order nothing; but with event tracking on (its default) each
-/// allocation still creates two events and each free destroys them, host time on every tensor
-/// a model makes. This opens the device with the tracking off.
-pub fn open_cuda_device(ordinal: usize) -> Result<candle_core::Device, MemError> {
-    let wrap = |e: candle_core::Error| MemError::Tensor {
-        context: format!("opening CUDA device {ordinal}"),
-        source: Box::new(e),
-    };
-    let device = candle_core::Device::new_cuda(ordinal).map_err(wrap)?;
-    let cuda = device.as_cuda_device().map_err(wrap)?;
-    // SAFETY: every buffer of this process is made and used on the device's one stream (the
-    // contract above), so no use needs an event to wait on another stream.
-    unsafe { cuda.disable_event_tracking() };
-    Ok(device)
-}
-
 /// One synchronized reading of a CUDA device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CudaReading {

@@ -47,8 +47,6 @@ mod store;
 mod svg;
 
 pub use alloc::{heap_stats, reset_heap_peak, CountingAllocator, HeapStats};
-#[cfg(feature = "cuda")]
-pub use cuda::open_cuda_device;
 pub use error::MemError;
 pub use host::{read_host_rss, HostRss};
 pub use ledger::{Check, Entry, Event, Ledger};

@@ -17,12 +17,12 @@ pub(crate) fn open(spec: &str) -> anyhow::Result<candle_core::Device> {
             }
         },
     };
-    #[cfg(feature = "cuda")]
-    return vpipe_mem::open_cuda_device(ordinal)
-        .map_err(|e| anyhow::anyhow!("--device {spec}: could not open the CUDA device: {e}"));
-    #[cfg(not(feature = "cuda"))]
-    Err(BadInput(format!(
-        "--device {spec}: this vpipe was built without CUDA (device {ordinal}); rebuild with `cargo build --release --features cuda`"
-    ))
-    .into())
+    if !cfg!(feature = "cuda") {
+        return Err(BadInput(format!(
+            "--device {spec}: this vpipe was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        ))
+        .into());
+    }
+    candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("--device {spec}: could not open the CUDA device: {e}"))
 }

@@ -40,20 +40,13 @@ impl SimpleBackend for RandomWeights {
 /// The device an example runs on (`cpu`: the host, for a quick check of the script) and its
 /// meters.
 pub fn device_and_meters(cpu: bool) -> Result<(Device, Meters)> {
-    let device = if cpu { Device::Cpu } else { cuda_device()? };
+    let device = if cpu {
+        Device::Cpu
+    } else {
+        Device::new_cuda(0)?
+    };
     let meters = Meters::for_device(&device).expect("meters");
     Ok((device, meters))
-}
-
-/// CUDA device 0, opened as the CLI opens it.
-#[cfg(feature = "cuda")]
-fn cuda_device() -> Result<Device> {
-    vpipe_mem::open_cuda_device(0).map_err(candle_core::Error::wrap)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device() -> Result<Device> {
-    Device::new_cuda(0)
 }
 
 /// One synchronized run's time measured apart (`cold`: first uses of kernels and cuDNN
