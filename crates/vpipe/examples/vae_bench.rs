@@ -111,9 +111,9 @@ fn main() -> Result<()> {
             );
         }
     }
-    // Is one tile's pass bound by the GPU or by the host? The time until the call returns
-    // (everything enqueued, nothing awaited unless the code synchronises) against the time
-    // until the device is done.
+    // One full tile's pass: the time until the call returns (everything enqueued; the launch
+    // queue lets the host run only about a thousand launches ahead) against the time until
+    // the device is done, which is the tile's device time.
     let side = args.tiles[0];
     let video_tile = clip.narrow(3, 0, side.min(h))?.narrow(4, 0, side.min(w))?;
     let latent_tile =
