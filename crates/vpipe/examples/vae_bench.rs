@@ -13,7 +13,9 @@
 //! `--clip` holds `video_in` [1, 3, T, H, W] in [-1, 1], `--latents` holds `enc_mean`
 //! [1, 16, T', H/8, W/8]; both stay on the host, as in `vpipe run`. Prints one JSON object per
 //! (operation, tile): seconds, and the pool's high-water mark above the memory in use before the
-//! first pass (the weights, which are reported apart) through vpipe-mem's meters.
+//! first pass (the weights, which are reported apart) through vpipe-mem's meters. Then, for each
+//! distinct tile shape of the first tile size's layout, one tile's device time and its time per
+//! megapixel.
 
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::json;
@@ -111,37 +113,58 @@ fn main() -> Result<()> {
             );
         }
     }
-    // One full tile's pass: the time until the call returns (everything enqueued; the launch
-    // queue lets the host run only about a thousand launches ahead) against the time until
-    // the device is done, which is the tile's device time.
+    // Each distinct tile shape of the first tile size's layout, alone: the time until the call
+    // returns (everything enqueued; the launch queue lets the host run only about a thousand
+    // launches ahead) and until the device is done, which is the tile's device time; per
+    // pixel, it shows how well the small edge tiles use the GPU.
     let side = args.tiles[0];
-    let video_tile = clip.narrow(3, 0, side.min(h))?.narrow(4, 0, side.min(w))?;
-    let latent_tile =
-        latents
-            .narrow(3, 0, (side / 8).min(h / 8))?
-            .narrow(4, 0, (side / 8).min(w / 8))?;
-    let video_tile = video_tile.to_device(&device)?.to_dtype(dtype)?;
-    let latent_tile = latent_tile.to_device(&device)?.to_dtype(dtype)?;
-    for what in ["encode", "decode"] {
-        let pass = || -> Result<Tensor> {
-            match what {
-                "encode" => vae.encode_moments(&video_tile),
-                _ => vae.decode_unclamped(&latent_tile),
+    let stride = default_stride(side);
+    let extents = |len: usize| -> Vec<usize> {
+        let mut v: Vec<usize> = (0..len)
+            .step_by(stride)
+            .map(|o| side.min(len - o))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    for tile_h in extents(h) {
+        for tile_w in extents(w) {
+            let video_tile = clip
+                .narrow(3, 0, tile_h)?
+                .narrow(4, 0, tile_w)?
+                .to_device(&device)?
+                .to_dtype(dtype)?;
+            let latent_tile = latents
+                .narrow(3, 0, tile_h / 8)?
+                .narrow(4, 0, tile_w / 8)?
+                .to_device(&device)?
+                .to_dtype(dtype)?;
+            for what in ["encode", "decode"] {
+                let pass = || -> Result<Tensor> {
+                    match what {
+                        "encode" => vae.encode_moments(&video_tile),
+                        _ => vae.decode_unclamped(&latent_tile),
+                    }
+                    .map_err(candle_core::Error::wrap)
+                };
+                drop(pass()?);
+                device.synchronize()?;
+                let start = std::time::Instant::now();
+                let out = pass()?;
+                let returned = start.elapsed().as_secs_f64();
+                device.synchronize()?;
+                let done = start.elapsed().as_secs_f64();
+                drop(out);
+                let megapixels = (tile_h * tile_w) as f64 / 1e6;
+                println!(
+                    "{}",
+                    json!({"what": format!("one {tile_h}x{tile_w}-px tile, {what}"),
+                    "returned_s": returned, "device_done_s": done,
+                    "s_per_megapixel": done / megapixels})
+                );
             }
-            .map_err(candle_core::Error::wrap)
-        };
-        drop(pass()?);
-        device.synchronize()?;
-        let start = std::time::Instant::now();
-        let out = pass()?;
-        let enqueued = start.elapsed().as_secs_f64();
-        device.synchronize()?;
-        let done = start.elapsed().as_secs_f64();
-        drop(out);
-        println!(
-            "{}",
-            json!({"what": format!("one {side}-px tile, {what}"), "returned_s": enqueued, "device_done_s": done})
-        );
+        }
     }
     Ok(())
 }
