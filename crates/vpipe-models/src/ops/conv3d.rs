@@ -134,9 +134,22 @@ impl CausalConv3d {
     ///   cache replaces padding, it does not add frames; a convolution without temporal padding
     ///   ignores it) and `H_out = (H + 2·p_h − k_h)/s_h + 1`, likewise W.
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
+        match self.front_frames(x, cache)? {
+            Some(front) => self.forward_padded(&layout::cat_time(&[&front, x])?, None),
+            None => self.forward_padded(x, None),
+        }
+    }
+
+    /// The [`Self::front_padding`] frames that go in front of `x`: the last frames of `cache`
+    /// (cut to the padding, as torch's negative `F.pad` does) behind zeros for the rest, in the
+    /// device's layout; `None` for a convolution without temporal padding.
+    ///
+    /// # Shapes
+    /// - `x`: [B, C_in, T, H, W]; `cache`: [B, C_in, T_c, H, W]; returns [B, C_in, front, H, W].
+    pub fn front_frames(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Option<Tensor>> {
         let front = self.front_padding();
         if front == 0 {
-            return self.forward_padded(x, None);
+            return Ok(None);
         }
         let cached = match cache {
             Some(cache) if cache.dim(2)? > 0 => {
@@ -147,14 +160,14 @@ impl CausalConv3d {
             _ => None,
         };
         let used = cached.as_ref().map_or(Ok(0), |c| c.dim(2))?;
-        let zeros = (used < front)
-            .then(|| layout::zero_frames(x, front - used))
-            .transpose()?;
-        let parts: Vec<&Tensor> = [zeros.as_ref(), cached.as_ref(), Some(x)]
-            .into_iter()
-            .flatten()
-            .collect();
-        self.forward_padded(&layout::cat_time(&parts)?, None)
+        if used == front {
+            return Ok(cached);
+        }
+        let zeros = layout::zero_frames(x, front - used)?;
+        Ok(Some(match cached {
+            Some(cached) => layout::cat_time(&[&zeros, &cached])?,
+            None => zeros,
+        }))
     }
 
     /// [`Self::forward`] on an input that already carries its [`Self::front_padding`] frames

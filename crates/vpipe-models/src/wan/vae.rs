@@ -317,11 +317,11 @@ fn conv_cached(conv: &CausalConv3d, x: &Tensor, slot: &mut Slot) -> candle_core:
 }
 
 /// `conv(silu(norm(x))) + residual` through the convolution's cache slot. The norm writes its
-/// output after the cached frames (or zeros) in one new tensor, which the convolution takes as
-/// it is (on CUDA, where the norm is one kernel, this saves a copy of the whole normed chunk).
-/// The slot then holds the last `CACHE_T` frames of that tensor, zeros included where the clip
-/// was shorter, which the next chunk's convolution reads the same way as the reference's
-/// shorter cache behind zero padding.
+/// output after the convolution's front frames (cache or zeros) in one new tensor, which the
+/// convolution takes as it is (on CUDA, where the norm is one kernel, this saves a copy of the
+/// whole normed chunk). The slot then holds the last `CACHE_T` frames of that tensor, zeros
+/// included where the clip was shorter, which the next chunk's convolution reads the same way
+/// as the reference's shorter cache behind zero padding.
 fn norm_silu_conv_cached(
     norm: &RmsNorm,
     conv: &CausalConv3d,
@@ -329,29 +329,15 @@ fn norm_silu_conv_cached(
     slot: &mut Slot,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    if conv.front_padding() != CACHE_T {
-        let y = conv_cached(conv, &norm.normalize(x, true, None)?, slot)?;
-        return match residual {
-            Some(r) => y + r,
-            None => Ok(y),
-        };
-    }
-    let front = match &*slot {
-        Slot::Frames(prev) => {
-            let t_c = prev.dim(2)?;
-            let used = t_c.min(CACHE_T);
-            let tail = prev.narrow(2, t_c - used, used)?;
-            if used < CACHE_T {
-                layout::cat_time(&[&layout::zero_frames(x, CACHE_T - used)?, &tail])?
-            } else {
-                tail
-            }
-        }
-        _ => layout::zero_frames(x, CACHE_T)?,
+    let prev = match &*slot {
+        Slot::Frames(prev) => Some(prev),
+        _ => None,
     };
-    let padded = norm.normalize(x, true, Some(&front))?;
+    let front = conv.front_frames(x, prev)?;
+    let padded = norm.normalize(x, true, front.as_ref())?;
     let t = padded.dim(2)?;
-    *slot = Slot::Frames(layout::copy_frames(&padded, t - CACHE_T, CACHE_T)?);
+    let keep = t.min(CACHE_T);
+    *slot = Slot::Frames(layout::copy_frames(&padded, t - keep, keep)?);
     conv.forward_padded(&padded, residual)
 }
 
@@ -681,22 +667,20 @@ impl Resample {
                 *slot = Slot::Rep;
             } else {
                 let (b, c, t, h, w) = x.dims5()?;
-                let keep = t.min(CACHE_T);
-                let mut next = layout::copy_frames(&x, t - keep, keep)?;
-                let y = match &*slot {
-                    Slot::Frames(prev) => {
-                        if keep < CACHE_T {
-                            let last = prev.narrow(2, prev.dim(2)? - 1, 1)?;
-                            next = layout::cat_time(&[&last, &next])?;
-                        }
-                        time_conv.forward(&x, Some(prev))?
-                    }
+                let (y, next) = match &*slot {
+                    Slot::Frames(prev) => (
+                        time_conv.forward(&x, Some(prev))?,
+                        next_cache(&x, Some(prev))?,
+                    ),
                     _ => {
+                        // After "Rep" the cache is zero-padded to CACHE_T frames.
+                        let keep = t.min(CACHE_T);
+                        let mut next = layout::copy_frames(&x, t - keep, keep)?;
                         if keep < CACHE_T {
                             let zeros = layout::zero_frames(&next, CACHE_T - keep)?;
                             next = layout::cat_time(&[&zeros, &next])?;
                         }
-                        time_conv.forward(&x, None)?
+                        (time_conv.forward(&x, None)?, next)
                     }
                 };
                 *slot = Slot::Frames(next);
