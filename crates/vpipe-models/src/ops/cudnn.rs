@@ -257,19 +257,8 @@ where
             }
         })
         .transpose()?;
-    if let Some(r) = &residual {
-        if r.dims() != out.dims() {
-            return Err(fail(
-                "residual",
-                format!(
-                    "shape {:?} does not match the output {:?}",
-                    r.dims(),
-                    out.dims()
-                ),
-            ));
-        }
-    }
-    // `out` was allocated above and nothing else holds it.
+    // `out` was allocated above and nothing else holds it; the epilogue checks the residual's
+    // shape and dtype against it.
     tracing::trace_span!("conv_epilogue")
         .in_scope(|| fused::bias_residual_in_place(&out, bias.as_ref(), residual.as_ref()))?;
     let out = layout::logical(&out)?;
