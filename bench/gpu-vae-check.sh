@@ -6,6 +6,7 @@
 #   2. bench/gpu-vae.sh without the span profile (full-size VAE, bf16, real clip: parity,
 #      timings and peaks next to diffusers, the automatic tile under a 1 GiB budget);
 #   3. bench/gpu-vae-warm.sh (warm timings, TILES).
+# WARM_ONLY=1 skips step 2 (about two minutes of device time).
 # Needs .carry/{vae_parity,vae_tiled_parity,vpipe,vae_bench}.xz and .carry/clip.mp4, .whl/.
 # Run with carry [".carry", ".whl"].
 set -u
@@ -20,6 +21,6 @@ set -u
     grep -E "max abs|: mean|test result|panicked|FAILED" "$OUT/$t.log" | tail -40
   done
   [ $failed = 0 ] || { echo "GPU parity tests failed: stopping"; exit 5; }
-  SKIP_SPANS=1 bash bench/gpu-vae.sh
+  [ "${WARM_ONLY:-0}" = 1 ] || SKIP_SPANS=1 bash bench/gpu-vae.sh
   TILES=${TILES:-256,320} bash bench/gpu-vae-warm.sh
 } 2>&1 | tee "$OUT/check.log"

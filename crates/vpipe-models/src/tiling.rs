@@ -196,14 +196,17 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
         video,
         layout,
         (h / SPATIAL_SCALE, w / SPATIAL_SCALE),
+        &|latents: &Tensor| Ok(latents.clone()),
         encode_tile,
     )
 }
 
 /// Decodes `latents` ([B, C, T, h, w]) tile by tile with `decode_tile`, which maps a latent
-/// tile to its pixel tile. Blending is in pixels over `tile − stride`. The result is on the
-/// host and NOT clamped (the caller clamps after assembly, as diffusers does). A spec that
-/// [`TileSpec::validate`] refuses is an error before `decode_tile` is called.
+/// tile to its pixel tile. Blending is in pixels over `tile − stride`. With `clamp_to`, the
+/// assembled pixels are clamped to that range (diffusers clamps to [-1, 1] once, after
+/// assembly; clamping each blended, cropped tile before it leaves the device is the same
+/// thing, and spares the host a pass over the whole video). The result is on the host. A spec
+/// that [`TileSpec::validate`] refuses is an error before `decode_tile` is called.
 ///
 /// # Shapes
 /// - `latents`: `[B, C, T, h, w]`
@@ -211,6 +214,7 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
 pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
     latents: &Tensor,
     spec: TileSpec,
+    clamp_to: Option<(f64, f64)>,
     decode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     spec.validate()?;
@@ -222,10 +226,15 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
         crop_out: spec.stride,
     };
     let (_, _, _, h, w) = latents.dims5()?;
+    let finish = |pixels: &Tensor| match clamp_to {
+        Some((low, high)) => pixels.clamp(low, high),
+        None => Ok(pixels.clone()),
+    };
     run_tiled(
         latents,
         layout,
         (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
+        &finish,
         decode_tile,
     )
 }
@@ -235,15 +244,25 @@ fn origins(len: usize, stride: usize) -> impl Iterator<Item = usize> {
     (0..len).step_by(stride)
 }
 
+/// A final, cropped part of a tile on the host, packed: `finish` runs on the device first.
+fn to_host(
+    part: &Tensor,
+    finish: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    // `to_device` moves a tensor's whole storage, so the part is packed where it is first.
+    finish(part)?.contiguous()?.to_device(&Device::Cpu)
+}
+
 fn run_tiled<E: From<candle_core::Error>>(
     input: &Tensor,
     layout: Layout,
     (out_h, out_w): (usize, usize),
+    finish: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
     mut run: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     let (_, _, _, h, w) = input.dims5()?;
     if h <= layout.tile_in && w <= layout.tile_in {
-        return Ok(run(input)?.to_device(&Device::Cpu)?);
+        return Ok(to_host(&run(input)?, finish)?);
     }
     // Blending needs only the last `blend_out` rows of the (blended) tile above and the last
     // `blend_out` columns of the (blended) tile to the left. Those strips stay where the model
@@ -254,14 +273,21 @@ fn run_tiled<E: From<candle_core::Error>>(
         t.narrow(dim, len - keep, keep)?.contiguous()
     };
     let mut strips_above: Vec<Tensor> = Vec::new();
-    // The host buffer the cropped rows are written into, made when the first row gives the
-    // output's batch, channels, frames and dtype.
+    // The host buffer the rows are written into, made when the first row gives the output's
+    // batch, channels, frames and dtype.
     let mut output: Option<Tensor> = None;
     let mut filled = 0;
     for top in origins(h, layout.stride_in) {
+        if filled == out_h {
+            // The rows left would all be cropped away (an input a few pixels taller than the
+            // output covers, on encode).
+            break;
+        }
         let mut row_strips = Vec::new();
         let mut strip_left: Option<Tensor> = None;
-        let mut cropped = Vec::new();
+        let mut parts = Vec::new();
+        let mut rows = 0;
+        let mut columns_filled = 0;
         for (column, left) in origins(w, layout.stride_in).enumerate() {
             let tile = input.narrow(3, top, layout.tile_in.min(h - top))?.narrow(
                 4,
@@ -278,30 +304,36 @@ fn run_tiled<E: From<candle_core::Error>>(
             row_strips.push(strip(&out, 3)?);
             strip_left = Some(strip(&out, 4)?);
             let (_, _, _, th, tw) = out.dims5()?;
-            let kept =
-                out.narrow(3, 0, layout.crop_out.min(th))?
-                    .narrow(4, 0, layout.crop_out.min(tw))?;
-            cropped.push(kept.to_device(&Device::Cpu)?);
+            rows = layout.crop_out.min(th).min(out_h - filled);
+            let columns = layout.crop_out.min(tw).min(out_w - columns_filled);
+            if columns > 0 {
+                parts.push(to_host(
+                    &out.narrow(3, 0, rows)?.narrow(4, 0, columns)?,
+                    finish,
+                )?);
+                columns_filled += columns;
+            }
         }
         strips_above = row_strips;
-        let row = Tensor::cat(&cropped, 4)?;
-        let (b, c, t, rows, width) = row.dims5()?;
-        let rows = rows.min(out_h - filled);
-        if rows == 0 {
-            continue;
+        if columns_filled != out_w {
+            return Err(candle_core::Error::Msg(format!(
+                "tiling: the tiles covered {columns_filled} of {out_w} output columns"
+            ))
+            .into());
         }
+        // Packed parts side by side: one strided copy each, into the row and then the buffer.
+        let row = Tensor::cat(&parts, 4)?;
         let buffer = match &output {
             Some(buffer) => buffer,
-            None => output.insert(Tensor::zeros(
-                (b, c, t, out_h, out_w),
-                row.dtype(),
-                &Device::Cpu,
-            )?),
+            None => {
+                let (b, c, t, _, _) = row.dims5()?;
+                output.insert(Tensor::zeros(
+                    (b, c, t, out_h, out_w),
+                    row.dtype(),
+                    &Device::Cpu,
+                )?)
+            }
         };
-        let row = row
-            .narrow(3, 0, rows)?
-            .narrow(4, 0, out_w.min(width))?
-            .contiguous()?;
         buffer.slice_set(&row, 3, filled)?;
         filled += rows;
     }
@@ -461,6 +493,7 @@ mod tests {
                 tile: 256,
                 stride: 192,
             },
+            None,
             |t| {
                 calls += 1;
                 Ok::<_, crate::Error>(t.affine(2.0, 1.0)?)

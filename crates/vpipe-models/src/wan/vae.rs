@@ -1113,7 +1113,7 @@ impl WanVae {
     /// assembly: diffusers' `decode(z).sample` with tiling enabled as in
     /// [`Self::encode_tiled`]. A tile covering the frame gives exactly [`Self::decode`]'s
     /// result. For the unclamped output, run [`tiling::tiled_decode`] with
-    /// [`Self::decode_unclamped`].
+    /// [`Self::decode_unclamped`] and no clamp.
     ///
     /// # Errors
     /// A refused spec ([`TileSpec::validate`], reported as [`Error::Config`]) or latents
@@ -1136,20 +1136,24 @@ impl WanVae {
     ) -> Result<Tensor> {
         spec.validate()?;
         self.check_latents(z)?;
-        let out = tiling::tiled_decode(z, spec, |tile| {
+        tiling::tiled_decode(z, spec, Some((-1.0, 1.0)), |tile| {
             let pixels = self.decode_unclamped(&self.on_device(tile)?)?;
             if !after_tile() {
                 return Err(Error::Stopped);
             }
             Ok::<_, Error>(pixels)
-        })?;
-        Ok(out.clamp(-1f64, 1f64)?)
+        })
     }
 
     /// A tile of a host-side input, on the model's device and in its dtype: tiled runs keep the
-    /// whole input on the host and move one tile at a time.
+    /// whole input on the host and move one tile at a time. The tile is packed first because
+    /// `to_device` moves a view's whole storage (the whole clip, for a tile of it), and
+    /// converted on the device, where that is cheap.
     fn on_device(&self, tile: &Tensor) -> Result<Tensor> {
-        Ok(tile.to_device(&self.device)?.to_dtype(self.dtype)?)
+        Ok(tile
+            .contiguous()?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?)
     }
 
     /// `(z − latents_mean) / latents_std` per channel: raw latents to the DiT's space.
