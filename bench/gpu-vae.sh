@@ -11,7 +11,8 @@ W=/tmp/vaebench
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 bench/vae_gpu.py prepare .carry/clip.mp4 || exit 4
 V="$VPIPE tensors"
-COMMON="--vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 --stride 192"
+# diffusers' tile layout: the outputs are compared with diffusers' tiled ones.
+COMMON="--vae $W/vae.safetensors --device cuda:0 --dtype bf16 --tile 256 --stride 192 --tile-layout diffusers"
 # warm-up: the first use of each candle kernel compiles its PTX; keep that out of the timings
 timeout 150 $V vae-encode $COMMON --input $W/frame.safetensors --output $W/frame_enc.safetensors --report $W/vpipe_frame.json
 timeout 150 $V vae-decode $COMMON --input $W/frame_enc.safetensors --output $W/frame_dec.safetensors

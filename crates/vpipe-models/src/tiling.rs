@@ -1,16 +1,23 @@
 //! Spatial tiling for the VAE: tiles in pixels, a linear-ramp blend over the overlap, tiles
-//! cropped to the stride and written row by row into one preallocated host buffer.
+//! cropped where the next one starts and written row by row into one preallocated host buffer.
 //!
-//! The layout and the blend are those of diffusers' `AutoencoderKLWan.tiled_encode` /
-//! `tiled_decode`, so that a tiled vpipe run can be checked against diffusers with the same
-//! tile and stride: tiles start every `stride` pixels from the top-left corner, edge tiles are
-//! cut at the frame border (so every frame size works, down to a single 8×8 frame), each tile
-//! runs the whole temporal causal pass with its own feature cache (never temporal tiling: a
-//! restarted cache makes frames blink), and each tile is blended with its already blended
-//! upper and left neighbours over `tile − stride` (latent units on encode, pixels on decode:
-//! the overlap is converted by the spatial scale factor 8) before it is cropped to the stride.
-//! A tile that covers the whole frame runs the untiled path, so its result is exactly the
-//! untiled one.
+//! Each tile runs the whole temporal causal pass with its own feature cache (never temporal
+//! tiling: a restarted cache makes frames blink), and each tile is blended with its already
+//! blended upper and left neighbours over their overlap (latent units on encode, pixels on
+//! decode: positions are converted by the spatial scale factor 8) before it is cropped where
+//! the next tile starts. A tile that covers the whole frame runs the untiled path, so its
+//! result is exactly the untiled one. Two placements ([`TileLayout`]):
+//!
+//! - [`TileLayout::Diffusers`] is that of diffusers' `AutoencoderKLWan.tiled_encode` /
+//!   `tiled_decode`, so that a tiled vpipe run can be checked against diffusers with the same
+//!   tile and stride: tiles start every `stride` pixels from the top-left corner and edge tiles
+//!   are cut at the frame border. An edge tile can lie wholly inside its neighbour's overlap
+//!   (832 px wide with 256-px tiles every 192: a fifth, 64-px column after four tiles that
+//!   already reach the border), which costs a tile's fixed cost for nothing.
+//! - [`TileLayout::Balanced`] (the default) uses the fewest tiles per axis that cover the frame
+//!   with at least the spec's overlap, all of one size no larger than the spec's tile, spread
+//!   evenly and ending at the border. No tile is larger than the spec's, so the memory a spec
+//!   needs bounds both layouts.
 //!
 //! What the tile function returns is blended as it is: on encode that is `quant_conv`'s 32-channel
 //! output (`[mean; logvar]`, unclamped), which diffusers blends before it splits the posterior and
@@ -34,13 +41,51 @@ pub fn default_stride(tile: usize) -> usize {
     (tile / 4 * 3 / SPATIAL_SCALE * SPATIAL_SCALE).max(SPATIAL_SCALE)
 }
 
-/// Tile size and stride in pixels (square tiles).
+/// Where tiles go over a frame (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TileLayout {
+    /// The fewest equal tiles, at most the spec's size, with at least its overlap.
+    #[default]
+    Balanced,
+    /// diffusers' placement: a tile every `stride` from the corner, edge tiles cut.
+    Diffusers,
+}
+
+impl std::fmt::Display for TileLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TileLayout::Balanced => "balanced",
+            TileLayout::Diffusers => "diffusers",
+        })
+    }
+}
+
+impl std::str::FromStr for TileLayout {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "balanced" => Ok(TileLayout::Balanced),
+            "diffusers" => Ok(TileLayout::Diffusers),
+            _ => Err(format!(
+                "'{s}' is not a tile layout (balanced or diffusers)"
+            )),
+        }
+    }
+}
+
+/// Tile size and stride in pixels (square tiles), and where the tiles go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TileSpec {
     /// Tile side, pixels.
     pub tile: usize,
-    /// Distance between tile origins, pixels (`tile − stride` is the overlap).
+    /// Distance between tile origins, pixels (`tile − stride` is the overlap). The balanced
+    /// layout's tiles may be closer together (a larger overlap), never farther apart.
     pub stride: usize,
+    /// Tile placement.
+    #[serde(default)]
+    pub layout: TileLayout,
 }
 
 /// A tile specification that cannot work.
@@ -77,11 +122,26 @@ impl From<TileError> for crate::Error {
 }
 
 impl TileSpec {
-    /// diffusers' default: 256-px tiles every 192 px.
-    pub const DEFAULT: TileSpec = TileSpec {
-        tile: 256,
-        stride: 192,
-    };
+    /// diffusers' default size: 256-px tiles every 192 px, balanced.
+    pub const DEFAULT: TileSpec = TileSpec::balanced(256, 192);
+
+    /// `tile` and `stride` in the balanced layout.
+    pub const fn balanced(tile: usize, stride: usize) -> TileSpec {
+        TileSpec {
+            tile,
+            stride,
+            layout: TileLayout::Balanced,
+        }
+    }
+
+    /// `tile` and `stride` in diffusers' layout.
+    pub const fn diffusers(tile: usize, stride: usize) -> TileSpec {
+        TileSpec {
+            tile,
+            stride,
+            layout: TileLayout::Diffusers,
+        }
+    }
 
     /// Checks the spec before any work starts.
     pub fn validate(&self) -> Result<(), TileError> {
@@ -121,14 +181,84 @@ impl TileSpec {
         if height <= self.tile && width <= self.tile {
             1
         } else {
-            height.div_ceil(self.stride) * width.div_ceil(self.stride)
+            self.spans(height, SPATIAL_SCALE).len() * self.spans(width, SPATIAL_SCALE).len()
+        }
+    }
+
+    /// The (height, width) in pixels of every distinct tile a `height`×`width` frame is cut
+    /// into, smallest first.
+    pub fn tile_shapes(&self, height: usize, width: usize) -> Vec<(usize, usize)> {
+        let lengths = |len: usize| {
+            let mut v: Vec<usize> = self
+                .spans(len, SPATIAL_SCALE)
+                .iter()
+                .map(|&(_, l)| l)
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let widths = lengths(width);
+        lengths(height)
+            .into_iter()
+            .flat_map(|h| widths.iter().map(move |&w| (h, w)))
+            .collect()
+    }
+
+    /// The tiles along one axis of `len` input units (pixels or latent cells) as (origin,
+    /// length) in those units, for a spec given in the same units; the balanced layout puts
+    /// origins on a `grid`-unit grid (8 for pixels, so that they fall on latent cells).
+    fn spans(&self, len: usize, grid: usize) -> Vec<(usize, usize)> {
+        let (tile, stride) = (self.tile, self.stride);
+        match self.layout {
+            // Also along an axis the tile covers, once the frame is tiled (diffusers' loops
+            // do not check each axis).
+            TileLayout::Diffusers => (0..len)
+                .step_by(stride)
+                .map(|origin| (origin, tile.min(len - origin)))
+                .collect(),
+            TileLayout::Balanced if len <= tile => vec![(0, len)],
+            TileLayout::Balanced => {
+                let cells = balanced_spans(len / grid, tile / grid, stride / grid);
+                let last = cells.len() - 1;
+                cells
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (origin, length))| {
+                        // The last tile also takes what is left after the last whole cell.
+                        let length = if i == last {
+                            len - origin * grid
+                        } else {
+                            length * grid
+                        };
+                        (origin * grid, length)
+                    })
+                    .collect()
+            }
         }
     }
 
     /// The spec in latent cells.
-    fn latent(&self) -> (usize, usize) {
-        (self.tile / SPATIAL_SCALE, self.stride / SPATIAL_SCALE)
+    fn latent(&self) -> TileSpec {
+        TileSpec {
+            tile: self.tile / SPATIAL_SCALE,
+            stride: self.stride / SPATIAL_SCALE,
+            layout: self.layout,
+        }
     }
+}
+
+/// The balanced layout along an axis of `len > tile` cells: (origin, length) in cells.
+fn balanced_spans(len: usize, tile: usize, stride: usize) -> Vec<(usize, usize)> {
+    let overlap = tile - stride;
+    let count = 1 + (len - tile).div_ceil(stride);
+    // The shortest tile with which `count` tiles overlapping by `overlap` still cover.
+    let length = (len + (count - 1) * overlap).div_ceil(count);
+    // Floored even spacing: gaps of at most ⌈(len − length)/(count − 1)⌉ ≤ length − overlap,
+    // so every overlap is at least `overlap`, and the last tile ends at `len`.
+    (0..count)
+        .map(|i| (i * (len - length) / (count - 1), length))
+        .collect()
 }
 
 /// Runs `attempt` with `spec`; while it fails with an error `retry_smaller` accepts (a device
@@ -149,6 +279,7 @@ pub fn halving_on_failure<T, E>(
                 let smaller = TileSpec {
                     tile: half,
                     stride: default_stride(half),
+                    layout: spec.layout,
                 };
                 on_fallback(spec, smaller);
                 spec = smaller;
@@ -161,12 +292,12 @@ pub fn halving_on_failure<T, E>(
 /// How tile outputs relate to tile inputs.
 #[derive(Debug, Clone, Copy)]
 struct Layout {
-    /// Tile side and stride in input units.
-    tile_in: usize,
-    stride_in: usize,
-    /// Overlap blended and crop kept, in output units.
-    blend_out: usize,
-    crop_out: usize,
+    /// The spec in input units (pixels on encode, latent cells on decode).
+    spec_in: TileSpec,
+    /// Input units per balanced-layout grid step (one latent cell).
+    grid_in: usize,
+    /// Output position of an input position.
+    to_out: fn(usize) -> usize,
 }
 
 /// Encodes `video` ([B, C, T, H, W], pixels) tile by tile with `encode_tile`, which maps a
@@ -184,12 +315,10 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
     encode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     spec.validate()?;
-    let (tile_latent, stride_latent) = spec.latent();
     let layout = Layout {
-        tile_in: spec.tile,
-        stride_in: spec.stride,
-        blend_out: tile_latent - stride_latent,
-        crop_out: stride_latent,
+        spec_in: spec,
+        grid_in: SPATIAL_SCALE,
+        to_out: |pixels| pixels / SPATIAL_SCALE,
     };
     let (_, _, _, h, w) = video.dims5()?;
     run_tiled(
@@ -202,11 +331,11 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
 }
 
 /// Decodes `latents` ([B, C, T, h, w]) tile by tile with `decode_tile`, which maps a latent
-/// tile to its pixel tile. Blending is in pixels over `tile − stride`. With `clamp_to`, the
-/// assembled pixels are clamped to that range (diffusers clamps to [-1, 1] once, after
-/// assembly; clamping each blended, cropped tile before it leaves the device is the same
-/// thing, and spares the host a pass over the whole video). The result is on the host. A spec
-/// that [`TileSpec::validate`] refuses is an error before `decode_tile` is called.
+/// tile to its pixel tile. Blending is in pixels. With `clamp_to`, the assembled pixels are
+/// clamped to that range (diffusers clamps to [-1, 1] once, after assembly; clamping each
+/// blended, cropped tile before it leaves the device is the same thing, and spares the host a
+/// pass over the whole video). The result is on the host. A spec that [`TileSpec::validate`]
+/// refuses is an error before `decode_tile` is called.
 ///
 /// # Shapes
 /// - `latents`: `[B, C, T, h, w]`
@@ -218,12 +347,10 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
     decode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     spec.validate()?;
-    let (tile_latent, stride_latent) = spec.latent();
     let layout = Layout {
-        tile_in: tile_latent,
-        stride_in: stride_latent,
-        blend_out: spec.tile - spec.stride,
-        crop_out: spec.stride,
+        spec_in: spec.latent(),
+        grid_in: 1,
+        to_out: |cells| cells * SPATIAL_SCALE,
     };
     let (_, _, _, h, w) = latents.dims5()?;
     let finish = |pixels: &Tensor| match clamp_to {
@@ -239,11 +366,6 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
     )
 }
 
-/// Tile origins along one axis: every `stride` from 0 while inside the frame.
-fn origins(len: usize, stride: usize) -> impl Iterator<Item = usize> {
-    (0..len).step_by(stride)
-}
-
 /// A final, cropped part of a tile on the host, packed: `finish` runs on the device first.
 fn to_host(
     part: &Tensor,
@@ -251,6 +373,13 @@ fn to_host(
 ) -> candle_core::Result<Tensor> {
     // `to_device` moves a tensor's whole storage, so the part is packed where it is first.
     finish(part)?.contiguous()?.to_device(&Device::Cpu)
+}
+
+/// The last `len` cells of `t` along `dim` (all of it if shorter), packed.
+fn tail(t: &Tensor, dim: usize, len: usize) -> candle_core::Result<Tensor> {
+    let have = t.dim(dim)?;
+    let keep = len.min(have);
+    t.narrow(dim, have - keep, keep)?.contiguous()
 }
 
 fn run_tiled<E: From<candle_core::Error>>(
@@ -261,23 +390,23 @@ fn run_tiled<E: From<candle_core::Error>>(
     mut run: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     let (_, _, _, h, w) = input.dims5()?;
-    if h <= layout.tile_in && w <= layout.tile_in {
+    let spec = layout.spec_in;
+    if h <= spec.tile && w <= spec.tile {
         return Ok(to_host(&run(input)?, finish)?);
     }
-    // Blending needs only the last `blend_out` rows of the (blended) tile above and the last
-    // `blend_out` columns of the (blended) tile to the left. Those strips stay where the model
-    // computed; only each tile's final, cropped part goes to the host.
-    let strip = |t: &Tensor, dim: usize| -> candle_core::Result<Tensor> {
-        let len = t.dim(dim)?;
-        let keep = layout.blend_out.min(len);
-        t.narrow(dim, len - keep, keep)?.contiguous()
-    };
+    let rows = spec.spans(h, layout.grid_in);
+    let columns = spec.spans(w, layout.grid_in);
+    let row_out: Vec<usize> = rows.iter().map(|&(o, _)| (layout.to_out)(o)).collect();
+    let column_out: Vec<usize> = columns.iter().map(|&(o, _)| (layout.to_out)(o)).collect();
+    // Blending needs only the part of the (blended) tile above that the next row overlaps, and
+    // likewise of the tile to the left. Those strips stay where the model computed; only each
+    // tile's final, cropped part goes to the host.
     let mut strips_above: Vec<Tensor> = Vec::new();
     // The host buffer the rows are written into, made when the first row gives the output's
     // batch, channels, frames and dtype.
     let mut output: Option<Tensor> = None;
     let mut filled = 0;
-    for top in origins(h, layout.stride_in) {
+    for (r, &(top, tile_h)) in rows.iter().enumerate() {
         if filled == out_h {
             // The rows left would all be cropped away (an input a few pixels taller than the
             // output covers, on encode).
@@ -286,32 +415,41 @@ fn run_tiled<E: From<candle_core::Error>>(
         let mut row_strips = Vec::new();
         let mut strip_left: Option<Tensor> = None;
         let mut parts = Vec::new();
-        let mut rows = 0;
+        let mut kept_rows = 0;
         let mut columns_filled = 0;
-        for (column, left) in origins(w, layout.stride_in).enumerate() {
-            let tile = input.narrow(3, top, layout.tile_in.min(h - top))?.narrow(
-                4,
-                left,
-                layout.tile_in.min(w - left),
-            )?;
+        for (c, &(left, tile_w)) in columns.iter().enumerate() {
+            let tile = input.narrow(3, top, tile_h)?.narrow(4, left, tile_w)?;
             let mut out = run(&tile)?;
-            if let Some(above) = strips_above.get(column) {
-                out = blend(above, &out, 3, layout.blend_out)?;
+            if let Some(above) = strips_above.get(c) {
+                out = blend(above, &out, 3, above.dim(3)?)?;
             }
             if let Some(before) = &strip_left {
-                out = blend(before, &out, 4, layout.blend_out)?;
+                out = blend(before, &out, 4, before.dim(4)?)?;
             }
-            row_strips.push(strip(&out, 3)?);
-            strip_left = Some(strip(&out, 4)?);
             let (_, _, _, th, tw) = out.dims5()?;
-            rows = layout.crop_out.min(th).min(out_h - filled);
-            let columns = layout.crop_out.min(tw).min(out_w - columns_filled);
-            if columns > 0 {
+            // From where the next tile starts to this tile's end.
+            if let Some(&next) = row_out.get(r + 1) {
+                row_strips.push(tail(&out, 3, (row_out[r] + th).saturating_sub(next))?);
+            }
+            strip_left = match column_out.get(c + 1) {
+                Some(&next) => Some(tail(&out, 4, (column_out[c] + tw).saturating_sub(next))?),
+                None => None,
+            };
+            // Up to where the next tile starts.
+            let crop = |origins: &[usize], i: usize, len: usize| {
+                origins
+                    .get(i + 1)
+                    .map_or(len, |&next| next - origins[i])
+                    .min(len)
+            };
+            kept_rows = crop(&row_out, r, th).min(out_h - filled);
+            let kept_columns = crop(&column_out, c, tw).min(out_w - columns_filled);
+            if kept_columns > 0 {
                 parts.push(to_host(
-                    &out.narrow(3, 0, rows)?.narrow(4, 0, columns)?,
+                    &out.narrow(3, 0, kept_rows)?.narrow(4, 0, kept_columns)?,
                     finish,
                 )?);
-                columns_filled += columns;
+                columns_filled += kept_columns;
             }
         }
         strips_above = row_strips;
@@ -335,7 +473,7 @@ fn run_tiled<E: From<candle_core::Error>>(
             }
         };
         buffer.slice_set(&row, 3, filled)?;
-        filled += rows;
+        filled += kept_rows;
     }
     match output {
         Some(output) if filled == out_h => Ok(output),
@@ -422,12 +560,7 @@ mod tests {
     #[test]
     fn specs_are_validated_before_work() {
         assert!(TileSpec::DEFAULT.validate().is_ok());
-        assert!(TileSpec {
-            tile: 512,
-            stride: 384
-        }
-        .validate()
-        .is_ok());
+        assert!(TileSpec::balanced(512, 384).validate().is_ok());
         for (tile, stride) in [
             (0, 0),
             (250, 192),
@@ -436,7 +569,7 @@ mod tests {
             (256, 100),
             (256, 264),
         ] {
-            let err = TileSpec { tile, stride }.validate().unwrap_err();
+            let err = TileSpec::diffusers(tile, stride).validate().unwrap_err();
             assert!(err.to_string().contains("px"), "{err}");
         }
     }
@@ -461,14 +594,11 @@ mod tests {
             let video = ramp_video(h, w);
             let untiled = pool8(&video).unwrap();
             for spec in [
-                TileSpec {
-                    tile: 64,
-                    stride: 48,
-                },
-                TileSpec {
-                    tile: 32,
-                    stride: 32,
-                },
+                TileSpec::diffusers(64, 48),
+                TileSpec::diffusers(32, 32),
+                TileSpec::balanced(64, 48),
+                TileSpec::balanced(32, 32),
+                TileSpec::balanced(64, 16),
             ] {
                 let tiled = tiled_encode(&video, spec, pool8).unwrap();
                 assert_eq!(tiled.dims(), untiled.dims(), "{h}x{w} {spec:?}");
@@ -487,18 +617,10 @@ mod tests {
     fn a_tile_covering_the_frame_is_exactly_untiled() {
         let latents = ramp_video(15, 25);
         let mut calls = 0;
-        let out = tiled_decode(
-            &latents,
-            TileSpec {
-                tile: 256,
-                stride: 192,
-            },
-            None,
-            |t| {
-                calls += 1;
-                Ok::<_, crate::Error>(t.affine(2.0, 1.0)?)
-            },
-        )
+        let out = tiled_decode(&latents, TileSpec::DEFAULT, None, |t| {
+            calls += 1;
+            Ok::<_, crate::Error>(t.affine(2.0, 1.0)?)
+        })
         .unwrap();
         assert_eq!(calls, 1);
         let expected = latents.affine(2.0, 1.0).unwrap();
@@ -506,6 +628,79 @@ mod tests {
             out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn diffusers_layout_follows_diffusers_loops() {
+        // `for i in range(0, 832, 192)`: x[i : i + 256], the last cut at the border.
+        let spec = TileSpec::diffusers(256, 192);
+        assert_eq!(
+            spec.spans(832, SPATIAL_SCALE),
+            [(0, 256), (192, 256), (384, 256), (576, 256), (768, 64)]
+        );
+        assert_eq!(
+            spec.spans(480, SPATIAL_SCALE),
+            [(0, 256), (192, 256), (384, 96)]
+        );
+        assert_eq!(spec.count(480, 832), 15);
+        // An axis the tile covers is still cut every stride: 40×24 px with 24-px tiles every 16
+        // is 3×2 tiles.
+        assert_eq!(TileSpec::diffusers(24, 16).spans(24, 8), [(0, 24), (16, 8)]);
+        assert_eq!(TileSpec::diffusers(24, 16).count(40, 24), 6);
+        assert_eq!(spec.latent().spans(60, 1), [(0, 32), (24, 32), (48, 12)]);
+    }
+
+    #[test]
+    fn balanced_layout_on_the_wan_frame() {
+        // 832 px: four 256-px tiles reach the border, so there is no fifth; 480 px: three
+        // tiles of 208 px (26 latent cells) instead of 256, 256 and 96.
+        let spec = TileSpec::balanced(256, 192);
+        assert_eq!(
+            spec.spans(832, SPATIAL_SCALE),
+            [(0, 256), (192, 256), (384, 256), (576, 256)]
+        );
+        assert_eq!(
+            spec.spans(480, SPATIAL_SCALE),
+            [(0, 208), (136, 208), (272, 208)]
+        );
+        assert_eq!(spec.count(480, 832), 12);
+        assert_eq!(spec.tile_shapes(480, 832), [(208, 256)]);
+        // Decode tiles in latent cells are the same tiles.
+        assert_eq!(spec.latent().spans(60, 1), [(0, 26), (17, 26), (34, 26)]);
+    }
+
+    #[test]
+    fn balanced_tiles_cover_with_at_least_the_overlap_and_never_exceed_the_tile() {
+        for (tile, stride) in [
+            (256, 192),
+            (64, 48),
+            (32, 16),
+            (16, 8),
+            (64, 64),
+            (512, 384),
+        ] {
+            let spec = TileSpec::balanced(tile, stride);
+            for len in (8..=1200).step_by(8) {
+                let spans = spec.spans(len, SPATIAL_SCALE);
+                let at = format!("tile {tile} stride {stride}, {len} px: {spans:?}");
+                assert_eq!(spans[0].0, 0, "{at}");
+                let (last, last_len) = spans[spans.len() - 1];
+                assert_eq!(last + last_len, len, "{at}");
+                let fewest = if len <= tile {
+                    1
+                } else {
+                    1 + (len - tile).div_ceil(stride)
+                };
+                assert_eq!(spans.len(), fewest, "{at}");
+                for &(origin, length) in &spans {
+                    assert!(length <= tile && origin % SPATIAL_SCALE == 0, "{at}");
+                }
+                for pair in spans.windows(2) {
+                    let ((a, a_len), (b, _)) = (pair[0], pair[1]);
+                    assert!(b > a && a + a_len >= b + (tile - stride), "{at}");
+                }
+            }
+        }
     }
 
     #[test]

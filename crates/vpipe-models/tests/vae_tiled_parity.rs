@@ -31,8 +31,9 @@ fn vae() -> WanVae {
     .unwrap()
 }
 
+/// diffusers' layout: these tests compare with diffusers' tiled results and loops.
 fn spec(tile: usize, stride: usize) -> TileSpec {
-    TileSpec { tile, stride }
+    TileSpec::diffusers(tile, stride)
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -77,7 +78,8 @@ fn check_tiled_setting(name: &str, tile: usize, stride: usize) {
     let decoded_ref = case(&c, &format!("t5_h40_w24.tiled.{name}.decoded"));
     let e_dec = max_abs_diff(&decoded, &decoded_ref).unwrap();
     // The generic tiler with the unclamped decode, clamped afterwards: the same thing.
-    let unclamped = tiling::tiled_decode(&mean_ref, spec, None, |t| vae.decode_unclamped(t)).unwrap();
+    let unclamped =
+        tiling::tiled_decode(&mean_ref, spec, None, |t| vae.decode_unclamped(t)).unwrap();
     assert_eq!(
         values(&unclamped.clamp(-1f64, 1f64).unwrap()),
         values(&decoded)
@@ -338,9 +340,10 @@ fn bad_tile_parameters_are_refused_before_any_work() {
             let enc = tiling::tiled_encode(&video, spec, |_| -> Result<Tensor, TestError> {
                 panic!("encode tile function called for {spec:?}")
             });
-            let dec = tiling::tiled_decode(&latents, spec, None, |_| -> Result<Tensor, TestError> {
-                panic!("decode tile function called for {spec:?}")
-            });
+            let dec =
+                tiling::tiled_decode(&latents, spec, None, |_| -> Result<Tensor, TestError> {
+                    panic!("decode tile function called for {spec:?}")
+                });
             for result in [enc, dec] {
                 let err = match result {
                     Err(TestError::Tile(err)) => err,

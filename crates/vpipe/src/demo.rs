@@ -236,10 +236,7 @@ fn demo_clip() -> candle_core::Result<Tensor> {
 }
 
 /// Tiles of the demo clip: 64 px every 48 px, so the 96-px-wide clip takes two tiles a row.
-const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpec {
-    tile: 64,
-    stride: 48,
-};
+const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpec::balanced(64, 48);
 
 pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     let device = crate::device::open(&demo.device)?;

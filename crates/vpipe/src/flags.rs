@@ -178,6 +178,10 @@ pub(crate) struct PipelineArgs {
     /// VAE tile side in pixels (multiple of 8, at most 512).
     #[arg(long, default_value_t = 256)]
     tile: usize,
+    /// VAE tile placement: balanced (the fewest equal tiles no larger than --tile) or
+    /// diffusers (a tile every stride from the corner, edge tiles cut: diffusers' result).
+    #[arg(long, default_value = "balanced")]
+    tile_layout: vpipe_models::tiling::TileLayout,
     /// Output: .mp4 (H.264, 16 fps), .gif, a folder of PNG frames (no extension), or
     /// .safetensors (key `video`, [1,3,T,H,W] in [-1,1]).
     #[arg(long, default_value = "vpipe-out.mp4")]
@@ -289,6 +293,7 @@ impl PipelineArgs {
         let tiles = vpipe_models::tiling::TileSpec {
             tile: self.tile,
             stride: vpipe_models::tiling::default_stride(self.tile),
+            layout: self.tile_layout,
         };
         tiles
             .validate()
@@ -705,6 +710,11 @@ pub(crate) struct VaeArgs {
     /// tile.
     #[arg(long)]
     stride: Option<usize>,
+    /// Tile placement: balanced (the fewest equal tiles no larger than --tile, at least its
+    /// overlap) or diffusers (a tile every --stride from the corner, edge tiles cut at the
+    /// border: the same result as diffusers' tiled encode/decode).
+    #[arg(long, default_value = "balanced")]
+    tile_layout: vpipe_models::tiling::TileLayout,
     #[command(flatten)]
     compute: ComputeArgs,
 }
@@ -716,6 +726,8 @@ pub(crate) struct VaeJob {
     pub(crate) output: PathBuf,
     /// `None`: chosen from the budget by calibration.
     pub(crate) tiles: Option<vpipe_models::tiling::TileSpec>,
+    /// The placement, also of a chosen tile.
+    pub(crate) layout: vpipe_models::tiling::TileLayout,
     pub(crate) compute: Compute,
 }
 
@@ -750,7 +762,11 @@ impl VaeArgs {
                 let stride = self
                     .stride
                     .unwrap_or(vpipe_models::tiling::default_stride(tile));
-                let tiles = vpipe_models::tiling::TileSpec { tile, stride };
+                let tiles = vpipe_models::tiling::TileSpec {
+                    tile,
+                    stride,
+                    layout: self.tile_layout,
+                };
                 tiles
                     .validate()
                     .map_err(|e| BadInput(format!("--tile {tile} --stride {stride}: {e}")))?;
@@ -763,6 +779,7 @@ impl VaeArgs {
             input: self.input,
             output: self.output,
             tiles,
+            layout: self.tile_layout,
             compute,
         })
     }

@@ -236,8 +236,16 @@ impl Plan {
             .min(tokens)
         };
 
-        let tile = job.tiles.tile as u64;
-        let vae_unit = sizes.vae_base_dim as u64 * tile * tile * elem;
+        // The layout's largest tile over the frame (a balanced layout's are often smaller
+        // than the spec's square).
+        let tile_pixels = job
+            .tiles
+            .tile_shapes(job.height, job.width)
+            .into_iter()
+            .map(|(h, w)| (h * w) as u64)
+            .max()
+            .unwrap_or(0);
+        let vae_unit = sizes.vae_base_dim as u64 * tile_pixels * elem;
         let mut phases = vec![
             PhasePlan {
                 name: "load",
@@ -274,7 +282,10 @@ impl Plan {
             name,
             resident: vec!["vae"],
             estimated_peak_bytes: sizes.vae_bytes + bytes_per_unit * vae_unit,
-            detail: format!("tile {} px, stride {} px", job.tiles.tile, job.tiles.stride),
+            detail: format!(
+                "tile {} px, stride {} px, {} layout",
+                job.tiles.tile, job.tiles.stride, job.tiles.layout
+            ),
         };
         if job.input.is_some() {
             phases.push(vae_phase("vae encode", VAE_ENCODE_BYTES_PER_UNIT));

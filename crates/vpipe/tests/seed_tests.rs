@@ -144,7 +144,7 @@ fn seed_tests_on_the_cpu_tiers() {
     );
     let notes = small["notes"].to_string();
     assert!(
-        notes.contains("tile 64 px, stride 48 px, 12 tile(s)"),
+        notes.contains("tile 64 px, stride 48 px, balanced layout, 12 tile(s) of 56x64"),
         "{notes}"
     );
 }

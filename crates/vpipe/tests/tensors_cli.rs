@@ -59,6 +59,8 @@ fn tiled_encode_through_the_cli_matches_diffusers_tiled_encode() {
                 "24",
                 "--stride",
                 "16",
+                "--tile-layout",
+                "diffusers",
                 "--report",
                 report.to_str().unwrap(),
             ],
@@ -83,7 +85,7 @@ fn tiled_encode_through_the_cli_matches_diffusers_tiled_encode() {
             .all(|t| t["verified"] == true));
         assert_eq!(
             report["notes"][0]["detail"],
-            "tile 24 px, stride 16 px, 6 tile(s), F32"
+            "tile 24 px, stride 16 px, diffusers layout, 6 tile(s) of 8x8/8x24/24x8/24x24, F32"
         );
         // The chart gets a reading after each of the 6 tiles, besides the 4 of the two moves.
         let phase = &report["phases"][1];

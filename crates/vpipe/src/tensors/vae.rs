@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemError, MemorySession, Phase, Tier};
-use vpipe_models::tiling::{default_stride, halving_on_failure, TileSpec, MAX_TILE, SPATIAL_SCALE};
+use vpipe_models::tiling::{
+    default_stride, halving_on_failure, TileLayout, TileSpec, MAX_TILE, SPATIAL_SCALE,
+};
 use vpipe_models::wan::vae::WanVae;
 
 use crate::flags::VaeJob;
@@ -32,6 +34,15 @@ impl VaeOp {
             VaeOp::Decode => ("enc_mean", "decoded"),
         }
     }
+
+    /// The frame's (height, width) in pixels for this operation's input.
+    fn pixels(self, input: &Tensor) -> candle_core::Result<(usize, usize)> {
+        let (_, _, _, h, w) = input.dims5()?;
+        Ok(match self {
+            VaeOp::Encode => (h, w),
+            VaeOp::Decode => (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
+        })
+    }
 }
 
 /// The smallest tile a device out-of-memory may shrink to before the run gives up.
@@ -55,11 +66,7 @@ pub(crate) fn run_tiled(
     input: &Tensor,
     tiles: TileSpec,
 ) -> anyhow::Result<Tensor> {
-    let (_, _, _, h, w) = input.dims5()?;
-    let pixels = match op {
-        VaeOp::Encode => (h, w),
-        VaeOp::Decode => (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
-    };
+    let pixels = op.pixels(input)?;
     // The attempt reads the meters after every tile (the report's chart gets a point per
     // tile); fallbacks and samples are recorded once the attempts are over.
     let mut fallbacks = Vec::new();
@@ -105,19 +112,26 @@ pub(crate) fn run_tiled(
     phase.note(
         "vae tiles",
         &format!(
-            "tile {} px, stride {} px, {} tile(s), {:?}",
+            "tile {} px, stride {} px, {} layout, {} tile(s) of {}, {:?}",
             used.tile,
             used.stride,
+            used.layout,
             used.count(pixels.0, pixels.1),
+            used.tile_shapes(pixels.0, pixels.1)
+                .iter()
+                .map(|(h, w)| format!("{h}x{w}"))
+                .collect::<Vec<_>>()
+                .join("/"),
             vae.dtype()
         ),
     );
     Ok(output.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
 }
 
-/// Compute-tier memory of one tile as a function of its pixel count `p = side²`, fitted
-/// through three measured crops: `y₁ + d₁·(p − p₁) + d₂·(p − p₁)(p − p₂)`. The quadratic term
-/// is the middle block's per-frame attention, whose scores grow with the square of the tokens.
+/// Compute-tier memory of one tile as a function of its pixel count `p` (height × width),
+/// fitted through three measured square crops: `y₁ + d₁·(p − p₁) + d₂·(p − p₁)(p − p₂)`. The
+/// quadratic term is the middle block's per-frame attention, whose scores grow with the square
+/// of the tokens.
 #[derive(Debug, Clone, Copy)]
 struct TileMemoryModel {
     points: [(f64, f64); 3],
@@ -139,8 +153,8 @@ impl TileMemoryModel {
         }
     }
 
-    fn bytes(&self, side: usize) -> u64 {
-        let p = (side * side) as f64;
+    fn bytes(&self, pixels: usize) -> u64 {
+        let p = pixels as f64;
         let [(p1, y1), (p2, _), _] = self.points;
         (y1 + self.slope * (p - p1) + self.curvature * (p - p1) * (p - p2)).max(0.0) as u64
     }
@@ -207,12 +221,16 @@ fn calibrate(
     Ok(model)
 }
 
-/// The largest tile (multiple of 32 px, 64 to 512) whose modelled peak fits what the budget
-/// leaves, or a refusal naming both numbers.
+/// The largest tile (multiple of 32 px, 64 to 512) in `layout` whose largest tile over a
+/// `frame` of (height, width) pixels has a modelled peak that fits what the budget leaves, or
+/// a refusal naming both numbers. (A balanced layout's tiles can be smaller than the spec's
+/// side: 384 px every 288 cuts 832×480 into six tiles of 288×344.)
 fn choose_tile(
     phase: &mut Phase<'_>,
     model: TileMemoryModel,
     budget: u64,
+    frame: (usize, usize),
+    layout: TileLayout,
 ) -> Result<TileSpec, MemError> {
     let session = phase.session();
     let in_use = phase
@@ -221,31 +239,49 @@ fn choose_tile(
         .saturating_sub(session.baseline().compute_used());
     let left = budget.saturating_sub(in_use);
     let allowed = (left as f64 * TILE_BUDGET_SHARE) as u64;
+    let spec = |side: usize| TileSpec {
+        tile: side,
+        stride: default_stride(side),
+        layout,
+    };
+    let largest_tile = |spec: TileSpec| {
+        spec.tile_shapes(frame.0, frame.1)
+            .into_iter()
+            .map(|(h, w)| h.min(spec.tile) * w.min(spec.tile))
+            .max()
+            .unwrap_or(0)
+    };
     let fits = (SMALLEST_TILE..=MAX_TILE)
         .rev()
         .step_by(32)
-        .find(|&side| model.bytes(side) <= allowed);
-    let Some(tile) = fits else {
+        .map(spec)
+        .find(|&tiles| model.bytes(largest_tile(tiles)) <= allowed);
+    let Some(tiles) = fits else {
+        let smallest = SMALLEST_TILE * SMALLEST_TILE;
         return Err(MemError::OverBudget {
             model: format!("vae activations of a {SMALLEST_TILE}-px tile (modelled)"),
             tier: session.compute_tier(),
-            needed: model.bytes(SMALLEST_TILE),
+            needed: model.bytes(smallest),
             in_use,
             allowed: budget,
         });
     };
-    let tiles = TileSpec {
-        tile,
-        stride: default_stride(tile),
-    };
+    let (largest_h, largest_w) = tiles
+        .tile_shapes(frame.0, frame.1)
+        .into_iter()
+        .max_by_key(|&(h, w)| h * w)
+        .unwrap_or((0, 0));
     phase.note(
         "vae tile choice",
         &format!(
-            "{} of the budget left, {}% of it allowed: tile {tile} px (modelled peak {}), stride {} px",
+            "{} of the budget left, {}% of it allowed: tile {} px, stride {} px, {} layout, \
+             largest tile {largest_h}x{largest_w} px (modelled peak {})",
             fmt_bytes(left),
             (TILE_BUDGET_SHARE * 100.0) as u32,
-            fmt_bytes(model.bytes(tile)),
-            tiles.stride
+            tiles.tile,
+            tiles.stride,
+            tiles.layout,
+            fmt_bytes(model.bytes(largest_tile(tiles))),
         ),
     );
     Ok(tiles)
@@ -272,7 +308,7 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
                 (Some(tiles), _) => tiles,
                 (None, Some(budget)) => {
                     let model = calibrate(p, &vae, op, &input)?;
-                    choose_tile(p, model, budget)?
+                    choose_tile(p, model, budget, op.pixels(&input)?, job.layout)?
                 }
                 (None, None) => unreachable!("flags require a budget for an automatic tile"),
             };
@@ -322,11 +358,11 @@ mod tests {
         };
         let model = TileMemoryModel::fit([64, 128, 192].map(|s| (s, peak(s))));
         for side in [64, 256, 512] {
-            let (got, want) = (model.bytes(side) as f64, peak(side) as f64);
+            let (got, want) = (model.bytes(side * side) as f64, peak(side) as f64);
             assert!((got - want).abs() / want < 1e-6, "{side}: {got} vs {want}");
         }
         // Measured peaks that grow less than linearly are extrapolated linearly, not lower.
         let model = TileMemoryModel::fit([(64, 1000), (128, 3000), (192, 4000)]);
-        assert!(model.bytes(256) >= 4000);
+        assert!(model.bytes(256 * 256) >= 4000);
     }
 }
