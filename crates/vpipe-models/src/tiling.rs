@@ -19,7 +19,8 @@
 //!   evenly and ending at the border. No tile is larger than the spec's, so the memory a spec
 //!   needs bounds both layouts.
 //!
-//! What the tile function returns is blended as it is: on encode that is `quant_conv`'s 32-channel
+//! What the tile function returns is blended as it is, in place (it must be a tensor the
+//! function does not keep; a view is packed first): on encode that is `quant_conv`'s 32-channel
 //! output (`[mean; logvar]`, unclamped), which diffusers blends before it splits the posterior and
 //! clamps the log-variance; on decode it is the unclamped pixels, which diffusers clamps to
 //! [-1, 1] once, after assembly. [`crate::wan::WanVae::encode_posterior_tiled`] and
@@ -419,12 +420,13 @@ fn run_tiled<E: From<candle_core::Error>>(
         let mut columns_filled = 0;
         for (c, &(left, tile_w)) in columns.iter().enumerate() {
             let tile = input.narrow(3, top, tile_h)?.narrow(4, left, tile_w)?;
-            let mut out = run(&tile)?;
+            // Blended in place: a packed result the tile function does not keep.
+            let out = run(&tile)?.contiguous()?;
             if let Some(above) = strips_above.get(c) {
-                out = blend(above, &out, 3, above.dim(3)?)?;
+                blend_into(above, &out, 3, above.dim(3)?)?;
             }
             if let Some(before) = &strip_left {
-                out = blend(before, &out, 4, before.dim(4)?)?;
+                blend_into(before, &out, 4, before.dim(4)?)?;
             }
             let (_, _, _, th, tw) = out.dims5()?;
             // From where the next tile starts to this tile's end.
@@ -484,17 +486,18 @@ fn run_tiled<E: From<candle_core::Error>>(
     }
 }
 
-/// Blends the end of `previous` into the start of `next` along `dim` over `extent` cells:
+/// Blends the end of `previous` into the start of `next` along `dim` over `extent` cells, in
+/// place in `next` (packed; no copy of the whole tile):
 /// `next[y] = previous[len − extent + y]·(1 − y/extent) + next[y]·(y/extent)`.
-fn blend(
+fn blend_into(
     previous: &Tensor,
     next: &Tensor,
     dim: usize,
     extent: usize,
-) -> candle_core::Result<Tensor> {
+) -> candle_core::Result<()> {
     let extent = extent.min(previous.dim(dim)?).min(next.dim(dim)?);
     if extent == 0 {
-        return Ok(next.clone());
+        return Ok(());
     }
     let mut weight_shape = [1usize; 5];
     weight_shape[dim] = extent;
@@ -507,8 +510,7 @@ fn blend(
     let tail = previous.narrow(dim, previous.dim(dim)? - extent, extent)?;
     let head = next.narrow(dim, 0, extent)?;
     let blended = (tail.broadcast_mul(&keep)? + head.broadcast_mul(&ramp)?)?;
-    let rest = next.narrow(dim, extent, next.dim(dim)? - extent)?;
-    Tensor::cat(&[&blended, &rest], dim)
+    next.slice_set(&blended, dim, 0)
 }
 
 #[cfg(test)]
@@ -707,8 +709,8 @@ mod tests {
     fn the_overlap_ramps_linearly_from_the_previous_tile() {
         let previous = Tensor::ones((1, 1, 1, 1, 4), DType::F32, &Device::Cpu).unwrap();
         let next = Tensor::zeros((1, 1, 1, 1, 6), DType::F32, &Device::Cpu).unwrap();
-        let blended = blend(&previous, &next, 4, 4).unwrap();
-        let values = blended.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        blend_into(&previous, &next, 4, 4).unwrap();
+        let values = next.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(values, [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]);
     }
 }
