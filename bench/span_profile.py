@@ -15,6 +15,8 @@ for line in open(sys.argv[1], errors="replace"):
     if name == "conv3d":
         f = dict(kv.split("=") for kv in fields.split())
         key = f"conv3d k{f.get('k_t')}x{f.get('k_h')}x{f.get('k_w')} {f.get('c_in')}->{f.get('c_out')}"
+    if name == "vae_tile":
+        key = f"vae_tile {fields}"
     totals[key] += float(value) * UNITS[unit]
     counts[key] += 1
 for key, total in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:

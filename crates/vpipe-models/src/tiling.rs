@@ -419,6 +419,7 @@ fn run_tiled<E: From<candle_core::Error>>(
         let mut kept_rows = 0;
         let mut columns_filled = 0;
         for (c, &(left, tile_w)) in columns.iter().enumerate() {
+            let _span = tracing::debug_span!("vae_tile", row = r, column = c).entered();
             let tile = input.narrow(3, top, tile_h)?.narrow(4, left, tile_w)?;
             // Blended in place: a packed result the tile function does not keep.
             let out = run(&tile)?.contiguous()?;

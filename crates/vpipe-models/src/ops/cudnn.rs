@@ -69,6 +69,7 @@ fn handle(stream: &Arc<CudaStream>) -> candle_core::Result<Arc<Cudnn>> {
         if let Some(h) = handles.borrow().get(&key) {
             return Ok(h.clone());
         }
+        let _span = tracing::debug_span!("cudnn_handle").entered();
         let h = Cudnn::new(stream.clone()).map_err(|e| fail("creating the handle", e))?;
         handles.borrow_mut().insert(key, h.clone());
         Ok(h)
@@ -90,6 +91,8 @@ fn plan<T: CudnnDataType + 'static>(
             .downcast::<Plan<T>>()
             .map_err(|_| fail("plan cache", "dtype mismatch"));
     }
+    // A new shape: descriptors and cuDNN's heuristic choice, once per process and shape.
+    let _span = tracing::debug_span!("cudnn_plan").entered();
     let [n, _, d, h, w] = key.input;
     let [k, _, kd, kh, kw] = key.filter;
     let out = |i: usize, kernel: usize, axis: usize| {

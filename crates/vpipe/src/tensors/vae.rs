@@ -168,6 +168,7 @@ fn calibrate(
     op: VaeOp,
     input: &Tensor,
 ) -> anyhow::Result<TileMemoryModel> {
+    let _span = tracing::debug_span!("vae_calibration").entered();
     let (_, _, t, h, w) = input.dims5()?;
     let cell = match op {
         VaeOp::Encode => 1,
