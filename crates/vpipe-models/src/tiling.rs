@@ -206,6 +206,36 @@ impl TileSpec {
             .collect()
     }
 
+    /// The most frame pixels of blending strips that a tiled pass over a `height`×`width`
+    /// frame holds at once, per output channel and frame: the overlaps of the row above and of
+    /// the row in progress with the next row, across all columns, and one tile's overlap with
+    /// the next column. Times the output's bytes per pixel (on encode, per latent cell divided
+    /// by 64), that is memory the untiled calibration crops do not hold.
+    pub fn strip_pixels(&self, height: usize, width: usize) -> usize {
+        if height <= self.tile && width <= self.tile {
+            return 0;
+        }
+        let rows = self.spans(height, SPATIAL_SCALE);
+        let columns = self.spans(width, SPATIAL_SCALE);
+        let overlaps = |spans: &[(usize, usize)]| -> Vec<usize> {
+            spans
+                .windows(2)
+                .map(|pair| (pair[0].0 + pair[0].1).saturating_sub(pair[1].0))
+                .collect()
+        };
+        let row_overlaps = overlaps(&rows);
+        let column_overlap = overlaps(&columns).into_iter().max().unwrap_or(0);
+        let row_width: usize = columns.iter().map(|&(_, w)| w).sum();
+        (0..rows.len())
+            .map(|r| {
+                let above = r.checked_sub(1).map_or(0, |a| row_overlaps[a]);
+                let below = row_overlaps.get(r).copied().unwrap_or(0);
+                (above + below) * row_width + rows[r].1 * column_overlap
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The tiles along one axis of `len` input units (pixels or latent cells) as (origin,
     /// length) in those units, for a spec given in the same units; the balanced layout puts
     /// origins on a `grid`-unit grid (8 for pixels, so that they fall on latent cells).
@@ -668,6 +698,10 @@ mod tests {
         );
         assert_eq!(spec.count(480, 832), 12);
         assert_eq!(spec.tile_shapes(480, 832), [(208, 256)]);
+        // Rows overlap by 72 px, columns by 64: the middle row holds the strips above and below
+        // across four 256-px columns and one 208×64 column strip.
+        assert_eq!(spec.strip_pixels(480, 832), (72 + 72) * 1024 + 208 * 64);
+        assert_eq!(spec.strip_pixels(200, 200), 0);
         // Decode tiles in latent cells are the same tiles.
         assert_eq!(spec.latent().spans(60, 1), [(0, 26), (17, 26), (34, 26)]);
     }

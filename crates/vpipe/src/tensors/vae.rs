@@ -35,6 +35,22 @@ impl VaeOp {
         }
     }
 
+    /// Bytes per frame pixel of the tiled pass's output, all channels and frames: what a
+    /// pixel of blending strip holds (on encode, a latent cell covers 64 pixels).
+    fn strip_bytes_per_pixel(self, vae: &WanVae, input: &Tensor) -> candle_core::Result<f64> {
+        let (_, _, t, _, _) = input.dims5()?;
+        let cfg = vae.config();
+        let elem = vae.dtype().size_in_bytes() as f64;
+        Ok(match self {
+            VaeOp::Encode => {
+                let latent_frames = 1 + (t - 1) / 4;
+                (2 * cfg.z_dim * latent_frames) as f64 * elem
+                    / (SPATIAL_SCALE * SPATIAL_SCALE) as f64
+            }
+            VaeOp::Decode => (cfg.out_channels * (1 + 4 * (t - 1))) as f64 * elem,
+        })
+    }
+
     /// The frame's (height, width) in pixels for this operation's input.
     fn pixels(self, input: &Tensor) -> candle_core::Result<(usize, usize)> {
         let (_, _, _, h, w) = input.dims5()?;
@@ -240,6 +256,7 @@ fn choose_tile(
     budget: u64,
     frame: (usize, usize),
     layout: TileLayout,
+    strip_bytes_per_pixel: f64,
 ) -> Result<TileSpec, MemError> {
     let session = phase.session();
     let in_use = phase
@@ -260,11 +277,16 @@ fn choose_tile(
             .max()
             .unwrap_or(0)
     };
+    // The modelled tile plus the blending strips the pass holds besides it (exact sizes).
+    let needed = |tiles: TileSpec| {
+        model.bytes(largest_tile(tiles))
+            + (tiles.strip_pixels(frame.0, frame.1) as f64 * strip_bytes_per_pixel) as u64
+    };
     let fits = (SMALLEST_TILE..=MAX_TILE)
         .rev()
         .step_by(32)
         .map(spec)
-        .find(|&tiles| model.bytes(largest_tile(tiles)) <= allowed);
+        .find(|&tiles| needed(tiles) <= allowed);
     let Some(tiles) = fits else {
         let smallest = SMALLEST_TILE * SMALLEST_TILE;
         return Err(MemError::OverBudget {
@@ -284,13 +306,14 @@ fn choose_tile(
         "vae tile choice",
         &format!(
             "{} of the budget left, {}% of it allowed: tile {} px, stride {} px, {} layout, \
-             largest tile {largest_h}x{largest_w} px (modelled peak {})",
+             largest tile {largest_h}x{largest_w} px (modelled peak {}, blending strips {})",
             fmt_bytes(left),
             (TILE_BUDGET_SHARE * 100.0) as u32,
             tiles.tile,
             tiles.stride,
             tiles.layout,
             fmt_bytes(model.bytes(largest_tile(tiles))),
+            fmt_bytes(needed(tiles) - model.bytes(largest_tile(tiles))),
         ),
     );
     Ok(tiles)
@@ -317,7 +340,8 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
                 (Some(tiles), _) => tiles,
                 (None, Some(budget)) => {
                     let model = calibrate(p, &vae, op, &input, job.layout)?;
-                    choose_tile(p, model, budget, op.pixels(&input)?, job.layout)?
+                    let strips = op.strip_bytes_per_pixel(&vae, &input)?;
+                    choose_tile(p, model, budget, op.pixels(&input)?, job.layout, strips)?
                 }
                 (None, None) => unreachable!("flags require a budget for an automatic tile"),
             };
