@@ -3,7 +3,7 @@
 # spends the time that a warm process (vae_bench) does not. Full-size VAE, bf16, the real clip.
 #   1. fresh processes with a fixed tile (no calibration), three times in a row: the first with
 #      the driver's PTX JIT cache disabled (CUDA_CACHE_DISABLE=1, as on a machine's first run),
-#      then twice with it;
+#      then twice with it (SKIP_NOCACHE=1: once, with it);
 #   2. a fresh process with --vram-budget (calibration), with debug spans: host time in
 #      calibration, cuDNN plans and handles, and each tile.
 # Needs .carry/vpipe.xz, .carry/clip.mp4, .whl/; after bench/gpu-vae.sh in the same call, or it
@@ -21,7 +21,8 @@ print('%.2f s' % ((p['exit']['t_ms']-p['entry']['t_ms'])/1e3))"; }
   echo "JIT cache before: $(du -sh ~/.nv/ComputeCache 2>/dev/null || echo none)"
   for op in encode decode; do
     in=$W/clip.safetensors; [ $op = decode ] && in=$W/diffusers_enc.safetensors
-    for run in nocache cache1 cache2; do
+    runs="nocache cache1 cache2"; [ -n "${SKIP_NOCACHE:-}" ] && runs="cache1"
+    for run in $runs; do
       env=""; [ $run = nocache ] && env="CUDA_CACHE_DISABLE=1"
       start=$(date +%s.%N)
       env $env timeout 150 $VPIPE tensors vae-$op --vae $W/vae.safetensors --device cuda:0 --dtype bf16 \
