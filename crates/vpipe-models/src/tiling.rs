@@ -28,7 +28,7 @@
 //! ([`TileSpec::validate`]) before the tile function is first called; every result, the
 //! untiled one included, is returned on the host.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Pixels per latent cell in each spatial direction.
 pub const SPATIAL_SCALE: usize = 8;
@@ -361,11 +361,34 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
     )
 }
 
+/// What becomes of decoded pixels once blended and cropped, on the device, before they go to
+/// the host: work on the whole video that the host would do slowly.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Finish {
+    /// Clamp to this range. diffusers clamps to [-1, 1] once, after assembly; clamping each
+    /// blended, cropped tile is the same thing.
+    pub clamp: Option<(f64, f64)>,
+    /// Convert to this dtype, after the clamp (the blend stays in the tiles' dtype, as in
+    /// diffusers).
+    pub dtype: Option<DType>,
+}
+
+impl Finish {
+    fn apply(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let pixels = match self.clamp {
+            Some((low, high)) => pixels.clamp(low, high)?,
+            None => pixels.clone(),
+        };
+        match self.dtype {
+            Some(dtype) => pixels.to_dtype(dtype),
+            None => Ok(pixels),
+        }
+    }
+}
+
 /// Decodes `latents` ([B, C, T, h, w]) tile by tile with `decode_tile`, which maps a latent
-/// tile to its pixel tile. Blending is in pixels. With `clamp_to`, the assembled pixels are
-/// clamped to that range (diffusers clamps to [-1, 1] once, after assembly; clamping each
-/// blended, cropped tile before it leaves the device is the same thing, and spares the host a
-/// pass over the whole video). The result is on the host. A spec that [`TileSpec::validate`]
+/// tile to its pixel tile. Blending is in pixels; `finish` then runs on each cropped tile
+/// before it leaves the device. The result is on the host. A spec that [`TileSpec::validate`]
 /// refuses is an error before `decode_tile` is called.
 ///
 /// # Shapes
@@ -374,7 +397,7 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
 pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
     latents: &Tensor,
     spec: TileSpec,
-    clamp_to: Option<(f64, f64)>,
+    finish: Finish,
     decode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     spec.validate()?;
@@ -384,15 +407,11 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
         to_out: |cells| cells * SPATIAL_SCALE,
     };
     let (_, _, _, h, w) = latents.dims5()?;
-    let finish = |pixels: &Tensor| match clamp_to {
-        Some((low, high)) => pixels.clamp(low, high),
-        None => Ok(pixels.clone()),
-    };
     run_tiled(
         latents,
         layout,
         (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
-        &finish,
+        &|pixels: &Tensor| finish.apply(pixels),
         decode_tile,
     )
 }
@@ -547,7 +566,6 @@ fn blend_into(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
 
     #[test]
     fn a_failing_tile_is_halved_until_it_works_or_is_too_small() {
@@ -650,7 +668,7 @@ mod tests {
     fn a_tile_covering_the_frame_is_exactly_untiled() {
         let latents = ramp_video(15, 25);
         let mut calls = 0;
-        let out = tiled_decode(&latents, TileSpec::DEFAULT, None, |t| {
+        let out = tiled_decode(&latents, TileSpec::DEFAULT, Finish::default(), |t| {
             calls += 1;
             Ok::<_, crate::Error>(t.affine(2.0, 1.0)?)
         })
@@ -661,6 +679,40 @@ mod tests {
             out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn finishing_each_tile_is_finishing_the_assembled_result() {
+        // A bf16 tile function whose values leave [-1, 1]: clamped and converted per cropped
+        // tile, the result is the unfinished assembly clamped and converted afterwards.
+        let latents = ramp_video(15, 25);
+        let decode = |t: &Tensor| -> crate::Result<Tensor> {
+            let (b, c, f, h, w) = t.dims5()?;
+            let up = t
+                .reshape((b, c * f, h, w))?
+                .upsample_nearest2d(h * 8, w * 8)?
+                .reshape((b, c, f, h * 8, w * 8))?;
+            Ok(up.affine(4.0, -2.0)?.to_dtype(DType::BF16)?)
+        };
+        for spec in [TileSpec::balanced(64, 48), TileSpec::diffusers(64, 48)] {
+            let finish = Finish {
+                clamp: Some((-1.0, 1.0)),
+                dtype: Some(DType::F32),
+            };
+            let finished = tiled_decode(&latents, spec, finish, decode).unwrap();
+            assert_eq!(finished.dtype(), DType::F32);
+            let expected = tiled_decode(&latents, spec, Finish::default(), decode)
+                .unwrap()
+                .clamp(-1f64, 1f64)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            assert_eq!(
+                finished.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                expected.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{spec:?}"
+            );
+        }
     }
 
     #[test]

@@ -78,8 +78,10 @@ fn check_tiled_setting(name: &str, tile: usize, stride: usize) {
     let decoded_ref = case(&c, &format!("t5_h40_w24.tiled.{name}.decoded"));
     let e_dec = max_abs_diff(&decoded, &decoded_ref).unwrap();
     // The generic tiler with the unclamped decode, clamped afterwards: the same thing.
-    let unclamped =
-        tiling::tiled_decode(&mean_ref, spec, None, |t| vae.decode_unclamped(t)).unwrap();
+    let unclamped = tiling::tiled_decode(&mean_ref, spec, tiling::Finish::default(), |t| {
+        vae.decode_unclamped(t)
+    })
+    .unwrap();
     assert_eq!(
         values(&unclamped.clamp(-1f64, 1f64).unwrap()),
         values(&decoded)
@@ -162,7 +164,7 @@ fn a_tile_covering_the_frame_is_exactly_untiled() {
                 values(&vae.encode_moments(&video).unwrap())
             );
             let mut calls = 0;
-            let unc = tiling::tiled_decode(&mean_ref, spec, None, |t| {
+            let unc = tiling::tiled_decode(&mean_ref, spec, tiling::Finish::default(), |t| {
                 calls += 1;
                 vae.decode_unclamped(t)
             })
@@ -226,7 +228,7 @@ fn odd_frame_size_56x72_tiles_in_diffusers_layout() {
         assert_finite(&post.logvar, "logvar");
 
         let mut seen = vec![];
-        tiling::tiled_decode(&mean_ref, spec, None, |t| {
+        tiling::tiled_decode(&mean_ref, spec, tiling::Finish::default(), |t| {
             let (_, _, _, h, w) = t.dims5()?;
             seen.push((h, w));
             vae.decode_unclamped(t)
@@ -340,10 +342,14 @@ fn bad_tile_parameters_are_refused_before_any_work() {
             let enc = tiling::tiled_encode(&video, spec, |_| -> Result<Tensor, TestError> {
                 panic!("encode tile function called for {spec:?}")
             });
-            let dec =
-                tiling::tiled_decode(&latents, spec, None, |_| -> Result<Tensor, TestError> {
+            let dec = tiling::tiled_decode(
+                &latents,
+                spec,
+                tiling::Finish::default(),
+                |_| -> Result<Tensor, TestError> {
                     panic!("decode tile function called for {spec:?}")
-                });
+                },
+            );
             for result in [enc, dec] {
                 let err = match result {
                     Err(TestError::Tile(err)) => err,

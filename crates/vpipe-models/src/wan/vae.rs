@@ -1113,7 +1113,7 @@ impl WanVae {
     /// assembly: diffusers' `decode(z).sample` with tiling enabled as in
     /// [`Self::encode_tiled`]. A tile covering the frame gives exactly [`Self::decode`]'s
     /// result. For the unclamped output, run [`tiling::tiled_decode`] with
-    /// [`Self::decode_unclamped`] and no clamp.
+    /// [`Self::decode_unclamped`] and [`tiling::Finish::default`].
     ///
     /// # Errors
     /// A refused spec ([`TileSpec::validate`], reported as [`Error::Config`]) or latents
@@ -1122,21 +1122,27 @@ impl WanVae {
     /// # Shapes
     /// As [`Self::decode`]; the result is in the model's dtype, on the host.
     pub fn decode_tiled(&self, z: &Tensor, spec: TileSpec) -> Result<Tensor> {
-        self.decode_tiled_observed(z, spec, &mut || true)
+        self.decode_tiled_observed(z, spec, self.dtype, &mut || true)
     }
 
-    /// [`Self::decode_tiled`], calling `after_tile` once each tile's pixels exist (a caller's
-    /// memory sample per tile); `after_tile` returning false stops the pass with
-    /// [`Error::Stopped`].
+    /// [`Self::decode_tiled`] with the result in `dtype` (each clamped tile is converted on the
+    /// device; f32 for files and video costs the host nothing), calling `after_tile` once each
+    /// tile's pixels exist (a caller's memory sample per tile); `after_tile` returning false
+    /// stops the pass with [`Error::Stopped`].
     pub fn decode_tiled_observed(
         &self,
         z: &Tensor,
         spec: TileSpec,
+        dtype: DType,
         after_tile: &mut dyn FnMut() -> bool,
     ) -> Result<Tensor> {
         spec.validate()?;
         self.check_latents(z)?;
-        tiling::tiled_decode(z, spec, Some((-1.0, 1.0)), |tile| {
+        let finish = tiling::Finish {
+            clamp: Some((-1.0, 1.0)),
+            dtype: Some(dtype),
+        };
+        tiling::tiled_decode(z, spec, finish, |tile| {
             let pixels = self.decode_unclamped(&self.on_device(tile)?)?;
             if !after_tile() {
                 return Err(Error::Stopped);

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use vpipe_mem::{fmt_bytes, MemError, MemorySession, Phase, Tier};
 use vpipe_models::tiling::{
     default_stride, halving_on_failure, TileLayout, TileSpec, MAX_TILE, SPATIAL_SCALE,
@@ -49,6 +49,25 @@ impl VaeOp {
             }
             VaeOp::Decode => (cfg.out_channels * (1 + 4 * (t - 1))) as f64 * elem,
         })
+    }
+
+    /// The tiled pass over `input` (on the host), with the output on the host in f32: the
+    /// encode's posterior mean, or the decode's clamped pixels (converted on the device).
+    /// Calibration runs it too, so that its crops hold what the real pass holds.
+    fn tiled_pass(
+        self,
+        vae: &WanVae,
+        input: &Tensor,
+        tiles: TileSpec,
+        after_tile: &mut dyn FnMut() -> bool,
+    ) -> vpipe_models::Result<Tensor> {
+        match self {
+            VaeOp::Encode => Ok(vae
+                .encode_posterior_tiled_observed(input, tiles, after_tile)?
+                .mean
+                .to_dtype(DType::F32)?),
+            VaeOp::Decode => vae.decode_tiled_observed(input, tiles, DType::F32, after_tile),
+        }
     }
 
     /// The frame's (height, width) in pixels for this operation's input.
@@ -101,12 +120,7 @@ pub(crate) fn run_tiled(
                 progress.inc("tile");
                 crate::progress::check_interrupt().is_ok()
             };
-            match op {
-                VaeOp::Encode => vae
-                    .encode_posterior_tiled_observed(input, tiles, &mut after_tile)
-                    .map(|posterior| posterior.mean),
-                VaeOp::Decode => vae.decode_tiled_observed(input, tiles, &mut after_tile),
-            }
+            op.tiled_pass(vae, input, tiles, &mut after_tile)
         },
     );
     for reading in samples {
@@ -141,7 +155,7 @@ pub(crate) fn run_tiled(
             vae.dtype()
         ),
     );
-    Ok(output.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+    Ok(output)
 }
 
 /// Compute-tier memory of one tile as a function of its pixel count `p` (height × width),
@@ -222,11 +236,7 @@ fn calibrate(
             layout,
         };
         let (_, peak) = phase.measure_peak(|| -> anyhow::Result<()> {
-            let out = match op {
-                VaeOp::Encode => vae.encode_posterior_tiled(&crop, covering)?.mean,
-                VaeOp::Decode => vae.decode_tiled(&crop, covering)?,
-            };
-            drop(out);
+            drop(op.tiled_pass(vae, &crop, covering, &mut || true)?);
             Ok(())
         })?;
         *slot = (side, peak);
