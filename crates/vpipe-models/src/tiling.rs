@@ -248,7 +248,8 @@ impl TileSpec {
                 .step_by(stride)
                 .map(|origin| (origin, tile.min(len - origin)))
                 .collect(),
-            TileLayout::Balanced if len <= tile => vec![(0, len)],
+            // A length a few pixels off the grid past the tile is one tile of all of it.
+            TileLayout::Balanced if len / grid <= tile / grid => vec![(0, len)],
             TileLayout::Balanced => {
                 let cells = balanced_spans(len / grid, tile / grid, stride / grid);
                 let last = cells.len() - 1;
@@ -754,6 +755,12 @@ mod tests {
         // across four 256-px columns and one 208×64 column strip.
         assert_eq!(spec.strip_pixels(480, 832), (72 + 72) * 1024 + 208 * 64);
         assert_eq!(spec.strip_pixels(200, 200), 0);
+        // Off the 8-px grid (the generic tiler accepts it; the VAE does not).
+        assert_eq!(spec.spans(260, SPATIAL_SCALE), [(0, 260)]);
+        assert_eq!(
+            spec.spans(470, SPATIAL_SCALE),
+            [(0, 200), (128, 200), (264, 206)]
+        );
         // Decode tiles in latent cells are the same tiles.
         assert_eq!(spec.latent().spans(60, 1), [(0, 26), (17, 26), (34, 26)]);
     }
