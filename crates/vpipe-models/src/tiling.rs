@@ -206,6 +206,16 @@ impl TileSpec {
             .collect()
     }
 
+    /// The (height, width) in pixels of the largest tile a `height`×`width` frame is cut
+    /// into: what bounds a pass's memory (a balanced layout's tiles are often smaller than the
+    /// spec's square).
+    pub fn largest_tile(&self, height: usize, width: usize) -> (usize, usize) {
+        self.tile_shapes(height, width)
+            .into_iter()
+            .max_by_key(|&(h, w)| h * w)
+            .unwrap_or((0, 0))
+    }
+
     /// The most frame pixels of blending strips that a tiled pass over a `height`×`width`
     /// frame holds at once, per output channel and frame: the overlaps of the row above and of
     /// the row in progress with the next row, across all columns, and one tile's overlap with
@@ -357,7 +367,7 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
         video,
         layout,
         (h / SPATIAL_SCALE, w / SPATIAL_SCALE),
-        &|latents: &Tensor| Ok(latents.clone()),
+        Finish::default(),
         encode_tile,
     )
 }
@@ -412,18 +422,15 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
         latents,
         layout,
         (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
-        &|pixels: &Tensor| finish.apply(pixels),
+        finish,
         decode_tile,
     )
 }
 
 /// A final, cropped part of a tile on the host, packed: `finish` runs on the device first.
-fn to_host(
-    part: &Tensor,
-    finish: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Tensor> {
+fn to_host(part: &Tensor, finish: Finish) -> candle_core::Result<Tensor> {
     // `to_device` moves a tensor's whole storage, so the part is packed where it is first.
-    finish(part)?.contiguous()?.to_device(&Device::Cpu)
+    finish.apply(part)?.contiguous()?.to_device(&Device::Cpu)
 }
 
 /// The last `len` cells of `t` along `dim` (all of it if shorter), packed.
@@ -437,7 +444,7 @@ fn run_tiled<E: From<candle_core::Error>>(
     input: &Tensor,
     layout: Layout,
     (out_h, out_w): (usize, usize),
-    finish: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    finish: Finish,
     mut run: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
     let (_, _, _, h, w) = input.dims5()?;
@@ -751,6 +758,11 @@ mod tests {
         );
         assert_eq!(spec.count(480, 832), 12);
         assert_eq!(spec.tile_shapes(480, 832), [(208, 256)]);
+        assert_eq!(spec.largest_tile(480, 832), (208, 256));
+        assert_eq!(
+            TileSpec::diffusers(256, 192).largest_tile(480, 832),
+            (256, 256)
+        );
         // Rows overlap by 72 px, columns by 64: the middle row holds the strips above and below
         // across four 256-px columns and one 208×64 column strip.
         assert_eq!(spec.strip_pixels(480, 832), (72 + 72) * 1024 + 208 * 64);

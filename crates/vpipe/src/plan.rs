@@ -236,16 +236,8 @@ impl Plan {
             .min(tokens)
         };
 
-        // The layout's largest tile over the frame (a balanced layout's are often smaller
-        // than the spec's square).
-        let tile_pixels = job
-            .tiles
-            .tile_shapes(job.height, job.width)
-            .into_iter()
-            .map(|(h, w)| (h * w) as u64)
-            .max()
-            .unwrap_or(0);
-        let vae_unit = sizes.vae_base_dim as u64 * tile_pixels * elem;
+        let (tile_h, tile_w) = job.tiles.largest_tile(job.height, job.width);
+        let vae_unit = sizes.vae_base_dim as u64 * (tile_h * tile_w) as u64 * elem;
         let mut phases = vec![
             PhasePlan {
                 name: "load",

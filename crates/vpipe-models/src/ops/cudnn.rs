@@ -77,6 +77,11 @@ fn handle(stream: &Arc<CudaStream>) -> candle_core::Result<Arc<Cudnn>> {
     })
 }
 
+/// Dimensions as cuDNN's C ints.
+fn as_i32(values: &[usize]) -> Vec<i32> {
+    values.iter().map(|&v| v as i32).collect()
+}
+
 /// Element strides of a packed NDHWC tensor, in cuDNN's NCDHW dimension order.
 fn channels_last_strides(dims: &[usize; 5]) -> [i32; 5] {
     let [_, c, d, h, w] = dims.map(|v| v as i32);
@@ -100,7 +105,6 @@ fn plan<T: CudnnDataType + 'static>(
         (i + 2 * key.padding[axis] - kernel) / key.stride[axis] + 1
     };
     let output_dims = [n, k, out(d, kd, 0), out(h, kh, 1), out(w, kw, 2)];
-    let as_i32 = |a: &[usize]| a.iter().map(|&v| v as i32).collect::<Vec<_>>();
     let input = cudnn
         .create_nd_tensor::<T>(&as_i32(&key.input), &channels_last_strides(&key.input))
         .map_err(|e| fail("input descriptor", e))?;
@@ -197,7 +201,6 @@ fn top_algorithm<T: CudnnDataType>(
     math: sys::cudnnMathType_t,
 ) -> Option<sys::cudnnConvolutionFwdAlgo_t> {
     let handle = query_handle()?;
-    let as_i32 = |a: &[usize]| a.iter().map(|&v| v as i32).collect::<Vec<_>>();
     let descriptors = QueryDescriptors {
         x: result::create_tensor_descriptor().ok()?,
         y: result::create_tensor_descriptor().ok()?,

@@ -9,7 +9,7 @@ use vpipe_mem::{fmt_bytes, MemError, MemorySession, Phase, Tier};
 use vpipe_models::tiling::{
     default_stride, halving_on_failure, TileLayout, TileSpec, MAX_TILE, SPATIAL_SCALE,
 };
-use vpipe_models::wan::vae::WanVae;
+use vpipe_models::wan::vae::{WanVae, TEMPORAL_FACTOR};
 
 use crate::flags::VaeJob;
 
@@ -43,11 +43,11 @@ impl VaeOp {
         let elem = vae.dtype().size_in_bytes() as f64;
         Ok(match self {
             VaeOp::Encode => {
-                let latent_frames = 1 + (t - 1) / 4;
+                let latent_frames = 1 + (t - 1) / TEMPORAL_FACTOR;
                 (2 * cfg.z_dim * latent_frames) as f64 * elem
                     / (SPATIAL_SCALE * SPATIAL_SCALE) as f64
             }
-            VaeOp::Decode => (cfg.out_channels * (1 + 4 * (t - 1))) as f64 * elem,
+            VaeOp::Decode => (cfg.out_channels * (1 + TEMPORAL_FACTOR * (t - 1))) as f64 * elem,
         })
     }
 
@@ -280,23 +280,20 @@ fn choose_tile(
         stride: default_stride(side),
         layout,
     };
-    let largest_tile = |spec: TileSpec| {
-        spec.tile_shapes(frame.0, frame.1)
-            .into_iter()
-            .map(|(h, w)| h.min(spec.tile) * w.min(spec.tile))
-            .max()
-            .unwrap_or(0)
-    };
-    // The modelled tile plus the blending strips the pass holds besides it (exact sizes).
+    // The modelled largest tile, and the blending strips the pass holds besides it (exact).
     let needed = |tiles: TileSpec| {
-        model.bytes(largest_tile(tiles))
-            + (tiles.strip_pixels(frame.0, frame.1) as f64 * strip_bytes_per_pixel) as u64
+        let (h, w) = tiles.largest_tile(frame.0, frame.1);
+        let strips = tiles.strip_pixels(frame.0, frame.1) as f64 * strip_bytes_per_pixel;
+        (model.bytes(h * w), strips as u64)
     };
     let fits = (SMALLEST_TILE..=MAX_TILE)
         .rev()
         .step_by(32)
         .map(spec)
-        .find(|&tiles| needed(tiles) <= allowed);
+        .find(|&tiles| {
+            let (tile, strips) = needed(tiles);
+            tile + strips <= allowed
+        });
     let Some(tiles) = fits else {
         let smallest = SMALLEST_TILE * SMALLEST_TILE;
         return Err(MemError::OverBudget {
@@ -307,11 +304,8 @@ fn choose_tile(
             allowed: budget,
         });
     };
-    let (largest_h, largest_w) = tiles
-        .tile_shapes(frame.0, frame.1)
-        .into_iter()
-        .max_by_key(|&(h, w)| h * w)
-        .unwrap_or((0, 0));
+    let (largest_h, largest_w) = tiles.largest_tile(frame.0, frame.1);
+    let (tile_bytes, strip_bytes) = needed(tiles);
     phase.note(
         "vae tile choice",
         &format!(
@@ -322,8 +316,8 @@ fn choose_tile(
             tiles.tile,
             tiles.stride,
             tiles.layout,
-            fmt_bytes(model.bytes(largest_tile(tiles))),
-            fmt_bytes(needed(tiles) - model.bytes(largest_tile(tiles))),
+            fmt_bytes(tile_bytes),
+            fmt_bytes(strip_bytes),
         ),
     );
     Ok(tiles)
