@@ -310,7 +310,7 @@ fn choose_tile(
         "vae tile choice",
         &format!(
             "{} of the budget left, {}% of it allowed: tile {} px, stride {} px, {} layout, \
-             largest tile {largest_h}x{largest_w} px (modelled peak {}, blending strips {})",
+             largest tile {largest_h}x{largest_w} px (estimated: modelled peak {}, blending strips {} from their sizes)",
             fmt_bytes(left),
             (TILE_BUDGET_SHARE * 100.0) as u32,
             tiles.tile,
