@@ -29,6 +29,10 @@ pub enum Event {
     Baseline {
         /// Readings of the empty process (context and handles only).
         reading: Reading,
+        /// The CPU matmul library's per-thread buffers, made just before the reading and so
+        /// part of it.
+        #[serde(default)]
+        compute_workspace: crate::ComputeWorkspace,
     },
     /// A phase began (its peaks were reset just before this reading).
     PhaseEnter {
@@ -151,7 +155,7 @@ impl Ledger {
     /// Every reading in the ledger, in order of time (transitions give two).
     pub fn readings(&self) -> impl Iterator<Item = &Reading> {
         self.entries.iter().flat_map(|e| match &e.event {
-            Event::Baseline { reading }
+            Event::Baseline { reading, .. }
             | Event::PhaseEnter { reading, .. }
             | Event::PhaseExit { reading, .. }
             | Event::Sample { reading } => vec![reading],

@@ -45,6 +45,7 @@ mod report;
 mod session;
 mod store;
 mod svg;
+mod workspace;
 
 pub use alloc::{heap_stats, reset_heap_peak, CountingAllocator, HeapStats};
 pub use error::MemError;
@@ -58,6 +59,7 @@ pub use report::{
 pub use session::{Budget, MemorySession, Phase};
 pub use store::{resident_dtype, Lease, ModelId, PatchFn, TensorMeta, Tier, WeightPatch};
 pub use svg::{render_svg, write_svg};
+pub use workspace::{prepare_compute_workspace, ComputeWorkspace};
 
 /// Bytes as a short human figure with binary units (`1.50 GiB`).
 pub fn fmt_bytes(bytes: u64) -> String {

@@ -25,6 +25,10 @@ pub struct Report {
     pub budget: Budget,
     /// The empty state, measured at start.
     pub baseline: Reading,
+    /// Memory the CPU matmul library keeps for the life of each thread, made and measured
+    /// just before the baseline (so part of it).
+    #[serde(default)]
+    pub compute_workspace: crate::ComputeWorkspace,
     /// Phases in order.
     pub phases: Vec<PhaseReport>,
     /// Every move of weights between tiers, with its verification.
@@ -150,10 +154,13 @@ impl Report {
     /// Renders the report of a ledger. Fails only on a ledger without a baseline.
     pub fn from_ledger(ledger: &Ledger, budget: Budget) -> Result<Self, MemError> {
         let entries = ledger.entries();
-        let baseline = entries
+        let (baseline, compute_workspace) = entries
             .iter()
             .find_map(|e| match &e.event {
-                Event::Baseline { reading } => Some(*reading),
+                Event::Baseline {
+                    reading,
+                    compute_workspace,
+                } => Some((*reading, *compute_workspace)),
                 _ => None,
             })
             .ok_or_else(|| MemError::Meter {
@@ -172,6 +179,7 @@ impl Report {
             compute_meter: baseline.compute_meter().into(),
             budget,
             baseline,
+            compute_workspace,
             phases: Vec::new(),
             transitions: Vec::new(),
             refusals: Vec::new(),

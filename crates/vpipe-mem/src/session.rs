@@ -72,7 +72,9 @@ pub struct MemorySession {
 
 impl MemorySession {
     /// A session computing on `device`. Takes the baseline reading first: the empty process
-    /// (CUDA context and handles included), against which every later figure is compared.
+    /// (CUDA context and handles included, and the CPU matmul library's per-thread buffers,
+    /// made first and reported as the report's `compute_workspace`), against which every later
+    /// figure is compared.
     pub fn new(device: Device, budget: Budget) -> Result<Self, MemError> {
         let meters = Meters::for_device(&device)?;
         Self::with_meters(device, meters, budget)
@@ -80,9 +82,16 @@ impl MemorySession {
 
     /// Like [`MemorySession::new`], with meters made by the caller (e.g. with an observer).
     pub fn with_meters(device: Device, meters: Meters, budget: Budget) -> Result<Self, MemError> {
+        let workspace = crate::prepare_compute_workspace();
         let baseline = meters.read()?;
         let mut ledger = Ledger::default();
-        ledger.record(None, Event::Baseline { reading: baseline });
+        ledger.record(
+            None,
+            Event::Baseline {
+                reading: baseline,
+                compute_workspace: workspace,
+            },
+        );
         Ok(Self {
             device,
             meters,

@@ -494,3 +494,80 @@ fn a_weight_patch_replaces_weights_as_they_are_read() {
         "{err}"
     );
 }
+
+/// A copy that does not land where it is counted fails the load: here a patch hands back one
+/// shared tensor for every weight, so the host copy is a quarter of the model's bytes.
+#[test]
+fn a_copy_that_does_not_land_fails_the_load_verification() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "m.safetensors", 4, 4);
+    let shared = Tensor::zeros(MIB as usize, DType::F32, &Device::Cpu).unwrap();
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    let model = session.register("hollow", &path, None).unwrap();
+    session
+        .set_patch(
+            model,
+            vpipe_mem::WeightPatch {
+                keys: (0..4).map(|i| format!("blocks.{i}.weight")).collect(),
+                apply: Arc::new(move |_: &str, _: &Tensor| Ok(shared.clone())),
+            },
+        )
+        .unwrap();
+    let error = session.phase("load", |p| p.load(model)).unwrap_err();
+    match &error {
+        MemError::VerificationFailed {
+            meter,
+            expected,
+            measured,
+            ..
+        } => {
+            assert_eq!(meter, "heap");
+            assert_eq!(*expected, 16 * MIB as i64);
+            assert!(measured.abs() < MIB as i64, "measured {measured}");
+        }
+        other => panic!("expected a failed verification, got {other}"),
+    }
+}
+
+/// The CPU matmul library keeps a packing buffer per thread from the thread's first matmul on.
+/// A load whose patch multiplies matrices (a LoRA merge does) on a thread that never ran one
+/// must not count that buffer as the model's: the session makes it before its baseline, and
+/// reports it on its own line.
+#[test]
+fn a_matmul_library_workspace_is_not_counted_as_the_model() {
+    let _guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_checkpoint(dir.path(), "m.safetensors", 2, 1);
+    let fresh_thread = std::thread::spawn(move || {
+        let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+        let model = session.register("merged", &path, None).unwrap();
+        session
+            .set_patch(
+                model,
+                vpipe_mem::WeightPatch {
+                    keys: ["blocks.0.weight".to_string()].into(),
+                    apply: Arc::new(|_: &str, t: &Tensor| {
+                        let m = t.reshape((512, 512))?;
+                        (m.matmul(&m.t()?)? * 0.0)?.reshape(t.dims())? + t
+                    }),
+                },
+            )
+            .unwrap();
+        session
+            .phase("load", |p| {
+                p.load(model)?;
+                p.offload(model, Tier::Disk)
+            })
+            .unwrap();
+        session.report().unwrap()
+    });
+    let report = fresh_thread.join().unwrap();
+    assert!(report.transitions.iter().all(|t| t.verified));
+    let workspace = report.compute_workspace;
+    assert!(workspace.threads >= 1, "{workspace:?}");
+    assert!(heap_stats().is_some());
+    // Made once per process: by this test or an earlier one, it was measured then.
+    let first = vpipe_mem::prepare_compute_workspace();
+    assert_eq!(first, workspace);
+}
