@@ -9,6 +9,8 @@
 //! | 3 | refused: the work does not fit the memory budget (nothing was loaded) |
 //! | 4 | a memory verification failed: an offload did not free what it should have |
 //! | 5 | not built yet |
+//! | 6 | the output was written, but a phase's measured peak exceeded the budget |
+//! | 130 | interrupted (Ctrl-C, SIGTERM or SIGHUP): the report so far, no output |
 
 use std::process::ExitCode;
 
@@ -25,6 +27,58 @@ impl std::fmt::Display for NotBuiltYet {
 }
 
 impl std::error::Error for NotBuiltYet {}
+
+/// A run finished and wrote its output, but a measured peak exceeded `--vram-budget`: the
+/// budget was not kept, so the run must not look like a success (exit 6).
+#[derive(Debug)]
+pub(crate) struct BudgetExceeded(pub(crate) String);
+
+impl std::fmt::Display for BudgetExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BudgetExceeded {}
+
+/// Exit 6 when the report shows a phase whose measured peak exceeded the budget. Called after
+/// the output was written, so that the work is not lost; `what` names the command's output.
+pub(crate) fn budget_kept(report: &vpipe_mem::Report, what: &str) -> Result<(), BudgetExceeded> {
+    if report.violations.is_empty() {
+        return Ok(());
+    }
+    let phases = report
+        .violations
+        .iter()
+        .map(|v| {
+            format!(
+                "'{}' peaked at {} above baseline",
+                v.phase,
+                vpipe_mem::fmt_bytes(v.peak_above_baseline)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(BudgetExceeded(format!(
+        "the budget of {} was not kept: {phases} (measured, {}); {what} was written, but the run \
+         needs more memory than it was given",
+        vpipe_mem::fmt_bytes(report.violations[0].budget),
+        report.compute_meter
+    )))
+}
+
+/// Values that are not finite numbers appeared in the computation (a NaN in a checkpoint,
+/// an overflow): the output would be garbage, so the run stops naming where (exit 1).
+#[derive(Debug)]
+pub(crate) struct NonFinite(pub(crate) String);
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NonFinite {}
 
 /// Bad input found by vpipe itself (flag values, combinations).
 #[derive(Debug)]
@@ -96,6 +150,9 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
         }
         if cause.is::<NotBuiltYet>() {
             return ExitCode::from(5);
+        }
+        if cause.is::<BudgetExceeded>() {
+            return ExitCode::from(6);
         }
         if let Some(mem) = cause.downcast_ref::<MemError>() {
             return ExitCode::from(match mem {

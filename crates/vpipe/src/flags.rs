@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::exit::BadInput;
+use crate::paths::require_files;
 
 /// Wan 2.1 video diffusion under a memory budget that vpipe keeps and proves.
 ///
@@ -248,18 +249,24 @@ impl PipelineArgs {
             .size
             .split_once('x')
             .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
-            .filter(|&(w, h)| w > 0 && h > 0 && w % 16 == 0 && h % 16 == 0)
+            .filter(|&(w, h)| {
+                (16..=MAX_SIDE).contains(&w)
+                    && (16..=MAX_SIDE).contains(&h)
+                    && w % 16 == 0
+                    && h % 16 == 0
+            })
             .ok_or_else(|| {
                 BadInput(format!(
-                    "--size {}: expected WIDTHxHEIGHT, both multiples of 16 (e.g. 832x480)",
+                    "--size {}: expected WIDTHxHEIGHT, both multiples of 16 from 16 to \
+                     {MAX_SIDE} (e.g. 832x480)",
                     self.size
                 ))
             })?;
         let frames = match (self.frames, &self.input) {
             (Some(frames), _) => {
-                if frames == 0 || !(frames - 1).is_multiple_of(4) {
+                if frames == 0 || !(frames - 1).is_multiple_of(4) || frames > MAX_FRAMES {
                     return Err(BadInput(format!(
-                        "--frames {frames}: expected 4k+1 (1, 5, 9, ..., 81)"
+                        "--frames {frames}: expected 4k+1 (1, 5, 9, ..., 81), at most {MAX_FRAMES}"
                     ))
                     .into());
                 }
@@ -271,14 +278,14 @@ impl PipelineArgs {
         if self.steps == 0 || self.steps > 1000 {
             return Err(BadInput(format!("--steps {}: expected 1 to 1000", self.steps)).into());
         }
-        if !(self.cfg.is_finite() && self.cfg >= 0.0) {
-            return Err(BadInput(format!("--cfg {}: expected a number >= 0", self.cfg)).into());
+        if !(0.0..=MAX_GUIDANCE).contains(&self.cfg) {
+            return Err(BadInput(format!(
+                "--cfg {}: expected a number from 0 to {MAX_GUIDANCE}",
+                self.cfg
+            ))
+            .into());
         }
-        if !(self.shift.is_finite() && self.shift > 0.0) {
-            return Err(
-                BadInput(format!("--shift {}: expected a number above 0", self.shift)).into(),
-            );
-        }
+        check_shift(self.shift)?;
         if !(self.strength > 0.0 && self.strength <= 1.0) {
             return Err(BadInput(format!(
                 "--strength {}: expected above 0, at most 1",
@@ -301,32 +308,21 @@ impl PipelineArgs {
         let loras = self
             .lora
             .iter()
-            .map(|spec| {
-                let (path, strength) = match spec.rsplit_once(':') {
-                    Some((path, s)) if s.parse::<f64>().is_ok() => {
-                        (path, s.parse::<f64>().unwrap_or(1.0))
-                    }
-                    _ => (spec.as_str(), 1.0),
-                };
-                let path = PathBuf::from(path);
-                require_files(&[("--lora", &path)])?;
-                if !strength.is_finite() {
-                    return Err(BadInput(format!(
-                        "--lora {spec}: the strength must be finite"
-                    )));
-                }
-                Ok((path, strength))
-            })
+            .map(|spec| parse_lora_spec(spec))
             .collect::<Result<Vec<_>, BadInput>>()?;
         for (flag, path) in [
             ("--dit", &self.dit),
             ("--vae", &self.vae),
             ("--text-encoder", &self.text_encoder),
             ("--tokenizer", &self.tokenizer),
-            ("--input", &self.input),
         ] {
             if let Some(path) = path {
                 require_files(&[(flag, path)])?;
+            }
+        }
+        if let Some(input) = &self.input {
+            if let Some(problem) = crate::paths::input_file_or_folder_problem(input) {
+                return Err(BadInput(format!("--input {}: {problem}", input.display())).into());
             }
         }
         if let Some(dir) = &self.model_dir {
@@ -362,6 +358,46 @@ impl PipelineArgs {
         })
     }
 }
+
+/// A `--lora FILE[:STRENGTH]` value. A file whose own name holds a colon is taken whole when it
+/// exists and what follows its last colon is not a number.
+fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64), BadInput> {
+    let (path, strength) = match spec.rsplit_once(':') {
+        Some((path, text)) => match text.trim().parse::<f64>() {
+            Ok(strength) => (path, strength),
+            Err(_) if Path::new(spec).is_file() => (spec, 1.0),
+            Err(_) => {
+                return Err(BadInput(format!(
+                    "--lora {spec}: expected FILE or FILE:STRENGTH, and '{text}' is not a number"
+                )))
+            }
+        },
+        None => (spec, 1.0),
+    };
+    if !strength.is_finite() || strength.abs() > MAX_LORA_STRENGTH {
+        return Err(BadInput(format!(
+            "--lora {spec}: the strength must be a finite number from -{MAX_LORA_STRENGTH} to \
+             {MAX_LORA_STRENGTH}"
+        )));
+    }
+    let path = PathBuf::from(path);
+    require_files(&[("--lora", &path)])?;
+    Ok((path, strength))
+}
+
+/// Largest LoRA strength taken: far beyond any useful one (0 to 2 in practice), small enough
+/// that a merged weight cannot overflow to infinity.
+const MAX_LORA_STRENGTH: f64 = 100.0;
+
+/// Largest frame side: beyond 4K, which no Wan model was trained anywhere near; it bounds
+/// every size computed from the frame before anything is allocated.
+pub(crate) const MAX_SIDE: usize = 4096;
+/// Most frames in one run (4k+1): 62 s at 16 fps, far beyond Wan's trained 81.
+pub(crate) const MAX_FRAMES: usize = 1001;
+/// Largest guidance scale taken (useful values are 1 to 20).
+const MAX_GUIDANCE: f64 = 100.0;
+/// Largest flow shift taken (useful values are 1 to 20).
+const MAX_SHIFT: f64 = 100.0;
 
 /// Frames of a run without --frames: Wan 2.1's 81 (5 s at 16 fps).
 const DEFAULT_FRAMES: usize = 81;
@@ -591,12 +627,7 @@ impl ScheduleArgs {
             .parse()
             .map_err(|e| BadInput(format!("--sampler {}: {e}", self.sampler)))?;
         require_files(&[("--input", &self.input)])?;
-        if !(self.shift.is_finite() && self.shift > 0.0) {
-            return Err(BadInput(format!(
-                "--shift {}: expected a number above 0",
-                self.shift
-            )));
-        }
+        check_shift(self.shift)?;
         if self.steps == 0 || self.steps > 1000 {
             return Err(BadInput(format!(
                 "--steps {}: expected 1 to 1000",
@@ -613,16 +644,27 @@ impl ScheduleArgs {
     }
 }
 
+/// Checks a `--shift` value: finite, above 0, at most [`MAX_SHIFT`].
+fn check_shift(shift: f64) -> Result<(), BadInput> {
+    if shift > 0.0 && shift <= MAX_SHIFT {
+        Ok(())
+    } else {
+        Err(BadInput(format!(
+            "--shift {shift}: expected a number above 0, at most {MAX_SHIFT}"
+        )))
+    }
+}
+
 /// Where and how a tensor job computes, and where its report goes.
 #[derive(Args, Debug)]
 pub(crate) struct ComputeArgs {
     /// Where to compute: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Precision of the weights and the computation: f32, bf16 or f16 (scaled-fp8 DiT
-    /// weights stay fp8 in memory and are dequantised per layer).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Precision of the weights and the computation: f32, bf16 or f16 (fp8 DiT weights stay
+    /// fp8 in memory and are dequantised per layer). Default: bf16 on CUDA, f32 on the CPU.
+    #[arg(long)]
+    dtype: Option<String>,
     /// Memory budget of the compute tier, e.g. 8GiB (VAE: sets the tile; DiT: the attention
     /// chunk).
     #[arg(long)]
@@ -636,14 +678,21 @@ pub(crate) struct ComputeArgs {
 pub(crate) struct Compute {
     pub(crate) device: String,
     pub(crate) dtype: candle_core::DType,
+    /// Whether `dtype` is the device's default rather than a `--dtype` the user gave.
+    pub(crate) dtype_is_default: bool,
     pub(crate) budget: vpipe_mem::Budget,
     pub(crate) report: Option<PathBuf>,
 }
 
 impl ComputeArgs {
     fn validate(self) -> Result<Compute, BadInput> {
+        let (dtype, dtype_is_default) = match &self.dtype {
+            Some(text) => (parse_dtype(text)?, false),
+            None => (default_dtype(&self.device), true),
+        };
         Ok(Compute {
-            dtype: parse_dtype(&self.dtype)?,
+            dtype,
+            dtype_is_default,
             budget: vpipe_mem::Budget {
                 compute: parse_budget("--vram-budget", &self.vram_budget)?,
                 host: None,
@@ -667,6 +716,16 @@ fn read_dit_config(
         .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
 }
 
+/// The precision without `--dtype`: bf16 on CUDA (what Wan checkpoints are stored in, half of
+/// f32's memory, and the tensor cores' precision), f32 on the CPU (which has no fast bf16).
+fn default_dtype(device: &str) -> candle_core::DType {
+    if device.starts_with("cuda") {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
+}
+
 /// Parses a `--dtype` value.
 fn parse_dtype(text: &str) -> Result<candle_core::DType, BadInput> {
     match text {
@@ -677,16 +736,6 @@ fn parse_dtype(text: &str) -> Result<candle_core::DType, BadInput> {
             "--dtype {other}: expected f32, bf16 or f16"
         ))),
     }
-}
-
-/// Checks that each `(flag, path)` names an existing file.
-fn require_files(files: &[(&str, &PathBuf)]) -> Result<(), BadInput> {
-    for (flag, path) in files {
-        if !path.is_file() {
-            return Err(BadInput(format!("{flag} {}: no such file", path.display())));
-        }
-    }
-    Ok(())
 }
 
 /// Flags of `vpipe tensors vae-encode|vae-decode`.
@@ -829,19 +878,17 @@ fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsS
                 ))),
             }
         };
+        // `--flag=value` in one argument: a value that begins with '-' (a negative prompt
+        // "-blurry", a strength "-0.5") stays a value instead of becoming a flag.
         match value {
             toml::Value::Boolean(true) => flags.push(flag.into()),
             toml::Value::Boolean(false) => {}
             toml::Value::Array(items) => {
                 for item in items {
-                    flags.push(flag.clone().into());
-                    flags.push(scalar(item)?.into());
+                    flags.push(format!("{flag}={}", scalar(item)?).into());
                 }
             }
-            other => {
-                flags.push(flag.into());
-                flags.push(scalar(other)?.into());
-            }
+            other => flags.push(format!("{flag}={}", scalar(other)?).into()),
         }
     }
     // After the subcommand (`run` / `plan`), which is the first argument not starting with '-'.

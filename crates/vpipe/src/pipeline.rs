@@ -138,6 +138,7 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
                 .to_device(&Device::Cpu)?
         };
         p.offload(ids.text, Tier::Disk)?;
+        ensure_finite(&context, "text: the text encoder's output")?;
         p.declare_output("text context (host)", tensor_bytes(&context));
         Ok(context)
     })?;
@@ -179,6 +180,7 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
                     vae.normalize_latents(&mean)?
                 };
                 p.offload(ids.vae, Tier::Disk)?;
+                ensure_finite(&latents, "vae encode: the clip's latents")?;
                 p.declare_output("clip latents (host)", tensor_bytes(&latents));
                 Ok(latents)
             })?)
@@ -246,6 +248,14 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
                 passes,
             )?;
             x = sampler.step(&velocity, &x)?;
+            ensure_finite(
+                &x,
+                &format!(
+                    "sample: the latents after step {}/{} (t = {t:.1})",
+                    sampler.step_index(),
+                    schedule.steps()
+                ),
+            )?;
             // The meters synchronise the device first, so the step's time is its compute.
             let reading = p.read()?;
             let seconds = started.elapsed().as_secs_f64();
@@ -277,10 +287,31 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
             run_tiled(p, &vae, VaeOp::Decode, &raw, job.tiles)?
         };
         p.offload(ids.vae, Tier::Disk)?;
+        ensure_finite(&video, "vae decode: the decoded video")?;
         p.declare_output("video (host)", tensor_bytes(&video));
         Ok(video)
     })?;
     Ok(video)
+}
+
+/// Fails when `t` holds a NaN or an infinity, naming `what` (phase and step): one such value
+/// spreads through every later step and the video comes out black, so the run stops where it
+/// first appears. One reduction on the tensor's device; a sum of absolute values is finite
+/// exactly when every element is (short of an overflow no real latent comes near).
+fn ensure_finite(t: &Tensor, what: &str) -> anyhow::Result<()> {
+    let sum = t
+        .to_dtype(DType::F32)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    Err(crate::exit::NonFinite(format!(
+        "{what}: NaN or infinite values; the checkpoint may hold non-finite weights, or \
+         --cfg / --shift may be too large"
+    ))
+    .into())
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {

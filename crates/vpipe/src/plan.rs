@@ -22,12 +22,32 @@ use vpipe_text::umt5::Config as Umt5Config;
 
 use crate::flags::RunJob;
 
-/// VAE activation bytes per (base channel × tile pixel × element byte), measured on the H100
-/// (full-size VAE, bf16, 256-px tiles, 81 frames, channels-last CUDA path: 0.44 GiB for encode
-/// and 0.66 GiB for decode above the 0.24 GiB of weights, rounded up;
+/// The VAE's memory model on one kind of device: activation bytes per (base channel × tile
+/// pixel × element byte), and the copies of its weights it makes beyond the resident ones.
+struct VaeMemoryModel {
+    encode_bytes_per_unit: u64,
+    decode_bytes_per_unit: u64,
+    weight_copies: f64,
+}
+
+/// Measured on the H100 (full-size VAE, bf16, 256-px tiles, 81 frames, channels-last CUDA path:
+/// 0.44 GiB for encode and 0.66 GiB for decode above the 0.24 GiB of weights, rounded up;
 /// `bench/results/2026-11-27-h100-vae-cl-1128-vae_warm.log`, BENCHMARKS.md "Wan 2.1 VAE").
-const VAE_ENCODE_BYTES_PER_UNIT: u64 = 38;
-const VAE_DECODE_BYTES_PER_UNIT: u64 = 57;
+/// cuDNN takes the whole kernels: no copies.
+const VAE_CUDA: VaeMemoryModel = VaeMemoryModel {
+    encode_bytes_per_unit: 38,
+    decode_bytes_per_unit: 57,
+    weight_copies: 0.0,
+};
+
+/// Measured on the CPU (the demo's VAE, f32, 5 frames at 64×48 and 128×96, one tile each: a
+/// line through both peaks, rounded up). The CPU path convolves one temporal tap at a time
+/// from per-tap copies of the kernels, which are nearly all of the weights: one copy more.
+const VAE_CPU: VaeMemoryModel = VaeMemoryModel {
+    encode_bytes_per_unit: 50,
+    decode_bytes_per_unit: 60,
+    weight_copies: 1.2,
+};
 /// Share of what the budget leaves after the DiT's weights that attention scores may take.
 const ATTENTION_BUDGET_SHARE: f64 = 0.25;
 /// Bytes of attention-score scratch a DiT forward gets: a share of what `budget` leaves over
@@ -179,6 +199,8 @@ pub(crate) struct Plan {
     pub(crate) guidance: &'static str,
     pub(crate) attention_query_rows: usize,
     pub(crate) vae_tile_px: usize,
+    /// The precision of the weights and the computation, and why it is that one.
+    pub(crate) dtype: String,
 }
 
 impl Plan {
@@ -193,8 +215,13 @@ impl Plan {
 
         let t = &sizes.text;
         let (b, l) = (2u64, TEXT_TOKENS as u64);
+        // Attention holds, per layer, the scores with their biased and masked copies for each
+        // prompt, and the position bias shared by both, counted in f32 (the softmax's
+        // precision), plus the position buckets (u32, one per query-key pair).
+        let score_matrix = t.num_heads as u64 * l * l * 4;
         let text_activations = b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
-            + 2 * b * t.num_heads as u64 * l * l * 4;
+            + (3 * b + 1) * score_matrix
+            + l * l * 4;
 
         let fused = fused_kernel_applies(
             job.compute.device.starts_with("cuda"),
@@ -238,6 +265,8 @@ impl Plan {
 
         let (tile_h, tile_w) = job.tiles.largest_tile(job.height, job.width);
         let vae_unit = sizes.vae_base_dim as u64 * (tile_h * tile_w) as u64 * elem;
+        let on_cuda = job.compute.device.starts_with("cuda");
+        let vae = if on_cuda { VAE_CUDA } else { VAE_CPU };
         let mut phases = vec![
             PhasePlan {
                 name: "load",
@@ -273,14 +302,16 @@ impl Plan {
         let vae_phase = |name, bytes_per_unit| PhasePlan {
             name,
             resident: vec!["vae"],
-            estimated_peak_bytes: sizes.vae_bytes + bytes_per_unit * vae_unit,
+            estimated_peak_bytes: sizes.vae_bytes
+                + (sizes.vae_bytes as f64 * vae.weight_copies) as u64
+                + bytes_per_unit * vae_unit,
             detail: format!(
                 "tile {} px, stride {} px, {} layout",
                 job.tiles.tile, job.tiles.stride, job.tiles.layout
             ),
         };
         if job.input.is_some() {
-            phases.push(vae_phase("vae encode", VAE_ENCODE_BYTES_PER_UNIT));
+            phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
         }
         phases.push(PhasePlan {
             name: "sample",
@@ -299,7 +330,7 @@ impl Plan {
                 )
             },
         });
-        phases.push(vae_phase("vae decode", VAE_DECODE_BYTES_PER_UNIT));
+        phases.push(vae_phase("vae decode", vae.decode_bytes_per_unit));
         phases.push(PhasePlan {
             name: "write",
             resident: vec![],
@@ -318,6 +349,15 @@ impl Plan {
             },
             attention_query_rows: rows,
             vae_tile_px: job.tiles.tile,
+            dtype: format!(
+                "{}{}",
+                dtype.as_str(),
+                if job.compute.dtype_is_default {
+                    " (the default on this device; --dtype to change)"
+                } else {
+                    " (--dtype)"
+                }
+            ),
         }
     }
 
@@ -340,6 +380,7 @@ impl Plan {
                 phase.detail
             );
         }
+        println!("precision {}", self.dtype);
         match self.budget_bytes {
             Some(budget) => println!(
                 "budget {}: {} (estimates: weights exact, activations estimated)",

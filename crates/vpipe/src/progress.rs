@@ -6,32 +6,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Installs the Ctrl-C handler: the run stops at the next step or phase boundary, writes the
-/// report so far, and leaves no half-written output (outputs are renamed into place).
+/// Installs the handler of Ctrl-C, SIGTERM and SIGHUP (all three stop a run the same way): the
+/// run stops at the next step, tile or phase boundary, writes the report so far, and leaves no
+/// half-written output (outputs are renamed into place).
 pub(crate) fn catch_interrupt() {
     // A second handler cannot be installed (e.g. in tests that call this twice): ignore.
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
 
-/// The run was interrupted (Ctrl-C).
+/// The run was interrupted (Ctrl-C, SIGTERM or SIGHUP).
 #[derive(Debug)]
 pub(crate) struct Interrupted;
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted (Ctrl-C); the report so far was written, no output file")
+        f.write_str(
+            "interrupted (Ctrl-C or SIGTERM); the report so far was written, no output file",
+        )
     }
 }
 
 impl std::error::Error for Interrupted {}
 
-/// An error when Ctrl-C was pressed since the run started.
+/// An error when the run was asked to stop since it started.
 pub(crate) fn check_interrupt() -> Result<(), Interrupted> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if interrupted() {
         Err(Interrupted)
     } else {
         Ok(())
     }
+}
+
+/// Whether the run was asked to stop, for work that checks between its own units (tiles,
+/// frames) through a callback.
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// One long step's progress.

@@ -27,10 +27,14 @@ fn find_models(dir: &Path, family: Family) -> anyhow::Result<Vec<PathBuf>> {
             .with_context(|| format!("--model-dir {}", folder.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
+                let extension = p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_lowercase);
                 matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("safetensors" | "pth" | "pt" | "ckpt")
-                )
+                    extension.as_deref(),
+                    Some("safetensors" | "pth" | "pt" | "ckpt" | "bin")
+                ) && crate::paths::input_file_problem(p).is_none()
             })
             .collect();
         entries.sort();
@@ -46,6 +50,31 @@ fn find_models(dir: &Path, family: Family) -> anyhow::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// Checks that the checkpoint given with `flag` holds a model of `family`, before anything is
+/// loaded: a VAE given as `--dit` is bad input (exit 2), not a failure deep in the run.
+fn check_family(flag: &str, path: &Path, family: Family) -> anyhow::Result<()> {
+    let inspection =
+        vpipe_ckpt::inspect(path).with_context(|| format!("{flag} {}", path.display()))?;
+    let found = inspection.detection.family;
+    if found == family {
+        return Ok(());
+    }
+    Err(BadInput(format!(
+        "{flag} {}: holds a {}, expected a {}",
+        path.display(),
+        found.describe(),
+        family.describe()
+    ))
+    .into())
+}
+
+/// Whether `path`'s extension is `extension`, in any case (`.SAFETENSORS` too).
+pub(crate) fn has_extension(path: &Path, extension: &str) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case(extension))
+}
+
 /// The file for `flag`: given explicitly, or the one model of `family` in the model folder.
 fn resolve(
     flag: &str,
@@ -54,6 +83,7 @@ fn resolve(
     family: Family,
 ) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
+        check_family(flag, path, family)?;
         return Ok(path.clone());
     }
     let Some(dir) = dir else {
@@ -91,7 +121,7 @@ fn resolve(
 /// already at that shape.
 fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
     let expected = [1, 3, job.frames, job.height, job.width];
-    if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+    if has_extension(path, "safetensors") {
         let [video] = crate::tensors::read_inputs(path, ["video_in"])?;
         if video.dims() != expected {
             return Err(BadInput(format!(
@@ -130,7 +160,7 @@ fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
 /// (key `video`), or no extension for a folder of PNG frames; always through a temporary
 /// name, renamed into place.
 pub(crate) fn write_clip(path: &Path, video: &candle_core::Tensor) -> anyhow::Result<()> {
-    if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+    if has_extension(path, "safetensors") {
         return crate::tensors::write_outputs(
             path,
             &HashMap::from([("video".to_owned(), video.clone())]),
@@ -167,8 +197,61 @@ pub(crate) fn resolve_models(job: &RunJob) -> anyhow::Result<ModelFiles> {
     })
 }
 
+/// The kind of file `--out` asks for, checked before any work.
+fn out_kind(out: &Path) -> Result<crate::paths::OutputKind, BadInput> {
+    use crate::paths::OutputKind;
+    match out.extension().and_then(|e| e.to_str()) {
+        None => Ok(OutputKind::Folder),
+        Some(e)
+            if ["mp4", "gif", "safetensors"]
+                .iter()
+                .any(|k| e.eq_ignore_ascii_case(k)) =>
+        {
+            Ok(OutputKind::File)
+        }
+        Some(e) => Err(BadInput(format!(
+            "--out {}: unknown extension '.{e}'; expected .mp4, .gif, .safetensors, or no \
+             extension for a folder of PNG frames",
+            out.display()
+        ))),
+    }
+}
+
+/// Checks every path the run will write, against each other and against every file it reads.
+fn check_run_outputs(job: &RunJob, models: &ModelFiles) -> Result<(), BadInput> {
+    use crate::paths::{Output, OutputKind};
+    let chart = job.compute.report.as_deref().map(crate::paths::chart_of);
+    let mut outputs = vec![Output {
+        flag: "--out",
+        path: &job.out,
+        kind: out_kind(&job.out)?,
+    }];
+    if let (Some(report), Some(chart)) = (job.compute.report.as_deref(), chart.as_deref()) {
+        outputs.push(Output {
+            flag: "--report",
+            path: report,
+            kind: OutputKind::File,
+        });
+        outputs.push(Output {
+            flag: "--report (its chart)",
+            path: chart,
+            kind: OutputKind::File,
+        });
+    }
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("--dit", &models.dit),
+        ("--vae", &models.vae),
+        ("--text-encoder", &models.text_encoder),
+    ];
+    inputs.extend(models.tokenizer.as_deref().map(|t| ("--tokenizer", t)));
+    inputs.extend(job.input.as_ref().map(|(p, _)| ("--input", p.as_path())));
+    inputs.extend(models.loras.iter().map(|(p, _)| ("--lora", p.as_path())));
+    crate::paths::check_outputs(&outputs, &inputs)
+}
+
 pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
     let models = resolve_models(&job)?;
+    check_run_outputs(&job, &models)?;
     // Sampling never starts when the plan does not fit.
     let sizes = ModelSizes::from_files(
         &models.dit,
@@ -255,5 +338,6 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
         report.violations.len(),
         job.out.display()
     );
+    crate::exit::budget_kept(&report, &format!("--out {}", job.out.display()))?;
     Ok(ExitCode::SUCCESS)
 }
