@@ -14,18 +14,47 @@ use vpipe_models::wan::{dit_keys, DitConfig, WanModel, WanVae};
 use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder};
 
 /// A `VarBuilder` over clones (reference counts) of a lease's weights, handing them out in
-/// `dtype` unless a layer asks for another (scaled-fp8 weights stay float8).
-fn var_builder(lease: &Lease<'_>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    let weights: HashMap<String, Tensor> = lease
+/// `dtype` unless a layer asks for another (float8 weights stay float8).
+///
+/// A plain float8 weight (no scale next to it) gets a scale of exactly 1, so that the model
+/// keeps it in float8 as it keeps ComfyUI's scaled ones, instead of holding a converted copy
+/// of twice or four times its size that the plan did not count.
+fn var_builder(
+    lease: &Lease<'_>,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
+    let mut weights: HashMap<String, Tensor> = lease
         .iter()
         .map(|(name, t)| (name.to_owned(), t.clone()))
         .collect();
-    VarBuilder::from_tensors(weights, dtype, device)
+    let unscaled: Vec<String> = weights
+        .iter()
+        .filter(|(_, t)| t.dtype() == DType::F8E4M3)
+        .filter_map(|(name, _)| name.strip_suffix("weight"))
+        .filter(|stem| {
+            fp8_scale_names(stem)
+                .iter()
+                .all(|n| !weights.contains_key(n))
+        })
+        .map(str::to_owned)
+        .collect();
+    for stem in unscaled {
+        let [scale_name, _] = fp8_scale_names(&stem);
+        weights.insert(scale_name, Tensor::new(1f32, device)?);
+    }
+    Ok(VarBuilder::from_tensors(weights, dtype, device))
+}
+
+/// The names ComfyUI's files (`…scale_weight`) and some exporters (`…weight_scale`) give the
+/// per-tensor scale of the float8 weight `{stem}weight`.
+fn fp8_scale_names(stem: &str) -> [String; 2] {
+    [format!("{stem}scale_weight"), format!("{stem}weight_scale")]
 }
 
 /// The Wan VAE over a lease's weights (either key layout; config from the shapes).
 pub(crate) fn wan_vae(lease: &Lease<'_>, dtype: DType, device: &Device) -> anyhow::Result<WanVae> {
-    Ok(WanVae::from_checkpoint(var_builder(lease, dtype, device))?)
+    Ok(WanVae::from_checkpoint(var_builder(lease, dtype, device)?)?)
 }
 
 /// The Wan DiT over a lease's weights (either key layout, LoRAs already merged by the store,
@@ -37,7 +66,7 @@ pub(crate) fn wan_dit(
     device: &Device,
 ) -> anyhow::Result<WanModel> {
     Ok(WanModel::from_checkpoint(
-        var_builder(lease, dtype, device),
+        var_builder(lease, dtype, device)?,
         config,
     )?)
 }
@@ -50,7 +79,7 @@ pub(crate) fn umt5(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<Umt5Encoder> {
-    let vb = var_builder(lease, dtype, device);
+    let vb = var_builder(lease, dtype, device)?;
     Ok(match config {
         Some(cfg) => Umt5Encoder::from_checkpoint_with_config(cfg, vb)?,
         None => Umt5Encoder::from_checkpoint(vb)?,
@@ -155,23 +184,17 @@ pub(crate) fn plan_loras(
     Ok(())
 }
 
-/// The scale of the scaled-fp8 weight `key` (ComfyUI stores it next to the weight as
-/// `…scale_weight`, some exporters as `…weight_scale`), read from the checkpoint, in f32.
+/// The scale of the float8 weight `key` (see [`fp8_scale_names`]), read from the checkpoint,
+/// in f32; exactly 1 for a plain float8 weight, as the model takes it (see [`var_builder`]).
 fn fp8_scale(path: &Path, header: &vpipe_ckpt::Inspection, key: &str) -> anyhow::Result<Tensor> {
     let stem = key.strip_suffix("weight").unwrap_or(key);
-    let names = [format!("{stem}scale_weight"), format!("{stem}weight_scale")];
-    let name = names
+    let names = fp8_scale_names(stem);
+    let Some(name) = names
         .iter()
         .find(|n| header.tensors.iter().any(|t| &t.name == *n))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: '{key}' is float8 but has no scale ('{}' or '{}'); a LoRA cannot be merged \
-                 into an unscaled fp8 weight",
-                path.display(),
-                names[0],
-                names[1]
-            )
-        })?;
+    else {
+        return Ok(Tensor::new(1f32, &Device::Cpu)?);
+    };
     // SAFETY: read-only map of a checkpoint file, as the store maps it.
     let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }?;
     Ok(mapped.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)

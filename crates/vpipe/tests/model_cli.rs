@@ -143,6 +143,12 @@ fn schedule_through_the_cli_matches_diffusers() {
 
 /// `vpipe tensors dit` with the batch2 inputs of the DiT fixtures, plus `extra` flags.
 fn dit_run(dir: &Path, file: &str, extra: &[&str]) -> std::process::Output {
+    let dit = fixture("vpipe-models", &format!("tests/fixtures/dit/{file}"));
+    dit_run_file(dir, &dit, extra)
+}
+
+/// [`dit_run`] on the DiT checkpoint at `dit`.
+fn dit_run_file(dir: &Path, dit: &Path, extra: &[&str]) -> std::process::Output {
     let cases = load(&fixture(
         "vpipe-models",
         "tests/fixtures/dit/dit_cases.safetensors",
@@ -153,7 +159,6 @@ fn dit_run(dir: &Path, file: &str, extra: &[&str]) -> std::process::Output {
         .map(|k| (k.to_owned(), cases[&format!("batch2.{k}")].clone()))
         .collect();
     candle_core::safetensors::save(&inputs, &input).unwrap();
-    let dit = fixture("vpipe-models", &format!("tests/fixtures/dit/{file}"));
     let config = fixture("vpipe-models", "tests/fixtures/dit/config.json");
     let output = dir.join("out.safetensors");
     let mut args = vec![
@@ -328,4 +333,71 @@ fn text_encode_through_the_cli_matches_transformers() {
         let err = max_abs(out, &cases["prompt.last_hidden_state"]);
         assert!(err <= 1e-4, "{file}: max abs {err}");
     }
+}
+
+/// A plain float8 e4m3 checkpoint (no scales, as some exporters write them) gives what its f32
+/// twin holding the same values gives: its weights are taken with a scale of exactly 1.
+#[test]
+fn a_plain_fp8_dit_matches_its_f32_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let scaled = load(&fixture("vpipe-models", "dit/dit_tiny_wan_fp8.safetensors"));
+    let mut plain = HashMap::new();
+    let mut twin = HashMap::new();
+    for (key, tensor) in &scaled {
+        if key.ends_with("scale_weight") || key == "scaled_fp8" {
+            continue;
+        }
+        plain.insert(key.clone(), tensor.clone());
+        let f32 = tensor.to_dtype(candle_core::DType::F32).unwrap();
+        twin.insert(key.clone(), f32);
+    }
+    assert!(plain
+        .values()
+        .any(|t| t.dtype() == candle_core::DType::F8E4M3));
+    let mut outs = Vec::new();
+    for (name, tensors) in [("plain", &plain), ("twin", &twin)] {
+        let path = dir.path().join(format!("{name}.safetensors"));
+        candle_core::safetensors::save(tensors, &path).unwrap();
+        let run = dit_run_file(dir.path(), &path, &[]);
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        outs.push(load(&dir.path().join("out.safetensors"))["out"].clone());
+    }
+    let err = max_abs(&outs[0], &outs[1]);
+    assert!(err <= 1e-5, "plain fp8 against its f32 twin: max abs {err}");
+
+    // Kept in float8 as the scaled file is: the phase's peak is the scaled file's, not that
+    // plus a converted copy of the weights (4 bytes for each float8 one).
+    let report = dir.path().join("report.json");
+    let peak = |dit: &Path| {
+        let run = dit_run_file(dir.path(), dit, &["--report", report.to_str().unwrap()]);
+        assert!(run.status.success());
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let dit_phase = report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "dit")
+            .unwrap()
+            .clone();
+        dit_phase["peak_above_baseline"].as_i64().unwrap()
+    };
+    let fp8_bytes: usize = plain
+        .values()
+        .filter(|t| t.dtype() == candle_core::DType::F8E4M3)
+        .map(|t| t.elem_count())
+        .sum();
+    let scaled_file = fixture("vpipe-models", "dit/dit_tiny_wan_fp8.safetensors");
+    let (plain_peak, scaled_peak) = (
+        peak(&dir.path().join("plain.safetensors")),
+        peak(&scaled_file),
+    );
+    assert!(
+        (plain_peak - scaled_peak).unsigned_abs() < 2 * fp8_bytes as u64,
+        "dit phase peak: plain fp8 {plain_peak} B, scaled fp8 {scaled_peak} B ({fp8_bytes} B of float8 weights)"
+    );
 }
