@@ -166,6 +166,23 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// The error and its causes on one line, `: `-separated, each cause once: libraries often
+/// repeat their source's text in their own message, which `{:#}` would print twice.
+pub(crate) fn message(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 pub(crate) fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
         let kind = match cause.downcast_ref::<std::io::Error>() {

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             if exit::is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("vpipe: {err:#}");
+            eprintln!("vpipe: {}", exit::message(&err));
             exit::code_for(&err)
         }
     }

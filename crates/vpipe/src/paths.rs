@@ -196,6 +196,43 @@ pub(crate) fn chart_of(report: &Path) -> PathBuf {
     report.with_extension("svg")
 }
 
+/// [`check_outputs`] for a command's main output, its `--report` and the report's chart.
+pub(crate) fn check_command_outputs(
+    main: Output<'_>,
+    report: Option<&Path>,
+    inputs: &[(&str, &Path)],
+) -> Result<(), BadInput> {
+    let chart = report.map(chart_of);
+    let mut outputs = vec![main];
+    if let (Some(report), Some(chart)) = (report, chart.as_deref()) {
+        outputs.push(Output {
+            flag: "--report",
+            path: report,
+            kind: OutputKind::File,
+        });
+        outputs.push(Output {
+            flag: "--report (its chart)",
+            path: chart,
+            kind: OutputKind::File,
+        });
+    }
+    check_outputs(&outputs, inputs)
+}
+
+/// [`check_command_outputs`] for a `vpipe tensors` job: one safetensors `--output`.
+pub(crate) fn check_tensor_outputs(
+    output: &Path,
+    report: Option<&Path>,
+    inputs: &[(&str, &Path)],
+) -> Result<(), BadInput> {
+    let main = Output {
+        flag: "--output",
+        path: output,
+        kind: OutputKind::File,
+    };
+    check_command_outputs(main, report, inputs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

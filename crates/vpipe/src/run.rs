@@ -219,25 +219,11 @@ fn out_kind(out: &Path) -> Result<crate::paths::OutputKind, BadInput> {
 
 /// Checks every path the run will write, against each other and against every file it reads.
 fn check_run_outputs(job: &RunJob, models: &ModelFiles) -> Result<(), BadInput> {
-    use crate::paths::{Output, OutputKind};
-    let chart = job.compute.report.as_deref().map(crate::paths::chart_of);
-    let mut outputs = vec![Output {
+    let out = crate::paths::Output {
         flag: "--out",
         path: &job.out,
         kind: out_kind(&job.out)?,
-    }];
-    if let (Some(report), Some(chart)) = (job.compute.report.as_deref(), chart.as_deref()) {
-        outputs.push(Output {
-            flag: "--report",
-            path: report,
-            kind: OutputKind::File,
-        });
-        outputs.push(Output {
-            flag: "--report (its chart)",
-            path: chart,
-            kind: OutputKind::File,
-        });
-    }
+    };
     let mut inputs: Vec<(&str, &Path)> = vec![
         ("--dit", &models.dit),
         ("--vae", &models.vae),
@@ -246,7 +232,7 @@ fn check_run_outputs(job: &RunJob, models: &ModelFiles) -> Result<(), BadInput> 
     inputs.extend(models.tokenizer.as_deref().map(|t| ("--tokenizer", t)));
     inputs.extend(job.input.as_ref().map(|(p, _)| ("--input", p.as_path())));
     inputs.extend(models.loras.iter().map(|(p, _)| ("--lora", p.as_path())));
-    crate::paths::check_outputs(&outputs, &inputs)
+    crate::paths::check_command_outputs(out, job.compute.report.as_deref(), &inputs)
 }
 
 pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {

@@ -15,6 +15,10 @@ const PHASE: &str = "dit";
 
 pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
     vpipe_ckpt::inspect(&job.dit)?;
+    let mut inputs: Vec<(&str, &std::path::Path)> =
+        vec![("--dit", &job.dit), ("--input", &job.input)];
+    inputs.extend(job.loras.iter().map(|(p, _)| ("--lora", p.as_path())));
+    crate::paths::check_tensor_outputs(&job.output, job.compute.report.as_deref(), &inputs)?;
     let device = crate::device::open(&job.compute.device)?;
     let [latents, timestep, context] = super::read_inputs(
         &job.input,
@@ -80,5 +84,6 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         output.dims(),
         job.output.display()
     );
+    crate::exit::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,14 @@ const PHASE: &str = "text";
 
 pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
     vpipe_ckpt::inspect(&job.text_encoder)?;
+    crate::paths::check_tensor_outputs(
+        &job.output,
+        job.compute.report.as_deref(),
+        &[
+            ("--text-encoder", &job.text_encoder),
+            ("--input", &job.input),
+        ],
+    )?;
     let device = crate::device::open(&job.compute.device)?;
     let [ids, mask] = super::read_inputs(&job.input, ["input_ids", "attention_mask"])?;
     let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
@@ -50,5 +58,6 @@ pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
         output.dims(),
         job.output.display()
     );
+    crate::exit::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -326,6 +326,11 @@ fn choose_tile(
 pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
     // A reader that never executes pickle code checks the file before anything loads it.
     vpipe_ckpt::inspect(&job.vae)?;
+    crate::paths::check_tensor_outputs(
+        &job.output,
+        job.compute.report.as_deref(),
+        &[("--vae", &job.vae), ("--input", &job.input)],
+    )?;
     let device = crate::device::open(&job.compute.device)?;
     let (in_key, out_key) = op.keys();
     let [input] = super::read_inputs(&job.input, [in_key])?;
@@ -379,6 +384,7 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         output.dims(),
         job.output.display()
     );
+    crate::exit::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 
