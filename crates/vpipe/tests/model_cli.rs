@@ -401,3 +401,76 @@ fn a_plain_fp8_dit_matches_its_f32_twin() {
         "dit phase peak: plain fp8 {plain_peak} B, scaled fp8 {scaled_peak} B ({fp8_bytes} B of float8 weights)"
     );
 }
+
+/// The float8 checkpoints through the store onto the GPU (pinned host copy, upload, the
+/// model's per-layer dequantisation): ComfyUI's scaled fp8 against diffusers with the
+/// dequantised weights, alone and with a LoRA merged as the weights are read, and a plain fp8
+/// file against its f32 twin, in f32 and bf16.
+#[cfg(feature = "cuda")]
+#[test]
+fn fp8_checkpoints_run_on_the_gpu_through_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = load(&fixture("vpipe-models", "dit/dit_cases.safetensors"));
+    let lora = fixture("vpipe-models", "dit/lora_tiny_peft.safetensors");
+    let lora = lora.to_str().unwrap();
+    let out = || load(&dir.path().join("out.safetensors"))["out"].clone();
+    let run_ok = |dit: &Path, extra: &[&str]| {
+        let run = dit_run_file(dir.path(), dit, extra);
+        assert!(
+            run.status.success(),
+            "{} {extra:?}: {}",
+            dit.display(),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    };
+    let scaled = fixture("vpipe-models", "dit/dit_tiny_wan_fp8.safetensors");
+    for (dtype, share) in [("f32", None), ("bf16", Some(0.05))] {
+        for (extra, expected) in [
+            (vec![], "out_fp8"),
+            (
+                vec!["--lora", lora, "--lora-strength", "0.8"],
+                "out_fp8_lora",
+            ),
+        ] {
+            let mut args = vec!["--device", "cuda:0", "--dtype", dtype];
+            args.extend(extra);
+            run_ok(&scaled, &args);
+            let expected = &cases[&format!("batch2.{expected}")];
+            let bound = match share {
+                None => 1e-4,
+                Some(share) => share * max_abs(expected, &expected.zeros_like().unwrap()),
+            };
+            let err = max_abs(&out(), expected);
+            println!(
+                "scaled fp8 on cuda:0, {dtype} {args:?}: max abs {err:.3e} (bound {bound:.1e})"
+            );
+            assert!(err <= bound, "{dtype} {args:?}: max abs {err}");
+        }
+    }
+
+    let mut plain = HashMap::new();
+    let mut twin = HashMap::new();
+    for (key, tensor) in load(&scaled) {
+        if key.ends_with("scale_weight") || key == "scaled_fp8" {
+            continue;
+        }
+        twin.insert(
+            key.clone(),
+            tensor.to_dtype(candle_core::DType::F32).unwrap(),
+        );
+        plain.insert(key, tensor);
+    }
+    let mut outs = Vec::new();
+    for (name, tensors) in [("plain", &plain), ("twin", &twin)] {
+        let path = dir.path().join(format!("{name}.safetensors"));
+        candle_core::safetensors::save(tensors, &path).unwrap();
+        run_ok(&path, &["--device", "cuda:0", "--dtype", "f32"]);
+        outs.push(out());
+    }
+    let err = max_abs(&outs[0], &outs[1]);
+    println!("plain fp8 on cuda:0 against its f32 twin: max abs {err:.3e}");
+    assert!(
+        err <= 1e-4,
+        "plain fp8 against its f32 twin on cuda:0: {err}"
+    );
+}
