@@ -3,6 +3,8 @@
 
     python3 bench/dit_gpu.py dit [--reps 2]     # WanTransformer3DModel 14B, bf16, SDPA
     python3 bench/dit_gpu.py umt5 [--reps 5]    # UMT5EncoderModel (umT5-xxl), bf16, 512 tokens
+    python3 bench/dit_gpu.py dit-fp8 [--reps 2] # the 14B with float8 e4m3 weights (diffusers'
+                                                # layerwise casting: stored fp8, computed bf16)
 
 Random weights built directly on the device (speed and memory do not depend on the values),
 with the modules diffusers keeps in fp32 (`_keep_in_fp32_modules`) upcast as from_pretrained
@@ -55,6 +57,36 @@ def build(ctor):
             if any(k in name.split(".") for k in keep):
                 p.data = p.data.float()
     return model.eval().requires_grad_(False)
+
+
+WAN14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+              patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+              cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def dit_fp8(reps):
+    """One CFG-batched forward (B=2) of the 14B at 832x480x81 with its weights stored in float8
+    e4m3fn and each layer cast to bf16 as it runs: diffusers' way of running an fp8 checkpoint."""
+    from diffusers import WanTransformer3DModel
+
+    t0 = time.perf_counter()
+    model = build(lambda: WanTransformer3DModel(**WAN14B))
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    emit(what="build fp8", weights_gib=torch.cuda.memory_allocated() / GIB,
+         reserved_gib=torch.cuda.memory_reserved() / GIB, build_s=time.perf_counter() - t0)
+    F, H, W, L, B = 21, 60, 104, 512, 2
+    g = torch.Generator(device=DEV).manual_seed(0)
+    hs = torch.randn(B, 16, F, H, W, generator=g, device=DEV).to(torch.bfloat16)
+    ehs = torch.randn(B, L, 4096, generator=g, device=DEV).to(torch.bfloat16)
+    ts = torch.full((B,), 999.0, device=DEV)
+    fwd = lambda: model(hidden_states=hs, timestep=ts, encoder_hidden_states=ehs, return_dict=False)
+    torch.cuda.reset_peak_memory_stats()
+    step, peak = measure(fwd, reps)
+    emit(what="forward fp8", batch=B, tokens=F * (H // 2) * (W // 2), forward_s=step,
+         peak_above_weights_gib=peak, max_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+         max_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
 
 
 def dit(reps):
@@ -121,4 +153,4 @@ def umt5(reps):
 if __name__ == "__main__":
     section = sys.argv[1]
     reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 2
-    {"dit": dit, "umt5": umt5}[section](reps)
+    {"dit": dit, "umt5": umt5, "dit-fp8": dit_fp8}[section](reps)

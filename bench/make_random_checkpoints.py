@@ -6,6 +6,11 @@ names (bf16, 11.4 GB). The VAE comes from `bench/vae_gpu.py prepare` (diffusers 
 
     python3 bench/make_random_checkpoints.py OUT_DIR          # full size (needs ~45 GB RAM + disk)
     TINY=1 python3 bench/make_random_checkpoints.py OUT_DIR   # same key set, tiny widths (a check)
+    FP8=1 python3 bench/make_random_checkpoints.py OUT_DIR    # the DiT as ComfyUI's scaled fp8 only
+
+FP8=1 writes the file most ComfyUI users have instead of the bf16 DiT: every 2-D weight of the
+blocks in float8 e4m3fn with a per-tensor f32 `scale_weight` (absmax / 448), the `scaled_fp8`
+marker, everything else bf16 (wan2.1_t2v_14B_random_fp8_scaled.safetensors, about 14.3 GB).
 
 Values: normal with std 1/sqrt(fan_in) for matrices, 1 ± 0.05 for norm gains, 0.02 for biases
 and modulation tables; generated on the GPU when there is one. Speed and memory do not depend on
@@ -18,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 TINY = bool(os.environ.get("TINY"))
+FP8 = bool(os.environ.get("FP8"))
+FP8_MAX = 448.0
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GEN = torch.Generator(device=DEV).manual_seed(2025)
 
@@ -85,10 +92,29 @@ def umt5():
     return w
 
 
+def scaled_fp8(tensors):
+    """ComfyUI's `fp8_e4m3fn_scaled` form of a DiT state dict: w = w8.float() * scale_weight."""
+    out = {}
+    for k, v in tensors.items():
+        if ".blocks." in k and k.endswith(".weight") and v.dim() == 2:
+            w = v.to(DEV, torch.float32)
+            scale = w.abs().max().clamp(min=1e-12) / FP8_MAX
+            out[k] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).cpu()
+            out[k[: -len("weight")] + "scale_weight"] = scale.reshape(1).float().cpu()
+        else:
+            out[k] = v
+    out["model.diffusion_model.scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    return out
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
-    for name, make in (("wan2.1_t2v_14B_random_bf16.safetensors", dit), ("umt5_xxl_random_bf16.safetensors", umt5)):
+    makers = (("wan2.1_t2v_14B_random_bf16.safetensors", dit), ("umt5_xxl_random_bf16.safetensors", umt5))
+    if FP8:
+        makers = (("wan2.1_t2v_14B_random_fp8_scaled.safetensors", lambda: scaled_fp8(dit())),
+                  ("umt5_xxl_random_bf16.safetensors", umt5))
+    for name, make in makers:
         tensors = make()
         save_file(tensors, os.path.join(out, name))
         print(name, sum(t.numel() for t in tensors.values()), "parameters", flush=True)
