@@ -218,6 +218,7 @@ impl MemorySession {
         name: &str,
         work: impl FnOnce(&mut Phase<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
+        tracing::info!(phase = name, "phase begins");
         self.meters.reset_peaks()?;
         let reading = self.meters.read()?;
         self.ledger.record(
