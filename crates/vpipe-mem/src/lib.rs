@@ -122,11 +122,19 @@ pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), MemE
         file_name.to_string_lossy(),
         std::process::id()
     ));
-    std::fs::write(&temporary, bytes).map_err(wrap)?;
-    std::fs::rename(&temporary, path).map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        wrap(e)
-    })
+    // Synced before the rename, so a crash cannot publish a file whose data was lost; any
+    // failure (a full disk mid-write, a failed sync or rename) removes the temporary file,
+    // which nothing else would ever clean up.
+    std::fs::File::create(&temporary)
+        .and_then(|mut file| {
+            std::io::Write::write_all(&mut file, bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            wrap(e)
+        })
 }
 
 #[cfg(test)]

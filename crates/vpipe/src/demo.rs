@@ -38,6 +38,20 @@ const TOKENIZER_JSON: &str = include_str!("../../vpipe-text/tests/fixtures/token
 struct Rng(u64);
 
 impl Rng {
+    /// The stream of one file of the built-in model, a pure function of the seed and the file's
+    /// name: a file's bytes never depend on which other files are made in the same run, so a
+    /// folder missing one file gets back exactly the file it lost.
+    fn for_file(seed: u64, file_name: &str) -> Self {
+        // FNV-1a of the name, mixed with the seed through splitmix64's finaliser so that nearby
+        // seeds and similar names still start far apart; xorshift needs a nonzero state.
+        let name_hash = file_name
+            .bytes()
+            .fold(0xCBF2_9CE4_8422_2325u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
+            });
+        Rng(splitmix64(splitmix64(seed) ^ name_hash) | 1)
+    }
+
     fn next_f32(&mut self) -> f32 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -54,19 +68,25 @@ impl Rng {
     }
 }
 
-/// Writes `tensors` as a safetensors file (to a temporary name, then renamed).
-fn save_checkpoint(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
-    let partial = path.with_extension("safetensors.partial");
-    candle_core::safetensors::save(tensors, &partial)
-        .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, path).with_context(|| format!("renaming into {}", path.display()))
+/// splitmix64's output function: a bijection of `u64` that spreads every input bit.
+fn splitmix64(value: u64) -> u64 {
+    let mut z = value.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The bytes of a safetensors file holding `tensors`; the format orders tensors by dtype and
+/// name, so equal tensors always give equal bytes.
+fn checkpoint_bytes(tensors: &HashMap<String, Tensor>) -> anyhow::Result<Vec<u8>> {
+    Ok(safetensors::serialize(tensors, None)?)
 }
 
 /// Seeded weights for every tensor `build` asks a `VarBuilder` for, under the names it asks
 /// for: matrices and kernels scaled by 1/√fan-in, norm gains near 1, small biases and
 /// modulation tables.
 fn seeded_weights(
-    rng: &mut Rng,
+    mut rng: Rng,
     build: impl FnOnce(candle_nn::VarBuilder) -> anyhow::Result<()>,
 ) -> anyhow::Result<HashMap<String, Tensor>> {
     // Building the model over an empty VarMap lists every weight it needs, with its shape.
@@ -126,6 +146,62 @@ fn text_config(vocab_size: usize) -> vpipe_text::umt5::Config {
     }
 }
 
+fn vae_config() -> vpipe_models::wan::vae::Config {
+    vpipe_models::wan::vae::Config {
+        base_dim: VAE_BASE_DIM,
+        ..vpipe_models::wan::vae::Config::wan21()
+    }
+}
+
+/// The umT5 text encoder, ComfyUI-style (no prefix).
+fn text_encoder_bytes(cfg: &vpipe_text::umt5::Config, rng: Rng) -> anyhow::Result<Vec<u8>> {
+    let tensors = seeded_weights(rng, |vb| {
+        vpipe_text::umt5::Umt5Encoder::new(cfg, vb)?;
+        Ok(())
+    })?;
+    checkpoint_bytes(&tensors)
+}
+
+/// The DiT under the prefix ComfyUI's diffusion-model files carry.
+fn dit_bytes(cfg: &vpipe_models::wan::DitConfig, rng: Rng) -> anyhow::Result<Vec<u8>> {
+    let tensors = seeded_weights(rng, |vb| {
+        vpipe_models::wan::WanModel::new(cfg, vb)?;
+        Ok(())
+    })?;
+    let prefixed = tensors
+        .into_iter()
+        .map(|(k, v)| (format!("model.diffusion_model.{k}"), v))
+        .collect();
+    checkpoint_bytes(&prefixed)
+}
+
+/// The VAE with the original Wan names.
+fn vae_bytes(rng: Rng) -> anyhow::Result<Vec<u8>> {
+    let tensors = seeded_weights(rng, |vb| {
+        vpipe_models::wan::WanVae::new(&vae_config(), vb)?;
+        Ok(())
+    })?;
+    checkpoint_bytes(&tensors)
+}
+
+/// A LoRA with ComfyUI's PEFT names: rank 4, alpha 2 on the self-attention query and the FFN
+/// input of every block.
+fn lora_bytes(dit_cfg: &vpipe_models::wan::DitConfig, mut rng: Rng) -> anyhow::Result<Vec<u8>> {
+    let mut tensors = HashMap::new();
+    for block in 0..dit_cfg.num_layers {
+        for (target, rows, cols) in [
+            ("self_attn.q", dit_cfg.dim, dit_cfg.dim),
+            ("ffn.0", dit_cfg.ffn_dim, dit_cfg.dim),
+        ] {
+            let key = format!("diffusion_model.blocks.{block}.{target}");
+            tensors.insert(format!("{key}.lora_A.weight"), rng.tensor((4, cols), 0.1)?);
+            tensors.insert(format!("{key}.lora_B.weight"), rng.tensor((rows, 4), 0.1)?);
+            tensors.insert(format!("{key}.alpha"), Tensor::new(2f32, &Device::Cpu)?);
+        }
+    }
+    checkpoint_bytes(&tensors)
+}
+
 /// The files of the built-in model.
 struct BuiltIn {
     dit: PathBuf,
@@ -135,75 +211,184 @@ struct BuiltIn {
     lora: PathBuf,
 }
 
-/// Writes the built-in model's files (unless present) in the formats users have: the DiT and
-/// the text encoder as ComfyUI-style safetensors, the tokenizer as `tokenizer.json`, the VAE
-/// with original Wan names, a LoRA with ComfyUI's PEFT names.
+/// Puts the built-in model's files into `dir` in the formats users have: the DiT and the text
+/// encoder as ComfyUI-style safetensors, the tokenizer as `tokenizer.json`, the VAE with
+/// original Wan names, a LoRA with ComfyUI's PEFT names.
+///
+/// Every file is made in memory from `seed` on each run (they are small) and an existing file
+/// is kept only when it holds exactly those bytes, so a folder that lost, damaged or mixed
+/// files is brought back to what the seed makes, and demos sharing a folder agree.
 fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let files = BuiltIn {
-        dit: dir.join(format!("wan2.1-dit-tiny-seed{seed}.safetensors")),
-        vae: dir.join(format!("wan2.1-vae-{VAE_BASE_DIM}-seed{seed}.safetensors")),
-        text_encoder: dir.join(format!("umt5-tiny-seed{seed}.safetensors")),
-        tokenizer: dir.join("tokenizer.json"),
-        lora: dir.join(format!("lora-tiny-seed{seed}.safetensors")),
-    };
-    let vocab = tokenizer_vocab_size(TOKENIZER_JSON)?;
-    if !files.tokenizer.exists() {
-        let partial = files.tokenizer.with_extension("json.partial");
-        std::fs::write(&partial, TOKENIZER_JSON)
-            .with_context(|| format!("writing {}", partial.display()))?;
-        std::fs::rename(&partial, &files.tokenizer)?;
-    }
-    let text_cfg = text_config(vocab);
-    if !files.text_encoder.exists() {
-        let tensors = seeded_weights(&mut rng, |vb| {
-            vpipe_text::umt5::Umt5Encoder::new(&text_cfg, vb)?;
-            Ok(())
-        })?;
-        save_checkpoint(&files.text_encoder, &tensors)?;
-    }
+    let text_cfg = text_config(tokenizer_vocab_size(TOKENIZER_JSON)?);
     let dit_cfg = dit_config(text_cfg.d_model);
-    if !files.dit.exists() {
-        let tensors = seeded_weights(&mut rng, |vb| {
-            vpipe_models::wan::WanModel::new(&dit_cfg, vb)?;
-            Ok(())
-        })?;
-        // ComfyUI's diffusion-model files carry this prefix.
-        let prefixed = tensors
-            .into_iter()
-            .map(|(k, v)| (format!("model.diffusion_model.{k}"), v))
-            .collect();
-        save_checkpoint(&files.dit, &prefixed)?;
+    let put = |name: String, make: &dyn Fn(Rng) -> anyhow::Result<Vec<u8>>| {
+        let bytes = make(Rng::for_file(seed, &name))?;
+        put_file(dir, &name, &bytes)
+    };
+    Ok(BuiltIn {
+        tokenizer: put_file(dir, "tokenizer.json", TOKENIZER_JSON.as_bytes())?,
+        text_encoder: put(format!("umt5-tiny-seed{seed}.safetensors"), &|rng| {
+            text_encoder_bytes(&text_cfg, rng)
+        })?,
+        dit: put(format!("wan2.1-dit-tiny-seed{seed}.safetensors"), &|rng| {
+            dit_bytes(&dit_cfg, rng)
+        })?,
+        vae: put(
+            format!("wan2.1-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"),
+            &vae_bytes,
+        )?,
+        lora: put(format!("lora-tiny-seed{seed}.safetensors"), &|rng| {
+            lora_bytes(&dit_cfg, rng)
+        })?,
+    })
+}
+
+/// Makes `dir/name` hold exactly `bytes` and returns its path. A file already holding them is
+/// kept; any other file there (another seed's stream, a truncated or damaged copy, one that
+/// cannot be read) is replaced atomically, with a notice naming it.
+fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    remove_stale_partials(dir, name);
+    match std::fs::read(&path) {
+        Ok(found) if found == bytes => return Ok(path),
+        Ok(_) => eprintln!(
+            "vpipe: {} is not the built-in model's file for this seed; rewriting it",
+            path.display()
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => eprintln!(
+            "vpipe: {} cannot be read ({err}); rewriting it",
+            path.display()
+        ),
     }
-    if !files.vae.exists() {
-        let cfg = vpipe_models::wan::vae::Config {
-            base_dim: VAE_BASE_DIM,
-            ..vpipe_models::wan::vae::Config::wan21()
-        };
-        let tensors = seeded_weights(&mut rng, |vb| {
-            vpipe_models::wan::WanVae::new(&cfg, vb)?;
-            Ok(())
-        })?;
-        save_checkpoint(&files.vae, &tensors)?;
-    }
-    if !files.lora.exists() {
-        // Rank 4, alpha 2 on the self-attention query and the FFN input of both blocks.
-        let mut tensors = HashMap::new();
-        for block in 0..dit_cfg.num_layers {
-            for (target, rows, cols) in [
-                ("self_attn.q", dit_cfg.dim, dit_cfg.dim),
-                ("ffn.0", dit_cfg.ffn_dim, dit_cfg.dim),
-            ] {
-                let key = format!("diffusion_model.blocks.{block}.{target}");
-                tensors.insert(format!("{key}.lora_A.weight"), rng.tensor((4, cols), 0.1)?);
-                tensors.insert(format!("{key}.lora_B.weight"), rng.tensor((rows, 4), 0.1)?);
-                tensors.insert(format!("{key}.alpha"), Tensor::new(2f32, &Device::Cpu)?);
+    let mut partial = PartialFile::create(dir, name)?;
+    partial.write_and_sync(bytes)?;
+    partial.persist()?;
+    Ok(path)
+}
+
+/// A temporary file `.NAME.<pid>.<n>.partial` beside its target, deleted when dropped unless it
+/// was renamed into place: every error path (a full disk, a failed sync or rename) removes it.
+/// The name is unique (`create_new`), so demos sharing a folder never write into one file.
+struct PartialFile {
+    path: PathBuf,
+    target: PathBuf,
+    file: std::fs::File,
+    persisted: bool,
+}
+
+impl PartialFile {
+    fn create(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let pid = std::process::id();
+        // Another process may hold the same pid and counter (a separate pid namespace sharing
+        // the folder); create_new refuses to open its file, so take the next number.
+        for _ in 0..1000 {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.join(format!(".{name}.{pid}.{n}.partial"));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    return Ok(PartialFile {
+                        path,
+                        target: dir.join(name),
+                        file,
+                        persisted: false,
+                    })
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(err) => {
+                    return Err(err).with_context(|| format!("creating {}", path.display()))
+                }
             }
         }
-        save_checkpoint(&files.lora, &tensors)?;
+        anyhow::bail!(
+            "creating a temporary file for {}: every name tried exists",
+            dir.join(name).display()
+        )
     }
-    Ok(files)
+
+    /// Writes `bytes` and waits until they are on disk, so that the rename never publishes a
+    /// file whose data a crash could still lose.
+    fn write_and_sync(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        use std::io::Write;
+        self.file
+            .write_all(bytes)
+            .and_then(|()| self.file.sync_all())
+            .with_context(|| format!("writing {}", self.target.display()))
+    }
+
+    fn persist(mut self) -> anyhow::Result<()> {
+        std::fs::rename(&self.path, &self.target)
+            .with_context(|| format!("renaming {} into place", self.target.display()))?;
+        self.persisted = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A partial file untouched for this long belongs to a writer that is gone.
+const STALE_PARTIAL_AGE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Removes temporary files of `name` left in `dir` by demos that were killed mid-write.
+///
+/// The rule is age, not the writer's pid: a pid says nothing across pid namespaces or hosts
+/// sharing the folder, and may be reused. A live demo writes each of these small files within
+/// seconds of creating it, so one not modified for [`STALE_PARTIAL_AGE`] has no writer left;
+/// at worst a writer stalled that long fails its rename and reports it. Errors are ignored: a
+/// concurrent demo may remove the same file, and a leftover only costs disk space.
+fn remove_stale_partials(dir: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        if !is_partial_of(file_name, name) {
+            continue;
+        }
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok());
+        if age.is_some_and(|age| age > STALE_PARTIAL_AGE) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether `file_name` is a temporary file of `name`: `.NAME.<pid>.<n>.partial`, or a plain
+/// `NAME.partial` (the temporary name older vpipe versions used, which they could leave).
+fn is_partial_of(file_name: &str, name: &str) -> bool {
+    if file_name.strip_suffix(".partial") == Some(name) {
+        return true;
+    }
+    let numbers = file_name
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_prefix(name))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_suffix(".partial"));
+    numbers.is_some_and(|numbers| {
+        let mut parts = numbers.split('.');
+        let is_number = |part: Option<&str>| {
+            part.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        };
+        is_number(parts.next()) && is_number(parts.next()) && parts.next().is_none()
+    })
 }
 
 /// The vocabulary size of a `tokenizer.json` (the text encoder's embedding rows).

@@ -1,6 +1,9 @@
-//! `vpipe demo` end to end, and the CLI's exit codes.
+//! `vpipe demo` end to end, its built-in weights, and the CLI's exit codes.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
 
 fn vpipe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vpipe"))
@@ -110,4 +113,193 @@ fn bad_flags_and_missing_features_get_clear_errors() {
         .unwrap();
     assert_eq!(image.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&image.stderr).contains("not built yet"));
+}
+
+/// Every file of a folder, by name.
+fn folder_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            (name, std::fs::read(entry.path()).unwrap())
+        })
+        .collect()
+}
+
+/// Runs `vpipe demo` (2 steps, the default seed) into `out` and returns its stderr.
+fn run_demo(out: &Path) -> String {
+    let run = vpipe()
+        .args(["demo", "--steps", "2", "--out"])
+        .arg(out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    stderr
+}
+
+/// The weight files of one fresh demo into an empty folder: what every demo folder must hold.
+fn fresh_demo_weights() -> &'static BTreeMap<String, Vec<u8>> {
+    static WEIGHTS: OnceLock<BTreeMap<String, Vec<u8>>> = OnceLock::new();
+    WEIGHTS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        run_demo(dir.path());
+        let weights = folder_files(&dir.path().join("weights"));
+        assert_eq!(
+            weights.keys().collect::<Vec<_>>(),
+            [
+                "lora-tiny-seed42.safetensors",
+                "tokenizer.json",
+                "umt5-tiny-seed42.safetensors",
+                "wan2.1-dit-tiny-seed42.safetensors",
+                "wan2.1-vae-16-seed42.safetensors",
+            ]
+        );
+        weights
+    })
+}
+
+/// A demo folder holding the fresh demo's weight files, as a finished demo leaves it.
+fn demo_folder_with_fresh_weights() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("weights");
+    std::fs::create_dir(&weights).unwrap();
+    for (name, bytes) in fresh_demo_weights() {
+        std::fs::write(weights.join(name), bytes).unwrap();
+    }
+    dir
+}
+
+fn assert_same_files(found: &BTreeMap<String, Vec<u8>>, expected: &BTreeMap<String, Vec<u8>>) {
+    assert_eq!(
+        found.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in expected {
+        assert!(found[name] == *bytes, "{name} differs from a fresh demo's");
+    }
+}
+
+#[test]
+fn a_deleted_weight_file_is_rebuilt_byte_for_byte() {
+    let dir = demo_folder_with_fresh_weights();
+    // The VAE is made between other files: its bytes must not depend on which of them are
+    // made in the same run.
+    let vae = dir.path().join("weights/wan2.1-vae-16-seed42.safetensors");
+    std::fs::remove_file(&vae).unwrap();
+    let stderr = run_demo(dir.path());
+    assert_same_files(
+        &folder_files(&dir.path().join("weights")),
+        fresh_demo_weights(),
+    );
+    // A missing file is simply made; only a file that was there and wrong gets a notice.
+    assert!(!stderr.contains("rewriting"), "{stderr}");
+}
+
+#[test]
+fn a_damaged_weight_file_is_rewritten_and_stale_partial_files_are_swept() {
+    let dir = demo_folder_with_fresh_weights();
+    let weights = dir.path().join("weights");
+    let dit = weights.join("wan2.1-dit-tiny-seed42.safetensors");
+    let mut bytes = std::fs::read(&dit).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&dit, bytes).unwrap();
+
+    // Temporary files of demos killed mid-write: those untouched for over ten minutes go,
+    // a recent one may belong to a demo still writing and stays.
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let stale = [
+        ".tokenizer.json.4242.0.partial",
+        ".wan2.1-dit-tiny-seed42.safetensors.4242.3.partial",
+        "tokenizer.json.partial",
+    ];
+    for name in stale {
+        let file = std::fs::File::create(weights.join(name)).unwrap();
+        file.set_modified(an_hour_ago).unwrap();
+    }
+    let recent = ".tokenizer.json.4243.0.partial";
+    std::fs::write(weights.join(recent), b"half a tokeni").unwrap();
+
+    let stderr = run_demo(dir.path());
+    assert!(
+        stderr.contains("wan2.1-dit-tiny-seed42.safetensors") && stderr.contains("rewriting"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("rewriting").count(), 1, "{stderr}");
+    let mut found = folder_files(&weights);
+    assert!(found.remove(recent).is_some());
+    assert_same_files(&found, fresh_demo_weights());
+}
+
+#[test]
+fn concurrent_demos_in_one_folder_write_a_fresh_demos_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let demos: Vec<_> = (0..4)
+        .map(|_| {
+            vpipe()
+                .args(["demo", "--steps", "2", "--out"])
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for demo in demos {
+        let run = demo.wait_with_output().unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    assert_same_files(
+        &folder_files(&dir.path().join("weights")),
+        fresh_demo_weights(),
+    );
+    // The weights folder holds nothing else (above); neither does the output folder.
+    let outputs: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        outputs
+            .iter()
+            .all(|name| !name.ends_with(".partial") && !name.ends_with(".tmp")),
+        "{outputs:?}"
+    );
+}
+
+#[test]
+fn a_demo_stopped_by_a_full_disk_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file-size limit of 1 MiB refuses the DiT's 8.5 MiB part way, as a full disk does.
+    // With SIGXFSZ ignored (inherited across exec) the write fails with EFBIG instead of the
+    // signal killing the demo.
+    let run = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 1024; exec \"$0\" demo --steps 2 --out \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_vpipe"))
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("wan2.1-dit-tiny-seed42.safetensors"),
+        "{stderr}"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(dir.path().join("weights"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    // The files under the limit were written; nothing else is there.
+    assert_eq!(
+        left,
+        ["tokenizer.json", "umt5-tiny-seed42.safetensors"],
+        "{stderr}"
+    );
 }
