@@ -71,6 +71,16 @@ pub enum Error {
         factor: usize,
     },
 
+    /// A size is past what this crate accepts (a frame side, a token count, a product of
+    /// sizes that would overflow): refused before anything of that size is allocated.
+    #[error("{tensor}: too large: {reason}")]
+    TooLarge {
+        /// Which input.
+        tensor: &'static str,
+        /// Which size, and the limit.
+        reason: String,
+    },
+
     // ---- Checkpoints and configuration -------------------------------------------------------
     /// The file extension names no checkpoint format this crate reads.
     #[error("{path}: unsupported checkpoint file, expected .safetensors or .pth (.pt, .ckpt)")]

@@ -36,6 +36,12 @@ pub const SPATIAL_SCALE: usize = 8;
 /// worth of activations per side; larger frames are tiled).
 pub const MAX_TILE: usize = 512;
 
+/// The largest frame side, in pixels, that the tiler lays tiles over: 16384, about 20 times
+/// Wan's 832-px width, which is still at most 2049 tiles per axis. A larger side (or an empty
+/// one) is refused ([`TileSpec::check_frame`]) before any count, plan or buffer is sized from
+/// it.
+pub const MAX_FRAME_SIDE: usize = 16384;
+
 /// The stride vpipe pairs with a tile when none is given: three quarters of it, on the 8-px
 /// grid (256 → 192, as diffusers' default).
 pub fn default_stride(tile: usize) -> usize {
@@ -110,6 +116,26 @@ pub enum TileError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// The frame cannot be tiled: a side is empty or past [`MAX_FRAME_SIDE`].
+    #[error("frame {height}x{width} px: {reason}")]
+    Frame {
+        /// Frame height in pixels.
+        height: usize,
+        /// Frame width in pixels.
+        width: usize,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The tensor to tile is not a non-empty 5-dimensional tensor.
+    #[error(
+        "input of shape {shape:?}: expected a tensor of shape {layout} with no empty dimension"
+    )]
+    Input {
+        /// The expected layout, e.g. `[B, C, T, H, W]`.
+        layout: &'static str,
+        /// The shape that was passed.
+        shape: Vec<usize>,
+    },
 }
 
 /// For the crate's functions: a refused spec is reported as an [`crate::Error::Config`] whose
@@ -177,18 +203,52 @@ impl TileSpec {
         }
     }
 
-    /// How many tiles cover a frame of `height`×`width` pixels.
-    pub fn count(&self, height: usize, width: usize) -> usize {
-        if height <= self.tile && width <= self.tile {
-            1
+    /// Checks the spec ([`Self::validate`]) and a frame of `height`×`width` pixels: both sides
+    /// at least 1 and at most [`MAX_FRAME_SIDE`]. Every count and size below is computed only
+    /// after this check, so none can overflow or size an absurd allocation.
+    pub fn check_frame(&self, height: usize, width: usize) -> Result<(), TileError> {
+        self.validate()?;
+        let reason = if height == 0 || width == 0 {
+            "each side must be at least 1 px".to_string()
+        } else if height > MAX_FRAME_SIDE || width > MAX_FRAME_SIDE {
+            format!("each side must be at most {MAX_FRAME_SIDE} px")
         } else {
-            self.spans(height, SPATIAL_SCALE).len() * self.spans(width, SPATIAL_SCALE).len()
+            return Ok(());
+        };
+        Err(TileError::Frame {
+            height,
+            width,
+            reason,
+        })
+    }
+
+    /// How many tiles cover a frame of `height`×`width` pixels; a spec or frame that
+    /// [`Self::check_frame`] refuses is an error.
+    pub fn try_count(&self, height: usize, width: usize) -> Result<usize, TileError> {
+        self.check_frame(height, width)?;
+        if height <= self.tile && width <= self.tile {
+            return Ok(1);
         }
+        let rows = self.spans(height, SPATIAL_SCALE).len();
+        let columns = self.spans(width, SPATIAL_SCALE).len();
+        rows.checked_mul(columns)
+            .ok_or_else(|| overflow(height, width, "the tile count"))
+    }
+
+    /// How many tiles cover a frame of `height`×`width` pixels; 0 for a spec or frame that
+    /// [`Self::check_frame`] refuses (see [`Self::try_count`] for the reason).
+    pub fn count(&self, height: usize, width: usize) -> usize {
+        self.try_count(height, width).unwrap_or(0)
     }
 
     /// The (height, width) in pixels of every distinct tile a `height`×`width` frame is cut
-    /// into, smallest first.
-    pub fn tile_shapes(&self, height: usize, width: usize) -> Vec<(usize, usize)> {
+    /// into, smallest first; a spec or frame that [`Self::check_frame`] refuses is an error.
+    pub fn try_tile_shapes(
+        &self,
+        height: usize,
+        width: usize,
+    ) -> Result<Vec<(usize, usize)>, TileError> {
+        self.check_frame(height, width)?;
         let lengths = |len: usize| {
             let mut v: Vec<usize> = self
                 .spans(len, SPATIAL_SCALE)
@@ -200,31 +260,58 @@ impl TileSpec {
             v
         };
         let widths = lengths(width);
-        lengths(height)
+        Ok(lengths(height)
             .into_iter()
             .flat_map(|h| widths.iter().map(move |&w| (h, w)))
-            .collect()
+            .collect())
+    }
+
+    /// The (height, width) in pixels of every distinct tile a `height`×`width` frame is cut
+    /// into, smallest first; empty for a spec or frame that [`Self::check_frame`] refuses.
+    pub fn tile_shapes(&self, height: usize, width: usize) -> Vec<(usize, usize)> {
+        self.try_tile_shapes(height, width).unwrap_or_default()
     }
 
     /// The (height, width) in pixels of the largest tile a `height`×`width` frame is cut
     /// into: what bounds a pass's memory (a balanced layout's tiles are often smaller than the
-    /// spec's square).
+    /// spec's square). A spec or frame that [`Self::check_frame`] refuses is an error.
+    pub fn try_largest_tile(
+        &self,
+        height: usize,
+        width: usize,
+    ) -> Result<(usize, usize), TileError> {
+        let shapes = self.try_tile_shapes(height, width)?;
+        let mut largest = (0, 0);
+        let mut largest_area = 0;
+        for (h, w) in shapes {
+            let area = h
+                .checked_mul(w)
+                .ok_or_else(|| overflow(height, width, "a tile's area"))?;
+            if area > largest_area {
+                (largest, largest_area) = ((h, w), area);
+            }
+        }
+        Ok(largest)
+    }
+
+    /// [`Self::try_largest_tile`], or (0, 0) for a spec or frame that [`Self::check_frame`]
+    /// refuses.
     pub fn largest_tile(&self, height: usize, width: usize) -> (usize, usize) {
-        self.tile_shapes(height, width)
-            .into_iter()
-            .max_by_key(|&(h, w)| h * w)
-            .unwrap_or((0, 0))
+        self.try_largest_tile(height, width).unwrap_or((0, 0))
     }
 
     /// The most frame pixels of blending strips that a tiled pass over a `height`×`width`
     /// frame holds at once, per output channel and frame: the overlaps of the row above and of
     /// the row in progress with the next row, across all columns, and one tile's overlap with
     /// the next column. Times the output's bytes per pixel (on encode, per latent cell divided
-    /// by 64), that is memory the untiled calibration crops do not hold.
-    pub fn strip_pixels(&self, height: usize, width: usize) -> usize {
+    /// by 64), that is memory the untiled calibration crops do not hold. A spec or frame that
+    /// [`Self::check_frame`] refuses is an error.
+    pub fn try_strip_pixels(&self, height: usize, width: usize) -> Result<usize, TileError> {
+        self.check_frame(height, width)?;
         if height <= self.tile && width <= self.tile {
-            return 0;
+            return Ok(0);
         }
+        let too_large = || overflow(height, width, "the blending strips");
         let rows = self.spans(height, SPATIAL_SCALE);
         let columns = self.spans(width, SPATIAL_SCALE);
         let overlaps = |spans: &[(usize, usize)]| -> Vec<usize> {
@@ -235,15 +322,28 @@ impl TileSpec {
         };
         let row_overlaps = overlaps(&rows);
         let column_overlap = overlaps(&columns).into_iter().max().unwrap_or(0);
-        let row_width: usize = columns.iter().map(|&(_, w)| w).sum();
-        (0..rows.len())
-            .map(|r| {
-                let above = r.checked_sub(1).map_or(0, |a| row_overlaps[a]);
-                let below = row_overlaps.get(r).copied().unwrap_or(0);
-                (above + below) * row_width + rows[r].1 * column_overlap
-            })
-            .max()
-            .unwrap_or(0)
+        let row_width = columns
+            .iter()
+            .try_fold(0usize, |sum, &(_, w)| sum.checked_add(w))
+            .ok_or_else(too_large)?;
+        let mut most = 0;
+        for (r, &(_, row_height)) in rows.iter().enumerate() {
+            let above = r.checked_sub(1).map_or(0, |a| row_overlaps[a]);
+            let below = row_overlaps.get(r).copied().unwrap_or(0);
+            let pixels = above
+                .checked_add(below)
+                .and_then(|strips| strips.checked_mul(row_width))
+                .and_then(|strips| strips.checked_add(row_height.checked_mul(column_overlap)?))
+                .ok_or_else(too_large)?;
+            most = most.max(pixels);
+        }
+        Ok(most)
+    }
+
+    /// [`Self::try_strip_pixels`], or 0 for a spec or frame that [`Self::check_frame`]
+    /// refuses.
+    pub fn strip_pixels(&self, height: usize, width: usize) -> usize {
+        self.try_strip_pixels(height, width).unwrap_or(0)
     }
 
     /// The tiles along one axis of `len` input units (pixels or latent cells) as (origin,
@@ -290,6 +390,15 @@ impl TileSpec {
     }
 }
 
+/// A size computed from a frame that does not fit in `usize`.
+fn overflow(height: usize, width: usize, what: &str) -> TileError {
+    TileError::Frame {
+        height,
+        width,
+        reason: format!("{what} overflows"),
+    }
+}
+
 /// The balanced layout along an axis of `len > tile` cells: (origin, length) in cells.
 fn balanced_spans(len: usize, tile: usize, stride: usize) -> Vec<(usize, usize)> {
     let overlap = tile - stride;
@@ -306,7 +415,8 @@ fn balanced_spans(len: usize, tile: usize, stride: usize) -> Vec<(usize, usize)>
 /// Runs `attempt` with `spec`; while it fails with an error `retry_smaller` accepts (a device
 /// out-of-memory) and half the tile is still at least `smallest` pixels, calls `on_fallback`
 /// with the failed and the next spec and tries again with half the tile. Returns the result
-/// and the spec that produced it.
+/// and the spec that produced it. Halving stops before a tile smaller than one latent cell,
+/// whatever `smallest` is, so the loop ends even when every attempt fails.
 pub fn halving_on_failure<T, E>(
     mut spec: TileSpec,
     smallest: usize,
@@ -315,9 +425,9 @@ pub fn halving_on_failure<T, E>(
     mut attempt: impl FnMut(TileSpec) -> Result<T, E>,
 ) -> Result<(T, TileSpec), E> {
     loop {
+        let half = spec.tile / 2 / SPATIAL_SCALE * SPATIAL_SCALE;
         match attempt(spec) {
-            Err(e) if retry_smaller(&e) && spec.tile / 2 >= smallest => {
-                let half = spec.tile / 2 / SPATIAL_SCALE * SPATIAL_SCALE;
+            Err(e) if retry_smaller(&e) && spec.tile / 2 >= smallest && half >= SPATIAL_SCALE => {
                 let smaller = TileSpec {
                     tile: half,
                     stride: default_stride(half),
@@ -344,8 +454,9 @@ struct Layout {
 
 /// Encodes `video` ([B, C, T, H, W], pixels) tile by tile with `encode_tile`, which maps a
 /// pixel tile to its latent tile (any channel count, the same T for every tile). Returns the
-/// assembled latents on the host. A spec that [`TileSpec::validate`] refuses is an error before
-/// `encode_tile` is called.
+/// assembled latents on the host. A spec or frame that [`TileSpec::check_frame`] refuses, or a
+/// `video` that is not 5-dimensional with no empty dimension, is an error before `encode_tile`
+/// is called.
 ///
 /// # Shapes
 /// - `video`: `[B, C, T, H, W]`
@@ -356,13 +467,13 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
     spec: TileSpec,
     encode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
-    spec.validate()?;
+    let (_, _, _, h, w) = non_empty_5d(video, "[B, C, T, H, W]")?;
+    spec.check_frame(h, w)?;
     let layout = Layout {
         spec_in: spec,
         grid_in: SPATIAL_SCALE,
         to_out: |pixels| pixels / SPATIAL_SCALE,
     };
-    let (_, _, _, h, w) = video.dims5()?;
     run_tiled(
         video,
         layout,
@@ -399,8 +510,9 @@ impl Finish {
 
 /// Decodes `latents` ([B, C, T, h, w]) tile by tile with `decode_tile`, which maps a latent
 /// tile to its pixel tile. Blending is in pixels; `finish` then runs on each cropped tile
-/// before it leaves the device. The result is on the host. A spec that [`TileSpec::validate`]
-/// refuses is an error before `decode_tile` is called.
+/// before it leaves the device. The result is on the host. A spec or pixel frame (`8h`×`8w`)
+/// that [`TileSpec::check_frame`] refuses, or `latents` that are not 5-dimensional with no
+/// empty dimension, is an error before `decode_tile` is called.
 ///
 /// # Shapes
 /// - `latents`: `[B, C, T, h, w]`
@@ -411,20 +523,33 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
     finish: Finish,
     decode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
-    spec.validate()?;
+    let (_, _, _, h, w) = non_empty_5d(latents, "[B, C, T, h, w]")?;
+    // Saturated, a product past usize is past the frame limit too and refused as such.
+    let (out_h, out_w) = (
+        h.saturating_mul(SPATIAL_SCALE),
+        w.saturating_mul(SPATIAL_SCALE),
+    );
+    spec.check_frame(out_h, out_w)?;
     let layout = Layout {
         spec_in: spec.latent(),
         grid_in: 1,
         to_out: |cells| cells * SPATIAL_SCALE,
     };
-    let (_, _, _, h, w) = latents.dims5()?;
-    run_tiled(
-        latents,
-        layout,
-        (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
-        finish,
-        decode_tile,
-    )
+    run_tiled(latents, layout, (out_h, out_w), finish, decode_tile)
+}
+
+/// The dimensions of `x` when it has five and none is empty.
+fn non_empty_5d(
+    x: &Tensor,
+    layout: &'static str,
+) -> Result<(usize, usize, usize, usize, usize), TileError> {
+    match *x.dims() {
+        [b, c, t, h, w] if !x.dims().contains(&0) => Ok((b, c, t, h, w)),
+        _ => Err(TileError::Input {
+            layout,
+            shape: x.dims().to_vec(),
+        }),
+    }
 }
 
 /// A final, cropped part of a tile on the host, packed: `finish` runs on the device first.

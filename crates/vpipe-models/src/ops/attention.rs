@@ -53,7 +53,8 @@ impl QueryChunk {
         Self((budget_bytes / row.max(1)).max(1) as usize)
     }
 
-    /// Scratch bytes one query row needs (see [`Self::for_budget`]).
+    /// Scratch bytes one query row needs (see [`Self::for_budget`]); saturates at `u64::MAX`
+    /// for sizes whose product does not fit, which no budget covers.
     pub fn bytes_per_row(
         batch: usize,
         heads: usize,
@@ -62,7 +63,14 @@ impl QueryChunk {
         dtype: DType,
     ) -> u64 {
         let elem = dtype.size_in_bytes() as u64;
-        (batch * heads) as u64 * (2 * key_len + head_dim) as u64 * elem
+        (batch as u64)
+            .saturating_mul(heads as u64)
+            .saturating_mul(
+                (key_len as u64)
+                    .saturating_mul(2)
+                    .saturating_add(head_dim as u64),
+            )
+            .saturating_mul(elem)
     }
 }
 
@@ -98,6 +106,10 @@ pub fn is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// # Shapes
 /// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D], of one dtype (any strides).
 /// - output: [B, H, Lq, D], possibly a transposed view of a token-major buffer.
+///
+/// # Errors
+/// Operands of another rank, with different B, H or D, keys and values of different lengths,
+/// or an empty dimension (a softmax over no keys has no value).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
     if SKIPPED.load(Ordering::Relaxed) {
         return Ok(q.clone());
@@ -114,6 +126,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Resul
 }
 
 fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
+    check_operands(q, k, v)?;
     #[cfg(feature = "cuda")]
     if is_fused(q, k, v) {
         return crate::ops::fused::flash_attention(q, k, v);
@@ -126,17 +139,11 @@ fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Ten
 ///
 /// # Shapes
 /// As [`attention`]; the output is contiguous.
+///
+/// # Errors
+/// As [`attention`].
 pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
-    let (b, h, lq, d) = q.dims4()?;
-    let (_, _, lk, dk) = k.dims4()?;
-    if dk != d || v.dims4()? != (b, h, lk, d) || k.dims4()?.0 != b || k.dims4()?.1 != h {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?} and v {:?} must be [B, H, L, D] with equal B, H and D",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
+    let (b, h, lq, d) = check_operands(q, k, v)?;
     let scale = 1.0 / (d as f64).sqrt();
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let kt = k.t()?;
@@ -153,6 +160,34 @@ pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) 
         start += n;
     }
     Ok(out)
+}
+
+/// q [B, H, Lq, D] with k and v [B, H, Lk, D] and no empty dimension; returns (B, H, Lq, D).
+fn check_operands(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    let shapes_agree = match (q.dims(), k.dims(), v.dims()) {
+        ([b, h, _, d], [kb, kh, lk, kd], [vb, vh, vl, vd]) => {
+            (kb, kh, kd) == (b, h, d) && (vb, vh, vl, vd) == (b, h, lk, d)
+        }
+        _ => false,
+    };
+    if !shapes_agree {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} must be [B, H, L, D] with equal B, H and D, \
+             and k and v of one length",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.dims().contains(&0) {
+            candle_core::bail!(
+                "attention: {name} of shape {:?} is empty; every dimension must be at least 1",
+                t.dims()
+            );
+        }
+    }
+    q.dims4()
 }
 
 /// One pass; the scale goes on the query rows ([c, D]) rather than the scores ([c, Lk]), a
@@ -220,6 +255,32 @@ mod tests {
         let q = random((1, 2, 4, 8), 1)?;
         let k = random((1, 2, 5, 4), 2)?;
         assert!(attention(&q, &k, &k, QueryChunk(2)).is_err());
+        let v = random((1, 2, 6, 8), 3)?;
+        let k = random((1, 2, 5, 8), 2)?;
+        assert!(attention(&q, &k, &v, QueryChunk(2)).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn empty_operands_are_an_error_not_a_panic() -> Result<()> {
+        let q = random((1, 2, 4, 8), 1)?;
+        let no_keys = Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu)?;
+        for chunk in [QueryChunk(0), QueryChunk(1), QueryChunk(usize::MAX)] {
+            let err = attention(&q, &no_keys, &no_keys, chunk).unwrap_err();
+            assert!(err.to_string().contains("k of shape [1, 2, 0, 8]"), "{err}");
+        }
+        let no_queries = Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu)?;
+        assert!(chunked_attention(&no_queries, &q, &q, QueryChunk(3)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn bytes_per_row_saturates() {
+        let row = QueryChunk::bytes_per_row(usize::MAX, usize::MAX, usize::MAX, 1, DType::F32);
+        assert_eq!(row, u64::MAX);
+        assert_eq!(
+            QueryChunk::for_budget(1 << 30, usize::MAX, 40, usize::MAX, 128, DType::BF16).0,
+            1
+        );
     }
 }

@@ -62,6 +62,12 @@ impl CausalConv3d {
     /// `[C_out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv3dConfig) -> Result<Self> {
         let (c_out, c_in, k_t, k_h, k_w) = weight.dims5()?;
+        if weight.dims().contains(&0) {
+            bail!(
+                "conv3d: weight of shape {:?} is empty; every dimension must be at least 1",
+                weight.dims()
+            )
+        }
         if cfg.stride.1 != cfg.stride.2 {
             bail!(
                 "conv3d: spatial strides must be equal, got ({}, {})",
@@ -180,16 +186,28 @@ impl CausalConv3d {
     ///   `residual` the output's shape.
     pub fn forward_padded(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let (b, c_in, _, _, _) = x.dims5()?;
-        let (c_out, c_in_k, k_t, _, _) = self.weight.dims5()?;
+        let (b, c_in, t_pad, in_h, in_w) = x.dims5()?;
+        let (c_out, c_in_k, k_t, k_h, k_w) = self.weight.dims5()?;
+        if x.dims().contains(&0) {
+            bail!(
+                "conv3d: input of shape {:?} is empty; every dimension must be at least 1",
+                x.dims()
+            )
+        }
         if c_in != c_in_k {
             bail!("conv3d: input has {c_in} channels, the kernel expects {c_in_k}")
         }
         let (s_t, s_hw) = (self.cfg.stride.0, self.cfg.stride.1);
         let (p_h, p_w) = (self.cfg.padding.1, self.cfg.padding.2);
-        let t_pad = x.dim(2)?;
         if t_pad < k_t {
             bail!("conv3d: {t_pad} frames (after padding) are fewer than the kernel's {k_t}")
+        }
+        let padded = |n: usize, p: usize| p.checked_mul(2).and_then(|p| p.checked_add(n));
+        if padded(in_h, p_h).is_none_or(|h| h < k_h) || padded(in_w, p_w).is_none_or(|w| w < k_w) {
+            bail!(
+                "conv3d: a frame of {in_h}x{in_w} padded by ({p_h}, {p_w}) is smaller than the \
+                 kernel's {k_h}x{k_w}"
+            )
         }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {

@@ -492,10 +492,13 @@ pub fn rope_heads(
     Ok(out)
 }
 
-/// `float(w8) · scale` in `dtype`: a scaled float8 e4m3 weight made usable for a matmul.
+/// `float(w8) · scale` in `dtype`: a scaled float8 e4m3 weight made usable for a matmul (a
+/// scale of exactly 1 gives a plain float8 weight's values exactly: every e4m3 value is exact
+/// in f32, bf16 and f16).
 ///
 /// # Shapes
-/// - `weight`: any shape, float8 e4m3; `scale`: one f32 element. Returns `weight`'s shape.
+/// - `weight`: any shape, float8 e4m3; `scale`: one element (any float dtype, moved to
+///   `weight`'s device). Returns `weight`'s shape.
 pub fn dequantize_fp8(
     weight: &Tensor,
     scale: &Tensor,
@@ -507,24 +510,48 @@ pub fn dequantize_fp8(
             weight.dtype()
         );
     }
-    let weight = weight.contiguous()?;
-    let scale = scale.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
-    let (wp, sp) = (device_ptr(&weight)?, device_ptr(&scale)?);
+    if scale.elem_count() != 1 {
+        // The kernel reads `scale[0]` whatever the tensor holds.
+        candle_core::bail!(
+            "dequantize_fp8: expected one scale, got shape {:?}",
+            scale.dims()
+        );
+    }
     let like = Tensor::zeros((), dtype, weight.device())?;
+    if weight.elem_count() == 0 {
+        // A launch of no blocks is an error; there is nothing to convert.
+        return like.broadcast_as(weight.dims())?.contiguous();
+    }
+    // One thread per element: the grid is sized from a u32.
+    let n = match u32::try_from(weight.elem_count()) {
+        Ok(n) => n,
+        Err(_) => candle_core::bail!(
+            "dequantize_fp8: {} elements, more than one launch covers ({})",
+            weight.elem_count(),
+            u32::MAX
+        ),
+    };
+    let weight = weight.contiguous()?;
+    let scale = scale
+        .to_device(weight.device())?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .contiguous()?;
+    let (wp, sp) = (device_ptr(&weight)?, device_ptr(&scale)?);
     let (out, op) = empty(&like, weight.dims())?;
-    let n = weight.elem_count() as i64;
     let func = weight.device().as_cuda_device()?.get_or_load_custom_func(
         &format!("dequant_fp8_{}", suffix(dtype)?),
         "vpipe_dit",
         DIT_PTX,
     )?;
     let mut a = func.builder();
+    let elements = n as i64;
     a.arg(&wp);
     a.arg(&sp);
     a.arg(&op);
-    a.arg(&n);
-    // SAFETY: as in `ln_modulate`, for `dequant_fp8_*`.
-    unsafe { a.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+    a.arg(&elements);
+    // SAFETY: as in `ln_modulate`, for `dequant_fp8_*`; `scale` holds the one f32 it reads.
+    unsafe { a.launch(LaunchConfig::for_num_elems(n)) }.w()?;
     Ok(out)
 }
 

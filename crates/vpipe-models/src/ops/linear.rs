@@ -4,9 +4,13 @@
 //! Such a file keeps `X.weight` in float8 e4m3fn and a per-tensor `X.scale_weight` (f32); the
 //! real weight is `weight.to(f32) * scale_weight` (`comfy/ops.py`, `scaled_fp8`). The weight stays
 //! in float8 in memory (1 byte per parameter) and is dequantised for each forward, so the memory
-//! saving is kept at the cost of one cast per call.
+//! saving is kept at the cost of one cast per call. A plain float8 weight is the same with a
+//! scale of exactly 1, which the caller supplies (see [`Linear::new`]).
+//!
+//! Every other tensor is converted to the compute dtype when it is loaded
+//! ([`get_in_dtype`]), float8 ones included.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 /// Names of the per-tensor scale that ComfyUI's scaled-fp8 files give a linear layer: the
@@ -26,7 +30,8 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `weight` [out, in] and `bias` [out] (when `with_bias`) from `vb`, in `vb`'s dtype,
-    /// or keeps a scaled-fp8 weight in float8 when the checkpoint has its scale.
+    /// or keeps a scaled-fp8 weight in float8 when the checkpoint has its scale (a caller that
+    /// wants a plain float8 weight kept in float8 puts a `scale_weight` of 1.0 next to it).
     pub fn new(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Self> {
         Self::new_in(in_dim, out_dim, with_bias, vb.dtype(), vb)
     }
@@ -59,14 +64,10 @@ impl Linear {
                 }
                 (weight, Some(scale.flatten_all()?.reshape(())?))
             }
-            None => {
-                let weight =
-                    vb.get_with_hints_dtype((out_dim, in_dim), "weight", Init::Const(0.), dtype)?;
-                (weight, None)
-            }
+            None => (get_in_dtype(&vb, (out_dim, in_dim), "weight", dtype)?, None),
         };
         let bias = if with_bias {
-            Some(vb.get_with_hints_dtype(out_dim, "bias", Init::Const(0.), dtype)?)
+            Some(get_in_dtype(&vb, out_dim, "bias", dtype)?)
         } else {
             None
         };
@@ -103,12 +104,21 @@ impl Linear {
     /// `act(x·Wᵀ + b)`; on CUDA the bias and the activation are one in-place pass over the
     /// matmul's output.
     fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        let weight = self.weight_in(x.dtype())?;
-        let (out_dim, in_dim) = weight.dims2()?;
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let Some((&x_in, leading)) = x.dims().split_last() else {
+            candle_core::bail!("linear: the input is a scalar; expected [..., {in_dim}]")
+        };
+        if x_in != in_dim {
+            candle_core::bail!(
+                "linear: input of shape {:?}, expected [..., {in_dim}] for a weight of [{out_dim}, \
+                 {in_dim}]",
+                x.dims()
+            )
+        }
         let mut out_shape = x.dims().to_vec();
-        let last = out_shape.len() - 1;
-        out_shape[last] = out_dim;
-        let rows = x.elem_count() / in_dim.max(1);
+        out_shape[leading.len()] = out_dim;
+        let rows = leading.iter().product::<usize>();
+        let weight = self.weight_in(x.dtype())?;
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         #[cfg(feature = "cuda")]
         if y.device().is_cuda() {
@@ -142,6 +152,34 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, false)
     }
+}
+
+/// `name` from `vb` in `dtype`, its shape checked against `shape`: [`VarBuilder::get_with_hints_dtype`],
+/// which converts with candle's `to_dtype`. On a CUDA device that conversion fails for float8
+/// tensors in candle 0.11.1 (it asks the kernel file for `cast_f8e4m3_*`, which defines
+/// `cast_f8_e4m3_*`), and a `VarBuilder` does not tell a tensor's stored dtype without
+/// converting it; so a failed load on CUDA is retried through the host, where candle converts
+/// every dtype exactly, and the result moved to the device. Only small tensors (norms,
+/// modulation tables, biases, the patch embedding) take that way in a float8 checkpoint.
+pub(crate) fn get_in_dtype<S: Into<Shape>>(
+    vb: &VarBuilder,
+    shape: S,
+    name: &str,
+    dtype: DType,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    let direct = vb.get_with_hints_dtype(shape.clone(), name, Init::Const(0.), dtype);
+    #[cfg(feature = "cuda")]
+    if direct.is_err() && vb.device().is_cuda() {
+        let on_host = vb
+            .clone()
+            .set_device(candle_core::Device::Cpu)
+            .get_with_hints_dtype(shape, name, Init::Const(0.), dtype);
+        if let Ok(tensor) = on_host {
+            return tensor.to_device(vb.device());
+        }
+    }
+    direct
 }
 
 /// Layer norm over the last dimension without affine parameters, computed in f32 (diffusers'

@@ -18,10 +18,15 @@ use serde::Deserialize;
 use super::dit_keys;
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention, QueryChunk};
-use crate::ops::linear::{layer_norm_f32, Linear};
+use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear};
 
 /// Scratch that one attention call may use for its scores when no budget is given.
 pub const DEFAULT_ATTENTION_SCRATCH: u64 = 1 << 30;
+
+/// The most tokens (patches of the latent) one sample may have: 2^20, 14 times the 75 600 of
+/// an 81-frame 1280×720 video. Its RoPE tables alone are 512 MiB for 128-wide heads; a larger
+/// grid is refused before anything is sized from it.
+pub const MAX_TOKENS: usize = 1 << 20;
 
 /// The DiT's hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,10 +129,28 @@ impl Config {
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
             ("text_dim", self.text_dim),
+            ("rope_max_seq_len", self.rope_max_seq_len),
         ] {
             if v == 0 {
                 return fail(format!("{name} is 0"));
             }
+        }
+        if !self.eps.is_finite() || self.eps < 0.0 {
+            return fail(format!("eps {} must be a finite number >= 0", self.eps));
+        }
+        // Every weight's element count (and so every load) is sized from these products.
+        if self.checked_parameter_count().is_none() {
+            return fail(format!(
+                "the parameter count of dim {}, ffn_dim {}, {} layers, patch {:?} and \
+                 {}/{}/{} channels overflows",
+                self.dim,
+                self.ffn_dim,
+                self.num_layers,
+                self.patch_size,
+                self.in_channels,
+                self.out_channels,
+                self.text_dim
+            ));
         }
         Ok(())
     }
@@ -195,10 +218,20 @@ impl Config {
                 ),
             });
         };
-        let text = shape("text_embedding.0.weight")?;
-        let time = shape("time_embedding.0.weight")?;
-        let ffn = shape("blocks.0.ffn.0.bias")?;
-        let head = shape("head.head.bias")?;
+        // A dimension the shape lacks is a checkpoint that is not a Wan DiT, not a panic.
+        let dim_of = |name: &str, i: usize| -> Result<usize> {
+            let dims = shape(name)?;
+            dims.get(i).copied().ok_or_else(|| Error::DitConfig {
+                reason: format!(
+                    "{name} has shape {dims:?}, expected at least {} dimensions",
+                    i + 1
+                ),
+            })
+        };
+        let text_dim = dim_of("text_embedding.0.weight", 1)?;
+        let freq_dim = dim_of("time_embedding.0.weight", 1)?;
+        let ffn_dim = dim_of("blocks.0.ffn.0.bias", 0)?;
+        let head_out = dim_of("head.head.bias", 0)?;
         let num_layers = (0..)
             .take_while(|i| vb.contains_tensor(&format!("blocks.{i}.modulation")))
             .count();
@@ -211,15 +244,20 @@ impl Config {
                 ),
             });
         }
+        let patch_volume = pt
+            .checked_mul(ph)
+            .and_then(|v| v.checked_mul(pw))
+            .unwrap_or(0)
+            .max(1);
         let cfg = Self {
             dim,
-            ffn_dim: ffn[0],
+            ffn_dim,
             num_heads: dim / HEAD_DIM,
             num_layers,
             in_channels,
-            out_channels: head[0] / (pt * ph * pw).max(1),
-            text_dim: text[1],
-            freq_dim: time[1],
+            out_channels: head_out / patch_volume,
+            text_dim,
+            freq_dim,
             patch_size: [pt, ph, pw],
             eps: 1e-6,
             rope_max_seq_len: 1024,
@@ -230,7 +268,8 @@ impl Config {
 
     /// **Estimated** activation bytes of one forward in `dtype` (see
     /// [`WanModel::activation_bytes_estimate`]), with at most `attention_scratch` bytes of
-    /// attention scores.
+    /// attention scores. Saturates at `u64::MAX` (more than any budget) for sizes whose
+    /// product does not fit.
     pub fn activation_bytes_estimate(
         &self,
         dtype: DType,
@@ -239,30 +278,59 @@ impl Config {
         attention_scratch: u64,
     ) -> u64 {
         let elem = dtype.size_in_bytes() as u64;
-        let token_row = (batch * tokens) as u64 * elem;
+        let token_row = (batch as u64)
+            .saturating_mul(tokens as u64)
+            .saturating_mul(elem);
         let (d, f) = (self.dim as u64, self.ffn_dim as u64);
         let all_scores =
             QueryChunk::bytes_per_row(batch, self.num_heads, tokens, self.head_dim(), dtype)
-                * tokens as u64;
-        let attention = token_row * 6 * d + attention_scratch.min(all_scores);
-        let ffn = token_row * (4 * d + f);
+                .saturating_mul(tokens as u64);
+        let attention = token_row
+            .saturating_mul(d.saturating_mul(6))
+            .saturating_add(attention_scratch.min(all_scores));
+        let ffn = token_row.saturating_mul(d.saturating_mul(4).saturating_add(f));
         attention.max(ffn)
     }
 
-    /// Parameter count of the text-to-video model (used for memory plans).
+    /// Parameter count of the text-to-video model (used for memory plans); `u64::MAX` for a
+    /// configuration whose count does not fit (which [`Self::validate`] refuses).
     pub fn parameter_count(&self) -> u64 {
+        self.checked_parameter_count().unwrap_or(u64::MAX)
+    }
+
+    /// The parameter count, or `None` when it does not fit in a `u64`.
+    fn checked_parameter_count(&self) -> Option<u64> {
         let (d, f) = (self.dim as u64, self.ffn_dim as u64);
-        let linear = |i: u64, o: u64| i * o + o;
+        let linear = |i: u64, o: u64| i.checked_mul(o)?.checked_add(o);
         let [pt, ph, pw] = self.patch_size.map(|v| v as u64);
-        let patch = self.in_channels as u64 * pt * ph * pw * d + d;
-        let embed = linear(self.text_dim as u64, d)
-            + linear(d, d)
-            + linear(self.freq_dim as u64, d)
-            + linear(d, d)
-            + linear(d, 6 * d);
-        let block = 8 * linear(d, d) + 4 * d + 2 * d + linear(d, f) + linear(f, d) + 6 * d;
-        let head = linear(d, self.out_channels as u64 * pt * ph * pw) + 2 * d;
-        patch + embed + self.num_layers as u64 * block + head
+        let patch_volume = pt.checked_mul(ph)?.checked_mul(pw)?;
+        let patch = (self.in_channels as u64)
+            .checked_mul(patch_volume)?
+            .checked_mul(d)?
+            .checked_add(d)?;
+        let embed = [
+            linear(self.text_dim as u64, d)?,
+            linear(d, d)?,
+            linear(self.freq_dim as u64, d)?,
+            linear(d, d)?,
+            linear(d, d.checked_mul(6)?)?,
+        ]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)?;
+        let block = [
+            linear(d, d)?.checked_mul(8)?,
+            d.checked_mul(12)?,
+            linear(d, f)?,
+            linear(f, d)?,
+        ]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)?;
+        let head = linear(d, (self.out_channels as u64).checked_mul(patch_volume)?)?
+            .checked_add(d.checked_mul(2)?)?;
+        patch
+            .checked_add(embed)?
+            .checked_add((self.num_layers as u64).checked_mul(block)?)?
+            .checked_add(head)
     }
 }
 
@@ -347,7 +415,7 @@ struct RmsNorm {
 impl RmsNorm {
     fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight: get_in_dtype(&vb, dim, "weight", vb.dtype())?,
             eps: eps as f32,
         })
     }
@@ -375,16 +443,43 @@ impl Rope {
     /// with the head dimension's complex pairs split between the axes as
     /// `[D − 4·(D/6), 2·(D/6), 2·(D/6)]` real dimensions (128 → 44/42/42) and θ = 10000.
     /// Computed in f64 as the reference does, stored as f32.
+    ///
+    /// # Errors
+    /// An empty grid, an axis longer than `max_len`, or more than [`MAX_TOKENS`] tokens
+    /// ([`Error::DitInput`] of `hidden_states`), before any table is allocated.
     pub fn new(head_dim: usize, grid: [usize; 3], max_len: usize, device: &Device) -> Result<Self> {
         let hw = 2 * (head_dim / 6);
         let axis_dims = [head_dim - 2 * hw, hw, hw];
-        if let Some(axis) = grid.iter().position(|&n| n > max_len) {
-            return Err(Error::DitInput {
+        let refuse = |reason: String| {
+            Err(Error::DitInput {
                 tensor: "hidden_states",
-                reason: format!(
-                    "the token grid {grid:?} exceeds the RoPE table length {max_len} on axis {axis}"
-                ),
-            });
+                reason,
+            })
+        };
+        if grid.contains(&0) {
+            return refuse(format!("the token grid {grid:?} is empty"));
+        }
+        if let Some(axis) = grid.iter().position(|&n| n > max_len) {
+            return refuse(format!(
+                "the token grid {grid:?} exceeds the RoPE table length {max_len} on axis {axis}"
+            ));
+        }
+        let tokens = grid
+            .iter()
+            .try_fold(1usize, |product, &n| product.checked_mul(n))
+            .filter(|&tokens| tokens <= MAX_TOKENS);
+        let Some(tokens) = tokens else {
+            return refuse(format!(
+                "the token grid {grid:?} has more than {MAX_TOKENS} tokens per sample"
+            ));
+        };
+        let pairs = head_dim / 2;
+        // Each table holds tokens × pairs f32; bounded as for the longest grid of 128-wide heads.
+        const MAX_ENTRIES: usize = MAX_TOKENS * 64;
+        if tokens.checked_mul(pairs).is_none_or(|n| n > MAX_ENTRIES) {
+            return refuse(format!(
+                "RoPE tables of {tokens} tokens × {pairs} pairs exceed {MAX_ENTRIES} entries"
+            ));
         }
         // For each axis and pair: the rotation frequency.
         let freqs: Vec<Vec<f64>> = axis_dims
@@ -395,8 +490,6 @@ impl Rope {
                     .collect()
             })
             .collect();
-        let pairs = head_dim / 2;
-        let tokens = grid.iter().product::<usize>();
         let mut cos = Vec::with_capacity(tokens * pairs);
         let mut sin = Vec::with_capacity(tokens * pairs);
         for f in 0..grid[0] {
@@ -523,26 +616,11 @@ impl Block {
         Ok(Self {
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
             cross_attn: Attention::new(cfg, vb.pp("cross_attn"))?,
-            norm3_weight: vb.pp("norm3").get_with_hints_dtype(
-                d,
-                "weight",
-                Default::default(),
-                DType::F32,
-            )?,
-            norm3_bias: vb.pp("norm3").get_with_hints_dtype(
-                d,
-                "bias",
-                Default::default(),
-                DType::F32,
-            )?,
+            norm3_weight: get_in_dtype(&vb.pp("norm3"), d, "weight", DType::F32)?,
+            norm3_bias: get_in_dtype(&vb.pp("norm3"), d, "bias", DType::F32)?,
             ffn_in: Linear::new(d, cfg.ffn_dim, true, vb.pp("ffn.0"))?,
             ffn_out: Linear::new(cfg.ffn_dim, d, true, vb.pp("ffn.2"))?,
-            modulation: vb.get_with_hints_dtype(
-                (1, 6, d),
-                "modulation",
-                Default::default(),
-                DType::F32,
-            )?,
+            modulation: get_in_dtype(&vb, (1, 6, d), "modulation", DType::F32)?,
             eps: cfg.eps,
         })
     }
@@ -676,23 +754,28 @@ pub struct WanModel {
 
 impl WanModel {
     /// Builds the model from `vb` (original Wan names, see [`dit_keys::canonical_var_builder`]),
-    /// in `vb`'s dtype.
+    /// in `vb`'s dtype. Linear weights with a float8 scale next to them stay float8
+    /// ([`Linear`]); every other tensor, float8 or not, is converted on load.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.dim;
         let [pt, ph, pw] = cfg.patch_size;
         let patch_in = cfg.in_channels * pt * ph * pw;
         let patch = vb.pp("patch_embedding");
-        let patch_weight = patch
-            .get((d, cfg.in_channels, pt, ph, pw), "weight")?
-            .reshape((d, patch_in))?;
+        let patch_weight = get_in_dtype(
+            &patch,
+            (d, cfg.in_channels, pt, ph, pw),
+            "weight",
+            vb.dtype(),
+        )?
+        .reshape((d, patch_in))?;
         let blocks = (0..cfg.num_layers)
             .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let out_dim = cfg.out_channels * pt * ph * pw;
         Ok(Self {
             patch_weight,
-            patch_bias: patch.get(d, "bias")?,
+            patch_bias: get_in_dtype(&patch, d, "bias", vb.dtype())?,
             text_in: Linear::new(cfg.text_dim, d, true, vb.pp("text_embedding.0"))?,
             text_out: Linear::new(d, d, true, vb.pp("text_embedding.2"))?,
             time_in: Linear::new_in(cfg.freq_dim, d, true, DType::F32, vb.pp("time_embedding.0"))?,
@@ -700,12 +783,7 @@ impl WanModel {
             time_projection: Linear::new(d, 6 * d, true, vb.pp("time_projection.1"))?,
             blocks,
             head: Linear::new(d, out_dim, true, vb.pp("head.head"))?,
-            head_modulation: vb.get_with_hints_dtype(
-                (1, 2, d),
-                "head.modulation",
-                Default::default(),
-                DType::F32,
-            )?,
+            head_modulation: get_in_dtype(&vb, (1, 2, d), "head.modulation", DType::F32)?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -814,6 +892,24 @@ impl WanModel {
         scale: f64,
         passes: GuidancePasses,
     ) -> Result<Tensor> {
+        if !scale.is_finite() {
+            return Err(Error::DitInput {
+                tensor: "guidance",
+                reason: format!("the guidance scale {scale} is not a finite number"),
+            });
+        }
+        if passes == GuidancePasses::Batched && cond.dims() != uncond.dims() {
+            // One batch holds both: they must be of one shape (two passes need not).
+            return Err(Error::DitInput {
+                tensor: "encoder_hidden_states",
+                reason: format!(
+                    "the condition {:?} and the uncondition {:?} differ in shape; batched \
+                     guidance needs them alike",
+                    cond.dims(),
+                    uncond.dims()
+                ),
+            });
+        }
         let guided = match passes {
             GuidancePasses::Batched => {
                 let both = self.forward(
@@ -858,61 +954,15 @@ impl WanModel {
     /// - `timestep`: [B], float, in [0, 1000] (σ · 1000).
     /// - `context`: [B, Lc, text_dim]: the umT5 output, zero-padded (512 rows in Wan).
     /// - output: [B, out_channels, F, H, W] in the model's dtype.
+    ///
+    /// # Errors
+    /// [`Error::DitInput`] naming the input, before any work: a rank other than the above, an
+    /// empty dimension (an empty text context included), a channel count or text width other
+    /// than the config's, batch sizes that differ between the inputs, frames or sides that are
+    /// not multiples of the patch size, a token grid past the RoPE tables or [`MAX_TOKENS`],
+    /// a timestep that is not a finite number.
     pub fn forward(&self, latents: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, f, h, w) = latents.dims5().map_err(|_| Error::DitInput {
-            tensor: "hidden_states",
-            reason: format!(
-                "expected [B, {}, F, H, W], got {:?}",
-                self.cfg.in_channels,
-                latents.dims()
-            ),
-        })?;
-        if c != self.cfg.in_channels {
-            return Err(Error::DitInput {
-                tensor: "hidden_states",
-                reason: format!(
-                    "expected {} channels, got shape {:?}",
-                    self.cfg.in_channels,
-                    latents.dims()
-                ),
-            });
-        }
-        let t: Vec<f32> = timestep
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()
-            .map_err(|e| Error::DitInput {
-                tensor: "timestep",
-                reason: e.to_string(),
-            })?;
-        if t.len() != b {
-            return Err(Error::DitInput {
-                tensor: "timestep",
-                reason: format!(
-                    "expected {b} values (one per sample), got shape {:?}",
-                    timestep.dims()
-                ),
-            });
-        }
-        let (cb, _, cd) = context.dims3().map_err(|_| Error::DitInput {
-            tensor: "encoder_hidden_states",
-            reason: format!(
-                "expected [B, L, {}], got {:?}",
-                self.cfg.text_dim,
-                context.dims()
-            ),
-        })?;
-        if cb != b || cd != self.cfg.text_dim {
-            return Err(Error::DitInput {
-                tensor: "encoder_hidden_states",
-                reason: format!(
-                    "expected [{b}, L, {}], got {:?}",
-                    self.cfg.text_dim,
-                    context.dims()
-                ),
-            });
-        }
-        let grid = self.token_grid(f, h, w)?;
+        let (b, t, grid) = self.check_inputs(latents, timestep, context)?;
         let tokens: usize = grid.iter().product();
         let rope = Rope::new(
             self.cfg.head_dim(),
@@ -953,6 +1003,106 @@ impl WanModel {
         let x = norm_modulate(&x, &(scale + 1.0)?, &shift, self.cfg.eps)?;
         let x = self.head.forward(&x)?;
         self.unpatchify(&x, grid)
+    }
+
+    /// The checks of [`Self::forward`]: the batch, the timesteps in f32 and the token grid.
+    fn check_inputs(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+    ) -> Result<(usize, Vec<f32>, [usize; 3])> {
+        let refuse = |tensor: &'static str, reason: String| Err(Error::DitInput { tensor, reason });
+        let (in_channels, text_dim) = (self.cfg.in_channels, self.cfg.text_dim);
+        let (b, c, f, h, w) = match *latents.dims() {
+            [b, c, f, h, w] => (b, c, f, h, w),
+            _ => {
+                return refuse(
+                    "hidden_states",
+                    format!(
+                        "expected [B, {in_channels}, F, H, W], got {:?}",
+                        latents.dims()
+                    ),
+                )
+            }
+        };
+        if latents.dims().contains(&0) {
+            return refuse(
+                "hidden_states",
+                format!(
+                    "shape {:?} has an empty dimension; every dimension must be at least 1",
+                    latents.dims()
+                ),
+            );
+        }
+        if c != in_channels {
+            return refuse(
+                "hidden_states",
+                format!(
+                    "expected {in_channels} channels, got shape {:?}",
+                    latents.dims()
+                ),
+            );
+        }
+        // [B] (or a scalar for one sample), counted before anything is converted or copied.
+        if timestep.rank() > 1 || timestep.elem_count() != b {
+            return refuse(
+                "timestep",
+                format!(
+                    "expected [{b}] (one value per sample), got shape {:?}",
+                    timestep.dims()
+                ),
+            );
+        }
+        let t: Vec<f32> = timestep
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()
+            .map_err(|e| Error::DitInput {
+                tensor: "timestep",
+                reason: e.to_string(),
+            })?;
+        if let Some(bad) = t.iter().find(|v| !v.is_finite()) {
+            return refuse(
+                "timestep",
+                format!("{bad} is not a finite number (expected σ · 1000 in [0, 1000])"),
+            );
+        }
+        let (cb, cl, cd) = match *context.dims() {
+            [cb, cl, cd] => (cb, cl, cd),
+            _ => {
+                return refuse(
+                    "encoder_hidden_states",
+                    format!("expected [B, L, {text_dim}], got {:?}", context.dims()),
+                )
+            }
+        };
+        if cb != b || cd != text_dim {
+            return refuse(
+                "encoder_hidden_states",
+                format!("expected [{b}, L, {text_dim}], got {:?}", context.dims()),
+            );
+        }
+        if cl == 0 {
+            return refuse(
+                "encoder_hidden_states",
+                format!(
+                    "shape {:?} has no text rows (L = 0); cross-attention needs at least one \
+                     (Wan pads the prompt's embedding to 512 rows)",
+                    context.dims()
+                ),
+            );
+        }
+        let grid = self.token_grid(f, h, w)?;
+        // The same limits the RoPE tables check, before the latents are converted.
+        let tokens = grid.iter().try_fold(1usize, |p, &n| p.checked_mul(n));
+        if tokens.is_none_or(|n| n > MAX_TOKENS) {
+            return refuse(
+                "hidden_states",
+                format!("the token grid {grid:?} has more than {MAX_TOKENS} tokens per sample"),
+            );
+        }
+        Ok((b, t, grid))
     }
 
     /// [B, C, F, H, W] → tokens [B, L, dim] (the (1, 2, 2)-strided Conv3d as one matmul).

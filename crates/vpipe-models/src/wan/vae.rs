@@ -121,6 +121,16 @@ impl Config {
                 self.dim_mult
             ));
         }
+        if let Some(m) = self
+            .dim_mult
+            .iter()
+            .find(|&&m| m.checked_mul(self.base_dim).is_none())
+        {
+            return fail(format!(
+                "a stage width of dim_mult {m} × base_dim {} overflows",
+                self.base_dim
+            ));
+        }
         if self.temperal_downsample.len() != self.dim_mult.len() - 1 {
             return fail(format!(
                 "temperal_downsample {:?} needs one entry per stage but the last ({})",
@@ -185,12 +195,28 @@ impl Config {
     /// `latents_mean`/`latents_std` are Wan 2.1's when `z_dim` is 16, otherwise zeros and ones
     /// (no normalisation).
     pub fn from_var_builder(vb: &VarBuilder) -> Result<Self> {
-        let dims =
-            |name: &str| -> Result<Vec<usize>> { Ok(vb.get_unchecked(name)?.dims().to_vec()) };
-        let conv_in = dims("encoder.conv1.weight")?;
-        let (base_dim, in_channels) = (conv_in[0], conv_in[1]);
-        let z_dim = dims("conv2.weight")?[0];
-        let out_channels = dims("decoder.head.2.weight")?[0];
+        // Dimension `i` of a tensor's shape; a shape without it is a checkpoint that is not a
+        // Wan VAE, not a panic.
+        let dim = |name: &str, i: usize| -> Result<usize> {
+            let shape = vb.get_unchecked(name)?.dims().to_vec();
+            shape.get(i).copied().ok_or_else(|| Error::Config {
+                reason: format!(
+                    "{name} has shape {shape:?}, expected at least {} dimensions",
+                    i + 1
+                ),
+            })
+        };
+        let (base_dim, in_channels) = (
+            dim("encoder.conv1.weight", 0)?,
+            dim("encoder.conv1.weight", 1)?,
+        );
+        if base_dim == 0 {
+            return Err(Error::Config {
+                reason: "encoder.conv1.weight has no output channels (base_dim 0)".into(),
+            });
+        }
+        let z_dim = dim("conv2.weight", 0)?;
+        let out_channels = dim("decoder.head.2.weight", 0)?;
         // Walk the encoder's flat block list: residual blocks, with a resample ending each stage
         // but the last.
         let mut stages: Vec<(usize, usize)> = vec![]; // (residual blocks, output width)
@@ -200,7 +226,7 @@ impl Config {
             let p = format!("encoder.downsamples.{n}");
             if vb.contains_tensor(&format!("{p}.residual.0.gamma")) {
                 res_in_stage += 1;
-                width = dims(&format!("{p}.residual.3.gamma"))?[0];
+                width = dim(&format!("{p}.residual.3.gamma"), 0)?;
             } else if vb.contains_tensor(&format!("{p}.resample.1.weight")) {
                 stages.push((res_in_stage, width));
                 temperal_downsample.push(vb.contains_tensor(&format!("{p}.time_conv.weight")));
@@ -1221,6 +1247,7 @@ impl WanVae {
                 factor: SPATIAL_FACTOR,
             });
         }
+        check_frame_side(NAME, h, w, 1)?;
         Ok(dims)
     }
 
@@ -1235,8 +1262,26 @@ impl WanVae {
                 shape: z.dims().to_vec(),
             });
         }
+        check_frame_side(NAME, dims.3, dims.4, SPATIAL_FACTOR)?;
         Ok(dims)
     }
+}
+
+/// A frame of `height`×`width` cells of `scale` pixels each is at most
+/// [`tiling::MAX_FRAME_SIDE`] pixels per side: the same limit, tiled or not, so that no
+/// output or activation is sized from a larger one.
+fn check_frame_side(tensor: &'static str, height: usize, width: usize, scale: usize) -> Result<()> {
+    let max = tiling::MAX_FRAME_SIDE;
+    let pixels = |n: usize| n.checked_mul(scale).filter(|&p| p <= max);
+    if pixels(height).is_some() && pixels(width).is_some() {
+        return Ok(());
+    }
+    Err(Error::TooLarge {
+        tensor,
+        reason: format!(
+            "a frame of {height}x{width} (x{scale} px per cell) is more than {max} px on a side"
+        ),
+    })
 }
 
 /// Rank 5 and no empty dimension.
