@@ -21,7 +21,74 @@ pub enum VideoError {
         source: std::io::Error,
     },
 
+    /// The input exists but is neither a regular file nor a folder: reading a FIFO or a
+    /// terminal blocks until someone writes to it, and a device such as `/dev/zero` never ends,
+    /// so such inputs are refused before they are opened.
+    #[error("{}: not a regular file ({kind}); give a video file or a folder of PNG frames", path.display())]
+    NotRegularFile {
+        /// The input.
+        path: PathBuf,
+        /// What it is instead: `"a FIFO"`, `"a socket"`, `"a character device"`,
+        /// `"a block device"`, `"a folder"` or `"an unknown file type"`.
+        kind: &'static str,
+    },
+    /// The path runs into a loop of symbolic links (or more links than the system follows).
+    #[error("{}: symbolic link loop: following its links never reaches a file", path.display())]
+    SymlinkLoop {
+        /// The input.
+        path: PathBuf,
+    },
+    /// The path is a symbolic link whose target does not exist.
+    #[error("{}: broken symbolic link: its target {} does not exist", path.display(), target.display())]
+    BrokenSymlink {
+        /// The link.
+        path: PathBuf,
+        /// Where it points.
+        target: PathBuf,
+    },
+    /// The file is larger than [`crate::ReadLimits::max_file_bytes`]; it is read whole into
+    /// memory, so the size is checked first.
+    #[error("{}: file is {} bytes, over the limit of {} bytes for an input read into memory", path.display(), bytes, limit)]
+    InputFileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
+
     // ---- input format ----
+    /// A header that declares a frame size or frame count past the reader's limits
+    /// ([`crate::ReadLimits`]). Checked before anything is allocated for the frames, so that a
+    /// tiny hostile file cannot make the process ask for gigabytes and abort.
+    #[error("{}: {format} declares {}, over the limit: {limit}", path.display(), declared_size(*width, *height, *frames))]
+    DeclaredSizeTooLarge {
+        /// The file (for a PNG folder, the frame whose header was read).
+        path: PathBuf,
+        /// What declared it: `"GIF"`, `"PNG"`, `"MP4"` or `"H.264 SPS"`.
+        format: &'static str,
+        /// Declared frame width in pixels.
+        width: u64,
+        /// Declared frame height in pixels.
+        height: u64,
+        /// Declared (or, for a GIF, decoded so far) frame count; `None` when only the frame
+        /// size was checked.
+        frames: Option<u64>,
+        /// The limit that is exceeded, in words, e.g. `"at most 16384 pixels per side"`.
+        limit: String,
+    },
+    /// The decoded frames fit the limits but the system could not provide the memory.
+    #[error("{}: cannot allocate {bytes} bytes for the decoded frames: {source}", path.display())]
+    OutOfMemory {
+        /// The input.
+        path: PathBuf,
+        /// The size of the refused allocation.
+        bytes: usize,
+        /// The allocator's refusal.
+        #[source]
+        source: std::collections::TryReserveError,
+    },
     /// Neither an MP4, a GIF nor a folder of PNG frames.
     #[error("{}: unsupported video input: found {found}; expected an H.264 .mp4, a .gif or a folder of .png frames", path.display())]
     UnsupportedInput {
@@ -160,6 +227,14 @@ pub enum VideoError {
     /// candle failed while building or reading a tensor.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+/// `"832x480 pixels"` or `"832x480 pixels x 81 frames"`.
+fn declared_size(width: u64, height: u64, frames: Option<u64>) -> String {
+    match frames {
+        Some(n) => format!("{width}x{height} pixels x {n} frames"),
+        None => format!("{width}x{height} pixels"),
+    }
 }
 
 /// Result with [`VideoError`].

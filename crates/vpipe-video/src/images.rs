@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
 use image::codecs::png::PngEncoder;
-use image::{AnimationDecoder, Delay, ExtendedColorType, ImageEncoder, RgbaImage};
+use image::{AnimationDecoder, Delay, ExtendedColorType, ImageDecoder, ImageEncoder, RgbaImage};
 
 use crate::error::{Result, VideoError};
+use crate::input;
+use crate::limits::ReadLimits;
 use crate::video::{Video, DEFAULT_FPS};
 
 // ---------------------------------------------------------------------------------------------
@@ -17,17 +19,52 @@ use crate::video::{Video, DEFAULT_FPS};
 const GIF_MIN_DELAY_MS: f64 = 20.0;
 const GIF_FALLBACK_DELAY_MS: f64 = 100.0;
 
-pub(crate) fn read_gif(path: &Path, bytes: &[u8]) -> Result<Video> {
+/// Logical screen size from a GIF's header (bytes 6..10, little-endian), which sets the size of
+/// every decoded frame.
+fn gif_screen_size(bytes: &[u8]) -> Option<(u64, u64)> {
+    let field = |at: usize| {
+        let b = bytes.get(at..at + 2)?;
+        Some(u64::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    Some((field(6)?, field(8)?))
+}
+
+/// Allocation cap handed to the `image` crate for one GIF: its frame iterator keeps the
+/// composited canvas and, per frame, the frame's own pixels and a new canvas, all RGBA. Four
+/// canvases leave room for frames somewhat larger than the screen (which some writers produce)
+/// while a frame descriptor declaring 65535×65535 inside a small screen is refused.
+fn gif_decoder_limits(width: u64, height: u64, limits: &ReadLimits) -> image::Limits {
+    const MIN_BUDGET: u64 = 1 << 20;
+    let canvas = width.saturating_mul(height).saturating_mul(4);
+    let mut out = image::Limits::no_limits();
+    out.max_image_width = Some(limits.max_frame_side);
+    out.max_image_height = Some(limits.max_frame_side);
+    out.max_alloc = Some(canvas.saturating_mul(4).max(MIN_BUDGET));
+    out
+}
+
+pub(crate) fn read_gif(path: &Path, bytes: &[u8], limits: &ReadLimits) -> Result<Video> {
     let malformed = |e: image::ImageError| VideoError::Malformed {
         path: path.to_path_buf(),
         format: "GIF",
         detail: e.to_string(),
     };
-    let decoder = GifDecoder::new(std::io::Cursor::new(bytes)).map_err(malformed)?;
-    let mut data = Vec::new();
+    let Some((screen_w, screen_h)) = gif_screen_size(bytes) else {
+        return Err(VideoError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("GIF of {} bytes ends inside its header", bytes.len()),
+        });
+    };
+    // The decoder allocates a canvas of the screen's size at the first frame: check it first.
+    limits.check(path, "GIF", screen_w, screen_h, None)?;
+    let mut decoder = GifDecoder::new(std::io::Cursor::new(bytes)).map_err(malformed)?;
+    decoder
+        .set_limits(gif_decoder_limits(screen_w, screen_h, limits))
+        .map_err(malformed)?;
+    let mut data: Vec<u8> = Vec::new();
     let mut size = None;
     let mut total_ms = 0.0;
-    let mut count = 0;
+    let mut count = 0usize;
     // Frames come composited onto the full canvas, disposal applied.
     for frame in decoder.into_frames() {
         // The `image` crate reports a cut-off GIF as a format error; a GIF that fails and lacks
@@ -59,6 +96,16 @@ pub(crate) fn read_gif(path: &Path, bytes: &[u8]) -> Result<Video> {
                 got_height: dims.1,
             });
         }
+        // A GIF declares no frame count: the clip's total is checked as it grows, before each
+        // frame is added.
+        let frames = u64::try_from(count + 1).unwrap_or(u64::MAX);
+        let clip_len = limits.check(path, "GIF", u64::from(w), u64::from(h), Some(frames))?;
+        let ceiling = usize::try_from(limits.max_decoded_bytes).unwrap_or(usize::MAX);
+        reserve_within(&mut data, clip_len, ceiling).map_err(|source| VideoError::OutOfMemory {
+            path: path.to_path_buf(),
+            bytes: clip_len,
+            source,
+        })?;
         data.extend(rgba.pixels().flat_map(|p| [p[0], p[1], p[2]]));
         count += 1;
     }
@@ -75,6 +122,21 @@ pub(crate) fn read_gif(path: &Path, bytes: &[u8]) -> Result<Video> {
         format: "GIF",
         detail: e.to_string(),
     })
+}
+
+/// Makes room for `data` to reach `needed` bytes, growing geometrically (so that appending frame
+/// by frame stays linear) but never past `ceiling` (the decoded-bytes limit, `>= needed`), and
+/// reporting a refused allocation instead of aborting.
+fn reserve_within(
+    data: &mut Vec<u8>,
+    needed: usize,
+    ceiling: usize,
+) -> std::result::Result<(), std::collections::TryReserveError> {
+    if needed <= data.capacity() {
+        return Ok(());
+    }
+    let target = data.capacity().saturating_mul(2).min(ceiling).max(needed);
+    data.try_reserve_exact(target.saturating_sub(data.len()))
 }
 
 /// GIF delays are whole centiseconds; frame `i` gets the difference of the rounded cumulative
@@ -157,14 +219,19 @@ fn is_png(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("png"))
 }
 
-pub(crate) fn read_png_folder(dir: &Path) -> Result<Video> {
+/// Reads the regular `*.png` files of `dir` (extension in any case) as frames in natural name
+/// order. Entries that are not regular files (a FIFO named `x.png`, a sub-folder, a broken link)
+/// are skipped without being opened.
+pub(crate) fn read_png_folder(dir: &Path, limits: &ReadLimits) -> Result<Video> {
     let entries = std::fs::read_dir(dir).map_err(|e| VideoError::io(dir, "list folder", e))?;
     let mut pngs: Vec<PathBuf> = Vec::new();
     let mut others = 0usize;
     for entry in entries {
         let entry = entry.map_err(|e| VideoError::io(dir, "list folder", e))?;
         let p = entry.path();
-        if p.is_file() && is_png(&p) {
+        // `metadata` follows links: a link to a regular PNG counts, a link to anything else not.
+        let regular = is_png(&p) && std::fs::metadata(&p).is_ok_and(|m| m.is_file());
+        if regular {
             pngs.push(p);
         } else {
             others += 1;
@@ -181,30 +248,28 @@ pub(crate) fn read_png_folder(dir: &Path) -> Result<Video> {
         });
     }
     pngs.sort_by_cached_key(|p| natural_key(&p.file_name().unwrap_or_default().to_string_lossy()));
-    let mut data = Vec::new();
+    let frames = u64::try_from(pngs.len()).unwrap_or(u64::MAX);
+    let mut data: Vec<u8> = Vec::new();
     let mut size = None;
     for (i, p) in pngs.iter().enumerate() {
-        let img = image::ImageReader::open(p)
-            .map_err(|e| VideoError::io(p, "open", e))?
-            .decode()
-            .map_err(|e| match e {
-                image::ImageError::IoError(io)
-                    if io.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    VideoError::Truncated {
-                        path: p.clone(),
-                        detail: "PNG ends early".into(),
-                    }
-                }
-                other => VideoError::Malformed {
-                    path: p.clone(),
-                    format: "PNG",
-                    detail: other.to_string(),
-                },
-            })?
-            .into_rgb8();
-        let dims = img.dimensions();
-        let (w, h) = *size.get_or_insert(dims);
+        let decoder = png_decoder(p)?;
+        let dims = decoder.dimensions();
+        let (w, h) = match size {
+            Some(first) => first,
+            None => {
+                // The first header fixes every frame's size: check the whole clip against the
+                // limits and reserve it at once, before any pixel is decoded.
+                let total =
+                    limits.check(p, "PNG", u64::from(dims.0), u64::from(dims.1), Some(frames))?;
+                data.try_reserve_exact(total)
+                    .map_err(|source| VideoError::OutOfMemory {
+                        path: dir.to_path_buf(),
+                        bytes: total,
+                        source,
+                    })?;
+                *size.insert(dims)
+            }
+        };
         if dims != (w, h) {
             return Err(VideoError::FrameSizeMismatch {
                 path: p.clone(),
@@ -215,14 +280,78 @@ pub(crate) fn read_png_folder(dir: &Path) -> Result<Video> {
                 got_height: dims.1,
             });
         }
+        let img = decode_png(p, decoder, limits)?;
         data.extend_from_slice(img.as_raw());
     }
-    let (w, h) = size.expect("at least one PNG");
+    let Some((w, h)) = size else {
+        // Unreachable: `pngs` is not empty and every iteration sets the size or returns.
+        return Err(VideoError::EmptyFolder {
+            path: dir.to_path_buf(),
+            found: "nothing".into(),
+        });
+    };
     Video::new(data, w, h, DEFAULT_FPS).map_err(|e| VideoError::Malformed {
         path: dir.to_path_buf(),
         format: "PNG",
         detail: e.to_string(),
     })
+}
+
+fn png_error(path: &Path, e: image::ImageError) -> VideoError {
+    match e {
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            VideoError::Truncated {
+                path: path.to_path_buf(),
+                detail: "PNG ends early".into(),
+            }
+        }
+        other => VideoError::Malformed {
+            path: path.to_path_buf(),
+            format: "PNG",
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Opens one frame and reads its header (IHDR) only: the size is known before any pixel buffer
+/// exists. The file must be a regular file and a PNG by content, whatever its extension says.
+fn png_decoder(path: &Path) -> Result<impl ImageDecoder> {
+    let (file, _) = input::open_regular_file(path)?;
+    let reader = image::ImageReader::new(std::io::BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| VideoError::io(path, "read", e))?;
+    if reader.format() != Some(image::ImageFormat::Png) {
+        return Err(VideoError::Malformed {
+            path: path.to_path_buf(),
+            format: "PNG",
+            detail: "not a PNG image (no PNG signature at its start)".into(),
+        });
+    }
+    reader.into_decoder().map_err(|e| png_error(path, e))
+}
+
+/// Decodes one frame to RGB, with the `image` crate's own allocation limits set to what a frame
+/// of the checked size needs (16-bit RGBA at most, plus room for ancillary chunks).
+fn decode_png(
+    path: &Path,
+    mut decoder: impl ImageDecoder,
+    limits: &ReadLimits,
+) -> Result<image::RgbImage> {
+    const ANCILLARY_BUDGET: u64 = 64 << 20;
+    let (w, h) = decoder.dimensions();
+    let mut decode_limits = image::Limits::no_limits();
+    decode_limits.max_image_width = Some(limits.max_frame_side);
+    decode_limits.max_image_height = Some(limits.max_frame_side);
+    decode_limits.max_alloc = Some(
+        (u64::from(w) * u64::from(h))
+            .saturating_mul(8)
+            .saturating_add(ANCILLARY_BUDGET),
+    );
+    decoder
+        .set_limits(decode_limits)
+        .map_err(|e| png_error(path, e))?;
+    let image = image::DynamicImage::from_decoder(decoder).map_err(|e| png_error(path, e))?;
+    Ok(image.into_rgb8())
 }
 
 /// File name of frame `i` in a written folder; zero-padded so plain name order works too.

@@ -41,6 +41,8 @@ write_video("output.mp4", &out, &WriteOptions::default())?;
 
 mod error;
 mod images;
+mod input;
+mod limits;
 mod mp4io;
 mod video;
 
@@ -48,6 +50,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 pub use error::{Result, VideoError};
+pub use limits::{ReadLimits, MAX_DECODED_BYTES, MAX_FRAMES, MAX_FRAME_SIDE, MAX_INPUT_FILE_BYTES};
 pub use mp4io::{default_bitrate, Mp4Info};
 pub use video::{
     fit_to_4k_plus_1, from_tensor, resize_center_crop, to_tensor, FrameFit, Video, DEFAULT_FPS,
@@ -70,16 +73,27 @@ const DEFAULT_GIF_SPEED: i32 = 10;
 /// Files are recognised by their content, not their extension. A PNG folder has no frame rate
 /// and gets [`DEFAULT_FPS`]; change it with [`Video::set_fps`]. A GIF's rate is its frame count
 /// over its total delay. The whole file is read into memory.
+///
+/// Only regular files and folders are read: a FIFO, socket or device is a
+/// [`VideoError::NotRegularFile`] before anything is opened. A folder's frames are its regular
+/// files ending in `.png` (any case), in natural name order. Sizes and frame counts that
+/// headers declare are checked against [`ReadLimits::default`] before anything is allocated for
+/// them; use [`read_video_with_limits`] for other limits.
 pub fn read_video(path: impl AsRef<Path>) -> Result<Video> {
+    read_video_with_limits(path, &ReadLimits::default())
+}
+
+/// [`read_video`] with explicit limits on frame size, frame count, decoded bytes and file size,
+/// e.g. tighter ones derived from a memory budget.
+pub fn read_video_with_limits(path: impl AsRef<Path>, limits: &ReadLimits) -> Result<Video> {
     let path = path.as_ref();
-    let meta = std::fs::metadata(path).map_err(|e| VideoError::io(path, "open", e))?;
-    if meta.is_dir() {
-        return images::read_png_folder(path);
+    if let input::InputKind::Folder = input::classify(path)? {
+        return images::read_png_folder(path, limits);
     }
-    let bytes = std::fs::read(path).map_err(|e| VideoError::io(path, "read", e))?;
+    let bytes = input::read_regular_file(path, limits.max_file_bytes)?;
     match sniff(&bytes) {
-        Kind::Mp4 => mp4io::read(path, &bytes),
-        Kind::Gif => images::read_gif(path, &bytes),
+        Kind::Mp4 => mp4io::read(path, &bytes, limits),
+        Kind::Gif => images::read_gif(path, &bytes, limits),
         Kind::Other(found) => Err(VideoError::UnsupportedInput {
             path: path.to_path_buf(),
             found,
@@ -103,9 +117,10 @@ pub fn count_frames(path: impl AsRef<Path>) -> Result<usize> {
 /// another codec, an unsupported H.264 profile, truncation).
 pub fn probe_mp4(path: impl AsRef<Path>) -> Result<Mp4Info> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| VideoError::io(path, "read", e))?;
+    let limits = ReadLimits::default();
+    let bytes = input::read_regular_file(path, limits.max_file_bytes)?;
     match sniff(&bytes) {
-        Kind::Mp4 => mp4io::probe(path, &bytes),
+        Kind::Mp4 => mp4io::probe(path, &bytes, &limits),
         Kind::Gif => Err(VideoError::UnsupportedInput {
             path: path.to_path_buf(),
             found: "a GIF, not an MP4".into(),

@@ -14,6 +14,7 @@ use openh264::formats::{RgbSliceU8, YUVBuffer, YUVSource};
 use openh264::{OpenH264API, Timestamp};
 
 use crate::error::{Result, VideoError};
+use crate::limits::ReadLimits;
 use crate::video::Video;
 
 /// What an MP4's header says about its first video track, without decoding it.
@@ -45,7 +46,21 @@ pub struct Mp4Info {
 
 struct RawBox {
     kind: [u8; 4],
+    /// Where the box's header begins.
+    start: usize,
     body: std::ops::Range<usize>,
+}
+
+/// Big-endian `u32` at `at`, `None` past the end.
+fn be_u32(buf: &[u8], at: usize) -> Option<u32> {
+    let b = buf.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Four-character code at `at`, `None` past the end.
+fn fourcc_at(buf: &[u8], at: usize) -> Option<[u8; 4]> {
+    let b = buf.get(at..at.checked_add(4)?)?;
+    Some([b[0], b[1], b[2], b[3]])
 }
 
 fn fourcc(kind: &[u8; 4]) -> String {
@@ -64,25 +79,41 @@ fn fourcc(kind: &[u8; 4]) -> String {
 fn boxes(buf: &[u8], range: std::ops::Range<usize>) -> std::result::Result<Vec<RawBox>, String> {
     let mut out = Vec::new();
     let mut pos = range.start;
+    if range.end > buf.len() || range.start > range.end {
+        return Err(format!(
+            "box range {range:?} lies outside the {} bytes of the file",
+            buf.len()
+        ));
+    }
     while pos < range.end {
-        if range.end - pos < 8 {
-            return Err(format!(
+        let stray = || {
+            format!(
                 "{} stray bytes at byte {pos} where a box header (8 bytes) should be",
                 range.end - pos
-            ));
+            )
+        };
+        if range.end - pos < 8 {
+            return Err(stray());
         }
-        let size32 = u32::from_be_bytes(buf[pos..pos + 4].try_into().unwrap()) as u64;
-        let kind: [u8; 4] = buf[pos + 4..pos + 8].try_into().unwrap();
+        let size32 = u64::from(be_u32(buf, pos).ok_or_else(stray)?);
+        let kind = fourcc_at(buf, pos + 4).ok_or_else(stray)?;
         let (header, size) = match size32 {
             0 => (8u64, (range.end - pos) as u64),
             1 => {
-                if range.end - pos < 16 {
+                let large = (range.end - pos >= 16)
+                    .then(|| {
+                        Some(
+                            (u64::from(be_u32(buf, pos + 8)?) << 32)
+                                | u64::from(be_u32(buf, pos + 12)?),
+                        )
+                    })
+                    .flatten();
+                let Some(s) = large else {
                     return Err(format!(
                         "box '{}' at byte {pos} has a 64-bit size the data ends before",
                         fourcc(&kind)
                     ));
-                }
-                let s = u64::from_be_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
+                };
                 (16, s)
             }
             s => (8, s),
@@ -100,10 +131,11 @@ fn boxes(buf: &[u8], range: std::ops::Range<usize>) -> std::result::Result<Vec<R
                 fourcc(&kind)
             ));
         }
+        // `size <= available`, a `usize`: neither conversion nor sum can overflow.
         let end = pos + size as usize;
         out.push(RawBox {
             kind,
-
+            start: pos,
             body: pos + header as usize..end,
         });
         pos = end;
@@ -126,17 +158,15 @@ fn summarise_track(buf: &[u8], trak: &RawBox) -> std::result::Result<TrackSummar
     let kids = boxes(buf, trak.body.clone())?;
     let id = child(&kids, b"tkhd")
         .and_then(|tkhd| {
-            let b = &buf[tkhd.body.clone()];
+            let b = buf.get(tkhd.body.clone())?;
             let off = if b.first() == Some(&1) { 20 } else { 12 };
-            b.get(off..off + 4)
-                .map(|s| u32::from_be_bytes(s.try_into().unwrap()))
+            be_u32(b, off)
         })
         .unwrap_or(0);
     let mdia = child(&kids, b"mdia").ok_or_else(|| format!("track {id} has no mdia box"))?;
     let mdia_kids = boxes(buf, mdia.body.clone())?;
     let handler = child(&mdia_kids, b"hdlr")
-        .and_then(|h| buf[h.body.clone()].get(8..12))
-        .map(|s| s.try_into().unwrap())
+        .and_then(|h| fourcc_at(buf.get(h.body.clone())?, 8))
         .unwrap_or(*b"????");
     let entry = (|| {
         let minf = child(&mdia_kids, b"minf")?;
@@ -145,9 +175,7 @@ fn summarise_track(buf: &[u8], trak: &RawBox) -> std::result::Result<TrackSummar
         let stbl_kids = boxes(buf, stbl.body.clone()).ok()?;
         let stsd = child(&stbl_kids, b"stsd")?;
         // Full box header (4) + entry count (4), then the first entry's size (4) and type (4).
-        buf[stsd.body.clone()]
-            .get(12..16)
-            .map(|s| s.try_into().unwrap())
+        fourcc_at(buf.get(stsd.body.clone())?, 12)
     })();
     Ok(TrackSummary { id, handler, entry })
 }
@@ -185,12 +213,24 @@ fn profile_name(idc: u8) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
-struct Opened<'a> {
-    reader: mp4::Mp4Reader<Cursor<&'a [u8]>>,
+struct Opened {
     info: Mp4Info,
     length_size: usize,
     sps: Vec<Vec<u8>>,
     pps: Vec<Vec<u8>>,
+    /// The video track's sample tables.
+    tables: SampleTables,
+}
+
+/// The parts of a track's sample tables that locate its samples in the file.
+struct SampleTables {
+    /// `stsz`: one size for every sample when non-zero, else `sample_sizes`.
+    sample_size: u32,
+    sample_sizes: Vec<u32>,
+    /// `stsc`: (first chunk, 1-based; samples per chunk) runs.
+    chunk_runs: Vec<(u32, u32)>,
+    /// `stco` or `co64`; `None` when the track has neither.
+    chunk_offsets: Option<Vec<u64>>,
 }
 
 fn malformed(path: &Path, e: impl std::fmt::Display) -> VideoError {
@@ -201,7 +241,51 @@ fn malformed(path: &Path, e: impl std::fmt::Display) -> VideoError {
     }
 }
 
-fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
+/// Parses the `moov` box alone with the `mp4` crate.
+///
+/// Only `moov` is handed over: the crate's readers of other top-level boxes (`emsg`, `moof`)
+/// size buffers by unchecked subtraction. Its sample reader is not used either (sample offsets
+/// are resolved by [`sample_ranges`]), as it unwraps and divides by table entries. A panic
+/// left in the crate's parsing of hostile data is caught and reported as a malformed file rather
+/// than taking the process down.
+fn parse_moov(path: &Path, bytes: &[u8], moov: &RawBox) -> Result<mp4::MoovBox> {
+    use mp4::ReadBox;
+    let body = bytes
+        .get(moov.body.clone())
+        .ok_or_else(|| malformed(path, "'moov' box lies outside the file"))?;
+    // The crate expects the stream positioned after an 8-byte header whose size field is the
+    // box's; a 64-bit or "to end of file" header is rewritten into that form.
+    let size = u32::try_from(body.len() + 8)
+        .map_err(|_| malformed(path, "'moov' box is larger than 4 GiB"))?;
+    let header_is_plain =
+        moov.body.start - moov.start == 8 && be_u32(bytes, moov.start) == Some(size);
+    let rewritten;
+    let boxed: &[u8] = if header_is_plain {
+        bytes.get(moov.start..moov.body.end).unwrap_or_default()
+    } else {
+        let mut copy = Vec::with_capacity(body.len() + 8);
+        copy.extend_from_slice(&size.to_be_bytes());
+        copy.extend_from_slice(b"moov");
+        copy.extend_from_slice(body);
+        rewritten = copy;
+        &rewritten
+    };
+    let parsed = std::panic::catch_unwind(|| {
+        let mut cursor = Cursor::new(boxed);
+        cursor.set_position(8);
+        mp4::MoovBox::read_box(&mut cursor, u64::from(size))
+    });
+    match parsed {
+        Ok(Ok(moov)) => Ok(moov),
+        Ok(Err(e)) => Err(malformed(path, e)),
+        Err(_) => Err(malformed(
+            path,
+            "the MP4 parser failed on the 'moov' box (inconsistent sizes or counts)",
+        )),
+    }
+}
+
+fn open(path: &Path, bytes: &[u8], limits: &ReadLimits) -> Result<Opened> {
     let truncated = |detail: String| VideoError::Truncated {
         path: path.to_path_buf(),
         detail,
@@ -261,19 +345,31 @@ fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
             })
         }
     }
+    if child(&top, b"moof").is_some() {
+        return Err(VideoError::UnsupportedInput {
+            path: path.to_path_buf(),
+            found: "a fragmented MP4 (samples in 'moof' fragments); remux it first, e.g. \
+                    `ffmpeg -i IN -c copy OUT.mp4`"
+                .into(),
+        });
+    }
     let track_id = video.id;
 
-    let reader = mp4::Mp4Reader::read_header(Cursor::new(bytes), bytes.len() as u64)
-        .map_err(|e| malformed(path, e))?;
-    let track = reader
-        .tracks()
-        .get(&track_id)
+    let moov = parse_moov(path, bytes, moov)?;
+    let mvhd = &moov.mvhd;
+    let movie_duration_secs = if mvhd.timescale > 0 {
+        mvhd.duration as f64 / mvhd.timescale as f64
+    } else {
+        0.0
+    };
+    let trak = moov
+        .traks
+        .into_iter()
+        .find(|t| t.tkhd.track_id == track_id)
         .ok_or_else(|| malformed(path, format!("track {track_id} not parsed")))?;
-    let trak = &track.trak;
-    let avc1 = trak
-        .mdia
-        .minf
-        .stbl
+    let mdhd = trak.mdia.mdhd;
+    let mut stbl = trak.mdia.minf.stbl;
+    let avc1 = stbl
         .stsd
         .avc1
         .as_ref()
@@ -289,7 +385,7 @@ fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
         .iter()
         .map(|n| n.bytes.clone())
         .collect();
-    if sps.is_empty() || pps.is_empty() {
+    let Some(first_sps) = sps.first().filter(|_| !pps.is_empty()) else {
         return Err(malformed(
             path,
             format!(
@@ -298,8 +394,8 @@ fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
                 pps.len()
             ),
         ));
-    }
-    let profile_idc = sps[0]
+    };
+    let profile_idc = first_sps
         .get(1)
         .copied()
         .unwrap_or(avcc.avc_profile_indication);
@@ -311,19 +407,33 @@ fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
         });
     }
 
-    let timescale = trak.mdia.mdhd.timescale;
-    let frames = track.sample_count() as usize;
+    let timescale = mdhd.timescale;
+    let frames = stbl.stsz.sample_count;
     if frames == 0 {
         return Err(malformed(
             path,
             format!("video track {track_id} has no samples"),
         ));
     }
+    let (width, height) = (u32::from(avc1.width), u32::from(avc1.height));
+    // The declared sizes, before anything is sized by them: the sample entry's, then each
+    // SPS's (what the decoder allocates by).
+    limits.check(
+        path,
+        "MP4",
+        u64::from(width),
+        u64::from(height),
+        Some(u64::from(frames)),
+    )?;
+    for nal in &sps {
+        check_sps_size(path, nal, u64::from(frames), limits)?;
+    }
+    let frames = usize::try_from(frames).map_err(|_| malformed(path, "too many samples"))?;
     if timescale == 0 {
         return Err(malformed(path, "track timescale is 0"));
     }
-    let track_duration_secs = trak.mdia.mdhd.duration as f64 / timescale as f64;
-    let stts = &trak.mdia.minf.stbl.stts.entries;
+    let track_duration_secs = mdhd.duration as f64 / timescale as f64;
+    let stts = &stbl.stts.entries;
     let fps = match stts.first() {
         Some(first)
             if first.sample_delta > 0
@@ -339,17 +449,11 @@ fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
             ))
         }
     };
-    let mvhd = &reader.moov.mvhd;
-    let movie_duration_secs = if mvhd.timescale > 0 {
-        mvhd.duration as f64 / mvhd.timescale as f64
-    } else {
-        0.0
-    };
     let info = Mp4Info {
         track_id,
         codec: "avc1".into(),
-        width: u32::from(avc1.width),
-        height: u32::from(avc1.height),
+        width,
+        height,
         frames,
         fps,
         track_duration_secs,
@@ -357,17 +461,111 @@ fn open<'a>(path: &Path, bytes: &'a [u8]) -> Result<Opened<'a>> {
         profile_idc,
     };
     let length_size = usize::from(avcc.length_size_minus_one & 3) + 1;
+    let tables = SampleTables {
+        sample_size: stbl.stsz.sample_size,
+        sample_sizes: std::mem::take(&mut stbl.stsz.sample_sizes),
+        chunk_runs: stbl
+            .stsc
+            .entries
+            .iter()
+            .map(|e| (e.first_chunk, e.samples_per_chunk))
+            .collect(),
+        chunk_offsets: match (stbl.stco.take(), stbl.co64.take()) {
+            (Some(stco), _) => Some(stco.entries.into_iter().map(u64::from).collect()),
+            (None, Some(co64)) => Some(co64.entries),
+            (None, None) => None,
+        },
+    };
     Ok(Opened {
-        reader,
         info,
         length_size,
         sps,
         pps,
+        tables,
     })
 }
 
-pub(crate) fn probe(path: &Path, bytes: &[u8]) -> Result<Mp4Info> {
-    open(path, bytes).map(|o| o.info)
+pub(crate) fn probe(path: &Path, bytes: &[u8], limits: &ReadLimits) -> Result<Mp4Info> {
+    open(path, bytes, limits).map(|o| o.info)
+}
+
+/// Where each of the first `count` samples lies in the file, from the sample tables (`stsz`
+/// sizes, `stsc` samples per chunk, `stco`/`co64` chunk offsets), every sum checked and every
+/// range inside the `file_len` bytes of the file.
+fn sample_ranges(
+    path: &Path,
+    tables: &SampleTables,
+    file_len: usize,
+    count: usize,
+) -> Result<Vec<std::ops::Range<usize>>> {
+    let size_of = |i: usize| -> Option<u64> {
+        if tables.sample_size > 0 {
+            Some(u64::from(tables.sample_size))
+        } else {
+            tables.sample_sizes.get(i).map(|&s| u64::from(s))
+        }
+    };
+    let Some(chunk_offsets) = &tables.chunk_offsets else {
+        return Err(malformed(path, "no chunk offsets (stco or co64 box)"));
+    };
+    let runs = &tables.chunk_runs;
+    if runs.first().map(|&(first_chunk, _)| first_chunk) != Some(1) {
+        return Err(malformed(
+            path,
+            "the sample-to-chunk table (stsc) does not start at chunk 1",
+        ));
+    }
+    // `count` was checked against the frame limit, so this is bounded.
+    let mut ranges = Vec::with_capacity(count);
+    let mut entry = 0usize;
+    for (chunk_index, &chunk_offset) in chunk_offsets.iter().enumerate() {
+        if ranges.len() == count {
+            break;
+        }
+        let chunk = u64::try_from(chunk_index)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        while runs
+            .get(entry + 1)
+            .is_some_and(|&(first_chunk, _)| u64::from(first_chunk) <= chunk)
+        {
+            entry += 1;
+        }
+        let per_chunk = runs.get(entry).map_or(0, |&(_, per_chunk)| per_chunk);
+        let mut offset = chunk_offset;
+        for _ in 0..per_chunk {
+            let i = ranges.len();
+            if i == count {
+                break;
+            }
+            let size = size_of(i).ok_or_else(|| {
+                malformed(path, format!("sample {i} of {count} has no size (stsz)"))
+            })?;
+            let end = offset.checked_add(size).filter(|&e| e <= file_len as u64);
+            let Some(end) = end else {
+                return Err(VideoError::Truncated {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "sample {i} of {count} ({size} bytes at byte {offset}) lies past the end \
+                         of the file ({file_len} bytes)"
+                    ),
+                });
+            };
+            // Both ends are at most `file_len`, a `usize`.
+            ranges.push(offset as usize..end as usize);
+            offset = end;
+        }
+    }
+    if ranges.len() < count {
+        return Err(malformed(
+            path,
+            format!(
+                "the sample tables place only {} of {count} samples in chunks",
+                ranges.len()
+            ),
+        ));
+    }
+    Ok(ranges)
 }
 
 const START_CODE: [u8; 4] = [0, 0, 0, 1];
@@ -380,38 +578,212 @@ fn avcc_to_annexb(
 ) -> std::result::Result<(), String> {
     let mut pos = 0;
     while pos < sample.len() {
-        if sample.len() - pos < length_size {
-            return Err(format!(
-                "{} trailing bytes, shorter than a NAL length field",
-                sample.len() - pos
-            ));
-        }
-        let len = sample[pos..pos + length_size]
+        let field = sample
+            .get(pos..pos.saturating_add(length_size))
+            .filter(|f| f.len() == length_size)
+            .ok_or_else(|| {
+                format!(
+                    "{} trailing bytes, shorter than a NAL length field",
+                    sample.len() - pos
+                )
+            })?;
+        let len = field
             .iter()
             .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
         pos += length_size;
-        if len > sample.len() - pos {
-            return Err(format!(
-                "NAL unit of {len} bytes runs past the sample's end ({} bytes left)",
-                sample.len() - pos
-            ));
-        }
+        let nal = pos
+            .checked_add(len)
+            .and_then(|end| sample.get(pos..end))
+            .ok_or_else(|| {
+                format!(
+                    "NAL unit of {len} bytes runs past the sample's end ({} bytes left)",
+                    sample.len() - pos
+                )
+            })?;
         out.extend_from_slice(&START_CODE);
-        out.extend_from_slice(&sample[pos..pos + len]);
+        out.extend_from_slice(nal);
         pos += len;
     }
     Ok(())
 }
 
-pub(crate) fn read(path: &Path, bytes: &[u8]) -> Result<Video> {
+/// NAL units of an Annex B stream as the decoder splits it, at every `00 00 01` start code.
+fn annexb_nal_units(stream: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= stream.len() {
+        if stream[i] == 0 && stream[i + 1] == 0 && stream[i + 2] == 1 {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    let ends: Vec<usize> = starts
+        .iter()
+        .skip(1)
+        .map(|&s| s - 3)
+        .chain(std::iter::once(stream.len()))
+        .collect();
+    starts
+        .into_iter()
+        .zip(ends)
+        .filter_map(move |(s, e)| stream.get(s..e.max(s)))
+}
+
+/// Checks the frame size an SPS NAL unit declares against the limits. Every SPS reaches this
+/// before the decoder sees it: OpenH264 sizes its picture buffers by it.
+fn check_sps_size(path: &Path, nal: &[u8], frames: u64, limits: &ReadLimits) -> Result<()> {
+    let (width, height) = sps_coded_size(nal).ok_or_else(|| {
+        malformed(
+            path,
+            "cannot read the frame size from an H.264 sequence parameter set (SPS)",
+        )
+    })?;
+    limits.check(path, "H.264 SPS", width, height, Some(frames))?;
+    Ok(())
+}
+
+/// Whether a NAL unit is a sequence parameter set (7) or a subset SPS (15), which begins with
+/// the same fields.
+fn is_sps(nal: &[u8]) -> bool {
+    matches!(nal.first().map(|b| b & 0x1f), Some(7 | 15))
+}
+
+/// Reads Exp-Golomb and fixed-width fields of an H.264 RBSP (emulation prevention removed).
+struct BitReader {
+    bytes: Vec<u8>,
+    bit: usize,
+}
+
+impl BitReader {
+    /// Reads a NAL unit's payload (after its one-byte header), dropping the `03` of every
+    /// `00 00 03` emulation prevention sequence.
+    fn from_nal(nal: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(nal.len());
+        let mut zeros = 0;
+        for &b in nal.iter().skip(1) {
+            if zeros >= 2 && b == 3 {
+                zeros = 0;
+                continue;
+            }
+            zeros = if b == 0 { zeros + 1 } else { 0 };
+            bytes.push(b);
+        }
+        Self { bytes, bit: 0 }
+    }
+
+    fn flag(&mut self) -> Option<bool> {
+        let byte = *self.bytes.get(self.bit / 8)?;
+        let value = (byte >> (7 - self.bit % 8)) & 1 == 1;
+        self.bit += 1;
+        Some(value)
+    }
+
+    fn bits(&mut self, n: u32) -> Option<u64> {
+        (0..n).try_fold(0u64, |acc, _| Some((acc << 1) | u64::from(self.flag()?)))
+    }
+
+    /// Unsigned Exp-Golomb `ue(v)`; values past 32 bits are malformed in every field read here.
+    fn ue(&mut self) -> Option<u64> {
+        let mut leading_zeros = 0;
+        while !self.flag()? {
+            leading_zeros += 1;
+            if leading_zeros > 32 {
+                return None;
+            }
+        }
+        Some((1u64 << leading_zeros) - 1 + self.bits(leading_zeros)?)
+    }
+
+    /// Signed Exp-Golomb `se(v)`.
+    fn se(&mut self) -> Option<i64> {
+        let k = i64::try_from(self.ue()?).ok()?;
+        Some(if k % 2 == 1 { (k + 1) / 2 } else { -(k / 2) })
+    }
+}
+
+/// Coded frame size (width, height) in pixels that an SPS declares, before cropping: the
+/// macroblock counts of H.264 7.3.2.1.1 times 16. `None` if the SPS ends early or is malformed.
+fn sps_coded_size(nal: &[u8]) -> Option<(u64, u64)> {
+    if !is_sps(nal) {
+        return None;
+    }
+    let mut r = BitReader::from_nal(nal);
+    let profile_idc = r.bits(8)?;
+    r.bits(16)?; // constraint flags, level_idc
+    r.ue()?; // seq_parameter_set_id
+    if matches!(
+        profile_idc,
+        100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135
+    ) {
+        let chroma_format_idc = r.ue()?;
+        if chroma_format_idc == 3 {
+            r.flag()?; // separate_colour_plane_flag
+        }
+        r.ue()?; // bit_depth_luma_minus8
+        r.ue()?; // bit_depth_chroma_minus8
+        r.flag()?; // qpprime_y_zero_transform_bypass_flag
+        if r.flag()? {
+            // seq_scaling_matrix_present_flag: skip the scaling lists.
+            let lists = if chroma_format_idc == 3 { 12 } else { 8 };
+            for i in 0..lists {
+                if r.flag()? {
+                    let size = if i < 6 { 16 } else { 64 };
+                    let (mut last, mut next) = (8i64, 8i64);
+                    for _ in 0..size {
+                        if next != 0 {
+                            next = (last + r.se()? + 256).rem_euclid(256);
+                        }
+                        if next != 0 {
+                            last = next;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    r.ue()?; // log2_max_frame_num_minus4
+    match r.ue()? {
+        0 => {
+            r.ue()?; // log2_max_pic_order_cnt_lsb_minus4
+        }
+        1 => {
+            r.flag()?; // delta_pic_order_always_zero_flag
+            r.se()?; // offset_for_non_ref_pic
+            r.se()?; // offset_for_top_to_bottom_field
+            let cycle = r.ue()?;
+            if cycle > 255 {
+                return None;
+            }
+            for _ in 0..cycle {
+                r.se()?;
+            }
+        }
+        _ => {}
+    }
+    r.ue()?; // max_num_ref_frames
+    r.flag()?; // gaps_in_frame_num_value_allowed_flag
+    let width_in_mbs = r.ue()?.checked_add(1)?;
+    let height_in_map_units = r.ue()?.checked_add(1)?;
+    let frame_mbs_only = r.flag()?;
+    let field_factor = if frame_mbs_only { 1 } else { 2 };
+    Some((
+        width_in_mbs.checked_mul(16)?,
+        height_in_map_units.checked_mul(16 * field_factor)?,
+    ))
+}
+
+pub(crate) fn read(path: &Path, bytes: &[u8], limits: &ReadLimits) -> Result<Video> {
     let Opened {
-        mut reader,
         info,
         length_size,
         sps,
         pps,
-    } = open(path, bytes)?;
+        tables,
+    } = open(path, bytes, limits)?;
     let samples = info.frames;
+    let ranges = sample_ranges(path, &tables, bytes.len(), samples)?;
     let decode_error = |sample: usize, detail: String| VideoError::Decode {
         path: path.to_path_buf(),
         sample,
@@ -425,25 +797,11 @@ pub(crate) fn read(path: &Path, bytes: &[u8]) -> Result<Video> {
     let config = DecoderConfig::new().flush_after_decode(Flush::NoFlush);
     let mut decoder = Decoder::with_api_config(OpenH264API::from_source(), config)
         .map_err(|e| decode_error(0, format!("cannot create the decoder: {e}")))?;
-    let mut frames = Frames::new(path, samples);
+    let mut frames = Frames::new(path, samples, limits);
     let mut annexb = Vec::new();
-    for i in 0..samples {
-        let sample = match reader.read_sample(info.track_id, i as u32 + 1) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Err(malformed(
-                    path,
-                    format!("sample {i} of {samples} missing from the sample tables"),
-                ))
-            }
-            Err(mp4::Error::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(VideoError::Truncated {
-                    path: path.to_path_buf(),
-                    detail: format!("sample {i} of {samples} lies past the end of the file"),
-                })
-            }
-            Err(e) => return Err(malformed(path, format!("sample {i}: {e}"))),
-        };
+    for (i, range) in ranges.into_iter().enumerate() {
+        // `sample_ranges` keeps every range inside the file.
+        let sample = bytes.get(range).unwrap_or_default();
         annexb.clear();
         if i == 0 {
             for ps in sps.iter().chain(&pps) {
@@ -451,8 +809,13 @@ pub(crate) fn read(path: &Path, bytes: &[u8]) -> Result<Video> {
                 annexb.extend_from_slice(ps);
             }
         }
-        avcc_to_annexb(&sample.bytes, length_size, &mut annexb)
+        avcc_to_annexb(sample, length_size, &mut annexb)
             .map_err(|e| malformed(path, format!("sample {i}: {e}")))?;
+        // Parameter sets may also come in-band, in the samples: check every one the decoder
+        // will see, split as it splits them.
+        for nal in annexb_nal_units(&annexb).filter(|n| is_sps(n)) {
+            check_sps_size(path, nal, samples as u64, limits)?;
+        }
         match decoder.decode(&annexb) {
             Ok(Some(yuv)) => frames.push(&yuv)?,
             Ok(None) => {}
@@ -520,6 +883,7 @@ fn decode_message(e: &openh264::Error) -> String {
 /// Decoded pictures gathered as RGB, all of one size.
 struct Frames<'p> {
     path: &'p Path,
+    limits: &'p ReadLimits,
     data: Vec<u8>,
     size: Option<(usize, usize)>,
     count: usize,
@@ -528,9 +892,10 @@ struct Frames<'p> {
 }
 
 impl<'p> Frames<'p> {
-    fn new(path: &'p Path, expected: usize) -> Self {
+    fn new(path: &'p Path, expected: usize, limits: &'p ReadLimits) -> Self {
         Self {
             path,
+            limits,
             data: Vec::new(),
             size: None,
             count: 0,
@@ -541,19 +906,41 @@ impl<'p> Frames<'p> {
     fn push(&mut self, yuv: &DecodedYUV<'_>) -> Result<()> {
         let (w, h) = yuv.dimensions();
         if self.size.is_none() {
-            self.data.reserve_exact(self.expected.max(1) * w * h * 3);
+            // The SPS was checked, but the clip is sized by the decoder's actual picture.
+            let total = self.limits.check(
+                self.path,
+                "MP4",
+                w as u64,
+                h as u64,
+                Some(self.expected.max(1) as u64),
+            )?;
+            self.data
+                .try_reserve_exact(total)
+                .map_err(|source| VideoError::OutOfMemory {
+                    path: self.path.to_path_buf(),
+                    bytes: total,
+                    source,
+                })?;
         }
         let (fw, fh) = *self.size.get_or_insert((w, h));
         if (w, h) != (fw, fh) {
             return Err(VideoError::FrameSizeMismatch {
                 path: self.path.to_path_buf(),
                 frame: self.count,
-                width: fw as u32,
-                height: fh as u32,
-                got_width: w as u32,
-                got_height: h as u32,
+                width: u32::try_from(fw).unwrap_or(u32::MAX),
+                height: u32::try_from(fh).unwrap_or(u32::MAX),
+                got_width: u32::try_from(w).unwrap_or(u32::MAX),
+                got_height: u32::try_from(h).unwrap_or(u32::MAX),
             });
         }
+        if self.count >= self.expected {
+            // Never more pictures than samples: the reservation above holds exactly the clip.
+            return Err(malformed(
+                self.path,
+                format!("the decoder produced more than {} pictures", self.expected),
+            ));
+        }
+        // `w * h * 3` was checked by `limits.check` for the whole clip.
         let start = self.data.len();
         self.data.resize(start + w * h * 3, 0);
         yuv.write_rgb8(&mut self.data[start..]);
@@ -563,7 +950,8 @@ impl<'p> Frames<'p> {
 
     fn finish(self, fps: f64) -> Result<Video> {
         let (w, h) = self.size.unwrap_or((0, 0));
-        Video::new(self.data, w as u32, h as u32, fps).map_err(|e| VideoError::Malformed {
+        let (w, h) = (u32::try_from(w).unwrap_or(0), u32::try_from(h).unwrap_or(0));
+        Video::new(self.data, w, h, fps).map_err(|e| VideoError::Malformed {
             path: self.path.to_path_buf(),
             format: "MP4",
             detail: e.to_string(),

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Result, VideoError};
+use crate::limits::{human_bytes, MAX_DECODED_BYTES, MAX_FRAME_SIDE};
 
 /// Frames per second given to a folder of PNG frames, which stores none: Wan 2.1's rate.
 pub const DEFAULT_FPS: f64 = 16.0;
@@ -44,7 +45,7 @@ impl Video {
             )));
         }
         check_fps(fps)?;
-        let frame_len = frame_len(width, height);
+        let frame_len = checked_frame_len(width, height)?;
         if data.is_empty() || !data.len().is_multiple_of(frame_len) {
             return Err(VideoError::InvalidVideo(format!(
                 "{} bytes is not a positive whole number of {width}x{height} RGB frames ({frame_len} bytes each)",
@@ -68,8 +69,8 @@ impl Video {
         height: u32,
         fps: f64,
     ) -> Result<Self> {
-        let frame_len = frame_len(width, height);
-        let mut data = Vec::with_capacity(frames.len() * frame_len);
+        let frame_len = checked_frame_len(width, height)?;
+        let mut data = Vec::with_capacity(frames.len().saturating_mul(frame_len));
         for (i, f) in frames.iter().enumerate() {
             let f = f.as_ref();
             if f.len() != frame_len {
@@ -123,7 +124,8 @@ impl Video {
     /// Frame `t` as H×W×3 RGB bytes, or `None` past the end.
     pub fn frame(&self, t: usize) -> Option<&[u8]> {
         let n = frame_len(self.width, self.height);
-        self.data.get(t * n..(t + 1) * n)
+        let start = t.checked_mul(n)?;
+        self.data.get(start..start.checked_add(n)?)
     }
 
     /// The frames in display order, each H×W×3 RGB bytes.
@@ -156,8 +158,21 @@ impl Video {
     }
 }
 
+/// Bytes of one RGB frame of a valid [`Video`], whose frames are known to fit in memory.
 fn frame_len(width: u32, height: u32) -> usize {
     width as usize * height as usize * 3
+}
+
+/// Bytes of one RGB frame of a size not yet validated; an error when it overflows `usize`.
+fn checked_frame_len(width: u32, height: u32) -> Result<usize> {
+    (width as usize)
+        .checked_mul(height as usize)
+        .and_then(|px| px.checked_mul(3))
+        .ok_or_else(|| {
+            VideoError::InvalidVideo(format!(
+                "frame size {width}x{height} does not fit in memory"
+            ))
+        })
 }
 
 fn check_fps(fps: f64) -> Result<()> {
@@ -269,12 +284,32 @@ pub fn from_tensor(tensor: &Tensor, fps: f64) -> Result<Video> {
 /// aspect ratio is resampled to exactly `width`×`height` with a triangle (bilinear) filter whose
 /// support widens when shrinking, so downscaling averages over the covered area instead of
 /// aliasing. The frame rate is kept.
+///
+/// The target is bounded like decoded input: at most [`MAX_FRAME_SIDE`] pixels per side and
+/// [`MAX_DECODED_BYTES`] for all output frames, checked before the output is allocated.
 pub fn resize_center_crop(video: &Video, width: u32, height: u32) -> Result<Video> {
     if width == 0 || height == 0 {
         return Err(VideoError::InvalidVideo(format!(
             "target size {width}x{height} has a zero side"
         )));
     }
+    // The target size is the caller's: bound it like a decoded input before allocating for it.
+    if width > MAX_FRAME_SIDE || height > MAX_FRAME_SIDE {
+        return Err(VideoError::InvalidVideo(format!(
+            "target size {width}x{height} exceeds {MAX_FRAME_SIDE} pixels per side"
+        )));
+    }
+    let out_len = (video.frames as u64)
+        .checked_mul(u64::from(width) * u64::from(height) * 3)
+        .filter(|&b| b <= MAX_DECODED_BYTES)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| {
+            VideoError::InvalidVideo(format!(
+                "{} frames of {width}x{height} exceed the limit of {} of RGB frames",
+                video.frames,
+                human_bytes(MAX_DECODED_BYTES)
+            ))
+        })?;
     let (sw, sh) = (video.width as u64, video.height as u64);
     if (sw, sh) == (width as u64, height as u64) {
         return Ok(video.clone());
@@ -289,10 +324,12 @@ pub fn resize_center_crop(video: &Video, width: u32, height: u32) -> Result<Vide
         (cw.clamp(1, sw), sh)
     };
     let (x0, y0) = ((sw - cw) / 2, (sh - ch) / 2);
-    let mut data = Vec::with_capacity(video.frames * frame_len(width, height));
+    let mut data = Vec::new();
+    data.try_reserve_exact(out_len)
+        .map_err(|e| VideoError::InvalidVideo(format!("cannot allocate {out_len} bytes: {e}")))?;
     for frame in video.frames() {
         let img = image::RgbImage::from_raw(video.width, video.height, frame.to_vec())
-            .expect("frame length checked by Video::new");
+            .ok_or_else(|| VideoError::InvalidVideo("frame length mismatch".into()))?;
         let cropped =
             image::imageops::crop_imm(&img, x0 as u32, y0 as u32, cw as u32, ch as u32).to_image();
         let resized = if (cw, ch) == (width as u64, height as u64) {
