@@ -569,8 +569,11 @@ fn dit_config(k: &Keys<'_>, layout: KeyLayout) -> Result<DitConfig, String> {
         },
         0,
     )?;
-    let patch_volume = pt * ph * pw;
-    let out_dim = head_rows.checked_div(patch_volume).unwrap_or(0);
+    // Shapes come from the file: a hostile one may overflow the product (then 0, "unknown").
+    let patch_volume = pt.checked_mul(ph).and_then(|v| v.checked_mul(pw));
+    let out_dim = patch_volume
+        .and_then(|v| head_rows.checked_div(v))
+        .unwrap_or(0);
     let num_layers = k.indices("blocks.").len();
     let image_conditioning = if wan {
         k.has("blocks.0.cross_attn.k_img.weight") || k.any_prefix("img_emb.")
@@ -766,7 +769,12 @@ fn clip_config(k: &Keys<'_>, layout: KeyLayout) -> Result<ClipConfig, String> {
     });
     let image_size = num_positions.and_then(|n| {
         let grid = (n.checked_sub(1)? as f64).sqrt().round() as usize;
-        (grid * grid + 1 == n).then_some(grid * patch_size)
+        // Checked: `n` and `patch_size` come from the file.
+        let square = grid.checked_mul(grid)?.checked_add(1)?;
+        if square != n {
+            return None;
+        }
+        grid.checked_mul(patch_size)
     });
     // Wan's `visual.head` and open_clip's `visual.proj` are [width, out]; transformers' projection
     // is a Linear weight [out, width].

@@ -21,6 +21,33 @@ pub enum InspectError {
         /// What the operating system said.
         error: std::io::Error,
     },
+    /// Nothing exists at the path (or a symbolic link there points nowhere).
+    #[error("{}: no such file", path.display())]
+    NotFound {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The path names a directory, not a file.
+    #[error("{}: is a directory, not a checkpoint file", path.display())]
+    IsDirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The path names a FIFO, a device, a socket, …: reading one could block forever or never
+    /// end, so it is refused before it is opened.
+    #[error("{}: is not a regular file ({kind})", path.display())]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: crate::SpecialFile,
+    },
+    /// Resolving the path's symbolic links goes round in a loop.
+    #[error("{}: too many levels of symbolic links (a symbolic link loop)", path.display())]
+    SymlinkLoop {
+        /// The path.
+        path: PathBuf,
+    },
     /// The file has no bytes at all.
     #[error("{}: the file is empty (0 bytes)", path.display())]
     Empty {
@@ -427,6 +454,10 @@ impl InspectError {
     pub fn path(&self) -> &std::path::Path {
         match self {
             Self::Io { path, .. }
+            | Self::NotFound { path }
+            | Self::IsDirectory { path }
+            | Self::NotRegularFile { path, .. }
+            | Self::SymlinkLoop { path }
             | Self::Empty { path }
             | Self::UnknownFormat { path, .. }
             | Self::Truncated { path, .. }
@@ -457,6 +488,16 @@ impl InspectError {
             | Self::StorageSizeMismatch { path, .. }
             | Self::ViewOutOfRange { path, .. }
             | Self::DuplicateTensor { path, .. } => path,
+        }
+    }
+
+    /// The message without the leading `path: `, for callers that name the file themselves.
+    pub fn detail(&self) -> String {
+        let message = self.to_string();
+        let prefix = format!("{}: ", self.path().display());
+        match message.strip_prefix(&prefix) {
+            Some(rest) => rest.to_owned(),
+            None => message,
         }
     }
 }

@@ -37,11 +37,14 @@ mod dtype;
 mod error;
 mod pickle;
 mod pth_file;
+mod regular_file;
 mod safetensors_file;
+
+#[cfg(test)]
+mod fuzz_tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
@@ -53,6 +56,7 @@ pub use crate::detect::{
 };
 pub use crate::dtype::DType;
 pub use crate::error::InspectError;
+pub use crate::regular_file::{check_regular_file, open_regular, SpecialFile};
 
 /// A half-open byte range `[start, end)` of absolute file offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -66,7 +70,7 @@ pub struct ByteRange {
 impl ByteRange {
     /// Number of bytes.
     pub fn len(&self) -> u64 {
-        self.end - self.start
+        self.end.saturating_sub(self.start)
     }
 
     /// Whether the range is empty.
@@ -240,19 +244,23 @@ impl Inspection {
 /// The format is taken from the content: a zip archive is read as a PyTorch checkpoint, an 8-byte
 /// length followed by `{` as safetensors. When the content is neither, the extension decides which
 /// format's error to report (`.safetensors`; `.pth`/`.pt`/`.bin`/`.ckpt`), and any other file gives
-/// [`InspectError::UnknownFormat`].
+/// [`InspectError::UnknownFormat`]. Only regular files are opened (see [`open_regular`]).
 pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
-    let io = |error| InspectError::Io {
-        path: path.to_owned(),
-        error,
-    };
-    let file = File::open(path).map_err(io)?;
-    let file_size = file.metadata().map_err(io)?.len();
+    let file = open_regular(path)?;
+    let file_size = file
+        .metadata()
+        .map_err(|error| InspectError::Io {
+            path: path.to_owned(),
+            error,
+        })?
+        .len();
     inspect_reader(path, file, file_size)
 }
 
-/// [`inspect`] on any seekable reader of `file_size` bytes; `path` only names it in errors.
-fn inspect_reader<R: Read + Seek>(
+/// [`inspect`] on any seekable reader of `file_size` bytes (a file already opened, bytes in
+/// memory); `path` only names it in errors and, for content that matches no format, breaks the
+/// tie by its extension.
+pub fn inspect_reader<R: Read + Seek>(
     path: &Path,
     mut file: R,
     file_size: u64,
@@ -261,6 +269,67 @@ fn inspect_reader<R: Read + Seek>(
         path: path.to_owned(),
         error,
     };
+    match sniff(path, &mut file, file_size)? {
+        Container::Safetensors => {
+            file.rewind().map_err(io)?;
+            let header = safetensors_file::read_header(path, &mut file, file_size)?;
+            Ok(Inspection::new(
+                path,
+                FileFormat::Safetensors {
+                    header_bytes: header.data_start,
+                },
+                file_size,
+                header.metadata,
+                header.tensors,
+            ))
+        }
+        Container::Pth => {
+            file.rewind().map_err(io)?;
+            let archive = pth_file::read_archive(path, file, file_size)?;
+            Ok(Inspection::new(
+                path,
+                FileFormat::Pth {
+                    pickle_entry: archive.pickle_entry,
+                },
+                file_size,
+                None,
+                archive.tensors,
+            ))
+        }
+    }
+}
+
+/// A checkpoint container, as told apart by a file's first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Container {
+    /// safetensors: an 8-byte header length, then the JSON header.
+    Safetensors,
+    /// A `torch.save` zip archive (`.pth`, `.pt`, `.bin`, `.ckpt`).
+    Pth,
+}
+
+/// Which container the regular file at `path` is, decided exactly as [`inspect`] decides it: by
+/// content, the extension only choosing which error a file that matches neither format gets.
+/// Reads at most 9 bytes.
+///
+/// Loaders use this instead of the extension, so a safetensors file named `.ckpt` or `.bin` is
+/// read as safetensors. Errors: those of [`open_regular`], [`InspectError::Empty`],
+/// [`InspectError::LegacyPth`] and [`InspectError::UnknownFormat`].
+pub fn container_of(path: &Path) -> Result<Container, InspectError> {
+    let mut file = open_regular(path)?;
+    let file_size = file
+        .metadata()
+        .map_err(|error| InspectError::Io {
+            path: path.to_owned(),
+            error,
+        })?
+        .len();
+    sniff(path, &mut file, file_size)
+}
+
+/// Reads the first bytes of `file` (positioned at 0) and decides the container.
+fn sniff(path: &Path, file: &mut impl Read, file_size: u64) -> Result<Container, InspectError> {
     if file_size == 0 {
         return Err(InspectError::Empty {
             path: path.to_owned(),
@@ -269,7 +338,10 @@ fn inspect_reader<R: Read + Seek>(
     // Nine bytes tell the formats apart (safetensors: 8-byte length, then `{`), and they are all
     // header bytes: the data section of a safetensors file starts after at least 10.
     let mut head = [0u8; 9];
-    let n = read_up_to(&mut file, &mut head).map_err(io)?;
+    let n = read_up_to(file, &mut head).map_err(|error| InspectError::Io {
+        path: path.to_owned(),
+        error,
+    })?;
     let head = &head[..n];
     let ext = path
         .extension()
@@ -288,17 +360,7 @@ fn inspect_reader<R: Read + Seek>(
     let st_ext = matches!(ext.as_str(), "safetensors" | "sft");
 
     if looks_safetensors || (st_ext && !is_zip && !is_pickle) {
-        file.rewind().map_err(io)?;
-        let header = safetensors_file::read_header(path, &mut file, file_size)?;
-        return Ok(Inspection::new(
-            path,
-            FileFormat::Safetensors {
-                header_bytes: header.data_start,
-            },
-            file_size,
-            header.metadata,
-            header.tensors,
-        ));
+        return Ok(Container::Safetensors);
     }
     if is_pickle {
         return Err(InspectError::LegacyPth {
@@ -306,17 +368,7 @@ fn inspect_reader<R: Read + Seek>(
         });
     }
     if is_zip || pth_ext {
-        file.rewind().map_err(io)?;
-        let archive = pth_file::read_archive(path, file, file_size)?;
-        return Ok(Inspection::new(
-            path,
-            FileFormat::Pth {
-                pickle_entry: archive.pickle_entry,
-            },
-            file_size,
-            None,
-            archive.tensors,
-        ));
+        return Ok(Container::Pth);
     }
     Err(InspectError::UnknownFormat {
         path: path.to_owned(),

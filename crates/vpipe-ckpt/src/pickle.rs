@@ -22,6 +22,17 @@ use crate::DType;
 pub(crate) const MAX_DEPTH: u32 = 100;
 /// Most container elements copied because of memo snapshots before the pickle is refused.
 pub(crate) const MAX_COPY_WORK: u64 = 1 << 24;
+/// Most values a pickle may push or memoise. A state dict needs about 20 per tensor (the Wan
+/// 14B DiT's 1,095 tensors about 22,000), so this admits training checkpoints of 200,000
+/// tensors while keeping a hostile pickle of one-byte opcodes (`N`, `DUP`) from filling memory
+/// with ~24-byte values: at most ~100 MB of them.
+pub(crate) const MAX_VALUES: u64 = 1 << 22;
+/// Most dimensions a tensor may have (Wan's largest is 5).
+pub(crate) const MAX_RANK: usize = crate::safetensors_file::MAX_RANK;
+/// Most shape and stride entries over all tensors of the state dict. One tensor referred to
+/// from many keys is copied once per key, so this bounds what the flattened list can take
+/// (32 MB of sizes), not what the pickle's size does.
+pub(crate) const MAX_FLATTENED_DIMS: u64 = 1 << 22;
 
 /// What went wrong while reading a pickle. Offsets are byte positions in the pickle.
 #[derive(Debug, Clone, PartialEq)]
@@ -278,6 +289,8 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
     copy_work: u64,
+    /// Values pushed or memoised so far, against [`MAX_VALUES`].
+    values_made: u64,
 }
 
 type Result<T> = std::result::Result<T, PickleError>;
@@ -292,6 +305,7 @@ impl<'a> Machine<'a> {
             marks: Vec::new(),
             memo: HashMap::new(),
             copy_work: 0,
+            values_made: 0,
         }
     }
 
@@ -343,8 +357,20 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// Pushes a value; [`Self::run`] checks the count against [`MAX_VALUES`] before each opcode
+    /// (each pushes at most one).
     fn push(&mut self, v: Value) {
+        self.values_made += 1;
         self.stack.push(v);
+    }
+
+    fn check_value_count(&self) -> Result<()> {
+        if self.values_made > MAX_VALUES {
+            return self.malformed(format!(
+                "the pickle makes more than {MAX_VALUES} values, more than a state dict needs"
+            ));
+        }
+        Ok(())
     }
 
     fn pop(&mut self) -> Result<Value> {
@@ -483,6 +509,12 @@ impl<'a> Machine<'a> {
         let Value::Tuple { items, .. } = v else {
             return self.malformed(format!("{what} is {}, not a tuple", v.kind()));
         };
+        if items.len() > MAX_RANK {
+            return self.malformed(format!(
+                "{what} has {} dimensions, more than {MAX_RANK}",
+                items.len()
+            ));
+        }
         items
             .iter()
             .map(|x| {
@@ -602,6 +634,7 @@ impl<'a> Machine<'a> {
             Some(v) if self.stack.len() > self.marks.last().copied().unwrap_or(0) => v.clone(),
             _ => return self.malformed("memoising an empty stack"),
         };
+        self.values_made += 1;
         self.memo.insert(id, v);
         Ok(())
     }
@@ -641,6 +674,7 @@ impl<'a> Machine<'a> {
     fn run(&mut self) -> Result<Value> {
         loop {
             self.op_start = self.pos;
+            self.check_value_count()?;
             if self.pos >= self.data.len() {
                 return Err(PickleError::Truncated {
                     offset: self.data.len() as u64,
@@ -916,42 +950,64 @@ pub(crate) fn read_state_dict(data: &[u8]) -> Result<Vec<(String, Tensor)>> {
             found: root.kind().to_owned(),
         });
     };
-    let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    flatten(&items, "", &mut out, &mut seen)?;
-    Ok(out)
+    let mut flat = Flattened {
+        tensors: Vec::new(),
+        seen: std::collections::HashSet::new(),
+        dims_left: MAX_FLATTENED_DIMS,
+        end: data.len() as u64,
+    };
+    flat.add(&items, "")?;
+    Ok(flat.tensors)
 }
 
-fn flatten(
-    items: &[(Value, Value)],
-    prefix: &str,
-    out: &mut Vec<(String, Tensor)>,
-    seen: &mut std::collections::HashSet<String>,
-) -> Result<()> {
-    for (k, v) in items {
-        let key = match k {
-            Value::Str(s) => s.to_string(),
-            Value::Int(i) => i.to_string(),
-            _ => continue,
-        };
-        let name = if prefix.is_empty() {
-            key
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match v {
-            Value::Tensor(t) => {
-                if !seen.insert(name.clone()) {
-                    return Err(PickleError::Duplicate { name });
+/// The state dict's tensors with dotted names, as nested dicts are flattened.
+struct Flattened {
+    tensors: Vec<(String, Tensor)>,
+    seen: std::collections::HashSet<String>,
+    /// Shape and stride entries that may still be copied (see [`MAX_FLATTENED_DIMS`]).
+    dims_left: u64,
+    /// The pickle's length, the offset errors found after reading it are reported at.
+    end: u64,
+}
+
+impl Flattened {
+    fn add(&mut self, items: &[(Value, Value)], prefix: &str) -> Result<()> {
+        for (k, v) in items {
+            let key = match k {
+                Value::Str(s) => s.to_string(),
+                Value::Int(i) => i.to_string(),
+                _ => continue,
+            };
+            let name = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match v {
+                Value::Tensor(t) => {
+                    if !self.seen.insert(name.clone()) {
+                        return Err(PickleError::Duplicate { name });
+                    }
+                    let dims = (t.shape.len() + t.stride.len()) as u64;
+                    self.dims_left =
+                        self.dims_left
+                            .checked_sub(dims)
+                            .ok_or_else(|| PickleError::Malformed {
+                                offset: self.end,
+                                reason: format!(
+                                    "the state dict's tensors have more than {MAX_FLATTENED_DIMS} \
+                                 shape and stride entries in all"
+                                ),
+                            })?;
+                    self.tensors.push((name, (**t).clone()));
                 }
-                out.push((name, (**t).clone()));
+                // Depth is bounded by MAX_DEPTH, so this recursion is too.
+                Value::Dict { items, .. } => self.add(items, &name)?,
+                _ => {}
             }
-            // Depth is bounded by MAX_DEPTH, so this recursion is too.
-            Value::Dict { items, .. } => flatten(items, &name, out, seen)?,
-            _ => {}
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1101,6 +1157,37 @@ mod tests {
         let err = read_state_dict(&p).unwrap_err();
         assert!(
             matches!(err, PickleError::Malformed { ref reason, .. } if reason.contains("copies too many")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn values_a_pickle_can_make_are_bounded() {
+        // One-byte NONE opcodes would otherwise fill memory with stack values.
+        let mut p = vec![0x80, 2, b'('];
+        p.extend(std::iter::repeat_n(b'N', MAX_VALUES as usize + 1));
+        p.extend_from_slice(b"l.");
+        let err = read_state_dict(&p).unwrap_err();
+        assert!(
+            matches!(err, PickleError::Malformed { ref reason, .. } if reason.contains("values")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_tensor_of_too_many_dimensions_is_refused() {
+        // The plain pickle with its size tuple (2, 3) replaced by a MARK-built 65-tuple.
+        let plain = torch_plain();
+        let size = b"K\x02K\x03\x86q\x08";
+        let at = plain.windows(size.len()).position(|w| w == size).unwrap();
+        let mut p = plain[..at].to_vec();
+        p.push(b'(');
+        p.extend(std::iter::repeat_n([b'K', 1], 65).flatten());
+        p.push(b't');
+        p.extend_from_slice(&plain[at + size.len()..]);
+        let err = read_state_dict(&p).unwrap_err();
+        assert!(
+            matches!(err, PickleError::Malformed { ref reason, .. } if reason.contains("more than 64")),
             "{err:?}"
         );
     }

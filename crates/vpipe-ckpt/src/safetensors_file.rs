@@ -7,12 +7,13 @@
 //! whole file in memory (it compares the offsets with the buffer length), so the same rules are
 //! applied here against the file size instead, each failure with its own error.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::{ByteRange, DType, InspectError, TensorInfo};
@@ -92,46 +93,51 @@ pub(crate) fn parse_header(
         path: p(),
         valid_up_to: e.valid_up_to(),
     })?;
-    let entries: Entries = serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => InspectError::HeaderInvalid {
-            path: p(),
-            reason: one_line(&e.to_string()),
-        },
-        _ => InspectError::HeaderNotJson {
-            path: p(),
-            reason: one_line(&e.to_string()),
-        },
-    })?;
+    // The entries are read straight into their typed form (no `serde_json::Value` tree, which
+    // takes ~16× the header's size in memory); `current` names the entry being read so that an
+    // error in it can say which.
+    let current = RefCell::new(None);
+    let mut json = serde_json::Deserializer::from_str(text);
+    let entries = EntriesSeed { current: &current }
+        .deserialize(&mut json)
+        .and_then(|entries| json.end().map(|()| entries))
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => InspectError::HeaderInvalid {
+                path: p(),
+                reason: match current.borrow().as_deref() {
+                    Some(METADATA_KEY) => format!(
+                        "__metadata__ must map strings to strings: {}",
+                        one_line(&e.to_string())
+                    ),
+                    Some(name) => format!("tensor {name:?}: {}", one_line(&e.to_string())),
+                    None => one_line(&e.to_string()),
+                },
+            },
+            _ => InspectError::HeaderNotJson {
+                path: p(),
+                reason: one_line(&e.to_string()),
+            },
+        })?;
 
     let data_start = 8 + header.len() as u64;
     let data_len = file_size.saturating_sub(data_start);
     let mut metadata = None;
-    let mut tensors = Vec::with_capacity(entries.0.len());
+    let mut tensors = Vec::with_capacity(entries.len());
     let mut seen = HashSet::new();
-    for (name, value) in entries.0 {
+    for (name, entry) in entries {
         if !seen.insert(name.clone()) {
             return Err(InspectError::HeaderInvalid {
                 path: p(),
                 reason: format!("the name {name:?} appears twice"),
             });
         }
-        if name == "__metadata__" {
-            let map: BTreeMap<String, String> =
-                serde_json::from_value(value).map_err(|e| InspectError::HeaderInvalid {
-                    path: p(),
-                    reason: format!(
-                        "__metadata__ must map strings to strings: {}",
-                        one_line(&e.to_string())
-                    ),
-                })?;
-            metadata = Some(map);
-            continue;
-        }
-        let raw: RawEntry =
-            serde_json::from_value(value).map_err(|e| InspectError::HeaderInvalid {
-                path: p(),
-                reason: format!("tensor {name:?}: {}", one_line(&e.to_string())),
-            })?;
+        let raw = match entry {
+            Entry::Metadata(map) => {
+                metadata = Some(map);
+                continue;
+            }
+            Entry::Tensor(raw) => raw,
+        };
         let Some(dtype) = DType::from_safetensors_name(&raw.dtype) else {
             return Err(InspectError::UnknownDtype {
                 path: p(),
@@ -238,36 +244,87 @@ fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }
 
-/// One header entry as written.
+/// The key of the header's string map.
+const METADATA_KEY: &str = "__metadata__";
+
+/// Most dimensions a tensor may have: far above any model's (Wan's largest is 5), and it bounds
+/// what a hostile header can make this reader allocate per tensor.
+pub(crate) const MAX_RANK: usize = 64;
+
+/// One tensor entry as written.
 #[derive(Deserialize)]
 struct RawEntry {
     dtype: String,
+    #[serde(deserialize_with = "bounded_shape")]
     shape: Vec<usize>,
     data_offsets: [u64; 2],
 }
 
-/// The header object's entries in file order (serde_json's map would sort them and merge
-/// duplicate names silently).
-struct Entries(Vec<(String, serde_json::Value)>);
+/// A header entry: the metadata map or a tensor.
+enum Entry {
+    Metadata(BTreeMap<String, String>),
+    Tensor(RawEntry),
+}
 
-impl<'de> Deserialize<'de> for Entries {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Entries;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object mapping tensor names to entries")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
-                let mut out = Vec::new();
-                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
-                    out.push(entry);
-                }
-                Ok(Entries(out))
-            }
-        }
-        d.deserialize_map(V)
+/// Reads the header object's entries in file order (a map type would sort them and merge
+/// duplicate names silently), recording in `current` the name of the entry being read.
+struct EntriesSeed<'a> {
+    current: &'a RefCell<Option<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<(String, Entry)>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
     }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<(String, Entry)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object mapping tensor names to entries")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(name) = map.next_key::<String>()? {
+            *self.current.borrow_mut() = Some(name.clone());
+            let entry = if name == METADATA_KEY {
+                Entry::Metadata(map.next_value()?)
+            } else {
+                Entry::Tensor(map.next_value()?)
+            };
+            *self.current.borrow_mut() = None;
+            out.push((name, entry));
+        }
+        Ok(out)
+    }
+}
+
+/// A shape of at most [`MAX_RANK`] dimensions, refused as soon as the limit is passed.
+fn bounded_shape<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+    struct Shape;
+    impl<'de> Visitor<'de> for Shape {
+        type Value = Vec<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a list of at most {MAX_RANK} dimension sizes")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<usize>, A::Error> {
+            let mut dims = Vec::new();
+            while let Some(n) = seq.next_element::<usize>()? {
+                if dims.len() == MAX_RANK {
+                    return Err(de::Error::custom(format_args!(
+                        "the shape has more than {MAX_RANK} dimensions"
+                    )));
+                }
+                dims.push(n);
+            }
+            Ok(dims)
+        }
+    }
+    d.deserialize_seq(Shape)
 }
 
 #[cfg(test)]
