@@ -467,6 +467,8 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
     spec: TileSpec,
     encode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
+    // The spec first: a bad spec is reported whatever the input.
+    spec.validate()?;
     let (_, _, _, h, w) = non_empty_5d(video, "[B, C, T, H, W]")?;
     spec.check_frame(h, w)?;
     let layout = Layout {
@@ -523,6 +525,7 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
     finish: Finish,
     decode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
+    spec.validate()?;
     let (_, _, _, h, w) = non_empty_5d(latents, "[B, C, T, h, w]")?;
     // Saturated, a product past usize is past the frame limit too and refused as such.
     let (out_h, out_w) = (

@@ -365,6 +365,7 @@ fn bad_tile_parameters_are_refused_before_any_work() {
                         assert_eq!((stride, tile), (spec.stride, spec.tile));
                         "stride"
                     }
+                    other => panic!("{spec:?}: not a spec error: {other}"),
                 };
                 assert_eq!(variant, which, "{spec:?}: {err}");
                 assert_eq!(spec.validate(), Err(err));

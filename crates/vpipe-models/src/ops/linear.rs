@@ -225,6 +225,63 @@ mod tests {
         Ok(())
     }
 
+    /// A plain float8 weight taken with a scale of exactly 1.0 (as a caller supplies for an
+    /// unscaled e4m3 checkpoint) stays float8 and computes the f32 matmul of its values.
+    #[test]
+    fn plain_fp8_weight_with_unit_scale_matches_f32_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        // Values of every magnitude e4m3 holds, some of them rounded on the way in.
+        let w = Tensor::new(
+            &[
+                [0.013f32, -0.75, 3.1, 448.0],
+                [-0.001953125, 17.0, -2.6, 0.5],
+                [1.0, -96.0, 0.0, 0.09],
+            ],
+            &dev,
+        )?;
+        let stored = w.to_dtype(DType::F8E4M3)?;
+        let dequantised = stored.to_dtype(DType::F32)?;
+        let bias = Tensor::new(&[0.25f32, -1.0, 2.0], &dev)?;
+        let tensors = HashMap::from([
+            ("l.weight".to_string(), stored),
+            ("l.scale_weight".to_string(), Tensor::new(1f32, &dev)?),
+            ("l.bias".to_string(), bias.clone()),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let lin = Linear::new(4, 3, true, vb.pp("l"))?;
+        assert!(lin.is_scaled_fp8());
+        assert_eq!(lin.weight.dtype(), DType::F8E4M3);
+        let x = Tensor::new(&[[1.0f32, -2.0, 0.5, 0.125], [3.0, 0.25, -1.0, 2.0]], &dev)?;
+        let expected = x.matmul(&dequantised.t()?)?.broadcast_add(&bias)?;
+        assert_eq!(
+            lin.forward(&x)?.to_vec2::<f32>()?,
+            expected.to_vec2::<f32>()?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_input_of_the_wrong_width_or_rank_is_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let tensors = HashMap::from([(
+            "weight".to_string(),
+            Tensor::ones((3, 2), DType::F32, &dev)?,
+        )]);
+        let lin = Linear::new(
+            2,
+            3,
+            false,
+            VarBuilder::from_tensors(tensors, DType::F32, &dev),
+        )?;
+        assert!(lin.forward(&Tensor::new(1f32, &dev)?).is_err());
+        assert!(lin
+            .forward(&Tensor::ones((4, 5), DType::F32, &dev)?)
+            .is_err());
+        let empty = lin.forward(&Tensor::ones((0, 2), DType::F32, &dev)?)?;
+        assert_eq!(empty.dims(), &[0, 3]);
+        Ok(())
+    }
+
     #[test]
     fn plain_weight_matches_matmul_for_any_leading_shape() -> Result<()> {
         let dev = Device::Cpu;
