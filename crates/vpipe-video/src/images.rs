@@ -1,6 +1,6 @@
 //! Animated GIF and folders of PNG frames, through the `image` crate.
 
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
@@ -252,8 +252,8 @@ pub(crate) fn read_png_folder(dir: &Path, limits: &ReadLimits) -> Result<Video> 
     let mut data: Vec<u8> = Vec::new();
     let mut size = None;
     for (i, p) in pngs.iter().enumerate() {
-        let decoder = png_decoder(p)?;
-        let dims = decoder.dimensions();
+        let frame = open_png_frame(p)?;
+        let dims = (frame.width, frame.height);
         let (w, h) = match size {
             Some(first) => first,
             None => {
@@ -280,7 +280,7 @@ pub(crate) fn read_png_folder(dir: &Path, limits: &ReadLimits) -> Result<Video> 
                 got_height: dims.1,
             });
         }
-        let img = decode_png(p, decoder, limits)?;
+        let img = decode_png(p, frame, limits)?;
         data.extend_from_slice(img.as_raw());
     }
     let Some((w, h)) = size else {
@@ -313,45 +313,82 @@ fn png_error(path: &Path, e: image::ImageError) -> VideoError {
     }
 }
 
-/// Opens one frame and reads its header (IHDR) only: the size is known before any pixel buffer
-/// exists. The file must be a regular file and a PNG by content, whatever its extension says.
-fn png_decoder(path: &Path) -> Result<impl ImageDecoder> {
-    let (file, _) = input::open_regular_file(path)?;
-    let reader = image::ImageReader::new(std::io::BufReader::new(file))
-        .with_guessed_format()
-        .map_err(|e| VideoError::io(path, "read", e))?;
-    if reader.format() != Some(image::ImageFormat::Png) {
-        return Err(VideoError::Malformed {
-            path: path.to_path_buf(),
-            format: "PNG",
-            detail: "not a PNG image (no PNG signature at its start)".into(),
-        });
-    }
-    reader.into_decoder().map_err(|e| png_error(path, e))
+const PNG_SIGNATURE: [u8; 8] = *b"\x89PNG\r\n\x1a\n";
+
+/// One opened frame whose header has been read, nothing else.
+struct PngFrame {
+    file: std::fs::File,
+    width: u32,
+    height: u32,
 }
 
-/// Decodes one frame to RGB, with the `image` crate's own allocation limits set to what a frame
-/// of the checked size needs (16-bit RGBA at most, plus room for ancillary chunks).
-fn decode_png(
-    path: &Path,
-    mut decoder: impl ImageDecoder,
-    limits: &ReadLimits,
-) -> Result<image::RgbImage> {
+/// Opens a frame (a regular file only) and reads its declared size from the IHDR chunk, which
+/// PNG requires to come first: 24 bytes, before the image decoder sizes anything by it.
+fn open_png_frame(path: &Path) -> Result<PngFrame> {
+    let (mut file, _) = input::open_regular_file(path)?;
+    let mut head = [0u8; 24];
+    file.read_exact(&mut head).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => VideoError::Truncated {
+            path: path.to_path_buf(),
+            detail: "PNG ends inside its header".into(),
+        },
+        _ => VideoError::io(path, "read", e),
+    })?;
+    let malformed = |detail: &str| VideoError::Malformed {
+        path: path.to_path_buf(),
+        format: "PNG",
+        detail: detail.into(),
+    };
+    if head[..8] != PNG_SIGNATURE {
+        return Err(malformed("not a PNG image (no PNG signature at its start)"));
+    }
+    if &head[12..16] != b"IHDR" {
+        return Err(malformed("the first chunk is not IHDR"));
+    }
+    let width = u32::from_be_bytes([head[16], head[17], head[18], head[19]]);
+    let height = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+    file.seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| VideoError::io(path, "seek", e))?;
+    Ok(PngFrame {
+        file,
+        width,
+        height,
+    })
+}
+
+/// Decodes one frame whose declared size was checked, to RGB, with the `image` crate's own
+/// allocation limits set to what that size needs (16-bit RGBA at most, plus room for ancillary
+/// chunks), so that a file lying about itself still cannot allocate more.
+fn decode_png(path: &Path, frame: PngFrame, limits: &ReadLimits) -> Result<image::RgbImage> {
     const ANCILLARY_BUDGET: u64 = 64 << 20;
-    let (w, h) = decoder.dimensions();
     let mut decode_limits = image::Limits::no_limits();
     decode_limits.max_image_width = Some(limits.max_frame_side);
     decode_limits.max_image_height = Some(limits.max_frame_side);
     decode_limits.max_alloc = Some(
-        (u64::from(w) * u64::from(h))
+        (u64::from(frame.width) * u64::from(frame.height))
             .saturating_mul(8)
             .saturating_add(ANCILLARY_BUDGET),
     );
-    decoder
-        .set_limits(decode_limits)
-        .map_err(|e| png_error(path, e))?;
-    let image = image::DynamicImage::from_decoder(decoder).map_err(|e| png_error(path, e))?;
-    Ok(image.into_rgb8())
+    let mut reader = image::ImageReader::with_format(
+        std::io::BufReader::new(frame.file),
+        image::ImageFormat::Png,
+    );
+    reader.limits(decode_limits);
+    let image = reader.decode().map_err(|e| png_error(path, e))?.into_rgb8();
+    if image.dimensions() != (frame.width, frame.height) {
+        return Err(VideoError::Malformed {
+            path: path.to_path_buf(),
+            format: "PNG",
+            detail: format!(
+                "decoded {}x{} pixels, the header declares {}x{}",
+                image.width(),
+                image.height(),
+                frame.width,
+                frame.height
+            ),
+        });
+    }
+    Ok(image)
 }
 
 /// File name of frame `i` in a written folder; zero-padded so plain name order works too.
