@@ -72,14 +72,20 @@ impl PinnedTensor {
     }
 
     /// Makes a device tensor with one host→device copy from the pinned bytes.
+    ///
+    /// Every dtype in [`crate::store::HELD_DTYPES`] has an arm here: the store refuses any other
+    /// dtype when a checkpoint is registered, so a run never reaches the error arm.
     pub(crate) fn upload(&self, device: &CudaDevice) -> candle_core::Result<Tensor> {
         match self.dtype {
             DType::BF16 => self.upload_as::<half::bf16>(device),
             DType::F16 => self.upload_as::<half::f16>(device),
             DType::F32 => self.upload_as::<f32>(device),
             DType::F64 => self.upload_as::<f64>(device),
+            DType::F8E4M3 => self.upload_as::<float8::F8E4M3>(device),
             DType::U8 => self.upload_as::<u8>(device),
             DType::U32 => self.upload_as::<u32>(device),
+            DType::I16 => self.upload_as::<i16>(device),
+            DType::I32 => self.upload_as::<i32>(device),
             DType::I64 => self.upload_as::<i64>(device),
             other => Err(candle_core::Error::Msg(format!(
                 "no device upload for dtype {other:?}"

@@ -58,11 +58,34 @@ pub struct TensorMeta {
 }
 
 impl TensorMeta {
-    /// Bytes this tensor occupies in memory.
+    /// Bytes this tensor occupies in memory (saturating: a shape is checked against the file
+    /// before it gets here, but the sum must not wrap if one is not).
     pub fn bytes(&self) -> u64 {
-        self.shape.iter().product::<usize>() as u64 * self.dtype.size_in_bytes() as u64
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size_in_bytes() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            })
+            .unwrap_or(u64::MAX)
     }
 }
+
+/// The dtypes the store holds weights in: those candle has CPU kernels and a CUDA storage for,
+/// so a host copy can always be uploaded (`pinned.rs` has an arm for each). A checkpoint with
+/// a tensor that would be held in any other dtype is refused when it is registered, not when
+/// the run reaches its upload.
+pub(crate) const HELD_DTYPES: [DType; 10] = [
+    DType::U8,
+    DType::U32,
+    DType::I16,
+    DType::I32,
+    DType::I64,
+    DType::BF16,
+    DType::F16,
+    DType::F32,
+    DType::F64,
+    DType::F8E4M3,
+];
 
 pub(crate) enum HostCopy {
     Pageable(BTreeMap<String, Tensor>),
@@ -80,11 +103,50 @@ pub(crate) enum Format {
 }
 
 impl Format {
-    fn of(path: &Path) -> Format {
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("pth" | "pt" | "ckpt" | "bin") => Format::Pth,
-            _ => Format::Safetensors,
+    /// The format of the regular file at `path`, by its content (the same decision as
+    /// `vpipe inspect`'s): a safetensors file named `.ckpt` or `.bin` is read as safetensors.
+    fn of(path: &Path) -> Result<Format, MemError> {
+        match vpipe_ckpt::container_of(path) {
+            Ok(vpipe_ckpt::Container::Pth) => Ok(Format::Pth),
+            Ok(_) => Ok(Format::Safetensors),
+            Err(e) => Err(inspect_error(path, &e)),
         }
+    }
+}
+
+/// A `vpipe_ckpt` error as the store's checkpoint error (which names the file itself).
+fn inspect_error(path: &Path, e: &vpipe_ckpt::InspectError) -> MemError {
+    MemError::Checkpoint {
+        path: path.to_owned(),
+        detail: e.detail(),
+    }
+}
+
+/// Exact float8 e5m2 → f16: an e5m2 byte is the high byte of the f16 with the same value
+/// (1 sign, 5 exponent bits with the same bias, 2 of f16's 10 mantissa bits), infinities and
+/// NaNs included. candle has no e5m2 dtype, so the store holds such tensors as f16 (or the
+/// load dtype, through f16).
+pub(crate) fn f16_from_e5m2(byte: u8) -> half::f16 {
+    half::f16::from_bits(u16::from(byte) << 8)
+}
+
+/// A tensor of a mapped safetensors file on the CPU, in its file dtype; float8 e5m2 tensors
+/// come back as f16 (see [`f16_from_e5m2`]).
+fn load_mapped(mapped: &MmapedSafetensors, name: &str) -> candle_core::Result<Tensor> {
+    let view = mapped.get(name)?;
+    if view.dtype() == safetensors::Dtype::F8_E5M2 {
+        let values: Vec<half::f16> = view.data().iter().map(|&b| f16_from_e5m2(b)).collect();
+        return Tensor::from_vec(values, view.shape(), &Device::Cpu);
+    }
+    mapped.load(name, &Device::Cpu)
+}
+
+/// The dtype a safetensors tensor of file dtype `stored` is read as, before any conversion to
+/// the load dtype.
+fn read_dtype(stored: safetensors::Dtype) -> candle_core::Result<DType> {
+    match stored {
+        safetensors::Dtype::F8_E5M2 => Ok(DType::F16),
+        other => DType::try_from(other),
     }
 }
 
@@ -151,7 +213,16 @@ impl Model {
         }
     }
 
+    /// Refuses anything but a regular file before it is opened (a FIFO would block the open,
+    /// a device would never end), naming what the path is.
+    fn check_regular(&self) -> Result<(), MemError> {
+        vpipe_ckpt::check_regular_file(&self.path)
+            .map(drop)
+            .map_err(|e| inspect_error(&self.path, &e))
+    }
+
     fn map(&self) -> Result<MmapedSafetensors, MemError> {
+        self.check_regular()?;
         // SAFETY: the checkpoint is mapped read-only; vpipe never writes to model files while
         // running, and a file changed underneath by another program is the user's to avoid,
         // as with every program that maps its inputs.
@@ -159,6 +230,7 @@ impl Model {
     }
 
     fn open_pth(&self) -> Result<PthTensors, MemError> {
+        self.check_regular()?;
         PthTensors::new(&self.path, None).map_err(|e| self.checkpoint_error(e))
     }
 
@@ -170,8 +242,7 @@ impl Model {
         }
         let mapped = self.map()?;
         let load = |meta: &TensorMeta| -> Result<Tensor, MemError> {
-            let tensor = mapped
-                .load(&meta.name, &Device::Cpu)
+            let tensor = load_mapped(&mapped, &meta.name)
                 .and_then(|t| t.to_dtype(meta.dtype))
                 .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
             release_mapped_pages(&mapped, &meta.name);
@@ -303,7 +374,7 @@ pub(crate) fn describe_checkpoint(
     let model = Model {
         name: name.to_owned(),
         path: path.to_owned(),
-        format: Format::of(path),
+        format: Format::of(path)?,
         tensors: Vec::new(),
         host: None,
         device: None,
@@ -314,7 +385,7 @@ pub(crate) fn describe_checkpoint(
         Format::Safetensors => {
             let mapped = model.map()?;
             for (key, view) in mapped.tensors() {
-                let file_dtype = DType::try_from(view.dtype())
+                let file_dtype = read_dtype(view.dtype())
                     .map_err(|e| model.checkpoint_error(format!("tensor '{key}': {e}")))?;
                 let shape = view.shape().to_vec();
                 tensors.push(TensorMeta {
@@ -334,6 +405,13 @@ pub(crate) fn describe_checkpoint(
                 });
             }
         }
+    }
+    if let Some(t) = tensors.iter().find(|t| !HELD_DTYPES.contains(&t.dtype)) {
+        return Err(model.checkpoint_error(format!(
+            "tensor '{}' is {:?}, a dtype vpipe cannot compute with or move to the GPU; \
+             convert the checkpoint to bf16, f16, f32 or float8 e4m3",
+            t.name, t.dtype
+        )));
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Model { tensors, ..model })
