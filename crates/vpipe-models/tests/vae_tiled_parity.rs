@@ -428,11 +428,62 @@ fn a_caller_can_stop_a_tiled_pass_between_tiles() {
     let video = case(&cases, "t5_h40_w24.video");
     let mut seen = 0;
     let err = vae
-        .encode_posterior_tiled_observed(&video, spec(24, 16), &mut || {
-            seen += 1;
-            false
-        })
+        .encode_posterior_tiled_observed(
+            &video,
+            spec(24, 16),
+            &mut || {
+                seen += 1;
+                false
+            },
+            &|| true,
+        )
         .unwrap_err();
     assert!(matches!(err, vpipe_models::Error::Stopped), "{err:?}");
     assert_eq!(seen, 1, "stopped after the first tile");
+}
+
+/// A stop request inside a tile is heard before the tile's next temporal chunk (encode) or
+/// latent frame (decode), not at the tile's end.
+#[test]
+fn a_caller_can_stop_a_tiled_pass_inside_a_tile() {
+    let vae = vae();
+    let cases = cases();
+    let video = case(&cases, "t5_h40_w24.video");
+    let asked = std::cell::Cell::new(0);
+    let stop_at_second_chunk = || {
+        asked.set(asked.get() + 1);
+        asked.get() < 2
+    };
+    let mut tiles = 0;
+    let err = vae
+        .encode_posterior_tiled_observed(
+            &video,
+            spec(48, 40),
+            &mut || {
+                tiles += 1;
+                true
+            },
+            &stop_at_second_chunk,
+        )
+        .unwrap_err();
+    assert!(matches!(err, vpipe_models::Error::Stopped), "{err:?}");
+    assert_eq!(
+        (tiles, asked.get()),
+        (0, 2),
+        "stopped inside the first tile"
+    );
+
+    let latents = vae.encode_tiled(&video, spec(48, 40)).unwrap();
+    asked.set(0);
+    let err = vae
+        .decode_tiled_observed(
+            &latents,
+            spec(48, 40),
+            candle_core::DType::F32,
+            &mut || true,
+            &stop_at_second_chunk,
+        )
+        .unwrap_err();
+    assert!(matches!(err, vpipe_models::Error::Stopped), "{err:?}");
+    assert_eq!(asked.get(), 2);
 }

@@ -481,6 +481,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         out.join("memory.svg").display(),
         output.display()
     );
+    crate::exit::budget_kept(&report, &format!("{}", output.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 

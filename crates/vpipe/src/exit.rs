@@ -124,6 +124,7 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
                     | NoDit { .. }
                     | DitConfig { .. }
                     | DitInput { .. }
+                    | TooLarge { .. }
             ) {
                 return ExitCode::from(2);
             }

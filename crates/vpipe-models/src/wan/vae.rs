@@ -1036,12 +1036,25 @@ impl WanVae {
     /// - `video`: as [`Self::encode`].
     /// - output: [B, 2·z_dim, 1 + k, H/8, W/8].
     pub fn encode_moments(&self, video: &Tensor) -> Result<Tensor> {
+        self.encode_moments_while(video, &|| true)
+    }
+
+    /// [`Self::encode_moments`], asking `keep_going` before each temporal chunk: a tile of a
+    /// long clip takes many seconds on a CPU, and a stop request must not wait for its end.
+    fn encode_moments_while(
+        &self,
+        video: &Tensor,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Tensor> {
         let (_, _, t, _, _) = self.check_video(video)?;
         let x = video.to_device(&self.device)?.to_dtype(self.dtype)?;
         let mut slots = vec![];
         let mut outs = vec![];
         let chunks = 1 + (t - 1) / TEMPORAL_FACTOR;
         for i in 0..chunks {
+            if !keep_going() {
+                return Err(Error::Stopped);
+            }
             let _span = tracing::debug_span!("vae_encode_chunk", i, chunks).entered();
             let (start, len) = if i == 0 {
                 (0, 1)
@@ -1073,12 +1086,21 @@ impl WanVae {
     /// # Shapes
     /// As [`Self::decode`].
     pub fn decode_unclamped(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_unclamped_while(z, &|| true)
+    }
+
+    /// [`Self::decode_unclamped`], asking `keep_going` before each latent frame (see
+    /// [`Self::encode_moments_while`]).
+    fn decode_unclamped_while(&self, z: &Tensor, keep_going: &dyn Fn() -> bool) -> Result<Tensor> {
         let (_, _, t, _, _) = self.check_latents(z)?;
         let z = z.to_device(&self.device)?.to_dtype(self.dtype)?;
         let x = self.post_quant_conv.forward(&z, None)?;
         let mut slots = vec![];
         let mut outs = Vec::with_capacity(t);
         for i in 0..t {
+            if !keep_going() {
+                return Err(Error::Stopped);
+            }
             let _span = tracing::debug_span!("vae_decode_frame", i, t).entered();
             let mut cursor = Cursor::new(&mut slots);
             outs.push(self.decoder.forward(&x.narrow(2, i, 1)?, &mut cursor)?);
@@ -1111,22 +1133,23 @@ impl WanVae {
     /// # Errors and shapes
     /// As [`Self::encode_tiled`].
     pub fn encode_posterior_tiled(&self, video: &Tensor, spec: TileSpec) -> Result<Posterior> {
-        self.encode_posterior_tiled_observed(video, spec, &mut || true)
+        self.encode_posterior_tiled_observed(video, spec, &mut || true, &|| true)
     }
 
     /// [`Self::encode_posterior_tiled`], calling `after_tile` once each tile's latents exist
-    /// (a caller's memory sample per tile); `after_tile` returning false stops the pass with
-    /// [`Error::Stopped`] (e.g. Ctrl-C).
+    /// (a caller's memory sample per tile) and `keep_going` before each temporal chunk of a
+    /// tile; either returning false stops the pass with [`Error::Stopped`] (e.g. Ctrl-C).
     pub fn encode_posterior_tiled_observed(
         &self,
         video: &Tensor,
         spec: TileSpec,
         after_tile: &mut dyn FnMut() -> bool,
+        keep_going: &dyn Fn() -> bool,
     ) -> Result<Posterior> {
         spec.validate()?;
         self.check_video(video)?;
         let moments = tiling::tiled_encode(video, spec, |tile| {
-            let moments = self.encode_moments(&self.on_device(tile)?)?;
+            let moments = self.encode_moments_while(&self.on_device(tile)?, keep_going)?;
             if !after_tile() {
                 return Err(Error::Stopped);
             }
@@ -1148,19 +1171,20 @@ impl WanVae {
     /// # Shapes
     /// As [`Self::decode`]; the result is in the model's dtype, on the host.
     pub fn decode_tiled(&self, z: &Tensor, spec: TileSpec) -> Result<Tensor> {
-        self.decode_tiled_observed(z, spec, self.dtype, &mut || true)
+        self.decode_tiled_observed(z, spec, self.dtype, &mut || true, &|| true)
     }
 
     /// [`Self::decode_tiled`] with the result in `dtype` (each clamped tile is converted on the
     /// device; f32 for files and video costs the host nothing), calling `after_tile` once each
-    /// tile's pixels exist (a caller's memory sample per tile); `after_tile` returning false
-    /// stops the pass with [`Error::Stopped`].
+    /// tile's pixels exist (a caller's memory sample per tile) and `keep_going` before each
+    /// latent frame of a tile; either returning false stops the pass with [`Error::Stopped`].
     pub fn decode_tiled_observed(
         &self,
         z: &Tensor,
         spec: TileSpec,
         dtype: DType,
         after_tile: &mut dyn FnMut() -> bool,
+        keep_going: &dyn Fn() -> bool,
     ) -> Result<Tensor> {
         spec.validate()?;
         self.check_latents(z)?;
@@ -1169,7 +1193,7 @@ impl WanVae {
             dtype: Some(dtype),
         };
         tiling::tiled_decode(z, spec, finish, |tile| {
-            let pixels = self.decode_unclamped(&self.on_device(tile)?)?;
+            let pixels = self.decode_unclamped_while(&self.on_device(tile)?, keep_going)?;
             if !after_tile() {
                 return Err(Error::Stopped);
             }

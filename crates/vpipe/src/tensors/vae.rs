@@ -61,12 +61,15 @@ impl VaeOp {
         tiles: TileSpec,
         after_tile: &mut dyn FnMut() -> bool,
     ) -> vpipe_models::Result<Tensor> {
+        let keep_going = || !crate::progress::interrupted();
         match self {
             VaeOp::Encode => Ok(vae
-                .encode_posterior_tiled_observed(input, tiles, after_tile)?
+                .encode_posterior_tiled_observed(input, tiles, after_tile, &keep_going)?
                 .mean
                 .to_dtype(DType::F32)?),
-            VaeOp::Decode => vae.decode_tiled_observed(input, tiles, DType::F32, after_tile),
+            VaeOp::Decode => {
+                vae.decode_tiled_observed(input, tiles, DType::F32, after_tile, &keep_going)
+            }
         }
     }
 
