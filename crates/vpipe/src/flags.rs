@@ -902,3 +902,117 @@ fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsS
     out.extend_from_slice(&args[sub.min(args.len())..]);
     Ok(out)
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Time-bounded fuzzing of the flag and TOML layer: whatever the command line or a
+    //! `--pipeline` file holds, parsing and validation end in settings or an error, never a
+    //! panic, and never an allocation sized by a number they were given.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every flag of `run`/`plan` that takes a value, and a few that do not exist.
+    const FLAGS: &[&str] = &[
+        "--size",
+        "--frames",
+        "--steps",
+        "--cfg",
+        "--shift",
+        "--strength",
+        "--seed",
+        "--tile",
+        "--tile-layout",
+        "--sampler",
+        "--dtype",
+        "--device",
+        "--vram-budget",
+        "--lora",
+        "--prompt",
+        "--negative-prompt",
+        "--out",
+        "--input",
+        "--dit",
+        "--model-dir",
+        "--preset",
+        "--report",
+        "--no-such-flag",
+    ];
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[-+]?[0-9]{0,25}(\\.[0-9]{0,5})?(e[-+]?[0-9]{1,4})?",
+            "[0-9]{1,22}x[0-9]{1,22}",
+            Just("NaN".to_owned()),
+            Just("-inf".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            "[a-z./:-]{0,20}",
+        ]
+    }
+
+    /// Parses and validates as `main` does; the result is irrelevant, only that it returns.
+    fn parse_and_validate(args: Vec<std::ffi::OsString>) {
+        let Ok(args) = with_pipeline_file(args) else {
+            return;
+        };
+        let Ok(cli) = Cli::try_parse_from(args) else {
+            return;
+        };
+        match cli.command {
+            Command::Run(args) => drop(args.validate(false)),
+            Command::Plan(args) => drop(args.validate(true)),
+            _ => {}
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1500, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_flags_parse_or_fail_cleanly(
+            plan in any::<bool>(),
+            pairs in prop::collection::vec((prop::sample::select(FLAGS), value()), 0..8),
+        ) {
+            let mut args: Vec<std::ffi::OsString> =
+                vec!["vpipe".into(), if plan { "plan" } else { "run" }.into()];
+            for (flag, value) in pairs {
+                args.push(flag.into());
+                args.push(value.into());
+            }
+            parse_and_validate(args);
+        }
+
+        #[test]
+        fn any_pipeline_file_parses_or_fails_cleanly(
+            text in prop_oneof![
+                any::<String>(),
+                prop::collection::vec(
+                    (
+                        prop::sample::select(FLAGS).prop_map(|f| f.trim_start_matches('-').replace('-', "_")),
+                        prop_oneof![
+                            value().prop_map(|v| format!("{v:?}")),
+                            "[-+]?[0-9]{1,30}",
+                            "[-+]?[0-9]{1,5}\\.[0-9]{1,5}(e[-+]?[0-9]{1,4})?",
+                            Just("true".to_owned()),
+                            Just("false".to_owned()),
+                            Just("[\"a\", \"-b\"]".to_owned()),
+                            Just("{ x = 1 }".to_owned()),
+                            Just("1979-05-27".to_owned()),
+                        ],
+                    ),
+                    0..8,
+                )
+                .prop_map(|lines| lines.into_iter().map(|(k, v)| format!("{k} = {v}\n")).collect()),
+            ],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("run.toml");
+            std::fs::write(&path, text).unwrap();
+            let args = ["vpipe", "run", "--pipeline", path.to_str().unwrap(), "--prompt", "x"]
+                .map(std::ffi::OsString::from)
+                .to_vec();
+            parse_and_validate(args);
+        }
+    }
+}

@@ -388,3 +388,56 @@ fn without_frames_a_clip_is_cut_to_4k_plus_1_with_a_notice() {
     );
     assert_eq!(load(&out)["video"].dims(), &[1, 3, 5, 64, 96]);
 }
+
+/// Every move is verified, and passes, with a LoRA merged into the DiT as it is read, in
+/// text-to-video and video-to-video (the merge multiplies matrices inside the load, which on
+/// some CPUs made the matmul library's per-thread buffers look like part of the DiT).
+/// `a_copy_that_does_not_land_fails_the_load_verification` in vpipe-mem shows the same
+/// verification failing when a copy really goes missing.
+#[test]
+fn a_lora_run_verifies_every_move_in_text_and_video_to_video() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = builtin_models(&dir.path().join("demo"));
+    let lora = format!(
+        "{}:0.8",
+        models.join("lora-tiny-seed42.safetensors").display()
+    );
+    let input = dir.path().join("demo/demo.mp4");
+    for (name, extra) in [
+        ("t2v", vec![]),
+        ("v2v", vec!["--input", input.to_str().unwrap()]),
+    ] {
+        let report = dir.path().join(format!("{name}.json"));
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "run",
+            "--model-dir",
+            models.to_str().unwrap(),
+            "--prompt",
+            "cat",
+            "--size",
+            "64x48",
+            "--frames",
+            "5",
+            "--steps",
+            "2",
+            "--lora",
+            &lora,
+            "--out",
+            out.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let run = vpipe(&args);
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        // `phases` asserts that every transition was verified.
+        assert!(phases(&report).contains(&"lora".to_owned()));
+        let text = std::fs::read_to_string(&report).unwrap();
+        assert!(text.contains("merged as they are read from disk"), "{name}");
+    }
+}
