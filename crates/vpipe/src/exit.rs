@@ -143,6 +143,9 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
         if bad_input {
             return ExitCode::from(2);
         }
+        if tensor_error(cause).is_some_and(is_checkpoint_mismatch) {
+            return ExitCode::from(2);
+        }
         if cause.is::<crate::progress::Interrupted>() {
             return ExitCode::from(130);
         }
@@ -165,6 +168,39 @@ pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
         }
     }
     ExitCode::from(1)
+}
+
+/// The tensor library's error behind `cause`: itself, or the one a model crate wraps
+/// transparently (which the chain of causes skips).
+fn tensor_error<'e>(
+    cause: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e candle_core::Error> {
+    if let Some(e) = cause.downcast_ref::<candle_core::Error>() {
+        return Some(e);
+    }
+    match cause.downcast_ref::<vpipe_models::Error>() {
+        Some(vpipe_models::Error::Candle(e)) => return Some(e),
+        Some(_) => return None,
+        None => {}
+    }
+    match cause.downcast_ref::<vpipe_text::Error>() {
+        Some(vpipe_text::Error::Candle(e)) => Some(e),
+        _ => None,
+    }
+}
+
+/// Whether a tensor-library error says that a checkpoint lacks a tensor the model needs or holds
+/// one of another shape: what a model's constructor reports for a file that is not the model
+/// its header looked like.
+fn is_checkpoint_mismatch(e: &candle_core::Error) -> bool {
+    use candle_core::Error as E;
+    match e {
+        E::UnexpectedShape { .. } | E::CannotFindTensor { .. } => true,
+        E::Context { inner, .. } | E::WithPath { inner, .. } | E::WithBacktrace { inner, .. } => {
+            is_checkpoint_mismatch(inner)
+        }
+        _ => false,
+    }
 }
 
 /// The error and its causes on one line, `: `-separated, each cause once: libraries often

@@ -146,11 +146,23 @@ impl ModelSizes {
                 patch_size: c.patch_size,
                 ..DitConfig::wan21_t2v_14b()
             },
-            _ => anyhow::bail!("{}: no Wan DiT configuration in its header", dit.display()),
+            _ => {
+                return Err(crate::exit::BadInput(format!(
+                    "{}: no Wan DiT configuration in its header (a tensor missing or misshapen?)",
+                    dit.display()
+                ))
+                .into())
+            }
         };
         let vae_base_dim = match &vae_header.detection.config {
             Some(vpipe_ckpt::ModelConfig::Vae(c)) => c.base_dim,
-            _ => anyhow::bail!("{}: no Wan VAE configuration in its header", vae.display()),
+            _ => {
+                return Err(crate::exit::BadInput(format!(
+                    "{}: no Wan VAE configuration in its header (a tensor missing or misshapen?)",
+                    vae.display()
+                ))
+                .into())
+            }
         };
         let text = match &text_header.detection.config {
             Some(vpipe_ckpt::ModelConfig::Umt5(c)) => Umt5Config {
@@ -162,10 +174,13 @@ impl ModelSizes {
                 num_heads: c.num_heads,
                 ..Umt5Config::umt5_xxl()
             },
-            _ => anyhow::bail!(
-                "{}: no umT5 configuration in its header",
-                text_encoder.display()
-            ),
+            _ => {
+                return Err(crate::exit::BadInput(format!(
+                    "{}: no umT5 configuration in its header (a tensor missing or misshapen?)",
+                    text_encoder.display()
+                ))
+                .into())
+            }
         };
         Ok(Self {
             dit: dit_cfg,
