@@ -249,7 +249,8 @@ fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
 /// cannot be read) is replaced atomically, with a notice naming it.
 fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
-    remove_stale_partials(dir, name);
+    // Leftovers of killed demos go whether or not this file needs writing.
+    crate::partial::remove_stale_partials(dir, name);
     match std::fs::read(&path) {
         Ok(found) if found == bytes => return Ok(path),
         Ok(_) => eprintln!(
@@ -262,133 +263,10 @@ fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
             path.display()
         ),
     }
-    let mut partial = PartialFile::create(dir, name)?;
-    partial.write_and_sync(bytes)?;
-    partial.persist()?;
+    crate::partial::write_atomically(&path, |partial| {
+        std::fs::write(partial, bytes).with_context(|| format!("writing {}", path.display()))
+    })?;
     Ok(path)
-}
-
-/// A temporary file `.NAME.<pid>.<n>.partial` beside its target, deleted when dropped unless it
-/// was renamed into place: every error path (a full disk, a failed sync or rename) removes it.
-/// The name is unique (`create_new`), so demos sharing a folder never write into one file.
-struct PartialFile {
-    path: PathBuf,
-    target: PathBuf,
-    file: std::fs::File,
-    persisted: bool,
-}
-
-impl PartialFile {
-    fn create(dir: &Path, name: &str) -> anyhow::Result<Self> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let pid = std::process::id();
-        // Another process may hold the same pid and counter (a separate pid namespace sharing
-        // the folder); create_new refuses to open its file, so take the next number.
-        for _ in 0..1000 {
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = dir.join(format!(".{name}.{pid}.{n}.partial"));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(file) => {
-                    return Ok(PartialFile {
-                        path,
-                        target: dir.join(name),
-                        file,
-                        persisted: false,
-                    })
-                }
-                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(err) => {
-                    return Err(err).with_context(|| format!("creating {}", path.display()))
-                }
-            }
-        }
-        anyhow::bail!(
-            "creating a temporary file for {}: every name tried exists",
-            dir.join(name).display()
-        )
-    }
-
-    /// Writes `bytes` and waits until they are on disk, so that the rename never publishes a
-    /// file whose data a crash could still lose.
-    fn write_and_sync(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        use std::io::Write;
-        self.file
-            .write_all(bytes)
-            .and_then(|()| self.file.sync_all())
-            .with_context(|| format!("writing {}", self.target.display()))
-    }
-
-    fn persist(mut self) -> anyhow::Result<()> {
-        std::fs::rename(&self.path, &self.target)
-            .with_context(|| format!("renaming {} into place", self.target.display()))?;
-        self.persisted = true;
-        Ok(())
-    }
-}
-
-impl Drop for PartialFile {
-    fn drop(&mut self) {
-        if !self.persisted {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// A partial file untouched for this long belongs to a writer that is gone.
-const STALE_PARTIAL_AGE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
-
-/// Removes temporary files of `name` left in `dir` by demos that were killed mid-write.
-///
-/// The rule is age, not the writer's pid: a pid says nothing across pid namespaces or hosts
-/// sharing the folder, and may be reused. A live demo writes each of these small files within
-/// seconds of creating it, so one not modified for [`STALE_PARTIAL_AGE`] has no writer left;
-/// at worst a writer stalled that long fails its rename and reports it. Errors are ignored: a
-/// concurrent demo may remove the same file, and a leftover only costs disk space.
-fn remove_stale_partials(dir: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(file_name) = file_name.to_str() else {
-            continue;
-        };
-        if !is_partial_of(file_name, name) {
-            continue;
-        }
-        let age = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|modified| modified.elapsed().ok());
-        if age.is_some_and(|age| age > STALE_PARTIAL_AGE) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
-/// Whether `file_name` is a temporary file of `name`: `.NAME.<pid>.<n>.partial`, or a plain
-/// `NAME.partial` (the temporary name older vpipe versions used, which they could leave).
-fn is_partial_of(file_name: &str, name: &str) -> bool {
-    if file_name.strip_suffix(".partial") == Some(name) {
-        return true;
-    }
-    let numbers = file_name
-        .strip_prefix('.')
-        .and_then(|rest| rest.strip_prefix(name))
-        .and_then(|rest| rest.strip_prefix('.'))
-        .and_then(|rest| rest.strip_suffix(".partial"));
-    numbers.is_some_and(|numbers| {
-        let mut parts = numbers.split('.');
-        let is_number = |part: Option<&str>| {
-            part.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        };
-        is_number(parts.next()) && is_number(parts.next()) && parts.next().is_none()
-    })
 }
 
 /// The vocabulary size of a `tokenizer.json` (the text encoder's embedding rows).

@@ -14,6 +14,7 @@ mod exit;
 mod flags;
 mod inspect;
 mod leased;
+mod partial;
 mod paths;
 mod pipeline;
 mod plan;

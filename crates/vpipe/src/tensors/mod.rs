@@ -60,17 +60,10 @@ pub(crate) fn read_inputs<const N: usize>(
 /// Writes `tensors` to `path` through a temporary file in the same folder, so that an
 /// interrupted run never leaves a half-written output.
 pub(crate) fn write_outputs(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
-    let partial = path.with_extension("safetensors.partial");
-    let written = candle_core::safetensors::save(tensors, &partial)
-        .with_context(|| format!("writing {}", partial.display()))
-        .and_then(|()| {
-            std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))
-        });
-    if written.is_err() {
-        // Never leave a half-written file behind.
-        let _ = std::fs::remove_file(&partial);
-    }
-    written
+    crate::partial::write_atomically(path, |partial| {
+        candle_core::safetensors::save(tensors, partial)
+            .with_context(|| format!("writing {}", path.display()))
+    })
 }
 
 /// Renders the session's report, writes it (and its chart) when asked, and returns it.
