@@ -28,18 +28,41 @@ impl std::fmt::Display for NotBuiltYet {
 
 impl std::error::Error for NotBuiltYet {}
 
-/// A run finished and wrote its output, but a measured peak exceeded `--vram-budget`: the
-/// budget was not kept, so the run must not look like a success (exit 6).
-#[derive(Debug)]
-pub(crate) struct BudgetExceeded(pub(crate) String);
+/// An error that is its message, and whose type tells [`code_for`] the exit code.
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub(crate) struct $name(pub(crate) String);
 
-impl std::fmt::Display for BudgetExceeded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::error::Error for $name {}
+    };
 }
 
-impl std::error::Error for BudgetExceeded {}
+message_error!(
+    /// Bad input found by vpipe itself (flag values, combinations, paths) (exit 2).
+    BadInput
+);
+message_error!(
+    /// The plan of a run does not fit its budget: refused before any weight moves (exit 3).
+    PlanDoesNotFit
+);
+message_error!(
+    /// A run finished and wrote its output, but a measured peak exceeded `--vram-budget`: the
+    /// budget was not kept, so the run must not look like a success (exit 6).
+    BudgetExceeded
+);
+message_error!(
+    /// Values that are not finite numbers appeared in the computation (a NaN in a checkpoint,
+    /// an overflow): the output would be garbage, so the run stops naming where (exit 1).
+    NonFinite
+);
 
 /// Exit 6 when the report shows a phase whose measured peak exceeded the budget. Called after
 /// the output was written, so that the work is not lost; `what` names the command's output.
@@ -66,43 +89,6 @@ pub(crate) fn budget_kept(report: &vpipe_mem::Report, what: &str) -> Result<(), 
         report.compute_meter
     )))
 }
-
-/// Values that are not finite numbers appeared in the computation (a NaN in a checkpoint,
-/// an overflow): the output would be garbage, so the run stops naming where (exit 1).
-#[derive(Debug)]
-pub(crate) struct NonFinite(pub(crate) String);
-
-impl std::fmt::Display for NonFinite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for NonFinite {}
-
-/// Bad input found by vpipe itself (flag values, combinations).
-#[derive(Debug)]
-pub(crate) struct BadInput(pub(crate) String);
-
-/// The plan of a run does not fit its budget: refused before any weight moves (exit 3).
-#[derive(Debug)]
-pub(crate) struct PlanDoesNotFit(pub(crate) String);
-
-impl std::fmt::Display for PlanDoesNotFit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for PlanDoesNotFit {}
-
-impl std::fmt::Display for BadInput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BadInput {}
 
 pub(crate) fn code_for(err: &anyhow::Error) -> ExitCode {
     for cause in err.chain() {
