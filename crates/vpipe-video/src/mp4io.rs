@@ -273,7 +273,8 @@ fn parse_moov(path: &Path, bytes: &[u8], moov: &RawBox) -> Result<mp4::MoovBox> 
     let parsed = std::panic::catch_unwind(|| {
         let mut cursor = Cursor::new(boxed);
         cursor.set_position(8);
-        mp4::MoovBox::read_box(&mut cursor, u64::from(size))
+        let mut reader = BudgetedReader::new(cursor, boxed.len());
+        mp4::MoovBox::read_box(&mut reader, u64::from(size))
     });
     match parsed {
         Ok(Ok(moov)) => Ok(moov),
@@ -282,6 +283,48 @@ fn parse_moov(path: &Path, bytes: &[u8], moov: &RawBox) -> Result<mp4::MoovBox> 
             path,
             "the MP4 parser failed on the 'moov' box (inconsistent sizes or counts)",
         )),
+    }
+}
+
+/// A cursor that fails once the parser has made far more reads and seeks than parsing the data
+/// once needs. The `mp4` crate loops forever on a nested box of declared size 0 (it seeks back
+/// to the box it just read); this turns such a loop into an error.
+struct BudgetedReader<'a> {
+    inner: Cursor<&'a [u8]>,
+    /// Operations left: each read or seek costs 1, plus 1 per byte read.
+    budget: u64,
+}
+
+impl<'a> BudgetedReader<'a> {
+    fn new(inner: Cursor<&'a [u8]>, len: usize) -> Self {
+        // One pass reads every byte at most once and seeks about twice per box (>= 8 bytes):
+        // four times the length is a wide margin for a real file.
+        const SLACK: u64 = 1 << 16;
+        let budget = (len as u64).saturating_mul(4).saturating_add(SLACK);
+        Self { inner, budget }
+    }
+
+    fn spend(&mut self, cost: u64) -> std::io::Result<()> {
+        self.budget = self.budget.checked_sub(cost).ok_or_else(|| {
+            std::io::Error::other("the MP4 box structure makes the parser loop (a box of size 0?)")
+        })?;
+        Ok(())
+    }
+}
+
+impl std::io::Read for BudgetedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.spend(1)?;
+        let n = self.inner.read(buf)?;
+        self.spend(n as u64)?;
+        Ok(n)
+    }
+}
+
+impl Seek for BudgetedReader<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.spend(1)?;
+        self.inner.seek(pos)
     }
 }
 
