@@ -16,6 +16,12 @@ Video in and out for vpipe, without a system ffmpeg.
 Unsupported input (another codec, High 4:4:4, no video track, a truncated file, an empty folder,
 frames of different sizes) is a [`VideoError`] naming the file and what was found.
 
+Inputs are untrusted: only regular files and folders are opened (a FIFO, socket or device is
+refused before opening, so a read never blocks), and every frame size and frame count a header
+declares (GIF screen, PNG IHDR, MP4 sample entry and sample count, every H.264 SPS) is checked
+against [`ReadLimits`] before anything is allocated for it. Corrupt files give errors, not
+panics; `tests/fuzz_readers.rs` holds the readers to that.
+
 OpenH264 is built from source (the `openh264` crate's `source` feature). Building from source
 makes the builder, not Cisco, responsible for H.264 patent licensing. With `nasm` installed
 before the first build its assembly kernels are used (encode ≈ 2.7× faster); without, the build

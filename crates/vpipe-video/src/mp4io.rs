@@ -1221,6 +1221,93 @@ mod tests {
         assert!(err.contains("'free'") && err.contains("100"), "{err}");
     }
 
+    /// Writes SPS fields MSB first; `ue` is unsigned Exp-Golomb.
+    #[derive(Default)]
+    struct BitWriter {
+        bits: Vec<bool>,
+    }
+
+    impl BitWriter {
+        fn put(&mut self, value: u64, n: u32) -> &mut Self {
+            self.bits
+                .extend((0..n).rev().map(|i| (value >> i) & 1 == 1));
+            self
+        }
+
+        fn ue(&mut self, value: u64) -> &mut Self {
+            let coded = value + 1;
+            let len = 64 - coded.leading_zeros();
+            self.put(0, len - 1).put(coded, len)
+        }
+
+        /// NAL header 0x67 (SPS) and the bits, padded with a stop bit and zeros.
+        fn nal(&mut self) -> Vec<u8> {
+            self.bits.push(true);
+            while !self.bits.len().is_multiple_of(8) {
+                self.bits.push(false);
+            }
+            let mut out = vec![0x67];
+            out.extend(
+                self.bits
+                    .chunks(8)
+                    .map(|c| c.iter().fold(0u8, |acc, &b| (acc << 1) | u8::from(b))),
+            );
+            out
+        }
+    }
+
+    /// A Baseline SPS (profile 66, level 3.0) of `mbs_w`×`mbs_h` macroblocks.
+    fn baseline_sps(mbs_w: u64, mbs_h: u64) -> Vec<u8> {
+        let mut w = BitWriter::default();
+        w.put(66, 8).put(0xc0, 8).put(30, 8); // profile, constraints, level
+        w.ue(0).ue(0).ue(0).ue(0); // sps id, log2_max_frame_num-4, poc type 0, log2_max_poc_lsb-4
+        w.ue(1).put(0, 1); // max_num_ref_frames, gaps flag
+        w.ue(mbs_w - 1).ue(mbs_h - 1).put(1, 1); // size in macroblocks, frame_mbs_only
+        w.put(0, 1).put(0, 1).put(0, 1); // direct_8x8, cropping, vui
+        w.nal()
+    }
+
+    #[test]
+    fn sps_sizes_are_read_and_checked() {
+        assert_eq!(sps_coded_size(&baseline_sps(52, 30)), Some((832, 480)));
+        // 4096 macroblocks a side: 65536 pixels, past the 16384 limit.
+        let sps = baseline_sps(4096, 4096);
+        assert_eq!(sps_coded_size(&sps), Some((65536, 65536)));
+        let err = check_sps_size(Path::new("x.mp4"), &sps, 81, &ReadLimits::default()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                VideoError::DeclaredSizeTooLarge {
+                    format: "H.264 SPS",
+                    width: 65536,
+                    height: 65536,
+                    frames: Some(81),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Cut short: no size, an error rather than a guess.
+        assert_eq!(sps_coded_size(&sps[..4]), None);
+        assert_eq!(sps_coded_size(&[0x68, 0xce]), None); // a PPS
+    }
+
+    #[test]
+    fn emulation_prevention_bytes_are_dropped() {
+        let mut r = BitReader::from_nal(&[0x67, 0x00, 0x00, 0x03, 0x01, 0xff]);
+        assert_eq!(r.bits(24), Some(0x000001));
+        assert_eq!(r.bits(8), Some(0xff));
+        assert_eq!(r.flag(), None);
+    }
+
+    #[test]
+    fn in_band_parameter_sets_are_found_where_the_decoder_splits() {
+        let stream = [0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x68, 3, 0, 0, 1, 0x65];
+        let nals: Vec<&[u8]> = annexb_nal_units(&stream).collect();
+        assert_eq!(nals, [&[0x67, 1, 2][..], &[0x68, 3], &[0x65]]);
+        assert!(is_sps(nals[0]) && !is_sps(nals[1]));
+    }
+
     #[test]
     fn default_bitrate_scales() {
         assert_eq!(default_bitrate(832, 480, 16.0), 4_153_344);
