@@ -207,6 +207,13 @@ pub enum VideoError {
         /// What the encoder reported.
         detail: String,
     },
+    /// The caller asked the write to stop ([`crate::WriteOptions::stop`]); nothing was left at
+    /// the output path or beside it.
+    #[error("{}: writing stopped (interrupted); no output was left", path.display())]
+    Stopped {
+        /// The output that was being written.
+        path: PathBuf,
+    },
     /// A PNG-folder output path that already holds files.
     #[error("{}: output folder exists and is not empty; choose a new path or remove it", path.display())]
     OutputFolderNotEmpty {

@@ -146,7 +146,13 @@ fn gif_delay_cs(i: usize, fps: f64) -> u32 {
     (at(i + 1) - at(i)).max(1.0) as u32
 }
 
-pub(crate) fn write_gif<W: Write>(out: W, path: &Path, video: &Video, speed: i32) -> Result<W> {
+pub(crate) fn write_gif<W: Write>(
+    out: W,
+    path: &Path,
+    video: &Video,
+    speed: i32,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<W> {
     let gif_error = |e: image::ImageError| match e {
         image::ImageError::IoError(source) => VideoError::io(path, "write", source),
         other => VideoError::ImageWrite {
@@ -171,6 +177,7 @@ pub(crate) fn write_gif<W: Write>(out: W, path: &Path, video: &Video, speed: i32
         let mut encoder = GifEncoder::new_with_speed(&mut out, speed.clamp(1, 30));
         encoder.set_repeat(Repeat::Infinite).map_err(gif_error)?;
         for (i, frame) in video.frames().enumerate() {
+            crate::check_stop(stop, path)?;
             let rgba = RgbaImage::from_fn(video.width(), video.height(), |x, y| {
                 let o = ((y * video.width() + x) * 3) as usize;
                 image::Rgba([frame[o], frame[o + 1], frame[o + 2], 255])
@@ -396,8 +403,14 @@ pub(crate) fn frame_file_name(i: usize) -> String {
     format!("frame_{i:05}.png")
 }
 
-pub(crate) fn write_png_folder(dir: &Path, final_path: &Path, video: &Video) -> Result<()> {
+pub(crate) fn write_png_folder(
+    dir: &Path,
+    final_path: &Path,
+    video: &Video,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<()> {
     for (i, frame) in video.frames().enumerate() {
+        crate::check_stop(stop, final_path)?;
         let file = dir.join(frame_file_name(i));
         let f = std::fs::File::create(&file).map_err(|e| VideoError::io(&file, "create", e))?;
         let mut w = BufWriter::new(f);

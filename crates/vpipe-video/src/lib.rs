@@ -70,6 +70,19 @@ pub struct WriteOptions {
     pub bitrate_bps: Option<u32>,
     /// GIF colour quantisation speed, 1 (best, slowest) to 30; `None` uses 10.
     pub gif_speed: Option<i32>,
+    /// A flag the caller sets to stop the write (Ctrl-C): checked before each frame, it ends
+    /// the write with [`VideoError::Stopped`] and removes the temporary file or folder.
+    pub stop: Option<&'static std::sync::atomic::AtomicBool>,
+}
+
+/// [`VideoError::Stopped`] for `path` once `stop` is set.
+pub(crate) fn check_stop(stop: Option<&std::sync::atomic::AtomicBool>, path: &Path) -> Result<()> {
+    match stop {
+        Some(flag) if flag.load(std::sync::atomic::Ordering::Relaxed) => Err(VideoError::Stopped {
+            path: path.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 const DEFAULT_GIF_SPEED: i32 = 10;
@@ -211,17 +224,23 @@ pub fn write_video(path: impl AsRef<Path>, video: &Video, options: &WriteOptions
     };
     match kind {
         OutKind::Mp4 => write_file_atomically(path, |file| {
-            let out = mp4io::write(BufWriter::new(file), path, video, options.bitrate_bps)?;
+            let out = mp4io::write(
+                BufWriter::new(file),
+                path,
+                video,
+                options.bitrate_bps,
+                options.stop,
+            )?;
             out.into_inner()
                 .map_err(|e| VideoError::io(path, "write", e.into_error()))?;
             Ok(())
         }),
         OutKind::Gif => write_file_atomically(path, |file| {
             let speed = options.gif_speed.unwrap_or(DEFAULT_GIF_SPEED);
-            let out = images::write_gif(file, path, video, speed)?;
+            let out = images::write_gif(file, path, video, speed, options.stop)?;
             out.flush().map_err(|e| VideoError::io(path, "write", e))
         }),
-        OutKind::PngFolder => write_folder_atomically(path, video),
+        OutKind::PngFolder => write_folder_atomically(path, video, options.stop),
     }
 }
 
@@ -229,6 +248,36 @@ fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+/// A temporary file or folder untouched for this long belongs to a writer that is gone (killed
+/// mid-write: SIGKILL, a power cut); a live writer touches its file with every frame.
+const STALE_PARTIAL_AGE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Removes the temporary files and folders (`{prefix}*.partial`) that writers of the same
+/// target left in `dir` when they were killed. Age is the rule, not the writer's pid, which
+/// says nothing across pid namespaces or hosts sharing the folder. Errors are ignored: another
+/// writer may remove the same leftover, which only ever costs disk space.
+fn remove_stale_partials(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(prefix) && name.ends_with(".partial")) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+        if age.is_some_and(|age| age > STALE_PARTIAL_AGE) {
+            let _ = if meta.is_dir() {
+                std::fs::remove_dir_all(entry.path())
+            } else {
+                std::fs::remove_file(entry.path())
+            };
+        }
     }
 }
 
@@ -248,6 +297,7 @@ fn write_file_atomically(
 ) -> Result<()> {
     let dir = parent_dir(path);
     let prefix = temp_prefix(path);
+    remove_stale_partials(dir, &prefix);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".partial");
     #[cfg(unix)]
@@ -269,7 +319,11 @@ fn write_file_atomically(
 }
 
 /// Writes PNG frames into a temporary folder beside `path`, then renames it onto `path`.
-fn write_folder_atomically(path: &Path, video: &Video) -> Result<()> {
+fn write_folder_atomically(
+    path: &Path,
+    video: &Video,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<()> {
     if let Ok(mut entries) = std::fs::read_dir(path) {
         if entries.next().is_some() {
             return Err(VideoError::OutputFolderNotEmpty {
@@ -279,6 +333,7 @@ fn write_folder_atomically(path: &Path, video: &Video) -> Result<()> {
     }
     let dir = parent_dir(path);
     let prefix = temp_prefix(path);
+    remove_stale_partials(dir, &prefix);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".partial");
     #[cfg(unix)]
@@ -289,7 +344,7 @@ fn write_folder_atomically(path: &Path, video: &Video) -> Result<()> {
     let tmp = builder
         .tempdir_in(dir)
         .map_err(|e| VideoError::io(path, "create temporary folder beside it", e))?;
-    images::write_png_folder(tmp.path(), path, video)?;
+    images::write_png_folder(tmp.path(), path, video, stop)?;
     // Replaces `path` only if it is missing or an empty folder; anything else fails here and
     // the temporary folder is removed when `tmp` drops.
     std::fs::rename(tmp.path(), path).map_err(|e| VideoError::io(path, "rename into place", e))?;

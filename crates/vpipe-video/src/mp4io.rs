@@ -1067,6 +1067,7 @@ pub(crate) fn write<W: Write + Seek>(
     path: &Path,
     video: &Video,
     bitrate_bps: Option<u32>,
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<W> {
     let encode_error = |detail: String| VideoError::Encode {
         path: path.to_path_buf(),
@@ -1120,6 +1121,7 @@ pub(crate) fn write<W: Write + Seek>(
     let mut params: Option<(Vec<u8>, Vec<u8>)> = None;
     let mut sample = Vec::new();
     for (i, frame) in video.frames().enumerate() {
+        crate::check_stop(stop, path)?;
         yuv.read_rgb8(RgbSliceU8::new(frame, (w as usize, h as usize)));
         let millis = (i as f64 * 1000.0 / video.fps()).round() as u64;
         let bs = encoder

@@ -734,3 +734,40 @@ fn video_track_without_samples_is_malformed() {
         "{err}"
     );
 }
+
+/// A write asked to stop ends before its next frame with `Stopped`, leaving nothing at the
+/// output path or beside it; a temporary file of a writer killed long ago is swept by the next
+/// write to the same target, a recent one (a live writer's) is not.
+#[test]
+fn a_stopped_write_leaves_nothing_and_stale_partials_are_swept() {
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    let video = smooth_video(64, 48, 5, 16.0);
+    let dir = tempfile::tempdir().unwrap();
+    let stopping = WriteOptions {
+        stop: Some(&STOP),
+        ..WriteOptions::default()
+    };
+    for name in ["v.mp4", "v.gif", "frames"] {
+        let err = write_video(dir.path().join(name), &video, &stopping).unwrap_err();
+        assert!(
+            matches!(err, vpipe_video::VideoError::Stopped { .. }),
+            "{name}: {err}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{name}");
+    }
+
+    let stale = dir.path().join(".v.mp4.killed.partial");
+    let recent = dir.path().join(".v.mp4.writing.partial");
+    std::fs::write(&stale, b"half").unwrap();
+    std::fs::write(&recent, b"half").unwrap();
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    write_video(dir.path().join("v.mp4"), &video, &WriteOptions::default()).unwrap();
+    assert!(!stale.exists(), "a stale partial is swept");
+    assert!(recent.exists(), "a live writer's partial is left alone");
+}

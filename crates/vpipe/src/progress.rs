@@ -43,6 +43,12 @@ pub(crate) fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// The flag a stop request sets, for libraries that check it themselves (the video writer,
+/// before each frame).
+pub(crate) fn stop_flag() -> &'static AtomicBool {
+    &INTERRUPTED
+}
+
 /// One long step's progress.
 pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,

@@ -168,8 +168,14 @@ pub(crate) fn write_clip(path: &Path, video: &candle_core::Tensor) -> anyhow::Re
     }
     let clip = vpipe_video::from_tensor(video, pipeline::FPS as f64)?;
     let mut progress = crate::progress::Progress::new("write", 1);
-    vpipe_video::write_video(path, &clip, &vpipe_video::WriteOptions::default())
-        .with_context(|| format!("--out {}", path.display()))?;
+    let options = vpipe_video::WriteOptions {
+        stop: Some(crate::progress::stop_flag()),
+        ..vpipe_video::WriteOptions::default()
+    };
+    vpipe_video::write_video(path, &clip, &options).map_err(|e| match e {
+        vpipe_video::VideoError::Stopped { .. } => anyhow::Error::new(crate::progress::Interrupted),
+        other => anyhow::Error::new(other).context(format!("--out {}", path.display())),
+    })?;
     progress.inc(&path.display().to_string());
     Ok(())
 }
