@@ -25,6 +25,15 @@ date -u
   timeout 180 "$(unpack model_cli)" --test-threads 1 --nocapture fp8 > "$OUT/model_cli.log" 2>&1
   echo "model_cli exit $?"
   grep -E "max abs|test result|panicked|FAILED" "$OUT/model_cli.log"
+  # When carried: every held dtype uploads exactly (vpipe-mem), the DiT parity and hostile-input
+  # tests of vpipe-models on the GPU (the float8 host fallback for non-Linear tensors).
+  for t in fp8_upload_gpu dit_parity hostile_inputs; do
+    [ -f ".carry/$t.xz" ] || continue
+    echo "=== $t on the GPU"
+    timeout 120 "$(unpack $t)" --test-threads 1 --nocapture > "$OUT/$t.log" 2>&1
+    echo "$t exit $?"
+    grep -E "max abs|test result|panicked|FAILED" "$OUT/$t.log" | tail -12
+  done
 
   echo "=== full size: scaled-fp8 14B DiT, umT5-XXL, VAE (random weights)"
   FP8=1 python3 bench/make_random_checkpoints.py $M || exit 4

@@ -14,9 +14,15 @@ fn write_safetensors(path: &std::path::Path, header: &str, data: &[u8]) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// The values as f64, on the host. Floats go through f32, which holds every float8, f16 and
+/// bf16 value exactly: candle 0.11.1's host conversion of float8 straight to f64 never returns.
 fn as_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
+    let wide = if t.dtype().is_float() {
+        t.to_dtype(DType::F32).and_then(|t| t.to_dtype(DType::F64))
+    } else {
+        t.to_dtype(DType::F64)
+    };
+    wide.and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f64>())
         .unwrap()
 }
@@ -91,7 +97,9 @@ fn float8_and_integer_weights_upload_exactly() {
                     println!("{name}: {dtype:?} {got:?}");
                     assert_eq!(&got, values, "{name}");
                     // And usable there: a cast on the device gives the same values.
-                    if dtype.is_float() {
+                    // candle's own float8 cast on CUDA is missing (its kernel names differ);
+                    // the model dequantises float8 with vpipe's kernel, tested in vpipe-models.
+                    if dtype.is_float() && *dtype != DType::F8E4M3 {
                         let cast = on_device.to_dtype(DType::F32).unwrap();
                         assert_eq!(&as_f64(&cast.to_device(&Device::Cpu).unwrap()), values);
                     }

@@ -194,5 +194,5 @@ fn damaged_files_exit_2_with_one_line() {
 #[test]
 fn missing_file_exits_2() {
     let dir = tempfile::tempdir().unwrap();
-    assert_clean_failure(&dir.path().join("nope.safetensors"), "cannot read the file");
+    assert_clean_failure(&dir.path().join("nope.safetensors"), "no such file");
 }

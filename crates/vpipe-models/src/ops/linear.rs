@@ -158,9 +158,12 @@ impl Module for Linear {
 /// which converts with candle's `to_dtype`. On a CUDA device that conversion fails for float8
 /// tensors in candle 0.11.1 (it asks the kernel file for `cast_f8e4m3_*`, which defines
 /// `cast_f8_e4m3_*`), and a `VarBuilder` does not tell a tensor's stored dtype without
-/// converting it; so a failed load on CUDA is retried through the host, where candle converts
-/// every dtype exactly, and the result moved to the device. Only small tensors (norms,
-/// modulation tables, biases, the patch embedding) take that way in a float8 checkpoint.
+/// converting it. So a failed load on CUDA asks for the tensor in float8: a tensor stored so
+/// comes back unconverted and is dequantised with a scale of 1 by vpipe's own kernel (any other
+/// would need the same broken cast, and fails as the first try did). Retrying through the host
+/// does not work: the DiT's key-renaming `VarBuilder` reads on its inner builder's device.
+/// Only small tensors (norms, modulation tables, biases, the patch embedding) take this way in
+/// a float8 checkpoint.
 pub(crate) fn get_in_dtype<S: Into<Shape>>(
     vb: &VarBuilder,
     shape: S,
@@ -171,12 +174,10 @@ pub(crate) fn get_in_dtype<S: Into<Shape>>(
     let direct = vb.get_with_hints_dtype(shape.clone(), name, Init::Const(0.), dtype);
     #[cfg(feature = "cuda")]
     if direct.is_err() && vb.device().is_cuda() {
-        let on_host = vb
-            .clone()
-            .set_device(candle_core::Device::Cpu)
-            .get_with_hints_dtype(shape, name, Init::Const(0.), dtype);
-        if let Ok(tensor) = on_host {
-            return tensor.to_device(vb.device());
+        let stored = vb.get_with_hints_dtype(shape, name, Init::Const(0.), DType::F8E4M3);
+        if let Ok(stored) = stored {
+            let one = Tensor::new(1f32, vb.device())?;
+            return crate::ops::fused::dequantize_fp8(&stored, &one, dtype);
         }
     }
     direct
