@@ -133,7 +133,27 @@ fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
         }
         return Ok(video.to_dtype(candle_core::DType::F32)?);
     }
-    let mut clip = vpipe_video::read_video(path).map_err(|e| BadInput(format!("--input: {e}")))?;
+    // The decoded clip lives in host memory: on a CPU run it must fit the compute budget, on a
+    // CUDA run the host budget, so a header that declares more is refused before decoding.
+    let host_budget = if job.compute.device.starts_with("cuda") {
+        job.compute.budget.host
+    } else {
+        job.compute.budget.compute
+    };
+    let mut limits = vpipe_video::ReadLimits::default();
+    if let Some(budget) = host_budget {
+        limits.max_decoded_bytes = limits.max_decoded_bytes.min(budget);
+    }
+    let mut clip = vpipe_video::read_video_with_limits(path, &limits).map_err(|e| {
+        let hint = match (&e, host_budget) {
+            (vpipe_video::VideoError::DeclaredSizeTooLarge { .. }, Some(_)) => {
+                "; the whole clip is decoded into host memory, which the budget covers: trim the \
+                 clip or raise the budget"
+            }
+            _ => "",
+        };
+        BadInput(format!("--input: {e}{hint}"))
+    })?;
     if clip.num_frames() < job.frames {
         return Err(BadInput(format!(
             "--input {}: {} frames, but --frames {} asks for more",
