@@ -246,15 +246,21 @@ impl Inspection {
 /// format's error to report (`.safetensors`; `.pth`/`.pt`/`.bin`/`.ckpt`), and any other file gives
 /// [`InspectError::UnknownFormat`]. Only regular files are opened (see [`open_regular`]).
 pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
+    let (file, file_size) = open_regular_sized(path)?;
+    inspect_reader(path, file, file_size)
+}
+
+/// [`open_regular`], and the file's size.
+fn open_regular_sized(path: &Path) -> Result<(std::fs::File, u64), InspectError> {
     let file = open_regular(path)?;
-    let file_size = file
+    let size = file
         .metadata()
         .map_err(|error| InspectError::Io {
             path: path.to_owned(),
             error,
         })?
         .len();
-    inspect_reader(path, file, file_size)
+    Ok((file, size))
 }
 
 /// [`inspect`] on any seekable reader of `file_size` bytes (a file already opened, bytes in
@@ -317,14 +323,7 @@ pub enum Container {
 /// read as safetensors. Errors: those of [`open_regular`], [`InspectError::Empty`],
 /// [`InspectError::LegacyPth`] and [`InspectError::UnknownFormat`].
 pub fn container_of(path: &Path) -> Result<Container, InspectError> {
-    let mut file = open_regular(path)?;
-    let file_size = file
-        .metadata()
-        .map_err(|error| InspectError::Io {
-            path: path.to_owned(),
-            error,
-        })?
-        .len();
+    let (mut file, file_size) = open_regular_sized(path)?;
     sniff(path, &mut file, file_size)
 }
 
