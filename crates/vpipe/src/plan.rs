@@ -83,7 +83,12 @@ fn loaded_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
         .iter()
         .map(|t| {
             let elems: u64 = t.shape.iter().map(|&d| d as u64).product();
-            match t.dtype.to_candle() {
+            // float8 e5m2 has no candle dtype; the store reads it as its exact f16 values.
+            let read_as = match t.dtype {
+                vpipe_ckpt::DType::F8_E5M2 => Some(DType::F16),
+                other => other.to_candle(),
+            };
+            match read_as {
                 Some(stored) => {
                     let resident = vpipe_mem::resident_dtype(stored, &t.shape, Some(dtype));
                     elems * resident.size_in_bytes() as u64
