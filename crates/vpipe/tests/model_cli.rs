@@ -474,3 +474,74 @@ fn fp8_checkpoints_run_on_the_gpu_through_the_store() {
         "plain fp8 against its f32 twin on cuda:0: {err}"
     );
 }
+
+/// A plain float8 e5m2 DiT (candle has no e5m2 dtype; the store reads each byte as the f16 it
+/// is the high byte of) gives what its f32 twin holding the same values gives.
+#[test]
+fn a_plain_e5m2_dit_matches_its_f32_twin() {
+    use safetensors::tensor::TensorView;
+    let dir = tempfile::tempdir().unwrap();
+    let original = load(&fixture("vpipe-models", "dit/dit_tiny_wan.safetensors"));
+    // name → (e5m2 bytes and shape) for the block matrices; every tensor's f32 twin.
+    let mut e5m2: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    let mut twin = HashMap::new();
+    let mut f32_bytes: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for (key, tensor) in &original {
+        let values: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+        let shape = tensor.dims().to_vec();
+        if key.contains("blocks.") && shape.len() == 2 {
+            let bytes: Vec<u8> = values
+                .iter()
+                .map(|&v| (half::f16::from_f32(v).to_bits() >> 8) as u8)
+                .collect();
+            let exact: Vec<f32> = bytes
+                .iter()
+                .map(|&b| half::f16::from_bits(u16::from(b) << 8).to_f32())
+                .collect();
+            twin.insert(
+                key.clone(),
+                Tensor::from_vec(exact, shape.clone(), &Device::Cpu).unwrap(),
+            );
+            e5m2.push((key.clone(), bytes, shape));
+        } else {
+            twin.insert(key.clone(), tensor.clone());
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            f32_bytes.push((key.clone(), bytes, shape));
+        }
+    }
+    assert!(!e5m2.is_empty());
+    let plain = dir.path().join("plain_e5m2.safetensors");
+    let views = e5m2
+        .iter()
+        .map(|(k, b, s)| {
+            (
+                k.clone(),
+                TensorView::new(safetensors::Dtype::F8_E5M2, s.clone(), b).unwrap(),
+            )
+        })
+        .chain(f32_bytes.iter().map(|(k, b, s)| {
+            (
+                k.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        }));
+    safetensors::serialize_to_file(views, None, &plain).unwrap();
+    let twin_path = dir.path().join("twin.safetensors");
+    candle_core::safetensors::save(&twin, &twin_path).unwrap();
+    let mut outs = Vec::new();
+    for path in [&plain, &twin_path] {
+        let run = dit_run_file(dir.path(), path, &[]);
+        assert!(
+            run.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        outs.push(load(&dir.path().join("out.safetensors"))["out"].clone());
+    }
+    let err = max_abs(&outs[0], &outs[1]);
+    assert!(
+        err <= 1e-5,
+        "plain e5m2 against its f32 twin: max abs {err}"
+    );
+}
