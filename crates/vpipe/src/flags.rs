@@ -94,6 +94,15 @@ impl DemoArgs {
                 self.steps
             )));
         }
+        if let Ok(meta) = std::fs::metadata(&self.out) {
+            if !meta.is_dir() {
+                return Err(BadInput(format!(
+                    "--out {}: exists and is not a folder; the demo writes a folder (weights, \
+                     demo.mp4, report.json, memory.svg)",
+                    self.out.display()
+                )));
+            }
+        }
         Ok(Demo {
             out: self.out,
             device: self.device,
@@ -275,6 +284,18 @@ impl PipelineArgs {
             (None, Some(input)) => frames_of_clip(input)?,
             (None, None) => DEFAULT_FRAMES,
         };
+        // Wan's latents are 4× shorter and 8× smaller per side, cut in 1×2×2 patches.
+        let tokens = (1 + (frames - 1) / 4) * (height / 16) * (width / 16);
+        if tokens > vpipe_models::wan::dit::MAX_TOKENS {
+            return Err(BadInput(format!(
+                "--size {}x{} --frames {frames}: {tokens} tokens per sample; the DiT takes at most \
+                 {} (e.g. 1280x720 at 81 frames is 75600)",
+                width,
+                height,
+                vpipe_models::wan::dit::MAX_TOKENS
+            ))
+            .into());
+        }
         if self.steps == 0 || self.steps > 1000 {
             return Err(BadInput(format!("--steps {}: expected 1 to 1000", self.steps)).into());
         }
@@ -577,6 +598,7 @@ impl TextEncodeArgs {
             .config
             .as_ref()
             .map(|path| {
+                crate::paths::read_settings_file("--config", path)?;
                 vpipe_text::umt5::Config::from_json_file(path)
                     .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))
             })
@@ -709,8 +731,7 @@ fn read_dit_config(
     path: Option<&std::path::Path>,
 ) -> Result<Option<vpipe_models::wan::DitConfig>, BadInput> {
     let Some(path) = path else { return Ok(None) };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))?;
+    let text = crate::paths::read_settings_file(flag, path)?;
     vpipe_models::wan::DitConfig::from_diffusers_json(&text)
         .map(Some)
         .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
@@ -855,8 +876,7 @@ fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsS
     let Some(path) = args.get(at + 1).map(PathBuf::from) else {
         return Ok(args); // clap reports the missing value
     };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| BadInput(format!("--pipeline {}: {e}", path.display())))?;
+    let text = crate::paths::read_settings_file("--pipeline", &path)?;
     let table: toml::Table = text.parse().map_err(|e| {
         BadInput(format!(
             "--pipeline {}: not valid TOML: {e}",

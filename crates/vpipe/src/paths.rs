@@ -45,6 +45,28 @@ fn kind_of(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
+/// Largest settings file vpipe reads (a `--pipeline` TOML, a `config.json`): far beyond any
+/// real one, so that a file of gigabytes given by mistake is refused before it is read.
+const MAX_SETTINGS_FILE_BYTES: u64 = 1 << 20;
+
+/// The text of the settings file given with `flag`: a regular file (a FIFO would block the
+/// read forever) of at most [`MAX_SETTINGS_FILE_BYTES`].
+pub(crate) fn read_settings_file(flag: &str, path: &Path) -> Result<String, BadInput> {
+    let fail = |what: String| BadInput(format!("{flag} {}: {what}", path.display()));
+    if let Some(problem) = input_file_problem(path) {
+        return Err(fail(problem));
+    }
+    let size = std::fs::metadata(path)
+        .map_err(|e| fail(e.to_string()))?
+        .len();
+    if size > MAX_SETTINGS_FILE_BYTES {
+        return Err(fail(format!(
+            "{size} bytes; a settings file is at most {MAX_SETTINGS_FILE_BYTES}"
+        )));
+    }
+    std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))
+}
+
 /// Checks that each `(flag, path)` is a regular file.
 pub(crate) fn require_files<P: AsRef<Path>>(files: &[(&str, P)]) -> Result<(), BadInput> {
     for (flag, path) in files {

@@ -283,6 +283,18 @@ fn flags_sizes_and_numbers_are_bounded_before_any_allocation() {
         "80GiB",
     ]);
     bench.case("plan of an astronomic job", &args, 2, &["--size"]);
+    let args = strings(&["plan", "--preset", "wan2.1-t2v-14b", "--size", "4096x4096"]);
+    bench.case(
+        "more tokens than the DiT takes",
+        &args,
+        2,
+        &["tokens per sample"],
+    );
+    let file = bench.file("a-file");
+    std::fs::write(&file, b"mine").unwrap();
+    let args = strings(&["demo", "--out", file.to_str().unwrap()]);
+    bench.case("a demo into a file", &args, 2, &["--out", "not a folder"]);
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
     let lora_spec = format!("{}:abc", bench.weight("lora").display());
     let args = bench.run_args(&["--lora", &lora_spec]);
     bench.case(
@@ -403,6 +415,20 @@ fn malformed_and_mistaken_checkpoints_are_bad_input() {
         &args,
         2,
         &["fifo.safetensors", "FIFO"],
+    );
+    let args = bench.run_args(&["--pipeline", &fifo_str]);
+    bench.case(
+        "a FIFO as the pipeline file",
+        &args,
+        2,
+        &["--pipeline", "FIFO"],
+    );
+    let args = bench.run_args(&["--dit-config", &fifo_str]);
+    bench.case(
+        "a FIFO as the DiT config",
+        &args,
+        2,
+        &["--dit-config", "FIFO"],
     );
     bench.finish();
 }
