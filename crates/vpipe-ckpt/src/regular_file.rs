@@ -29,7 +29,8 @@ pub enum SpecialFile {
 }
 
 impl SpecialFile {
-    fn of(file_type: std::fs::FileType) -> Self {
+    /// What a file of `file_type`, neither regular nor a directory, is.
+    pub fn of(file_type: std::fs::FileType) -> Self {
         if file_type.is_fifo() {
             Self::Fifo
         } else if file_type.is_char_device() {

@@ -2,7 +2,7 @@
 //! would fail at its end (hours into a real job) because of its output path fails at once with
 //! exit 2 instead, and no output can overwrite an input or another output.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::exit::BadInput;
@@ -11,12 +11,15 @@ use crate::exit::BadInput;
 /// following symbolic links). Only regular files are ever opened: reading a FIFO or a device
 /// would block or never end.
 pub(crate) fn input_file_problem(path: &Path) -> Option<String> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => None,
-        Ok(meta) => Some(format!("is {}, not a regular file", kind_of(&meta))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("no such file".into()),
-        Err(e) => Some(e.to_string()),
-    }
+    use vpipe_ckpt::InspectError as E;
+    Some(match vpipe_ckpt::check_regular_file(path).err()? {
+        E::NotFound { .. } => "no such file".into(),
+        E::IsDirectory { .. } => "is a folder, not a regular file".into(),
+        E::NotRegularFile { kind, .. } => format!("is {kind}, not a regular file"),
+        E::SymlinkLoop { .. } => "too many levels of symbolic links (a symbolic link loop)".into(),
+        E::Io { error, .. } => error.to_string(),
+        other => other.to_string(),
+    })
 }
 
 /// Like [`input_file_problem`], for an input that may also be a folder (of PNG frames).
@@ -24,24 +27,6 @@ pub(crate) fn input_file_or_folder_problem(path: &Path) -> Option<String> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => None,
         _ => input_file_problem(path),
-    }
-}
-
-/// "a folder", "a FIFO", ... for messages.
-fn kind_of(meta: &std::fs::Metadata) -> &'static str {
-    let kind = meta.file_type();
-    if kind.is_dir() {
-        "a folder"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_block_device() {
-        "a block device"
-    } else if kind.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
     }
 }
 
@@ -140,7 +125,8 @@ fn check_writable(output: &Output<'_>) -> Result<(), BadInput> {
             return Err(fail("is a folder; expected a file name".into()))
         }
         (Ok(meta), OutputKind::File) if !meta.is_file() && !meta.file_type().is_symlink() => {
-            return Err(fail(format!("is {}; expected a file name", kind_of(&meta))))
+            let kind = vpipe_ckpt::SpecialFile::of(meta.file_type());
+            return Err(fail(format!("is {kind}; expected a file name")));
         }
         (Ok(meta), OutputKind::Folder) if meta.is_dir() => {
             let empty = std::fs::read_dir(path)
