@@ -427,7 +427,7 @@ const DEFAULT_FRAMES: usize = 81;
 /// at most [`DEFAULT_FRAMES`], cut down to 4k+1 (the VAE's temporal grid); `read_clip` says
 /// so when it drops frames.
 fn frames_of_clip(input: &Path) -> anyhow::Result<usize> {
-    let count = if input.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+    let count = if crate::paths::has_extension(input, "safetensors") {
         let [video] = crate::tensors::read_inputs(input, ["video_in"])?;
         video.dims().get(2).copied().unwrap_or(0)
     } else {

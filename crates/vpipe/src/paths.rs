@@ -30,6 +30,13 @@ pub(crate) fn input_file_or_folder_problem(path: &Path) -> Option<String> {
     }
 }
 
+/// Whether `path`'s extension is `extension`, in any case (`.SAFETENSORS` too).
+pub(crate) fn has_extension(path: &Path, extension: &str) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case(extension))
+}
+
 /// Largest settings file vpipe reads (a `--pipeline` TOML, a `config.json`): far beyond any
 /// real one, so that a file of gigabytes given by mistake is refused before it is read.
 const MAX_SETTINGS_FILE_BYTES: u64 = 1 << 20;

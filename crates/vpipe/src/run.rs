@@ -68,13 +68,6 @@ fn check_family(flag: &str, path: &Path, family: Family) -> anyhow::Result<()> {
     .into())
 }
 
-/// Whether `path`'s extension is `extension`, in any case (`.SAFETENSORS` too).
-pub(crate) fn has_extension(path: &Path, extension: &str) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case(extension))
-}
-
 /// The file for `flag`: given explicitly, or the one model of `family` in the model folder.
 fn resolve(
     flag: &str,
@@ -121,7 +114,7 @@ fn resolve(
 /// already at that shape.
 fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
     let expected = [1, 3, job.frames, job.height, job.width];
-    if has_extension(path, "safetensors") {
+    if crate::paths::has_extension(path, "safetensors") {
         let [video] = crate::tensors::read_inputs(path, ["video_in"])?;
         if video.dims() != expected {
             return Err(BadInput(format!(
@@ -180,7 +173,7 @@ fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
 /// (key `video`), or no extension for a folder of PNG frames; always through a temporary
 /// name, renamed into place.
 pub(crate) fn write_clip(path: &Path, video: &candle_core::Tensor) -> anyhow::Result<()> {
-    if has_extension(path, "safetensors") {
+    if crate::paths::has_extension(path, "safetensors") {
         return crate::tensors::write_outputs(
             path,
             &HashMap::from([("video".to_owned(), video.clone())]),
