@@ -46,10 +46,10 @@ fn var_builder(
     Ok(VarBuilder::from_tensors(weights, dtype, device))
 }
 
-/// The names ComfyUI's files (`…scale_weight`) and some exporters (`…weight_scale`) give the
-/// per-tensor scale of the float8 weight `{stem}weight`.
+/// The checkpoint keys the model reads the per-tensor scale of the float8 weight `{stem}weight`
+/// from ([`SCALE_NAMES`](vpipe_models::ops::linear::SCALE_NAMES)).
 fn fp8_scale_names(stem: &str) -> [String; 2] {
-    [format!("{stem}scale_weight"), format!("{stem}weight_scale")]
+    vpipe_models::ops::linear::SCALE_NAMES.map(|name| format!("{stem}{name}"))
 }
 
 /// The Wan VAE over a lease's weights (either key layout; config from the shapes).

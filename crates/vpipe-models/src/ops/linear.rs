@@ -15,7 +15,7 @@ use candle_nn::{Init, VarBuilder};
 
 /// Names of the per-tensor scale that ComfyUI's scaled-fp8 files give a linear layer: the
 /// `scaled_fp8` format and the later `comfy_quant` one.
-const SCALE_NAMES: [&str; 2] = ["scale_weight", "weight_scale"];
+pub const SCALE_NAMES: [&str; 2] = ["scale_weight", "weight_scale"];
 
 /// `y = x·Wᵀ + b` with `W` in the checkpoint's precision (f32, bf16, f16, or scaled float8).
 #[derive(Debug, Clone)]
