@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device-machine run for the VAE (issue 3): diffusers' tiled encode/decode and vpipe's on the same
 # card in the same call; full-size Wan 2.1 VAE with random weights, bf16, the real 832x480x81 clip.
-# Needs: .carry/vpipe.xz (CUDA build), .carry/clip.mp4 (../shared/media/wan21-cheesecake-832x480x81-h264.mp4),
+# Needs: .carry/vpipe.xz (CUDA build), .carry/clip.mp4 (a copy of crates/vpipe-video/tests/fixtures/wan21-cheesecake-832x480x81-h264.mp4),
 # .whl/ with diffusers 0.42.1. Run with carry [".carry", ".whl"].
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
