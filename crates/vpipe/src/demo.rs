@@ -333,6 +333,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         shift: 3.0,
         sampler: vpipe_sampling::SamplerKind::UniPc,
         seed: demo.seed,
+        initial_noise: None,
         tiles: DEMO_TILES,
         device,
         dtype: DType::F32,

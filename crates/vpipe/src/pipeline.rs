@@ -62,6 +62,10 @@ pub(crate) struct Job {
     pub(crate) shift: f64,
     pub(crate) sampler: SamplerKind,
     pub(crate) seed: u64,
+    /// The initial noise ([1, 16, F, H, W] f32 on the host) instead of the seed's: the
+    /// starting latents of text-to-video, the noise added to the clip's latents for
+    /// video-to-video (as diffusers' pipelines take their `latents=`).
+    pub(crate) initial_noise: Option<Tensor>,
     pub(crate) tiles: TileSpec,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
@@ -224,7 +228,10 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
             ),
         );
         // Noise from a seeded host generator: the same on every device.
-        let noise = seeded_noise(job.seed, shape)?;
+        let noise = match &job.initial_noise {
+            Some(noise) => noise.clone(),
+            None => seeded_noise(job.seed, shape)?,
+        };
         let mut x = match &clean_latents {
             Some(z0) => noise_latents(z0, &noise, schedule.sigmas()[0])?,
             None => noise,

@@ -302,6 +302,7 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
         shift: job.shift,
         sampler: job.sampler,
         seed: job.seed,
+        initial_noise: None,
         tiles: job.tiles,
         device,
         dtype: job.compute.dtype,
