@@ -85,6 +85,23 @@ pub enum Event {
         /// The tier's budget.
         allowed: u64,
     },
+    /// A model computed streamed; recorded when the stream ended.
+    Stream {
+        /// Model name.
+        model: String,
+        /// Where the groups came from.
+        source: crate::StreamSource,
+        /// Arena slots.
+        slots: usize,
+        /// Streamed groups.
+        groups: usize,
+        /// Bytes of the tensors held for the whole stream.
+        fixed_bytes: u64,
+        /// Bytes of the arena.
+        arena_bytes: u64,
+        /// What it moved.
+        stats: crate::StreamStats,
+    },
     /// A reading taken inside a phase (e.g. after each tile), for the chart.
     Sample {
         /// The reading.

@@ -44,6 +44,7 @@ mod pinned;
 mod report;
 mod session;
 mod store;
+mod stream;
 mod svg;
 mod workspace;
 
@@ -53,11 +54,12 @@ pub use host::{read_host_rss, HostRss};
 pub use ledger::{Check, Entry, Event, Ledger};
 pub use meter::{ComputeKind, CudaReading, Meters, Reading, ReadingObserver};
 pub use report::{
-    Fallback, Output, PhaseReport, Refusal, Report, Sample, TransitionReport, Violation,
-    REPORT_SCHEMA_VERSION,
+    Fallback, Output, PhaseReport, Refusal, Report, Sample, StreamReport, TransitionReport,
+    Violation, REPORT_SCHEMA_VERSION,
 };
 pub use session::{Budget, MemorySession, Phase};
 pub use store::{resident_dtype, Lease, ModelId, PatchFn, TensorMeta, Tier, WeightPatch};
+pub use stream::{StreamSource, StreamSpec, StreamStats, Streamer};
 pub use svg::{render_svg, write_svg};
 pub use workspace::{prepare_compute_workspace, ComputeWorkspace};
 

@@ -71,6 +71,12 @@ impl PinnedTensor {
         ))
     }
 
+    /// The page-locked bytes.
+    pub(crate) fn bytes(&self) -> candle_core::Result<&[u8]> {
+        let all = self.bytes.as_slice().map_err(driver_error)?;
+        Ok(&all[..self.shape.elem_count() * self.dtype.size_in_bytes()])
+    }
+
     /// Makes a device tensor with one host→device copy from the pinned bytes.
     ///
     /// Every dtype in [`crate::store::HELD_DTYPES`] has an arm here: the store refuses any other
@@ -90,6 +96,75 @@ impl PinnedTensor {
             other => Err(candle_core::Error::Msg(format!(
                 "no device upload for dtype {other:?}"
             ))),
+        }
+    }
+}
+
+/// Overwrites a contiguous device tensor with page-locked `bytes` (the same length), copied
+/// asynchronously on `stream`; the caller orders `stream` with the streams that read or
+/// write the tensor, and keeps `bytes` alive until the copy is done.
+pub(crate) struct CopyFromPinned<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) stream: &'a std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+}
+
+impl candle_core::InplaceOp1 for CopyFromPinned<'_> {
+    fn name(&self) -> &'static str {
+        "stream-copy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _storage: &mut candle_core::CpuStorage,
+        _layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("stream-copy: the arena is on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &mut CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        fn copy<T: DeviceRepr>(
+            slice: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+            layout: &candle_core::Layout,
+            bytes: &[u8],
+            stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+        ) -> candle_core::Result<()> {
+            let size = std::mem::size_of::<T>();
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                candle_core::bail!("stream-copy: the arena tensor is not contiguous")
+            };
+            if (end - start) * size != bytes.len() {
+                candle_core::bail!(
+                    "stream-copy: {} bytes for an arena tensor of {}",
+                    bytes.len(),
+                    (end - start) * size
+                );
+            }
+            let (base, _record) = slice.device_ptr_mut(stream);
+            // SAFETY: [start, end) lies in the slice (the layout is the tensor's own); the
+            // source is page-locked and kept alive by the caller until the copy completes.
+            unsafe {
+                result::memcpy_htod_async(base + (start * size) as u64, bytes, stream.cu_stream())
+            }
+            .map_err(driver_error)
+        }
+        let (bytes, stream) = (self.bytes, self.stream.as_ref());
+        match &mut storage.slice {
+            S::U8(s) => copy(s, layout, bytes, stream),
+            S::U32(s) => copy(s, layout, bytes, stream),
+            S::I16(s) => copy(s, layout, bytes, stream),
+            S::I32(s) => copy(s, layout, bytes, stream),
+            S::I64(s) => copy(s, layout, bytes, stream),
+            S::BF16(s) => copy(s, layout, bytes, stream),
+            S::F16(s) => copy(s, layout, bytes, stream),
+            S::F32(s) => copy(s, layout, bytes, stream),
+            S::F64(s) => copy(s, layout, bytes, stream),
+            S::F8E4M3(s) => copy(s, layout, bytes, stream),
+            _ => candle_core::bail!("stream-copy: no arena for this dtype"),
         }
     }
 }

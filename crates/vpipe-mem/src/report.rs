@@ -33,6 +33,9 @@ pub struct Report {
     pub phases: Vec<PhaseReport>,
     /// Every move of weights between tiers, with its verification.
     pub transitions: Vec<TransitionReport>,
+    /// Models that computed streamed, and what each stream moved.
+    #[serde(default)]
+    pub streams: Vec<StreamReport>,
     /// Loads refused by the budget.
     pub refusals: Vec<Refusal>,
     /// Data phases declared as produced for later phases.
@@ -83,6 +86,27 @@ pub struct TransitionReport {
     pub checks: Vec<Check>,
     /// All checks passed.
     pub verified: bool,
+}
+
+/// A model that computed streamed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StreamReport {
+    /// Phase.
+    pub phase: Option<String>,
+    /// Model.
+    pub model: String,
+    /// Where its groups came from.
+    pub source: crate::StreamSource,
+    /// Arena slots (groups copied ahead: slots − 1).
+    pub slots: usize,
+    /// Groups streamed (the blocks not held for the whole phase).
+    pub groups: usize,
+    /// Bytes held for the whole stream.
+    pub fixed_bytes: u64,
+    /// Bytes of the arena.
+    pub arena_bytes: u64,
+    /// What it moved.
+    pub stats: crate::StreamStats,
 }
 
 /// A refused load.
@@ -182,6 +206,7 @@ impl Report {
             compute_workspace,
             phases: Vec::new(),
             transitions: Vec::new(),
+            streams: Vec::new(),
             refusals: Vec::new(),
             outputs: Vec::new(),
             notes: Vec::new(),
@@ -239,6 +264,24 @@ impl Report {
                     work_ms: *work_ms,
                     checks: checks.clone(),
                     verified: checks.iter().all(|c| c.ok),
+                }),
+                Event::Stream {
+                    model,
+                    source,
+                    slots,
+                    groups,
+                    fixed_bytes,
+                    arena_bytes,
+                    stats,
+                } => report.streams.push(StreamReport {
+                    phase: entry.phase.clone(),
+                    model: model.clone(),
+                    source: *source,
+                    slots: *slots,
+                    groups: *groups,
+                    fixed_bytes: *fixed_bytes,
+                    arena_bytes: *arena_bytes,
+                    stats: stats.clone(),
                 }),
                 Event::Refusal {
                     model,

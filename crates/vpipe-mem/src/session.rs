@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use crate::ledger::{Check, Event, Ledger};
 use crate::meter::{Meters, Reading};
 use crate::store::{describe_checkpoint, HostCopy, Lease, Model, ModelId, Tier};
+use crate::stream::{StreamSource, StreamSpec, Streamer};
 use crate::MemError;
 
 /// Limits on what may be resident, in bytes above the run's baseline.
@@ -193,6 +194,11 @@ impl MemorySession {
     /// A model's name.
     pub fn model_name(&self, id: ModelId) -> &str {
         &self.models[id.0].name
+    }
+
+    /// A model's tensors as the store holds them (sorted by key).
+    pub fn tensors(&self, id: ModelId) -> &[crate::TensorMeta] {
+        &self.models[id.0].tensors
     }
 
     /// Bytes a model's weights take in memory (after any dtype conversion).
@@ -646,6 +652,170 @@ impl Phase<'_> {
             s.models[id.0].device = Some(device);
             Ok(())
         })
+    }
+
+    /// Starts computing with `id` streamed ([`StreamSpec`]): its fixed tensors and an arena
+    /// of `spec.slots` groups go into the compute tier, the groups come through the arena as
+    /// the model asks for them. On CUDA the model must be in the host tier (the stream reads
+    /// its pinned copy) or on disk (the stream reads the file through pinned staging
+    /// buffers); on the CPU, on disk. Checked against the budget first and verified like a
+    /// move: the compute tier grows by [`Streamer::bytes`], measured.
+    pub fn begin_stream(&mut self, id: ModelId, spec: &StreamSpec) -> Result<Streamer, MemError> {
+        let before = self.session.meters.read()?;
+        let in_use = before
+            .compute_used()
+            .saturating_sub(self.session.baseline.compute_used());
+        let compute_tier = self.session.compute_tier();
+        let model = &self.session.models[id.0];
+        let from = model.tier();
+        let needed = crate::stream::stream_bytes(model, spec);
+        if let Some(allowed) = self.session.budget.compute {
+            if in_use + needed > allowed {
+                let model = model.name.clone();
+                self.session.ledger.record(
+                    Some(&self.name),
+                    Event::Refusal {
+                        model: model.clone(),
+                        tier: compute_tier,
+                        needed,
+                        in_use,
+                        allowed,
+                    },
+                );
+                return Err(MemError::OverBudget {
+                    model,
+                    tier: compute_tier,
+                    needed,
+                    in_use,
+                    allowed,
+                });
+            }
+        }
+        let start = std::time::Instant::now();
+        let streamer = crate::stream::start(model, &self.session.device, spec)?;
+        self.session
+            .device
+            .synchronize()
+            .map_err(|source| MemError::Tensor {
+                context: "synchronizing after starting a stream".into(),
+                source: Box::new(source),
+            })?;
+        let work_ms = start.elapsed().as_secs_f64() * 1e3;
+        let after = self.session.meters.read()?;
+        let expected = streamer.bytes() as i64;
+        self.record_stream_move(id, (from, compute_tier), expected, work_ms, before, after)?;
+        self.note(
+            "stream",
+            &format!(
+                "'{}' from its {}: {} fixed, {} groups through {} slots of {} ({} in all)",
+                streamer.model,
+                match streamer.source_kind {
+                    StreamSource::PinnedHost => "pinned host copy",
+                    StreamSource::File => "file",
+                },
+                crate::fmt_bytes(streamer.fixed_bytes()),
+                streamer.groups(),
+                streamer.slots(),
+                crate::fmt_bytes(streamer.arena_bytes() / streamer.slots().max(1) as u64),
+                crate::fmt_bytes(streamer.bytes()),
+            ),
+        );
+        Ok(streamer)
+    }
+
+    /// Ends a stream: records what it moved, frees its fixed tensors and arena, and verifies
+    /// that the compute tier gave back [`Streamer::bytes`] (so no tensor of it was kept).
+    pub fn end_stream(&mut self, id: ModelId, streamer: Streamer) -> Result<(), MemError> {
+        self.session.ledger.record(
+            Some(&self.name),
+            Event::Stream {
+                model: streamer.model.clone(),
+                source: streamer.source_kind,
+                slots: streamer.slots(),
+                groups: streamer.groups(),
+                fixed_bytes: streamer.fixed_bytes(),
+                arena_bytes: streamer.arena_bytes(),
+                stats: streamer.stats().clone(),
+            },
+        );
+        let before = self.session.meters.read()?;
+        let expected = -(streamer.bytes() as i64);
+        let start = std::time::Instant::now();
+        drop(streamer);
+        self.session
+            .device
+            .synchronize()
+            .map_err(|source| MemError::Tensor {
+                context: "synchronizing after ending a stream".into(),
+                source: Box::new(source),
+            })?;
+        let work_ms = start.elapsed().as_secs_f64() * 1e3;
+        let after = self.session.meters.read()?;
+        let tiers = (
+            self.session.compute_tier(),
+            self.session.models[id.0].tier(),
+        );
+        self.record_stream_move(id, tiers, expected, work_ms, before, after)
+    }
+
+    /// Records a stream's start or end as a transition, verified on the compute tier's meter.
+    fn record_stream_move(
+        &mut self,
+        id: ModelId,
+        (from, to): (Tier, Tier),
+        expected: i64,
+        work_ms: f64,
+        before: Reading,
+        after: Reading,
+    ) -> Result<(), MemError> {
+        let checks = if self.session.compute_tier() == Tier::Device {
+            self.device_checks(expected, &before, &after)
+        } else {
+            match (before.heap, after.heap) {
+                (Some(b), Some(a)) => vec![check(
+                    "heap",
+                    expected,
+                    b.current,
+                    a.current,
+                    HEAP_TOLERANCE,
+                )],
+                _ => vec![check(
+                    "rss_anon",
+                    expected,
+                    before.host.anon,
+                    after.host.anon,
+                    RSS_TOLERANCE,
+                )],
+            }
+        };
+        let model = self.session.models[id.0].name.clone();
+        let failed = checks.iter().find(|c| !c.ok).cloned();
+        self.session.ledger.record(
+            Some(&self.name),
+            Event::Transition {
+                model: model.clone(),
+                from,
+                to,
+                expected_bytes: expected,
+                work_ms,
+                before,
+                after,
+                checks,
+            },
+        );
+        match failed {
+            None => Ok(()),
+            Some(c) => Err(MemError::VerificationFailed {
+                model,
+                from,
+                to,
+                meter: c.meter,
+                expected: c.expected,
+                measured: c.measured,
+                tolerance: c.tolerance,
+                hint: if expected < 0 { CLONE_HINT } else { LOAD_HINT },
+            }),
+        }
     }
 
     /// Moves a model down to `to` (device → host drops the device copy; host → disk drops

@@ -89,8 +89,15 @@ pub(crate) const HELD_DTYPES: [DType; 10] = [
 
 pub(crate) enum HostCopy {
     Pageable(BTreeMap<String, Tensor>),
+    /// Shared with a [`crate::Streamer`] that copies groups of it to the device.
     #[cfg(feature = "cuda")]
-    Pinned(BTreeMap<String, crate::pinned::PinnedTensor>),
+    Pinned(std::sync::Arc<BTreeMap<String, crate::pinned::PinnedTensor>>),
+}
+
+/// An open checkpoint, read one tensor at a time.
+pub(crate) enum Reader {
+    Mapped(MmapedSafetensors),
+    Pth(PthTensors),
 }
 
 /// The checkpoint formats the store reads.
@@ -234,23 +241,58 @@ impl Model {
         PthTensors::new(&self.path, None).map_err(|e| self.checkpoint_error(e))
     }
 
+    /// Opens the checkpoint for reading tensors one at a time ([`Model::read_tensor`]).
+    pub(crate) fn reader(&self) -> Result<Reader, MemError> {
+        Ok(match self.format {
+            Format::Safetensors => Reader::Mapped(self.map()?),
+            Format::Pth => Reader::Pth(self.open_pth()?),
+        })
+    }
+
+    /// One tensor from the checkpoint, on the host, in the dtype the store holds it in and
+    /// with the model's patch applied; the file's pages it touched leave this process's
+    /// resident set (they stay in the page cache).
+    pub(crate) fn read_tensor(
+        &self,
+        reader: &Reader,
+        meta: &TensorMeta,
+    ) -> Result<Tensor, MemError> {
+        let read = match reader {
+            Reader::Mapped(mapped) => load_mapped(mapped, &meta.name),
+            Reader::Pth(archive) => archive.get(&meta.name).and_then(|t| {
+                t.ok_or_else(|| candle_core::Error::Msg("missing".into()))?
+                    .contiguous()
+            }),
+        };
+        let tensor = read
+            .and_then(|t| t.to_dtype(meta.dtype))
+            .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
+        if let Reader::Mapped(mapped) = reader {
+            release_mapped_pages(mapped, &meta.name);
+        }
+        self.patched(meta, tensor)
+    }
+
+    /// The model's description without any of its copies: what a reader of its file needs.
+    pub(crate) fn description(&self) -> Model {
+        Model {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            format: self.format,
+            tensors: self.tensors.clone(),
+            host: None,
+            device: None,
+            patch: self.patch.clone(),
+        }
+    }
+
     /// Reads the checkpoint into host memory: pageable tensors, or pinned buffers when
     /// `pinned_for` is a CUDA device.
     pub(crate) fn read_host_copy(&self, pinned_for: &Device) -> Result<HostCopy, MemError> {
-        if self.format == Format::Pth {
-            return self.read_pth_host_copy(pinned_for);
-        }
-        let mapped = self.map()?;
-        let load = |meta: &TensorMeta| -> Result<Tensor, MemError> {
-            let tensor = load_mapped(&mapped, &meta.name)
-                .and_then(|t| t.to_dtype(meta.dtype))
-                .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
-            release_mapped_pages(&mapped, &meta.name);
-            self.patched(meta, tensor)
-        };
-        match pinned_for {
+        let reader = self.reader()?;
+        match (pinned_for, &reader) {
             #[cfg(feature = "cuda")]
-            Device::Cuda(cuda) => {
+            (Device::Cuda(cuda), Reader::Mapped(mapped)) => {
                 let mut copies = BTreeMap::new();
                 for meta in &self.tensors {
                     let view = mapped.get(&meta.name).map_err(|e| {
@@ -265,19 +307,30 @@ impl Model {
                         if unpatched && DType::try_from(view.dtype()).ok() == Some(meta.dtype) {
                             std::borrow::Cow::Borrowed(view.data())
                         } else {
-                            converted = load(meta)?;
+                            converted = self.read_tensor(&reader, meta)?;
                             safetensors::View::data(&converted)
                         };
                     let pinned = self.pin(cuda, &meta.name, meta.dtype, &meta.shape, &data)?;
-                    release_mapped_pages(&mapped, &meta.name);
+                    release_mapped_pages(mapped, &meta.name);
                     copies.insert(meta.name.clone(), pinned);
                 }
-                Ok(HostCopy::Pinned(copies))
+                Ok(HostCopy::Pinned(std::sync::Arc::new(copies)))
+            }
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(cuda), Reader::Pth(_)) => {
+                let mut copies = BTreeMap::new();
+                for meta in &self.tensors {
+                    let tensor = self.read_tensor(&reader, meta)?;
+                    let data = safetensors::View::data(&tensor);
+                    let pinned = self.pin(cuda, &meta.name, meta.dtype, &meta.shape, &data)?;
+                    copies.insert(meta.name.clone(), pinned);
+                }
+                Ok(HostCopy::Pinned(std::sync::Arc::new(copies)))
             }
             _ => {
                 let mut copies = BTreeMap::new();
                 for meta in &self.tensors {
-                    copies.insert(meta.name.clone(), load(meta)?);
+                    copies.insert(meta.name.clone(), self.read_tensor(&reader, meta)?);
                 }
                 Ok(HostCopy::Pageable(copies))
             }
@@ -318,35 +371,6 @@ impl Model {
     ) -> Result<crate::pinned::PinnedTensor, MemError> {
         crate::pinned::PinnedTensor::from_bytes(cuda, dtype, shape.to_vec().into(), data)
             .map_err(|e| self.checkpoint_error(format!("pinning '{name}': {e}")))
-    }
-
-    fn read_pth_host_copy(&self, pinned_for: &Device) -> Result<HostCopy, MemError> {
-        let archive = self.open_pth()?;
-        let mut pageable = BTreeMap::new();
-        for meta in &self.tensors {
-            let tensor = archive
-                .get(&meta.name)
-                .and_then(|t| {
-                    t.ok_or_else(|| candle_core::Error::Msg("missing".into()))?
-                        .to_dtype(meta.dtype)?
-                        .contiguous()
-                })
-                .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))?;
-            pageable.insert(meta.name.clone(), self.patched(meta, tensor)?);
-        }
-        match pinned_for {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(cuda) => {
-                let mut copies = BTreeMap::new();
-                for (name, tensor) in pageable {
-                    let data = safetensors::View::data(&tensor);
-                    let pinned = self.pin(cuda, &name, tensor.dtype(), tensor.dims(), &data)?;
-                    copies.insert(name, pinned);
-                }
-                Ok(HostCopy::Pinned(copies))
-            }
-            _ => Ok(HostCopy::Pageable(pageable)),
-        }
     }
 }
 

@@ -309,6 +309,20 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         demo.device
     );
     let (frames, height, width) = CLIP;
+    let sizes = crate::plan::ModelSizes::from_files(
+        &files.dit,
+        None,
+        &files.vae,
+        &files.text_encoder,
+        DType::F32,
+    )?;
+    let sample = crate::plan::SamplePlan::new(
+        &sizes,
+        DType::F32,
+        crate::plan::video_tokens(&sizes.dit, frames, height, width),
+        demo.budget,
+        device.is_cuda(),
+    );
     let job = Job {
         models: ModelFiles {
             dit: files.dit,
@@ -338,6 +352,8 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         device,
         dtype: DType::F32,
         budget: demo.budget,
+        sample,
+        dit_config: sizes.dit.clone(),
     };
     let mut session = vpipe_mem::MemorySession::new(job.device.clone(), job.budget)?;
     let video = pipeline::run(&job, &mut session)?;

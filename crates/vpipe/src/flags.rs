@@ -185,6 +185,12 @@ pub(crate) struct PipelineArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// The initial noise from a safetensors file instead of the seed's: key `noise`,
+    /// [1, 16, F, HEIGHT/8, WIDTH/8] with F = 1 + (frames-1)/4. Text-to-video starts from it;
+    /// video-to-video adds it to the clip's latents (diffusers' `latents=` and its drawn
+    /// noise), so a run can be compared with a reference run on the same noise.
+    #[arg(long)]
+    initial_noise: Option<PathBuf>,
     /// VAE tile side in pixels (multiple of 8, at most 512).
     #[arg(long, default_value_t = 256)]
     tile: usize,
@@ -228,6 +234,8 @@ pub(crate) struct RunJob {
     pub(crate) shift: f64,
     pub(crate) sampler: vpipe_sampling::SamplerKind,
     pub(crate) seed: u64,
+    /// `--initial-noise`: a safetensors file with the `noise` tensor that replaces the seed's.
+    pub(crate) initial_noise: Option<PathBuf>,
     pub(crate) tiles: vpipe_models::tiling::TileSpec,
     pub(crate) out: PathBuf,
     pub(crate) compute: Compute,
@@ -336,6 +344,7 @@ impl PipelineArgs {
             ("--vae", &self.vae),
             ("--text-encoder", &self.text_encoder),
             ("--tokenizer", &self.tokenizer),
+            ("--initial-noise", &self.initial_noise),
         ] {
             if let Some(path) = path {
                 require_files(&[(flag, path)])?;
@@ -373,6 +382,7 @@ impl PipelineArgs {
             shift: self.shift,
             sampler,
             seed: self.seed,
+            initial_noise: self.initial_noise,
             tiles,
             out: self.out,
             compute: self.compute.validate()?,
@@ -941,6 +951,7 @@ mod fuzz {
         "--shift",
         "--strength",
         "--seed",
+        "--initial-noise",
         "--tile",
         "--tile-layout",
         "--sampler",

@@ -9,8 +9,8 @@ use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 use vpipe_lora::{LoraFile, MergePlan};
 
-use vpipe_mem::{Lease, ModelId, Phase, WeightPatch};
-use vpipe_models::wan::{dit_keys, DitConfig, WanModel, WanVae};
+use vpipe_mem::{Lease, ModelId, Phase, StreamSpec, Streamer, TensorMeta, WeightPatch};
+use vpipe_models::wan::{dit_keys, BlockSource, DitConfig, WanModel, WanVae};
 use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder};
 
 /// A `VarBuilder` over clones (reference counts) of a lease's weights, handing them out in
@@ -24,10 +24,19 @@ fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<VarBuilder<'static>> {
-    let mut weights: HashMap<String, Tensor> = lease
+    let weights = lease
         .iter()
         .map(|(name, t)| (name.to_owned(), t.clone()))
         .collect();
+    var_builder_of(weights, dtype, device)
+}
+
+/// [`var_builder`] over weights by checkpoint key.
+fn var_builder_of(
+    mut weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
     let unscaled: Vec<String> = weights
         .iter()
         .filter(|(_, t)| t.dtype() == DType::F8E4M3)
@@ -69,6 +78,85 @@ pub(crate) fn wan_dit(
         var_builder(lease, dtype, device)?,
         config,
     )?)
+}
+
+/// The stream of a DiT's blocks from `held` on (blocks before it are held for the whole
+/// phase with the tensors outside the blocks): one group per block, each group's keys in the
+/// order of their names inside the block, so that every group lines up with the first.
+pub(crate) fn dit_block_stream(
+    keys: &[TensorMeta],
+    blocks: usize,
+    held: usize,
+    slots: usize,
+) -> anyhow::Result<StreamSpec> {
+    let contains = |name: &str| keys.iter().any(|t| t.name == name);
+    let (_, prefix) = dit_keys::detect_layout_of(&contains)
+        .ok_or_else(|| anyhow::anyhow!("the DiT checkpoint's key layout is not recognised"))?;
+    let mut groups: Vec<Vec<(&str, &str)>> = vec![Vec::new(); blocks.saturating_sub(held)];
+    for meta in keys {
+        if let Some((index, inner)) = dit_keys::block_of(&meta.name, prefix) {
+            if (held..blocks).contains(&index) {
+                groups[index - held].push((inner, &meta.name));
+            }
+        }
+    }
+    Ok(StreamSpec {
+        groups: groups
+            .into_iter()
+            .map(|mut g| {
+                g.sort_unstable();
+                g.into_iter().map(|(_, key)| key.to_owned()).collect()
+            })
+            .collect(),
+        slots,
+    })
+}
+
+/// The DiT over a stream's fixed tensors (those outside the blocks and the blocks before
+/// `held`); the other blocks come from [`StreamedBlocks`] at each forward.
+pub(crate) fn wan_dit_streamed(
+    streamer: &Streamer,
+    config: &DitConfig,
+    held: usize,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<WanModel> {
+    let fixed = streamer
+        .fixed()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    Ok(WanModel::from_checkpoint_partial(
+        var_builder_of(fixed, dtype, device)?,
+        config,
+        &|i| i < held,
+    )?)
+}
+
+/// The DiT's streamed blocks, from `held` on, as a forward asks for them.
+pub(crate) struct StreamedBlocks<'s> {
+    pub(crate) streamer: &'s mut Streamer,
+    pub(crate) held: usize,
+}
+
+impl BlockSource for StreamedBlocks<'_> {
+    fn block(
+        &mut self,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        let group = index.checked_sub(self.held).ok_or_else(|| {
+            candle_core::Error::Msg(format!("block {index} is held, not streamed"))
+        })?;
+        let tensors = self
+            .streamer
+            .group(group)
+            .map_err(candle_core::Error::wrap)?
+            .into_iter()
+            .collect();
+        Ok(var_builder_of(tensors, dtype, device)?)
+    }
 }
 
 /// The umT5 encoder over a lease's weights (transformers / ComfyUI or original Wan names);

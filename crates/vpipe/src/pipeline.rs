@@ -12,7 +12,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::tiling::TileSpec;
-use vpipe_models::wan::{DitConfig, GuidancePasses};
+use vpipe_models::wan::DitConfig;
 use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
@@ -24,7 +24,7 @@ use crate::tensors::{run_tiled, VaeOp};
 pub(crate) const FPS: u32 = 16;
 /// Latent channels of the Wan 2.1 VAE.
 const LATENT_CHANNELS: usize = 16;
-use crate::plan::attention_scratch;
+use crate::plan::{DitResidency, SamplePlan};
 
 /// What the pipeline makes.
 pub(crate) enum Mode {
@@ -70,6 +70,10 @@ pub(crate) struct Job {
     pub(crate) device: Device,
     pub(crate) dtype: DType,
     pub(crate) budget: vpipe_mem::Budget,
+    /// How the sample phase holds the DiT and runs a step: the plan's decision.
+    pub(crate) sample: SamplePlan,
+    /// The DiT's configuration (the plan's: from a `config.json` or the file's header).
+    pub(crate) dit_config: DitConfig,
 }
 
 /// The models registered in the store.
@@ -193,95 +197,71 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
 
     check_interrupt()?;
     let latents = session.phase("sample", |p| -> anyhow::Result<Tensor> {
-        p.make_resident(ids.dit)?;
-        let mut model = {
-            let lease = p.lease(ids.dit)?;
-            crate::leased::wan_dit(&lease, models.dit_config.as_ref(), job.dtype, &job.device)
-                .with_context(|| format!("dit {}", models.dit.display()))?
-        };
-        let shape = (
-            1,
-            LATENT_CHANNELS,
-            1 + (job.frames - 1) / 4,
-            job.height / 8,
-            job.width / 8,
-        );
-        let grid = model.token_grid(shape.2, shape.3, shape.4)?;
-        let tokens: usize = grid.iter().product();
-        let in_use = p
-            .read()?
-            .compute_used()
-            .saturating_sub(p.session().baseline().compute_used());
-        model.set_attention_scratch(attention_scratch(job.budget.compute, in_use));
-        let passes = match job.budget.compute {
-            Some(budget) => model.guidance_passes(budget.saturating_sub(in_use), tokens),
-            None => GuidancePasses::Batched,
-        };
-        p.note(
-            "sampling",
-            &format!(
-                "{tokens} tokens, CFG {} {:?}: estimated activations {} (batched) / {} (one pass)",
-                job.guidance,
-                passes,
-                fmt_bytes(model.activation_bytes_estimate(2, tokens)),
-                fmt_bytes(model.activation_bytes_estimate(1, tokens)),
-            ),
-        );
-        // Noise from a seeded host generator: the same on every device.
-        let noise = match &job.initial_noise {
-            Some(noise) => noise.clone(),
-            None => seeded_noise(job.seed, shape)?,
-        };
-        let mut x = match &clean_latents {
-            Some(z0) => noise_latents(z0, &noise, schedule.sigmas()[0])?,
-            None => noise,
+        let plan = &job.sample;
+        match plan.residency {
+            DitResidency::Resident => {
+                p.make_resident(ids.dit)?;
+                let model = {
+                    let lease = p.lease(ids.dit)?;
+                    crate::leased::wan_dit(&lease, Some(&job.dit_config), job.dtype, &job.device)
+                        .with_context(|| format!("dit {}", models.dit.display()))?
+                };
+                let latents = sample(
+                    job,
+                    p,
+                    model,
+                    &schedule,
+                    clean_latents.as_ref(),
+                    &context,
+                    None,
+                )?;
+                p.offload(ids.dit, Tier::Disk)?;
+                Ok(latents)
+            }
+            DitResidency::Streamed {
+                held_blocks,
+                slots,
+                source,
+                ..
+            } => {
+                if source == vpipe_mem::StreamSource::PinnedHost {
+                    p.load(ids.dit)?;
+                }
+                let spec = crate::leased::dit_block_stream(
+                    p.session().tensors(ids.dit),
+                    job.dit_config.num_layers,
+                    held_blocks,
+                    slots,
+                )?;
+                let mut streamer = p.begin_stream(ids.dit, &spec)?;
+                let model = crate::leased::wan_dit_streamed(
+                    &streamer,
+                    &job.dit_config,
+                    held_blocks,
+                    job.dtype,
+                    &job.device,
+                )
+                .with_context(|| format!("dit {}", models.dit.display()))?;
+                let blocks = crate::leased::StreamedBlocks {
+                    streamer: &mut streamer,
+                    held: held_blocks,
+                };
+                let latents = sample(
+                    job,
+                    p,
+                    model,
+                    &schedule,
+                    clean_latents.as_ref(),
+                    &context,
+                    Some(blocks),
+                );
+                let ended = p.end_stream(ids.dit, streamer);
+                let latents = latents?;
+                ended?;
+                p.offload(ids.dit, Tier::Disk)?;
+                Ok(latents)
+            }
         }
-        .to_device(&job.device)?;
-        let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
-        let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
-        let mut sampler = Sampler::new(schedule.clone());
-        let mut progress = Progress::new("sample", schedule.steps() as u64);
-        while let Some(t) = sampler.timestep() {
-            check_interrupt()?;
-            let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
-            let started = std::time::Instant::now();
-            let timestep = Tensor::new(&[t as f32], &job.device)?;
-            let velocity = model.forward_guided(
-                &x.to_dtype(job.dtype)?,
-                &timestep,
-                &cond,
-                &uncond,
-                job.guidance,
-                passes,
-            )?;
-            x = sampler.step(&velocity, &x)?;
-            ensure_finite(
-                &x,
-                &format!(
-                    "sample: the latents after step {}/{} (t = {t:.1})",
-                    sampler.step_index(),
-                    schedule.steps()
-                ),
-            )?;
-            // The meters synchronise the device first, so the step's time is its compute.
-            let reading = p.read()?;
-            let seconds = started.elapsed().as_secs_f64();
-            p.record_sample(reading);
-            p.note(
-                "step",
-                &format!(
-                    "{}/{} at t = {t:.1}: {seconds:.2} s",
-                    sampler.step_index(),
-                    schedule.steps()
-                ),
-            );
-            progress.inc(&format!("t = {t:.1}, {seconds:.2} s"));
-        }
-        drop(model);
-        let latents = x.to_device(&Device::Cpu)?;
-        p.offload(ids.dit, Tier::Disk)?;
-        p.declare_output("latents (host)", tensor_bytes(&latents));
-        Ok(latents)
     })?;
 
     check_interrupt()?;
@@ -299,6 +279,122 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
         Ok(video)
     })?;
     Ok(video)
+}
+
+/// The denoising loop of the sample phase with `model` (which the caller drops and offloads):
+/// from the seeded (or given) noise, alone or added to the clip's latents, through every step
+/// of `schedule`, a reading after each. The blocks `model` does not hold come from `streamed`.
+/// Returns the final latents on the host.
+fn sample(
+    job: &Job,
+    p: &mut vpipe_mem::Phase<'_>,
+    mut model: vpipe_models::wan::WanModel,
+    schedule: &Schedule,
+    clean_latents: Option<&Tensor>,
+    context: &Tensor,
+    mut streamed: Option<crate::leased::StreamedBlocks<'_>>,
+) -> anyhow::Result<Tensor> {
+    let plan = &job.sample;
+    let shape = (
+        1,
+        LATENT_CHANNELS,
+        1 + (job.frames - 1) / 4,
+        job.height / 8,
+        job.width / 8,
+    );
+    let grid = model.token_grid(shape.2, shape.3, shape.4)?;
+    let tokens: usize = grid.iter().product();
+    model.set_attention_scratch(plan.attention_scratch);
+    p.note(
+        "sampling",
+        &format!(
+            "{tokens} tokens, CFG {} {:?}, {}: estimated activations {}",
+            job.guidance,
+            plan.passes,
+            match plan.residency {
+                DitResidency::Resident => "every block held".to_owned(),
+                DitResidency::Streamed {
+                    held_blocks,
+                    streamed_blocks,
+                    slots,
+                    source,
+                } => format!(
+                    "{held_blocks} blocks held, {streamed_blocks} streamed through {slots} \
+                     slots from the {}",
+                    match source {
+                        vpipe_mem::StreamSource::PinnedHost => "pinned host copy",
+                        vpipe_mem::StreamSource::File => "file",
+                    }
+                ),
+            },
+            fmt_bytes(plan.activation_bytes),
+        ),
+    );
+    let noise = match &job.initial_noise {
+        Some(noise) => noise.clone(),
+        None => seeded_noise(job.seed, shape)?,
+    };
+    let mut x = match clean_latents {
+        Some(z0) => noise_latents(z0, &noise, schedule.sigmas()[0])?,
+        None => noise,
+    }
+    .to_device(&job.device)?;
+    let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
+    let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
+    let mut sampler = Sampler::new(schedule.clone());
+    let mut progress = Progress::new("sample", schedule.steps() as u64);
+    while let Some(t) = sampler.timestep() {
+        check_interrupt()?;
+        let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
+        let started = std::time::Instant::now();
+        let timestep = Tensor::new(&[t as f32], &job.device)?;
+        let input = x.to_dtype(job.dtype)?;
+        let velocity = match streamed.as_mut() {
+            Some(blocks) => model.forward_guided_with(
+                &input,
+                &timestep,
+                &cond,
+                &uncond,
+                job.guidance,
+                plan.passes,
+                blocks,
+            )?,
+            None => model.forward_guided(
+                &input,
+                &timestep,
+                &cond,
+                &uncond,
+                job.guidance,
+                plan.passes,
+            )?,
+        };
+        x = sampler.step(&velocity, &x)?;
+        ensure_finite(
+            &x,
+            &format!(
+                "sample: the latents after step {}/{} (t = {t:.1})",
+                sampler.step_index(),
+                schedule.steps()
+            ),
+        )?;
+        // The meters synchronise the device first, so the step's time is its compute.
+        let reading = p.read()?;
+        let seconds = started.elapsed().as_secs_f64();
+        p.record_sample(reading);
+        p.note(
+            "step",
+            &format!(
+                "{}/{} at t = {t:.1}: {seconds:.2} s",
+                sampler.step_index(),
+                schedule.steps()
+            ),
+        );
+        progress.inc(&format!("t = {t:.1}, {seconds:.2} s"));
+    }
+    drop(model);
+    let latents = x.to_device(&Device::Cpu)?;
+    p.declare_output("latents (host)", tensor_bytes(&latents));
+    Ok(latents)
 }
 
 /// Fails when `t` holds a NaN or an infinity, naming `what` (phase and step): one such value

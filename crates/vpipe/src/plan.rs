@@ -17,7 +17,7 @@ use serde::Serialize;
 use vpipe_mem::fmt_bytes;
 use vpipe_models::ops::attention::{fused_kernel_applies, QueryChunk};
 use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
-use vpipe_models::wan::{DitConfig, GuidancePasses};
+use vpipe_models::wan::{dit_keys, DitConfig, GuidancePasses};
 use vpipe_text::umt5::Config as Umt5Config;
 
 use crate::flags::RunJob;
@@ -62,6 +62,155 @@ pub(crate) fn attention_scratch(budget: Option<u64>, in_use: u64) -> u64 {
     }
 }
 
+/// How the DiT's weights are held during the sample phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "strategy", rename_all = "snake_case")]
+pub(crate) enum DitResidency {
+    /// Every weight in the compute tier.
+    Resident,
+    /// The first `held_blocks` blocks and the tensors outside the blocks in the compute tier;
+    /// the other blocks stream through `slots` arena slots from `source` (`slots − 1` copied
+    /// ahead of the compute).
+    Streamed {
+        held_blocks: usize,
+        streamed_blocks: usize,
+        slots: usize,
+        source: vpipe_mem::StreamSource,
+    },
+}
+
+/// What the sample phase does, decided once from the budget and the model's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct SamplePlan {
+    pub(crate) residency: DitResidency,
+    #[serde(serialize_with = "serialize_passes")]
+    pub(crate) passes: GuidancePasses,
+    /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
+    pub(crate) attention_scratch: u64,
+    /// **Estimated** activations of one step.
+    pub(crate) activation_bytes: u64,
+    /// Weights held plus the arena plus the estimated activations.
+    pub(crate) estimated_peak_bytes: u64,
+    /// The least budget any strategy runs in (one streamed slot, two passes).
+    pub(crate) minimum_bytes: u64,
+}
+
+fn serialize_passes<S: serde::Serializer>(
+    passes: &GuidancePasses,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(match passes {
+        GuidancePasses::Batched => "batched",
+        GuidancePasses::TwoPasses => "two_passes",
+    })
+}
+
+/// Arena slots a CUDA stream takes when the budget has room: one group computes while the
+/// next is copied.
+const CUDA_STREAM_SLOTS: usize = 2;
+
+impl SamplePlan {
+    /// The sample phase of a DiT of `sizes` in `dtype` for `tokens` tokens per sample. In
+    /// order of preference, the first that fits `budget.compute`: resident with CFG batched,
+    /// resident in two passes, then streamed (batched, then two passes) with as many blocks
+    /// held as the budget leaves room for after the activations and the arena. On CUDA the
+    /// stream reads the pinned host copy when `budget.host` has room for it, else the file.
+    /// Without a budget, or when nothing fits, resident and batched (the caller compares the
+    /// estimate with the budget).
+    pub(crate) fn new(
+        sizes: &ModelSizes,
+        dtype: DType,
+        tokens: usize,
+        budget: vpipe_mem::Budget,
+        on_cuda: bool,
+    ) -> Self {
+        let dit = &sizes.dit;
+        let fused = fused_kernel_applies(on_cuda, dtype, dit.head_dim());
+        let scratch = if fused {
+            0
+        } else {
+            attention_scratch(budget.compute, sizes.dit_bytes)
+        };
+        // Two passes keep the second pass's residual stream while the first runs a block.
+        let residual = tokens as u64 * dit.dim as u64 * dtype.size_in_bytes() as u64;
+        let activations = |passes| match passes {
+            GuidancePasses::Batched => dit.activation_bytes_estimate(dtype, 2, tokens, scratch),
+            GuidancePasses::TwoPasses => dit
+                .activation_bytes_estimate(dtype, 1, tokens, scratch)
+                .saturating_add(residual),
+        };
+        let block = sizes.dit_block_bytes.max(1);
+        let blocks = dit.num_layers;
+        let outside_blocks = sizes
+            .dit_bytes
+            .saturating_sub(block.saturating_mul(blocks as u64));
+        let minimum_bytes = outside_blocks
+            .saturating_add(activations(GuidancePasses::TwoPasses))
+            .saturating_add(block);
+        let resident = |passes| Self {
+            residency: DitResidency::Resident,
+            passes,
+            attention_scratch: scratch,
+            activation_bytes: activations(passes),
+            estimated_peak_bytes: sizes.dit_bytes.saturating_add(activations(passes)),
+            minimum_bytes,
+        };
+        let Some(limit) = budget.compute else {
+            return resident(GuidancePasses::Batched);
+        };
+        for passes in [GuidancePasses::Batched, GuidancePasses::TwoPasses] {
+            if resident(passes).estimated_peak_bytes <= limit {
+                return resident(passes);
+            }
+        }
+        let most_slots = if on_cuda { CUDA_STREAM_SLOTS } else { 1 };
+        for passes in [GuidancePasses::Batched, GuidancePasses::TwoPasses] {
+            for slots in (1..=most_slots).rev() {
+                let arena = block * slots as u64;
+                let fixed = outside_blocks
+                    .saturating_add(activations(passes))
+                    .saturating_add(arena);
+                if fixed > limit || blocks == 0 {
+                    continue;
+                }
+                // At least one block streams: holding them all did not fit above.
+                let held_blocks = (((limit - fixed) / block) as usize).min(blocks - 1);
+                let streamed_blocks = blocks - held_blocks;
+                let slots = slots.min(streamed_blocks);
+                let source = if on_cuda && budget.host.is_none_or(|h| sizes.dit_bytes <= h) {
+                    vpipe_mem::StreamSource::PinnedHost
+                } else {
+                    vpipe_mem::StreamSource::File
+                };
+                return Self {
+                    residency: DitResidency::Streamed {
+                        held_blocks,
+                        streamed_blocks,
+                        slots,
+                        source,
+                    },
+                    passes,
+                    attention_scratch: scratch,
+                    activation_bytes: activations(passes),
+                    estimated_peak_bytes: outside_blocks
+                        + block * (held_blocks + slots) as u64
+                        + activations(passes),
+                    minimum_bytes,
+                };
+            }
+        }
+        resident(GuidancePasses::TwoPasses)
+    }
+}
+
+/// Tokens per sample of a video of `frames` × `height` × `width` (the latent is 4× shorter
+/// after the first frame and 8× smaller in each side, then cut into the DiT's patches).
+pub(crate) fn video_tokens(dit: &DitConfig, frames: usize, height: usize, width: usize) -> usize {
+    let latent_frames = 1 + frames.saturating_sub(1) / 4;
+    let [pt, ph, pw] = dit.patch_size;
+    (latent_frames / pt) * (height / 8 / ph) * (width / 8 / pw)
+}
+
 /// Wan's text context length.
 const TEXT_TOKENS: usize = 512;
 
@@ -69,6 +218,8 @@ const TEXT_TOKENS: usize = 512;
 pub(crate) struct ModelSizes {
     pub(crate) dit: DitConfig,
     pub(crate) dit_bytes: u64,
+    /// Bytes of the DiT's largest block (what one arena slot of a stream holds).
+    pub(crate) dit_block_bytes: u64,
     pub(crate) vae_base_dim: usize,
     pub(crate) vae_bytes: u64,
     pub(crate) text: Umt5Config,
@@ -81,23 +232,38 @@ fn loaded_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
     inspection
         .tensors
         .iter()
-        .map(|t| {
-            let elems: u64 = t.shape.iter().map(|&d| d as u64).product();
-            // float8 e5m2 has no candle dtype; the store reads it as its exact f16 values.
-            let read_as = match t.dtype {
-                vpipe_ckpt::DType::F8_E5M2 => Some(DType::F16),
-                other => other.to_candle(),
-            };
-            match read_as {
-                Some(stored) => {
-                    let resident = vpipe_mem::resident_dtype(stored, &t.shape, Some(dtype));
-                    elems * resident.size_in_bytes() as u64
-                }
-                // A dtype candle cannot hold: its stored size.
-                None => t.dtype.bytes_for(elems).unwrap_or(0),
-            }
-        })
+        .map(|t| tensor_loaded_bytes(t, dtype))
         .sum()
+}
+
+/// Bytes of one checkpoint tensor once the store has loaded it in `dtype`.
+fn tensor_loaded_bytes(t: &vpipe_ckpt::TensorInfo, dtype: DType) -> u64 {
+    let elems: u64 = t.shape.iter().map(|&d| d as u64).product();
+    // float8 e5m2 has no candle dtype; the store reads it as its exact f16 values.
+    let read_as = match t.dtype {
+        vpipe_ckpt::DType::F8_E5M2 => Some(DType::F16),
+        other => other.to_candle(),
+    };
+    match read_as {
+        Some(stored) => {
+            let resident = vpipe_mem::resident_dtype(stored, &t.shape, Some(dtype));
+            elems * resident.size_in_bytes() as u64
+        }
+        // A dtype candle cannot hold: its stored size.
+        None => t.dtype.bytes_for(elems).unwrap_or(0),
+    }
+}
+
+/// Bytes of a DiT checkpoint's largest block once loaded in `dtype` (see [`loaded_bytes`]).
+fn largest_block_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
+    let prefix = &inspection.detection.prefix;
+    let mut blocks: std::collections::BTreeMap<usize, u64> = Default::default();
+    for t in &inspection.tensors {
+        if let Some((index, _)) = dit_keys::block_of(&t.name, prefix) {
+            *blocks.entry(index).or_default() += tensor_loaded_bytes(t, dtype);
+        }
+    }
+    blocks.values().copied().max().unwrap_or(0)
 }
 
 impl ModelSizes {
@@ -117,6 +283,7 @@ impl ModelSizes {
             + d;
         Some(Self {
             dit_bytes: dit.parameter_count() * elem,
+            dit_block_bytes: dit.block_parameter_count() * elem,
             dit,
             vae_base_dim: 96,
             // wan21-architecture.md §1: 126.9 M parameters.
@@ -190,6 +357,7 @@ impl ModelSizes {
         Ok(Self {
             dit: dit_cfg,
             dit_bytes: loaded_bytes(&dit_header, dtype),
+            dit_block_bytes: largest_block_bytes(&dit_header, dtype),
             vae_base_dim,
             vae_bytes: loaded_bytes(&vae_header, dtype),
             text,
@@ -203,7 +371,7 @@ impl ModelSizes {
 pub(crate) struct PhasePlan {
     pub(crate) name: &'static str,
     /// Models in the compute tier during the phase.
-    pub(crate) resident: Vec<&'static str>,
+    pub(crate) resident: Vec<String>,
     /// Weights plus estimated activations, in bytes.
     pub(crate) estimated_peak_bytes: u64,
     pub(crate) detail: String,
@@ -217,6 +385,8 @@ pub(crate) struct Plan {
     /// Every phase's estimated peak within the budget (true without a budget).
     pub(crate) fits: bool,
     pub(crate) guidance: &'static str,
+    /// How the DiT is held while sampling, and what its step needs.
+    pub(crate) sample: SamplePlan,
     pub(crate) attention_query_rows: usize,
     pub(crate) vae_tile_px: usize,
     /// The precision of the weights and the computation, and why it is that one.
@@ -229,9 +399,7 @@ impl Plan {
         let dtype = job.compute.dtype;
         let elem = dtype.size_in_bytes() as u64;
         let budget = job.compute.budget.compute;
-        let latent_frames = 1 + (job.frames - 1) / 4;
-        let [pt, ph, pw] = sizes.dit.patch_size;
-        let tokens = (latent_frames / pt) * (job.height / 8 / ph) * (job.width / 8 / pw);
+        let tokens = video_tokens(&sizes.dit, job.frames, job.height, job.width);
 
         let t = &sizes.text;
         let (b, l) = (2u64, TEXT_TOKENS as u64);
@@ -243,36 +411,20 @@ impl Plan {
             + (3 * b + 1) * score_matrix
             + l * l * 4;
 
-        let fused = fused_kernel_applies(
-            job.compute.device.starts_with("cuda"),
-            dtype,
-            sizes.dit.head_dim(),
-        );
-        let scratch = if fused {
-            0
-        } else {
-            attention_scratch(budget, sizes.dit_bytes)
-        };
-        let batched = sizes
-            .dit
-            .activation_bytes_estimate(dtype, 2, tokens, scratch);
-        let single = sizes
-            .dit
-            .activation_bytes_estimate(dtype, 1, tokens, scratch);
-        let passes = match budget {
-            Some(budget) if sizes.dit_bytes + batched > budget => GuidancePasses::TwoPasses,
-            _ => GuidancePasses::Batched,
-        };
-        let (dit_activations, batch) = match passes {
-            GuidancePasses::Batched => (batched, 2),
-            GuidancePasses::TwoPasses => (single, 1),
+        let on_cuda = job.compute.device.starts_with("cuda");
+        let sample = SamplePlan::new(sizes, dtype, tokens, job.compute.budget, on_cuda);
+        let fused = sample.attention_scratch == 0;
+        let passes = sample.passes;
+        let batch = match passes {
+            GuidancePasses::Batched => 2,
+            GuidancePasses::TwoPasses => 1,
         };
         // The fused kernel takes every query row in one launch.
         let rows = if fused {
             tokens
         } else {
             QueryChunk::for_budget(
-                scratch,
+                sample.attention_scratch,
                 batch,
                 sizes.dit.num_heads,
                 tokens,
@@ -282,10 +434,10 @@ impl Plan {
             .0
             .min(tokens)
         };
+        let scratch = sample.attention_scratch;
 
         let (tile_h, tile_w) = job.tiles.largest_tile(job.height, job.width);
         let vae_unit = sizes.vae_base_dim as u64 * (tile_h * tile_w) as u64 * elem;
-        let on_cuda = job.compute.device.starts_with("cuda");
         let vae = if on_cuda { VAE_CUDA } else { VAE_CPU };
         let mut phases = vec![
             PhasePlan {
@@ -305,7 +457,7 @@ impl Plan {
             },
             PhasePlan {
                 name: "text",
-                resident: vec!["text encoder"],
+                resident: vec!["text encoder".into()],
                 estimated_peak_bytes: sizes.text_bytes + text_activations,
                 detail: format!("prompt and negative prompt, {TEXT_TOKENS} tokens each"),
             },
@@ -321,7 +473,7 @@ impl Plan {
         ];
         let vae_phase = |name, bytes_per_unit| PhasePlan {
             name,
-            resident: vec!["vae"],
+            resident: vec!["vae".into()],
             estimated_peak_bytes: sizes.vae_bytes
                 + (sizes.vae_bytes as f64 * vae.weight_copies) as u64
                 + bytes_per_unit * vae_unit,
@@ -333,22 +485,31 @@ impl Plan {
         if job.input.is_some() {
             phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
         }
+        let held = match sample.residency {
+            DitResidency::Resident => "dit".to_owned(),
+            DitResidency::Streamed {
+                held_blocks, slots, ..
+            } => format!(
+                "dit: {held_blocks} of {} blocks + {slots} streamed",
+                sizes.dit.num_layers
+            ),
+        };
+        let attention = if fused {
+            "fused attention kernel (no score scratch)".to_owned()
+        } else {
+            format!(
+                "attention in chunks of {rows} query rows ({} of score scratch)",
+                fmt_bytes(scratch)
+            )
+        };
         phases.push(PhasePlan {
             name: "sample",
-            resident: vec!["dit"],
-            estimated_peak_bytes: sizes.dit_bytes + dit_activations,
-            detail: if fused {
-                format!(
-                    "{tokens} tokens, {} steps, CFG {passes:?}, fused attention kernel (no score scratch)",
-                    job.steps
-                )
-            } else {
-                format!(
-                    "{tokens} tokens, {} steps, CFG {passes:?}, attention in chunks of {rows} query rows ({} of score scratch)",
-                    job.steps,
-                    fmt_bytes(scratch)
-                )
-            },
+            resident: vec![held],
+            estimated_peak_bytes: sample.estimated_peak_bytes,
+            detail: format!(
+                "{tokens} tokens, {} steps, CFG {passes:?}, {attention}",
+                job.steps
+            ),
         });
         phases.push(vae_phase("vae decode", vae.decode_bytes_per_unit));
         phases.push(PhasePlan {
@@ -363,6 +524,7 @@ impl Plan {
             phases,
             budget_bytes: budget,
             fits,
+            sample,
             guidance: match passes {
                 GuidancePasses::Batched => "batched",
                 GuidancePasses::TwoPasses => "two passes",

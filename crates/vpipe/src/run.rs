@@ -169,6 +169,77 @@ fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
     Ok(vpipe_video::to_tensor(&clip, &Device::Cpu)?)
 }
 
+/// Latent channels of the Wan 2.1 VAE: the second dimension of `--initial-noise`.
+const LATENT_CHANNELS: usize = 16;
+
+/// The `--initial-noise` file's `noise` tensor as the run's latent shape
+/// `[1, 16, 1 + (frames-1)/4, height/8, width/8]`, f32 on the host. The shape and dtype are
+/// checked from the header before the tensor is converted; other tensors in the file are not
+/// read. A missing key, a wrong shape, a non-float dtype, a non-finite value or a file that is
+/// not safetensors is bad input naming the flag, the file and the expected shape.
+fn read_initial_noise(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
+    use candle_core::safetensors::Load;
+    let expected = [
+        1,
+        LATENT_CHANNELS,
+        1 + (job.frames - 1) / 4,
+        job.height / 8,
+        job.width / 8,
+    ];
+    let wanted = || {
+        format!(
+            "expected `noise` of shape {expected:?}, f32 ([1, {LATENT_CHANNELS}, 1 + (frames-1)/4, \
+             height/8, width/8] for --frames {} --size {}x{})",
+            job.frames, job.width, job.height
+        )
+    };
+    let bad = |what: String| BadInput(format!("--initial-noise {}: {what}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        bad(format!(
+            "not a readable safetensors file ({e}); {}",
+            wanted()
+        ))
+    })?;
+    let view = file.tensor("noise").map_err(|_| {
+        let mut found = file.names();
+        found.sort();
+        bad(format!(
+            "no tensor 'noise' (found: {}); {}",
+            found
+                .iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            wanted()
+        ))
+    })?;
+    if view.shape() != expected {
+        return Err(bad(format!("noise has shape {:?}; {}", view.shape(), wanted())).into());
+    }
+    use safetensors::Dtype;
+    if !matches!(
+        view.dtype(),
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+    ) {
+        return Err(bad(format!(
+            "noise has dtype {:?}; expected a float tensor (f32, or f16 / bf16 / f64, converted \
+             to f32)",
+            view.dtype()
+        ))
+        .into());
+    }
+    let noise = view
+        .load(&Device::Cpu)
+        .map_err(|e| bad(format!("noise cannot be read: {e}")))?
+        .to_dtype(candle_core::DType::F32)?;
+    let sum = noise.abs()?.sum_all()?.to_scalar::<f32>()?;
+    if !sum.is_finite() {
+        return Err(bad("noise holds NaN or infinite values".into()).into());
+    }
+    Ok(noise)
+}
+
 /// Writes the decoded video by the output's extension: `.mp4` (H.264), `.gif`, `.safetensors`
 /// (key `video`), or no extension for a folder of PNG frames; always through a temporary
 /// name, renamed into place.
@@ -250,6 +321,7 @@ fn check_run_outputs(job: &RunJob, models: &ModelFiles) -> Result<(), BadInput> 
     ];
     inputs.extend(models.tokenizer.as_deref().map(|t| ("--tokenizer", t)));
     inputs.extend(job.input.as_ref().map(|(p, _)| ("--input", p.as_path())));
+    inputs.extend(job.initial_noise.as_deref().map(|p| ("--initial-noise", p)));
     inputs.extend(models.loras.iter().map(|(p, _)| ("--lora", p.as_path())));
     crate::paths::check_command_outputs(out, job.compute.report.as_deref(), &inputs)
 }
@@ -281,6 +353,12 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
+    // Before the clip, whose decoding may take a while: a wrong noise file fails at once.
+    let initial_noise = job
+        .initial_noise
+        .as_deref()
+        .map(|path| read_initial_noise(path, &job))
+        .transpose()?;
     let mode = match &job.input {
         None => Mode::TextToVideo,
         Some((path, strength)) => Mode::VideoToVideo {
@@ -302,11 +380,13 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
         shift: job.shift,
         sampler: job.sampler,
         seed: job.seed,
-        initial_noise: None,
+        initial_noise,
         tiles: job.tiles,
         device,
         dtype: job.compute.dtype,
         budget: job.compute.budget,
+        sample: plan.sample,
+        dit_config: sizes.dit.clone(),
     };
     let mut session =
         vpipe_mem::MemorySession::new(pipeline_job.device.clone(), job.compute.budget)?;

@@ -213,7 +213,19 @@ fn plan_for_a_preset_needs_no_weights_and_says_whether_it_fits() {
         .find(|p| p["name"] == "sample")
         .unwrap();
     assert!(sample["estimated_peak_bytes"].as_u64().unwrap() > 28_576_000_000);
+    assert_eq!(json["sample"]["residency"]["strategy"], "resident");
+    // A 24 GiB card holds most blocks and streams the rest.
     let run = plan("24GiB");
+    assert!(run.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["fits"], true);
+    let residency = &json["sample"]["residency"];
+    assert_eq!(residency["strategy"], "streamed", "{json}");
+    let held = residency["held_blocks"].as_u64().unwrap();
+    assert!((1..40).contains(&held), "{json}");
+    assert_eq!(held + residency["streamed_blocks"].as_u64().unwrap(), 40);
+    // Below what any strategy needs: refused, naming the minimum.
+    let run = plan("1GiB");
     assert_eq!(run.status.code(), Some(3));
     let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(json["fits"], false);

@@ -298,9 +298,28 @@ impl Config {
         self.checked_parameter_count().unwrap_or(u64::MAX)
     }
 
+    /// Parameter count of one transformer block (what one block of a stream moves);
+    /// `u64::MAX` when it does not fit.
+    pub fn block_parameter_count(&self) -> u64 {
+        self.checked_block_parameter_count().unwrap_or(u64::MAX)
+    }
+
+    fn checked_block_parameter_count(&self) -> Option<u64> {
+        let (d, f) = (self.dim as u64, self.ffn_dim as u64);
+        let linear = |i: u64, o: u64| i.checked_mul(o)?.checked_add(o);
+        [
+            linear(d, d)?.checked_mul(8)?,
+            d.checked_mul(12)?,
+            linear(d, f)?,
+            linear(f, d)?,
+        ]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)
+    }
+
     /// The parameter count, or `None` when it does not fit in a `u64`.
     fn checked_parameter_count(&self) -> Option<u64> {
-        let (d, f) = (self.dim as u64, self.ffn_dim as u64);
+        let d = self.dim as u64;
         let linear = |i: u64, o: u64| i.checked_mul(o)?.checked_add(o);
         let [pt, ph, pw] = self.patch_size.map(|v| v as u64);
         let patch_volume = pt.checked_mul(ph)?.checked_mul(pw)?;
@@ -317,14 +336,7 @@ impl Config {
         ]
         .into_iter()
         .try_fold(0u64, u64::checked_add)?;
-        let block = [
-            linear(d, d)?.checked_mul(8)?,
-            d.checked_mul(12)?,
-            linear(d, f)?,
-            linear(f, d)?,
-        ]
-        .into_iter()
-        .try_fold(0u64, u64::checked_add)?;
+        let block = self.checked_block_parameter_count()?;
         let head = linear(d, (self.out_channels as u64).checked_mul(patch_volume)?)?
             .checked_add(d.checked_mul(2)?)?;
         patch
@@ -720,6 +732,46 @@ fn timestep_features(timestep: &[f32], freq_dim: usize, device: &Device) -> Resu
     Ok(Tensor::from_vec(out, (timestep.len(), freq_dim), device)?)
 }
 
+/// Where a forward gets the weights of the blocks a [`WanModel`] does not hold (see
+/// [`WanModel::from_checkpoint_partial`]): a stream of them through a fixed arena, for example.
+pub trait BlockSource {
+    /// The tensors of block `index`, named as in the checkpoint the model was built from, on
+    /// `device`, as a `VarBuilder` in `dtype`. They need to stay valid only until the block's
+    /// forward is done (the next call may reuse their memory).
+    fn block(&mut self, index: usize, dtype: DType, device: &Device)
+        -> Result<VarBuilder<'static>>;
+}
+
+/// The source of a model that holds every block: asked for one, it fails.
+struct HeldOnly;
+
+impl BlockSource for HeldOnly {
+    fn block(
+        &mut self,
+        index: usize,
+        _dtype: DType,
+        _device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        Err(Error::DitInput {
+            tensor: "blocks",
+            reason: format!("block {index} is not held by the model and no block source was given"),
+        })
+    }
+}
+
+/// One input's state between the embeddings and the head.
+struct Embedded {
+    /// The residual stream, [B, L, dim].
+    x: Tensor,
+    /// [B, 6, dim], f32.
+    time: Tensor,
+    /// [B, dim], f32.
+    temb: Tensor,
+    /// The embedded text, [B, Lc, dim].
+    context: Tensor,
+    grid: [usize; 3],
+}
+
 /// How a step with classifier-free guidance runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuidancePasses {
@@ -742,7 +794,11 @@ pub struct WanModel {
     time_in: Linear,
     time_out: Linear,
     time_projection: Linear,
-    blocks: Vec<Block>,
+    /// The blocks the model holds; `None` for a block whose weights a [`BlockSource`] gives
+    /// at each forward.
+    blocks: Vec<Option<Block>>,
+    /// How the checkpoint names the weights a [`BlockSource`] gives.
+    keys: (dit_keys::KeyLayout, &'static str),
     head: Linear,
     /// shape [1, 2, dim], f32
     head_modulation: Tensor,
@@ -757,6 +813,17 @@ impl WanModel {
     /// in `vb`'s dtype. Linear weights with a float8 scale next to them stay float8
     /// ([`Linear`]); every other tensor, float8 or not, is converted on load.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::with_blocks(cfg, vb, (dit_keys::KeyLayout::Wan, ""), &|_| true)
+    }
+
+    /// Like [`Self::new`], holding only the blocks for which `held` is true; a forward gets the
+    /// others from a [`BlockSource`], whose tensors are named as `keys` says.
+    fn with_blocks(
+        cfg: &Config,
+        vb: VarBuilder,
+        keys: (dit_keys::KeyLayout, &'static str),
+        held: &dyn Fn(usize) -> bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.dim;
         let [pt, ph, pw] = cfg.patch_size;
@@ -770,7 +837,11 @@ impl WanModel {
         )?
         .reshape((d, patch_in))?;
         let blocks = (0..cfg.num_layers)
-            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .map(|i| {
+                held(i)
+                    .then(|| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>>>()?;
         let out_dim = cfg.out_channels * pt * ph * pw;
         Ok(Self {
@@ -782,6 +853,7 @@ impl WanModel {
             time_out: Linear::new_in(d, d, true, DType::F32, vb.pp("time_embedding.2"))?,
             time_projection: Linear::new(d, 6 * d, true, vb.pp("time_projection.1"))?,
             blocks,
+            keys,
             head: Linear::new(d, out_dim, true, vb.pp("head.head"))?,
             head_modulation: get_in_dtype(&vb, (1, 2, d), "head.modulation", DType::F32)?,
             cfg: cfg.clone(),
@@ -804,7 +876,29 @@ impl WanModel {
             None => Config::from_var_builder(&vb)?,
         };
         tracing::debug!(?layout, prefix, ?cfg, "loading Wan DiT");
-        Self::new(&cfg, vb)
+        Self::with_blocks(&cfg, vb, (layout, prefix), &|_| true)
+    }
+
+    /// Builds the model from a checkpoint's `VarBuilder` (as [`Self::from_checkpoint`]) that
+    /// holds the blocks for which `held` is true and every tensor outside the blocks; a
+    /// forward gets the other blocks from a [`BlockSource`] ([`Self::forward_guided_with`]).
+    /// The configuration must be given: the block count cannot be read from a partial
+    /// checkpoint.
+    pub fn from_checkpoint_partial(
+        vb: VarBuilder,
+        cfg: &Config,
+        held: &dyn Fn(usize) -> bool,
+    ) -> Result<Self> {
+        let (layout, prefix) = dit_keys::detect_layout(&vb).ok_or_else(|| Error::NoDit {
+            prefixes: dit_keys::KNOWN_PREFIXES.to_vec(),
+        })?;
+        let vb = dit_keys::canonical_var_builder(vb, layout, prefix);
+        Self::with_blocks(cfg, vb, (layout, prefix), held)
+    }
+
+    /// Whether the model holds block `index` (else a [`BlockSource`] gives it at each forward).
+    pub fn holds_block(&self, index: usize) -> bool {
+        self.blocks.get(index).is_some_and(Option::is_some)
     }
 
     /// Loads a DiT checkpoint file (`.safetensors` or `.pth`) in `dtype` on `device`.
@@ -878,7 +972,8 @@ impl WanModel {
         }
     }
 
-    /// The guided velocity `uncond + scale · (cond − uncond)` for one sample.
+    /// The guided velocity `uncond + scale · (cond − uncond)` for one sample, for a model that
+    /// holds every block.
     ///
     /// # Shapes
     /// - `latents`: [1, C, F, H, W]; `timestep`: [1]; `cond`, `uncond`: [1, Lc, text_dim].
@@ -891,6 +986,34 @@ impl WanModel {
         uncond: &Tensor,
         scale: f64,
         passes: GuidancePasses,
+    ) -> Result<Tensor> {
+        self.forward_guided_with(
+            latents,
+            timestep,
+            cond,
+            uncond,
+            scale,
+            passes,
+            &mut HeldOnly,
+        )
+    }
+
+    /// [`Self::forward_guided`] with the blocks the model does not hold from `source`. With
+    /// [`GuidancePasses::TwoPasses`] both passes go through each block in turn, so each
+    /// block's weights are asked for once per step, as with a batched step.
+    ///
+    /// # Shapes
+    /// As [`Self::forward_guided`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_guided_with(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        cond: &Tensor,
+        uncond: &Tensor,
+        scale: f64,
+        passes: GuidancePasses,
+        source: &mut dyn BlockSource,
     ) -> Result<Tensor> {
         if !scale.is_finite() {
             return Err(Error::DitInput {
@@ -912,16 +1035,21 @@ impl WanModel {
         }
         let guided = match passes {
             GuidancePasses::Batched => {
-                let both = self.forward(
-                    &Tensor::cat(&[latents, latents], 0)?,
-                    &Tensor::cat(&[timestep, timestep], 0)?,
-                    &Tensor::cat(&[cond, uncond], 0)?,
+                let [both] = self.forward_passes(
+                    [(
+                        &Tensor::cat(&[latents, latents], 0)?,
+                        &Tensor::cat(&[timestep, timestep], 0)?,
+                        &Tensor::cat(&[cond, uncond], 0)?,
+                    )],
+                    source,
                 )?;
                 vpipe_sampling::cfg_batched(&both, scale)
             }
             GuidancePasses::TwoPasses => {
-                let c = self.forward(latents, timestep, cond)?;
-                let u = self.forward(latents, timestep, uncond)?;
+                let [c, u] = self.forward_passes(
+                    [(latents, timestep, cond), (latents, timestep, uncond)],
+                    source,
+                )?;
                 vpipe_sampling::cfg(&c, &u, scale)
             }
         };
@@ -962,15 +1090,78 @@ impl WanModel {
     /// not multiples of the patch size, a token grid past the RoPE tables or [`MAX_TOKENS`],
     /// a timestep that is not a finite number.
     pub fn forward(&self, latents: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, t, grid) = self.check_inputs(latents, timestep, context)?;
-        let tokens: usize = grid.iter().product();
+        let [out] = self.forward_passes([(latents, timestep, context)], &mut HeldOnly)?;
+        Ok(out)
+    }
+
+    /// Forwards of `N` inputs (each as [`Self::forward`]'s) through the blocks together: each
+    /// block is built once (from `source` when the model does not hold it) and runs every
+    /// input before the next block.
+    fn forward_passes<const N: usize>(
+        &self,
+        inputs: [(&Tensor, &Tensor, &Tensor); N],
+        source: &mut dyn BlockSource,
+    ) -> Result<[Tensor; N]> {
+        let mut passes = Vec::with_capacity(N);
+        for (latents, timestep, context) in inputs {
+            passes.push(self.embed(latents, timestep, context)?);
+        }
+        let grid = passes[0].grid;
+        if let Some(other) = passes.iter().find(|p| p.grid != grid) {
+            return Err(Error::DitInput {
+                tensor: "hidden_states",
+                reason: format!(
+                    "passes of one forward need one token grid, got {grid:?} and {:?}",
+                    other.grid
+                ),
+            });
+        }
         let rope = Rope::new(
             self.cfg.head_dim(),
             grid,
             self.cfg.rope_max_seq_len,
             &self.device,
         )?;
+        let tokens: usize = grid.iter().product();
+        let chunks: Vec<_> = passes
+            .iter()
+            .map(|p| Ok(self.query_chunks(p.x.dim(0)?, tokens, p.context.dim(1)?)))
+            .collect::<Result<_>>()?;
+        for i in 0..self.blocks.len() {
+            let _span = tracing::trace_span!("dit_block", i).entered();
+            let streamed;
+            let block = match &self.blocks[i] {
+                Some(block) => block,
+                None => {
+                    let vb = source.block(i, self.dtype, &self.device)?;
+                    let vb = dit_keys::canonical_var_builder(vb, self.keys.0, self.keys.1);
+                    streamed = Block::new(&self.cfg, vb.pp(format!("blocks.{i}")))?;
+                    &streamed
+                }
+            };
+            for (pass, chunks) in passes.iter_mut().zip(&chunks) {
+                pass.x = block.forward(&pass.x, &pass.time, &pass.context, &rope, *chunks)?;
+            }
+        }
+        let mut outputs = Vec::with_capacity(N);
+        for pass in passes {
+            let m = self
+                .head_modulation
+                .broadcast_add(&pass.temb.unsqueeze(1)?)?;
+            let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
+            let x = norm_modulate(&pass.x, &(scale + 1.0)?, &shift, self.cfg.eps)?;
+            let x = self.head.forward(&x)?;
+            outputs.push(self.unpatchify(&x, grid)?);
+        }
+        Ok(outputs
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one output per pass")))
+    }
 
+    /// Checks the inputs and runs everything before the blocks: the patch, time and text
+    /// embeddings.
+    fn embed(&self, latents: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Embedded> {
+        let (b, t, grid) = self.check_inputs(latents, timestep, context)?;
         let x = self.patchify(&latents.to_dtype(self.dtype)?, grid)?;
 
         let _span = tracing::trace_span!("dit_embed").entered();
@@ -989,20 +1180,13 @@ impl WanModel {
                 .forward(&context.to_dtype(self.dtype)?)?
                 .gelu()?,
         )?;
-        drop(_span);
-
-        let chunks = self.query_chunks(b, tokens, context.dim(1)?);
-        let mut x = x;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let _span = tracing::trace_span!("dit_block", i).entered();
-            x = block.forward(&x, &time, &context, &rope, chunks)?;
-        }
-
-        let m = self.head_modulation.broadcast_add(&temb.unsqueeze(1)?)?;
-        let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
-        let x = norm_modulate(&x, &(scale + 1.0)?, &shift, self.cfg.eps)?;
-        let x = self.head.forward(&x)?;
-        self.unpatchify(&x, grid)
+        Ok(Embedded {
+            x,
+            time,
+            temb,
+            context,
+            grid,
+        })
     }
 
     /// The checks of [`Self::forward`]: the batch, the timesteps in f32 and the token grid.

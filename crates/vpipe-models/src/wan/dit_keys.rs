@@ -141,10 +141,15 @@ pub fn original_name(key: &str, layout: KeyLayout, prefix: &str) -> Option<Strin
 /// ComfyUI's model detection does) or `proj_out.weight` + `condition_embedder` (diffusers).
 /// `vb` must have an empty path.
 pub fn detect_layout(vb: &VarBuilder) -> Option<(KeyLayout, &'static str)> {
+    detect_layout_of(&|name| vb.contains_tensor(name))
+}
+
+/// [`detect_layout`] over a checkpoint's key set (`contains` answers whether a key is in it).
+pub fn detect_layout_of(contains: &dyn Fn(&str) -> bool) -> Option<(KeyLayout, &'static str)> {
     KNOWN_PREFIXES.iter().find_map(|&prefix| {
-        if vb.contains_tensor(&format!("{prefix}head.modulation")) {
+        if contains(&format!("{prefix}head.modulation")) {
             Some((KeyLayout::Wan, prefix))
-        } else if vb.contains_tensor(&format!(
+        } else if contains(&format!(
             "{prefix}condition_embedder.time_embedder.linear_1.weight"
         )) {
             Some((KeyLayout::Diffusers, prefix))
@@ -152,6 +157,14 @@ pub fn detect_layout(vb: &VarBuilder) -> Option<(KeyLayout, &'static str)> {
             None
         }
     })
+}
+
+/// The block a checkpoint key belongs to, and the key's name inside the block: both layouts
+/// name a block's tensors `{prefix}blocks.{index}.…`.
+pub fn block_of<'k>(key: &'k str, prefix: &str) -> Option<(usize, &'k str)> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix("blocks.")?;
+    let (index, name) = rest.split_once('.')?;
+    Some((index.parse().ok()?, name))
 }
 
 /// Wraps a checkpoint's `VarBuilder` (empty path) so that it answers to original Wan names.
