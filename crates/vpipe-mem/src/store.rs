@@ -273,6 +273,25 @@ impl Model {
         self.patched(meta, tensor)
     }
 
+    /// A tensor's bytes straight from the mapped file when the store holds them as they are
+    /// stored (same dtype, no patch), so that a copy needs no intermediate tensor.
+    pub(crate) fn stored_bytes<'r>(
+        &self,
+        reader: &'r Reader,
+        meta: &TensorMeta,
+    ) -> Option<std::borrow::Cow<'r, [u8]>> {
+        let Reader::Mapped(mapped) = reader else {
+            return None;
+        };
+        let view = mapped.get(&meta.name).ok()?;
+        let patched = self
+            .patch
+            .as_ref()
+            .is_some_and(|p| p.keys.contains(&meta.name));
+        (!patched && DType::try_from(view.dtype()).ok() == Some(meta.dtype))
+            .then(|| std::borrow::Cow::Borrowed(view.data()))
+    }
+
     /// The model's description without any of its copies: what a reader of its file needs.
     pub(crate) fn description(&self) -> Model {
         Model {
@@ -480,7 +499,7 @@ impl<'p> Lease<'p> {
 /// in RSS (the copy plus every file page touched through the map, measured on the H100 host).
 /// The pages stay in the kernel's page cache, and a later read through the map faults them
 /// back in, so this only changes what the process holds.
-fn release_mapped_pages(mapped: &MmapedSafetensors, name: &str) {
+pub(crate) fn release_mapped_pages(mapped: &MmapedSafetensors, name: &str) {
     let Ok(view) = mapped.get(name) else { return };
     let data = view.data();
     if data.is_empty() {

@@ -32,6 +32,9 @@ pub struct StreamSpec {
     /// Arena slots (at least 1). With one, a group is copied when it is asked for; with
     /// `n`, up to `n − 1` groups are copied ahead while the model computes.
     pub slots: usize,
+    /// Tensors that stay out of the compute tier and are read by rows on the host
+    /// ([`Streamer::rows`]): a token embedding, of which a forward needs a few hundred rows.
+    pub host_rows: Vec<String>,
 }
 
 /// Where a stream reads its groups from.
@@ -102,6 +105,7 @@ pub struct Streamer {
     fixed: BTreeMap<String, Tensor>,
     groups: Vec<Vec<String>>,
     metas: Vec<Vec<TensorMeta>>,
+    host_rows: BTreeMap<String, TensorMeta>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     issued: VecDeque<Issued>,
@@ -186,6 +190,83 @@ impl Streamer {
             .collect())
     }
 
+    /// Rows `ids` of the 2-D host-side tensor `name` (one of [`StreamSpec::host_rows`]), as a
+    /// `[ids.len(), columns]` tensor on the host in the dtype the store holds it in, read
+    /// from the pinned host copy or the file without reading the rest.
+    pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Tensor, MemError> {
+        let meta = self
+            .host_rows
+            .get(name)
+            .ok_or_else(|| MemError::UnknownTensor {
+                model: self.model.clone(),
+                tensor: name.to_owned(),
+            })?;
+        let [count, columns] = meta.shape[..] else {
+            return Err(MemError::UnknownTensor {
+                model: self.model.clone(),
+                tensor: format!("{name} (rows of a tensor of shape {:?})", meta.shape),
+            });
+        };
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= count) {
+            return Err(MemError::UnknownTensor {
+                model: self.model.clone(),
+                tensor: format!("row {bad} of '{name}', which has {count}"),
+            });
+        }
+        let gather = |bytes: &[u8], dtype: candle_core::DType| -> Result<Tensor, MemError> {
+            let row = columns * dtype.size_in_bytes();
+            let mut out = Vec::with_capacity(ids.len() * row);
+            for &i in ids {
+                out.extend_from_slice(&bytes[i as usize * row..(i as usize + 1) * row]);
+            }
+            Tensor::from_raw_buffer(&out, dtype, &[ids.len(), columns], &Device::Cpu)
+                .and_then(|t| t.to_dtype(meta.dtype))
+                .map_err(tensor_error(format!("rows of '{name}'")))
+        };
+        match &self.source {
+            #[cfg(feature = "cuda")]
+            Source::Pinned(host) => {
+                let pinned = host.get(name).ok_or_else(|| MemError::UnknownTensor {
+                    model: self.model.clone(),
+                    tensor: name.to_owned(),
+                })?;
+                gather(
+                    pinned
+                        .bytes()
+                        .map_err(tensor_error(format!("pinned '{name}'")))?,
+                    meta.dtype,
+                )
+            }
+            Source::File { model, reader } => match reader {
+                Reader::Mapped(mapped) => {
+                    let view = mapped
+                        .get(name)
+                        .map_err(tensor_error(format!("'{name}' in the file")))?;
+                    match candle_core::DType::try_from(view.dtype()) {
+                        Ok(dtype) if view.dtype() != safetensors::Dtype::F8_E5M2 => {
+                            gather(view.data(), dtype)
+                        }
+                        _ => model
+                            .read_tensor(reader, meta)?
+                            .index_select(
+                                &Tensor::new(ids, &Device::Cpu)
+                                    .map_err(tensor_error(name.to_owned()))?,
+                                0,
+                            )
+                            .map_err(tensor_error(format!("rows of '{name}'"))),
+                    }
+                }
+                Reader::Pth(_) => model
+                    .read_tensor(reader, meta)?
+                    .index_select(
+                        &Tensor::new(ids, &Device::Cpu).map_err(tensor_error(name.to_owned()))?,
+                        0,
+                    )
+                    .map_err(tensor_error(format!("rows of '{name}'"))),
+            },
+        }
+    }
+
     /// Releases the current slot, keeps every free slot filling ahead, and returns the slot
     /// that holds `group` once the compute stream may read it.
     fn advance_to(&mut self, group: usize) -> Result<usize, MemError> {
@@ -231,15 +312,23 @@ impl Streamer {
                     return self.fill_cuda_from_file(slot, group, moved);
                 }
                 for (meta, target) in self.metas[group].iter().zip(&self.slots[slot].tensors) {
-                    let tensor = model.read_tensor(reader, meta)?;
+                    let converted;
+                    let bytes = match model.stored_bytes(reader, meta) {
+                        Some(bytes) => bytes,
+                        None => {
+                            converted = model.read_tensor(reader, meta)?;
+                            safetensors::View::data(&converted)
+                        }
+                    };
                     target
-                        .inplace_op1(&FillFromHost {
-                            bytes: &safetensors::View::data(&tensor),
-                        })
+                        .inplace_op1(&FillFromHost { bytes: &bytes })
                         .map_err(tensor_error(format!(
                             "streaming '{}' tensor '{}'",
                             self.model, meta.name
                         )))?;
+                    if let Reader::Mapped(mapped) = reader {
+                        crate::store::release_mapped_pages(mapped, &meta.name);
+                    }
                 }
             }
             #[cfg(feature = "cuda")]
@@ -701,6 +790,12 @@ impl Streamer {
             device: device.clone(),
             fixed,
             groups: spec.groups.clone(),
+            host_rows: model
+                .tensors
+                .iter()
+                .filter(|t| spec.host_rows.contains(&t.name))
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect(),
             metas,
             free: (0..slots.len()).collect(),
             slots,

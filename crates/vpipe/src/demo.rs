@@ -322,7 +322,9 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         crate::plan::video_tokens(&sizes.dit, frames, height, width),
         demo.budget,
         device.is_cuda(),
+        true,
     );
+    let text = crate::plan::TextPlan::new(&sizes, DType::F32, demo.budget, device.is_cuda());
     let job = Job {
         models: ModelFiles {
             dit: files.dit,
@@ -352,6 +354,8 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         device,
         dtype: DType::F32,
         budget: demo.budget,
+        text,
+        text_config: sizes.text.clone(),
         sample,
         dit_config: sizes.dit.clone(),
     };

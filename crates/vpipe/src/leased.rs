@@ -11,7 +11,7 @@ use vpipe_lora::{LoraFile, MergePlan};
 
 use vpipe_mem::{Lease, ModelId, Phase, StreamSpec, Streamer, TensorMeta, WeightPatch};
 use vpipe_models::wan::{dit_keys, BlockSource, DitConfig, WanModel, WanVae};
-use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder};
+use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder, Umt5Source};
 
 /// A `VarBuilder` over clones (reference counts) of a lease's weights, handing them out in
 /// `dtype` unless a layer asks for another (float8 weights stay float8).
@@ -80,9 +80,39 @@ pub(crate) fn wan_dit(
     )?)
 }
 
-/// The stream of a DiT's blocks from `held` on (blocks before it are held for the whole
-/// phase with the tensors outside the blocks): one group per block, each group's keys in the
-/// order of their names inside the block, so that every group lines up with the first.
+/// The stream of a model's blocks from `held` on (blocks before it are held for the whole
+/// phase with the tensors outside the blocks, but those `host_rows` says are read by rows):
+/// one group per block, each group's keys sorted, so that every group lines up with the first
+/// (a block's keys share their prefix up to the block's index).
+fn block_stream(
+    keys: &[TensorMeta],
+    block_of: &dyn Fn(&str) -> Option<usize>,
+    blocks: usize,
+    held: usize,
+    slots: usize,
+    host_rows: &dyn Fn(&str) -> bool,
+) -> StreamSpec {
+    let mut groups: Vec<Vec<String>> = vec![Vec::new(); blocks.saturating_sub(held)];
+    for meta in keys {
+        if let Some(index) = block_of(&meta.name).filter(|i| (held..blocks).contains(i)) {
+            groups[index - held].push(meta.name.clone());
+        }
+    }
+    for group in &mut groups {
+        group.sort_unstable();
+    }
+    StreamSpec {
+        groups,
+        slots,
+        host_rows: keys
+            .iter()
+            .filter(|t| host_rows(&t.name))
+            .map(|t| t.name.clone())
+            .collect(),
+    }
+}
+
+/// The stream of a DiT's blocks from `held` on (see [`block_stream`]).
 pub(crate) fn dit_block_stream(
     keys: &[TensorMeta],
     blocks: usize,
@@ -92,24 +122,115 @@ pub(crate) fn dit_block_stream(
     let contains = |name: &str| keys.iter().any(|t| t.name == name);
     let (_, prefix) = dit_keys::detect_layout_of(&contains)
         .ok_or_else(|| anyhow::anyhow!("the DiT checkpoint's key layout is not recognised"))?;
-    let mut groups: Vec<Vec<(&str, &str)>> = vec![Vec::new(); blocks.saturating_sub(held)];
-    for meta in keys {
-        if let Some((index, inner)) = dit_keys::block_of(&meta.name, prefix) {
-            if (held..blocks).contains(&index) {
-                groups[index - held].push((inner, &meta.name));
-            }
+    let block_of = |name: &str| dit_keys::block_of(name, prefix).map(|(index, _)| index);
+    Ok(block_stream(keys, &block_of, blocks, held, slots, &|_| {
+        false
+    }))
+}
+
+/// The stream of an umT5 encoder's blocks from `held` on, its token embedding read by rows
+/// on the host (see [`block_stream`]); also returns the embedding's key.
+pub(crate) fn umt5_block_stream(
+    keys: &[TensorMeta],
+    blocks: usize,
+    held: usize,
+    slots: usize,
+) -> anyhow::Result<(StreamSpec, String)> {
+    use vpipe_text::umt5::keys as umt5_keys;
+    let contains = |name: &str| keys.iter().any(|t| t.name == name);
+    let (layout, prefix) = umt5_keys::detect_layout_of(&contains).ok_or_else(|| {
+        anyhow::anyhow!("the text encoder checkpoint's key layout is not recognised")
+    })?;
+    let embedding = match layout {
+        umt5_keys::KeyLayout::Transformers { embedding } => {
+            embedding.map(|e| format!("{prefix}{e}"))
         }
+        umt5_keys::KeyLayout::Wan => Some(format!("{prefix}token_embedding.weight")),
     }
-    Ok(StreamSpec {
-        groups: groups
-            .into_iter()
-            .map(|mut g| {
-                g.sort_unstable();
-                g.into_iter().map(|(_, key)| key.to_owned()).collect()
-            })
-            .collect(),
+    .filter(|key| contains(key))
+    .ok_or_else(|| anyhow::anyhow!("the text encoder checkpoint has no token embedding"))?;
+    let spec = block_stream(
+        keys,
+        &|name| umt5_keys::block_of(name, layout, prefix),
+        blocks,
+        held,
         slots,
-    })
+        &|name| umt5_keys::is_embedding(name, layout, prefix),
+    );
+    Ok((spec, embedding))
+}
+
+/// The umT5 encoder over a stream's fixed tensors (the blocks before `held` and the final
+/// norm); the token embedding's rows and the other blocks come from [`StreamedText`].
+pub(crate) fn umt5_streamed(
+    streamer: &Streamer,
+    config: &Umt5Config,
+    held: usize,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Umt5Encoder> {
+    let fixed = streamer
+        .fixed()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    Ok(Umt5Encoder::from_checkpoint_partial(
+        config,
+        var_builder_of(fixed, dtype, device)?,
+        &|i| i < held,
+    )?)
+}
+
+/// The text encoder's streamed blocks and its embedding rows, as a forward asks for them.
+pub(crate) struct StreamedText<'s> {
+    pub(crate) streamer: &'s mut Streamer,
+    pub(crate) held: usize,
+    /// The token embedding's checkpoint key.
+    pub(crate) embedding: String,
+}
+
+impl Umt5Source for StreamedText<'_> {
+    fn embedding_rows(
+        &mut self,
+        ids: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_text::Result<Tensor> {
+        let rows = self
+            .streamer
+            .rows(&self.embedding, ids)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(rows.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    fn block(
+        &mut self,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_text::Result<VarBuilder<'static>> {
+        streamed_block(self.streamer, index, self.held, dtype, device)
+            .map_err(vpipe_text::Error::from)
+    }
+}
+
+/// Block `index` of a stream whose blocks before `held` are held, as a `VarBuilder`.
+fn streamed_block(
+    streamer: &mut Streamer,
+    index: usize,
+    held: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
+    let group = index
+        .checked_sub(held)
+        .ok_or_else(|| candle_core::Error::Msg(format!("block {index} is held, not streamed")))?;
+    let tensors = streamer
+        .group(group)
+        .map_err(candle_core::Error::wrap)?
+        .into_iter()
+        .collect();
+    var_builder_of(tensors, dtype, device)
 }
 
 /// The DiT over a stream's fixed tensors (those outside the blocks and the blocks before
@@ -146,16 +267,13 @@ impl BlockSource for StreamedBlocks<'_> {
         dtype: DType,
         device: &Device,
     ) -> vpipe_models::Result<VarBuilder<'static>> {
-        let group = index.checked_sub(self.held).ok_or_else(|| {
-            candle_core::Error::Msg(format!("block {index} is held, not streamed"))
-        })?;
-        let tensors = self
-            .streamer
-            .group(group)
-            .map_err(candle_core::Error::wrap)?
-            .into_iter()
-            .collect();
-        Ok(var_builder_of(tensors, dtype, device)?)
+        Ok(streamed_block(
+            self.streamer,
+            index,
+            self.held,
+            dtype,
+            device,
+        )?)
     }
 }
 

@@ -24,7 +24,7 @@ use crate::tensors::{run_tiled, VaeOp};
 pub(crate) const FPS: u32 = 16;
 /// Latent channels of the Wan 2.1 VAE.
 const LATENT_CHANNELS: usize = 16;
-use crate::plan::{DitResidency, SamplePlan};
+use crate::plan::{Residency, SamplePlan, TextPlan};
 
 /// What the pipeline makes.
 pub(crate) enum Mode {
@@ -70,6 +70,10 @@ pub(crate) struct Job {
     pub(crate) device: Device,
     pub(crate) dtype: DType,
     pub(crate) budget: vpipe_mem::Budget,
+    /// How the text phase holds the encoder: the plan's decision.
+    pub(crate) text: TextPlan,
+    /// The text encoder's configuration (the plan's, from the file's header).
+    pub(crate) text_config: Umt5Config,
     /// How the sample phase holds the DiT and runs a step: the plan's decision.
     pub(crate) sample: SamplePlan,
     /// The DiT's configuration (the plan's: from a `config.json` or the file's header).
@@ -130,22 +134,67 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
             let truncated = if e.truncated { " (truncated)" } else { "" };
             p.note(what, &format!("{} tokens{truncated}", e.true_len));
         }
-        p.make_resident(ids.text)?;
-        let context = {
-            let lease = p.lease(ids.text)?;
-            let encoder = crate::leased::umt5(
-                &lease,
-                models.text_encoder_config.as_ref(),
-                job.dtype,
-                &job.device,
-            )
-            .with_context(|| format!("text encoder {}", models.text_encoder.display()))?;
-            let (input_ids, mask) = Encoded::to_tensors(&encoded, &job.device)?;
-            encoder
-                .forward(&input_ids, &mask)?
-                .to_device(&Device::Cpu)?
+        let (input_ids, mask) = Encoded::to_tensors(&encoded, &job.device)?;
+        let context = match job.text.residency {
+            Residency::Resident => {
+                p.make_resident(ids.text)?;
+                let context = {
+                    let lease = p.lease(ids.text)?;
+                    let encoder = crate::leased::umt5(
+                        &lease,
+                        models.text_encoder_config.as_ref(),
+                        job.dtype,
+                        &job.device,
+                    )
+                    .with_context(|| format!("text encoder {}", models.text_encoder.display()))?;
+                    encoder
+                        .forward(&input_ids, &mask)?
+                        .to_device(&Device::Cpu)?
+                };
+                p.offload(ids.text, Tier::Disk)?;
+                context
+            }
+            Residency::Streamed {
+                held_blocks,
+                slots,
+                source,
+                ..
+            } => {
+                if source == vpipe_mem::StreamSource::PinnedHost {
+                    p.load(ids.text)?;
+                }
+                let (spec, embedding) = crate::leased::umt5_block_stream(
+                    p.session().tensors(ids.text),
+                    job.text_config.num_layers,
+                    held_blocks,
+                    slots,
+                )?;
+                let mut streamer = p.begin_stream(ids.text, &spec)?;
+                let context = crate::leased::umt5_streamed(
+                    &streamer,
+                    &job.text_config,
+                    held_blocks,
+                    job.dtype,
+                    &job.device,
+                )
+                .with_context(|| format!("text encoder {}", models.text_encoder.display()))
+                .and_then(|encoder| {
+                    let mut source = crate::leased::StreamedText {
+                        streamer: &mut streamer,
+                        held: held_blocks,
+                        embedding,
+                    };
+                    Ok(encoder
+                        .forward_with(&input_ids, &mask, &mut source)?
+                        .to_device(&Device::Cpu)?)
+                });
+                let ended = p.end_stream(ids.text, streamer);
+                let context = context?;
+                ended?;
+                p.offload(ids.text, Tier::Disk)?;
+                context
+            }
         };
-        p.offload(ids.text, Tier::Disk)?;
         ensure_finite(&context, "text: the text encoder's output")?;
         p.declare_output("text context (host)", tensor_bytes(&context));
         Ok(context)
@@ -199,7 +248,7 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
     let latents = session.phase("sample", |p| -> anyhow::Result<Tensor> {
         let plan = &job.sample;
         match plan.residency {
-            DitResidency::Resident => {
+            Residency::Resident => {
                 p.make_resident(ids.dit)?;
                 let model = {
                     let lease = p.lease(ids.dit)?;
@@ -218,7 +267,7 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
                 p.offload(ids.dit, Tier::Disk)?;
                 Ok(latents)
             }
-            DitResidency::Streamed {
+            Residency::Streamed {
                 held_blocks,
                 slots,
                 source,
@@ -312,8 +361,8 @@ fn sample(
             job.guidance,
             plan.passes,
             match plan.residency {
-                DitResidency::Resident => "every block held".to_owned(),
-                DitResidency::Streamed {
+                Residency::Resident => "every block held".to_owned(),
+                Residency::Streamed {
                     held_blocks,
                     streamed_blocks,
                     slots,

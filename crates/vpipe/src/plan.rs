@@ -18,7 +18,7 @@ use vpipe_mem::fmt_bytes;
 use vpipe_models::ops::attention::{fused_kernel_applies, QueryChunk};
 use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
 use vpipe_models::wan::{dit_keys, DitConfig, GuidancePasses};
-use vpipe_text::umt5::Config as Umt5Config;
+use vpipe_text::umt5::{keys as umt5_keys, Config as Umt5Config};
 
 use crate::flags::RunJob;
 
@@ -62,15 +62,15 @@ pub(crate) fn attention_scratch(budget: Option<u64>, in_use: u64) -> u64 {
     }
 }
 
-/// How the DiT's weights are held during the sample phase.
+/// How a model's weights are held while it computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(tag = "strategy", rename_all = "snake_case")]
-pub(crate) enum DitResidency {
+pub(crate) enum Residency {
     /// Every weight in the compute tier.
     Resident,
-    /// The first `held_blocks` blocks and the tensors outside the blocks in the compute tier;
-    /// the other blocks stream through `slots` arena slots from `source` (`slots − 1` copied
-    /// ahead of the compute).
+    /// The first `held_blocks` blocks and the tensors outside the blocks in the compute tier
+    /// (but a token embedding, read by rows on the host); the other blocks stream through
+    /// `slots` arena slots from `source` (`slots − 1` copied ahead of the compute).
     Streamed {
         held_blocks: usize,
         streamed_blocks: usize,
@@ -79,10 +79,199 @@ pub(crate) enum DitResidency {
     },
 }
 
+impl Residency {
+    /// What a phase holds of `model` (of `blocks` blocks), for the plan's table.
+    fn describe(&self, model: &str, blocks: usize) -> String {
+        match self {
+            Residency::Resident => model.to_owned(),
+            Residency::Streamed {
+                held_blocks, slots, ..
+            } => format!("{model}: {held_blocks} of {blocks} blocks + {slots} streamed"),
+        }
+    }
+}
+
+/// What the text phase does: the encoder's residency, decided from the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct TextPlan {
+    pub(crate) residency: Residency,
+    /// **Estimated** activations of the prompt and the negative prompt together.
+    pub(crate) activation_bytes: u64,
+    /// Weights held plus the arena plus the estimated activations.
+    pub(crate) estimated_peak_bytes: u64,
+    /// The least budget any strategy runs in (one streamed slot).
+    pub(crate) minimum_bytes: u64,
+}
+
+impl TextPlan {
+    /// The text phase for an encoder of `sizes` in `dtype`: resident when it fits the
+    /// budget, else streamed (the token embedding read by rows on the host).
+    pub(crate) fn new(
+        sizes: &ModelSizes,
+        dtype: DType,
+        budget: vpipe_mem::Budget,
+        on_cuda: bool,
+    ) -> Self {
+        let t = &sizes.text;
+        let elem = dtype.size_in_bytes() as u64;
+        let (b, l) = (2u64, TEXT_TOKENS as u64);
+        // Attention holds, per layer, the scores with their biased and masked copies for each
+        // prompt, and the position bias shared by both, counted in f32 (the softmax's
+        // precision), plus the position buckets (u32, one per query-key pair).
+        let score_matrix = t.num_heads as u64 * l * l * 4;
+        let activation_bytes = b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
+            + (3 * b + 1) * score_matrix
+            + l * l * 4;
+        let weights = sizes.text_weights;
+        let minimum_bytes = weights.minimum(activation_bytes);
+        let resident = (Residency::Resident, weights.total + activation_bytes);
+        let (residency, estimated_peak_bytes) = match budget.compute.map(planning_limit) {
+            None => resident,
+            Some(limit) => weights
+                .residency(
+                    activation_bytes,
+                    limit,
+                    most_slots(on_cuda),
+                    pinned_fits(on_cuda, weights.total, budget),
+                )
+                .unwrap_or(resident),
+        };
+        Self {
+            residency,
+            activation_bytes,
+            estimated_peak_bytes,
+            minimum_bytes,
+        }
+    }
+}
+
+/// A model's weights as a stream sees them: blocks of one size, and the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockWeights {
+    /// Every weight, in bytes (as loaded).
+    pub(crate) total: u64,
+    /// Transformer blocks.
+    pub(crate) blocks: usize,
+    /// Bytes of the largest block (what one arena slot holds).
+    pub(crate) block: u64,
+    /// Bytes a stream keeps on the host and reads by rows (a token embedding).
+    pub(crate) host_rows: u64,
+    /// Bytes of the largest tensor in a block: what a read from the file converts (or, with
+    /// a LoRA, merges) at a time.
+    pub(crate) largest_tensor: u64,
+    /// Whether a LoRA is merged into the weights as they are read (see [`Self::residency`]).
+    pub(crate) patched: bool,
+    /// Whether a block's tensors are converted from their stored dtype when read.
+    pub(crate) converted: bool,
+}
+
+impl BlockWeights {
+    /// Bytes a stream holds in the compute tier for the whole phase, besides held blocks and
+    /// the arena.
+    fn outside_blocks(&self) -> u64 {
+        self.total
+            .saturating_sub(self.block.saturating_mul(self.blocks as u64))
+            .saturating_sub(self.host_rows)
+    }
+
+    /// The least budget a stream of these weights needs next to `activations` (one slot).
+    fn minimum(&self, activations: u64) -> u64 {
+        self.outside_blocks()
+            .saturating_add(activations)
+            .saturating_add(self.block)
+            .saturating_add(self.staging(false))
+    }
+
+    /// Bytes a read from the file converts (or, with a LoRA, merges: the tensor, its update
+    /// and the sum) at a time; the pinned host copy, and a file in the dtype the run holds,
+    /// are copied as they are.
+    fn staging(&self, pinned: bool) -> u64 {
+        match (pinned, self.patched, self.converted) {
+            (true, _, _) | (false, false, false) => 0,
+            (false, false, true) => self.largest_tensor,
+            (false, true, _) => 3 * self.largest_tensor,
+        }
+    }
+
+    /// Resident when the weights and `activations` fit `limit`, else streamed with as many
+    /// blocks held as fit next to the activations and an arena of up to `most_slots` slots
+    /// (fewer when the budget has no room for them); `None` when not even one slot fits.
+    /// Returns the residency and its estimated peak. The stream reads the pinned host copy
+    /// when `pinned` (the host has room for it), else the file.
+    fn residency(
+        &self,
+        activations: u64,
+        limit: u64,
+        most_slots: usize,
+        pinned: bool,
+    ) -> Option<(Residency, u64)> {
+        let resident = self.total.saturating_add(activations);
+        if resident <= limit {
+            return Some((Residency::Resident, resident));
+        }
+        let block = self.block.max(1);
+        let staging = self.staging(pinned);
+        for slots in (1..=most_slots).rev() {
+            let fixed = self
+                .outside_blocks()
+                .saturating_add(activations)
+                .saturating_add(staging)
+                .saturating_add(block.saturating_mul(slots as u64));
+            if fixed > limit || self.blocks == 0 {
+                continue;
+            }
+            // At least one block streams: holding them all did not fit above.
+            let held_blocks = (((limit - fixed) / block) as usize).min(self.blocks - 1);
+            let streamed_blocks = self.blocks - held_blocks;
+            let slots = slots.min(streamed_blocks);
+            let source = if pinned {
+                vpipe_mem::StreamSource::PinnedHost
+            } else {
+                vpipe_mem::StreamSource::File
+            };
+            let peak = self.outside_blocks()
+                + block * (held_blocks + slots) as u64
+                + activations
+                + staging;
+            return Some((
+                Residency::Streamed {
+                    held_blocks,
+                    streamed_blocks,
+                    slots,
+                    source,
+                },
+                peak,
+            ));
+        }
+        None
+    }
+}
+
+/// What a strategy may plan to use of `budget`: it leaves 2 % (at least 4 MiB) for what the
+/// estimates do not count (the tokenizer, earlier phases' outputs, bookkeeping).
+fn planning_limit(budget: u64) -> u64 {
+    budget.saturating_sub((budget / 50).max(4 << 20))
+}
+
+/// Arena slots a stream takes when the budget has room for them: on CUDA one group computes
+/// while the next is copied; the CPU reads each group when it is needed.
+fn most_slots(on_cuda: bool) -> usize {
+    if on_cuda {
+        CUDA_STREAM_SLOTS
+    } else {
+        1
+    }
+}
+
+/// Whether a CUDA stream can read a pinned host copy of `total` bytes within the host budget.
+fn pinned_fits(on_cuda: bool, total: u64, budget: vpipe_mem::Budget) -> bool {
+    on_cuda && budget.host.is_none_or(|h| total <= h)
+}
+
 /// What the sample phase does, decided once from the budget and the model's sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub(crate) struct SamplePlan {
-    pub(crate) residency: DitResidency,
+    pub(crate) residency: Residency,
     #[serde(serialize_with = "serialize_passes")]
     pub(crate) passes: GuidancePasses,
     /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
@@ -123,83 +312,75 @@ impl SamplePlan {
         tokens: usize,
         budget: vpipe_mem::Budget,
         on_cuda: bool,
+        lora: bool,
     ) -> Self {
         let dit = &sizes.dit;
         let fused = fused_kernel_applies(on_cuda, dtype, dit.head_dim());
         let scratch = if fused {
             0
         } else {
-            attention_scratch(budget.compute, sizes.dit_bytes)
+            attention_scratch(budget.compute, sizes.dit_weights.total)
         };
+        let elem = dtype.size_in_bytes() as u64;
         // Two passes keep the second pass's residual stream while the first runs a block.
-        let residual = tokens as u64 * dit.dim as u64 * dtype.size_in_bytes() as u64;
+        let residual = tokens as u64 * dit.dim as u64 * elem;
+        // The text side, per sample: the context through the text embedding (its input,
+        // the two linear outputs and the GELU's) and a block's cross-attention keys and
+        // values, with their normed and transposed copies: ten context-sized tensors, the
+        // bulk of a small video's activations (measured 6.9 MiB at 256 wide on the CPU).
+        let text_side = 10 * TEXT_TOKENS as u64 * dit.dim as u64 * elem;
         let activations = |passes| match passes {
-            GuidancePasses::Batched => dit.activation_bytes_estimate(dtype, 2, tokens, scratch),
+            GuidancePasses::Batched => dit
+                .activation_bytes_estimate(dtype, 2, tokens, scratch)
+                .saturating_add(2 * text_side),
             GuidancePasses::TwoPasses => dit
                 .activation_bytes_estimate(dtype, 1, tokens, scratch)
-                .saturating_add(residual),
+                .saturating_add(residual)
+                .saturating_add(2 * text_side),
         };
-        let block = sizes.dit_block_bytes.max(1);
-        let blocks = dit.num_layers;
-        let outside_blocks = sizes
-            .dit_bytes
-            .saturating_sub(block.saturating_mul(blocks as u64));
-        let minimum_bytes = outside_blocks
-            .saturating_add(activations(GuidancePasses::TwoPasses))
-            .saturating_add(block);
-        let resident = |passes| Self {
-            residency: DitResidency::Resident,
+        let weights = BlockWeights {
+            patched: lora,
+            ..sizes.dit_weights
+        };
+        let minimum_bytes = weights.minimum(activations(GuidancePasses::TwoPasses));
+        let plan = |passes, (residency, estimated_peak_bytes)| Self {
+            residency,
             passes,
             attention_scratch: scratch,
             activation_bytes: activations(passes),
-            estimated_peak_bytes: sizes.dit_bytes.saturating_add(activations(passes)),
+            estimated_peak_bytes,
             minimum_bytes,
         };
-        let Some(limit) = budget.compute else {
-            return resident(GuidancePasses::Batched);
+        let Some(limit) = budget.compute.map(planning_limit) else {
+            let passes = GuidancePasses::Batched;
+            return plan(
+                passes,
+                (Residency::Resident, weights.total + activations(passes)),
+            );
         };
-        for passes in [GuidancePasses::Batched, GuidancePasses::TwoPasses] {
-            if resident(passes).estimated_peak_bytes <= limit {
-                return resident(passes);
+        let passes = [GuidancePasses::Batched, GuidancePasses::TwoPasses];
+        // Held whole in either way of guiding first, then streamed.
+        for passes in passes {
+            if let Some(resident) = weights
+                .residency(activations(passes), limit, 0, false)
+                .filter(|(r, _)| *r == Residency::Resident)
+            {
+                return plan(passes, resident);
             }
         }
-        let most_slots = if on_cuda { CUDA_STREAM_SLOTS } else { 1 };
-        for passes in [GuidancePasses::Batched, GuidancePasses::TwoPasses] {
-            for slots in (1..=most_slots).rev() {
-                let arena = block * slots as u64;
-                let fixed = outside_blocks
-                    .saturating_add(activations(passes))
-                    .saturating_add(arena);
-                if fixed > limit || blocks == 0 {
-                    continue;
-                }
-                // At least one block streams: holding them all did not fit above.
-                let held_blocks = (((limit - fixed) / block) as usize).min(blocks - 1);
-                let streamed_blocks = blocks - held_blocks;
-                let slots = slots.min(streamed_blocks);
-                let source = if on_cuda && budget.host.is_none_or(|h| sizes.dit_bytes <= h) {
-                    vpipe_mem::StreamSource::PinnedHost
-                } else {
-                    vpipe_mem::StreamSource::File
-                };
-                return Self {
-                    residency: DitResidency::Streamed {
-                        held_blocks,
-                        streamed_blocks,
-                        slots,
-                        source,
-                    },
-                    passes,
-                    attention_scratch: scratch,
-                    activation_bytes: activations(passes),
-                    estimated_peak_bytes: outside_blocks
-                        + block * (held_blocks + slots) as u64
-                        + activations(passes),
-                    minimum_bytes,
-                };
+        let pinned = pinned_fits(on_cuda, weights.total, budget);
+        for passes in passes {
+            if let Some(streamed) =
+                weights.residency(activations(passes), limit, most_slots(on_cuda), pinned)
+            {
+                return plan(passes, streamed);
             }
         }
-        resident(GuidancePasses::TwoPasses)
+        let passes = GuidancePasses::TwoPasses;
+        plan(
+            passes,
+            (Residency::Resident, weights.total + activations(passes)),
+        )
     }
 }
 
@@ -217,13 +398,11 @@ const TEXT_TOKENS: usize = 512;
 /// The sizes a plan needs, from files or a preset.
 pub(crate) struct ModelSizes {
     pub(crate) dit: DitConfig,
-    pub(crate) dit_bytes: u64,
-    /// Bytes of the DiT's largest block (what one arena slot of a stream holds).
-    pub(crate) dit_block_bytes: u64,
+    pub(crate) dit_weights: BlockWeights,
     pub(crate) vae_base_dim: usize,
     pub(crate) vae_bytes: u64,
     pub(crate) text: Umt5Config,
-    pub(crate) text_bytes: u64,
+    pub(crate) text_weights: BlockWeights,
 }
 
 /// Bytes of a checkpoint's tensors once the store has loaded them in `dtype`
@@ -234,6 +413,14 @@ fn loaded_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
         .iter()
         .map(|t| tensor_loaded_bytes(t, dtype))
         .sum()
+}
+
+/// Whether the store converts this checkpoint tensor when it loads it in `dtype`.
+fn is_converted(t: &vpipe_ckpt::TensorInfo, dtype: DType) -> bool {
+    match t.dtype.to_candle() {
+        Some(stored) => vpipe_mem::resident_dtype(stored, &t.shape, Some(dtype)) != stored,
+        None => true,
+    }
 }
 
 /// Bytes of one checkpoint tensor once the store has loaded it in `dtype`.
@@ -254,16 +441,70 @@ fn tensor_loaded_bytes(t: &vpipe_ckpt::TensorInfo, dtype: DType) -> u64 {
     }
 }
 
-/// Bytes of a DiT checkpoint's largest block once loaded in `dtype` (see [`loaded_bytes`]).
-fn largest_block_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
-    let prefix = &inspection.detection.prefix;
+/// A checkpoint's weights once loaded in `dtype`, by block (`block_of` names the block of a
+/// key) and by what a stream reads by rows (`host_rows`).
+fn block_weights(
+    inspection: &vpipe_ckpt::Inspection,
+    dtype: DType,
+    block_of: &dyn Fn(&str) -> Option<usize>,
+    host_rows: &dyn Fn(&str) -> bool,
+) -> BlockWeights {
     let mut blocks: std::collections::BTreeMap<usize, u64> = Default::default();
+    let mut rows = 0;
+    let mut largest_tensor = 0;
+    let mut converted = false;
     for t in &inspection.tensors {
-        if let Some((index, _)) = dit_keys::block_of(&t.name, prefix) {
-            *blocks.entry(index).or_default() += tensor_loaded_bytes(t, dtype);
+        let bytes = tensor_loaded_bytes(t, dtype);
+        if let Some(index) = block_of(&t.name) {
+            largest_tensor = largest_tensor.max(bytes);
+            converted |= is_converted(t, dtype);
+            *blocks.entry(index).or_default() += bytes;
+        } else if host_rows(&t.name) {
+            rows += bytes;
         }
     }
-    blocks.values().copied().max().unwrap_or(0)
+    BlockWeights {
+        total: loaded_bytes(inspection, dtype),
+        blocks: blocks.len(),
+        block: blocks.values().copied().max().unwrap_or(0),
+        host_rows: rows,
+        largest_tensor,
+        patched: false,
+        converted,
+    }
+}
+
+/// The DiT's weights from its header.
+fn dit_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeights {
+    let prefix = inspection.detection.prefix.clone();
+    block_weights(
+        inspection,
+        dtype,
+        &|name| dit_keys::block_of(name, &prefix).map(|(index, _)| index),
+        &|_| false,
+    )
+}
+
+/// The umT5 encoder's weights from its header: the token embedding is read by rows.
+fn text_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeights {
+    let contains = |name: &str| inspection.tensors.iter().any(|t| t.name == name);
+    match umt5_keys::detect_layout_of(&contains) {
+        Some((layout, prefix)) => block_weights(
+            inspection,
+            dtype,
+            &|name| umt5_keys::block_of(name, layout, prefix),
+            &|name| umt5_keys::is_embedding(name, layout, prefix),
+        ),
+        None => BlockWeights {
+            total: loaded_bytes(inspection, dtype),
+            blocks: 0,
+            block: 0,
+            host_rows: 0,
+            largest_tensor: 0,
+            patched: false,
+            converted: false,
+        },
+    }
 }
 
 impl ModelSizes {
@@ -274,22 +515,36 @@ impl ModelSizes {
         let text = Umt5Config::umt5_xxl();
         let elem = dtype.size_in_bytes() as u64;
         let (d, ff) = (text.d_model as u64, text.d_ff as u64);
-        let text_params = text.vocab_size as u64 * d
-            + text.num_layers as u64
-                * (4 * d * d
-                    + 3 * d * ff
-                    + 2 * d
-                    + (text.relative_attention_num_buckets * text.num_heads) as u64)
-            + d;
+        let text_embedding = text.vocab_size as u64 * d;
+        let text_block = 4 * d * d
+            + 3 * d * ff
+            + 2 * d
+            + (text.relative_attention_num_buckets * text.num_heads) as u64;
         Some(Self {
-            dit_bytes: dit.parameter_count() * elem,
-            dit_block_bytes: dit.block_parameter_count() * elem,
+            dit_weights: BlockWeights {
+                total: dit.parameter_count() * elem,
+                blocks: dit.num_layers,
+                block: dit.block_parameter_count() * elem,
+                host_rows: 0,
+                largest_tensor: (dit.dim * dit.ffn_dim) as u64 * elem,
+                patched: false,
+                // A preset is planned as a file in the run's dtype.
+                converted: false,
+            },
             dit,
             vae_base_dim: 96,
             // wan21-architecture.md §1: 126.9 M parameters.
             vae_bytes: 126_900_000 * elem,
+            text_weights: BlockWeights {
+                total: (text_embedding + text.num_layers as u64 * text_block + d) * elem,
+                blocks: text.num_layers,
+                block: text_block * elem,
+                host_rows: text_embedding * elem,
+                largest_tensor: d * ff * elem,
+                patched: false,
+                converted: false,
+            },
             text,
-            text_bytes: text_params * elem,
         })
     }
 
@@ -356,12 +611,11 @@ impl ModelSizes {
         };
         Ok(Self {
             dit: dit_cfg,
-            dit_bytes: loaded_bytes(&dit_header, dtype),
-            dit_block_bytes: largest_block_bytes(&dit_header, dtype),
+            dit_weights: dit_weights(&dit_header, dtype),
             vae_base_dim,
             vae_bytes: loaded_bytes(&vae_header, dtype),
             text,
-            text_bytes: loaded_bytes(&text_header, dtype),
+            text_weights: text_weights(&text_header, dtype),
         })
     }
 }
@@ -385,6 +639,8 @@ pub(crate) struct Plan {
     /// Every phase's estimated peak within the budget (true without a budget).
     pub(crate) fits: bool,
     pub(crate) guidance: &'static str,
+    /// How the text encoder is held.
+    pub(crate) text: TextPlan,
     /// How the DiT is held while sampling, and what its step needs.
     pub(crate) sample: SamplePlan,
     pub(crate) attention_query_rows: usize,
@@ -401,18 +657,17 @@ impl Plan {
         let budget = job.compute.budget.compute;
         let tokens = video_tokens(&sizes.dit, job.frames, job.height, job.width);
 
-        let t = &sizes.text;
-        let (b, l) = (2u64, TEXT_TOKENS as u64);
-        // Attention holds, per layer, the scores with their biased and masked copies for each
-        // prompt, and the position bias shared by both, counted in f32 (the softmax's
-        // precision), plus the position buckets (u32, one per query-key pair).
-        let score_matrix = t.num_heads as u64 * l * l * 4;
-        let text_activations = b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
-            + (3 * b + 1) * score_matrix
-            + l * l * 4;
-
         let on_cuda = job.compute.device.starts_with("cuda");
-        let sample = SamplePlan::new(sizes, dtype, tokens, job.compute.budget, on_cuda);
+        let text = TextPlan::new(sizes, dtype, job.compute.budget, on_cuda);
+        let on_cuda = job.compute.device.starts_with("cuda");
+        let sample = SamplePlan::new(
+            sizes,
+            dtype,
+            tokens,
+            job.compute.budget,
+            on_cuda,
+            !job.loras.is_empty(),
+        );
         let fused = sample.attention_scratch == 0;
         let passes = sample.passes;
         let batch = match passes {
@@ -457,8 +712,10 @@ impl Plan {
             },
             PhasePlan {
                 name: "text",
-                resident: vec!["text encoder".into()],
-                estimated_peak_bytes: sizes.text_bytes + text_activations,
+                resident: vec![text
+                    .residency
+                    .describe("text encoder", sizes.text.num_layers)],
+                estimated_peak_bytes: text.estimated_peak_bytes,
                 detail: format!("prompt and negative prompt, {TEXT_TOKENS} tokens each"),
             },
             PhasePlan {
@@ -486,8 +743,8 @@ impl Plan {
             phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
         }
         let held = match sample.residency {
-            DitResidency::Resident => "dit".to_owned(),
-            DitResidency::Streamed {
+            Residency::Resident => "dit".to_owned(),
+            Residency::Streamed {
                 held_blocks, slots, ..
             } => format!(
                 "dit: {held_blocks} of {} blocks + {slots} streamed",
@@ -525,6 +782,7 @@ impl Plan {
             budget_bytes: budget,
             fits,
             sample,
+            text,
             guidance: match passes {
                 GuidancePasses::Batched => "batched",
                 GuidancePasses::TwoPasses => "two passes",

@@ -385,6 +385,8 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
         device,
         dtype: job.compute.dtype,
         budget: job.compute.budget,
+        text: plan.text,
+        text_config: sizes.text.clone(),
         sample: plan.sample,
         dit_config: sizes.dit.clone(),
     };

@@ -61,13 +61,18 @@ pub enum KeyLayout {
 
 /// Finds the key layout and prefix of an umT5 checkpoint. `vb` must have an empty path.
 pub fn detect_layout(vb: &VarBuilder) -> Option<(KeyLayout, &'static str)> {
+    detect_layout_of(&|name| vb.contains_tensor(name))
+}
+
+/// [`detect_layout`] over a checkpoint's key set (`contains` answers whether a key is in it).
+pub fn detect_layout_of(contains: &dyn Fn(&str) -> bool) -> Option<(KeyLayout, &'static str)> {
     KNOWN_PREFIXES.iter().find_map(|&prefix| {
-        if vb.contains_tensor(&format!("{prefix}{TRANSFORMERS_MARKER}")) {
+        if contains(&format!("{prefix}{TRANSFORMERS_MARKER}")) {
             let embedding = TRANSFORMERS_EMBEDDINGS
                 .into_iter()
-                .find(|e| vb.contains_tensor(&format!("{prefix}{e}")));
+                .find(|e| contains(&format!("{prefix}{e}")));
             Some((KeyLayout::Transformers { embedding }, prefix))
-        } else if vb.contains_tensor(&format!("{prefix}{WAN_MARKER}")) {
+        } else if contains(&format!("{prefix}{WAN_MARKER}")) {
             Some((KeyLayout::Wan, prefix))
         } else {
             None
@@ -98,6 +103,28 @@ pub fn canonical_var_builder<'a>(
         KeyLayout::Wan => {
             vb.rename_f(move |name: &str| format!("{prefix}{}", transformers_to_wan(name)))
         }
+    }
+}
+
+/// The block a checkpoint key of this layout belongs to (`encoder.block.N.…` or
+/// `blocks.N.…` after the prefix).
+pub fn block_of(key: &str, layout: KeyLayout, prefix: &str) -> Option<usize> {
+    let rest = key.strip_prefix(prefix)?;
+    let rest = match layout {
+        KeyLayout::Transformers { .. } => rest.strip_prefix("encoder.block.")?,
+        KeyLayout::Wan => rest.strip_prefix("blocks.")?,
+    };
+    rest.split_once('.')?.0.parse().ok()
+}
+
+/// Whether a checkpoint key of this layout is (a copy of) the token embedding.
+pub fn is_embedding(key: &str, layout: KeyLayout, prefix: &str) -> bool {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return false;
+    };
+    match layout {
+        KeyLayout::Transformers { .. } => TRANSFORMERS_EMBEDDINGS.contains(&rest),
+        KeyLayout::Wan => rest == "token_embedding.weight",
     }
 }
 

@@ -33,4 +33,4 @@
 pub mod keys;
 mod model;
 
-pub use model::{relative_position_bucket, Config, Umt5Encoder};
+pub use model::{relative_position_bucket, Config, Umt5Encoder, Umt5Source};

@@ -434,13 +434,45 @@ impl Block {
     }
 }
 
+/// Where a forward gets what an encoder built with [`Umt5Encoder::from_checkpoint_partial`]
+/// does not hold.
+pub trait Umt5Source {
+    /// Rows `ids` of the token embedding, [ids.len(), d_model], on `device` in `dtype`.
+    fn embedding_rows(&mut self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor>;
+
+    /// The tensors of block `index`, named as in the checkpoint the encoder was built from,
+    /// on `device`, as a `VarBuilder` in `dtype`; valid until the block's forward is done.
+    fn block(&mut self, index: usize, dtype: DType, device: &Device)
+        -> Result<VarBuilder<'static>>;
+}
+
+/// The source of an encoder that holds everything: asked for anything, it fails.
+struct HeldOnly;
+
+impl Umt5Source for HeldOnly {
+    fn embedding_rows(&mut self, _: &[u32], _: DType, _: &Device) -> Result<Tensor> {
+        Err(Error::Config {
+            reason: "the encoder holds no token embedding and no source was given".into(),
+        })
+    }
+
+    fn block(&mut self, index: usize, _: DType, _: &Device) -> Result<VarBuilder<'static>> {
+        Err(Error::Config {
+            reason: format!("block {index} is not held by the encoder and no source was given"),
+        })
+    }
+}
+
 /// The umT5 encoder (transformers `UMT5EncoderModel`, Wan's `T5Encoder`), with Wan's output
 /// handling: rows past each sequence's true length are zero.
 #[derive(Debug, Clone)]
 pub struct Umt5Encoder {
-    /// shape [vocab_size, d_model]
-    embedding: Tensor,
-    blocks: Vec<Block>,
+    /// shape [vocab_size, d_model]; `None` when a [`Umt5Source`] gives the rows a forward needs.
+    embedding: Option<Tensor>,
+    /// `None` for a block a [`Umt5Source`] gives at each forward.
+    blocks: Vec<Option<Block>>,
+    /// How the checkpoint names the tensors a [`Umt5Source`] gives.
+    keys: (KeyLayout, &'static str),
     final_norm: RmsNorm,
     cfg: Config,
     dtype: DType,
@@ -454,16 +486,29 @@ impl Umt5Encoder {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let embedding = vb.get((cfg.vocab_size, cfg.d_model), "shared.weight")?;
-        Self::with_embedding(cfg, vb, embedding)
+        let keys = (KeyLayout::Transformers { embedding: None }, "");
+        Self::with_embedding(cfg, vb, Some(embedding), keys, &|_| true)
     }
 
-    fn with_embedding(cfg: &Config, vb: VarBuilder, embedding: Tensor) -> Result<Self> {
+    fn with_embedding(
+        cfg: &Config,
+        vb: VarBuilder,
+        embedding: Option<Tensor>,
+        keys: (KeyLayout, &'static str),
+        held: &dyn Fn(usize) -> bool,
+    ) -> Result<Self> {
+        cfg.validate()?;
         let blocks = (0..cfg.num_layers)
-            .map(|i| Block::new(cfg, vb.pp(format!("encoder.block.{i}"))))
+            .map(|i| {
+                held(i)
+                    .then(|| Block::new(cfg, vb.pp(format!("encoder.block.{i}"))))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embedding,
             blocks,
+            keys,
             final_norm: RmsNorm::new(cfg, vb.pp("encoder.final_layer_norm"))?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
@@ -479,7 +524,21 @@ impl Umt5Encoder {
         let vb = keys::canonical_var_builder(vb, layout, prefix);
         let (cfg, embedding) = infer_config(&vb)?;
         tracing::debug!(?layout, prefix, ?cfg, "loading umT5 encoder");
-        Self::with_embedding(&cfg, vb, embedding)
+        Self::with_embedding(&cfg, vb, Some(embedding), (layout, prefix), &|_| true)
+    }
+
+    /// Builds the encoder from a checkpoint's `VarBuilder` (empty path, either key layout)
+    /// that holds the blocks for which `held` is true and the final norm, without the token
+    /// embedding: a forward gets the embedding rows and the other blocks from a
+    /// [`Umt5Source`] ([`Self::forward_with`]).
+    pub fn from_checkpoint_partial(
+        cfg: &Config,
+        vb: VarBuilder,
+        held: &dyn Fn(usize) -> bool,
+    ) -> Result<Self> {
+        let (layout, prefix) = detect(&vb)?;
+        let vb = keys::canonical_var_builder(vb, layout, prefix);
+        Self::with_embedding(cfg, vb, None, (layout, prefix), held)
     }
 
     /// Builds the encoder from a checkpoint's `VarBuilder` (empty path) in either key layout,
@@ -487,7 +546,9 @@ impl Umt5Encoder {
     pub fn from_checkpoint_with_config(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (layout, prefix) = detect(&vb)?;
         tracing::debug!(?layout, prefix, ?cfg, "loading umT5 encoder");
-        Self::new(cfg, keys::canonical_var_builder(vb, layout, prefix))
+        let vb = keys::canonical_var_builder(vb, layout, prefix);
+        let embedding = vb.get((cfg.vocab_size, cfg.d_model), "shared.weight")?;
+        Self::with_embedding(cfg, vb, Some(embedding), (layout, prefix), &|_| true)
     }
 
     /// Loads an encoder checkpoint file, the one call a command line needs: `.safetensors`
@@ -576,6 +637,20 @@ impl Umt5Encoder {
     /// - `attention_mask`: [B, L], any dtype, 1 for tokens, 0 for padding.
     /// - output: [B, L, d_model] in the model's dtype.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.forward_with(input_ids, attention_mask, &mut HeldOnly)
+    }
+
+    /// [`Self::forward`] with the embedding rows and the blocks the encoder does not hold from
+    /// `source`.
+    ///
+    /// # Shapes
+    /// As [`Self::forward`].
+    pub fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        source: &mut dyn Umt5Source,
+    ) -> Result<Tensor> {
         let _span = tracing::debug_span!("umt5.forward").entered();
         let (b, l) = dims_bl("input_ids", input_ids)?;
         if attention_mask.dims() != input_ids.dims() {
@@ -636,12 +711,26 @@ impl Umt5Encoder {
         let mask_bias = Tensor::from_vec(mask_bias, (b, 1, 1, l), dev)?.to_dtype(self.dtype)?;
         let buckets = Tensor::from_vec(buckets, l * l, dev)?;
 
-        let mut x = self
-            .embedding
-            .index_select(&ids, 0)?
-            .reshape((b, l, self.cfg.d_model))?;
+        let embedded = match &self.embedding {
+            Some(embedding) => embedding.index_select(&ids, 0)?,
+            None => {
+                let rows = ids.to_vec1::<u32>()?;
+                source.embedding_rows(&rows, self.dtype, dev)?
+            }
+        };
+        let mut x = embedded.reshape((b, l, self.cfg.d_model))?;
         for (i, block) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("umt5.block", i).entered();
+            let streamed;
+            let block = match block {
+                Some(block) => block,
+                None => {
+                    let vb = source.block(i, self.dtype, dev)?;
+                    let vb = keys::canonical_var_builder(vb, self.keys.0, self.keys.1);
+                    streamed = Block::new(&self.cfg, vb.pp(format!("encoder.block.{i}")))?;
+                    &streamed
+                }
+            };
             x = block.forward(&x, &buckets, &mask_bias)?;
         }
         let x = self.final_norm.forward(&x)?;
