@@ -63,6 +63,13 @@ pub fn read_host_rss() -> Result<HostRss, MemError> {
 }
 
 /// Finds `key   1234 kB` and returns the value in bytes.
+/// What the OS reports available for new allocations without swapping (`MemAvailable` in
+/// `/proc/meminfo`), or `None` where it cannot be read.
+pub fn available_host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_kib_field(&info, "MemAvailable:")
+}
+
 fn parse_kib_field(status: &str, key: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(key))?;
     let mut parts = line[key.len()..].split_whitespace();

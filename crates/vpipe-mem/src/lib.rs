@@ -50,7 +50,7 @@ mod workspace;
 
 pub use alloc::{heap_stats, reset_heap_peak, CountingAllocator, HeapStats};
 pub use error::MemError;
-pub use host::{read_host_rss, HostRss};
+pub use host::{available_host_memory, read_host_rss, HostRss};
 pub use ledger::{Check, Entry, Event, Ledger};
 pub use meter::{ComputeKind, CudaReading, Meters, Reading, ReadingObserver};
 pub use report::{

@@ -26,3 +26,18 @@ pub(crate) fn open(spec: &str) -> anyhow::Result<candle_core::Device> {
     candle_core::Device::new_cuda(ordinal)
         .map_err(|e| anyhow::anyhow!("--device {spec}: could not open the CUDA device: {e}"))
 }
+
+/// The bytes the driver reports free on a CUDA device (all processes counted), `None` on
+/// the CPU or when the driver does not answer.
+pub(crate) fn free_bytes(device: &candle_core::Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        _ => None,
+    }
+}

@@ -697,10 +697,17 @@ pub(crate) struct ComputeArgs {
     /// fp8 in memory and are dequantised per layer). Default: bf16 on CUDA, f32 on the CPU.
     #[arg(long)]
     dtype: Option<String>,
-    /// Memory budget of the compute tier, e.g. 8GiB (VAE: sets the tile; DiT: the attention
+    /// Memory budget of the compute tier, e.g. 8GiB: the plan holds, streams or chunks each
+    /// model to keep it (the DiT's and text encoder's blocks, the VAE's tile, the attention
     /// chunk).
     #[arg(long)]
     vram_budget: Option<String>,
+    /// Host memory budget of a CUDA run, e.g. 32GiB: the pinned host copies of the weights
+    /// (and the rest of the process's anonymous memory). When a model's copy does not fit,
+    /// its blocks stream from the file through the page cache. Default: what the OS reports
+    /// available (MemAvailable) when the run starts.
+    #[arg(long)]
+    ram_budget: Option<String>,
     /// Write the memory report here (and the chart next to it, as .svg).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -713,7 +720,36 @@ pub(crate) struct Compute {
     /// Whether `dtype` is the device's default rather than a `--dtype` the user gave.
     pub(crate) dtype_is_default: bool,
     pub(crate) budget: vpipe_mem::Budget,
+    /// Whether `budget.host` is a `--ram-budget` the user gave (else what the OS reported).
+    pub(crate) ram_budget_given: bool,
+    /// What set `budget.compute` (see [`Compute::bound_by_device`]).
+    pub(crate) budget_source: String,
     pub(crate) report: Option<PathBuf>,
+}
+
+impl Compute {
+    /// Bounds the compute budget by what `device` reports free (after the CUDA context and
+    /// handles): the smaller of the two, and says which one bound it. A CPU device (or
+    /// a device that reports nothing) leaves the budget as it is.
+    pub(crate) fn bound_by_device(&mut self, device: &candle_core::Device) {
+        let Some(free) = crate::device::free_bytes(device) else {
+            return;
+        };
+        match self.budget.compute {
+            Some(given) if given <= free => {}
+            Some(given) => {
+                self.budget.compute = Some(free);
+                self.budget_source = format!(
+                    "free device memory, less than the --vram-budget of {}",
+                    vpipe_mem::fmt_bytes(given)
+                );
+            }
+            None => {
+                self.budget.compute = Some(free);
+                self.budget_source = "free device memory".into();
+            }
+        }
+    }
 }
 
 impl ComputeArgs {
@@ -727,7 +763,16 @@ impl ComputeArgs {
             dtype_is_default,
             budget: vpipe_mem::Budget {
                 compute: parse_budget("--vram-budget", &self.vram_budget)?,
-                host: None,
+                host: match parse_budget("--ram-budget", &self.ram_budget)? {
+                    Some(bytes) => Some(bytes),
+                    None if self.device.starts_with("cuda") => vpipe_mem::available_host_memory(),
+                    None => None,
+                },
+            },
+            ram_budget_given: self.ram_budget.is_some(),
+            budget_source: match self.vram_budget {
+                Some(_) => "--vram-budget".into(),
+                None => "none".into(),
             },
             device: self.device,
             report: self.report,
@@ -958,6 +1003,7 @@ mod fuzz {
         "--dtype",
         "--device",
         "--vram-budget",
+        "--ram-budget",
         "--lora",
         "--prompt",
         "--negative-prompt",

@@ -131,7 +131,7 @@ impl TextPlan {
                 .residency(
                     activation_bytes,
                     limit,
-                    most_slots(on_cuda),
+                    on_cuda,
                     pinned_fits(on_cuda, weights.total, budget),
                 )
                 .unwrap_or(resident),
@@ -193,22 +193,36 @@ impl BlockWeights {
         }
     }
 
-    /// Resident when the weights and `activations` fit `limit`, else streamed with as many
-    /// blocks held as fit next to the activations and an arena of up to `most_slots` slots
-    /// (fewer when the budget has no room for them); `None` when not even one slot fits.
+    /// Resident, with its estimated peak, when the weights and `activations` fit `limit` (and,
+    /// on CUDA, the pinned host copy the upload reads fits the host: `pinned`).
+    fn resident(
+        &self,
+        activations: u64,
+        limit: u64,
+        on_cuda: bool,
+        pinned: bool,
+    ) -> Option<(Residency, u64)> {
+        let peak = self.total.saturating_add(activations);
+        (peak <= limit && (pinned || !on_cuda)).then_some((Residency::Resident, peak))
+    }
+
+    /// [`Self::resident`] when it fits, else streamed with as many blocks held as fit next to
+    /// the activations and an arena of up to [`most_slots`] slots (fewer when the budget has
+    /// no room for them); `None` when not even one slot fits.
     /// Returns the residency and its estimated peak. The stream reads the pinned host copy
     /// when `pinned` (the host has room for it), else the file.
     fn residency(
         &self,
         activations: u64,
         limit: u64,
-        most_slots: usize,
+        on_cuda: bool,
         pinned: bool,
     ) -> Option<(Residency, u64)> {
-        let resident = self.total.saturating_add(activations);
-        if resident <= limit {
-            return Some((Residency::Resident, resident));
+        // On CUDA a resident model is uploaded from its pinned host copy.
+        if let Some(resident) = self.resident(activations, limit, on_cuda, pinned) {
+            return Some(resident);
         }
+        let most_slots = most_slots(on_cuda);
         let block = self.block.max(1);
         let staging = self.staging(pinned);
         for slots in (1..=most_slots).rev() {
@@ -245,6 +259,12 @@ impl BlockWeights {
         }
         None
     }
+}
+
+/// The least budget whose [`planning_limit`] is `bytes`.
+fn least_budget(bytes: u64) -> u64 {
+    // limit = budget − max(budget / 50, 4 MiB)
+    (bytes.saturating_add(4 << 20)).max(bytes.saturating_mul(50).div_ceil(49))
 }
 
 /// What a strategy may plan to use of `budget`: it leaves 2 % (at least 4 MiB) for what the
@@ -359,20 +379,15 @@ impl SamplePlan {
             );
         };
         let passes = [GuidancePasses::Batched, GuidancePasses::TwoPasses];
+        let pinned = pinned_fits(on_cuda, weights.total, budget);
         // Held whole in either way of guiding first, then streamed.
         for passes in passes {
-            if let Some(resident) = weights
-                .residency(activations(passes), limit, 0, false)
-                .filter(|(r, _)| *r == Residency::Resident)
-            {
+            if let Some(resident) = weights.resident(activations(passes), limit, on_cuda, pinned) {
                 return plan(passes, resident);
             }
         }
-        let pinned = pinned_fits(on_cuda, weights.total, budget);
         for passes in passes {
-            if let Some(streamed) =
-                weights.residency(activations(passes), limit, most_slots(on_cuda), pinned)
-            {
+            if let Some(streamed) = weights.residency(activations(passes), limit, on_cuda, pinned) {
                 return plan(passes, streamed);
             }
         }
@@ -636,8 +651,17 @@ pub(crate) struct PhasePlan {
 pub(crate) struct Plan {
     pub(crate) phases: Vec<PhasePlan>,
     pub(crate) budget_bytes: Option<u64>,
+    /// What set the compute budget: `--vram-budget`, the device's free memory, or none.
+    pub(crate) budget_source: String,
+    /// The host budget of a CUDA run (pinned copies), and what set it.
+    pub(crate) host_budget_bytes: Option<u64>,
+    pub(crate) host_budget_source: &'static str,
     /// Every phase's estimated peak within the budget (true without a budget).
     pub(crate) fits: bool,
+    /// The least compute budget this run can take (streaming every block it can), and the
+    /// phase that needs it.
+    pub(crate) minimum_bytes: u64,
+    pub(crate) minimum_phase: &'static str,
     pub(crate) guidance: &'static str,
     /// How the text encoder is held.
     pub(crate) text: TextPlan,
@@ -777,10 +801,35 @@ impl Plan {
         });
         let fits =
             budget.is_none_or(|budget| phases.iter().all(|p| p.estimated_peak_bytes <= budget));
+        // The least budget: the text and sample phases at their smallest strategy (a budget
+        // is planned with a headroom, see `planning_limit`), every other phase as planned.
+        let (minimum_phase, minimum_bytes) = phases
+            .iter()
+            .map(|p| {
+                let least = match p.name {
+                    "text" => least_budget(text.minimum_bytes),
+                    "sample" => least_budget(sample.minimum_bytes),
+                    _ => p.estimated_peak_bytes,
+                };
+                (p.name, least)
+            })
+            .max_by_key(|(_, least)| *least)
+            .expect("a plan has phases");
         Self {
             phases,
             budget_bytes: budget,
+            budget_source: job.compute.budget_source.clone(),
+            host_budget_bytes: job.compute.budget.host,
+            host_budget_source: if job.compute.ram_budget_given {
+                "--ram-budget"
+            } else if job.compute.budget.host.is_some() {
+                "available host memory (MemAvailable)"
+            } else {
+                "none"
+            },
             fits,
+            minimum_bytes,
+            minimum_phase,
             sample,
             text,
             guidance: match passes {
@@ -823,11 +872,27 @@ impl Plan {
         println!("precision {}", self.dtype);
         match self.budget_bytes {
             Some(budget) => println!(
-                "budget {}: {} (estimates: weights exact, activations estimated)",
+                "budget {} ({}): {} (estimates: weights exact, activations estimated)",
                 fmt_bytes(budget),
-                if self.fits { "fits" } else { "does NOT fit" }
+                self.budget_source,
+                if self.fits {
+                    "fits".to_owned()
+                } else {
+                    format!(
+                        "does NOT fit; the least this run can take is {} (phase '{}')",
+                        fmt_bytes(self.minimum_bytes),
+                        self.minimum_phase
+                    )
+                }
             ),
             None => println!("no budget given (estimates: weights exact, activations estimated)"),
+        }
+        if let Some(host) = self.host_budget_bytes {
+            println!(
+                "host budget {} ({}): pinned host copies where they fit, else streamed from the file",
+                fmt_bytes(host),
+                self.host_budget_source
+            );
         }
     }
 }

@@ -326,9 +326,11 @@ fn check_run_outputs(job: &RunJob, models: &ModelFiles) -> Result<(), BadInput> 
     crate::paths::check_command_outputs(out, job.compute.report.as_deref(), &inputs)
 }
 
-pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(mut job: RunJob) -> anyhow::Result<ExitCode> {
     let models = resolve_models(&job)?;
     check_run_outputs(&job, &models)?;
+    let device = crate::device::open(&job.compute.device)?;
+    job.compute.bound_by_device(&device);
     // Sampling never starts when the plan does not fit.
     let sizes = ModelSizes::from_files(
         &models.dit,
@@ -345,11 +347,16 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
             .max_by_key(|p| p.estimated_peak_bytes)
             .expect("a plan has phases");
         return Err(PlanDoesNotFit(format!(
-            "refused before loading anything: phase '{}' is estimated at {} ({}), over the budget of {}; see `vpipe plan` with the same flags",
+            "refused before loading anything: phase '{}' is estimated at {} ({}), over the \
+             budget of {} ({}); the least this run can take is {} (phase '{}'); see `vpipe \
+             plan` with the same flags",
             worst.name,
             fmt_bytes(worst.estimated_peak_bytes),
             worst.resident.join(", "),
             fmt_bytes(plan.budget_bytes.unwrap_or(0)),
+            plan.budget_source,
+            fmt_bytes(plan.minimum_bytes),
+            plan.minimum_phase,
         ))
         .into());
     }
@@ -366,7 +373,6 @@ pub(crate) fn run(job: RunJob) -> anyhow::Result<ExitCode> {
             strength: *strength,
         },
     };
-    let device = crate::device::open(&job.compute.device)?;
     let pipeline_job = Job {
         models,
         prompt: job.prompt.clone(),

@@ -167,18 +167,8 @@ fn bad_run_input_gets_clear_errors() {
 
 #[test]
 fn plan_for_a_preset_needs_no_weights_and_says_whether_it_fits() {
-    let plan = |budget: &str| {
-        vpipe(&[
-            "plan",
-            "--preset",
-            "wan2.1-t2v-14b",
-            "--dtype",
-            "bf16",
-            "--vram-budget",
-            budget,
-            "--json",
-        ])
-    };
+    // A host with room for the pinned copies, whatever this machine has.
+    let plan = |budget: &str| plan_14b(budget, "64GiB");
     let run = plan("78GiB");
     assert!(
         run.status.success(),
@@ -229,6 +219,56 @@ fn plan_for_a_preset_needs_no_weights_and_says_whether_it_fits() {
     assert_eq!(run.status.code(), Some(3));
     let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(json["fits"], false);
+    let minimum = json["minimum_bytes"].as_u64().unwrap();
+    assert!(minimum > 1 << 30 && minimum < 5 << 30, "{json}");
+    assert_eq!(json["minimum_phase"], "sample");
+}
+
+/// `vpipe plan --json` for the 14B preset on cuda:0 in bf16 at 832×480×81.
+fn plan_14b(vram: &str, ram: &str) -> std::process::Output {
+    vpipe(&[
+        "plan",
+        "--preset",
+        "wan2.1-t2v-14b",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cuda:0",
+        "--size",
+        "832x480",
+        "--frames",
+        "81",
+        "--vram-budget",
+        vram,
+        "--ram-budget",
+        ram,
+        "--json",
+    ])
+}
+
+#[test]
+fn plan_streams_the_14b_into_4_gib_from_pinned_memory_or_from_the_file() {
+    for (ram, source) in [("64GiB", "pinned_host"), ("16GiB", "file")] {
+        let run = plan_14b("4GiB", ram);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        assert_eq!(json["fits"], true, "{json}");
+        let dit = &json["sample"]["residency"];
+        assert_eq!(dit["strategy"], "streamed", "{json}");
+        assert_eq!(dit["source"], source, "{json}");
+        // The 11 GB text encoder streams too; its embedding stays on the host.
+        assert_eq!(json["text"]["residency"]["strategy"], "streamed", "{json}");
+        let peak = json["sample"]["estimated_peak_bytes"].as_u64().unwrap();
+        assert!(peak <= 4 << 30, "{json}");
+        assert_eq!(
+            json["host_budget_bytes"].as_u64(),
+            vpipe_mem::parse_bytes(ram)
+        );
+    }
 }
 
 #[test]
