@@ -5,6 +5,8 @@
     python3 bench/dit_gpu.py umt5 [--reps 5]    # UMT5EncoderModel (umT5-xxl), bf16, 512 tokens
     python3 bench/dit_gpu.py dit-fp8 [--reps 2] # the 14B with float8 e4m3 weights (diffusers'
                                                 # layerwise casting: stored fp8, computed bf16)
+    python3 bench/dit_gpu.py dit-offload [--reps 2]  # the 14B resident (B=1, B=2), then with
+                                                # group offloading (leaf, block level, use_stream)
 
 Random weights built directly on the device (speed and memory do not depend on the values),
 with the modules diffusers keeps in fp32 (`_keep_in_fp32_modules`) upcast as from_pretrained
@@ -131,6 +133,79 @@ def dit(reps):
         torch.cuda.empty_cache()
 
 
+def host_rss_gib():
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = round(int(value.split()[0]) * 1024 / GIB, 2)
+    return fields
+
+
+def process_gpu_gib():
+    """This process's device memory as the driver sees it (what nvidia-smi shows)."""
+    import subprocess
+    import os
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            pid, used = [x.strip() for x in line.split(",")]
+            if int(pid) == os.getpid():
+                return round(int(used) / 1024, 3)
+    except Exception:
+        pass
+    return None
+
+
+def dit_offload(reps):
+    """The 14B at 832x480x81 resident (B=1 and B=2), then moved to the host and run with
+    diffusers' group offloading, leaf level and block level (one block per group), both with
+    use_stream=True (pinned host copies, a copy stream, prefetch): the anchor of issue 13. Each
+    offloaded setting: the median forward, torch's peak allocated and reserved, the process's
+    device memory (nvidia-smi) and host RSS."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks.hooks import HookRegistry
+    from diffusers.hooks import group_offloading as go
+
+    model = build(lambda: WanTransformer3DModel(**WAN14B))
+    F, H, W, L = 21, 60, 104, 512
+    g = torch.Generator(device=DEV).manual_seed(0)
+    inputs = {}
+    for B in (1, 2):
+        inputs[B] = dict(hidden_states=torch.randn(B, 16, F, H, W, generator=g, device=DEV).to(torch.bfloat16),
+                         encoder_hidden_states=torch.randn(B, L, 4096, generator=g, device=DEV).to(torch.bfloat16),
+                         timestep=torch.full((B,), 999.0, device=DEV), return_dict=False)
+    for B in (1, 2):
+        step, peak = measure(lambda: model(**inputs[B]), reps)
+        emit(what="offload anchor", setup="resident", batch=B, forward_s=step, peak_above_weights_gib=peak,
+             max_reserved_gib=torch.cuda.max_memory_reserved() / GIB, process_gpu_gib=process_gpu_gib())
+    model.to("cpu")
+    torch.cuda.empty_cache()
+    variants = [("leaf_level", dict(offload_type="leaf_level", use_stream=True)),
+                ("block_level", dict(offload_type="block_level", num_blocks_per_group=1, use_stream=True))]
+    for i, (name, kw) in enumerate(variants):
+        if i:
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            for hook in (go._GROUP_OFFLOADING, go._LAYER_EXECUTION_TRACKER, go._LAZY_PREFETCH_GROUP_OFFLOADING):
+                registry.remove_hook(hook, recurse=True)
+            model.to("cpu")
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        apply_group_offloading(model, onload_device=torch.device(DEV), offload_device=torch.device("cpu"), **kw)
+        torch.cuda.synchronize()
+        apply_s = time.perf_counter() - t0
+        for B in (1, 2):
+            torch.cuda.reset_peak_memory_stats()
+            # The first forward traces the execution order (blocking loads): measure() warms up once.
+            step, _ = measure(lambda: model(**inputs[B]), reps)
+            emit(what="offload anchor", setup=f"group offloading {name}, use_stream", batch=B, forward_s=step,
+                 apply_s=apply_s, max_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                 max_reserved_gib=torch.cuda.max_memory_reserved() / GIB, process_gpu_gib=process_gpu_gib(),
+                 host=host_rss_gib())
+
+
 def umt5(reps):
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -153,4 +228,4 @@ def umt5(reps):
 if __name__ == "__main__":
     section = sys.argv[1]
     reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 2
-    {"dit": dit, "umt5": umt5, "dit-fp8": dit_fp8}[section](reps)
+    {"dit": dit, "umt5": umt5, "dit-fp8": dit_fp8, "dit-offload": dit_offload}[section](reps)

@@ -29,9 +29,9 @@ date -u
     --prompt "A cheesecake with berries on a plate, slow camera pan" \
     --input .carry/clip.mp4 --strength 0.5 --steps 4 --size 832x480 --frames 81 --tile 256 \
     --device cuda:0 --dtype bf16 --vram-budget 76GiB \
-    --out $OUT/out.mp4 --report $OUT/report.json > $OUT/run.log 2>&1; echo "vpipe run exit $?"
+    --out $OUT/out.mp4 --report $OUT/report.json > $OUT/run.log 2>&1; RUN_EXIT=$?; echo "vpipe run exit $RUN_EXIT"
   tail -40 $OUT/run.log
   $VPIPE tensors vae-encode --vae /tmp/vaebench/vae.safetensors --input /tmp/vaebench/frame.safetensors \
     --output /tmp/frame_enc.safetensors --device cuda:0 --dtype bf16 --tile 256 --report $OUT/frame_report.json
-  python3 bench/check_pipeline_report.py $OUT/report.json $OUT/out.mp4 81 $OUT/frame_report.json
+  python3 bench/check_pipeline_report.py --run-exit $RUN_EXIT $OUT/report.json $OUT/out.mp4 81 $OUT/frame_report.json
 } 2>&1 | tee "$OUT/pipeline.log"

@@ -7,6 +7,13 @@ names (bf16, 11.4 GB). The VAE comes from `bench/vae_gpu.py prepare` (diffusers 
     python3 bench/make_random_checkpoints.py OUT_DIR          # full size (needs ~45 GB RAM + disk)
     TINY=1 python3 bench/make_random_checkpoints.py OUT_DIR   # same key set, tiny widths (a check)
     FP8=1 python3 bench/make_random_checkpoints.py OUT_DIR    # the DiT as ComfyUI's scaled fp8 only
+    ONLY=lora,fp8 python3 bench/make_random_checkpoints.py OUT_DIR  # just these files
+                                             # (dit, umt5, fp8, lora; default dit,umt5)
+
+`lora` writes a rank-32 LoRA on every linear layer of the 14B's blocks (self- and
+cross-attention q, k, v, o and both FFN layers: 400 layers), in the kohya/ComfyUI layout
+(`diffusion_model.blocks.N.….lora_A/lora_B.weight` and `.alpha`, bf16, about 0.3 GB), as the
+lightx2v and style LoRAs users load are made.
 
 FP8=1 writes the file most ComfyUI users have instead of the bf16 DiT: every 2-D weight of the
 blocks in float8 e4m3fn with a per-tensor f32 `scale_weight` (absmax / 448), the `scaled_fp8`
@@ -107,13 +114,31 @@ def scaled_fp8(tensors):
     return out
 
 
+def lora(rank=32):
+    dim, ffn, layers = (256, 512, 2) if TINY else (5120, 13824, 40)
+    w = {}
+    shapes = {f"{attn}.{p}": (dim, dim) for attn in ("self_attn", "cross_attn") for p in "qkvo"}
+    shapes.update({"ffn.0": (ffn, dim), "ffn.2": (dim, ffn)})
+    for i in range(layers):
+        for module, (out_dim, in_dim) in shapes.items():
+            key = f"diffusion_model.blocks.{i}.{module}"
+            w[f"{key}.lora_A.weight"] = rand((rank, in_dim), "matrix")
+            w[f"{key}.lora_B.weight"] = rand((out_dim, rank), "small")
+            w[f"{key}.alpha"] = torch.tensor(float(rank), dtype=torch.bfloat16)
+    return w
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
-    makers = (("wan2.1_t2v_14B_random_bf16.safetensors", dit), ("umt5_xxl_random_bf16.safetensors", umt5))
-    if FP8:
-        makers = (("wan2.1_t2v_14B_random_fp8_scaled.safetensors", lambda: scaled_fp8(dit())),
-                  ("umt5_xxl_random_bf16.safetensors", umt5))
+    files = {
+        "dit": ("wan2.1_t2v_14B_random_bf16.safetensors", dit),
+        "umt5": ("umt5_xxl_random_bf16.safetensors", umt5),
+        "fp8": ("wan2.1_t2v_14B_random_fp8_scaled.safetensors", lambda: scaled_fp8(dit())),
+        "lora": ("lora_rank32_all_linear_random.safetensors", lora),
+    }
+    only = os.environ.get("ONLY", "fp8,umt5" if FP8 else "dit,umt5").split(",")
+    makers = [files[k] for k in only]
     for name, make in makers:
         tensors = make()
         save_file(tensors, os.path.join(out, name))

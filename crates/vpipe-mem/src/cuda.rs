@@ -33,6 +33,15 @@ pub struct CudaReading {
     pub nvml_process_used: Option<u64>,
 }
 
+impl CudaReading {
+    /// Bytes this process holds on the device outside the pool: NVML's per-process figure
+    /// less the pool's reserve (0 without NVML).
+    pub fn outside_pool(&self) -> u64 {
+        self.nvml_process_used
+            .map_or(0, |used| used.saturating_sub(self.pool_reserved))
+    }
+}
+
 /// Meters of one CUDA device.
 pub struct CudaMeter {
     device: CudaDevice,

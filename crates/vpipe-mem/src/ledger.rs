@@ -132,8 +132,10 @@ pub enum Event {
     Violation {
         /// The phase.
         phase: String,
-        /// Measured compute-tier peak above baseline.
-        peak_above_baseline: u64,
+        /// The measured peak the budget bounds ([`Reading::budgeted_peak`]).
+        peak: u64,
+        /// What `peak` measures.
+        meter: String,
         /// The budget.
         budget: u64,
     },

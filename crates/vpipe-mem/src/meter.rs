@@ -59,6 +59,53 @@ impl Reading {
         }
     }
 
+    /// On CUDA, the device memory this process takes: the pool's reserved bytes plus what it
+    /// holds outside the pool (the context, the libraries' handles and workspaces: NVML's
+    /// per-process figure less the pool's reserve, counted as 0 without NVML). `None` on the
+    /// CPU.
+    pub fn device_footprint(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &self.cuda {
+            return Some(cuda.pool_reserved + cuda.outside_pool());
+        }
+        None
+    }
+
+    /// On CUDA, the bytes the pool has reserved from the driver.
+    pub fn pool_reserved(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &self.cuda {
+            return Some(cuda.pool_reserved);
+        }
+        None
+    }
+
+    /// The high-water mark of [`Reading::device_footprint`] since the peaks were reset: the
+    /// pool's reserve at its highest plus what is outside the pool now.
+    pub fn device_footprint_peak(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &self.cuda {
+            return Some(cuda.pool_reserved_high + cuda.outside_pool());
+        }
+        None
+    }
+
+    /// The bytes a budget bounds at its peak, and the meter they come from: on CUDA the
+    /// process's whole device footprint ([`Reading::device_footprint_peak`]); on the CPU
+    /// the compute tier's high-water mark above `baseline`.
+    pub fn budgeted_peak(&self, baseline: &Reading) -> (u64, &'static str) {
+        match self.device_footprint_peak() {
+            Some(peak) => (peak, "device footprint: pool reserved + outside the pool"),
+            None => (
+                self.compute_peak().saturating_sub(baseline.compute_used()),
+                match self.heap {
+                    Some(_) => "heap above baseline",
+                    None => "rss_anon above baseline",
+                },
+            ),
+        }
+    }
+
     /// Bytes of host memory this process owns: live heap bytes when counted, else RssAnon.
     pub fn host_used(&self) -> u64 {
         match self.heap {

@@ -10,11 +10,84 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Shape, Storage, Tensor};
 
-/// One tensor's bytes in page-locked host memory.
+/// Page-locked host memory that the tensors of one model share: one allocation instead of
+/// one per tensor (page-locking is the slow part of making a host copy; done once it is done
+/// for all).
+pub(crate) struct PinnedArena {
+    bytes: PinnedHostSlice<u8>,
+}
+
+// SAFETY: the arena is written only through `PinnedArena::fill`, before it is shared; after that
+// it is only read (by the copy engine and by `bytes`).
+unsafe impl Sync for PinnedArena {}
+unsafe impl Send for PinnedArena {}
+
+impl PinnedArena {
+    /// An arena of `len` bytes, not yet written.
+    pub(crate) fn new(device: &CudaDevice, len: usize) -> candle_core::Result<Self> {
+        let context = device.cuda_stream().context().clone();
+        // Portable, not write-combined: the CPU writes it once, the copy engine reads it.
+        // SAFETY: every byte a tensor is made of is written (`fill`) before anything reads it.
+        let bytes = unsafe { context.alloc_pinned_with_flags::<u8>(len.max(1), 0) }
+            .map_err(driver_error)?;
+        Ok(Self { bytes })
+    }
+
+    /// The arena's bytes, to fill in parallel: disjoint ranges of it may be written from
+    /// several threads (`fill` takes `&self`).
+    pub(crate) fn fill(
+        &self,
+        range: std::ops::Range<usize>,
+        data: &[u8],
+    ) -> candle_core::Result<()> {
+        if range.len() != data.len() || range.end > self.bytes.len() {
+            candle_core::bail!(
+                "pinned arena: {} bytes for the range {range:?} of {}",
+                data.len(),
+                self.bytes.len()
+            );
+        }
+        let base = self.bytes.as_ptr().map_err(driver_error)? as *mut u8;
+        // SAFETY: the range lies in the allocation (checked above); callers write disjoint
+        // ranges, and nothing reads a range before its tensor is made (after every fill).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(range.start), data.len()) };
+        Ok(())
+    }
+
+    /// A writable view of `range`, for a read straight from a file into the arena.
+    ///
+    /// # Safety
+    /// No other thread may touch `range` while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range_mut(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> candle_core::Result<&mut [u8]> {
+        if range.end > self.bytes.len() {
+            candle_core::bail!("pinned arena: range {range:?} past {}", self.bytes.len());
+        }
+        let base = self.bytes.as_ptr().map_err(driver_error)? as *mut u8;
+        Ok(std::slice::from_raw_parts_mut(
+            base.add(range.start),
+            range.len(),
+        ))
+    }
+
+    /// The bytes in `range`.
+    fn slice(&self, range: std::ops::Range<usize>) -> candle_core::Result<&[u8]> {
+        let all = self.bytes.as_slice().map_err(driver_error)?;
+        all.get(range.clone()).ok_or_else(|| {
+            candle_core::Error::Msg(format!("pinned arena: range {range:?} past {}", all.len()))
+        })
+    }
+}
+
+/// One tensor's bytes in page-locked host memory: a range of an arena.
 pub(crate) struct PinnedTensor {
     dtype: DType,
     shape: Shape,
-    bytes: PinnedHostSlice<u8>,
+    arena: std::sync::Arc<PinnedArena>,
+    start: usize,
 }
 
 fn driver_error(e: impl std::fmt::Display) -> candle_core::Error {
@@ -23,24 +96,33 @@ fn driver_error(e: impl std::fmt::Display) -> candle_core::Error {
 
 impl PinnedTensor {
     /// Copies `data` (the raw little-endian bytes of a `dtype` tensor of `shape`) into freshly
-    /// pinned memory.
+    /// pinned memory of its own.
     pub(crate) fn from_bytes(
         device: &CudaDevice,
         dtype: DType,
         shape: Shape,
         data: &[u8],
     ) -> candle_core::Result<Self> {
-        let context = device.cuda_stream().context().clone();
-        // Portable, not write-combined: the CPU writes it once, the copy engine reads it.
-        // SAFETY: the buffer is fully written below before anything reads it.
-        let mut bytes = unsafe { context.alloc_pinned_with_flags::<u8>(data.len().max(1), 0) }
-            .map_err(driver_error)?;
-        let destination = bytes.as_mut_slice().map_err(driver_error)?;
-        destination[..data.len()].copy_from_slice(data);
+        let arena = PinnedArena::new(device, data.len())?;
+        arena.fill(0..data.len(), data)?;
+        Self::in_arena(std::sync::Arc::new(arena), 0, dtype, shape)
+    }
+
+    /// The tensor of `dtype` and `shape` whose bytes start at `start` in `arena` (written
+    /// there before).
+    pub(crate) fn in_arena(
+        arena: std::sync::Arc<PinnedArena>,
+        start: usize,
+        dtype: DType,
+        shape: Shape,
+    ) -> candle_core::Result<Self> {
+        let len = shape.elem_count() * dtype.size_in_bytes();
+        arena.slice(start..start + len)?;
         Ok(Self {
             dtype,
             shape,
-            bytes,
+            arena,
+            start,
         })
     }
 
@@ -53,8 +135,7 @@ impl PinnedTensor {
         // SAFETY: every element is written by the copy below before the tensor is used.
         let mut slice = unsafe { stream.alloc::<T>(len) }.map_err(driver_error)?;
         {
-            let source = self.bytes.as_slice().map_err(driver_error)?;
-            let source = &source[..len * std::mem::size_of::<T>()];
+            let source = self.bytes()?;
             let (destination, _record) = slice.device_ptr_mut(&stream);
             // SAFETY: `destination` holds exactly `source.len()` bytes; the pinned buffer
             // outlives the copy (it is dropped only after the device copy is, and every drop
@@ -73,8 +154,8 @@ impl PinnedTensor {
 
     /// The page-locked bytes.
     pub(crate) fn bytes(&self) -> candle_core::Result<&[u8]> {
-        let all = self.bytes.as_slice().map_err(driver_error)?;
-        Ok(&all[..self.shape.elem_count() * self.dtype.size_in_bytes()])
+        let len = self.shape.elem_count() * self.dtype.size_in_bytes();
+        self.arena.slice(self.start..self.start + len)
     }
 
     /// Makes a device tensor with one host→device copy from the pinned bytes.

@@ -10,7 +10,7 @@ use crate::meter::Reading;
 use crate::{Budget, MemError, Tier};
 
 /// Version of the report's schema; bumped on any incompatible change.
-pub const REPORT_SCHEMA_VERSION: u32 = 1;
+pub const REPORT_SCHEMA_VERSION: u32 = 2;
 
 /// The whole report.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -63,6 +63,10 @@ pub struct PhaseReport {
     pub peak_above_baseline: u64,
     /// Compute-tier use at exit, above the baseline.
     pub exit_above_baseline: u64,
+    /// On CUDA, the process's device footprint at its highest during the phase (pool
+    /// reserved at its high-water mark + outside the pool; what nvidia-smi shows).
+    #[serde(default)]
+    pub device_footprint_peak: Option<u64>,
     /// Bytes of weights the store held in the compute tier at exit.
     pub resident_compute_bytes: u64,
 }
@@ -153,8 +157,11 @@ pub struct Fallback {
 pub struct Violation {
     /// Phase.
     pub phase: String,
-    /// Measured peak above baseline.
-    pub peak_above_baseline: u64,
+    /// The measured peak the budget bounds: the device footprint on CUDA, the compute tier
+    /// above the baseline on the CPU.
+    pub peak: u64,
+    /// What `peak` measures.
+    pub meter: String,
     /// Budget.
     pub budget: u64,
 }
@@ -172,6 +179,15 @@ pub struct Sample {
     pub rss_anon: u64,
     /// Host RssFile.
     pub rss_file: u64,
+    /// Host RssShmem (where page-locked host copies show).
+    #[serde(default)]
+    pub rss_shmem: u64,
+    /// On CUDA, the pool's reserved bytes.
+    #[serde(default)]
+    pub pool_reserved: Option<u64>,
+    /// On CUDA, the process's device footprint (pool reserved + outside the pool).
+    #[serde(default)]
+    pub device_footprint: Option<u64>,
 }
 
 impl Report {
@@ -220,6 +236,9 @@ impl Report {
                     compute_peak: r.compute_peak(),
                     rss_anon: r.host.anon,
                     rss_file: r.host.file,
+                    rss_shmem: r.host.shmem,
+                    pool_reserved: r.pool_reserved(),
+                    device_footprint: r.device_footprint(),
                 })
                 .collect(),
         };
@@ -244,6 +263,7 @@ impl Report {
                         exit: *reading,
                         peak_above_baseline: compute_peak.saturating_sub(base),
                         exit_above_baseline: reading.compute_used().saturating_sub(base),
+                        device_footprint_peak: reading.device_footprint_peak(),
                         resident_compute_bytes: *resident_compute_bytes,
                     });
                 }
@@ -314,11 +334,13 @@ impl Report {
                 }),
                 Event::Violation {
                     phase,
-                    peak_above_baseline,
+                    peak,
+                    meter,
                     budget,
                 } => report.violations.push(Violation {
                     phase: phase.clone(),
-                    peak_above_baseline: *peak_above_baseline,
+                    peak: *peak,
+                    meter: meter.clone(),
                     budget: *budget,
                 }),
             }

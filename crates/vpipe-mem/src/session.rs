@@ -171,6 +171,14 @@ impl MemorySession {
         self.budget
     }
 
+    /// What the compute budget leaves for weights and activations above the baseline: on
+    /// CUDA the budget bounds the whole device footprint, of which the baseline (the
+    /// context, the handles) is already taken; on the CPU the budget is above the baseline.
+    pub fn compute_allowance(&self) -> Option<u64> {
+        let budget = self.budget.compute?;
+        Some(budget.saturating_sub(self.baseline.device_footprint().unwrap_or(0)))
+    }
+
     /// The reading taken when the session started.
     pub fn baseline(&self) -> &Reading {
         &self.baseline
@@ -240,11 +248,12 @@ impl MemorySession {
             name: name.to_owned(),
             outputs: 0,
             peak_floor: 0,
+            footprint_floor: 0,
         };
         let result = work(&mut phase);
-        let (outputs, peak_floor) = (phase.outputs, phase.peak_floor);
+        let (outputs, floors) = (phase.outputs, (phase.peak_floor, phase.footprint_floor));
         // The exit is recorded even when the work failed; the work's own error comes first.
-        let exit = self.exit_phase(name, &reading, resident_at_entry, outputs, peak_floor);
+        let exit = self.exit_phase(name, &reading, resident_at_entry, outputs, floors);
         let value = result?;
         exit?;
         Ok(value)
@@ -258,7 +267,7 @@ impl MemorySession {
         entry: &Reading,
         resident_at_entry: u64,
         outputs: u64,
-        peak_floor: u64,
+        (peak_floor, footprint_floor): (u64, u64),
     ) -> Result<(), MemError> {
         let reading = self.meters.read()?;
         let resident = self.resident_compute_bytes();
@@ -272,15 +281,21 @@ impl MemorySession {
                 compute_peak,
             },
         );
-        let base = self.baseline.compute_used();
         if let Some(budget) = self.budget.compute {
-            let peak = compute_peak.saturating_sub(base);
+            // A phase that measured part of its work (see `Phase::measure_peak`) carries the
+            // marks it reached before into `compute_peak`.
+            let (peak, meter) = reading.budgeted_peak(&self.baseline);
+            let peak = match reading.device_footprint_peak() {
+                Some(_) => peak.max(footprint_floor),
+                None => peak.max(compute_peak.saturating_sub(self.baseline.compute_used())),
+            };
             if peak > budget {
                 self.ledger.record(
                     Some(name),
                     Event::Violation {
                         phase: name.to_owned(),
-                        peak_above_baseline: peak,
+                        peak,
+                        meter: meter.to_owned(),
                         budget,
                     },
                 );
@@ -308,6 +323,8 @@ pub struct Phase<'s> {
     name: String,
     outputs: u64,
     peak_floor: u64,
+    /// Like `peak_floor`, for the device footprint's high-water mark.
+    footprint_floor: u64,
 }
 
 fn check(meter: &str, expected: i64, before: u64, after: u64, tolerance: Tolerance) -> Check {
@@ -375,11 +392,17 @@ impl Phase<'_> {
     ) -> Result<(R, u64), E> {
         let before = self.session.meters.read()?;
         self.peak_floor = self.peak_floor.max(before.compute_peak());
+        self.footprint_floor = self
+            .footprint_floor
+            .max(before.device_footprint_peak().unwrap_or(0));
         self.session.meters.reset_peaks()?;
         let start = self.session.meters.read()?;
         let result = work()?;
         let after = self.session.meters.read()?;
         self.peak_floor = self.peak_floor.max(after.compute_peak());
+        self.footprint_floor = self
+            .footprint_floor
+            .max(after.device_footprint_peak().unwrap_or(0));
         Ok((
             result,
             after.compute_peak().saturating_sub(start.compute_used()),
@@ -450,10 +473,13 @@ impl Phase<'_> {
         Ok(())
     }
 
+    /// Records a refusal and fails when `needed` more bytes of `id` in `tier` would take its
+    /// use past `allowed`.
     fn refuse_over_budget(
         &mut self,
         id: ModelId,
         tier: Tier,
+        needed: u64,
         in_use: u64,
         allowed: Option<u64>,
     ) -> Result<(), MemError> {
@@ -461,7 +487,6 @@ impl Phase<'_> {
             return Ok(());
         };
         let model = &self.session.models[id.0];
-        let needed = model.bytes();
         if in_use + needed <= allowed {
             return Ok(());
         }
@@ -590,6 +615,20 @@ impl Phase<'_> {
         } else {
             self.host_checks(id, expected, &before, &after)
         };
+        self.record_transition(id, (from, to), expected, work_ms, (before, after), checks)
+    }
+
+    /// Records a verified move (its checks made) and fails with the first check that did
+    /// not pass, naming the model, the meter and both numbers.
+    fn record_transition(
+        &mut self,
+        id: ModelId,
+        (from, to): (Tier, Tier),
+        expected: i64,
+        work_ms: f64,
+        (before, after): (Reading, Reading),
+        checks: Vec<Check>,
+    ) -> Result<(), MemError> {
         let model = self.session.models[id.0].name.clone();
         let failed = checks.iter().find(|c| !c.ok).cloned();
         self.session.ledger.record(
@@ -624,14 +663,22 @@ impl Phase<'_> {
     pub fn load(&mut self, id: ModelId) -> Result<(), MemError> {
         self.expect_tier(id, Tier::Disk, "load")?;
         let before = self.session.meters.read()?;
-        let host_in_use = before
-            .host_used()
-            .saturating_sub(self.session.baseline.host_used());
-        let host_budget = match self.session.compute_tier() {
-            Tier::Device => self.session.budget.host,
-            _ => self.session.budget.compute,
+        let base = &self.session.baseline;
+        let (host_in_use, host_budget) = match self.session.compute_tier() {
+            // Pinned host copies are not heap: the kernel counts them with the anonymous and
+            // shared pages.
+            Tier::Device => (
+                (before.host.anon + before.host.shmem)
+                    .saturating_sub(base.host.anon + base.host.shmem),
+                self.session.budget.host,
+            ),
+            _ => (
+                before.host_used().saturating_sub(base.host_used()),
+                self.session.budget.compute,
+            ),
         };
-        self.refuse_over_budget(id, Tier::Host, host_in_use, host_budget)?;
+        let needed = self.session.models[id.0].bytes();
+        self.refuse_over_budget(id, Tier::Host, needed, host_in_use, host_budget)?;
         self.move_model(id, (Tier::Disk, Tier::Host), before, |s| {
             let copy = s.models[id.0].read_host_copy(&s.device)?;
             s.models[id.0].host = Some(copy);
@@ -646,7 +693,9 @@ impl Phase<'_> {
         let in_use = before
             .compute_used()
             .saturating_sub(self.session.baseline.compute_used());
-        self.refuse_over_budget(id, Tier::Device, in_use, self.session.budget.compute)?;
+        let allowed = self.session.compute_allowance();
+        let needed = self.session.models[id.0].bytes();
+        self.refuse_over_budget(id, Tier::Device, needed, in_use, allowed)?;
         self.move_model(id, (Tier::Host, Tier::Device), before, |s| {
             let device = s.upload_copy(id)?;
             s.models[id.0].device = Some(device);
@@ -669,28 +718,9 @@ impl Phase<'_> {
         let model = &self.session.models[id.0];
         let from = model.tier();
         let needed = crate::stream::stream_bytes(model, spec);
-        if let Some(allowed) = self.session.budget.compute {
-            if in_use + needed > allowed {
-                let model = model.name.clone();
-                self.session.ledger.record(
-                    Some(&self.name),
-                    Event::Refusal {
-                        model: model.clone(),
-                        tier: compute_tier,
-                        needed,
-                        in_use,
-                        allowed,
-                    },
-                );
-                return Err(MemError::OverBudget {
-                    model,
-                    tier: compute_tier,
-                    needed,
-                    in_use,
-                    allowed,
-                });
-            }
-        }
+        let allowed = self.session.compute_allowance();
+        self.refuse_over_budget(id, compute_tier, needed, in_use, allowed)?;
+        let model = &self.session.models[id.0];
         let start = std::time::Instant::now();
         let streamer = crate::stream::start(model, &self.session.device, spec)?;
         self.session
@@ -788,34 +818,7 @@ impl Phase<'_> {
                 )],
             }
         };
-        let model = self.session.models[id.0].name.clone();
-        let failed = checks.iter().find(|c| !c.ok).cloned();
-        self.session.ledger.record(
-            Some(&self.name),
-            Event::Transition {
-                model: model.clone(),
-                from,
-                to,
-                expected_bytes: expected,
-                work_ms,
-                before,
-                after,
-                checks,
-            },
-        );
-        match failed {
-            None => Ok(()),
-            Some(c) => Err(MemError::VerificationFailed {
-                model,
-                from,
-                to,
-                meter: c.meter,
-                expected: c.expected,
-                measured: c.measured,
-                tolerance: c.tolerance,
-                hint: if expected < 0 { CLONE_HINT } else { LOAD_HINT },
-            }),
-        }
+        self.record_transition(id, (from, to), expected, work_ms, (before, after), checks)
     }
 
     /// Moves a model down to `to` (device → host drops the device copy; host → disk drops

@@ -311,30 +311,7 @@ impl Model {
         let reader = self.reader()?;
         match (pinned_for, &reader) {
             #[cfg(feature = "cuda")]
-            (Device::Cuda(cuda), Reader::Mapped(mapped)) => {
-                let mut copies = BTreeMap::new();
-                for meta in &self.tensors {
-                    let view = mapped.get(&meta.name).map_err(|e| {
-                        self.checkpoint_error(format!("tensor '{}': {e}", meta.name))
-                    })?;
-                    let converted;
-                    let unpatched = self
-                        .patch
-                        .as_ref()
-                        .is_none_or(|p| !p.keys.contains(&meta.name));
-                    let data: std::borrow::Cow<'_, [u8]> =
-                        if unpatched && DType::try_from(view.dtype()).ok() == Some(meta.dtype) {
-                            std::borrow::Cow::Borrowed(view.data())
-                        } else {
-                            converted = self.read_tensor(&reader, meta)?;
-                            safetensors::View::data(&converted)
-                        };
-                    let pinned = self.pin(cuda, &meta.name, meta.dtype, &meta.shape, &data)?;
-                    release_mapped_pages(mapped, &meta.name);
-                    copies.insert(meta.name.clone(), pinned);
-                }
-                Ok(HostCopy::Pinned(std::sync::Arc::new(copies)))
-            }
+            (Device::Cuda(cuda), Reader::Mapped(_)) => self.read_pinned_copy(cuda, &reader),
             #[cfg(feature = "cuda")]
             (Device::Cuda(cuda), Reader::Pth(_)) => {
                 let mut copies = BTreeMap::new();
@@ -354,6 +331,91 @@ impl Model {
                 Ok(HostCopy::Pageable(copies))
             }
         }
+    }
+
+    /// Reads a safetensors checkpoint into one page-locked arena, tensors in parallel: those
+    /// held as stored (same dtype, no patch) straight from the file into the arena (`pread`:
+    /// no page faults on a map), the others converted or patched through the map, fewer at a
+    /// time (a LoRA merge holds the weight, its update and the sum in f32).
+    #[cfg(feature = "cuda")]
+    fn read_pinned_copy(
+        &self,
+        cuda: &candle_core::CudaDevice,
+        reader: &Reader,
+    ) -> Result<HostCopy, MemError> {
+        use crate::pinned::{PinnedArena, PinnedTensor};
+        use rayon::prelude::*;
+        use std::os::unix::fs::FileExt;
+        use std::sync::Arc;
+
+        let file =
+            vpipe_ckpt::open_regular(&self.path).map_err(|e| inspect_error(&self.path, &e))?;
+        // SAFETY: read-only map of the checkpoint, as `map` makes (only its header is read).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| self.checkpoint_error(e))?;
+        let (header, metadata) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| self.checkpoint_error(e))?;
+        // Each tensor's range in the arena (64-byte aligned) and where it is in the file when
+        // it can be read as it is stored.
+        let mut ranges = Vec::with_capacity(self.tensors.len());
+        let mut total = 0usize;
+        for meta in &self.tensors {
+            let start = total.div_ceil(64) * 64;
+            total = start + meta.bytes() as usize;
+            let info = metadata.info(&meta.name).ok_or_else(|| {
+                self.checkpoint_error(format!("tensor '{}' is not in the header", meta.name))
+            })?;
+            let as_stored = self
+                .patch
+                .as_ref()
+                .is_none_or(|p| !p.keys.contains(&meta.name))
+                && DType::try_from(info.dtype).ok() == Some(meta.dtype);
+            let at = as_stored.then_some((8 + header + info.data_offsets.0) as u64);
+            ranges.push((meta, start..total, at));
+        }
+        let arena = Arc::new(
+            PinnedArena::new(cuda, total)
+                .map_err(|e| self.checkpoint_error(format!("pinning {total} bytes: {e}")))?,
+        );
+        let fill = |(meta, range, at): &(&TensorMeta, std::ops::Range<usize>, Option<u64>)| {
+            let context = |e: &dyn fmt::Display| {
+                self.checkpoint_error(format!("tensor '{}': {e}", meta.name))
+            };
+            match at {
+                Some(offset) => {
+                    // SAFETY: each tensor's range is its own; no other thread writes it.
+                    let target =
+                        unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(&e))?;
+                    file.read_exact_at(target, *offset).map_err(|e| context(&e))
+                }
+                None => {
+                    let tensor = self.read_tensor(reader, meta)?;
+                    arena
+                        .fill(range.clone(), &safetensors::View::data(&tensor))
+                        .map_err(|e| context(&e))
+                }
+            }
+        };
+        let (direct, converted): (Vec<_>, Vec<_>) =
+            ranges.iter().partition(|(_, _, at)| at.is_some());
+        direct.par_iter().try_for_each(|r| fill(r))?;
+        // Conversions and merges: a few at a time, so that their temporaries stay bounded.
+        for chunk in converted.chunks(4) {
+            chunk.par_iter().try_for_each(|r| fill(r))?;
+        }
+        let copies = ranges
+            .iter()
+            .map(|(meta, range, _)| {
+                PinnedTensor::in_arena(
+                    arena.clone(),
+                    range.start,
+                    meta.dtype,
+                    meta.shape.clone().into(),
+                )
+                .map(|t| (meta.name.clone(), t))
+                .map_err(|e| self.checkpoint_error(format!("tensor '{}': {e}", meta.name)))
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        Ok(HostCopy::Pinned(Arc::new(copies)))
     }
 
     /// `tensor` with the model's patch applied when the patch changes it; the patched tensor

@@ -554,11 +554,21 @@ impl candle_core::InplaceOp1 for FillFromHost<'_> {
     }
 }
 
+/// The tensors a stream does not hold for its whole length: its groups' and those it reads by
+/// rows on the host.
+fn not_fixed(spec: &StreamSpec) -> std::collections::BTreeSet<&str> {
+    spec.groups
+        .iter()
+        .flatten()
+        .chain(&spec.host_rows)
+        .map(String::as_str)
+        .collect()
+}
+
 /// Bytes a stream of `model` by `spec` puts in the compute tier: its fixed tensors and its
 /// arena (the unknown tensor names a stream refuses count nothing here).
 pub(crate) fn stream_bytes(model: &Model, spec: &StreamSpec) -> u64 {
-    let streamed: std::collections::BTreeSet<&str> =
-        spec.groups.iter().flatten().map(String::as_str).collect();
+    let streamed = not_fixed(spec);
     let fixed: u64 = model
         .tensors
         .iter()
@@ -610,6 +620,15 @@ pub(crate) fn start(
                 .collect::<Result<Vec<_>, _>>()
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(missing) = spec
+        .host_rows
+        .iter()
+        .find(|n| !by_name.contains_key(n.as_str()))
+    {
+        return Err(spec_error(format!(
+            "no tensor '{missing}' in the checkpoint"
+        )));
+    }
     let first = &metas[0];
     for (i, group) in metas.iter().enumerate() {
         let alike = group.len() == first.len()
@@ -626,8 +645,7 @@ pub(crate) fn start(
             )));
         }
     }
-    let streamed: std::collections::BTreeSet<&str> =
-        spec.groups.iter().flatten().map(String::as_str).collect();
+    let streamed = not_fixed(spec);
     let slots = spec.slots.min(spec.groups.len());
     let zeros = |meta: &TensorMeta| {
         Tensor::zeros(meta.shape.as_slice(), meta.dtype, device)

@@ -399,7 +399,7 @@ fn the_chart_shows_every_phase_and_the_budget() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("load &lt;1&gt;") && svg.contains("unload"));
     assert!(svg.contains("budget + baseline"));
-    assert_eq!(svg.matches("<polyline").count(), 3);
+    assert!(svg.contains("in use (") && svg.contains("RssAnon") && svg.contains("RssFile"));
 }
 
 /// A `.pth` written by torch (fixture of vpipe-ckpt, made by tools/fixtures/make_pth_fixtures.py:

@@ -179,6 +179,20 @@ fn chunked_attention_does_not_change_the_output() {
     assert!(err <= 1e-5, "{err}");
 }
 
+#[test]
+fn ffn_in_token_slices_does_not_change_the_output() {
+    let mut model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
+    let cases = cases();
+    let whole = run(&model, &cases, "batch2");
+    let before = model.activation_bytes_estimate(2, 72);
+    // 72 tokens in 5 slices: the last one shorter.
+    model.set_ffn_chunks(5);
+    let sliced = run(&model, &cases, "batch2");
+    let err = max_abs_diff(&sliced, &whole).unwrap();
+    assert!(err <= 1e-5, "{err}");
+    assert!(model.activation_bytes_estimate(2, 72) <= before);
+}
+
 /// The fused CUDA kernels (layer norm + modulation, gated residual, RoPE + head split) against
 /// the same diffusers outputs; f32 on the GPU, and bf16 within the CPU bf16 bound.
 #[cfg(feature = "cuda")]

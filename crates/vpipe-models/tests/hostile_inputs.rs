@@ -239,7 +239,7 @@ fn a_huge_token_grid_is_refused_before_any_table_is_made() {
 #[test]
 fn estimates_from_absurd_sizes_saturate_instead_of_overflowing() {
     let cfg = Config::wan21_t2v_14b();
-    let bytes = cfg.activation_bytes_estimate(DType::F32, usize::MAX, usize::MAX, u64::MAX);
+    let bytes = cfg.activation_bytes_estimate(DType::F32, usize::MAX, usize::MAX, u64::MAX, 1);
     assert_eq!(bytes, u64::MAX);
     let absurd = Config {
         dim: 1 << 40,

@@ -360,12 +360,12 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         dit_config: sizes.dit.clone(),
     };
     let mut session = vpipe_mem::MemorySession::new(job.device.clone(), job.budget)?;
-    let video = pipeline::run(&job, &mut session)?;
+    let video = pipeline::run(&job, &mut session)?.video;
 
     let out = &demo.out;
     let output = out.join("demo.mp4");
     session.phase("write", |p| -> anyhow::Result<()> {
-        crate::run::write_clip(&output, &video)?;
+        crate::run::write_clip(&output, &video, None)?;
         p.declare_output("demo.mp4", std::fs::metadata(&output)?.len());
         Ok(())
     })?;
@@ -416,9 +416,10 @@ fn print_summary(report: &Report) {
     }
     for violation in &report.violations {
         println!(
-            "VIOLATION: phase '{}' peaked at {} above baseline, budget {}",
+            "VIOLATION: phase '{}' peaked at {} ({}), budget {}",
             violation.phase,
-            fmt_bytes(violation.peak_above_baseline),
+            fmt_bytes(violation.peak),
+            violation.meter,
             fmt_bytes(violation.budget)
         );
     }

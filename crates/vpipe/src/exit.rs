@@ -75,18 +75,18 @@ pub(crate) fn budget_kept(report: &vpipe_mem::Report, what: &str) -> Result<(), 
         .iter()
         .map(|v| {
             format!(
-                "'{}' peaked at {} above baseline",
+                "'{}' peaked at {} ({})",
                 v.phase,
-                vpipe_mem::fmt_bytes(v.peak_above_baseline)
+                vpipe_mem::fmt_bytes(v.peak),
+                v.meter
             )
         })
         .collect::<Vec<_>>()
         .join(", ");
     Err(BudgetExceeded(format!(
-        "the budget of {} was not kept: {phases} (measured, {}); {what} was written, but the run \
+        "the budget of {} was not kept: {phases}, measured; {what} was written, but the run \
          needs more memory than it was given",
         vpipe_mem::fmt_bytes(report.violations[0].budget),
-        report.compute_meter
     )))
 }
 

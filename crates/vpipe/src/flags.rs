@@ -724,30 +724,63 @@ pub(crate) struct Compute {
     pub(crate) ram_budget_given: bool,
     /// What set `budget.compute` (see [`Compute::bound_by_device`]).
     pub(crate) budget_source: String,
+    /// On CUDA, the device footprint of the process before any work (the context, the
+    /// handles), which the budget includes; 0 until [`Compute::bound_by_device`].
+    pub(crate) device_baseline: u64,
     pub(crate) report: Option<PathBuf>,
 }
 
+/// What the process takes on the device outside the pool after the baseline reading (the
+/// libraries' workspaces), rounded up from the 0.11 GiB measured on the H200 (2026-12-04).
+const OUTSIDE_POOL_GROWTH: u64 = 160 << 20;
+
 impl Compute {
-    /// Bounds the compute budget by what `device` reports free (after the CUDA context and
-    /// handles): the smaller of the two, and says which one bound it. A CPU device (or
-    /// a device that reports nothing) leaves the budget as it is.
-    pub(crate) fn bound_by_device(&mut self, device: &candle_core::Device) {
-        let Some(free) = crate::device::free_bytes(device) else {
+    /// Bounds the compute budget by what the device can give: `baseline` is a reading of the
+    /// process before any work (its device footprint: the context and handles), to which the
+    /// driver can add what it reports free. Keeps the smaller of that and `--vram-budget`
+    /// (the whole budget without one) and says which one bound it; remembers the baseline's
+    /// footprint, which the plan leaves out of what the models may use. A CPU run is left as
+    /// it is.
+    pub(crate) fn bound_by_device(
+        &mut self,
+        device: &candle_core::Device,
+        baseline: &vpipe_mem::Reading,
+    ) {
+        let (Some(free), Some(taken)) = (
+            crate::device::free_bytes(device),
+            baseline.device_footprint(),
+        ) else {
             return;
         };
+        // cuBLAS and cuDNN make their workspaces outside the pool at their first use: NVML's
+        // figure for the process grew from 0.57 to 0.68 GiB over a run on the H200.
+        self.device_baseline = taken + OUTSIDE_POOL_GROWTH;
+        let most = taken + free;
         match self.budget.compute {
-            Some(given) if given <= free => {}
+            Some(given) if given <= most => {}
             Some(given) => {
-                self.budget.compute = Some(free);
+                self.budget.compute = Some(most);
                 self.budget_source = format!(
-                    "free device memory, less than the --vram-budget of {}",
+                    "what the device can give, less than the --vram-budget of {}",
                     vpipe_mem::fmt_bytes(given)
                 );
             }
             None => {
-                self.budget.compute = Some(free);
-                self.budget_source = "free device memory".into();
+                self.budget.compute = Some(most);
+                self.budget_source = "what the device can give (no --vram-budget)".into();
             }
+        }
+    }
+
+    /// The budget the models of a run may use: on CUDA the compute budget less the device
+    /// footprint the process had before any work.
+    pub(crate) fn model_budget(&self) -> vpipe_mem::Budget {
+        vpipe_mem::Budget {
+            compute: self
+                .budget
+                .compute
+                .map(|b| b.saturating_sub(self.device_baseline)),
+            ..self.budget
         }
     }
 }
@@ -770,6 +803,7 @@ impl ComputeArgs {
                 },
             },
             ram_budget_given: self.ram_budget.is_some(),
+            device_baseline: 0,
             budget_source: match self.vram_budget {
                 Some(_) => "--vram-budget".into(),
                 None => "none".into(),

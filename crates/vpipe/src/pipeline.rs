@@ -87,11 +87,19 @@ struct Registered {
     text: ModelId,
 }
 
-/// Runs every phase but `write` in `session` and returns the decoded video ([1, 3, T, H, W]
-/// in [-1, 1], f32, on the host); the caller writes the file in a phase of its own, and can
-/// write the report so far when a phase fails or Ctrl-C stops the run (checked between
-/// phases and steps).
-pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tensor> {
+/// What a run makes, on the host.
+pub(crate) struct Generated {
+    /// The final latents, [1, 16, F, H/8, W/8] f32, normalised as the DiT sees them (before
+    /// the VAE's `latents_mean/std` are undone).
+    pub(crate) latents: Tensor,
+    /// The decoded video, [1, 3, T, H, W] in [-1, 1], f32.
+    pub(crate) video: Tensor,
+}
+
+/// Runs every phase but `write` in `session` and returns what it made; the caller writes the
+/// file in a phase of its own, and can write the report so far when a phase fails or Ctrl-C
+/// stops the run (checked between phases and steps).
+pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Generated> {
     let models = &job.models;
 
     let (ids, tokenizer, loras) = session.phase("load", |p| -> anyhow::Result<_> {
@@ -128,7 +136,9 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
     let context = session.phase("text", |p| -> anyhow::Result<Tensor> {
         let encoded = [&job.prompt, &job.negative_prompt]
             .into_iter()
-            .map(|text| tokenizer.encode(text))
+            // Wan's and diffusers' cleaning first: HTML entities unescaped, whitespace
+            // collapsed (`Tom &amp; Jerry` tokenises as `Tom & Jerry`).
+            .map(|text| tokenizer.encode(&vpipe_text::tokenizer::clean_prompt(text)))
             .collect::<Result<Vec<Encoded>, _>>()?;
         for (what, e) in ["prompt", "negative prompt"].into_iter().zip(&encoded) {
             let truncated = if e.truncated { " (truncated)" } else { "" };
@@ -160,39 +170,30 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
                 source,
                 ..
             } => {
-                if source == vpipe_mem::StreamSource::PinnedHost {
-                    p.load(ids.text)?;
-                }
                 let (spec, embedding) = crate::leased::umt5_block_stream(
                     p.session().tensors(ids.text),
                     job.text_config.num_layers,
                     held_blocks,
                     slots,
                 )?;
-                let mut streamer = p.begin_stream(ids.text, &spec)?;
-                let context = crate::leased::umt5_streamed(
-                    &streamer,
-                    &job.text_config,
-                    held_blocks,
-                    job.dtype,
-                    &job.device,
-                )
-                .with_context(|| format!("text encoder {}", models.text_encoder.display()))
-                .and_then(|encoder| {
+                streamed(p, ids.text, source, &spec, |_, streamer| {
+                    let encoder = crate::leased::umt5_streamed(
+                        streamer,
+                        &job.text_config,
+                        held_blocks,
+                        job.dtype,
+                        &job.device,
+                    )
+                    .with_context(|| format!("text encoder {}", models.text_encoder.display()))?;
                     let mut source = crate::leased::StreamedText {
-                        streamer: &mut streamer,
+                        streamer,
                         held: held_blocks,
                         embedding,
                     };
                     Ok(encoder
                         .forward_with(&input_ids, &mask, &mut source)?
                         .to_device(&Device::Cpu)?)
-                });
-                let ended = p.end_stream(ids.text, streamer);
-                let context = context?;
-                ended?;
-                p.offload(ids.text, Tier::Disk)?;
-                context
+                })?
             }
         };
         ensure_finite(&context, "text: the text encoder's output")?;
@@ -273,42 +274,35 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
                 source,
                 ..
             } => {
-                if source == vpipe_mem::StreamSource::PinnedHost {
-                    p.load(ids.dit)?;
-                }
                 let spec = crate::leased::dit_block_stream(
                     p.session().tensors(ids.dit),
                     job.dit_config.num_layers,
                     held_blocks,
                     slots,
                 )?;
-                let mut streamer = p.begin_stream(ids.dit, &spec)?;
-                let model = crate::leased::wan_dit_streamed(
-                    &streamer,
-                    &job.dit_config,
-                    held_blocks,
-                    job.dtype,
-                    &job.device,
-                )
-                .with_context(|| format!("dit {}", models.dit.display()))?;
-                let blocks = crate::leased::StreamedBlocks {
-                    streamer: &mut streamer,
-                    held: held_blocks,
-                };
-                let latents = sample(
-                    job,
-                    p,
-                    model,
-                    &schedule,
-                    clean_latents.as_ref(),
-                    &context,
-                    Some(blocks),
-                );
-                let ended = p.end_stream(ids.dit, streamer);
-                let latents = latents?;
-                ended?;
-                p.offload(ids.dit, Tier::Disk)?;
-                Ok(latents)
+                streamed(p, ids.dit, source, &spec, |p, streamer| {
+                    let model = crate::leased::wan_dit_streamed(
+                        streamer,
+                        &job.dit_config,
+                        held_blocks,
+                        job.dtype,
+                        &job.device,
+                    )
+                    .with_context(|| format!("dit {}", models.dit.display()))?;
+                    let blocks = crate::leased::StreamedBlocks {
+                        streamer,
+                        held: held_blocks,
+                    };
+                    sample(
+                        job,
+                        p,
+                        model,
+                        &schedule,
+                        clean_latents.as_ref(),
+                        &context,
+                        Some(blocks),
+                    )
+                })
             }
         }
     })?;
@@ -327,7 +321,29 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Tens
         p.declare_output("video (host)", tensor_bytes(&video));
         Ok(video)
     })?;
-    Ok(video)
+    Ok(Generated { latents, video })
+}
+
+/// Runs `work` with model `id` streamed by `spec` (read into pinned host memory first when the
+/// plan streams from it), ends the stream even when `work` fails (its error comes first), and
+/// leaves the model on disk.
+fn streamed<R>(
+    p: &mut vpipe_mem::Phase<'_>,
+    id: vpipe_mem::ModelId,
+    source: vpipe_mem::StreamSource,
+    spec: &vpipe_mem::StreamSpec,
+    work: impl FnOnce(&mut vpipe_mem::Phase<'_>, &mut vpipe_mem::Streamer) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    if source == vpipe_mem::StreamSource::PinnedHost {
+        p.load(id)?;
+    }
+    let mut streamer = p.begin_stream(id, spec)?;
+    let result = work(p, &mut streamer);
+    let ended = p.end_stream(id, streamer);
+    let value = result?;
+    ended?;
+    p.offload(id, Tier::Disk)?;
+    Ok(value)
 }
 
 /// The denoising loop of the sample phase with `model` (which the caller drops and offloads):
@@ -354,12 +370,14 @@ fn sample(
     let grid = model.token_grid(shape.2, shape.3, shape.4)?;
     let tokens: usize = grid.iter().product();
     model.set_attention_scratch(plan.attention_scratch);
+    model.set_ffn_chunks(plan.ffn_chunks);
     p.note(
         "sampling",
         &format!(
-            "{tokens} tokens, CFG {} {:?}, {}: estimated activations {}",
+            "{tokens} tokens, CFG {} {:?}, FFN in {} token slice(s), {}: estimated activations {}",
             job.guidance,
             plan.passes,
+            plan.ffn_chunks,
             match plan.residency {
                 Residency::Resident => "every block held".to_owned(),
                 Residency::Streamed {

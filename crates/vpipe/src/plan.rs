@@ -119,9 +119,13 @@ impl TextPlan {
         // prompt, and the position bias shared by both, counted in f32 (the softmax's
         // precision), plus the position buckets (u32, one per query-key pair).
         let score_matrix = t.num_heads as u64 * l * l * 4;
-        let activation_bytes = b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
-            + (3 * b + 1) * score_matrix
-            + l * l * 4;
+        let activation_bytes = with_pool_slack(
+            b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
+                + (3 * b + 1) * score_matrix
+                + l * l * 4,
+            on_cuda,
+            TEXT_POOL_SLACK,
+        );
         let weights = sizes.text_weights;
         let minimum_bytes = weights.minimum(activation_bytes);
         let resident = (Residency::Resident, weights.total + activation_bytes);
@@ -294,9 +298,11 @@ pub(crate) struct SamplePlan {
     pub(crate) residency: Residency,
     #[serde(serialize_with = "serialize_passes")]
     pub(crate) passes: GuidancePasses,
+    /// Token slices the FFN runs over in turn (1: all at once).
+    pub(crate) ffn_chunks: usize,
     /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
     pub(crate) attention_scratch: u64,
-    /// **Estimated** activations of one step.
+    /// **Estimated** activations of one step (on CUDA with the pool's reserve beyond them).
     pub(crate) activation_bytes: u64,
     /// Weights held plus the arena plus the estimated activations.
     pub(crate) estimated_peak_bytes: u64,
@@ -349,53 +355,89 @@ impl SamplePlan {
         // values, with their normed and transposed copies: ten context-sized tensors, the
         // bulk of a small video's activations (measured 6.9 MiB at 256 wide on the CPU).
         let text_side = 10 * TEXT_TOKENS as u64 * dit.dim as u64 * elem;
-        let activations = |passes| match passes {
-            GuidancePasses::Batched => dit
-                .activation_bytes_estimate(dtype, 2, tokens, scratch)
-                .saturating_add(2 * text_side),
-            GuidancePasses::TwoPasses => dit
-                .activation_bytes_estimate(dtype, 1, tokens, scratch)
-                .saturating_add(residual)
-                .saturating_add(2 * text_side),
+        let activations = |(passes, ffn_chunks): Step| {
+            let live = match passes {
+                GuidancePasses::Batched => dit
+                    .activation_bytes_estimate(dtype, 2, tokens, scratch, ffn_chunks)
+                    .saturating_add(2 * text_side),
+                GuidancePasses::TwoPasses => dit
+                    .activation_bytes_estimate(dtype, 1, tokens, scratch, ffn_chunks)
+                    .saturating_add(residual)
+                    .saturating_add(2 * text_side),
+            };
+            with_pool_slack(live, on_cuda, DIT_POOL_SLACK)
         };
         let weights = BlockWeights {
             patched: lora,
             ..sizes.dit_weights
         };
-        let minimum_bytes = weights.minimum(activations(GuidancePasses::TwoPasses));
-        let plan = |passes, (residency, estimated_peak_bytes)| Self {
+        let smallest = (GuidancePasses::TwoPasses, FFN_SLICES);
+        let minimum_bytes = weights.minimum(activations(smallest));
+        let plan = |step: Step, (residency, estimated_peak_bytes)| Self {
             residency,
-            passes,
+            passes: step.0,
+            ffn_chunks: step.1,
             attention_scratch: scratch,
-            activation_bytes: activations(passes),
+            activation_bytes: activations(step),
             estimated_peak_bytes,
             minimum_bytes,
         };
+        let steps = [
+            (GuidancePasses::Batched, 1),
+            (GuidancePasses::Batched, FFN_SLICES),
+            (GuidancePasses::TwoPasses, 1),
+            smallest,
+        ];
         let Some(limit) = budget.compute.map(planning_limit) else {
-            let passes = GuidancePasses::Batched;
+            let step = steps[0];
             return plan(
-                passes,
-                (Residency::Resident, weights.total + activations(passes)),
+                step,
+                (Residency::Resident, weights.total + activations(step)),
             );
         };
-        let passes = [GuidancePasses::Batched, GuidancePasses::TwoPasses];
         let pinned = pinned_fits(on_cuda, weights.total, budget);
-        // Held whole in either way of guiding first, then streamed.
-        for passes in passes {
-            if let Some(resident) = weights.resident(activations(passes), limit, on_cuda, pinned) {
-                return plan(passes, resident);
+        // Held whole, in the fastest way of stepping that fits, first; then streamed.
+        for step in steps {
+            if let Some(resident) = weights.resident(activations(step), limit, on_cuda, pinned) {
+                return plan(step, resident);
             }
         }
-        for passes in passes {
-            if let Some(streamed) = weights.residency(activations(passes), limit, on_cuda, pinned) {
-                return plan(passes, streamed);
+        for step in steps {
+            if let Some(streamed) = weights.residency(activations(step), limit, on_cuda, pinned) {
+                return plan(step, streamed);
             }
         }
-        let passes = GuidancePasses::TwoPasses;
         plan(
-            passes,
-            (Residency::Resident, weights.total + activations(passes)),
+            smallest,
+            (Residency::Resident, weights.total + activations(smallest)),
         )
+    }
+}
+
+/// How a denoising step runs: the guidance passes and the FFN's token slices.
+type Step = (GuidancePasses, usize);
+
+/// Token slices the FFN runs over when the budget needs it: a quarter of its hidden state at
+/// a time (the FFN's peak then falls below the attention's).
+const FFN_SLICES: usize = 4;
+
+/// What the CUDA pool reserves beyond its live allocations at its high-water mark, as a share
+/// of a phase's activations (freed blocks that the next allocations do not fit). Measured on
+/// the H200 on 2026-12-04 (`bench/gpu-stream.sh`, BENCHMARKS.md "Streamed DiT"): 1.32 GiB over
+/// 4.28 GiB of estimated activations in the sample phase, resident and streamed alike.
+const DIT_POOL_SLACK: f64 = 0.31;
+/// The same for the text encoder: 0.08 GiB over 0.54 GiB.
+const TEXT_POOL_SLACK: f64 = 0.15;
+/// The same for the VAE (256-px tiles): 0.43 GiB over 0.55 GiB at most.
+const VAE_POOL_SLACK: f64 = 0.8;
+
+/// `live` activations plus what the CUDA pool reserves beyond them (`slack` of them); the
+/// CPU heap has no such reserve.
+fn with_pool_slack(live: u64, on_cuda: bool, slack: f64) -> u64 {
+    if on_cuda {
+        live.saturating_add((live as f64 * slack) as u64)
+    } else {
+        live
     }
 }
 
@@ -682,13 +724,14 @@ impl Plan {
         let tokens = video_tokens(&sizes.dit, job.frames, job.height, job.width);
 
         let on_cuda = job.compute.device.starts_with("cuda");
-        let text = TextPlan::new(sizes, dtype, job.compute.budget, on_cuda);
+        let model_budget = job.compute.model_budget();
+        let text = TextPlan::new(sizes, dtype, model_budget, on_cuda);
         let on_cuda = job.compute.device.starts_with("cuda");
         let sample = SamplePlan::new(
             sizes,
             dtype,
             tokens,
-            job.compute.budget,
+            model_budget,
             on_cuda,
             !job.loras.is_empty(),
         );
@@ -757,7 +800,7 @@ impl Plan {
             resident: vec!["vae".into()],
             estimated_peak_bytes: sizes.vae_bytes
                 + (sizes.vae_bytes as f64 * vae.weight_copies) as u64
-                + bytes_per_unit * vae_unit,
+                + with_pool_slack(bytes_per_unit * vae_unit, on_cuda, VAE_POOL_SLACK),
             detail: format!(
                 "tile {} px, stride {} px, {} layout",
                 job.tiles.tile, job.tiles.stride, job.tiles.layout
@@ -799,8 +842,13 @@ impl Plan {
             estimated_peak_bytes: 0,
             detail: format!("{}", job.out.display()),
         });
-        let fits =
-            budget.is_none_or(|budget| phases.iter().all(|p| p.estimated_peak_bytes <= budget));
+        // On CUDA the budget also holds what the process took before any work.
+        let taken = job.compute.device_baseline;
+        let fits = budget.is_none_or(|budget| {
+            phases
+                .iter()
+                .all(|p| p.estimated_peak_bytes + taken <= budget)
+        });
         // The least budget: the text and sample phases at their smallest strategy (a budget
         // is planned with a headroom, see `planning_limit`), every other phase as planned.
         let (minimum_phase, minimum_bytes) = phases
@@ -814,6 +862,7 @@ impl Plan {
                 (p.name, least)
             })
             .max_by_key(|(_, least)| *least)
+            .map(|(phase, least)| (phase, least + taken))
             .expect("a plan has phases");
         Self {
             phases,
@@ -898,7 +947,16 @@ impl Plan {
 }
 
 /// `vpipe plan`.
-pub(crate) fn run(job: RunJob, preset: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(mut job: RunJob, preset: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    // On a machine with the device, the plan `vpipe run` would make: bounded by what the
+    // device can give, less what the process holds on it before any work. Without one (a
+    // plan made elsewhere), the budget as given.
+    if job.compute.device.starts_with("cuda") {
+        if let Ok(device) = crate::device::open(&job.compute.device) {
+            let meters = vpipe_mem::Meters::for_device(&device)?;
+            job.compute.bound_by_device(&device, &meters.read()?);
+        }
+    }
     let sizes = match preset {
         Some(name) => ModelSizes::preset(name, job.compute.dtype).ok_or_else(|| {
             crate::exit::BadInput(format!(

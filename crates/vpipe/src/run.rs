@@ -241,14 +241,18 @@ fn read_initial_noise(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::
 }
 
 /// Writes the decoded video by the output's extension: `.mp4` (H.264), `.gif`, `.safetensors`
-/// (key `video`), or no extension for a folder of PNG frames; always through a temporary
-/// name, renamed into place.
-pub(crate) fn write_clip(path: &Path, video: &candle_core::Tensor) -> anyhow::Result<()> {
+/// (key `video`, and `latents` when given: the final latents, for comparisons with a reference
+/// pipeline's), or no extension for a folder of PNG frames; always through a temporary name,
+/// renamed into place.
+pub(crate) fn write_clip(
+    path: &Path,
+    video: &candle_core::Tensor,
+    latents: Option<&candle_core::Tensor>,
+) -> anyhow::Result<()> {
     if crate::paths::has_extension(path, "safetensors") {
-        return crate::tensors::write_outputs(
-            path,
-            &HashMap::from([("video".to_owned(), video.clone())]),
-        );
+        let mut tensors = HashMap::from([("video".to_owned(), video.clone())]);
+        tensors.extend(latents.map(|l| ("latents".to_owned(), l.clone())));
+        return crate::tensors::write_outputs(path, &tensors);
     }
     let clip = vpipe_video::from_tensor(video, pipeline::FPS as f64)?;
     let mut progress = crate::progress::Progress::new("write", 1);
@@ -330,7 +334,8 @@ pub(crate) fn run(mut job: RunJob) -> anyhow::Result<ExitCode> {
     let models = resolve_models(&job)?;
     check_run_outputs(&job, &models)?;
     let device = crate::device::open(&job.compute.device)?;
-    job.compute.bound_by_device(&device);
+    let meters = vpipe_mem::Meters::for_device(&device)?;
+    job.compute.bound_by_device(&device, &meters.read()?);
     // Sampling never starts when the plan does not fit.
     let sizes = ModelSizes::from_files(
         &models.dit,
@@ -396,16 +401,19 @@ pub(crate) fn run(mut job: RunJob) -> anyhow::Result<ExitCode> {
         sample: plan.sample,
         dit_config: sizes.dit.clone(),
     };
-    let mut session =
-        vpipe_mem::MemorySession::new(pipeline_job.device.clone(), job.compute.budget)?;
-    let written = pipeline::run(&pipeline_job, &mut session).and_then(|video| {
+    let mut session = vpipe_mem::MemorySession::with_meters(
+        pipeline_job.device.clone(),
+        meters,
+        job.compute.budget,
+    )?;
+    let written = pipeline::run(&pipeline_job, &mut session).and_then(|made| {
         session.phase("write", |p| -> anyhow::Result<()> {
             crate::progress::check_interrupt()?;
             p.note(
                 "video",
-                &format!("{:?} at {} fps", video.dims(), pipeline::FPS),
+                &format!("{:?} at {} fps", made.video.dims(), pipeline::FPS),
             );
-            write_clip(&job.out, &video.to_device(&Device::Cpu)?)
+            write_clip(&job.out, &made.video, Some(&made.latents))
         })
     });
     if let Err(err) = written {
@@ -418,17 +426,24 @@ pub(crate) fn run(mut job: RunJob) -> anyhow::Result<ExitCode> {
         return Err(err);
     }
     let report = crate::tensors::finish_report(&session, job.compute.report.as_deref())?;
-    let peak = report
-        .phases
-        .iter()
-        .map(|p| p.peak_above_baseline)
-        .max()
-        .unwrap_or(0);
+    let peak =
+        |f: fn(&vpipe_mem::PhaseReport) -> Option<u64>| report.phases.iter().filter_map(f).max();
+    let headline = match peak(|p| p.device_footprint_peak) {
+        Some(footprint) => format!(
+            "device footprint at most {} (pool reserved + outside the pool, measured), \
+             live tensors at most {} above baseline",
+            fmt_bytes(footprint),
+            fmt_bytes(peak(|p| Some(p.peak_above_baseline)).unwrap_or(0)),
+        ),
+        None => format!(
+            "highest peak {} above baseline ({}, measured)",
+            fmt_bytes(peak(|p| Some(p.peak_above_baseline)).unwrap_or(0)),
+            report.compute_meter
+        ),
+    };
     println!(
-        "run: {} phases, highest peak {} above baseline ({}, measured), {} violation(s); wrote {}",
+        "run: {} phases, {headline}, {} violation(s); wrote {}",
         report.phases.len(),
-        fmt_bytes(peak),
-        report.compute_meter,
         report.violations.len(),
         job.out.display()
     );

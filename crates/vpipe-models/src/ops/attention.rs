@@ -194,7 +194,18 @@ fn check_operands(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, u
 /// pass over far fewer elements.
 fn attend(q: &Tensor, kt: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = (q * scale)?.matmul(kt)?;
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    if v.dtype() == DType::F32 && v.device().is_cpu() {
+        // The probabilities times the values accumulate in f64 in the f32 CPU path: Wan's text
+        // context is zero-padded to 512 rows, hundreds of identical keys whose f32 rounding
+        // errors add up in one direction (1.1e-5 from f64 per forward, against 4e-6 for
+        // PyTorch's SDPA; measured on the pipeline's golden test).
+        return probs
+            .to_dtype(DType::F64)?
+            .matmul(&v.to_dtype(DType::F64)?)?
+            .to_dtype(DType::F32);
+    }
+    probs.matmul(v)
 }
 
 #[cfg(test)]
@@ -226,7 +237,7 @@ mod tests {
         // Reference written out without the chunking code path.
         let reference =
             candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.25)?)?.matmul(&v)?;
-        assert_eq!(crate::ops::max_abs_diff(&full, &reference)?, 0.0);
+        assert!(crate::ops::max_abs_diff(&full, &reference)? <= 1e-6);
         for rows in [1, 5, 36, 37] {
             let chunked = attention(&q, &k, &v, QueryChunk(rows))?;
             let err = crate::ops::max_abs_diff(&chunked, &full)?;
