@@ -429,6 +429,157 @@ impl MergePlan {
         Ok(merged)
     }
 
+    /// [`MergePlan::apply`] written into `out`, the merged weight's bytes in `weight`'s dtype,
+    /// with no full-size temporary: each row is merged in f32 from the weight's row and the
+    /// patches' factors (a low-rank patch's `rank × in` factor scaled once), rows in parallel.
+    /// The same sums as [`MergePlan::apply`] in another order, so a merged value may differ by
+    /// f32 rounding before it is rounded to the weight's dtype.
+    ///
+    /// Returns `Ok(false)`, with nothing written, where this path does not apply: a weight the
+    /// plan does not patch, a dtype other than f32, bf16 or f16, a weight off the CPU.
+    ///
+    /// # Shapes
+    /// `weight` as in [`MergePlan::apply`]; `out` holds exactly its bytes.
+    pub fn apply_into(&self, name: &str, weight: &Tensor, out: &mut [u8]) -> Result<bool> {
+        use rayon::prelude::*;
+        let Some(target) = self.targets.get(name) else {
+            return Ok(false);
+        };
+        let dtype = weight.dtype();
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !weight.device().is_cpu() {
+            return Ok(false);
+        }
+        if weight.shape() != &target.shape {
+            return Err(Error::WeightShape {
+                weight: name.to_string(),
+                expected: target.shape.clone(),
+                got: weight.shape().clone(),
+            });
+        }
+        let rows = target.shape.dims().first().copied().unwrap_or(1).max(1);
+        let columns = target.shape.elem_count() / rows;
+        let elem = dtype.size_in_bytes();
+        if out.len() != rows * columns * elem {
+            return Err(Error::WeightShape {
+                weight: format!("{name} (output buffer of {} bytes)", out.len()),
+                expected: target.shape.clone(),
+                got: weight.shape().clone(),
+            });
+        }
+        // Each patch as row factors: low rank `up` [rows, rank] and the scaled `down`
+        // [rank, columns]; a full patch as its scaled delta [rows, columns].
+        enum Factors {
+            LowRank {
+                up: Vec<f32>,
+                down: Vec<f32>,
+                rank: usize,
+            },
+            Full(Vec<f32>),
+        }
+        let f32_vec = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let factors = target
+            .patches
+            .iter()
+            .map(|patch| -> Result<Factors> {
+                Ok(match &patch.delta {
+                    Delta::LowRank { up, down, scale } => {
+                        let rank = down.dims()[0];
+                        let down = down
+                            .to_dtype(DType::F32)?
+                            .affine(patch.strength * scale, 0.0)?;
+                        Factors::LowRank {
+                            up: f32_vec(up)?,
+                            down: f32_vec(&down)?,
+                            rank,
+                        }
+                    }
+                    Delta::Full { delta, scale } => Factors::Full(f32_vec(
+                        &delta
+                            .to_dtype(DType::F32)?
+                            .affine(patch.strength * scale, 0.0)?,
+                    )?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weight = weight.contiguous()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let candle_core::Storage::Cpu(storage) = &*storage else {
+            return Ok(false);
+        };
+        let start = layout.start_offset();
+        // The weight's row as f32, by dtype.
+        let read_row = |row: usize, acc: &mut [f32]| match storage {
+            candle_core::CpuStorage::F32(v) => {
+                acc.copy_from_slice(&v[start + row * columns..start + (row + 1) * columns])
+            }
+            candle_core::CpuStorage::BF16(v) => {
+                for (a, w) in acc.iter_mut().zip(&v[start + row * columns..]) {
+                    *a = w.to_f32();
+                }
+            }
+            candle_core::CpuStorage::F16(v) => {
+                for (a, w) in acc.iter_mut().zip(&v[start + row * columns..]) {
+                    *a = w.to_f32();
+                }
+            }
+            _ => unreachable!("checked above"),
+        };
+        out.par_chunks_mut(columns * elem)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; columns],
+                |acc, (row, bytes)| {
+                    read_row(row, acc);
+                    for factors in &factors {
+                        match factors {
+                            Factors::LowRank { up, down, rank } => {
+                                for k in 0..*rank {
+                                    let u = up[row * rank + k];
+                                    let down = &down[k * columns..(k + 1) * columns];
+                                    for (a, d) in acc.iter_mut().zip(down) {
+                                        *a += u * d;
+                                    }
+                                }
+                            }
+                            Factors::Full(delta) => {
+                                let delta = &delta[row * columns..(row + 1) * columns];
+                                for (a, d) in acc.iter_mut().zip(delta) {
+                                    *a += d;
+                                }
+                            }
+                        }
+                    }
+                    match dtype {
+                        DType::F32 => {
+                            for (chunk, a) in bytes.chunks_exact_mut(4).zip(acc.iter()) {
+                                chunk.copy_from_slice(&a.to_le_bytes());
+                            }
+                        }
+                        DType::BF16 => {
+                            for (chunk, a) in bytes.chunks_exact_mut(2).zip(acc.iter()) {
+                                chunk.copy_from_slice(&half::bf16::from_f32(*a).to_le_bytes());
+                            }
+                        }
+                        _ => {
+                            for (chunk, a) in bytes.chunks_exact_mut(2).zip(acc.iter()) {
+                                chunk.copy_from_slice(&half::f16::from_f32(*a).to_le_bytes());
+                            }
+                        }
+                    }
+                },
+            );
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        Ok(true)
+    }
+
     /// [`MergePlan::apply`] for a ComfyUI scaled-fp8 weight (`w = f32(w8) · scale`): the patches
     /// are merged into the dequantised weight in f32, and the result is stored back as float8
     /// with the same scale (round to nearest even, saturating at ±448), so the merged weight

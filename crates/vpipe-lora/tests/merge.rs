@@ -34,6 +34,7 @@ fn check(plan: &MergePlan, case_name: &str) -> f32 {
             Some(e) => {
                 let err = max_abs_diff(&merged, e);
                 assert!(err <= TOL, "{case_name}: {name} off by {err}");
+                check_row_merge(plan, name, w);
                 // A patch that does nothing would pass a loose test on tiny deltas.
                 assert!(
                     max_abs_diff(&merged, w) > 1e-3,
@@ -50,6 +51,29 @@ fn check(plan: &MergePlan, case_name: &str) -> f32 {
         want.len()
     );
     worst
+}
+
+/// [`MergePlan::apply_into`] (rows merged into a buffer) gives [`MergePlan::apply`]'s weight up
+/// to f32 rounding, in f32, and within one rounding step in bf16 and f16.
+fn check_row_merge(plan: &MergePlan, name: &str, w: &Tensor) {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let w = w.to_dtype(dtype).unwrap();
+        let whole = plan.apply(name, &w).unwrap().to_dtype(DType::F32).unwrap();
+        let mut out = vec![0u8; w.elem_count() * dtype.size_in_bytes()];
+        assert!(plan.apply_into(name, &w, &mut out).unwrap(), "{name}");
+        let rows = Tensor::from_raw_buffer(&out, dtype, w.dims(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let largest = max_abs_diff(&whole, &whole.zeros_like().unwrap());
+        let step = match dtype {
+            DType::F32 => 1e-6,
+            DType::BF16 => 2f32.powi(-7),
+            _ => 2f32.powi(-10),
+        };
+        let err = max_abs_diff(&rows, &whole);
+        assert!(err <= step * largest.max(1.0), "{name} {dtype:?}: {err}");
+    }
 }
 
 #[test]

@@ -58,7 +58,9 @@ pub use report::{
     Violation, REPORT_SCHEMA_VERSION,
 };
 pub use session::{Budget, MemorySession, Phase};
-pub use store::{resident_dtype, Lease, ModelId, PatchFn, TensorMeta, Tier, WeightPatch};
+pub use store::{
+    resident_dtype, Lease, ModelId, PatchFn, PatchIntoFn, TensorMeta, Tier, WeightPatch,
+};
 pub use stream::{StreamSource, StreamSpec, StreamStats, Streamer};
 pub use svg::{render_svg, write_svg};
 pub use workspace::{prepare_compute_workspace, ComputeWorkspace};

@@ -169,7 +169,15 @@ pub struct WeightPatch {
     pub keys: std::collections::BTreeSet<String>,
     /// The change; see [`PatchFn`].
     pub apply: std::sync::Arc<PatchFn>,
+    /// The same change written straight into the memory that holds the patched weight, where
+    /// it can be (see [`PatchIntoFn`]); `apply` otherwise.
+    pub apply_into: Option<std::sync::Arc<PatchIntoFn>>,
 }
+
+/// Writes the patched weight of a key, given the stored one (on the host), into a buffer of
+/// exactly its bytes; `Ok(false)`, with nothing written, where it cannot (the caller then uses
+/// [`WeightPatch::apply`]). Spares the full-size temporaries a tensor-level merge makes.
+pub type PatchIntoFn = dyn Fn(&str, &Tensor, &mut [u8]) -> candle_core::Result<bool> + Send + Sync;
 
 impl fmt::Debug for WeightPatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -252,7 +260,7 @@ impl Model {
     /// One tensor from the checkpoint, on the host, in the dtype the store holds it in and
     /// with the model's patch applied; the file's pages it touched leave this process's
     /// resident set (they stay in the page cache).
-    pub(crate) fn read_tensor(
+    pub(crate) fn read_stored(
         &self,
         reader: &Reader,
         meta: &TensorMeta,
@@ -270,7 +278,16 @@ impl Model {
         if let Reader::Mapped(mapped) = reader {
             release_mapped_pages(mapped, &meta.name);
         }
-        self.patched(meta, tensor)
+        Ok(tensor)
+    }
+
+    /// [`Model::read_stored`] with the model's patch applied.
+    pub(crate) fn read_tensor(
+        &self,
+        reader: &Reader,
+        meta: &TensorMeta,
+    ) -> Result<Tensor, MemError> {
+        self.patched(meta, self.read_stored(reader, meta)?)
     }
 
     /// A tensor's bytes straight from the mapped file when the store holds them as they are
@@ -388,7 +405,17 @@ impl Model {
                     file.read_exact_at(target, *offset).map_err(|e| context(&e))
                 }
                 None => {
-                    let tensor = self.read_tensor(reader, meta)?;
+                    let stored = self.read_stored(reader, meta)?;
+                    let patch = self.patch.as_ref().filter(|p| p.keys.contains(&meta.name));
+                    if let Some(apply) = patch.and_then(|p| p.apply_into.as_deref()) {
+                        // SAFETY: each tensor's range is its own; no other thread writes it.
+                        let target =
+                            unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(&e))?;
+                        if apply(&meta.name, &stored, target).map_err(|e| context(&e))? {
+                            return Ok(());
+                        }
+                    }
+                    let tensor = self.patched(meta, stored)?;
                     arena
                         .fill(range.clone(), &safetensors::View::data(&tensor))
                         .map_err(|e| context(&e))
@@ -424,6 +451,9 @@ impl Model {
         let Some(patch) = self.patch.as_ref().filter(|p| p.keys.contains(&meta.name)) else {
             return Ok(tensor);
         };
+        if let Some(merged) = self.patched_into_new(patch, meta, &tensor)? {
+            return Ok(merged);
+        }
         let out = (patch.apply)(&meta.name, &tensor)
             .and_then(|t| t.contiguous())
             .map_err(|e| self.checkpoint_error(format!("patching '{}': {e}", meta.name)))?;
@@ -438,6 +468,41 @@ impl Model {
             )));
         }
         Ok(out)
+    }
+
+    /// The patched tensor made by the patch's `apply_into` in a fresh host buffer of the
+    /// weight's dtype (f32, bf16 or f16), or `None` where it does not apply.
+    fn patched_into_new(
+        &self,
+        patch: &WeightPatch,
+        meta: &TensorMeta,
+        tensor: &Tensor,
+    ) -> Result<Option<Tensor>, MemError> {
+        fn into<T: bytemuck::Pod + candle_core::WithDType>(
+            apply: &PatchIntoFn,
+            meta: &TensorMeta,
+            tensor: &Tensor,
+            zero: T,
+        ) -> candle_core::Result<Option<Tensor>> {
+            let mut out = vec![zero; tensor.elem_count()];
+            if !apply(&meta.name, tensor, bytemuck::cast_slice_mut(&mut out))? {
+                return Ok(None);
+            }
+            Tensor::from_vec(out, meta.shape.as_slice(), &Device::Cpu).map(Some)
+        }
+        let Some(apply) = patch.apply_into.as_deref() else {
+            return Ok(None);
+        };
+        if !tensor.device().is_cpu() || tensor.dtype() != meta.dtype {
+            return Ok(None);
+        }
+        match meta.dtype {
+            DType::F32 => into(apply, meta, tensor, 0f32),
+            DType::BF16 => into(apply, meta, tensor, half::bf16::ZERO),
+            DType::F16 => into(apply, meta, tensor, half::f16::ZERO),
+            _ => Ok(None),
+        }
+        .map_err(|e| self.checkpoint_error(format!("patching '{}': {e}", meta.name)))
     }
 
     /// One tensor's bytes into pinned memory, errors naming the checkpoint and the tensor.

@@ -364,6 +364,8 @@ pub(crate) fn plan_loras(
         by_key.insert(key.clone(), (original.to_owned(), scale));
     }
     let plan = std::sync::Arc::new(plan);
+    let by_key = std::sync::Arc::new(by_key);
+    let (into_plan, into_keys) = (plan.clone(), by_key.clone());
     let patch = WeightPatch {
         keys: by_key.keys().cloned().collect(),
         apply: std::sync::Arc::new(move |key: &str, weight: &Tensor| {
@@ -374,6 +376,15 @@ pub(crate) fn plan_loras(
             }
             .map_err(candle_core::Error::wrap)
         }),
+        // Rows merged straight into the weight's memory; scaled-fp8 weights take `apply`.
+        apply_into: Some(std::sync::Arc::new(
+            move |key: &str, weight: &Tensor, out: &mut [u8]| match &into_keys[key] {
+                (original, None) => into_plan
+                    .apply_into(original, weight, out)
+                    .map_err(candle_core::Error::wrap),
+                (_, Some(_)) => Ok(false),
+            },
+        )),
     };
     let kept = match fp8 {
         0 => String::new(),
