@@ -80,10 +80,8 @@ struct CudaSlot {
 }
 
 enum Source {
-    File {
-        model: Model,
-        reader: Reader,
-    },
+    /// The model's description and its open file (boxed: far larger than a pointer).
+    File(Box<(Model, Reader)>),
     #[cfg(feature = "cuda")]
     Pinned(std::sync::Arc<BTreeMap<String, crate::pinned::PinnedTensor>>),
 }
@@ -237,33 +235,25 @@ impl Streamer {
                     meta.dtype,
                 )
             }
-            Source::File { model, reader } => match reader {
-                Reader::Mapped(mapped) => {
+            Source::File(file) => {
+                let (model, reader) = (&file.0, &file.1);
+                // Straight from the map where the file holds a dtype candle reads as it is.
+                if let Reader::Mapped(mapped) = reader {
                     let view = mapped
                         .get(name)
                         .map_err(tensor_error(format!("'{name}' in the file")))?;
-                    match candle_core::DType::try_from(view.dtype()) {
-                        Ok(dtype) if view.dtype() != safetensors::Dtype::F8_E5M2 => {
-                            gather(view.data(), dtype)
+                    if let Ok(dtype) = candle_core::DType::try_from(view.dtype()) {
+                        if view.dtype() != safetensors::Dtype::F8_E5M2 {
+                            return gather(view.data(), dtype);
                         }
-                        _ => model
-                            .read_tensor(reader, meta)?
-                            .index_select(
-                                &Tensor::new(ids, &Device::Cpu)
-                                    .map_err(tensor_error(name.to_owned()))?,
-                                0,
-                            )
-                            .map_err(tensor_error(format!("rows of '{name}'"))),
                     }
                 }
-                Reader::Pth(_) => model
+                let ids = Tensor::new(ids, &Device::Cpu).map_err(tensor_error(name.to_owned()))?;
+                model
                     .read_tensor(reader, meta)?
-                    .index_select(
-                        &Tensor::new(ids, &Device::Cpu).map_err(tensor_error(name.to_owned()))?,
-                        0,
-                    )
-                    .map_err(tensor_error(format!("rows of '{name}'"))),
-            },
+                    .index_select(&ids, 0)
+                    .map_err(tensor_error(format!("rows of '{name}'")))
+            }
         }
     }
 
@@ -306,7 +296,8 @@ impl Streamer {
     fn fill(&mut self, slot: usize, group: usize) -> Result<(), MemError> {
         let moved: u64 = self.metas[group].iter().map(TensorMeta::bytes).sum();
         match &self.source {
-            Source::File { model, reader } => {
+            Source::File(file) => {
+                let (model, reader) = (&file.0, &file.1);
                 #[cfg(feature = "cuda")]
                 if self.copy_stream.is_some() {
                     return self.fill_cuda_from_file(slot, group, moved);
@@ -363,9 +354,10 @@ impl Streamer {
         group: usize,
         moved: u64,
     ) -> Result<(), MemError> {
-        let Source::File { model, reader } = &self.source else {
+        let Source::File(file) = &self.source else {
             unreachable!("called for a file source only")
         };
+        let (model, reader) = (&file.0, &file.1);
         let cuda = self.slots[slot].cuda.as_mut().expect("a CUDA slot");
         if let Some(filled) = &cuda.filled {
             filled
@@ -382,9 +374,18 @@ impl Streamer {
         let mut ranges = Vec::with_capacity(self.metas[group].len());
         let mut offset = 0;
         for meta in &self.metas[group] {
-            let tensor = model.read_tensor(reader, meta)?;
-            let data = safetensors::View::data(&tensor);
+            let converted;
+            let data = match model.stored_bytes(reader, meta) {
+                Some(data) => data,
+                None => {
+                    converted = model.read_tensor(reader, meta)?;
+                    safetensors::View::data(&converted)
+                }
+            };
             bytes[offset..offset + data.len()].copy_from_slice(&data);
+            if let Reader::Mapped(mapped) = reader {
+                crate::store::release_mapped_pages(mapped, &meta.name);
+            }
             ranges.push(offset..offset + data.len());
             offset += data.len();
         }
@@ -755,10 +756,7 @@ pub(crate) fn start(
                 spec,
                 metas,
                 slots,
-                Source::File {
-                    model: description,
-                    reader,
-                },
+                Source::File(Box::new((description, reader))),
                 copy_stream,
             ))
         }
@@ -797,7 +795,7 @@ impl Streamer {
         copy_stream: CopyStream,
     ) -> Self {
         let source_kind = match source {
-            Source::File { .. } => StreamSource::File,
+            Source::File(_) => StreamSource::File,
             #[cfg(feature = "cuda")]
             Source::Pinned(_) => StreamSource::PinnedHost,
         };
