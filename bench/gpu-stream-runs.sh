@@ -17,6 +17,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 date -u
 {
   T0=$(date +%s)
+  # When carried: vpipe-mem's stream test on the device (pinned and file sources, bf16 and
+  # float8 blocks, in and out of order; built by `cargo test --release --features cuda -p
+  # vpipe-mem --test stream_gpu --no-run`).
+  if [ -f .carry/stream_gpu.xz ]; then
+    timeout 120 "$(unpack stream_gpu)" --test-threads 1 --nocapture 2>&1 | grep -E "test result|panicked|FAILED"
+  fi
   ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
   python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
   echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
