@@ -17,7 +17,8 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, Report};
 
-use crate::pipeline::{self, Job, Mode, ModelFiles};
+use crate::models::ModelFiles;
+use crate::pipeline::{self, Job, Mode};
 
 use crate::flags::Demo;
 
@@ -365,7 +366,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     let out = &demo.out;
     let output = out.join("demo.mp4");
     session.phase("write", |p| -> anyhow::Result<()> {
-        crate::run::write_clip(&output, &video, None)?;
+        crate::files::write_clip(&output, &video, None)?;
         p.declare_output("demo.mp4", std::fs::metadata(&output)?.len());
         Ok(())
     })?;

@@ -438,7 +438,7 @@ const DEFAULT_FRAMES: usize = 81;
 /// so when it drops frames.
 fn frames_of_clip(input: &Path) -> anyhow::Result<usize> {
     let count = if crate::paths::has_extension(input, "safetensors") {
-        let [video] = crate::tensors::read_inputs(input, ["video_in"])?;
+        let [video] = crate::files::read_inputs(input, ["video_in"])?;
         video.dims().get(2).copied().unwrap_or(0)
     } else {
         vpipe_video::count_frames(input).map_err(|e| BadInput(format!("--input: {e}")))?

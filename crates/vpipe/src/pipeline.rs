@@ -18,12 +18,11 @@ use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
 
 use crate::progress::{check_interrupt, Progress};
-use crate::tensors::{run_tiled, VaeOp};
+use crate::tiled_vae::{run_tiled, VaeOp};
 
-/// Frames per second of Wan 2.1's output.
-pub(crate) const FPS: u32 = 16;
 /// Latent channels of the Wan 2.1 VAE.
 const LATENT_CHANNELS: usize = 16;
+use crate::models::ModelFiles;
 use crate::plan::{Residency, SamplePlan, TextPlan};
 
 /// What the pipeline makes.
@@ -33,18 +32,6 @@ pub(crate) enum Mode {
     /// From a clip: `video` [1, 3, T, H, W] in [-1, 1] at the output size, T = 1 + 4k;
     /// `strength` 1 repaints everything, smaller keeps more of the clip.
     VideoToVideo { video: Tensor, strength: f64 },
-}
-
-/// The model files of a run.
-pub(crate) struct ModelFiles {
-    pub(crate) dit: PathBuf,
-    pub(crate) dit_config: Option<DitConfig>,
-    pub(crate) vae: PathBuf,
-    pub(crate) text_encoder: PathBuf,
-    pub(crate) text_encoder_config: Option<Umt5Config>,
-    /// A `tokenizer.json`; without it, the `spiece_model` tensor of the text-encoder file.
-    pub(crate) tokenizer: Option<PathBuf>,
-    pub(crate) loras: Vec<(PathBuf, f64)>,
 }
 
 /// A validated run.

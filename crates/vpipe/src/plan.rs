@@ -964,7 +964,7 @@ pub(crate) fn run(mut job: RunJob, preset: Option<&str>, json: bool) -> anyhow::
             ))
         })?,
         None => {
-            let files = crate::run::resolve_models(&job)?;
+            let files = crate::models::resolve_models(&job)?;
             ModelSizes::from_files(
                 &files.dit,
                 files.dit_config.as_ref(),

@@ -1,112 +1,17 @@
 //! `vpipe run`: the pipeline on the user's model files.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use candle_core::Device;
-use vpipe_ckpt::Family;
 use vpipe_mem::fmt_bytes;
 
 use crate::exit::{BadInput, PlanDoesNotFit};
 use crate::flags::RunJob;
-use crate::pipeline::{self, Job, Mode, ModelFiles};
+use crate::models::resolve_models;
+use crate::models::ModelFiles;
+use crate::pipeline::{self, Job, Mode};
 use crate::plan::{ModelSizes, Plan};
-
-/// The checkpoint files below `dir` (and its ComfyUI subfolders) whose tensors say they are a
-/// model of `family`.
-fn find_models(dir: &Path, family: Family) -> anyhow::Result<Vec<PathBuf>> {
-    let mut found = Vec::new();
-    let mut folders = vec![dir.to_path_buf()];
-    for sub in ["diffusion_models", "unet", "vae", "text_encoders", "clip"] {
-        folders.push(dir.join(sub));
-    }
-    for folder in folders.iter().filter(|f| f.is_dir()) {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
-            .with_context(|| format!("--model-dir {}", folder.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let extension = p
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .map(str::to_lowercase);
-                matches!(
-                    extension.as_deref(),
-                    Some("safetensors" | "pth" | "pt" | "ckpt" | "bin")
-                ) && crate::paths::input_file_problem(p).is_none()
-            })
-            .collect();
-        entries.sort();
-        for path in entries {
-            // Files that are not checkpoints at all are skipped, not fatal.
-            if let Ok(inspection) = vpipe_ckpt::inspect(&path) {
-                if inspection.detection.family == family {
-                    found.push(path);
-                }
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// Checks that the checkpoint given with `flag` holds a model of `family`, before anything is
-/// loaded: a VAE given as `--dit` is bad input (exit 2), not a failure deep in the run.
-fn check_family(flag: &str, path: &Path, family: Family) -> anyhow::Result<()> {
-    let inspection =
-        vpipe_ckpt::inspect(path).with_context(|| format!("{flag} {}", path.display()))?;
-    let found = inspection.detection.family;
-    if found == family {
-        return Ok(());
-    }
-    Err(BadInput(format!(
-        "{flag} {}: holds a {}, expected a {}",
-        path.display(),
-        found.describe(),
-        family.describe()
-    ))
-    .into())
-}
-
-/// The file for `flag`: given explicitly, or the one model of `family` in the model folder.
-fn resolve(
-    flag: &str,
-    given: &Option<PathBuf>,
-    dir: &Option<PathBuf>,
-    family: Family,
-) -> anyhow::Result<PathBuf> {
-    if let Some(path) = given {
-        check_family(flag, path, family)?;
-        return Ok(path.clone());
-    }
-    let Some(dir) = dir else {
-        return Err(BadInput(format!(
-            "{flag}: required (or --model-dir with the file in it)"
-        ))
-        .into());
-    };
-    let found = find_models(dir, family)?;
-    match found.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(BadInput(format!(
-            "--model-dir {}: no {} found; give {flag}",
-            dir.display(),
-            family.describe()
-        ))
-        .into()),
-        several => Err(BadInput(format!(
-            "--model-dir {}: several {} files ({}); choose one with {flag}",
-            dir.display(),
-            family.describe(),
-            several
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-        .into()),
-    }
-}
 
 /// The input clip as `[1, 3, T, H, W]` in [-1, 1] at the run's size: a video file (H.264 MP4,
 /// GIF, a folder of PNG frames) resized to cover the frame, centre-cropped, and cut to the
@@ -115,7 +20,7 @@ fn resolve(
 fn read_clip(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::Tensor> {
     let expected = [1, 3, job.frames, job.height, job.width];
     if crate::paths::has_extension(path, "safetensors") {
-        let [video] = crate::tensors::read_inputs(path, ["video_in"])?;
+        let [video] = crate::files::read_inputs(path, ["video_in"])?;
         if video.dims() != expected {
             return Err(BadInput(format!(
                 "--input {}: video_in has shape {:?}, expected {expected:?} (--frames, --size)",
@@ -240,57 +145,6 @@ fn read_initial_noise(path: &Path, job: &RunJob) -> anyhow::Result<candle_core::
     Ok(noise)
 }
 
-/// Writes the decoded video by the output's extension: `.mp4` (H.264), `.gif`, `.safetensors`
-/// (key `video`, and `latents` when given: the final latents, for comparisons with a reference
-/// pipeline's), or no extension for a folder of PNG frames; always through a temporary name,
-/// renamed into place.
-pub(crate) fn write_clip(
-    path: &Path,
-    video: &candle_core::Tensor,
-    latents: Option<&candle_core::Tensor>,
-) -> anyhow::Result<()> {
-    if crate::paths::has_extension(path, "safetensors") {
-        let mut tensors = HashMap::from([("video".to_owned(), video.clone())]);
-        tensors.extend(latents.map(|l| ("latents".to_owned(), l.clone())));
-        return crate::tensors::write_outputs(path, &tensors);
-    }
-    let clip = vpipe_video::from_tensor(video, pipeline::FPS as f64)?;
-    let mut progress = crate::progress::Progress::new("write", 1);
-    let options = vpipe_video::WriteOptions {
-        stop: Some(crate::progress::stop_flag()),
-        ..vpipe_video::WriteOptions::default()
-    };
-    vpipe_video::write_video(path, &clip, &options).map_err(|e| match e {
-        vpipe_video::VideoError::Stopped { .. } => anyhow::Error::new(crate::progress::Interrupted),
-        other => anyhow::Error::new(other).context(format!("--out {}", path.display())),
-    })?;
-    progress.inc(&path.display().to_string());
-    Ok(())
-}
-
-/// The model files of a run: given per file, or found in the model folder.
-pub(crate) fn resolve_models(job: &RunJob) -> anyhow::Result<ModelFiles> {
-    Ok(ModelFiles {
-        dit: resolve("--dit", &job.dit, &job.model_dir, Family::WanDitT2v)?,
-        dit_config: job.dit_config.clone(),
-        vae: resolve("--vae", &job.vae, &job.model_dir, Family::WanVae)?,
-        text_encoder: resolve(
-            "--text-encoder",
-            &job.text_encoder,
-            &job.model_dir,
-            Family::Umt5Encoder,
-        )?,
-        text_encoder_config: None,
-        tokenizer: job.tokenizer.clone().or_else(|| {
-            job.model_dir
-                .as_ref()
-                .map(|d| d.join("tokenizer.json"))
-                .filter(|p| p.is_file())
-        }),
-        loras: job.loras.clone(),
-    })
-}
-
 /// The kind of file `--out` asks for, checked before any work.
 fn out_kind(out: &Path) -> Result<crate::paths::OutputKind, BadInput> {
     use crate::paths::OutputKind;
@@ -411,21 +265,21 @@ pub(crate) fn run(mut job: RunJob) -> anyhow::Result<ExitCode> {
             crate::progress::check_interrupt()?;
             p.note(
                 "video",
-                &format!("{:?} at {} fps", made.video.dims(), pipeline::FPS),
+                &format!("{:?} at {} fps", made.video.dims(), crate::files::FPS),
             );
-            write_clip(&job.out, &made.video, Some(&made.latents))
+            crate::files::write_clip(&job.out, &made.video, Some(&made.latents))
         })
     });
     if let Err(err) = written {
         // The report so far: what ran, what it measured, where it stopped.
         if let Some(path) = job.compute.report.as_deref() {
-            if let Err(report_err) = crate::tensors::finish_report(&session, Some(path)) {
+            if let Err(report_err) = crate::files::finish_report(&session, Some(path)) {
                 eprintln!("vpipe: could not write the report so far: {report_err:#}");
             }
         }
         return Err(err);
     }
-    let report = crate::tensors::finish_report(&session, job.compute.report.as_deref())?;
+    let report = crate::files::finish_report(&session, job.compute.report.as_deref())?;
     let peak =
         |f: fn(&vpipe_mem::PhaseReport) -> Option<u64>| report.phases.iter().filter_map(f).max();
     let headline = match peak(|p| p.device_footprint_peak) {
