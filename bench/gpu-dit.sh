@@ -2,7 +2,8 @@
 # Device-machine run for issue 4: the 14B DiT step with CFG (vpipe vs diffusers SDPA) and the
 # umT5-xxl encoder (vpipe vs transformers), full size, random bf16 weights, same card, same call;
 # first the fused attention kernel's GPU test and the DiT parity test when their binaries are there.
-# Needs .carry/dit_bench.xz (and .carry/umt5_bench.xz when present) from a CUDA build, .whl/ with
+# Needs .carry/dit_bench.xz (built with `--features cuda,bench-hooks`; and .carry/umt5_bench.xz
+# when present) from a CUDA build, .whl/ with
 # diffusers 0.42.1. Run with carry [".carry", ".whl"]; results in $OUT/dit.jsonl and log.
 set -u
 . bench/device-env.sh

@@ -5,32 +5,58 @@
 //! head dim 128 (every Wan DiT), it runs vpipe's fused kernel instead, which keeps no scores at
 //! all (`ops::fused::flash_attention`); everything else goes through the chunked path.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
 use candle_core::{DType, Result, Tensor};
 
-static TIMING: AtomicBool = AtomicBool::new(false);
-static SKIPPED: AtomicBool = AtomicBool::new(false);
-static TIMED_NANOS: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "bench-hooks")]
+pub use hooks::{skip_for_benchmark, time_calls, timed_seconds};
 
-/// Starts (or stops) timing every [`attention`] call with a device synchronisation before and
-/// after it, and resets the total; for benchmarks that split a model's time into attention
-/// and the rest. The synchronisations cost a little time themselves.
-pub fn time_calls(on: bool) {
-    TIMED_NANOS.store(0, Ordering::Relaxed);
-    TIMING.store(on, Ordering::Relaxed);
-}
+/// Switches for benchmarks that split a model's time into attention and the rest; built only
+/// with the `bench-hooks` feature, so that no other build has process-wide switches.
+#[cfg(feature = "bench-hooks")]
+mod hooks {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Benchmarks only: makes [`attention`] return its query unchanged, so that a model's forward
-/// times everything except attention (the same switch exists in the diffusers benchmark).
-/// The model's output is meaningless while this is on.
-pub fn skip_for_benchmark(on: bool) {
-    SKIPPED.store(on, Ordering::Relaxed);
-}
+    use candle_core::{Result, Tensor};
 
-/// Seconds spent in [`attention`] since [`time_calls`]`(true)`.
-pub fn timed_seconds() -> f64 {
-    TIMED_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
+    static TIMING: AtomicBool = AtomicBool::new(false);
+    static SKIPPED: AtomicBool = AtomicBool::new(false);
+    static TIMED_NANOS: AtomicU64 = AtomicU64::new(0);
+
+    /// Starts (or stops) timing every [`super::attention`] call with a device
+    /// synchronisation before and after it, and resets the total. The synchronisations cost a
+    /// little time themselves.
+    pub fn time_calls(on: bool) {
+        TIMED_NANOS.store(0, Ordering::Relaxed);
+        TIMING.store(on, Ordering::Relaxed);
+    }
+
+    /// Makes [`super::attention`] return its query unchanged, so that a model's forward times
+    /// everything except attention (the same switch exists in the diffusers benchmark). The
+    /// model's output is meaningless while this is on.
+    pub fn skip_for_benchmark(on: bool) {
+        SKIPPED.store(on, Ordering::Relaxed);
+    }
+
+    /// Seconds spent in [`super::attention`] since [`time_calls`]`(true)`.
+    pub fn timed_seconds() -> f64 {
+        TIMED_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// `run` (the attention) as the switches say.
+    pub(super) fn around(q: &Tensor, run: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        if SKIPPED.load(Ordering::Relaxed) {
+            return Ok(q.clone());
+        }
+        if !TIMING.load(Ordering::Relaxed) {
+            return run();
+        }
+        q.device().synchronize()?;
+        let start = std::time::Instant::now();
+        let out = run()?;
+        q.device().synchronize()?;
+        TIMED_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
 }
 
 /// How many query rows one attention pass handles at a time.
@@ -111,18 +137,10 @@ pub fn is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// Operands of another rank, with different B, H or D, keys and values of different lengths,
 /// or an empty dimension (a softmax over no keys has no value).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
-    if SKIPPED.load(Ordering::Relaxed) {
-        return Ok(q.clone());
-    }
-    if !TIMING.load(Ordering::Relaxed) {
-        return dispatch(q, k, v, chunk);
-    }
-    q.device().synchronize()?;
-    let start = std::time::Instant::now();
-    let out = dispatch(q, k, v, chunk)?;
-    q.device().synchronize()?;
-    TIMED_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    Ok(out)
+    #[cfg(feature = "bench-hooks")]
+    return hooks::around(q, || dispatch(q, k, v, chunk));
+    #[cfg(not(feature = "bench-hooks"))]
+    dispatch(q, k, v, chunk)
 }
 
 fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
