@@ -578,8 +578,8 @@ impl Phase<'_> {
         Vec::new()
     }
 
-    /// Runs `work` (one move of weights), then synchronizes the device, and returns how long
-    /// that took in milliseconds.
+    /// Runs `work` (one move of weights, or a stream's start or end), then synchronizes the
+    /// device, and returns how long that took in milliseconds.
     fn timed(
         &mut self,
         work: impl FnOnce(&mut MemorySession) -> Result<(), MemError>,
@@ -720,17 +720,12 @@ impl Phase<'_> {
         let needed = crate::stream::stream_bytes(model, spec);
         let allowed = self.session.compute_allowance();
         self.refuse_over_budget(id, compute_tier, needed, in_use, allowed)?;
-        let model = &self.session.models[id.0];
-        let start = std::time::Instant::now();
-        let streamer = crate::stream::start(model, &self.session.device, spec)?;
-        self.session
-            .device
-            .synchronize()
-            .map_err(|source| MemError::Tensor {
-                context: "synchronizing after starting a stream".into(),
-                source: Box::new(source),
-            })?;
-        let work_ms = start.elapsed().as_secs_f64() * 1e3;
+        let mut started = None;
+        let work_ms = self.timed(|s| {
+            started = Some(crate::stream::start(&s.models[id.0], &s.device, spec)?);
+            Ok(())
+        })?;
+        let streamer = started.expect("set by the work above");
         let after = self.session.meters.read()?;
         let expected = streamer.bytes() as i64;
         self.record_stream_move(id, (from, compute_tier), expected, work_ms, before, after)?;
@@ -770,16 +765,10 @@ impl Phase<'_> {
         );
         let before = self.session.meters.read()?;
         let expected = -(streamer.bytes() as i64);
-        let start = std::time::Instant::now();
-        drop(streamer);
-        self.session
-            .device
-            .synchronize()
-            .map_err(|source| MemError::Tensor {
-                context: "synchronizing after ending a stream".into(),
-                source: Box::new(source),
-            })?;
-        let work_ms = start.elapsed().as_secs_f64() * 1e3;
+        let work_ms = self.timed(|_| {
+            drop(streamer);
+            Ok(())
+        })?;
         let after = self.session.meters.read()?;
         let tiers = (
             self.session.compute_tier(),

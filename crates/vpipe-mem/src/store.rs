@@ -257,9 +257,9 @@ impl Model {
         })
     }
 
-    /// One tensor from the checkpoint, on the host, in the dtype the store holds it in and
-    /// with the model's patch applied; the file's pages it touched leave this process's
-    /// resident set (they stay in the page cache).
+    /// One tensor from the checkpoint, on the host, in the dtype the store holds it in (the
+    /// model's patch not applied); the file's pages it touched leave this process's resident
+    /// set (they stay in the page cache).
     pub(crate) fn read_stored(
         &self,
         reader: &Reader,
@@ -307,6 +307,25 @@ impl Model {
             .is_some_and(|p| p.keys.contains(&meta.name));
         (!patched && DType::try_from(view.dtype()).ok() == Some(meta.dtype))
             .then(|| std::borrow::Cow::Borrowed(view.data()))
+    }
+
+    /// Calls `with` on a tensor's bytes as the store holds them (converted, patched): straight
+    /// from the map where they are stored so ([`Model::stored_bytes`]), else from the tensor
+    /// [`Model::read_tensor`] makes; then drops the file's pages from the resident set.
+    pub(crate) fn with_held_bytes<R>(
+        &self,
+        reader: &Reader,
+        meta: &TensorMeta,
+        with: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, MemError> {
+        let result = match self.stored_bytes(reader, meta) {
+            Some(bytes) => with(&bytes),
+            None => with(&safetensors::View::data(&self.read_tensor(reader, meta)?)),
+        };
+        if let Reader::Mapped(mapped) = reader {
+            release_mapped_pages(mapped, &meta.name);
+        }
+        Ok(result)
     }
 
     /// The model's description without any of its copies: what a reader of its file needs.
@@ -626,7 +645,7 @@ impl<'p> Lease<'p> {
 /// in RSS (the copy plus every file page touched through the map, measured on the H100 host).
 /// The pages stay in the kernel's page cache, and a later read through the map faults them
 /// back in, so this only changes what the process holds.
-pub(crate) fn release_mapped_pages(mapped: &MmapedSafetensors, name: &str) {
+fn release_mapped_pages(mapped: &MmapedSafetensors, name: &str) {
     let Ok(view) = mapped.get(name) else { return };
     let data = view.data();
     if data.is_empty() {

@@ -279,6 +279,8 @@ impl Streamer {
         while let Some(slot) = self.free.pop() {
             let next = self.next_group;
             self.fill(slot, next)?;
+            self.stats.copies += 1;
+            self.stats.bytes_moved += self.metas[next].iter().map(TensorMeta::bytes).sum::<u64>();
             self.issued.push_back(Issued { group: next, slot });
             self.next_group = (next + 1) % self.groups.len();
         }
@@ -292,34 +294,24 @@ impl Streamer {
     }
 
     /// Copies `group` into `slot` (on the copy stream on CUDA, after the compute that last
-    /// read the slot; right away on the CPU).
+    /// read the slot; right away on the CPU). The caller counts the copy.
     fn fill(&mut self, slot: usize, group: usize) -> Result<(), MemError> {
-        let moved: u64 = self.metas[group].iter().map(TensorMeta::bytes).sum();
         match &self.source {
             Source::File(file) => {
                 let (model, reader) = (&file.0, &file.1);
                 #[cfg(feature = "cuda")]
                 if self.copy_stream.is_some() {
-                    return self.fill_cuda_from_file(slot, group, moved);
+                    return self.fill_cuda_from_file(slot, group);
                 }
                 for (meta, target) in self.metas[group].iter().zip(&self.slots[slot].tensors) {
-                    let converted;
-                    let bytes = match model.stored_bytes(reader, meta) {
-                        Some(bytes) => bytes,
-                        None => {
-                            converted = model.read_tensor(reader, meta)?;
-                            safetensors::View::data(&converted)
-                        }
-                    };
-                    target
-                        .inplace_op1(&FillFromHost { bytes: &bytes })
+                    model
+                        .with_held_bytes(reader, meta, |bytes| {
+                            target.inplace_op1(&FillFromHost { bytes })
+                        })?
                         .map_err(tensor_error(format!(
                             "streaming '{}' tensor '{}'",
                             self.model, meta.name
                         )))?;
-                    if let Reader::Mapped(mapped) = reader {
-                        crate::store::release_mapped_pages(mapped, &meta.name);
-                    }
                 }
             }
             #[cfg(feature = "cuda")]
@@ -340,20 +332,13 @@ impl Streamer {
                 self.copy_to_slot(slot, group, &sources)?;
             }
         }
-        self.stats.copies += 1;
-        self.stats.bytes_moved += moved;
         Ok(())
     }
 
     /// Reads `group` from the file into `slot`'s staging buffer (after the slot's previous
     /// copy out of it finished), then copies it to the device.
     #[cfg(feature = "cuda")]
-    fn fill_cuda_from_file(
-        &mut self,
-        slot: usize,
-        group: usize,
-        moved: u64,
-    ) -> Result<(), MemError> {
+    fn fill_cuda_from_file(&mut self, slot: usize, group: usize) -> Result<(), MemError> {
         let Source::File(file) = &self.source else {
             unreachable!("called for a file source only")
         };
@@ -374,20 +359,12 @@ impl Streamer {
         let mut ranges = Vec::with_capacity(self.metas[group].len());
         let mut offset = 0;
         for meta in &self.metas[group] {
-            let converted;
-            let data = match model.stored_bytes(reader, meta) {
-                Some(data) => data,
-                None => {
-                    converted = model.read_tensor(reader, meta)?;
-                    safetensors::View::data(&converted)
-                }
-            };
-            bytes[offset..offset + data.len()].copy_from_slice(&data);
-            if let Reader::Mapped(mapped) = reader {
-                crate::store::release_mapped_pages(mapped, &meta.name);
-            }
-            ranges.push(offset..offset + data.len());
-            offset += data.len();
+            let len = model.with_held_bytes(reader, meta, |data| {
+                bytes[offset..offset + data.len()].copy_from_slice(data);
+                data.len()
+            })?;
+            ranges.push(offset..offset + len);
+            offset += len;
         }
         let staging = cuda
             .staging
@@ -400,10 +377,7 @@ impl Streamer {
         // dropped, which synchronizes the copy stream first.
         let all: &'static [u8] = unsafe { std::slice::from_raw_parts(all.as_ptr(), all.len()) };
         let sources: Vec<&[u8]> = ranges.into_iter().map(|r| &all[r]).collect();
-        self.copy_to_slot(slot, group, &sources)?;
-        self.stats.copies += 1;
-        self.stats.bytes_moved += moved;
-        Ok(())
+        self.copy_to_slot(slot, group, &sources)
     }
 
     /// Enqueues the copies of `sources` (page-locked) into `slot` on the copy stream, after

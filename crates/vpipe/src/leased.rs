@@ -80,6 +80,20 @@ pub(crate) fn wan_dit(
     )?)
 }
 
+/// [`var_builder`] over a stream's fixed tensors.
+fn fixed_var_builder(
+    streamer: &Streamer,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<VarBuilder<'static>> {
+    let fixed = streamer
+        .fixed()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    var_builder_of(fixed, dtype, device)
+}
+
 /// The stream of a model's blocks from `held` on (blocks before it are held for the whole
 /// phase with the tensors outside the blocks, but those `host_rows` says are read by rows):
 /// one group per block, each group's keys sorted, so that every group lines up with the first
@@ -169,14 +183,9 @@ pub(crate) fn umt5_streamed(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<Umt5Encoder> {
-    let fixed = streamer
-        .fixed()
-        .iter()
-        .map(|(k, t)| (k.clone(), t.clone()))
-        .collect();
     Ok(Umt5Encoder::from_checkpoint_partial(
         config,
-        var_builder_of(fixed, dtype, device)?,
+        fixed_var_builder(streamer, dtype, device)?,
         &|i| i < held,
     )?)
 }
@@ -242,13 +251,8 @@ pub(crate) fn wan_dit_streamed(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<WanModel> {
-    let fixed = streamer
-        .fixed()
-        .iter()
-        .map(|(k, t)| (k.clone(), t.clone()))
-        .collect();
     Ok(WanModel::from_checkpoint_partial(
-        var_builder_of(fixed, dtype, device)?,
+        fixed_var_builder(streamer, dtype, device)?,
         config,
         &|i| i < held,
     )?)
