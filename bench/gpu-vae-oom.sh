@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device-machine check of the VAE's out-of-memory fallback (issue 3, DESIGN §3.5) on a real
+# Device-machine check of the VAE's out-of-memory fallback (issue 3) on a real
 # device OOM: another process holds all but HEADROOM_GIB of the card, then `vpipe tensors
 # vae-encode --tile 512` on the real clip must hit the OOM, halve the tile, finish, and record
 # the fallback in its report. Needs .carry/vpipe.xz, .carry/clip.mp4, .whl/ (diffusers, for the

@@ -50,7 +50,7 @@ def rand(shape, kind):
 
 
 def dit():
-    # Wan2.1-T2V-14B (wan21-architecture.md §2, §6.3).
+    # Wan2.1-T2V-14B, original names.
     dim, ffn, layers, text_dim, freq = (256, 512, 2, 64, 256) if TINY else (5120, 13824, 40, 4096, 256)
     w = {}
 
@@ -83,7 +83,7 @@ def dit():
 
 
 def umt5():
-    # umT5-XXL encoder (wan21-architecture.md §3, §6.5), transformers names.
+    # umT5-XXL encoder, transformers names.
     d, ff, layers, heads, vocab = (64, 128, 2, 4, 1024) if TINY else (4096, 10240, 24, 64, 256384)
     w = {"shared.weight": rand((vocab, d), "matrix"), "encoder.final_layer_norm.weight": rand((d,), "gain")}
     for i in range(layers):

@@ -4,7 +4,7 @@
 //! key naming, a key prefix in front of all names, and the configuration the shapes imply, the way
 //! ComfyUI recognises checkpoints (`comfy/model_detection.py`: the DiT by `head.modulation`, heads =
 //! dim / 128, layers counted from `blocks.N.`). Key names and shapes are those of
-//! `shared/reference/wan21-architecture.md` §2, §3, §6 and §7.
+//! the published Wan 2.1 checkpoints (DiT, umT5, VAE) and LoRA files.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;

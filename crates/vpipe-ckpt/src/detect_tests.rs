@@ -1,12 +1,12 @@
 //! Detection on synthetic tensor lists.
 //!
-//! Every list is built from the key tables and shapes of `shared/reference/wan21-architecture.md`:
-//! §6.3 for the DiT (825 keys for T2V-1.3B), §6.4 for the VAE (all 194 keys), §6.5 for umT5, §7 for
-//! LoRA formats; diffusers names are produced with the §6.2 rename rule. Parameter totals are
-//! checked against the derived sizes in §2, §1 and §3 (1.419 B, 14.289 B, 16.395 B, 126.9 M,
+//! Every list is built from the key tables and shapes of the published Wan 2.1 checkpoints: the
+//! DiT (825 keys for T2V-1.3B), the VAE (all 194 keys), umT5, and for
+//! LoRA formats; diffusers names are produced with the diffusers ↔ Wan rename rule. Parameter totals are
+//! checked against the published sizes (1.419 B, 14.289 B, 16.395 B, 126.9 M,
 //! 5.681 B, to within the last printed digit), which shows the synthetic lists really are the
 //! released models' key sets. The exact DiT totals (1,418,996,800 / 14,288,491,584 /
-//! 16,394,878,784) were computed separately by summing the §2 layer shapes in Python:
+//! 16,394,878,784) were computed separately by summing the DiT's layer shapes in Python:
 //! globals `16·4·d + d + (4096·d + d) + 2(d² + d) + (256·d + d) + (6d² + 6d) + 64d + 64 + 2d`,
 //! per block `6d + 2(4(d² + d) + 2d) + 2d + 2·f·d + f + d` (+ `2(d² + d) + d` for I2V), and for
 //! I2V `2·1280 + 1280² + 1280 + 1280·d + d + 2d + 20·4·d` more.
@@ -33,7 +33,7 @@ fn push(list: &mut List, name: impl Into<String>, shape: &[usize]) {
     list.push((name.into(), shape.to_vec(), DType::BF16));
 }
 
-/// Original Wan DiT keys (§6.3), `blocks.0..layers`, plus the I2V extras when `in_dim == 36`.
+/// Original Wan DiT keys, `blocks.0..layers`, plus the I2V extras when `in_dim == 36`.
 fn wan_dit(dim: usize, ffn: usize, layers: usize, in_dim: usize) -> List {
     let mut l = List::new();
     push(&mut l, "patch_embedding.weight", &[dim, in_dim, 1, 2, 2]);
@@ -92,7 +92,7 @@ fn wan_dit(dim: usize, ffn: usize, layers: usize, in_dim: usize) -> List {
     l
 }
 
-/// The §6.2 rename rule, original Wan → diffusers, from vpipe-models' key map (the one the
+/// The rename rule, original Wan → diffusers, from vpipe-models' key map (the one the
 /// model loader uses).
 fn to_diffusers_dit(name: &str) -> String {
     vpipe_models::wan::dit_keys::wan_to_diffusers(name)
@@ -113,8 +113,8 @@ fn dit(d: &Detection) -> &DitConfig {
 #[test]
 fn wan_t2v_1_3b_original_names() {
     let l = wan_dit(1536, 8960, 30, 16);
-    assert_eq!(l.len(), 825, "§6.1: 825 original keys for T2V-1.3B");
-    assert_eq!(params(&l), 1_418_996_800, "§2: 1.419 B");
+    assert_eq!(l.len(), 825, "825 original keys for T2V-1.3B");
+    assert_eq!(params(&l), 1_418_996_800, "1.419 B");
     let d = detect(metas(&l));
     assert_eq!(d.family, Family::WanDitT2v);
     assert_eq!(d.layout, KeyLayout::Wan);
@@ -150,7 +150,7 @@ fn wan_t2v_14b_with_comfyui_prefix() {
     assert_eq!(
         params(&l),
         14_288_491_584,
-        "§2: 14.289 B (the reference rounds 14.2885 up)"
+        "14.289 B (the reference rounds 14.2885 up)"
     );
     let d = detect(metas(&l));
     assert_eq!(d.family, Family::WanDitT2v);
@@ -167,7 +167,7 @@ fn wan_t2v_14b_with_comfyui_prefix() {
 #[test]
 fn wan_i2v_14b_original_and_diffusers() {
     let l = wan_dit(5120, 13824, 40, 36);
-    assert_eq!(params(&l), 16_394_878_784, "§2: 16.395 B");
+    assert_eq!(params(&l), 16_394_878_784, "16.395 B");
     for (list, layout) in [
         (l.clone(), KeyLayout::Wan),
         (renamed(&l, to_diffusers_dit), KeyLayout::Diffusers),
@@ -249,7 +249,7 @@ fn fp8_scaled_files_are_noted() {
     );
 }
 
-/// All 194 original VAE keys (§6.4).
+/// All 194 original VAE keys.
 fn wan_vae() -> List {
     let mut l = List::new();
     let conv = |l: &mut List, p: &str, o: usize, i: usize, k: &[usize]| {
@@ -358,11 +358,11 @@ fn wan_vae() -> List {
 #[test]
 fn wan_vae_original_and_diffusers() {
     let l = wan_vae();
-    assert_eq!(l.len(), 194, "§6.4: 194 tensors");
+    assert_eq!(l.len(), 194, "194 tensors");
     assert_eq!(
         (params(&l) as f64 / 1e5).round(),
         1269.0,
-        "§1: 126.9 M parameters"
+        "126.9 M parameters"
     );
     let expected = VaeConfig {
         base_dim: 96,
@@ -391,7 +391,7 @@ fn wan_vae_original_and_diffusers() {
     assert_eq!(d.config, Some(ModelConfig::Vae(expected)));
 }
 
-/// umT5-XXL encoder keys (§6.5), original Wan `t5.py` names.
+/// umT5-XXL encoder keys, original Wan `t5.py` names.
 fn umt5_original(layers: usize) -> List {
     let mut l = List::new();
     push(&mut l, "token_embedding.weight", &[256384, 4096]);
@@ -415,7 +415,7 @@ fn umt5_original(layers: usize) -> List {
     l
 }
 
-/// The same model with transformers / ComfyUI names (§6.5), with the tied embedding copy.
+/// The same model with transformers / ComfyUI names, with the tied embedding copy.
 fn umt5_hf(layers: usize, per_layer_bias: bool) -> List {
     let mut l = List::new();
     push(&mut l, "shared.weight", &[256384, 4096]);
@@ -471,7 +471,7 @@ fn umt5_xxl_both_layouts() {
         has_tokenizer: false,
     };
     let orig = umt5_original(24);
-    assert_eq!((params(&orig) as f64 / 1e6).round(), 5681.0, "§3: 5.681 B");
+    assert_eq!((params(&orig) as f64 / 1e6).round(), 5681.0, "5.681 B");
     let d = detect(metas(&orig));
     assert_eq!((d.family, d.layout), (Family::Umt5Encoder, KeyLayout::Wan));
     assert_eq!(d.config, Some(ModelConfig::Umt5(expected.clone())));

@@ -26,8 +26,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Key names and shapes follow `shared/reference/wan21-architecture.md` (§2 DiT, §1/§6.4 VAE,
-//! §3/§6.5 umT5, §7 LoRA formats).
+//! Key names and shapes follow the published Wan 2.1 checkpoints (the DiT, the VAE, umT5) and
+//! the LoRA formats in use.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub)]

@@ -7,8 +7,7 @@
 //! `[1, 16, 2, 4, 4]` (seed 31001) with seeded model outputs `[30, 1, 16, 2, 4, 4]` (seed 31003);
 //! the strength cases follow `WanVideoToVideoPipeline.get_timesteps` and its noising of `x0` with
 //! seeded noise (seed 31002). `tests/fixtures/sampling_fixtures.json` lists the cases and
-//! versions. Tolerance: 1e-5 max abs on samples, sigmas and timesteps
-//! (reference/parity-testing.md §3).
+//! versions. Tolerance: 1e-5 max abs on samples, sigmas and timesteps.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

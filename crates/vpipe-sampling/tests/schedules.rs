@@ -7,7 +7,7 @@
 //! {0.5, 1, 2.5, 3, 3.3, 5, 8, 12} and steps {1, 2, 3, 4, 7, 10, 20, 30, 50}, stored in
 //! `tests/fixtures/sampling_fixtures.json` (`schedule_grid`), and
 //! `WanVideoToVideoPipeline.get_timesteps` over (steps, strength) pairs (`strength_grid`).
-//! The 4-step tables are those of reference/wan21-architecture.md §4.
+//! The 4-step tables are diffusers 0.42.1's schedules.
 
 use std::path::PathBuf;
 
@@ -92,7 +92,7 @@ fn assert_table(what: &str, got: &[f64], table: &[f64]) {
     }
 }
 
-/// reference/wan21-architecture.md §4, "Reference schedules, 4 steps" (diffusers 0.42.1).
+/// Reference schedules, 4 steps (diffusers 0.42.1).
 #[test]
 fn four_step_tables_of_the_reference() {
     let euler3 = Schedule::new(SamplerKind::Euler, 4, 3.0).unwrap();
@@ -130,7 +130,7 @@ fn four_step_tables_of_the_reference() {
     );
 }
 
-/// diffusers' UniPC at 50 steps, shift 3 starts 999, 993, 986 (reference §4), where the
+/// diffusers' UniPC at 50 steps, shift 3 starts 999, 993, 986, where the
 /// original Wan scheduler gives 999, 992, 985.
 #[test]
 fn unipc_50_steps_starts_like_diffusers_not_the_original() {

@@ -21,7 +21,7 @@ use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::{relative_position_bucket, Config, Umt5Encoder};
 use vpipe_text::Error;
 
-/// f32 tolerance against transformers (reference/parity-testing.md §3).
+/// f32 tolerance against transformers.
 const TOL: f32 = 1e-4;
 
 /// bf16 bound (max abs vs the f32 reference). torch itself, running the same model in bf16,

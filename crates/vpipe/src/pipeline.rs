@@ -1,4 +1,4 @@
-//! The Wan 2.1 pipeline as phases of one memory session (DESIGN §1–3): load, lora, text,
+//! The Wan 2.1 pipeline as phases of one memory session: load, lora, text,
 //! shift, vae encode, sample, vae decode, write.
 //!
 //! Every model lives in the residency store; a phase makes resident what it needs, leases it,

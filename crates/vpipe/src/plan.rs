@@ -590,7 +590,7 @@ impl ModelSizes {
             },
             dit,
             vae_base_dim: 96,
-            // wan21-architecture.md §1: 126.9 M parameters.
+            // The Wan 2.1 VAE: 126.9 M parameters.
             vae_bytes: 126_900_000 * elem,
             text_weights: BlockWeights {
                 total: (text_embedding + text.num_layers as u64 * text_block + d) * elem,

@@ -1,4 +1,4 @@
-//! The seed analysis's tests (shared/seed, TEST 1–4) on the CPU tiers, through `vpipe run` on
+//! The tests of the user report vpipe started from (TEST 1–4: offloads that free memory, bounded VAE encodes, phases that start clean) on the CPU tiers, through `vpipe run` on
 //! the demo's built-in Wan model (written first by `vpipe demo`). On the CPU the compute tier
 //! is the host heap, measured by vpipe's counting allocator.
 

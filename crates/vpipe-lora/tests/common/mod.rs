@@ -81,7 +81,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// diffusers → original Wan name of a Wan 2.1 T2V DiT weight: the rename table of
-/// reference/wan21-architecture.md §6.2 read backwards (written here so that this crate does
+/// the diffusers ↔ Wan key rename rule read backwards (written here so that this crate does
 /// not depend on the DiT's key map).
 pub fn diffusers_to_original(name: &str) -> Option<String> {
     const GLOBAL: [(&str, &str); 8] = [

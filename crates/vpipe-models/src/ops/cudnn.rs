@@ -1,7 +1,7 @@
 //! 3D convolution on CUDA through cuDNN (the cudarc that candle re-exports).
 //!
 //! candle has no conv3d, and its conv2d is about 20× slower than cuDNN on the VAE's shapes
-//! (`shared/reference/rust-stack.md` §4.4). Each distinct shape gets its descriptors and
+//! (measured when vpipe chose its crates). Each distinct shape gets its descriptors and
 //! algorithm once (building them per call costs 2–3× the convolution itself); tensor-op math is
 //! enabled for bf16/f16, and f32 uses FMA math (no TF32, which cuDNN's default math allows on
 //! Ampere and later) so that f32 results stay comparable with the CPU path.

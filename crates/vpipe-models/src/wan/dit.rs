@@ -1370,7 +1370,7 @@ mod tests {
 
     #[test]
     fn presets_match_published_sizes() {
-        // wan21-architecture.md §2: 1.419 B and 14.289 B parameters.
+        // The published Wan 2.1 T2V sizes: 1.419 B and 14.289 B parameters.
         let small = Config::wan21_t2v_1_3b().parameter_count() as f64 / 1e9;
         let large = Config::wan21_t2v_14b().parameter_count() as f64 / 1e9;
         assert!((small - 1.419).abs() < 0.001, "{small}");

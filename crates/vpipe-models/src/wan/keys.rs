@@ -209,7 +209,7 @@ pub fn diffusers_to_wan(name: &str, num_res_blocks: usize) -> String {
 mod tests {
     use super::*;
 
-    /// Rows of the table in `reference/wan21-architecture.md` §6.4 (Wan 2.1, num_res_blocks 2).
+    /// Rows of the Wan 2.1 VAE key table (num_res_blocks 2), from the Wan team's checkpoint.
     const PAIRS: [(&str, &str); 22] = [
         ("encoder.conv1.weight", "encoder.conv_in.weight"),
         (

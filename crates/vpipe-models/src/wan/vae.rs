@@ -1371,7 +1371,7 @@ mod tests {
     }
 
     /// The Wan 2.1 preset asks for exactly the real checkpoint's tensors: 194 of them, with the
-    /// shapes of `reference/wan21-architecture.md` §6.4, and 126.9 M parameters (53.6 M
+    /// shapes of the Wan 2.1 VAE checkpoint, and 126.9 M parameters (53.6 M
     /// encoder, 73.3 M decoder).
     #[test]
     fn wan21_requests_the_real_key_set() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
-/// f32 tolerance against diffusers (reference/parity-testing.md §3).
+/// f32 tolerance against diffusers.
 pub const TOL: f64 = 1e-4;
 
 /// Where the models under test run: the first CUDA device when the tests are built with the

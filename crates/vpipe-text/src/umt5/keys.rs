@@ -176,7 +176,7 @@ pub fn transformers_to_wan(name: &str) -> String {
 mod tests {
     use super::*;
 
-    /// Rows of the table in `reference/wan21-architecture.md` §6.5.
+    /// Rows of the umT5-XXL key table (transformers and the Wan team's names).
     const PAIRS: [(&str, &str); 12] = [
         ("shared.weight", "token_embedding.weight"),
         ("encoder.embed_tokens.weight", "token_embedding.weight"),
