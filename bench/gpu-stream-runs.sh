@@ -19,7 +19,7 @@ date -u
   T0=$(date +%s)
   # When carried: vpipe-mem's stream test on the device (pinned and file sources, bf16 and
   # float8 blocks, in and out of order; built by `cargo test --release --features cuda -p
-  # vpipe-mem --test stream_gpu --no-run`).
+  # vpipe-mem --test stream --no-run`).
   if [ -f .carry/stream_gpu.xz ]; then
     timeout 120 "$(unpack stream_gpu)" --test-threads 1 --nocapture 2>&1 | grep -E "test result|panicked|FAILED"
   fi

@@ -27,10 +27,13 @@ use crate::MemError;
 pub struct StreamSpec {
     /// Checkpoint keys of each streamed group, in the order the model uses the groups (it may
     /// start over at the first when it is done with the last, as a denoising step does).
-    /// Every group has tensors of the same dtypes and shapes at the same positions.
+    /// The groups' layouts (dtypes and shapes of their tensors, in order) repeat with a period
+    /// `p`: group `g` is laid out like group `g mod p` (one layout per transformer block, or
+    /// one per part of a block when a block is streamed in parts).
     pub groups: Vec<Vec<String>>,
-    /// Arena slots (at least 1). With one, a group is copied when it is asked for; with
-    /// `n`, up to `n − 1` groups are copied ahead while the model computes.
+    /// Arena slots, at least one per layout of the period; slot `k` holds groups laid out
+    /// like group `k mod p`. With one slot per layout a group is copied while the group
+    /// before it computes; with more, further groups are copied ahead.
     pub slots: usize,
     /// Tensors that stay out of the compute tier and are read by rows on the host
     /// ([`Streamer::rows`]): a token embedding, of which a forward needs a few hundred rows.
@@ -63,6 +66,8 @@ pub struct StreamStats {
 }
 
 struct Slot {
+    /// The layout of the groups this slot holds: group `g` fits when `g mod period` is it.
+    layout: usize,
     /// The arena's tensors of this slot, in the groups' tensor order.
     tensors: Vec<Tensor>,
     #[cfg(feature = "cuda")]
@@ -105,6 +110,8 @@ pub struct Streamer {
     metas: Vec<Vec<TensorMeta>>,
     host_rows: BTreeMap<String, TensorMeta>,
     slots: Vec<Slot>,
+    /// The period of the groups' layouts ([`StreamSpec::groups`]).
+    period: usize,
     free: Vec<usize>,
     issued: VecDeque<Issued>,
     current: Option<Issued>,
@@ -274,9 +281,15 @@ impl Streamer {
         if self.issued.is_empty() {
             self.next_group = group;
         }
-        // Lowest slot first, so that a one-slot arena and a first fill are in slot order.
-        self.free.sort_unstable_by(|a, b| b.cmp(a));
-        while let Some(slot) = self.free.pop() {
+        // Lowest slot first, so that a one-slot arena and a first fill are in slot order; the
+        // copies ahead stop at the first group whose layout has no free slot.
+        self.free.sort_unstable();
+        while let Some(at) = self
+            .free
+            .iter()
+            .position(|&k| self.slots[k].layout == self.next_group % self.period)
+        {
+            let slot = self.free.remove(at);
             let next = self.next_group;
             self.fill(slot, next)?;
             self.stats.copies += 1;
@@ -550,15 +563,36 @@ pub(crate) fn stream_bytes(model: &Model, spec: &StreamSpec) -> u64 {
         .filter(|t| !streamed.contains(t.name.as_str()))
         .map(TensorMeta::bytes)
         .sum();
-    let group: u64 = spec.groups.first().map_or(0, |g| {
-        model
-            .tensors
-            .iter()
-            .filter(|t| g.contains(&t.name))
-            .map(TensorMeta::bytes)
-            .sum()
-    });
-    fixed + spec.slots.min(spec.groups.len()) as u64 * group
+    let by_name: BTreeMap<&str, &TensorMeta> =
+        model.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let metas: Vec<Vec<TensorMeta>> = spec
+        .groups
+        .iter()
+        .map(|g| {
+            g.iter()
+                .filter_map(|name| by_name.get(name.as_str()).map(|m| (*m).clone()))
+                .collect()
+        })
+        .collect();
+    let period = layout_period(&metas);
+    let arena: u64 = (0..spec.slots.min(metas.len()))
+        .map(|k| metas[k % period].iter().map(TensorMeta::bytes).sum::<u64>())
+        .sum();
+    fixed + arena
+}
+
+/// The smallest `p` such that every group is laid out like group `g mod p` (the same dtypes
+/// and shapes in the same order); the group count when no shorter period exists.
+fn layout_period(metas: &[Vec<TensorMeta>]) -> usize {
+    let alike = |a: &[TensorMeta], b: &[TensorMeta]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(a, b)| a.dtype == b.dtype && a.shape == b.shape)
+    };
+    (1..metas.len())
+        .find(|&p| (p..metas.len()).all(|g| alike(&metas[g], &metas[g % p])))
+        .unwrap_or(metas.len().max(1))
 }
 
 /// Starts a stream of `model` on `device` (nothing verified here; see
@@ -604,21 +638,13 @@ pub(crate) fn start(
             "no tensor '{missing}' in the checkpoint"
         )));
     }
-    let first = &metas[0];
-    for (i, group) in metas.iter().enumerate() {
-        let alike = group.len() == first.len()
-            && group
-                .iter()
-                .zip(first)
-                .all(|(a, b)| a.dtype == b.dtype && a.shape == b.shape);
-        if !alike {
-            return Err(spec_error(format!(
-                "group {i} ({} tensors) is not shaped like group 0 ({} tensors): the arena's \
-                 slots hold one group's tensors each",
-                group.len(),
-                first.len()
-            )));
-        }
+    let period = layout_period(&metas);
+    if spec.slots < period {
+        return Err(spec_error(format!(
+            "the groups' tensors repeat a pattern of {period} layouts (dtypes and shapes) and \
+             {} slots cannot hold one of each",
+            spec.slots
+        )));
     }
     let streamed = not_fixed(spec);
     let slots = spec.slots.min(spec.groups.len());
@@ -626,9 +652,13 @@ pub(crate) fn start(
         Tensor::zeros(meta.shape.as_slice(), meta.dtype, device)
             .map_err(tensor_error(format!("arena for '{}'", meta.name)))
     };
-    let alloc_slot = || -> Result<Slot, MemError> {
+    let alloc_slot = |k: usize| -> Result<Slot, MemError> {
         Ok(Slot {
-            tensors: first.iter().map(zeros).collect::<Result<_, _>>()?,
+            layout: k % period,
+            tensors: metas[k % period]
+                .iter()
+                .map(zeros)
+                .collect::<Result<_, _>>()?,
             #[cfg(feature = "cuda")]
             cuda: None,
         })
@@ -638,7 +668,7 @@ pub(crate) fn start(
         .iter()
         .filter(|t| !streamed.contains(t.name.as_str()))
         .collect();
-    let group_bytes: u64 = first.iter().map(TensorMeta::bytes).sum();
+    let group_bytes = |k: usize| -> u64 { metas[k % period].iter().map(TensorMeta::bytes).sum() };
     match (device, &model.host) {
         #[cfg(feature = "cuda")]
         (Device::Cuda(cuda), Some(crate::store::HostCopy::Pinned(host))) => {
@@ -653,8 +683,8 @@ pub(crate) fn start(
                 .collect::<Result<BTreeMap<_, _>, MemError>>()?;
             let copy_stream = new_copy_stream(cuda)?;
             let slots = (0..slots)
-                .map(|_| {
-                    let mut slot = alloc_slot()?;
+                .map(|k| {
+                    let mut slot = alloc_slot(k)?;
                     slot.cuda = Some(CudaSlot {
                         filled: None,
                         released: None,
@@ -692,12 +722,14 @@ pub(crate) fn start(
                 Device::Cuda(cuda) => {
                     let context = cuda.cuda_stream().context().clone();
                     let slots = (0..slots)
-                        .map(|_| {
-                            let mut slot = alloc_slot()?;
+                        .map(|k| {
+                            let mut slot = alloc_slot(k)?;
                             // SAFETY: written in full before each copy out of it.
                             let staging = unsafe {
-                                context
-                                    .alloc_pinned_with_flags::<u8>(group_bytes.max(1) as usize, 0)
+                                context.alloc_pinned_with_flags::<u8>(
+                                    group_bytes(k).max(1) as usize,
+                                    0,
+                                )
                             }
                             .map_err(cuda_error("allocating a staging buffer"))?;
                             slot.cuda = Some(CudaSlot {
@@ -710,18 +742,14 @@ pub(crate) fn start(
                         .collect::<Result<Vec<_>, MemError>>()?;
                     (slots, Some(new_copy_stream(cuda)?))
                 }
-                _ => (
-                    (0..slots).map(|_| alloc_slot()).collect::<Result<_, _>>()?,
-                    None,
-                ),
+                _ => ((0..slots).map(alloc_slot).collect::<Result<_, _>>()?, None),
             };
             #[cfg(not(feature = "cuda"))]
             let (slots, copy_stream) = (
-                (0..slots)
-                    .map(|_| alloc_slot())
-                    .collect::<Result<Vec<_>, _>>()?,
+                (0..slots).map(alloc_slot).collect::<Result<Vec<_>, _>>()?,
                 None::<()>,
             );
+            #[cfg(not(feature = "cuda"))]
             let _ = group_bytes;
             Ok(Streamer::new(
                 model,
@@ -786,6 +814,7 @@ impl Streamer {
                 .filter(|t| spec.host_rows.contains(&t.name))
                 .map(|t| (t.name.clone(), t.clone()))
                 .collect(),
+            period: layout_period(&metas),
             metas,
             free: (0..slots.len()).collect(),
             slots,

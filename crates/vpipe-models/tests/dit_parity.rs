@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use vpipe_models::ops::max_abs_diff;
-use vpipe_models::wan::dit::{Config, GuidancePasses, Rope, WanModel};
+use vpipe_models::wan::dit::{BlockPart, BlockSource, Config, GuidancePasses, Rope, WanModel};
+use vpipe_models::wan::dit_keys;
 
 const TOL: f64 = 1e-4;
 const CASES: [&str; 2] = ["batch2", "single"];
@@ -245,6 +247,9 @@ fn guidance_batched_equals_two_passes_and_follows_memory() {
     let (batched, two) = (run(GuidancePasses::Batched), run(GuidancePasses::TwoPasses));
     let err = max_abs_diff(&batched, &two).unwrap();
     assert!(err <= 1e-5, "batched vs two passes: {err}");
+    // The same passes, one forward after the other: the same operations, so the same bits.
+    let sequential = run(GuidancePasses::Sequential);
+    assert_eq!(max_abs_diff(&sequential, &two).unwrap(), 0.0);
     // uncond + 5 (cond − uncond), from two plain forwards.
     let c = model.forward(&x, &t, &cond).unwrap();
     let u = model.forward(&x, &t, &uncond).unwrap();
@@ -259,4 +264,102 @@ fn guidance_batched_equals_two_passes_and_follows_memory() {
         model.guidance_passes(need - 1, tokens),
         GuidancePasses::TwoPasses
     );
+}
+
+/// The blocks of a checkpoint, given one part at a time with only that part's tensors, as a
+/// stream of parts does; records what was asked for.
+struct PartsOf {
+    tensors: HashMap<String, Tensor>,
+    layout: (dit_keys::KeyLayout, &'static str),
+    asked: Vec<(usize, BlockPart)>,
+}
+
+impl BlockSource for PartsOf {
+    fn block(
+        &mut self,
+        index: usize,
+        _dtype: DType,
+        _device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        panic!("block {index} asked for whole from a source of parts")
+    }
+
+    fn gives_parts(&self) -> bool {
+        true
+    }
+
+    fn block_part(
+        &mut self,
+        index: usize,
+        part: BlockPart,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        self.asked.push((index, part));
+        let (layout, prefix) = self.layout;
+        let tensors = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| dit_keys::block_part_of(k, layout, prefix) == Some((index, part)))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        Ok(VarBuilder::from_tensors(tensors, dtype, device))
+    }
+}
+
+#[test]
+fn blocks_given_in_parts_equal_held_blocks() {
+    let cases = cases();
+    for file in ["dit_tiny_diffusers.safetensors", "dit_tiny_wan.safetensors"] {
+        let held = model(file, DType::F32, &Device::Cpu);
+        let tensors = candle_core::safetensors::load(fixture(file), &Device::Cpu).unwrap();
+        let contains = |name: &str| tensors.contains_key(name);
+        let layout = dit_keys::detect_layout_of(&contains).unwrap();
+        // Block 0 held, block 1 from the source.
+        let outside: HashMap<String, Tensor> = tensors
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(dit_keys::block_part_of(k, layout.0, layout.1), Some((1, _)))
+            })
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        let vb = VarBuilder::from_tensors(outside, DType::F32, &Device::Cpu);
+        let partial = WanModel::from_checkpoint_partial(vb, &config(), &|i| i == 0).unwrap();
+        let get = |k: &str| cases[&format!("batch2.{k}")].clone();
+        let x = get("hidden_states").narrow(0, 0, 1).unwrap();
+        let t = get("timestep").narrow(0, 0, 1).unwrap();
+        let ctx = get("encoder_hidden_states");
+        let (cond, uncond) = (ctx.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 1, 1).unwrap());
+        for passes in [
+            GuidancePasses::Batched,
+            GuidancePasses::TwoPasses,
+            GuidancePasses::Sequential,
+        ] {
+            let mut source = PartsOf {
+                tensors: tensors.clone(),
+                layout,
+                asked: Vec::new(),
+            };
+            let streamed = partial
+                .forward_guided_with(&x, &t, &cond, &uncond, 5.0, passes, &mut source)
+                .unwrap();
+            let whole = held
+                .forward_guided(&x, &t, &cond, &uncond, 5.0, passes)
+                .unwrap();
+            assert_eq!(
+                max_abs_diff(&streamed, &whole).unwrap(),
+                0.0,
+                "{file} {passes:?}"
+            );
+            let forwards = if passes == GuidancePasses::Sequential {
+                2
+            } else {
+                1
+            };
+            let expected: Vec<_> = (0..forwards)
+                .flat_map(|_| BlockPart::ALL.map(|p| (1, p)))
+                .collect();
+            assert_eq!(source.asked, expected, "{file} {passes:?}");
+        }
+    }
 }

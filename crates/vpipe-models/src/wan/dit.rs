@@ -622,85 +622,246 @@ impl Attention {
     }
 }
 
-/// One transformer block.
-#[derive(Debug, Clone)]
-struct Block {
-    self_attn: Attention,
-    cross_attn: Attention,
-    /// The cross-attention norm (affine; diffusers `norm2`). shape [dim] each.
-    norm3_weight: Tensor,
-    norm3_bias: Tensor,
-    ffn_in: Linear,
-    ffn_out: Linear,
-    /// shape [1, 6, dim], f32
-    modulation: Tensor,
-    eps: f64,
+/// The parts of a transformer block, in the order a forward runs them. A stream may move a
+/// block's weights one part at a time, so that its arena holds a part per slot rather than
+/// a whole block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockPart {
+    /// `self_attn.*` and the block's `modulation` table.
+    SelfAttention,
+    /// `cross_attn.*` and its norm (`norm3`).
+    CrossAttention,
+    /// `ffn.*`.
+    FeedForward,
 }
 
-impl Block {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.dim;
+impl BlockPart {
+    /// Every part, in the order a forward runs them.
+    pub const ALL: [BlockPart; 3] = [
+        BlockPart::SelfAttention,
+        BlockPart::CrossAttention,
+        BlockPart::FeedForward,
+    ];
+
+    /// The part a block's tensor belongs to, from its original Wan name inside the block
+    /// (`self_attn.q.weight`, `modulation`, `norm3.bias`, `ffn.0.weight`); `None` for a name
+    /// of no part.
+    pub fn of(name_in_block: &str) -> Option<Self> {
+        let module = name_in_block.split('.').next()?;
+        match module {
+            "self_attn" | "modulation" => Some(Self::SelfAttention),
+            "cross_attn" | "norm3" => Some(Self::CrossAttention),
+            "ffn" => Some(Self::FeedForward),
+            _ => None,
+        }
+    }
+}
+
+/// A block's self-attention and the modulation table its timestep conditioning adds to.
+#[derive(Debug, Clone)]
+struct SelfAttentionPart {
+    attn: Attention,
+    /// shape [1, 6, dim], f32
+    modulation: Tensor,
+}
+
+impl SelfAttentionPart {
+    /// `vb`: the block's (`blocks.{i}`).
+    fn new(cfg: &Config, vb: &VarBuilder) -> Result<Self> {
         Ok(Self {
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            cross_attn: Attention::new(cfg, vb.pp("cross_attn"))?,
-            norm3_weight: get_in_dtype(&vb.pp("norm3"), d, "weight", DType::F32)?,
-            norm3_bias: get_in_dtype(&vb.pp("norm3"), d, "bias", DType::F32)?,
-            ffn_in: Linear::new(d, cfg.ffn_dim, true, vb.pp("ffn.0"))?,
-            ffn_out: Linear::new(cfg.ffn_dim, d, true, vb.pp("ffn.2"))?,
-            modulation: get_in_dtype(&vb, (1, 6, d), "modulation", DType::F32)?,
-            eps: cfg.eps,
+            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            modulation: get_in_dtype(vb, (1, 6, cfg.dim), "modulation", DType::F32)?,
         })
     }
 
-    /// The FFN runs over `ffn_chunks` slices of the tokens in turn (1: all at once), so that
-    /// its `ffn_dim`-wide hidden state exists for one slice at a time.
-    ///
-    /// # Shapes
-    /// - `x`: [B, L, dim]; `time`: [B, 6, dim] (f32); `context`: [B, Lc, dim].
-    fn forward(
-        &self,
-        x: &Tensor,
-        time: &Tensor,
-        context: &Tensor,
-        rope: &Rope,
-        chunks: (QueryChunk, QueryChunk),
-        ffn_chunks: usize,
-    ) -> Result<Tensor> {
-        let m = self.modulation.broadcast_add(time)?;
-        let part = |i: usize| m.narrow(1, i, 1);
-        let (shift_sa, scale_sa, gate_sa) = (part(0)?, part(1)?, part(2)?);
-        let (shift_ff, scale_ff, gate_ff) = (part(3)?, part(4)?, part(5)?);
+    /// Updates the pass's residual stream, and sets the block's modulation (the table plus
+    /// the timestep's projection) that the feed-forward part reads.
+    fn forward(&self, pass: &mut Embedded, rope: &Rope, chunk: QueryChunk, eps: f64) -> Result<()> {
+        let m = self.modulation.broadcast_add(&pass.time)?;
+        let (shift, scale, gate) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?, m.narrow(1, 2, 1)?);
+        // Scoped so that the normed input and the output are freed before the residual is
+        // replaced (a shadowed binding would live to the end of the function).
+        let x = {
+            let h = norm_modulate(&pass.x, &(scale + 1.0)?, &shift, eps)?;
+            let y = self.attn.forward(h, None, Some(rope), chunk)?;
+            gated_residual(&pass.x, &y, &gate)?
+        };
+        pass.x = x;
+        pass.block_modulation = Some(m);
+        Ok(())
+    }
+}
 
-        // Scoped so that each step's normed input and output are freed before the next step
-        // (a shadowed binding would live to the end of the function).
+/// A block's cross-attention to the text and its affine norm (diffusers `norm2`).
+#[derive(Debug, Clone)]
+struct CrossAttentionPart {
+    attn: Attention,
+    /// shape [dim] each
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+}
+
+impl CrossAttentionPart {
+    /// `vb`: the block's (`blocks.{i}`).
+    fn new(cfg: &Config, vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attn: Attention::new(cfg, vb.pp("cross_attn"))?,
+            norm_weight: get_in_dtype(&vb.pp("norm3"), cfg.dim, "weight", DType::F32)?,
+            norm_bias: get_in_dtype(&vb.pp("norm3"), cfg.dim, "bias", DType::F32)?,
+        })
+    }
+
+    fn forward(&self, pass: &mut Embedded, chunk: QueryChunk, eps: f64) -> Result<()> {
         let x = {
-            let h = norm_modulate(x, &(scale_sa + 1.0)?, &shift_sa, self.eps)?;
-            let y = self.self_attn.forward(h, None, Some(rope), chunks.0)?;
-            gated_residual(x, &y, &gate_sa)?
+            let h = norm_modulate(&pass.x, &self.norm_weight, &self.norm_bias, eps)?;
+            let y = self.attn.forward(h, Some(&pass.context), None, chunk)?;
+            (&pass.x + y)?
         };
-        let x = {
-            let h = norm_modulate(&x, &self.norm3_weight, &self.norm3_bias, self.eps)?;
-            let y = self.cross_attn.forward(h, Some(context), None, chunks.1)?;
-            (&x + y)?
-        };
+        pass.x = x;
+        Ok(())
+    }
+}
+
+/// A block's gated feed-forward network.
+#[derive(Debug, Clone)]
+struct FeedForwardPart {
+    ffn_in: Linear,
+    ffn_out: Linear,
+}
+
+impl FeedForwardPart {
+    /// `vb`: the block's (`blocks.{i}`).
+    fn new(cfg: &Config, vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            ffn_in: Linear::new(cfg.dim, cfg.ffn_dim, true, vb.pp("ffn.0"))?,
+            ffn_out: Linear::new(cfg.ffn_dim, cfg.dim, true, vb.pp("ffn.2"))?,
+        })
+    }
+
+    /// Runs over `slices` slices of the tokens in turn (1: all at once), so that the
+    /// `ffn_dim`-wide hidden state exists for one slice at a time.
+    fn forward(&self, pass: &mut Embedded, slices: usize, eps: f64) -> Result<()> {
+        let m = pass
+            .block_modulation
+            .take()
+            .ok_or_else(|| Error::DitInput {
+                tensor: "blocks",
+                reason: "a block's feed-forward part ran before its self-attention".into(),
+            })?;
+        let (shift, scale, gate) = (m.narrow(1, 3, 1)?, m.narrow(1, 4, 1)?, m.narrow(1, 5, 1)?);
+        let scale = (scale + 1.0)?;
         let ffn = |x: &Tensor| -> Result<Tensor> {
-            let h = norm_modulate(x, &(&scale_ff + 1.0)?, &shift_ff, self.eps)?;
+            let h = norm_modulate(x, &scale, &shift, eps)?;
             let hidden = self.ffn_in.forward_gelu(&h)?;
             drop(h);
             let y = self.ffn_out.forward(&hidden)?;
             drop(hidden);
-            gated_residual(x, &y, &gate_ff)
+            gated_residual(x, &y, &gate)
         };
-        let tokens = x.dim(1)?;
-        if ffn_chunks <= 1 || tokens < 2 {
-            return ffn(&x);
+        let tokens = pass.x.dim(1)?;
+        pass.x = if slices <= 1 || tokens < 2 {
+            ffn(&pass.x)?
+        } else {
+            let size = tokens.div_ceil(slices);
+            let parts = (0..tokens)
+                .step_by(size)
+                .map(|start| {
+                    ffn(&pass
+                        .x
+                        .narrow(1, start, size.min(tokens - start))?
+                        .contiguous()?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 1)?
+        };
+        Ok(())
+    }
+}
+
+/// One transformer block: its three parts.
+#[derive(Debug, Clone)]
+struct Block {
+    self_attn: SelfAttentionPart,
+    cross_attn: CrossAttentionPart,
+    ffn: FeedForwardPart,
+}
+
+impl Block {
+    /// `vb`: the block's (`blocks.{i}`).
+    fn new(cfg: &Config, vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: SelfAttentionPart::new(cfg, vb)?,
+            cross_attn: CrossAttentionPart::new(cfg, vb)?,
+            ffn: FeedForwardPart::new(cfg, vb)?,
+        })
+    }
+
+    fn part(&self, part: BlockPart) -> PartRef<'_> {
+        match part {
+            BlockPart::SelfAttention => PartRef::SelfAttention(&self.self_attn),
+            BlockPart::CrossAttention => PartRef::CrossAttention(&self.cross_attn),
+            BlockPart::FeedForward => PartRef::FeedForward(&self.ffn),
         }
-        let size = tokens.div_ceil(ffn_chunks);
-        let parts = (0..tokens)
-            .step_by(size)
-            .map(|start| ffn(&x.narrow(1, start, size.min(tokens - start))?.contiguous()?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 1)?)
+    }
+}
+
+/// One part of a block, built on its own from a stream's weights.
+enum OwnedPart {
+    SelfAttention(SelfAttentionPart),
+    CrossAttention(CrossAttentionPart),
+    FeedForward(FeedForwardPart),
+}
+
+impl OwnedPart {
+    /// `vb`: the block's (`blocks.{i}`).
+    fn new(part: BlockPart, cfg: &Config, vb: &VarBuilder) -> Result<Self> {
+        Ok(match part {
+            BlockPart::SelfAttention => Self::SelfAttention(SelfAttentionPart::new(cfg, vb)?),
+            BlockPart::CrossAttention => Self::CrossAttention(CrossAttentionPart::new(cfg, vb)?),
+            BlockPart::FeedForward => Self::FeedForward(FeedForwardPart::new(cfg, vb)?),
+        })
+    }
+
+    fn as_ref(&self) -> PartRef<'_> {
+        match self {
+            Self::SelfAttention(p) => PartRef::SelfAttention(p),
+            Self::CrossAttention(p) => PartRef::CrossAttention(p),
+            Self::FeedForward(p) => PartRef::FeedForward(p),
+        }
+    }
+}
+
+/// A block part, held by the model or built from a stream.
+#[derive(Clone, Copy)]
+enum PartRef<'a> {
+    SelfAttention(&'a SelfAttentionPart),
+    CrossAttention(&'a CrossAttentionPart),
+    FeedForward(&'a FeedForwardPart),
+}
+
+/// What every part of every block of one forward shares.
+struct BlockRun<'a> {
+    rope: &'a Rope,
+    /// The query chunks (self, cross) of each pass.
+    chunks: &'a [(QueryChunk, QueryChunk)],
+    ffn_slices: usize,
+    eps: f64,
+}
+
+impl PartRef<'_> {
+    /// Runs every pass through this part.
+    ///
+    /// # Shapes
+    /// Each pass's `x`: [B, L, dim] before and after.
+    fn forward(self, passes: &mut [Embedded], run: &BlockRun) -> Result<()> {
+        for (pass, chunks) in passes.iter_mut().zip(run.chunks) {
+            match self {
+                Self::SelfAttention(p) => p.forward(pass, run.rope, chunks.0, run.eps)?,
+                Self::CrossAttention(p) => p.forward(pass, chunks.1, run.eps)?,
+                Self::FeedForward(p) => p.forward(pass, run.ffn_slices, run.eps)?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -769,6 +930,25 @@ pub trait BlockSource {
     /// forward is done (the next call may reuse their memory).
     fn block(&mut self, index: usize, dtype: DType, device: &Device)
         -> Result<VarBuilder<'static>>;
+
+    /// Whether the source gives a block one part at a time ([`Self::block_part`]) rather
+    /// than whole ([`Self::block`]).
+    fn gives_parts(&self) -> bool {
+        false
+    }
+
+    /// The tensors of one part of block `index` ([`BlockPart::of`] says which tensors),
+    /// as [`Self::block`] gives a whole block; valid until the part's forward is done.
+    fn block_part(
+        &mut self,
+        index: usize,
+        part: BlockPart,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let _ = part;
+        self.block(index, dtype, device)
+    }
 }
 
 /// The source of a model that holds every block: asked for one, it fails.
@@ -799,6 +979,9 @@ struct Embedded {
     /// The embedded text, [B, Lc, dim].
     context: Tensor,
     grid: [usize; 3],
+    /// The current block's modulation, [B, 6, dim] f32: set by its self-attention part,
+    /// read by its feed-forward part.
+    block_modulation: Option<Tensor>,
 }
 
 /// How a step with classifier-free guidance runs the model.
@@ -806,8 +989,13 @@ struct Embedded {
 pub enum GuidancePasses {
     /// Condition and uncondition in one forward of batch 2 (faster, twice the activations).
     Batched,
-    /// Two forwards of batch 1 (half the activations).
+    /// Two passes of batch 1 that go through each block part in turn: about half the
+    /// activations of a batched step (both residual streams live), and each streamed block
+    /// is fetched once per step.
     TwoPasses,
+    /// Two forwards of batch 1, one after the other: one residual stream lives at a time,
+    /// and each streamed block is fetched twice per step.
+    Sequential,
 }
 
 /// The Wan 2.1 text-to-video DiT.
@@ -870,7 +1058,7 @@ impl WanModel {
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 held(i)
-                    .then(|| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+                    .then(|| Block::new(cfg, &vb.pp(format!("blocks.{i}"))))
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1091,6 +1279,11 @@ impl WanModel {
                 )?;
                 vpipe_sampling::cfg(&c, &u, scale)
             }
+            GuidancePasses::Sequential => {
+                let [c] = self.forward_passes([(latents, timestep, cond)], source)?;
+                let [u] = self.forward_passes([(latents, timestep, uncond)], source)?;
+                vpipe_sampling::cfg(&c, &u, scale)
+            }
         };
         guided.map_err(|e| Error::DitInput {
             tensor: "guidance",
@@ -1166,27 +1359,38 @@ impl WanModel {
             .iter()
             .map(|p| Ok(self.query_chunks(p.x.dim(0)?, tokens, p.context.dim(1)?)))
             .collect::<Result<_>>()?;
+        let run = BlockRun {
+            rope: &rope,
+            chunks: &chunks,
+            ffn_slices: self.ffn_chunks,
+            eps: self.cfg.eps,
+        };
+        let block_vb = |vb: VarBuilder<'static>, i: usize| {
+            dit_keys::canonical_var_builder(vb, self.keys.0, self.keys.1).pp(format!("blocks.{i}"))
+        };
         for i in 0..self.blocks.len() {
             let _span = tracing::trace_span!("dit_block", i).entered();
-            let streamed;
-            let block = match &self.blocks[i] {
-                Some(block) => block,
-                None => {
-                    let vb = source.block(i, self.dtype, &self.device)?;
-                    let vb = dit_keys::canonical_var_builder(vb, self.keys.0, self.keys.1);
-                    streamed = Block::new(&self.cfg, vb.pp(format!("blocks.{i}")))?;
-                    &streamed
+            match &self.blocks[i] {
+                Some(block) => {
+                    for part in BlockPart::ALL {
+                        block.part(part).forward(&mut passes, &run)?;
+                    }
                 }
-            };
-            for (pass, chunks) in passes.iter_mut().zip(&chunks) {
-                pass.x = block.forward(
-                    &pass.x,
-                    &pass.time,
-                    &pass.context,
-                    &rope,
-                    *chunks,
-                    self.ffn_chunks,
-                )?;
+                None if source.gives_parts() => {
+                    for part in BlockPart::ALL {
+                        let vb = block_vb(source.block_part(i, part, self.dtype, &self.device)?, i);
+                        OwnedPart::new(part, &self.cfg, &vb)?
+                            .as_ref()
+                            .forward(&mut passes, &run)?;
+                    }
+                }
+                None => {
+                    let vb = block_vb(source.block(i, self.dtype, &self.device)?, i);
+                    let block = Block::new(&self.cfg, &vb)?;
+                    for part in BlockPart::ALL {
+                        block.part(part).forward(&mut passes, &run)?;
+                    }
+                }
             }
         }
         let mut outputs = Vec::with_capacity(N);
@@ -1232,6 +1436,7 @@ impl WanModel {
             temb,
             context,
             grid,
+            block_modulation: None,
         })
     }
 

@@ -10,6 +10,8 @@
 
 use candle_nn::VarBuilder;
 
+use super::dit::BlockPart;
+
 /// Key prefixes a DiT checkpoint may carry: ComfyUI diffusion-model and full checkpoints.
 pub const KNOWN_PREFIXES: [&str; 3] = ["", "model.diffusion_model.", "diffusion_model."];
 
@@ -167,6 +169,14 @@ pub fn block_of<'k>(key: &'k str, prefix: &str) -> Option<(usize, &'k str)> {
     Some((index.parse().ok()?, name))
 }
 
+/// The block index and block part of checkpoint key `key` in `layout` with `prefix`; `None`
+/// for a key outside the blocks or of no part.
+pub fn block_part_of(key: &str, layout: KeyLayout, prefix: &str) -> Option<(usize, BlockPart)> {
+    let original = original_name(key, layout, prefix)?;
+    let (index, name) = block_of(&original, "")?;
+    Some((index, BlockPart::of(name)?))
+}
+
 /// Wraps a checkpoint's `VarBuilder` (empty path) so that it answers to original Wan names.
 pub fn canonical_var_builder<'a>(
     vb: VarBuilder<'a>,
@@ -238,6 +248,43 @@ mod tests {
         assert_eq!(
             wan_to_diffusers("blocks.3.cross_attn.k_img.weight").as_deref(),
             Some("blocks.3.attn2.add_k_proj.weight")
+        );
+    }
+
+    #[test]
+    fn every_block_module_has_a_part_in_both_layouts() {
+        for (wan, diffusers) in BLOCK_MODULES {
+            let expected = match wan.split('.').next() {
+                Some("self_attn" | "modulation") => BlockPart::SelfAttention,
+                Some("cross_attn" | "norm3") => BlockPart::CrossAttention,
+                _ => BlockPart::FeedForward,
+            };
+            for (key, layout, prefix) in [
+                (format!("blocks.5.{wan}.weight"), KeyLayout::Wan, ""),
+                (
+                    format!("model.diffusion_model.blocks.5.{wan}.weight"),
+                    KeyLayout::Wan,
+                    "model.diffusion_model.",
+                ),
+                (
+                    format!("blocks.5.{diffusers}.weight"),
+                    KeyLayout::Diffusers,
+                    "",
+                ),
+            ] {
+                let key = key.replace("modulation.weight", "modulation");
+                let key = key.replace("scale_shift_table.weight", "scale_shift_table");
+                assert_eq!(
+                    block_part_of(&key, layout, prefix),
+                    Some((5, expected)),
+                    "{key}"
+                );
+            }
+        }
+        assert_eq!(block_part_of("head.head.weight", KeyLayout::Wan, ""), None);
+        assert_eq!(
+            block_part_of("proj_out.weight", KeyLayout::Diffusers, ""),
+            None
         );
     }
 }
