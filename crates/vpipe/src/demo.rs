@@ -17,8 +17,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, Report};
 
-use crate::models::ModelFiles;
-use crate::pipeline::{self, Job, Mode};
+use vpipe_pipeline::{Job, JobSpec, Mode, ModelFiles};
 
 use crate::flags::Demo;
 
@@ -251,7 +250,7 @@ fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
 fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     // Leftovers of killed demos go whether or not this file needs writing.
-    crate::partial::remove_stale_partials(dir, name);
+    vpipe_pipeline::remove_stale_partials(dir, name);
     match std::fs::read(&path) {
         Ok(found) if found == bytes => return Ok(path),
         Ok(_) => eprintln!(
@@ -264,8 +263,11 @@ fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
             path.display()
         ),
     }
-    crate::partial::write_atomically(&path, |partial| {
-        std::fs::write(partial, bytes).with_context(|| format!("writing {}", path.display()))
+    vpipe_pipeline::write_atomically(&path, |partial| {
+        std::fs::write(partial, bytes).map_err(|source| vpipe_pipeline::Error::Io {
+            context: format!("writing {}", path.display()),
+            source,
+        })
     })?;
     Ok(path)
 }
@@ -303,39 +305,21 @@ fn demo_clip() -> candle_core::Result<Tensor> {
 const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpec::balanced(64, 48);
 
 pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
-    let device = crate::device::open(&demo.device)?;
+    let device = vpipe_pipeline::open_device(&demo.device)?;
     let files = write_builtin_model(&demo.out.join("weights"), demo.seed)?;
     println!(
         "vpipe demo: built-in Wan 2.1-architecture model (seeded random weights), video-to-video on {}",
         demo.device
     );
     let (frames, height, width) = CLIP;
-    let sizes = crate::plan::ModelSizes::from_files(
+    let models = ModelFiles::inspect(
         &files.dit,
-        None,
         &files.vae,
         &files.text_encoder,
-        DType::F32,
+        Some(files.tokenizer),
+        vec![(files.lora, 0.8)],
     )?;
-    let sample = crate::plan::SamplePlan::new(
-        &sizes,
-        DType::F32,
-        crate::plan::video_tokens(&sizes.dit, frames, height, width),
-        demo.budget,
-        device.is_cuda(),
-        true,
-    );
-    let text = crate::plan::TextPlan::new(&sizes, DType::F32, demo.budget, device.is_cuda());
-    let job = Job {
-        models: ModelFiles {
-            dit: files.dit,
-            dit_config: None,
-            vae: files.vae,
-            text_encoder: files.text_encoder,
-            text_encoder_config: None,
-            tokenizer: Some(files.tokenizer),
-            loras: vec![(files.lora, 0.8)],
-        },
+    let spec = JobSpec {
         prompt: PROMPT.into(),
         negative_prompt: NEGATIVE_PROMPT.into(),
         mode: Mode::VideoToVideo {
@@ -352,21 +336,16 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         seed: demo.seed,
         initial_noise: None,
         tiles: DEMO_TILES,
-        device,
-        dtype: DType::F32,
-        budget: demo.budget,
-        text,
-        text_config: sizes.text.clone(),
-        sample,
-        dit_config: sizes.dit.clone(),
     };
-    let mut session = vpipe_mem::MemorySession::new(job.device.clone(), job.budget)?;
-    let video = pipeline::run(&job, &mut session)?.video;
+    let job = Job::new(spec, models, device, DType::F32, demo.budget)?;
+    let mut session = vpipe_mem::MemorySession::new(job.device().clone(), demo.budget)?;
+    let mut observer = crate::progress::Terminal::default();
+    let video = vpipe_pipeline::generate(&job, &mut session, &mut observer)?.video;
 
     let out = &demo.out;
     let output = out.join("demo.mp4");
     session.phase("write", |p| -> anyhow::Result<()> {
-        crate::files::write_clip(&output, &video, None)?;
+        vpipe_pipeline::write_clip(&output, &video, None, &mut observer)?;
         p.declare_output("demo.mp4", std::fs::metadata(&output)?.len());
         Ok(())
     })?;
@@ -381,7 +360,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         out.join("memory.svg").display(),
         output.display()
     );
-    crate::exit::budget_kept(&report, &format!("{}", output.display()))?;
+    vpipe_pipeline::budget_kept(&report, &format!("{}", output.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::exit::BadInput;
-use crate::paths::require_files;
+use vpipe_pipeline::Error::BadInput;
+use vpipe_pipeline::{require_files, Compute, Error, RunOptions};
 
 /// Wan 2.1 video diffusion under a memory budget that vpipe keeps and proves.
 ///
@@ -73,7 +73,7 @@ pub(crate) struct Demo {
 }
 
 /// Parses a `--flag SIZE` value.
-fn parse_budget(flag: &str, value: &Option<String>) -> Result<Option<u64>, BadInput> {
+fn parse_budget(flag: &str, value: &Option<String>) -> Result<Option<u64>, Error> {
     value
         .as_deref()
         .map(|text| {
@@ -87,7 +87,7 @@ fn parse_budget(flag: &str, value: &Option<String>) -> Result<Option<u64>, BadIn
 }
 
 impl DemoArgs {
-    pub(crate) fn validate(self) -> Result<Demo, BadInput> {
+    pub(crate) fn validate(self) -> Result<Demo, Error> {
         if self.steps == 0 || self.steps > 1000 {
             return Err(BadInput(format!(
                 "--steps {}: expected 1 to 1000",
@@ -213,54 +213,24 @@ pub(crate) struct PipelineArgs {
     compute: ComputeArgs,
 }
 
-/// Validated settings of `vpipe run`.
-pub(crate) struct RunJob {
-    pub(crate) model_dir: Option<PathBuf>,
-    pub(crate) dit: Option<PathBuf>,
-    pub(crate) dit_config: Option<vpipe_models::wan::DitConfig>,
-    pub(crate) vae: Option<PathBuf>,
-    pub(crate) text_encoder: Option<PathBuf>,
-    pub(crate) tokenizer: Option<PathBuf>,
-    pub(crate) prompt: String,
-    pub(crate) negative_prompt: String,
-    /// Video-to-video input and strength.
-    pub(crate) input: Option<(PathBuf, f64)>,
-    pub(crate) loras: Vec<(PathBuf, f64)>,
-    pub(crate) width: usize,
-    pub(crate) height: usize,
-    pub(crate) frames: usize,
-    pub(crate) steps: usize,
-    pub(crate) guidance: f64,
-    pub(crate) shift: f64,
-    pub(crate) sampler: vpipe_sampling::SamplerKind,
-    pub(crate) seed: u64,
-    /// `--initial-noise`: a safetensors file with the `noise` tensor that replaces the seed's.
-    pub(crate) initial_noise: Option<PathBuf>,
-    pub(crate) tiles: vpipe_models::tiling::TileSpec,
-    pub(crate) out: PathBuf,
-    pub(crate) compute: Compute,
-}
-
 impl PipelineArgs {
     /// Validates the flags of `run` (`for_plan` false: a prompt is required, a preset is not
     /// allowed) or `plan`.
-    pub(crate) fn validate(self, for_plan: bool) -> anyhow::Result<RunJob> {
+    pub(crate) fn validate(self, for_plan: bool) -> Result<RunOptions, Error> {
         if !for_plan && self.preset.is_some() {
             return Err(BadInput(
                 "--preset: a preset has no weights to run; use it with `vpipe plan`".into(),
-            )
-            .into());
+            ));
         }
         if self.image.is_some() {
-            return Err(crate::exit::NotBuiltYet(
+            return Err(Error::NotBuiltYet(
                 "--image: image-to-video needs the I2V DiT and CLIP vision, which are not built yet",
-            )
-            .into());
+            ));
         }
         let prompt = match self.prompt {
             Some(prompt) => prompt,
             None if for_plan => String::new(),
-            None => return Err(BadInput("--prompt: required".into()).into()),
+            None => return Err(BadInput("--prompt: required".into())),
         };
         let (width, height) = self
             .size
@@ -284,8 +254,7 @@ impl PipelineArgs {
                 if frames == 0 || !(frames - 1).is_multiple_of(4) || frames > MAX_FRAMES {
                     return Err(BadInput(format!(
                         "--frames {frames}: expected 4k+1 (1, 5, 9, ..., 81), at most {MAX_FRAMES}"
-                    ))
-                    .into());
+                    )));
                 }
                 frames
             }
@@ -301,26 +270,26 @@ impl PipelineArgs {
                 width,
                 height,
                 vpipe_models::wan::dit::MAX_TOKENS
-            ))
-            .into());
+            )));
         }
         if self.steps == 0 || self.steps > 1000 {
-            return Err(BadInput(format!("--steps {}: expected 1 to 1000", self.steps)).into());
+            return Err(BadInput(format!(
+                "--steps {}: expected 1 to 1000",
+                self.steps
+            )));
         }
         if !(0.0..=MAX_GUIDANCE).contains(&self.cfg) {
             return Err(BadInput(format!(
                 "--cfg {}: expected a number from 0 to {MAX_GUIDANCE}",
                 self.cfg
-            ))
-            .into());
+            )));
         }
         check_shift(self.shift)?;
         if !(self.strength > 0.0 && self.strength <= 1.0) {
             return Err(BadInput(format!(
                 "--strength {}: expected above 0, at most 1",
                 self.strength
-            ))
-            .into());
+            )));
         }
         let sampler = self
             .sampler
@@ -338,7 +307,7 @@ impl PipelineArgs {
             .lora
             .iter()
             .map(|spec| parse_lora_spec(spec))
-            .collect::<Result<Vec<_>, BadInput>>()?;
+            .collect::<Result<Vec<_>, Error>>()?;
         for (flag, path) in [
             ("--dit", &self.dit),
             ("--vae", &self.vae),
@@ -351,19 +320,20 @@ impl PipelineArgs {
             }
         }
         if let Some(input) = &self.input {
-            if let Some(problem) = crate::paths::input_file_or_folder_problem(input) {
-                return Err(BadInput(format!("--input {}: {problem}", input.display())).into());
+            if let Some(problem) = vpipe_pipeline::input_file_or_folder_problem(input) {
+                return Err(BadInput(format!("--input {}: {problem}", input.display())));
             }
         }
         if let Some(dir) = &self.model_dir {
             if !dir.is_dir() {
-                return Err(
-                    BadInput(format!("--model-dir {}: no such folder", dir.display())).into(),
-                );
+                return Err(BadInput(format!(
+                    "--model-dir {}: no such folder",
+                    dir.display()
+                )));
             }
         }
         let dit_config = read_dit_config("--dit-config", self.dit_config.as_deref())?;
-        Ok(RunJob {
+        Ok(RunOptions {
             model_dir: self.model_dir,
             dit: self.dit,
             dit_config,
@@ -392,7 +362,7 @@ impl PipelineArgs {
 
 /// A `--lora FILE[:STRENGTH]` value. A file whose own name holds a colon is taken whole when it
 /// exists and what follows its last colon is not a number.
-fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64), BadInput> {
+fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64), Error> {
     let (path, strength) = match spec.rsplit_once(':') {
         Some((path, text)) => match text.trim().parse::<f64>() {
             Ok(strength) => (path, strength),
@@ -436,9 +406,9 @@ const DEFAULT_FRAMES: usize = 81;
 /// The frames a video-to-video run takes from `input` when --frames is not given: its length,
 /// at most [`DEFAULT_FRAMES`], cut down to 4k+1 (the VAE's temporal grid); `read_clip` says
 /// so when it drops frames.
-fn frames_of_clip(input: &Path) -> anyhow::Result<usize> {
-    let count = if crate::paths::has_extension(input, "safetensors") {
-        let [video] = crate::files::read_inputs(input, ["video_in"])?;
+fn frames_of_clip(input: &Path) -> Result<usize, Error> {
+    let count = if vpipe_pipeline::has_extension(input, "safetensors") {
+        let [video] = vpipe_pipeline::read_inputs(input, ["video_in"])?;
         video.dims().get(2).copied().unwrap_or(0)
     } else {
         vpipe_video::count_frames(input).map_err(|e| BadInput(format!("--input: {e}")))?
@@ -447,8 +417,7 @@ fn frames_of_clip(input: &Path) -> anyhow::Result<usize> {
         return Err(BadInput(format!(
             "--input {}: the clip has no frames",
             input.display()
-        ))
-        .into());
+        )));
     }
     Ok((count.min(DEFAULT_FRAMES) - 1) / 4 * 4 + 1)
 }
@@ -529,7 +498,7 @@ pub(crate) struct DitJob {
 }
 
 impl DitArgs {
-    pub(crate) fn validate(self) -> Result<DitJob, BadInput> {
+    pub(crate) fn validate(self) -> Result<DitJob, Error> {
         require_files(&[("--dit", &self.dit), ("--input", &self.input)])?;
         for lora in &self.lora {
             require_files(&[("--lora", lora)])?;
@@ -599,7 +568,7 @@ pub(crate) struct TextEncodeJob {
 }
 
 impl TextEncodeArgs {
-    pub(crate) fn validate(self) -> Result<TextEncodeJob, BadInput> {
+    pub(crate) fn validate(self) -> Result<TextEncodeJob, Error> {
         require_files(&[
             ("--text-encoder", &self.text_encoder),
             ("--input", &self.input),
@@ -608,7 +577,7 @@ impl TextEncodeArgs {
             .config
             .as_ref()
             .map(|path| {
-                crate::paths::read_settings_file("--config", path)?;
+                vpipe_pipeline::read_settings_file("--config", path)?;
                 vpipe_text::umt5::Config::from_json_file(path)
                     .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))
             })
@@ -653,7 +622,7 @@ pub(crate) struct ScheduleJob {
 }
 
 impl ScheduleArgs {
-    pub(crate) fn validate(self) -> Result<ScheduleJob, BadInput> {
+    pub(crate) fn validate(self) -> Result<ScheduleJob, Error> {
         let sampler = self
             .sampler
             .parse()
@@ -677,7 +646,7 @@ impl ScheduleArgs {
 }
 
 /// Checks a `--shift` value: finite, above 0, at most [`MAX_SHIFT`].
-fn check_shift(shift: f64) -> Result<(), BadInput> {
+fn check_shift(shift: f64) -> Result<(), Error> {
     if shift > 0.0 && shift <= MAX_SHIFT {
         Ok(())
     } else {
@@ -713,80 +682,8 @@ pub(crate) struct ComputeArgs {
     report: Option<PathBuf>,
 }
 
-/// Validated [`ComputeArgs`].
-pub(crate) struct Compute {
-    pub(crate) device: String,
-    pub(crate) dtype: candle_core::DType,
-    /// Whether `dtype` is the device's default rather than a `--dtype` the user gave.
-    pub(crate) dtype_is_default: bool,
-    pub(crate) budget: vpipe_mem::Budget,
-    /// Whether `budget.host` is a `--ram-budget` the user gave (else what the OS reported).
-    pub(crate) ram_budget_given: bool,
-    /// What set `budget.compute` (see [`Compute::bound_by_device`]).
-    pub(crate) budget_source: String,
-    /// On CUDA, the device footprint of the process before any work (the context, the
-    /// handles), which the budget includes; 0 until [`Compute::bound_by_device`].
-    pub(crate) device_baseline: u64,
-    pub(crate) report: Option<PathBuf>,
-}
-
-/// What the process takes on the device outside the pool after the baseline reading (the
-/// libraries' workspaces), rounded up from the 0.11 GiB measured on the H200 (2026-12-04).
-const OUTSIDE_POOL_GROWTH: u64 = 160 << 20;
-
-impl Compute {
-    /// Bounds the compute budget by what the device can give: `baseline` is a reading of the
-    /// process before any work (its device footprint: the context and handles), to which the
-    /// driver can add what it reports free. Keeps the smaller of that and `--vram-budget`
-    /// (the whole budget without one) and says which one bound it; remembers the baseline's
-    /// footprint, which the plan leaves out of what the models may use. A CPU run is left as
-    /// it is.
-    pub(crate) fn bound_by_device(
-        &mut self,
-        device: &candle_core::Device,
-        baseline: &vpipe_mem::Reading,
-    ) {
-        let (Some(free), Some(taken)) = (
-            crate::device::free_bytes(device),
-            baseline.device_footprint(),
-        ) else {
-            return;
-        };
-        // cuBLAS and cuDNN make their workspaces outside the pool at their first use: NVML's
-        // figure for the process grew from 0.57 to 0.68 GiB over a run on the H200.
-        self.device_baseline = taken + OUTSIDE_POOL_GROWTH;
-        let most = taken + free;
-        match self.budget.compute {
-            Some(given) if given <= most => {}
-            Some(given) => {
-                self.budget.compute = Some(most);
-                self.budget_source = format!(
-                    "what the device can give, less than the --vram-budget of {}",
-                    vpipe_mem::fmt_bytes(given)
-                );
-            }
-            None => {
-                self.budget.compute = Some(most);
-                self.budget_source = "what the device can give (no --vram-budget)".into();
-            }
-        }
-    }
-
-    /// The budget the models of a run may use: on CUDA the compute budget less the device
-    /// footprint the process had before any work.
-    pub(crate) fn model_budget(&self) -> vpipe_mem::Budget {
-        vpipe_mem::Budget {
-            compute: self
-                .budget
-                .compute
-                .map(|b| b.saturating_sub(self.device_baseline)),
-            ..self.budget
-        }
-    }
-}
-
 impl ComputeArgs {
-    fn validate(self) -> Result<Compute, BadInput> {
+    fn validate(self) -> Result<Compute, Error> {
         let (dtype, dtype_is_default) = match &self.dtype {
             Some(text) => (parse_dtype(text)?, false),
             None => (default_dtype(&self.device), true),
@@ -818,9 +715,9 @@ impl ComputeArgs {
 fn read_dit_config(
     flag: &str,
     path: Option<&std::path::Path>,
-) -> Result<Option<vpipe_models::wan::DitConfig>, BadInput> {
+) -> Result<Option<vpipe_models::wan::DitConfig>, Error> {
     let Some(path) = path else { return Ok(None) };
-    let text = crate::paths::read_settings_file(flag, path)?;
+    let text = vpipe_pipeline::read_settings_file(flag, path)?;
     vpipe_models::wan::DitConfig::from_diffusers_json(&text)
         .map(Some)
         .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
@@ -837,7 +734,7 @@ fn default_dtype(device: &str) -> candle_core::DType {
 }
 
 /// Parses a `--dtype` value.
-fn parse_dtype(text: &str) -> Result<candle_core::DType, BadInput> {
+fn parse_dtype(text: &str) -> Result<candle_core::DType, Error> {
     match text {
         "f32" => Ok(candle_core::DType::F32),
         "bf16" => Ok(candle_core::DType::BF16),
@@ -891,7 +788,7 @@ pub(crate) struct VaeJob {
 }
 
 impl VaeArgs {
-    pub(crate) fn validate(self) -> Result<VaeJob, BadInput> {
+    pub(crate) fn validate(self) -> Result<VaeJob, Error> {
         let compute = self.compute.validate()?;
         let budget = compute.budget.compute;
         let tile = match self.tile.as_deref() {
@@ -958,14 +855,14 @@ pub(crate) fn parse() -> Command {
 
 /// `args` with the flags of a `--pipeline FILE.toml` inserted right after the subcommand, so
 /// that the command line's own flags come later and win.
-fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, BadInput> {
+fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, Error> {
     let Some(at) = args.iter().position(|a| a == "--pipeline") else {
         return Ok(args);
     };
     let Some(path) = args.get(at + 1).map(PathBuf::from) else {
         return Ok(args); // clap reports the missing value
     };
-    let text = crate::paths::read_settings_file("--pipeline", &path)?;
+    let text = vpipe_pipeline::read_settings_file("--pipeline", &path)?;
     let table: toml::Table = text.parse().map_err(|e| {
         BadInput(format!(
             "--pipeline {}: not valid TOML: {e}",
@@ -975,7 +872,7 @@ fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsS
     let mut flags: Vec<std::ffi::OsString> = Vec::new();
     for (key, value) in &table {
         let flag = format!("--{}", key.replace('_', "-"));
-        let scalar = |v: &toml::Value| -> Result<String, BadInput> {
+        let scalar = |v: &toml::Value| -> Result<String, Error> {
             match v {
                 toml::Value::String(s) => Ok(s.clone()),
                 toml::Value::Integer(i) => Ok(i.to_string()),

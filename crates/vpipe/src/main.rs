@@ -9,21 +9,13 @@ use std::process::ExitCode;
 static ALLOC: vpipe_mem::CountingAllocator = vpipe_mem::CountingAllocator;
 
 mod demo;
-mod device;
 mod exit;
-mod files;
 mod flags;
 mod inspect;
-mod leased;
-mod models;
-mod partial;
-mod paths;
-mod pipeline;
 mod plan;
 mod progress;
 mod run;
 mod tensors;
-mod tiled_vae;
 
 fn main() -> ExitCode {
     let command = flags::parse();
@@ -70,10 +62,10 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
         }
         flags::Command::Tensors(args) => match args.component {
             flags::TensorsComponent::VaeEncode(vae) => {
-                tensors::run_vae(tiled_vae::VaeOp::Encode, vae.validate()?)
+                tensors::run_vae(vpipe_pipeline::VaeOp::Encode, vae.validate()?)
             }
             flags::TensorsComponent::VaeDecode(vae) => {
-                tensors::run_vae(tiled_vae::VaeOp::Decode, vae.validate()?)
+                tensors::run_vae(vpipe_pipeline::VaeOp::Decode, vae.validate()?)
             }
             flags::TensorsComponent::Dit(dit) => tensors::run_dit(dit.validate()?),
             flags::TensorsComponent::TextEncode(text) => tensors::run_text_encode(text.validate()?),

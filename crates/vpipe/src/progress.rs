@@ -1,5 +1,5 @@
-//! Progress of long steps: a bar on a terminal, log lines (`VPIPE_LOG=info`) otherwise, so
-//! that logs and CI output stay quiet and parseable.
+//! What a run shows while it works, and how Ctrl-C stops it: a bar on a terminal, log lines
+//! (`VPIPE_LOG=info`) otherwise, so that logs and CI output stay quiet and parseable.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,52 +14,23 @@ pub(crate) fn catch_interrupt() {
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
 
-/// The run was interrupted (Ctrl-C, SIGTERM or SIGHUP).
-#[derive(Debug)]
-pub(crate) struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "interrupted (Ctrl-C or SIGTERM); the report so far was written, no output file",
-        )
-    }
+/// The observer of every command: progress on stderr, stopped by [`catch_interrupt`]'s flag.
+#[derive(Default)]
+pub(crate) struct Terminal {
+    step: Option<Step>,
 }
 
-impl std::error::Error for Interrupted {}
-
-/// An error when the run was asked to stop since it started.
-pub(crate) fn check_interrupt() -> Result<(), Interrupted> {
-    if interrupted() {
-        Err(Interrupted)
-    } else {
-        Ok(())
-    }
-}
-
-/// Whether the run was asked to stop, for work that checks between its own units (tiles,
-/// frames) through a callback.
-pub(crate) fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// The flag a stop request sets, for libraries that check it themselves (the video writer,
-/// before each frame).
-pub(crate) fn stop_flag() -> &'static AtomicBool {
-    &INTERRUPTED
-}
-
-/// One long step's progress.
-pub(crate) struct Progress {
+/// The long step under way.
+struct Step {
     bar: Option<indicatif::ProgressBar>,
     label: &'static str,
     total: u64,
     done: u64,
 }
 
-impl Progress {
-    /// Progress of `total` units of `label` (e.g. "sample", 30 steps).
-    pub(crate) fn new(label: &'static str, total: u64) -> Self {
+impl vpipe_pipeline::Observer for Terminal {
+    fn start(&mut self, label: &'static str, total: u64) {
+        self.finish();
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
             let style = indicatif::ProgressStyle::with_template(
@@ -71,31 +42,47 @@ impl Progress {
             bar.set_prefix(label);
             bar
         });
-        Self {
+        self.step = Some(Step {
             bar,
             label,
             total,
             done: 0,
-        }
+        });
     }
 
-    /// One unit done; `detail` goes next to the bar or into the log line.
-    pub(crate) fn inc(&mut self, detail: &str) {
-        self.done += 1;
-        match &self.bar {
+    fn advance(&mut self, detail: &str) {
+        let Some(step) = &mut self.step else { return };
+        step.done += 1;
+        match &step.bar {
             Some(bar) => {
                 bar.set_message(detail.to_owned());
                 bar.inc(1);
             }
-            None => tracing::info!("{} {}/{} {detail}", self.label, self.done, self.total),
+            None => tracing::info!("{} {}/{} {detail}", step.label, step.done, step.total),
         }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.step.take().and_then(|s| s.bar) {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn notice(&mut self, message: &str) {
+        eprintln!("vpipe: {message}");
+    }
+
+    fn should_stop(&self) -> bool {
+        INTERRUPTED.load(Ordering::SeqCst)
+    }
+
+    fn stop_flag(&self) -> Option<&'static AtomicBool> {
+        Some(&INTERRUPTED)
     }
 }
 
-impl Drop for Progress {
+impl Drop for Terminal {
     fn drop(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
+        vpipe_pipeline::Observer::finish(self);
     }
 }

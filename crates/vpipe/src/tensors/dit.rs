@@ -9,17 +9,19 @@ use vpipe_mem::{fmt_bytes, MemorySession, Tier};
 use vpipe_models::ops::attention::QueryChunk;
 
 use crate::flags::DitJob;
-use crate::plan::attention_scratch;
+use vpipe_pipeline::{attention_scratch, Checkpoint};
 
 const PHASE: &str = "dit";
 
 pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
-    vpipe_ckpt::inspect(&job.dit)?;
+    // A reader that never executes pickle code checks the file before anything loads it; the
+    // LoRAs are checked against what it read.
+    let dit = Checkpoint::inspect(&job.dit)?;
     let mut inputs: Vec<(&str, &std::path::Path)> =
         vec![("--dit", &job.dit), ("--input", &job.input)];
     inputs.extend(job.loras.iter().map(|(p, _)| ("--lora", p.as_path())));
-    crate::paths::check_tensor_outputs(&job.output, job.compute.report.as_deref(), &inputs)?;
-    let device = crate::device::open(&job.compute.device)?;
+    vpipe_pipeline::check_tensor_outputs(&job.output, job.compute.report.as_deref(), &inputs)?;
+    let device = vpipe_pipeline::open_device(&job.compute.device)?;
     let [latents, timestep, context] = super::read_inputs(
         &job.input,
         ["hidden_states", "timestep", "encoder_hidden_states"],
@@ -28,8 +30,8 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
 
     let dit_id = session.phase("load", |p| -> anyhow::Result<_> {
         let id = p.register("dit", &job.dit, Some(job.compute.dtype))?;
-        let loras = crate::leased::read_loras(&job.loras)?;
-        crate::leased::plan_loras(p, id, &job.dit, &loras, &job.loras)?;
+        let loras = vpipe_pipeline::read_loras(&job.loras)?;
+        vpipe_pipeline::plan_loras(p, id, &dit, &loras, &job.loras)?;
         Ok(id)
     })?;
     let output = session.phase(PHASE, |p| -> anyhow::Result<Tensor> {
@@ -37,7 +39,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         let output = {
             let lease = p.lease(dit_id)?;
             let mut model =
-                crate::leased::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device)
+                vpipe_pipeline::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device)
                     .with_context(|| format!("--dit {}", job.dit.display()))?;
             let in_use = p
                 .read()?
@@ -84,6 +86,6 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         output.dims(),
         job.output.display()
     );
-    crate::exit::budget_kept(&report, &format!("--output {}", job.output.display()))?;
+    vpipe_pipeline::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
 }

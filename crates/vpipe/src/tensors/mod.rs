@@ -13,7 +13,7 @@ pub(crate) use vae::run_vae;
 
 use vpipe_mem::{fmt_bytes, Report};
 
-use crate::files::{finish_report, read_inputs, write_outputs};
+use vpipe_pipeline::{finish_report, read_inputs, write_outputs};
 
 /// The measured peak of the phase `name`, above the session's baseline, for the summary line.
 fn phase_peak(report: &Report, name: &str) -> String {

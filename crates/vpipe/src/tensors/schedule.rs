@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::flags::ScheduleJob;
 
 pub(crate) fn run_schedule(job: ScheduleJob) -> anyhow::Result<ExitCode> {
-    crate::paths::check_tensor_outputs(&job.output, None, &[("--input", &job.input)])?;
+    vpipe_pipeline::check_tensor_outputs(&job.output, None, &[("--input", &job.input)])?;
     let [x0, model_outputs] = super::read_inputs(&job.input, ["x0", "model_outputs"])?;
     let run = vpipe_sampling::run_schedule(job.sampler, job.shift, job.steps, &x0, &model_outputs)?;
     let as_tensor = |v: &[f64]| {

@@ -13,7 +13,7 @@ const PHASE: &str = "text";
 
 pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
     vpipe_ckpt::inspect(&job.text_encoder)?;
-    crate::paths::check_tensor_outputs(
+    vpipe_pipeline::check_tensor_outputs(
         &job.output,
         job.compute.report.as_deref(),
         &[
@@ -21,7 +21,7 @@ pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
             ("--input", &job.input),
         ],
     )?;
-    let device = crate::device::open(&job.compute.device)?;
+    let device = vpipe_pipeline::open_device(&job.compute.device)?;
     let [ids, mask] = super::read_inputs(&job.input, ["input_ids", "attention_mask"])?;
     let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
 
@@ -33,7 +33,7 @@ pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
         let output = {
             let lease = p.lease(id)?;
             let encoder =
-                crate::leased::umt5(&lease, job.config.as_ref(), job.compute.dtype, &device)
+                vpipe_pipeline::umt5(&lease, job.config.as_ref(), job.compute.dtype, &device)
                     .with_context(|| format!("--text-encoder {}", job.text_encoder.display()))?;
             let out = encoder
                 .forward(&ids.to_device(&device)?, &mask.to_device(&device)?)
@@ -58,6 +58,6 @@ pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
         output.dims(),
         job.output.display()
     );
-    crate::exit::budget_kept(&report, &format!("--output {}", job.output.display()))?;
+    vpipe_pipeline::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,20 +8,21 @@ use candle_core::Tensor;
 use vpipe_mem::{MemorySession, Tier};
 
 use crate::flags::VaeJob;
-use crate::tiled_vae::{calibrate, choose_tile, run_tiled, VaeOp};
+use vpipe_pipeline::{calibrate, choose_tile, run_tiled, VaeOp};
 
 pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
     // A reader that never executes pickle code checks the file before anything loads it.
     vpipe_ckpt::inspect(&job.vae)?;
-    crate::paths::check_tensor_outputs(
+    vpipe_pipeline::check_tensor_outputs(
         &job.output,
         job.compute.report.as_deref(),
         &[("--vae", &job.vae), ("--input", &job.input)],
     )?;
-    let device = crate::device::open(&job.compute.device)?;
+    let device = vpipe_pipeline::open_device(&job.compute.device)?;
     let (in_key, out_key) = op.keys();
     let [input] = super::read_inputs(&job.input, [in_key])?;
     let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
+    let mut observer = crate::progress::Terminal::default();
 
     let vae_id = session.phase("load", |p| -> anyhow::Result<_> {
         Ok(p.register("vae", &job.vae, Some(job.compute.dtype))?)
@@ -30,18 +31,18 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         p.make_resident(vae_id)?;
         let output = {
             let lease = p.lease(vae_id)?;
-            let vae = crate::leased::wan_vae(&lease, job.compute.dtype, &device)
+            let vae = vpipe_pipeline::wan_vae(&lease, job.compute.dtype, &device)
                 .with_context(|| format!("--vae {}", job.vae.display()))?;
             let tiles = match (job.tiles, job.compute.budget.compute) {
                 (Some(tiles), _) => tiles,
                 (None, Some(budget)) => {
-                    let model = calibrate(p, &vae, op, &input, job.layout)?;
+                    let model = calibrate(p, &vae, op, &input, job.layout, &observer)?;
                     let strips = op.strip_bytes_per_pixel(&vae, &input)?;
                     choose_tile(p, model, budget, op.pixels(&input)?, job.layout, strips)?
                 }
                 (None, None) => unreachable!("flags require a budget for an automatic tile"),
             };
-            run_tiled(p, &vae, op, &input, tiles)?
+            run_tiled(p, &vae, op, &input, tiles, &mut observer)?
             // The model and its clones of the leased weights end here, before the offload
             // verifies that the weights' memory came back.
         };
@@ -49,7 +50,7 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         p.declare_output(out_key, (output.elem_count() * 4) as u64);
         Ok(output)
     })?;
-    session.phase("write", |_| -> anyhow::Result<()> {
+    session.phase("write", |_| {
         super::write_outputs(
             &job.output,
             &HashMap::from([(out_key.to_owned(), output.clone())]),
@@ -71,6 +72,6 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
         output.dims(),
         job.output.display()
     );
-    crate::exit::budget_kept(&report, &format!("--output {}", job.output.display()))?;
+    vpipe_pipeline::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::Context;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
@@ -12,6 +11,9 @@ use vpipe_lora::{LoraFile, MergePlan};
 use vpipe_mem::{Lease, ModelId, Phase, StreamSpec, Streamer, TensorMeta, WeightPatch};
 use vpipe_models::wan::{dit_keys, BlockSource, DitConfig, WanModel, WanVae};
 use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder, Umt5Source};
+
+use crate::error::{Context, Error, Result};
+use crate::models::Checkpoint;
 
 /// A `VarBuilder` over clones (reference counts) of a lease's weights, handing them out in
 /// `dtype` unless a layer asks for another (float8 weights stay float8).
@@ -62,18 +64,18 @@ fn fp8_scale_names(stem: &str) -> [String; 2] {
 }
 
 /// The Wan VAE over a lease's weights (either key layout; config from the shapes).
-pub(crate) fn wan_vae(lease: &Lease<'_>, dtype: DType, device: &Device) -> anyhow::Result<WanVae> {
+pub fn wan_vae(lease: &Lease<'_>, dtype: DType, device: &Device) -> Result<WanVae> {
     Ok(WanVae::from_checkpoint(var_builder(lease, dtype, device)?)?)
 }
 
 /// The Wan DiT over a lease's weights (either key layout, LoRAs already merged by the store,
 /// see [`plan_loras`]); `config` from a diffusers `config.json`, else from the shapes.
-pub(crate) fn wan_dit(
+pub fn wan_dit(
     lease: &Lease<'_>,
     config: Option<&DitConfig>,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<WanModel> {
+) -> Result<WanModel> {
     Ok(WanModel::from_checkpoint(
         var_builder(lease, dtype, device)?,
         config,
@@ -132,10 +134,11 @@ pub(crate) fn dit_block_stream(
     blocks: usize,
     held: usize,
     slots: usize,
-) -> anyhow::Result<StreamSpec> {
+) -> Result<StreamSpec> {
     let contains = |name: &str| keys.iter().any(|t| t.name == name);
-    let (_, prefix) = dit_keys::detect_layout_of(&contains)
-        .ok_or_else(|| anyhow::anyhow!("the DiT checkpoint's key layout is not recognised"))?;
+    let (_, prefix) = dit_keys::detect_layout_of(&contains).ok_or(Error::KeyLayout(
+        "the DiT checkpoint's key layout is not recognised",
+    ))?;
     let block_of = |name: &str| dit_keys::block_of(name, prefix).map(|(index, _)| index);
     Ok(block_stream(keys, &block_of, blocks, held, slots, &|_| {
         false
@@ -149,12 +152,12 @@ pub(crate) fn umt5_block_stream(
     blocks: usize,
     held: usize,
     slots: usize,
-) -> anyhow::Result<(StreamSpec, String)> {
+) -> Result<(StreamSpec, String)> {
     use vpipe_text::umt5::keys as umt5_keys;
     let contains = |name: &str| keys.iter().any(|t| t.name == name);
-    let (layout, prefix) = umt5_keys::detect_layout_of(&contains).ok_or_else(|| {
-        anyhow::anyhow!("the text encoder checkpoint's key layout is not recognised")
-    })?;
+    let (layout, prefix) = umt5_keys::detect_layout_of(&contains).ok_or(Error::KeyLayout(
+        "the text encoder checkpoint's key layout is not recognised",
+    ))?;
     let embedding = match layout {
         umt5_keys::KeyLayout::Transformers { embedding } => {
             embedding.map(|e| format!("{prefix}{e}"))
@@ -162,7 +165,9 @@ pub(crate) fn umt5_block_stream(
         umt5_keys::KeyLayout::Wan => Some(format!("{prefix}token_embedding.weight")),
     }
     .filter(|key| contains(key))
-    .ok_or_else(|| anyhow::anyhow!("the text encoder checkpoint has no token embedding"))?;
+    .ok_or(Error::KeyLayout(
+        "the text encoder checkpoint has no token embedding",
+    ))?;
     let spec = block_stream(
         keys,
         &|name| umt5_keys::block_of(name, layout, prefix),
@@ -182,7 +187,7 @@ pub(crate) fn umt5_streamed(
     held: usize,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<Umt5Encoder> {
+) -> Result<Umt5Encoder> {
     Ok(Umt5Encoder::from_checkpoint_partial(
         config,
         fixed_var_builder(streamer, dtype, device)?,
@@ -250,7 +255,7 @@ pub(crate) fn wan_dit_streamed(
     held: usize,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<WanModel> {
+) -> Result<WanModel> {
     Ok(WanModel::from_checkpoint_partial(
         fixed_var_builder(streamer, dtype, device)?,
         config,
@@ -283,12 +288,12 @@ impl BlockSource for StreamedBlocks<'_> {
 
 /// The umT5 encoder over a lease's weights (transformers / ComfyUI or original Wan names);
 /// `config` from a `config.json`, else from the shapes.
-pub(crate) fn umt5(
+pub fn umt5(
     lease: &Lease<'_>,
     config: Option<&Umt5Config>,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<Umt5Encoder> {
+) -> Result<Umt5Encoder> {
     let vb = var_builder(lease, dtype, device)?;
     Ok(match config {
         Some(cfg) => Umt5Encoder::from_checkpoint_with_config(cfg, vb)?,
@@ -297,9 +302,7 @@ pub(crate) fn umt5(
 }
 
 /// Reads LoRA files (headers and tensors, on the host), each with its strength.
-pub(crate) fn read_loras(
-    files: &[(std::path::PathBuf, f64)],
-) -> anyhow::Result<Vec<(LoraFile, f64)>> {
+pub fn read_loras(files: &[(std::path::PathBuf, f64)]) -> Result<Vec<(LoraFile, f64)>> {
     files
         .iter()
         .map(|(path, strength)| {
@@ -315,18 +318,18 @@ pub(crate) fn read_loras(
 /// store patch: merged weights replace the originals as they are read from disk, so the DiT
 /// never exists twice. A scaled-fp8 weight is merged in f32 and stored back as float8 with its
 /// own scale ([`MergePlan::apply_scaled_fp8`]); its scale is read from the file here.
-pub(crate) fn plan_loras(
+pub fn plan_loras(
     p: &mut Phase<'_>,
     dit: ModelId,
-    dit_path: &Path,
+    checkpoint: &Checkpoint,
     loras: &[(LoraFile, f64)],
     files: &[(PathBuf, f64)],
-) -> anyhow::Result<()> {
+) -> Result<()> {
     if loras.is_empty() {
         p.note("lora", "none");
         return Ok(());
     }
-    let header = vpipe_ckpt::inspect(dit_path)?;
+    let header = &checkpoint.inspection;
     let layout = match header.detection.layout {
         vpipe_ckpt::KeyLayout::Diffusers => dit_keys::KeyLayout::Diffusers,
         _ => dit_keys::KeyLayout::Wan,
@@ -361,7 +364,7 @@ pub(crate) fn plan_loras(
         let (key, _, is_fp8) = &weights[original];
         let scale = if *is_fp8 {
             fp8 += 1;
-            Some(fp8_scale(dit_path, &header, key)?)
+            Some(fp8_scale(&checkpoint.path, header, key)?)
         } else {
             None
         };
@@ -407,7 +410,7 @@ pub(crate) fn plan_loras(
 
 /// The scale of the float8 weight `key` (see [`fp8_scale_names`]), read from the checkpoint,
 /// in f32; exactly 1 for a plain float8 weight, as the model takes it (see [`var_builder`]).
-fn fp8_scale(path: &Path, header: &vpipe_ckpt::Inspection, key: &str) -> anyhow::Result<Tensor> {
+fn fp8_scale(path: &Path, header: &vpipe_ckpt::Inspection, key: &str) -> Result<Tensor> {
     let stem = key.strip_suffix("weight").unwrap_or(key);
     let names = fp8_scale_names(stem);
     let Some(name) = names

@@ -3,6 +3,8 @@
 //! out-of-memory answered by a smaller tile. Used by the pipeline's VAE phases and by
 //! `vpipe tensors vae-encode|vae-decode`.
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Tensor};
 use vpipe_mem::{fmt_bytes, MemError, Phase};
 use vpipe_models::tiling::{
@@ -10,22 +12,25 @@ use vpipe_models::tiling::{
 };
 use vpipe_models::wan::vae::{WanVae, TEMPORAL_FACTOR};
 
+use crate::error::{Error, Result};
+use crate::observer::{Observer, Step};
+
 /// Which way through the VAE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum VaeOp {
+pub enum VaeOp {
     Encode,
     Decode,
 }
 
 impl VaeOp {
-    pub(crate) fn phase(self) -> &'static str {
+    pub fn phase(self) -> &'static str {
         match self {
             VaeOp::Encode => "vae encode",
             VaeOp::Decode => "vae decode",
         }
     }
 
-    pub(crate) fn keys(self) -> (&'static str, &'static str) {
+    pub fn keys(self) -> (&'static str, &'static str) {
         match self {
             VaeOp::Encode => ("video_in", "enc_mean"),
             VaeOp::Decode => ("enc_mean", "decoded"),
@@ -34,11 +39,7 @@ impl VaeOp {
 
     /// Bytes per frame pixel of the tiled pass's output, all channels and frames: what a
     /// pixel of blending strip holds (on encode, a latent cell covers 64 pixels).
-    pub(crate) fn strip_bytes_per_pixel(
-        self,
-        vae: &WanVae,
-        input: &Tensor,
-    ) -> candle_core::Result<f64> {
+    pub fn strip_bytes_per_pixel(self, vae: &WanVae, input: &Tensor) -> candle_core::Result<f64> {
         let (_, _, t, _, _) = input.dims5()?;
         let cfg = vae.config();
         let elem = vae.dtype().size_in_bytes() as f64;
@@ -55,27 +56,29 @@ impl VaeOp {
     /// The tiled pass over `input` (on the host), with the output on the host in f32: the
     /// encode's posterior mean, or the decode's clamped pixels (converted on the device).
     /// Calibration runs it too, so that its crops hold what the real pass holds.
+    /// `after_tile` is called after each tile and `keep_going` within one; either ends the
+    /// pass by returning false.
     fn tiled_pass(
         self,
         vae: &WanVae,
         input: &Tensor,
         tiles: TileSpec,
         after_tile: &mut dyn FnMut() -> bool,
+        keep_going: &dyn Fn() -> bool,
     ) -> vpipe_models::Result<Tensor> {
-        let keep_going = || !crate::progress::interrupted();
         match self {
             VaeOp::Encode => Ok(vae
-                .encode_posterior_tiled_observed(input, tiles, after_tile, &keep_going)?
+                .encode_posterior_tiled_observed(input, tiles, after_tile, keep_going)?
                 .mean
                 .to_dtype(DType::F32)?),
             VaeOp::Decode => {
-                vae.decode_tiled_observed(input, tiles, DType::F32, after_tile, &keep_going)
+                vae.decode_tiled_observed(input, tiles, DType::F32, after_tile, keep_going)
             }
         }
     }
 
     /// The frame's (height, width) in pixels for this operation's input.
-    pub(crate) fn pixels(self, input: &Tensor) -> candle_core::Result<(usize, usize)> {
+    pub fn pixels(self, input: &Tensor) -> candle_core::Result<(usize, usize)> {
         let (_, _, _, h, w) = input.dims5()?;
         Ok(match self {
             VaeOp::Encode => (h, w),
@@ -97,22 +100,29 @@ fn is_device_out_of_memory(err: &vpipe_models::Error) -> bool {
 }
 
 /// Runs the VAE over `input` (on the host) tile by tile; on a device out-of-memory the tile is
-/// halved and the whole pass retried, and the fallback recorded.
-pub(crate) fn run_tiled(
+/// halved and the whole pass retried, and the fallback recorded. The observer sees the tiles
+/// as a step, and can stop the pass between and within tiles.
+pub fn run_tiled(
     phase: &mut Phase<'_>,
     vae: &WanVae,
     op: VaeOp,
     input: &Tensor,
     tiles: TileSpec,
-) -> anyhow::Result<Tensor> {
+    observer: &mut dyn Observer,
+) -> Result<Tensor> {
     let pixels = op.pixels(input)?;
     // The attempt reads the meters after every tile (the report's chart gets a point per
     // tile); fallbacks and samples are recorded once the attempts are over.
     let mut fallbacks = Vec::new();
     let mut samples = Vec::new();
     let reader = &*phase;
-    let mut progress =
-        crate::progress::Progress::new(op.phase(), tiles.count(pixels.0, pixels.1) as u64);
+    // Both callbacks of a pass reach the step: one reports a tile, the other asks whether to
+    // stop; they never run at once.
+    let step = RefCell::new(Step::start(
+        observer,
+        op.phase(),
+        tiles.count(pixels.0, pixels.1) as u64,
+    ));
     let attempts = halving_on_failure(
         tiles,
         SMALLEST_TILE,
@@ -121,10 +131,12 @@ pub(crate) fn run_tiled(
         |tiles| {
             let mut after_tile = || {
                 samples.push(reader.read());
-                progress.inc("tile");
-                crate::progress::check_interrupt().is_ok()
+                let mut step = step.borrow_mut();
+                step.advance("tile");
+                !step.observer().should_stop()
             };
-            op.tiled_pass(vae, input, tiles, &mut after_tile)
+            let keep_going = || !step.borrow().observer().should_stop();
+            op.tiled_pass(vae, input, tiles, &mut after_tile, &keep_going)
         },
     );
     for reading in samples {
@@ -139,8 +151,9 @@ pub(crate) fn run_tiled(
             ),
         );
     }
+    drop(step);
     let (output, used) = attempts.map_err(|e| match e {
-        vpipe_models::Error::Stopped => anyhow::Error::new(crate::progress::Interrupted),
+        vpipe_models::Error::Stopped => Error::Interrupted,
         other => other.into(),
     })?;
     phase.note(
@@ -167,7 +180,7 @@ pub(crate) fn run_tiled(
 /// quadratic term is the middle block's per-frame attention, whose scores grow with the square
 /// of the tokens.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct TileMemoryModel {
+pub struct TileMemoryModel {
     points: [(f64, f64); 3],
     slope: f64,
     curvature: f64,
@@ -195,14 +208,15 @@ impl TileMemoryModel {
 }
 
 /// Runs the VAE on three square crops of the input (all frames), each as one tile of the tiled
-/// pass, and fits the measured compute-tier peaks.
-pub(crate) fn calibrate(
+/// pass, and fits the measured compute-tier peaks. The observer can stop a crop's pass.
+pub fn calibrate(
     phase: &mut Phase<'_>,
     vae: &WanVae,
     op: VaeOp,
     input: &Tensor,
     layout: TileLayout,
-) -> anyhow::Result<TileMemoryModel> {
+    observer: &dyn Observer,
+) -> Result<TileMemoryModel> {
     let _span = tracing::debug_span!("vae_calibration").entered();
     let (_, _, t, h, w) = input.dims5()?;
     let cell = match op {
@@ -214,11 +228,10 @@ pub(crate) fn calibrate(
     let large = on_grid(CALIBRATION_SIDE.min(h.min(w) * cell));
     let sides = [on_grid(large / 3), on_grid(large * 2 / 3), large];
     if sides[0] == 0 || sides[0] == sides[1] {
-        anyhow::bail!(
-            "--tile auto: the frame ({}x{} px) is too small to calibrate on; give --tile",
-            h * cell,
-            w * cell
-        );
+        return Err(Error::FrameTooSmallToCalibrate {
+            height: h * cell,
+            width: w * cell,
+        });
     }
     // Every frame: the VAE's working set does not grow with T, but the tile's input and
     // output on the device do (measured on an H100: crops of 5 frames under-predicted an
@@ -239,8 +252,9 @@ pub(crate) fn calibrate(
             stride: side,
             layout,
         };
-        let (_, peak) = phase.measure_peak(|| -> anyhow::Result<()> {
-            drop(op.tiled_pass(vae, &crop, covering, &mut || true)?);
+        let keep_going = || !observer.should_stop();
+        let (_, peak) = phase.measure_peak(|| -> Result<()> {
+            drop(op.tiled_pass(vae, &crop, covering, &mut || true, &keep_going)?);
             Ok(())
         })?;
         *slot = (side, peak);
@@ -264,7 +278,7 @@ pub(crate) fn calibrate(
 /// `frame` of (height, width) pixels has a modelled peak that fits what the budget leaves, or
 /// a refusal naming both numbers. (A balanced layout's tiles can be smaller than the spec's
 /// side: 384 px every 288 cuts 832×480 into six tiles of 288×344.)
-pub(crate) fn choose_tile(
+pub fn choose_tile(
     phase: &mut Phase<'_>,
     model: TileMemoryModel,
     budget: u64,

@@ -4,16 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use crate::error::{io_error, Error, Result};
 
 /// Writes `target` by letting `write` fill a fresh temporary file (the path it is given) in the
 /// same folder, then syncing it and renaming it into place. Every error path removes the
 /// temporary file, and stale ones of earlier killed writers of the same target are removed
 /// first.
-pub(crate) fn write_atomically(
-    target: &Path,
-    write: impl FnOnce(&Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+pub fn write_atomically(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -21,7 +18,7 @@ pub(crate) fn write_atomically(
     let name = target
         .file_name()
         .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: not a file name", target.display()))?;
+        .ok_or_else(|| Error::NotAFileName(target.to_owned()))?;
     remove_stale_partials(dir, name);
     let partial = PartialFile::create(dir, name)?;
     write(&partial.path)?;
@@ -40,7 +37,7 @@ struct PartialFile {
 }
 
 impl PartialFile {
-    fn create(dir: &Path, name: &str) -> anyhow::Result<Self> {
+    fn create(dir: &Path, name: &str) -> Result<Self> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let pid = std::process::id();
         // Another process may hold the same pid and counter (a separate pid namespace sharing
@@ -62,28 +59,25 @@ impl PartialFile {
                     })
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(err) => {
-                    return Err(err).with_context(|| format!("creating {}", path.display()))
-                }
+                Err(err) => return Err(io_error(format!("creating {}", path.display()))(err)),
             }
         }
-        anyhow::bail!(
-            "creating a temporary file for {}: every name tried exists",
-            dir.join(name).display()
-        )
+        Err(Error::NoTemporaryName(dir.join(name)))
     }
 
     /// Waits until what was written is on disk, so that the rename never publishes a file
     /// whose data a crash could still lose (any descriptor of the file syncs its data).
-    fn sync(&self) -> anyhow::Result<()> {
+    fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
-            .with_context(|| format!("writing {}", self.target.display()))
+            .map_err(io_error(format!("writing {}", self.target.display())))
     }
 
-    fn persist(mut self) -> anyhow::Result<()> {
-        std::fs::rename(&self.path, &self.target)
-            .with_context(|| format!("renaming {} into place", self.target.display()))?;
+    fn persist(mut self) -> Result<()> {
+        std::fs::rename(&self.path, &self.target).map_err(io_error(format!(
+            "renaming {} into place",
+            self.target.display()
+        )))?;
         self.persisted = true;
         Ok(())
     }
@@ -107,7 +101,7 @@ const STALE_PARTIAL_AGE: std::time::Duration = std::time::Duration::from_secs(10
 /// it creates it, so one not modified for [`STALE_PARTIAL_AGE`] has no writer left;
 /// at worst a writer stalled that long fails its rename and reports it. Errors are ignored: a
 /// concurrent writer may remove the same file, and a leftover only costs disk space.
-pub(crate) fn remove_stale_partials(dir: &Path, name: &str) {
+pub fn remove_stale_partials(dir: &Path, name: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };

@@ -6,9 +6,6 @@
 //! measurement. So no phase starts with a model resident that it does not use. The shift
 //! phase only computes the schedule and touches no device.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::tiling::TileSpec;
@@ -17,16 +14,17 @@ use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
 
-use crate::progress::{check_interrupt, Progress};
+use crate::error::{Context, Error, Result};
+use crate::models::ModelFiles;
+use crate::observer::{stop_point, Observer, Step};
+use crate::plan::{video_tokens, ModelSizes, Plan, Residency, SamplePlan, TextPlan};
 use crate::tiled_vae::{run_tiled, VaeOp};
 
 /// Latent channels of the Wan 2.1 VAE.
-const LATENT_CHANNELS: usize = 16;
-use crate::models::ModelFiles;
-use crate::plan::{Residency, SamplePlan, TextPlan};
+pub(crate) const LATENT_CHANNELS: usize = 16;
 
 /// What the pipeline makes.
-pub(crate) enum Mode {
+pub enum Mode {
     /// From noise.
     TextToVideo,
     /// From a clip: `video` [1, 3, T, H, W] in [-1, 1] at the output size, T = 1 + 4k;
@@ -34,37 +32,95 @@ pub(crate) enum Mode {
     VideoToVideo { video: Tensor, strength: f64 },
 }
 
-/// A validated run.
-pub(crate) struct Job {
-    pub(crate) models: ModelFiles,
-    pub(crate) prompt: String,
-    pub(crate) negative_prompt: String,
-    pub(crate) mode: Mode,
+/// What a run makes, and in how many steps: everything but its model files and where it
+/// computes.
+pub struct JobSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub mode: Mode,
     /// Output frames (1 + 4k), height and width (multiples of 16).
-    pub(crate) frames: usize,
-    pub(crate) height: usize,
-    pub(crate) width: usize,
-    pub(crate) steps: usize,
-    pub(crate) guidance: f64,
-    pub(crate) shift: f64,
-    pub(crate) sampler: SamplerKind,
-    pub(crate) seed: u64,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub shift: f64,
+    pub sampler: SamplerKind,
+    pub seed: u64,
     /// The initial noise ([1, 16, F, H, W] f32 on the host) instead of the seed's: the
     /// starting latents of text-to-video, the noise added to the clip's latents for
     /// video-to-video (as diffusers' pipelines take their `latents=`).
-    pub(crate) initial_noise: Option<Tensor>,
-    pub(crate) tiles: TileSpec,
-    pub(crate) device: Device,
-    pub(crate) dtype: DType,
-    pub(crate) budget: vpipe_mem::Budget,
-    /// How the text phase holds the encoder: the plan's decision.
-    pub(crate) text: TextPlan,
-    /// The text encoder's configuration (the plan's, from the file's header).
-    pub(crate) text_config: Umt5Config,
-    /// How the sample phase holds the DiT and runs a step: the plan's decision.
-    pub(crate) sample: SamplePlan,
-    /// The DiT's configuration (the plan's: from a `config.json` or the file's header).
-    pub(crate) dit_config: DitConfig,
+    pub initial_noise: Option<Tensor>,
+    pub tiles: TileSpec,
+}
+
+/// A planned run: what it makes, its model files, where it computes, and how the text and
+/// sample phases hold their models.
+pub struct Job {
+    spec: JobSpec,
+    models: ModelFiles,
+    device: Device,
+    dtype: DType,
+    /// How the text phase holds the encoder.
+    text: TextPlan,
+    /// The text encoder's configuration (from the file's header).
+    text_config: Umt5Config,
+    /// How the sample phase holds the DiT and runs a step.
+    sample: SamplePlan,
+    /// The DiT's configuration (from a `config.json` or the file's header).
+    dit_config: DitConfig,
+}
+
+impl Job {
+    /// The job of `spec` on `models`, computing on `device` in `dtype`, with the text and
+    /// sample phases planned for `budget` as `vpipe run` plans them.
+    pub fn new(
+        spec: JobSpec,
+        models: ModelFiles,
+        device: Device,
+        dtype: DType,
+        budget: vpipe_mem::Budget,
+    ) -> Result<Self> {
+        let sizes = ModelSizes::of(&models, dtype)?;
+        let on_cuda = device.is_cuda();
+        let tokens = video_tokens(&sizes.dit, spec.frames, spec.height, spec.width);
+        let lora = !models.loras.is_empty();
+        Ok(Self {
+            text: TextPlan::new(&sizes, dtype, budget, on_cuda),
+            sample: SamplePlan::new(&sizes, dtype, tokens, budget, on_cuda, lora),
+            text_config: sizes.text,
+            dit_config: sizes.dit,
+            spec,
+            models,
+            device,
+            dtype,
+        })
+    }
+
+    /// The job of `spec` on `models` as `plan` decided for models of `sizes`.
+    pub(crate) fn planned(
+        spec: JobSpec,
+        models: ModelFiles,
+        device: Device,
+        dtype: DType,
+        plan: &Plan,
+        sizes: ModelSizes,
+    ) -> Self {
+        Self {
+            text: plan.text,
+            sample: plan.sample,
+            text_config: sizes.text,
+            dit_config: sizes.dit,
+            spec,
+            models,
+            device,
+            dtype,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
 }
 
 /// The models registered in the store.
@@ -75,29 +131,32 @@ struct Registered {
 }
 
 /// What a run makes, on the host.
-pub(crate) struct Generated {
+pub struct Generated {
     /// The final latents, [1, 16, F, H/8, W/8] f32, normalised as the DiT sees them (before
     /// the VAE's `latents_mean/std` are undone).
-    pub(crate) latents: Tensor,
+    pub latents: Tensor,
     /// The decoded video, [1, 3, T, H, W] in [-1, 1], f32.
-    pub(crate) video: Tensor,
+    pub video: Tensor,
 }
 
 /// Runs every phase but `write` in `session` and returns what it made; the caller writes the
 /// file in a phase of its own, and can write the report so far when a phase fails or Ctrl-C
-/// stops the run (checked between phases and steps).
-pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Generated> {
+/// stops the run (checked between phases and steps). The observer sees the long steps.
+pub fn generate(
+    job: &Job,
+    session: &mut MemorySession,
+    observer: &mut dyn Observer,
+) -> Result<Generated> {
     let models = &job.models;
 
-    let (ids, tokenizer, loras) = session.phase("load", |p| -> anyhow::Result<_> {
-        for path in [&models.dit, &models.vae, &models.text_encoder] {
-            vpipe_ckpt::inspect(path)?;
-        }
-        let mut progress = Progress::new("load", 3);
-        let mut register = |name: &'static str, path: &PathBuf| -> anyhow::Result<ModelId> {
-            let id = p.register(name, path, Some(job.dtype))?;
-            progress.inc(name);
-            Ok(id)
+    // Every checkpoint's header was read when its file was found ([`ModelFiles`]), by a
+    // reader that never executes pickle code, before anything loads it.
+    let (ids, tokenizer, loras) = session.phase("load", |p| -> Result<_> {
+        let mut progress = Step::start(observer, "load", 3);
+        let mut register = |name: &'static str, checkpoint: &crate::models::Checkpoint| {
+            let id = p.register(name, &checkpoint.path, Some(job.dtype))?;
+            progress.advance(name);
+            Ok::<_, Error>(id)
         };
         let ids = Registered {
             dit: register("dit", &models.dit)?,
@@ -106,22 +165,22 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
         };
         let tokenizer = match &models.tokenizer {
             Some(path) => PromptTokenizer::from_tokenizer_json(path),
-            None => PromptTokenizer::from_checkpoint_file(&models.text_encoder),
+            None => PromptTokenizer::from_checkpoint_file(&models.text_encoder.path),
         }
         .context("the prompt tokenizer")?;
         let loras = crate::leased::read_loras(&models.loras)?;
         Ok((ids, tokenizer, loras))
     })?;
 
-    check_interrupt()?;
+    stop_point(observer)?;
     // See `leased::plan_loras`: merged by the store as the weights are read.
     session.phase("lora", |p| {
         crate::leased::plan_loras(p, ids.dit, &models.dit, &loras, &models.loras)
     })?;
 
-    check_interrupt()?;
-    let context = session.phase("text", |p| -> anyhow::Result<Tensor> {
-        let encoded = [&job.prompt, &job.negative_prompt]
+    stop_point(observer)?;
+    let context = session.phase("text", |p| -> Result<Tensor> {
+        let encoded = [&job.spec.prompt, &job.spec.negative_prompt]
             .into_iter()
             // Wan's and diffusers' cleaning first: HTML entities unescaped, whitespace
             // collapsed (`Tom &amp; Jerry` tokenises as `Tom & Jerry`).
@@ -137,13 +196,10 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
                 p.make_resident(ids.text)?;
                 let context = {
                     let lease = p.lease(ids.text)?;
-                    let encoder = crate::leased::umt5(
-                        &lease,
-                        models.text_encoder_config.as_ref(),
-                        job.dtype,
-                        &job.device,
-                    )
-                    .with_context(|| format!("text encoder {}", models.text_encoder.display()))?;
+                    let encoder = crate::leased::umt5(&lease, None, job.dtype, &job.device)
+                        .with_context(|| {
+                            format!("text encoder {}", models.text_encoder.path.display())
+                        })?;
                     encoder
                         .forward(&input_ids, &mask)?
                         .to_device(&Device::Cpu)?
@@ -171,7 +227,9 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
                         job.dtype,
                         &job.device,
                     )
-                    .with_context(|| format!("text encoder {}", models.text_encoder.display()))?;
+                    .with_context(|| {
+                        format!("text encoder {}", models.text_encoder.path.display())
+                    })?;
                     let mut source = crate::leased::StreamedText {
                         streamer,
                         held: held_blocks,
@@ -188,9 +246,9 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
         Ok(context)
     })?;
 
-    let schedule = session.phase("shift", |p| -> anyhow::Result<Schedule> {
-        let full = Schedule::new(job.sampler, job.steps, job.shift)?;
-        let schedule = match &job.mode {
+    let schedule = session.phase("shift", |p| -> Result<Schedule> {
+        let full = Schedule::new(job.spec.sampler, job.spec.steps, job.spec.shift)?;
+        let schedule = match &job.spec.mode {
             Mode::TextToVideo => full,
             Mode::VideoToVideo { strength, .. } => full.for_strength(*strength)?,
         };
@@ -198,10 +256,10 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
             "schedule",
             &format!(
                 "{} at shift {}: {} of {} steps, sigmas {:?}",
-                job.sampler,
-                job.shift,
+                job.spec.sampler,
+                job.spec.shift,
                 schedule.steps(),
-                job.steps,
+                job.spec.steps,
                 schedule
                     .sigmas()
                     .iter()
@@ -212,16 +270,16 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
         Ok(schedule)
     })?;
 
-    check_interrupt()?;
-    let clean_latents = match &job.mode {
+    stop_point(observer)?;
+    let clean_latents = match &job.spec.mode {
         Mode::TextToVideo => None,
         Mode::VideoToVideo { video, .. } => {
-            Some(session.phase("vae encode", |p| -> anyhow::Result<Tensor> {
+            Some(session.phase("vae encode", |p| -> Result<Tensor> {
                 p.make_resident(ids.vae)?;
                 let latents = {
                     let lease = p.lease(ids.vae)?;
                     let vae = crate::leased::wan_vae(&lease, job.dtype, &job.device)?;
-                    let mean = run_tiled(p, &vae, VaeOp::Encode, video, job.tiles)?;
+                    let mean = run_tiled(p, &vae, VaeOp::Encode, video, job.spec.tiles, observer)?;
                     vae.normalize_latents(&mean)?
                 };
                 p.offload(ids.vae, Tier::Disk)?;
@@ -232,8 +290,13 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
         }
     };
 
-    check_interrupt()?;
-    let latents = session.phase("sample", |p| -> anyhow::Result<Tensor> {
+    stop_point(observer)?;
+    let inputs = SampleInputs {
+        schedule: &schedule,
+        clean_latents: clean_latents.as_ref(),
+        context: &context,
+    };
+    let latents = session.phase("sample", |p| -> Result<Tensor> {
         let plan = &job.sample;
         match plan.residency {
             Residency::Resident => {
@@ -241,17 +304,9 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
                 let model = {
                     let lease = p.lease(ids.dit)?;
                     crate::leased::wan_dit(&lease, Some(&job.dit_config), job.dtype, &job.device)
-                        .with_context(|| format!("dit {}", models.dit.display()))?
+                        .with_context(|| format!("dit {}", models.dit.path.display()))?
                 };
-                let latents = sample(
-                    job,
-                    p,
-                    model,
-                    &schedule,
-                    clean_latents.as_ref(),
-                    &context,
-                    None,
-                )?;
+                let latents = sample(job, p, model, &inputs, None, observer)?;
                 p.offload(ids.dit, Tier::Disk)?;
                 Ok(latents)
             }
@@ -275,33 +330,25 @@ pub(crate) fn run(job: &Job, session: &mut MemorySession) -> anyhow::Result<Gene
                         job.dtype,
                         &job.device,
                     )
-                    .with_context(|| format!("dit {}", models.dit.display()))?;
+                    .with_context(|| format!("dit {}", models.dit.path.display()))?;
                     let blocks = crate::leased::StreamedBlocks {
                         streamer,
                         held: held_blocks,
                     };
-                    sample(
-                        job,
-                        p,
-                        model,
-                        &schedule,
-                        clean_latents.as_ref(),
-                        &context,
-                        Some(blocks),
-                    )
+                    sample(job, p, model, &inputs, Some(blocks), observer)
                 })
             }
         }
     })?;
 
-    check_interrupt()?;
-    let video = session.phase("vae decode", |p| -> anyhow::Result<Tensor> {
+    stop_point(observer)?;
+    let video = session.phase("vae decode", |p| -> Result<Tensor> {
         p.make_resident(ids.vae)?;
         let video = {
             let lease = p.lease(ids.vae)?;
             let vae = crate::leased::wan_vae(&lease, job.dtype, &job.device)?;
             let raw = vae.denormalize_latents(&latents)?;
-            run_tiled(p, &vae, VaeOp::Decode, &raw, job.tiles)?
+            run_tiled(p, &vae, VaeOp::Decode, &raw, job.spec.tiles, observer)?
         };
         p.offload(ids.vae, Tier::Disk)?;
         ensure_finite(&video, "vae decode: the decoded video")?;
@@ -319,8 +366,8 @@ fn streamed<R>(
     id: vpipe_mem::ModelId,
     source: vpipe_mem::StreamSource,
     spec: &vpipe_mem::StreamSpec,
-    work: impl FnOnce(&mut vpipe_mem::Phase<'_>, &mut vpipe_mem::Streamer) -> anyhow::Result<R>,
-) -> anyhow::Result<R> {
+    work: impl FnOnce(&mut vpipe_mem::Phase<'_>, &mut vpipe_mem::Streamer) -> Result<R>,
+) -> Result<R> {
     if source == vpipe_mem::StreamSource::PinnedHost {
         p.load(id)?;
     }
@@ -333,6 +380,15 @@ fn streamed<R>(
     Ok(value)
 }
 
+/// What the denoising loop starts from: the schedule, the clip's latents (video-to-video), and
+/// the text context of the prompt and the negative prompt.
+#[derive(Clone, Copy)]
+struct SampleInputs<'a> {
+    schedule: &'a Schedule,
+    clean_latents: Option<&'a Tensor>,
+    context: &'a Tensor,
+}
+
 /// The denoising loop of the sample phase with `model` (which the caller drops and offloads):
 /// from the seeded (or given) noise, alone or added to the clip's latents, through every step
 /// of `schedule`, a reading after each. The blocks `model` does not hold come from `streamed`.
@@ -341,18 +397,22 @@ fn sample(
     job: &Job,
     p: &mut vpipe_mem::Phase<'_>,
     mut model: vpipe_models::wan::WanModel,
-    schedule: &Schedule,
-    clean_latents: Option<&Tensor>,
-    context: &Tensor,
+    inputs: &SampleInputs<'_>,
     mut streamed: Option<crate::leased::StreamedBlocks<'_>>,
-) -> anyhow::Result<Tensor> {
+    observer: &mut dyn Observer,
+) -> Result<Tensor> {
+    let SampleInputs {
+        schedule,
+        clean_latents,
+        context,
+    } = *inputs;
     let plan = &job.sample;
     let shape = (
         1,
         LATENT_CHANNELS,
-        1 + (job.frames - 1) / 4,
-        job.height / 8,
-        job.width / 8,
+        1 + (job.spec.frames - 1) / 4,
+        job.spec.height / 8,
+        job.spec.width / 8,
     );
     let grid = model.token_grid(shape.2, shape.3, shape.4)?;
     let tokens: usize = grid.iter().product();
@@ -362,7 +422,7 @@ fn sample(
         "sampling",
         &format!(
             "{tokens} tokens, CFG {} {:?}, FFN in {} token slice(s), {}: estimated activations {}",
-            job.guidance,
+            job.spec.guidance,
             plan.passes,
             plan.ffn_chunks,
             match plan.residency {
@@ -384,9 +444,9 @@ fn sample(
             fmt_bytes(plan.activation_bytes),
         ),
     );
-    let noise = match &job.initial_noise {
+    let noise = match &job.spec.initial_noise {
         Some(noise) => noise.clone(),
-        None => seeded_noise(job.seed, shape)?,
+        None => seeded_noise(job.spec.seed, shape)?,
     };
     let mut x = match clean_latents {
         Some(z0) => noise_latents(z0, &noise, schedule.sigmas()[0])?,
@@ -396,9 +456,9 @@ fn sample(
     let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
     let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
     let mut sampler = Sampler::new(schedule.clone());
-    let mut progress = Progress::new("sample", schedule.steps() as u64);
+    let mut progress = Step::start(observer, "sample", schedule.steps() as u64);
     while let Some(t) = sampler.timestep() {
-        check_interrupt()?;
+        stop_point(progress.observer())?;
         let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
         let started = std::time::Instant::now();
         let timestep = Tensor::new(&[t as f32], &job.device)?;
@@ -409,7 +469,7 @@ fn sample(
                 &timestep,
                 &cond,
                 &uncond,
-                job.guidance,
+                job.spec.guidance,
                 plan.passes,
                 blocks,
             )?,
@@ -418,7 +478,7 @@ fn sample(
                 &timestep,
                 &cond,
                 &uncond,
-                job.guidance,
+                job.spec.guidance,
                 plan.passes,
             )?,
         };
@@ -443,7 +503,7 @@ fn sample(
                 schedule.steps()
             ),
         );
-        progress.inc(&format!("t = {t:.1}, {seconds:.2} s"));
+        progress.advance(&format!("t = {t:.1}, {seconds:.2} s"));
     }
     drop(model);
     let latents = x.to_device(&Device::Cpu)?;
@@ -455,7 +515,7 @@ fn sample(
 /// spreads through every later step and the video comes out black, so the run stops where it
 /// first appears. One reduction on the tensor's device; a sum of absolute values is finite
 /// exactly when every element is (short of an overflow no real latent comes near).
-fn ensure_finite(t: &Tensor, what: &str) -> anyhow::Result<()> {
+fn ensure_finite(t: &Tensor, what: &str) -> Result<()> {
     let sum = t
         .to_dtype(DType::F32)?
         .abs()?
@@ -464,11 +524,10 @@ fn ensure_finite(t: &Tensor, what: &str) -> anyhow::Result<()> {
     if sum.is_finite() {
         return Ok(());
     }
-    Err(crate::exit::NonFinite(format!(
+    Err(Error::NonFinite(format!(
         "{what}: NaN or infinite values; the checkpoint may hold non-finite weights, or \
          --cfg / --shift may be too large"
-    ))
-    .into())
+    )))
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {
@@ -477,7 +536,7 @@ fn tensor_bytes(t: &Tensor) -> u64 {
 
 /// Standard normal noise of `shape` from `seed`: SplitMix64 uniforms through Box–Muller, on
 /// the host, so that a seed gives the same noise on every device and build.
-fn seeded_noise(seed: u64, shape: (usize, usize, usize, usize, usize)) -> anyhow::Result<Tensor> {
+fn seeded_noise(seed: u64, shape: (usize, usize, usize, usize, usize)) -> Result<Tensor> {
     let mut state = seed;
     let mut uniform = move || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);

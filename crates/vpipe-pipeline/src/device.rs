@@ -1,30 +1,30 @@
 //! `--device cpu|cuda|cuda:N`.
 
-use crate::exit::BadInput;
+use crate::error::{Error, Result};
 
 /// Opens the device named by a `--device` value.
-pub(crate) fn open(spec: &str) -> anyhow::Result<candle_core::Device> {
+pub fn open_device(spec: &str) -> Result<candle_core::Device> {
     let ordinal = match spec {
         "cpu" => return Ok(candle_core::Device::Cpu),
         "cuda" => 0,
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => n,
             _ => {
-                return Err(BadInput(format!(
+                return Err(Error::BadInput(format!(
                     "--device {spec}: expected cpu, cuda or cuda:N (N a GPU index)"
-                ))
-                .into())
+                )))
             }
         },
     };
     if !cfg!(feature = "cuda") {
-        return Err(BadInput(format!(
+        return Err(Error::BadInput(format!(
             "--device {spec}: this vpipe was built without CUDA; rebuild with `cargo build --release --features cuda`"
-        ))
-        .into());
+        )));
     }
-    candle_core::Device::new_cuda(ordinal)
-        .map_err(|e| anyhow::anyhow!("--device {spec}: could not open the CUDA device: {e}"))
+    candle_core::Device::new_cuda(ordinal).map_err(|error| Error::Device {
+        spec: spec.to_owned(),
+        error: Box::new(error),
+    })
 }
 
 /// The bytes the driver reports free on a CUDA device (all processes counted), `None` on

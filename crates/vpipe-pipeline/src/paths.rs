@@ -5,12 +5,12 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::exit::BadInput;
+use crate::error::Error::{self, BadInput};
 
 /// What is wrong with `path` as an input file, or `None` when it is a regular file (after
 /// following symbolic links). Only regular files are ever opened: reading a FIFO or a device
 /// would block or never end.
-pub(crate) fn input_file_problem(path: &Path) -> Option<String> {
+pub fn input_file_problem(path: &Path) -> Option<String> {
     use vpipe_ckpt::InspectError as E;
     Some(match vpipe_ckpt::check_regular_file(path).err()? {
         E::NotFound { .. } => "no such file".into(),
@@ -23,7 +23,7 @@ pub(crate) fn input_file_problem(path: &Path) -> Option<String> {
 }
 
 /// Like [`input_file_problem`], for an input that may also be a folder (of PNG frames).
-pub(crate) fn input_file_or_folder_problem(path: &Path) -> Option<String> {
+pub fn input_file_or_folder_problem(path: &Path) -> Option<String> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => None,
         _ => input_file_problem(path),
@@ -31,7 +31,7 @@ pub(crate) fn input_file_or_folder_problem(path: &Path) -> Option<String> {
 }
 
 /// Whether `path`'s extension is `extension`, in any case (`.SAFETENSORS` too).
-pub(crate) fn has_extension(path: &Path, extension: &str) -> bool {
+pub fn has_extension(path: &Path, extension: &str) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case(extension))
@@ -43,7 +43,7 @@ const MAX_SETTINGS_FILE_BYTES: u64 = 1 << 20;
 
 /// The text of the settings file given with `flag`: a regular file (a FIFO would block the
 /// read forever) of at most [`MAX_SETTINGS_FILE_BYTES`].
-pub(crate) fn read_settings_file(flag: &str, path: &Path) -> Result<String, BadInput> {
+pub fn read_settings_file(flag: &str, path: &Path) -> Result<String, Error> {
     let fail = |what: String| BadInput(format!("{flag} {}: {what}", path.display()));
     if let Some(problem) = input_file_problem(path) {
         return Err(fail(problem));
@@ -60,7 +60,7 @@ pub(crate) fn read_settings_file(flag: &str, path: &Path) -> Result<String, BadI
 }
 
 /// Checks that each `(flag, path)` is a regular file.
-pub(crate) fn require_files<P: AsRef<Path>>(files: &[(&str, P)]) -> Result<(), BadInput> {
+pub fn require_files<P: AsRef<Path>>(files: &[(&str, P)]) -> Result<(), Error> {
     for (flag, path) in files {
         let path = path.as_ref();
         if let Some(problem) = input_file_problem(path) {
@@ -72,7 +72,7 @@ pub(crate) fn require_files<P: AsRef<Path>>(files: &[(&str, P)]) -> Result<(), B
 
 /// What an output path may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OutputKind {
+pub enum OutputKind {
     /// A file to be created or replaced.
     File,
     /// A folder to be created (PNG frames): it must not exist, or be empty.
@@ -80,19 +80,16 @@ pub(crate) enum OutputKind {
 }
 
 /// One path a command will write, with the flag that named it.
-pub(crate) struct Output<'a> {
-    pub(crate) flag: &'a str,
-    pub(crate) path: &'a Path,
-    pub(crate) kind: OutputKind,
+pub struct Output<'a> {
+    pub flag: &'a str,
+    pub path: &'a Path,
+    pub kind: OutputKind,
 }
 
 /// Checks, before any work, that every output can be written where it is going, that no two
 /// outputs are the same file, and that no output is one of `inputs` (which would be
 /// overwritten: a checkpoint given as `--out`, the video given as `--report`).
-pub(crate) fn check_outputs(
-    outputs: &[Output<'_>],
-    inputs: &[(&str, &Path)],
-) -> Result<(), BadInput> {
+pub fn check_outputs(outputs: &[Output<'_>], inputs: &[(&str, &Path)]) -> Result<(), Error> {
     for output in outputs {
         check_writable(output)?;
     }
@@ -121,7 +118,7 @@ pub(crate) fn check_outputs(
     Ok(())
 }
 
-fn check_writable(output: &Output<'_>) -> Result<(), BadInput> {
+fn check_writable(output: &Output<'_>) -> Result<(), Error> {
     let Output { flag, path, kind } = *output;
     let fail = |what: String| BadInput(format!("{flag} {}: {what}", path.display()));
     if path.file_name().is_none() {
@@ -207,16 +204,16 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 /// The chart a report at `report` is drawn next to.
-pub(crate) fn chart_of(report: &Path) -> PathBuf {
+pub fn chart_of(report: &Path) -> PathBuf {
     report.with_extension("svg")
 }
 
 /// [`check_outputs`] for a command's main output, its `--report` and the report's chart.
-pub(crate) fn check_command_outputs(
+pub fn check_command_outputs(
     main: Output<'_>,
     report: Option<&Path>,
     inputs: &[(&str, &Path)],
-) -> Result<(), BadInput> {
+) -> Result<(), Error> {
     let chart = report.map(chart_of);
     let mut outputs = vec![main];
     if let (Some(report), Some(chart)) = (report, chart.as_deref()) {
@@ -235,11 +232,11 @@ pub(crate) fn check_command_outputs(
 }
 
 /// [`check_command_outputs`] for a `vpipe tensors` job: one safetensors `--output`.
-pub(crate) fn check_tensor_outputs(
+pub fn check_tensor_outputs(
     output: &Path,
     report: Option<&Path>,
     inputs: &[(&str, &Path)],
-) -> Result<(), BadInput> {
+) -> Result<(), Error> {
     let main = Output {
         flag: "--output",
         path: output,
@@ -264,9 +261,9 @@ mod tests {
             kind: OutputKind::File,
         };
         let err = check_outputs(&[file("--out", &input)], &[("--dit", &input)]).unwrap_err();
-        assert!(err.0.contains("is the input of --dit"), "{}", err.0);
+        assert!(err.to_string().contains("is the input of --dit"), "{err}");
         let err = check_outputs(&[file("--out", &out), file("--report", &out)], &[]).unwrap_err();
-        assert!(err.0.contains("the same file"), "{}", err.0);
+        assert!(err.to_string().contains("the same file"), "{err}");
         // Through a relative spelling of the same folder.
         let dotted = dir.path().join(".").join("o.mp4");
         assert!(check_outputs(&[file("--out", &out), file("--report", &dotted)], &[]).is_err());
@@ -284,9 +281,9 @@ mod tests {
         };
         let missing = dir.path().join("no/such/folder/o.mp4");
         let err = check_outputs(&[file(&missing)], &[]).unwrap_err();
-        assert!(err.0.contains("does not exist"), "{}", err.0);
+        assert!(err.to_string().contains("does not exist"), "{err}");
         let err = check_outputs(&[file(dir.path())], &[]).unwrap_err();
-        assert!(err.0.contains("is a folder"), "{}", err.0);
+        assert!(err.to_string().contains("is a folder"), "{err}");
         let full = dir.path().join("frames");
         std::fs::create_dir(&full).unwrap();
         std::fs::write(full.join("0.png"), b"x").unwrap();
@@ -296,7 +293,7 @@ mod tests {
             kind: OutputKind::Folder,
         };
         let err = check_outputs(&[folder], &[]).unwrap_err();
-        assert!(err.0.contains("not empty"), "{}", err.0);
+        assert!(err.to_string().contains("not empty"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

@@ -1,0 +1,41 @@
+//! The Wan 2.1 pipeline under a memory budget: a run's model files, its plan (what each phase
+//! holds, estimated against the budget before any weight moves), the phases that run it in one
+//! memory session, the tiled VAE, and the files a run reads and writes.
+//!
+//! A caller validates its settings into [`RunOptions`], then [`plan`]s or [`run`]s them with
+//! an [`Observer`] that shows progress and says when to stop. Every error is an [`Error`],
+//! whose kind tells bad input from a refused budget from a failed run.
+//!
+//! Modules depend only on those below them: `error`, `observer`; `paths`, `partial`,
+//! `device`; `options`, `files`, `models`; `plan`, `leased`, `tiled_vae`; `pipeline`; `run`.
+
+mod device;
+mod error;
+mod files;
+mod leased;
+mod models;
+mod observer;
+mod options;
+mod partial;
+mod paths;
+mod pipeline;
+mod plan;
+mod run;
+mod tiled_vae;
+
+pub use device::open_device;
+pub use error::{budget_kept, Error, Result};
+pub use files::{finish_report, read_inputs, write_clip, write_outputs};
+pub use leased::{plan_loras, read_loras, umt5, wan_dit, wan_vae};
+pub use models::{Checkpoint, ModelFiles};
+pub use observer::Observer;
+pub use options::{Compute, RunOptions};
+pub use partial::{remove_stale_partials, write_atomically};
+pub use paths::{
+    check_tensor_outputs, has_extension, input_file_or_folder_problem, read_settings_file,
+    require_files,
+};
+pub use pipeline::{generate, Generated, Job, JobSpec, Mode};
+pub use plan::{attention_scratch, Plan};
+pub use run::{plan, run};
+pub use tiled_vae::{calibrate, choose_tile, run_tiled, TileMemoryModel, VaeOp};

@@ -1,0 +1,172 @@
+//! Which files a run's models are in: given per flag, or found by their tensors in a model
+//! folder (and ComfyUI's subfolders). Each checkpoint's header is read once, here, and what it
+//! says travels with the path to the planner and the phases.
+
+use std::path::{Path, PathBuf};
+
+use vpipe_ckpt::{Family, Inspection};
+use vpipe_models::wan::DitConfig;
+
+use crate::error::{io_error, Context, Error, Result};
+use crate::options::RunOptions;
+
+/// A checkpoint file and what its header says: family, key layout, configuration, tensors.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub inspection: Inspection,
+}
+
+impl Checkpoint {
+    /// Reads the header of the checkpoint at `path` (a `.pth` archive's directory; no pickle
+    /// code runs).
+    pub fn inspect(path: &Path) -> Result<Self> {
+        Ok(Self {
+            path: path.to_owned(),
+            inspection: vpipe_ckpt::inspect(path)?,
+        })
+    }
+}
+
+/// The model files of a run.
+pub struct ModelFiles {
+    pub(crate) dit: Checkpoint,
+    pub(crate) dit_config: Option<DitConfig>,
+    pub(crate) vae: Checkpoint,
+    pub(crate) text_encoder: Checkpoint,
+    /// A `tokenizer.json`; without it, the `spiece_model` tensor of the text-encoder file.
+    pub(crate) tokenizer: Option<PathBuf>,
+    pub(crate) loras: Vec<(PathBuf, f64)>,
+}
+
+impl ModelFiles {
+    /// The given files, as they are (their families are not checked), with the DiT's
+    /// configuration from its header.
+    pub fn inspect(
+        dit: &Path,
+        vae: &Path,
+        text_encoder: &Path,
+        tokenizer: Option<PathBuf>,
+        loras: Vec<(PathBuf, f64)>,
+    ) -> Result<Self> {
+        Ok(Self {
+            dit: Checkpoint::inspect(dit)?,
+            dit_config: None,
+            vae: Checkpoint::inspect(vae)?,
+            text_encoder: Checkpoint::inspect(text_encoder)?,
+            tokenizer,
+            loras,
+        })
+    }
+}
+
+/// The checkpoint files below `dir` (and its ComfyUI subfolders) whose tensors say they are a
+/// model of `family`.
+fn find_models(dir: &Path, family: Family) -> Result<Vec<Checkpoint>> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    for sub in ["diffusion_models", "unet", "vae", "text_encoders", "clip"] {
+        folders.push(dir.join(sub));
+    }
+    for folder in folders.iter().filter(|f| f.is_dir()) {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
+            .map_err(io_error(format!("--model-dir {}", folder.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let extension = p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_lowercase);
+                matches!(
+                    extension.as_deref(),
+                    Some("safetensors" | "pth" | "pt" | "ckpt" | "bin")
+                ) && crate::paths::input_file_problem(p).is_none()
+            })
+            .collect();
+        entries.sort();
+        for path in entries {
+            // Files that are not checkpoints at all are skipped, not fatal.
+            if let Ok(checkpoint) = Checkpoint::inspect(&path) {
+                if checkpoint.inspection.detection.family == family {
+                    found.push(checkpoint);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The checkpoint given with `flag`, checked to hold a model of `family` before anything is
+/// loaded: a VAE given as `--dit` is bad input, not a failure deep in the run.
+fn given(flag: &str, path: &Path, family: Family) -> Result<Checkpoint> {
+    let checkpoint =
+        Checkpoint::inspect(path).with_context(|| format!("{flag} {}", path.display()))?;
+    let found = checkpoint.inspection.detection.family;
+    if found == family {
+        return Ok(checkpoint);
+    }
+    Err(Error::BadInput(format!(
+        "{flag} {}: holds a {}, expected a {}",
+        path.display(),
+        found.describe(),
+        family.describe()
+    )))
+}
+
+/// The file for `flag`: given explicitly, or the one model of `family` in the model folder.
+fn resolve(
+    flag: &str,
+    given_path: &Option<PathBuf>,
+    dir: &Option<PathBuf>,
+    family: Family,
+) -> Result<Checkpoint> {
+    if let Some(path) = given_path {
+        return given(flag, path, family);
+    }
+    let Some(dir) = dir else {
+        return Err(Error::BadInput(format!(
+            "{flag}: required (or --model-dir with the file in it)"
+        )));
+    };
+    let mut found = find_models(dir, family)?;
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::BadInput(format!(
+            "--model-dir {}: no {} found; give {flag}",
+            dir.display(),
+            family.describe()
+        ))),
+        _ => Err(Error::BadInput(format!(
+            "--model-dir {}: several {} files ({}); choose one with {flag}",
+            dir.display(),
+            family.describe(),
+            found
+                .iter()
+                .map(|c| c.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// The model files of a run: given per file, or found in the model folder.
+pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
+    Ok(ModelFiles {
+        dit: resolve("--dit", &options.dit, &options.model_dir, Family::WanDitT2v)?,
+        dit_config: options.dit_config.clone(),
+        vae: resolve("--vae", &options.vae, &options.model_dir, Family::WanVae)?,
+        text_encoder: resolve(
+            "--text-encoder",
+            &options.text_encoder,
+            &options.model_dir,
+            Family::Umt5Encoder,
+        )?,
+        tokenizer: options.tokenizer.clone().or_else(|| {
+            options
+                .model_dir
+                .as_ref()
+                .map(|d| d.join("tokenizer.json"))
+                .filter(|p| p.is_file())
+        }),
+        loras: options.loras.clone(),
+    })
+}

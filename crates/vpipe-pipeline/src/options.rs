@@ -1,0 +1,99 @@
+//! What a job is asked to do: the settings a caller (the `vpipe` binary's flags) validated.
+
+use std::path::PathBuf;
+
+/// What `vpipe run` and `vpipe plan` are asked to do, validated.
+pub struct RunOptions {
+    pub model_dir: Option<PathBuf>,
+    pub dit: Option<PathBuf>,
+    pub dit_config: Option<vpipe_models::wan::DitConfig>,
+    pub vae: Option<PathBuf>,
+    pub text_encoder: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// Video-to-video input and strength.
+    pub input: Option<(PathBuf, f64)>,
+    pub loras: Vec<(PathBuf, f64)>,
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub shift: f64,
+    pub sampler: vpipe_sampling::SamplerKind,
+    pub seed: u64,
+    /// `--initial-noise`: a safetensors file with the `noise` tensor that replaces the seed's.
+    pub initial_noise: Option<PathBuf>,
+    pub tiles: vpipe_models::tiling::TileSpec,
+    pub out: PathBuf,
+    pub compute: Compute,
+}
+
+/// Where and how a job computes, and where its report goes.
+pub struct Compute {
+    pub device: String,
+    pub dtype: candle_core::DType,
+    /// Whether `dtype` is the device's default rather than a `--dtype` the user gave.
+    pub dtype_is_default: bool,
+    pub budget: vpipe_mem::Budget,
+    /// Whether `budget.host` is a `--ram-budget` the user gave (else what the OS reported).
+    pub ram_budget_given: bool,
+    /// What set `budget.compute` (see [`Compute::bound_by_device`]).
+    pub budget_source: String,
+    /// On CUDA, the device footprint of the process before any work (the context, the
+    /// handles), which the budget includes; 0 until [`Compute::bound_by_device`].
+    pub device_baseline: u64,
+    pub report: Option<PathBuf>,
+}
+
+/// What the process takes on the device outside the pool after the baseline reading (the
+/// libraries' workspaces), rounded up from the 0.11 GiB measured on the H200 (2026-12-04).
+const OUTSIDE_POOL_GROWTH: u64 = 160 << 20;
+
+impl Compute {
+    /// Bounds the compute budget by what the device can give: `baseline` is a reading of the
+    /// process before any work (its device footprint: the context and handles), to which the
+    /// driver can add what it reports free. Keeps the smaller of that and `--vram-budget`
+    /// (the whole budget without one) and says which one bound it; remembers the baseline's
+    /// footprint, which the plan leaves out of what the models may use. A CPU run is left as
+    /// it is.
+    pub fn bound_by_device(&mut self, device: &candle_core::Device, baseline: &vpipe_mem::Reading) {
+        let (Some(free), Some(taken)) = (
+            crate::device::free_bytes(device),
+            baseline.device_footprint(),
+        ) else {
+            return;
+        };
+        // cuBLAS and cuDNN make their workspaces outside the pool at their first use: NVML's
+        // figure for the process grew from 0.57 to 0.68 GiB over a run on the H200.
+        self.device_baseline = taken + OUTSIDE_POOL_GROWTH;
+        let most = taken + free;
+        match self.budget.compute {
+            Some(given) if given <= most => {}
+            Some(given) => {
+                self.budget.compute = Some(most);
+                self.budget_source = format!(
+                    "what the device can give, less than the --vram-budget of {}",
+                    vpipe_mem::fmt_bytes(given)
+                );
+            }
+            None => {
+                self.budget.compute = Some(most);
+                self.budget_source = "what the device can give (no --vram-budget)".into();
+            }
+        }
+    }
+
+    /// The budget the models of a run may use: on CUDA the compute budget less the device
+    /// footprint the process had before any work.
+    pub fn model_budget(&self) -> vpipe_mem::Budget {
+        vpipe_mem::Budget {
+            compute: self
+                .budget
+                .compute
+                .map(|b| b.saturating_sub(self.device_baseline)),
+            ..self.budget
+        }
+    }
+}

@@ -1,0 +1,989 @@
+//! The plan of a run: what each phase of a run will hold in the compute tier, the tile and the
+//! attention chunk it will use, its **estimated** peak, and whether the run fits the budget —
+//! without loading any weight. `vpipe run` makes the same plan first and refuses to start
+//! when it does not fit.
+//!
+//! Weights are counted exactly (from the file headers, or the preset's architecture).
+//! Activations are estimates: the DiT's from its block structure
+//! ([`DitConfig::activation_bytes_estimate`], 1 % under the H100 measurement with the fused
+//! attention kernel in BENCHMARKS.md), the VAE's from per-pixel constants measured on the H100 (256-px tiles,
+//! 2026-11-27), the text encoder's from its layer structure.
+
+use candle_core::DType;
+use serde::Serialize;
+use vpipe_mem::fmt_bytes;
+use vpipe_models::ops::attention::{fused_kernel_applies, QueryChunk};
+use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
+use vpipe_models::wan::{dit_keys, DitConfig, GuidancePasses};
+use vpipe_text::umt5::{keys as umt5_keys, Config as Umt5Config};
+
+use crate::error::{Error, Result};
+use crate::models::ModelFiles;
+use crate::options::RunOptions;
+
+/// The VAE's memory model on one kind of device: activation bytes per (base channel × tile
+/// pixel × element byte), and the copies of its weights it makes beyond the resident ones.
+struct VaeMemoryModel {
+    encode_bytes_per_unit: u64,
+    decode_bytes_per_unit: u64,
+    weight_copies: f64,
+}
+
+/// Measured on the H100 (full-size VAE, bf16, 256-px tiles, 81 frames, channels-last CUDA path:
+/// 0.44 GiB for encode and 0.66 GiB for decode above the 0.24 GiB of weights, rounded up;
+/// `bench/results/2026-11-27-h100-vae-cl-1128-vae_warm.log`, BENCHMARKS.md "Wan 2.1 VAE").
+/// cuDNN takes the whole kernels: no copies.
+const VAE_CUDA: VaeMemoryModel = VaeMemoryModel {
+    encode_bytes_per_unit: 38,
+    decode_bytes_per_unit: 57,
+    weight_copies: 0.0,
+};
+
+/// Measured on the CPU (the demo's VAE, f32, 5 frames at 64×48 and 128×96, one tile each: a
+/// line through both peaks, rounded up). The CPU path convolves one temporal tap at a time
+/// from per-tap copies of the kernels, which are nearly all of the weights: one copy more.
+const VAE_CPU: VaeMemoryModel = VaeMemoryModel {
+    encode_bytes_per_unit: 50,
+    decode_bytes_per_unit: 60,
+    weight_copies: 1.2,
+};
+/// Share of what the budget leaves after the DiT's weights that attention scores may take.
+const ATTENTION_BUDGET_SHARE: f64 = 0.25;
+/// Bytes of attention-score scratch a DiT forward gets: a share of what `budget` leaves over
+/// `in_use` (at least 64 MiB), or the model's default without a budget. One rule for `plan`,
+/// `run` and `tensors dit`.
+pub fn attention_scratch(budget: Option<u64>, in_use: u64) -> u64 {
+    match budget {
+        Some(budget) => {
+            ((budget.saturating_sub(in_use) as f64 * ATTENTION_BUDGET_SHARE) as u64).max(1 << 26)
+        }
+        None => DEFAULT_ATTENTION_SCRATCH,
+    }
+}
+
+/// How a model's weights are held while it computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "strategy", rename_all = "snake_case")]
+pub(crate) enum Residency {
+    /// Every weight in the compute tier.
+    Resident,
+    /// The first `held_blocks` blocks and the tensors outside the blocks in the compute tier
+    /// (but a token embedding, read by rows on the host); the other blocks stream through
+    /// `slots` arena slots from `source` (`slots − 1` copied ahead of the compute).
+    Streamed {
+        held_blocks: usize,
+        streamed_blocks: usize,
+        slots: usize,
+        source: vpipe_mem::StreamSource,
+    },
+}
+
+impl Residency {
+    /// What a phase holds of `model` (of `blocks` blocks), for the plan's table.
+    fn describe(&self, model: &str, blocks: usize) -> String {
+        match self {
+            Residency::Resident => model.to_owned(),
+            Residency::Streamed {
+                held_blocks, slots, ..
+            } => format!("{model}: {held_blocks} of {blocks} blocks + {slots} streamed"),
+        }
+    }
+}
+
+/// What the text phase does: the encoder's residency, decided from the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct TextPlan {
+    pub(crate) residency: Residency,
+    /// **Estimated** activations of the prompt and the negative prompt together.
+    pub(crate) activation_bytes: u64,
+    /// Weights held plus the arena plus the estimated activations.
+    pub(crate) estimated_peak_bytes: u64,
+    /// The least budget any strategy runs in (one streamed slot).
+    pub(crate) minimum_bytes: u64,
+}
+
+impl TextPlan {
+    /// The text phase for an encoder of `sizes` in `dtype`: resident when it fits the
+    /// budget, else streamed (the token embedding read by rows on the host).
+    pub(crate) fn new(
+        sizes: &ModelSizes,
+        dtype: DType,
+        budget: vpipe_mem::Budget,
+        on_cuda: bool,
+    ) -> Self {
+        let t = &sizes.text;
+        let elem = dtype.size_in_bytes() as u64;
+        let (b, l) = (2u64, TEXT_TOKENS as u64);
+        // Attention holds, per layer, the scores with their biased and masked copies for each
+        // prompt, and the position bias shared by both, counted in f32 (the softmax's
+        // precision), plus the position buckets (u32, one per query-key pair).
+        let score_matrix = t.num_heads as u64 * l * l * 4;
+        let activation_bytes = with_pool_slack(
+            b * l * elem * (6 * t.d_model as u64 + 3 * t.d_ff as u64)
+                + (3 * b + 1) * score_matrix
+                + l * l * 4,
+            on_cuda,
+            TEXT_POOL_SLACK,
+        );
+        let weights = sizes.text_weights;
+        let minimum_bytes = weights.minimum(activation_bytes);
+        let resident = (Residency::Resident, weights.total + activation_bytes);
+        let (residency, estimated_peak_bytes) = match budget.compute.map(planning_limit) {
+            None => resident,
+            Some(limit) => weights
+                .residency(
+                    activation_bytes,
+                    limit,
+                    on_cuda,
+                    pinned_fits(on_cuda, weights.total, budget),
+                )
+                .unwrap_or(resident),
+        };
+        Self {
+            residency,
+            activation_bytes,
+            estimated_peak_bytes,
+            minimum_bytes,
+        }
+    }
+}
+
+/// A model's weights as a stream sees them: blocks of one size, and the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockWeights {
+    /// Every weight, in bytes (as loaded).
+    pub(crate) total: u64,
+    /// Transformer blocks.
+    pub(crate) blocks: usize,
+    /// Bytes of the largest block (what one arena slot holds).
+    pub(crate) block: u64,
+    /// Bytes a stream keeps on the host and reads by rows (a token embedding).
+    pub(crate) host_rows: u64,
+    /// Bytes of the largest tensor in a block: what a read from the file converts (or, with
+    /// a LoRA, merges) at a time.
+    pub(crate) largest_tensor: u64,
+    /// Whether a LoRA is merged into the weights as they are read (see [`Self::residency`]).
+    pub(crate) patched: bool,
+    /// Whether a block's tensors are converted from their stored dtype when read.
+    pub(crate) converted: bool,
+}
+
+impl BlockWeights {
+    /// Bytes a stream holds in the compute tier for the whole phase, besides held blocks and
+    /// the arena.
+    fn outside_blocks(&self) -> u64 {
+        self.total
+            .saturating_sub(self.block.saturating_mul(self.blocks as u64))
+            .saturating_sub(self.host_rows)
+    }
+
+    /// The least budget a stream of these weights needs next to `activations` (one slot).
+    fn minimum(&self, activations: u64) -> u64 {
+        self.outside_blocks()
+            .saturating_add(activations)
+            .saturating_add(self.block)
+            .saturating_add(self.staging(false))
+    }
+
+    /// Bytes a read from the file converts (or, with a LoRA, merges: the tensor, its update
+    /// and the sum) at a time; the pinned host copy, and a file in the dtype the run holds,
+    /// are copied as they are.
+    fn staging(&self, pinned: bool) -> u64 {
+        match (pinned, self.patched, self.converted) {
+            (true, _, _) | (false, false, false) => 0,
+            (false, false, true) => self.largest_tensor,
+            (false, true, _) => 3 * self.largest_tensor,
+        }
+    }
+
+    /// Resident, with its estimated peak, when the weights and `activations` fit `limit` (and,
+    /// on CUDA, the pinned host copy the upload reads fits the host: `pinned`).
+    fn resident(
+        &self,
+        activations: u64,
+        limit: u64,
+        on_cuda: bool,
+        pinned: bool,
+    ) -> Option<(Residency, u64)> {
+        let peak = self.total.saturating_add(activations);
+        (peak <= limit && (pinned || !on_cuda)).then_some((Residency::Resident, peak))
+    }
+
+    /// [`Self::resident`] when it fits, else streamed with as many blocks held as fit next to
+    /// the activations and an arena of up to [`most_slots`] slots (fewer when the budget has
+    /// no room for them); `None` when not even one slot fits.
+    /// Returns the residency and its estimated peak. The stream reads the pinned host copy
+    /// when `pinned` (the host has room for it), else the file.
+    fn residency(
+        &self,
+        activations: u64,
+        limit: u64,
+        on_cuda: bool,
+        pinned: bool,
+    ) -> Option<(Residency, u64)> {
+        // On CUDA a resident model is uploaded from its pinned host copy.
+        if let Some(resident) = self.resident(activations, limit, on_cuda, pinned) {
+            return Some(resident);
+        }
+        let most_slots = most_slots(on_cuda);
+        let block = self.block.max(1);
+        let staging = self.staging(pinned);
+        for slots in (1..=most_slots).rev() {
+            let fixed = self
+                .outside_blocks()
+                .saturating_add(activations)
+                .saturating_add(staging)
+                .saturating_add(block.saturating_mul(slots as u64));
+            if fixed > limit || self.blocks == 0 {
+                continue;
+            }
+            // At least one block streams: holding them all did not fit above.
+            let held_blocks = (((limit - fixed) / block) as usize).min(self.blocks - 1);
+            let streamed_blocks = self.blocks - held_blocks;
+            let slots = slots.min(streamed_blocks);
+            let source = if pinned {
+                vpipe_mem::StreamSource::PinnedHost
+            } else {
+                vpipe_mem::StreamSource::File
+            };
+            let peak = self.outside_blocks()
+                + block * (held_blocks + slots) as u64
+                + activations
+                + staging;
+            return Some((
+                Residency::Streamed {
+                    held_blocks,
+                    streamed_blocks,
+                    slots,
+                    source,
+                },
+                peak,
+            ));
+        }
+        None
+    }
+}
+
+/// The least budget whose [`planning_limit`] is `bytes`.
+fn least_budget(bytes: u64) -> u64 {
+    // limit = budget − max(budget / 50, 4 MiB)
+    (bytes.saturating_add(4 << 20)).max(bytes.saturating_mul(50).div_ceil(49))
+}
+
+/// What a strategy may plan to use of `budget`: it leaves 2 % (at least 4 MiB) for what the
+/// estimates do not count (the tokenizer, earlier phases' outputs, bookkeeping).
+fn planning_limit(budget: u64) -> u64 {
+    budget.saturating_sub((budget / 50).max(4 << 20))
+}
+
+/// Arena slots a stream takes when the budget has room for them: on CUDA one group computes
+/// while the next is copied; the CPU reads each group when it is needed.
+fn most_slots(on_cuda: bool) -> usize {
+    if on_cuda {
+        CUDA_STREAM_SLOTS
+    } else {
+        1
+    }
+}
+
+/// Whether a CUDA stream can read a pinned host copy of `total` bytes within the host budget.
+fn pinned_fits(on_cuda: bool, total: u64, budget: vpipe_mem::Budget) -> bool {
+    on_cuda && budget.host.is_none_or(|h| total <= h)
+}
+
+/// What the sample phase does, decided once from the budget and the model's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct SamplePlan {
+    pub(crate) residency: Residency,
+    #[serde(serialize_with = "serialize_passes")]
+    pub(crate) passes: GuidancePasses,
+    /// Token slices the FFN runs over in turn (1: all at once).
+    pub(crate) ffn_chunks: usize,
+    /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
+    pub(crate) attention_scratch: u64,
+    /// **Estimated** activations of one step (on CUDA with the pool's reserve beyond them).
+    pub(crate) activation_bytes: u64,
+    /// Weights held plus the arena plus the estimated activations.
+    pub(crate) estimated_peak_bytes: u64,
+    /// The least budget any strategy runs in (one streamed slot, two passes).
+    pub(crate) minimum_bytes: u64,
+}
+
+fn serialize_passes<S: serde::Serializer>(
+    passes: &GuidancePasses,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(match passes {
+        GuidancePasses::Batched => "batched",
+        GuidancePasses::TwoPasses => "two_passes",
+        GuidancePasses::Sequential => "sequential",
+    })
+}
+
+/// Arena slots a CUDA stream takes when the budget has room: one group computes while the
+/// next is copied.
+const CUDA_STREAM_SLOTS: usize = 2;
+
+impl SamplePlan {
+    /// The sample phase of a DiT of `sizes` in `dtype` for `tokens` tokens per sample. In
+    /// order of preference, the first that fits `budget.compute`: resident with CFG batched,
+    /// resident in two passes, then streamed (batched, then two passes) with as many blocks
+    /// held as the budget leaves room for after the activations and the arena. On CUDA the
+    /// stream reads the pinned host copy when `budget.host` has room for it, else the file.
+    /// Without a budget, or when nothing fits, resident and batched (the caller compares the
+    /// estimate with the budget).
+    pub(crate) fn new(
+        sizes: &ModelSizes,
+        dtype: DType,
+        tokens: usize,
+        budget: vpipe_mem::Budget,
+        on_cuda: bool,
+        lora: bool,
+    ) -> Self {
+        let dit = &sizes.dit;
+        let fused = fused_kernel_applies(on_cuda, dtype, dit.head_dim());
+        let scratch = if fused {
+            0
+        } else {
+            attention_scratch(budget.compute, sizes.dit_weights.total)
+        };
+        let elem = dtype.size_in_bytes() as u64;
+        // Two passes keep the second pass's residual stream while the first runs a block.
+        let residual = tokens as u64 * dit.dim as u64 * elem;
+        // The text side, per sample: the context through the text embedding (its input,
+        // the two linear outputs and the GELU's) and a block's cross-attention keys and
+        // values, with their normed and transposed copies: ten context-sized tensors, the
+        // bulk of a small video's activations (measured 6.9 MiB at 256 wide on the CPU).
+        let text_side = 10 * TEXT_TOKENS as u64 * dit.dim as u64 * elem;
+        let activations = |(passes, ffn_chunks): Step| {
+            let live = match passes {
+                GuidancePasses::Batched => dit
+                    .activation_bytes_estimate(dtype, 2, tokens, scratch, ffn_chunks)
+                    .saturating_add(2 * text_side),
+                GuidancePasses::TwoPasses => dit
+                    .activation_bytes_estimate(dtype, 1, tokens, scratch, ffn_chunks)
+                    .saturating_add(residual)
+                    .saturating_add(2 * text_side),
+                // One residual stream at a time.
+                GuidancePasses::Sequential => dit
+                    .activation_bytes_estimate(dtype, 1, tokens, scratch, ffn_chunks)
+                    .saturating_add(2 * text_side),
+            };
+            with_pool_slack(live, on_cuda, DIT_POOL_SLACK)
+        };
+        let weights = BlockWeights {
+            patched: lora,
+            ..sizes.dit_weights
+        };
+        let smallest = (GuidancePasses::TwoPasses, FFN_SLICES);
+        let minimum_bytes = weights.minimum(activations(smallest));
+        let plan = |step: Step, (residency, estimated_peak_bytes)| Self {
+            residency,
+            passes: step.0,
+            ffn_chunks: step.1,
+            attention_scratch: scratch,
+            activation_bytes: activations(step),
+            estimated_peak_bytes,
+            minimum_bytes,
+        };
+        let steps = [
+            (GuidancePasses::Batched, 1),
+            (GuidancePasses::Batched, FFN_SLICES),
+            (GuidancePasses::TwoPasses, 1),
+            smallest,
+        ];
+        let Some(limit) = budget.compute.map(planning_limit) else {
+            let step = steps[0];
+            return plan(
+                step,
+                (Residency::Resident, weights.total + activations(step)),
+            );
+        };
+        let pinned = pinned_fits(on_cuda, weights.total, budget);
+        // Held whole, in the fastest way of stepping that fits, first; then streamed.
+        for step in steps {
+            if let Some(resident) = weights.resident(activations(step), limit, on_cuda, pinned) {
+                return plan(step, resident);
+            }
+        }
+        for step in steps {
+            if let Some(streamed) = weights.residency(activations(step), limit, on_cuda, pinned) {
+                return plan(step, streamed);
+            }
+        }
+        plan(
+            smallest,
+            (Residency::Resident, weights.total + activations(smallest)),
+        )
+    }
+}
+
+/// How a denoising step runs: the guidance passes and the FFN's token slices.
+type Step = (GuidancePasses, usize);
+
+/// Token slices the FFN runs over when the budget needs it: a quarter of its hidden state at
+/// a time (the FFN's peak then falls below the attention's).
+const FFN_SLICES: usize = 4;
+
+/// What the CUDA pool reserves beyond its live allocations at its high-water mark, as a share
+/// of a phase's activations (freed blocks that the next allocations do not fit). Measured on
+/// the H200 on 2026-12-04 (`bench/gpu-stream.sh`, BENCHMARKS.md "Streamed DiT"): 1.32 GiB over
+/// 4.28 GiB of estimated activations in the sample phase, resident and streamed alike.
+const DIT_POOL_SLACK: f64 = 0.31;
+/// The same for the text encoder: 0.08 GiB over 0.54 GiB.
+const TEXT_POOL_SLACK: f64 = 0.15;
+/// The same for the VAE (256-px tiles): 0.43 GiB over 0.55 GiB at most.
+const VAE_POOL_SLACK: f64 = 0.8;
+
+/// `live` activations plus what the CUDA pool reserves beyond them (`slack` of them); the
+/// CPU heap has no such reserve.
+fn with_pool_slack(live: u64, on_cuda: bool, slack: f64) -> u64 {
+    if on_cuda {
+        live.saturating_add((live as f64 * slack) as u64)
+    } else {
+        live
+    }
+}
+
+/// Tokens per sample of a video of `frames` × `height` × `width` (the latent is 4× shorter
+/// after the first frame and 8× smaller in each side, then cut into the DiT's patches).
+pub(crate) fn video_tokens(dit: &DitConfig, frames: usize, height: usize, width: usize) -> usize {
+    let latent_frames = 1 + frames.saturating_sub(1) / 4;
+    let [pt, ph, pw] = dit.patch_size;
+    (latent_frames / pt) * (height / 8 / ph) * (width / 8 / pw)
+}
+
+/// Wan's text context length.
+const TEXT_TOKENS: usize = 512;
+
+/// The sizes a plan needs, from files or a preset.
+pub(crate) struct ModelSizes {
+    pub(crate) dit: DitConfig,
+    pub(crate) dit_weights: BlockWeights,
+    pub(crate) vae_base_dim: usize,
+    pub(crate) vae_bytes: u64,
+    pub(crate) text: Umt5Config,
+    pub(crate) text_weights: BlockWeights,
+}
+
+/// Bytes of a checkpoint's tensors once the store has loaded them in `dtype`
+/// ([`vpipe_mem::resident_dtype`]: float8 weights and their scales keep their stored dtype).
+fn loaded_bytes(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> u64 {
+    inspection
+        .tensors
+        .iter()
+        .map(|t| tensor_loaded_bytes(t, dtype))
+        .sum()
+}
+
+/// Whether the store converts this checkpoint tensor when it loads it in `dtype`.
+fn is_converted(t: &vpipe_ckpt::TensorInfo, dtype: DType) -> bool {
+    match t.dtype.to_candle() {
+        Some(stored) => vpipe_mem::resident_dtype(stored, &t.shape, Some(dtype)) != stored,
+        None => true,
+    }
+}
+
+/// Bytes of one checkpoint tensor once the store has loaded it in `dtype`.
+fn tensor_loaded_bytes(t: &vpipe_ckpt::TensorInfo, dtype: DType) -> u64 {
+    let elems: u64 = t.shape.iter().map(|&d| d as u64).product();
+    // float8 e5m2 has no candle dtype; the store reads it as its exact f16 values.
+    let read_as = match t.dtype {
+        vpipe_ckpt::DType::F8_E5M2 => Some(DType::F16),
+        other => other.to_candle(),
+    };
+    match read_as {
+        Some(stored) => {
+            let resident = vpipe_mem::resident_dtype(stored, &t.shape, Some(dtype));
+            elems * resident.size_in_bytes() as u64
+        }
+        // A dtype candle cannot hold: its stored size.
+        None => t.dtype.bytes_for(elems).unwrap_or(0),
+    }
+}
+
+/// A checkpoint's weights once loaded in `dtype`, by block (`block_of` names the block of a
+/// key) and by what a stream reads by rows (`host_rows`).
+fn block_weights(
+    inspection: &vpipe_ckpt::Inspection,
+    dtype: DType,
+    block_of: &dyn Fn(&str) -> Option<usize>,
+    host_rows: &dyn Fn(&str) -> bool,
+) -> BlockWeights {
+    let mut blocks: std::collections::BTreeMap<usize, u64> = Default::default();
+    let mut rows = 0;
+    let mut largest_tensor = 0;
+    let mut converted = false;
+    for t in &inspection.tensors {
+        let bytes = tensor_loaded_bytes(t, dtype);
+        if let Some(index) = block_of(&t.name) {
+            largest_tensor = largest_tensor.max(bytes);
+            converted |= is_converted(t, dtype);
+            *blocks.entry(index).or_default() += bytes;
+        } else if host_rows(&t.name) {
+            rows += bytes;
+        }
+    }
+    BlockWeights {
+        total: loaded_bytes(inspection, dtype),
+        blocks: blocks.len(),
+        block: blocks.values().copied().max().unwrap_or(0),
+        host_rows: rows,
+        largest_tensor,
+        patched: false,
+        converted,
+    }
+}
+
+/// The DiT's weights from its header.
+fn dit_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeights {
+    let prefix = inspection.detection.prefix.clone();
+    block_weights(
+        inspection,
+        dtype,
+        &|name| dit_keys::block_of(name, &prefix).map(|(index, _)| index),
+        &|_| false,
+    )
+}
+
+/// The umT5 encoder's weights from its header: the token embedding is read by rows.
+fn text_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeights {
+    let contains = |name: &str| inspection.tensors.iter().any(|t| t.name == name);
+    match umt5_keys::detect_layout_of(&contains) {
+        Some((layout, prefix)) => block_weights(
+            inspection,
+            dtype,
+            &|name| umt5_keys::block_of(name, layout, prefix),
+            &|name| umt5_keys::is_embedding(name, layout, prefix),
+        ),
+        None => BlockWeights {
+            total: loaded_bytes(inspection, dtype),
+            blocks: 0,
+            block: 0,
+            host_rows: 0,
+            largest_tensor: 0,
+            patched: false,
+            converted: false,
+        },
+    }
+}
+
+impl ModelSizes {
+    /// A named preset's sizes (no weights needed): `wan2.1-t2v-14b` or `wan2.1-t2v-1.3b`, with
+    /// the Wan 2.1 VAE and umT5-XXL.
+    pub(crate) fn preset(name: &str, dtype: DType) -> Option<Self> {
+        let dit = DitConfig::preset(name)?;
+        let text = Umt5Config::umt5_xxl();
+        let elem = dtype.size_in_bytes() as u64;
+        let (d, ff) = (text.d_model as u64, text.d_ff as u64);
+        let text_embedding = text.vocab_size as u64 * d;
+        let text_block = 4 * d * d
+            + 3 * d * ff
+            + 2 * d
+            + (text.relative_attention_num_buckets * text.num_heads) as u64;
+        Some(Self {
+            dit_weights: BlockWeights {
+                total: dit.parameter_count() * elem,
+                blocks: dit.num_layers,
+                block: dit.block_parameter_count() * elem,
+                host_rows: 0,
+                largest_tensor: (dit.dim * dit.ffn_dim) as u64 * elem,
+                patched: false,
+                // A preset is planned as a file in the run's dtype.
+                converted: false,
+            },
+            dit,
+            vae_base_dim: 96,
+            // The Wan 2.1 VAE: 126.9 M parameters.
+            vae_bytes: 126_900_000 * elem,
+            text_weights: BlockWeights {
+                total: (text_embedding + text.num_layers as u64 * text_block + d) * elem,
+                blocks: text.num_layers,
+                block: text_block * elem,
+                host_rows: text_embedding * elem,
+                largest_tensor: d * ff * elem,
+                patched: false,
+                converted: false,
+            },
+            text,
+        })
+    }
+
+    /// The sizes of the given model files, from their headers.
+    pub(crate) fn of(models: &ModelFiles, dtype: DType) -> Result<Self> {
+        let (dit, vae, text_encoder) = (
+            &models.dit.path,
+            &models.vae.path,
+            &models.text_encoder.path,
+        );
+        let dit_header = &models.dit.inspection;
+        let vae_header = &models.vae.inspection;
+        let text_header = &models.text_encoder.inspection;
+        let dit_cfg = match (&models.dit_config, &dit_header.detection.config) {
+            (Some(cfg), _) => cfg.clone(),
+            (None, Some(vpipe_ckpt::ModelConfig::Dit(c))) => DitConfig {
+                dim: c.dim,
+                ffn_dim: c.ffn_dim,
+                num_heads: c.num_heads,
+                num_layers: c.num_layers,
+                in_channels: c.in_dim,
+                out_channels: c.out_dim,
+                text_dim: c.text_dim,
+                freq_dim: c.freq_dim,
+                patch_size: c.patch_size,
+                ..DitConfig::wan21_t2v_14b()
+            },
+            _ => {
+                return Err(Error::BadInput(format!(
+                    "{}: no Wan DiT configuration in its header (a tensor missing or misshapen?)",
+                    dit.display()
+                )))
+            }
+        };
+        let vae_base_dim = match &vae_header.detection.config {
+            Some(vpipe_ckpt::ModelConfig::Vae(c)) => c.base_dim,
+            _ => {
+                return Err(Error::BadInput(format!(
+                    "{}: no Wan VAE configuration in its header (a tensor missing or misshapen?)",
+                    vae.display()
+                )))
+            }
+        };
+        let text = match &text_header.detection.config {
+            Some(vpipe_ckpt::ModelConfig::Umt5(c)) => Umt5Config {
+                vocab_size: c.vocab_size,
+                d_model: c.d_model,
+                d_kv: c.d_kv,
+                d_ff: c.d_ff,
+                num_layers: c.num_layers,
+                num_heads: c.num_heads,
+                ..Umt5Config::umt5_xxl()
+            },
+            _ => {
+                return Err(Error::BadInput(format!(
+                    "{}: no umT5 configuration in its header (a tensor missing or misshapen?)",
+                    text_encoder.display()
+                )))
+            }
+        };
+        Ok(Self {
+            dit: dit_cfg,
+            dit_weights: dit_weights(dit_header, dtype),
+            vae_base_dim,
+            vae_bytes: loaded_bytes(vae_header, dtype),
+            text,
+            text_weights: text_weights(text_header, dtype),
+        })
+    }
+}
+
+/// One phase of a plan.
+#[derive(Debug, Serialize)]
+pub(crate) struct PhasePlan {
+    pub(crate) name: &'static str,
+    /// Models in the compute tier during the phase.
+    pub(crate) resident: Vec<String>,
+    /// Weights plus estimated activations, in bytes.
+    pub(crate) estimated_peak_bytes: u64,
+    pub(crate) detail: String,
+}
+
+/// A run's plan.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub(crate) phases: Vec<PhasePlan>,
+    pub(crate) budget_bytes: Option<u64>,
+    /// What set the compute budget: `--vram-budget`, the device's free memory, or none.
+    pub(crate) budget_source: String,
+    /// The host budget of a CUDA run (pinned copies), and what set it.
+    pub(crate) host_budget_bytes: Option<u64>,
+    pub(crate) host_budget_source: &'static str,
+    /// Every phase's estimated peak within the budget (true without a budget).
+    pub(crate) fits: bool,
+    /// The least compute budget this run can take (streaming every block it can), and the
+    /// phase that needs it.
+    pub(crate) minimum_bytes: u64,
+    pub(crate) minimum_phase: &'static str,
+    pub(crate) guidance: &'static str,
+    /// How the text encoder is held.
+    pub(crate) text: TextPlan,
+    /// How the DiT is held while sampling, and what its step needs.
+    pub(crate) sample: SamplePlan,
+    pub(crate) attention_query_rows: usize,
+    pub(crate) vae_tile_px: usize,
+    /// The precision of the weights and the computation, and why it is that one.
+    pub(crate) dtype: String,
+}
+
+impl Plan {
+    /// The plan of `job` for models of `sizes`.
+    pub(crate) fn new(job: &RunOptions, sizes: &ModelSizes) -> Self {
+        let dtype = job.compute.dtype;
+        let elem = dtype.size_in_bytes() as u64;
+        let budget = job.compute.budget.compute;
+        let tokens = video_tokens(&sizes.dit, job.frames, job.height, job.width);
+
+        let on_cuda = job.compute.device.starts_with("cuda");
+        let model_budget = job.compute.model_budget();
+        let text = TextPlan::new(sizes, dtype, model_budget, on_cuda);
+        let on_cuda = job.compute.device.starts_with("cuda");
+        let sample = SamplePlan::new(
+            sizes,
+            dtype,
+            tokens,
+            model_budget,
+            on_cuda,
+            !job.loras.is_empty(),
+        );
+        let fused = sample.attention_scratch == 0;
+        let passes = sample.passes;
+        let batch = match passes {
+            GuidancePasses::Batched => 2,
+            GuidancePasses::TwoPasses | GuidancePasses::Sequential => 1,
+        };
+        // The fused kernel takes every query row in one launch.
+        let rows = if fused {
+            tokens
+        } else {
+            QueryChunk::for_budget(
+                sample.attention_scratch,
+                batch,
+                sizes.dit.num_heads,
+                tokens,
+                sizes.dit.head_dim(),
+                dtype,
+            )
+            .0
+            .min(tokens)
+        };
+        let scratch = sample.attention_scratch;
+
+        let (tile_h, tile_w) = job.tiles.largest_tile(job.height, job.width);
+        let vae_unit = sizes.vae_base_dim as u64 * (tile_h * tile_w) as u64 * elem;
+        let vae = if on_cuda { VAE_CUDA } else { VAE_CPU };
+        let mut phases = vec![
+            PhasePlan {
+                name: "load",
+                resident: vec![],
+                estimated_peak_bytes: 0,
+                detail: "headers only".into(),
+            },
+            PhasePlan {
+                name: "lora",
+                resident: vec![],
+                estimated_peak_bytes: 0,
+                detail: format!(
+                    "{} LoRA file(s) checked against the DiT's keys",
+                    job.loras.len()
+                ),
+            },
+            PhasePlan {
+                name: "text",
+                resident: vec![text
+                    .residency
+                    .describe("text encoder", sizes.text.num_layers)],
+                estimated_peak_bytes: text.estimated_peak_bytes,
+                detail: format!("prompt and negative prompt, {TEXT_TOKENS} tokens each"),
+            },
+            PhasePlan {
+                name: "shift",
+                resident: vec![],
+                estimated_peak_bytes: 0,
+                detail: format!(
+                    "{} schedule, shift {}, no device work",
+                    job.sampler, job.shift
+                ),
+            },
+        ];
+        let vae_phase = |name, bytes_per_unit| PhasePlan {
+            name,
+            resident: vec!["vae".into()],
+            estimated_peak_bytes: sizes.vae_bytes
+                + (sizes.vae_bytes as f64 * vae.weight_copies) as u64
+                + with_pool_slack(bytes_per_unit * vae_unit, on_cuda, VAE_POOL_SLACK),
+            detail: format!(
+                "tile {} px, stride {} px, {} layout",
+                job.tiles.tile, job.tiles.stride, job.tiles.layout
+            ),
+        };
+        if job.input.is_some() {
+            phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
+        }
+        let held = match sample.residency {
+            Residency::Resident => "dit".to_owned(),
+            Residency::Streamed {
+                held_blocks, slots, ..
+            } => format!(
+                "dit: {held_blocks} of {} blocks + {slots} streamed",
+                sizes.dit.num_layers
+            ),
+        };
+        let attention = if fused {
+            "fused attention kernel (no score scratch)".to_owned()
+        } else {
+            format!(
+                "attention in chunks of {rows} query rows ({} of score scratch)",
+                fmt_bytes(scratch)
+            )
+        };
+        phases.push(PhasePlan {
+            name: "sample",
+            resident: vec![held],
+            estimated_peak_bytes: sample.estimated_peak_bytes,
+            detail: format!(
+                "{tokens} tokens, {} steps, CFG {passes:?}, {attention}",
+                job.steps
+            ),
+        });
+        phases.push(vae_phase("vae decode", vae.decode_bytes_per_unit));
+        phases.push(PhasePlan {
+            name: "write",
+            resident: vec![],
+            estimated_peak_bytes: 0,
+            detail: format!("{}", job.out.display()),
+        });
+        // On CUDA the budget also holds what the process took before any work.
+        let taken = job.compute.device_baseline;
+        let fits = budget.is_none_or(|budget| {
+            phases
+                .iter()
+                .all(|p| p.estimated_peak_bytes + taken <= budget)
+        });
+        // The least budget: the text and sample phases at their smallest strategy (a budget
+        // is planned with a headroom, see `planning_limit`), every other phase as planned.
+        let (minimum_phase, minimum_bytes) = phases
+            .iter()
+            .map(|p| {
+                let least = match p.name {
+                    "text" => least_budget(text.minimum_bytes),
+                    "sample" => least_budget(sample.minimum_bytes),
+                    _ => p.estimated_peak_bytes,
+                };
+                (p.name, least)
+            })
+            .max_by_key(|(_, least)| *least)
+            .map(|(phase, least)| (phase, least + taken))
+            .expect("a plan has phases");
+        Self {
+            phases,
+            budget_bytes: budget,
+            budget_source: job.compute.budget_source.clone(),
+            host_budget_bytes: job.compute.budget.host,
+            host_budget_source: if job.compute.ram_budget_given {
+                "--ram-budget"
+            } else if job.compute.budget.host.is_some() {
+                "available host memory (MemAvailable)"
+            } else {
+                "none"
+            },
+            fits,
+            minimum_bytes,
+            minimum_phase,
+            sample,
+            text,
+            guidance: match passes {
+                GuidancePasses::Batched => "batched",
+                GuidancePasses::TwoPasses => "two passes",
+                GuidancePasses::Sequential => "sequential",
+            },
+            attention_query_rows: rows,
+            vae_tile_px: job.tiles.tile,
+            dtype: format!(
+                "{}{}",
+                dtype.as_str(),
+                if job.compute.dtype_is_default {
+                    " (the default on this device; --dtype to change)"
+                } else {
+                    " (--dtype)"
+                }
+            ),
+        }
+    }
+}
+
+impl Plan {
+    /// Whether every phase's estimated peak is within the budget (true without a budget).
+    pub fn fits(&self) -> bool {
+        self.fits
+    }
+
+    /// The error of a run refused before loading anything because its plan does not fit.
+    pub(crate) fn refusal(&self) -> Error {
+        let worst = self
+            .phases
+            .iter()
+            .max_by_key(|p| p.estimated_peak_bytes)
+            .expect("a plan has phases");
+        Error::PlanDoesNotFit {
+            message: format!(
+                "refused before loading anything: phase '{}' is estimated at {} ({}), over the \
+                 budget of {} ({}); the least this run can take is {} (phase '{}'); see `vpipe \
+                 plan` with the same flags",
+                worst.name,
+                fmt_bytes(worst.estimated_peak_bytes),
+                worst.resident.join(", "),
+                fmt_bytes(self.budget_bytes.unwrap_or(0)),
+                self.budget_source,
+                fmt_bytes(self.minimum_bytes),
+                self.minimum_phase,
+            ),
+            least_budget: self.minimum_bytes,
+        }
+    }
+}
+
+/// The plan as a table (estimates are marked as such).
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<11} {:<14} {:>16}  detail",
+            "phase", "resident", "estimated peak"
+        )?;
+        for phase in &self.phases {
+            writeln!(
+                f,
+                "{:<11} {:<14} {:>16}  {}",
+                phase.name,
+                if phase.resident.is_empty() {
+                    "-".to_string()
+                } else {
+                    phase.resident.join(", ")
+                },
+                fmt_bytes(phase.estimated_peak_bytes),
+                phase.detail
+            )?;
+        }
+        writeln!(f, "precision {}", self.dtype)?;
+        match self.budget_bytes {
+            Some(budget) => writeln!(
+                f,
+                "budget {} ({}): {} (estimates: weights exact, activations estimated)",
+                fmt_bytes(budget),
+                self.budget_source,
+                if self.fits {
+                    "fits".to_owned()
+                } else {
+                    format!(
+                        "does NOT fit; the least this run can take is {} (phase '{}')",
+                        fmt_bytes(self.minimum_bytes),
+                        self.minimum_phase
+                    )
+                }
+            )?,
+            None => writeln!(
+                f,
+                "no budget given (estimates: weights exact, activations estimated)"
+            )?,
+        }
+        if let Some(host) = self.host_budget_bytes {
+            writeln!(
+            f,
+                "host budget {} ({}): pinned host copies where they fit, else streamed from the file",
+                fmt_bytes(host),
+                self.host_budget_source
+            )?;
+        }
+        Ok(())
+    }
+}
