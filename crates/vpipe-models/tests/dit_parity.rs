@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use vpipe_models::ops::max_abs_diff;
-use vpipe_models::wan::dit::{BlockPart, BlockSource, Config, GuidancePasses, Rope, WanModel};
+use vpipe_models::wan::dit::{
+    BlockPart, BlockSource, Config, Execution, GuidancePasses, Rope, WanModel,
+};
 use vpipe_models::wan::dit_keys;
 
 const TOL: f64 = 1e-4;
@@ -167,32 +169,56 @@ fn bad_inputs_are_clear_errors() {
     assert!(err.contains("encoder_hidden_states"), "{err}");
 }
 
+/// `case` under `execution`.
+fn run_planned(
+    model: &WanModel,
+    cases: &HashMap<String, Tensor>,
+    case: &str,
+    execution: &Execution,
+) -> Tensor {
+    let get = |k: &str| cases[&format!("{case}.{k}")].clone();
+    model
+        .forward_planned(
+            &get("hidden_states"),
+            &get("timestep"),
+            &get("encoder_hidden_states"),
+            execution,
+        )
+        .unwrap()
+}
+
 #[test]
 fn chunked_attention_does_not_change_the_output() {
-    let mut model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
+    let model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
     let cases = cases();
     let full = run(&model, &cases, "batch2");
     // A few rows per chunk: 72 tokens in 1-2 KB of scratch.
-    model.set_attention_scratch(2048);
-    let (self_chunk, _) = model.query_chunks(2, 72, 20);
+    let execution = Execution {
+        attention_scratch: 2048,
+        ..Execution::default()
+    };
+    let (self_chunk, _) = model.query_chunks(&execution, 2, 72, 20);
     assert!(self_chunk.0 < 72, "{self_chunk:?}");
-    let chunked = run(&model, &cases, "batch2");
+    let chunked = run_planned(&model, &cases, "batch2", &execution);
     let err = max_abs_diff(&chunked, &full).unwrap();
     assert!(err <= 1e-5, "{err}");
 }
 
 #[test]
 fn ffn_in_token_slices_does_not_change_the_output() {
-    let mut model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
+    let model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
     let cases = cases();
     let whole = run(&model, &cases, "batch2");
-    let before = model.activation_bytes_estimate(2, 72);
     // 72 tokens in 5 slices: the last one shorter.
-    model.set_ffn_chunks(5);
-    let sliced = run(&model, &cases, "batch2");
+    let execution = Execution {
+        ffn_slices: 5,
+        ..Execution::default()
+    };
+    let sliced = run_planned(&model, &cases, "batch2", &execution);
     let err = max_abs_diff(&sliced, &whole).unwrap();
     assert!(err <= 1e-5, "{err}");
-    assert!(model.activation_bytes_estimate(2, 72) <= before);
+    let estimate = |slices| config().activation_bytes_estimate(DType::F32, 2, 72, 0, slices);
+    assert!(estimate(5) <= estimate(1));
 }
 
 /// The fused CUDA kernels (layer norm + modulation, gated residual, RoPE + head split) against
@@ -230,7 +256,7 @@ fn cuda_matches_diffusers() {
 }
 
 #[test]
-fn guidance_batched_equals_two_passes_and_follows_memory() {
+fn guidance_batched_equals_two_passes() {
     // batch2's two contexts play cond and uncond for sample 0's latents.
     let model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
     let cases = cases();
@@ -241,7 +267,7 @@ fn guidance_batched_equals_two_passes_and_follows_memory() {
     let (cond, uncond) = (ctx.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 1, 1).unwrap());
     let run = |passes| {
         model
-            .forward_guided(&x, &t, &cond, &uncond, 5.0, passes)
+            .forward_guided(&x, &t, &cond, &uncond, 5.0, (passes, &Execution::default()))
             .unwrap()
     };
     let (batched, two) = (run(GuidancePasses::Batched), run(GuidancePasses::TwoPasses));
@@ -255,15 +281,6 @@ fn guidance_batched_equals_two_passes_and_follows_memory() {
     let u = model.forward(&x, &t, &uncond).unwrap();
     let manual = (&u + ((c - &u).unwrap() * 5.0).unwrap()).unwrap();
     assert!(max_abs_diff(&two, &manual).unwrap() <= 1e-6);
-
-    let tokens = 3 * 4 * 6;
-    let need = model.activation_bytes_estimate(2, tokens);
-    assert!(need > model.activation_bytes_estimate(1, tokens));
-    assert_eq!(model.guidance_passes(need, tokens), GuidancePasses::Batched);
-    assert_eq!(
-        model.guidance_passes(need - 1, tokens),
-        GuidancePasses::TwoPasses
-    );
 }
 
 /// The blocks of a checkpoint, given one part at a time with only that part's tensors, as a
@@ -341,10 +358,18 @@ fn blocks_given_in_parts_equal_held_blocks() {
                 asked: Vec::new(),
             };
             let streamed = partial
-                .forward_guided_with(&x, &t, &cond, &uncond, 5.0, passes, &mut source)
+                .forward_guided_with(
+                    &x,
+                    &t,
+                    &cond,
+                    &uncond,
+                    5.0,
+                    (passes, &Execution::default()),
+                    &mut source,
+                )
                 .unwrap();
             let whole = held
-                .forward_guided(&x, &t, &cond, &uncond, 5.0, passes)
+                .forward_guided(&x, &t, &cond, &uncond, 5.0, (passes, &Execution::default()))
                 .unwrap();
             assert_eq!(
                 max_abs_diff(&streamed, &whole).unwrap(),

@@ -12,7 +12,7 @@ use vpipe_models::ops::max_abs_diff;
 use vpipe_models::tiling::{
     halving_on_failure, tiled_decode, tiled_encode, Finish, TileError, TileSpec, MAX_FRAME_SIDE,
 };
-use vpipe_models::wan::dit::{Config, GuidancePasses, Rope, WanModel, MAX_TOKENS};
+use vpipe_models::wan::dit::{Config, Execution, GuidancePasses, Rope, WanModel, MAX_TOKENS};
 use vpipe_models::wan::WanVae;
 use vpipe_models::Error;
 
@@ -84,9 +84,20 @@ fn an_empty_text_context_is_a_typed_error() {
         "L = 0",
     );
     // Also through guidance, whichever way it runs.
-    for passes in [GuidancePasses::Batched, GuidancePasses::TwoPasses] {
+    for passes in [
+        GuidancePasses::Batched,
+        GuidancePasses::TwoPasses,
+        GuidancePasses::Sequential,
+    ] {
         let empty = zeros(&[1, 0, 24]);
-        let result = model.forward_guided(&latents, &t, &empty, &empty, 5.0, passes);
+        let result = model.forward_guided(
+            &latents,
+            &t,
+            &empty,
+            &empty,
+            5.0,
+            (passes, &Execution::default()),
+        );
         assert_dit_input(result, "encoder_hidden_states", "L = 0");
     }
 }
@@ -166,7 +177,7 @@ fn mismatched_batches_are_a_typed_error() {
             &context,
             &zeros(&[1, 7, 24]),
             5.0,
-            GuidancePasses::Batched,
+            (GuidancePasses::Batched, &Execution::default()),
         ),
         "encoder_hidden_states",
         "differ in shape",
@@ -206,7 +217,7 @@ fn a_non_finite_timestep_is_a_typed_error() {
             &context,
             &context,
             f64::NAN,
-            GuidancePasses::TwoPasses,
+            (GuidancePasses::TwoPasses, &Execution::default()),
         ),
         "guidance",
         "not a finite number",

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use vpipe_lora::{LoraFile, MergePlan};
 
 use vpipe_mem::{Lease, ModelId, Phase, StreamSpec, Streamer, TensorMeta, WeightPatch};
-use vpipe_models::wan::{dit_keys, BlockSource, DitConfig, WanModel, WanVae};
+use vpipe_models::wan::{dit_keys, BlockPart, BlockSource, DitConfig, WanModel, WanVae};
 use vpipe_text::umt5::{Config as Umt5Config, Umt5Encoder, Umt5Source};
 
 use crate::error::{Context, Error, Result};
@@ -98,20 +98,23 @@ fn fixed_var_builder(
 
 /// The stream of a model's blocks from `held` on (blocks before it are held for the whole
 /// phase with the tensors outside the blocks, but those `host_rows` says are read by rows):
-/// one group per block, each group's keys sorted, so that every group lines up with the first
-/// (a block's keys share their prefix up to the block's index).
+/// `parts` groups per block (`part_of` names a key's block and part), each group's keys
+/// sorted, so that every group lines up with the same part of the first block (a block's keys
+/// share their prefix up to the block's index).
 fn block_stream(
     keys: &[TensorMeta],
-    block_of: &dyn Fn(&str) -> Option<usize>,
-    blocks: usize,
+    part_of: &dyn Fn(&str) -> Option<(usize, usize)>,
+    (blocks, parts): (usize, usize),
     held: usize,
     slots: usize,
     host_rows: &dyn Fn(&str) -> bool,
 ) -> StreamSpec {
-    let mut groups: Vec<Vec<String>> = vec![Vec::new(); blocks.saturating_sub(held)];
+    let mut groups: Vec<Vec<String>> = vec![Vec::new(); blocks.saturating_sub(held) * parts];
     for meta in keys {
-        if let Some(index) = block_of(&meta.name).filter(|i| (held..blocks).contains(i)) {
-            groups[index - held].push(meta.name.clone());
+        if let Some((index, part)) =
+            part_of(&meta.name).filter(|&(i, part)| (held..blocks).contains(&i) && part < parts)
+        {
+            groups[(index - held) * parts + part].push(meta.name.clone());
         }
     }
     for group in &mut groups {
@@ -128,21 +131,33 @@ fn block_stream(
     }
 }
 
-/// The stream of a DiT's blocks from `held` on (see [`block_stream`]).
+/// The stream of a DiT's blocks from `held` on, each block in `parts` groups: 1, whole, or
+/// its [`BlockPart`]s in order, one arena slot each (see [`block_stream`]).
 pub(crate) fn dit_block_stream(
     keys: &[TensorMeta],
-    blocks: usize,
+    (blocks, parts): (usize, usize),
     held: usize,
     slots: usize,
 ) -> Result<StreamSpec> {
     let contains = |name: &str| keys.iter().any(|t| t.name == name);
-    let (_, prefix) = dit_keys::detect_layout_of(&contains).ok_or(Error::KeyLayout(
+    let (layout, prefix) = dit_keys::detect_layout_of(&contains).ok_or(Error::KeyLayout(
         "the DiT checkpoint's key layout is not recognised",
     ))?;
-    let block_of = |name: &str| dit_keys::block_of(name, prefix).map(|(index, _)| index);
-    Ok(block_stream(keys, &block_of, blocks, held, slots, &|_| {
-        false
-    }))
+    let part_of = |name: &str| {
+        if parts == 1 {
+            return dit_keys::block_of(name, prefix).map(|(index, _)| (index, 0));
+        }
+        let (index, part) = dit_keys::block_part_of(name, layout, prefix)?;
+        Some((index, BlockPart::ALL.iter().position(|&p| p == part)?))
+    };
+    Ok(block_stream(
+        keys,
+        &part_of,
+        (blocks, parts),
+        held,
+        slots,
+        &|_| false,
+    ))
 }
 
 /// The stream of an umT5 encoder's blocks from `held` on, its token embedding read by rows
@@ -170,8 +185,8 @@ pub(crate) fn umt5_block_stream(
     ))?;
     let spec = block_stream(
         keys,
-        &|name| umt5_keys::block_of(name, layout, prefix),
-        blocks,
+        &|name| umt5_keys::block_of(name, layout, prefix).map(|index| (index, 0)),
+        (blocks, 1),
         held,
         slots,
         &|name| umt5_keys::is_embedding(name, layout, prefix),
@@ -223,21 +238,23 @@ impl Umt5Source for StreamedText<'_> {
         dtype: DType,
         device: &Device,
     ) -> vpipe_text::Result<VarBuilder<'static>> {
-        streamed_block(self.streamer, index, self.held, dtype, device)
+        streamed_group(self.streamer, (index, 0, 1), self.held, dtype, device)
             .map_err(vpipe_text::Error::from)
     }
 }
 
-/// Block `index` of a stream whose blocks before `held` are held, as a `VarBuilder`.
-fn streamed_block(
+/// Part `part` of `parts` of block `index` of a stream whose blocks before `held` are held,
+/// as a `VarBuilder`.
+fn streamed_group(
     streamer: &mut Streamer,
-    index: usize,
+    (index, part, parts): (usize, usize, usize),
     held: usize,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<VarBuilder<'static>> {
     let group = index
         .checked_sub(held)
+        .map(|streamed| streamed * parts + part)
         .ok_or_else(|| candle_core::Error::Msg(format!("block {index} is held, not streamed")))?;
     let tensors = streamer
         .group(group)
@@ -263,10 +280,12 @@ pub(crate) fn wan_dit_streamed(
     )?)
 }
 
-/// The DiT's streamed blocks, from `held` on, as a forward asks for them.
+/// The DiT's streamed blocks, from `held` on, in `parts` groups each (see
+/// [`dit_block_stream`]), as a forward asks for them.
 pub(crate) struct StreamedBlocks<'s> {
     pub(crate) streamer: &'s mut Streamer,
     pub(crate) held: usize,
+    pub(crate) parts: usize,
 }
 
 impl BlockSource for StreamedBlocks<'_> {
@@ -276,9 +295,30 @@ impl BlockSource for StreamedBlocks<'_> {
         dtype: DType,
         device: &Device,
     ) -> vpipe_models::Result<VarBuilder<'static>> {
-        Ok(streamed_block(
+        Ok(streamed_group(
             self.streamer,
-            index,
+            (index, 0, 1),
+            self.held,
+            dtype,
+            device,
+        )?)
+    }
+
+    fn gives_parts(&self) -> bool {
+        self.parts > 1
+    }
+
+    fn block_part(
+        &mut self,
+        index: usize,
+        part: BlockPart,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        let part = BlockPart::ALL.iter().position(|&p| p == part).unwrap_or(0);
+        Ok(streamed_group(
+            self.streamer,
+            (index, part, self.parts),
             self.held,
             dtype,
             device,

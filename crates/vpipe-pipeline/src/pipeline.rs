@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::tiling::TileSpec;
-use vpipe_models::wan::DitConfig;
+use vpipe_models::wan::{DitConfig, Execution};
 use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
@@ -312,13 +312,14 @@ pub fn generate(
             }
             Residency::Streamed {
                 held_blocks,
+                parts,
                 slots,
                 source,
                 ..
             } => {
                 let spec = crate::leased::dit_block_stream(
                     p.session().tensors(ids.dit),
-                    job.dit_config.num_layers,
+                    (job.dit_config.num_layers, parts),
                     held_blocks,
                     slots,
                 )?;
@@ -334,6 +335,7 @@ pub fn generate(
                     let blocks = crate::leased::StreamedBlocks {
                         streamer,
                         held: held_blocks,
+                        parts,
                     };
                     sample(job, p, model, &inputs, Some(blocks), observer)
                 })
@@ -396,7 +398,7 @@ struct SampleInputs<'a> {
 fn sample(
     job: &Job,
     p: &mut vpipe_mem::Phase<'_>,
-    mut model: vpipe_models::wan::WanModel,
+    model: vpipe_models::wan::WanModel,
     inputs: &SampleInputs<'_>,
     mut streamed: Option<crate::leased::StreamedBlocks<'_>>,
     observer: &mut dyn Observer,
@@ -416,8 +418,10 @@ fn sample(
     );
     let grid = model.token_grid(shape.2, shape.3, shape.4)?;
     let tokens: usize = grid.iter().product();
-    model.set_attention_scratch(plan.attention_scratch);
-    model.set_ffn_chunks(plan.ffn_chunks);
+    let execution = Execution {
+        attention_scratch: plan.attention_scratch,
+        ffn_slices: plan.ffn_chunks,
+    };
     p.note(
         "sampling",
         &format!(
@@ -430,11 +434,12 @@ fn sample(
                 Residency::Streamed {
                     held_blocks,
                     streamed_blocks,
+                    parts,
                     slots,
                     source,
                 } => format!(
-                    "{held_blocks} blocks held, {streamed_blocks} streamed through {slots} \
-                     slots from the {}",
+                    "{held_blocks} blocks held, {streamed_blocks} streamed in {parts} part(s) \
+                     through {slots} slots from the {}",
                     match source {
                         vpipe_mem::StreamSource::PinnedHost => "pinned host copy",
                         vpipe_mem::StreamSource::File => "file",
@@ -470,7 +475,7 @@ fn sample(
                 &cond,
                 &uncond,
                 job.spec.guidance,
-                plan.passes,
+                (plan.passes, &execution),
                 blocks,
             )?,
             None => model.forward_guided(
@@ -479,7 +484,7 @@ fn sample(
                 &cond,
                 &uncond,
                 job.spec.guidance,
-                plan.passes,
+                (plan.passes, &execution),
             )?,
         };
         x = sampler.step(&velocity, &x)?;

@@ -14,7 +14,7 @@ use serde::Serialize;
 use vpipe_mem::fmt_bytes;
 use vpipe_models::ops::attention::{fused_kernel_applies, QueryChunk};
 use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
-use vpipe_models::wan::{dit_keys, DitConfig, GuidancePasses};
+use vpipe_models::wan::{dit_keys, BlockPart, DitConfig, GuidancePasses};
 use vpipe_text::umt5::{keys as umt5_keys, Config as Umt5Config};
 
 use crate::error::{Error, Result};
@@ -69,10 +69,13 @@ pub(crate) enum Residency {
     Resident,
     /// The first `held_blocks` blocks and the tensors outside the blocks in the compute tier
     /// (but a token embedding, read by rows on the host); the other blocks stream through
-    /// `slots` arena slots from `source` (`slots − 1` copied ahead of the compute).
+    /// `slots` arena slots from `source`, each block in `parts` groups (3 for the DiT: its
+    /// self-attention, cross-attention and FFN, one slot each, each part copied while the one
+    /// before it computes; 1: whole blocks, `slots − 1` copied ahead of the compute).
     Streamed {
         held_blocks: usize,
         streamed_blocks: usize,
+        parts: usize,
         slots: usize,
         source: vpipe_mem::StreamSource,
     },
@@ -84,8 +87,14 @@ impl Residency {
         match self {
             Residency::Resident => model.to_owned(),
             Residency::Streamed {
-                held_blocks, slots, ..
+                held_blocks,
+                parts: 1,
+                slots,
+                ..
             } => format!("{model}: {held_blocks} of {blocks} blocks + {slots} streamed"),
+            Residency::Streamed { held_blocks, .. } => {
+                format!("{model}: {held_blocks} of {blocks} blocks + 1 streamed in parts")
+            }
         }
     }
 }
@@ -155,8 +164,10 @@ pub(crate) struct BlockWeights {
     pub(crate) total: u64,
     /// Transformer blocks.
     pub(crate) blocks: usize,
-    /// Bytes of the largest block (what one arena slot holds).
+    /// Bytes of the largest block (what one arena slot holds, or the slots of its parts).
     pub(crate) block: u64,
+    /// Groups a block streams in (see [`Residency::Streamed`]).
+    pub(crate) parts: usize,
     /// Bytes a stream keeps on the host and reads by rows (a token embedding).
     pub(crate) host_rows: u64,
     /// Bytes of the largest tensor in a block: what a read from the file converts (or, with
@@ -210,8 +221,9 @@ impl BlockWeights {
     }
 
     /// [`Self::resident`] when it fits, else streamed with as many blocks held as fit next to
-    /// the activations and an arena of up to [`most_slots`] slots (fewer when the budget has
-    /// no room for them); `None` when not even one slot fits.
+    /// the activations and the arena: one slot per part of a block, or up to [`most_slots`]
+    /// whole-block slots (fewer when the budget has no room for them); `None` when not even
+    /// the smallest arena fits.
     /// Returns the residency and its estimated peak. The stream reads the pinned host copy
     /// when `pinned` (the host has room for it), else the file.
     fn residency(
@@ -225,35 +237,48 @@ impl BlockWeights {
         if let Some(resident) = self.resident(activations, limit, on_cuda, pinned) {
             return Some(resident);
         }
-        let most_slots = most_slots(on_cuda);
         let block = self.block.max(1);
         let staging = self.staging(pinned);
-        for slots in (1..=most_slots).rev() {
+        // (slots, arena bytes), largest first: the slots of a block's parts together hold one
+        // block.
+        let arenas: Vec<(usize, u64)> = if self.parts > 1 {
+            vec![(self.parts, block)]
+        } else {
+            (1..=most_slots(on_cuda))
+                .rev()
+                .map(|slots| (slots, block.saturating_mul(slots as u64)))
+                .collect()
+        };
+        for (slots, arena) in arenas {
             let fixed = self
                 .outside_blocks()
                 .saturating_add(activations)
                 .saturating_add(staging)
-                .saturating_add(block.saturating_mul(slots as u64));
+                .saturating_add(arena);
             if fixed > limit || self.blocks == 0 {
                 continue;
             }
             // At least one block streams: holding them all did not fit above.
             let held_blocks = (((limit - fixed) / block) as usize).min(self.blocks - 1);
             let streamed_blocks = self.blocks - held_blocks;
-            let slots = slots.min(streamed_blocks);
+            let (slots, arena) = if self.parts > 1 {
+                (slots, arena)
+            } else {
+                let slots = slots.min(streamed_blocks);
+                (slots, block * slots as u64)
+            };
             let source = if pinned {
                 vpipe_mem::StreamSource::PinnedHost
             } else {
                 vpipe_mem::StreamSource::File
             };
-            let peak = self.outside_blocks()
-                + block * (held_blocks + slots) as u64
-                + activations
-                + staging;
+            let peak =
+                self.outside_blocks() + block * held_blocks as u64 + arena + activations + staging;
             return Some((
                 Residency::Streamed {
                     held_blocks,
                     streamed_blocks,
+                    parts: self.parts,
                     slots,
                     source,
                 },
@@ -305,7 +330,8 @@ pub(crate) struct SamplePlan {
     pub(crate) activation_bytes: u64,
     /// Weights held plus the arena plus the estimated activations.
     pub(crate) estimated_peak_bytes: u64,
-    /// The least budget any strategy runs in (one streamed slot, two passes).
+    /// The least budget any strategy runs in (every block streamed, sequential passes, the
+    /// FFN in slices).
     pub(crate) minimum_bytes: u64,
 }
 
@@ -320,6 +346,9 @@ fn serialize_passes<S: serde::Serializer>(
     })
 }
 
+/// Groups a streamed DiT block moves in: its parts, one arena slot each.
+const DIT_BLOCK_PARTS: usize = BlockPart::ALL.len();
+
 /// Arena slots a CUDA stream takes when the budget has room: one group computes while the
 /// next is copied.
 const CUDA_STREAM_SLOTS: usize = 2;
@@ -327,8 +356,9 @@ const CUDA_STREAM_SLOTS: usize = 2;
 impl SamplePlan {
     /// The sample phase of a DiT of `sizes` in `dtype` for `tokens` tokens per sample. In
     /// order of preference, the first that fits `budget.compute`: resident with CFG batched,
-    /// resident in two passes, then streamed (batched, then two passes) with as many blocks
-    /// held as the budget leaves room for after the activations and the arena. On CUDA the
+    /// resident in two passes (interleaved through each block, then one forward after the
+    /// other), then streamed in the same order with as many blocks held as the budget leaves
+    /// room for after the activations and the arena. On CUDA the
     /// stream reads the pinned host copy when `budget.host` has room for it, else the file.
     /// Without a budget, or when nothing fits, resident and batched (the caller compares the
     /// estimate with the budget).
@@ -364,10 +394,10 @@ impl SamplePlan {
                     .activation_bytes_estimate(dtype, 1, tokens, scratch, ffn_chunks)
                     .saturating_add(residual)
                     .saturating_add(2 * text_side),
-                // One residual stream at a time.
+                // One residual stream and one context at a time.
                 GuidancePasses::Sequential => dit
                     .activation_bytes_estimate(dtype, 1, tokens, scratch, ffn_chunks)
-                    .saturating_add(2 * text_side),
+                    .saturating_add(text_side),
             };
             with_pool_slack(live, on_cuda, DIT_POOL_SLACK)
         };
@@ -375,7 +405,7 @@ impl SamplePlan {
             patched: lora,
             ..sizes.dit_weights
         };
-        let smallest = (GuidancePasses::TwoPasses, FFN_SLICES);
+        let smallest = (GuidancePasses::Sequential, FFN_SLICES);
         let minimum_bytes = weights.minimum(activations(smallest));
         let plan = |step: Step, (residency, estimated_peak_bytes)| Self {
             residency,
@@ -390,6 +420,7 @@ impl SamplePlan {
             (GuidancePasses::Batched, 1),
             (GuidancePasses::Batched, FFN_SLICES),
             (GuidancePasses::TwoPasses, 1),
+            (GuidancePasses::TwoPasses, FFN_SLICES),
             smallest,
         ];
         let Some(limit) = budget.compute.map(planning_limit) else {
@@ -503,11 +534,12 @@ fn tensor_loaded_bytes(t: &vpipe_ckpt::TensorInfo, dtype: DType) -> u64 {
 }
 
 /// A checkpoint's weights once loaded in `dtype`, by block (`block_of` names the block of a
-/// key) and by what a stream reads by rows (`host_rows`).
+/// key, which streams in `parts` groups) and by what a stream reads by rows (`host_rows`).
 fn block_weights(
     inspection: &vpipe_ckpt::Inspection,
     dtype: DType,
     block_of: &dyn Fn(&str) -> Option<usize>,
+    parts: usize,
     host_rows: &dyn Fn(&str) -> bool,
 ) -> BlockWeights {
     let mut blocks: std::collections::BTreeMap<usize, u64> = Default::default();
@@ -528,6 +560,7 @@ fn block_weights(
         total: loaded_bytes(inspection, dtype),
         blocks: blocks.len(),
         block: blocks.values().copied().max().unwrap_or(0),
+        parts,
         host_rows: rows,
         largest_tensor,
         patched: false,
@@ -542,6 +575,7 @@ fn dit_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeight
         inspection,
         dtype,
         &|name| dit_keys::block_of(name, &prefix).map(|(index, _)| index),
+        DIT_BLOCK_PARTS,
         &|_| false,
     )
 }
@@ -554,12 +588,14 @@ fn text_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeigh
             inspection,
             dtype,
             &|name| umt5_keys::block_of(name, layout, prefix),
+            1,
             &|name| umt5_keys::is_embedding(name, layout, prefix),
         ),
         None => BlockWeights {
             total: loaded_bytes(inspection, dtype),
             blocks: 0,
             block: 0,
+            parts: 1,
             host_rows: 0,
             largest_tensor: 0,
             patched: false,
@@ -586,6 +622,7 @@ impl ModelSizes {
                 total: dit.parameter_count() * elem,
                 blocks: dit.num_layers,
                 block: dit.block_parameter_count() * elem,
+                parts: DIT_BLOCK_PARTS,
                 host_rows: 0,
                 largest_tensor: (dit.dim * dit.ffn_dim) as u64 * elem,
                 patched: false,
@@ -600,6 +637,7 @@ impl ModelSizes {
                 total: (text_embedding + text.num_layers as u64 * text_block + d) * elem,
                 blocks: text.num_layers,
                 block: text_block * elem,
+                parts: 1,
                 host_rows: text_embedding * elem,
                 largest_tensor: d * ff * elem,
                 patched: false,
@@ -809,15 +847,7 @@ impl Plan {
         if job.input.is_some() {
             phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
         }
-        let held = match sample.residency {
-            Residency::Resident => "dit".to_owned(),
-            Residency::Streamed {
-                held_blocks, slots, ..
-            } => format!(
-                "dit: {held_blocks} of {} blocks + {slots} streamed",
-                sizes.dit.num_layers
-            ),
-        };
+        let held = sample.residency.describe("dit", sizes.dit.num_layers);
         let attention = if fused {
             "fused attention kernel (no score scratch)".to_owned()
         } else {

@@ -22,7 +22,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
 use vpipe_models::ops::attention::{attention, skip_for_benchmark, time_calls, timed_seconds};
-use vpipe_models::wan::dit::{Config, WanModel};
+use vpipe_models::wan::dit::{Config, Execution, WanModel};
 
 mod common;
 use common::{device_and_meters, measure, Measured, RandomWeights, GIB};
@@ -80,10 +80,17 @@ fn main() -> Result<()> {
 
     let start = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-    let mut model = WanModel::new(&cfg, vb).map_err(candle_core::Error::wrap)?;
+    let model = WanModel::new(&cfg, vb).map_err(candle_core::Error::wrap)?;
     device.synchronize()?;
     let scratch = (args.scratch_gib * GIB) as u64;
-    model.set_attention_scratch(scratch);
+    let execution = Execution {
+        attention_scratch: scratch,
+        ..Execution::default()
+    };
+    // The fused kernel keeps no scores.
+    let fused =
+        vpipe_models::ops::attention::fused_kernel_applies(device.is_cuda(), dtype, cfg.head_dim());
+    let estimate_scratch = if fused { 0 } else { scratch };
     let weights = meters.read().expect("meter").compute_used() as f64 / GIB;
     println!(
         "{}",
@@ -107,7 +114,7 @@ fn main() -> Result<()> {
             Tensor::randn(0f32, 1., (batch, text_len, cfg.text_dim), &device)?.to_dtype(dtype)?;
         let forward = || {
             model
-                .forward(&latents, &timestep, &context)
+                .forward_planned(&latents, &timestep, &context, &execution)
                 .map(drop)
                 .map_err(candle_core::Error::wrap)
         };
@@ -117,7 +124,7 @@ fn main() -> Result<()> {
             ..
         } = measure(&device, &meters, args.reps, forward)?;
 
-        let (self_chunk, cross_chunk) = model.query_chunks(batch, tokens, text_len);
+        let (self_chunk, cross_chunk) = model.query_chunks(&execution, batch, tokens, text_len);
         let (h, hd) = (cfg.num_heads, cfg.head_dim());
         let q = Tensor::randn(0f32, 1., (batch, h, tokens, hd), &device)?.to_dtype(dtype)?;
         let kv_text =
@@ -153,7 +160,7 @@ fn main() -> Result<()> {
             "{}",
             json!({"what": "forward", "batch": batch, "tokens": tokens, "text_len": text_len,
             "forward_s": step_s, "peak_above_weights_gib": peak_gib,
-            "activation_estimate_gib": model.activation_bytes_estimate(batch, tokens) as f64 / GIB,
+            "activation_estimate_gib": cfg.activation_bytes_estimate(dtype, batch, tokens, estimate_scratch, 1) as f64 / GIB,
             "attention_s": attention_s, "non_attention_s": step_s - attention_s,
             "self_attention_layer_s": self_s, "cross_attention_layer_s": cross_s,
             "timed_forward_s": timed_forward_s, "in_model_attention_s": in_model_attention_s,

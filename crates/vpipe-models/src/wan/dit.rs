@@ -266,9 +266,11 @@ impl Config {
         Ok(cfg)
     }
 
-    /// **Estimated** activation bytes of one forward in `dtype` (see
-    /// [`WanModel::activation_bytes_estimate`]), with at most `attention_scratch` bytes of
-    /// attention scores and the FFN over `ffn_chunks` token slices. Saturates at `u64::MAX`
+    /// **Estimated** device bytes one forward of `batch` samples of `tokens` tokens in `dtype`
+    /// needs on top of the weights, with at most `attention_scratch` bytes of attention scores
+    /// and the FFN over `ffn_chunks` token slices: the larger of the two live sets inside a
+    /// block, self-attention and the FFN. An estimate from the code's structure, not a
+    /// measurement (`dit_bench` reports the measured peak next to it). Saturates at `u64::MAX`
     /// (more than any budget) for sizes whose product does not fit.
     pub fn activation_bytes_estimate(
         &self,
@@ -604,7 +606,7 @@ impl Attention {
         chunk: QueryChunk,
     ) -> Result<Tensor> {
         // Each intermediate lives only inside its block: the token-sized tensors are what
-        // bounds the activation peak (see `WanModel::activation_bytes_estimate`).
+        // bounds the activation peak (see `Config::activation_bytes_estimate`).
         let kv_source = context.unwrap_or(&x);
         let split = |t: Tensor| match rope {
             Some(rope) => rope.heads(&t, self.num_heads),
@@ -1022,9 +1024,27 @@ pub struct WanModel {
     cfg: Config,
     dtype: DType,
     device: Device,
-    attention_scratch: u64,
-    /// Token slices the FFN runs over in turn ([`Self::set_ffn_chunks`]).
-    ffn_chunks: usize,
+}
+
+/// How a forward runs where memory and speed trade off, as a plan decides it (the model keeps
+/// no such setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Execution {
+    /// Bytes the scores of one attention call may take where the fused kernel does not run
+    /// (the query chunk follows, [`QueryChunk::for_budget`]).
+    pub attention_scratch: u64,
+    /// Token slices the FFN runs over in turn (1: all at once); more slices hold less of its
+    /// `ffn_dim`-wide hidden state at a time (see [`Config::activation_bytes_estimate`]).
+    pub ffn_slices: usize,
+}
+
+impl Default for Execution {
+    fn default() -> Self {
+        Self {
+            attention_scratch: DEFAULT_ATTENTION_SCRATCH,
+            ffn_slices: 1,
+        }
+    }
 }
 
 impl WanModel {
@@ -1078,8 +1098,6 @@ impl WanModel {
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
-            attention_scratch: DEFAULT_ATTENTION_SCRATCH,
-            ffn_chunks: 1,
         })
     }
 
@@ -1142,61 +1160,21 @@ impl WanModel {
         self.dtype
     }
 
-    /// Sets how many bytes the scores of one attention call may take; the query chunk follows
-    /// from it ([`QueryChunk::for_budget`]).
-    pub fn set_attention_scratch(&mut self, bytes: u64) {
-        self.attention_scratch = bytes;
-    }
-
-    /// Sets how many slices of the tokens the FFN runs over in turn (1, the default: all at
-    /// once); more slices hold less of its `ffn_dim`-wide hidden state at a time (see
-    /// [`Config::activation_bytes_estimate`]).
-    pub fn set_ffn_chunks(&mut self, chunks: usize) {
-        self.ffn_chunks = chunks.max(1);
-    }
-
-    /// The query chunks (self-attention, cross-attention) this model uses for `batch` samples
-    /// of `tokens` tokens with `context_len` context rows.
+    /// The query chunks (self-attention, cross-attention) a forward of `batch` samples of
+    /// `tokens` tokens with `context_len` context rows uses under `execution`.
     pub fn query_chunks(
         &self,
+        execution: &Execution,
         batch: usize,
         tokens: usize,
         context_len: usize,
     ) -> (QueryChunk, QueryChunk) {
         let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim());
-        let budget = self.attention_scratch;
+        let budget = execution.attention_scratch;
         (
             QueryChunk::for_budget(budget, batch, h, tokens, hd, self.dtype),
             QueryChunk::for_budget(budget, batch, h, context_len, hd, self.dtype),
         )
-    }
-
-    /// **Estimated** device bytes one forward of `batch` samples of `tokens` tokens needs on
-    /// top of the weights: the larger of the two live sets inside a block, self-attention
-    /// (the residual stream, its normed copy, q, k, v and the attention output: 6 token-sized
-    /// tensors, plus the score scratch unless the fused kernel runs) and the FFN (residual,
-    /// normed copy, output, the new residual the gated add makes, and the `ffn_dim`-wide hidden
-    /// state). An estimate from the code's structure, not a measurement; `dit_bench` reports
-    /// the measured peak next to it.
-    pub fn activation_bytes_estimate(&self, batch: usize, tokens: usize) -> u64 {
-        let fused = crate::ops::attention::fused_kernel_applies(
-            self.device.is_cuda(),
-            self.dtype,
-            self.cfg.head_dim(),
-        );
-        let scratch = if fused { 0 } else { self.attention_scratch };
-        self.cfg
-            .activation_bytes_estimate(self.dtype, batch, tokens, scratch, self.ffn_chunks)
-    }
-
-    /// Batched guidance when its estimated activations fit `free_bytes`, else two passes
-    /// (ComfyUI batches cond and uncond when memory allows, the reference runs two forwards).
-    pub fn guidance_passes(&self, free_bytes: u64, tokens: usize) -> GuidancePasses {
-        if self.activation_bytes_estimate(2, tokens) <= free_bytes {
-            GuidancePasses::Batched
-        } else {
-            GuidancePasses::TwoPasses
-        }
     }
 
     /// The guided velocity `uncond + scale · (cond − uncond)` for one sample, for a model that
@@ -1212,17 +1190,9 @@ impl WanModel {
         cond: &Tensor,
         uncond: &Tensor,
         scale: f64,
-        passes: GuidancePasses,
+        how: (GuidancePasses, &Execution),
     ) -> Result<Tensor> {
-        self.forward_guided_with(
-            latents,
-            timestep,
-            cond,
-            uncond,
-            scale,
-            passes,
-            &mut HeldOnly,
-        )
+        self.forward_guided_with(latents, timestep, cond, uncond, scale, how, &mut HeldOnly)
     }
 
     /// [`Self::forward_guided`] with the blocks the model does not hold from `source`. With
@@ -1239,7 +1209,7 @@ impl WanModel {
         cond: &Tensor,
         uncond: &Tensor,
         scale: f64,
-        passes: GuidancePasses,
+        (passes, execution): (GuidancePasses, &Execution),
         source: &mut dyn BlockSource,
     ) -> Result<Tensor> {
         if !scale.is_finite() {
@@ -1268,6 +1238,7 @@ impl WanModel {
                         &Tensor::cat(&[timestep, timestep], 0)?,
                         &Tensor::cat(&[cond, uncond], 0)?,
                     )],
+                    execution,
                     source,
                 )?;
                 vpipe_sampling::cfg_batched(&both, scale)
@@ -1275,13 +1246,14 @@ impl WanModel {
             GuidancePasses::TwoPasses => {
                 let [c, u] = self.forward_passes(
                     [(latents, timestep, cond), (latents, timestep, uncond)],
+                    execution,
                     source,
                 )?;
                 vpipe_sampling::cfg(&c, &u, scale)
             }
             GuidancePasses::Sequential => {
-                let [c] = self.forward_passes([(latents, timestep, cond)], source)?;
-                let [u] = self.forward_passes([(latents, timestep, uncond)], source)?;
+                let [c] = self.forward_passes([(latents, timestep, cond)], execution, source)?;
+                let [u] = self.forward_passes([(latents, timestep, uncond)], execution, source)?;
                 vpipe_sampling::cfg(&c, &u, scale)
             }
         };
@@ -1322,7 +1294,22 @@ impl WanModel {
     /// not multiples of the patch size, a token grid past the RoPE tables or [`MAX_TOKENS`],
     /// a timestep that is not a finite number.
     pub fn forward(&self, latents: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let [out] = self.forward_passes([(latents, timestep, context)], &mut HeldOnly)?;
+        self.forward_planned(latents, timestep, context, &Execution::default())
+    }
+
+    /// [`Self::forward`] under `execution`.
+    ///
+    /// # Shapes
+    /// As [`Self::forward`].
+    pub fn forward_planned(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        execution: &Execution,
+    ) -> Result<Tensor> {
+        let [out] =
+            self.forward_passes([(latents, timestep, context)], execution, &mut HeldOnly)?;
         Ok(out)
     }
 
@@ -1332,6 +1319,7 @@ impl WanModel {
     fn forward_passes<const N: usize>(
         &self,
         inputs: [(&Tensor, &Tensor, &Tensor); N],
+        execution: &Execution,
         source: &mut dyn BlockSource,
     ) -> Result<[Tensor; N]> {
         let mut passes = Vec::with_capacity(N);
@@ -1357,12 +1345,12 @@ impl WanModel {
         let tokens: usize = grid.iter().product();
         let chunks: Vec<_> = passes
             .iter()
-            .map(|p| Ok(self.query_chunks(p.x.dim(0)?, tokens, p.context.dim(1)?)))
+            .map(|p| Ok(self.query_chunks(execution, p.x.dim(0)?, tokens, p.context.dim(1)?)))
             .collect::<Result<_>>()?;
         let run = BlockRun {
             rope: &rope,
             chunks: &chunks,
-            ffn_slices: self.ffn_chunks,
+            ffn_slices: execution.ffn_slices,
             eps: self.cfg.eps,
         };
         let block_vb = |vb: VarBuilder<'static>, i: usize| {

@@ -34,5 +34,5 @@ pub mod dit_keys;
 pub mod keys;
 pub mod vae;
 
-pub use dit::{BlockPart, BlockSource, Config as DitConfig, GuidancePasses, WanModel};
+pub use dit::{BlockPart, BlockSource, Config as DitConfig, Execution, GuidancePasses, WanModel};
 pub use vae::{Config as VaeConfig, Posterior, WanVae};

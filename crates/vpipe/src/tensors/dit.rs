@@ -7,6 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, Tier};
 use vpipe_models::ops::attention::QueryChunk;
+use vpipe_models::wan::Execution;
 
 use crate::flags::DitJob;
 use vpipe_pipeline::{attention_scratch, Checkpoint};
@@ -38,7 +39,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         p.make_resident(dit_id)?;
         let output = {
             let lease = p.lease(dit_id)?;
-            let mut model =
+            let model =
                 vpipe_pipeline::wan_dit(&lease, job.config.as_ref(), job.compute.dtype, &device)
                     .with_context(|| format!("--dit {}", job.dit.display()))?;
             let in_use = p
@@ -46,12 +47,15 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
                 .compute_used()
                 .saturating_sub(p.session().baseline().compute_used());
             let scratch = attention_scratch(job.compute.budget.compute, in_use);
-            model.set_attention_scratch(scratch);
+            let execution = Execution {
+                attention_scratch: scratch,
+                ..Execution::default()
+            };
             let (b, _, f, h, w) = latents.dims5().unwrap_or((0, 0, 0, 0, 0));
             if let Ok(grid) = model.token_grid(f, h, w) {
                 let tokens = grid.iter().product();
                 let (QueryChunk(self_rows), QueryChunk(cross_rows)) =
-                    model.query_chunks(b, tokens, context.dim(1).unwrap_or(0));
+                    model.query_chunks(&execution, b, tokens, context.dim(1).unwrap_or(0));
                 p.note(
                     "attention chunks",
                     &format!(
@@ -64,7 +68,12 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
             }
             let on_device = |t: &Tensor| t.to_device(&device);
             let out = model
-                .forward(&on_device(&latents)?, &on_device(&timestep)?, &on_device(&context)?)
+                .forward_planned(
+                    &on_device(&latents)?,
+                    &on_device(&timestep)?,
+                    &on_device(&context)?,
+                    &execution,
+                )
                 .context("dit forward")?;
             out.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?
         };

@@ -1,0 +1,129 @@
+#!/bin/bash
+# Device-machine runs for issue 13 with DiT blocks streamed in parts (one arena slot per
+# block part) and sequential guidance, in two calls on one warm machine (each under the
+# device tool's 10 minutes):
+#   bash bench/gpu-parts.sh A   the stream test on the device; text-to-video 832x480x81, 2
+#                               steps, 14B bf16: resident, --vram-budget 4GiB (else the plan's
+#                               least) and 12GiB; diffusers' group offloading in the same call
+#   bash bench/gpu-parts.sh B   video-to-video from the real clip at --vram-budget 6GiB
+#                               --ram-budget 32GiB, then with a rank-32 LoRA on all 400 linear
+#                               layers (load times compared); the scaled-fp8 14B at 3GiB (else
+#                               its least) and video-to-video at 16GiB; each checked by
+#                               bench/check_pipeline_report.py
+# Needs .carry/vpipe.xz (CUDA build), .carry/stream.xz (the vpipe-mem stream test, built with
+# `cargo test --release --features cuda -p vpipe-mem --test stream --no-run`), .carry/clip.mp4,
+# .whl/ (diffusers). Carry [".carry", ".whl"]. Results in $OUT (8 files at most come back).
+set -u
+PART=${1:?A or B}
+. bench/device-env.sh
+VPIPE=$(unpack vpipe)
+M=/tmp/wan-random
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+date -u
+T0=$(date +%s)
+TOK="--tokenizer crates/vpipe-text/tests/fixtures/tokenizer.json"
+FILES="--vae /tmp/vaebench/vae.safetensors --text-encoder $M/umt5_xxl_random_bf16.safetensors $TOK"
+BF16="--dit $M/wan2.1_t2v_14B_random_bf16.safetensors"
+FP8="--dit $M/wan2.1_t2v_14B_random_fp8_scaled.safetensors"
+T2V="--steps 2 --size 832x480 --frames 81 --device cuda:0 --dtype bf16 --tile 256"
+V2V="--input .carry/clip.mp4 --strength 0.5 --steps 4 --size 832x480 --frames 81 --device cuda:0 --dtype bf16 --tile 256"
+PROMPT="A cheesecake with berries on a plate, slow camera pan"
+
+run() {  # name, out, flags...; the report and the log's key lines
+  local name=$1 out=$2; shift 2
+  echo "=== vpipe run $name (+$(( $(date +%s) - T0 ))s)"
+  VPIPE_LOG=info /usr/bin/time -v $VPIPE run "$@" --prompt "$PROMPT" --out $out --report /tmp/report-$name.json > /tmp/run-$name.log 2>&1
+  local code=$?
+  cp /tmp/report-$name.json $OUT/ 2>/dev/null
+  echo "vpipe run $name exit $code"
+  grep -E "^run:|^vpipe:|Maximum resident|Elapsed|panicked|sample [0-9]/|stream|DiT" /tmp/run-$name.log | head -12
+  return $code
+}
+least() {  # the least budget the plan takes for these flags, in MiB, rounded up
+  $VPIPE plan "$@" --vram-budget 1GiB --prompt x --out /tmp/x.mp4 --json \
+    | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["minimum_bytes"] / 2**20) + 1)'
+}
+budget_or_least() {  # name, out, budget, flags...: the run at the budget, else at the least
+  local name=$1 out=$2 budget=$3; shift 3
+  echo "--- plan at $budget"
+  $VPIPE plan "$@" --vram-budget $budget --prompt x --out /tmp/x.mp4 | tail -8
+  run $name $out "$@" --vram-budget $budget
+  if [ $? -eq 3 ]; then
+    local l=$(least "$@")MiB
+    echo "refused at $budget; the plan's least: $l"
+    run $name-least $out "$@" --vram-budget $l
+  fi
+}
+checked() {  # name, out, exit code: bench/check_pipeline_report.py with the host peak RSS
+  python3 bench/check_pipeline_report.py --run-exit $3 --time-log /tmp/run-$1.log --max-rss-gib 32 \
+    /tmp/report-$1.json $2 81 | grep -E "FAIL|ALL|exit status|peak RSS"
+  echo "check_pipeline_report $1 exit ${PIPESTATUS[0]}"
+}
+summary() {  # summary-$PART.json: per run the steps, footprints, streams and load times
+  python3 - "$OUT" "$PART" <<'EOF'
+import json, sys, os, glob
+out, part = sys.argv[1], sys.argv[2]
+GiB = 2**30
+rows = {}
+for path in sorted(glob.glob(f"{out}/report-*.json")):
+    name = os.path.basename(path)[len("report-"):-len(".json")]
+    r = json.load(open(path))
+    phases = {p["name"]: p for p in r["phases"]}
+    rows[name] = {
+        "steps_s": [n["detail"] for n in r["notes"] if n["what"] == "step"],
+        "footprint_peak_gib": {k: round((p.get("device_footprint_peak") or 0) / GiB, 3) for k, p in phases.items()},
+        "live_peak_gib": {k: round(p["peak_above_baseline"] / GiB, 3) for k, p in phases.items()},
+        "host_peak_anon_shmem_gib": round(max((p["exit"]["host"]["anon"] + p["exit"]["host"]["shmem"]) for p in r["phases"]) / GiB, 2),
+        "streams": [{k: s[k] for k in ("phase", "model", "source", "slots", "groups", "fixed_bytes", "arena_bytes", "stats")} for s in r.get("streams", [])],
+        "violations": r["violations"],
+        "verified": all(t["verified"] for t in r["transitions"]),
+        "notes": [n["detail"] for n in r["notes"] if n["what"] in ("sampling", "stream", "lora", "plan")],
+        "moves_ms": {f'{t["phase"]}: {t["model"]} {t["from"]}->{t["to"]}': round(t["work_ms"]) for t in r["transitions"] if t["expected_bytes"] > 0},
+    }
+json.dump(rows, open(f"{out}/summary-{part}.json", "w"), indent=1)
+for name, row in rows.items():
+    print(name, json.dumps({k: row[k] for k in ("steps_s", "footprint_peak_gib", "violations", "verified")}))
+EOF
+}
+
+{
+  if [ "$PART" = A ]; then
+    if [ -f .carry/stream.xz ]; then
+      timeout 120 "$(unpack stream)" --test-threads 1 2>&1 | grep -E "test |test result|panicked"
+    fi
+    ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+    run t2v-12GiB /tmp/t2v-12GiB.safetensors $BF16 $FILES $T2V --vram-budget 12GiB
+    python3 - <<'EOF'
+from safetensors.numpy import load_file
+import numpy as np
+import glob
+ref = load_file("/tmp/t2v-resident.safetensors")
+for other in sorted(glob.glob("/tmp/t2v-*GiB*.safetensors")):
+    o = load_file(other)
+    print(other, {k: float(np.abs(o[k].astype(np.float32) - ref[k].astype(np.float32)).max()) for k in ref})
+EOF
+    echo "=== diffusers: the 14B resident and with group offloading (+$(( $(date +%s) - T0 ))s)"
+    timeout 300 python3 bench/dit_gpu.py dit-offload --reps 2 | sed 's/^/diffusers /'
+  else
+    [ -f $M/wan2.1_t2v_14B_random_bf16.safetensors ] || ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M
+    [ -f /tmp/vaebench/vae.safetensors ] || python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null
+    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
+    checked v2v-6GiB /tmp/v2v.mp4 $?
+    cp /tmp/report-v2v-6GiB.svg $OUT/ 2>/dev/null
+    run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
+      --lora $M/lora_rank32_all_linear_random.safetensors:0.8
+    checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+    rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
+    ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
+    echo "fp8 checkpoint ready at +$(( $(date +%s) - T0 ))s"
+    budget_or_least fp8-3GiB /tmp/fp8-t2v.safetensors 3GiB $FP8 $FILES $T2V
+    run v2v-fp8-16GiB /tmp/v2v-fp8.mp4 $FP8 $FILES $V2V --vram-budget 16GiB --ram-budget 32GiB
+    checked v2v-fp8-16GiB /tmp/v2v-fp8.mp4 $?
+  fi
+  summary
+  echo "done at +$(( $(date +%s) - T0 ))s"
+} 2>&1 | tee "$OUT/runs-$PART.log"
