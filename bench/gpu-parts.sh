@@ -1,18 +1,24 @@
 #!/bin/bash
 # Device-machine runs for issue 13 with DiT blocks streamed in parts (one arena slot per
-# block part) and sequential guidance, in two calls on one warm machine (each under the
-# device tool's 10 minutes):
+# block part), sequential guidance and token slices, in calls on one warm machine (each under
+# the device tool's 10 minutes):
 #   bash bench/gpu-parts.sh A   the stream test on the device; text-to-video 832x480x81, 2
 #                               steps, 14B bf16: resident, --vram-budget 4GiB (else the plan's
 #                               least) and 12GiB; diffusers' group offloading in the same call
-#   bash bench/gpu-parts.sh B   video-to-video from the real clip at --vram-budget 6GiB
+#   bash bench/gpu-parts.sh B   the device tests (stream, fused attention written over its
+#                               queries); text-to-video resident and at 4GiB (else the least);
+#                               video-to-video from the real clip at --vram-budget 6GiB
 #                               --ram-budget 32GiB, then with a rank-32 LoRA on all 400 linear
-#                               layers (load times compared); the scaled-fp8 14B at 3GiB (else
-#                               its least) and video-to-video at 16GiB; each checked by
+#                               layers (load times compared), each checked by
 #                               bench/check_pipeline_report.py
-# Needs .carry/vpipe.xz (CUDA build), .carry/stream.xz (the vpipe-mem stream test, built with
-# `cargo test --release --features cuda -p vpipe-mem --test stream --no-run`), .carry/clip.mp4,
-# .whl/ (diffusers). Carry [".carry", ".whl"]. Results in $OUT (8 files at most come back).
+#   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
+#                               resident and at 4GiB (else the least), video-to-video at 6GiB
+#                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
+#                               its least), video-to-video at 16GiB (checked)
+# Needs .carry/vpipe.xz (CUDA build), .carry/{stream,fused_attention_gpu}.xz (the device
+# tests, built with `cargo test --release --features cuda -p vpipe-mem --test stream
+# --no-run` and `-p vpipe-models --test fused_attention_gpu`), .carry/clip.mp4, .whl/
+# (diffusers). Carry [".carry", ".whl"]. Results in $OUT (8 files at most come back).
 set -u
 PART=${1:?A or B}
 . bench/device-env.sh
@@ -34,7 +40,8 @@ run() {  # name, out, flags...; the report and the log's key lines
   echo "=== vpipe run $name (+$(( $(date +%s) - T0 ))s)"
   VPIPE_LOG=info /usr/bin/time -v $VPIPE run "$@" --prompt "$PROMPT" --out $out --report /tmp/report-$name.json > /tmp/run-$name.log 2>&1
   local code=$?
-  cp /tmp/report-$name.json $OUT/ 2>/dev/null
+  # A refused run (exit 3) loaded nothing: its report does not come back (8 files at most).
+  [ $code -ne 3 ] && cp /tmp/report-$name.json $OUT/ 2>/dev/null
   echo "vpipe run $name exit $code"
   grep -E "^run:|^vpipe:|Maximum resident|Elapsed|panicked|sample [0-9]/|stream|DiT" /tmp/run-$name.log | head -12
   return $code
@@ -88,9 +95,8 @@ EOF
 
 {
   if [ "$PART" = A ]; then
-    if [ -f .carry/stream.xz ]; then
-      timeout 120 "$(unpack stream)" --test-threads 1 2>&1 | grep -E "test |test result|panicked"
-    fi
+    [ -f .carry/stream.xz ] && timeout 120 "$(unpack stream)" --test-threads 1 2>&1 \
+      | grep -E "^test |test result|panicked"
     ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
     echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
@@ -108,15 +114,31 @@ for other in sorted(glob.glob("/tmp/t2v-*GiB*.safetensors")):
 EOF
     echo "=== diffusers: the 14B resident and with group offloading (+$(( $(date +%s) - T0 ))s)"
     timeout 300 python3 bench/dit_gpu.py dit-offload --reps 2 | sed 's/^/diffusers /'
-  else
-    [ -f $M/wan2.1_t2v_14B_random_bf16.safetensors ] || ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M
-    [ -f /tmp/vaebench/vae.safetensors ] || python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null
+  elif [ "$PART" = B ]; then
+    for t in stream fused_attention_gpu; do
+      [ -f .carry/$t.xz ] && timeout 120 "$(unpack $t)" --test-threads 1 --nocapture 2>&1 \
+        | grep -E "^test |test result|panicked|max abs"
+    done
+    ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
     run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
     checked v2v-6GiB /tmp/v2v.mp4 $?
     cp /tmp/report-v2v-6GiB.svg $OUT/ 2>/dev/null
     run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
       --lora $M/lora_rank32_all_linear_random.safetensors:0.8
     checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+  else
+    ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
+    checked v2v-6GiB /tmp/v2v.mp4 $?
+    cp /tmp/report-v2v-6GiB.svg $OUT/ 2>/dev/null
     rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
     ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
     echo "fp8 checkpoint ready at +$(( $(date +%s) - T0 ))s"

@@ -67,8 +67,9 @@ fn write_blocks(path: &std::path::Path) {
 
 /// The tensor's values as f32 on the host (float8 and bf16 are exact in f32).
 fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .and_then(|t| t.to_device(&Device::Cpu))
+    // On the host first: CUDA has no conversion out of float8.
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
         .unwrap()

@@ -205,13 +205,14 @@ fn chunked_attention_does_not_change_the_output() {
 }
 
 #[test]
-fn ffn_in_token_slices_does_not_change_the_output() {
+fn token_slices_do_not_change_the_output() {
     let model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
     let cases = cases();
     let whole = run(&model, &cases, "batch2");
-    // 72 tokens in 5 slices: the last one shorter.
+    // 72 tokens in 5 slices (the FFN and the self-attention's q, k and v): the last one
+    // shorter.
     let execution = Execution {
-        ffn_slices: 5,
+        token_slices: 5,
         ..Execution::default()
     };
     let sliced = run_planned(&model, &cases, "batch2", &execution);

@@ -7,7 +7,9 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result, Tensor};
-use vpipe_models::ops::attention::{attention, chunked_attention, is_fused, QueryChunk};
+use vpipe_models::ops::attention::{
+    attention, attention_over_query, chunked_attention, is_fused, QueryChunk,
+};
 use vpipe_models::ops::max_abs_diff;
 
 fn device() -> Device {
@@ -87,5 +89,33 @@ fn large_scores_do_not_overflow() -> Result<()> {
         .broadcast_as((1, 1, 70, 128))?;
     let err = max_abs_diff(&fused, &mean)?;
     assert!(err < 1e-2, "{err}");
+    Ok(())
+}
+
+#[test]
+fn writing_over_the_queries_equals_a_fresh_output() -> Result<()> {
+    let dev = device();
+    for (strided, (b, h, lq, lk)) in [(false, (2, 4, 1000, 1000)), (true, (2, 5, 300, 300))] {
+        let make = |l: usize| -> Result<Tensor> {
+            if strided {
+                token_major(b, l, h, DType::BF16, &dev)
+            } else {
+                Tensor::randn(0f32, 1.5, (b, h, l, 128), &dev)?.to_dtype(DType::BF16)
+            }
+        };
+        let (q, k, v) = (make(lq)?, make(lk)?, make(lk)?);
+        let fresh = attention(&q, &k, &v, QueryChunk(1))?;
+        // A copy of q with q's strides, so that the kernel writes the output in that layout.
+        let queries = if strided {
+            q.transpose(1, 2)?.copy()?.transpose(1, 2)?
+        } else {
+            q.copy()?
+        };
+        let over = attention_over_query(queries, &k, &v, QueryChunk(1))?;
+        assert_eq!(over.dims(), fresh.dims());
+        let err = max_abs_diff(&over.to_dtype(DType::F32)?, &fresh.to_dtype(DType::F32)?)?;
+        println!("attention over the queries, strided={strided}: max abs vs a fresh output {err}");
+        assert_eq!(err, 0.0);
+    }
     Ok(())
 }

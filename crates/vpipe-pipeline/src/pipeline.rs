@@ -420,15 +420,15 @@ fn sample(
     let tokens: usize = grid.iter().product();
     let execution = Execution {
         attention_scratch: plan.attention_scratch,
-        ffn_slices: plan.ffn_chunks,
+        token_slices: plan.token_slices,
     };
     p.note(
         "sampling",
         &format!(
-            "{tokens} tokens, CFG {} {:?}, FFN in {} token slice(s), {}: estimated activations {}",
+            "{tokens} tokens, CFG {} {:?}, {} token slice(s), {}: estimated activations {}",
             job.spec.guidance,
             plan.passes,
-            plan.ffn_chunks,
+            plan.token_slices,
             match plan.residency {
                 Residency::Resident => "every block held".to_owned(),
                 Residency::Streamed {

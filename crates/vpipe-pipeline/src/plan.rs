@@ -322,8 +322,9 @@ pub(crate) struct SamplePlan {
     pub(crate) residency: Residency,
     #[serde(serialize_with = "serialize_passes")]
     pub(crate) passes: GuidancePasses,
-    /// Token slices the FFN runs over in turn (1: all at once).
-    pub(crate) ffn_chunks: usize,
+    /// Token slices the FFN and the self-attention's input run over in turn (1: all at once;
+    /// see `vpipe_models::wan::Execution::token_slices`).
+    pub(crate) token_slices: usize,
     /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
     pub(crate) attention_scratch: u64,
     /// **Estimated** activations of one step (on CUDA with the pool's reserve beyond them).
@@ -385,18 +386,18 @@ impl SamplePlan {
         // values, with their normed and transposed copies: ten context-sized tensors, the
         // bulk of a small video's activations (measured 6.9 MiB at 256 wide on the CPU).
         let text_side = 10 * TEXT_TOKENS as u64 * dit.dim as u64 * elem;
-        let activations = |(passes, ffn_chunks): Step| {
+        let activations = |(passes, token_slices): Step| {
             let live = match passes {
                 GuidancePasses::Batched => dit
-                    .activation_bytes_estimate(dtype, 2, tokens, scratch, ffn_chunks)
+                    .activation_bytes_estimate(dtype, 2, tokens, scratch, token_slices)
                     .saturating_add(2 * text_side),
                 GuidancePasses::TwoPasses => dit
-                    .activation_bytes_estimate(dtype, 1, tokens, scratch, ffn_chunks)
+                    .activation_bytes_estimate(dtype, 1, tokens, scratch, token_slices)
                     .saturating_add(residual)
                     .saturating_add(2 * text_side),
                 // One residual stream and one context at a time.
                 GuidancePasses::Sequential => dit
-                    .activation_bytes_estimate(dtype, 1, tokens, scratch, ffn_chunks)
+                    .activation_bytes_estimate(dtype, 1, tokens, scratch, token_slices)
                     .saturating_add(text_side),
             };
             with_pool_slack(live, on_cuda, DIT_POOL_SLACK)
@@ -405,22 +406,25 @@ impl SamplePlan {
             patched: lora,
             ..sizes.dit_weights
         };
-        let smallest = (GuidancePasses::Sequential, FFN_SLICES);
+        let smallest = (GuidancePasses::Sequential, TOKEN_SLICES);
         let minimum_bytes = weights.minimum(activations(smallest));
         let plan = |step: Step, (residency, estimated_peak_bytes)| Self {
             residency,
             passes: step.0,
-            ffn_chunks: step.1,
+            token_slices: step.1,
             attention_scratch: scratch,
             activation_bytes: activations(step),
             estimated_peak_bytes,
             minimum_bytes,
         };
+        // Token slices cost about 3 % of a step (measured on the H200 at 832×480×81), more
+        // than streaming does: each way of passing is tried whole first.
         let steps = [
             (GuidancePasses::Batched, 1),
-            (GuidancePasses::Batched, FFN_SLICES),
+            (GuidancePasses::Batched, TOKEN_SLICES),
             (GuidancePasses::TwoPasses, 1),
-            (GuidancePasses::TwoPasses, FFN_SLICES),
+            (GuidancePasses::TwoPasses, TOKEN_SLICES),
+            (GuidancePasses::Sequential, 1),
             smallest,
         ];
         let Some(limit) = budget.compute.map(planning_limit) else {
@@ -449,18 +453,21 @@ impl SamplePlan {
     }
 }
 
-/// How a denoising step runs: the guidance passes and the FFN's token slices.
+/// How a denoising step runs: the guidance passes and the token slices.
 type Step = (GuidancePasses, usize);
 
-/// Token slices the FFN runs over when the budget needs it: a quarter of its hidden state at
-/// a time (the FFN's peak then falls below the attention's).
-const FFN_SLICES: usize = 4;
+/// Token slices the FFN and the self-attention's input run over when the budget needs it: an
+/// eighth of the FFN's hidden state and of the projections' intermediates at a time (4 096
+/// tokens of the 32 760 of 832×480×81, still large matrix products).
+const TOKEN_SLICES: usize = 8;
 
 /// What the CUDA pool reserves beyond its live allocations at its high-water mark, as a share
 /// of a phase's activations (freed blocks that the next allocations do not fit). Measured on
-/// the H200 on 2026-12-04 (`bench/gpu-stream.sh`, BENCHMARKS.md "Streamed DiT"): 1.32 GiB over
-/// 4.28 GiB of estimated activations in the sample phase, resident and streamed alike.
-const DIT_POOL_SLACK: f64 = 0.31;
+/// the H200 on 2026-12-04 (BENCHMARKS.md "Streamed DiT"): 1.32 GiB over 4.28 GiB of estimated
+/// activations in the sample phase, resident and streamed alike (`bench/gpu-stream.sh`); in
+/// token slices, 0.56 GiB over 1.73 GiB measured at B = 1 and 1.06 over 3.31 at B = 2
+/// (`bench/gpu-parts.sh B`).
+const DIT_POOL_SLACK: f64 = 0.33;
 /// The same for the text encoder: 0.08 GiB over 0.54 GiB.
 const TEXT_POOL_SLACK: f64 = 0.15;
 /// The same for the VAE (256-px tiles): 0.43 GiB over 0.55 GiB at most.

@@ -152,6 +152,31 @@ fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Ten
     chunked_attention(q, k, v, chunk)
 }
 
+/// [`attention`] whose output may take the queries' memory: where the fused kernel runs, it
+/// writes over `q`, so that no output buffer exists next to q, k and v at the attention's
+/// peak (the output then has `q`'s layout; `q` must not share its memory with `k` or `v`).
+/// Elsewhere as [`attention`], `q` freed after it.
+///
+/// # Shapes
+/// As [`attention`].
+///
+/// # Errors
+/// As [`attention`].
+pub fn attention_over_query(
+    q: Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    chunk: QueryChunk,
+) -> Result<Tensor> {
+    check_operands(&q, k, v)?;
+    #[cfg(feature = "cuda")]
+    if is_fused(&q, k, v) {
+        crate::ops::fused::flash_attention_in_place(&q, k, v)?;
+        return Ok(q);
+    }
+    attention(&q, k, v, chunk)
+}
+
 /// The unfused path of [`attention`] on any device: `chunk` query rows at a time (public so
 /// that the GPU checks can compare the fused kernel with it).
 ///

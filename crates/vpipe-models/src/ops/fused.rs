@@ -3,6 +3,7 @@
 // Device allocation and kernel launch are FFI; each unsafe block says what it relies on.
 #![allow(unsafe_code)]
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -646,16 +647,133 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resul
     }
     let (token_major, op) = empty(q, &[b, lq, h, d])?;
     let out = token_major.transpose(1, 2)?;
-    let strides = |t: &Tensor| {
-        let s = t.layout().stride();
-        [s[0] as i64, s[1] as i64, s[2] as i64]
+    let ptrs = [layout_ptr(q)?, layout_ptr(k)?, layout_ptr(v)?, op];
+    let layouts = [q.layout(), k.layout(), v.layout(), out.layout()];
+    // SAFETY: q, k and v are live tensors; `op` is `token_major`'s fresh buffer, which the
+    // kernel writes in full.
+    unsafe {
+        launch_flash(
+            q.device().as_cuda_device()?,
+            q.dtype(),
+            ptrs,
+            layouts,
+            (b, h, lq, lk, d),
+        )
+    }?;
+    Ok(out)
+}
+
+/// [`flash_attention`] that writes its output over `q` (same layout), so that no output
+/// buffer exists next to q, k and v: each block of the kernel reads its query rows into shared
+/// memory before any output row is written, and writes only those rows.
+///
+/// # Shapes
+/// As [`flash_attention`]; `q` holds [B, H, Lq, D] of output afterwards.
+///
+/// # Errors
+/// Operands [`flash_attention`] does not take, or `q` sharing its memory with `k` or `v`.
+pub fn flash_attention_in_place(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+    if !flash_attention_supports(q, k, v) {
+        candle_core::bail!(
+            "flash_attention_in_place: unsupported operands q {:?} {:?}, k {:?}, v {:?}",
+            q.dims(),
+            q.dtype(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    q.inplace_op3(k, v, &FlashInPlace)
+}
+
+struct FlashInPlace;
+
+impl candle_core::InplaceOp3 for FlashInPlace {
+    fn name(&self) -> &'static str {
+        "flash-attention-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("flash-attention-in-place runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &mut CudaStorage,
+        ql: &candle_core::Layout,
+        k: &CudaStorage,
+        kl: &candle_core::Layout,
+        v: &CudaStorage,
+        vl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let dims = |l: &candle_core::Layout| -> candle_core::Result<(usize, usize, usize, usize)> {
+            l.shape().dims4()
+        };
+        let (b, h, lq, d) = dims(ql)?;
+        let (_, _, lk, _) = dims(kl)?;
+        let ptrs = [
+            storage_ptr(q, ql)?,
+            storage_ptr(k, kl)?,
+            storage_ptr(v, vl)?,
+            storage_ptr(q, ql)?,
+        ];
+        // SAFETY: the storages are held (q written, k and v read) for the launch; the output
+        // rows a block writes are the query rows it read first, of its own (batch, head).
+        unsafe {
+            launch_flash(
+                &q.device,
+                q.dtype(),
+                ptrs,
+                [ql, kl, vl, ql],
+                (b, h, lq, lk, d),
+            )
+        }
+    }
+}
+
+/// The device pointer of a storage's first element under `layout`.
+fn storage_ptr(storage: &CudaStorage, layout: &candle_core::Layout) -> candle_core::Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = storage.device.cuda_stream();
+    let base = match &storage.slice {
+        candle_core::cuda_backend::CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        candle_core::cuda_backend::CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+        _ => candle_core::bail!(
+            "flash attention: bf16 or f16 only, got {:?}",
+            storage.dtype()
+        ),
     };
-    let (qp, kp, vp) = (layout_ptr(q)?, layout_ptr(k)?, layout_ptr(v)?);
-    let [qs, ks, vs, os] = [q, k, v, &out].map(strides);
+    Ok(base + (layout.start_offset() * storage.dtype().size_in_bytes()) as u64)
+}
+
+/// Launches `flash_attention_*` (kernels/attention.cu) on q, k, v and out given by device
+/// pointer and layout ([B, H, L, D], head dimension contiguous).
+///
+/// # Safety
+/// The pointers must address live buffers of `dtype` covering their layouts; out must be
+/// writable and no other work may use it meanwhile.
+unsafe fn launch_flash(
+    device: &candle_core::CudaDevice,
+    dtype: DType,
+    [qp, kp, vp, op]: [u64; 4],
+    layouts: [&candle_core::Layout; 4],
+    (b, h, lq, lk, d): (usize, usize, usize, usize, usize),
+) -> candle_core::Result<()> {
+    let [qs, ks, vs, os] = layouts.map(|l| {
+        let s = l.stride();
+        [s[0] as i64, s[1] as i64, s[2] as i64]
+    });
     let (heads, q_len, k_len) = (h as i32, lq as i32, lk as i32);
     let scale_log2 = (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32;
-    let func = q.device().as_cuda_device()?.get_or_load_custom_func(
-        &format!("flash_attention_{}", suffix(q.dtype())?),
+    let func = device.get_or_load_custom_func(
+        &format!("flash_attention_{}", suffix(dtype)?),
         "vpipe_attention",
         ATTENTION_PTX,
     )?;
@@ -684,9 +802,8 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resul
     a.arg(&q_len);
     a.arg(&k_len);
     a.arg(&scale_log2);
-    // SAFETY: arguments match `flash_attention_*` in kernels/attention.cu; q, k and v are live
-    // tensors whose strides the kernel follows and whose rows it reads only below the lengths
-    // passed; it writes every element of `token_major`.
+    // SAFETY: arguments match `flash_attention_*` in kernels/attention.cu; the caller vouches
+    // for the buffers; the kernel reads q, k and v only below the lengths passed.
     unsafe { a.launch(cfg) }.w()?;
-    Ok(out)
+    Ok(())
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::dit_keys;
 use crate::error::{Error, Result};
-use crate::ops::attention::{attention, QueryChunk};
+use crate::ops::attention::{attention, attention_over_query, QueryChunk};
 use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear};
 
 /// Scratch that one attention call may use for its scores when no budget is given.
@@ -268,17 +268,17 @@ impl Config {
 
     /// **Estimated** device bytes one forward of `batch` samples of `tokens` tokens in `dtype`
     /// needs on top of the weights, with at most `attention_scratch` bytes of attention scores
-    /// and the FFN over `ffn_chunks` token slices: the larger of the two live sets inside a
-    /// block, self-attention and the FFN. An estimate from the code's structure, not a
-    /// measurement (`dit_bench` reports the measured peak next to it). Saturates at `u64::MAX`
-    /// (more than any budget) for sizes whose product does not fit.
+    /// and `token_slices` token slices (see [`Execution::token_slices`]): the larger of the two
+    /// live sets inside a block, self-attention and the FFN. An estimate from the code's
+    /// structure, not a measurement (`dit_bench` reports the measured peak next to it).
+    /// Saturates at `u64::MAX` (more than any budget) for sizes whose product does not fit.
     pub fn activation_bytes_estimate(
         &self,
         dtype: DType,
         batch: usize,
         tokens: usize,
         attention_scratch: u64,
-        ffn_chunks: usize,
+        token_slices: usize,
     ) -> u64 {
         let elem = dtype.size_in_bytes() as u64;
         let token_row = (batch as u64)
@@ -288,16 +288,25 @@ impl Config {
         let all_scores =
             QueryChunk::bytes_per_row(batch, self.num_heads, tokens, self.head_dim(), dtype)
                 .saturating_mul(tokens as u64);
-        // The residual stream, its normed copy, q, k and v while they are made (a projection
-        // and its normed output live together), then q, k, v and the output: six token-sized
-        // tensors at the peak (measured on the H200: 3.93 GiB at B=2, 32,760 tokens, bf16).
+        let slices = token_slices.max(1) as u64;
+        // Whole: the residual stream, its normed copy, q, k and v while they are made (a
+        // projection and its normed output live together), then q, k, v and the output: six
+        // token-sized tensors, and half of one more for the step's own (measured on the H200,
+        // 32,760 tokens, bf16: 3.95 GiB at B=2 batched, 2.05 GiB at B=1). In slices: the
+        // residual, q, k and v, the output taking the queries' memory, plus one slice's
+        // normed input, projection, norm and rotation, and one tensor more (measured: 1.73
+        // GiB at B=1 in 8 slices, 5.5 token-sized tensors).
+        let attention_row = match slices {
+            1 => (13 * d).div_ceil(2),
+            n => d.saturating_mul(5).saturating_add((5 * d).div_ceil(n)),
+        };
         let attention = token_row
-            .saturating_mul(d.saturating_mul(6))
+            .saturating_mul(attention_row)
             .saturating_add(attention_scratch.min(all_scores));
         // Whole: the residual, its normed copy, the output, the new residual and the hidden
         // state. In slices: the residual and the slices done so far, plus one slice's copy,
         // normed copy, hidden state and output; then the slices and their concatenation.
-        let ffn_row = match ffn_chunks.max(1) as u64 {
+        let ffn_row = match slices {
             1 => d.saturating_mul(4).saturating_add(f),
             n => (2 * d + (3 * d + f).div_ceil(n)).max(3 * d),
         };
@@ -536,6 +545,14 @@ impl Rope {
         })
     }
 
+    /// The tables of tokens `start..start + len`.
+    fn tokens(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            cos: self.cos.narrow(0, start, len)?,
+            sin: self.sin.narrow(0, start, len)?,
+        })
+    }
+
     /// Splits `x` into heads and rotates its interleaved pairs, in f32.
     ///
     /// # Shapes
@@ -622,6 +639,46 @@ impl Attention {
         let out = out.transpose(1, 2)?.reshape((b, l, h * hd))?;
         Ok(self.o.forward(&out)?)
     }
+
+    /// Self-attention of the residual stream `x` normed by `norm`, with q, k and v made
+    /// `slices` token slices at a time into their full tensors, so that the normed input and
+    /// the projections' intermediates exist for one slice at a time; the attention's output
+    /// then takes the queries' memory ([`attention_over_query`]). At its peak: `x`, q, k and
+    /// v. The same values as [`Self::forward`] of `norm(x)`: every step is per token.
+    ///
+    /// # Shapes
+    /// - `x`: [B, L, dim]; output: [B, L, dim].
+    fn forward_self_sliced(
+        &self,
+        x: &Tensor,
+        norm: &dyn Fn(&Tensor) -> Result<Tensor>,
+        rope: &Rope,
+        chunk: QueryChunk,
+        slices: usize,
+    ) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let (heads, hd) = (self.num_heads, d / self.num_heads);
+        let q = Tensor::zeros((b, heads, l, hd), x.dtype(), x.device())?;
+        let k = Tensor::zeros((b, heads, l, hd), x.dtype(), x.device())?;
+        let v = Tensor::zeros((b, l, d), x.dtype(), x.device())?;
+        let size = l.div_ceil(slices.max(1)).max(1);
+        for start in (0..l).step_by(size) {
+            let len = size.min(l - start);
+            let h = norm(&x.narrow(1, start, len)?.contiguous()?)?;
+            let rope = rope.tokens(start, len)?;
+            let project = |linear: &Linear, norm: &RmsNorm| -> Result<Tensor> {
+                rope.heads(&norm.forward(&linear.forward(&h)?)?, heads)
+            };
+            q.slice_set(&project(&self.q, &self.norm_q)?, 2, start)?;
+            k.slice_set(&project(&self.k, &self.norm_k)?, 2, start)?;
+            v.slice_set(&self.v.forward(&h)?.contiguous()?, 1, start)?;
+        }
+        let v = self.heads(&v)?;
+        let out = attention_over_query(q, &k, &v, chunk)?;
+        drop((k, v));
+        let out = out.transpose(1, 2)?.reshape((b, l, d))?;
+        Ok(self.o.forward(&out)?)
+    }
 }
 
 /// The parts of a transformer block, in the order a forward runs them. A stream may move a
@@ -678,14 +735,21 @@ impl SelfAttentionPart {
 
     /// Updates the pass's residual stream, and sets the block's modulation (the table plus
     /// the timestep's projection) that the feed-forward part reads.
-    fn forward(&self, pass: &mut Embedded, rope: &Rope, chunk: QueryChunk, eps: f64) -> Result<()> {
+    fn forward(&self, pass: &mut Embedded, run: &BlockRun, chunk: QueryChunk) -> Result<()> {
         let m = self.modulation.broadcast_add(&pass.time)?;
         let (shift, scale, gate) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?, m.narrow(1, 2, 1)?);
-        // Scoped so that the normed input and the output are freed before the residual is
-        // replaced (a shadowed binding would live to the end of the function).
+        let scale = (scale + 1.0)?;
+        let norm = |x: &Tensor| norm_modulate(x, &scale, &shift, run.eps);
+        // Scoped so that the attention's output is freed before the residual is replaced (a
+        // shadowed binding would live to the end of the function).
         let x = {
-            let h = norm_modulate(&pass.x, &(scale + 1.0)?, &shift, eps)?;
-            let y = self.attn.forward(h, None, Some(rope), chunk)?;
+            let y = if run.token_slices > 1 {
+                self.attn
+                    .forward_self_sliced(&pass.x, &norm, run.rope, chunk, run.token_slices)?
+            } else {
+                self.attn
+                    .forward(norm(&pass.x)?, None, Some(run.rope), chunk)?
+            };
             gated_residual(&pass.x, &y, &gate)?
         };
         pass.x = x;
@@ -846,7 +910,7 @@ struct BlockRun<'a> {
     rope: &'a Rope,
     /// The query chunks (self, cross) of each pass.
     chunks: &'a [(QueryChunk, QueryChunk)],
-    ffn_slices: usize,
+    token_slices: usize,
     eps: f64,
 }
 
@@ -858,9 +922,9 @@ impl PartRef<'_> {
     fn forward(self, passes: &mut [Embedded], run: &BlockRun) -> Result<()> {
         for (pass, chunks) in passes.iter_mut().zip(run.chunks) {
             match self {
-                Self::SelfAttention(p) => p.forward(pass, run.rope, chunks.0, run.eps)?,
+                Self::SelfAttention(p) => p.forward(pass, run, chunks.0)?,
                 Self::CrossAttention(p) => p.forward(pass, chunks.1, run.eps)?,
-                Self::FeedForward(p) => p.forward(pass, run.ffn_slices, run.eps)?,
+                Self::FeedForward(p) => p.forward(pass, run.token_slices, run.eps)?,
             }
         }
         Ok(())
@@ -1033,16 +1097,19 @@ pub struct Execution {
     /// Bytes the scores of one attention call may take where the fused kernel does not run
     /// (the query chunk follows, [`QueryChunk::for_budget`]).
     pub attention_scratch: u64,
-    /// Token slices the FFN runs over in turn (1: all at once); more slices hold less of its
-    /// `ffn_dim`-wide hidden state at a time (see [`Config::activation_bytes_estimate`]).
-    pub ffn_slices: usize,
+    /// Token slices the FFN and the self-attention's input (its norm and the q, k and v
+    /// projections) run over in turn (1: all at once). More slices hold less at a time: a
+    /// slice of the FFN's `ffn_dim`-wide hidden state, and of the normed input and the
+    /// projections' intermediates, the attention's output then taking the queries' memory
+    /// (see [`Config::activation_bytes_estimate`]).
+    pub token_slices: usize,
 }
 
 impl Default for Execution {
     fn default() -> Self {
         Self {
             attention_scratch: DEFAULT_ATTENTION_SCRATCH,
-            ffn_slices: 1,
+            token_slices: 1,
         }
     }
 }
@@ -1350,7 +1417,7 @@ impl WanModel {
         let run = BlockRun {
             rope: &rope,
             chunks: &chunks,
-            ffn_slices: execution.ffn_slices,
+            token_slices: execution.token_slices,
             eps: self.cfg.eps,
         };
         let block_vb = |vb: VarBuilder<'static>, i: usize| {
