@@ -66,6 +66,17 @@ checked() {  # name, out, exit code: bench/check_pipeline_report.py with the hos
     /tmp/report-$1.json $2 81 | grep -E "FAIL|ALL|exit status|peak RSS"
   echo "check_pipeline_report $1 exit ${PIPESTATUS[0]}"
 }
+bf16_runs() {  # the checkpoints ($1: which), then text-to-video resident and at 4GiB (else the
+  # least), video-to-video at 6GiB checked
+  ONLY=$1 python3 bench/make_random_checkpoints.py $M || exit 4
+  python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+  echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+  run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+  budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+  run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
+  checked v2v-6GiB /tmp/v2v.mp4 $?
+  cp /tmp/report-v2v-6GiB.svg $OUT/ 2>/dev/null
+}
 summary() {  # summary-$PART.json: per run the steps, footprints, streams and load times
   python3 - "$OUT" "$PART" <<'EOF'
 import json, sys, os, glob
@@ -119,26 +130,12 @@ EOF
       [ -f .carry/$t.xz ] && timeout 120 "$(unpack $t)" --test-threads 1 --nocapture 2>&1 \
         | grep -E "^test |test result|panicked|max abs"
     done
-    ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
-    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
-    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
-    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
-    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
-    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
-    checked v2v-6GiB /tmp/v2v.mp4 $?
-    cp /tmp/report-v2v-6GiB.svg $OUT/ 2>/dev/null
+    bf16_runs dit,umt5,lora
     run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
       --lora $M/lora_rank32_all_linear_random.safetensors:0.8
     checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
   else
-    ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
-    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
-    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
-    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
-    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
-    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
-    checked v2v-6GiB /tmp/v2v.mp4 $?
-    cp /tmp/report-v2v-6GiB.svg $OUT/ 2>/dev/null
+    bf16_runs dit,umt5
     rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
     ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
     echo "fp8 checkpoint ready at +$(( $(date +%s) - T0 ))s"

@@ -148,7 +148,7 @@ pub(crate) fn dit_block_stream(
             return dit_keys::block_of(name, prefix).map(|(index, _)| (index, 0));
         }
         let (index, part) = dit_keys::block_part_of(name, layout, prefix)?;
-        Some((index, BlockPart::ALL.iter().position(|&p| p == part)?))
+        Some((index, part.index()))
     };
     Ok(block_stream(
         keys,
@@ -315,10 +315,9 @@ impl BlockSource for StreamedBlocks<'_> {
         dtype: DType,
         device: &Device,
     ) -> vpipe_models::Result<VarBuilder<'static>> {
-        let part = BlockPart::ALL.iter().position(|&p| p == part).unwrap_or(0);
         Ok(streamed_group(
             self.streamer,
-            (index, part, self.parts),
+            (index, part.index(), self.parts),
             self.held,
             dtype,
             device,

@@ -702,6 +702,11 @@ impl BlockPart {
         BlockPart::FeedForward,
     ];
 
+    /// The part's place in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The part a block's tensor belongs to, from its original Wan name inside the block
     /// (`self_attn.q.weight`, `modulation`, `norm3.bias`, `ffn.0.weight`); `None` for a name
     /// of no part.

@@ -281,6 +281,9 @@ mod tests {
                 );
             }
         }
+        for (i, part) in BlockPart::ALL.into_iter().enumerate() {
+            assert_eq!(part.index(), i);
+        }
         assert_eq!(block_part_of("head.head.weight", KeyLayout::Wan, ""), None);
         assert_eq!(
             block_part_of("proj_out.weight", KeyLayout::Diffusers, ""),
