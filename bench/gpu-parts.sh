@@ -11,6 +11,8 @@
 #                               --ram-budget 32GiB, then with a rank-32 LoRA on all 400 linear
 #                               layers (load times compared), each checked by
 #                               bench/check_pipeline_report.py
+#   bash bench/gpu-parts.sh D   with a reading as each streamed block starts: text-to-video
+#                               resident and at 4GiB (else the least)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -95,12 +97,13 @@ for path in sorted(glob.glob(f"{out}/report-*.json")):
         "streams": [{k: s[k] for k in ("phase", "model", "source", "slots", "groups", "fixed_bytes", "arena_bytes", "stats")} for s in r.get("streams", [])],
         "violations": r["violations"],
         "verified": all(t["verified"] for t in r["transitions"]),
+        "sample_phase_readings": sum(1 for x in r["samples"] if phases["sample"]["entry"]["t_ms"] <= x["t_ms"] <= phases["sample"]["exit"]["t_ms"]),
         "notes": [n["detail"] for n in r["notes"] if n["what"] in ("sampling", "stream", "lora", "plan")],
         "moves_ms": {f'{t["phase"]}: {t["model"]} {t["from"]}->{t["to"]}': round(t["work_ms"]) for t in r["transitions"] if t["expected_bytes"] > 0},
     }
 json.dump(rows, open(f"{out}/summary-{part}.json", "w"), indent=1)
 for name, row in rows.items():
-    print(name, json.dumps({k: row[k] for k in ("steps_s", "footprint_peak_gib", "violations", "verified")}))
+    print(name, json.dumps({k: row[k] for k in ("steps_s", "footprint_peak_gib", "violations", "verified", "sample_phase_readings")}))
 EOF
 }
 
@@ -134,6 +137,11 @@ EOF
     run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
       --lora $M/lora_rank32_all_linear_random.safetensors:0.8
     checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+  elif [ "$PART" = D ]; then
+    ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
   else
     bf16_runs dit,umt5
     rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors

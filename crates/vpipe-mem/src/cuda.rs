@@ -141,6 +141,13 @@ impl CudaMeter {
             meter: "cuda",
             detail: format!("synchronize: {e}"),
         })?;
+        self.read_in_flight()
+    }
+
+    /// Reads every meter without waiting for the device: the pool's figures are those of the
+    /// allocations enqueued so far (stream-ordered allocations take their memory when they
+    /// are enqueued), so a reading between two kernels costs no stall.
+    pub fn read_in_flight(&self) -> Result<CudaReading, MemError> {
         let (free, total) = self.context.mem_get_info().map_err(|e| MemError::Meter {
             meter: "cuda",
             detail: format!("cuMemGetInfo: {e}"),

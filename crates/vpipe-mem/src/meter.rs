@@ -184,10 +184,31 @@ impl Meters {
 
     /// Synchronizes the device, then reads every meter.
     pub fn read(&self) -> Result<Reading, MemError> {
+        self.read_with(true)
+    }
+
+    /// Reads every meter without synchronizing the device (on CUDA the pool figures of the
+    /// allocations enqueued so far, which stream-ordered allocations take when enqueued):
+    /// for readings inside a computation, which a synchronization would slow down.
+    pub fn read_in_flight(&self) -> Result<Reading, MemError> {
+        self.read_with(false)
+    }
+
+    fn read_with(&self, synchronize: bool) -> Result<Reading, MemError> {
         #[cfg(feature = "cuda")]
-        let cuda = self.cuda.as_ref().map(|c| c.read()).transpose()?;
+        let cuda = self
+            .cuda
+            .as_ref()
+            .map(|c| {
+                if synchronize {
+                    c.read()
+                } else {
+                    c.read_in_flight()
+                }
+            })
+            .transpose()?;
         #[cfg(not(feature = "cuda"))]
-        let cuda = None;
+        let (cuda, _) = (None, synchronize);
         // Heap first: reading RSS must not be able to move the heap counters it is compared to.
         let heap = heap_stats();
         let host = read_host_rss()?;

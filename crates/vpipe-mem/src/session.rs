@@ -370,6 +370,12 @@ impl Phase<'_> {
         self.session.meters.read()
     }
 
+    /// A reading of every meter now, without waiting for the device (not recorded; see
+    /// [`crate::Meters::read_in_flight`]).
+    pub fn read_in_flight(&self) -> Result<Reading, MemError> {
+        self.session.meters.read_in_flight()
+    }
+
     /// Declares data the phase produces for later phases (embeddings, latents, frames) and
     /// keeps in the compute tier; the accumulation check at the phase's end allows for it.
     pub fn declare_output(&mut self, what: &str, bytes: u64) {

@@ -325,6 +325,57 @@ impl BlockSource for StreamedBlocks<'_> {
     }
 }
 
+/// A DiT's streamed blocks that take a reading of the meters as each streamed block starts
+/// (without waiting for the device, so the copies and the compute keep overlapping), for the
+/// report's chart: the arena's use between the steps' readings.
+pub(crate) struct ReadAtEachBlock<'a, 's, 'p> {
+    pub(crate) blocks: &'a mut StreamedBlocks<'s>,
+    pub(crate) phase: &'a Phase<'p>,
+    pub(crate) readings: Vec<vpipe_mem::Reading>,
+}
+
+impl ReadAtEachBlock<'_, '_, '_> {
+    fn read(&mut self) -> vpipe_models::Result<()> {
+        let reading = self
+            .phase
+            .read_in_flight()
+            .map_err(candle_core::Error::wrap)?;
+        self.readings.push(reading);
+        Ok(())
+    }
+}
+
+impl BlockSource for ReadAtEachBlock<'_, '_, '_> {
+    fn block(
+        &mut self,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        let vb = self.blocks.block(index, dtype, device)?;
+        self.read()?;
+        Ok(vb)
+    }
+
+    fn gives_parts(&self) -> bool {
+        self.blocks.gives_parts()
+    }
+
+    fn block_part(
+        &mut self,
+        index: usize,
+        part: BlockPart,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        let vb = self.blocks.block_part(index, part, dtype, device)?;
+        if part == BlockPart::SelfAttention {
+            self.read()?;
+        }
+        Ok(vb)
+    }
+}
+
 /// The umT5 encoder over a lease's weights (transformers / ComfyUI or original Wan names);
 /// `config` from a `config.json`, else from the shapes.
 pub fn umt5(

@@ -469,15 +469,26 @@ fn sample(
         let timestep = Tensor::new(&[t as f32], &job.device)?;
         let input = x.to_dtype(job.dtype)?;
         let velocity = match streamed.as_mut() {
-            Some(blocks) => model.forward_guided_with(
-                &input,
-                &timestep,
-                &cond,
-                &uncond,
-                job.spec.guidance,
-                (plan.passes, &execution),
-                blocks,
-            )?,
+            Some(blocks) => {
+                let mut reading_blocks = crate::leased::ReadAtEachBlock {
+                    blocks,
+                    phase: &*p,
+                    readings: Vec::new(),
+                };
+                let velocity = model.forward_guided_with(
+                    &input,
+                    &timestep,
+                    &cond,
+                    &uncond,
+                    job.spec.guidance,
+                    (plan.passes, &execution),
+                    &mut reading_blocks,
+                )?;
+                for reading in reading_blocks.readings {
+                    p.record_sample(reading);
+                }
+                velocity
+            }
             None => model.forward_guided(
                 &input,
                 &timestep,

@@ -328,6 +328,21 @@ fn a_dit_larger_than_the_budget_streams_and_matches_the_resident_run() {
                 .find(|p| p["name"] == "sample")
                 .unwrap();
             assert!(sample["peak_above_baseline"].as_u64().unwrap() <= limit);
+            // The chart has a reading as each streamed block starts, besides each step's.
+            let (entry, exit) = (
+                sample["entry"]["t_ms"].as_f64().unwrap(),
+                sample["exit"]["t_ms"].as_f64().unwrap(),
+            );
+            let inside = report["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| (entry..=exit).contains(&r["t_ms"].as_f64().unwrap()))
+                .count() as u64;
+            assert!(
+                inside >= 2 * streamed_blocks + 2,
+                "{inside} readings in the sample phase"
+            );
         }
     }
 }
