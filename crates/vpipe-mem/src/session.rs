@@ -117,6 +117,20 @@ impl MemorySession {
         Ok(ModelId(self.models.len() - 1))
     }
 
+    /// [`Self::register`] from the checkpoint's inspection (`vpipe_ckpt::inspect`), which
+    /// already holds its header or tensor index: the file is not read again.
+    pub fn register_inspected(
+        &mut self,
+        name: &str,
+        inspection: &vpipe_ckpt::Inspection,
+        load_dtype: Option<DType>,
+    ) -> Result<ModelId, MemError> {
+        self.models.push(crate::store::describe_inspected(
+            name, inspection, load_dtype,
+        )?);
+        Ok(ModelId(self.models.len() - 1))
+    }
+
     /// Sets the patch applied to `id`'s weights whenever they are read from disk (see
     /// [`crate::WeightPatch`]). The model must be on disk, so that no copy in memory misses it.
     pub fn set_patch(&mut self, id: ModelId, patch: crate::WeightPatch) -> Result<(), MemError> {
@@ -358,6 +372,17 @@ impl Phase<'_> {
         load_dtype: Option<DType>,
     ) -> Result<ModelId, MemError> {
         self.session.register(name, path, load_dtype)
+    }
+
+    /// See [`MemorySession::register_inspected`].
+    pub fn register_inspected(
+        &mut self,
+        name: &str,
+        inspection: &vpipe_ckpt::Inspection,
+        load_dtype: Option<DType>,
+    ) -> Result<ModelId, MemError> {
+        self.session
+            .register_inspected(name, inspection, load_dtype)
     }
 
     /// See [`MemorySession::set_patch`].

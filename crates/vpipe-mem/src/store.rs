@@ -595,6 +595,55 @@ pub(crate) fn describe_checkpoint(
             }
         }
     }
+    with_tensors(model, tensors)
+}
+
+/// The model a checkpoint holds, from its inspection (`vpipe_ckpt::inspect`: the header or
+/// tensor index already read), without reading the file again.
+pub(crate) fn describe_inspected(
+    name: &str,
+    inspection: &vpipe_ckpt::Inspection,
+    load_dtype: Option<DType>,
+) -> Result<Model, MemError> {
+    let model = Model {
+        name: name.to_owned(),
+        path: inspection.path.clone(),
+        format: match inspection.format {
+            vpipe_ckpt::FileFormat::Pth { .. } => Format::Pth,
+            _ => Format::Safetensors,
+        },
+        tensors: Vec::new(),
+        host: None,
+        device: None,
+        patch: None,
+    };
+    let tensors = inspection
+        .tensors
+        .iter()
+        .map(|t| {
+            // float8 e5m2 has no candle dtype: the store reads it as its exact f16 values.
+            let file_dtype = match t.dtype {
+                vpipe_ckpt::DType::F8_E5M2 => Some(DType::F16),
+                other => other.to_candle(),
+            }
+            .ok_or_else(|| {
+                model.checkpoint_error(format!(
+                    "tensor '{}' is {:?}, a dtype vpipe cannot read",
+                    t.name, t.dtype
+                ))
+            })?;
+            Ok(TensorMeta {
+                name: t.name.clone(),
+                dtype: resident_dtype(file_dtype, &t.shape, load_dtype),
+                shape: t.shape.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, MemError>>()?;
+    with_tensors(model, tensors)
+}
+
+/// `model` with `tensors` (sorted by key), refused when one has a dtype vpipe cannot hold.
+fn with_tensors(model: Model, mut tensors: Vec<TensorMeta>) -> Result<Model, MemError> {
     if let Some(t) = tensors.iter().find(|t| !HELD_DTYPES.contains(&t.dtype)) {
         return Err(model.checkpoint_error(format!(
             "tensor '{}' is {:?}, a dtype vpipe cannot compute with or move to the GPU; \

@@ -199,3 +199,20 @@ fn an_arena_without_a_slot_for_each_layout_is_refused() {
         .to_string();
     assert!(err.contains("2 layouts"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_registered_from_its_inspection_is_described_as_from_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blocks.safetensors");
+    write_blocks(&path);
+    let inspection = vpipe_ckpt::inspect(&path).unwrap();
+    let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+    for load_dtype in [None, Some(DType::BF16), Some(DType::F32)] {
+        let read = session.register("read", &path, load_dtype).unwrap();
+        let inspected = session
+            .register_inspected("inspected", &inspection, load_dtype)
+            .unwrap();
+        assert_eq!(session.tensors(read), session.tensors(inspected));
+        assert_eq!(session.model_bytes(read), session.model_bytes(inspected));
+    }
+}

@@ -154,7 +154,7 @@ pub fn generate(
     let (ids, tokenizer, loras) = session.phase("load", |p| -> Result<_> {
         let mut progress = Step::start(observer, "load", 3);
         let mut register = |name: &'static str, checkpoint: &crate::models::Checkpoint| {
-            let id = p.register(name, &checkpoint.path, Some(job.dtype))?;
+            let id = p.register_inspected(name, &checkpoint.inspection, Some(job.dtype))?;
             progress.advance(name);
             Ok::<_, Error>(id)
         };

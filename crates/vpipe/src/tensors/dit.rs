@@ -30,7 +30,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
     let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
 
     let dit_id = session.phase("load", |p| -> anyhow::Result<_> {
-        let id = p.register("dit", &job.dit, Some(job.compute.dtype))?;
+        let id = p.register_inspected("dit", &dit.inspection, Some(job.compute.dtype))?;
         let loras = vpipe_pipeline::read_loras(&job.loras)?;
         vpipe_pipeline::plan_loras(p, id, &dit, &loras, &job.loras)?;
         Ok(id)
