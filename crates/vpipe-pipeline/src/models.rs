@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use vpipe_ckpt::{Family, Inspection};
 use vpipe_models::wan::DitConfig;
+use vpipe_text::tokenizer::PromptTokenizer;
 
 use crate::error::{io_error, Context, Error, Result};
 use crate::options::RunOptions;
@@ -24,6 +25,46 @@ impl Checkpoint {
             path: path.to_owned(),
             inspection: vpipe_ckpt::inspect(path)?,
         })
+    }
+
+    /// The prompt tokenizer from the SentencePiece model a ComfyUI text-encoder file carries
+    /// (`spiece_model`, or a key ending in `.spiece_model`: 1-D uint8), its bytes read where
+    /// the inspection says they are, without parsing the header again.
+    pub(crate) fn prompt_tokenizer(&self) -> Result<PromptTokenizer> {
+        let no_model = || vpipe_text::Error::NoSpieceModel {
+            path: self.path.clone(),
+        };
+        let tensor = self
+            .inspection
+            .tensors
+            .iter()
+            .filter(|t| t.name == "spiece_model" || t.name.ends_with(".spiece_model"))
+            .min_by_key(|t| t.name.len())
+            .filter(|_| {
+                matches!(
+                    self.inspection.format,
+                    vpipe_ckpt::FileFormat::Safetensors { .. }
+                )
+            })
+            .ok_or_else(no_model)?;
+        if tensor.dtype != vpipe_ckpt::DType::U8 || tensor.shape.len() != 1 {
+            return Err(vpipe_text::Error::SpieceModel {
+                reason: format!(
+                    "{}: `{}` is {:?} of shape {:?}, expected a 1-D uint8 tensor",
+                    self.path.display(),
+                    tensor.name,
+                    tensor.dtype,
+                    tensor.shape
+                ),
+            }
+            .into());
+        }
+        let mut bytes = vec![0u8; tensor.data.len() as usize];
+        let read = |what: &str| io_error(format!("{what} {}", self.path.display()));
+        let file = std::fs::File::open(&self.path).map_err(read("opening"))?;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, tensor.data.start)
+            .map_err(read(&format!("reading `{}` of", tensor.name)))?;
+        Ok(PromptTokenizer::from_spiece_model(&bytes)?)
     }
 }
 
@@ -169,4 +210,43 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
         }),
         loras: options.loras.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../vpipe-text/tests/fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn the_tokenizer_read_through_the_inspection_equals_the_files() {
+        let path = text_fixture("umt5_tiny_comfy.safetensors");
+        let inspected = Checkpoint::inspect(&path)
+            .unwrap()
+            .prompt_tokenizer()
+            .unwrap();
+        let read = PromptTokenizer::from_checkpoint_file(&path).unwrap();
+        for prompt in ["A cat on a mat", "一只猫", "waves, (sunset)"] {
+            let (a, b) = (
+                inspected.encode(prompt).unwrap(),
+                read.encode(prompt).unwrap(),
+            );
+            assert_eq!(a.ids, b.ids, "{prompt}");
+        }
+    }
+
+    #[test]
+    fn a_text_encoder_without_a_tokenizer_is_named() {
+        let path = text_fixture("umt5_tiny_transformers.safetensors");
+        let err = Checkpoint::inspect(&path)
+            .unwrap()
+            .prompt_tokenizer()
+            .unwrap_err();
+        let expected = vpipe_text::Error::NoSpieceModel { path: path.clone() }.to_string();
+        assert_eq!(err.to_string(), expected);
+    }
 }

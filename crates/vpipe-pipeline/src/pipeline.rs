@@ -164,8 +164,8 @@ pub fn generate(
             text: register("text encoder", &models.text_encoder)?,
         };
         let tokenizer = match &models.tokenizer {
-            Some(path) => PromptTokenizer::from_tokenizer_json(path),
-            None => PromptTokenizer::from_checkpoint_file(&models.text_encoder.path),
+            Some(path) => PromptTokenizer::from_tokenizer_json(path).map_err(Error::from),
+            None => models.text_encoder.prompt_tokenizer(),
         }
         .context("the prompt tokenizer")?;
         let loras = crate::leased::read_loras(&models.loras)?;
