@@ -674,9 +674,12 @@ impl Attention {
             v.slice_set(&self.v.forward(&h)?.contiguous()?, 1, start)?;
         }
         let v = self.heads(&v)?;
-        let out = attention_over_query(q, &k, &v, chunk)?;
+        let attended = attention_over_query(q, &k, &v, chunk)?;
         drop((k, v));
-        let out = out.transpose(1, 2)?.reshape((b, l, d))?;
+        // The head-major output copied token-major; the queries' memory is freed before the
+        // output projection.
+        let out = attended.transpose(1, 2)?.reshape((b, l, d))?;
+        drop(attended);
         Ok(self.o.forward(&out)?)
     }
 }
