@@ -277,8 +277,20 @@ fn guidance_batched_equals_two_passes() {
     // The same passes, one forward after the other: the same operations, so the same bits.
     let sequential = run(GuidancePasses::Sequential);
     assert_eq!(max_abs_diff(&sequential, &two).unwrap(), 0.0);
+    // One forward of the condition: the uncondition is not even looked at.
+    let single = model
+        .forward_guided(
+            &x,
+            &t,
+            &cond,
+            &cond.narrow(1, 0, 3).unwrap(),
+            5.0,
+            (GuidancePasses::Single, &Execution::default()),
+        )
+        .unwrap();
     // uncond + 5 (cond − uncond), from two plain forwards.
     let c = model.forward(&x, &t, &cond).unwrap();
+    assert_eq!(max_abs_diff(&single, &c).unwrap(), 0.0);
     let u = model.forward(&x, &t, &uncond).unwrap();
     let manual = (&u + ((c - &u).unwrap() * 5.0).unwrap()).unwrap();
     assert!(max_abs_diff(&two, &manual).unwrap() <= 1e-6);

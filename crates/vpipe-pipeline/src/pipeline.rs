@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::tiling::TileSpec;
-use vpipe_models::wan::{DitConfig, Execution};
+use vpipe_models::wan::{DitConfig, Execution, GuidancePasses};
 use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
@@ -87,7 +87,14 @@ impl Job {
         let lora = !models.loras.is_empty();
         Ok(Self {
             text: TextPlan::new(&sizes, dtype, budget, on_cuda),
-            sample: SamplePlan::new(&sizes, dtype, tokens, budget, on_cuda, lora),
+            sample: SamplePlan::new(
+                &sizes,
+                dtype,
+                (tokens, spec.guidance),
+                budget,
+                on_cuda,
+                lora,
+            ),
             text_config: sizes.text,
             dit_config: sizes.dit,
             spec,
@@ -425,9 +432,15 @@ fn sample(
     p.note(
         "sampling",
         &format!(
-            "{tokens} tokens, CFG {} {:?}, {} token slice(s), {}: estimated activations {}",
+            "{tokens} tokens, CFG {} {:?} ({}), {} token slice(s), {}: estimated activations {}",
             job.spec.guidance,
             plan.passes,
+            match plan.passes {
+                GuidancePasses::Batched => "condition and uncondition in one batch",
+                GuidancePasses::TwoPasses => "two passes through each block",
+                GuidancePasses::Sequential => "two forwards per step",
+                GuidancePasses::Single => "one forward per step, the condition only",
+            },
             plan.token_slices,
             match plan.residency {
                 Residency::Resident => "every block held".to_owned(),

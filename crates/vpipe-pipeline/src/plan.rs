@@ -344,6 +344,7 @@ fn serialize_passes<S: serde::Serializer>(
         GuidancePasses::Batched => "batched",
         GuidancePasses::TwoPasses => "two_passes",
         GuidancePasses::Sequential => "sequential",
+        GuidancePasses::Single => "single",
     })
 }
 
@@ -362,11 +363,12 @@ impl SamplePlan {
     /// room for after the activations and the arena. On CUDA the
     /// stream reads the pinned host copy when `budget.host` has room for it, else the file.
     /// Without a budget, or when nothing fits, resident and batched (the caller compares the
-    /// estimate with the budget).
+    /// estimate with the budget). At guidance scale 1 each step is one forward of the
+    /// condition ([`GuidancePasses::Single`]).
     pub(crate) fn new(
         sizes: &ModelSizes,
         dtype: DType,
-        tokens: usize,
+        (tokens, guidance): (usize, f64),
         budget: vpipe_mem::Budget,
         on_cuda: bool,
         lora: bool,
@@ -396,7 +398,7 @@ impl SamplePlan {
                     .saturating_add(residual)
                     .saturating_add(2 * text_side),
                 // One residual stream and one context at a time.
-                GuidancePasses::Sequential => dit
+                GuidancePasses::Sequential | GuidancePasses::Single => dit
                     .activation_bytes_estimate(dtype, 1, tokens, scratch, token_slices)
                     .saturating_add(text_side),
             };
@@ -406,7 +408,12 @@ impl SamplePlan {
             patched: lora,
             ..sizes.dit_weights
         };
-        let smallest = (GuidancePasses::Sequential, TOKEN_SLICES);
+        let single = guidance == 1.0;
+        let smallest = if single {
+            (GuidancePasses::Single, TOKEN_SLICES)
+        } else {
+            (GuidancePasses::Sequential, TOKEN_SLICES)
+        };
         let minimum_bytes = weights.minimum(activations(smallest));
         let plan = |step: Step, (residency, estimated_peak_bytes)| Self {
             residency,
@@ -419,7 +426,7 @@ impl SamplePlan {
         };
         // Token slices cost about 3 % of a step (measured on the H200 at 832×480×81), more
         // than streaming does: each way of passing is tried whole first.
-        let steps = [
+        let guided = [
             (GuidancePasses::Batched, 1),
             (GuidancePasses::Batched, TOKEN_SLICES),
             (GuidancePasses::TwoPasses, 1),
@@ -427,6 +434,8 @@ impl SamplePlan {
             (GuidancePasses::Sequential, 1),
             smallest,
         ];
+        let unguided = [(GuidancePasses::Single, 1), smallest];
+        let steps: &[Step] = if single { &unguided } else { &guided };
         let Some(limit) = budget.compute.map(planning_limit) else {
             let step = steps[0];
             return plan(
@@ -436,12 +445,12 @@ impl SamplePlan {
         };
         let pinned = pinned_fits(on_cuda, weights.total, budget);
         // Held whole, in the fastest way of stepping that fits, first; then streamed.
-        for step in steps {
+        for &step in steps {
             if let Some(resident) = weights.resident(activations(step), limit, on_cuda, pinned) {
                 return plan(step, resident);
             }
         }
-        for step in steps {
+        for &step in steps {
             if let Some(streamed) = weights.residency(activations(step), limit, on_cuda, pinned) {
                 return plan(step, streamed);
             }
@@ -775,7 +784,7 @@ impl Plan {
         let sample = SamplePlan::new(
             sizes,
             dtype,
-            tokens,
+            (tokens, job.guidance),
             model_budget,
             on_cuda,
             !job.loras.is_empty(),
@@ -784,7 +793,7 @@ impl Plan {
         let passes = sample.passes;
         let batch = match passes {
             GuidancePasses::Batched => 2,
-            GuidancePasses::TwoPasses | GuidancePasses::Sequential => 1,
+            GuidancePasses::TwoPasses | GuidancePasses::Sequential | GuidancePasses::Single => 1,
         };
         // The fused kernel takes every query row in one launch.
         let rows = if fused {
@@ -922,6 +931,7 @@ impl Plan {
                 GuidancePasses::Batched => "batched",
                 GuidancePasses::TwoPasses => "two passes",
                 GuidancePasses::Sequential => "sequential",
+                GuidancePasses::Single => "single",
             },
             attention_query_rows: rows,
             vae_tile_px: job.tiles.tile,

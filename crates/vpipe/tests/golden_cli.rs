@@ -5,7 +5,8 @@
 //! (`tests/fixtures/pipeline/`); the VAE, umT5 and tokenizer are the other crates' fixtures.
 //!
 //! Both the final latents (the `latents` key of a `.safetensors` output) and the decoded video
-//! are compared, to 1e-4.
+//! are compared, to 1e-4; text-to-video also at guidance scale 1, where both run the
+//! conditional pass only.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,9 +32,15 @@ fn settings() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// `vpipe run` on the fixture models with the reference's settings, `--initial-noise` from
-/// `noise`, the rest from `extra`; the arguments as owned strings.
-fn run_args(noise: &Path, out: &Path, steps: u64, extra: &[String]) -> Vec<String> {
+/// `vpipe run` on the fixture models with the reference's settings (its guidance scale unless
+/// `cfg` is given), `--initial-noise` from `noise`, the rest from `extra`; the arguments as
+/// owned strings.
+fn run_args(
+    noise: &Path,
+    out: &Path,
+    (steps, cfg): (u64, Option<f64>),
+    extra: &[String],
+) -> Vec<String> {
     let fx = settings();
     let s = &fx["settings"];
     let path = |p: PathBuf| p.to_str().unwrap().to_owned();
@@ -63,7 +70,7 @@ fn run_args(noise: &Path, out: &Path, steps: u64, extra: &[String]) -> Vec<Strin
         "--steps",
         &steps.to_string(),
         "--cfg",
-        &s["guidance_scale"].to_string(),
+        &cfg.map_or_else(|| s["guidance_scale"].to_string(), |c| c.to_string()),
         "--shift",
         &s["shift"].to_string(),
         "--sampler",
@@ -83,11 +90,14 @@ fn run_args(noise: &Path, out: &Path, steps: u64, extra: &[String]) -> Vec<Strin
     args
 }
 
-/// Runs `vpipe run` for `mode` (t2v or v2v) and returns max |vpipe − diffusers| of the decoded
-/// video.
-fn video_error(mode: &str) -> f64 {
+/// Runs `vpipe run` for `mode` (t2v or v2v; t2v_cfg1: t2v at guidance scale 1) and returns
+/// max |vpipe − diffusers| of the decoded video, and the run's report.
+fn video_error(mode: &str) -> (f64, serde_json::Value) {
     let fx = settings();
-    let run = &fx["runs"][mode];
+    let (run, cfg) = match mode {
+        "t2v_cfg1" => (&fx["runs"]["t2v"], Some(1.0)),
+        _ => (&fx["runs"][mode], None),
+    };
     let reference_file = golden(&format!("{mode}.safetensors"));
     let reference = load(&reference_file);
     let dir = tempfile::tempdir().unwrap();
@@ -102,10 +112,16 @@ fn video_error(mode: &str) -> f64 {
         ],
         _ => vec![],
     };
+    let report_file = dir.path().join("report.json");
+    let mut extra = extra;
+    extra.extend([
+        "--report".to_owned(),
+        report_file.to_str().unwrap().to_owned(),
+    ]);
     let args = run_args(
         &reference_file,
         &out,
-        run["steps"].as_u64().unwrap(),
+        (run["steps"].as_u64().unwrap(), cfg),
         &extra,
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -131,19 +147,43 @@ fn video_error(mode: &str) -> f64 {
          values up to {:.3})",
         max_abs(expected, &expected.zeros_like().unwrap())
     );
-    err
+    let report = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    (err, report)
+}
+
+/// The detail of the report's `sampling` note.
+fn sampling_note(report: &serde_json::Value) -> String {
+    report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["what"] == "sampling")
+        .and_then(|n| n["detail"].as_str())
+        .unwrap()
+        .to_owned()
 }
 
 #[test]
 fn text_to_video_matches_diffusers_wan_pipeline() {
-    let err = video_error("t2v");
+    let (err, report) = video_error("t2v");
+    assert!(sampling_note(&report).contains("Batched"));
     assert!(err <= TOL, "t2v: max abs {err:.3e} > {TOL:.0e}");
 }
 
 #[test]
 fn video_to_video_matches_diffusers_video_to_video_pipeline() {
-    let err = video_error("v2v");
+    let (err, _) = video_error("v2v");
     assert!(err <= TOL, "v2v: max abs {err:.3e} > {TOL:.0e}");
+}
+
+/// At guidance scale 1 diffusers runs the conditional pass only; so does vpipe, and the
+/// report says so.
+#[test]
+fn text_to_video_at_guidance_1_runs_one_forward_and_matches_diffusers() {
+    let (err, report) = video_error("t2v_cfg1");
+    let note = sampling_note(&report);
+    assert!(note.contains("one forward per step"), "{note}");
+    assert!(err <= TOL, "t2v at CFG 1: max abs {err:.3e} > {TOL:.0e}");
 }
 
 /// Writes `tensors` to `dir/name` and returns the path.
@@ -159,7 +199,7 @@ fn write(dir: &Path, name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
 
 /// Runs with `noise` as `--initial-noise` (text-to-video) and returns (exit code, stderr).
 fn run_with_noise(noise: &Path, out: &Path) -> (Option<i32>, String) {
-    let args = run_args(noise, out, 2, &[]);
+    let args = run_args(noise, out, (2, None), &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = vpipe(&args);
     (

@@ -1070,6 +1070,9 @@ pub enum GuidancePasses {
     /// Two forwards of batch 1, one after the other: one residual stream lives at a time,
     /// and each streamed block is fetched twice per step.
     Sequential,
+    /// One forward of the condition only: at guidance scale 1 the guided velocity is the
+    /// conditional one (diffusers' pipelines and ComfyUI skip the unconditional pass there).
+    Single,
 }
 
 /// The Wan 2.1 text-to-video DiT.
@@ -1253,7 +1256,8 @@ impl WanModel {
     }
 
     /// The guided velocity `uncond + scale · (cond − uncond)` for one sample, for a model that
-    /// holds every block.
+    /// holds every block, its passes run as `how` says ([`GuidancePasses::Single`]: the
+    /// conditional velocity, `uncond` and `scale` unused).
     ///
     /// # Shapes
     /// - `latents`: [1, C, F, H, W]; `timestep`: [1]; `cond`, `uncond`: [1, Lc, text_dim].
@@ -1330,6 +1334,10 @@ impl WanModel {
                 let [c] = self.forward_passes([(latents, timestep, cond)], execution, source)?;
                 let [u] = self.forward_passes([(latents, timestep, uncond)], execution, source)?;
                 vpipe_sampling::cfg(&c, &u, scale)
+            }
+            GuidancePasses::Single => {
+                let [c] = self.forward_passes([(latents, timestep, cond)], execution, source)?;
+                return Ok(c);
             }
         };
         guided.map_err(|e| Error::DitInput {
