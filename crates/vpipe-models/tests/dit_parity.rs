@@ -12,7 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use vpipe_models::ops::max_abs_diff;
 use vpipe_models::wan::dit::{
-    BlockPart, BlockSource, Config, Execution, GuidancePasses, Rope, WanModel,
+    BlockCache, BlockPart, BlockSource, CacheUse, Config, Execution, GuidancePasses, HeldBlocks,
+    Rope, StepRun, WanModel,
 };
 use vpipe_models::wan::dit_keys;
 
@@ -377,7 +378,11 @@ fn blocks_given_in_parts_equal_held_blocks() {
                     &cond,
                     &uncond,
                     5.0,
-                    (passes, &Execution::default()),
+                    StepRun {
+                        passes,
+                        execution: &Execution::default(),
+                        cache: None,
+                    },
                     &mut source,
                 )
                 .unwrap();
@@ -400,4 +405,60 @@ fn blocks_given_in_parts_equal_held_blocks() {
             assert_eq!(source.asked, expected, "{file} {passes:?}");
         }
     }
+}
+
+#[test]
+fn a_step_reusing_the_block_cache_adds_what_the_blocks_added() {
+    let model = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
+    let cases = cases();
+    let get = |k: &str| cases[&format!("batch2.{k}")].clone();
+    let x = get("hidden_states").narrow(0, 0, 1).unwrap();
+    let t = get("timestep").narrow(0, 0, 1).unwrap();
+    let ctx = get("encoder_hidden_states");
+    let (cond, uncond) = (ctx.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 1, 1).unwrap());
+    let execution = Execution::default();
+    for passes in [
+        GuidancePasses::Batched,
+        GuidancePasses::TwoPasses,
+        GuidancePasses::Sequential,
+        GuidancePasses::Single,
+    ] {
+        let mut cache = BlockCache::new();
+        let mut step = |usage| {
+            model.forward_guided_with(
+                &x,
+                &t,
+                &cond,
+                &uncond,
+                5.0,
+                StepRun {
+                    passes,
+                    execution: &execution,
+                    cache: Some((&mut cache, usage)),
+                },
+                &mut HeldBlocks,
+            )
+        };
+        // Nothing to reuse yet.
+        let err = step(CacheUse::Reuse).unwrap_err().to_string();
+        assert!(err.contains("cache"), "{err}");
+        // A refreshing step is the uncached step; reusing on the same input gives it back up
+        // to the rounding of (x + (after - x)).
+        let refreshed = step(CacheUse::Refresh).unwrap();
+        let reused = step(CacheUse::Reuse).unwrap();
+        let uncached = model
+            .forward_guided(&x, &t, &cond, &uncond, 5.0, (passes, &execution))
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&refreshed, &uncached).unwrap(),
+            0.0,
+            "{passes:?}"
+        );
+        let err = max_abs_diff(&reused, &refreshed).unwrap();
+        assert!(err <= 1e-5, "{passes:?}: {err}");
+    }
+    // The modulation a step cache compares: one row of 6 × dim.
+    let e0 = model.time_modulation(757.25).unwrap();
+    assert_eq!(e0.dims(), &[1, 6 * config().dim]);
+    assert!(model.time_modulation(f32::NAN).is_err());
 }

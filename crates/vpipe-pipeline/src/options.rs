@@ -20,6 +20,8 @@ pub struct RunOptions {
     pub frames: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// The step cache's threshold (`--cache teacache`); `None`: every step runs the blocks.
+    pub step_cache: Option<f64>,
     pub shift: f64,
     pub sampler: vpipe_sampling::SamplerKind,
     pub seed: u64,

@@ -9,7 +9,9 @@
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::tiling::TileSpec;
-use vpipe_models::wan::{DitConfig, Execution, GuidancePasses};
+use vpipe_models::wan::{
+    BlockCache, CacheUse, DitConfig, Execution, GuidancePasses, HeldBlocks, StepRun, WanModel,
+};
 use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
@@ -44,6 +46,9 @@ pub struct JobSpec {
     pub width: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// The step cache's threshold on the accumulated relative change of the timestep's
+    /// modulation (TeaCache); `None`: every step runs the blocks.
+    pub step_cache: Option<f64>,
     pub shift: f64,
     pub sampler: SamplerKind,
     pub seed: u64,
@@ -90,7 +95,7 @@ impl Job {
             sample: SamplePlan::new(
                 &sizes,
                 dtype,
-                (tokens, spec.guidance),
+                (tokens, spec.guidance, spec.step_cache),
                 budget,
                 on_cuda,
                 lora,
@@ -473,6 +478,30 @@ fn sample(
     .to_device(&job.device)?;
     let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
     let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
+    // The steps that reuse the block cache, decided before the first one from the timesteps'
+    // modulations (the model's time embedding of each step's timestep).
+    let reuse = match plan.step_cache {
+        Some(threshold) => {
+            let changes = modulation_changes(&model, schedule.timesteps())?;
+            let reuse = crate::plan::cache_schedule(&changes, threshold);
+            let skipped: Vec<usize> = (1..=reuse.len()).filter(|&i| reuse[i - 1]).collect();
+            let changes: Vec<String> = changes[1..].iter().map(|c| format!("{c:.3}")).collect();
+            p.note(
+                "step cache",
+                &format!(
+                    "teacache, threshold {threshold}: the blocks skipped at {} of {} steps {:?} \
+                     (relative changes of the time modulation from step to step: {})",
+                    skipped.len(),
+                    reuse.len(),
+                    skipped,
+                    changes.join(", ")
+                ),
+            );
+            reuse
+        }
+        None => Vec::new(),
+    };
+    let mut cache = BlockCache::new();
     let mut sampler = Sampler::new(schedule.clone());
     let mut progress = Step::start(observer, "sample", schedule.steps() as u64);
     while let Some(t) = sampler.timestep() {
@@ -481,6 +510,19 @@ fn sample(
         let started = std::time::Instant::now();
         let timestep = Tensor::new(&[t as f32], &job.device)?;
         let input = x.to_dtype(job.dtype)?;
+        let reused = reuse.get(sampler.step_index()).copied().unwrap_or(false);
+        let step = StepRun {
+            passes: plan.passes,
+            execution: &execution,
+            cache: plan.step_cache.map(|_| {
+                let usage = if reused {
+                    CacheUse::Reuse
+                } else {
+                    CacheUse::Refresh
+                };
+                (&mut cache, usage)
+            }),
+        };
         let velocity = match streamed.as_mut() {
             Some(blocks) => {
                 let mut reading_blocks = crate::leased::ReadAtEachBlock {
@@ -494,7 +536,7 @@ fn sample(
                     &cond,
                     &uncond,
                     job.spec.guidance,
-                    (plan.passes, &execution),
+                    step,
                     &mut reading_blocks,
                 )?;
                 for reading in reading_blocks.readings {
@@ -502,13 +544,14 @@ fn sample(
                 }
                 velocity
             }
-            None => model.forward_guided(
+            None => model.forward_guided_with(
                 &input,
                 &timestep,
                 &cond,
                 &uncond,
                 job.spec.guidance,
-                (plan.passes, &execution),
+                step,
+                &mut HeldBlocks,
             )?,
         };
         x = sampler.step(&velocity, &x)?;
@@ -527,9 +570,14 @@ fn sample(
         p.note(
             "step",
             &format!(
-                "{}/{} at t = {t:.1}: {seconds:.2} s",
+                "{}/{} at t = {t:.1}: {seconds:.2} s{}",
                 sampler.step_index(),
-                schedule.steps()
+                schedule.steps(),
+                if reused {
+                    " (blocks skipped: the cached residual added)"
+                } else {
+                    ""
+                }
             ),
         );
         progress.advance(&format!("t = {t:.1}, {seconds:.2} s"));
@@ -538,6 +586,25 @@ fn sample(
     let latents = x.to_device(&Device::Cpu)?;
     p.declare_output("latents (host)", tensor_bytes(&latents));
     Ok(latents)
+}
+
+/// For each timestep but the first, the relative change (mean absolute difference over mean
+/// magnitude) of the model's time modulation from the timestep before; 0 for the first.
+fn modulation_changes(model: &WanModel, timesteps: &[f64]) -> Result<Vec<f64>> {
+    let modulations = timesteps
+        .iter()
+        .map(|&t| model.time_modulation(t as f32))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut changes = vec![0.0];
+    for pair in modulations.windows(2) {
+        let change = (&pair[1] - &pair[0])?
+            .abs()?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        let size = pair[0].abs()?.mean_all()?.to_scalar::<f32>()?;
+        changes.push(f64::from(change) / f64::from(size).max(f64::MIN_POSITIVE));
+    }
+    Ok(changes)
 }
 
 /// Fails when `t` holds a NaN or an infinity, naming `what` (phase and step): one such value

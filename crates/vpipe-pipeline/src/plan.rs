@@ -317,7 +317,7 @@ fn pinned_fits(on_cuda: bool, total: u64, budget: vpipe_mem::Budget) -> bool {
 }
 
 /// What the sample phase does, decided once from the budget and the model's sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub(crate) struct SamplePlan {
     pub(crate) residency: Residency,
     #[serde(serialize_with = "serialize_passes")]
@@ -327,6 +327,8 @@ pub(crate) struct SamplePlan {
     pub(crate) token_slices: usize,
     /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
     pub(crate) attention_scratch: u64,
+    /// The step cache's threshold ([`cache_schedule`]); `None`: every step runs the blocks.
+    pub(crate) step_cache: Option<f64>,
     /// **Estimated** activations of one step (on CUDA with the pool's reserve beyond them).
     pub(crate) activation_bytes: u64,
     /// Weights held plus the arena plus the estimated activations.
@@ -368,7 +370,7 @@ impl SamplePlan {
     pub(crate) fn new(
         sizes: &ModelSizes,
         dtype: DType,
-        (tokens, guidance): (usize, f64),
+        (tokens, guidance, step_cache): (usize, f64, Option<f64>),
         budget: vpipe_mem::Budget,
         on_cuda: bool,
         lora: bool,
@@ -402,7 +404,19 @@ impl SamplePlan {
                     .activation_bytes_estimate(dtype, 1, tokens, scratch, token_slices)
                     .saturating_add(text_side),
             };
-            with_pool_slack(live, on_cuda, DIT_POOL_SLACK)
+            // A step cache keeps what the blocks added for each sample, and the residual
+            // stream before them while they run.
+            let samples = if passes == GuidancePasses::Single {
+                1
+            } else {
+                2
+            };
+            let cached = if step_cache.is_some() {
+                2 * samples * residual
+            } else {
+                0
+            };
+            with_pool_slack(live.saturating_add(cached), on_cuda, DIT_POOL_SLACK)
         };
         let weights = BlockWeights {
             patched: lora,
@@ -420,6 +434,7 @@ impl SamplePlan {
             passes: step.0,
             token_slices: step.1,
             attention_scratch: scratch,
+            step_cache,
             activation_bytes: activations(step),
             estimated_peak_bytes,
             minimum_bytes,
@@ -490,6 +505,26 @@ fn with_pool_slack(live: u64, on_cuda: bool, slack: f64) -> u64 {
     } else {
         live
     }
+}
+
+/// Which steps reuse the block cache instead of running the blocks (TeaCache's rule):
+/// `changes[i]` is the relative change of the timestep's modulation from step i − 1 to step i
+/// (`changes[0]` is not read). The changes add up from the last step that ran the blocks; a
+/// step reuses while the sum stays under `threshold`, and runs the blocks (starting the sum
+/// again) once it does not. The first and the last step always run the blocks; at threshold 0
+/// every step does.
+pub(crate) fn cache_schedule(changes: &[f64], threshold: f64) -> Vec<bool> {
+    let mut reuse = vec![false; changes.len()];
+    let mut sum = 0.0;
+    for i in 1..changes.len().saturating_sub(1) {
+        sum += changes[i];
+        if sum < threshold {
+            reuse[i] = true;
+        } else {
+            sum = 0.0;
+        }
+    }
+    reuse
 }
 
 /// Tokens per sample of a video of `frames` × `height` × `width` (the latent is 4× shorter
@@ -784,7 +819,7 @@ impl Plan {
         let sample = SamplePlan::new(
             sizes,
             dtype,
-            (tokens, job.guidance),
+            (tokens, job.guidance, job.step_cache),
             model_budget,
             on_cuda,
             !job.loras.is_empty(),
@@ -877,8 +912,12 @@ impl Plan {
             resident: vec![held],
             estimated_peak_bytes: sample.estimated_peak_bytes,
             detail: format!(
-                "{tokens} tokens, {} steps, CFG {passes:?}, {attention}",
-                job.steps
+                "{tokens} tokens, {} steps, CFG {passes:?}, {attention}{}",
+                job.steps,
+                match sample.step_cache {
+                    Some(threshold) => format!(", step cache teacache at {threshold}"),
+                    None => String::new(),
+                }
             ),
         });
         phases.push(vae_phase("vae decode", vae.decode_bytes_per_unit));
@@ -1032,5 +1071,28 @@ impl std::fmt::Display for Plan {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cache_schedule;
+
+    #[test]
+    fn the_step_cache_schedule_accumulates_changes_and_keeps_the_ends() {
+        let changes = [0.0, 0.05, 0.05, 0.3, 0.02, 0.02, 0.02, 0.5];
+        // Threshold 0: every step runs the blocks.
+        assert!(cache_schedule(&changes, 0.0).iter().all(|&r| !r));
+        // 0.12: steps 1 and 2 add up to 0.10 (reused), step 3 to 0.40 (runs, the sum starts
+        // again), steps 4–6 to 0.06 (reused); the last step always runs.
+        assert_eq!(
+            cache_schedule(&changes, 0.12),
+            [false, true, true, false, true, true, true, false]
+        );
+        // However large the threshold, the first and the last step run.
+        let all = cache_schedule(&changes, 1e6);
+        assert!(!all[0] && !all[7] && all[1..7].iter().all(|&r| r));
+        assert!(cache_schedule(&[], 0.5).is_empty());
+        assert_eq!(cache_schedule(&[0.0], 0.5), [false]);
     }
 }

@@ -246,6 +246,7 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
         width: job.width,
         steps: job.steps,
         guidance: job.guidance,
+        step_cache: job.step_cache,
         shift: job.shift,
         sampler: job.sampler,
         seed: job.seed,

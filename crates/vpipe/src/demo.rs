@@ -331,6 +331,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         width,
         steps: demo.steps,
         guidance: 5.0,
+        step_cache: None,
         shift: 3.0,
         sampler: vpipe_sampling::SamplerKind::UniPc,
         seed: demo.seed,

@@ -191,6 +191,14 @@ pub(crate) struct PipelineArgs {
     /// noise), so a run can be compared with a reference run on the same noise.
     #[arg(long)]
     initial_noise: Option<PathBuf>,
+    /// Step cache: teacache skips the transformer blocks on steps where the timestep's
+    /// modulation changed little since the blocks last ran (their accumulated relative change
+    /// below --cache-threshold), adding what the blocks added then. Off by default (exact).
+    #[arg(long)]
+    cache: Option<String>,
+    /// The step cache's threshold on the accumulated relative change (0: no step skipped).
+    #[arg(long, default_value_t = 0.1)]
+    cache_threshold: f64,
     /// VAE tile side in pixels (multiple of 8, at most 512).
     #[arg(long, default_value_t = 256)]
     tile: usize,
@@ -231,6 +239,27 @@ impl PipelineArgs {
             Some(prompt) => prompt,
             None if for_plan => String::new(),
             None => return Err(BadInput("--prompt: required".into())),
+        };
+        let step_cache = match self.cache.as_deref() {
+            None => None,
+            Some(_) if !(0.0..=1e6).contains(&self.cache_threshold) => {
+                return Err(BadInput(format!(
+                    "--cache-threshold {}: expected a number from 0 to 1e6",
+                    self.cache_threshold
+                )))
+            }
+            Some("teacache") => Some(self.cache_threshold),
+            Some("magcache") => {
+                return Err(Error::NotBuiltYet(
+                    "--cache magcache: the magnitude-ratio step cache is not built yet; \
+                     --cache teacache is",
+                ))
+            }
+            Some(other) => {
+                return Err(BadInput(format!(
+                    "--cache {other}: expected teacache or magcache"
+                )))
+            }
         };
         let (width, height) = self
             .size
@@ -349,6 +378,7 @@ impl PipelineArgs {
             frames,
             steps: self.steps,
             guidance: self.cfg,
+            step_cache,
             shift: self.shift,
             sampler,
             seed: self.seed,

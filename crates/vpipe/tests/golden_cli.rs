@@ -279,3 +279,102 @@ fn bad_initial_noise_is_bad_input() {
     assert!(stderr.contains("--initial-noise"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// `vpipe run` on the golden models for 8 text-to-video steps with `extra` flags; the final
+/// latents and the report.
+fn cached_run(dir: &Path, name: &str, extra: &[&str]) -> (Tensor, serde_json::Value) {
+    let noise = golden("t2v.safetensors");
+    let out = dir.join(format!("{name}.safetensors"));
+    let report = dir.join(format!("{name}.json"));
+    let mut extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    extra.extend(["--report".to_owned(), report.to_str().unwrap().to_owned()]);
+    let args = run_args(&noise, &out, (8, None), &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = vpipe(&args);
+    assert!(
+        result.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (load(&out)["latents"].clone(), report)
+}
+
+/// The report's `step cache` note.
+fn cache_note(report: &serde_json::Value) -> Option<String> {
+    report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["what"] == "step cache")
+        .map(|n| n["detail"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn the_step_cache_changes_nothing_at_threshold_0_and_skips_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exact, report) = cached_run(dir.path(), "exact", &[]);
+    assert_eq!(cache_note(&report), None);
+    let (at_zero, report) = cached_run(
+        dir.path(),
+        "zero",
+        &["--cache", "teacache", "--cache-threshold", "0"],
+    );
+    let note = cache_note(&report).unwrap();
+    assert!(note.contains("skipped at 0 of 8 steps"), "{note}");
+    assert_eq!(max_abs(&at_zero, &exact), 0.0);
+    // The tiny model's time modulation changes by 0.6 to 1.4 from step to step (random
+    // weights): 1.2 skips some steps and not others.
+    let cached = ["--cache", "teacache", "--cache-threshold", "1.2"];
+    let (first, report) = cached_run(dir.path(), "first", &cached);
+    let (again, again_report) = cached_run(dir.path(), "again", &cached);
+    let note = cache_note(&report).unwrap();
+    assert!(!note.contains("skipped at 0 of"), "{note}");
+    assert_eq!(cache_note(&again_report).unwrap(), note);
+    assert_eq!(max_abs(&first, &again), 0.0);
+    assert!(max_abs(&first, &exact) > 0.0, "{note}");
+    // Each skipped step says so.
+    let skipped_steps = report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["what"] == "step" && n["detail"].as_str().unwrap().contains("skipped"))
+        .count();
+    assert!(
+        note.contains(&format!("skipped at {skipped_steps} of 8")),
+        "{note}"
+    );
+}
+
+#[test]
+fn a_step_cache_that_is_not_built_or_a_bad_threshold_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise = golden("t2v.safetensors");
+    let out = dir.path().join("out.safetensors");
+    for (extra, code, says) in [
+        (
+            ["--cache", "magcache", "--cache-threshold", "0.1"],
+            5,
+            "--cache magcache",
+        ),
+        (
+            ["--cache", "nocache", "--cache-threshold", "0.1"],
+            2,
+            "--cache nocache",
+        ),
+        (
+            ["--cache", "teacache", "--cache-threshold=-1", "--seed=1"],
+            2,
+            "--cache-threshold",
+        ),
+    ] {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let args = run_args(&noise, &out, (2, None), &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = vpipe(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(code), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(!out.exists());
+    }
+}

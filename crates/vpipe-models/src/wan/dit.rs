@@ -1026,9 +1026,9 @@ pub trait BlockSource {
 }
 
 /// The source of a model that holds every block: asked for one, it fails.
-struct HeldOnly;
+pub struct HeldBlocks;
 
-impl BlockSource for HeldOnly {
+impl BlockSource for HeldBlocks {
     fn block(
         &mut self,
         index: usize,
@@ -1123,6 +1123,65 @@ impl Default for Execution {
             token_slices: 1,
         }
     }
+}
+
+/// What a step cache keeps between denoising steps: for each forward of a step (in the order
+/// the step runs them), what the transformer blocks added to the residual stream the last time
+/// they ran. A step whose input barely changed adds that instead of running the blocks (the
+/// TeaCache idea; the caller decides which steps, see [`WanModel::time_modulation`]).
+#[derive(Debug, Clone, Default)]
+pub struct BlockCache {
+    residuals: Vec<Option<Tensor>>,
+}
+
+impl BlockCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The slots of forwards `first..first + n` of a step, made as needed.
+    fn slots(&mut self, first: usize, n: usize) -> &mut [Option<Tensor>] {
+        if self.residuals.len() < first + n {
+            self.residuals.resize(first + n, None);
+        }
+        &mut self.residuals[first..first + n]
+    }
+}
+
+/// Some forwards' slots of a [`BlockCache`], with what the step does with them.
+type CacheSlots<'c> = (&'c mut [Option<Tensor>], CacheUse);
+
+/// The cache slots of forwards `first..first + n` of a step, with what the step does with
+/// them.
+fn cache_slots<'c>(
+    cache: &'c mut Option<(&mut BlockCache, CacheUse)>,
+    first: usize,
+    n: usize,
+) -> Option<CacheSlots<'c>> {
+    cache
+        .as_mut()
+        .map(|(cache, usage)| (cache.slots(first, n), *usage))
+}
+
+/// What a step does with its [`BlockCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Run the blocks and keep what they add.
+    Refresh,
+    /// Skip the blocks and add what they added when they last ran.
+    Reuse,
+}
+
+/// How one guided step runs: its passes, its execution, and the block cache it refreshes or
+/// reuses (none: the blocks always run, nothing is kept).
+pub struct StepRun<'a> {
+    /// How the condition and the uncondition run.
+    pub passes: GuidancePasses,
+    /// The memory-for-speed settings of each forward.
+    pub execution: &'a Execution,
+    /// The step cache and what this step does with it.
+    pub cache: Option<(&'a mut BlockCache, CacheUse)>,
 }
 
 impl WanModel {
@@ -1269,9 +1328,22 @@ impl WanModel {
         cond: &Tensor,
         uncond: &Tensor,
         scale: f64,
-        how: (GuidancePasses, &Execution),
+        (passes, execution): (GuidancePasses, &Execution),
     ) -> Result<Tensor> {
-        self.forward_guided_with(latents, timestep, cond, uncond, scale, how, &mut HeldOnly)
+        let step = StepRun {
+            passes,
+            execution,
+            cache: None,
+        };
+        self.forward_guided_with(
+            latents,
+            timestep,
+            cond,
+            uncond,
+            scale,
+            step,
+            &mut HeldBlocks,
+        )
     }
 
     /// [`Self::forward_guided`] with the blocks the model does not hold from `source`. With
@@ -1288,9 +1360,14 @@ impl WanModel {
         cond: &Tensor,
         uncond: &Tensor,
         scale: f64,
-        (passes, execution): (GuidancePasses, &Execution),
+        step: StepRun<'_>,
         source: &mut dyn BlockSource,
     ) -> Result<Tensor> {
+        let StepRun {
+            passes,
+            execution,
+            mut cache,
+        } = step;
         if !scale.is_finite() {
             return Err(Error::DitInput {
                 tensor: "guidance",
@@ -1317,7 +1394,7 @@ impl WanModel {
                         &Tensor::cat(&[timestep, timestep], 0)?,
                         &Tensor::cat(&[cond, uncond], 0)?,
                     )],
-                    execution,
+                    (execution, cache_slots(&mut cache, 0, 1)),
                     source,
                 )?;
                 vpipe_sampling::cfg_batched(&both, scale)
@@ -1325,18 +1402,30 @@ impl WanModel {
             GuidancePasses::TwoPasses => {
                 let [c, u] = self.forward_passes(
                     [(latents, timestep, cond), (latents, timestep, uncond)],
-                    execution,
+                    (execution, cache_slots(&mut cache, 0, 2)),
                     source,
                 )?;
                 vpipe_sampling::cfg(&c, &u, scale)
             }
             GuidancePasses::Sequential => {
-                let [c] = self.forward_passes([(latents, timestep, cond)], execution, source)?;
-                let [u] = self.forward_passes([(latents, timestep, uncond)], execution, source)?;
+                let [c] = self.forward_passes(
+                    [(latents, timestep, cond)],
+                    (execution, cache_slots(&mut cache, 0, 1)),
+                    source,
+                )?;
+                let [u] = self.forward_passes(
+                    [(latents, timestep, uncond)],
+                    (execution, cache_slots(&mut cache, 1, 1)),
+                    source,
+                )?;
                 vpipe_sampling::cfg(&c, &u, scale)
             }
             GuidancePasses::Single => {
-                let [c] = self.forward_passes([(latents, timestep, cond)], execution, source)?;
+                let [c] = self.forward_passes(
+                    [(latents, timestep, cond)],
+                    (execution, cache_slots(&mut cache, 0, 1)),
+                    source,
+                )?;
                 return Ok(c);
             }
         };
@@ -1344,6 +1433,26 @@ impl WanModel {
             tensor: "guidance",
             reason: e.to_string(),
         })
+    }
+
+    /// The timestep's modulation for the blocks (the time projection, TeaCache's "modulated
+    /// input" of Wan: `e0`), [1, 6·dim] in f32: how much it changes between two steps says how
+    /// much the blocks' work changes, so a step cache compares it.
+    pub fn time_modulation(&self, timestep: f32) -> Result<Tensor> {
+        if !timestep.is_finite() {
+            return Err(Error::DitInput {
+                tensor: "timestep",
+                reason: format!("{timestep} is not a finite number"),
+            });
+        }
+        let features = timestep_features(&[timestep], self.cfg.freq_dim, &self.device)?;
+        let temb = self
+            .time_out
+            .forward(&self.time_in.forward(&features)?.silu()?)?;
+        Ok(self
+            .time_projection
+            .forward(&temb.to_dtype(self.dtype)?.silu()?)?
+            .to_dtype(DType::F32)?)
     }
 
     /// The token grid (frames, height, width) of a latent of this shape.
@@ -1391,8 +1500,11 @@ impl WanModel {
         context: &Tensor,
         execution: &Execution,
     ) -> Result<Tensor> {
-        let [out] =
-            self.forward_passes([(latents, timestep, context)], execution, &mut HeldOnly)?;
+        let [out] = self.forward_passes(
+            [(latents, timestep, context)],
+            (execution, None),
+            &mut HeldBlocks,
+        )?;
         Ok(out)
     }
 
@@ -1402,7 +1514,7 @@ impl WanModel {
     fn forward_passes<const N: usize>(
         &self,
         inputs: [(&Tensor, &Tensor, &Tensor); N],
-        execution: &Execution,
+        (execution, cache): (&Execution, Option<CacheSlots<'_>>),
         source: &mut dyn BlockSource,
     ) -> Result<[Tensor; N]> {
         let mut passes = Vec::with_capacity(N);
@@ -1436,33 +1548,24 @@ impl WanModel {
             token_slices: execution.token_slices,
             eps: self.cfg.eps,
         };
-        let block_vb = |vb: VarBuilder<'static>, i: usize| {
-            dit_keys::canonical_var_builder(vb, self.keys.0, self.keys.1).pp(format!("blocks.{i}"))
-        };
-        for i in 0..self.blocks.len() {
-            let _span = tracing::trace_span!("dit_block", i).entered();
-            match &self.blocks[i] {
-                Some(block) => {
-                    for part in BlockPart::ALL {
-                        block.part(part).forward(&mut passes, &run)?;
-                    }
-                }
-                None if source.gives_parts() => {
-                    for part in BlockPart::ALL {
-                        let vb = block_vb(source.block_part(i, part, self.dtype, &self.device)?, i);
-                        OwnedPart::new(part, &self.cfg, &vb)?
-                            .as_ref()
-                            .forward(&mut passes, &run)?;
-                    }
-                }
-                None => {
-                    let vb = block_vb(source.block(i, self.dtype, &self.device)?, i);
-                    let block = Block::new(&self.cfg, &vb)?;
-                    for part in BlockPart::ALL {
-                        block.part(part).forward(&mut passes, &run)?;
-                    }
+        match cache {
+            Some((slots, CacheUse::Reuse)) => {
+                for (pass, slot) in passes.iter_mut().zip(slots.iter()) {
+                    let residual = slot.as_ref().ok_or_else(|| Error::DitInput {
+                        tensor: "cache",
+                        reason: "a step reuses the block cache before any step filled it".into(),
+                    })?;
+                    pass.x = (&pass.x + residual)?;
                 }
             }
+            Some((slots, CacheUse::Refresh)) => {
+                let before: Vec<Tensor> = passes.iter().map(|p| p.x.clone()).collect();
+                self.run_blocks(&mut passes, &run, source)?;
+                for ((slot, pass), before) in slots.iter_mut().zip(&passes).zip(before) {
+                    *slot = Some((&pass.x - before)?);
+                }
+            }
+            None => self.run_blocks(&mut passes, &run, source)?,
         }
         let mut outputs = Vec::with_capacity(N);
         for pass in passes {
@@ -1477,6 +1580,45 @@ impl WanModel {
         Ok(outputs
             .try_into()
             .unwrap_or_else(|_| unreachable!("one output per pass")))
+    }
+
+    /// Runs every pass through every block, the blocks the model does not hold from
+    /// `source`, each block part by part.
+    fn run_blocks(
+        &self,
+        passes: &mut [Embedded],
+        run: &BlockRun,
+        source: &mut dyn BlockSource,
+    ) -> Result<()> {
+        let block_vb = |vb: VarBuilder<'static>, i: usize| {
+            dit_keys::canonical_var_builder(vb, self.keys.0, self.keys.1).pp(format!("blocks.{i}"))
+        };
+        for i in 0..self.blocks.len() {
+            let _span = tracing::trace_span!("dit_block", i).entered();
+            match &self.blocks[i] {
+                Some(block) => {
+                    for part in BlockPart::ALL {
+                        block.part(part).forward(passes, run)?;
+                    }
+                }
+                None if source.gives_parts() => {
+                    for part in BlockPart::ALL {
+                        let vb = block_vb(source.block_part(i, part, self.dtype, &self.device)?, i);
+                        OwnedPart::new(part, &self.cfg, &vb)?
+                            .as_ref()
+                            .forward(passes, run)?;
+                    }
+                }
+                None => {
+                    let vb = block_vb(source.block(i, self.dtype, &self.device)?, i);
+                    let block = Block::new(&self.cfg, &vb)?;
+                    for part in BlockPart::ALL {
+                        block.part(part).forward(passes, run)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks the inputs and runs everything before the blocks: the patch, time and text

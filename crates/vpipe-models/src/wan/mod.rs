@@ -34,5 +34,8 @@ pub mod dit_keys;
 pub mod keys;
 pub mod vae;
 
-pub use dit::{BlockPart, BlockSource, Config as DitConfig, Execution, GuidancePasses, WanModel};
+pub use dit::{
+    BlockCache, BlockPart, BlockSource, CacheUse, Config as DitConfig, Execution, GuidancePasses,
+    HeldBlocks, StepRun, WanModel,
+};
 pub use vae::{Config as VaeConfig, Posterior, WanVae};
