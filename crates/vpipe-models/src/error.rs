@@ -134,6 +134,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// A CLIP vision configuration is inconsistent, could not be read, or is not supported.
+    #[error("CLIP vision config: {reason}")]
+    ClipConfig {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// An input of the CLIP vision encoder has the wrong shape.
+    #[error("CLIP vision input `{tensor}`: {reason}")]
+    ClipInput {
+        /// Which input (`pixel_values`).
+        tensor: &'static str,
+        /// What was expected and what came.
+        reason: String,
+    },
+
     /// The caller stopped a tiled pass between two tiles (e.g. on Ctrl-C).
     #[error("stopped by the caller between two tiles")]
     Stopped,

@@ -6,12 +6,14 @@
 //! - [`wan::WanVae`]: encode / decode, loaded from original Wan, ComfyUI or diffusers
 //!   checkpoints (`.safetensors` or `.pth`).
 //! - [`ops::CausalConv3d`]: Wan's causal 3D convolution as a sum of candle 2D convolutions.
+//! - [`clip::ClipVisionEncoder`]: the CLIP ViT-H/14 image encoder of the image-to-video models.
 //! - [`Error`]: the crate's error type.
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
 pub mod checkpoint;
+pub mod clip;
 mod error;
 pub mod ops;
 pub mod tiling;
