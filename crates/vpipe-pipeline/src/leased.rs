@@ -391,6 +391,19 @@ pub fn umt5(
     })
 }
 
+/// The CLIP vision encoder over a lease's weights (transformers' or ComfyUI's names).
+pub fn clip_vision(
+    lease: &Lease<'_>,
+    config: &vpipe_models::clip::Config,
+    dtype: DType,
+    device: &Device,
+) -> Result<vpipe_models::clip::ClipVisionEncoder> {
+    Ok(vpipe_models::clip::ClipVisionEncoder::from_checkpoint(
+        config,
+        var_builder(lease, dtype, device)?,
+    )?)
+}
+
 /// Reads LoRA files (headers and tensors, on the host), each with its strength.
 pub fn read_loras(files: &[(std::path::PathBuf, f64)]) -> Result<Vec<(LoraFile, f64)>> {
     files

@@ -26,7 +26,7 @@ mod tiled_vae;
 pub use device::open_device;
 pub use error::{budget_kept, Error, Result};
 pub use files::{finish_report, read_inputs, write_clip, write_outputs};
-pub use leased::{plan_loras, read_loras, umt5, wan_dit, wan_vae};
+pub use leased::{clip_vision, plan_loras, read_loras, umt5, wan_dit, wan_vae};
 pub use models::{Checkpoint, ModelFiles};
 pub use observer::Observer;
 pub use options::{Compute, RunOptions};

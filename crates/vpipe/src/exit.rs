@@ -57,6 +57,8 @@ fn lower_code(cause: &(dyn Error + 'static)) -> Option<u8> {
                 | NoDit { .. }
                 | DitConfig { .. }
                 | DitInput { .. }
+                | ClipConfig { .. }
+                | ClipInput { .. }
                 | TooLarge { .. }
         ) {
             return Some(2);

@@ -484,6 +484,10 @@ pub(crate) enum TensorsComponent {
     /// umT5 encoder: reads `input_ids` and `attention_mask` ([B,L], pad 0, L = 512 in Wan) and
     /// writes `last_hidden_state` ([B,L,4096], zero past each prompt's length).
     TextEncode(TextEncodeArgs),
+    /// CLIP vision encoder (image-to-video's ViT-H/14): reads `pixel_values` ([B,3,224,224],
+    /// normalised as CLIP's image processor does) and writes `image_features` ([B,257,1280]:
+    /// the next-to-last layer's output, what the image-to-video DiT consumes).
+    ClipVision(ClipVisionArgs),
     /// A sampler over given predictions: reads `x0` and `model_outputs` ([N,...x0 shape]),
     /// writes `samples` ([N+1,...]), `sigmas` and `timesteps`.
     Schedule(ScheduleArgs),
@@ -614,6 +618,59 @@ impl TextEncodeArgs {
             .transpose()?;
         Ok(TextEncodeJob {
             text_encoder: self.text_encoder,
+            config,
+            input: self.input,
+            output: self.output,
+            compute: self.compute.validate()?,
+        })
+    }
+}
+
+/// Flags of `vpipe tensors clip-vision`.
+#[derive(Args, Debug)]
+pub(crate) struct ClipVisionArgs {
+    /// The CLIP vision checkpoint (.safetensors or .pth; transformers' or ComfyUI's
+    /// `clip_vision_h` names).
+    #[arg(long)]
+    clip_vision: PathBuf,
+    /// A transformers `config.json` (`CLIPVisionConfig`); without it, ViT-H/14 at 224 px.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Input safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file (written to a temporary file, then renamed).
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    compute: ComputeArgs,
+}
+
+/// Validated settings of a clip-vision tensor job.
+pub(crate) struct ClipVisionJob {
+    pub(crate) clip_vision: PathBuf,
+    pub(crate) config: vpipe_models::clip::Config,
+    pub(crate) input: PathBuf,
+    pub(crate) output: PathBuf,
+    pub(crate) compute: Compute,
+}
+
+impl ClipVisionArgs {
+    pub(crate) fn validate(self) -> Result<ClipVisionJob, Error> {
+        require_files(&[
+            ("--clip-vision", &self.clip_vision),
+            ("--input", &self.input),
+        ])?;
+        let config = match &self.config {
+            Some(path) => {
+                let text = vpipe_pipeline::read_settings_file("--config", path)?;
+                vpipe_models::clip::Config::from_transformers_json(&text)
+                    .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))?
+            }
+            None => vpipe_models::clip::Config::vit_h_14(),
+        };
+        Ok(ClipVisionJob {
+            clip_vision: self.clip_vision,
             config,
             input: self.input,
             output: self.output,

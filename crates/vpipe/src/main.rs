@@ -69,6 +69,7 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
             }
             flags::TensorsComponent::Dit(dit) => tensors::run_dit(dit.validate()?),
             flags::TensorsComponent::TextEncode(text) => tensors::run_text_encode(text.validate()?),
+            flags::TensorsComponent::ClipVision(clip) => tensors::run_clip_vision(clip.validate()?),
             flags::TensorsComponent::Schedule(schedule) => {
                 tensors::run_schedule(schedule.validate()?)
             }

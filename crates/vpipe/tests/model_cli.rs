@@ -545,3 +545,61 @@ fn a_plain_e5m2_dit_matches_its_f32_twin() {
         "plain e5m2 against its f32 twin: max abs {err}"
     );
 }
+
+#[test]
+fn clip_vision_through_the_cli_matches_transformers() {
+    // make_clip_fixtures.py: tiny CLIPVisionModel (transformers 5.24.0, f32); the features are
+    // hidden_states[-2]. Without --config the encoder is ViT-H/14, which the tiny file is not.
+    let dir = tempfile::tempdir().unwrap();
+    let cases = load(&fixture(
+        "vpipe-models",
+        "tests/fixtures/clip/clip_cases.safetensors",
+    ));
+    let input = dir.path().join("in.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([("pixel_values".to_owned(), cases["pixel_values"].clone())]),
+        &input,
+    )
+    .unwrap();
+    let config = fixture(
+        "vpipe-models",
+        "tests/fixtures/clip/clip_vision_tiny_config.json",
+    );
+    let output = dir.path().join("out.safetensors");
+    for file in [
+        "clip_vision_tiny.safetensors",
+        "clip_vision_tiny_comfy.safetensors",
+    ] {
+        let encoder = fixture("vpipe-models", &format!("tests/fixtures/clip/{file}"));
+        let run = |with_config: bool| {
+            let mut args = vec![
+                "tensors",
+                "clip-vision",
+                "--clip-vision",
+                encoder.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+            ];
+            if with_config {
+                args.extend_from_slice(&["--config", config.to_str().unwrap()]);
+            }
+            vpipe(&args)
+        };
+        let ok = run(true);
+        assert!(
+            ok.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let out = &load(&output)["image_features"];
+        let err = max_abs(out, &cases["penultimate"]);
+        assert!(err <= 1e-4, "{file}: max abs {err}");
+        std::fs::remove_file(&output).unwrap();
+        // As ViT-H/14 the tiny weights have the wrong shapes: bad input, no output.
+        let wrong = run(false);
+        assert_eq!(wrong.status.code(), Some(2), "{file}");
+        assert!(!output.exists());
+    }
+}

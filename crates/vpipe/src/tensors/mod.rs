@@ -1,11 +1,13 @@
 //! `vpipe tensors …`: one component on tensors in safetensors files, run through the same
 //! residency store, phases and meters as a full run.
 
+mod clip;
 mod dit;
 mod schedule;
 mod text;
 mod vae;
 
+pub(crate) use clip::run_clip_vision;
 pub(crate) use dit::run_dit;
 pub(crate) use schedule::run_schedule;
 pub(crate) use text::run_text_encode;
