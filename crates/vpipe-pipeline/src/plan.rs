@@ -485,6 +485,11 @@ type Step = (GuidancePasses, usize);
 /// tokens of the 32 760 of 832×480×81, still large matrix products).
 const TOKEN_SLICES: usize = 8;
 
+/// What a CUDA run holds on the host before its models and video: the binary, the CUDA
+/// driver's and libraries' host memory, the tokenizer (a refused run peaked at 0.33 GiB RSS
+/// on the H200, `bench/results/2026-12-04-h200-parts-callC.log`), rounded up.
+const HOST_PROCESS_BYTES: u64 = 512 << 20;
+
 /// What the CUDA pool reserves beyond its live allocations at its high-water mark, as a share
 /// of a phase's activations (freed blocks that the next allocations do not fit). Measured on
 /// the H200 on 2026-12-04 (BENCHMARKS.md "Streamed DiT"): 1.32 GiB over 4.28 GiB of estimated
@@ -787,8 +792,15 @@ pub struct Plan {
     /// The host budget of a CUDA run (pinned copies), and what set it.
     pub(crate) host_budget_bytes: Option<u64>,
     pub(crate) host_budget_source: &'static str,
-    /// Every phase's estimated peak within the budget (true without a budget).
+    /// On CUDA, the least host budget the run can take (**estimated**): the process itself,
+    /// the page-locked staging buffers of a stream from the file, and the video in memory.
+    pub(crate) host_minimum_bytes: Option<u64>,
+    /// Every phase's estimated peak within the budget (true without a budget), and the host
+    /// budget above the host's least.
     pub(crate) fits: bool,
+    /// Every phase's estimated peak within the device budget.
+    #[serde(skip)]
+    pub(crate) device_fits: bool,
     /// The least compute budget this run can take (streaming every block it can), and the
     /// phase that needs it.
     pub(crate) minimum_bytes: u64,
@@ -929,11 +941,25 @@ impl Plan {
         });
         // On CUDA the budget also holds what the process took before any work.
         let taken = job.compute.device_baseline;
-        let fits = budget.is_none_or(|budget| {
+        let host_minimum_bytes = on_cuda.then(|| {
+            // Streamed from the file, a model reads its groups through one staging buffer per
+            // slot: at the least, the parts of one DiT block, or one umT5 block. The decoded
+            // video (f32) and its frames (u8), and the input clip's, are on the host too.
+            let staging = sizes.dit_weights.block.max(sizes.text_weights.block);
+            let clips = 1 + u64::from(job.input.is_some());
+            let video = (job.frames * job.height * job.width * 3) as u64 * 5 * clips;
+            HOST_PROCESS_BYTES + staging + video
+        });
+        let host_fits = match (job.compute.budget.host, host_minimum_bytes) {
+            (Some(host), Some(least)) => least <= host,
+            _ => true,
+        };
+        let device_fits = budget.is_none_or(|budget| {
             phases
                 .iter()
                 .all(|p| p.estimated_peak_bytes + taken <= budget)
         });
+        let fits = host_fits && device_fits;
         // The least budget: the text and sample phases at their smallest strategy (a budget
         // is planned with a headroom, see `planning_limit`), every other phase as planned.
         let (minimum_phase, minimum_bytes) = phases
@@ -954,6 +980,7 @@ impl Plan {
             budget_bytes: budget,
             budget_source: job.compute.budget_source.clone(),
             host_budget_bytes: job.compute.budget.host,
+            host_minimum_bytes,
             host_budget_source: if job.compute.ram_budget_given {
                 "--ram-budget"
             } else if job.compute.budget.host.is_some() {
@@ -962,6 +989,7 @@ impl Plan {
                 "none"
             },
             fits,
+            device_fits,
             minimum_bytes,
             minimum_phase,
             sample,
@@ -995,6 +1023,22 @@ impl Plan {
 
     /// The error of a run refused before loading anything because its plan does not fit.
     pub(crate) fn refusal(&self) -> Error {
+        if let (Some(host), Some(least)) = (self.host_budget_bytes, self.host_minimum_bytes) {
+            if least > host && self.device_fits {
+                return Error::PlanDoesNotFit {
+                    message: format!(
+                        "refused before loading anything: the host budget of {} ({}) is below \
+                         the least this run needs on the host, {} (estimated: the process, the \
+                         page-locked buffers to stream a model from its file, the video in \
+                         memory); see `vpipe plan` with the same flags",
+                        fmt_bytes(host),
+                        self.host_budget_source,
+                        fmt_bytes(least),
+                    ),
+                    least_budget: least,
+                };
+            }
+        }
         let worst = self
             .phases
             .iter()
@@ -1047,7 +1091,7 @@ impl std::fmt::Display for Plan {
                 "budget {} ({}): {} (estimates: weights exact, activations estimated)",
                 fmt_bytes(budget),
                 self.budget_source,
-                if self.fits {
+                if self.device_fits {
                     "fits".to_owned()
                 } else {
                     format!(
@@ -1063,12 +1107,23 @@ impl std::fmt::Display for Plan {
             )?,
         }
         if let Some(host) = self.host_budget_bytes {
-            writeln!(
-            f,
-                "host budget {} ({}): pinned host copies where they fit, else streamed from the file",
-                fmt_bytes(host),
-                self.host_budget_source
-            )?;
+            match self.host_minimum_bytes.filter(|&least| least > host) {
+                Some(least) => writeln!(
+                    f,
+                    "host budget {} ({}): does NOT fit; the least this run can take on the host \
+                     is {} (estimated)",
+                    fmt_bytes(host),
+                    self.host_budget_source,
+                    fmt_bytes(least)
+                )?,
+                None => writeln!(
+                    f,
+                    "host budget {} ({}): pinned host copies where they fit, else streamed from \
+                     the file",
+                    fmt_bytes(host),
+                    self.host_budget_source
+                )?,
+            }
         }
         Ok(())
     }

@@ -496,3 +496,39 @@ fn a_lora_run_verifies_every_move_in_text_and_video_to_video() {
         assert!(text.contains("merged as they are read from disk"), "{name}");
     }
 }
+
+/// A host budget below what streaming from the file needs (its page-locked buffers, the video
+/// in memory, the process) is refused, naming the least host budget.
+#[test]
+fn a_host_budget_below_any_strategy_is_refused_naming_the_least() {
+    let run = plan_14b("5GiB", "1MiB");
+    assert_eq!(run.status.code(), Some(3));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(json["fits"], false, "{json}");
+    let least = json["host_minimum_bytes"].as_u64().unwrap();
+    // One DiT block's staging (0.65 GiB) and the 81 frames of 832×480 at least.
+    assert!(least > 1 << 30 && least < 4 << 30, "{json}");
+    let text = vpipe(&[
+        "plan",
+        "--preset",
+        "wan2.1-t2v-14b",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cuda:0",
+        "--size",
+        "832x480",
+        "--frames",
+        "81",
+        "--vram-budget",
+        "5GiB",
+        "--ram-budget",
+        "1MiB",
+    ]);
+    assert_eq!(text.status.code(), Some(3));
+    let table = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        table.contains("host budget 1.00 MiB (--ram-budget): does NOT fit"),
+        "{table}"
+    );
+}
