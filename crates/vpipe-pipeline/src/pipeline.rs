@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::tiling::TileSpec;
 use vpipe_models::wan::{
-    BlockCache, CacheUse, DitConfig, Execution, GuidancePasses, HeldBlocks, StepRun, WanModel,
+    BlockCache, BlockSource, CacheUse, DitConfig, Execution, GuidancePasses, HeldBlocks, StepRun,
+    WanModel,
 };
 use vpipe_sampling::{noise_latents, Sampler, SamplerKind, Schedule};
 use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
@@ -523,37 +524,29 @@ fn sample(
                 (&mut cache, usage)
             }),
         };
-        let velocity = match streamed.as_mut() {
-            Some(blocks) => {
-                let mut reading_blocks = crate::leased::ReadAtEachBlock {
-                    blocks,
-                    phase: &*p,
-                    readings: Vec::new(),
-                };
-                let velocity = model.forward_guided_with(
-                    &input,
-                    &timestep,
-                    &cond,
-                    &uncond,
-                    job.spec.guidance,
-                    step,
-                    &mut reading_blocks,
-                )?;
-                for reading in reading_blocks.readings {
-                    p.record_sample(reading);
-                }
-                velocity
-            }
-            None => model.forward_guided_with(
-                &input,
-                &timestep,
-                &cond,
-                &uncond,
-                job.spec.guidance,
-                step,
-                &mut HeldBlocks,
-            )?,
+        let mut reading_blocks = streamed
+            .as_mut()
+            .map(|blocks| crate::leased::ReadAtEachBlock {
+                blocks,
+                phase: &*p,
+                readings: Vec::new(),
+            });
+        let source: &mut dyn BlockSource = match reading_blocks.as_mut() {
+            Some(blocks) => blocks,
+            None => &mut HeldBlocks,
         };
+        let velocity = model.forward_guided_with(
+            &input,
+            &timestep,
+            &cond,
+            &uncond,
+            job.spec.guidance,
+            step,
+            source,
+        )?;
+        for reading in reading_blocks.map(|r| r.readings).unwrap_or_default() {
+            p.record_sample(reading);
+        }
         x = sampler.step(&velocity, &x)?;
         ensure_finite(
             &x,
