@@ -462,3 +462,82 @@ fn a_step_reusing_the_block_cache_adds_what_the_blocks_added() {
     assert_eq!(e0.dims(), &[1, 6 * config().dim]);
     assert!(model.time_modulation(f32::NAN).is_err());
 }
+
+/// The image-to-video DiT (36 input channels, the image embedding, image keys and values in
+/// every cross-attention) against diffusers' `WanTransformer3DModel` with `image_dim`
+/// (`tools/fixtures/make_dit_i2v_fixtures.py`), in diffusers' names and in the original ones.
+#[test]
+fn image_to_video_dit_matches_diffusers() {
+    let cfg = Config::from_diffusers_json(
+        &std::fs::read_to_string(fixture("dit_tiny_i2v_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((cfg.in_channels, cfg.image_dim), (36, Some(24)));
+    let i2v =
+        candle_core::safetensors::load(fixture("dit_i2v_cases.safetensors"), &Device::Cpu).unwrap();
+    let diffusers =
+        candle_core::safetensors::load(fixture("dit_tiny_i2v_diffusers.safetensors"), &Device::Cpu)
+            .unwrap();
+    let original: HashMap<String, Tensor> = diffusers
+        .iter()
+        .map(|(k, t)| {
+            (
+                dit_keys::diffusers_to_wan(k).unwrap_or_else(|| panic!("{k}")),
+                t.clone(),
+            )
+        })
+        .collect();
+    for (layout, tensors) in [("diffusers", diffusers), ("original", original)] {
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let model = WanModel::from_checkpoint(vb, Some(&cfg)).unwrap();
+        let get = |k: &str| i2v[k].clone();
+        let out = model
+            .forward_with_image(
+                &get("hidden_states"),
+                &get("timestep"),
+                &get("encoder_hidden_states"),
+                &get("encoder_hidden_states_image"),
+                &Execution::default(),
+            )
+            .unwrap();
+        let err = max_abs_diff(&out, &i2v["out"]).unwrap();
+        println!("image-to-video DiT, {layout} names: max abs {err:.3e}");
+        assert!(err <= TOL, "{layout}: {err}");
+        // Without the image, or with features of another width: named errors.
+        let err = model
+            .forward(
+                &get("hidden_states"),
+                &get("timestep"),
+                &get("encoder_hidden_states"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("encoder_hidden_states_image"), "{err}");
+        let err = model
+            .forward_with_image(
+                &get("hidden_states"),
+                &get("timestep"),
+                &get("encoder_hidden_states"),
+                &get("encoder_hidden_states_image").narrow(2, 0, 8).unwrap(),
+                &Execution::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("encoder_hidden_states_image"), "{err}");
+    }
+    // A text-to-video model takes no image.
+    let t2v = model("dit_tiny_diffusers.safetensors", DType::F32, &Device::Cpu);
+    let t2v_cases = cases();
+    let get = |k: &str| t2v_cases[&format!("single.{k}")].clone();
+    let err = t2v
+        .forward_with_image(
+            &get("hidden_states"),
+            &get("timestep"),
+            &get("encoder_hidden_states"),
+            &Tensor::zeros((1, 5, 24), DType::F32, &Device::Cpu).unwrap(),
+            &Execution::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("takes no image"), "{err}");
+}

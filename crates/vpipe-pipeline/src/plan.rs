@@ -713,6 +713,20 @@ impl ModelSizes {
         let dit_header = &models.dit.inspection;
         let vae_header = &models.vae.inspection;
         let text_header = &models.text_encoder.inspection;
+        let image_to_video = models
+            .dit_config
+            .as_ref()
+            .is_some_and(|c| c.image_dim.is_some())
+            || dit_header
+                .tensors
+                .iter()
+                .any(|t| t.name.contains("img_emb.") || t.name.contains("image_embedder."));
+        if image_to_video {
+            return Err(Error::NotBuiltYet(
+                "the DiT is an image-to-video model (it has an image embedding); image-to-video \
+                 runs are not built yet (`vpipe tensors dit` and `clip-vision` run its parts)",
+            ));
+        }
         let dit_cfg = match (&models.dit_config, &dit_header.detection.config) {
             (Some(cfg), _) => cfg.clone(),
             (None, Some(vpipe_ckpt::ModelConfig::Dit(c))) => DitConfig {

@@ -603,3 +603,42 @@ fn clip_vision_through_the_cli_matches_transformers() {
         assert!(!output.exists());
     }
 }
+
+#[test]
+fn an_image_to_video_dit_through_the_cli_matches_diffusers() {
+    // make_dit_i2v_fixtures.py: diffusers WanTransformer3DModel with image_dim (f32); the input
+    // file holds the image features under `encoder_hidden_states_image`.
+    let dir = tempfile::tempdir().unwrap();
+    let cases = fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_i2v_cases.safetensors",
+    );
+    let dit = fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_tiny_i2v_diffusers.safetensors",
+    );
+    let config = fixture(
+        "vpipe-models",
+        "tests/fixtures/dit/dit_tiny_i2v_config.json",
+    );
+    let output = dir.path().join("out.safetensors");
+    let run = vpipe(&[
+        "tensors",
+        "dit",
+        "--dit",
+        dit.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--input",
+        cases.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let err = max_abs(&load(&output)["out"], &load(&cases)["out"]);
+    assert!(err <= 1e-4, "max abs {err}");
+}

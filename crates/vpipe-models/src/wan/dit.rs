@@ -53,6 +53,9 @@ pub struct Config {
     pub eps: f64,
     /// Positions each RoPE axis covers (the latent grid must fit).
     pub rope_max_seq_len: usize,
+    /// Image-to-video: the width of the CLIP image features the model attends to besides the
+    /// text (ViT-H/14: 1280); `None` for text-to-video.
+    pub image_dim: Option<usize>,
 }
 
 impl Config {
@@ -84,6 +87,7 @@ impl Config {
             patch_size: [1, 2, 2],
             eps: 1e-6,
             rope_max_seq_len: 1024,
+            image_dim: None,
         }
     }
 
@@ -135,6 +139,9 @@ impl Config {
                 return fail(format!("{name} is 0"));
             }
         }
+        if self.image_dim == Some(0) {
+            return fail("image_dim is 0".into());
+        }
         if !self.eps.is_finite() || self.eps < 0.0 {
             return fail(format!("eps {} must be a finite number >= 0", self.eps));
         }
@@ -161,10 +168,22 @@ impl Config {
         let raw: DiffusersConfig = serde_json::from_str(text).map_err(|e| Error::DitConfig {
             reason: format!("not a WanTransformer3DModel config.json: {e}"),
         })?;
-        if raw.image_dim.is_some() || raw.added_kv_proj_dim.is_some() {
+        let dim = raw.num_attention_heads * raw.attention_head_dim;
+        if raw.image_dim.is_some() != raw.added_kv_proj_dim.is_some()
+            || raw.added_kv_proj_dim.is_some_and(|d| d != dim)
+        {
             return Err(Error::DitConfig {
-                reason: "image-to-video transformers (image_dim / added_kv_proj_dim set) are \
-                         not supported yet; vpipe runs text-to-video and video-to-video"
+                reason: format!(
+                    "image_dim {:?} with added_kv_proj_dim {:?}: Wan's image-to-video models \
+                     set both, the latter to the model width {dim}",
+                    raw.image_dim, raw.added_kv_proj_dim
+                ),
+            });
+        }
+        if raw.pos_embed_seq_len.is_some() {
+            return Err(Error::DitConfig {
+                reason: "pos_embed_seq_len is set: first-last-frame-to-video models are not \
+                         supported yet"
                     .into(),
             });
         }
@@ -178,7 +197,7 @@ impl Config {
             });
         }
         let cfg = Self {
-            dim: raw.num_attention_heads * raw.attention_head_dim,
+            dim,
             ffn_dim: raw.ffn_dim,
             num_heads: raw.num_attention_heads,
             num_layers: raw.num_layers,
@@ -189,6 +208,7 @@ impl Config {
             patch_size: raw.patch_size,
             eps: raw.eps,
             rope_max_seq_len: raw.rope_max_seq_len,
+            image_dim: raw.image_dim,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -201,15 +221,23 @@ impl Config {
         let shape = |name: &str| -> Result<Vec<usize>> {
             Ok(vb.get_unchecked_dtype(name, DType::F32)?.dims().to_vec())
         };
-        if vb.contains_tensor("img_emb.proj.0.weight")
-            || vb.contains_tensor("blocks.0.cross_attn.k_img.weight")
-        {
+        if vb.contains_tensor("img_emb.emb_pos") {
             return Err(Error::DitConfig {
-                reason: "this is an image-to-video DiT (it has img_emb / k_img); vpipe runs \
-                         text-to-video and video-to-video only so far"
+                reason: "this is a first-last-frame-to-video DiT (it has img_emb.emb_pos), \
+                         which is not supported yet"
                     .into(),
             });
         }
+        let image_dim = if vb.contains_tensor("img_emb.proj.0.weight") {
+            Some(
+                shape("img_emb.proj.0.weight")?
+                    .first()
+                    .copied()
+                    .unwrap_or(0),
+            )
+        } else {
+            None
+        };
         let patch = shape("patch_embedding.weight")?;
         let [dim, in_channels, pt, ph, pw] = patch[..] else {
             return Err(Error::DitConfig {
@@ -261,6 +289,7 @@ impl Config {
             patch_size: [pt, ph, pw],
             eps: 1e-6,
             rope_max_seq_len: 1024,
+            image_dim,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -329,7 +358,13 @@ impl Config {
     fn checked_block_parameter_count(&self) -> Option<u64> {
         let (d, f) = (self.dim as u64, self.ffn_dim as u64);
         let linear = |i: u64, o: u64| i.checked_mul(o)?.checked_add(o);
+        // Image-to-video: the image keys and values and their norm.
+        let image = match self.image_dim {
+            Some(_) => linear(d, d)?.checked_mul(2)?.checked_add(d)?,
+            None => 0,
+        };
         [
+            image,
             linear(d, d)?.checked_mul(8)?,
             d.checked_mul(12)?,
             linear(d, f)?,
@@ -359,10 +394,23 @@ impl Config {
         .into_iter()
         .try_fold(0u64, u64::checked_add)?;
         let block = self.checked_block_parameter_count()?;
+        // Image-to-video: the image embedding (norm, two linear layers, norm).
+        let image = match self.image_dim.map(|i| i as u64) {
+            Some(i) => [
+                i.checked_mul(2)?,
+                linear(i, i)?,
+                linear(i, d)?,
+                d.checked_mul(2)?,
+            ]
+            .into_iter()
+            .try_fold(0u64, u64::checked_add)?,
+            None => 0,
+        };
         let head = linear(d, (self.out_channels as u64).checked_mul(patch_volume)?)?
             .checked_add(d.checked_mul(2)?)?;
         patch
             .checked_add(embed)?
+            .checked_add(image)?
             .checked_add((self.num_layers as u64).checked_mul(block)?)?
             .checked_add(head)
     }
@@ -400,6 +448,8 @@ struct DiffusersConfig {
     image_dim: Option<usize>,
     #[serde(default)]
     added_kv_proj_dim: Option<usize>,
+    #[serde(default)]
+    pos_embed_seq_len: Option<usize>,
     #[serde(default = "default_rope_len")]
     rope_max_seq_len: usize,
 }
@@ -611,14 +661,17 @@ impl Attention {
 
     /// `x` is taken by value so that it is freed as soon as the queries, keys and values
     /// are made, before the attention itself (one token-sized tensor less at its peak).
+    /// With `image` (image-to-video's cross-attention), the queries also attend to the image
+    /// context through its own keys and values, and the two results are added.
     ///
     /// # Shapes
-    /// - `x`: [B, L, dim]; `context`: [B, Lc, dim] for cross-attention, `None` for self.
+    /// - `x`: [B, L, dim]; `context`: [B, Lc, dim] for cross-attention, `None` for self;
+    ///   the image context [B, Li, dim].
     /// - output: [B, L, dim]
     fn forward(
         &self,
         x: Tensor,
-        context: Option<&Tensor>,
+        (context, image): (Option<&Tensor>, Option<(&ImageKeys, &Tensor)>),
         rope: Option<&Rope>,
         chunk: QueryChunk,
     ) -> Result<Tensor> {
@@ -633,8 +686,14 @@ impl Attention {
         let k = split(self.norm_k.forward(&self.k.forward(kv_source)?)?)?;
         let v = self.heads(&self.v.forward(kv_source)?)?;
         drop(x);
-        let out = attention(&q, &k, &v, chunk)?;
-        drop((q, k, v));
+        let mut out = attention(&q, &k, &v, chunk)?;
+        drop((k, v));
+        if let Some((keys, image)) = image {
+            let k = self.heads(&keys.norm_k.forward(&keys.k.forward(image)?)?)?;
+            let v = self.heads(&keys.v.forward(image)?)?;
+            out = (out + attention(&q, &k, &v, chunk)?)?;
+        }
+        drop(q);
         let (b, h, l, hd) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((b, l, h * hd))?;
         Ok(self.o.forward(&out)?)
@@ -756,7 +815,7 @@ impl SelfAttentionPart {
                     .forward_self_sliced(&pass.x, &norm, run.rope, chunk, run.token_slices)?
             } else {
                 self.attn
-                    .forward(norm(&pass.x)?, None, Some(run.rope), chunk)?
+                    .forward(norm(&pass.x)?, (None, None), Some(run.rope), chunk)?
             };
             gated_residual(&pass.x, &y, &gate)?
         };
@@ -766,10 +825,21 @@ impl SelfAttentionPart {
     }
 }
 
-/// A block's cross-attention to the text and its affine norm (diffusers `norm2`).
+/// Image-to-video's keys and values of the image context in a block's cross-attention.
+#[derive(Debug, Clone)]
+struct ImageKeys {
+    k: Linear,
+    v: Linear,
+    /// RMS norm across the heads, as the text keys have.
+    norm_k: RmsNorm,
+}
+
+/// A block's cross-attention to the text (and, for image-to-video, to the image) and its
+/// affine norm (diffusers `norm2`).
 #[derive(Debug, Clone)]
 struct CrossAttentionPart {
     attn: Attention,
+    image: Option<ImageKeys>,
     /// shape [dim] each
     norm_weight: Tensor,
     norm_bias: Tensor,
@@ -778,17 +848,42 @@ struct CrossAttentionPart {
 impl CrossAttentionPart {
     /// `vb`: the block's (`blocks.{i}`).
     fn new(cfg: &Config, vb: &VarBuilder) -> Result<Self> {
+        let attn = vb.pp("cross_attn");
+        let d = cfg.dim;
+        let image = cfg
+            .image_dim
+            .map(|_| -> Result<ImageKeys> {
+                Ok(ImageKeys {
+                    k: Linear::new(d, d, true, attn.pp("k_img"))?,
+                    v: Linear::new(d, d, true, attn.pp("v_img"))?,
+                    norm_k: RmsNorm::new(d, cfg.eps, attn.pp("norm_k_img"))?,
+                })
+            })
+            .transpose()?;
         Ok(Self {
-            attn: Attention::new(cfg, vb.pp("cross_attn"))?,
-            norm_weight: get_in_dtype(&vb.pp("norm3"), cfg.dim, "weight", DType::F32)?,
-            norm_bias: get_in_dtype(&vb.pp("norm3"), cfg.dim, "bias", DType::F32)?,
+            attn: Attention::new(cfg, attn)?,
+            image,
+            norm_weight: get_in_dtype(&vb.pp("norm3"), d, "weight", DType::F32)?,
+            norm_bias: get_in_dtype(&vb.pp("norm3"), d, "bias", DType::F32)?,
         })
     }
 
     fn forward(&self, pass: &mut Embedded, chunk: QueryChunk, eps: f64) -> Result<()> {
+        let image = match (&self.image, &pass.image) {
+            (Some(keys), Some(image)) => Some((keys, image)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::DitInput {
+                    tensor: "encoder_hidden_states_image",
+                    reason: "the image context and the image-to-video weights go together".into(),
+                })
+            }
+        };
         let x = {
             let h = norm_modulate(&pass.x, &self.norm_weight, &self.norm_bias, eps)?;
-            let y = self.attn.forward(h, Some(&pass.context), None, chunk)?;
+            let y = self
+                .attn
+                .forward(h, (Some(&pass.context), image), None, chunk)?;
             (&pass.x + y)?
         };
         pass.x = x;
@@ -939,6 +1034,54 @@ impl PartRef<'_> {
     }
 }
 
+/// Image-to-video's embedding of the CLIP image features into the model's width (diffusers
+/// `WanImageEmbedding`): layer norm, linear, exact GELU, linear, layer norm; the norms in f32
+/// with their affine weights.
+#[derive(Debug, Clone)]
+struct ImageEmbedding {
+    norm_in: (Tensor, Tensor),
+    proj_in: Linear,
+    proj_out: Linear,
+    norm_out: (Tensor, Tensor),
+}
+
+/// diffusers' `FP32LayerNorm` epsilon (PyTorch's default).
+const IMAGE_NORM_EPS: f64 = 1e-5;
+
+impl ImageEmbedding {
+    /// `vb`: the model's (`img_emb.proj.*`).
+    fn new(image_dim: usize, dim: usize, vb: &VarBuilder) -> Result<Self> {
+        let proj = vb.pp("img_emb.proj");
+        let norm = |i: usize, n: usize| -> Result<(Tensor, Tensor)> {
+            let vb = proj.pp(i.to_string());
+            Ok((
+                get_in_dtype(&vb, n, "weight", DType::F32)?,
+                get_in_dtype(&vb, n, "bias", DType::F32)?,
+            ))
+        };
+        Ok(Self {
+            norm_in: norm(0, image_dim)?,
+            proj_in: Linear::new(image_dim, image_dim, true, proj.pp("1"))?,
+            proj_out: Linear::new(image_dim, dim, true, proj.pp("3"))?,
+            norm_out: norm(4, dim)?,
+        })
+    }
+
+    /// # Shapes
+    /// - `features`: [B, Li, image_dim] → [B, Li, dim] in `dtype`.
+    fn forward(&self, features: &Tensor, dtype: DType) -> Result<Tensor> {
+        let h = norm_modulate(
+            &features.to_dtype(dtype)?,
+            &self.norm_in.0,
+            &self.norm_in.1,
+            IMAGE_NORM_EPS,
+        )?;
+        let h = self.proj_in.forward(&h)?.gelu_erf()?;
+        let h = self.proj_out.forward(&h)?;
+        norm_modulate(&h, &self.norm_out.0, &self.norm_out.1, IMAGE_NORM_EPS)
+    }
+}
+
 /// Whether `x` lives where vpipe's fused CUDA kernels run.
 #[cfg(feature = "cuda")]
 fn fused(x: &Tensor) -> bool {
@@ -1052,6 +1195,8 @@ struct Embedded {
     temb: Tensor,
     /// The embedded text, [B, Lc, dim].
     context: Tensor,
+    /// Image-to-video: the embedded image features, [B, Li, dim].
+    image: Option<Tensor>,
     grid: [usize; 3],
     /// The current block's modulation, [B, 6, dim] f32: set by its self-attention part,
     /// read by its feed-forward part.
@@ -1088,6 +1233,8 @@ pub struct WanModel {
     time_in: Linear,
     time_out: Linear,
     time_projection: Linear,
+    /// Image-to-video: the embedding of the image features.
+    image_embedding: Option<ImageEmbedding>,
     /// The blocks the model holds; `None` for a block whose weights a [`BlockSource`] gives
     /// at each forward.
     blocks: Vec<Option<Block>>,
@@ -1228,6 +1375,10 @@ impl WanModel {
             time_in: Linear::new_in(cfg.freq_dim, d, true, DType::F32, vb.pp("time_embedding.0"))?,
             time_out: Linear::new_in(d, d, true, DType::F32, vb.pp("time_embedding.2"))?,
             time_projection: Linear::new(d, 6 * d, true, vb.pp("time_projection.1"))?,
+            image_embedding: cfg
+                .image_dim
+                .map(|image_dim| ImageEmbedding::new(image_dim, d, &vb))
+                .transpose()?,
             blocks,
             keys,
             head: Linear::new(d, out_dim, true, vb.pp("head.head"))?,
@@ -1389,11 +1540,14 @@ impl WanModel {
         let guided = match passes {
             GuidancePasses::Batched => {
                 let [both] = self.forward_passes(
-                    [(
-                        &Tensor::cat(&[latents, latents], 0)?,
-                        &Tensor::cat(&[timestep, timestep], 0)?,
-                        &Tensor::cat(&[cond, uncond], 0)?,
-                    )],
+                    (
+                        [(
+                            &Tensor::cat(&[latents, latents], 0)?,
+                            &Tensor::cat(&[timestep, timestep], 0)?,
+                            &Tensor::cat(&[cond, uncond], 0)?,
+                        )],
+                        None,
+                    ),
                     (execution, cache_slots(&mut cache, 0, 1)),
                     source,
                 )?;
@@ -1401,7 +1555,10 @@ impl WanModel {
             }
             GuidancePasses::TwoPasses => {
                 let [c, u] = self.forward_passes(
-                    [(latents, timestep, cond), (latents, timestep, uncond)],
+                    (
+                        [(latents, timestep, cond), (latents, timestep, uncond)],
+                        None,
+                    ),
                     (execution, cache_slots(&mut cache, 0, 2)),
                     source,
                 )?;
@@ -1409,12 +1566,12 @@ impl WanModel {
             }
             GuidancePasses::Sequential => {
                 let [c] = self.forward_passes(
-                    [(latents, timestep, cond)],
+                    ([(latents, timestep, cond)], None),
                     (execution, cache_slots(&mut cache, 0, 1)),
                     source,
                 )?;
                 let [u] = self.forward_passes(
-                    [(latents, timestep, uncond)],
+                    ([(latents, timestep, uncond)], None),
                     (execution, cache_slots(&mut cache, 1, 1)),
                     source,
                 )?;
@@ -1422,7 +1579,7 @@ impl WanModel {
             }
             GuidancePasses::Single => {
                 let [c] = self.forward_passes(
-                    [(latents, timestep, cond)],
+                    ([(latents, timestep, cond)], None),
                     (execution, cache_slots(&mut cache, 0, 1)),
                     source,
                 )?;
@@ -1501,7 +1658,35 @@ impl WanModel {
         execution: &Execution,
     ) -> Result<Tensor> {
         let [out] = self.forward_passes(
-            [(latents, timestep, context)],
+            ([(latents, timestep, context)], None),
+            (execution, None),
+            &mut HeldBlocks,
+        )?;
+        Ok(out)
+    }
+
+    /// [`Self::forward_planned`] of an image-to-video model, whose blocks also attend to the
+    /// image: `image_features` are the CLIP vision encoder's (the next-to-last layer's
+    /// output), embedded by the model's image embedding.
+    ///
+    /// # Shapes
+    /// As [`Self::forward`], with `latents` of the model's `in_channels` (36: the noise, the
+    /// mask and the conditioning latents) and `image_features`: [B, Li, image_dim] (Li = 257
+    /// for one 224-px image).
+    ///
+    /// # Errors
+    /// As [`Self::forward`]; [`Error::DitInput`] naming `encoder_hidden_states_image` for
+    /// features of another shape, or for a model that is not image-to-video.
+    pub fn forward_with_image(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        image_features: &Tensor,
+        execution: &Execution,
+    ) -> Result<Tensor> {
+        let [out] = self.forward_passes(
+            ([(latents, timestep, context)], Some(image_features)),
             (execution, None),
             &mut HeldBlocks,
         )?;
@@ -1513,13 +1698,13 @@ impl WanModel {
     /// input before the next block.
     fn forward_passes<const N: usize>(
         &self,
-        inputs: [(&Tensor, &Tensor, &Tensor); N],
+        (inputs, image): ([(&Tensor, &Tensor, &Tensor); N], Option<&Tensor>),
         (execution, cache): (&Execution, Option<CacheSlots<'_>>),
         source: &mut dyn BlockSource,
     ) -> Result<[Tensor; N]> {
         let mut passes = Vec::with_capacity(N);
-        for (latents, timestep, context) in inputs {
-            passes.push(self.embed(latents, timestep, context)?);
+        for input in inputs {
+            passes.push(self.embed(input, image)?);
         }
         let grid = passes[0].grid;
         if let Some(other) = passes.iter().find(|p| p.grid != grid) {
@@ -1623,8 +1808,38 @@ impl WanModel {
 
     /// Checks the inputs and runs everything before the blocks: the patch, time and text
     /// embeddings.
-    fn embed(&self, latents: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Embedded> {
+    fn embed(
+        &self,
+        (latents, timestep, context): (&Tensor, &Tensor, &Tensor),
+        image: Option<&Tensor>,
+    ) -> Result<Embedded> {
         let (b, t, grid) = self.check_inputs(latents, timestep, context)?;
+        let image = match (&self.image_embedding, image) {
+            (Some(embedding), Some(features)) => {
+                let dims = features.dims();
+                let image_dim = self.cfg.image_dim.unwrap_or(0);
+                if dims.len() != 3 || dims[0] != b || dims[1] == 0 || dims[2] != image_dim {
+                    return Err(Error::DitInput {
+                        tensor: "encoder_hidden_states_image",
+                        reason: format!("expected [{b}, Li ≥ 1, {image_dim}], got {dims:?}"),
+                    });
+                }
+                Some(embedding.forward(features, self.dtype)?)
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(Error::DitInput {
+                    tensor: "encoder_hidden_states_image",
+                    reason: "an image-to-video model needs the image features".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(Error::DitInput {
+                    tensor: "encoder_hidden_states_image",
+                    reason: "a text-to-video model takes no image features".into(),
+                })
+            }
+        };
         let x = self.patchify(&latents.to_dtype(self.dtype)?, grid)?;
 
         let _span = tracing::trace_span!("dit_embed").entered();
@@ -1648,6 +1863,7 @@ impl WanModel {
             time,
             temb,
             context,
+            image,
             grid,
             block_modulation: None,
         })

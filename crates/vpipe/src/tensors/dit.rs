@@ -27,6 +27,18 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         &job.input,
         ["hidden_states", "timestep", "encoder_hidden_states"],
     )?;
+    // An image-to-video DiT also reads the image features (the CLIP vision encoder's).
+    let image_to_video = dit
+        .inspection
+        .tensors
+        .iter()
+        .any(|t| t.name.contains("img_emb.") || t.name.contains("image_embedder."));
+    let image = if image_to_video {
+        let [image] = super::read_inputs(&job.input, ["encoder_hidden_states_image"])?;
+        Some(image)
+    } else {
+        None
+    };
     let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
 
     let dit_id = session.phase("load", |p| -> anyhow::Result<_> {
@@ -67,14 +79,22 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
                 );
             }
             let on_device = |t: &Tensor| t.to_device(&device);
-            let out = model
-                .forward_planned(
-                    &on_device(&latents)?,
-                    &on_device(&timestep)?,
-                    &on_device(&context)?,
+            let (latents, timestep, context) = (
+                on_device(&latents)?,
+                on_device(&timestep)?,
+                on_device(&context)?,
+            );
+            let out = match &image {
+                Some(image) => model.forward_with_image(
+                    &latents,
+                    &timestep,
+                    &context,
+                    &on_device(image)?,
                     &execution,
-                )
-                .context("dit forward")?;
+                ),
+                None => model.forward_planned(&latents, &timestep, &context, &execution),
+            }
+            .context("dit forward")?;
             out.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?
         };
         p.offload(dit_id, Tier::Disk)?;
