@@ -382,6 +382,7 @@ fn blocks_given_in_parts_equal_held_blocks() {
                         passes,
                         execution: &Execution::default(),
                         cache: None,
+                        image: None,
                     },
                     &mut source,
                 )
@@ -435,6 +436,7 @@ fn a_step_reusing_the_block_cache_adds_what_the_blocks_added() {
                     passes,
                     execution: &execution,
                     cache: Some((&mut cache, usage)),
+                    image: None,
                 },
                 &mut HeldBlocks,
             )
@@ -540,4 +542,67 @@ fn image_to_video_dit_matches_diffusers() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("takes no image"), "{err}");
+}
+
+/// Guided image-to-video steps give the image to both passes, in every way of passing.
+#[test]
+fn guided_image_to_video_gives_the_image_to_both_passes() {
+    let cfg = Config::from_diffusers_json(
+        &std::fs::read_to_string(fixture("dit_tiny_i2v_config.json")).unwrap(),
+    )
+    .unwrap();
+    let i2v =
+        candle_core::safetensors::load(fixture("dit_i2v_cases.safetensors"), &Device::Cpu).unwrap();
+    let model = WanModel::from_file(
+        fixture("dit_tiny_i2v_diffusers.safetensors"),
+        Some(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (x, t, image) = (
+        &i2v["hidden_states"],
+        &i2v["timestep"],
+        &i2v["encoder_hidden_states_image"],
+    );
+    let cond = &i2v["encoder_hidden_states"];
+    let uncond = (cond * -0.5).unwrap();
+    let execution = Execution::default();
+    let step = |passes| {
+        model
+            .forward_guided_with(
+                x,
+                t,
+                cond,
+                &uncond,
+                5.0,
+                StepRun {
+                    passes,
+                    execution: &execution,
+                    cache: None,
+                    image: Some(image),
+                },
+                &mut HeldBlocks,
+            )
+            .unwrap()
+    };
+    let c = model
+        .forward_with_image(x, t, cond, image, &execution)
+        .unwrap();
+    let u = model
+        .forward_with_image(x, t, &uncond, image, &execution)
+        .unwrap();
+    let manual = (&u + ((&c - &u).unwrap() * 5.0).unwrap()).unwrap();
+    for passes in [
+        GuidancePasses::Batched,
+        GuidancePasses::TwoPasses,
+        GuidancePasses::Sequential,
+    ] {
+        let err = max_abs_diff(&step(passes), &manual).unwrap();
+        assert!(err <= 1e-5, "{passes:?}: {err}");
+    }
+    assert_eq!(
+        max_abs_diff(&step(GuidancePasses::Single), &c).unwrap(),
+        0.0
+    );
 }

@@ -523,6 +523,7 @@ fn sample(
                 };
                 (&mut cache, usage)
             }),
+            image: None,
         };
         let mut reading_blocks = streamed
             .as_mut()

@@ -1329,6 +1329,9 @@ pub struct StepRun<'a> {
     pub execution: &'a Execution,
     /// The step cache and what this step does with it.
     pub cache: Option<(&'a mut BlockCache, CacheUse)>,
+    /// Image-to-video: the CLIP image features, [1, Li, image_dim], the same for the
+    /// condition and the uncondition (as diffusers' pipeline passes them).
+    pub image: Option<&'a Tensor>,
 }
 
 impl WanModel {
@@ -1485,6 +1488,7 @@ impl WanModel {
             passes,
             execution,
             cache: None,
+            image: None,
         };
         self.forward_guided_with(
             latents,
@@ -1518,6 +1522,7 @@ impl WanModel {
             passes,
             execution,
             mut cache,
+            image,
         } = step;
         if !scale.is_finite() {
             return Err(Error::DitInput {
@@ -1546,7 +1551,7 @@ impl WanModel {
                             &Tensor::cat(&[timestep, timestep], 0)?,
                             &Tensor::cat(&[cond, uncond], 0)?,
                         )],
-                        None,
+                        image.map(|i| Tensor::cat(&[i, i], 0)).transpose()?.as_ref(),
                     ),
                     (execution, cache_slots(&mut cache, 0, 1)),
                     source,
@@ -1557,7 +1562,7 @@ impl WanModel {
                 let [c, u] = self.forward_passes(
                     (
                         [(latents, timestep, cond), (latents, timestep, uncond)],
-                        None,
+                        image,
                     ),
                     (execution, cache_slots(&mut cache, 0, 2)),
                     source,
@@ -1566,12 +1571,12 @@ impl WanModel {
             }
             GuidancePasses::Sequential => {
                 let [c] = self.forward_passes(
-                    ([(latents, timestep, cond)], None),
+                    ([(latents, timestep, cond)], image),
                     (execution, cache_slots(&mut cache, 0, 1)),
                     source,
                 )?;
                 let [u] = self.forward_passes(
-                    ([(latents, timestep, uncond)], None),
+                    ([(latents, timestep, uncond)], image),
                     (execution, cache_slots(&mut cache, 1, 1)),
                     source,
                 )?;
@@ -1579,7 +1584,7 @@ impl WanModel {
             }
             GuidancePasses::Single => {
                 let [c] = self.forward_passes(
-                    ([(latents, timestep, cond)], None),
+                    ([(latents, timestep, cond)], image),
                     (execution, cache_slots(&mut cache, 0, 1)),
                     source,
                 )?;
