@@ -2029,8 +2029,20 @@ mod tests {
     #[test]
     fn bad_config_json_is_an_error() {
         assert!(Config::from_diffusers_json("{").is_err());
-        let i2v = r#"{"image_dim": 1280, "added_kv_proj_dim": 5120}"#;
-        let err = Config::from_diffusers_json(i2v).unwrap_err().to_string();
-        assert!(err.contains("image-to-video"), "{err}");
+        // Wan 2.1 I2V-14B: read; without its added key/value width, or with another, refused.
+        let i2v = r#"{"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}"#;
+        let cfg = Config::from_diffusers_json(i2v).unwrap();
+        assert_eq!((cfg.in_channels, cfg.image_dim), (36, Some(1280)));
+        for bad in [
+            r#"{"image_dim": 1280}"#,
+            r#"{"image_dim": 1280, "added_kv_proj_dim": 1280}"#,
+        ] {
+            let err = Config::from_diffusers_json(bad).unwrap_err().to_string();
+            assert!(err.contains("added_kv_proj_dim"), "{err}");
+        }
+        // First-last-frame to video: not yet.
+        let flf2v = r#"{"image_dim": 1280, "added_kv_proj_dim": 5120, "pos_embed_seq_len": 514}"#;
+        let err = Config::from_diffusers_json(flf2v).unwrap_err().to_string();
+        assert!(err.contains("first-last-frame"), "{err}");
     }
 }
