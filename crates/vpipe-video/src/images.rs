@@ -434,6 +434,91 @@ pub(crate) fn write_png_folder(
     Ok(())
 }
 
+/// Reads one still image, PNG or JPEG (by content), as a video of one frame.
+pub(crate) fn read_image(path: &Path, limits: &ReadLimits) -> Result<Video> {
+    let bytes = crate::input::read_regular_file(path, limits.max_file_bytes)?;
+    let (format, name) = if bytes.starts_with(&PNG_SIGNATURE) {
+        (image::ImageFormat::Png, "PNG")
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        (image::ImageFormat::Jpeg, "JPEG")
+    } else {
+        return Err(VideoError::UnsupportedInput {
+            path: path.to_path_buf(),
+            found: if bytes.is_empty() {
+                "an empty file".into()
+            } else {
+                format!(
+                    "a file starting with {:02x?}, which is neither PNG nor JPEG",
+                    &bytes[..bytes.len().min(8)]
+                )
+            },
+        });
+    };
+    let malformed = |detail: String| VideoError::Malformed {
+        path: path.to_path_buf(),
+        format: name,
+        detail,
+    };
+    let reader = || image::ImageReader::with_format(std::io::Cursor::new(bytes.as_slice()), format);
+    // The declared size first: checked against the limits before any pixel is decoded.
+    let (width, height) = reader()
+        .into_dimensions()
+        .map_err(|e| malformed(e.to_string()))?;
+    let total = limits.check(path, name, u64::from(width), u64::from(height), Some(1))?;
+    let mut decoder = reader()
+        .into_decoder()
+        .map_err(|e| malformed(e.to_string()))?;
+    let color = image::ImageDecoder::original_color_type(&decoder);
+    let cmyk = matches!(
+        color,
+        image::ExtendedColorType::Cmyk8 | image::ExtendedColorType::Cmyk16
+    ) || (format == image::ImageFormat::Jpeg && jpeg_components(&bytes) == Some(4));
+    if cmyk {
+        // Four-channel JPEGs (CMYK or YCCK) would be converted by guesswork about the inks.
+        return Err(malformed(
+            "CMYK colour (4 channels), which vpipe does not convert; save the image as RGB".into(),
+        ));
+    }
+    let mut decode_limits = image::Limits::no_limits();
+    decode_limits.max_image_width = Some(limits.max_frame_side);
+    decode_limits.max_image_height = Some(limits.max_frame_side);
+    // The decoded image in its own colour type (at most 8 bytes a pixel) and some room for
+    // the decoder's tables.
+    decode_limits.max_alloc = Some((total as u64).saturating_mul(8).saturating_add(64 << 20));
+    image::ImageDecoder::set_limits(&mut decoder, decode_limits)
+        .map_err(|e| malformed(e.to_string()))?;
+    let image = image::DynamicImage::from_decoder(decoder)
+        .map_err(|e| match format {
+            image::ImageFormat::Png => png_error(path, e),
+            _ => malformed(e.to_string()),
+        })?
+        .into_rgb8();
+    Video::new(image.into_raw(), width, height, DEFAULT_FPS).map_err(|e| malformed(e.to_string()))
+}
+
+/// The component count of a JPEG's frame header (SOFn), read from its marker segments; `None`
+/// when there is none before the image data.
+fn jpeg_components(bytes: &[u8]) -> Option<u8> {
+    let mut at = 2; // after SOI
+    while at + 4 <= bytes.len() {
+        if bytes[at] != 0xff {
+            return None;
+        }
+        let marker = bytes[at + 1];
+        let length = usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
+        // SOF0..SOF15 but DHT (C4), JPG (C8) and DAC (CC): length, precision, height, width,
+        // then the component count.
+        if (0xc0..=0xcf).contains(&marker) && ![0xc4, 0xc8, 0xcc].contains(&marker) {
+            return bytes.get(at + 9).copied();
+        }
+        if marker == 0xda {
+            return None; // start of scan: the image data follows
+        }
+        at += 2 + length;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,6 +120,18 @@ pub fn read_video_with_limits(path: impl AsRef<Path>, limits: &ReadLimits) -> Re
     }
 }
 
+/// Reads one still image, PNG or JPEG (recognised by content), as a video of one frame at
+/// [`DEFAULT_FPS`]. Its declared size is checked against [`ReadLimits::default`] before any
+/// pixel is decoded; CMYK JPEGs are refused ([`VideoError::Malformed`]).
+pub fn read_image(path: impl AsRef<Path>) -> Result<Video> {
+    read_image_with_limits(path, &ReadLimits::default())
+}
+
+/// [`read_image`] with explicit limits on the image's size and the file's.
+pub fn read_image_with_limits(path: impl AsRef<Path>, limits: &ReadLimits) -> Result<Video> {
+    images::read_image(path.as_ref(), limits)
+}
+
 /// How many frames [`read_video`] would return: an MP4's from its header, without decoding; a
 /// GIF or a PNG folder by reading it.
 pub fn count_frames(path: impl AsRef<Path>) -> Result<usize> {

@@ -1,6 +1,7 @@
 //! Time-bounded property-based fuzzing of the readers: mutated and truncated copies of the seed
-//! corpus (tests/corpus: a GIF, an H.264 MP4, a PNG), of the real clip's header, and random
-//! bytes behind each format's signature. Every input must give `Ok` or `Err`: a panic fails the
+//! corpus (tests/corpus: a GIF, an H.264 MP4, a PNG, a JPEG), of the real clip's header, and
+//! random bytes behind each format's signature; each input read as a video and as a still
+//! image. Every input must give `Ok` or `Err`: a panic fails the
 //! property, an abort or a hang fails the whole test binary.
 //!
 //! Case counts are fixed and failures are not persisted into the source tree (a found case is
@@ -12,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use vpipe_video::{count_frames, probe_mp4, read_video_with_limits, ReadLimits};
+use vpipe_video::{
+    count_frames, probe_mp4, read_image_with_limits, read_video_with_limits, ReadLimits,
+};
 
 /// Limits far below the defaults, so that a mutation declaring a large but allowed size costs
 /// milliseconds, not gigabytes.
@@ -138,6 +141,10 @@ fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
 /// intact frame of the same seed, as the reader only takes PNGs in folders) and reads them with
 /// every entry point. Any result is fine; returning at all is the property.
 fn read_all_ways(dir: &Path, name: &str, bytes: &[u8]) {
+    // Every input as a still image too (PNG and JPEG by content, anything else refused).
+    let still = dir.join(format!("still-{name}"));
+    std::fs::write(&still, bytes).unwrap();
+    let _ = read_image_with_limits(&still, &FUZZ_LIMITS);
     let path: PathBuf = if name.to_ascii_lowercase().ends_with(".png") {
         let folder = dir.join("frames");
         std::fs::create_dir_all(&folder).unwrap();
@@ -200,11 +207,12 @@ fn mutated_seeds_never_panic() {
 #[test]
 fn random_bytes_behind_signatures_never_panic() {
     let started = Instant::now();
-    let signatures: [&[u8]; 5] = [
+    let signatures: [&[u8]; 6] = [
         b"GIF89a",
         b"GIF87a",
         b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR",
         b"\x00\x00\x00\x18ftypisom",
+        b"\xff\xd8\xff\xc0\x00\x11\x08",
         b"",
     ];
     let strategy = (
@@ -221,6 +229,7 @@ fn random_bytes_behind_signatures_never_panic() {
             let name = match sig {
                 0 | 1 => "random.gif",
                 2 => "random.png",
+                4 => "random.jpg",
                 _ => "random.mp4",
             };
             let dir = tempfile::tempdir().unwrap();

@@ -458,3 +458,62 @@ fn a_png_folder_frame_that_is_not_a_png_is_named() {
         "{err:?}"
     );
 }
+
+/// Still images (image-to-video's inputs): PNG and JPEG by content; a huge declared size, a
+/// cut file, CMYK colour and a file that is no image are typed errors naming the file.
+#[test]
+fn still_images_are_read_and_bad_ones_refused() {
+    use image::ImageEncoder;
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (5u32, 3u32);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 17 % 256) as u8).collect();
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&rgb, w, h, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 100)
+        .write_image(&rgb, w, h, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    // Named as the other format: the content decides.
+    let png_path = write_tmp(dir.path(), "frame.jpg", &png);
+    let frame = vpipe_video::read_image(&png_path).unwrap();
+    assert_eq!(
+        (frame.width(), frame.height(), frame.num_frames()),
+        (w, h, 1)
+    );
+    assert_eq!(frame.data(), rgb.as_slice());
+    let jpeg_path = write_tmp(dir.path(), "frame.png", &jpeg);
+    let frame = vpipe_video::read_image(&jpeg_path).unwrap();
+    assert_eq!((frame.width(), frame.height()), (w, h));
+    let worst = frame
+        .data()
+        .iter()
+        .zip(&rgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 64, "JPEG at quality 100 off by {worst}");
+
+    let bomb = write_tmp(dir.path(), "bomb.png", &png_bomb());
+    let err = vpipe_video::read_image(&bomb).unwrap_err();
+    assert!(
+        matches!(err, VideoError::DeclaredSizeTooLarge { .. }),
+        "{err}"
+    );
+    let cut = write_tmp(dir.path(), "cut.png", &png[..png.len() - 20]);
+    let err = vpipe_video::read_image(&cut).unwrap_err().to_string();
+    assert!(err.contains("cut.png"), "{err}");
+    let err = vpipe_video::read_image(fixture("cmyk_8x8.jpg"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("CMYK") && err.contains("cmyk_8x8.jpg"),
+        "{err}"
+    );
+    let text = write_tmp(dir.path(), "notes.png", b"not an image at all");
+    let err = vpipe_video::read_image(&text).unwrap_err();
+    assert!(matches!(err, VideoError::UnsupportedInput { .. }), "{err}");
+    let empty = write_tmp(dir.path(), "empty.jpg", b"");
+    assert!(vpipe_video::read_image(&empty).is_err());
+}
