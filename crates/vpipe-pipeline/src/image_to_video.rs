@@ -71,6 +71,53 @@ pub fn image_condition(latents: &Tensor, frames: usize, last: bool) -> Result<Te
     Ok(Tensor::cat(&[&mask, latents], 1)?)
 }
 
+/// OpenAI CLIP's normalisation, which Wan's image encoder was trained with.
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// CLIP's image preprocessing as transformers' `CLIPImageProcessor` does it for Wan's image
+/// encoder: the shortest side resized to `size` (bicubic; the other side to `size · long /
+/// short`, rounded down), the centre `size` × `size` cropped, values scaled to [0, 1] and
+/// normalised with OpenAI CLIP's mean and std. The resampling is the `image` crate's
+/// Catmull-Rom (PIL's bicubic kernel), so values may differ from PIL's by a rounding step.
+///
+/// # Shapes
+/// - `rgb`: `width` × `height` × 3 bytes, row-major.
+/// - output: [1, 3, size, size] in f32 on the host.
+pub fn clip_pixel_values(rgb: &[u8], (width, height): (u32, u32), size: u32) -> Result<Tensor> {
+    let bad = |reason: String| crate::error::Error::BadInput(reason);
+    let image = image::RgbImage::from_raw(width, height, rgb.to_vec()).ok_or_else(|| {
+        bad(format!(
+            "CLIP preprocessing: {} bytes for a {width}×{height} RGB image",
+            rgb.len()
+        ))
+    })?;
+    if width == 0 || height == 0 || size == 0 {
+        return Err(bad(format!(
+            "CLIP preprocessing: a {width}×{height} image to {size} px"
+        )));
+    }
+    let (short, long) = (width.min(height), width.max(height));
+    let scaled_long = (u64::from(size) * u64::from(long) / u64::from(short)) as u32;
+    let (w, h) = if width <= height {
+        (size, scaled_long)
+    } else {
+        (scaled_long, size)
+    };
+    let resized = image::imageops::resize(&image, w, h, image::imageops::FilterType::CatmullRom);
+    let (left, top) = ((w - size) / 2, (h - size) / 2);
+    let cropped = image::imageops::crop_imm(&resized, left, top, size, size).to_image();
+    let n = (size * size) as usize;
+    let mut planes = vec![0f32; 3 * n];
+    for (i, pixel) in cropped.pixels().enumerate() {
+        for c in 0..3 {
+            planes[c * n + i] = (f32::from(pixel[c]) / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+        }
+    }
+    let s = size as usize;
+    Ok(Tensor::from_vec(planes, (1, 3, s, s), &Device::Cpu)?)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -107,6 +154,33 @@ mod tests {
             println!("{key}: max abs {err:.3e}");
             assert!(err <= 1e-4, "{key}: {err}");
         }
+    }
+
+    /// transformers' CLIPImageProcessor (PIL backend) on two smooth images
+    /// (tools/fixtures/make_clip_preprocess_fixtures.py): a landscape and a portrait.
+    #[test]
+    fn clip_preprocessing_matches_transformers_within_a_rounding_step() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cases = candle_core::safetensors::load(
+            root.join("tests/fixtures/clip_preprocess.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for case in ["landscape", "portrait"] {
+            let rgb = &cases[&format!("{case}.rgb")];
+            let (h, w, _) = rgb.dims3().unwrap();
+            let bytes = rgb.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+            let pixels = clip_pixel_values(&bytes, (w as u32, h as u32), 224).unwrap();
+            let expected = &cases[&format!("{case}.pixel_values")];
+            let diff = (&pixels - expected).unwrap().abs().unwrap();
+            let max = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+            let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
+            println!("{case}: max abs {max:.3e}, mean abs {mean:.3e}");
+            // One rounding step of 1/255 over the smallest std (0.261): 0.015.
+            assert!(max <= 0.016, "{case}: max {max}");
+            assert!(mean <= 0.005, "{case}: mean {mean}");
+        }
+        assert!(clip_pixel_values(&[0; 5], (2, 2), 224).is_err());
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod tiled_vae;
 pub use device::open_device;
 pub use error::{budget_kept, Error, Result};
 pub use files::{finish_report, read_inputs, write_clip, write_outputs};
-pub use image_to_video::{condition_mask, condition_video, image_condition};
+pub use image_to_video::{clip_pixel_values, condition_mask, condition_video, image_condition};
 pub use leased::{clip_vision, plan_loras, read_loras, umt5, wan_dit, wan_vae};
 pub use models::{Checkpoint, ModelFiles};
 pub use observer::Observer;
