@@ -606,3 +606,53 @@ fn guided_image_to_video_gives_the_image_to_both_passes() {
         0.0
     );
 }
+
+/// First-last-frame to video: the image tokens of both frames with learned position
+/// embeddings (diffusers' `pos_embed_seq_len`), in diffusers' names and in the original ones.
+#[test]
+fn first_last_frame_dit_matches_diffusers() {
+    let cfg = Config::from_diffusers_json(
+        &std::fs::read_to_string(fixture("dit_tiny_flf2v_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((cfg.image_dim, cfg.image_tokens), (Some(24), Some(10)));
+    let flf2v =
+        candle_core::safetensors::load(fixture("dit_flf2v_cases.safetensors"), &Device::Cpu)
+            .unwrap();
+    let diffusers = candle_core::safetensors::load(
+        fixture("dit_tiny_flf2v_diffusers.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let original: HashMap<String, Tensor> = diffusers
+        .iter()
+        .map(|(k, t)| {
+            (
+                dit_keys::diffusers_to_wan(k).unwrap_or_else(|| panic!("{k}")),
+                t.clone(),
+            )
+        })
+        .collect();
+    for (layout, tensors) in [("diffusers", diffusers), ("original", original)] {
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let model = WanModel::from_checkpoint(vb, Some(&cfg)).unwrap();
+        let get = |k: &str| flf2v[k].clone();
+        let run = |image: &Tensor| {
+            model.forward_with_image(
+                &get("hidden_states"),
+                &get("timestep"),
+                &get("encoder_hidden_states"),
+                image,
+                &Execution::default(),
+            )
+        };
+        let out = run(&get("encoder_hidden_states_image")).unwrap();
+        let err = max_abs_diff(&out, &flf2v["out"]).unwrap();
+        println!("first-last-frame DiT, {layout} names: max abs {err:.3e}");
+        assert!(err <= TOL, "{layout}: {err}");
+        // One frame's tokens where both frames' are expected: a named error.
+        let one_frame = get("encoder_hidden_states_image").narrow(1, 0, 5).unwrap();
+        let err = run(&one_frame).unwrap_err().to_string();
+        assert!(err.contains("both frames"), "{err}");
+    }
+}

@@ -56,6 +56,9 @@ pub struct Config {
     /// Image-to-video: the width of the CLIP image features the model attends to besides the
     /// text (ViT-H/14: 1280); `None` for text-to-video.
     pub image_dim: Option<usize>,
+    /// First-last-frame to video: the image tokens of both frames (2 × 257), which get learned
+    /// position embeddings; `None` otherwise.
+    pub image_tokens: Option<usize>,
 }
 
 impl Config {
@@ -88,6 +91,7 @@ impl Config {
             eps: 1e-6,
             rope_max_seq_len: 1024,
             image_dim: None,
+            image_tokens: None,
         }
     }
 
@@ -139,8 +143,11 @@ impl Config {
                 return fail(format!("{name} is 0"));
             }
         }
-        if self.image_dim == Some(0) {
-            return fail("image_dim is 0".into());
+        if self.image_dim == Some(0) || self.image_tokens == Some(0) {
+            return fail("image_dim or the image tokens is 0".into());
+        }
+        if self.image_tokens.is_some() && self.image_dim.is_none() {
+            return fail("image tokens without image_dim".into());
         }
         if !self.eps.is_finite() || self.eps < 0.0 {
             return fail(format!("eps {} must be a finite number >= 0", self.eps));
@@ -180,10 +187,10 @@ impl Config {
                 ),
             });
         }
-        if raw.pos_embed_seq_len.is_some() {
+        if raw.pos_embed_seq_len.is_some() && raw.image_dim.is_none() {
             return Err(Error::DitConfig {
-                reason: "pos_embed_seq_len is set: first-last-frame-to-video models are not \
-                         supported yet"
+                reason: "pos_embed_seq_len without image_dim: the position embeddings are the \
+                         image tokens' (first-last-frame to video)"
                     .into(),
             });
         }
@@ -209,6 +216,7 @@ impl Config {
             eps: raw.eps,
             rope_max_seq_len: raw.rope_max_seq_len,
             image_dim: raw.image_dim,
+            image_tokens: raw.pos_embed_seq_len,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -221,13 +229,11 @@ impl Config {
         let shape = |name: &str| -> Result<Vec<usize>> {
             Ok(vb.get_unchecked_dtype(name, DType::F32)?.dims().to_vec())
         };
-        if vb.contains_tensor("img_emb.emb_pos") {
-            return Err(Error::DitConfig {
-                reason: "this is a first-last-frame-to-video DiT (it has img_emb.emb_pos), \
-                         which is not supported yet"
-                    .into(),
-            });
-        }
+        let image_tokens = if vb.contains_tensor("img_emb.emb_pos") {
+            Some(shape("img_emb.emb_pos")?.get(1).copied().unwrap_or(0))
+        } else {
+            None
+        };
         let image_dim = if vb.contains_tensor("img_emb.proj.0.weight") {
             Some(
                 shape("img_emb.proj.0.weight")?
@@ -290,6 +296,7 @@ impl Config {
             eps: 1e-6,
             rope_max_seq_len: 1024,
             image_dim,
+            image_tokens,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -398,6 +405,7 @@ impl Config {
         let image = match self.image_dim.map(|i| i as u64) {
             Some(i) => [
                 i.checked_mul(2)?,
+                (self.image_tokens.unwrap_or(0) as u64).checked_mul(i)?,
                 linear(i, i)?,
                 linear(i, d)?,
                 d.checked_mul(2)?,
@@ -1039,6 +1047,8 @@ impl PartRef<'_> {
 /// with their affine weights.
 #[derive(Debug, Clone)]
 struct ImageEmbedding {
+    /// First-last-frame to video: [1, tokens, image_dim], added to the features first.
+    position: Option<Tensor>,
     norm_in: (Tensor, Tensor),
     proj_in: Linear,
     proj_out: Linear,
@@ -1050,7 +1060,8 @@ const IMAGE_NORM_EPS: f64 = 1e-5;
 
 impl ImageEmbedding {
     /// `vb`: the model's (`img_emb.proj.*`).
-    fn new(image_dim: usize, dim: usize, vb: &VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, image_dim: usize, vb: &VarBuilder) -> Result<Self> {
+        let dim = cfg.dim;
         let proj = vb.pp("img_emb.proj");
         let norm = |i: usize, n: usize| -> Result<(Tensor, Tensor)> {
             let vb = proj.pp(i.to_string());
@@ -1060,6 +1071,17 @@ impl ImageEmbedding {
             ))
         };
         Ok(Self {
+            position: cfg
+                .image_tokens
+                .map(|tokens| {
+                    get_in_dtype(
+                        &vb.pp("img_emb"),
+                        (1, tokens, image_dim),
+                        "emb_pos",
+                        DType::F32,
+                    )
+                })
+                .transpose()?,
             norm_in: norm(0, image_dim)?,
             proj_in: Linear::new(image_dim, image_dim, true, proj.pp("1"))?,
             proj_out: Linear::new(image_dim, dim, true, proj.pp("3"))?,
@@ -1070,6 +1092,11 @@ impl ImageEmbedding {
     /// # Shapes
     /// - `features`: [B, Li, image_dim] → [B, Li, dim] in `dtype`.
     fn forward(&self, features: &Tensor, dtype: DType) -> Result<Tensor> {
+        let features = match &self.position {
+            Some(position) => features.to_dtype(DType::F32)?.broadcast_add(position)?,
+            None => features.clone(),
+        };
+        let features = &features;
         let h = norm_modulate(
             &features.to_dtype(dtype)?,
             &self.norm_in.0,
@@ -1380,7 +1407,7 @@ impl WanModel {
             time_projection: Linear::new(d, 6 * d, true, vb.pp("time_projection.1"))?,
             image_embedding: cfg
                 .image_dim
-                .map(|image_dim| ImageEmbedding::new(image_dim, d, &vb))
+                .map(|image_dim| ImageEmbedding::new(cfg, image_dim, &vb))
                 .transpose()?,
             blocks,
             keys,
@@ -1823,10 +1850,17 @@ impl WanModel {
             (Some(embedding), Some(features)) => {
                 let dims = features.dims();
                 let image_dim = self.cfg.image_dim.unwrap_or(0);
-                if dims.len() != 3 || dims[0] != b || dims[1] == 0 || dims[2] != image_dim {
+                let tokens_ok = match self.cfg.image_tokens {
+                    Some(tokens) => dims.get(1) == Some(&tokens),
+                    None => dims.get(1).is_some_and(|&l| l > 0),
+                };
+                if dims.len() != 3 || dims[0] != b || !tokens_ok || dims[2] != image_dim {
+                    let tokens = self.cfg.image_tokens.map_or("Li ≥ 1".to_owned(), |t| {
+                        format!("{t} (both frames' tokens)")
+                    });
                     return Err(Error::DitInput {
                         tensor: "encoder_hidden_states_image",
-                        reason: format!("expected [{b}, Li ≥ 1, {image_dim}], got {dims:?}"),
+                        reason: format!("expected [{b}, {tokens}, {image_dim}], got {dims:?}"),
                     });
                 }
                 Some(embedding.forward(features, self.dtype)?)
@@ -2040,9 +2074,15 @@ mod tests {
             let err = Config::from_diffusers_json(bad).unwrap_err().to_string();
             assert!(err.contains("added_kv_proj_dim"), "{err}");
         }
-        // First-last-frame to video: not yet.
+        // First-last-frame to video: the image tokens of both frames; not without image_dim.
         let flf2v = r#"{"image_dim": 1280, "added_kv_proj_dim": 5120, "pos_embed_seq_len": 514}"#;
-        let err = Config::from_diffusers_json(flf2v).unwrap_err().to_string();
-        assert!(err.contains("first-last-frame"), "{err}");
+        assert_eq!(
+            Config::from_diffusers_json(flf2v).unwrap().image_tokens,
+            Some(514)
+        );
+        let err = Config::from_diffusers_json(r#"{"pos_embed_seq_len": 514}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("image_dim"), "{err}");
     }
 }
