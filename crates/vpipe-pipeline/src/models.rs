@@ -27,6 +27,16 @@ impl Checkpoint {
         })
     }
 
+    /// Whether the checkpoint is an image-to-video DiT: it holds an image embedding
+    /// (`img_emb.*` in original names, `condition_embedder.image_embedder.*` in diffusers'),
+    /// with or without a prefix.
+    pub fn is_image_to_video_dit(&self) -> bool {
+        self.inspection
+            .tensors
+            .iter()
+            .any(|t| t.name.contains("img_emb.") || t.name.contains("image_embedder."))
+    }
+
     /// The prompt tokenizer from the SentencePiece model a ComfyUI text-encoder file carries
     /// (`spiece_model`, or a key ending in `.spiece_model`: 1-D uint8), its bytes read where
     /// the inspection says they are, without parsing the header again.

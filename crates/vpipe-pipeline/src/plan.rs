@@ -717,10 +717,7 @@ impl ModelSizes {
             .dit_config
             .as_ref()
             .is_some_and(|c| c.image_dim.is_some())
-            || dit_header
-                .tensors
-                .iter()
-                .any(|t| t.name.contains("img_emb.") || t.name.contains("image_embedder."));
+            || models.dit.is_image_to_video_dit();
         if image_to_video {
             return Err(Error::NotBuiltYet(
                 "the DiT is an image-to-video model (it has an image embedding); image-to-video \
