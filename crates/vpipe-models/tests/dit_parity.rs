@@ -465,21 +465,30 @@ fn a_step_reusing_the_block_cache_adds_what_the_blocks_added() {
     assert!(model.time_modulation(f32::NAN).is_err());
 }
 
-/// The image-to-video DiT (36 input channels, the image embedding, image keys and values in
-/// every cross-attention) against diffusers' `WanTransformer3DModel` with `image_dim`
-/// (`tools/fixtures/make_dit_i2v_fixtures.py`), in diffusers' names and in the original ones.
-#[test]
-fn image_to_video_dit_matches_diffusers() {
+/// An image DiT fixture of `tools/fixtures/make_dit_i2v_fixtures.py` (`kind`: `i2v` or
+/// `flf2v`): its config, its cases, and the model built from its weights in diffusers' names
+/// and in the original ones.
+fn image_dit(
+    kind: &str,
+) -> (
+    Config,
+    HashMap<String, Tensor>,
+    [(&'static str, WanModel); 2],
+) {
     let cfg = Config::from_diffusers_json(
-        &std::fs::read_to_string(fixture("dit_tiny_i2v_config.json")).unwrap(),
+        &std::fs::read_to_string(fixture(&format!("dit_tiny_{kind}_config.json"))).unwrap(),
     )
     .unwrap();
-    assert_eq!((cfg.in_channels, cfg.image_dim), (36, Some(24)));
-    let i2v =
-        candle_core::safetensors::load(fixture("dit_i2v_cases.safetensors"), &Device::Cpu).unwrap();
-    let diffusers =
-        candle_core::safetensors::load(fixture("dit_tiny_i2v_diffusers.safetensors"), &Device::Cpu)
-            .unwrap();
+    let cases = candle_core::safetensors::load(
+        fixture(&format!("dit_{kind}_cases.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let diffusers = candle_core::safetensors::load(
+        fixture(&format!("dit_tiny_{kind}_diffusers.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let original: HashMap<String, Tensor> = diffusers
         .iter()
         .map(|(k, t)| {
@@ -489,9 +498,25 @@ fn image_to_video_dit_matches_diffusers() {
             )
         })
         .collect();
-    for (layout, tensors) in [("diffusers", diffusers), ("original", original)] {
+    let build = |tensors| {
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let model = WanModel::from_checkpoint(vb, Some(&cfg)).unwrap();
+        WanModel::from_checkpoint(vb, Some(&cfg)).unwrap()
+    };
+    let models = [
+        ("diffusers", build(diffusers)),
+        ("original", build(original)),
+    ];
+    (cfg, cases, models)
+}
+
+/// The image-to-video DiT (36 input channels, the image embedding, image keys and values in
+/// every cross-attention) against diffusers' `WanTransformer3DModel` with `image_dim`
+/// (`tools/fixtures/make_dit_i2v_fixtures.py`), in diffusers' names and in the original ones.
+#[test]
+fn image_to_video_dit_matches_diffusers() {
+    let (cfg, i2v, models) = image_dit("i2v");
+    assert_eq!((cfg.in_channels, cfg.image_dim), (36, Some(24)));
+    for (layout, model) in models {
         let get = |k: &str| i2v[k].clone();
         let out = model
             .forward_with_image(
@@ -547,19 +572,7 @@ fn image_to_video_dit_matches_diffusers() {
 /// Guided image-to-video steps give the image to both passes, in every way of passing.
 #[test]
 fn guided_image_to_video_gives_the_image_to_both_passes() {
-    let cfg = Config::from_diffusers_json(
-        &std::fs::read_to_string(fixture("dit_tiny_i2v_config.json")).unwrap(),
-    )
-    .unwrap();
-    let i2v =
-        candle_core::safetensors::load(fixture("dit_i2v_cases.safetensors"), &Device::Cpu).unwrap();
-    let model = WanModel::from_file(
-        fixture("dit_tiny_i2v_diffusers.safetensors"),
-        Some(&cfg),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (_, i2v, [(_, model), _]) = image_dit("i2v");
     let (x, t, image) = (
         &i2v["hidden_states"],
         &i2v["timestep"],
@@ -611,31 +624,9 @@ fn guided_image_to_video_gives_the_image_to_both_passes() {
 /// embeddings (diffusers' `pos_embed_seq_len`), in diffusers' names and in the original ones.
 #[test]
 fn first_last_frame_dit_matches_diffusers() {
-    let cfg = Config::from_diffusers_json(
-        &std::fs::read_to_string(fixture("dit_tiny_flf2v_config.json")).unwrap(),
-    )
-    .unwrap();
+    let (cfg, flf2v, models) = image_dit("flf2v");
     assert_eq!((cfg.image_dim, cfg.image_tokens), (Some(24), Some(10)));
-    let flf2v =
-        candle_core::safetensors::load(fixture("dit_flf2v_cases.safetensors"), &Device::Cpu)
-            .unwrap();
-    let diffusers = candle_core::safetensors::load(
-        fixture("dit_tiny_flf2v_diffusers.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let original: HashMap<String, Tensor> = diffusers
-        .iter()
-        .map(|(k, t)| {
-            (
-                dit_keys::diffusers_to_wan(k).unwrap_or_else(|| panic!("{k}")),
-                t.clone(),
-            )
-        })
-        .collect();
-    for (layout, tensors) in [("diffusers", diffusers), ("original", original)] {
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let model = WanModel::from_checkpoint(vb, Some(&cfg)).unwrap();
+    for (layout, model) in models {
         let get = |k: &str| flf2v[k].clone();
         let run = |image: &Tensor| {
             model.forward_with_image(
