@@ -838,7 +838,6 @@ impl Plan {
         let on_cuda = job.compute.device.starts_with("cuda");
         let model_budget = job.compute.model_budget();
         let text = TextPlan::new(sizes, dtype, model_budget, on_cuda);
-        let on_cuda = job.compute.device.starts_with("cuda");
         let sample = SamplePlan::new(
             sizes,
             dtype,
