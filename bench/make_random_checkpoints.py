@@ -8,7 +8,13 @@ names (bf16, 11.4 GB). The VAE comes from `bench/vae_gpu.py prepare` (diffusers 
     TINY=1 python3 bench/make_random_checkpoints.py OUT_DIR   # same key set, tiny widths (a check)
     FP8=1 python3 bench/make_random_checkpoints.py OUT_DIR    # the DiT as ComfyUI's scaled fp8 only
     ONLY=lora,fp8 python3 bench/make_random_checkpoints.py OUT_DIR  # just these files
-                                             # (dit, umt5, fp8, lora; default dit,umt5)
+                                             # (dit, dit13, i2v, clip, umt5, fp8, lora;
+                                             # default dit,umt5)
+
+`dit13` writes the 1.3B text-to-video DiT the same way (dim 1536, 30 blocks, 2.8 GB). `i2v` writes
+the image-to-video 14B (36 input channels, `img_emb`, `k_img`/`v_img`/`norm_k_img` in every
+cross-attention; 32.8 GB). `clip` writes the CLIP ViT-H/14 vision encoder under transformers names
+(`vision_model.*`, as ComfyUI's clip_vision_h.safetensors holds it; bf16, 1.26 GB).
 
 `lora` writes a rank-32 LoRA on every linear layer of the 14B's blocks (self- and
 cross-attention q, k, v, o and both FFN layers: 400 layers), in the kohya/ComfyUI layout
@@ -49,22 +55,31 @@ def rand(shape, kind):
     return t.to(torch.bfloat16).cpu()
 
 
-def dit():
-    # Wan2.1-T2V-14B, original names.
-    dim, ffn, layers, text_dim, freq = (256, 512, 2, 64, 256) if TINY else (5120, 13824, 40, 4096, 256)
+def dit(size="14B", image=False):
+    # Wan2.1-T2V-14B (or 1.3B; I2V with `image`), original names.
+    full = (5120, 13824, 40, 4096, 256) if size == "14B" else (1536, 8960, 30, 4096, 256)
+    dim, ffn, layers, text_dim, freq = (256, 512, 2, 64, 256) if TINY else full
+    clip_dim = 64 if TINY else 1280
     w = {}
 
     def linear(name, out_dim, in_dim):
         w[f"{name}.weight"] = rand((out_dim, in_dim), "matrix")
         w[f"{name}.bias"] = rand((out_dim,), "small")
 
-    w["patch_embedding.weight"] = rand((dim, 16, 1, 2, 2), "matrix")
+    w["patch_embedding.weight"] = rand((dim, 36 if image else 16, 1, 2, 2), "matrix")
     w["patch_embedding.bias"] = rand((dim,), "small")
     linear("text_embedding.0", dim, text_dim)
     linear("text_embedding.2", dim, dim)
     linear("time_embedding.0", dim, freq)
     linear("time_embedding.2", dim, dim)
     linear("time_projection.1", 6 * dim, dim)
+    if image:
+        w["img_emb.proj.0.weight"] = rand((clip_dim,), "gain")
+        w["img_emb.proj.0.bias"] = rand((clip_dim,), "small")
+        linear("img_emb.proj.1", clip_dim, clip_dim)
+        linear("img_emb.proj.3", dim, clip_dim)
+        w["img_emb.proj.4.weight"] = rand((dim,), "gain")
+        w["img_emb.proj.4.bias"] = rand((dim,), "small")
     for i in range(layers):
         b = f"blocks.{i}"
         w[f"{b}.modulation"] = rand((1, 6, dim), "small")
@@ -73,6 +88,10 @@ def dit():
                 linear(f"{b}.{attn}.{p}", dim, dim)
             w[f"{b}.{attn}.norm_q.weight"] = rand((dim,), "gain")
             w[f"{b}.{attn}.norm_k.weight"] = rand((dim,), "gain")
+        if image:
+            linear(f"{b}.cross_attn.k_img", dim, dim)
+            linear(f"{b}.cross_attn.v_img", dim, dim)
+            w[f"{b}.cross_attn.norm_k_img.weight"] = rand((dim,), "gain")
         w[f"{b}.norm3.weight"] = rand((dim,), "gain")
         w[f"{b}.norm3.bias"] = rand((dim,), "small")
         linear(f"{b}.ffn.0", ffn, dim)
@@ -96,6 +115,35 @@ def umt5():
         w[f"{b}.1.DenseReluDense.wi_0.weight"] = rand((ff, d), "matrix")
         w[f"{b}.1.DenseReluDense.wi_1.weight"] = rand((ff, d), "matrix")
         w[f"{b}.1.DenseReluDense.wo.weight"] = rand((d, ff), "matrix")
+    return w
+
+
+def clip():
+    # CLIP ViT-H/14 vision tower, transformers names.
+    d, ff, layers, patch, side = (64, 128, 2, 14, 224) if TINY else (1280, 5120, 32, 14, 224)
+    v = "vision_model"
+    w = {
+        f"{v}.embeddings.class_embedding": rand((d,), "small"),
+        f"{v}.embeddings.patch_embedding.weight": rand((d, 3, patch, patch), "matrix"),
+        f"{v}.embeddings.position_embedding.weight": rand((1 + (side // patch) ** 2, d), "small"),
+    }
+    for name in ("pre_layrnorm", "post_layernorm"):
+        w[f"{v}.{name}.weight"] = rand((d,), "gain")
+        w[f"{v}.{name}.bias"] = rand((d,), "small")
+
+    def linear(name, out_dim, in_dim):
+        w[f"{name}.weight"] = rand((out_dim, in_dim), "matrix")
+        w[f"{name}.bias"] = rand((out_dim,), "small")
+
+    for i in range(layers):
+        b = f"{v}.encoder.layers.{i}"
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{b}.self_attn.{p}", d, d)
+        for n in ("layer_norm1", "layer_norm2"):
+            w[f"{b}.{n}.weight"] = rand((d,), "gain")
+            w[f"{b}.{n}.bias"] = rand((d,), "small")
+        linear(f"{b}.mlp.fc1", ff, d)
+        linear(f"{b}.mlp.fc2", d, ff)
     return w
 
 
@@ -133,6 +181,9 @@ if __name__ == "__main__":
     os.makedirs(out, exist_ok=True)
     files = {
         "dit": ("wan2.1_t2v_14B_random_bf16.safetensors", dit),
+        "dit13": ("wan2.1_t2v_1.3B_random_bf16.safetensors", lambda: dit("1.3B")),
+        "i2v": ("wan2.1_i2v_14B_random_bf16.safetensors", lambda: dit(image=True)),
+        "clip": ("clip_vision_h_random_bf16.safetensors", clip),
         "umt5": ("umt5_xxl_random_bf16.safetensors", umt5),
         "fp8": ("wan2.1_t2v_14B_random_fp8_scaled.safetensors", lambda: scaled_fp8(dit())),
         "lora": ("lora_rank32_all_linear_random.safetensors", lora),

@@ -61,6 +61,20 @@ impl Config {
         1 + side * side
     }
 
+    /// Parameters of the encoder as [`ClipVisionEncoder`] loads it (the embeddings, the
+    /// pre-norm and every layer), for memory plans; saturates at `u64::MAX`.
+    pub fn parameter_count(&self) -> u64 {
+        let d = self.hidden_size as u64;
+        let i = self.intermediate_size as u64;
+        let patch = (self.num_channels * self.patch_size * self.patch_size) as u64;
+        // q, k, v and the output with biases, two linear layers, two layer norms.
+        let layer = 4 * (d * d + d) + 2 * d * i + i + d + 4 * d;
+        let embeddings = d * patch + d + self.tokens() as u64 * d;
+        (self.num_layers as u64)
+            .saturating_mul(layer)
+            .saturating_add(embeddings + 2 * d)
+    }
+
     /// Checks the sizes fit together (heads divide the width, patches tile the image).
     pub fn validate(&self) -> Result<()> {
         let bad = |reason: String| Err(Error::ClipConfig { reason });

@@ -475,6 +475,19 @@ fn image_dit(
     HashMap<String, Tensor>,
     [(&'static str, WanModel); 2],
 ) {
+    image_dit_on(kind, DType::F32, &Device::Cpu)
+}
+
+/// [`image_dit`] with the models in `dtype` on `device`.
+fn image_dit_on(
+    kind: &str,
+    dtype: DType,
+    device: &Device,
+) -> (
+    Config,
+    HashMap<String, Tensor>,
+    [(&'static str, WanModel); 2],
+) {
     let cfg = Config::from_diffusers_json(
         &std::fs::read_to_string(fixture(&format!("dit_tiny_{kind}_config.json"))).unwrap(),
     )
@@ -499,7 +512,7 @@ fn image_dit(
         })
         .collect();
     let build = |tensors| {
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
         WanModel::from_checkpoint(vb, Some(&cfg)).unwrap()
     };
     let models = [
@@ -618,6 +631,43 @@ fn guided_image_to_video_gives_the_image_to_both_passes() {
         max_abs_diff(&step(GuidancePasses::Single), &c).unwrap(),
         0.0
     );
+}
+
+/// The image-to-video and first-last-frame DiTs on the GPU, in both key layouts: f32 within
+/// the CPU bound, bf16 within 5 % of the output's largest value.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_image_dits_match_diffusers() {
+    let device = Device::new_cuda(0).unwrap();
+    for kind in ["i2v", "flf2v"] {
+        for (dtype, tol_share) in [(DType::F32, None), (DType::BF16, Some(0.05))] {
+            let (_, cases, models) = image_dit_on(kind, dtype, &device);
+            let get = |k: &str| cases[k].to_device(&device).unwrap();
+            let expected = &cases["out"];
+            let tol = match tol_share {
+                None => TOL,
+                Some(share) => share * output_max(expected),
+            };
+            for (layout, model) in models {
+                let out = model
+                    .forward_with_image(
+                        &get("hidden_states").to_dtype(dtype).unwrap(),
+                        &get("timestep"),
+                        &get("encoder_hidden_states").to_dtype(dtype).unwrap(),
+                        &get("encoder_hidden_states_image").to_dtype(dtype).unwrap(),
+                        &Execution::default(),
+                    )
+                    .unwrap_or_else(|e| panic!("cuda {kind} {dtype:?} {layout}: {e}"))
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let err = max_abs_diff(&out, expected).unwrap();
+                println!("cuda {kind} {dtype:?} {layout}: max abs {err:.3e} (bound {tol:.1e})");
+                assert!(err <= tol, "cuda {kind} {dtype:?} {layout}: {err}");
+            }
+        }
+    }
 }
 
 /// First-last-frame to video: the image tokens of both frames with learned position

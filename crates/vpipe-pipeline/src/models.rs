@@ -37,6 +37,68 @@ impl Checkpoint {
             .any(|t| t.name.contains("img_emb.") || t.name.contains("image_embedder."))
     }
 
+    /// An image-to-video DiT's image embedding, from its tensor shapes: the width of the image
+    /// features it takes, and for first-last-frame to video the image tokens its position
+    /// embedding covers. `None` for a model without one.
+    pub(crate) fn image_embedding(&self) -> Option<(usize, Option<usize>)> {
+        let shape = |suffixes: [&str; 2]| {
+            self.inspection
+                .tensors
+                .iter()
+                .find(|t| suffixes.iter().any(|s| t.name.ends_with(s)))
+                .map(|t| t.shape.clone())
+        };
+        let width = shape([
+            "img_emb.proj.0.weight",
+            "condition_embedder.image_embedder.norm1.weight",
+        ])?
+        .first()
+        .copied()?;
+        let tokens =
+            shape(["img_emb.emb_pos", "image_embedder.pos_embed"]).and_then(|s| s.get(1).copied());
+        Some((width, tokens))
+    }
+
+    /// A CLIP vision encoder's configuration from its tensor shapes (width, MLP width,
+    /// layers, patch and image size). The head count is not in the shapes: 16 for ViT-H/14's
+    /// 1280 width (80-wide heads), else CLIP's usual 64-wide heads; other encoders need their
+    /// `config.json`.
+    pub(crate) fn clip_config(&self) -> Result<vpipe_models::clip::Config> {
+        let bad = |what: String| {
+            Error::BadInput(format!(
+                "{}: {what}; give its transformers config.json with --clip-vision-config",
+                self.path.display()
+            ))
+        };
+        let Some(vpipe_ckpt::ModelConfig::Clip(c)) = &self.inspection.detection.config else {
+            return Err(bad("no CLIP vision configuration in its header".into()));
+        };
+        let (Some(intermediate_size), Some(image_size)) = (c.mlp_dim, c.image_size) else {
+            return Err(bad(format!(
+                "the MLP width or the image size is missing from its shapes ({c:?})"
+            )));
+        };
+        const VIT_H_WIDTH: usize = 1280;
+        let head_width = if c.width == VIT_H_WIDTH { 80 } else { 64 };
+        if c.width == 0 || !c.width.is_multiple_of(head_width) {
+            return Err(bad(format!(
+                "its width {} is not a multiple of {head_width}, so the head count cannot be                  derived",
+                c.width
+            )));
+        }
+        let config = vpipe_models::clip::Config {
+            hidden_size: c.width,
+            intermediate_size,
+            num_layers: c.num_layers,
+            num_heads: c.width / head_width,
+            image_size,
+            patch_size: c.patch_size,
+            ..vpipe_models::clip::Config::vit_h_14()
+        };
+        config.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(config)
+    }
+
     /// The prompt tokenizer from the SentencePiece model a ComfyUI text-encoder file carries
     /// (`spiece_model`, or a key ending in `.spiece_model`: 1-D uint8), its bytes read where
     /// the inspection says they are, without parsing the header again.
@@ -87,6 +149,9 @@ pub struct ModelFiles {
     /// A `tokenizer.json`; without it, the `spiece_model` tensor of the text-encoder file.
     pub(crate) tokenizer: Option<PathBuf>,
     pub(crate) loras: Vec<(PathBuf, f64)>,
+    /// Image-to-video: the CLIP vision encoder, and its configuration when one was given.
+    pub(crate) clip_vision: Option<Checkpoint>,
+    pub(crate) clip_config: Option<vpipe_models::clip::Config>,
 }
 
 impl ModelFiles {
@@ -106,7 +171,21 @@ impl ModelFiles {
             text_encoder: Checkpoint::inspect(text_encoder)?,
             tokenizer,
             loras,
+            clip_vision: None,
+            clip_config: None,
         })
+    }
+
+    /// These files with a CLIP vision encoder for image-to-video (its configuration from
+    /// `config`, else from its tensor shapes).
+    pub fn with_clip_vision(
+        mut self,
+        path: &Path,
+        config: Option<vpipe_models::clip::Config>,
+    ) -> Result<Self> {
+        self.clip_vision = Some(Checkpoint::inspect(path)?);
+        self.clip_config = config;
+        Ok(self)
     }
 }
 
@@ -115,7 +194,14 @@ impl ModelFiles {
 fn find_models(dir: &Path, family: Family) -> Result<Vec<Checkpoint>> {
     let mut found = Vec::new();
     let mut folders = vec![dir.to_path_buf()];
-    for sub in ["diffusion_models", "unet", "vae", "text_encoders", "clip"] {
+    for sub in [
+        "diffusion_models",
+        "unet",
+        "vae",
+        "text_encoders",
+        "clip",
+        "clip_vision",
+    ] {
         folders.push(dir.join(sub));
     }
     for folder in folders.iter().filter(|f| f.is_dir()) {
@@ -199,10 +285,41 @@ fn resolve(
     }
 }
 
-/// The model files of a run: given per file, or found in the model folder.
+/// The model files of a run: given per file, or found in the model folder. An image-to-video
+/// run (`--image`) takes an image-to-video DiT and a CLIP vision encoder; any other run a
+/// text-to-video DiT.
 pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
+    let image_to_video = options.image.is_some();
+    let dit_family = if image_to_video {
+        Family::WanDitI2v
+    } else {
+        Family::WanDitT2v
+    };
+    let dit =
+        resolve("--dit", &options.dit, &options.model_dir, dit_family).map_err(|e| {
+            match (&e, image_to_video) {
+                (Error::BadInput(message), false)
+                    if message.contains(Family::WanDitI2v.describe()) =>
+                {
+                    Error::BadInput(format!(
+                        "{message}; an image-to-video DiT needs --image (the first frame)"
+                    ))
+                }
+                _ => e,
+            }
+        })?;
+    let clip_vision = image_to_video
+        .then(|| {
+            resolve(
+                "--clip-vision",
+                &options.clip_vision,
+                &options.model_dir,
+                Family::ClipVision,
+            )
+        })
+        .transpose()?;
     Ok(ModelFiles {
-        dit: resolve("--dit", &options.dit, &options.model_dir, Family::WanDitT2v)?,
+        dit,
         dit_config: options.dit_config.clone(),
         vae: resolve("--vae", &options.vae, &options.model_dir, Family::WanVae)?,
         text_encoder: resolve(
@@ -219,6 +336,8 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
                 .filter(|p| p.is_file())
         }),
         loras: options.loras.clone(),
+        clip_vision,
+        clip_config: options.clip_vision_config.clone(),
     })
 }
 

@@ -14,6 +14,13 @@ pub struct RunOptions {
     pub negative_prompt: String,
     /// Video-to-video input and strength.
     pub input: Option<(PathBuf, f64)>,
+    /// Image-to-video: the first frame (PNG or JPEG), and the last one for first-last-frame
+    /// to video.
+    pub image: Option<ImageInputs>,
+    /// The CLIP vision encoder of image-to-video (else the one in `model_dir`).
+    pub clip_vision: Option<PathBuf>,
+    /// Its transformers `config.json` (else from the file's tensor shapes).
+    pub clip_vision_config: Option<vpipe_models::clip::Config>,
     pub loras: Vec<(PathBuf, f64)>,
     pub width: usize,
     pub height: usize,
@@ -30,6 +37,14 @@ pub struct RunOptions {
     pub tiles: vpipe_models::tiling::TileSpec,
     pub out: PathBuf,
     pub compute: Compute,
+}
+
+/// The frames an image-to-video run starts from.
+#[derive(Debug, Clone)]
+pub struct ImageInputs {
+    pub first: PathBuf,
+    /// First-last-frame to video: the frame the video ends on.
+    pub last: Option<PathBuf>,
 }
 
 /// Where and how a job computes, and where its report goes.

@@ -1,5 +1,6 @@
-//! The Wan 2.1 pipeline as phases of one memory session: load, lora, text,
-//! shift, vae encode, sample, vae decode, write.
+//! The Wan 2.1 pipeline as phases of one memory session: load, lora, text, clip vision
+//! (image-to-video), shift, vae encode (video-to-video: the clip; image-to-video: the frames
+//! the video is conditioned on), sample, vae decode, write.
 //!
 //! Every model lives in the residency store; a phase makes resident what it needs, leases it,
 //! computes, and gives it back before the phase ends, and the session verifies each move by
@@ -20,7 +21,7 @@ use vpipe_text::umt5::Config as Umt5Config;
 use crate::error::{Context, Error, Result};
 use crate::models::ModelFiles;
 use crate::observer::{stop_point, Observer, Step};
-use crate::plan::{video_tokens, ModelSizes, Plan, Residency, SamplePlan, TextPlan};
+use crate::plan::{ModelSizes, Plan, Residency, SamplePlan, StepWork, TextPlan};
 use crate::tiled_vae::{run_tiled, VaeOp};
 
 /// Latent channels of the Wan 2.1 VAE.
@@ -33,6 +34,25 @@ pub enum Mode {
     /// From a clip: `video` [1, 3, T, H, W] in [-1, 1] at the output size, T = 1 + 4k;
     /// `strength` 1 repaints everything, smaller keeps more of the clip.
     VideoToVideo { video: Tensor, strength: f64 },
+    /// From a first frame, and a last one for first-last-frame to video: `first`, `last`
+    /// [1, 3, H, W] in [-1, 1] at the output size; `clip_pixels` [n, 3, S, S], each frame
+    /// given as the CLIP vision encoder's preprocessing made it
+    /// ([`crate::clip_pixel_values`]).
+    ImageToVideo {
+        first: Tensor,
+        last: Option<Tensor>,
+        clip_pixels: Tensor,
+    },
+}
+
+impl Mode {
+    /// The image frames given: 0 but for image-to-video.
+    fn frames_given(&self) -> usize {
+        match self {
+            Mode::ImageToVideo { last, .. } => 1 + usize::from(last.is_some()),
+            _ => 0,
+        }
+    }
 }
 
 /// What a run makes, and in how many steps: everything but its model files and where it
@@ -75,6 +95,8 @@ pub struct Job {
     sample: SamplePlan,
     /// The DiT's configuration (from a `config.json` or the file's header).
     dit_config: DitConfig,
+    /// Image-to-video: the CLIP vision encoder's configuration.
+    clip_config: Option<vpipe_models::clip::Config>,
 }
 
 impl Job {
@@ -89,20 +111,19 @@ impl Job {
     ) -> Result<Self> {
         let sizes = ModelSizes::of(&models, dtype)?;
         let on_cuda = device.is_cuda();
-        let tokens = video_tokens(&sizes.dit, spec.frames, spec.height, spec.width);
+        let work = StepWork::new(
+            &sizes,
+            (spec.frames, spec.height, spec.width),
+            spec.mode.frames_given(),
+            (spec.guidance, spec.step_cache),
+        );
         let lora = !models.loras.is_empty();
         Ok(Self {
             text: TextPlan::new(&sizes, dtype, budget, on_cuda),
-            sample: SamplePlan::new(
-                &sizes,
-                dtype,
-                (tokens, spec.guidance, spec.step_cache),
-                budget,
-                on_cuda,
-                lora,
-            ),
+            sample: SamplePlan::new(&sizes, dtype, work, budget, on_cuda, lora),
             text_config: sizes.text,
             dit_config: sizes.dit,
+            clip_config: sizes.clip.map(|c| c.config),
             spec,
             models,
             device,
@@ -124,6 +145,7 @@ impl Job {
             sample: plan.sample,
             text_config: sizes.text,
             dit_config: sizes.dit,
+            clip_config: sizes.clip.map(|c| c.config),
             spec,
             models,
             device,
@@ -141,6 +163,7 @@ struct Registered {
     dit: ModelId,
     vae: ModelId,
     text: ModelId,
+    clip: Option<ModelId>,
 }
 
 /// What a run makes, on the host.
@@ -165,7 +188,8 @@ pub fn generate(
     // Every checkpoint's header was read when its file was found ([`ModelFiles`]), by a
     // reader that never executes pickle code, before anything loads it.
     let (ids, tokenizer, loras) = session.phase("load", |p| -> Result<_> {
-        let mut progress = Step::start(observer, "load", 3);
+        let files = 3 + u64::from(models.clip_vision.is_some());
+        let mut progress = Step::start(observer, "load", files);
         let mut register = |name: &'static str, checkpoint: &crate::models::Checkpoint| {
             let id = p.register_inspected(name, &checkpoint.inspection, Some(job.dtype))?;
             progress.advance(name);
@@ -175,6 +199,11 @@ pub fn generate(
             dit: register("dit", &models.dit)?,
             vae: register("vae", &models.vae)?,
             text: register("text encoder", &models.text_encoder)?,
+            clip: models
+                .clip_vision
+                .as_ref()
+                .map(|clip| register("clip vision", clip))
+                .transpose()?,
         };
         let tokenizer = match &models.tokenizer {
             Some(path) => PromptTokenizer::from_tokenizer_json(path).map_err(Error::from),
@@ -259,10 +288,45 @@ pub fn generate(
         Ok(context)
     })?;
 
+    stop_point(observer)?;
+    let image_features = match (&job.spec.mode, ids.clip, &job.clip_config) {
+        (Mode::ImageToVideo { clip_pixels, .. }, Some(id), Some(config)) => {
+            Some(session.phase("clip vision", |p| -> Result<Tensor> {
+                p.make_resident(id)?;
+                let features = {
+                    let lease = p.lease(id)?;
+                    let encoder =
+                        crate::leased::clip_vision(&lease, config, job.dtype, &job.device)
+                            .with_context(|| {
+                                let path = models.clip_vision.as_ref().map(|c| c.path.display());
+                                format!("clip vision {}", path.expect("registered from its file"))
+                            })?;
+                    // Both frames' tokens in one row for first-last-frame to video, as the
+                    // DiT's image embedding takes them.
+                    let features = encoder.image_features(&clip_pixels.to_device(&job.device)?)?;
+                    let (n, tokens, width) = features.dims3()?;
+                    features
+                        .reshape((1, n * tokens, width))?
+                        .to_device(&Device::Cpu)?
+                };
+                p.offload(id, Tier::Disk)?;
+                ensure_finite(&features, "clip vision: the image features")?;
+                p.declare_output("image features (host)", tensor_bytes(&features));
+                Ok(features)
+            })?)
+        }
+        (Mode::ImageToVideo { .. }, _, _) => {
+            return Err(Error::BadInput(
+                "image-to-video needs a CLIP vision encoder (--clip-vision)".into(),
+            ))
+        }
+        _ => None,
+    };
+
     let schedule = session.phase("shift", |p| -> Result<Schedule> {
         let full = Schedule::new(job.spec.sampler, job.spec.steps, job.spec.shift)?;
         let schedule = match &job.spec.mode {
-            Mode::TextToVideo => full,
+            Mode::TextToVideo | Mode::ImageToVideo { .. } => full,
             Mode::VideoToVideo { strength, .. } => full.for_strength(*strength)?,
         };
         p.note(
@@ -284,30 +348,35 @@ pub fn generate(
     })?;
 
     stop_point(observer)?;
-    let clean_latents = match &job.spec.mode {
+    // The clip's latents (video-to-video), or the conditioning video's (image-to-video).
+    let encoded = match &job.spec.mode {
         Mode::TextToVideo => None,
-        Mode::VideoToVideo { video, .. } => {
-            Some(session.phase("vae encode", |p| -> Result<Tensor> {
-                p.make_resident(ids.vae)?;
-                let latents = {
-                    let lease = p.lease(ids.vae)?;
-                    let vae = crate::leased::wan_vae(&lease, job.dtype, &job.device)?;
-                    let mean = run_tiled(p, &vae, VaeOp::Encode, video, job.spec.tiles, observer)?;
-                    vae.normalize_latents(&mean)?
-                };
-                p.offload(ids.vae, Tier::Disk)?;
-                ensure_finite(&latents, "vae encode: the clip's latents")?;
-                p.declare_output("clip latents (host)", tensor_bytes(&latents));
-                Ok(latents)
-            })?)
+        Mode::VideoToVideo { video, .. } => Some(encode(job, session, ids.vae, video, observer)?),
+        Mode::ImageToVideo { first, last, .. } => {
+            let video =
+                crate::image_to_video::condition_video(first, last.as_ref(), job.spec.frames)?;
+            let latents = encode(job, session, ids.vae, &video, observer)?;
+            Some(crate::image_to_video::image_condition(
+                &latents,
+                job.spec.frames,
+                last.is_some(),
+            )?)
         }
     };
 
     stop_point(observer)?;
+    let (clean_latents, image) = match (&job.spec.mode, &encoded, &image_features) {
+        (Mode::VideoToVideo { .. }, Some(latents), _) => (Some(latents), None),
+        (Mode::ImageToVideo { .. }, Some(condition), Some(features)) => {
+            (None, Some((condition, features)))
+        }
+        _ => (None, None),
+    };
     let inputs = SampleInputs {
         schedule: &schedule,
-        clean_latents: clean_latents.as_ref(),
+        clean_latents,
         context: &context,
+        image,
     };
     let latents = session.phase("sample", |p| -> Result<Tensor> {
         let plan = &job.sample;
@@ -373,6 +442,30 @@ pub fn generate(
     Ok(Generated { latents, video })
 }
 
+/// The "vae encode" phase: `video` ([1, 3, T, H, W] in [-1, 1]) through the VAE in tiles, its
+/// latents normalised as the DiT sees them, on the host.
+fn encode(
+    job: &Job,
+    session: &mut MemorySession,
+    vae_id: ModelId,
+    video: &Tensor,
+    observer: &mut dyn Observer,
+) -> Result<Tensor> {
+    session.phase("vae encode", |p| -> Result<Tensor> {
+        p.make_resident(vae_id)?;
+        let latents = {
+            let lease = p.lease(vae_id)?;
+            let vae = crate::leased::wan_vae(&lease, job.dtype, &job.device)?;
+            let mean = run_tiled(p, &vae, VaeOp::Encode, video, job.spec.tiles, observer)?;
+            vae.normalize_latents(&mean)?
+        };
+        p.offload(vae_id, Tier::Disk)?;
+        ensure_finite(&latents, "vae encode: the latents")?;
+        p.declare_output("encoded latents (host)", tensor_bytes(&latents));
+        Ok(latents)
+    })
+}
+
 /// Runs `work` with model `id` streamed by `spec` (read into pinned host memory first when the
 /// plan streams from it), ends the stream even when `work` fails (its error comes first), and
 /// leaves the model on disk.
@@ -395,13 +488,15 @@ fn streamed<R>(
     Ok(value)
 }
 
-/// What the denoising loop starts from: the schedule, the clip's latents (video-to-video), and
-/// the text context of the prompt and the negative prompt.
+/// What the denoising loop starts from: the schedule, the clip's latents (video-to-video), the
+/// text context of the prompt and the negative prompt, and for image-to-video the condition
+/// (the mask and the frames' latents, [1, 20, F, h, w]) and the image features.
 #[derive(Clone, Copy)]
 struct SampleInputs<'a> {
     schedule: &'a Schedule,
     clean_latents: Option<&'a Tensor>,
     context: &'a Tensor,
+    image: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// The denoising loop of the sample phase with `model` (which the caller drops and offloads):
@@ -420,6 +515,7 @@ fn sample(
         schedule,
         clean_latents,
         context,
+        image,
     } = *inputs;
     let plan = &job.sample;
     let shape = (
@@ -479,6 +575,15 @@ fn sample(
     .to_device(&job.device)?;
     let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
     let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
+    // Image-to-video: the condition follows the noise's channels in every step's input, and
+    // both passes attend to the image features (as diffusers' pipeline gives them).
+    let (condition, image_features) = match image {
+        Some((condition, features)) => (
+            Some(condition.to_device(&job.device)?),
+            Some(features.to_device(&job.device)?.to_dtype(job.dtype)?),
+        ),
+        None => (None, None),
+    };
     // The steps that reuse the block cache, decided before the first one from the timesteps'
     // modulations (the model's time embedding of each step's timestep).
     let reuse = match plan.step_cache {
@@ -510,7 +615,11 @@ fn sample(
         let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
         let started = std::time::Instant::now();
         let timestep = Tensor::new(&[t as f32], &job.device)?;
-        let input = x.to_dtype(job.dtype)?;
+        let input = match &condition {
+            Some(condition) => Tensor::cat(&[&x, condition], 1)?,
+            None => x.clone(),
+        }
+        .to_dtype(job.dtype)?;
         let reused = reuse.get(sampler.step_index()).copied().unwrap_or(false);
         let step = StepRun {
             passes: plan.passes,
@@ -523,7 +632,7 @@ fn sample(
                 };
                 (&mut cache, usage)
             }),
-            image: None,
+            image: image_features.as_ref(),
         };
         let mut reading_blocks = streamed
             .as_mut()

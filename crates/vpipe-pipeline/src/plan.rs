@@ -316,6 +316,36 @@ fn pinned_fits(on_cuda: bool, total: u64, budget: vpipe_mem::Budget) -> bool {
     on_cuda && budget.host.is_none_or(|h| total <= h)
 }
 
+/// What one denoising step computes over, as the sample phase's plan needs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepWork {
+    /// Video tokens per sample.
+    pub(crate) tokens: usize,
+    /// Tokens each cross-attention reads: the text's, and the image's for image-to-video.
+    pub(crate) context_tokens: usize,
+    pub(crate) guidance: f64,
+    /// The step cache's threshold; `None`: every step runs the blocks.
+    pub(crate) step_cache: Option<f64>,
+}
+
+impl StepWork {
+    /// The step of a video of `frames` × `height` × `width` on a DiT of `sizes`, with
+    /// `frames_given` image frames for image-to-video.
+    pub(crate) fn new(
+        sizes: &ModelSizes,
+        (frames, height, width): (usize, usize, usize),
+        frames_given: usize,
+        (guidance, step_cache): (f64, Option<f64>),
+    ) -> Self {
+        Self {
+            tokens: video_tokens(&sizes.dit, frames, height, width),
+            context_tokens: TEXT_TOKENS + sizes.image_tokens(frames_given),
+            guidance,
+            step_cache,
+        }
+    }
+}
+
 /// What the sample phase does, decided once from the budget and the model's sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub(crate) struct SamplePlan {
@@ -370,11 +400,17 @@ impl SamplePlan {
     pub(crate) fn new(
         sizes: &ModelSizes,
         dtype: DType,
-        (tokens, guidance, step_cache): (usize, f64, Option<f64>),
+        work: StepWork,
         budget: vpipe_mem::Budget,
         on_cuda: bool,
         lora: bool,
     ) -> Self {
+        let StepWork {
+            tokens,
+            context_tokens,
+            guidance,
+            step_cache,
+        } = work;
         let dit = &sizes.dit;
         let fused = fused_kernel_applies(on_cuda, dtype, dit.head_dim());
         let scratch = if fused {
@@ -389,7 +425,8 @@ impl SamplePlan {
         // the two linear outputs and the GELU's) and a block's cross-attention keys and
         // values, with their normed and transposed copies: ten context-sized tensors, the
         // bulk of a small video's activations (measured 6.9 MiB at 256 wide on the CPU).
-        let text_side = 10 * TEXT_TOKENS as u64 * dit.dim as u64 * elem;
+        // The image tokens of image-to-video go the same way.
+        let text_side = 10 * context_tokens as u64 * dit.dim as u64 * elem;
         let activations = |(passes, token_slices): Step| {
             let live = match passes {
                 GuidancePasses::Batched => dit
@@ -551,6 +588,27 @@ pub(crate) struct ModelSizes {
     pub(crate) vae_bytes: u64,
     pub(crate) text: Umt5Config,
     pub(crate) text_weights: BlockWeights,
+    /// Image-to-video: the CLIP vision encoder.
+    pub(crate) clip: Option<ClipSizes>,
+}
+
+/// The CLIP vision encoder of an image-to-video run.
+pub(crate) struct ClipSizes {
+    pub(crate) config: vpipe_models::clip::Config,
+    /// Its weights once loaded.
+    pub(crate) bytes: u64,
+}
+
+impl ModelSizes {
+    /// The image tokens each DiT block attends to besides the text: the CLIP tokens of each
+    /// frame given (both for first-last-frame to video); 0 for text-to-video.
+    pub(crate) fn image_tokens(&self, frames_given: usize) -> usize {
+        match (&self.clip, self.dit.image_tokens) {
+            (_, Some(tokens)) => tokens,
+            (Some(clip), None) => clip.config.tokens() * frames_given,
+            (None, None) => 0,
+        }
+    }
 }
 
 /// Bytes of a checkpoint's tensors once the store has loaded them in `dtype`
@@ -661,10 +719,17 @@ fn text_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeigh
 }
 
 impl ModelSizes {
-    /// A named preset's sizes (no weights needed): `wan2.1-t2v-14b` or `wan2.1-t2v-1.3b`, with
-    /// the Wan 2.1 VAE and umT5-XXL.
+    /// A named preset's sizes (no weights needed): one of [`DitConfig::PRESETS`], with the Wan
+    /// 2.1 VAE, umT5-XXL and, for the image-to-video models, CLIP ViT-H/14.
     pub(crate) fn preset(name: &str, dtype: DType) -> Option<Self> {
         let dit = DitConfig::preset(name)?;
+        let clip = dit.image_dim.map(|_| {
+            let config = vpipe_models::clip::Config::vit_h_14();
+            ClipSizes {
+                bytes: config.parameter_count() * dtype.size_in_bytes() as u64,
+                config,
+            }
+        });
         let text = Umt5Config::umt5_xxl();
         let elem = dtype.size_in_bytes() as u64;
         let (d, ff) = (text.d_model as u64, text.d_ff as u64);
@@ -700,6 +765,7 @@ impl ModelSizes {
                 converted: false,
             },
             text,
+            clip,
         })
     }
 
@@ -713,17 +779,7 @@ impl ModelSizes {
         let dit_header = &models.dit.inspection;
         let vae_header = &models.vae.inspection;
         let text_header = &models.text_encoder.inspection;
-        let image_to_video = models
-            .dit_config
-            .as_ref()
-            .is_some_and(|c| c.image_dim.is_some())
-            || models.dit.is_image_to_video_dit();
-        if image_to_video {
-            return Err(Error::NotBuiltYet(
-                "the DiT is an image-to-video model (it has an image embedding); image-to-video \
-                 runs are not built yet (`vpipe tensors dit` and `clip-vision` run its parts)",
-            ));
-        }
+        let image_embedding = models.dit.image_embedding();
         let dit_cfg = match (&models.dit_config, &dit_header.detection.config) {
             (Some(cfg), _) => cfg.clone(),
             (None, Some(vpipe_ckpt::ModelConfig::Dit(c))) => DitConfig {
@@ -736,6 +792,8 @@ impl ModelSizes {
                 text_dim: c.text_dim,
                 freq_dim: c.freq_dim,
                 patch_size: c.patch_size,
+                image_dim: image_embedding.map(|(width, _)| width),
+                image_tokens: image_embedding.and_then(|(_, tokens)| tokens),
                 ..DitConfig::wan21_t2v_14b()
             },
             _ => {
@@ -771,7 +829,9 @@ impl ModelSizes {
                 )))
             }
         };
+        let clip = clip_sizes(models, &dit_cfg, dtype)?;
         Ok(Self {
+            clip,
             dit: dit_cfg,
             dit_weights: dit_weights(dit_header, dtype),
             vae_base_dim,
@@ -780,6 +840,38 @@ impl ModelSizes {
             text_weights: text_weights(text_header, dtype),
         })
     }
+}
+
+/// The CLIP vision encoder of a run whose DiT is `dit`: `None` for text-to-video; for
+/// image-to-video the file's (its configuration given, or from its shapes), checked to give
+/// the features the DiT's image embedding takes.
+fn clip_sizes(models: &ModelFiles, dit: &DitConfig, dtype: DType) -> Result<Option<ClipSizes>> {
+    let Some(image_dim) = dit.image_dim else {
+        return Ok(None);
+    };
+    let Some(clip) = &models.clip_vision else {
+        return Err(Error::BadInput(format!(
+            "{}: an image-to-video DiT; it needs --image (the first frame) and a CLIP vision \
+             encoder (--clip-vision, or one in --model-dir)",
+            models.dit.path.display()
+        )));
+    };
+    let config = match &models.clip_config {
+        Some(config) => config.clone(),
+        None => clip.clip_config()?,
+    };
+    if config.hidden_size != image_dim {
+        return Err(Error::BadInput(format!(
+            "--clip-vision {}: gives {}-wide image features, but the DiT {} takes {image_dim}",
+            clip.path.display(),
+            config.hidden_size,
+            models.dit.path.display()
+        )));
+    }
+    Ok(Some(ClipSizes {
+        bytes: loaded_bytes(&clip.inspection, dtype),
+        config,
+    }))
 }
 
 /// One phase of a plan.
@@ -816,6 +908,9 @@ pub struct Plan {
     /// phase that needs it.
     pub(crate) minimum_bytes: u64,
     pub(crate) minimum_phase: &'static str,
+    /// What the run makes: text-to-video, image-to-video, first-last-frame-to-video or
+    /// video-to-video.
+    pub(crate) mode: &'static str,
     pub(crate) guidance: &'static str,
     /// How the text encoder is held.
     pub(crate) text: TextPlan,
@@ -833,7 +928,14 @@ impl Plan {
         let dtype = job.compute.dtype;
         let elem = dtype.size_in_bytes() as u64;
         let budget = job.compute.budget.compute;
-        let tokens = video_tokens(&sizes.dit, job.frames, job.height, job.width);
+        let frames_given = frames_given(job, sizes);
+        let work = StepWork::new(
+            sizes,
+            (job.frames, job.height, job.width),
+            frames_given,
+            (job.guidance, job.step_cache),
+        );
+        let tokens = work.tokens;
 
         let on_cuda = job.compute.device.starts_with("cuda");
         let model_budget = job.compute.model_budget();
@@ -841,7 +943,7 @@ impl Plan {
         let sample = SamplePlan::new(
             sizes,
             dtype,
-            (tokens, job.guidance, job.step_cache),
+            work,
             model_budget,
             on_cuda,
             !job.loras.is_empty(),
@@ -917,7 +1019,24 @@ impl Plan {
                 job.tiles.tile, job.tiles.stride, job.tiles.layout
             ),
         };
-        if job.input.is_some() {
+        if let Some(clip) = &sizes.clip {
+            phases.push(PhasePlan {
+                name: "clip vision",
+                resident: vec!["clip vision".into()],
+                estimated_peak_bytes: clip.bytes
+                    + with_pool_slack(
+                        clip_activation_bytes(&clip.config, frames_given, dtype),
+                        on_cuda,
+                        DIT_POOL_SLACK,
+                    ),
+                detail: format!(
+                    "{frames_given} image(s) at {0}×{0} px, {1} tokens each",
+                    clip.config.image_size,
+                    clip.config.tokens()
+                ),
+            });
+        }
+        if job.input.is_some() || sizes.clip.is_some() {
             phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
         }
         let held = sample.residency.describe("dit", sizes.dit.num_layers);
@@ -956,7 +1075,7 @@ impl Plan {
             // slot: at the least, the parts of one DiT block, or one umT5 block. The decoded
             // video (f32) and its frames (u8), and the input clip's, are on the host too.
             let staging = sizes.dit_weights.block.max(sizes.text_weights.block);
-            let clips = 1 + u64::from(job.input.is_some());
+            let clips = 1 + u64::from(job.input.is_some() || sizes.clip.is_some());
             let video = (job.frames * job.height * job.width * 3) as u64 * 5 * clips;
             HOST_PROCESS_BYTES + staging + video
         });
@@ -1002,6 +1121,12 @@ impl Plan {
             device_fits,
             minimum_bytes,
             minimum_phase,
+            mode: match (job.input.is_some(), frames_given) {
+                (true, _) => "video-to-video",
+                (false, _) if sizes.clip.is_none() => "text-to-video",
+                (false, 1) => "image-to-video",
+                (false, _) => "first-last-frame-to-video",
+            },
             sample,
             text,
             guidance: match passes {
@@ -1072,6 +1197,30 @@ impl Plan {
     }
 }
 
+/// The image frames an image-to-video run is given: the first, and the last for
+/// first-last-frame to video; without `--image` (a plan of a preset), as many as the DiT
+/// takes (both for a first-last-frame model). 0 for a model without an image embedding.
+fn frames_given(job: &RunOptions, sizes: &ModelSizes) -> usize {
+    match (&sizes.clip, &job.image) {
+        (None, _) => 0,
+        (Some(_), Some(image)) => 1 + usize::from(image.last.is_some()),
+        (Some(_), None) => 1 + usize::from(sizes.dit.image_tokens.is_some()),
+    }
+}
+
+/// **Estimated** activations of the CLIP vision encoder over `images` images: per layer the
+/// tokens' hidden state, its normed copy, q, k, v, the attention output and the MLP's hidden
+/// state, and the attention scores in f32.
+fn clip_activation_bytes(cfg: &vpipe_models::clip::Config, images: usize, dtype: DType) -> u64 {
+    let (t, d, i) = (
+        cfg.tokens() as u64,
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+    );
+    let b = images.max(1) as u64;
+    b * t * (7 * d + i) * dtype.size_in_bytes() as u64 + b * cfg.num_heads as u64 * t * t * 4
+}
+
 /// The plan as a table (estimates are marked as such).
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1094,7 +1243,7 @@ impl std::fmt::Display for Plan {
                 phase.detail
             )?;
         }
-        writeln!(f, "precision {}", self.dtype)?;
+        writeln!(f, "mode {}, precision {}", self.mode, self.dtype)?;
         match self.budget_bytes {
             Some(budget) => writeln!(
                 f,

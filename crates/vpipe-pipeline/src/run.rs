@@ -8,7 +8,7 @@ use vpipe_mem::Report;
 use crate::error::{Error, Result};
 use crate::models::{resolve_models, ModelFiles};
 use crate::observer::{stop_point, Observer};
-use crate::options::RunOptions;
+use crate::options::{ImageInputs, RunOptions};
 use crate::pipeline::{generate, Job, JobSpec, Mode, LATENT_CHANNELS};
 use crate::plan::{ModelSizes, Plan};
 
@@ -73,6 +73,107 @@ fn read_clip(
     }
     let clip = vpipe_video::resize_center_crop(&clip, job.width as u32, job.height as u32)?;
     Ok(vpipe_video::to_tensor(&clip, &Device::Cpu)?)
+}
+
+/// Smallest image side taken for image-to-video: the smallest frame side a run makes.
+const MIN_IMAGE_SIDE: u32 = 16;
+
+/// One image of an image-to-video run, given with `flag`: read (PNG or JPEG, by content; its
+/// declared size checked against the limits and the host budget before decoding), then as
+/// the VAE takes it, resized to cover the run's size and centre-cropped (a notice says when
+/// that changes it), [1, 3, H, W] in [-1, 1]; and as CLIP's preprocessing makes it from the
+/// image as read (diffusers' pipeline gives the encoder the original image), [1, 3, S, S].
+fn read_frame(
+    flag: &str,
+    path: &Path,
+    job: &RunOptions,
+    clip_size: usize,
+    observer: &mut dyn Observer,
+) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let bad = |what: String| Error::BadInput(format!("{flag} {}: {what}", path.display()));
+    let mut limits = vpipe_video::ReadLimits::default();
+    if let Some(budget) = job.compute.budget.host {
+        limits.max_decoded_bytes = limits.max_decoded_bytes.min(budget);
+    }
+    let image = vpipe_video::read_image_with_limits(path, &limits)
+        .map_err(|e| Error::BadInput(format!("{flag}: {e}")))?;
+    let (width, height) = (image.width(), image.height());
+    if width.min(height) < MIN_IMAGE_SIDE {
+        return Err(bad(format!(
+            "a {width}×{height} image; expected at least {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE} pixels"
+        )));
+    }
+    let rgb = image.frame(0).ok_or_else(|| bad("no pixels".into()))?;
+    let clip_pixels =
+        crate::image_to_video::clip_pixel_values(rgb, (width, height), clip_size as u32)?;
+    let (w, h) = (job.width as u32, job.height as u32);
+    if (width, height) != (w, h) {
+        observer.notice(&format!(
+            "{flag} {}: {width}×{height} resized to cover {w}×{h} and centre-cropped (--size)",
+            path.display()
+        ));
+    }
+    let frame = vpipe_video::resize_center_crop(&image, w, h).map_err(|e| bad(e.to_string()))?;
+    let frame = vpipe_video::to_tensor(&frame, &Device::Cpu)?.squeeze(2)?;
+    Ok((frame, clip_pixels))
+}
+
+/// The mode of an image-to-video run: its first frame, its last one when given, and both as
+/// the CLIP vision encoder of `sizes` takes them.
+fn read_images(
+    images: &ImageInputs,
+    job: &RunOptions,
+    sizes: &ModelSizes,
+    observer: &mut dyn Observer,
+) -> Result<Mode> {
+    let clip_size = sizes
+        .clip
+        .as_ref()
+        .map(|c| c.config.image_size)
+        .ok_or_else(|| Error::BadInput("--image: the DiT is not an image-to-video model".into()))?;
+    let (first, first_pixels) = read_frame("--image", &images.first, job, clip_size, observer)?;
+    let (last, clip_pixels) = match &images.last {
+        Some(path) => {
+            let (last, last_pixels) = read_frame("--last-image", path, job, clip_size, observer)?;
+            (
+                Some(last),
+                candle_core::Tensor::cat(&[&first_pixels, &last_pixels], 0)?,
+            )
+        }
+        None => (None, first_pixels),
+    };
+    Ok(Mode::ImageToVideo {
+        first,
+        last,
+        clip_pixels,
+    })
+}
+
+/// Checks that the frames given suit the DiT of `sizes`: a first-last-frame model (learned
+/// positions for both frames' image tokens) needs `--last-image`, and its tokens must be two
+/// frames' of the CLIP encoder.
+fn check_image_frames(job: &RunOptions, sizes: &ModelSizes) -> Result<()> {
+    let (Some(images), Some(clip), Some(tokens)) =
+        (&job.image, &sizes.clip, sizes.dit.image_tokens)
+    else {
+        return Ok(());
+    };
+    if images.last.is_none() {
+        return Err(Error::BadInput(
+            "--image: the DiT is a first-last-frame model (image position embeddings for two \
+             frames); give the last frame with --last-image"
+                .into(),
+        ));
+    }
+    let per_frame = clip.config.tokens();
+    if tokens != 2 * per_frame {
+        return Err(Error::BadInput(format!(
+            "--clip-vision: {per_frame} tokens per image, but the first-last-frame DiT's \
+             position embeddings cover {tokens} (two frames of {})",
+            tokens / 2
+        )));
+    }
+    Ok(())
 }
 
 /// The `--initial-noise` file's `noise` tensor as the run's latent shape
@@ -180,6 +281,16 @@ fn check_run_outputs(job: &RunOptions, models: &ModelFiles) -> Result<()> {
     ];
     inputs.extend(models.tokenizer.as_deref().map(|t| ("--tokenizer", t)));
     inputs.extend(job.input.as_ref().map(|(p, _)| ("--input", p.as_path())));
+    if let Some(images) = &job.image {
+        inputs.push(("--image", &images.first));
+        inputs.extend(images.last.as_deref().map(|p| ("--last-image", p)));
+    }
+    inputs.extend(
+        models
+            .clip_vision
+            .as_ref()
+            .map(|c| ("--clip-vision", c.path.as_path())),
+    );
     inputs.extend(job.initial_noise.as_deref().map(|p| ("--initial-noise", p)));
     inputs.extend(models.loras.iter().map(|(p, _)| ("--lora", p.as_path())));
     crate::paths::check_command_outputs(out, job.compute.report.as_deref(), &inputs)
@@ -199,11 +310,13 @@ pub fn plan(mut job: RunOptions, preset: Option<&str>) -> Result<Plan> {
     let sizes = match preset {
         Some(name) => ModelSizes::preset(name, job.compute.dtype).ok_or_else(|| {
             Error::BadInput(format!(
-                "--preset {name}: expected wan2.1-t2v-14b or wan2.1-t2v-1.3b"
+                "--preset {name}: expected one of {}",
+                vpipe_models::wan::DitConfig::PRESETS.join(", ")
             ))
         })?,
         None => ModelSizes::of(&resolve_models(&job)?, job.compute.dtype)?,
     };
+    check_image_frames(&job, &sizes)?;
     Ok(Plan::new(&job, &sizes))
 }
 
@@ -220,6 +333,7 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
     job.compute.bound_by_device(&device, &meters.read()?);
     // Sampling never starts when the plan does not fit.
     let sizes = ModelSizes::of(&models, job.compute.dtype)?;
+    check_image_frames(&job, &sizes)?;
     let plan = Plan::new(&job, &sizes);
     if !plan.fits() {
         return Err(plan.refusal());
@@ -230,12 +344,13 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
         .as_deref()
         .map(|path| read_initial_noise(path, &job))
         .transpose()?;
-    let mode = match &job.input {
-        None => Mode::TextToVideo,
-        Some((path, strength)) => Mode::VideoToVideo {
+    let mode = match (&job.input, &job.image) {
+        (Some((path, strength)), _) => Mode::VideoToVideo {
             video: read_clip(path, &job, observer)?,
             strength: *strength,
         },
+        (None, Some(images)) => read_images(images, &job, &sizes, observer)?,
+        (None, None) => Mode::TextToVideo,
     };
     let spec = JobSpec {
         prompt: job.prompt.clone(),

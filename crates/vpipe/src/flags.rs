@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use vpipe_pipeline::Error::BadInput;
-use vpipe_pipeline::{require_files, Compute, Error, RunOptions};
+use vpipe_pipeline::{require_files, Compute, Error, ImageInputs, RunOptions};
 
 /// Wan 2.1 video diffusion under a memory budget that vpipe keeps and proves.
 ///
@@ -25,8 +25,9 @@ pub(crate) enum Command {
     /// Run the built-in demonstration job on any CPU in about a minute: a small built-in model
     /// goes through the pipeline's phases, and the run writes report.json and memory.svg.
     Demo(DemoArgs),
-    /// Generate a video: text-to-video or video-to-video, with LoRAs, under a memory budget
-    /// (image-to-video: not built yet). Flags can come from a TOML file (--pipeline).
+    /// Generate a video: text-to-video, image-to-video (--image, and --last-image for
+    /// first-last-frame to video) or video-to-video (--input), with LoRAs, under a memory
+    /// budget. Flags can come from a TOML file (--pipeline).
     #[command(args_override_self = true)]
     Run(PipelineArgs),
     /// Dry run of `run`: what will be resident in each phase, tile sizes, attention chunk,
@@ -157,9 +158,21 @@ pub(crate) struct PipelineArgs {
     /// How much of the input clip to repaint (video-to-video), above 0 up to 1.
     #[arg(long, default_value_t = 0.7)]
     strength: f64,
-    /// First frame for image-to-video (not built yet).
+    /// Image-to-video: the first frame, a PNG or JPEG (resized to cover --size and
+    /// centre-cropped, with a notice). Needs an image-to-video DiT and a CLIP vision encoder.
     #[arg(long)]
     image: Option<PathBuf>,
+    /// First-last-frame to video: the last frame (with --image and a first-last-frame DiT).
+    #[arg(long)]
+    last_image: Option<PathBuf>,
+    /// The CLIP vision encoder of image-to-video (ComfyUI's clip_vision_h.safetensors or
+    /// transformers' CLIPVisionModel; overrides the one found in --model-dir).
+    #[arg(long)]
+    clip_vision: Option<PathBuf>,
+    /// A transformers `config.json` for the CLIP vision encoder (default: from its tensor
+    /// shapes, with ViT-H/14's 80-wide heads).
+    #[arg(long)]
+    clip_vision_config: Option<PathBuf>,
     /// LoRA file and strength, FILE:STRENGTH (strength 1 if left out); repeat for several.
     #[arg(long)]
     lora: Vec<String>,
@@ -211,7 +224,8 @@ pub(crate) struct PipelineArgs {
     #[arg(long, default_value = "vpipe-out.mp4")]
     out: PathBuf,
     /// `plan` only: plan for a named architecture without weight files (wan2.1-t2v-14b,
-    /// wan2.1-t2v-1.3b; with the Wan 2.1 VAE and umT5-XXL).
+    /// wan2.1-t2v-1.3b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, wan2.1-flf2v-14b-720p; with
+    /// the Wan 2.1 VAE, umT5-XXL and, for the image models, CLIP ViT-H/14).
     #[arg(long)]
     pub(crate) preset: Option<String>,
     /// `plan` only: print the plan as JSON.
@@ -230,9 +244,14 @@ impl PipelineArgs {
                 "--preset: a preset has no weights to run; use it with `vpipe plan`".into(),
             ));
         }
-        if self.image.is_some() {
-            return Err(Error::NotBuiltYet(
-                "--image: image-to-video needs the I2V DiT and CLIP vision, which are not built yet",
+        if self.last_image.is_some() && self.image.is_none() {
+            return Err(BadInput(
+                "--last-image: needs --image (the first frame) as well".into(),
+            ));
+        }
+        if self.image.is_some() && self.input.is_some() {
+            return Err(BadInput(
+                "--image and --input: choose one, image-to-video or video-to-video".into(),
             ));
         }
         let prompt = match self.prompt {
@@ -290,6 +309,12 @@ impl PipelineArgs {
             (None, Some(input)) => frames_of_clip(input)?,
             (None, None) => DEFAULT_FRAMES,
         };
+        if self.last_image.is_some() && frames < 5 {
+            return Err(BadInput(format!(
+                "--last-image with --frames {frames}: a first and a last frame need at least 5 \
+                 frames"
+            )));
+        }
         // Wan's latents are 4× shorter and 8× smaller per side, cut in 1×2×2 patches.
         let tokens = (1 + (frames - 1) / 4) * (height / 16) * (width / 16);
         if tokens > vpipe_models::wan::dit::MAX_TOKENS {
@@ -343,9 +368,15 @@ impl PipelineArgs {
             ("--text-encoder", &self.text_encoder),
             ("--tokenizer", &self.tokenizer),
             ("--initial-noise", &self.initial_noise),
+            ("--clip-vision", &self.clip_vision),
         ] {
             if let Some(path) = path {
                 require_files(&[(flag, path)])?;
+            }
+        }
+        for (flag, path) in [("--image", &self.image), ("--last-image", &self.last_image)] {
+            if let Some(path) = path {
+                check_image_path(flag, path)?;
             }
         }
         if let Some(input) = &self.input {
@@ -362,6 +393,8 @@ impl PipelineArgs {
             }
         }
         let dit_config = read_dit_config("--dit-config", self.dit_config.as_deref())?;
+        let clip_vision_config =
+            read_clip_config("--clip-vision-config", self.clip_vision_config.as_deref())?;
         Ok(RunOptions {
             model_dir: self.model_dir,
             dit: self.dit,
@@ -372,6 +405,12 @@ impl PipelineArgs {
             prompt,
             negative_prompt: self.negative_prompt,
             input: self.input.map(|p| (p, self.strength)),
+            image: self.image.map(|first| ImageInputs {
+                first,
+                last: self.last_image,
+            }),
+            clip_vision: self.clip_vision,
+            clip_vision_config,
             loras,
             width,
             height,
@@ -661,14 +700,8 @@ impl ClipVisionArgs {
             ("--clip-vision", &self.clip_vision),
             ("--input", &self.input),
         ])?;
-        let config = match &self.config {
-            Some(path) => {
-                let text = vpipe_pipeline::read_settings_file("--config", path)?;
-                vpipe_models::clip::Config::from_transformers_json(&text)
-                    .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))?
-            }
-            None => vpipe_models::clip::Config::vit_h_14(),
-        };
+        let config = read_clip_config("--config", self.config.as_deref())?
+            .unwrap_or_else(vpipe_models::clip::Config::vit_h_14);
         Ok(ClipVisionJob {
             clip_vision: self.clip_vision,
             config,
@@ -808,6 +841,34 @@ fn read_dit_config(
     vpipe_models::wan::DitConfig::from_diffusers_json(&text)
         .map(Some)
         .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
+}
+
+/// A CLIP vision `config.json` given with `flag`.
+fn read_clip_config(
+    flag: &str,
+    path: Option<&Path>,
+) -> Result<Option<vpipe_models::clip::Config>, Error> {
+    let Some(path) = path else { return Ok(None) };
+    let text = vpipe_pipeline::read_settings_file(flag, path)?;
+    vpipe_models::clip::Config::from_transformers_json(&text)
+        .map(Some)
+        .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
+}
+
+/// Checks an image flag's file before any work: it exists and is named as a PNG or a JPEG
+/// (its content is checked when it is read).
+fn check_image_path(flag: &str, path: &Path) -> Result<(), Error> {
+    require_files(&[(flag, path)])?;
+    let named_as_image = ["png", "jpg", "jpeg"]
+        .iter()
+        .any(|e| vpipe_pipeline::has_extension(path, e));
+    if named_as_image {
+        return Ok(());
+    }
+    Err(BadInput(format!(
+        "{flag} {}: expected a PNG or JPEG image (.png, .jpg or .jpeg)",
+        path.display()
+    )))
 }
 
 /// The precision without `--dtype`: bf16 on CUDA (what Wan checkpoints are stored in, half of

@@ -1,8 +1,11 @@
-//! `vpipe run` end to end against diffusers: `WanPipeline` (text-to-video) and
-//! `WanVideoToVideoPipeline` (video-to-video) in float32 on the CPU, on the same tiny models,
-//! tokenizer, prompts, scheduler settings and initial noise (`--initial-noise`). The reference
-//! and the tiny DiT come from `tools/fixtures/make_pipeline_fixtures.py`
-//! (`tests/fixtures/pipeline/`); the VAE, umT5 and tokenizer are the other crates' fixtures.
+//! `vpipe run` end to end against diffusers: `WanPipeline` (text-to-video),
+//! `WanVideoToVideoPipeline` (video-to-video) and `WanImageToVideoPipeline` (image-to-video,
+//! and first-last-frame to video with `last_image`) in float32 on the CPU, on the same tiny
+//! models, tokenizer, prompts, scheduler settings and initial noise (`--initial-noise`). The
+//! references and the tiny DiTs come from `tools/fixtures/make_pipeline_fixtures.py`
+//! (`tests/fixtures/pipeline/`) and `tools/fixtures/make_i2v_pipeline_fixtures.py`
+//! (`tests/fixtures/pipeline_i2v/`: also the tiny CLIP vision encoder and the two PNG frames);
+//! the VAE, umT5 and tokenizer are the other crates' fixtures.
 //!
 //! Both the final latents (the `latents` key of a `.safetensors` output) and the decoded video
 //! are compared, to 1e-4; text-to-video also at guidance scale 1, where both run the
@@ -24,6 +27,39 @@ fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/pipeline")
         .join(name)
+}
+
+/// A file of this crate's `tests/fixtures/pipeline_i2v`.
+fn golden_i2v(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/pipeline_i2v")
+        .join(name)
+}
+
+/// Path as an owned string.
+fn arg(path: PathBuf) -> String {
+    path.to_str().unwrap().to_owned()
+}
+
+/// The flags that swap in a run's image-to-video models and frames: the DiT of `mode` (i2v or
+/// flf2v), the tiny CLIP vision encoder, the first frame and, for flf2v, the last.
+fn image_flags(mode: &str) -> Vec<String> {
+    let mut flags = vec![
+        "--dit".to_owned(),
+        arg(golden_i2v(&format!("dit_tiny_{mode}_text32.safetensors"))),
+        "--dit-config".to_owned(),
+        arg(golden_i2v(&format!("dit_tiny_{mode}_text32_config.json"))),
+        "--clip-vision".to_owned(),
+        arg(golden_i2v("clip_vision_tiny48.safetensors")),
+        "--clip-vision-config".to_owned(),
+        arg(golden_i2v("clip_vision_tiny48_config.json")),
+        "--image".to_owned(),
+        arg(golden_i2v("first.png")),
+    ];
+    if mode == "flf2v" {
+        flags.extend(["--last-image".to_owned(), arg(golden_i2v("last.png"))]);
+    }
+    flags
 }
 
 /// The generator's record of the settings (prompts, steps, strength...).
@@ -90,15 +126,21 @@ fn run_args(
     args
 }
 
-/// Runs `vpipe run` for `mode` (t2v or v2v; t2v_cfg1: t2v at guidance scale 1) and returns
-/// max |vpipe − diffusers| of the decoded video, and the run's report.
+/// Runs `vpipe run` for `mode` (t2v, v2v, i2v or flf2v; t2v_cfg1: t2v at guidance scale 1)
+/// and returns max |vpipe − diffusers| of the decoded video, and the run's report.
 fn video_error(mode: &str) -> (f64, serde_json::Value) {
     let fx = settings();
     let (run, cfg) = match mode {
         "t2v_cfg1" => (&fx["runs"]["t2v"], Some(1.0)),
+        // The image runs share the text-to-video settings (the generator asserts it) and take
+        // their steps from the same record.
+        "i2v" | "flf2v" => (&fx["runs"]["t2v"], None),
         _ => (&fx["runs"][mode], None),
     };
-    let reference_file = golden(&format!("{mode}.safetensors"));
+    let reference_file = match mode {
+        "i2v" | "flf2v" => golden_i2v(&format!("{mode}.safetensors")),
+        _ => golden(&format!("{mode}.safetensors")),
+    };
     let reference = load(&reference_file);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
@@ -110,6 +152,7 @@ fn video_error(mode: &str) -> (f64, serde_json::Value) {
             "--strength".to_owned(),
             run["strength"].to_string(),
         ],
+        "i2v" | "flf2v" => image_flags(mode),
         _ => vec![],
     };
     let report_file = dir.path().join("report.json");
@@ -184,6 +227,28 @@ fn text_to_video_at_guidance_1_runs_one_forward_and_matches_diffusers() {
     let note = sampling_note(&report);
     assert!(note.contains("one forward per step"), "{note}");
     assert!(err <= TOL, "t2v at CFG 1: max abs {err:.3e} > {TOL:.0e}");
+}
+
+#[test]
+fn image_to_video_matches_diffusers_image_to_video_pipeline() {
+    let (err, report) = video_error("i2v");
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        phases.contains(&"clip vision") && phases.contains(&"vae encode"),
+        "{phases:?}"
+    );
+    assert!(err <= TOL, "i2v: max abs {err:.3e} > {TOL:.0e}");
+}
+
+#[test]
+fn first_last_frame_to_video_matches_diffusers_with_last_image() {
+    let (err, _) = video_error("flf2v");
+    assert!(err <= TOL, "flf2v: max abs {err:.3e} > {TOL:.0e}");
 }
 
 /// Writes `tensors` to `dir/name` and returns the path.

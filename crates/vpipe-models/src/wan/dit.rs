@@ -95,11 +95,42 @@ impl Config {
         }
     }
 
-    /// The preset named `name`: `wan2.1-t2v-14b` or `wan2.1-t2v-1.3b`.
+    /// Wan2.1-I2V-14B, 480p and 720p alike (`Wan2.1:wan/configs/wan_i2v_14B.py`): the 14B
+    /// with 36 input channels (noise, mask, image latents) and image cross-attention over the
+    /// CLIP ViT-H/14 features (1280 wide).
+    pub fn wan21_i2v_14b() -> Self {
+        Self {
+            in_channels: 36,
+            image_dim: Some(1280),
+            ..Self::wan21_t2v_14b()
+        }
+    }
+
+    /// Wan2.1-FLF2V-14B-720P: the image-to-video 14B over both frames' 2 × 257 image tokens,
+    /// with their learned position embeddings.
+    pub fn wan21_flf2v_14b() -> Self {
+        Self {
+            image_tokens: Some(2 * 257),
+            ..Self::wan21_i2v_14b()
+        }
+    }
+
+    /// The names [`Self::preset`] knows.
+    pub const PRESETS: [&'static str; 5] = [
+        "wan2.1-t2v-14b",
+        "wan2.1-t2v-1.3b",
+        "wan2.1-i2v-14b-480p",
+        "wan2.1-i2v-14b-720p",
+        "wan2.1-flf2v-14b-720p",
+    ];
+
+    /// The preset named `name`, one of [`Self::PRESETS`].
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "wan2.1-t2v-14b" => Some(Self::wan21_t2v_14b()),
             "wan2.1-t2v-1.3b" => Some(Self::wan21_t2v_1_3b()),
+            "wan2.1-i2v-14b-480p" | "wan2.1-i2v-14b-720p" => Some(Self::wan21_i2v_14b()),
+            "wan2.1-flf2v-14b-720p" => Some(Self::wan21_flf2v_14b()),
             _ => None,
         }
     }
