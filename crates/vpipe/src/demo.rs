@@ -1,9 +1,12 @@
-//! `vpipe demo`: the whole pipeline (all eight phases, video-to-video) on a small built-in
-//! model, with every memory figure measured and every move of weights verified.
+//! `vpipe demo`: the whole pipeline (every phase of video-to-video, or of image-to-video with
+//! `--mode i2v`) on a small built-in model, with every memory figure measured and every move
+//! of weights verified.
 //!
 //! The built-in model is the real Wan 2.1 architecture at a small width: a DiT (dim 256, two
-//! 128-wide heads, 2 blocks), a umT5 encoder (width 64, 2 blocks) with a small SentencePiece
-//! Unigram tokenizer, the VAE (base width 16 instead of 96) and a LoRA. Their weights are
+//! 128-wide heads, 2 blocks; the image-to-video one with 36 input channels and image
+//! cross-attention), a umT5 encoder (width 64, 2 blocks) with a small SentencePiece Unigram
+//! tokenizer, the VAE (base width 16 instead of 96), a LoRA and, for image-to-video, a CLIP
+//! vision encoder (width 64, 2 layers, 56-px images in 14-px patches). Their weights are
 //! seeded random numbers made in-process, written in the real file formats (ComfyUI-style
 //! safetensors, `tokenizer.json`) and loaded back through the normal loaders. The clip is a
 //! built-in synthetic pattern; random weights make the output video noise-like, but every
@@ -19,7 +22,7 @@ use vpipe_mem::{fmt_bytes, Report};
 
 use vpipe_pipeline::{Job, JobSpec, Mode, ModelFiles};
 
-use crate::flags::Demo;
+use crate::flags::{Demo, DemoMode};
 
 /// The demo clip: frames (1 + 4k), height, width.
 const CLIP: (usize, usize, usize) = (9, 64, 96);
@@ -146,6 +149,37 @@ fn text_config(vocab_size: usize) -> vpipe_text::umt5::Config {
     }
 }
 
+/// The image-to-video DiT: the text-to-video one with the noise, mask and image latents in
+/// (36 channels) and image cross-attention over the CLIP features.
+fn image_dit_config(text_dim: usize) -> vpipe_models::wan::DitConfig {
+    vpipe_models::wan::DitConfig {
+        in_channels: 36,
+        image_dim: Some(clip_config().hidden_size),
+        ..dit_config(text_dim)
+    }
+}
+
+fn clip_config() -> vpipe_models::clip::Config {
+    vpipe_models::clip::Config {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 2,
+        num_heads: 4,
+        image_size: 56,
+        ..vpipe_models::clip::Config::vit_h_14()
+    }
+}
+
+/// The CLIP vision encoder in transformers' names (`vision_model.*`, as ComfyUI's
+/// `clip_vision_h.safetensors`).
+fn clip_bytes(rng: Rng) -> anyhow::Result<Vec<u8>> {
+    let tensors = seeded_weights(rng, |vb| {
+        vpipe_models::clip::ClipVisionEncoder::new(&clip_config(), vb.pp("vision_model"))?;
+        Ok(())
+    })?;
+    checkpoint_bytes(&tensors)
+}
+
 fn vae_config() -> vpipe_models::wan::vae::Config {
     vpipe_models::wan::vae::Config {
         base_dim: VAE_BASE_DIM,
@@ -209,6 +243,8 @@ struct BuiltIn {
     text_encoder: PathBuf,
     tokenizer: PathBuf,
     lora: PathBuf,
+    /// Image-to-video: the CLIP vision encoder.
+    clip: Option<PathBuf>,
 }
 
 /// Puts the built-in model's files into `dir` in the formats users have: the DiT and the text
@@ -218,10 +254,13 @@ struct BuiltIn {
 /// Every file is made in memory from `seed` on each run (they are small) and an existing file
 /// is kept only when it holds exactly those bytes, so a folder that lost, damaged or mixed
 /// files is brought back to what the seed makes, and demos sharing a folder agree.
-fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
+fn write_builtin_model(dir: &Path, seed: u64, mode: DemoMode) -> anyhow::Result<BuiltIn> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let text_cfg = text_config(tokenizer_vocab_size(TOKENIZER_JSON)?);
-    let dit_cfg = dit_config(text_cfg.d_model);
+    let (dit_cfg, dit_name) = match mode {
+        DemoMode::VideoToVideo => (dit_config(text_cfg.d_model), "dit"),
+        DemoMode::ImageToVideo => (image_dit_config(text_cfg.d_model), "i2v-dit"),
+    };
     let put = |name: String, make: &dyn Fn(Rng) -> anyhow::Result<Vec<u8>>| {
         let bytes = make(Rng::for_file(seed, &name))?;
         put_file(dir, &name, &bytes)
@@ -231,9 +270,17 @@ fn write_builtin_model(dir: &Path, seed: u64) -> anyhow::Result<BuiltIn> {
         text_encoder: put(format!("umt5-tiny-seed{seed}.safetensors"), &|rng| {
             text_encoder_bytes(&text_cfg, rng)
         })?,
-        dit: put(format!("wan2.1-dit-tiny-seed{seed}.safetensors"), &|rng| {
-            dit_bytes(&dit_cfg, rng)
-        })?,
+        dit: put(
+            format!("wan2.1-{dit_name}-tiny-seed{seed}.safetensors"),
+            &|rng| dit_bytes(&dit_cfg, rng),
+        )?,
+        clip: match mode {
+            DemoMode::VideoToVideo => None,
+            DemoMode::ImageToVideo => Some(put(
+                format!("clip-vision-tiny-seed{seed}.safetensors"),
+                &clip_bytes,
+            )?),
+        },
         vae: put(
             format!("wan2.1-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"),
             &vae_bytes,
@@ -301,31 +348,66 @@ fn demo_clip() -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, (1, 3, t, h, w), &Device::Cpu)
 }
 
+/// The image-to-video demo's first frame: the demo clip's, as the VAE takes it ([1, 3, H, W]
+/// in [-1, 1]) and as the CLIP vision encoder's preprocessing makes it from its RGB bytes.
+fn demo_image_mode() -> anyhow::Result<Mode> {
+    let first = demo_clip()?.narrow(2, 0, 1)?.squeeze(2)?;
+    let (_, _, h, w) = first.dims4()?;
+    // [1, 3, H, W] in [-1, 1] → H × W × 3 bytes.
+    let rgb: Vec<u8> = ((first.squeeze(0)?.permute((1, 2, 0))? + 1.0)? * 127.5)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1()?;
+    let clip_pixels = vpipe_pipeline::clip_pixel_values(
+        &rgb,
+        (w as u32, h as u32),
+        clip_config().image_size as u32,
+    )?;
+    Ok(Mode::ImageToVideo {
+        first,
+        last: None,
+        clip_pixels,
+    })
+}
+
 /// Tiles of the demo clip: 64 px every 48 px, so the 96-px-wide clip takes two tiles a row.
 const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpec::balanced(64, 48);
 
 pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     let device = vpipe_pipeline::open_device(&demo.device)?;
-    let files = write_builtin_model(&demo.out.join("weights"), demo.seed)?;
+    let files = write_builtin_model(&demo.out.join("weights"), demo.seed, demo.mode)?;
     println!(
-        "vpipe demo: built-in Wan 2.1-architecture model (seeded random weights), video-to-video on {}",
+        "vpipe demo: built-in Wan 2.1-architecture model (seeded random weights), {} on {}",
+        match demo.mode {
+            DemoMode::VideoToVideo => "video-to-video",
+            DemoMode::ImageToVideo => "image-to-video",
+        },
         demo.device
     );
     let (frames, height, width) = CLIP;
-    let models = ModelFiles::inspect(
+    let mut models = ModelFiles::inspect(
         &files.dit,
         &files.vae,
         &files.text_encoder,
         Some(files.tokenizer),
         vec![(files.lora, 0.8)],
     )?;
-    let spec = JobSpec {
-        prompt: PROMPT.into(),
-        negative_prompt: NEGATIVE_PROMPT.into(),
-        mode: Mode::VideoToVideo {
+    if let Some(clip) = &files.clip {
+        models = models.with_clip_vision(clip, Some(clip_config()))?;
+    }
+    let mode = match demo.mode {
+        DemoMode::VideoToVideo => Mode::VideoToVideo {
             video: demo_clip()?,
             strength: 0.7,
         },
+        DemoMode::ImageToVideo => demo_image_mode()?,
+    };
+    let spec = JobSpec {
+        prompt: PROMPT.into(),
+        negative_prompt: NEGATIVE_PROMPT.into(),
+        mode,
         frames,
         height,
         width,

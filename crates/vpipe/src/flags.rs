@@ -62,6 +62,17 @@ pub(crate) struct DemoArgs {
     /// Seed of the built-in model's weights and inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// What the demo makes: v2v (video-to-video from a built-in clip) or i2v (image-to-video
+    /// from its first frame, with a built-in image-to-video DiT and CLIP vision encoder).
+    #[arg(long, default_value = "v2v")]
+    mode: String,
+}
+
+/// What `vpipe demo` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DemoMode {
+    VideoToVideo,
+    ImageToVideo,
 }
 
 /// Validated settings of `vpipe demo`.
@@ -71,6 +82,7 @@ pub(crate) struct Demo {
     pub(crate) budget: vpipe_mem::Budget,
     pub(crate) steps: usize,
     pub(crate) seed: u64,
+    pub(crate) mode: DemoMode,
 }
 
 /// Parses a `--flag SIZE` value.
@@ -104,7 +116,13 @@ impl DemoArgs {
                 )));
             }
         }
+        let mode = match self.mode.as_str() {
+            "v2v" => DemoMode::VideoToVideo,
+            "i2v" => DemoMode::ImageToVideo,
+            other => return Err(BadInput(format!("--mode {other}: expected v2v or i2v"))),
+        };
         Ok(Demo {
+            mode,
             out: self.out,
             device: self.device,
             budget: vpipe_mem::Budget {

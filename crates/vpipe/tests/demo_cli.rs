@@ -111,8 +111,65 @@ fn bad_flags_and_missing_features_get_clear_errors() {
         .args(["run", "--prompt", "a cat", "--image", "first.png"])
         .output()
         .unwrap();
-    assert_eq!(image.status.code(), Some(5));
-    assert!(String::from_utf8_lossy(&image.stderr).contains("not built yet"));
+    assert_eq!(image.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&image.stderr).contains("--image first.png"));
+    let mode = vpipe().args(["demo", "--mode", "t2i"]).output().unwrap();
+    assert_eq!(mode.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&mode.stderr).contains("--mode t2i: expected v2v or i2v"));
+}
+
+/// `--mode i2v`: the image-to-video phases (a CLIP vision phase, the first frame's
+/// conditioning encoded by the VAE), every move verified, the video written.
+#[test]
+fn image_to_video_demo_runs_the_clip_vision_phase_and_writes_the_video() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let run = vpipe()
+        .args(["demo", "--mode", "i2v", "--steps", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("image-to-video"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "load",
+            "lora",
+            "text",
+            "clip vision",
+            "shift",
+            "vae encode",
+            "sample",
+            "vae decode",
+            "write"
+        ]
+    );
+    let transitions = report["transitions"].as_array().unwrap();
+    // Five model phases, each loading one model and giving it back.
+    assert_eq!(transitions.len(), 10);
+    assert!(transitions.iter().all(|t| t["verified"] == true));
+    assert!(transitions
+        .iter()
+        .any(|t| t["phase"] == "clip vision" && t["model"] == "clip vision"));
+    let video = vpipe_video::read_video(out.join("demo.mp4")).unwrap();
+    assert_eq!(
+        (video.num_frames(), video.width(), video.height()),
+        (9, 96, 64)
+    );
 }
 
 /// Every file of a folder, by name.
