@@ -1020,21 +1020,26 @@ impl Plan {
             ),
         };
         if let Some(clip) = &sizes.clip {
-            phases.push(PhasePlan {
-                name: "clip vision",
-                resident: vec!["clip vision".into()],
-                estimated_peak_bytes: clip.bytes
-                    + with_pool_slack(
-                        clip_activation_bytes(&clip.config, frames_given, dtype),
-                        on_cuda,
-                        DIT_POOL_SLACK,
+            // Before the shift phase, as the pipeline runs it.
+            let shift = phases.len() - 1;
+            phases.insert(
+                shift,
+                PhasePlan {
+                    name: "clip vision",
+                    resident: vec!["clip vision".into()],
+                    estimated_peak_bytes: clip.bytes
+                        + with_pool_slack(
+                            clip_activation_bytes(&clip.config, frames_given, dtype),
+                            on_cuda,
+                            DIT_POOL_SLACK,
+                        ),
+                    detail: format!(
+                        "{frames_given} image(s) at {0}×{0} px, {1} tokens each",
+                        clip.config.image_size,
+                        clip.config.tokens()
                     ),
-                detail: format!(
-                    "{frames_given} image(s) at {0}×{0} px, {1} tokens each",
-                    clip.config.image_size,
-                    clip.config.tokens()
-                ),
-            });
+                },
+            );
         }
         if job.input.is_some() || sizes.clip.is_some() {
             phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));

@@ -251,6 +251,108 @@ fn first_last_frame_to_video_matches_diffusers_with_last_image() {
     assert!(err <= TOL, "flf2v: max abs {err:.3e} > {TOL:.0e}");
 }
 
+/// A PNG chunk: length, type, data and the CRC of type and data.
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut out = (data.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(kind);
+    hasher.update(data);
+    out.extend_from_slice(&hasher.finalize().to_be_bytes());
+    out
+}
+
+/// A well-formed PNG header declaring `width` × `height` RGB pixels, then a token image.
+fn png_header(width: u32, height: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend(png_chunk(b"IHDR", &ihdr));
+    png.extend(png_chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(png_chunk(b"IEND", &[]));
+    png
+}
+
+/// A real 1×1 PNG, as vpipe writes frames.
+fn one_pixel_png(dir: &Path) -> PathBuf {
+    let frames = dir.join("one-pixel");
+    let video = vpipe_video::Video::new(vec![200, 100, 50], 1, 1, 16.0).unwrap();
+    vpipe_video::write_video(&frames, &video, &Default::default()).unwrap();
+    let png = std::fs::read_dir(&frames)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    let path = dir.join("one-pixel.png");
+    std::fs::rename(png, &path).unwrap();
+    path
+}
+
+/// Images vpipe cannot start from are bad input (exit 2) naming the flag and the file, before
+/// any output is written: a corrupt PNG, a file named as another format, a 1×1 image, a
+/// header declaring 20000×20000 pixels, a CMYK JPEG; and so is a last frame without a first.
+#[test]
+fn bad_images_are_bad_input_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corrupt = d.join("corrupt.png");
+    let mut bytes = png_header(64, 48);
+    bytes.truncate(40);
+    bytes.extend_from_slice(b"not zlib data at all");
+    std::fs::write(&corrupt, bytes).unwrap();
+    let renamed = d.join("first.bmp");
+    std::fs::copy(golden_i2v("first.png"), &renamed).unwrap();
+    let huge = d.join("huge.png");
+    std::fs::write(&huge, png_header(20_000, 20_000)).unwrap();
+    let cases: [(&str, PathBuf, &str); 5] = [
+        ("--image", corrupt, "PNG"),
+        ("--image", renamed, "expected a PNG or JPEG image"),
+        (
+            "--image",
+            one_pixel_png(d),
+            "a 1×1 image; expected at least 16×16",
+        ),
+        ("--image", huge, "20000"),
+        (
+            "--last-image",
+            fixture("vpipe-video", "cmyk_8x8.jpg"),
+            "CMYK",
+        ),
+    ];
+    let noise = golden_i2v("flf2v.safetensors");
+    let out = d.join("out.safetensors");
+    for (flag, image, message) in cases {
+        let mut extra = image_flags("flf2v");
+        extra.extend([flag.to_owned(), arg(image.clone())]);
+        let args = run_args(&noise, &out, (1, None), &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = vpipe(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{image:?}: {stderr}");
+        for needle in [flag, image.to_str().unwrap(), message] {
+            assert!(
+                stderr.contains(needle),
+                "{image:?}: no {needle:?} in {stderr}"
+            );
+        }
+        assert!(!out.exists(), "{image:?}: an output was written");
+    }
+    // A last frame without a first one.
+    let mut extra = image_flags("flf2v");
+    extra.retain(|a| a != "--image" && !a.ends_with("first.png"));
+    let args = run_args(&noise, &out, (1, None), &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = vpipe(&args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--last-image: needs --image"), "{stderr}");
+}
+
 /// Writes `tensors` to `dir/name` and returns the path.
 fn write(dir: &Path, name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
     let path = dir.join(name);

@@ -148,8 +148,8 @@ fn bad_run_input_gets_clear_errors() {
         ),
         (
             &["run", "--model-dir", d, "--prompt", "x", "--image", "a.png"],
-            5,
-            "image-to-video",
+            2,
+            "--image a.png",
         ),
         (
             &["run", "--model-dir", d, "--prompt", "x"],
@@ -244,6 +244,69 @@ fn plan_14b(vram: &str, ram: &str) -> std::process::Output {
         ram,
         "--json",
     ])
+}
+
+/// The image-to-video presets plan a CLIP vision phase and the conditioning's encode, and say
+/// what they make; 720p (75,600 tokens) fits 24 GiB by streaming.
+#[test]
+fn plan_for_the_image_to_video_presets() {
+    for (preset, mode, images) in [
+        ("wan2.1-i2v-14b-480p", "image-to-video", "1 image(s)"),
+        ("wan2.1-i2v-14b-720p", "image-to-video", "1 image(s)"),
+        (
+            "wan2.1-flf2v-14b-720p",
+            "first-last-frame-to-video",
+            "2 image(s)",
+        ),
+    ] {
+        let run = vpipe(&[
+            "plan",
+            "--preset",
+            preset,
+            "--dtype",
+            "bf16",
+            "--device",
+            "cuda:0",
+            "--size",
+            "1280x720",
+            "--vram-budget",
+            "24GiB",
+            "--ram-budget",
+            "96GiB",
+            "--json",
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{preset}: {stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        assert_eq!(json["mode"], mode, "{preset}");
+        assert_eq!(json["fits"], true, "{preset}");
+        let phases = json["phases"].as_array().unwrap();
+        let names: Vec<_> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "load",
+                "lora",
+                "text",
+                "clip vision",
+                "shift",
+                "vae encode",
+                "sample",
+                "vae decode",
+                "write"
+            ],
+            "{preset}"
+        );
+        let detail = phases[3]["detail"].as_str().unwrap();
+        assert!(detail.contains(images), "{preset}: {detail}");
+        // CLIP ViT-H/14 is 0.63 G parameters: 1.2 GiB in bf16.
+        let clip = phases[3]["estimated_peak_bytes"].as_u64().unwrap();
+        assert!((1200 << 20..1400 << 20).contains(&clip), "{preset}: {clip}");
+        assert_eq!(
+            json["sample"]["residency"]["strategy"], "streamed",
+            "{preset}"
+        );
+    }
 }
 
 /// The 14B's least budget at this size is about 4.3 GiB of models (the activations of one
