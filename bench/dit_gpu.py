@@ -7,6 +7,8 @@
                                                 # layerwise casting: stored fp8, computed bf16)
     python3 bench/dit_gpu.py dit-offload [--reps 2]  # the 14B resident (B=1, B=2), then with
                                                 # group offloading (leaf, block level, use_stream)
+    python3 bench/dit_gpu.py i2v [--reps 2] [--size 1280x720]  # the image-to-video 14B, one
+                                                # CFG-batched forward (B=2) with 257 image tokens
 
 Random weights built directly on the device (speed and memory do not depend on the values),
 with the modules diffusers keeps in fp32 (`_keep_in_fp32_modules`) upcast as from_pretrained
@@ -64,6 +66,31 @@ def build(ctor):
 WAN14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
               patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def i2v(reps, width=1280, height=720):
+    """One CFG-batched forward (B=2) of the image-to-video 14B (36 input channels, image
+    cross-attention over 257 CLIP tokens) at `width` x `height` x 81 frames."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(WAN14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+    t0 = time.perf_counter()
+    model = build(lambda: WanTransformer3DModel(**cfg))
+    torch.cuda.synchronize()
+    emit(what="build i2v", weights_gib=torch.cuda.memory_allocated() / GIB,
+         build_s=time.perf_counter() - t0, torch=torch.__version__)
+    F, H, W, L, B = 21, height // 8, width // 8, 512, 2
+    g = torch.Generator(device=DEV).manual_seed(0)
+    hs = torch.randn(B, 36, F, H, W, generator=g, device=DEV).to(torch.bfloat16)
+    ehs = torch.randn(B, L, 4096, generator=g, device=DEV).to(torch.bfloat16)
+    img = torch.randn(B, 257, 1280, generator=g, device=DEV).to(torch.bfloat16)
+    ts = torch.full((B,), 999.0, device=DEV)
+    fwd = lambda: model(hidden_states=hs, timestep=ts, encoder_hidden_states=ehs,
+                        encoder_hidden_states_image=img, return_dict=False)
+    step, peak = measure(fwd, reps)
+    emit(what="forward i2v", batch=B, size=f"{width}x{height}x81", tokens=F * (H // 2) * (W // 2),
+         forward_s=step, peak_above_weights_gib=peak,
+         max_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
 
 
 def dit_fp8(reps):
@@ -228,4 +255,9 @@ def umt5(reps):
 if __name__ == "__main__":
     section = sys.argv[1]
     reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 2
-    {"dit": dit, "umt5": umt5, "dit-fp8": dit_fp8, "dit-offload": dit_offload}[section](reps)
+    if section == "i2v":
+        size = sys.argv[sys.argv.index("--size") + 1] if "--size" in sys.argv else "1280x720"
+        width, height = map(int, size.split("x"))
+        i2v(reps, width, height)
+    else:
+        {"dit": dit, "umt5": umt5, "dit-fp8": dit_fp8, "dit-offload": dit_offload}[section](reps)
