@@ -35,8 +35,10 @@ pub struct StreamSpec {
     /// like group `k mod p`. With one slot per layout a group is copied while the group
     /// before it computes; with more, further groups are copied ahead.
     pub slots: usize,
-    /// Tensors that stay out of the compute tier and are read by rows on the host
-    /// ([`Streamer::rows`]): a token embedding, of which a forward needs a few hundred rows.
+    /// Tensors that stay out of the compute tier between uses: read by rows on the host
+    /// ([`Streamer::rows`]: a token embedding, of which a forward needs a few hundred rows),
+    /// or brought whole to the device for one use ([`Streamer::host_tensor`]: the DiT's text
+    /// and time embeddings, once per forward).
     pub host_rows: Vec<String>,
 }
 
@@ -261,6 +263,38 @@ impl Streamer {
                     .index_select(&ids, 0)
                     .map_err(tensor_error(format!("rows of '{name}'")))
             }
+        }
+    }
+
+    /// The whole host-side tensor `name` (one of [`StreamSpec::host_rows`]) on `device`, in
+    /// the dtype the store holds it in: copied from the pinned host copy straight to the
+    /// device, or read from the file.
+    pub fn host_tensor(&self, name: &str, device: &Device) -> Result<Tensor, MemError> {
+        let meta = self
+            .host_rows
+            .get(name)
+            .ok_or_else(|| MemError::UnknownTensor {
+                model: self.model.clone(),
+                tensor: name.to_owned(),
+            })?;
+        match &self.source {
+            #[cfg(feature = "cuda")]
+            Source::Pinned(host) => {
+                let pinned = host.get(name).ok_or_else(|| MemError::UnknownTensor {
+                    model: self.model.clone(),
+                    tensor: name.to_owned(),
+                })?;
+                let bytes = pinned
+                    .bytes()
+                    .map_err(tensor_error(format!("pinned '{name}'")))?;
+                Tensor::from_raw_buffer(bytes, meta.dtype, &meta.shape, device)
+                    .map_err(tensor_error(format!("'{name}' from pinned memory")))
+            }
+            Source::File(file) => file
+                .0
+                .read_tensor(&file.1, meta)?
+                .to_device(device)
+                .map_err(tensor_error(format!("'{name}' to the device"))),
         }
     }
 

@@ -336,6 +336,21 @@ impl BlockSource for PartsOf {
             .collect();
         Ok(VarBuilder::from_tensors(tensors, dtype, device))
     }
+
+    fn embeddings(
+        &mut self,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        let (layout, prefix) = self.layout;
+        let tensors = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| dit_keys::is_source_embedding(k, layout, prefix))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        Ok(VarBuilder::from_tensors(tensors, dtype, device))
+    }
 }
 
 #[test]
@@ -346,21 +361,32 @@ fn blocks_given_in_parts_equal_held_blocks() {
         let tensors = candle_core::safetensors::load(fixture(file), &Device::Cpu).unwrap();
         let contains = |name: &str| tensors.contains_key(name);
         let layout = dit_keys::detect_layout_of(&contains).unwrap();
-        // Block 0 held, block 1 from the source.
+        // Block 0 held, block 1 and the text and time embeddings from the source.
         let outside: HashMap<String, Tensor> = tensors
             .iter()
             .filter(|(k, _)| {
                 !matches!(dit_keys::block_part_of(k, layout.0, layout.1), Some((1, _)))
+                    && !dit_keys::is_source_embedding(k, layout.0, layout.1)
             })
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         let vb = VarBuilder::from_tensors(outside, DType::F32, &Device::Cpu);
-        let partial = WanModel::from_checkpoint_partial(vb, &config(), &|i| i == 0).unwrap();
+        let partial = WanModel::from_checkpoint_partial(vb, &config(), &|i| i == 0, false).unwrap();
         let get = |k: &str| cases[&format!("batch2.{k}")].clone();
         let x = get("hidden_states").narrow(0, 0, 1).unwrap();
         let t = get("timestep").narrow(0, 0, 1).unwrap();
         let ctx = get("encoder_hidden_states");
         let (cond, uncond) = (ctx.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 1, 1).unwrap());
+        // The step cache's modulations, from the source's embeddings.
+        let mut source = PartsOf {
+            tensors: tensors.clone(),
+            layout,
+            asked: Vec::new(),
+        };
+        let from_source = partial.time_modulations(&[757.25], &mut source).unwrap();
+        let from_held = held.time_modulation(757.25).unwrap();
+        assert_eq!(max_abs_diff(&from_source[0], &from_held).unwrap(), 0.0);
+        assert!(partial.time_modulation(757.25).is_err());
         for passes in [
             GuidancePasses::Batched,
             GuidancePasses::TwoPasses,

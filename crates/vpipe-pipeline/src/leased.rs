@@ -132,7 +132,9 @@ fn block_stream(
 }
 
 /// The stream of a DiT's blocks from `held` on, each block in `parts` groups: 1, whole, or
-/// its [`BlockPart`]s in order, one arena slot each (see [`block_stream`]).
+/// its [`BlockPart`]s in order, one arena slot each (see [`block_stream`]); the text and time
+/// embeddings' larger weights stay on the host, brought to the device at each forward
+/// ([`StreamedBlocks`]).
 pub(crate) fn dit_block_stream(
     keys: &[TensorMeta],
     (blocks, parts): (usize, usize),
@@ -156,7 +158,7 @@ pub(crate) fn dit_block_stream(
         (blocks, parts),
         held,
         slots,
-        &|_| false,
+        &|name| dit_keys::is_source_embedding(name, layout, prefix),
     ))
 }
 
@@ -265,7 +267,8 @@ fn streamed_group(
 }
 
 /// The DiT over a stream's fixed tensors (those outside the blocks and the blocks before
-/// `held`); the other blocks come from [`StreamedBlocks`] at each forward.
+/// `held`, but the embeddings [`dit_block_stream`] leaves on the host); the other blocks and
+/// the embeddings come from [`StreamedBlocks`] at each forward.
 pub(crate) fn wan_dit_streamed(
     streamer: &Streamer,
     config: &DitConfig,
@@ -277,15 +280,18 @@ pub(crate) fn wan_dit_streamed(
         fixed_var_builder(streamer, dtype, device)?,
         config,
         &|i| i < held,
+        false,
     )?)
 }
 
 /// The DiT's streamed blocks, from `held` on, in `parts` groups each (see
-/// [`dit_block_stream`]), as a forward asks for them.
+/// [`dit_block_stream`]), and its embeddings from the host, as a forward asks for them.
 pub(crate) struct StreamedBlocks<'s> {
     pub(crate) streamer: &'s mut Streamer,
     pub(crate) held: usize,
     pub(crate) parts: usize,
+    /// The checkpoint keys of the embeddings kept on the host (the stream's `host_rows`).
+    pub(crate) embeddings: Vec<String>,
 }
 
 impl BlockSource for StreamedBlocks<'_> {
@@ -322,6 +328,25 @@ impl BlockSource for StreamedBlocks<'_> {
             dtype,
             device,
         )?)
+    }
+
+    fn embeddings(
+        &mut self,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        let tensors = self
+            .embeddings
+            .iter()
+            .map(|name| {
+                let tensor = self
+                    .streamer
+                    .host_tensor(name, device)
+                    .map_err(candle_core::Error::wrap)?;
+                Ok((name.clone(), tensor))
+            })
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
+        Ok(var_builder_of(tensors, dtype, device)?)
     }
 }
 
@@ -373,6 +398,14 @@ impl BlockSource for ReadAtEachBlock<'_, '_, '_> {
             self.read()?;
         }
         Ok(vb)
+    }
+
+    fn embeddings(
+        &mut self,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        self.blocks.embeddings(dtype, device)
     }
 }
 

@@ -418,6 +418,7 @@ pub fn generate(
                         streamer,
                         held: held_blocks,
                         parts,
+                        embeddings: spec.host_rows.clone(),
                     };
                     sample(job, p, model, &inputs, Some(blocks), observer)
                 })
@@ -588,7 +589,11 @@ fn sample(
     // modulations (the model's time embedding of each step's timestep).
     let reuse = match plan.step_cache {
         Some(threshold) => {
-            let changes = modulation_changes(&model, schedule.timesteps())?;
+            let source: &mut dyn BlockSource = match streamed.as_mut() {
+                Some(blocks) => blocks,
+                None => &mut HeldBlocks,
+            };
+            let changes = modulation_changes(&model, schedule.timesteps(), source)?;
             let reuse = crate::plan::cache_schedule(&changes, threshold);
             let skipped: Vec<usize> = (1..=reuse.len()).filter(|&i| reuse[i - 1]).collect();
             let changes: Vec<String> = changes[1..].iter().map(|c| format!("{c:.3}")).collect();
@@ -692,12 +697,15 @@ fn sample(
 }
 
 /// For each timestep but the first, the relative change (mean absolute difference over mean
-/// magnitude) of the model's time modulation from the timestep before; 0 for the first.
-fn modulation_changes(model: &WanModel, timesteps: &[f64]) -> Result<Vec<f64>> {
-    let modulations = timesteps
-        .iter()
-        .map(|&t| model.time_modulation(t as f32))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+/// magnitude) of the model's time modulation from the timestep before; 0 for the first. The
+/// embeddings come from `source` when the model does not hold them.
+fn modulation_changes(
+    model: &WanModel,
+    timesteps: &[f64],
+    source: &mut dyn BlockSource,
+) -> Result<Vec<f64>> {
+    let timesteps: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let modulations = model.time_modulations(&timesteps, source)?;
     let mut changes = vec![0.0];
     for pair in modulations.windows(2) {
         let change = (&pair[1] - &pair[0])?

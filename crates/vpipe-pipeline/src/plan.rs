@@ -168,8 +168,11 @@ pub(crate) struct BlockWeights {
     pub(crate) block: u64,
     /// Groups a block streams in (see [`Residency::Streamed`]).
     pub(crate) parts: usize,
-    /// Bytes a stream keeps on the host and reads by rows (a token embedding).
+    /// Bytes a stream keeps on the host: read by rows (a token embedding), or brought to the
+    /// compute tier whole at each forward (`host_uploaded`: the DiT's text and time
+    /// embeddings).
     pub(crate) host_rows: u64,
+    pub(crate) host_uploaded: bool,
     /// Bytes of the largest tensor in a block: what a read from the file converts (or, with
     /// a LoRA, merges) at a time.
     pub(crate) largest_tensor: u64,
@@ -188,10 +191,20 @@ impl BlockWeights {
             .saturating_sub(self.host_rows)
     }
 
+    /// What a stream holds next to its weights at the most: `activations`, or the host-side
+    /// tensors a forward brings to the compute tier before its blocks run.
+    fn stream_activations(&self, activations: u64) -> u64 {
+        if self.host_uploaded {
+            activations.max(self.host_rows)
+        } else {
+            activations
+        }
+    }
+
     /// The least budget a stream of these weights needs next to `activations` (one slot).
     fn minimum(&self, activations: u64) -> u64 {
         self.outside_blocks()
-            .saturating_add(activations)
+            .saturating_add(self.stream_activations(activations))
             .saturating_add(self.block)
             .saturating_add(self.staging(false))
     }
@@ -239,6 +252,7 @@ impl BlockWeights {
         }
         let block = self.block.max(1);
         let staging = self.staging(pinned);
+        let activations = self.stream_activations(activations);
         // (slots, arena bytes), largest first: the slots of a block's parts together hold one
         // block.
         let arenas: Vec<(usize, u64)> = if self.parts > 1 {
@@ -676,6 +690,7 @@ fn block_weights(
         block: blocks.values().copied().max().unwrap_or(0),
         parts,
         host_rows: rows,
+        host_uploaded: false,
         largest_tensor,
         patched: false,
         converted,
@@ -685,13 +700,23 @@ fn block_weights(
 /// The DiT's weights from its header.
 fn dit_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeights {
     let prefix = inspection.detection.prefix.clone();
-    block_weights(
+    let contains = |name: &str| inspection.tensors.iter().any(|t| t.name == name);
+    let layout = dit_keys::detect_layout_of(&contains);
+    let weights = block_weights(
         inspection,
         dtype,
         &|name| dit_keys::block_of(name, &prefix).map(|(index, _)| index),
         DIT_BLOCK_PARTS,
-        &|_| false,
-    )
+        &|name| {
+            layout
+                .is_some_and(|(layout, prefix)| dit_keys::is_source_embedding(name, layout, prefix))
+        },
+    );
+    // A streamed DiT's forward brings its text and time embeddings to the device.
+    BlockWeights {
+        host_uploaded: true,
+        ..weights
+    }
 }
 
 /// The umT5 encoder's weights from its header: the token embedding is read by rows.
@@ -711,6 +736,7 @@ fn text_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeigh
             block: 0,
             parts: 1,
             host_rows: 0,
+            host_uploaded: false,
             largest_tensor: 0,
             patched: false,
             converted: false,
@@ -744,7 +770,8 @@ impl ModelSizes {
                 blocks: dit.num_layers,
                 block: dit.block_parameter_count() * elem,
                 parts: DIT_BLOCK_PARTS,
-                host_rows: 0,
+                host_rows: dit.source_embedding_parameter_count() * elem,
+                host_uploaded: true,
                 largest_tensor: (dit.dim * dit.ffn_dim) as u64 * elem,
                 patched: false,
                 // A preset is planned as a file in the run's dtype.
@@ -760,6 +787,7 @@ impl ModelSizes {
                 block: text_block * elem,
                 parts: 1,
                 host_rows: text_embedding * elem,
+                host_uploaded: false,
                 largest_tensor: d * ff * elem,
                 patched: false,
                 converted: false,

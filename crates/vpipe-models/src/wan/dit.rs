@@ -387,6 +387,13 @@ impl Config {
         self.checked_parameter_count().unwrap_or(u64::MAX)
     }
 
+    /// Parameters of the text and time embeddings' larger weights, which a streamed model
+    /// takes from its source at each forward ([`dit_keys::is_source_embedding`]).
+    pub fn source_embedding_parameter_count(&self) -> u64 {
+        let (d, t) = (self.dim as u64, self.text_dim as u64);
+        (t * d + d) + (d * d + d) + (d * d + d) + (d * 6 * d + 6 * d)
+    }
+
     /// Parameter count of one transformer block (what one block of a stream moves);
     /// `u64::MAX` when it does not fit.
     pub fn block_parameter_count(&self) -> u64 {
@@ -1224,6 +1231,19 @@ pub trait BlockSource {
         let _ = part;
         self.block(index, dtype, device)
     }
+
+    /// The text and time embeddings' weights ([`dit_keys::is_source_embedding`]), for a model
+    /// built without them, named and placed as [`Self::block`] gives a block's; valid until
+    /// the embeddings are computed.
+    fn embeddings(&mut self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let _ = (dtype, device);
+        Err(Error::DitInput {
+            tensor: "embeddings",
+            reason: "the model was built without its text and time embeddings and the block \
+                     source does not give them"
+                .into(),
+        })
+    }
 }
 
 /// The source of a model that holds every block: asked for one, it fails.
@@ -1239,6 +1259,31 @@ impl BlockSource for HeldBlocks {
         Err(Error::DitInput {
             tensor: "blocks",
             reason: format!("block {index} is not held by the model and no block source was given"),
+        })
+    }
+}
+
+/// The text embedding and the time embedding's larger weights (the projection to the blocks'
+/// modulation among them): 0.43 GiB of the 14B in bf16, which a streamed model leaves on the
+/// host and brings to the device once per forward.
+#[derive(Debug, Clone)]
+struct Embeddings {
+    text_in: Linear,
+    text_out: Linear,
+    /// Kept in f32, as `time_in`.
+    time_out: Linear,
+    time_projection: Linear,
+}
+
+impl Embeddings {
+    /// `vb`: the model's (original names).
+    fn new(cfg: &Config, vb: &VarBuilder) -> Result<Self> {
+        let d = cfg.dim;
+        Ok(Self {
+            text_in: Linear::new(cfg.text_dim, d, true, vb.pp("text_embedding.0"))?,
+            text_out: Linear::new(d, d, true, vb.pp("text_embedding.2"))?,
+            time_out: Linear::new_in(d, d, true, DType::F32, vb.pp("time_embedding.2"))?,
+            time_projection: Linear::new(d, 6 * d, true, vb.pp("time_projection.1"))?,
         })
     }
 }
@@ -1285,12 +1330,11 @@ pub struct WanModel {
     patch_weight: Tensor,
     /// shape [dim]
     patch_bias: Tensor,
-    text_in: Linear,
-    text_out: Linear,
     /// Kept in f32 (diffusers keeps `time_embedder` in f32).
     time_in: Linear,
-    time_out: Linear,
-    time_projection: Linear,
+    /// The text and time embeddings' larger weights; `None` when a [`BlockSource`] gives them
+    /// at each forward ([`BlockSource::embeddings`]).
+    embeddings: Option<Embeddings>,
     /// Image-to-video: the embedding of the image features.
     image_embedding: Option<ImageEmbedding>,
     /// The blocks the model holds; `None` for a block whose weights a [`BlockSource`] gives
@@ -1397,7 +1441,7 @@ impl WanModel {
     /// in `vb`'s dtype. Linear weights with a float8 scale next to them stay float8
     /// ([`Linear`]); every other tensor, float8 or not, is converted on load.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        Self::with_blocks(cfg, vb, (dit_keys::KeyLayout::Wan, ""), &|_| true)
+        Self::with_blocks(cfg, vb, (dit_keys::KeyLayout::Wan, ""), &|_| true, true)
     }
 
     /// Like [`Self::new`], holding only the blocks for which `held` is true; a forward gets the
@@ -1407,6 +1451,7 @@ impl WanModel {
         vb: VarBuilder,
         keys: (dit_keys::KeyLayout, &'static str),
         held: &dyn Fn(usize) -> bool,
+        embeddings_held: bool,
     ) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.dim;
@@ -1431,11 +1476,10 @@ impl WanModel {
         Ok(Self {
             patch_weight,
             patch_bias: get_in_dtype(&patch, d, "bias", vb.dtype())?,
-            text_in: Linear::new(cfg.text_dim, d, true, vb.pp("text_embedding.0"))?,
-            text_out: Linear::new(d, d, true, vb.pp("text_embedding.2"))?,
             time_in: Linear::new_in(cfg.freq_dim, d, true, DType::F32, vb.pp("time_embedding.0"))?,
-            time_out: Linear::new_in(d, d, true, DType::F32, vb.pp("time_embedding.2"))?,
-            time_projection: Linear::new(d, 6 * d, true, vb.pp("time_projection.1"))?,
+            embeddings: embeddings_held
+                .then(|| Embeddings::new(cfg, &vb))
+                .transpose()?,
             image_embedding: cfg
                 .image_dim
                 .map(|image_dim| ImageEmbedding::new(cfg, image_dim, &vb))
@@ -1463,24 +1507,42 @@ impl WanModel {
             None => Config::from_var_builder(&vb)?,
         };
         tracing::debug!(?layout, prefix, ?cfg, "loading Wan DiT");
-        Self::with_blocks(&cfg, vb, (layout, prefix), &|_| true)
+        Self::with_blocks(&cfg, vb, (layout, prefix), &|_| true, true)
     }
 
     /// Builds the model from a checkpoint's `VarBuilder` (as [`Self::from_checkpoint`]) that
-    /// holds the blocks for which `held` is true and every tensor outside the blocks; a
-    /// forward gets the other blocks from a [`BlockSource`] ([`Self::forward_guided_with`]).
-    /// The configuration must be given: the block count cannot be read from a partial
-    /// checkpoint.
+    /// holds the blocks for which `held` is true and every tensor outside the blocks but,
+    /// unless `embeddings_held`, the text and time embeddings' larger weights
+    /// ([`dit_keys::is_source_embedding`]); a forward gets the rest from a [`BlockSource`]
+    /// ([`Self::forward_guided_with`]). The configuration must be given: the block count
+    /// cannot be read from a partial checkpoint.
     pub fn from_checkpoint_partial(
         vb: VarBuilder,
         cfg: &Config,
         held: &dyn Fn(usize) -> bool,
+        embeddings_held: bool,
     ) -> Result<Self> {
         let (layout, prefix) = dit_keys::detect_layout(&vb).ok_or_else(|| Error::NoDit {
             prefixes: dit_keys::KNOWN_PREFIXES.to_vec(),
         })?;
         let vb = dit_keys::canonical_var_builder(vb, layout, prefix);
-        Self::with_blocks(cfg, vb, (layout, prefix), held)
+        Self::with_blocks(cfg, vb, (layout, prefix), held, embeddings_held)
+    }
+
+    /// The text and time embeddings' weights: the model's, or `source`'s for a model built
+    /// without them (valid until the next call to `source`).
+    fn embeddings<'a>(
+        &'a self,
+        source: &mut dyn BlockSource,
+    ) -> Result<std::borrow::Cow<'a, Embeddings>> {
+        Ok(match &self.embeddings {
+            Some(held) => std::borrow::Cow::Borrowed(held),
+            None => {
+                let vb = source.embeddings(self.dtype, &self.device)?;
+                let vb = dit_keys::canonical_var_builder(vb, self.keys.0, self.keys.1);
+                std::borrow::Cow::Owned(Embeddings::new(&self.cfg, &vb)?)
+            }
+        })
     }
 
     /// Whether the model holds block `index` (else a [`BlockSource`] gives it at each forward).
@@ -1659,20 +1721,44 @@ impl WanModel {
     /// input" of Wan: `e0`), [1, 6·dim] in f32: how much it changes between two steps says how
     /// much the blocks' work changes, so a step cache compares it.
     pub fn time_modulation(&self, timestep: f32) -> Result<Tensor> {
-        if !timestep.is_finite() {
+        let mut modulations = self.time_modulations(&[timestep], &mut HeldBlocks)?;
+        Ok(modulations.remove(0))
+    }
+
+    /// [`Self::time_modulation`] of each timestep, the embeddings' weights from `source` when
+    /// the model does not hold them (fetched once).
+    pub fn time_modulations(
+        &self,
+        timesteps: &[f32],
+        source: &mut dyn BlockSource,
+    ) -> Result<Vec<Tensor>> {
+        if let Some(bad) = timesteps.iter().find(|t| !t.is_finite()) {
             return Err(Error::DitInput {
                 tensor: "timestep",
-                reason: format!("{timestep} is not a finite number"),
+                reason: format!("{bad} is not a finite number"),
             });
         }
-        let features = timestep_features(&[timestep], self.cfg.freq_dim, &self.device)?;
-        let temb = self
+        let embeddings = self.embeddings(source)?;
+        timesteps
+            .iter()
+            .map(|&timestep| {
+                let features = timestep_features(&[timestep], self.cfg.freq_dim, &self.device)?;
+                Ok(self.embed_time(&embeddings, &features)?.1)
+            })
+            .collect()
+    }
+
+    /// The time embedding (`temb`, [B, dim] in f32) and the blocks' modulation ([B, 6·dim] in
+    /// f32) of timestep features [B, freq_dim].
+    fn embed_time(&self, embeddings: &Embeddings, features: &Tensor) -> Result<(Tensor, Tensor)> {
+        let temb = embeddings
             .time_out
-            .forward(&self.time_in.forward(&features)?.silu()?)?;
-        Ok(self
+            .forward(&self.time_in.forward(features)?.silu()?)?;
+        let time = embeddings
             .time_projection
             .forward(&temb.to_dtype(self.dtype)?.silu()?)?
-            .to_dtype(DType::F32)?)
+            .to_dtype(DType::F32)?;
+        Ok((temb, time))
     }
 
     /// The token grid (frames, height, width) of a latent of this shape.
@@ -1766,8 +1852,12 @@ impl WanModel {
         source: &mut dyn BlockSource,
     ) -> Result<[Tensor; N]> {
         let mut passes = Vec::with_capacity(N);
-        for input in inputs {
-            passes.push(self.embed(input, image)?);
+        {
+            // A source's embedding weights are dropped before the first block runs.
+            let embeddings = self.embeddings(source)?;
+            for input in inputs {
+                passes.push(self.embed(input, image, &embeddings)?);
+            }
         }
         let grid = passes[0].grid;
         if let Some(other) = passes.iter().find(|p| p.grid != grid) {
@@ -1875,6 +1965,7 @@ impl WanModel {
         &self,
         (latents, timestep, context): (&Tensor, &Tensor, &Tensor),
         image: Option<&Tensor>,
+        embeddings: &Embeddings,
     ) -> Result<Embedded> {
         let (b, t, grid) = self.check_inputs(latents, timestep, context)?;
         let image = match (&self.image_embedding, image) {
@@ -1914,16 +2005,10 @@ impl WanModel {
 
         let _span = tracing::trace_span!("dit_embed").entered();
         let features = timestep_features(&t, self.cfg.freq_dim, &self.device)?;
-        let temb = self
-            .time_out
-            .forward(&self.time_in.forward(&features)?.silu()?)?;
-        let time = self
-            .time_projection
-            .forward(&temb.to_dtype(self.dtype)?.silu()?)?
-            .to_dtype(DType::F32)?
-            .reshape((b, 6, self.cfg.dim))?;
-        let context = self.text_out.forward(
-            &self
+        let (temb, time) = self.embed_time(embeddings, &features)?;
+        let time = time.reshape((b, 6, self.cfg.dim))?;
+        let context = embeddings.text_out.forward(
+            &embeddings
                 .text_in
                 .forward(&context.to_dtype(self.dtype)?)?
                 .gelu()?,

@@ -177,6 +177,20 @@ pub fn block_part_of(key: &str, layout: KeyLayout, prefix: &str) -> Option<(usiz
     Some((index, BlockPart::of(name)?))
 }
 
+/// Whether checkpoint `key` is one of the text and time embeddings' larger weights, which a
+/// model built without them takes from its [`BlockSource::embeddings`](super::BlockSource):
+/// the text embedding's two layers, the time embedding's second and the projection to the
+/// blocks' modulation (the first time layer stays: it names the diffusers layout).
+pub fn is_source_embedding(key: &str, layout: KeyLayout, prefix: &str) -> bool {
+    const MODULES: [&str; 4] = [
+        "text_embedding.0.",
+        "text_embedding.2.",
+        "time_embedding.2.",
+        "time_projection.1.",
+    ];
+    original_name(key, layout, prefix).is_some_and(|o| MODULES.iter().any(|m| o.starts_with(m)))
+}
+
 /// Wraps a checkpoint's `VarBuilder` (empty path) so that it answers to original Wan names.
 pub fn canonical_var_builder<'a>(
     vb: VarBuilder<'a>,
