@@ -197,17 +197,24 @@ impl Streamer {
             .collect())
     }
 
+    /// The error for a tensor `name` the stream does not have.
+    fn unknown(&self, name: &str) -> MemError {
+        MemError::UnknownTensor {
+            model: self.model.clone(),
+            tensor: name.to_owned(),
+        }
+    }
+
+    /// What the stream knows of the host-side tensor `name`.
+    fn host_meta(&self, name: &str) -> Result<&TensorMeta, MemError> {
+        self.host_rows.get(name).ok_or_else(|| self.unknown(name))
+    }
+
     /// Rows `ids` of the 2-D host-side tensor `name` (one of [`StreamSpec::host_rows`]), as a
     /// `[ids.len(), columns]` tensor on the host in the dtype the store holds it in, read
     /// from the pinned host copy or the file without reading the rest.
     pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Tensor, MemError> {
-        let meta = self
-            .host_rows
-            .get(name)
-            .ok_or_else(|| MemError::UnknownTensor {
-                model: self.model.clone(),
-                tensor: name.to_owned(),
-            })?;
+        let meta = self.host_meta(name)?;
         let [count, columns] = meta.shape[..] else {
             return Err(MemError::UnknownTensor {
                 model: self.model.clone(),
@@ -233,10 +240,7 @@ impl Streamer {
         match &self.source {
             #[cfg(feature = "cuda")]
             Source::Pinned(host) => {
-                let pinned = host.get(name).ok_or_else(|| MemError::UnknownTensor {
-                    model: self.model.clone(),
-                    tensor: name.to_owned(),
-                })?;
+                let pinned = host.get(name).ok_or_else(|| self.unknown(name))?;
                 gather(
                     pinned
                         .bytes()
@@ -270,20 +274,11 @@ impl Streamer {
     /// the dtype the store holds it in: copied from the pinned host copy straight to the
     /// device, or read from the file.
     pub fn host_tensor(&self, name: &str, device: &Device) -> Result<Tensor, MemError> {
-        let meta = self
-            .host_rows
-            .get(name)
-            .ok_or_else(|| MemError::UnknownTensor {
-                model: self.model.clone(),
-                tensor: name.to_owned(),
-            })?;
+        let meta = self.host_meta(name)?;
         match &self.source {
             #[cfg(feature = "cuda")]
             Source::Pinned(host) => {
-                let pinned = host.get(name).ok_or_else(|| MemError::UnknownTensor {
-                    model: self.model.clone(),
-                    tensor: name.to_owned(),
-                })?;
+                let pinned = host.get(name).ok_or_else(|| self.unknown(name))?;
                 let bytes = pinned
                     .bytes()
                     .map_err(tensor_error(format!("pinned '{name}'")))?;

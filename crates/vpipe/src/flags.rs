@@ -854,9 +854,23 @@ fn read_dit_config(
     flag: &str,
     path: Option<&std::path::Path>,
 ) -> Result<Option<vpipe_models::wan::DitConfig>, Error> {
+    read_config(
+        flag,
+        path,
+        vpipe_models::wan::DitConfig::from_diffusers_json,
+    )
+}
+
+/// The `config.json` given with `flag`, parsed by `parse`; a file that cannot be read or
+/// parsed is bad input naming the flag and the file.
+fn read_config<T>(
+    flag: &str,
+    path: Option<&Path>,
+    parse: impl Fn(&str) -> vpipe_models::Result<T>,
+) -> Result<Option<T>, Error> {
     let Some(path) = path else { return Ok(None) };
     let text = vpipe_pipeline::read_settings_file(flag, path)?;
-    vpipe_models::wan::DitConfig::from_diffusers_json(&text)
+    parse(&text)
         .map(Some)
         .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
 }
@@ -866,11 +880,11 @@ fn read_clip_config(
     flag: &str,
     path: Option<&Path>,
 ) -> Result<Option<vpipe_models::clip::Config>, Error> {
-    let Some(path) = path else { return Ok(None) };
-    let text = vpipe_pipeline::read_settings_file(flag, path)?;
-    vpipe_models::clip::Config::from_transformers_json(&text)
-        .map(Some)
-        .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))
+    read_config(
+        flag,
+        path,
+        vpipe_models::clip::Config::from_transformers_json,
+    )
 }
 
 /// Checks an image flag's file before any work: it exists and is named as a PNG or a JPEG

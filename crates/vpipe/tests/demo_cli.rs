@@ -5,6 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod common;
+
 fn vpipe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vpipe"))
 }
@@ -26,12 +28,7 @@ fn demo_runs_every_phase_and_writes_a_verified_report_and_chart() {
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    let phases: Vec<&str> = report["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let phases = common::phase_names(&report);
     assert_eq!(
         phases,
         [
@@ -138,12 +135,7 @@ fn image_to_video_demo_runs_the_clip_vision_phase_and_writes_the_video() {
     assert!(stdout.contains("image-to-video"), "{stdout}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    let phases: Vec<&str> = report["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let phases = common::phase_names(&report);
     assert_eq!(
         phases,
         [

@@ -15,12 +15,7 @@ fn phases(report: &Path) -> Vec<String> {
         .unwrap()
         .iter()
         .all(|t| t["verified"] == true));
-    report["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap().to_owned())
-        .collect()
+    common::phase_names(&report)
 }
 
 #[test]

@@ -29,6 +29,16 @@ pub fn vpipe(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The names of a report's phases, in order.
+pub fn phase_names(report: &serde_json::Value) -> Vec<String> {
+    report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Largest element-wise difference.
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     vpipe_models::ops::max_abs_diff(a, b).unwrap()
