@@ -12,6 +12,10 @@ use crate::file::{LoraFile, Module, Naming, PairStyle};
 /// The largest finite float8 e4m3fn value.
 const F8E4M3_MAX: f64 = 448.0;
 
+/// Rows of a weight [`MergePlan::apply_into`] merges together: their low-rank update is one
+/// matrix product, and their f32 copy (13 824 columns: 1.8 MB) stays in a core's cache.
+const MERGE_ROWS: usize = 32;
+
 /// One contribution to one model weight.
 #[derive(Debug)]
 struct Patch {
@@ -467,11 +471,12 @@ impl MergePlan {
             });
         }
         // Each patch as row factors: low rank `up` [rows, rank] and the scaled `down`
-        // [rank, columns]; a full patch as its scaled delta [rows, columns].
+        // [rank, columns] (a matrix product of a block of rows at a time); a full patch as its
+        // scaled delta [rows, columns].
         enum Factors {
             LowRank {
                 up: Vec<f32>,
-                down: Vec<f32>,
+                down: Tensor,
                 rank: usize,
             },
             Full(Vec<f32>),
@@ -490,11 +495,13 @@ impl MergePlan {
                     Delta::LowRank { up, down, scale } => {
                         let rank = down.dims()[0];
                         let down = down
+                            .to_device(&Device::Cpu)?
                             .to_dtype(DType::F32)?
-                            .affine(patch.strength * scale, 0.0)?;
+                            .affine(patch.strength * scale, 0.0)?
+                            .reshape((rank, columns))?;
                         Factors::LowRank {
                             up: f32_vec(up)?,
-                            down: f32_vec(&down)?,
+                            down,
                             rank,
                         }
                     }
@@ -529,31 +536,40 @@ impl MergePlan {
             }
             _ => unreachable!("checked above"),
         };
-        out.par_chunks_mut(columns * elem)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; columns],
-                |acc, (row, bytes)| {
-                    read_row(row, acc);
-                    for factors in &factors {
-                        match factors {
-                            Factors::LowRank { up, down, rank } => {
-                                for k in 0..*rank {
-                                    let u = up[row * rank + k];
-                                    let down = &down[k * columns..(k + 1) * columns];
-                                    for (a, d) in acc.iter_mut().zip(down) {
-                                        *a += u * d;
-                                    }
-                                }
-                            }
-                            Factors::Full(delta) => {
-                                let delta = &delta[row * columns..(row + 1) * columns];
-                                for (a, d) in acc.iter_mut().zip(delta) {
-                                    *a += d;
-                                }
-                            }
-                        }
+        // A block of rows at a time: the low-rank update of the block is one matrix product,
+        // which reuses each `down` row across the block's rows (a row at a time re-read all
+        // of `down` per row, 4× slower on a 14B FFN weight, examples/merge_speed.rs).
+        let merge_block = |first: usize, acc: &mut [f32]| -> Result<()> {
+            let count = acc.len() / columns;
+            for (row, acc) in acc.chunks_exact_mut(columns).enumerate() {
+                read_row(first + row, acc);
+            }
+            for factors in &factors {
+                let delta = match factors {
+                    Factors::LowRank { up, down, rank } => {
+                        let up = &up[first * rank..(first + count) * rank];
+                        Tensor::from_slice(up, (count, *rank), &Device::Cpu)?
+                            .matmul(down)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?
                     }
+                    Factors::Full(delta) => {
+                        delta[first * columns..(first + count) * columns].to_vec()
+                    }
+                };
+                for (a, d) in acc.iter_mut().zip(&delta) {
+                    *a += d;
+                }
+            }
+            Ok(())
+        };
+        out.par_chunks_mut(MERGE_ROWS * columns * elem)
+            .enumerate()
+            .try_for_each_init(
+                || vec![0f32; MERGE_ROWS * columns],
+                |acc, (block, bytes)| -> Result<()> {
+                    let acc = &mut acc[..bytes.len() / elem];
+                    merge_block(block * MERGE_ROWS, acc)?;
                     match dtype {
                         DType::F32 => {
                             for (chunk, a) in bytes.chunks_exact_mut(4).zip(acc.iter()) {
@@ -571,8 +587,9 @@ impl MergePlan {
                             }
                         }
                     }
+                    Ok(())
                 },
-            );
+            )?;
         self.applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
