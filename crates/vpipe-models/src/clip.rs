@@ -65,14 +65,19 @@ impl Config {
     /// pre-norm and every layer), for memory plans; saturates at `u64::MAX`.
     pub fn parameter_count(&self) -> u64 {
         let d = self.hidden_size as u64;
-        let i = self.intermediate_size as u64;
         let patch = (self.num_channels * self.patch_size * self.patch_size) as u64;
-        // q, k, v and the output with biases, two linear layers, two layer norms.
-        let layer = 4 * (d * d + d) + 2 * d * i + i + d + 4 * d;
+        let layer = self.layer_parameter_count();
         let embeddings = d * patch + d + self.tokens() as u64 * d;
         (self.num_layers as u64)
             .saturating_mul(layer)
             .saturating_add(embeddings + 2 * d)
+    }
+
+    /// Parameters of one transformer layer: q, k, v and the output with biases, the MLP's
+    /// two layers, two layer norms.
+    pub fn layer_parameter_count(&self) -> u64 {
+        let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        4 * (d * d + d) + 2 * d * i + i + d + 4 * d
     }
 
     /// Checks the sizes fit together (heads divide the width, patches tile the image).
@@ -153,6 +158,18 @@ impl Config {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// The layer a checkpoint key of the encoder belongs to (3 for
+/// `vision_model.encoder.layers.3.mlp.fc1.weight` and `encoder.layers.3.…`); `None` for a key
+/// outside the layers.
+pub fn layer_of(key: &str) -> Option<usize> {
+    let rest = key
+        .strip_prefix("vision_model.")
+        .unwrap_or(key)
+        .strip_prefix("encoder.layers.")?;
+    let (index, _) = rest.split_once('.')?;
+    index.parse().ok()
 }
 
 /// Layer norm with weight and bias, computed in f32 and returned in the input's dtype.
@@ -248,15 +265,52 @@ pub struct ClipVisionEncoder {
     /// [tokens, hidden]
     position_embedding: Tensor,
     pre_norm: LayerNorm,
-    layers: Vec<EncoderLayer>,
+    /// The layers the encoder holds; `None` for a layer a [`LayerSource`] gives at each
+    /// forward.
+    layers: Vec<Option<EncoderLayer>>,
+    /// The checkpoint's prefix of the names a [`LayerSource`] gives (`vision_model.` or
+    /// none).
+    prefix: &'static str,
     cfg: Config,
     dtype: DType,
+}
+
+/// Where a forward gets the layers an encoder built with
+/// [`ClipVisionEncoder::from_checkpoint_partial`] does not hold: a stream of them through a
+/// fixed arena, for example.
+pub trait LayerSource {
+    /// The tensors of layer `index`, named as in the checkpoint the encoder was built from, on
+    /// `device`, as a `VarBuilder` in `dtype`; valid until the layer's forward is done.
+    fn layer(&mut self, index: usize, dtype: DType, device: &Device)
+        -> Result<VarBuilder<'static>>;
+}
+
+/// The source of an encoder that holds every layer: asked for one, it fails.
+pub struct HeldLayers;
+
+impl LayerSource for HeldLayers {
+    fn layer(&mut self, index: usize, _: DType, _: &Device) -> Result<VarBuilder<'static>> {
+        Err(Error::ClipConfig {
+            reason: format!("layer {index} is not held by the encoder and no source was given"),
+        })
+    }
 }
 
 impl ClipVisionEncoder {
     /// Builds the encoder from `vb` in transformers' names without the `vision_model.` prefix
     /// (`embeddings.*`, `pre_layrnorm.*`, `encoder.layers.N.*`), in `vb`'s dtype.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::with_layers(cfg, vb, "", &|_| true)
+    }
+
+    /// [`Self::new`] holding the layers for which `held` is true; `prefix` is the
+    /// checkpoint's, for the names a [`LayerSource`] gives.
+    fn with_layers(
+        cfg: &Config,
+        vb: VarBuilder,
+        prefix: &'static str,
+        held: &dyn Fn(usize) -> bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let embeddings = vb.pp("embeddings");
@@ -268,7 +322,11 @@ impl ClipVisionEncoder {
         )?
         .reshape((d, c * p * p))?;
         let layers = (0..cfg.num_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| {
+                held(i)
+                    .then(|| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             patch_weight,
@@ -281,6 +339,7 @@ impl ClipVisionEncoder {
             )?,
             pre_norm: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?,
             layers,
+            prefix,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
         })
@@ -289,8 +348,22 @@ impl ClipVisionEncoder {
     /// Builds the encoder from a checkpoint's `VarBuilder` (empty path) in transformers' or
     /// ComfyUI's names (`vision_model.*`, with or without that prefix).
     pub fn from_checkpoint(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let prefixed = vb.contains_tensor("vision_model.embeddings.class_embedding");
-        Self::new(cfg, if prefixed { vb.pp("vision_model") } else { vb })
+        Self::from_checkpoint_partial(cfg, vb, &|_| true)
+    }
+
+    /// [`Self::from_checkpoint`] over a checkpoint's `VarBuilder` that holds the layers for
+    /// which `held` is true and every tensor outside the layers; a forward gets the others
+    /// from a [`LayerSource`] ([`Self::image_features_with`]).
+    pub fn from_checkpoint_partial(
+        cfg: &Config,
+        vb: VarBuilder,
+        held: &dyn Fn(usize) -> bool,
+    ) -> Result<Self> {
+        if vb.contains_tensor("vision_model.embeddings.class_embedding") {
+            Self::with_layers(cfg, vb.pp("vision_model"), "vision_model.", held)
+        } else {
+            Self::with_layers(cfg, vb, "", held)
+        }
     }
 
     /// The configuration.
@@ -310,6 +383,19 @@ impl ClipVisionEncoder {
     /// [`Error::ClipInput`] for `pixel_values` of a shape other than the above;
     /// [`Error::ClipConfig`] for more layers than the model has.
     pub fn hidden_states(&self, pixel_values: &Tensor, layers: usize) -> Result<Tensor> {
+        self.hidden_states_with(pixel_values, layers, &mut HeldLayers)
+    }
+
+    /// [`Self::hidden_states`] with the layers the encoder does not hold from `source`.
+    ///
+    /// # Shapes
+    /// As [`Self::hidden_states`].
+    pub fn hidden_states_with(
+        &self,
+        pixel_values: &Tensor,
+        layers: usize,
+        source: &mut dyn LayerSource,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (s, p, c) = (cfg.image_size, cfg.patch_size, cfg.num_channels);
         let dims = pixel_values.dims();
@@ -344,8 +430,15 @@ impl ClipVisionEncoder {
             .broadcast_as((b, 1, cfg.hidden_size))?;
         let x = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let mut x = self.pre_norm.forward(&x)?;
-        for layer in &self.layers[..layers] {
-            x = layer.forward(&x)?;
+        for (index, layer) in self.layers[..layers].iter().enumerate() {
+            x = match layer {
+                Some(layer) => layer.forward(&x)?,
+                None => {
+                    let vb = source.layer(index, self.dtype, pixel_values.device())?;
+                    let vb = vb.pp(format!("{}encoder.layers.{index}", self.prefix));
+                    EncoderLayer::new(&self.cfg, vb)?.forward(&x)?
+                }
+            };
         }
         Ok(x)
     }
@@ -356,7 +449,19 @@ impl ClipVisionEncoder {
     /// - `pixel_values`: as [`Self::hidden_states`].
     /// - output: [B, tokens, hidden] (257 × 1280 for ViT-H/14).
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.hidden_states(pixel_values, self.layers.len().saturating_sub(1))
+        self.image_features_with(pixel_values, &mut HeldLayers)
+    }
+
+    /// [`Self::image_features`] with the layers the encoder does not hold from `source`.
+    ///
+    /// # Shapes
+    /// As [`Self::image_features`].
+    pub fn image_features_with(
+        &self,
+        pixel_values: &Tensor,
+        source: &mut dyn LayerSource,
+    ) -> Result<Tensor> {
+        self.hidden_states_with(pixel_values, self.layers.len().saturating_sub(1), source)
     }
 
     /// Loads an encoder file (`.safetensors` or `.pth`) in `dtype` on `device`.

@@ -437,6 +437,65 @@ pub fn clip_vision(
     )?)
 }
 
+/// The stream of a CLIP vision encoder's layers from `held` on, whole, through `slots` arena
+/// slots (see [`block_stream`]).
+pub(crate) fn clip_layer_stream(
+    keys: &[TensorMeta],
+    layers: usize,
+    held: usize,
+    slots: usize,
+) -> StreamSpec {
+    block_stream(
+        keys,
+        &|name| vpipe_models::clip::layer_of(name).map(|index| (index, 0)),
+        (layers, 1),
+        held,
+        slots,
+        &|_| false,
+    )
+}
+
+/// The CLIP vision encoder over a stream's fixed tensors (the embeddings, the pre-norm and
+/// the layers before `held`); the other layers come from [`StreamedLayers`].
+pub(crate) fn clip_vision_streamed(
+    streamer: &Streamer,
+    config: &vpipe_models::clip::Config,
+    held: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<vpipe_models::clip::ClipVisionEncoder> {
+    Ok(
+        vpipe_models::clip::ClipVisionEncoder::from_checkpoint_partial(
+            config,
+            fixed_var_builder(streamer, dtype, device)?,
+            &|i| i < held,
+        )?,
+    )
+}
+
+/// The CLIP vision encoder's streamed layers, as a forward asks for them.
+pub(crate) struct StreamedLayers<'s> {
+    pub(crate) streamer: &'s mut Streamer,
+    pub(crate) held: usize,
+}
+
+impl vpipe_models::clip::LayerSource for StreamedLayers<'_> {
+    fn layer(
+        &mut self,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> vpipe_models::Result<VarBuilder<'static>> {
+        Ok(streamed_group(
+            self.streamer,
+            (index, 0, 1),
+            self.held,
+            dtype,
+            device,
+        )?)
+    }
+}
+
 /// Reads LoRA files (headers and tensors, on the host), each with its strength.
 pub fn read_loras(files: &[(std::path::PathBuf, f64)]) -> Result<Vec<(LoraFile, f64)>> {
     files

@@ -37,7 +37,7 @@ pub use paths::{
     check_tensor_outputs, has_extension, input_file_or_folder_problem, read_settings_file,
     require_files,
 };
-pub use pipeline::{generate, Generated, Job, JobSpec, Mode};
+pub use pipeline::{clip_vision_features, generate, Generated, Job, JobSpec, Mode};
 pub use plan::{attention_scratch, Plan};
 pub use run::{plan, run};
 pub use tiled_vae::{calibrate, choose_tile, run_tiled, TileMemoryModel, VaeOp};

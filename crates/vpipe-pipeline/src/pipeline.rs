@@ -21,7 +21,7 @@ use vpipe_text::umt5::Config as Umt5Config;
 use crate::error::{Context, Error, Result};
 use crate::models::ModelFiles;
 use crate::observer::{stop_point, Observer, Step};
-use crate::plan::{ModelSizes, Plan, Residency, SamplePlan, StepWork, TextPlan};
+use crate::plan::{EncoderPlan, ModelSizes, Plan, Residency, SamplePlan, StepWork};
 use crate::tiled_vae::{run_tiled, VaeOp};
 
 /// Latent channels of the Wan 2.1 VAE.
@@ -88,15 +88,17 @@ pub struct Job {
     device: Device,
     dtype: DType,
     /// How the text phase holds the encoder.
-    text: TextPlan,
+    text: EncoderPlan,
     /// The text encoder's configuration (from the file's header).
     text_config: Umt5Config,
     /// How the sample phase holds the DiT and runs a step.
     sample: SamplePlan,
     /// The DiT's configuration (from a `config.json` or the file's header).
     dit_config: DitConfig,
-    /// Image-to-video: the CLIP vision encoder's configuration.
+    /// Image-to-video: the CLIP vision encoder's configuration, and how the clip vision
+    /// phase holds it.
     clip_config: Option<vpipe_models::clip::Config>,
+    clip: Option<EncoderPlan>,
 }
 
 impl Job {
@@ -118,8 +120,13 @@ impl Job {
             (spec.guidance, spec.step_cache),
         );
         let lora = !models.loras.is_empty();
+        let images = spec.mode.frames_given();
         Ok(Self {
-            text: TextPlan::new(&sizes, dtype, budget, on_cuda),
+            clip: sizes
+                .clip
+                .as_ref()
+                .map(|c| EncoderPlan::clip(c, images, dtype, budget, on_cuda)),
+            text: EncoderPlan::text(&sizes, dtype, budget, on_cuda),
             sample: SamplePlan::new(&sizes, dtype, work, budget, on_cuda, lora),
             text_config: sizes.text,
             dit_config: sizes.dit,
@@ -142,6 +149,7 @@ impl Job {
     ) -> Self {
         Self {
             text: plan.text,
+            clip: plan.clip,
             sample: plan.sample,
             text_config: sizes.text,
             dit_config: sizes.dit,
@@ -289,33 +297,33 @@ pub fn generate(
     })?;
 
     stop_point(observer)?;
-    let image_features = match (&job.spec.mode, ids.clip, &job.clip_config) {
-        (Mode::ImageToVideo { clip_pixels, .. }, Some(id), Some(config)) => {
+    let image_features = match (&job.spec.mode, ids.clip, &job.clip_config, &job.clip) {
+        (Mode::ImageToVideo { clip_pixels, .. }, Some(id), Some(config), Some(plan)) => {
             Some(session.phase("clip vision", |p| -> Result<Tensor> {
-                p.make_resident(id)?;
-                let features = {
-                    let lease = p.lease(id)?;
-                    let encoder =
-                        crate::leased::clip_vision(&lease, config, job.dtype, &job.device)
-                            .with_context(|| {
-                                let path = models.clip_vision.as_ref().map(|c| c.path.display());
-                                format!("clip vision {}", path.expect("registered from its file"))
-                            })?;
-                    // Both frames' tokens in one row for first-last-frame to video, as the
-                    // DiT's image embedding takes them.
-                    let features = encoder.image_features(&clip_pixels.to_device(&job.device)?)?;
-                    let (n, tokens, width) = features.dims3()?;
-                    features
-                        .reshape((1, n * tokens, width))?
-                        .to_device(&Device::Cpu)?
+                let context = || {
+                    let path = models.clip_vision.as_ref().map(|c| c.path.display());
+                    format!("clip vision {}", path.expect("registered from its file"))
                 };
-                p.offload(id, Tier::Disk)?;
+                let pixels = clip_pixels.to_device(&job.device)?;
+                let features = clip_features(
+                    p,
+                    (id, config, plan.residency),
+                    &pixels,
+                    (job.dtype, &job.device),
+                )
+                .with_context(context)?;
+                // Both frames' tokens in one row for first-last-frame to video, as the DiT's
+                // image embedding takes them.
+                let (n, tokens, width) = features.dims3()?;
+                let features = features
+                    .reshape((1, n * tokens, width))?
+                    .to_device(&Device::Cpu)?;
                 ensure_finite(&features, "clip vision: the image features")?;
                 p.declare_output("image features (host)", tensor_bytes(&features));
                 Ok(features)
             })?)
         }
-        (Mode::ImageToVideo { .. }, _, _) => {
+        (Mode::ImageToVideo { .. }, _, _, _) => {
             return Err(Error::BadInput(
                 "image-to-video needs a CLIP vision encoder (--clip-vision)".into(),
             ))
@@ -441,6 +449,90 @@ pub fn generate(
         Ok(video)
     })?;
     Ok(Generated { latents, video })
+}
+
+/// The image features of `pixels` ([n, 3, S, S], CLIP-normalised) by the CLIP vision encoder
+/// `id`, registered from the header `inspection`, in phase `p`: held as `budget` allows
+/// (resident, else its layers streamed, a note says which), in `dtype` on `device`. What
+/// `vpipe tensors clip-vision` runs; a run's clip vision phase is planned with the others.
+pub fn clip_vision_features(
+    p: &mut vpipe_mem::Phase<'_>,
+    (id, inspection, config): (
+        ModelId,
+        &vpipe_ckpt::Inspection,
+        &vpipe_models::clip::Config,
+    ),
+    pixels: &Tensor,
+    (dtype, device): (DType, &Device),
+    budget: vpipe_mem::Budget,
+) -> Result<Tensor> {
+    let sizes = crate::plan::ClipSizes::of(inspection, config.clone(), dtype);
+    let images = pixels.dim(0)?;
+    let plan = EncoderPlan::clip(&sizes, images, dtype, budget, device.is_cuda());
+    p.note(
+        "clip vision",
+        &match plan.residency {
+            Residency::Resident => "resident: every layer held".to_owned(),
+            streamed => format!(
+                "streamed: {}",
+                streamed.describe("clip vision", config.num_layers)
+            ),
+        },
+    );
+    clip_features(p, (id, config, plan.residency), pixels, (dtype, device))
+}
+
+/// The CLIP vision encoder `id` of configuration `config`, held as `residency` says
+/// (resident, or its layers from the held ones on streamed), on `pixels`: the image features,
+/// on `device`. Leaves the encoder on disk.
+///
+/// # Shapes
+/// - `pixels`: [n, 3, S, S], CLIP-normalised.
+/// - output: [n, tokens, width].
+pub(crate) fn clip_features(
+    p: &mut vpipe_mem::Phase<'_>,
+    (id, config, residency): (ModelId, &vpipe_models::clip::Config, Residency),
+    pixels: &Tensor,
+    (dtype, device): (DType, &Device),
+) -> Result<Tensor> {
+    match residency {
+        Residency::Resident => {
+            p.make_resident(id)?;
+            let features = {
+                let lease = p.lease(id)?;
+                crate::leased::clip_vision(&lease, config, dtype, device)?.image_features(pixels)?
+            };
+            p.offload(id, Tier::Disk)?;
+            Ok(features)
+        }
+        Residency::Streamed {
+            held_blocks,
+            slots,
+            source,
+            ..
+        } => {
+            let spec = crate::leased::clip_layer_stream(
+                p.session().tensors(id),
+                config.num_layers,
+                held_blocks,
+                slots,
+            );
+            streamed(p, id, source, &spec, |_, streamer| {
+                let encoder = crate::leased::clip_vision_streamed(
+                    streamer,
+                    config,
+                    held_blocks,
+                    dtype,
+                    device,
+                )?;
+                let mut layers = crate::leased::StreamedLayers {
+                    streamer,
+                    held: held_blocks,
+                };
+                Ok(encoder.image_features_with(pixels, &mut layers)?)
+            })
+        }
+    }
 }
 
 /// The "vae encode" phase: `video` ([1, 3, T, H, W] in [-1, 1]) through the VAE in tiles, its

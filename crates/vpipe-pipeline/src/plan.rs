@@ -83,7 +83,7 @@ pub(crate) enum Residency {
 
 impl Residency {
     /// What a phase holds of `model` (of `blocks` blocks), for the plan's table.
-    fn describe(&self, model: &str, blocks: usize) -> String {
+    pub(crate) fn describe(&self, model: &str, blocks: usize) -> String {
         match self {
             Residency::Resident => model.to_owned(),
             Residency::Streamed {
@@ -99,9 +99,10 @@ impl Residency {
     }
 }
 
-/// What the text phase does: the encoder's residency, decided from the budget.
+/// What the text phase (the umT5 encoder) or the clip vision phase (the CLIP vision encoder)
+/// does: the encoder's residency, decided from the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub(crate) struct TextPlan {
+pub(crate) struct EncoderPlan {
     pub(crate) residency: Residency,
     /// **Estimated** activations of the prompt and the negative prompt together.
     pub(crate) activation_bytes: u64,
@@ -111,10 +112,10 @@ pub(crate) struct TextPlan {
     pub(crate) minimum_bytes: u64,
 }
 
-impl TextPlan {
+impl EncoderPlan {
     /// The text phase for an encoder of `sizes` in `dtype`: resident when it fits the
     /// budget, else streamed (the token embedding read by rows on the host).
-    pub(crate) fn new(
+    pub(crate) fn text(
         sizes: &ModelSizes,
         dtype: DType,
         budget: vpipe_mem::Budget,
@@ -134,7 +135,34 @@ impl TextPlan {
             on_cuda,
             TEXT_POOL_SLACK,
         );
-        let weights = sizes.text_weights;
+        Self::of(sizes.text_weights, activation_bytes, budget, on_cuda)
+    }
+
+    /// The clip vision phase for the CLIP vision encoder `clip` over `images` images:
+    /// resident when it fits the budget, else its layers streamed.
+    pub(crate) fn clip(
+        clip: &ClipSizes,
+        images: usize,
+        dtype: DType,
+        budget: vpipe_mem::Budget,
+        on_cuda: bool,
+    ) -> Self {
+        let activation_bytes = with_pool_slack(
+            clip_activation_bytes(&clip.config, images, dtype),
+            on_cuda,
+            DIT_POOL_SLACK,
+        );
+        Self::of(clip.weights, activation_bytes, budget, on_cuda)
+    }
+
+    /// An encoder of `weights` next to `activation_bytes`: resident when it fits the budget,
+    /// else streamed.
+    fn of(
+        weights: BlockWeights,
+        activation_bytes: u64,
+        budget: vpipe_mem::Budget,
+        on_cuda: bool,
+    ) -> Self {
         let minimum_bytes = weights.minimum(activation_bytes);
         let resident = (Residency::Resident, weights.total + activation_bytes);
         let (residency, estimated_peak_bytes) = match budget.compute.map(planning_limit) {
@@ -609,8 +637,23 @@ pub(crate) struct ModelSizes {
 /// The CLIP vision encoder of an image-to-video run.
 pub(crate) struct ClipSizes {
     pub(crate) config: vpipe_models::clip::Config,
-    /// Its weights once loaded.
-    pub(crate) bytes: u64,
+    /// Its weights once loaded, its layers the blocks.
+    pub(crate) weights: BlockWeights,
+}
+
+impl ClipSizes {
+    /// The encoder of configuration `config` in a checkpoint of header `inspection`, loaded in
+    /// `dtype`.
+    pub(crate) fn of(
+        inspection: &vpipe_ckpt::Inspection,
+        config: vpipe_models::clip::Config,
+        dtype: DType,
+    ) -> Self {
+        let weights = block_weights(inspection, dtype, &vpipe_models::clip::layer_of, 1, &|_| {
+            false
+        });
+        Self { weights, config }
+    }
 }
 
 impl ModelSizes {
@@ -751,8 +794,19 @@ impl ModelSizes {
         let dit = DitConfig::preset(name)?;
         let clip = dit.image_dim.map(|_| {
             let config = vpipe_models::clip::Config::vit_h_14();
+            let elem = dtype.size_in_bytes() as u64;
             ClipSizes {
-                bytes: config.parameter_count() * dtype.size_in_bytes() as u64,
+                weights: BlockWeights {
+                    total: config.parameter_count() * elem,
+                    blocks: config.num_layers,
+                    block: config.layer_parameter_count() * elem,
+                    parts: 1,
+                    host_rows: 0,
+                    host_uploaded: false,
+                    largest_tensor: (config.hidden_size * config.intermediate_size) as u64 * elem,
+                    patched: false,
+                    converted: false,
+                },
                 config,
             }
         });
@@ -896,10 +950,7 @@ fn clip_sizes(models: &ModelFiles, dit: &DitConfig, dtype: DType) -> Result<Opti
             models.dit.path.display()
         )));
     }
-    Ok(Some(ClipSizes {
-        bytes: loaded_bytes(&clip.inspection, dtype),
-        config,
-    }))
+    Ok(Some(ClipSizes::of(&clip.inspection, config, dtype)))
 }
 
 /// One phase of a plan.
@@ -941,7 +992,9 @@ pub struct Plan {
     pub(crate) mode: &'static str,
     pub(crate) guidance: &'static str,
     /// How the text encoder is held.
-    pub(crate) text: TextPlan,
+    pub(crate) text: EncoderPlan,
+    /// Image-to-video: how the CLIP vision encoder is held.
+    pub(crate) clip: Option<EncoderPlan>,
     /// How the DiT is held while sampling, and what its step needs.
     pub(crate) sample: SamplePlan,
     pub(crate) attention_query_rows: usize,
@@ -967,7 +1020,11 @@ impl Plan {
 
         let on_cuda = job.compute.device.starts_with("cuda");
         let model_budget = job.compute.model_budget();
-        let text = TextPlan::new(sizes, dtype, model_budget, on_cuda);
+        let text = EncoderPlan::text(sizes, dtype, model_budget, on_cuda);
+        let clip = sizes
+            .clip
+            .as_ref()
+            .map(|c| EncoderPlan::clip(c, frames_given, dtype, model_budget, on_cuda));
         let sample = SamplePlan::new(
             sizes,
             dtype,
@@ -1047,20 +1104,17 @@ impl Plan {
                 job.tiles.tile, job.tiles.stride, job.tiles.layout
             ),
         };
-        if let Some(clip) = &sizes.clip {
+        if let (Some(clip), Some(plan)) = (&sizes.clip, &clip) {
             // Before the shift phase, as the pipeline runs it.
             let shift = phases.len() - 1;
             phases.insert(
                 shift,
                 PhasePlan {
                     name: "clip vision",
-                    resident: vec!["clip vision".into()],
-                    estimated_peak_bytes: clip.bytes
-                        + with_pool_slack(
-                            clip_activation_bytes(&clip.config, frames_given, dtype),
-                            on_cuda,
-                            DIT_POOL_SLACK,
-                        ),
+                    resident: vec![plan
+                        .residency
+                        .describe("clip vision", clip.config.num_layers)],
+                    estimated_peak_bytes: plan.estimated_peak_bytes,
                     detail: format!(
                         "{frames_given} image(s) at {0}×{0} px, {1} tokens each",
                         clip.config.image_size,
@@ -1127,9 +1181,10 @@ impl Plan {
         let (minimum_phase, minimum_bytes) = phases
             .iter()
             .map(|p| {
-                let least = match p.name {
-                    "text" => least_budget(text.minimum_bytes),
-                    "sample" => least_budget(sample.minimum_bytes),
+                let least = match (p.name, &clip) {
+                    ("text", _) => least_budget(text.minimum_bytes),
+                    ("clip vision", Some(clip)) => least_budget(clip.minimum_bytes),
+                    ("sample", _) => least_budget(sample.minimum_bytes),
                     _ => p.estimated_peak_bytes,
                 };
                 (p.name, least)
@@ -1162,6 +1217,7 @@ impl Plan {
             },
             sample,
             text,
+            clip,
             guidance: match passes {
                 GuidancePasses::Batched => "batched",
                 GuidancePasses::TwoPasses => "two passes",

@@ -604,6 +604,93 @@ fn clip_vision_through_the_cli_matches_transformers() {
     }
 }
 
+/// A CLIP vision encoder of 12.6 MB (width 256, 4 layers, seeded random weights) under a
+/// budget below its resident need: its layers stream, the report says so, and the features
+/// equal the resident run's bit for bit.
+#[test]
+fn clip_vision_streams_its_layers_under_a_small_budget() {
+    use candle_core::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let config = vpipe_models::clip::Config {
+        hidden_size: 256,
+        intermediate_size: 1024,
+        num_layers: 4,
+        num_heads: 4,
+        image_size: 56,
+        ..vpipe_models::clip::Config::vit_h_14()
+    };
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    vpipe_models::clip::ClipVisionEncoder::new(&config, vb.pp("vision_model")).unwrap();
+    for (i, var) in varmap.all_vars().iter().enumerate() {
+        let shape = var.shape().clone();
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|j| (((i * 7919 + j * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+            .collect();
+        var.set(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let encoder = dir.path().join("clip.safetensors");
+    varmap.save(&encoder).unwrap();
+    let config_file = dir.path().join("config.json");
+    std::fs::write(
+        &config_file,
+        r#"{"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_channels": 3, "image_size": 56, "patch_size": 14,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-05}"#,
+    )
+    .unwrap();
+    let input = dir.path().join("in.safetensors");
+    let pixels = Tensor::randn(0f32, 1.0, (2, 3, 56, 56), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("pixel_values".to_owned(), pixels)]),
+        &input,
+    )
+    .unwrap();
+    let run = |name: &str, budget: Option<&str>| {
+        let output = dir.path().join(format!("{name}.safetensors"));
+        let report = dir.path().join(format!("{name}.json"));
+        let mut args = vec![
+            "tensors",
+            "clip-vision",
+            "--clip-vision",
+            encoder.to_str().unwrap(),
+            "--config",
+            config_file.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        if let Some(budget) = budget {
+            args.extend_from_slice(&["--vram-budget", budget]);
+        }
+        let run = vpipe(&args);
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let held = report["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["what"] == "clip vision")
+            .map(|n| n["detail"].as_str().unwrap().to_owned())
+            .unwrap();
+        (load(&output)["image_features"].clone(), held)
+    };
+    let (resident, held) = run("resident", None);
+    assert!(held.contains("resident"), "{held}");
+    let (streamed, held) = run("streamed", Some("12MiB"));
+    assert!(held.contains("streamed"), "{held}");
+    assert_eq!(max_abs(&streamed, &resident), 0.0);
+}
+
 #[test]
 fn an_image_to_video_dit_through_the_cli_matches_diffusers() {
     // make_dit_i2v_fixtures.py: diffusers WanTransformer3DModel with image_dim (f32); the input

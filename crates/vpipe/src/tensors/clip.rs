@@ -23,8 +23,13 @@ pub(crate) fn run_clip_vision(job: ClipVisionJob) -> anyhow::Result<ExitCode> {
         output_key: "image_features",
         compute: &job.compute,
     };
-    super::run_one_model(one, &device, |lease| {
-        let encoder = vpipe_pipeline::clip_vision(lease, &job.config, job.compute.dtype, &device)?;
-        Ok(encoder.image_features(&pixels.to_device(&device)?)?)
+    super::run_one_model(one, &device, |p, id| {
+        Ok(vpipe_pipeline::clip_vision_features(
+            p,
+            (id, &checkpoint, &job.config),
+            &pixels.to_device(&device)?,
+            (job.compute.dtype, &device),
+            job.compute.model_budget(),
+        )?)
     })
 }

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use vpipe_mem::{fmt_bytes, Lease, MemorySession, Report, Tier};
+use vpipe_mem::{fmt_bytes, Lease, MemorySession, ModelId, Phase, Report, Tier};
 
 use vpipe_pipeline::{finish_report, read_inputs, write_outputs, Compute};
 
@@ -38,28 +38,23 @@ struct OneModel<'a> {
     compute: &'a Compute,
 }
 
-/// Loads `job.checkpoint` in a phase of its own, computes `forward` over its lease in the
-/// phase `job.phase` (the model resident, offloaded after), writes the result (f32, on the
-/// host) as `job.output_key`, and reports, as every such component does.
+/// Loads `job.checkpoint` in a phase of its own, computes `compute` in the phase `job.phase`
+/// (which holds the model and gives it back, e.g. through [`resident`]), writes the result
+/// (f32, on the host) as `job.output_key`, and reports, as every such component does.
 fn run_one_model(
     job: OneModel<'_>,
     device: &Device,
-    forward: impl FnOnce(&Lease<'_>) -> anyhow::Result<Tensor>,
+    compute: impl FnOnce(&mut Phase<'_>, ModelId) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<ExitCode> {
     let mut session = MemorySession::new(device.clone(), job.compute.budget)?;
     let id = session.phase("load", |p| -> anyhow::Result<_> {
         Ok(p.register_inspected(job.model, job.checkpoint, Some(job.compute.dtype))?)
     })?;
     let output = session.phase(job.phase, |p| -> anyhow::Result<Tensor> {
-        p.make_resident(id)?;
-        let output = {
-            let lease = p.lease(id)?;
-            forward(&lease)
-                .with_context(|| format!("{} {}", job.flag, job.checkpoint.path.display()))?
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-        };
-        p.offload(id, Tier::Disk)?;
+        let output = compute(p, id)
+            .with_context(|| format!("{} {}", job.flag, job.checkpoint.path.display()))?
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?;
         p.declare_output(job.output_key, (output.elem_count() * 4) as u64);
         Ok(output)
     })?;
@@ -80,6 +75,21 @@ fn run_one_model(
     );
     vpipe_pipeline::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `forward` over the lease of model `id`, made resident for it and offloaded after.
+fn resident(
+    p: &mut Phase<'_>,
+    id: ModelId,
+    forward: impl FnOnce(&Lease<'_>) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<Tensor> {
+    p.make_resident(id)?;
+    let output = {
+        let lease = p.lease(id)?;
+        forward(&lease)?
+    };
+    p.offload(id, Tier::Disk)?;
+    Ok(output)
 }
 
 /// The measured peak of the phase `name`, above the session's baseline, for the summary line.

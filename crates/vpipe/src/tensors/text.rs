@@ -26,8 +26,11 @@ pub(crate) fn run_text_encode(job: TextEncodeJob) -> anyhow::Result<ExitCode> {
         output_key: "last_hidden_state",
         compute: &job.compute,
     };
-    super::run_one_model(one, &device, |lease| {
-        let encoder = vpipe_pipeline::umt5(lease, job.config.as_ref(), job.compute.dtype, &device)?;
-        Ok(encoder.forward(&ids.to_device(&device)?, &mask.to_device(&device)?)?)
+    super::run_one_model(one, &device, |p, id| {
+        super::resident(p, id, |lease| {
+            let encoder =
+                vpipe_pipeline::umt5(lease, job.config.as_ref(), job.compute.dtype, &device)?;
+            Ok(encoder.forward(&ids.to_device(&device)?, &mask.to_device(&device)?)?)
+        })
     })
 }
