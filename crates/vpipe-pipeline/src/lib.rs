@@ -31,13 +31,13 @@ pub use image_to_video::{clip_pixel_values, condition_mask, condition_video, ima
 pub use leased::{clip_vision, plan_loras, read_loras, umt5, wan_dit, wan_vae};
 pub use models::{Checkpoint, ModelFiles};
 pub use observer::Observer;
-pub use options::{Compute, ImageInputs, RunOptions};
+pub use options::{Compute, ImageInputs, LowNoiseExpert, RunOptions};
 pub use partial::{remove_stale_partials, write_atomically};
 pub use paths::{
     check_tensor_outputs, has_extension, input_file_or_folder_problem, read_settings_file,
     require_files,
 };
-pub use pipeline::{clip_vision_features, generate, Generated, Job, JobSpec, Mode};
+pub use pipeline::{clip_vision_features, generate, ExpertSwitch, Generated, Job, JobSpec, Mode};
 pub use plan::{attention_scratch, Plan};
 pub use run::{plan, run};
 pub use tiled_vae::{calibrate, choose_tile, run_tiled, TileMemoryModel, VaeOp};

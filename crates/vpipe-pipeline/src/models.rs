@@ -144,6 +144,8 @@ impl Checkpoint {
 pub struct ModelFiles {
     pub(crate) dit: Checkpoint,
     pub(crate) dit_config: Option<DitConfig>,
+    /// Wan 2.2: the low-noise expert, and its configuration when one was given.
+    pub(crate) dit_low_noise: Option<(Checkpoint, Option<DitConfig>)>,
     pub(crate) vae: Checkpoint,
     pub(crate) text_encoder: Checkpoint,
     /// A `tokenizer.json`; without it, the `spiece_model` tensor of the text-encoder file.
@@ -167,6 +169,7 @@ impl ModelFiles {
         Ok(Self {
             dit: Checkpoint::inspect(dit)?,
             dit_config: None,
+            dit_low_noise: None,
             vae: Checkpoint::inspect(vae)?,
             text_encoder: Checkpoint::inspect(text_encoder)?,
             tokenizer,
@@ -318,9 +321,20 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
             )
         })
         .transpose()?;
+    let dit_low_noise = options
+        .low_noise
+        .as_ref()
+        .map(|expert| -> Result<_> {
+            Ok((
+                given("--dit-low-noise", &expert.dit, dit_family)?,
+                expert.config.clone(),
+            ))
+        })
+        .transpose()?;
     Ok(ModelFiles {
         dit,
         dit_config: options.dit_config.clone(),
+        dit_low_noise,
         vae: resolve("--vae", &options.vae, &options.model_dir, Family::WanVae)?,
         text_encoder: resolve(
             "--text-encoder",

@@ -14,6 +14,8 @@ pub struct RunOptions {
     pub negative_prompt: String,
     /// Video-to-video input and strength.
     pub input: Option<(PathBuf, f64)>,
+    /// Wan 2.2's expert pair: the low-noise expert (`dit` is then the high-noise one).
+    pub low_noise: Option<LowNoiseExpert>,
     /// Image-to-video: the first frame (PNG or JPEG), and the last one for first-last-frame
     /// to video.
     pub image: Option<ImageInputs>,
@@ -37,6 +39,17 @@ pub struct RunOptions {
     pub tiles: vpipe_models::tiling::TileSpec,
     pub out: PathBuf,
     pub compute: Compute,
+}
+
+/// The low-noise expert of a Wan 2.2 pair: its file (and `config.json`), the boundary below
+/// which it takes the steps (a share of the 1000 training timesteps, as diffusers'
+/// `boundary_ratio`), and its guidance scale (diffusers' `guidance_scale_2`).
+#[derive(Debug, Clone)]
+pub struct LowNoiseExpert {
+    pub dit: PathBuf,
+    pub config: Option<vpipe_models::wan::DitConfig>,
+    pub boundary: f64,
+    pub guidance: f64,
 }
 
 /// The frames an image-to-video run starts from.

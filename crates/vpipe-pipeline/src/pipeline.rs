@@ -70,6 +70,8 @@ pub struct JobSpec {
     /// The step cache's threshold on the accumulated relative change of the timestep's
     /// modulation (TeaCache); `None`: every step runs the blocks.
     pub step_cache: Option<f64>,
+    /// Wan 2.2's expert pair: where the low-noise expert takes over, and its guidance.
+    pub low_noise: Option<ExpertSwitch>,
     pub shift: f64,
     pub sampler: SamplerKind,
     pub seed: u64,
@@ -78,6 +80,15 @@ pub struct JobSpec {
     /// video-to-video (as diffusers' pipelines take their `latents=`).
     pub initial_noise: Option<Tensor>,
     pub tiles: TileSpec,
+}
+
+/// Wan 2.2's expert pair: the steps whose timestep is below `boundary` (a share of the 1000
+/// training timesteps, diffusers' `boundary_ratio`) go to the low-noise expert, guided at
+/// `guidance` (`guidance_scale_2`); the others to the high-noise expert.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertSwitch {
+    pub boundary: f64,
+    pub guidance: f64,
 }
 
 /// A planned run: what it makes, its model files, where it computes, and how the text and
@@ -93,6 +104,8 @@ pub struct Job {
     text_config: Umt5Config,
     /// How the sample phase holds the DiT and runs a step.
     sample: SamplePlan,
+    /// Wan 2.2: the same for the low-noise expert.
+    sample_low_noise: Option<SamplePlan>,
     /// The DiT's configuration (from a `config.json` or the file's header).
     dit_config: DitConfig,
     /// Image-to-video: the CLIP vision encoder's configuration, and how the clip vision
@@ -127,7 +140,24 @@ impl Job {
                 .as_ref()
                 .map(|c| EncoderPlan::clip(c, images, dtype, budget, on_cuda)),
             text: EncoderPlan::text(&sizes, dtype, budget, on_cuda),
-            sample: SamplePlan::new(&sizes, dtype, work, budget, on_cuda, lora),
+            sample: SamplePlan::new(
+                (&sizes.dit, sizes.dit_weights),
+                dtype,
+                work,
+                budget,
+                on_cuda,
+                lora,
+            ),
+            sample_low_noise: sizes
+                .dit_low_noise
+                .zip(spec.low_noise)
+                .map(|(weights, switch)| {
+                    let work = StepWork {
+                        guidance: switch.guidance,
+                        ..work
+                    };
+                    SamplePlan::new((&sizes.dit, weights), dtype, work, budget, on_cuda, false)
+                }),
             text_config: sizes.text,
             dit_config: sizes.dit,
             clip_config: sizes.clip.map(|c| c.config),
@@ -151,6 +181,7 @@ impl Job {
             text: plan.text,
             clip: plan.clip,
             sample: plan.sample,
+            sample_low_noise: plan.sample_low_noise,
             text_config: sizes.text,
             dit_config: sizes.dit,
             clip_config: sizes.clip.map(|c| c.config),
@@ -169,6 +200,7 @@ impl Job {
 /// The models registered in the store.
 struct Registered {
     dit: ModelId,
+    dit_low_noise: Option<ModelId>,
     vae: ModelId,
     text: ModelId,
     clip: Option<ModelId>,
@@ -196,7 +228,8 @@ pub fn generate(
     // Every checkpoint's header was read when its file was found ([`ModelFiles`]), by a
     // reader that never executes pickle code, before anything loads it.
     let (ids, tokenizer, loras) = session.phase("load", |p| -> Result<_> {
-        let files = 3 + u64::from(models.clip_vision.is_some());
+        let files =
+            3 + u64::from(models.clip_vision.is_some()) + u64::from(models.dit_low_noise.is_some());
         let mut progress = Step::start(observer, "load", files);
         let mut register = |name: &'static str, checkpoint: &crate::models::Checkpoint| {
             let id = p.register_inspected(name, &checkpoint.inspection, Some(job.dtype))?;
@@ -205,6 +238,11 @@ pub fn generate(
         };
         let ids = Registered {
             dit: register("dit", &models.dit)?,
+            dit_low_noise: models
+                .dit_low_noise
+                .as_ref()
+                .map(|(checkpoint, _)| register("dit low noise", checkpoint))
+                .transpose()?,
             vae: register("vae", &models.vae)?,
             text: register("text encoder", &models.text_encoder)?,
             clip: models
@@ -382,57 +420,56 @@ pub fn generate(
     };
     let inputs = SampleInputs {
         schedule: &schedule,
-        clean_latents,
         context: &context,
         image,
     };
-    let latents = session.phase("sample", |p| -> Result<Tensor> {
-        let plan = &job.sample;
-        match plan.residency {
-            Residency::Resident => {
-                p.make_resident(ids.dit)?;
-                let model = {
-                    let lease = p.lease(ids.dit)?;
-                    crate::leased::wan_dit(&lease, Some(&job.dit_config), job.dtype, &job.device)
-                        .with_context(|| format!("dit {}", models.dit.path.display()))?
-                };
-                let latents = sample(job, p, model, &inputs, None, observer)?;
-                p.offload(ids.dit, Tier::Disk)?;
-                Ok(latents)
-            }
-            Residency::Streamed {
-                held_blocks,
-                parts,
-                slots,
-                source,
-                ..
-            } => {
-                let spec = crate::leased::dit_block_stream(
-                    p.session().tensors(ids.dit),
-                    (job.dit_config.num_layers, parts),
-                    held_blocks,
-                    slots,
-                )?;
-                streamed(p, ids.dit, source, &spec, |p, streamer| {
-                    let model = crate::leased::wan_dit_streamed(
-                        streamer,
-                        &job.dit_config,
-                        held_blocks,
-                        job.dtype,
-                        &job.device,
-                    )
-                    .with_context(|| format!("dit {}", models.dit.path.display()))?;
-                    let blocks = crate::leased::StreamedBlocks {
-                        streamer,
-                        held: held_blocks,
-                        parts,
-                        embeddings: spec.host_rows.clone(),
-                    };
-                    sample(job, p, model, &inputs, Some(blocks), observer)
-                })
-            }
+    let mut denoising = Denoising::start(job, &schedule, clean_latents)?;
+    let high_noise_steps = match job.spec.low_noise {
+        Some(switch) => schedule
+            .timesteps()
+            .iter()
+            .take_while(|&&t| t >= switch.boundary * 1000.0)
+            .count(),
+        None => schedule.steps(),
+    };
+    let high_noise = Expert {
+        phase: if job.spec.low_noise.is_some() {
+            "sample high noise"
+        } else {
+            "sample"
+        },
+        id: ids.dit,
+        checkpoint: &models.dit,
+        plan: &job.sample,
+        guidance: job.spec.guidance,
+        end: high_noise_steps,
+    };
+    let low_noise = match (
+        ids.dit_low_noise,
+        &models.dit_low_noise,
+        &job.sample_low_noise,
+    ) {
+        (Some(id), Some((checkpoint, _)), Some(plan)) => Some(Expert {
+            phase: "sample low noise",
+            id,
+            checkpoint,
+            plan,
+            guidance: job.spec.low_noise.map_or(job.spec.guidance, |s| s.guidance),
+            end: schedule.steps(),
+        }),
+        _ => None,
+    };
+    for expert in std::iter::once(&high_noise).chain(low_noise.as_ref()) {
+        if denoising.sampler.step_index() >= expert.end {
+            // The boundary leaves this expert no step.
+            continue;
         }
-    })?;
+        stop_point(observer)?;
+        session.phase(expert.phase, |p| {
+            run_expert(job, p, expert, &inputs, &mut denoising, observer)
+        })?;
+    }
+    let latents = denoising.latents;
 
     stop_point(observer)?;
     let video = session.phase("vae decode", |p| -> Result<Tensor> {
@@ -581,15 +618,123 @@ fn streamed<R>(
     Ok(value)
 }
 
-/// What the denoising loop starts from: the schedule, the clip's latents (video-to-video), the
-/// text context of the prompt and the negative prompt, and for image-to-video the condition
-/// (the mask and the frames' latents, [1, 20, F, h, w]) and the image features.
+/// What each step of the denoising loop reads: the schedule, the text context of the prompt
+/// and the negative prompt, and for image-to-video the condition (the mask and the frames'
+/// latents, [1, 20, F, h, w]) and the image features.
 #[derive(Clone, Copy)]
 struct SampleInputs<'a> {
     schedule: &'a Schedule,
-    clean_latents: Option<&'a Tensor>,
     context: &'a Tensor,
     image: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// The denoising loop's state between its phases (one per expert): the latents and the
+/// sampler, on the host.
+struct Denoising {
+    latents: Tensor,
+    sampler: Sampler,
+}
+
+impl Denoising {
+    /// The loop's start: the seeded (or given) noise, alone or added to the clip's latents
+    /// `clean_latents` at the schedule's first sigma.
+    fn start(job: &Job, schedule: &Schedule, clean_latents: Option<&Tensor>) -> Result<Self> {
+        let shape = (
+            1,
+            LATENT_CHANNELS,
+            1 + (job.spec.frames - 1) / 4,
+            job.spec.height / 8,
+            job.spec.width / 8,
+        );
+        let noise = match &job.spec.initial_noise {
+            Some(noise) => noise.clone(),
+            None => seeded_noise(job.spec.seed, shape)?,
+        };
+        let latents = match clean_latents {
+            Some(z0) => noise_latents(z0, &noise, schedule.sigmas()[0])?,
+            None => noise,
+        };
+        Ok(Self {
+            latents,
+            sampler: Sampler::new(schedule.clone()),
+        })
+    }
+}
+
+/// A DiT that takes the steps of the denoising loop up to `end` (exclusive) in phase `phase`:
+/// the one DiT, or an expert of a Wan 2.2 pair.
+struct Expert<'a> {
+    phase: &'static str,
+    id: ModelId,
+    checkpoint: &'a crate::models::Checkpoint,
+    plan: &'a SamplePlan,
+    guidance: f64,
+    end: usize,
+}
+
+/// `expert`'s steps in phase `p`, the DiT held as its plan says (resident, or its blocks
+/// streamed), given back to disk after.
+fn run_expert(
+    job: &Job,
+    p: &mut vpipe_mem::Phase<'_>,
+    expert: &Expert<'_>,
+    inputs: &SampleInputs<'_>,
+    denoising: &mut Denoising,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let context = || format!("dit {}", expert.checkpoint.path.display());
+    match expert.plan.residency {
+        Residency::Resident => {
+            p.make_resident(expert.id)?;
+            let model = {
+                let lease = p.lease(expert.id)?;
+                crate::leased::wan_dit(&lease, Some(&job.dit_config), job.dtype, &job.device)
+                    .with_context(context)?
+            };
+            sample(job, p, model, inputs, None, observer, (expert, denoising))?;
+            p.offload(expert.id, Tier::Disk)?;
+            Ok(())
+        }
+        Residency::Streamed {
+            held_blocks,
+            parts,
+            slots,
+            source,
+            ..
+        } => {
+            let spec = crate::leased::dit_block_stream(
+                p.session().tensors(expert.id),
+                (job.dit_config.num_layers, parts),
+                held_blocks,
+                slots,
+            )?;
+            streamed(p, expert.id, source, &spec, |p, streamer| {
+                let model = crate::leased::wan_dit_streamed(
+                    streamer,
+                    &job.dit_config,
+                    held_blocks,
+                    job.dtype,
+                    &job.device,
+                )
+                .with_context(context)?;
+                let blocks = crate::leased::StreamedBlocks {
+                    streamer,
+                    held: held_blocks,
+                    parts,
+                    embeddings: spec.host_rows.clone(),
+                };
+                sample(
+                    job,
+                    p,
+                    model,
+                    inputs,
+                    Some(blocks),
+                    observer,
+                    (expert, denoising),
+                )
+            })
+        }
+    }
 }
 
 /// The denoising loop of the sample phase with `model` (which the caller drops and offloads):
@@ -603,22 +748,18 @@ fn sample(
     inputs: &SampleInputs<'_>,
     mut streamed: Option<crate::leased::StreamedBlocks<'_>>,
     observer: &mut dyn Observer,
-) -> Result<Tensor> {
+    (expert, denoising): (&Expert<'_>, &mut Denoising),
+) -> Result<()> {
     let SampleInputs {
         schedule,
-        clean_latents,
         context,
         image,
+        ..
     } = *inputs;
-    let plan = &job.sample;
-    let shape = (
-        1,
-        LATENT_CHANNELS,
-        1 + (job.spec.frames - 1) / 4,
-        job.spec.height / 8,
-        job.spec.width / 8,
-    );
-    let grid = model.token_grid(shape.2, shape.3, shape.4)?;
+    let plan = expert.plan;
+    let guidance = expert.guidance;
+    let (_, _, frames, height, width) = denoising.latents.dims5()?;
+    let grid = model.token_grid(frames, height, width)?;
     let tokens: usize = grid.iter().product();
     let execution = Execution {
         attention_scratch: plan.attention_scratch,
@@ -628,7 +769,7 @@ fn sample(
         "sampling",
         &format!(
             "{tokens} tokens, CFG {} {:?} ({}), {} token slice(s), {}: estimated activations {}",
-            job.spec.guidance,
+            guidance,
             plan.passes,
             match plan.passes {
                 GuidancePasses::Batched => "condition and uncondition in one batch",
@@ -657,15 +798,9 @@ fn sample(
             fmt_bytes(plan.activation_bytes),
         ),
     );
-    let noise = match &job.spec.initial_noise {
-        Some(noise) => noise.clone(),
-        None => seeded_noise(job.spec.seed, shape)?,
-    };
-    let mut x = match clean_latents {
-        Some(z0) => noise_latents(z0, &noise, schedule.sigmas()[0])?,
-        None => noise,
-    }
-    .to_device(&job.device)?;
+    let mut x = denoising.latents.to_device(&job.device)?;
+    let sampler = &mut denoising.sampler;
+    sampler.move_history_to(&job.device)?;
     let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
     let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
     // Image-to-video: the condition follows the noise's channels in every step's input, and
@@ -685,7 +820,11 @@ fn sample(
                 Some(blocks) => blocks,
                 None => &mut HeldBlocks,
             };
-            let changes = modulation_changes(&model, schedule.timesteps(), source)?;
+            let changes = modulation_changes(
+                &model,
+                &schedule.timesteps()[sampler.step_index()..expert.end],
+                source,
+            )?;
             let reuse = crate::plan::cache_schedule(&changes, threshold);
             let skipped: Vec<usize> = (1..=reuse.len()).filter(|&i| reuse[i - 1]).collect();
             let changes: Vec<String> = changes[1..].iter().map(|c| format!("{c:.3}")).collect();
@@ -705,9 +844,12 @@ fn sample(
         None => Vec::new(),
     };
     let mut cache = BlockCache::new();
-    let mut sampler = Sampler::new(schedule.clone());
-    let mut progress = Step::start(observer, "sample", schedule.steps() as u64);
-    while let Some(t) = sampler.timestep() {
+    let first = sampler.step_index();
+    let mut progress = Step::start(observer, expert.phase, (expert.end - first) as u64);
+    while let Some(t) = sampler
+        .timestep()
+        .filter(|_| sampler.step_index() < expert.end)
+    {
         stop_point(progress.observer())?;
         let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
         let started = std::time::Instant::now();
@@ -717,7 +859,10 @@ fn sample(
             None => x.clone(),
         }
         .to_dtype(job.dtype)?;
-        let reused = reuse.get(sampler.step_index()).copied().unwrap_or(false);
+        let reused = reuse
+            .get(sampler.step_index() - first)
+            .copied()
+            .unwrap_or(false);
         let step = StepRun {
             passes: plan.passes,
             execution: &execution,
@@ -742,15 +887,8 @@ fn sample(
             Some(blocks) => blocks,
             None => &mut HeldBlocks,
         };
-        let velocity = model.forward_guided_with(
-            &input,
-            &timestep,
-            &cond,
-            &uncond,
-            job.spec.guidance,
-            step,
-            source,
-        )?;
+        let velocity =
+            model.forward_guided_with(&input, &timestep, &cond, &uncond, guidance, step, source)?;
         for reading in reading_blocks.map(|r| r.readings).unwrap_or_default() {
             p.record_sample(reading);
         }
@@ -783,9 +921,11 @@ fn sample(
         progress.advance(&format!("t = {t:.1}, {seconds:.2} s"));
     }
     drop(model);
-    let latents = x.to_device(&Device::Cpu)?;
-    p.declare_output("latents (host)", tensor_bytes(&latents));
-    Ok(latents)
+    // The latents and the sampler's history leave the device with the phase.
+    denoising.latents = x.to_device(&Device::Cpu)?;
+    denoising.sampler.move_history_to(&Device::Cpu)?;
+    p.declare_output("latents (host)", tensor_bytes(&denoising.latents));
+    Ok(())
 }
 
 /// For each timestep but the first, the relative change (mean absolute difference over mean

@@ -18,7 +18,7 @@ use vpipe_models::wan::{dit_keys, BlockPart, DitConfig, GuidancePasses};
 use vpipe_text::umt5::{keys as umt5_keys, Config as Umt5Config};
 
 use crate::error::{Error, Result};
-use crate::models::ModelFiles;
+use crate::models::{Checkpoint, ModelFiles};
 use crate::options::RunOptions;
 
 /// The VAE's memory model on one kind of device: activation bytes per (base channel × tile
@@ -440,7 +440,7 @@ impl SamplePlan {
     /// estimate with the budget). At guidance scale 1 each step is one forward of the
     /// condition ([`GuidancePasses::Single`]).
     pub(crate) fn new(
-        sizes: &ModelSizes,
+        (dit, dit_weights): (&DitConfig, BlockWeights),
         dtype: DType,
         work: StepWork,
         budget: vpipe_mem::Budget,
@@ -453,12 +453,11 @@ impl SamplePlan {
             guidance,
             step_cache,
         } = work;
-        let dit = &sizes.dit;
         let fused = fused_kernel_applies(on_cuda, dtype, dit.head_dim());
         let scratch = if fused {
             0
         } else {
-            attention_scratch(budget.compute, sizes.dit_weights.total)
+            attention_scratch(budget.compute, dit_weights.total)
         };
         let elem = dtype.size_in_bytes() as u64;
         // Two passes keep the second pass's residual stream while the first runs a block.
@@ -499,7 +498,7 @@ impl SamplePlan {
         };
         let weights = BlockWeights {
             patched: lora,
-            ..sizes.dit_weights
+            ..dit_weights
         };
         let single = guidance == 1.0;
         let smallest = if single {
@@ -632,6 +631,8 @@ pub(crate) struct ModelSizes {
     pub(crate) text_weights: BlockWeights,
     /// Image-to-video: the CLIP vision encoder.
     pub(crate) clip: Option<ClipSizes>,
+    /// Wan 2.2: the low-noise expert's weights (its architecture is `dit`'s).
+    pub(crate) dit_low_noise: Option<BlockWeights>,
 }
 
 /// The CLIP vision encoder of an image-to-video run.
@@ -848,43 +849,33 @@ impl ModelSizes {
             },
             text,
             clip,
+            dit_low_noise: None,
         })
     }
 
     /// The sizes of the given model files, from their headers.
     pub(crate) fn of(models: &ModelFiles, dtype: DType) -> Result<Self> {
-        let (dit, vae, text_encoder) = (
-            &models.dit.path,
-            &models.vae.path,
-            &models.text_encoder.path,
-        );
+        let (vae, text_encoder) = (&models.vae.path, &models.text_encoder.path);
         let dit_header = &models.dit.inspection;
         let vae_header = &models.vae.inspection;
         let text_header = &models.text_encoder.inspection;
-        let image_embedding = models.dit.image_embedding();
-        let dit_cfg = match (&models.dit_config, &dit_header.detection.config) {
-            (Some(cfg), _) => cfg.clone(),
-            (None, Some(vpipe_ckpt::ModelConfig::Dit(c))) => DitConfig {
-                dim: c.dim,
-                ffn_dim: c.ffn_dim,
-                num_heads: c.num_heads,
-                num_layers: c.num_layers,
-                in_channels: c.in_dim,
-                out_channels: c.out_dim,
-                text_dim: c.text_dim,
-                freq_dim: c.freq_dim,
-                patch_size: c.patch_size,
-                image_dim: image_embedding.map(|(width, _)| width),
-                image_tokens: image_embedding.and_then(|(_, tokens)| tokens),
-                ..DitConfig::wan21_t2v_14b()
-            },
-            _ => {
-                return Err(Error::BadInput(format!(
-                    "{}: no Wan DiT configuration in its header (a tensor missing or misshapen?)",
-                    dit.display()
-                )))
-            }
-        };
+        let dit_cfg = dit_config_of(&models.dit, models.dit_config.as_ref())?;
+        let dit_low_noise = models
+            .dit_low_noise
+            .as_ref()
+            .map(|(checkpoint, config)| -> Result<BlockWeights> {
+                let low = dit_config_of(checkpoint, config.as_ref())?;
+                if low != dit_cfg {
+                    return Err(Error::BadInput(format!(
+                        "--dit-low-noise {}: an expert of another architecture than --dit {} \
+                         ({low:?} against {dit_cfg:?}); the two experts of a pair share one",
+                        checkpoint.path.display(),
+                        models.dit.path.display()
+                    )));
+                }
+                Ok(dit_weights(&checkpoint.inspection, dtype))
+            })
+            .transpose()?;
         let vae_base_dim = match &vae_header.detection.config {
             Some(vpipe_ckpt::ModelConfig::Vae(c)) => c.base_dim,
             _ => {
@@ -914,6 +905,7 @@ impl ModelSizes {
         let clip = clip_sizes(models, &dit_cfg, dtype)?;
         Ok(Self {
             clip,
+            dit_low_noise,
             dit: dit_cfg,
             dit_weights: dit_weights(dit_header, dtype),
             vae_base_dim,
@@ -921,6 +913,32 @@ impl ModelSizes {
             text,
             text_weights: text_weights(text_header, dtype),
         })
+    }
+}
+
+/// The DiT configuration of `checkpoint`: `given` (a `config.json`), else from its header.
+fn dit_config_of(checkpoint: &Checkpoint, given: Option<&DitConfig>) -> Result<DitConfig> {
+    let image_embedding = checkpoint.image_embedding();
+    match (given, &checkpoint.inspection.detection.config) {
+        (Some(cfg), _) => Ok(cfg.clone()),
+        (None, Some(vpipe_ckpt::ModelConfig::Dit(c))) => Ok(DitConfig {
+            dim: c.dim,
+            ffn_dim: c.ffn_dim,
+            num_heads: c.num_heads,
+            num_layers: c.num_layers,
+            in_channels: c.in_dim,
+            out_channels: c.out_dim,
+            text_dim: c.text_dim,
+            freq_dim: c.freq_dim,
+            patch_size: c.patch_size,
+            image_dim: image_embedding.map(|(width, _)| width),
+            image_tokens: image_embedding.and_then(|(_, tokens)| tokens),
+            ..DitConfig::wan21_t2v_14b()
+        }),
+        _ => Err(Error::BadInput(format!(
+            "{}: no Wan DiT configuration in its header (a tensor missing or misshapen?)",
+            checkpoint.path.display()
+        ))),
     }
 }
 
@@ -997,6 +1015,8 @@ pub struct Plan {
     pub(crate) clip: Option<EncoderPlan>,
     /// How the DiT is held while sampling, and what its step needs.
     pub(crate) sample: SamplePlan,
+    /// Wan 2.2: the same for the low-noise expert.
+    pub(crate) sample_low_noise: Option<SamplePlan>,
     pub(crate) attention_query_rows: usize,
     pub(crate) vae_tile_px: usize,
     /// The precision of the weights and the computation, and why it is that one.
@@ -1026,13 +1046,30 @@ impl Plan {
             .as_ref()
             .map(|c| EncoderPlan::clip(c, frames_given, dtype, model_budget, on_cuda));
         let sample = SamplePlan::new(
-            sizes,
+            (&sizes.dit, sizes.dit_weights),
             dtype,
             work,
             model_budget,
             on_cuda,
             !job.loras.is_empty(),
         );
+        let sample_low_noise =
+            sizes
+                .dit_low_noise
+                .zip(job.low_noise.as_ref())
+                .map(|(weights, expert)| {
+                    SamplePlan::new(
+                        (&sizes.dit, weights),
+                        dtype,
+                        StepWork {
+                            guidance: expert.guidance,
+                            ..work
+                        },
+                        model_budget,
+                        on_cuda,
+                        false,
+                    )
+                });
         let fused = sample.attention_scratch == 0;
         let passes = sample.passes;
         let batch = match passes {
@@ -1135,19 +1172,44 @@ impl Plan {
                 fmt_bytes(scratch)
             )
         };
-        phases.push(PhasePlan {
-            name: "sample",
-            resident: vec![held],
-            estimated_peak_bytes: sample.estimated_peak_bytes,
-            detail: format!(
-                "{tokens} tokens, {} steps, CFG {passes:?}, {attention}{}",
-                job.steps,
-                match sample.step_cache {
-                    Some(threshold) => format!(", step cache teacache at {threshold}"),
-                    None => String::new(),
-                }
-            ),
-        });
+        let cache = match sample.step_cache {
+            Some(threshold) => format!(", step cache teacache at {threshold}"),
+            None => String::new(),
+        };
+        match (&sample_low_noise, &job.low_noise) {
+            (Some(low), Some(expert)) => {
+                let boundary = format!("timestep {:.0}", expert.boundary * 1000.0);
+                phases.push(PhasePlan {
+                    name: "sample high noise",
+                    resident: vec![held],
+                    estimated_peak_bytes: sample.estimated_peak_bytes,
+                    detail: format!(
+                        "the high-noise expert down to {boundary}: {tokens} tokens, CFG \
+                         {passes:?}, {attention}{cache}"
+                    ),
+                });
+                phases.push(PhasePlan {
+                    name: "sample low noise",
+                    resident: vec![low
+                        .residency
+                        .describe("dit low noise", sizes.dit.num_layers)],
+                    estimated_peak_bytes: low.estimated_peak_bytes,
+                    detail: format!(
+                        "the low-noise expert below {boundary}, CFG {} {:?}",
+                        expert.guidance, low.passes
+                    ),
+                });
+            }
+            _ => phases.push(PhasePlan {
+                name: "sample",
+                resident: vec![held],
+                estimated_peak_bytes: sample.estimated_peak_bytes,
+                detail: format!(
+                    "{tokens} tokens, {} steps, CFG {passes:?}, {attention}{cache}",
+                    job.steps
+                ),
+            }),
+        }
         phases.push(vae_phase("vae decode", vae.decode_bytes_per_unit));
         phases.push(PhasePlan {
             name: "write",
@@ -1184,7 +1246,12 @@ impl Plan {
                 let least = match (p.name, &clip) {
                     ("text", _) => least_budget(text.minimum_bytes),
                     ("clip vision", Some(clip)) => least_budget(clip.minimum_bytes),
-                    ("sample", _) => least_budget(sample.minimum_bytes),
+                    ("sample" | "sample high noise", _) => least_budget(sample.minimum_bytes),
+                    ("sample low noise", _) => least_budget(
+                        sample_low_noise
+                            .as_ref()
+                            .map_or(sample.minimum_bytes, |low| low.minimum_bytes),
+                    ),
                     _ => p.estimated_peak_bytes,
                 };
                 (p.name, least)
@@ -1216,6 +1283,7 @@ impl Plan {
                 (false, _) => "first-last-frame-to-video",
             },
             sample,
+            sample_low_noise,
             text,
             clip,
             guidance: match passes {

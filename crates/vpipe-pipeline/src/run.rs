@@ -362,6 +362,13 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
         steps: job.steps,
         guidance: job.guidance,
         step_cache: job.step_cache,
+        low_noise: job
+            .low_noise
+            .as_ref()
+            .map(|expert| crate::pipeline::ExpertSwitch {
+                boundary: expert.boundary,
+                guidance: expert.guidance,
+            }),
         shift: job.shift,
         sampler: job.sampler,
         seed: job.seed,

@@ -53,6 +53,22 @@ impl Sampler {
         }
     }
 
+    /// Moves the history the sampler carries between steps to `device` (between two phases
+    /// of one denoising loop, so that no tensor of it stays on the compute device).
+    pub fn move_history_to(&mut self, device: &candle_core::Device) -> Result<()> {
+        let state = &mut self.unipc;
+        for slot in [
+            &mut state.x0_prev,
+            &mut state.x0_last,
+            &mut state.last_sample,
+        ] {
+            if let Some(t) = slot.take() {
+                *slot = Some(t.to_device(device)?);
+            }
+        }
+        Ok(())
+    }
+
     /// The schedule this sampler walks.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule

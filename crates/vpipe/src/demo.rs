@@ -414,6 +414,7 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         steps: demo.steps,
         guidance: 5.0,
         step_cache: None,
+        low_noise: None,
         shift: 3.0,
         sampler: vpipe_sampling::SamplerKind::UniPc,
         seed: demo.seed,

@@ -152,6 +152,20 @@ pub(crate) struct PipelineArgs {
     /// A diffusers `transformer/config.json` for the DiT (default: from its tensor shapes).
     #[arg(long)]
     dit_config: Option<PathBuf>,
+    /// Wan 2.2 expert pair: the low-noise expert's DiT file (ComfyUI's `*_low_noise_*`); --dit
+    /// is then the high-noise expert, which takes the steps down to --boundary.
+    #[arg(long)]
+    dit_low_noise: Option<PathBuf>,
+    /// A diffusers `transformer_2/config.json` for the low-noise expert.
+    #[arg(long)]
+    dit_low_noise_config: Option<PathBuf>,
+    /// Where the low-noise expert takes over, as a share of the 1000 training timesteps
+    /// (diffusers' `boundary_ratio`): 0.875 for text-to-video, 0.9 for image-to-video.
+    #[arg(long)]
+    boundary: Option<f64>,
+    /// The low-noise expert's guidance scale (default: --cfg; diffusers' `guidance_scale_2`).
+    #[arg(long)]
+    cfg_low_noise: Option<f64>,
     /// The VAE file (overrides the one found in --model-dir).
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -411,6 +425,57 @@ impl PipelineArgs {
             }
         }
         let dit_config = read_dit_config("--dit-config", self.dit_config.as_deref())?;
+        let low_noise = match &self.dit_low_noise {
+            None => {
+                for (flag, given) in [
+                    (
+                        "--dit-low-noise-config",
+                        self.dit_low_noise_config.is_some(),
+                    ),
+                    ("--boundary", self.boundary.is_some()),
+                    ("--cfg-low-noise", self.cfg_low_noise.is_some()),
+                ] {
+                    if given {
+                        return Err(BadInput(format!(
+                            "{flag}: for a Wan 2.2 expert pair; give the low-noise expert with \
+                             --dit-low-noise"
+                        )));
+                    }
+                }
+                None
+            }
+            Some(dit) => {
+                require_files(&[("--dit-low-noise", dit)])?;
+                let default_boundary = if self.image.is_some() { 0.9 } else { 0.875 };
+                let boundary = self.boundary.unwrap_or(default_boundary);
+                if !(boundary > 0.0 && boundary < 1.0) {
+                    return Err(BadInput(format!(
+                        "--boundary {boundary}: expected a number between 0 and 1 (0.875: the \
+                         low-noise expert takes the steps below timestep 875)"
+                    )));
+                }
+                let guidance = self.cfg_low_noise.unwrap_or(self.cfg);
+                if !(0.0..=MAX_GUIDANCE).contains(&guidance) {
+                    return Err(BadInput(format!(
+                        "--cfg-low-noise {guidance}: expected a number from 0 to {MAX_GUIDANCE}"
+                    )));
+                }
+                if !self.lora.is_empty() {
+                    return Err(Error::NotBuiltYet(
+                        "--lora with --dit-low-noise: LoRAs per expert are not built yet",
+                    ));
+                }
+                Some(vpipe_pipeline::LowNoiseExpert {
+                    dit: dit.clone(),
+                    config: read_dit_config(
+                        "--dit-low-noise-config",
+                        self.dit_low_noise_config.as_deref(),
+                    )?,
+                    boundary,
+                    guidance,
+                })
+            }
+        };
         let clip_vision_config =
             read_clip_config("--clip-vision-config", self.clip_vision_config.as_deref())?;
         Ok(RunOptions {
@@ -423,6 +488,7 @@ impl PipelineArgs {
             prompt,
             negative_prompt: self.negative_prompt,
             input: self.input.map(|p| (p, self.strength)),
+            low_noise,
             image: self.image.map(|first| ImageInputs {
                 first,
                 last: self.last_image,

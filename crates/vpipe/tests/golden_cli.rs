@@ -248,6 +248,95 @@ fn first_last_frame_to_video_matches_diffusers_with_last_image() {
     assert!(err <= TOL, "flf2v: max abs {err:.3e} > {TOL:.0e}");
 }
 
+/// Wan 2.2's text-to-video expert pair against diffusers' `WanPipeline` with `transformer_2`
+/// and `boundary_ratio` 0.875 (`tools/fixtures/make_a14b_pipeline_fixtures.py`): the
+/// high-noise expert takes the steps at timesteps 999 to 923 at CFG 4, the low-noise one 857
+/// and 707 at CFG 3, one UniPC sampler across the switch; each expert in a phase of its own,
+/// the first given back (verified) before the second is loaded.
+#[test]
+fn the_wan22_expert_pair_matches_diffusers_with_transformer_2() {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline_a14b");
+    let file = |name: &str| arg(folder.join(name));
+    let reference_file = folder.join("a14b.safetensors");
+    let reference = load(&reference_file);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let report_file = dir.path().join("report.json");
+    let extra: Vec<String> = [
+        "--dit",
+        &file("dit_tiny_high_text32.safetensors"),
+        "--dit-config",
+        &file("dit_tiny_high_text32_config.json"),
+        "--dit-low-noise",
+        &file("dit_tiny_low_text32.safetensors"),
+        "--dit-low-noise-config",
+        &file("dit_tiny_low_text32_config.json"),
+        "--boundary",
+        "0.875",
+        "--cfg-low-noise",
+        "3",
+        "--shift",
+        "12",
+        "--report",
+        report_file.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let args = run_args(&reference_file, &out, (6, Some(4.0)), &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = vpipe(&args);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let made = load(&out);
+    for key in ["latents", "video"] {
+        let err = max_abs(&made[key], &reference[key]);
+        println!("a14b: max |vpipe - diffusers| of the {key} {err:.3e}");
+        assert!(err <= TOL, "a14b {key}: max abs {err:.3e} > {TOL:.0e}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    let phases = common::phase_names(&report);
+    let high = phases
+        .iter()
+        .position(|p| p == "sample high noise")
+        .unwrap();
+    assert_eq!(phases[high + 1], "sample low noise", "{phases:?}");
+    // Each expert is loaded and given back in its own phase, every move verified.
+    let moves: Vec<(String, String)> = report["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["model"].as_str().unwrap().starts_with("dit"))
+        .map(|t| {
+            assert_eq!(t["verified"], true, "{t}");
+            (
+                t["phase"].as_str().unwrap().to_owned(),
+                t["model"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("sample high noise", "dit"),
+        ("sample high noise", "dit"),
+        ("sample low noise", "dit low noise"),
+        ("sample low noise", "dit low noise"),
+    ]
+    .map(|(p, m)| (p.to_owned(), m.to_owned()))
+    .to_vec();
+    assert_eq!(moves, expected);
+    let steps: Vec<&str> = report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["what"] == "step")
+        .map(|n| n["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps.len(), 6, "{steps:?}");
+}
+
 /// A PNG chunk: length, type, data and the CRC of type and data.
 fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     let mut out = (data.len() as u32).to_be_bytes().to_vec();
