@@ -289,8 +289,8 @@ fn resolve(
 }
 
 /// The model files of a run: given per file, or found in the model folder. An image-to-video
-/// run (`--image`) takes an image-to-video DiT and a CLIP vision encoder; any other run a
-/// text-to-video DiT.
+/// run (`--image`) takes an image-to-video DiT, and a CLIP vision encoder when the DiT takes
+/// image features; any other run a text-to-video DiT.
 pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
     let image_to_video = options.image.is_some();
     let dit_family = if image_to_video {
@@ -311,7 +311,13 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
                 _ => e,
             }
         })?;
-    let clip_vision = image_to_video
+    // Wan 2.1's image-to-video DiTs take CLIP image features; Wan 2.2's image experts do not.
+    let takes_features = dit.image_embedding().is_some()
+        || options
+            .dit_config
+            .as_ref()
+            .is_some_and(|c| c.image_dim.is_some());
+    let clip_vision = (image_to_video && takes_features)
         .then(|| {
             resolve(
                 "--clip-vision",

@@ -24,8 +24,7 @@ use crate::observer::{stop_point, Observer, Step};
 use crate::plan::{EncoderPlan, ModelSizes, Plan, Residency, SamplePlan, StepWork};
 use crate::tiled_vae::{run_tiled, VaeOp};
 
-/// Latent channels of the Wan 2.1 VAE.
-pub(crate) const LATENT_CHANNELS: usize = 16;
+pub(crate) use crate::plan::LATENT_CHANNELS;
 
 /// What the pipeline makes.
 pub enum Mode {
@@ -37,11 +36,12 @@ pub enum Mode {
     /// From a first frame, and a last one for first-last-frame to video: `first`, `last`
     /// [1, 3, H, W] in [-1, 1] at the output size; `clip_pixels` [n, 3, S, S], each frame
     /// given as the CLIP vision encoder's preprocessing made it
-    /// ([`crate::clip_pixel_values`]).
+    /// ([`crate::clip_pixel_values`]), for a DiT that takes image features (Wan 2.1's; Wan
+    /// 2.2's image experts take none).
     ImageToVideo {
         first: Tensor,
         last: Option<Tensor>,
-        clip_pixels: Tensor,
+        clip_pixels: Option<Tensor>,
     },
 }
 
@@ -336,7 +336,15 @@ pub fn generate(
 
     stop_point(observer)?;
     let image_features = match (&job.spec.mode, ids.clip, &job.clip_config, &job.clip) {
-        (Mode::ImageToVideo { clip_pixels, .. }, Some(id), Some(config), Some(plan)) => {
+        (
+            Mode::ImageToVideo {
+                clip_pixels: Some(clip_pixels),
+                ..
+            },
+            Some(id),
+            Some(config),
+            Some(plan),
+        ) => {
             Some(session.phase("clip vision", |p| -> Result<Tensor> {
                 let context = || {
                     let path = models.clip_vision.as_ref().map(|c| c.path.display());
@@ -361,7 +369,15 @@ pub fn generate(
                 Ok(features)
             })?)
         }
-        (Mode::ImageToVideo { .. }, _, _, _) => {
+        (
+            Mode::ImageToVideo {
+                clip_pixels: Some(_),
+                ..
+            },
+            _,
+            _,
+            _,
+        ) => {
             return Err(Error::BadInput(
                 "image-to-video needs a CLIP vision encoder (--clip-vision)".into(),
             ))
@@ -411,17 +427,16 @@ pub fn generate(
     };
 
     stop_point(observer)?;
-    let (clean_latents, image) = match (&job.spec.mode, &encoded, &image_features) {
-        (Mode::VideoToVideo { .. }, Some(latents), _) => (Some(latents), None),
-        (Mode::ImageToVideo { .. }, Some(condition), Some(features)) => {
-            (None, Some((condition, features)))
-        }
+    let (clean_latents, condition) = match (&job.spec.mode, &encoded) {
+        (Mode::VideoToVideo { .. }, Some(latents)) => (Some(latents), None),
+        (Mode::ImageToVideo { .. }, Some(condition)) => (None, Some(condition)),
         _ => (None, None),
     };
     let inputs = SampleInputs {
         schedule: &schedule,
         context: &context,
-        image,
+        condition,
+        image_features: image_features.as_ref(),
     };
     let mut denoising = Denoising::start(job, &schedule, clean_latents)?;
     let high_noise_steps = match job.spec.low_noise {
@@ -620,12 +635,13 @@ fn streamed<R>(
 
 /// What each step of the denoising loop reads: the schedule, the text context of the prompt
 /// and the negative prompt, and for image-to-video the condition (the mask and the frames'
-/// latents, [1, 20, F, h, w]) and the image features.
+/// latents, [1, 20, F, h, w]) and the image features when the DiT takes them.
 #[derive(Clone, Copy)]
 struct SampleInputs<'a> {
     schedule: &'a Schedule,
     context: &'a Tensor,
-    image: Option<(&'a Tensor, &'a Tensor)>,
+    condition: Option<&'a Tensor>,
+    image_features: Option<&'a Tensor>,
 }
 
 /// The denoising loop's state between its phases (one per expert): the latents and the
@@ -753,8 +769,8 @@ fn sample(
     let SampleInputs {
         schedule,
         context,
-        image,
-        ..
+        condition,
+        image_features,
     } = *inputs;
     let plan = expert.plan;
     let guidance = expert.guidance;
@@ -805,13 +821,10 @@ fn sample(
     let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
     // Image-to-video: the condition follows the noise's channels in every step's input, and
     // both passes attend to the image features (as diffusers' pipeline gives them).
-    let (condition, image_features) = match image {
-        Some((condition, features)) => (
-            Some(condition.to_device(&job.device)?),
-            Some(features.to_device(&job.device)?.to_dtype(job.dtype)?),
-        ),
-        None => (None, None),
-    };
+    let condition = condition.map(|c| c.to_device(&job.device)).transpose()?;
+    let image_features = image_features
+        .map(|f| f.to_device(&job.device)?.to_dtype(job.dtype))
+        .transpose()?;
     // The steps that reuse the block cache, decided before the first one from the timesteps'
     // modulations (the model's time embedding of each step's timestep).
     let reuse = match plan.step_cache {

@@ -21,6 +21,9 @@ use crate::error::{Error, Result};
 use crate::models::{Checkpoint, ModelFiles};
 use crate::options::RunOptions;
 
+/// Latent channels of the Wan 2.1 VAE.
+pub(crate) const LATENT_CHANNELS: usize = 16;
+
 /// The VAE's memory model on one kind of device: activation bytes per (base channel × tile
 /// pixel × element byte), and the copies of its weights it makes beyond the resident ones.
 struct VaeMemoryModel {
@@ -1160,7 +1163,7 @@ impl Plan {
                 },
             );
         }
-        if job.input.is_some() || sizes.clip.is_some() {
+        if job.input.is_some() || frames_given > 0 {
             phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
         }
         let held = sample.residency.describe("dit", sizes.dit.num_layers);
@@ -1224,7 +1227,7 @@ impl Plan {
             // slot: at the least, the parts of one DiT block, or one umT5 block. The decoded
             // video (f32) and its frames (u8), and the input clip's, are on the host too.
             let staging = sizes.dit_weights.block.max(sizes.text_weights.block);
-            let clips = 1 + u64::from(job.input.is_some() || sizes.clip.is_some());
+            let clips = 1 + u64::from(job.input.is_some() || frames_given > 0);
             let video = (job.frames * job.height * job.width * 3) as u64 * 5 * clips;
             HOST_PROCESS_BYTES + staging + video
         });
@@ -1278,7 +1281,7 @@ impl Plan {
             minimum_phase,
             mode: match (job.input.is_some(), frames_given) {
                 (true, _) => "video-to-video",
-                (false, _) if sizes.clip.is_none() => "text-to-video",
+                (false, 0) => "text-to-video",
                 (false, 1) => "image-to-video",
                 (false, _) => "first-last-frame-to-video",
             },
@@ -1358,10 +1361,12 @@ impl Plan {
 /// first-last-frame to video; without `--image` (a plan of a preset), as many as the DiT
 /// takes (both for a first-last-frame model). 0 for a model without an image embedding.
 fn frames_given(job: &RunOptions, sizes: &ModelSizes) -> usize {
-    match (&sizes.clip, &job.image) {
-        (None, _) => 0,
-        (Some(_), Some(image)) => 1 + usize::from(image.last.is_some()),
-        (Some(_), None) => 1 + usize::from(sizes.dit.image_tokens.is_some()),
+    match &job.image {
+        Some(image) => 1 + usize::from(image.last.is_some()),
+        None if sizes.dit.in_channels > LATENT_CHANNELS => {
+            1 + usize::from(sizes.dit.image_tokens.is_some())
+        }
+        None => 0,
     }
 }
 

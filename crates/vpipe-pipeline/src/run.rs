@@ -81,15 +81,16 @@ const MIN_IMAGE_SIDE: u32 = 16;
 /// One image of an image-to-video run, given with `flag`: read (PNG or JPEG, by content; its
 /// declared size checked against the limits and the host budget before decoding), then as
 /// the VAE takes it, resized to cover the run's size and centre-cropped (a notice says when
-/// that changes it), [1, 3, H, W] in [-1, 1]; and as CLIP's preprocessing makes it from the
-/// image as read (diffusers' pipeline gives the encoder the original image), [1, 3, S, S].
+/// that changes it), [1, 3, H, W] in [-1, 1]; and, for a run with a CLIP vision encoder of
+/// `clip_size` px, as CLIP's preprocessing makes it from the image as read (diffusers'
+/// pipeline gives the encoder the original image), [1, 3, S, S].
 fn read_frame(
     flag: &str,
     path: &Path,
     job: &RunOptions,
-    clip_size: usize,
+    clip_size: Option<usize>,
     observer: &mut dyn Observer,
-) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+) -> Result<(candle_core::Tensor, Option<candle_core::Tensor>)> {
     let bad = |what: String| Error::BadInput(format!("{flag} {}: {what}", path.display()));
     let mut limits = vpipe_video::ReadLimits::default();
     if let Some(budget) = job.compute.budget.host {
@@ -104,8 +105,9 @@ fn read_frame(
         )));
     }
     let rgb = image.frame(0).ok_or_else(|| bad("no pixels".into()))?;
-    let clip_pixels =
-        crate::image_to_video::clip_pixel_values(rgb, (width, height), clip_size as u32)?;
+    let clip_pixels = clip_size
+        .map(|size| crate::image_to_video::clip_pixel_values(rgb, (width, height), size as u32))
+        .transpose()?;
     let (w, h) = (job.width as u32, job.height as u32);
     if (width, height) != (w, h) {
         observer.notice(&format!(
@@ -119,26 +121,24 @@ fn read_frame(
 }
 
 /// The mode of an image-to-video run: its first frame, its last one when given, and both as
-/// the CLIP vision encoder of `sizes` takes them.
+/// the CLIP vision encoder of `sizes` takes them when the run has one (Wan 2.2's image
+/// experts have none).
 fn read_images(
     images: &ImageInputs,
     job: &RunOptions,
     sizes: &ModelSizes,
     observer: &mut dyn Observer,
 ) -> Result<Mode> {
-    let clip_size = sizes
-        .clip
-        .as_ref()
-        .map(|c| c.config.image_size)
-        .ok_or_else(|| Error::BadInput("--image: the DiT is not an image-to-video model".into()))?;
+    let clip_size = sizes.clip.as_ref().map(|c| c.config.image_size);
     let (first, first_pixels) = read_frame("--image", &images.first, job, clip_size, observer)?;
     let (last, clip_pixels) = match &images.last {
         Some(path) => {
             let (last, last_pixels) = read_frame("--last-image", path, job, clip_size, observer)?;
-            (
-                Some(last),
-                candle_core::Tensor::cat(&[&first_pixels, &last_pixels], 0)?,
-            )
+            let both = first_pixels
+                .zip(last_pixels)
+                .map(|(a, b)| candle_core::Tensor::cat(&[&a, &b], 0))
+                .transpose()?;
+            (Some(last), both)
         }
         None => (None, first_pixels),
     };

@@ -368,7 +368,7 @@ fn demo_image_mode() -> anyhow::Result<Mode> {
     Ok(Mode::ImageToVideo {
         first,
         last: None,
-        clip_pixels,
+        clip_pixels: Some(clip_pixels),
     })
 }
 
