@@ -288,6 +288,28 @@ fn resolve(
     }
 }
 
+/// The two experts of a Wan 2.2 pair in `dir`, high noise first: the two DiTs of `family`
+/// there when their file names say `high_noise` and `low_noise` (ComfyUI's names); `None`
+/// for any other set of DiTs.
+fn expert_pair(dir: &Path, family: Family) -> Result<Option<(Checkpoint, Checkpoint)>> {
+    let mut found = find_models(dir, family)?;
+    if found.len() != 2 {
+        return Ok(None);
+    }
+    let named = |c: &Checkpoint, what: &str| {
+        c.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.to_lowercase().contains(what))
+    };
+    if named(&found[1], "high_noise") {
+        found.swap(0, 1);
+    }
+    let low = found.pop().expect("two files");
+    let high = found.pop().expect("two files");
+    Ok((named(&high, "high_noise") && named(&low, "low_noise")).then_some((high, low)))
+}
+
 /// The model files of a run: given per file, or found in the model folder. An image-to-video
 /// run (`--image`) takes an image-to-video DiT, and a CLIP vision encoder when the DiT takes
 /// image features; any other run a text-to-video DiT.
@@ -298,6 +320,17 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
     } else {
         Family::WanDitT2v
     };
+    // ComfyUI's Wan 2.2 folders hold both experts (`*_high_noise_*`, `*_low_noise_*`).
+    let pair = match (&options.dit, &options.low_noise, &options.model_dir) {
+        (None, None, Some(dir)) => expert_pair(dir, dit_family)?,
+        _ => None,
+    };
+    if let Some((high, low)) = pair {
+        return Ok(ModelFiles {
+            dit_low_noise: Some((low, None)),
+            ..resolve_others(options, high, image_to_video)?
+        });
+    }
     let dit =
         resolve("--dit", &options.dit, &options.model_dir, dit_family).map_err(|e| {
             match (&e, image_to_video) {
@@ -311,6 +344,28 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
                 _ => e,
             }
         })?;
+    let dit_low_noise = options
+        .low_noise
+        .as_ref()
+        .map(|expert| -> Result<_> {
+            Ok((
+                given("--dit-low-noise", &expert.dit, dit_family)?,
+                expert.config.clone(),
+            ))
+        })
+        .transpose()?;
+    Ok(ModelFiles {
+        dit_low_noise,
+        ..resolve_others(options, dit, image_to_video)?
+    })
+}
+
+/// The files of a run besides the low-noise expert, with `dit` its DiT.
+fn resolve_others(
+    options: &RunOptions,
+    dit: Checkpoint,
+    image_to_video: bool,
+) -> Result<ModelFiles> {
     // Wan 2.1's image-to-video DiTs take CLIP image features; Wan 2.2's image experts do not.
     let takes_features = dit.image_embedding().is_some()
         || options
@@ -327,20 +382,10 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
             )
         })
         .transpose()?;
-    let dit_low_noise = options
-        .low_noise
-        .as_ref()
-        .map(|expert| -> Result<_> {
-            Ok((
-                given("--dit-low-noise", &expert.dit, dit_family)?,
-                expert.config.clone(),
-            ))
-        })
-        .transpose()?;
     Ok(ModelFiles {
         dit,
         dit_config: options.dit_config.clone(),
-        dit_low_noise,
+        dit_low_noise: None,
         vae: resolve("--vae", &options.vae, &options.model_dir, Family::WanVae)?,
         text_encoder: resolve(
             "--text-encoder",

@@ -52,6 +52,18 @@ pub struct LowNoiseExpert {
     pub guidance: f64,
 }
 
+impl LowNoiseExpert {
+    /// Wan 2.2's boundary: 0.875 for text-to-video (T2V-A14B), 0.9 for image-to-video
+    /// (I2V-A14B), as their configs and diffusers' pipelines set `boundary_ratio`.
+    pub fn default_boundary(image_to_video: bool) -> f64 {
+        if image_to_video {
+            0.9
+        } else {
+            0.875
+        }
+    }
+}
+
 /// The frames an image-to-video run starts from.
 #[derive(Debug, Clone)]
 pub struct ImageInputs {

@@ -822,19 +822,20 @@ impl ModelSizes {
             + 3 * d * ff
             + 2 * d
             + (text.relative_attention_num_buckets * text.num_heads) as u64;
+        let dit_weights = BlockWeights {
+            total: dit.parameter_count() * elem,
+            blocks: dit.num_layers,
+            block: dit.block_parameter_count() * elem,
+            parts: DIT_BLOCK_PARTS,
+            host_rows: dit.source_embedding_parameter_count() * elem,
+            host_uploaded: true,
+            largest_tensor: (dit.dim * dit.ffn_dim) as u64 * elem,
+            patched: false,
+            // A preset is planned as a file in the run's dtype.
+            converted: false,
+        };
         Some(Self {
-            dit_weights: BlockWeights {
-                total: dit.parameter_count() * elem,
-                blocks: dit.num_layers,
-                block: dit.block_parameter_count() * elem,
-                parts: DIT_BLOCK_PARTS,
-                host_rows: dit.source_embedding_parameter_count() * elem,
-                host_uploaded: true,
-                largest_tensor: (dit.dim * dit.ffn_dim) as u64 * elem,
-                patched: false,
-                // A preset is planned as a file in the run's dtype.
-                converted: false,
-            },
+            dit_weights,
             dit,
             vae_base_dim: 96,
             // The Wan 2.1 VAE: 126.9 M parameters.
@@ -852,7 +853,8 @@ impl ModelSizes {
             },
             text,
             clip,
-            dit_low_noise: None,
+            // A Wan 2.2 A14B preset is a pair of experts of one architecture.
+            dit_low_noise: is_expert_pair_preset(name).then_some(dit_weights),
         })
     }
 
@@ -917,6 +919,11 @@ impl ModelSizes {
             text_weights: text_weights(text_header, dtype),
         })
     }
+}
+
+/// Whether the preset `name` is a Wan 2.2 A14B expert pair.
+pub(crate) fn is_expert_pair_preset(name: &str) -> bool {
+    name.starts_with("wan2.2-") && name.ends_with("-a14b")
 }
 
 /// The DiT configuration of `checkpoint`: `given` (a `config.json`), else from its header.

@@ -247,6 +247,20 @@ fn read_initial_noise(path: &Path, job: &RunOptions) -> Result<candle_core::Tens
     Ok(noise)
 }
 
+/// Gives `job` the expert switch of a Wan 2.2 pair whose low-noise expert is `dit` when no
+/// flag gave one: the default boundary of a text- or `image_to_video` pair, the low-noise
+/// expert guided as `--cfg` says.
+fn with_expert_switch(job: &mut RunOptions, dit: std::path::PathBuf, image_to_video: bool) {
+    if job.low_noise.is_none() {
+        job.low_noise = Some(crate::options::LowNoiseExpert {
+            dit,
+            config: None,
+            boundary: crate::options::LowNoiseExpert::default_boundary(image_to_video),
+            guidance: job.guidance,
+        });
+    }
+}
+
 /// The kind of file `--out` asks for, checked before any work.
 fn out_kind(out: &Path) -> Result<crate::paths::OutputKind> {
     use crate::paths::OutputKind;
@@ -314,9 +328,20 @@ pub fn plan(mut job: RunOptions, preset: Option<&str>) -> Result<Plan> {
                 vpipe_models::wan::DitConfig::PRESETS.join(", ")
             ))
         })?,
-        None => ModelSizes::of(&resolve_models(&job)?, job.compute.dtype)?,
+        None => {
+            let models = resolve_models(&job)?;
+            if let Some((low, _)) = &models.dit_low_noise {
+                let image_to_video = job.image.is_some();
+                with_expert_switch(&mut job, low.path.clone(), image_to_video);
+            }
+            ModelSizes::of(&models, job.compute.dtype)?
+        }
     };
     check_image_frames(&job, &sizes)?;
+    if preset.is_some_and(crate::plan::is_expert_pair_preset) {
+        let image_to_video = sizes.dit.in_channels > crate::plan::LATENT_CHANNELS;
+        with_expert_switch(&mut job, std::path::PathBuf::new(), image_to_video);
+    }
     Ok(Plan::new(&job, &sizes))
 }
 
@@ -327,6 +352,20 @@ pub fn plan(mut job: RunOptions, preset: Option<&str>) -> Result<Plan> {
 /// ([`budget_kept`](crate::budget_kept)), after the output it names.
 pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
     let models = resolve_models(&job)?;
+    if let Some((low, _)) = models
+        .dit_low_noise
+        .as_ref()
+        .filter(|_| job.low_noise.is_none())
+    {
+        let image_to_video = job.image.is_some();
+        with_expert_switch(&mut job, low.path.clone(), image_to_video);
+        observer.notice(&format!(
+            "--model-dir: the Wan 2.2 expert pair {} (high noise) and {} (low noise), boundary {}",
+            models.dit.path.display(),
+            low.path.display(),
+            job.low_noise.as_ref().map_or(0.0, |e| e.boundary)
+        ));
+    }
     check_run_outputs(&job, &models)?;
     let device = crate::device::open_device(&job.compute.device)?;
     let meters = vpipe_mem::Meters::for_device(&device)?;

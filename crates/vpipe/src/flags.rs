@@ -446,8 +446,11 @@ impl PipelineArgs {
             }
             Some(dit) => {
                 require_files(&[("--dit-low-noise", dit)])?;
-                let default_boundary = if self.image.is_some() { 0.9 } else { 0.875 };
-                let boundary = self.boundary.unwrap_or(default_boundary);
+                let boundary =
+                    self.boundary
+                        .unwrap_or(vpipe_pipeline::LowNoiseExpert::default_boundary(
+                            self.image.is_some(),
+                        ));
                 if !(boundary > 0.0 && boundary < 1.0) {
                     return Err(BadInput(format!(
                         "--boundary {boundary}: expected a number between 0 and 1 (0.875: the \

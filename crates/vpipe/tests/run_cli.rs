@@ -125,6 +125,98 @@ fn text_to_video_and_video_to_video_run_every_phase() {
     assert_eq!(load(&out2)["video"].dims(), &[1, 3, 9, 64, 96]);
 }
 
+/// A model folder with a Wan 2.2 expert pair as ComfyUI names it (`*_high_noise_*`,
+/// `*_low_noise_*`): the run finds both, samples with each in a phase of its own, and says so;
+/// the plan of the A14B presets has both phases too.
+#[test]
+fn a_model_folder_with_an_expert_pair_samples_with_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = builtin_models(&dir.path().join("demo"));
+    let pair = dir.path().join("pair");
+    std::fs::create_dir(&pair).unwrap();
+    for entry in std::fs::read_dir(&models).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.starts_with("wan2.1-dit") {
+            for expert in ["high_noise", "low_noise"] {
+                std::fs::copy(
+                    &path,
+                    pair.join(format!("wan2.2_t2v_{expert}_tiny.safetensors")),
+                )
+                .unwrap();
+            }
+        } else if !name.starts_with("lora") {
+            std::fs::copy(&path, pair.join(&name)).unwrap();
+        }
+    }
+    let out = dir.path().join("pair.safetensors");
+    let report = dir.path().join("pair.json");
+    let run = vpipe(&[
+        "run",
+        "--model-dir",
+        pair.to_str().unwrap(),
+        "--prompt",
+        "a red kite over the sea",
+        "--size",
+        "96x64",
+        "--frames",
+        "9",
+        "--steps",
+        "4",
+        "--shift",
+        "12",
+        "--out",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("expert pair"), "{stderr}");
+    assert_eq!(
+        phases(&report),
+        [
+            "load",
+            "lora",
+            "text",
+            "shift",
+            "sample high noise",
+            "sample low noise",
+            "vae decode",
+            "write"
+        ]
+    );
+    for preset in ["wan2.2-t2v-a14b", "wan2.2-i2v-a14b"] {
+        let plan = vpipe(&[
+            "plan",
+            "--preset",
+            preset,
+            "--dtype",
+            "bf16",
+            "--device",
+            "cuda:0",
+            "--vram-budget",
+            "8GiB",
+            "--ram-budget",
+            "48GiB",
+            "--json",
+        ]);
+        assert!(plan.status.success(), "{preset}");
+        let json: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+        let names: Vec<&str> = json["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            names.contains(&"sample high noise") && names.contains(&"sample low noise"),
+            "{preset}: {names:?}"
+        );
+        assert_eq!(json["fits"], true, "{preset}");
+    }
+}
+
 #[test]
 fn bad_run_input_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

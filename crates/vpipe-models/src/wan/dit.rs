@@ -115,13 +115,24 @@ impl Config {
         }
     }
 
-    /// The names [`Self::preset`] knows.
-    pub const PRESETS: [&'static str; 5] = [
+    /// Each expert of Wan2.2-I2V-A14B: the 14B with 36 input channels (noise, mask, image
+    /// latents) and no image features.
+    pub fn wan22_i2v_a14b_expert() -> Self {
+        Self {
+            in_channels: 36,
+            ..Self::wan21_t2v_14b()
+        }
+    }
+
+    /// The names [`Self::preset`] knows; a Wan 2.2 A14B preset names one expert of its pair.
+    pub const PRESETS: [&'static str; 7] = [
         "wan2.1-t2v-14b",
         "wan2.1-t2v-1.3b",
         "wan2.1-i2v-14b-480p",
         "wan2.1-i2v-14b-720p",
         "wan2.1-flf2v-14b-720p",
+        "wan2.2-t2v-a14b",
+        "wan2.2-i2v-a14b",
     ];
 
     /// The preset named `name`, one of [`Self::PRESETS`].
@@ -131,6 +142,9 @@ impl Config {
             "wan2.1-t2v-1.3b" => Some(Self::wan21_t2v_1_3b()),
             "wan2.1-i2v-14b-480p" | "wan2.1-i2v-14b-720p" => Some(Self::wan21_i2v_14b()),
             "wan2.1-flf2v-14b-720p" => Some(Self::wan21_flf2v_14b()),
+            // Each Wan 2.2 T2V-A14B expert has the Wan 2.1 14B architecture.
+            "wan2.2-t2v-a14b" => Some(Self::wan21_t2v_14b()),
+            "wan2.2-i2v-a14b" => Some(Self::wan22_i2v_a14b_expert()),
             _ => None,
         }
     }
