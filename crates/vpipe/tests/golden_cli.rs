@@ -255,49 +255,7 @@ fn first_last_frame_to_video_matches_diffusers_with_last_image() {
 /// the first given back (verified) before the second is loaded.
 #[test]
 fn the_wan22_expert_pair_matches_diffusers_with_transformer_2() {
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline_a14b");
-    let file = |name: &str| arg(folder.join(name));
-    let reference_file = folder.join("a14b.safetensors");
-    let reference = load(&reference_file);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.safetensors");
-    let report_file = dir.path().join("report.json");
-    let extra: Vec<String> = [
-        "--dit",
-        &file("dit_tiny_high_text32.safetensors"),
-        "--dit-config",
-        &file("dit_tiny_high_text32_config.json"),
-        "--dit-low-noise",
-        &file("dit_tiny_low_text32.safetensors"),
-        "--dit-low-noise-config",
-        &file("dit_tiny_low_text32_config.json"),
-        "--boundary",
-        "0.875",
-        "--cfg-low-noise",
-        "3",
-        "--shift",
-        "12",
-        "--report",
-        report_file.to_str().unwrap(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let args = run_args(&reference_file, &out, (6, Some(4.0)), &extra);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = vpipe(&args);
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let made = load(&out);
-    for key in ["latents", "video"] {
-        let err = max_abs(&made[key], &reference[key]);
-        println!("a14b: max |vpipe - diffusers| of the {key} {err:.3e}");
-        assert!(err <= TOL, "a14b {key}: max abs {err:.3e} > {TOL:.0e}");
-    }
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    let report = expert_pair_error("a14b", "12", &[]);
     let phases = common::phase_names(&report);
     let high = phases
         .iter()
@@ -335,6 +293,81 @@ fn the_wan22_expert_pair_matches_diffusers_with_transformer_2() {
         .map(|n| n["detail"].as_str().unwrap())
         .collect();
     assert_eq!(steps.len(), 6, "{steps:?}");
+}
+
+/// Wan 2.2's image-to-video expert pair (no CLIP features: the condition alone) against
+/// diffusers' `WanImageToVideoPipeline` with `transformer_2` and `boundary_ratio` 0.9
+/// (`tools/fixtures/make_i2v_a14b_pipeline_fixtures.py`), first frame only and first and last.
+#[test]
+fn the_wan22_image_expert_pair_matches_diffusers() {
+    let image = |name: &str| arg(golden_i2v(name));
+    expert_pair_error("i2v_a14b", "5", &["--image".into(), image("first.png")]);
+    expert_pair_error(
+        "flf2v_a14b",
+        "5",
+        &[
+            "--image".into(),
+            image("first.png"),
+            "--last-image".into(),
+            image("last.png"),
+        ],
+    );
+}
+
+/// Runs the Wan 2.2 pair fixture `name` (a14b: text-to-video from `pipeline_a14b/`; i2v_a14b
+/// and flf2v_a14b from `pipeline_i2v_a14b/`) at flow shift `shift` with `extra` flags, checks
+/// the final latents and the video against diffusers' to [`TOL`], and returns the report.
+fn expert_pair_error(name: &str, shift: &str, extra: &[String]) -> serde_json::Value {
+    let (folder, kind) = match name {
+        "a14b" => ("pipeline_a14b", ""),
+        _ => ("pipeline_i2v_a14b", "i2v_"),
+    };
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(folder);
+    let file = |name: &str| arg(folder.join(name));
+    let reference_file = folder.join(format!("{name}.safetensors"));
+    let reference = load(&reference_file);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let report_file = dir.path().join("report.json");
+    let boundary = if kind.is_empty() { "0.875" } else { "0.9" };
+    let mut flags: Vec<String> = [
+        "--dit",
+        &file(&format!("dit_tiny_{kind}high_text32.safetensors")),
+        "--dit-config",
+        &file(&format!("dit_tiny_{kind}high_text32_config.json")),
+        "--dit-low-noise",
+        &file(&format!("dit_tiny_{kind}low_text32.safetensors")),
+        "--dit-low-noise-config",
+        &file(&format!("dit_tiny_{kind}low_text32_config.json")),
+        "--boundary",
+        boundary,
+        "--cfg-low-noise",
+        "3",
+        "--shift",
+        shift,
+        "--report",
+        report_file.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    flags.extend_from_slice(extra);
+    let args = run_args(&reference_file, &out, (6, Some(4.0)), &flags);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = vpipe(&args);
+    assert!(
+        result.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let made = load(&out);
+    for key in ["latents", "video"] {
+        let err = max_abs(&made[key], &reference[key]);
+        println!("{name}: max |vpipe - diffusers| of the {key} {err:.3e}");
+        assert!(err <= TOL, "{name} {key}: max abs {err:.3e} > {TOL:.0e}");
+    }
+    serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap()
 }
 
 /// A PNG chunk: length, type, data and the CRC of type and data.
