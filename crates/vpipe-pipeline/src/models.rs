@@ -146,6 +146,8 @@ pub struct ModelFiles {
     pub(crate) dit_config: Option<DitConfig>,
     /// Wan 2.2: the low-noise expert, and its configuration when one was given.
     pub(crate) dit_low_noise: Option<(Checkpoint, Option<DitConfig>)>,
+    /// The low-noise expert's LoRAs (`loras` patch the other DiT).
+    pub(crate) loras_low_noise: Vec<(PathBuf, f64)>,
     pub(crate) vae: Checkpoint,
     pub(crate) text_encoder: Checkpoint,
     /// A `tokenizer.json`; without it, the `spiece_model` tensor of the text-encoder file.
@@ -170,6 +172,7 @@ impl ModelFiles {
             dit: Checkpoint::inspect(dit)?,
             dit_config: None,
             dit_low_noise: None,
+            loras_low_noise: Vec::new(),
             vae: Checkpoint::inspect(vae)?,
             text_encoder: Checkpoint::inspect(text_encoder)?,
             tokenizer,
@@ -321,15 +324,30 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
         Family::WanDitT2v
     };
     // ComfyUI's Wan 2.2 folders hold both experts (`*_high_noise_*`, `*_low_noise_*`).
-    let pair = match (&options.dit, &options.low_noise, &options.model_dir) {
+    let low_noise_file = options.low_noise.as_ref().and_then(|e| e.dit.as_ref());
+    let pair = match (&options.dit, low_noise_file, &options.model_dir) {
         (None, None, Some(dir)) => expert_pair(dir, dit_family)?,
         _ => None,
     };
+    let loras_low_noise = options
+        .low_noise
+        .as_ref()
+        .map(|expert| expert.loras.clone())
+        .unwrap_or_default();
     if let Some((high, low)) = pair {
+        let config = options.low_noise.as_ref().and_then(|e| e.config.clone());
         return Ok(ModelFiles {
-            dit_low_noise: Some((low, None)),
+            dit_low_noise: Some((low, config)),
+            loras_low_noise,
             ..resolve_others(options, high, image_to_video)?
         });
+    }
+    if let (Some(_), None, Some(dir)) = (&options.low_noise, low_noise_file, &options.model_dir) {
+        return Err(Error::BadInput(format!(
+            "--model-dir {}: no Wan 2.2 expert pair (two DiTs named *high_noise* and \
+             *low_noise*); give --dit and --dit-low-noise",
+            dir.display()
+        )));
     }
     let dit =
         resolve("--dit", &options.dit, &options.model_dir, dit_family).map_err(|e| {
@@ -347,15 +365,14 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
     let dit_low_noise = options
         .low_noise
         .as_ref()
-        .map(|expert| -> Result<_> {
-            Ok((
-                given("--dit-low-noise", &expert.dit, dit_family)?,
-                expert.config.clone(),
-            ))
+        .and_then(|expert| expert.dit.as_ref().map(|dit| (dit, expert.config.clone())))
+        .map(|(dit, config)| -> Result<_> {
+            Ok((given("--dit-low-noise", dit, dit_family)?, config))
         })
         .transpose()?;
     Ok(ModelFiles {
         dit_low_noise,
+        loras_low_noise,
         ..resolve_others(options, dit, image_to_video)?
     })
 }
@@ -386,6 +403,7 @@ fn resolve_others(
         dit,
         dit_config: options.dit_config.clone(),
         dit_low_noise: None,
+        loras_low_noise: Vec::new(),
         vae: resolve("--vae", &options.vae, &options.model_dir, Family::WanVae)?,
         text_encoder: resolve(
             "--text-encoder",

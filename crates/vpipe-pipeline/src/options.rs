@@ -41,15 +41,18 @@ pub struct RunOptions {
     pub compute: Compute,
 }
 
-/// The low-noise expert of a Wan 2.2 pair: its file (and `config.json`), the boundary below
-/// which it takes the steps (a share of the 1000 training timesteps, as diffusers'
-/// `boundary_ratio`), and its guidance scale (diffusers' `guidance_scale_2`).
+/// The low-noise expert of a Wan 2.2 pair: its file (else the one the model folder pairs with
+/// the high-noise one) and `config.json`, the boundary below which it takes the steps (a
+/// share of the 1000 training timesteps, as diffusers' `boundary_ratio`), and its guidance
+/// scale (diffusers' `guidance_scale_2`).
 #[derive(Debug, Clone)]
 pub struct LowNoiseExpert {
-    pub dit: PathBuf,
+    pub dit: Option<PathBuf>,
     pub config: Option<vpipe_models::wan::DitConfig>,
     pub boundary: f64,
     pub guidance: f64,
+    /// Its LoRAs and their strengths (`--lora` patches the high-noise expert).
+    pub loras: Vec<(PathBuf, f64)>,
 }
 
 impl LowNoiseExpert {

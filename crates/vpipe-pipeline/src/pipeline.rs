@@ -156,7 +156,8 @@ impl Job {
                         guidance: switch.guidance,
                         ..work
                     };
-                    SamplePlan::new((&sizes.dit, weights), dtype, work, budget, on_cuda, false)
+                    let lora = !models.loras_low_noise.is_empty();
+                    SamplePlan::new((&sizes.dit, weights), dtype, work, budget, on_cuda, lora)
                 }),
             text_config: sizes.text,
             dit_config: sizes.dit,
@@ -256,14 +257,23 @@ pub fn generate(
             None => models.text_encoder.prompt_tokenizer(),
         }
         .context("the prompt tokenizer")?;
-        let loras = crate::leased::read_loras(&models.loras)?;
+        let loras = (
+            crate::leased::read_loras(&models.loras)?,
+            crate::leased::read_loras(&models.loras_low_noise)?,
+        );
         Ok((ids, tokenizer, loras))
     })?;
 
     stop_point(observer)?;
     // See `leased::plan_loras`: merged by the store as the weights are read.
     session.phase("lora", |p| {
-        crate::leased::plan_loras(p, ids.dit, &models.dit, &loras, &models.loras)
+        crate::leased::plan_loras(p, ids.dit, &models.dit, &loras.0, &models.loras)?;
+        match (ids.dit_low_noise, &models.dit_low_noise) {
+            (Some(id), Some((checkpoint, _))) => {
+                crate::leased::plan_loras(p, id, checkpoint, &loras.1, &models.loras_low_noise)
+            }
+            _ => Ok(()),
+        }
     })?;
 
     stop_point(observer)?;

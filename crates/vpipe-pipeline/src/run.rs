@@ -253,10 +253,11 @@ fn read_initial_noise(path: &Path, job: &RunOptions) -> Result<candle_core::Tens
 fn with_expert_switch(job: &mut RunOptions, dit: std::path::PathBuf, image_to_video: bool) {
     if job.low_noise.is_none() {
         job.low_noise = Some(crate::options::LowNoiseExpert {
-            dit,
+            dit: Some(dit),
             config: None,
             boundary: crate::options::LowNoiseExpert::default_boundary(image_to_video),
             guidance: job.guidance,
+            loras: Vec::new(),
         });
     }
 }
@@ -307,6 +308,15 @@ fn check_run_outputs(job: &RunOptions, models: &ModelFiles) -> Result<()> {
     );
     inputs.extend(job.initial_noise.as_deref().map(|p| ("--initial-noise", p)));
     inputs.extend(models.loras.iter().map(|(p, _)| ("--lora", p.as_path())));
+    if let Some((low, _)) = &models.dit_low_noise {
+        inputs.push(("--dit-low-noise", low.path.as_path()));
+    }
+    inputs.extend(
+        models
+            .loras_low_noise
+            .iter()
+            .map(|(p, _)| ("--lora-low-noise", p.as_path())),
+    );
     crate::paths::check_command_outputs(out, job.compute.report.as_deref(), &inputs)
 }
 
@@ -352,11 +362,8 @@ pub fn plan(mut job: RunOptions, preset: Option<&str>) -> Result<Plan> {
 /// ([`budget_kept`](crate::budget_kept)), after the output it names.
 pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
     let models = resolve_models(&job)?;
-    if let Some((low, _)) = models
-        .dit_low_noise
-        .as_ref()
-        .filter(|_| job.low_noise.is_none())
-    {
+    let from_folder = job.low_noise.as_ref().is_none_or(|e| e.dit.is_none());
+    if let Some((low, _)) = models.dit_low_noise.as_ref().filter(|_| from_folder) {
         let image_to_video = job.image.is_some();
         with_expert_switch(&mut job, low.path.clone(), image_to_video);
         observer.notice(&format!(

@@ -166,6 +166,10 @@ pub(crate) struct PipelineArgs {
     /// The low-noise expert's guidance scale (default: --cfg; diffusers' `guidance_scale_2`).
     #[arg(long)]
     cfg_low_noise: Option<f64>,
+    /// A LoRA for the low-noise expert, FILE:STRENGTH; repeat for several (--lora patches the
+    /// high-noise expert, as ComfyUI's two model chains do).
+    #[arg(long)]
+    lora_low_noise: Vec<String>,
     /// The VAE file (overrides the one found in --model-dir).
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -392,7 +396,7 @@ impl PipelineArgs {
         let loras = self
             .lora
             .iter()
-            .map(|spec| parse_lora_spec(spec))
+            .map(|spec| parse_lora_spec("--lora", spec))
             .collect::<Result<Vec<_>, Error>>()?;
         for (flag, path) in [
             ("--dit", &self.dit),
@@ -425,27 +429,28 @@ impl PipelineArgs {
             }
         }
         let dit_config = read_dit_config("--dit-config", self.dit_config.as_deref())?;
-        let low_noise = match &self.dit_low_noise {
-            None => {
-                for (flag, given) in [
-                    (
-                        "--dit-low-noise-config",
-                        self.dit_low_noise_config.is_some(),
-                    ),
-                    ("--boundary", self.boundary.is_some()),
-                    ("--cfg-low-noise", self.cfg_low_noise.is_some()),
-                ] {
-                    if given {
-                        return Err(BadInput(format!(
-                            "{flag}: for a Wan 2.2 expert pair; give the low-noise expert with \
-                             --dit-low-noise"
-                        )));
-                    }
+        let pair_flags = [
+            ("--dit-low-noise", self.dit_low_noise.is_some()),
+            (
+                "--dit-low-noise-config",
+                self.dit_low_noise_config.is_some(),
+            ),
+            ("--boundary", self.boundary.is_some()),
+            ("--cfg-low-noise", self.cfg_low_noise.is_some()),
+            ("--lora-low-noise", !self.lora_low_noise.is_empty()),
+        ];
+        let low_noise = match pair_flags.iter().find(|(_, given)| *given) {
+            None => None,
+            Some((flag, _)) => {
+                if self.dit_low_noise.is_none() && self.model_dir.is_none() {
+                    return Err(BadInput(format!(
+                        "{flag}: for a Wan 2.2 expert pair; give the low-noise expert with \
+                         --dit-low-noise (or a --model-dir holding both experts)"
+                    )));
                 }
-                None
-            }
-            Some(dit) => {
-                require_files(&[("--dit-low-noise", dit)])?;
+                if let Some(dit) = &self.dit_low_noise {
+                    require_files(&[("--dit-low-noise", dit)])?;
+                }
                 let boundary =
                     self.boundary
                         .unwrap_or(vpipe_pipeline::LowNoiseExpert::default_boundary(
@@ -463,19 +468,19 @@ impl PipelineArgs {
                         "--cfg-low-noise {guidance}: expected a number from 0 to {MAX_GUIDANCE}"
                     )));
                 }
-                if !self.lora.is_empty() {
-                    return Err(Error::NotBuiltYet(
-                        "--lora with --dit-low-noise: LoRAs per expert are not built yet",
-                    ));
-                }
                 Some(vpipe_pipeline::LowNoiseExpert {
-                    dit: dit.clone(),
+                    dit: self.dit_low_noise.clone(),
                     config: read_dit_config(
                         "--dit-low-noise-config",
                         self.dit_low_noise_config.as_deref(),
                     )?,
                     boundary,
                     guidance,
+                    loras: self
+                        .lora_low_noise
+                        .iter()
+                        .map(|spec| parse_lora_spec("--lora-low-noise", spec))
+                        .collect::<Result<_, Error>>()?,
                 })
             }
         };
@@ -518,14 +523,14 @@ impl PipelineArgs {
 
 /// A `--lora FILE[:STRENGTH]` value. A file whose own name holds a colon is taken whole when it
 /// exists and what follows its last colon is not a number.
-fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64), Error> {
+fn parse_lora_spec(flag: &str, spec: &str) -> Result<(PathBuf, f64), Error> {
     let (path, strength) = match spec.rsplit_once(':') {
         Some((path, text)) => match text.trim().parse::<f64>() {
             Ok(strength) => (path, strength),
             Err(_) if Path::new(spec).is_file() => (spec, 1.0),
             Err(_) => {
                 return Err(BadInput(format!(
-                    "--lora {spec}: expected FILE or FILE:STRENGTH, and '{text}' is not a number"
+                    "{flag} {spec}: expected FILE or FILE:STRENGTH, and '{text}' is not a number"
                 )))
             }
         },
@@ -533,12 +538,12 @@ fn parse_lora_spec(spec: &str) -> Result<(PathBuf, f64), Error> {
     };
     if !strength.is_finite() || strength.abs() > MAX_LORA_STRENGTH {
         return Err(BadInput(format!(
-            "--lora {spec}: the strength must be a finite number from -{MAX_LORA_STRENGTH} to \
+            "{flag} {spec}: the strength must be a finite number from -{MAX_LORA_STRENGTH} to \
              {MAX_LORA_STRENGTH}"
         )));
     }
     let path = PathBuf::from(path);
-    require_files(&[("--lora", &path)])?;
+    require_files(&[(flag, &path)])?;
     Ok((path, strength))
 }
 

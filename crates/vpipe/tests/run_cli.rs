@@ -186,6 +186,59 @@ fn a_model_folder_with_an_expert_pair_samples_with_both() {
             "write"
         ]
     );
+    // A LoRA for each expert, the boundary and the low-noise guidance given for the pair the
+    // folder holds.
+    let lora = models
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("lora"))
+        .unwrap();
+    let lora = lora.to_str().unwrap();
+    let run = vpipe(&[
+        "run",
+        "--model-dir",
+        pair.to_str().unwrap(),
+        "--prompt",
+        "a red kite over the sea",
+        "--size",
+        "96x64",
+        "--frames",
+        "9",
+        "--steps",
+        "4",
+        "--shift",
+        "12",
+        "--lora",
+        &format!("{lora}:0.8"),
+        "--lora-low-noise",
+        &format!("{lora}:0.5"),
+        "--boundary",
+        "0.9",
+        "--cfg-low-noise",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let lora_notes: Vec<&str> = json["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["what"] == "lora" && n["detail"].as_str().unwrap().contains("strength"))
+        .map(|n| n["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(lora_notes.len(), 2, "{lora_notes:?}");
+    assert!(lora_notes[0].contains("strength 0.8") && lora_notes[1].contains("strength 0.5"));
+    // The pair's flags without a pair.
+    let run = vpipe(&["run", "--prompt", "x", "--boundary", "0.9", "--dit", lora]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--boundary: for a Wan 2.2 expert pair"));
     for preset in ["wan2.2-t2v-a14b", "wan2.2-i2v-a14b"] {
         let plan = vpipe(&[
             "plan",
