@@ -182,6 +182,13 @@ impl ModelFiles {
         })
     }
 
+    /// These files with the low-noise expert of a Wan 2.2 pair at `path` (the DiT given first
+    /// is then the high-noise one).
+    pub fn with_low_noise_expert(mut self, path: &Path) -> Result<Self> {
+        self.dit_low_noise = Some((Checkpoint::inspect(path)?, None));
+        Ok(self)
+    }
+
     /// These files with a CLIP vision encoder for image-to-video (its configuration from
     /// `config`, else from its tensor shapes).
     pub fn with_clip_vision(

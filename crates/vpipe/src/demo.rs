@@ -245,6 +245,8 @@ struct BuiltIn {
     lora: PathBuf,
     /// Image-to-video: the CLIP vision encoder.
     clip: Option<PathBuf>,
+    /// Wan 2.2: the low-noise expert (`dit` is the high-noise one).
+    dit_low_noise: Option<PathBuf>,
 }
 
 /// Puts the built-in model's files into `dir` in the formats users have: the DiT and the text
@@ -254,12 +256,22 @@ struct BuiltIn {
 /// Every file is made in memory from `seed` on each run (they are small) and an existing file
 /// is kept only when it holds exactly those bytes, so a folder that lost, damaged or mixed
 /// files is brought back to what the seed makes, and demos sharing a folder agree.
-fn write_builtin_model(dir: &Path, seed: u64, mode: DemoMode) -> anyhow::Result<BuiltIn> {
+fn write_builtin_model(dir: &Path, seed: u64, demo: &Demo) -> anyhow::Result<BuiltIn> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let text_cfg = text_config(tokenizer_vocab_size(TOKENIZER_JSON)?);
-    let (dit_cfg, dit_name) = match mode {
-        DemoMode::VideoToVideo => (dit_config(text_cfg.d_model), "dit"),
-        DemoMode::ImageToVideo => (image_dit_config(text_cfg.d_model), "i2v-dit"),
+    let image = demo.mode == DemoMode::ImageToVideo;
+    let (dit_cfg, dit_name) = match (demo.expert_pair, image) {
+        (false, false) => (dit_config(text_cfg.d_model), "wan2.1-dit"),
+        (false, true) => (image_dit_config(text_cfg.d_model), "wan2.1-i2v-dit"),
+        // Wan 2.2's image experts read the condition's channels and no CLIP features.
+        (true, false) => (dit_config(text_cfg.d_model), "wan2.2-t2v-high_noise"),
+        (true, true) => (
+            vpipe_models::wan::DitConfig {
+                in_channels: 36,
+                ..dit_config(text_cfg.d_model)
+            },
+            "wan2.2-i2v-high_noise",
+        ),
     };
     let put = |name: String, make: &dyn Fn(Rng) -> anyhow::Result<Vec<u8>>| {
         let bytes = make(Rng::for_file(seed, &name))?;
@@ -270,17 +282,26 @@ fn write_builtin_model(dir: &Path, seed: u64, mode: DemoMode) -> anyhow::Result<
         text_encoder: put(format!("umt5-tiny-seed{seed}.safetensors"), &|rng| {
             text_encoder_bytes(&text_cfg, rng)
         })?,
-        dit: put(
-            format!("wan2.1-{dit_name}-tiny-seed{seed}.safetensors"),
-            &|rng| dit_bytes(&dit_cfg, rng),
-        )?,
-        clip: match mode {
-            DemoMode::VideoToVideo => None,
-            DemoMode::ImageToVideo => Some(put(
-                format!("clip-vision-tiny-seed{seed}.safetensors"),
-                &clip_bytes,
-            )?),
-        },
+        dit: put(format!("{dit_name}-tiny-seed{seed}.safetensors"), &|rng| {
+            dit_bytes(&dit_cfg, rng)
+        })?,
+        dit_low_noise: demo
+            .expert_pair
+            .then(|| {
+                let name = dit_name.replace("high_noise", "low_noise");
+                put(format!("{name}-tiny-seed{seed}.safetensors"), &|rng| {
+                    dit_bytes(&dit_cfg, rng)
+                })
+            })
+            .transpose()?,
+        clip: (image && !demo.expert_pair)
+            .then(|| {
+                put(
+                    format!("clip-vision-tiny-seed{seed}.safetensors"),
+                    &clip_bytes,
+                )
+            })
+            .transpose()?,
         vae: put(
             format!("wan2.1-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"),
             &vae_bytes,
@@ -349,8 +370,9 @@ fn demo_clip() -> candle_core::Result<Tensor> {
 }
 
 /// The image-to-video demo's first frame: the demo clip's, as the VAE takes it ([1, 3, H, W]
-/// in [-1, 1]) and as the CLIP vision encoder's preprocessing makes it from its RGB bytes.
-fn demo_image_mode() -> anyhow::Result<Mode> {
+/// in [-1, 1]) and, with a CLIP vision encoder, as its preprocessing makes it from the RGB
+/// bytes.
+fn demo_image_mode(clip: bool) -> anyhow::Result<Mode> {
     let first = demo_clip()?.narrow(2, 0, 1)?.squeeze(2)?;
     let (_, _, h, w) = first.dims4()?;
     // [1, 3, H, W] in [-1, 1] → H × W × 3 bytes.
@@ -368,7 +390,7 @@ fn demo_image_mode() -> anyhow::Result<Mode> {
     Ok(Mode::ImageToVideo {
         first,
         last: None,
-        clip_pixels: Some(clip_pixels),
+        clip_pixels: clip.then_some(clip_pixels),
     })
 }
 
@@ -377,10 +399,16 @@ const DEMO_TILES: vpipe_models::tiling::TileSpec = vpipe_models::tiling::TileSpe
 
 pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     let device = vpipe_pipeline::open_device(&demo.device)?;
-    let files = write_builtin_model(&demo.out.join("weights"), demo.seed, demo.mode)?;
+    let files = write_builtin_model(&demo.out.join("weights"), demo.seed, &demo)?;
     println!(
-        "vpipe demo: built-in Wan 2.1-architecture model (seeded random weights), {} on {}",
+        "vpipe demo: built-in {} model (seeded random weights), {} on {}",
+        if demo.expert_pair {
+            "Wan 2.2 expert-pair"
+        } else {
+            "Wan 2.1-architecture"
+        },
         match demo.mode {
+            DemoMode::TextToVideo => "text-to-video",
             DemoMode::VideoToVideo => "video-to-video",
             DemoMode::ImageToVideo => "image-to-video",
         },
@@ -397,12 +425,27 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     if let Some(clip) = &files.clip {
         models = models.with_clip_vision(clip, Some(clip_config()))?;
     }
+    if let Some(low) = &files.dit_low_noise {
+        models = models.with_low_noise_expert(low)?;
+    }
+    let image = demo.mode == DemoMode::ImageToVideo;
     let mode = match demo.mode {
+        DemoMode::TextToVideo => Mode::TextToVideo,
         DemoMode::VideoToVideo => Mode::VideoToVideo {
             video: demo_clip()?,
             strength: 0.7,
         },
-        DemoMode::ImageToVideo => demo_image_mode()?,
+        DemoMode::ImageToVideo => demo_image_mode(files.clip.is_some())?,
+    };
+    // Wan 2.2's defaults: the boundary of its text or image pair, shift 12 or 5.
+    let (low_noise, shift) = if demo.expert_pair {
+        let switch = vpipe_pipeline::ExpertSwitch {
+            boundary: vpipe_pipeline::LowNoiseExpert::default_boundary(image),
+            guidance: 3.0,
+        };
+        (Some(switch), if image { 5.0 } else { 12.0 })
+    } else {
+        (None, 3.0)
     };
     let spec = JobSpec {
         prompt: PROMPT.into(),
@@ -414,8 +457,8 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         steps: demo.steps,
         guidance: 5.0,
         step_cache: None,
-        low_noise: None,
-        shift: 3.0,
+        low_noise,
+        shift,
         sampler: vpipe_sampling::SamplerKind::UniPc,
         seed: demo.seed,
         initial_noise: None,
@@ -456,7 +499,7 @@ fn print_summary(report: &Report) {
         fmt_bytes(base)
     );
     println!(
-        "{:<12} {:>12} {:>12} {:>12} {:>10}",
+        "{:<18} {:>12} {:>12} {:>12} {:>10}",
         "phase", "peak", "at exit", "resident", "moves ok"
     );
     for phase in &report.phases {
@@ -466,7 +509,7 @@ fn print_summary(report: &Report) {
             .filter(|t| t.phase.as_deref() == Some(phase.name.as_str()))
             .collect();
         println!(
-            "{:<12} {:>12} {:>12} {:>12} {:>10}",
+            "{:<18} {:>12} {:>12} {:>12} {:>10}",
             phase.name,
             fmt_bytes(phase.peak_above_baseline),
             fmt_bytes(phase.exit_above_baseline),

@@ -62,15 +62,20 @@ pub(crate) struct DemoArgs {
     /// Seed of the built-in model's weights and inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// What the demo makes: v2v (video-to-video from a built-in clip) or i2v (image-to-video
-    /// from its first frame, with a built-in image-to-video DiT and CLIP vision encoder).
-    #[arg(long, default_value = "v2v")]
-    mode: String,
+    /// What the demo makes: v2v (video-to-video from a built-in clip), i2v (image-to-video
+    /// from its first frame) or t2v (text-to-video); default v2v, t2v with `--model wan2.2`.
+    #[arg(long)]
+    mode: Option<String>,
+    /// The built-in model: wan2.1 (one DiT; CLIP vision for i2v) or wan2.2 (an A14B-style
+    /// expert pair: a high-noise and a low-noise DiT, switched at the boundary).
+    #[arg(long, default_value = "wan2.1")]
+    model: String,
 }
 
 /// What `vpipe demo` makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DemoMode {
+    TextToVideo,
     VideoToVideo,
     ImageToVideo,
 }
@@ -83,6 +88,8 @@ pub(crate) struct Demo {
     pub(crate) steps: usize,
     pub(crate) seed: u64,
     pub(crate) mode: DemoMode,
+    /// Whether the built-in model is a Wan 2.2 expert pair.
+    pub(crate) expert_pair: bool,
 }
 
 /// Parses a `--flag SIZE` value.
@@ -116,13 +123,29 @@ impl DemoArgs {
                 )));
             }
         }
-        let mode = match self.mode.as_str() {
+        let expert_pair = match self.model.as_str() {
+            "wan2.1" => false,
+            "wan2.2" => true,
+            other => {
+                return Err(BadInput(format!(
+                    "--model {other}: expected wan2.1 or wan2.2"
+                )))
+            }
+        };
+        let default_mode = if expert_pair { "t2v" } else { "v2v" };
+        let mode = match self.mode.as_deref().unwrap_or(default_mode) {
+            "t2v" => DemoMode::TextToVideo,
             "v2v" => DemoMode::VideoToVideo,
             "i2v" => DemoMode::ImageToVideo,
-            other => return Err(BadInput(format!("--mode {other}: expected v2v or i2v"))),
+            other => {
+                return Err(BadInput(format!(
+                    "--mode {other}: expected v2v, i2v or t2v"
+                )))
+            }
         };
         Ok(Demo {
             mode,
+            expert_pair,
             out: self.out,
             device: self.device,
             budget: vpipe_mem::Budget {

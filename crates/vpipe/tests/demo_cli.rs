@@ -112,7 +112,49 @@ fn bad_flags_and_missing_features_get_clear_errors() {
     assert!(String::from_utf8_lossy(&image.stderr).contains("--image first.png"));
     let mode = vpipe().args(["demo", "--mode", "t2i"]).output().unwrap();
     assert_eq!(mode.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&mode.stderr).contains("--mode t2i: expected v2v or i2v"));
+    assert!(String::from_utf8_lossy(&mode.stderr).contains("--mode t2i: expected v2v, i2v or t2v"));
+}
+
+/// `--model wan2.2`: a built-in expert pair, each expert sampling in a phase of its own (the
+/// first given back before the second is loaded), text-to-video and image-to-video.
+#[test]
+fn the_wan22_demo_switches_experts() {
+    for mode in ["t2v", "i2v"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("demo");
+        let run = vpipe()
+            .args([
+                "demo", "--model", "wan2.2", "--mode", mode, "--steps", "4", "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "{mode}: {stdout}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(stdout.contains("Wan 2.2 expert-pair"), "{stdout}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        let phases = common::phase_names(&report);
+        let high = phases.iter().position(|p| p == "sample high noise");
+        let low = phases.iter().position(|p| p == "sample low noise");
+        assert!(
+            matches!((high, low), (Some(h), Some(l)) if l == h + 1),
+            "{phases:?}"
+        );
+        // No phase ends with a model resident: the high-noise expert is gone before the
+        // low-noise one loads.
+        for phase in report["phases"].as_array().unwrap() {
+            assert_eq!(phase["resident_compute_bytes"], 0, "{phase}");
+        }
+        let transitions = report["transitions"].as_array().unwrap();
+        assert!(transitions.iter().all(|t| t["verified"] == true));
+        // No CLIP vision for Wan 2.2's image experts.
+        assert!(!phases.iter().any(|p| p == "clip vision"), "{phases:?}");
+    }
 }
 
 /// `--mode i2v`: the image-to-video phases (a CLIP vision phase, the first frame's
