@@ -22,7 +22,7 @@ use vpipe_mem::{fmt_bytes, Report};
 
 use vpipe_pipeline::{Job, JobSpec, Mode, ModelFiles};
 
-use crate::flags::{Demo, DemoMode};
+use crate::flags::{Demo, DemoStart};
 
 /// The demo clip: frames (1 + 4k), height, width.
 const CLIP: (usize, usize, usize) = (9, 64, 96);
@@ -259,7 +259,7 @@ struct BuiltIn {
 fn write_builtin_model(dir: &Path, seed: u64, demo: &Demo) -> anyhow::Result<BuiltIn> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let text_cfg = text_config(tokenizer_vocab_size(TOKENIZER_JSON)?);
-    let image = demo.mode == DemoMode::ImageToVideo;
+    let image = demo.mode == DemoStart::FirstFrame;
     let (dit_cfg, dit_name) = match (demo.expert_pair, image) {
         (false, false) => (dit_config(text_cfg.d_model), "wan2.1-dit"),
         (false, true) => (image_dit_config(text_cfg.d_model), "wan2.1-i2v-dit"),
@@ -408,9 +408,9 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
             "Wan 2.1-architecture"
         },
         match demo.mode {
-            DemoMode::TextToVideo => "text-to-video",
-            DemoMode::VideoToVideo => "video-to-video",
-            DemoMode::ImageToVideo => "image-to-video",
+            DemoStart::Prompt => "text-to-video",
+            DemoStart::Clip => "video-to-video",
+            DemoStart::FirstFrame => "image-to-video",
         },
         demo.device
     );
@@ -428,14 +428,14 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     if let Some(low) = &files.dit_low_noise {
         models = models.with_low_noise_expert(low)?;
     }
-    let image = demo.mode == DemoMode::ImageToVideo;
+    let image = demo.mode == DemoStart::FirstFrame;
     let mode = match demo.mode {
-        DemoMode::TextToVideo => Mode::TextToVideo,
-        DemoMode::VideoToVideo => Mode::VideoToVideo {
+        DemoStart::Prompt => Mode::TextToVideo,
+        DemoStart::Clip => Mode::VideoToVideo {
             video: demo_clip()?,
             strength: 0.7,
         },
-        DemoMode::ImageToVideo => demo_image_mode(files.clip.is_some())?,
+        DemoStart::FirstFrame => demo_image_mode(files.clip.is_some())?,
     };
     // Wan 2.2's defaults: the boundary of its text or image pair, shift 12 or 5.
     let (low_noise, shift) = if demo.expert_pair {

@@ -72,12 +72,13 @@ pub(crate) struct DemoArgs {
     model: String,
 }
 
-/// What `vpipe demo` makes.
+/// What `vpipe demo` makes a video from: the prompt alone (text-to-video), the built-in clip
+/// (video-to-video) or its first frame (image-to-video).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DemoMode {
-    TextToVideo,
-    VideoToVideo,
-    ImageToVideo,
+pub(crate) enum DemoStart {
+    Prompt,
+    Clip,
+    FirstFrame,
 }
 
 /// Validated settings of `vpipe demo`.
@@ -87,7 +88,7 @@ pub(crate) struct Demo {
     pub(crate) budget: vpipe_mem::Budget,
     pub(crate) steps: usize,
     pub(crate) seed: u64,
-    pub(crate) mode: DemoMode,
+    pub(crate) mode: DemoStart,
     /// Whether the built-in model is a Wan 2.2 expert pair.
     pub(crate) expert_pair: bool,
 }
@@ -134,9 +135,9 @@ impl DemoArgs {
         };
         let default_mode = if expert_pair { "t2v" } else { "v2v" };
         let mode = match self.mode.as_deref().unwrap_or(default_mode) {
-            "t2v" => DemoMode::TextToVideo,
-            "v2v" => DemoMode::VideoToVideo,
-            "i2v" => DemoMode::ImageToVideo,
+            "t2v" => DemoStart::Prompt,
+            "v2v" => DemoStart::Clip,
+            "i2v" => DemoStart::FirstFrame,
             other => {
                 return Err(BadInput(format!(
                     "--mode {other}: expected v2v, i2v or t2v"
