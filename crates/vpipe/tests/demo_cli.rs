@@ -15,19 +15,7 @@ fn vpipe() -> Command {
 fn demo_runs_every_phase_and_writes_a_verified_report_and_chart() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    let run = vpipe()
-        .args(["demo", "--steps", "2", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let (stdout, report) = demo_report(&["--steps", "2"], &out);
     let phases = common::phase_names(&report);
     assert_eq!(
         phases,
@@ -122,22 +110,9 @@ fn the_wan22_demo_switches_experts() {
     for mode in ["t2v", "i2v"] {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("demo");
-        let run = vpipe()
-            .args([
-                "demo", "--model", "wan2.2", "--mode", mode, "--steps", "4", "--out",
-            ])
-            .arg(&out)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "{mode}: {stdout}\n{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        let (stdout, report) =
+            demo_report(&["--model", "wan2.2", "--mode", mode, "--steps", "4"], &out);
         assert!(stdout.contains("Wan 2.2 expert-pair"), "{stdout}");
-        let report: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
         let phases = common::phase_names(&report);
         let high = phases.iter().position(|p| p == "sample high noise");
         let low = phases.iter().position(|p| p == "sample low noise");
@@ -163,20 +138,8 @@ fn the_wan22_demo_switches_experts() {
 fn image_to_video_demo_runs_the_clip_vision_phase_and_writes_the_video() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    let run = vpipe()
-        .args(["demo", "--mode", "i2v", "--steps", "2", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let (stdout, report) = demo_report(&["--mode", "i2v", "--steps", "2"], &out);
     assert!(stdout.contains("image-to-video"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let phases = common::phase_names(&report);
     assert_eq!(
         phases,
@@ -204,6 +167,25 @@ fn image_to_video_demo_runs_the_clip_vision_phase_and_writes_the_video() {
         (video.num_frames(), video.width(), video.height()),
         (9, 96, 64)
     );
+}
+
+/// Runs `vpipe demo` with `args` into `out` and returns its standard output and its report.
+fn demo_report(args: &[&str], out: &Path) -> (String, serde_json::Value) {
+    let run = vpipe()
+        .arg("demo")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    (stdout, report)
 }
 
 /// Every file of a folder, by name.

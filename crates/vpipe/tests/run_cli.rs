@@ -151,27 +151,33 @@ fn a_model_folder_with_an_expert_pair_samples_with_both() {
     }
     let out = dir.path().join("pair.safetensors");
     let report = dir.path().join("pair.json");
-    let run = vpipe(&[
-        "run",
-        "--model-dir",
-        pair.to_str().unwrap(),
-        "--prompt",
-        "a red kite over the sea",
-        "--size",
-        "96x64",
-        "--frames",
-        "9",
-        "--steps",
-        "4",
-        "--shift",
-        "12",
-        "--out",
-        out.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    let run_pair = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model-dir",
+            pair.to_str().unwrap(),
+            "--prompt",
+            "a red kite over the sea",
+            "--size",
+            "96x64",
+            "--frames",
+            "9",
+            "--steps",
+            "4",
+            "--shift",
+            "12",
+            "--out",
+            out.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let run = vpipe(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{stderr}");
+        stderr
+    };
+    let stderr = run_pair(&[]);
     assert!(stderr.contains("expert pair"), "{stderr}");
     assert_eq!(
         phases(&report),
@@ -195,20 +201,7 @@ fn a_model_folder_with_an_expert_pair_samples_with_both() {
         .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("lora"))
         .unwrap();
     let lora = lora.to_str().unwrap();
-    let run = vpipe(&[
-        "run",
-        "--model-dir",
-        pair.to_str().unwrap(),
-        "--prompt",
-        "a red kite over the sea",
-        "--size",
-        "96x64",
-        "--frames",
-        "9",
-        "--steps",
-        "4",
-        "--shift",
-        "12",
+    run_pair(&[
         "--lora",
         &format!("{lora}:0.8"),
         "--lora-low-noise",
@@ -217,13 +210,7 @@ fn a_model_folder_with_an_expert_pair_samples_with_both() {
         "0.9",
         "--cfg-low-noise",
         "3",
-        "--out",
-        out.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
     ]);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let lora_notes: Vec<&str> = json["notes"]
