@@ -31,7 +31,7 @@ pub use image_to_video::{clip_pixel_values, condition_mask, condition_video, ima
 pub use leased::{clip_vision, plan_loras, read_loras, umt5, wan_dit, wan_vae};
 pub use models::{Checkpoint, ModelFiles};
 pub use observer::Observer;
-pub use options::{Compute, ImageInputs, LowNoiseExpert, RunOptions};
+pub use options::{Compute, ImageInputs, LowNoiseExpert, RunOptions, DEFAULT_SHIFT};
 pub use partial::{remove_stale_partials, write_atomically};
 pub use paths::{
     check_tensor_outputs, has_extension, input_file_or_folder_problem, read_settings_file,

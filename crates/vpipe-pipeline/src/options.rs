@@ -32,6 +32,8 @@ pub struct RunOptions {
     /// The step cache's threshold (`--cache teacache`); `None`: every step runs the blocks.
     pub step_cache: Option<f64>,
     pub shift: f64,
+    /// Whether `shift` is a `--shift` the user gave (else a Wan 2.2 pair takes its own).
+    pub shift_given: bool,
     pub sampler: vpipe_sampling::SamplerKind,
     pub seed: u64,
     /// `--initial-noise`: a safetensors file with the `noise` tensor that replaces the seed's.
@@ -55,7 +57,19 @@ pub struct LowNoiseExpert {
     pub loras: Vec<(PathBuf, f64)>,
 }
 
+/// The flow shift of a run without `--shift` (Wan 2.1's).
+pub const DEFAULT_SHIFT: f64 = 8.0;
+
 impl LowNoiseExpert {
+    /// Wan 2.2's flow shift: 12 for text-to-video (T2V-A14B), 5 for image-to-video.
+    pub fn default_shift(image_to_video: bool) -> f64 {
+        if image_to_video {
+            5.0
+        } else {
+            12.0
+        }
+    }
+
     /// Wan 2.2's boundary: 0.875 for text-to-video (T2V-A14B), 0.9 for image-to-video
     /// (I2V-A14B), as their configs and diffusers' pipelines set `boundary_ratio`.
     pub fn default_boundary(image_to_video: bool) -> f64 {

@@ -249,8 +249,11 @@ fn read_initial_noise(path: &Path, job: &RunOptions) -> Result<candle_core::Tens
 
 /// Gives `job` the expert switch of a Wan 2.2 pair whose low-noise expert is `dit` when no
 /// flag gave one: the default boundary of a text- or `image_to_video` pair, the low-noise
-/// expert guided as `--cfg` says.
+/// expert guided as `--cfg` says; and the pair's flow shift without a `--shift`.
 fn with_expert_switch(job: &mut RunOptions, dit: std::path::PathBuf, image_to_video: bool) {
+    if !job.shift_given {
+        job.shift = crate::options::LowNoiseExpert::default_shift(image_to_video);
+    }
     if job.low_noise.is_none() {
         job.low_noise = Some(crate::options::LowNoiseExpert {
             dit: Some(dit),
@@ -362,16 +365,20 @@ pub fn plan(mut job: RunOptions, preset: Option<&str>) -> Result<Plan> {
 /// ([`budget_kept`](crate::budget_kept)), after the output it names.
 pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
     let models = resolve_models(&job)?;
-    let from_folder = job.low_noise.as_ref().is_none_or(|e| e.dit.is_none());
-    if let Some((low, _)) = models.dit_low_noise.as_ref().filter(|_| from_folder) {
+    if let Some((low, _)) = &models.dit_low_noise {
+        let from_folder = job.low_noise.as_ref().is_none_or(|e| e.dit.is_none());
         let image_to_video = job.image.is_some();
         with_expert_switch(&mut job, low.path.clone(), image_to_video);
-        observer.notice(&format!(
-            "--model-dir: the Wan 2.2 expert pair {} (high noise) and {} (low noise), boundary {}",
-            models.dit.path.display(),
-            low.path.display(),
-            job.low_noise.as_ref().map_or(0.0, |e| e.boundary)
-        ));
+        if from_folder {
+            observer.notice(&format!(
+                "--model-dir: the Wan 2.2 expert pair {} (high noise) and {} (low noise), \
+                 boundary {}, shift {}",
+                models.dit.path.display(),
+                low.path.display(),
+                job.low_noise.as_ref().map_or(0.0, |e| e.boundary),
+                job.shift
+            ));
+        }
     }
     check_run_outputs(&job, &models)?;
     let device = crate::device::open_device(&job.compute.device)?;
