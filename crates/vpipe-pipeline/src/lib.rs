@@ -9,6 +9,7 @@
 //! Modules depend only on those below them: `error`, `observer`; `paths`, `partial`,
 //! `device`; `options`, `files`, `models`; `plan`, `leased`, `tiled_vae`; `pipeline`; `run`.
 
+mod comfy;
 mod device;
 mod error;
 mod files;
@@ -24,6 +25,7 @@ mod plan;
 mod run;
 mod tiled_vae;
 
+pub use comfy::{apply_comfy_workflow, ComfyFolders};
 pub use device::open_device;
 pub use error::{budget_kept, Error, Result};
 pub use files::{finish_report, read_inputs, write_clip, write_outputs};

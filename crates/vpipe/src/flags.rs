@@ -283,6 +283,19 @@ pub(crate) struct PipelineArgs {
     /// .safetensors (key `video`, [1,3,T,H,W] in [-1,1]).
     #[arg(long, default_value = "vpipe-out.mp4")]
     out: PathBuf,
+    /// A ComfyUI workflow in API format (ComfyUI's "Export (API)") made of the native Wan
+    /// nodes: its loaders, prompts, size, length, sampler settings and decoder tile become the
+    /// run's (flags given with it apply where the workflow is silent).
+    #[arg(long)]
+    comfy_workflow: Option<PathBuf>,
+    /// ComfyUI's `models/` folder, where the workflow's loaders find their files (default:
+    /// --model-dir).
+    #[arg(long)]
+    comfy_models: Option<PathBuf>,
+    /// ComfyUI's `input/` folder, where LoadImage and LoadVideo find theirs (default: the
+    /// `input` folder next to the models folder).
+    #[arg(long)]
+    comfy_input: Option<PathBuf>,
     /// `plan` only: plan for a named architecture without weight files (wan2.1-t2v-14b,
     /// wan2.1-t2v-1.3b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, wan2.1-flf2v-14b-720p; with
     /// the Wan 2.1 VAE, umT5-XXL and, for the image models, CLIP ViT-H/14).
@@ -316,7 +329,7 @@ impl PipelineArgs {
         }
         let prompt = match self.prompt {
             Some(prompt) => prompt,
-            None if for_plan => String::new(),
+            None if for_plan || self.comfy_workflow.is_some() => String::new(),
             None => return Err(BadInput("--prompt: required".into())),
         };
         let step_cache = match self.cache.as_deref() {
@@ -512,7 +525,28 @@ impl PipelineArgs {
         };
         let clip_vision_config =
             read_clip_config("--clip-vision-config", self.clip_vision_config.as_deref())?;
-        Ok(RunOptions {
+        let comfy = match &self.comfy_workflow {
+            None => None,
+            Some(workflow) => {
+                require_files(&[("--comfy-workflow", workflow)])?;
+                let models = self
+                    .comfy_models
+                    .clone()
+                    .or_else(|| self.model_dir.clone())
+                    .ok_or_else(|| {
+                        BadInput(
+                            "--comfy-workflow: give ComfyUI's models folder with --comfy-models"
+                                .into(),
+                        )
+                    })?;
+                let input = self
+                    .comfy_input
+                    .clone()
+                    .unwrap_or_else(|| models.parent().unwrap_or(Path::new(".")).join("input"));
+                Some((workflow.clone(), models, input))
+            }
+        };
+        let mut options = RunOptions {
             model_dir: self.model_dir,
             dit: self.dit,
             dit_config,
@@ -544,7 +578,19 @@ impl PipelineArgs {
             tiles,
             out: self.out,
             compute: self.compute.validate()?,
-        })
+        };
+        if let Some((workflow, models, input)) = comfy {
+            let folders = vpipe_pipeline::ComfyFolders {
+                models: &models,
+                input: &input,
+            };
+            vpipe_pipeline::apply_comfy_workflow(&workflow, &folders, &mut options)?;
+            // A workflow's video, without --frames: its length, as for --input.
+            if let (None, Some((input, _))) = (self.frames, &options.input) {
+                options.frames = frames_of_clip(input)?;
+            }
+        }
+        Ok(options)
     }
 }
 
