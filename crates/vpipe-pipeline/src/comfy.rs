@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::options::{ImageInputs, RunOptions};
 
 /// The node types a workflow may hold.
-const KNOWN_NODES: [&str; 23] = [
+const KNOWN_NODES: [&str; 21] = [
     "UNETLoader",
     "CLIPLoader",
     "VAELoader",
@@ -41,9 +41,10 @@ const KNOWN_NODES: [&str; 23] = [
     "GetVideoComponents",
     "CreateVideo",
     "SaveVideo",
-    "SaveAnimatedWEBP",
-    "SaveWEBM",
 ];
+
+/// Output nodes of formats vpipe does not write.
+const OTHER_OUTPUTS: [&str; 2] = ["SaveAnimatedWEBP", "SaveWEBM"];
 
 /// Where a workflow's file names resolve: ComfyUI's `models/` folder and its `input/` folder.
 pub struct ComfyFolders<'a> {
@@ -195,6 +196,17 @@ pub fn apply_comfy_workflow(
         })?
         .clone();
     let graph = Graph { nodes };
+    if let Some(class) = graph
+        .nodes
+        .values()
+        .filter_map(|n| n["class_type"].as_str())
+        .find(|class| OTHER_OUTPUTS.contains(class))
+    {
+        return Err(Graph::bad(format!(
+            "{class}: vpipe writes MP4, GIF, PNG frames or safetensors, named by --out; use \
+             SaveVideo"
+        )));
+    }
     let mut unknown: Vec<String> = graph
         .nodes
         .iter()

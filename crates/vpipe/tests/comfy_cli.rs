@@ -304,6 +304,10 @@ fn unknown_nodes_and_escaping_names_are_bad_input() {
     let (code, stderr) = run(&graph);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("WanVideoTeaCache (node 20)"), "{stderr}");
+    graph["20"] = json!({"class_type": "SaveWEBM", "inputs": {}});
+    let (code, stderr) = run(&graph);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("SaveWEBM: vpipe writes MP4"), "{stderr}");
     graph.as_object_mut().unwrap().remove("20");
     graph["1"]["inputs"]["unet_name"] = json!("../../etc/passwd");
     let (code, stderr) = run(&graph);
