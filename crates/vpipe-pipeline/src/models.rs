@@ -27,14 +27,10 @@ impl Checkpoint {
         })
     }
 
-    /// Whether the checkpoint is an image-to-video DiT: it holds an image embedding
-    /// (`img_emb.*` in original names, `condition_embedder.image_embedder.*` in diffusers'),
-    /// with or without a prefix.
-    pub fn is_image_to_video_dit(&self) -> bool {
-        self.inspection
-            .tensors
-            .iter()
-            .any(|t| t.name.contains("img_emb.") || t.name.contains("image_embedder."))
+    /// Whether the checkpoint is a DiT that takes CLIP image features (Wan 2.1's
+    /// image-to-video models): it holds an image embedding ([`Self::image_embedding`]).
+    pub fn takes_image_features(&self) -> bool {
+        self.image_embedding().is_some()
     }
 
     /// An image-to-video DiT's image embedding, from its tensor shapes: the width of the image
@@ -391,7 +387,7 @@ fn resolve_others(
     image_to_video: bool,
 ) -> Result<ModelFiles> {
     // Wan 2.1's image-to-video DiTs take CLIP image features; Wan 2.2's image experts do not.
-    let takes_features = dit.image_embedding().is_some()
+    let takes_features = dit.takes_image_features()
         || options
             .dit_config
             .as_ref()

@@ -811,15 +811,9 @@ impl TextEncodeArgs {
             ("--text-encoder", &self.text_encoder),
             ("--input", &self.input),
         ])?;
-        let config = self
-            .config
-            .as_ref()
-            .map(|path| {
-                vpipe_pipeline::read_settings_file("--config", path)?;
-                vpipe_text::umt5::Config::from_json_file(path)
-                    .map_err(|e| BadInput(format!("--config {}: {e}", path.display())))
-            })
-            .transpose()?;
+        let config = read_config("--config", self.config.as_deref(), |text| {
+            serde_json::from_str::<vpipe_text::umt5::Config>(text)
+        })?;
         Ok(TextEncodeJob {
             text_encoder: self.text_encoder,
             config,
@@ -1010,10 +1004,10 @@ fn read_dit_config(
 
 /// The `config.json` given with `flag`, parsed by `parse`; a file that cannot be read or
 /// parsed is bad input naming the flag and the file.
-fn read_config<T>(
+fn read_config<T, E: std::fmt::Display>(
     flag: &str,
     path: Option<&Path>,
-    parse: impl Fn(&str) -> vpipe_models::Result<T>,
+    parse: impl Fn(&str) -> Result<T, E>,
 ) -> Result<Option<T>, Error> {
     let Some(path) = path else { return Ok(None) };
     let text = vpipe_pipeline::read_settings_file(flag, path)?;

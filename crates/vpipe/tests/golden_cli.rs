@@ -167,30 +167,42 @@ fn video_error(mode: &str) -> (f64, serde_json::Value) {
         (run["steps"].as_u64().unwrap(), cfg),
         &extra,
     );
+    run_against_reference(mode, &args, &reference, (&out, &report_file))
+}
+
+/// Runs `vpipe` with `args` (writing `out` and `report_file`), checks the final latents
+/// against `reference`'s to [`TOL`], and returns max |vpipe − reference| of the decoded video
+/// and the run's report.
+fn run_against_reference(
+    name: &str,
+    args: &[String],
+    reference: &HashMap<String, Tensor>,
+    (out, report_file): (&Path, &Path),
+) -> (f64, serde_json::Value) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = vpipe(&args);
     assert!(
         result.status.success(),
-        "{mode}: {}",
+        "{name}: {}",
         String::from_utf8_lossy(&result.stderr)
     );
-    let made = load(&out);
+    let made = load(out);
     let latents = max_abs(&made["latents"], &reference["latents"]);
-    println!("{mode}: max |vpipe - diffusers| of the final latents {latents:.3e}");
+    println!("{name}: max |vpipe - diffusers| of the final latents {latents:.3e}");
     assert!(
         latents <= TOL,
-        "{mode}: latents max abs {latents:.3e} > {TOL:.0e}"
+        "{name}: latents max abs {latents:.3e} > {TOL:.0e}"
     );
     let video = &made["video"];
     let expected = &reference["video"];
-    assert_eq!(video.dims(), expected.dims(), "{mode}");
+    assert_eq!(video.dims(), expected.dims(), "{name}");
     let err = max_abs(video, expected);
     println!(
-        "{mode}: max |vpipe - diffusers| of the decoded video {err:.3e} (bound {TOL:.0e}; video \
+        "{name}: max |vpipe - diffusers| of the decoded video {err:.3e} (bound {TOL:.0e}; video \
          values up to {:.3})",
         max_abs(expected, &expected.zeros_like().unwrap())
     );
-    let report = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    let report = serde_json::from_str(&std::fs::read_to_string(report_file).unwrap()).unwrap();
     (err, report)
 }
 
@@ -354,20 +366,9 @@ fn expert_pair_error(name: &str, shift: &str, extra: &[String]) -> serde_json::V
     .to_vec();
     flags.extend_from_slice(extra);
     let args = run_args(&reference_file, &out, (6, Some(4.0)), &flags);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = vpipe(&args);
-    assert!(
-        result.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let made = load(&out);
-    for key in ["latents", "video"] {
-        let err = max_abs(&made[key], &reference[key]);
-        println!("{name}: max |vpipe - diffusers| of the {key} {err:.3e}");
-        assert!(err <= TOL, "{name} {key}: max abs {err:.3e} > {TOL:.0e}");
-    }
-    serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap()
+    let (err, report) = run_against_reference(name, &args, &reference, (&out, &report_file));
+    assert!(err <= TOL, "{name} video: max abs {err:.3e} > {TOL:.0e}");
+    report
 }
 
 /// A PNG chunk: length, type, data and the CRC of type and data.

@@ -227,20 +227,7 @@ fn a_model_folder_with_an_expert_pair_samples_with_both() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--boundary: for a Wan 2.2 expert pair"));
     for preset in ["wan2.2-t2v-a14b", "wan2.2-i2v-a14b"] {
-        let plan = vpipe(&[
-            "plan",
-            "--preset",
-            preset,
-            "--dtype",
-            "bf16",
-            "--device",
-            "cuda:0",
-            "--vram-budget",
-            "8GiB",
-            "--ram-budget",
-            "48GiB",
-            "--json",
-        ]);
+        let plan = plan_preset(preset, "832x480", ("8GiB", "48GiB"), true);
         assert!(plan.status.success(), "{preset}");
         let json: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
         let names: Vec<&str> = json["phases"]
@@ -353,24 +340,38 @@ fn plan_for_a_preset_needs_no_weights_and_says_whether_it_fits() {
 
 /// `vpipe plan --json` for the 14B preset on cuda:0 in bf16 at 832×480×81.
 fn plan_14b(vram: &str, ram: &str) -> std::process::Output {
-    vpipe(&[
+    plan_preset("wan2.1-t2v-14b", "832x480", (vram, ram), true)
+}
+
+/// `vpipe plan` (`--json` when `json`) for `preset` on cuda:0 in bf16 at `size` and 81 frames,
+/// under the device and host budgets `vram` and `ram`.
+fn plan_preset(
+    preset: &str,
+    size: &str,
+    (vram, ram): (&str, &str),
+    json: bool,
+) -> std::process::Output {
+    let mut args = vec![
         "plan",
         "--preset",
-        "wan2.1-t2v-14b",
+        preset,
         "--dtype",
         "bf16",
         "--device",
         "cuda:0",
         "--size",
-        "832x480",
+        size,
         "--frames",
         "81",
         "--vram-budget",
         vram,
         "--ram-budget",
         ram,
-        "--json",
-    ])
+    ];
+    if json {
+        args.push("--json");
+    }
+    vpipe(&args)
 }
 
 /// The image-to-video presets plan a CLIP vision phase and the conditioning's encode, and say
@@ -386,22 +387,7 @@ fn plan_for_the_image_to_video_presets() {
             "2 image(s)",
         ),
     ] {
-        let run = vpipe(&[
-            "plan",
-            "--preset",
-            preset,
-            "--dtype",
-            "bf16",
-            "--device",
-            "cuda:0",
-            "--size",
-            "1280x720",
-            "--vram-budget",
-            "24GiB",
-            "--ram-budget",
-            "96GiB",
-            "--json",
-        ]);
+        let run = plan_preset(preset, "1280x720", ("24GiB", "96GiB"), true);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success(), "{preset}: {stderr}");
         let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
@@ -698,23 +684,7 @@ fn a_host_budget_below_any_strategy_is_refused_naming_the_least() {
     let least = json["host_minimum_bytes"].as_u64().unwrap();
     // One DiT block's staging (0.65 GiB) and the 81 frames of 832×480 at least.
     assert!(least > 1 << 30 && least < 4 << 30, "{json}");
-    let text = vpipe(&[
-        "plan",
-        "--preset",
-        "wan2.1-t2v-14b",
-        "--dtype",
-        "bf16",
-        "--device",
-        "cuda:0",
-        "--size",
-        "832x480",
-        "--frames",
-        "81",
-        "--vram-budget",
-        "5GiB",
-        "--ram-budget",
-        "1MiB",
-    ]);
+    let text = plan_preset("wan2.1-t2v-14b", "832x480", ("5GiB", "1MiB"), false);
     assert_eq!(text.status.code(), Some(3));
     let table = String::from_utf8_lossy(&text.stdout);
     assert!(

@@ -28,7 +28,7 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
         ["hidden_states", "timestep", "encoder_hidden_states"],
     )?;
     // An image-to-video DiT also reads the image features (the CLIP vision encoder's).
-    let image = if dit.is_image_to_video_dit() {
+    let image = if dit.takes_image_features() {
         let [image] = super::read_inputs(&job.input, ["encoder_hidden_states_image"])?;
         Some(image)
     } else {
