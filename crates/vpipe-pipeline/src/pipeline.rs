@@ -110,8 +110,7 @@ pub struct Job {
     dit_config: DitConfig,
     /// Image-to-video: the CLIP vision encoder's configuration, and how the clip vision
     /// phase holds it.
-    clip_config: Option<vpipe_models::clip::Config>,
-    clip: Option<EncoderPlan>,
+    clip: Option<(vpipe_models::clip::Config, EncoderPlan)>,
 }
 
 impl Job {
@@ -126,19 +125,21 @@ impl Job {
     ) -> Result<Self> {
         let sizes = ModelSizes::of(&models, dtype)?;
         let on_cuda = device.is_cuda();
+        let images = spec.mode.frames_given();
         let work = StepWork::new(
             &sizes,
             (spec.frames, spec.height, spec.width),
-            spec.mode.frames_given(),
+            images,
             (spec.guidance, spec.step_cache),
         );
         let lora = !models.loras.is_empty();
-        let images = spec.mode.frames_given();
         Ok(Self {
-            clip: sizes
-                .clip
-                .as_ref()
-                .map(|c| EncoderPlan::clip(c, images, dtype, budget, on_cuda)),
+            clip: sizes.clip.as_ref().map(|c| {
+                (
+                    c.config.clone(),
+                    EncoderPlan::clip(c, images, dtype, budget, on_cuda),
+                )
+            }),
             text: EncoderPlan::text(&sizes, dtype, budget, on_cuda),
             sample: SamplePlan::new(
                 (&sizes.dit, sizes.dit_weights),
@@ -161,7 +162,6 @@ impl Job {
                 }),
             text_config: sizes.text,
             dit_config: sizes.dit,
-            clip_config: sizes.clip.map(|c| c.config),
             spec,
             models,
             device,
@@ -180,12 +180,11 @@ impl Job {
     ) -> Self {
         Self {
             text: plan.text,
-            clip: plan.clip,
+            clip: sizes.clip.map(|c| c.config).zip(plan.clip),
             sample: plan.sample,
             sample_low_noise: plan.sample_low_noise,
             text_config: sizes.text,
             dit_config: sizes.dit,
-            clip_config: sizes.clip.map(|c| c.config),
             spec,
             models,
             device,
@@ -345,15 +344,14 @@ pub fn generate(
     })?;
 
     stop_point(observer)?;
-    let image_features = match (&job.spec.mode, ids.clip, &job.clip_config, &job.clip) {
+    let image_features = match (&job.spec.mode, ids.clip, &job.clip) {
         (
             Mode::ImageToVideo {
                 clip_pixels: Some(clip_pixels),
                 ..
             },
             Some(id),
-            Some(config),
-            Some(plan),
+            Some((config, plan)),
         ) => {
             Some(session.phase("clip vision", |p| -> Result<Tensor> {
                 let context = || {
@@ -384,7 +382,6 @@ pub fn generate(
                 clip_pixels: Some(_),
                 ..
             },
-            _,
             _,
             _,
         ) => {
