@@ -9,6 +9,7 @@
 //! the residual updates run in f32 whatever the weights' dtype; everything else runs in the
 //! weights' dtype. Linear weights may also be ComfyUI's scaled float8 ([`crate::ops::linear`]).
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -124,8 +125,24 @@ impl Config {
         }
     }
 
+    /// Wan2.2-TI2V-5B (`Wan2.2:wan/configs/wan_ti2v_5B.py`: dim 3072, ffn_dim 14336,
+    /// num_heads 24, num_layers 30, in_dim and out_dim 48: the latents of the Wan 2.2 VAE,
+    /// 16× spatial compression). Its pipelines give it a timestep per token (see
+    /// [`WanModel::forward`]).
+    pub fn wan22_ti2v_5b() -> Self {
+        Self {
+            dim: 3072,
+            ffn_dim: 14336,
+            num_heads: 24,
+            num_layers: 30,
+            in_channels: 48,
+            out_channels: 48,
+            ..Self::wan21_t2v_14b()
+        }
+    }
+
     /// The names [`Self::preset`] knows; a Wan 2.2 A14B preset names one expert of its pair.
-    pub const PRESETS: [&'static str; 7] = [
+    pub const PRESETS: [&'static str; 8] = [
         "wan2.1-t2v-14b",
         "wan2.1-t2v-1.3b",
         "wan2.1-i2v-14b-480p",
@@ -133,6 +150,7 @@ impl Config {
         "wan2.1-flf2v-14b-720p",
         "wan2.2-t2v-a14b",
         "wan2.2-i2v-a14b",
+        "wan2.2-ti2v-5b",
     ];
 
     /// The preset named `name`, one of [`Self::PRESETS`].
@@ -145,6 +163,7 @@ impl Config {
             // Each Wan 2.2 T2V-A14B expert has the Wan 2.1 14B architecture.
             "wan2.2-t2v-a14b" => Some(Self::wan21_t2v_14b()),
             "wan2.2-i2v-a14b" => Some(Self::wan22_i2v_a14b_expert()),
+            "wan2.2-ti2v-5b" => Some(Self::wan22_ti2v_5b()),
             _ => None,
         }
     }
@@ -269,7 +288,7 @@ impl Config {
 
     /// Reads the configuration from the tensor shapes of a checkpoint (original names, see
     /// [`dit_keys::canonical_var_builder`]). The head count is `dim / 128`, as ComfyUI assumes
-    /// (every Wan 2.1 model has 128-wide heads); other models need a `config.json`.
+    /// (every Wan 2.1 and 2.2 model has 128-wide heads); other models need a `config.json`.
     pub fn from_var_builder(vb: &VarBuilder) -> Result<Self> {
         let shape = |name: &str| -> Result<Vec<usize>> {
             Ok(vb.get_unchecked_dtype(name, DType::F32)?.dims().to_vec())
@@ -759,7 +778,8 @@ impl Attention {
         Ok(self.o.forward(&out)?)
     }
 
-    /// Self-attention of the residual stream `x` normed by `norm`, with q, k and v made
+    /// Self-attention of the residual stream `x` normed by `norm` (given a slice of `x` and
+    /// the index of its first token), with q, k and v made
     /// `slices` token slices at a time into their full tensors, so that the normed input and
     /// the projections' intermediates exist for one slice at a time; the attention's output
     /// then takes the queries' memory ([`attention_over_query`]). At its peak: `x`, q, k and
@@ -770,7 +790,7 @@ impl Attention {
     fn forward_self_sliced(
         &self,
         x: &Tensor,
-        norm: &dyn Fn(&Tensor) -> Result<Tensor>,
+        norm: &dyn Fn(&Tensor, usize) -> Result<Tensor>,
         rope: &Rope,
         chunk: QueryChunk,
         slices: usize,
@@ -783,7 +803,7 @@ impl Attention {
         let size = l.div_ceil(slices.max(1)).max(1);
         for start in (0..l).step_by(size) {
             let len = size.min(l - start);
-            let h = norm(&x.narrow(1, start, len)?.contiguous()?)?;
+            let h = norm(&x.narrow(1, start, len)?.contiguous()?, start)?;
             let rope = rope.tokens(start, len)?;
             let project = |linear: &Linear, norm: &RmsNorm| -> Result<Tensor> {
                 rope.heads(&norm.forward(&linear.forward(&h)?)?, heads)
@@ -864,9 +884,8 @@ impl SelfAttentionPart {
     /// the timestep's projection) that the feed-forward part reads.
     fn forward(&self, pass: &mut Embedded, run: &BlockRun, chunk: QueryChunk) -> Result<()> {
         let m = self.modulation.broadcast_add(&pass.time)?;
-        let (shift, scale, gate) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?, m.narrow(1, 2, 1)?);
-        let scale = (scale + 1.0)?;
-        let norm = |x: &Tensor| norm_modulate(x, &scale, &shift, run.eps);
+        let modulation = Modulation::new(&m, 0, true, pass.runs.as_deref())?;
+        let norm = |x: &Tensor, start: usize| modulation.norm(x, start, run.eps);
         // Scoped so that the attention's output is freed before the residual is replaced (a
         // shadowed binding would live to the end of the function).
         let x = {
@@ -875,9 +894,9 @@ impl SelfAttentionPart {
                     .forward_self_sliced(&pass.x, &norm, run.rope, chunk, run.token_slices)?
             } else {
                 self.attn
-                    .forward(norm(&pass.x)?, (None, None), Some(run.rope), chunk)?
+                    .forward(norm(&pass.x, 0)?, (None, None), Some(run.rope), chunk)?
             };
-            gated_residual(&pass.x, &y, &gate)?
+            modulation.gated_residual(&pass.x, &y)?
         };
         pass.x = x;
         pass.block_modulation = Some(m);
@@ -968,7 +987,8 @@ impl FeedForwardPart {
     }
 
     /// Runs over `slices` slices of the tokens in turn (1: all at once), so that the
-    /// `ffn_dim`-wide hidden state exists for one slice at a time.
+    /// `ffn_dim`-wide hidden state exists for one slice at a time; a slice that spans tokens
+    /// of different timesteps runs as one piece per timestep.
     fn forward(&self, pass: &mut Embedded, slices: usize, eps: f64) -> Result<()> {
         let m = pass
             .block_modulation
@@ -977,31 +997,36 @@ impl FeedForwardPart {
                 tensor: "blocks",
                 reason: "a block's feed-forward part ran before its self-attention".into(),
             })?;
-        let (shift, scale, gate) = (m.narrow(1, 3, 1)?, m.narrow(1, 4, 1)?, m.narrow(1, 5, 1)?);
-        let scale = (scale + 1.0)?;
-        let ffn = |x: &Tensor| -> Result<Tensor> {
-            let h = norm_modulate(x, &scale, &shift, eps)?;
+        let modulation = Modulation::new(&m, 3, true, pass.runs.as_deref())?;
+        let ffn = |x: &Tensor, run: &ModulationRun| -> Result<Tensor> {
+            let h = norm_modulate(x, &run.scale, &run.shift, eps)?;
             let hidden = self.ffn_in.forward_gelu(&h)?;
             drop(h);
             let y = self.ffn_out.forward(&hidden)?;
             drop(hidden);
-            gated_residual(x, &y, &gate)
+            gated_residual(x, &y, run.gate()?)
         };
         let tokens = pass.x.dim(1)?;
-        pass.x = if slices <= 1 || tokens < 2 {
-            ffn(&pass.x)?
+        let size = if slices <= 1 || tokens < 2 {
+            tokens
         } else {
-            let size = tokens.div_ceil(slices);
-            let parts = (0..tokens)
-                .step_by(size)
-                .map(|start| {
-                    ffn(&pass
-                        .x
-                        .narrow(1, start, size.min(tokens - start))?
-                        .contiguous()?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 1)?
+            tokens.div_ceil(slices)
+        };
+        let pieces: Vec<_> = (0..tokens)
+            .step_by(size.max(1))
+            .flat_map(|start| modulation.pieces(start, size.min(tokens - start)))
+            .collect();
+        pass.x = match pieces[..] {
+            [(0, len, run)] if len == tokens => ffn(&pass.x, run)?,
+            _ => {
+                let parts = pieces
+                    .iter()
+                    .map(|&(start, len, run)| {
+                        ffn(&pass.x.narrow(1, start, len)?.contiguous()?, run)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 1)?
+            }
         };
         Ok(())
     }
@@ -1190,6 +1215,130 @@ fn norm_modulate(x: &Tensor, mul: &Tensor, add: &Tensor, eps: f64) -> Result<Ten
     Ok(y.to_dtype(x.dtype())?)
 }
 
+/// A block's (or the output norm's) modulation of a pass's tokens: shift, 1 + scale and, for a
+/// block, the gate. With a timestep per sample it is one run over every token, which the fused
+/// CUDA kernels take whole; with timesteps per token, one run per stretch of tokens whose
+/// timesteps are equal in every sample ([`Timesteps::PerToken`]), each applied to its tokens
+/// alone. Wan 2.2 TI2V's image-to-video has two such stretches (the first latent frame at 0,
+/// the rest at the step's timestep), text-to-video one: the same work as a timestep per sample,
+/// with B·R·6·dim f32 of modulation (R runs) rather than diffusers' B·L·6·dim: 4 B · 6 · 3072
+/// = 72 KiB per token for the 5B, 1.9 GiB per sample at 720p's 27,280 tokens, plus as much
+/// again for each block's table added to it in f32. A timestep that changes at every token
+/// costs what diffusers' tables cost, and one set of kernels per token.
+struct Modulation {
+    runs: Vec<ModulationRun>,
+}
+
+/// The modulation of one stretch of tokens.
+struct ModulationRun {
+    /// The tokens it applies to (`0..usize::MAX`: every token).
+    tokens: Range<usize>,
+    /// [B, 1, dim], f32.
+    shift: Tensor,
+    /// 1 + scale, [B, 1, dim], f32.
+    scale: Tensor,
+    /// [B, 1, dim], f32; `None` for the output norm.
+    gate: Option<Tensor>,
+}
+
+impl ModulationRun {
+    fn gate(&self) -> Result<&Tensor> {
+        self.gate.as_ref().ok_or_else(|| Error::DitInput {
+            tensor: "blocks",
+            reason: "the output norm's modulation has no gate".into(),
+        })
+    }
+}
+
+impl Modulation {
+    /// Reads the runs from `m`, a table plus the timesteps' projection: [B, K, dim] for a
+    /// timestep per sample (`runs` is `None`), [B, R, K, dim] for one row per run of `runs`.
+    /// Shift, scale and (if `gated`) gate are chunks `first`, `first + 1` and `first + 2` of K.
+    fn new(m: &Tensor, first: usize, gated: bool, runs: Option<&[Range<usize>]>) -> Result<Self> {
+        let run = |m: &Tensor, tokens: Range<usize>| -> Result<ModulationRun> {
+            Ok(ModulationRun {
+                tokens,
+                shift: m.narrow(1, first, 1)?,
+                scale: (m.narrow(1, first + 1, 1)? + 1.0)?,
+                gate: gated.then(|| m.narrow(1, first + 2, 1)).transpose()?,
+            })
+        };
+        let runs = match runs {
+            None => vec![run(m, 0..usize::MAX)?],
+            Some(runs) => runs
+                .iter()
+                .enumerate()
+                .map(|(r, tokens)| run(&m.narrow(1, r, 1)?.squeeze(1)?, tokens.clone()))
+                .collect::<Result<_>>()?,
+        };
+        Ok(Self { runs })
+    }
+
+    /// Tokens `start..start + len` cut where the run changes: (first token, count, run).
+    fn pieces(&self, start: usize, len: usize) -> Vec<(usize, usize, &ModulationRun)> {
+        let end = start + len;
+        self.runs
+            .iter()
+            .filter_map(|run| {
+                let (first, last) = (run.tokens.start.max(start), run.tokens.end.min(end));
+                (first < last).then(|| (first, last - first, run))
+            })
+            .collect()
+    }
+
+    /// `f` of each piece of `x` (and `y`), concatenated; `f` of `x` itself when one run
+    /// covers it.
+    ///
+    /// # Shapes
+    /// - `x`, `y`: [B, l, dim], tokens `start..start + l`.
+    fn per_piece(
+        &self,
+        (x, y): (&Tensor, Option<&Tensor>),
+        start: usize,
+        f: impl Fn(&Tensor, Option<&Tensor>, &ModulationRun) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let len = x.dim(1)?;
+        let pieces = self.pieces(start, len);
+        if let [(first, n, run)] = pieces[..] {
+            if first == start && n == len {
+                return f(x, y, run);
+            }
+        }
+        let parts = pieces
+            .iter()
+            .map(|&(first, n, run)| {
+                let cut = |t: &Tensor| t.narrow(1, first - start, n)?.contiguous();
+                f(&cut(x)?, y.map(cut).transpose()?.as_ref(), run)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// `LN(x) · (1 + scale) + shift`, each token with its run's ([`norm_modulate`]).
+    ///
+    /// # Shapes
+    /// - `x`: [B, l, dim], tokens `start..start + l`; output: the same, in `x`'s dtype.
+    fn norm(&self, x: &Tensor, start: usize, eps: f64) -> Result<Tensor> {
+        self.per_piece((x, None), start, |x, _, run| {
+            norm_modulate(x, &run.scale, &run.shift, eps)
+        })
+    }
+
+    /// `x + y · gate`, each token with its run's gate ([`gated_residual`]).
+    ///
+    /// # Shapes
+    /// - `x`, `y`: [B, L, dim] (every token); output: the same, in `x`'s dtype.
+    fn gated_residual(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.per_piece((x, Some(y)), 0, |x, y, run| {
+            let y = y.ok_or_else(|| Error::DitInput {
+                tensor: "blocks",
+                reason: "a gated residual without its update".into(),
+            })?;
+            gated_residual(x, y, run.gate()?)
+        })
+    }
+}
+
 /// `x + y · gate` in f32, returned in `x`'s dtype.
 fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -1200,6 +1349,49 @@ fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
         .to_dtype(DType::F32)?
         .add(&y.to_dtype(DType::F32)?.broadcast_mul(gate)?)?;
     Ok(sum.to_dtype(x.dtype())?)
+}
+
+/// A forward's timesteps, checked.
+enum Timesteps {
+    /// One per sample ([B]).
+    PerSample(Vec<f32>),
+    /// One per token ([B, L]), grouped into runs: the longest stretches of tokens whose
+    /// timesteps are equal (bit for bit) in every sample. `values` holds each sample's value
+    /// on each run, [B, R] row-major.
+    PerToken {
+        values: Vec<f32>,
+        runs: Vec<Range<usize>>,
+    },
+}
+
+impl Timesteps {
+    /// The runs of `t`, [batch, tokens] row-major.
+    fn per_token(t: &[f32], batch: usize, tokens: usize) -> Result<Self> {
+        if t.len() != batch * tokens || tokens == 0 {
+            return Err(Error::DitInput {
+                tensor: "timestep",
+                reason: format!("{} values for {batch} × {tokens} tokens", t.len()),
+            });
+        }
+        let rows: Vec<&[f32]> = t.chunks(tokens).collect();
+        let changes = |i: usize| {
+            rows.iter()
+                .any(|row| row[i].to_bits() != row[i - 1].to_bits())
+        };
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain((1..tokens).filter(|&i| changes(i)))
+            .collect();
+        let runs: Vec<Range<usize>> = starts
+            .iter()
+            .zip(starts.iter().skip(1).chain([&tokens]))
+            .map(|(&start, &end)| start..end)
+            .collect();
+        let values = rows
+            .iter()
+            .flat_map(|row| runs.iter().map(|run| row[run.start]))
+            .collect();
+        Ok(Self::PerToken { values, runs })
+    }
 }
 
 /// Diffusers' `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`: `[cos, sin]` of
@@ -1306,17 +1498,21 @@ impl Embeddings {
 struct Embedded {
     /// The residual stream, [B, L, dim].
     x: Tensor,
-    /// [B, 6, dim], f32.
+    /// The timesteps' projection: [B, 6, dim] for a timestep per sample, [B, R, 6, dim] for
+    /// one per run of tokens ([`Self::runs`]); f32.
     time: Tensor,
-    /// [B, dim], f32.
+    /// The time embedding: [B, dim], or [B, R, dim] per run; f32.
     temb: Tensor,
+    /// Per-token timesteps: the runs of tokens whose timesteps are equal (in every sample),
+    /// in token order, covering every token; `None` for a timestep per sample.
+    runs: Option<Vec<Range<usize>>>,
     /// The embedded text, [B, Lc, dim].
     context: Tensor,
     /// Image-to-video: the embedded image features, [B, Li, dim].
     image: Option<Tensor>,
     grid: [usize; 3],
-    /// The current block's modulation, [B, 6, dim] f32: set by its self-attention part,
-    /// read by its feed-forward part.
+    /// The current block's modulation, [B, 6, dim] (or [B, R, 6, dim]) f32: set by its
+    /// self-attention part, read by its feed-forward part.
     block_modulation: Option<Tensor>,
 }
 
@@ -1607,7 +1803,8 @@ impl WanModel {
     /// conditional velocity, `uncond` and `scale` unused).
     ///
     /// # Shapes
-    /// - `latents`: [1, C, F, H, W]; `timestep`: [1]; `cond`, `uncond`: [1, Lc, text_dim].
+    /// - `latents`: [1, C, F, H, W]; `timestep`: [1], or [1, L] per token (see
+    ///   [`Self::forward`]); `cond`, `uncond`: [1, Lc, text_dim].
     /// - output: [1, C, F, H, W] in the model's dtype.
     pub fn forward_guided(
         &self,
@@ -1733,7 +1930,10 @@ impl WanModel {
 
     /// The timestep's modulation for the blocks (the time projection, TeaCache's "modulated
     /// input" of Wan: `e0`), [1, 6·dim] in f32: how much it changes between two steps says how
-    /// much the blocks' work changes, so a step cache compares it.
+    /// much the blocks' work changes, so a step cache compares it. A step with per-token
+    /// timesteps has one per distinct timestep; with TI2V's (the first frame at 0 throughout)
+    /// only the step's own timestep changes, so it is the one to pass. The [`BlockCache`]
+    /// itself keeps what the blocks added per token and takes either form of timestep.
     pub fn time_modulation(&self, timestep: f32) -> Result<Tensor> {
         let mut modulations = self.time_modulations(&[timestep], &mut HeldBlocks)?;
         Ok(modulations.remove(0))
@@ -1793,18 +1993,27 @@ impl WanModel {
 
     /// Predicts the flow velocity.
     ///
+    /// The timestep is one per sample (Wan 2.1, Wan 2.2 A14B), or one per token, as Wan 2.2
+    /// TI2V-5B's pipelines give it (diffusers' `expand_timesteps`; [`super::ti2v`] builds it):
+    /// each token's time embedding then modulates that token in every block and in the output
+    /// norm. Tokens whose timesteps are equal share one modulation, so TI2V's image-to-video
+    /// (the first latent frame at 0, the rest at t) costs what a timestep per sample costs;
+    /// a uniform per-token timestep gives the per-sample result bit for bit.
+    ///
     /// # Shapes
     /// - `latents`: [B, in_channels, F, H, W] (F, H, W multiples of the patch size).
-    /// - `timestep`: [B], float, in [0, 1000] (σ · 1000).
+    /// - `timestep`: [B], or [B, L] with L = (F/pt)·(H/ph)·(W/pw) tokens in frame-major order;
+    ///   float, in [0, 1000] (σ · 1000).
     /// - `context`: [B, Lc, text_dim]: the umT5 output, zero-padded (512 rows in Wan).
     /// - output: [B, out_channels, F, H, W] in the model's dtype.
     ///
     /// # Errors
     /// [`Error::DitInput`] naming the input, before any work: a rank other than the above, an
     /// empty dimension (an empty text context included), a channel count or text width other
-    /// than the config's, batch sizes that differ between the inputs, frames or sides that are
-    /// not multiples of the patch size, a token grid past the RoPE tables or [`MAX_TOKENS`],
-    /// a timestep that is not a finite number.
+    /// than the config's, batch sizes that differ between the inputs, a per-token timestep
+    /// of another length than the token count, frames or sides that are not multiples of the
+    /// patch size, a token grid past the RoPE tables or [`MAX_TOKENS`], a timestep that is not
+    /// a finite number.
     pub fn forward(&self, latents: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Tensor> {
         self.forward_planned(latents, timestep, context, &Execution::default())
     }
@@ -1921,11 +2130,14 @@ impl WanModel {
         }
         let mut outputs = Vec::with_capacity(N);
         for pass in passes {
-            let m = self
-                .head_modulation
-                .broadcast_add(&pass.temb.unsqueeze(1)?)?;
-            let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
-            let x = norm_modulate(&pass.x, &(scale + 1.0)?, &shift, self.cfg.eps)?;
+            // [B, 2, dim], or [B, R, 2, dim] per run of tokens.
+            let temb = pass.temb.unsqueeze(pass.temb.rank() - 1)?;
+            let m = self.head_modulation.broadcast_add(&temb)?;
+            let x = Modulation::new(&m, 0, false, pass.runs.as_deref())?.norm(
+                &pass.x,
+                0,
+                self.cfg.eps,
+            )?;
             let x = self.head.forward(&x)?;
             outputs.push(self.unpatchify(&x, grid)?);
         }
@@ -1981,7 +2193,7 @@ impl WanModel {
         image: Option<&Tensor>,
         embeddings: &Embeddings,
     ) -> Result<Embedded> {
-        let (b, t, grid) = self.check_inputs(latents, timestep, context)?;
+        let (b, timesteps, grid) = self.check_inputs(latents, timestep, context)?;
         let image = match (&self.image_embedding, image) {
             (Some(embedding), Some(features)) => {
                 let dims = features.dims();
@@ -2018,9 +2230,21 @@ impl WanModel {
         let x = self.patchify(&latents.to_dtype(self.dtype)?, grid)?;
 
         let _span = tracing::trace_span!("dit_embed").entered();
-        let features = timestep_features(&t, self.cfg.freq_dim, &self.device)?;
+        let (values, runs) = match timesteps {
+            Timesteps::PerSample(t) => (t, None),
+            Timesteps::PerToken { values, runs } => (values, Some(runs)),
+        };
+        // One embedding per distinct row: per sample, or per sample and run of tokens.
+        let features = timestep_features(&values, self.cfg.freq_dim, &self.device)?;
         let (temb, time) = self.embed_time(embeddings, &features)?;
-        let time = time.reshape((b, 6, self.cfg.dim))?;
+        let d = self.cfg.dim;
+        let (temb, time) = match &runs {
+            None => (temb, time.reshape((b, 6, d))?),
+            Some(runs) => (
+                temb.reshape((b, runs.len(), d))?,
+                time.reshape((b, runs.len(), 6, d))?,
+            ),
+        };
         let context = embeddings.text_out.forward(
             &embeddings
                 .text_in
@@ -2031,6 +2255,7 @@ impl WanModel {
             x,
             time,
             temb,
+            runs,
             context,
             image,
             grid,
@@ -2044,7 +2269,7 @@ impl WanModel {
         latents: &Tensor,
         timestep: &Tensor,
         context: &Tensor,
-    ) -> Result<(usize, Vec<f32>, [usize; 3])> {
+    ) -> Result<(usize, Timesteps, [usize; 3])> {
         let refuse = |tensor: &'static str, reason: String| Err(Error::DitInput { tensor, reason });
         let (in_channels, text_dim) = (self.cfg.in_channels, self.cfg.text_dim);
         let (b, c, f, h, w) = match *latents.dims() {
@@ -2077,16 +2302,34 @@ impl WanModel {
                 ),
             );
         }
-        // [B] (or a scalar for one sample), counted before anything is converted or copied.
-        if timestep.rank() > 1 || timestep.elem_count() != b {
+        let grid = self.token_grid(f, h, w)?;
+        // The same limits the RoPE tables check, before the latents are converted.
+        let tokens = grid
+            .iter()
+            .try_fold(1usize, |p, &n| p.checked_mul(n))
+            .filter(|&n| n <= MAX_TOKENS);
+        let Some(tokens) = tokens else {
             return refuse(
-                "timestep",
-                format!(
-                    "expected [{b}] (one value per sample), got shape {:?}",
-                    timestep.dims()
-                ),
+                "hidden_states",
+                format!("the token grid {grid:?} has more than {MAX_TOKENS} tokens per sample"),
             );
-        }
+        };
+        // [B] (or a scalar for one sample), or [B, L] (one per token), counted before
+        // anything is converted or copied.
+        let per_token = match *timestep.dims() {
+            [] | [_] if timestep.elem_count() == b => false,
+            [tb, tl] if tb == b && tl == tokens => true,
+            _ => {
+                return refuse(
+                    "timestep",
+                    format!(
+                        "expected [{b}] (one value per sample) or [{b}, {tokens}] (one per \
+                         token of the {grid:?} token grid), got shape {:?}",
+                        timestep.dims()
+                    ),
+                )
+            }
+        };
         let t: Vec<f32> = timestep
             .to_dtype(DType::F32)?
             .flatten_all()?
@@ -2126,16 +2369,12 @@ impl WanModel {
                 ),
             );
         }
-        let grid = self.token_grid(f, h, w)?;
-        // The same limits the RoPE tables check, before the latents are converted.
-        let tokens = grid.iter().try_fold(1usize, |p, &n| p.checked_mul(n));
-        if tokens.is_none_or(|n| n > MAX_TOKENS) {
-            return refuse(
-                "hidden_states",
-                format!("the token grid {grid:?} has more than {MAX_TOKENS} tokens per sample"),
-            );
-        }
-        Ok((b, t, grid))
+        let timesteps = if per_token {
+            Timesteps::per_token(&t, b, tokens)?
+        } else {
+            Timesteps::PerSample(t)
+        };
+        Ok((b, timesteps, grid))
     }
 
     /// [B, C, F, H, W] → tokens [B, L, dim] (the (1, 2, 2)-strided Conv3d as one matmul).

@@ -32,6 +32,7 @@
 pub mod dit;
 pub mod dit_keys;
 pub mod keys;
+pub mod ti2v;
 pub mod vae;
 
 pub use dit::{
