@@ -102,6 +102,33 @@ fn per_token_and_per_sample_timesteps_match_diffusers() {
 }
 
 #[test]
+fn bf16_per_token_stays_close_to_f32() {
+    let device = device();
+    let cases = cases();
+    let vb = VarBuilder::from_tensors(weights(false), DType::BF16, &device);
+    let model = WanModel::from_checkpoint(vb, Some(&config())).unwrap();
+    for case in ["i2v", "mixed"] {
+        let out = run(&model, &cases, case, &device)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let expected = &cases[&format!("{case}.out")];
+        let err = max_abs_diff(&out, expected).unwrap();
+        let scale = expected
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        println!("bf16 {case}: max abs {err:.3e} (output max {scale:.2})");
+        // bf16 has 8 mantissa bits: a few percent of the output's range after 2 blocks.
+        assert!(err <= 0.05 * scale, "{case}: {err}");
+    }
+}
+
+#[test]
 fn config_of_the_5b_checkpoint_shapes() {
     // The preset, and the configuration read back from a checkpoint of its shapes.
     let preset = Config::preset("wan2.2-ti2v-5b").unwrap();
