@@ -450,6 +450,9 @@ struct Layout {
     grid_in: usize,
     /// Output position of an input position.
     to_out: fn(usize) -> usize,
+    /// The longest side, in input units, run as one tile (the spec's tile, except for
+    /// diffusers' encode of a video folded into patches: see [`tiled_encode_patches`]).
+    untiled_within: usize,
 }
 
 /// Encodes `video` ([B, C, T, H, W], pixels) tile by tile with `encode_tile`, which maps a
@@ -467,14 +470,37 @@ pub fn tiled_encode<E: From<candle_core::Error> + From<TileError>>(
     spec: TileSpec,
     encode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
 ) -> Result<Tensor, E> {
+    tiled_encode_patches(video, spec, 1, encode_tile)
+}
+
+/// [`tiled_encode`] of a video already folded into `patch`×`patch` patches (Wan 2.2's VAE,
+/// whose encoder compresses the folded video by 8), with `spec` in folded pixels. The tiles
+/// are the same, except where diffusers' layout decides whether to tile at all: diffusers
+/// compares its tile with the *unfolded* frame, so there a frame more than `spec.tile / patch`
+/// folded pixels on a side is tiled even when one tile covers it. (`patch` 1 is
+/// [`tiled_encode`].)
+///
+/// # Shapes
+/// As [`tiled_encode`], `video` being the folded video.
+pub fn tiled_encode_patches<E: From<candle_core::Error> + From<TileError>>(
+    video: &Tensor,
+    spec: TileSpec,
+    patch: usize,
+    encode_tile: impl FnMut(&Tensor) -> Result<Tensor, E>,
+) -> Result<Tensor, E> {
     // The spec first: a bad spec is reported whatever the input.
     spec.validate()?;
     let (_, _, _, h, w) = non_empty_5d(video, "[B, C, T, H, W]")?;
     spec.check_frame(h, w)?;
+    let untiled_within = match spec.layout {
+        TileLayout::Diffusers => spec.tile / patch.max(1),
+        TileLayout::Balanced => spec.tile,
+    };
     let layout = Layout {
         spec_in: spec,
         grid_in: SPATIAL_SCALE,
         to_out: |pixels| pixels / SPATIAL_SCALE,
+        untiled_within,
     };
     run_tiled(
         video,
@@ -537,6 +563,7 @@ pub fn tiled_decode<E: From<candle_core::Error> + From<TileError>>(
         spec_in: spec.latent(),
         grid_in: 1,
         to_out: |cells| cells * SPATIAL_SCALE,
+        untiled_within: spec.latent().tile,
     };
     run_tiled(latents, layout, (out_h, out_w), finish, decode_tile)
 }
@@ -577,7 +604,7 @@ fn run_tiled<E: From<candle_core::Error>>(
 ) -> Result<Tensor, E> {
     let (_, _, _, h, w) = input.dims5()?;
     let spec = layout.spec_in;
-    if h <= spec.tile && w <= spec.tile {
+    if h <= layout.untiled_within && w <= layout.untiled_within {
         return Ok(to_host(&run(input)?, finish)?);
     }
     let rows = spec.spans(h, layout.grid_in);

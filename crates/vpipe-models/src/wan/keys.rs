@@ -31,6 +31,23 @@
 //! | `decoder.upsamples.n` | `decoder.up_blocks.{n / (r+2)}.resnets.{n % (r+2)}`, or `.upsamplers.0` when `n % (r+2) = r+1` |
 //!
 //! where `r` is `num_res_blocks` (2 for Wan 2.1: `upsamples.3` is `up_blocks.0.upsamplers.0`).
+//!
+//! The Wan 2.2 VAE (`Wan2.2:wan/modules/vae2_2.py`, `Wan2.2_VAE.pth`, ComfyUI
+//! `wan2.2_vae.safetensors`; 196 tensors) groups its blocks per stage, in both layouts
+//! (`diffusers:scripts/convert_wan_to_diffusers.py`, `convert_vae_22`):
+//!
+//! | original | diffusers |
+//! |---|---|
+//! | `encoder.downsamples.i.downsamples.j` (a residual block, `j < r`) | `encoder.down_blocks.i.resnets.j` |
+//! | `encoder.downsamples.i.downsamples.r` (`resample.1`, `time_conv`) | `encoder.down_blocks.i.downsampler` |
+//! | `decoder.upsamples.i.upsamples.j` (a residual block, `j ≤ r`) | `decoder.up_blocks.i.resnets.j` |
+//! | `decoder.upsamples.i.upsamples.{r+1}` (`resample.1`, `time_conv`) | `decoder.up_blocks.i.upsampler` |
+//!
+//! with the same sub-keys, middle, head and top-level names as Wan 2.1. The stage shortcuts
+//! (`avg_shortcut`) have no parameters. An original 2.2 name (two `downsamples`/`upsamples`
+//! indices) cannot be mistaken for a 2.1 one, so [`wan_to_diffusers`] maps both; the diffusers
+//! decoder names `up_blocks.i.resnets.j` are the same in both versions and mean different
+//! blocks, so the way back is [`diffusers_to_wan`] for 2.1 and [`diffusers_to_wan22`] for 2.2.
 
 use candle_nn::VarBuilder;
 
@@ -117,8 +134,8 @@ fn split_index(s: &str) -> Option<(usize, &str)> {
     Some((n.parse().ok()?, rest))
 }
 
-/// The diffusers name of an original Wan VAE tensor name. Names that match no rule come back
-/// unchanged.
+/// The diffusers name of an original Wan VAE tensor name, Wan 2.1 or 2.2. Names that match no
+/// rule come back unchanged.
 pub fn wan_to_diffusers(name: &str, num_res_blocks: usize) -> String {
     let per_block = num_res_blocks + 2;
     if let Some(rest) = name.strip_prefix("conv1.") {
@@ -144,6 +161,8 @@ pub fn wan_to_diffusers(name: &str, num_res_blocks: usize) -> String {
                 2 => format!("mid_block.resnets.1.{}", sub_to_diffusers(r)),
                 _ => return name.to_string(),
             }
+        } else if let Some(mapped) = wan22_stage_to_diffusers(rest) {
+            mapped
         } else if let Some((n, r)) = rest.strip_prefix("downsamples.").and_then(split_index) {
             format!("down_blocks.{n}.{}", sub_to_diffusers(r))
         } else if let Some((n, r)) = rest.strip_prefix("upsamples.").and_then(split_index) {
@@ -161,8 +180,78 @@ pub fn wan_to_diffusers(name: &str, num_res_blocks: usize) -> String {
     name.to_string()
 }
 
-/// The original Wan name of a diffusers VAE tensor name (the inverse of [`wan_to_diffusers`]).
-/// Names that match no rule come back unchanged.
+/// Whether a name's sub-key belongs to a resample (`resample.1`, `time_conv`) rather than a
+/// residual block.
+fn is_resample(rest: &str) -> bool {
+    rest.starts_with("resample.") || rest.starts_with("time_conv.")
+}
+
+/// A Wan 2.2 stage name below `encoder.` or `decoder.` (`downsamples.i.downsamples.j.…` or
+/// `upsamples.i.upsamples.j.…`) in diffusers' form; `None` for any other name. The resample is
+/// told from the residual blocks by its sub-key, as diffusers' converter does.
+fn wan22_stage_to_diffusers(rest: &str) -> Option<String> {
+    for (wan, blocks, resample) in [
+        ("downsamples", "down_blocks", "downsampler"),
+        ("upsamples", "up_blocks", "upsampler"),
+    ] {
+        let Some((i, r)) = rest
+            .strip_prefix(wan)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(split_index)
+        else {
+            continue;
+        };
+        // A Wan 2.1 name has no second index.
+        let (j, r) = r
+            .strip_prefix(wan)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(split_index)?;
+        return Some(if is_resample(r) {
+            format!("{blocks}.{i}.{resample}.{r}")
+        } else {
+            format!("{blocks}.{i}.resnets.{j}.{}", sub_to_diffusers(r))
+        });
+    }
+    None
+}
+
+/// The original Wan 2.2 name of a diffusers Wan 2.2 VAE tensor name (the inverse of
+/// [`wan_to_diffusers`] on 2.2 names). `num_res_blocks` places the resamples: after the `r`
+/// residual blocks of an encoder stage, after the `r + 1` of a decoder stage. Names that match
+/// no rule come back unchanged.
+pub fn diffusers_to_wan22(name: &str, num_res_blocks: usize) -> String {
+    for part in ["encoder.", "decoder."] {
+        let Some(rest) = name.strip_prefix(part) else {
+            continue;
+        };
+        for (blocks, wan, resample, index) in [
+            (
+                "down_blocks.",
+                "downsamples",
+                "downsampler.",
+                num_res_blocks,
+            ),
+            ("up_blocks.", "upsamples", "upsampler.", num_res_blocks + 1),
+        ] {
+            let Some((i, r)) = rest.strip_prefix(blocks).and_then(split_index) else {
+                continue;
+            };
+            let mapped = if let Some((j, r)) = r.strip_prefix("resnets.").and_then(split_index) {
+                format!("{wan}.{i}.{wan}.{j}.{}", sub_to_wan(r))
+            } else if let Some(r) = r.strip_prefix(resample) {
+                format!("{wan}.{i}.{wan}.{index}.{r}")
+            } else {
+                return name.to_string();
+            };
+            return format!("{part}{mapped}");
+        }
+    }
+    // Middle, head and top-level names are Wan 2.1's.
+    diffusers_to_wan(name, num_res_blocks)
+}
+
+/// The original Wan 2.1 name of a diffusers Wan 2.1 VAE tensor name (the inverse of
+/// [`wan_to_diffusers`] on 2.1 names). Names that match no rule come back unchanged.
 pub fn diffusers_to_wan(name: &str, num_res_blocks: usize) -> String {
     let per_block = num_res_blocks + 2;
     if let Some(rest) = name.strip_prefix("quant_conv.") {
@@ -302,6 +391,63 @@ mod tests {
             wan_to_diffusers("decoder.upsamples.5.residual.0.gamma", 3),
             "decoder.up_blocks.1.resnets.0.norm1.gamma"
         );
+    }
+
+    /// Rows of the Wan 2.2 VAE key table (num_res_blocks 2), from diffusers' `convert_vae_22`;
+    /// the full set is checked against the generator's names in `tests/vae22_parity.rs`.
+    const PAIRS_22: [(&str, &str); 10] = [
+        (
+            "encoder.downsamples.0.downsamples.0.residual.0.gamma",
+            "encoder.down_blocks.0.resnets.0.norm1.gamma",
+        ),
+        (
+            "encoder.downsamples.1.downsamples.0.shortcut.weight",
+            "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+        ),
+        (
+            "encoder.downsamples.1.downsamples.1.residual.6.bias",
+            "encoder.down_blocks.1.resnets.1.conv2.bias",
+        ),
+        (
+            "encoder.downsamples.1.downsamples.2.resample.1.weight",
+            "encoder.down_blocks.1.downsampler.resample.1.weight",
+        ),
+        (
+            "encoder.downsamples.2.downsamples.2.time_conv.bias",
+            "encoder.down_blocks.2.downsampler.time_conv.bias",
+        ),
+        (
+            "decoder.upsamples.0.upsamples.2.residual.3.gamma",
+            "decoder.up_blocks.0.resnets.2.norm2.gamma",
+        ),
+        (
+            "decoder.upsamples.0.upsamples.3.time_conv.weight",
+            "decoder.up_blocks.0.upsampler.time_conv.weight",
+        ),
+        (
+            "decoder.upsamples.2.upsamples.0.shortcut.bias",
+            "decoder.up_blocks.2.resnets.0.conv_shortcut.bias",
+        ),
+        (
+            "decoder.upsamples.2.upsamples.3.resample.1.weight",
+            "decoder.up_blocks.2.upsampler.resample.1.weight",
+        ),
+        (
+            "decoder.middle.1.proj.bias",
+            "decoder.mid_block.attentions.0.proj.bias",
+        ),
+    ];
+
+    #[test]
+    fn wan22_table_rows_map_both_ways() {
+        for (wan, diff) in PAIRS_22 {
+            assert_eq!(wan_to_diffusers(wan, 2), diff, "{wan}");
+            assert_eq!(diffusers_to_wan22(diff, 2), wan, "{diff}");
+        }
+        // Wan 2.1 names are not taken for Wan 2.2 ones.
+        for (wan, diff) in PAIRS {
+            assert_eq!(wan_to_diffusers(wan, 2), diff, "{wan}");
+        }
     }
 
     #[test]
