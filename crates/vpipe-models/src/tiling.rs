@@ -6,7 +6,10 @@
 //! blended upper and left neighbours over their overlap (latent units on encode, pixels on
 //! decode: positions are converted by the spatial scale factor 8) before it is cropped where
 //! the next tile starts. A tile that covers the whole frame runs the untiled path, so its
-//! result is exactly the untiled one. Two placements ([`TileLayout`]):
+//! result is exactly the untiled one. A VAE that folds the video into patches first (Wan 2.2,
+//! 2×2) is tiled over the folded video, whose pixels its encoder compresses by 8 and its
+//! decoder produces before they are unfolded ([`tiled_encode_patches`]; the blend is in folded
+//! pixels, as in diffusers). Two placements ([`TileLayout`]):
 //!
 //! - [`TileLayout::Diffusers`] is that of diffusers' `AutoencoderKLWan.tiled_encode` /
 //!   `tiled_decode`, so that a tiled vpipe run can be checked against diffusers with the same
