@@ -12,6 +12,7 @@
 mod comfy;
 mod device;
 mod error;
+mod exit_code;
 mod files;
 mod image_to_video;
 mod leased;
@@ -28,6 +29,7 @@ mod tiled_vae;
 pub use comfy::{apply_comfy_workflow, ComfyFolders};
 pub use device::open_device;
 pub use error::{budget_kept, Error, Result};
+pub use exit_code::{causes, exit_code, one_line};
 pub use files::{finish_report, read_inputs, write_clip, write_outputs};
 pub use image_to_video::{clip_pixel_values, condition_mask, condition_video, image_condition};
 pub use leased::{clip_vision, plan_loras, read_loras, umt5, wan_dit, wan_vae};

@@ -38,6 +38,10 @@ pub(crate) enum Command {
     /// vision, LoRA), key layout (original Wan/ComfyUI or diffusers), detected config, dtypes,
     /// parameter count and bytes. Reads .safetensors headers and .pth archives only.
     Inspect(InspectArgs),
+    /// Serve jobs over HTTP, one at a time on one device, with a web page: the settings of
+    /// `run` as JSON, images as uploads, progress, cancel, the video, report and chart of each
+    /// job, and the server's memory at every job boundary.
+    Serve(ServeArgs),
     /// Run one component on tensors stored in safetensors files, for parity checks and
     /// debugging, with the same memory accounting as a full run (vae-encode, vae-decode, dit,
     /// text-encode, schedule).
@@ -155,6 +159,77 @@ impl DemoArgs {
             },
             steps: self.steps,
             seed: self.seed,
+        })
+    }
+}
+
+/// Flags of `vpipe serve`.
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Address and port to listen on. Loopback by default: anyone who reaches the port can
+    /// run jobs on this machine's device.
+    #[arg(long, default_value = "127.0.0.1:8190")]
+    listen: String,
+    /// The models folder (a ComfyUI `models/` folder or any folder of Wan files): a job's model
+    /// paths are relative to it, and a job reads no other model files.
+    #[arg(long)]
+    models: PathBuf,
+    /// The outputs folder (made if missing): each job writes `job-N/` inside it (its uploads,
+    /// video.mp4, report.json, report.svg); the server writes server-memory.json.
+    #[arg(long, default_value = "vpipe-outputs")]
+    outputs: PathBuf,
+    /// Where every job computes: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Every job's --vram-budget, e.g. 24GiB.
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Every job's --ram-budget, e.g. 48GiB.
+    #[arg(long)]
+    ram_budget: Option<String>,
+    /// The largest request taken, uploads included (larger ones get 413).
+    #[arg(long, default_value = "64MiB")]
+    max_request: String,
+    /// How many jobs may wait (more get 503).
+    #[arg(long, default_value_t = 64)]
+    max_queued: usize,
+}
+
+impl ServeArgs {
+    pub(crate) fn validate(self) -> Result<vpipe_serve::ServeConfig, Error> {
+        let listen = self.listen.parse().map_err(|e| {
+            BadInput(format!(
+                "--listen {}: {e}; expected ADDRESS:PORT, e.g. 127.0.0.1:8190",
+                self.listen
+            ))
+        })?;
+        parse_budget("--vram-budget", &self.vram_budget)?;
+        parse_budget("--ram-budget", &self.ram_budget)?;
+        let max_request = parse_budget("--max-request", &Some(self.max_request))?
+            .unwrap_or_default()
+            .try_into()
+            .map_err(|_| BadInput("--max-request: too large for this machine".into()))?;
+        if self.max_queued == 0 {
+            return Err(BadInput("--max-queued: at least 1".into()));
+        }
+        if !self.models.is_dir() {
+            return Err(BadInput(format!(
+                "--models {}: not a folder",
+                self.models.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.outputs)
+            .map_err(|e| BadInput(format!("--outputs {}: {e}", self.outputs.display())))?;
+        Ok(vpipe_serve::ServeConfig {
+            listen,
+            models: self.models,
+            outputs: self.outputs,
+            device: self.device,
+            vram_budget: self.vram_budget,
+            ram_budget: self.ram_budget,
+            max_request_bytes: max_request,
+            max_queued: self.max_queued,
+            max_kept: 1000,
         })
     }
 }
@@ -1174,24 +1249,12 @@ pub(crate) fn parse() -> Command {
     }
 }
 
-/// `args` with the flags of a `--pipeline FILE.toml` inserted right after the subcommand, so
-/// that the command line's own flags come later and win.
-fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, Error> {
-    let Some(at) = args.iter().position(|a| a == "--pipeline") else {
-        return Ok(args);
-    };
-    let Some(path) = args.get(at + 1).map(PathBuf::from) else {
-        return Ok(args); // clap reports the missing value
-    };
-    let text = vpipe_pipeline::read_settings_file("--pipeline", &path)?;
-    let table: toml::Table = text.parse().map_err(|e| {
-        BadInput(format!(
-            "--pipeline {}: not valid TOML: {e}",
-            path.display()
-        ))
-    })?;
+/// The command-line flags that `settings` (keys = flag names with `_` or `-`: a `--pipeline`
+/// file, a job submitted to `vpipe serve`) stand for; `source` names where they came from in
+/// errors.
+fn settings_flags(settings: &toml::Table, source: &str) -> Result<Vec<std::ffi::OsString>, Error> {
     let mut flags: Vec<std::ffi::OsString> = Vec::new();
-    for (key, value) in &table {
+    for (key, value) in settings {
         let flag = format!("--{}", key.replace('_', "-"));
         let scalar = |v: &toml::Value| -> Result<String, Error> {
             match v {
@@ -1199,8 +1262,7 @@ fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsS
                 toml::Value::Integer(i) => Ok(i.to_string()),
                 toml::Value::Float(f) => Ok(f.to_string()),
                 other => Err(BadInput(format!(
-                    "--pipeline {}: key `{key}` has a {}; expected a string, number, boolean or list",
-                    path.display(),
+                    "{source}: key `{key}` has a {}; expected a string, number, boolean or list",
                     other.type_str()
                 ))),
             }
@@ -1218,6 +1280,50 @@ fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsS
             other => flags.push(format!("{flag}={}", scalar(other)?).into()),
         }
     }
+    Ok(flags)
+}
+
+/// The settings of a `vpipe run` given as `settings` (the keys of a `--pipeline` file), parsed
+/// and validated as the command line would be: the same checks, the same messages, with
+/// `source` in place of the command line.
+pub(crate) fn run_options_from_settings(
+    settings: &toml::Table,
+    source: &str,
+) -> Result<RunOptions, Error> {
+    let mut args: Vec<std::ffi::OsString> = vec!["vpipe".into(), "run".into()];
+    args.extend(settings_flags(settings, source)?);
+    let cli = Cli::try_parse_from(args).map_err(|e| {
+        let rendered = e.render().to_string();
+        let first = rendered.lines().next().unwrap_or_default();
+        BadInput(format!(
+            "{source}: {}",
+            first.strip_prefix("error: ").unwrap_or(first)
+        ))
+    })?;
+    match cli.command {
+        Command::Run(args) => args.validate(false),
+        // The arguments begin with `run`, so clap gives no other subcommand.
+        _ => Err(BadInput(format!("{source}: not the settings of a run"))),
+    }
+}
+
+/// `args` with the flags of a `--pipeline FILE.toml` inserted right after the subcommand, so
+/// that the command line's own flags come later and win.
+fn with_pipeline_file(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, Error> {
+    let Some(at) = args.iter().position(|a| a == "--pipeline") else {
+        return Ok(args);
+    };
+    let Some(path) = args.get(at + 1).map(PathBuf::from) else {
+        return Ok(args); // clap reports the missing value
+    };
+    let text = vpipe_pipeline::read_settings_file("--pipeline", &path)?;
+    let table: toml::Table = text.parse().map_err(|e| {
+        BadInput(format!(
+            "--pipeline {}: not valid TOML: {e}",
+            path.display()
+        ))
+    })?;
+    let flags = settings_flags(&table, &format!("--pipeline {}", path.display()))?;
     // After the subcommand (`run` / `plan`), which is the first argument not starting with '-'.
     let sub = args
         .iter()

@@ -15,6 +15,7 @@ mod inspect;
 mod plan;
 mod progress;
 mod run;
+mod serve;
 mod tensors;
 
 fn main() -> ExitCode {
@@ -60,6 +61,7 @@ fn run(command: flags::Command) -> anyhow::Result<ExitCode> {
             let (preset, json) = (args.preset.clone(), args.json);
             plan::run(args.validate(true)?, preset.as_deref(), json)
         }
+        flags::Command::Serve(args) => serve::run(args.validate()?),
         flags::Command::Tensors(args) => match args.component {
             flags::TensorsComponent::VaeEncode(vae) => {
                 tensors::run_vae(vpipe_pipeline::VaeOp::Encode, vae.validate()?)

@@ -14,6 +14,11 @@ pub(crate) fn catch_interrupt() {
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
 
+/// The flag [`catch_interrupt`]'s handler sets: what stops `vpipe serve`.
+pub(crate) fn interrupt_flag() -> &'static AtomicBool {
+    &INTERRUPTED
+}
+
 /// The observer of every command: progress on stderr, stopped by [`catch_interrupt`]'s flag.
 #[derive(Default)]
 pub(crate) struct Terminal {

@@ -1,0 +1,320 @@
+//! The HTTP API and the page:
+//!
+//! | request | what it does |
+//! |---|---|
+//! | `GET /` | the web page |
+//! | `POST /api/jobs` | submits a job: a JSON object of `run.toml`'s keys, or `multipart/form-data` with a `settings` part (that JSON) and `image`, `last_image` or `input` uploads; 201 with the job |
+//! | `GET /api/jobs` | every kept job, newest first |
+//! | `GET /api/jobs/{id}` | one job: state, progress (step, done, total), notices, error |
+//! | `POST /api/jobs/{id}/cancel` | cancels it: a queued job never starts, a running one stops as Ctrl-C stops `vpipe run` |
+//! | `GET /api/jobs/{id}/video`, `/report`, `/chart` | its `video.mp4`, `report.json`, memory chart (SVG) |
+//! | `GET /api/memory` | the server's memory record: every meter at each job boundary, live samples, budgets |
+//!
+//! Errors are JSON `{"error": message, "exit_code": code}` with a 4xx for what the request got
+//! wrong (the message `vpipe run` would print for the same settings) and 5xx for the server.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower::ServiceExt;
+
+use crate::jobs::{JobView, Refusal};
+use crate::settings::{mode_of, upload_name, Confinement, Settings, UPLOAD_KEYS};
+use crate::App;
+
+/// An error answer.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    exit_code: Option<u8>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            exit_code: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            exit_code: Some(2),
+            ..Self::new(StatusCode::BAD_REQUEST, message)
+        }
+    }
+
+    /// A job's settings the pipeline refused: the CLI's message and exit code.
+    fn pipeline(err: &vpipe_pipeline::Error) -> Self {
+        let exit_code = vpipe_pipeline::exit_code(vpipe_pipeline::causes(err));
+        let status = match exit_code {
+            2 => StatusCode::BAD_REQUEST,
+            3 => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self {
+            status,
+            message: vpipe_pipeline::one_line(vpipe_pipeline::causes(err)),
+            exit_code: Some(exit_code),
+        }
+    }
+
+    fn internal(what: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, what.to_string())
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let status = match refusal {
+            Refusal::QueueFull(_) | Refusal::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unknown(_) => StatusCode::NOT_FOUND,
+            Refusal::Finished(..) => StatusCode::CONFLICT,
+        };
+        Self::new(status, refusal.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.message, "exit_code": self.exit_code });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    let limit = app.config.max_request_bytes;
+    Router::new()
+        .route("/", get(page))
+        .route("/api/jobs", get(list).post(submit))
+        .route("/api/jobs/{id}", get(job))
+        .route("/api/jobs/{id}/cancel", post(cancel))
+        .route("/api/jobs/{id}/{file}", get(job_file))
+        .route("/api/memory", get(memory))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API path") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Html(include_str!("page.html")),
+    )
+}
+
+async fn list(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(json!({ "jobs": app.jobs.list() }))
+}
+
+async fn memory(State(app): State<Arc<App>>) -> Json<crate::MemoryRecord> {
+    Json(app.memory.record())
+}
+
+/// A job id from the path.
+fn job_id(text: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no job '{text}'")))
+}
+
+async fn job(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = job_id(&id)?;
+    app.jobs
+        .view(id)
+        .map(Json)
+        .ok_or(Refusal::Unknown(id).into())
+}
+
+async fn cancel(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let view = app.jobs.cancel(job_id(&id)?)?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+async fn job_file(
+    State(app): State<Arc<App>>,
+    axum::extract::Path((id, file)): axum::extract::Path<(String, String)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let id = job_id(&id)?;
+    let name = match file.as_str() {
+        "video" => "video.mp4",
+        "report" => "report.json",
+        "chart" => "report.svg",
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("'{file}': a job has video, report and chart"),
+            ))
+        }
+    };
+    let view = app.jobs.view(id).ok_or(Refusal::Unknown(id))?;
+    let path = app.jobs.dir(id).ok_or(Refusal::Unknown(id))?.join(name);
+    if !path.is_file() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("job {id} has no {file} ({:?})", view.state),
+        ));
+    }
+    let response = tower_http::services::ServeFile::new(path)
+        .oneshot(request)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(response.map(axum::body::Body::new))
+}
+
+/// `POST /api/jobs`.
+async fn submit(
+    State(app): State<Arc<App>>,
+    request: Request,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let id = app.jobs.reserve_id();
+    let dir = app.config.outputs.join(format!("job-{id}"));
+    std::fs::create_dir(&dir).map_err(|e| {
+        ApiError::internal(format!("creating the job's folder {}: {e}", dir.display()))
+    })?;
+    let submitted = submit_into(&app, id, &dir, &content_type, request).await;
+    if submitted.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    submitted.map(|view| (StatusCode::CREATED, Json(view)))
+}
+
+async fn submit_into(
+    app: &Arc<App>,
+    id: u64,
+    dir: &Path,
+    content_type: &str,
+    request: Request,
+) -> Result<JobView, ApiError> {
+    let (submitted, uploads) = if content_type.starts_with("application/json") {
+        let body = Bytes::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        (json_settings(&body, "request body")?, Vec::new())
+    } else if content_type.starts_with("multipart/form-data") {
+        let multipart = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        read_multipart(multipart, dir).await?
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Content-Type '{content_type}': expected application/json (the settings) or \
+                 multipart/form-data (a `settings` part and uploads)"
+            ),
+        ));
+    };
+    let confinement = Confinement {
+        models: &app.config.models,
+        device: &app.config.device,
+        vram_budget: app.config.vram_budget.as_deref(),
+        ram_budget: app.config.ram_budget.as_deref(),
+    };
+    let settings = confinement
+        .job_settings(&submitted, &uploads, dir)
+        .map_err(ApiError::bad_request)?;
+    let parse = app.parse.clone();
+    let options = tokio::task::spawn_blocking(move || parse(&settings))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::pipeline(&e))?;
+    Ok(app
+        .jobs
+        .push(id, dir.to_path_buf(), options, mode_of(&uploads))?)
+}
+
+/// A JSON object of settings.
+fn json_settings(body: &[u8], what: &str) -> Result<Settings, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("{what}: not valid JSON: {e}")))?;
+    match value {
+        serde_json::Value::Object(settings) => Ok(settings),
+        other => Err(ApiError::bad_request(format!(
+            "{what}: expected a JSON object of run.toml's keys, got {}",
+            match other {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            }
+        ))),
+    }
+}
+
+/// Refuses an uploaded image that does not decode, before the job is queued, with the
+/// message `vpipe run` gives for it.
+async fn check_image(key: &'static str, file: &Path) -> Result<(), ApiError> {
+    let file = file.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        vpipe_video::read_image_with_limits(&file, &vpipe_video::ReadLimits::default())
+            .map(drop)
+            .map_err(|e| ApiError::bad_request(format!("{key}: {e}")))
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+/// The `settings` part and the uploads of a multipart submission, each upload saved in `dir`
+/// under a name from its content.
+async fn read_multipart(
+    mut multipart: Multipart,
+    dir: &Path,
+) -> Result<(Settings, Vec<(&'static str, PathBuf)>), ApiError> {
+    let mut settings = None;
+    let mut uploads: Vec<(&'static str, PathBuf)> = Vec::new();
+    let part_error =
+        |e: axum::extract::multipart::MultipartError| ApiError::new(e.status(), e.body_text());
+    while let Some(field) = multipart.next_field().await.map_err(part_error)? {
+        let name = field.name().unwrap_or_default().replace('-', "_");
+        let bytes = field.bytes().await.map_err(part_error)?;
+        if name == "settings" {
+            if settings.is_some() {
+                return Err(ApiError::bad_request("settings: given twice"));
+            }
+            settings = Some(json_settings(&bytes, "settings")?);
+            continue;
+        }
+        let Some(&key) = UPLOAD_KEYS.iter().find(|k| **k == name) else {
+            return Err(ApiError::bad_request(format!(
+                "part '{name}': expected `settings` and uploads named {}",
+                UPLOAD_KEYS.join(", ")
+            )));
+        };
+        if uploads.iter().any(|(k, _)| *k == key) {
+            return Err(ApiError::bad_request(format!("{key}: uploaded twice")));
+        }
+        let file = dir.join(upload_name(key, &bytes).map_err(ApiError::bad_request)?);
+        tokio::fs::write(&file, &bytes)
+            .await
+            .map_err(|e| ApiError::internal(format!("saving {}: {e}", file.display())))?;
+        if key != "input" {
+            check_image(key, &file).await?;
+        }
+        uploads.push((key, file));
+    }
+    let settings =
+        settings.ok_or_else(|| ApiError::bad_request("no `settings` part (the job's JSON)"))?;
+    Ok((settings, uploads))
+}

@@ -1,0 +1,371 @@
+//! `vpipe serve` as a client sees it: a real server on loopback running jobs on the built-in
+//! tiny models (the demo's), one at a time, cancelled on request, each with its video, report
+//! and chart; its memory record showing no growth over 20 jobs; and bad requests answered with
+//! a 4xx while the server keeps serving.
+
+mod common;
+mod serve;
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use serve::Server;
+
+/// A quick text-to-video job on the built-in models.
+fn small_job(prompt: &str, steps: u64) -> Value {
+    json!({
+        "prompt": prompt,
+        "size": "64x64",
+        "frames": 5,
+        "steps": steps,
+        "tile": 64,
+    })
+}
+
+fn id_of(answer: &Value) -> u64 {
+    answer["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no job id: {answer}"))
+}
+
+#[test]
+fn three_jobs_one_cancelled_each_with_its_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::builtin_models(&dir.path().join("demo"));
+    let outputs = dir.path().join("outputs");
+    std::fs::create_dir(&outputs).unwrap();
+    let mut server = Server::start(&models, &outputs, &[]);
+
+    let (status, first) = server.submit(&small_job("a red kite over the sea", 2));
+    assert_eq!(status, 201, "{first}");
+    // Long enough to be cancelled while it samples.
+    let (status, long) = server.submit(&small_job("a slow boat", 1000));
+    assert_eq!(status, 201, "{long}");
+    let (status, third) = server.submit(&json!({
+        "prompt": "a lighthouse at night",
+        "size": "64x64",
+        "frames": 5,
+        "steps": 2,
+        "tile": 64,
+        "lora": ["lora-tiny-seed42.safetensors:0.5"],
+        "seed": 7,
+    }));
+    assert_eq!(status, 201, "{third}");
+    let (first, long, third) = (id_of(&first), id_of(&long), id_of(&third));
+
+    let listed = server.get_json("/api/jobs");
+    let ids: Vec<u64> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [third, long, first], "newest first");
+
+    let sampling = server.wait_for(long, |job| {
+        job["state"] == "running"
+            && job["progress"]["step"] == "sample"
+            && job["progress"]["done"].as_u64() >= Some(2)
+    });
+    assert_eq!(sampling["progress"]["total"], 1000);
+    let (status, _) = server.request("POST", &format!("/api/jobs/{long}/cancel"), "", b"");
+    assert_eq!(status, 202);
+
+    let done = server.wait_finished(first);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let cancelled = server.wait_finished(long);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["error"]["exit_code"], 130);
+    assert_eq!(cancelled["video"], false, "a cancelled job writes no video");
+    assert_eq!(cancelled["report"], true, "but its report so far");
+    let done_third = server.wait_finished(third);
+    assert_eq!(done_third["state"], "succeeded", "{done_third}");
+
+    // Cancelling a finished job is a conflict; an unknown job is not found.
+    let (status, _) = server.request("POST", &format!("/api/jobs/{first}/cancel"), "", b"");
+    assert_eq!(status, 409);
+    let (status, _) = server.get("/api/jobs/999999");
+    assert_eq!(status, 404);
+
+    for id in [first, third] {
+        let (status, video) = server.get(&format!("/api/jobs/{id}/video"));
+        assert_eq!(status, 200);
+        assert_eq!(&video[4..8], b"ftyp", "an MP4");
+        let report = server.get_json(&format!("/api/jobs/{id}/report"));
+        let phases = common::phase_names(&report);
+        assert!(phases.contains(&"sample".to_owned()), "{phases:?}");
+        assert!(report["violations"].as_array().unwrap().is_empty());
+        let (status, chart) = server.get(&format!("/api/jobs/{id}/chart"));
+        assert_eq!(status, 200);
+        assert!(String::from_utf8_lossy(&chart).contains("<svg"));
+    }
+    let (status, _) = server.get(&format!("/api/jobs/{long}/video"));
+    assert_eq!(status, 404);
+    let report = server.get_json(&format!("/api/jobs/{long}/report"));
+    assert!(!common::phase_names(&report).is_empty());
+
+    // The server's job is `vpipe run`'s, bit for bit.
+    let cli_out = dir.path().join("cli.mp4");
+    let run = common::vpipe(&[
+        "run",
+        "--model-dir",
+        models.to_str().unwrap(),
+        "--prompt",
+        "a red kite over the sea",
+        "--size",
+        "64x64",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+        "--tile",
+        "64",
+        "--out",
+        cli_out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (_, served) = server.get(&format!("/api/jobs/{first}/video"));
+    assert!(
+        served == std::fs::read(&cli_out).unwrap(),
+        "the served video differs from vpipe run's"
+    );
+
+    // Every job boundary was measured, and the record is on disk too.
+    let memory = server.get_json("/api/memory");
+    let ends = boundaries(&memory, "job end");
+    assert_eq!(ends.len(), 3, "{memory}");
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(outputs.join("server-memory.json")).unwrap())
+            .unwrap();
+    assert_eq!(boundaries(&on_disk, "job end").len(), 3);
+
+    let status = server.stop().expect("the server stops on SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+/// The boundary readings `at` of a memory record.
+fn boundaries<'a>(memory: &'a Value, at: &str) -> Vec<&'a Value> {
+    memory["boundaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["at"] == at)
+        .collect()
+}
+
+/// Heap growth from the third job's end to the twentieth's: what a job leaves behind, times 17.
+/// The jobs' own records (a few hundred bytes each) are the only thing the server keeps.
+const HEAP_GROWTH_TOLERANCE: u64 = 256 << 10;
+/// Anonymous RSS growth over the same jobs: the allocator may keep freed pages; a leak of the
+/// jobs' tensors (megabytes each) would exceed it within a few jobs.
+const RSS_GROWTH_TOLERANCE: u64 = 16 << 20;
+
+#[test]
+fn twenty_jobs_leave_the_server_as_they_found_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::builtin_models(&dir.path().join("demo"));
+    let outputs = dir.path().join("outputs");
+    std::fs::create_dir(&outputs).unwrap();
+    let server = Server::start(&models, &outputs, &[]);
+    let ids: Vec<u64> = (0..20)
+        .map(|i| {
+            let (status, answer) = server.submit(&small_job(&format!("job {i}"), 2));
+            assert_eq!(status, 201, "{answer}");
+            id_of(&answer)
+        })
+        .collect();
+    for &id in &ids {
+        let job = server.wait_finished(id);
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    let memory = server.get_json("/api/memory");
+    let ends = boundaries(&memory, "job end");
+    assert_eq!(ends.len(), 20);
+    let value = |b: &Value, key: &str| b[key].as_u64().unwrap_or_else(|| panic!("{key}: {b}"));
+    let (third, last) = (ends[2], ends[19]);
+    let heap_growth = value(last, "heap").saturating_sub(value(third, "heap"));
+    let rss_growth = value(last, "host_anon").saturating_sub(value(third, "host_anon"));
+    eprintln!(
+        "heap at job ends: {:?}",
+        ends.iter().map(|b| value(b, "heap")).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "host anon at job ends: {:?}",
+        ends.iter()
+            .map(|b| value(b, "host_anon"))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        heap_growth <= HEAP_GROWTH_TOLERANCE,
+        "the heap grew by {heap_growth} B from job 3 to job 20"
+    );
+    assert!(
+        rss_growth <= RSS_GROWTH_TOLERANCE,
+        "anonymous RSS grew by {rss_growth} B from job 3 to job 20"
+    );
+}
+
+/// A PNG of this crate's image-to-video fixtures.
+fn fixture_png() -> Vec<u8> {
+    std::fs::read(common::fixture("vpipe", "pipeline_i2v/first.png")).unwrap()
+}
+
+#[test]
+fn bad_requests_get_a_4xx_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let run = common::vpipe(&[
+        "demo",
+        "--mode",
+        "i2v",
+        "--steps",
+        "1",
+        "--out",
+        demo.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let models = demo.join("weights");
+    std::fs::write(dir.path().join("secret.safetensors"), b"not for jobs").unwrap();
+    std::os::unix::fs::symlink(
+        dir.path().join("secret.safetensors"),
+        models.join("escape.safetensors"),
+    )
+    .unwrap();
+    let outputs = dir.path().join("outputs");
+    std::fs::create_dir(&outputs).unwrap();
+    let server = Server::start(&models, &outputs, &["--max-request", "1MiB"]);
+
+    let expect = |(status, answer): (u16, Value), code: u16, needle: &str| {
+        assert_eq!(status, code, "{answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "expected '{needle}' in: {message}"
+        );
+    };
+    let body = |(status, body): (u16, Vec<u8>)| {
+        (
+            status,
+            serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
+        )
+    };
+    let json = "application/json";
+    expect(
+        body(server.request("POST", "/api/jobs", json, b"{\"prompt\": ")),
+        400,
+        "not valid JSON",
+    );
+    expect(
+        body(server.request("POST", "/api/jobs", json, b"[1, 2]")),
+        400,
+        "a JSON object",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "no_such_key": 1})),
+        400,
+        "--no-such-key",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "steps": "many"})),
+        400,
+        "--steps",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "size": "64x64", "frames": 6})),
+        400,
+        "--frames",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "dit": "../secret.safetensors"})),
+        400,
+        "without '..'",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "vae": "/etc/passwd"})),
+        400,
+        "relative to the models folder",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "dit": "escape.safetensors"})),
+        400,
+        "leads outside",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "lora": "../../x:1"})),
+        400,
+        "without '..'",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "out": "/tmp/owned.mp4"})),
+        400,
+        "set by the server",
+    );
+    expect(
+        server.submit(&json!({"prompt": "x", "image": "/etc/hostname"})),
+        400,
+        "as an upload",
+    );
+    expect(
+        body(server.request("POST", "/api/jobs", "text/plain", b"prompt")),
+        415,
+        "Content-Type",
+    );
+    let huge = vec![b' '; 2 << 20];
+    let (status, _) = server.request("POST", "/api/jobs", json, &huge);
+    assert_eq!(status, 413, "a body over --max-request");
+    let settings = json!({"prompt": "x", "size": "64x64", "frames": 5, "steps": 2, "tile": 64});
+    expect(
+        server.submit_multipart(&settings, &[("image", b"GIF89a not an image")]),
+        400,
+        "PNG or JPEG",
+    );
+    let mut broken = fixture_png();
+    broken.truncate(40);
+    expect(
+        server.submit_multipart(&settings, &[("image", &broken)]),
+        400,
+        "image",
+    );
+    expect(
+        server.submit_multipart(&settings, &[("avatar", &fixture_png())]),
+        400,
+        "part 'avatar'",
+    );
+    expect(
+        server.submit_multipart(&json!({"steps": 2}), &[]),
+        400,
+        "prompt",
+    );
+    let (status, _) = server.get("/api/jobs/x/../../etc/passwd");
+    assert_eq!(status, 404);
+
+    // Nothing was queued, no folder was left behind; an image-to-video job still runs.
+    assert!(server.get_json("/api/jobs")["jobs"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let (status, answer) = server.submit_multipart(&settings, &[("image", &fixture_png())]);
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["mode"], "image-to-video");
+    let job = server.wait_finished(id_of(&answer));
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(
+        job["notices"][0].as_str().unwrap().contains("resized"),
+        "{job}"
+    );
+    let folders: Vec<_> = std::fs::read_dir(&outputs)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert_eq!(folders.len(), 1, "only the job that ran has a folder");
+    assert!(!Path::new("/tmp/owned.mp4").exists());
+}
