@@ -33,8 +33,13 @@ pub enum Family {
     /// Wan 2.1 diffusion transformer, image-to-video: has `img_emb`, `cross_attn.k_img`/`v_img`
     /// and `in_dim` 36.
     WanDitI2v,
-    /// Wan 2.1 causal 3D VAE.
+    /// Wan 2.2 TI2V diffusion transformer (TI2V-5B): `in_dim` and `out_dim` 48 (the Wan 2.2
+    /// VAE's latents), no image cross-attention; text- and image-to-video alike.
+    WanDitTi2v,
+    /// Wan 2.1 causal 3D VAE (also Wan 2.2 A14B's).
     WanVae,
+    /// Wan 2.2 causal 3D VAE (TI2V-5B's): residual stages, 2×2 patches, 48 latent channels.
+    WanVae22,
     /// umT5 text encoder (encoder only; per-layer relative position bias).
     Umt5Encoder,
     /// CLIP vision tower (open-clip xlm-roberta ViT-H/14 in Wan I2V).
@@ -51,7 +56,9 @@ impl Family {
         match self {
             Self::WanDitT2v => "Wan 2.1 DiT, text-to-video",
             Self::WanDitI2v => "Wan 2.1 DiT, image-to-video",
+            Self::WanDitTi2v => "Wan 2.2 DiT, text-image-to-video (TI2V)",
             Self::WanVae => "Wan 2.1 VAE",
+            Self::WanVae22 => "Wan 2.2 VAE",
             Self::Umt5Encoder => "umT5 text encoder",
             Self::ClipVision => "CLIP vision encoder",
             Self::WanLora => "LoRA for the Wan DiT",
@@ -129,7 +136,7 @@ pub struct DitConfig {
     pub qk_norm: bool,
     /// Has the affine norm before cross-attention.
     pub cross_attn_norm: bool,
-    /// "1.3B" or "14B" when dim, ffn_dim and layers match a released Wan 2.1 size.
+    /// "1.3B", "14B" or "5B" when dim, ffn_dim and layers match a released Wan size.
     pub size_name: Option<&'static str>,
 }
 
@@ -147,6 +154,12 @@ pub struct VaeConfig {
     pub num_res_blocks: Option<usize>,
     /// Which encoder downsamples also halve time (`[false, true, true]` for Wan 2.1).
     pub temporal_downsample: Option<Vec<bool>>,
+    /// The decoder's base channel count when it differs from `base_dim` (Wan 2.2: 256), from
+    /// the decoder's output convolution.
+    pub decoder_base_dim: Option<usize>,
+    /// Side of the square patches the video is folded into before the encoder (Wan 2.2: 2,
+    /// from its 12 input channels); `None` for a VAE that takes the frames as they are.
+    pub patch_size: Option<usize>,
 }
 
 /// Configuration of a umT5 encoder, from its tensor shapes.
@@ -318,6 +331,17 @@ const ANCHORS: &[Anchor] = &[
         family: Family::WanVae,
         layout: KeyLayout::Diffusers,
     },
+    // Wan 2.2's VAE groups its encoder blocks per stage, in both layouts.
+    Anchor {
+        suffix: "encoder.downsamples.0.downsamples.0.residual.0.gamma",
+        family: Family::WanVae22,
+        layout: KeyLayout::Wan,
+    },
+    Anchor {
+        suffix: "encoder.down_blocks.0.resnets.0.norm1.gamma",
+        family: Family::WanVae22,
+        layout: KeyLayout::Diffusers,
+    },
     Anchor {
         suffix: "blocks.0.pos_embedding.embedding.weight",
         family: Family::Umt5Encoder,
@@ -466,11 +490,17 @@ fn detect_model(tensors: &[TensorMeta<'_>]) -> Detection {
         Family::WanDitT2v => dit_config(&keys, anchor.layout).map(|c| {
             if c.image_conditioning || c.in_dim == 36 {
                 family = Family::WanDitI2v;
+            } else if c.in_dim == TI2V_LATENT_CHANNELS && c.out_dim == TI2V_LATENT_CHANNELS {
+                family = Family::WanDitTi2v;
             }
             if c.dim % 128 != 0 {
                 notes.push(format!("dim {} is not a multiple of the head size 128", c.dim));
             }
-            let expected_in = if family == Family::WanDitI2v { 36 } else { 16 };
+            let expected_in = match family {
+                Family::WanDitI2v => 36,
+                Family::WanDitTi2v => TI2V_LATENT_CHANNELS,
+                _ => 16,
+            };
             if c.in_dim != expected_in {
                 notes.push(format!(
                     "in_dim {} differs from Wan 2.1's {expected_in} for this task (a Fun/VACE/2.2 variant?)",
@@ -480,6 +510,7 @@ fn detect_model(tensors: &[TensorMeta<'_>]) -> Detection {
             ModelConfig::Dit(c)
         }),
         Family::WanVae => vae_config(&keys, anchor.layout).map(ModelConfig::Vae),
+        Family::WanVae22 => vae22_config(&keys, anchor.layout).map(ModelConfig::Vae),
         Family::Umt5Encoder => umt5_config(&keys, anchor.layout).and_then(|c| {
             if c.num_layers > 1 && !keys.has(&umt5_bias_key(anchor.layout, 1)) {
                 family = Family::Unknown;
@@ -489,7 +520,9 @@ fn detect_model(tensors: &[TensorMeta<'_>]) -> Detection {
             }
         }),
         Family::ClipVision => clip_config(&keys, anchor.layout).map(ModelConfig::Clip),
-        Family::WanDitI2v | Family::WanLora | Family::Unknown => Err("no config".into()),
+        Family::WanDitI2v | Family::WanDitTi2v | Family::WanLora | Family::Unknown => {
+            Err("no config".into())
+        }
     };
     let config = match config {
         Ok(c) => Some(c),
@@ -520,11 +553,16 @@ fn layout_word(l: KeyLayout) -> &'static str {
     }
 }
 
+/// Latent channels of the Wan 2.2 VAE, which a TI2V DiT takes in and gives out.
+const TI2V_LATENT_CHANNELS: usize = 48;
+
 fn wan_size_name(dim: usize, ffn_dim: usize, layers: usize) -> Option<&'static str> {
-    // Wan2.1 `wan/configs/wan_t2v_1_3B.py` and `wan_t2v_14B.py` / `wan_i2v_14B.py`.
+    // Wan2.1 `wan/configs/wan_t2v_1_3B.py` and `wan_t2v_14B.py` / `wan_i2v_14B.py`; Wan2.2
+    // `wan/configs/wan_ti2v_5B.py`.
     match (dim, ffn_dim, layers) {
         (1536, 8960, 30) => Some("1.3B"),
         (5120, 13824, 40) => Some("14B"),
+        (3072, 14336, 30) => Some("5B"),
         _ => None,
     }
 }
@@ -679,6 +717,90 @@ fn vae_config(k: &Keys<'_>, layout: KeyLayout) -> Result<VaeConfig, String> {
         dim_mult,
         num_res_blocks,
         temporal_downsample: (ok && !temporal.is_empty()).then_some(temporal),
+        decoder_base_dim: None,
+        patch_size: None,
+    })
+}
+
+/// The Wan 2.2 VAE's configuration: its encoder is a list of stages
+/// (`encoder.downsamples.i.downsamples.j`, diffusers `encoder.down_blocks.i.resnets.j` and
+/// `.downsampler`), its decoder has a base width of its own (the output convolution's input
+/// over `dim_mult[0]`), and it folds the frames into p×p patches (3·p² input channels).
+fn vae22_config(k: &Keys<'_>, layout: KeyLayout) -> Result<VaeConfig, String> {
+    let wan = layout == KeyLayout::Wan;
+    let (conv_in, quant, conv_out) = if wan {
+        (
+            "encoder.conv1.weight",
+            "conv2.weight",
+            "decoder.head.2.weight",
+        )
+    } else {
+        (
+            "encoder.conv_in.weight",
+            "post_quant_conv.weight",
+            "decoder.conv_out.weight",
+        )
+    };
+    let base_dim = k.dim(conv_in, 0)?;
+    let in_channels = k.dim(conv_in, 1)?;
+    let z_dim = k.dim(quant, 0)?;
+    let decoder_width = k.dim(conv_out, 1)?;
+    let stage = |i: usize| {
+        if wan {
+            format!("encoder.downsamples.{i}.downsamples.")
+        } else {
+            format!("encoder.down_blocks.{i}.resnets.")
+        }
+    };
+    let resample = |i: usize, r: usize, what: &str| {
+        if wan {
+            format!("encoder.downsamples.{i}.downsamples.{r}.{what}")
+        } else {
+            format!("encoder.down_blocks.{i}.downsampler.{what}")
+        }
+    };
+    let residual_out = if wan {
+        "residual.6.weight"
+    } else {
+        "conv2.weight"
+    };
+    let (mut dim_mult, mut res_blocks, mut temporal) = (Vec::new(), Vec::new(), Vec::new());
+    let mut readable = base_dim > 0;
+    for i in 0.. {
+        let head = stage(i);
+        let blocks: Vec<usize> = k
+            .indices(&head)
+            .into_iter()
+            .filter(|j| k.has(&format!("{head}{j}.{residual_out}")))
+            .collect();
+        if blocks.is_empty() {
+            break;
+        }
+        let width = k.dim(&format!("{head}{}.{residual_out}", blocks.len() - 1), 0)?;
+        readable &= base_dim > 0 && width % base_dim.max(1) == 0;
+        dim_mult.push(width / base_dim.max(1));
+        res_blocks.push(blocks.len());
+        let r = blocks.len();
+        if k.has(&resample(i, r, "resample.1.weight")) {
+            temporal.push(k.has(&resample(i, r, "time_conv.weight")));
+        }
+    }
+    readable &= !dim_mult.is_empty()
+        && res_blocks.iter().all(|&n| n == res_blocks[0])
+        && temporal.len() + 1 == dim_mult.len();
+    let patch_size = (1..=8).find(|p| 3 * p * p == in_channels);
+    let decoder_base = dim_mult
+        .first()
+        .filter(|&&m| m > 0 && decoder_width % m == 0)
+        .map(|m| decoder_width / m);
+    Ok(VaeConfig {
+        base_dim,
+        z_dim,
+        dim_mult: readable.then(|| dim_mult.clone()),
+        num_res_blocks: readable.then(|| res_blocks[0]),
+        temporal_downsample: readable.then_some(temporal),
+        decoder_base_dim: decoder_base.filter(|&d| d != base_dim),
+        patch_size,
     })
 }
 

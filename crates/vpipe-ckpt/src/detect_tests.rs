@@ -370,6 +370,8 @@ fn wan_vae_original_and_diffusers() {
         dim_mult: Some(vec![1, 2, 4, 4]),
         num_res_blocks: Some(2),
         temporal_downsample: Some(vec![false, true, true]),
+        decoder_base_dim: None,
+        patch_size: None,
     };
     let d = detect(metas(&l));
     assert_eq!((d.family, d.layout), (Family::WanVae, KeyLayout::Wan));
@@ -389,6 +391,86 @@ fn wan_vae_original_and_diffusers() {
     let d = detect(metas(&diff));
     assert_eq!((d.family, d.layout), (Family::WanVae, KeyLayout::Diffusers));
     assert_eq!(d.config, Some(ModelConfig::Vae(expected)));
+}
+
+/// The tiny Wan 2.2 VAE of vpipe-models' parity fixtures (diffusers names, written by
+/// diffusers' `AutoencoderKLWan`: the real 196-key set at base_dim 4, decoder_base_dim 6,
+/// z_dim 12, patch 2).
+fn wan22_vae_tiny() -> List {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../vpipe-models/tests/fixtures/vae22/wan22_vae_tiny_diffusers.safetensors");
+    crate::inspect(&path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|t| (t.name, t.shape, t.dtype))
+        .collect()
+}
+
+#[test]
+fn wan22_vae_original_and_diffusers() {
+    let diff = wan22_vae_tiny();
+    assert_eq!(diff.len(), 196, "196 tensors");
+    let expected = VaeConfig {
+        base_dim: 4,
+        z_dim: 12,
+        dim_mult: Some(vec![1, 2, 4, 4]),
+        num_res_blocks: Some(2),
+        temporal_downsample: Some(vec![false, true, true]),
+        decoder_base_dim: Some(6),
+        patch_size: Some(2),
+    };
+    let d = detect(metas(&diff));
+    assert_eq!(
+        (d.family, d.layout),
+        (Family::WanVae22, KeyLayout::Diffusers)
+    );
+    assert_eq!(d.config, Some(ModelConfig::Vae(expected.clone())));
+    assert!(d.notes.is_empty(), "{:?}", d.notes);
+
+    // Original Wan 2.2 / ComfyUI names, behind ComfyUI's prefix too.
+    let wan = renamed(&diff, |name| {
+        vpipe_models::wan::keys::diffusers_to_wan22(name, 2)
+    });
+    assert!(wan
+        .iter()
+        .any(|(n, _, _)| n == "encoder.downsamples.0.downsamples.0.residual.0.gamma"));
+    let d = detect(metas(&wan));
+    assert_eq!((d.family, d.layout), (Family::WanVae22, KeyLayout::Wan));
+    assert_eq!(d.config, Some(ModelConfig::Vae(expected.clone())));
+    let prefixed = renamed(&wan, |name| format!("vae.{name}"));
+    let d = detect(metas(&prefixed));
+    assert_eq!((d.family, d.prefix.as_str()), (Family::WanVae22, "vae."));
+    assert_eq!(d.config, Some(ModelConfig::Vae(expected)));
+}
+
+#[test]
+fn wan22_ti2v_5b_is_its_own_family() {
+    let mut l = wan_dit(3072, 14336, 30, 48);
+    // 48 latent channels out: 48 · (1·2·2) head rows.
+    for (name, shape, _) in l.iter_mut() {
+        if name.starts_with("head.head.") {
+            shape[0] = 192;
+        }
+    }
+    let d = detect(metas(&l));
+    assert_eq!((d.family, d.layout), (Family::WanDitTi2v, KeyLayout::Wan));
+    let c = dit(&d);
+    assert_eq!(
+        (c.in_dim, c.out_dim, c.num_heads, c.size_name),
+        (48, 48, 24, Some("5B"))
+    );
+    assert!(!c.image_conditioning);
+    assert!(d.notes.is_empty(), "{:?}", d.notes);
+    assert_eq!((params(&l) as f64 / 1e9 * 10.0).round(), 50.0, "5.0 B");
+    let d = detect(metas(&renamed(&l, to_diffusers_dit)));
+    assert_eq!(
+        (d.family, d.layout),
+        (Family::WanDitTi2v, KeyLayout::Diffusers)
+    );
+    // A Wan 2.1 T2V DiT stays one.
+    let d = detect(metas(&wan_dit(1536, 8960, 30, 16)));
+    assert_eq!(d.family, Family::WanDitT2v);
 }
 
 /// umT5-XXL encoder keys, original Wan `t5.py` names.

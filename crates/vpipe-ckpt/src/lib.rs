@@ -454,6 +454,12 @@ impl fmt::Display for VaeConfig {
         if let Some(t) = &self.temporal_downsample {
             write!(f, ", temporal downsample {t:?}")?;
         }
+        if let Some(d) = self.decoder_base_dim {
+            write!(f, ", decoder base dim {d}")?;
+        }
+        if let Some(p) = self.patch_size {
+            write!(f, ", patch {p}x{p}")?;
+        }
         Ok(())
     }
 }
