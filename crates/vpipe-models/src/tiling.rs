@@ -48,7 +48,15 @@ pub const MAX_FRAME_SIDE: usize = 16384;
 /// The stride vpipe pairs with a tile when none is given: three quarters of it, on the 8-px
 /// grid (256 → 192, as diffusers' default).
 pub fn default_stride(tile: usize) -> usize {
-    (tile / 4 * 3 / SPATIAL_SCALE * SPATIAL_SCALE).max(SPATIAL_SCALE)
+    default_stride_on(tile, SPATIAL_SCALE)
+}
+
+/// [`default_stride`] on a grid of `grid` pixels (a VAE's spatial factor: 16 for Wan 2.2,
+/// whose tiles must cover whole latent cells): three quarters of the tile, rounded down to
+/// the grid, at least one cell.
+pub fn default_stride_on(tile: usize, grid: usize) -> usize {
+    let grid = grid.max(1);
+    (tile / 4 * 3 / grid * grid).max(grid)
 }
 
 /// Where tiles go over a frame (see the module documentation).
@@ -421,19 +429,38 @@ fn balanced_spans(len: usize, tile: usize, stride: usize) -> Vec<(usize, usize)>
 /// and the spec that produced it. Halving stops before a tile smaller than one latent cell,
 /// whatever `smallest` is, so the loop ends even when every attempt fails.
 pub fn halving_on_failure<T, E>(
-    mut spec: TileSpec,
+    spec: TileSpec,
     smallest: usize,
+    retry_smaller: impl Fn(&E) -> bool,
+    on_fallback: impl FnMut(TileSpec, TileSpec),
+    attempt: impl FnMut(TileSpec) -> Result<T, E>,
+) -> Result<(T, TileSpec), E> {
+    halving_on_grid(
+        spec,
+        (smallest, SPATIAL_SCALE),
+        retry_smaller,
+        on_fallback,
+        attempt,
+    )
+}
+
+/// [`halving_on_failure`] with every smaller tile and its stride on a grid of `grid` pixels
+/// (a VAE's spatial factor), so that each tile still covers whole latent cells.
+pub fn halving_on_grid<T, E>(
+    mut spec: TileSpec,
+    (smallest, grid): (usize, usize),
     retry_smaller: impl Fn(&E) -> bool,
     mut on_fallback: impl FnMut(TileSpec, TileSpec),
     mut attempt: impl FnMut(TileSpec) -> Result<T, E>,
 ) -> Result<(T, TileSpec), E> {
+    let grid = grid.max(1);
     loop {
-        let half = spec.tile / 2 / SPATIAL_SCALE * SPATIAL_SCALE;
+        let half = spec.tile / 2 / grid * grid;
         match attempt(spec) {
-            Err(e) if retry_smaller(&e) && spec.tile / 2 >= smallest && half >= SPATIAL_SCALE => {
+            Err(e) if retry_smaller(&e) && spec.tile / 2 >= smallest && half >= grid => {
                 let smaller = TileSpec {
                     tile: half,
-                    stride: default_stride(half),
+                    stride: default_stride_on(half, grid),
                     layout: spec.layout,
                 };
                 on_fallback(spec, smaller);
@@ -732,6 +759,25 @@ fn blend_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn halving_on_a_16_px_grid_keeps_tiles_and_strides_on_it() {
+        let mut tried = Vec::new();
+        let result = halving_on_grid(
+            TileSpec::balanced(272, 192),
+            (16, 16),
+            |_: &()| true,
+            |_, _| {},
+            |spec| {
+                tried.push((spec.tile, spec.stride));
+                Err::<(), ()>(())
+            },
+        );
+        assert!(result.is_err());
+        assert_eq!(tried, [(272, 192), (128, 96), (64, 48), (32, 16), (16, 16)]);
+        assert_eq!(default_stride_on(272, 16), 192);
+        assert_eq!(default_stride(272), 200);
+    }
 
     #[test]
     fn a_failing_tile_is_halved_until_it_works_or_is_too_small() {
