@@ -10,9 +10,6 @@ use vpipe_mem::{MemorySession, Report};
 use crate::error::{Context, Error, Result};
 use crate::observer::{Observer, Step};
 
-/// Frames per second of Wan 2.1's output.
-pub(crate) const FPS: u32 = 16;
-
 /// Reads the tensors `keys` from a safetensors file, on the host; a missing key is bad input
 /// that lists what the file holds.
 pub fn read_inputs<const N: usize>(path: &Path, keys: [&str; N]) -> Result<[Tensor; N]> {
@@ -67,12 +64,14 @@ pub fn finish_report(session: &MemorySession, path: Option<&Path>) -> Result<Rep
 
 /// Writes the decoded video by the output's extension: `.mp4` (H.264), `.gif`, `.safetensors`
 /// (key `video`, and `latents` when given: the final latents, for comparisons with a reference
-/// pipeline's), or no extension for a folder of PNG frames; always through a temporary name,
-/// renamed into place. The observer sees the write as a step, and can stop it between frames.
+/// pipeline's), or no extension for a folder of PNG frames, at `fps` frames per second (the
+/// model family's, [`crate::Generated::fps`]); always through a temporary name, renamed into
+/// place. The observer sees the write as a step, and can stop it between frames.
 pub fn write_clip(
     path: &Path,
     video: &Tensor,
     latents: Option<&Tensor>,
+    fps: u32,
     observer: &mut dyn Observer,
 ) -> Result<()> {
     if crate::paths::has_extension(path, "safetensors") {
@@ -80,7 +79,7 @@ pub fn write_clip(
         tensors.extend(latents.map(|l| ("latents".to_owned(), l.clone())));
         return write_outputs(path, &tensors);
     }
-    let clip = vpipe_video::from_tensor(video, FPS as f64)?;
+    let clip = vpipe_video::from_tensor(video, f64::from(fps))?;
     let options = vpipe_video::WriteOptions {
         stop: observer.stop_flag(),
         ..vpipe_video::WriteOptions::default()

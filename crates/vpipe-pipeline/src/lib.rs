@@ -7,12 +7,13 @@
 //! whose kind tells bad input from a refused budget from a failed run.
 //!
 //! Modules depend only on those below them: `error`, `observer`; `paths`, `partial`,
-//! `device`; `options`, `files`, `models`; `plan`, `leased`, `tiled_vae`; `pipeline`; `run`.
+//! `device`; `options`, `files`, `family`, `models`; `plan`, `leased`, `tiled_vae`; `pipeline`; `run`.
 
 mod comfy;
 mod device;
 mod error;
 mod exit_code;
+mod family;
 mod files;
 mod image_to_video;
 mod leased;

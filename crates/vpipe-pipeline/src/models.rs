@@ -198,9 +198,18 @@ impl ModelFiles {
     }
 }
 
+/// The families as a message names them: "Wan 2.1 VAE or Wan 2.2 VAE".
+fn describe(families: &[Family]) -> String {
+    families
+        .iter()
+        .map(|f| f.describe())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
 /// The checkpoint files below `dir` (and its ComfyUI subfolders) whose tensors say they are a
-/// model of `family`.
-fn find_models(dir: &Path, family: Family) -> Result<Vec<Checkpoint>> {
+/// model of one of `families`.
+fn find_models(dir: &Path, families: &[Family]) -> Result<Vec<Checkpoint>> {
     let mut found = Vec::new();
     let mut folders = vec![dir.to_path_buf()];
     for sub in [
@@ -232,7 +241,7 @@ fn find_models(dir: &Path, family: Family) -> Result<Vec<Checkpoint>> {
         for path in entries {
             // Files that are not checkpoints at all are skipped, not fatal.
             if let Ok(checkpoint) = Checkpoint::inspect(&path) {
-                if checkpoint.inspection.detection.family == family {
+                if families.contains(&checkpoint.inspection.detection.family) {
                     found.push(checkpoint);
                 }
             }
@@ -241,32 +250,33 @@ fn find_models(dir: &Path, family: Family) -> Result<Vec<Checkpoint>> {
     Ok(found)
 }
 
-/// The checkpoint given with `flag`, checked to hold a model of `family` before anything is
-/// loaded: a VAE given as `--dit` is bad input, not a failure deep in the run.
-fn given(flag: &str, path: &Path, family: Family) -> Result<Checkpoint> {
+/// The checkpoint given with `flag`, checked to hold a model of one of `families` before
+/// anything is loaded: a VAE given as `--dit` is bad input, not a failure deep in the run.
+fn given(flag: &str, path: &Path, families: &[Family]) -> Result<Checkpoint> {
     let checkpoint =
         Checkpoint::inspect(path).with_context(|| format!("{flag} {}", path.display()))?;
     let found = checkpoint.inspection.detection.family;
-    if found == family {
+    if families.contains(&found) {
         return Ok(checkpoint);
     }
     Err(Error::BadInput(format!(
         "{flag} {}: holds a {}, expected a {}",
         path.display(),
         found.describe(),
-        family.describe()
+        describe(families)
     )))
 }
 
-/// The file for `flag`: given explicitly, or the one model of `family` in the model folder.
+/// The file for `flag`: given explicitly (a model of one of `accepted`), or the one model of
+/// `found` in the model folder.
 fn resolve(
     flag: &str,
     given_path: &Option<PathBuf>,
     dir: &Option<PathBuf>,
-    family: Family,
+    (accepted, family): (&[Family], &[Family]),
 ) -> Result<Checkpoint> {
     if let Some(path) = given_path {
-        return given(flag, path, family);
+        return given(flag, path, accepted);
     }
     let Some(dir) = dir else {
         return Err(Error::BadInput(format!(
@@ -277,14 +287,18 @@ fn resolve(
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(Error::BadInput(format!(
-            "--model-dir {}: no {} found; give {flag}",
+            "--model-dir {}: no {} found{}; give {flag}",
             dir.display(),
-            family.describe()
+            describe(&family[..1]),
+            match &family[1..] {
+                [] => String::new(),
+                others => format!(" (nor a {})", describe(others)),
+            }
         ))),
         _ => Err(Error::BadInput(format!(
             "--model-dir {}: several {} files ({}); choose one with {flag}",
             dir.display(),
-            family.describe(),
+            describe(family),
             found
                 .iter()
                 .map(|c| c.path.display().to_string())
@@ -298,7 +312,7 @@ fn resolve(
 /// there when their file names say `high_noise` and `low_noise` (ComfyUI's names); `None`
 /// for any other set of DiTs.
 fn expert_pair(dir: &Path, family: Family) -> Result<Option<(Checkpoint, Checkpoint)>> {
-    let mut found = find_models(dir, family)?;
+    let mut found = find_models(dir, &[family])?;
     if found.len() != 2 {
         return Ok(None);
     }
@@ -318,7 +332,7 @@ fn expert_pair(dir: &Path, family: Family) -> Result<Option<(Checkpoint, Checkpo
 
 /// The model files of a run: given per file, or found in the model folder. An image-to-video
 /// run (`--image`) takes an image-to-video DiT, and a CLIP vision encoder when the DiT takes
-/// image features; any other run a text-to-video DiT.
+/// image features; any other run a text-to-video DiT; a Wan 2.2 TI2V DiT takes either.
 pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
     let image_to_video = options.image.is_some();
     let dit_family = if image_to_video {
@@ -326,6 +340,7 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
     } else {
         Family::WanDitT2v
     };
+    let dit_families = [dit_family, Family::WanDitTi2v];
     // ComfyUI's Wan 2.2 folders hold both experts (`*_high_noise_*`, `*_low_noise_*`).
     let low_noise_file = options.low_noise.as_ref().and_then(|e| e.dit.as_ref());
     let pair = match (&options.dit, low_noise_file, &options.model_dir) {
@@ -352,25 +367,26 @@ pub(crate) fn resolve_models(options: &RunOptions) -> Result<ModelFiles> {
             dir.display()
         )));
     }
-    let dit =
-        resolve("--dit", &options.dit, &options.model_dir, dit_family).map_err(|e| {
-            match (&e, image_to_video) {
-                (Error::BadInput(message), false)
-                    if message.contains(Family::WanDitI2v.describe()) =>
-                {
-                    Error::BadInput(format!(
-                        "{message}; an image-to-video DiT needs --image (the first frame)"
-                    ))
-                }
-                _ => e,
-            }
-        })?;
+    let dit = resolve(
+        "--dit",
+        &options.dit,
+        &options.model_dir,
+        (&dit_families, &dit_families),
+    )
+    .map_err(|e| match (&e, image_to_video) {
+        (Error::BadInput(message), false) if message.contains(Family::WanDitI2v.describe()) => {
+            Error::BadInput(format!(
+                "{message}; an image-to-video DiT needs --image (the first frame)"
+            ))
+        }
+        _ => e,
+    })?;
     let dit_low_noise = options
         .low_noise
         .as_ref()
         .and_then(|expert| expert.dit.as_ref().map(|dit| (dit, expert.config.clone())))
         .map(|(dit, config)| -> Result<_> {
-            Ok((given("--dit-low-noise", dit, dit_family)?, config))
+            Ok((given("--dit-low-noise", dit, &[dit_family])?, config))
         })
         .transpose()?;
     Ok(ModelFiles {
@@ -398,21 +414,39 @@ fn resolve_others(
                 "--clip-vision",
                 &options.clip_vision,
                 &options.model_dir,
-                Family::ClipVision,
+                (&[Family::ClipVision], &[Family::ClipVision]),
             )
         })
         .transpose()?;
+    // Either VAE may be given (the planner says when it does not suit the DiT); in a model
+    // folder, the one of the DiT's family.
+    let vae_families = [Family::WanVae, Family::WanVae22];
+    let ti2v = dit.inspection.detection.family == Family::WanDitTi2v
+        || options
+            .dit_config
+            .as_ref()
+            .is_some_and(|c| c.out_channels == vpipe_models::wan::vae::Config::wan22().z_dim);
+    let vae_family = if ti2v {
+        Family::WanVae22
+    } else {
+        Family::WanVae
+    };
     Ok(ModelFiles {
         dit,
         dit_config: options.dit_config.clone(),
         dit_low_noise: None,
         loras_low_noise: Vec::new(),
-        vae: resolve("--vae", &options.vae, &options.model_dir, Family::WanVae)?,
+        vae: resolve(
+            "--vae",
+            &options.vae,
+            &options.model_dir,
+            (&vae_families, &[vae_family]),
+        )?,
         text_encoder: resolve(
             "--text-encoder",
             &options.text_encoder,
             &options.model_dir,
-            Family::Umt5Encoder,
+            (&[Family::Umt5Encoder], &[Family::Umt5Encoder]),
         )?,
         tokenizer: options.tokenizer.clone().or_else(|| {
             options

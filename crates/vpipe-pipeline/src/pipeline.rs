@@ -19,12 +19,11 @@ use vpipe_text::tokenizer::{Encoded, PromptTokenizer};
 use vpipe_text::umt5::Config as Umt5Config;
 
 use crate::error::{Context, Error, Result};
+use crate::family::{ModelFamily, VaeSizes};
 use crate::models::ModelFiles;
 use crate::observer::{stop_point, Observer, Step};
 use crate::plan::{EncoderPlan, ModelSizes, Plan, Residency, SamplePlan, StepWork};
 use crate::tiled_vae::{run_tiled, VaeOp};
-
-pub(crate) use crate::plan::LATENT_CHANNELS;
 
 /// What the pipeline makes.
 pub enum Mode {
@@ -75,7 +74,8 @@ pub struct JobSpec {
     pub shift: f64,
     pub sampler: SamplerKind,
     pub seed: u64,
-    /// The initial noise ([1, 16, F, H, W] f32 on the host) instead of the seed's: the
+    /// The initial noise ([1, C, F, H/f, W/f] f32 on the host: 16 channels and f 8 on the Wan
+    /// 2.1 VAE, 48 and 16 on Wan 2.2's) instead of the seed's: the
     /// starting latents of text-to-video, the noise added to the clip's latents for
     /// video-to-video (as diffusers' pipelines take their `latents=`).
     pub initial_noise: Option<Tensor>,
@@ -108,6 +108,9 @@ pub struct Job {
     sample_low_noise: Option<SamplePlan>,
     /// The DiT's configuration (from a `config.json` or the file's header).
     dit_config: DitConfig,
+    /// The VAE's latent space, and what the run's shape depends on in its models.
+    vae: VaeSizes,
+    family: ModelFamily,
     /// Image-to-video: the CLIP vision encoder's configuration, and how the clip vision
     /// phase holds it.
     clip: Option<(vpipe_models::clip::Config, EncoderPlan)>,
@@ -162,6 +165,8 @@ impl Job {
                 }),
             text_config: sizes.text,
             dit_config: sizes.dit,
+            vae: sizes.vae,
+            family: sizes.family,
             spec,
             models,
             device,
@@ -185,6 +190,8 @@ impl Job {
             sample_low_noise: plan.sample_low_noise,
             text_config: sizes.text,
             dit_config: sizes.dit,
+            vae: sizes.vae,
+            family: sizes.family,
             spec,
             models,
             device,
@@ -208,11 +215,13 @@ struct Registered {
 
 /// What a run makes, on the host.
 pub struct Generated {
-    /// The final latents, [1, 16, F, H/8, W/8] f32, normalised as the DiT sees them (before
-    /// the VAE's `latents_mean/std` are undone).
+    /// The final latents, [1, C, F, H/f, W/f] f32 (see [`JobSpec::initial_noise`]),
+    /// normalised as the DiT sees them (before the VAE's `latents_mean/std` are undone).
     pub latents: Tensor,
     /// The decoded video, [1, 3, T, H, W] in [-1, 1], f32.
     pub video: Tensor,
+    /// Its frame rate: the model family's (16 for Wan 2.1 and 2.2 A14B, 24 for TI2V-5B).
+    pub fps: u32,
 }
 
 /// Runs every phase but `write` in `session` and returns what it made; the caller writes the
@@ -418,26 +427,36 @@ pub fn generate(
 
     stop_point(observer)?;
     // The clip's latents (video-to-video), or the conditioning video's (image-to-video).
-    let encoded = match &job.spec.mode {
-        Mode::TextToVideo => None,
-        Mode::VideoToVideo { video, .. } => Some(encode(job, session, ids.vae, video, observer)?),
-        Mode::ImageToVideo { first, last, .. } => {
-            let video =
-                crate::image_to_video::condition_video(first, last.as_ref(), job.spec.frames)?;
-            let latents = encode(job, session, ids.vae, &video, observer)?;
-            Some(crate::image_to_video::image_condition(
-                &latents,
-                job.spec.frames,
-                last.is_some(),
-            )?)
-        }
-    };
+    let encoded =
+        match &job.spec.mode {
+            Mode::TextToVideo => None,
+            Mode::VideoToVideo { video, .. } => {
+                Some(encode(job, session, ids.vae, video, observer)?)
+            }
+            // TI2V: the image alone, one latent frame.
+            Mode::ImageToVideo { first, .. } if job.family.first_frame_conditioning() => Some(
+                encode(job, session, ids.vae, &first.unsqueeze(2)?, observer)?,
+            ),
+            Mode::ImageToVideo { first, last, .. } => {
+                let video =
+                    crate::image_to_video::condition_video(first, last.as_ref(), job.spec.frames)?;
+                let latents = encode(job, session, ids.vae, &video, observer)?;
+                Some(crate::image_to_video::image_condition(
+                    &latents,
+                    job.spec.frames,
+                    last.is_some(),
+                )?)
+            }
+        };
 
     stop_point(observer)?;
     let (clean_latents, condition) = match (&job.spec.mode, &encoded) {
-        (Mode::VideoToVideo { .. }, Some(latents)) => (Some(latents), None),
-        (Mode::ImageToVideo { .. }, Some(condition)) => (None, Some(condition)),
-        _ => (None, None),
+        (Mode::VideoToVideo { .. }, Some(latents)) => (Some(latents), Conditioning::None),
+        (Mode::ImageToVideo { .. }, Some(image)) if job.family.first_frame_conditioning() => {
+            (None, Conditioning::FirstFrame(image))
+        }
+        (Mode::ImageToVideo { .. }, Some(condition)) => (None, Conditioning::Channels(condition)),
+        _ => (None, Conditioning::None),
     };
     let inputs = SampleInputs {
         schedule: &schedule,
@@ -491,7 +510,13 @@ pub fn generate(
             run_expert(job, p, expert, &inputs, &mut denoising, observer)
         })?;
     }
-    let latents = denoising.latents;
+    // TI2V: the sampler stepped the first frame too; the image's latent takes its place.
+    let latents = match condition {
+        Conditioning::FirstFrame(image) => {
+            vpipe_models::wan::ti2v::blend_first_frame(&denoising.latents, image)?
+        }
+        _ => denoising.latents,
+    };
 
     stop_point(observer)?;
     let video = session.phase("vae decode", |p| -> Result<Tensor> {
@@ -507,7 +532,11 @@ pub fn generate(
         p.declare_output("video (host)", tensor_bytes(&video));
         Ok(video)
     })?;
-    Ok(Generated { latents, video })
+    Ok(Generated {
+        latents,
+        video,
+        fps: job.family.fps(),
+    })
 }
 
 /// The image features of `pixels` ([n, 3, S, S], CLIP-normalised) by the CLIP vision encoder
@@ -641,14 +670,27 @@ fn streamed<R>(
 }
 
 /// What each step of the denoising loop reads: the schedule, the text context of the prompt
-/// and the negative prompt, and for image-to-video the condition (the mask and the frames'
-/// latents, [1, 20, F, h, w]) and the image features when the DiT takes them.
+/// and the negative prompt, and for image-to-video the condition and the image features when
+/// the DiT takes them.
 #[derive(Clone, Copy)]
 struct SampleInputs<'a> {
     schedule: &'a Schedule,
     context: &'a Tensor,
-    condition: Option<&'a Tensor>,
+    condition: Conditioning<'a>,
     image_features: Option<&'a Tensor>,
+}
+
+/// How image-to-video conditions each step of the DiT.
+#[derive(Clone, Copy)]
+enum Conditioning<'a> {
+    /// Text- and video-to-video: the latents alone.
+    None,
+    /// Wan 2.1 / 2.2 A14B: the mask and the frames' latents ([1, 4 + C, F, h, w]) follow the
+    /// latents' channels.
+    Channels(&'a Tensor),
+    /// Wan 2.2 TI2V: the image's normalised latent ([1, C, 1, h, w]) replaces the first latent
+    /// frame, whose tokens get timestep 0 (`vpipe_models::wan::ti2v`).
+    FirstFrame(&'a Tensor),
 }
 
 /// The denoising loop's state between its phases (one per expert): the latents and the
@@ -662,13 +704,10 @@ impl Denoising {
     /// The loop's start: the seeded (or given) noise, alone or added to the clip's latents
     /// `clean_latents` at the schedule's first sigma.
     fn start(job: &Job, schedule: &Schedule, clean_latents: Option<&Tensor>) -> Result<Self> {
-        let shape = (
-            1,
-            LATENT_CHANNELS,
-            1 + (job.spec.frames - 1) / 4,
-            job.spec.height / 8,
-            job.spec.width / 8,
-        );
+        let [b, c, f, h, w] =
+            job.vae
+                .latent_shape(job.spec.frames, job.spec.height, job.spec.width);
+        let shape = (b, c, f, h, w);
         let noise = match &job.spec.initial_noise {
             Some(noise) => noise.clone(),
             None => seeded_noise(job.spec.seed, shape)?,
@@ -826,9 +865,13 @@ fn sample(
     sampler.move_history_to(&job.device)?;
     let cond = context.narrow(0, 0, 1)?.to_device(&job.device)?;
     let uncond = context.narrow(0, 1, 1)?.to_device(&job.device)?;
-    // Image-to-video: the condition follows the noise's channels in every step's input, and
-    // both passes attend to the image features (as diffusers' pipeline gives them).
-    let condition = condition.map(|c| c.to_device(&job.device)).transpose()?;
+    // Image-to-video: the condition is in every step's input, and both passes attend to the
+    // image features (as diffusers' pipelines give them).
+    let condition = match condition {
+        Conditioning::None => None,
+        Conditioning::Channels(c) | Conditioning::FirstFrame(c) => Some(c.to_device(&job.device)?),
+    };
+    let first_frame = matches!(inputs.condition, Conditioning::FirstFrame(_));
     let image_features = image_features
         .map(|f| f.to_device(&job.device)?.to_dtype(job.dtype))
         .transpose()?;
@@ -873,12 +916,20 @@ fn sample(
         stop_point(progress.observer())?;
         let _span = tracing::info_span!("denoise step", i = sampler.step_index()).entered();
         let started = std::time::Instant::now();
-        let timestep = Tensor::new(&[t as f32], &job.device)?;
-        let input = match &condition {
-            Some(condition) => Tensor::cat(&[&x, condition], 1)?,
-            None => x.clone(),
-        }
-        .to_dtype(job.dtype)?;
+        let (input, timestep) = match &condition {
+            Some(image) if first_frame => (
+                vpipe_models::wan::ti2v::blend_first_frame(&x, image)?,
+                vpipe_models::wan::ti2v::expanded_timestep(t as f32, 1, grid, true, &job.device)?,
+            ),
+            Some(condition) => (
+                Tensor::cat(&[&x, condition], 1)?,
+                Tensor::new(&[t as f32], &job.device)?,
+            ),
+            // TI2V's text-to-video gives every token the step's timestep: one per sample is
+            // the same forward bit for bit.
+            None => (x.clone(), Tensor::new(&[t as f32], &job.device)?),
+        };
+        let input = input.to_dtype(job.dtype)?;
         let reused = reuse
             .get(sampler.step_index() - first)
             .copied()

@@ -18,11 +18,9 @@ use vpipe_models::wan::{dit_keys, BlockPart, DitConfig, GuidancePasses};
 use vpipe_text::umt5::{keys as umt5_keys, Config as Umt5Config};
 
 use crate::error::{Error, Result};
+use crate::family::{ModelFamily, VaeSizes};
 use crate::models::{Checkpoint, ModelFiles};
 use crate::options::RunOptions;
-
-/// Latent channels of the Wan 2.1 VAE.
-pub(crate) const LATENT_CHANNELS: usize = 16;
 
 /// The VAE's memory model on one kind of device: activation bytes per (base channel × tile
 /// pixel × element byte), and the copies of its weights it makes beyond the resident ones.
@@ -383,7 +381,7 @@ impl StepWork {
         (guidance, step_cache): (f64, Option<f64>),
     ) -> Self {
         Self {
-            tokens: video_tokens(&sizes.dit, frames, height, width),
+            tokens: video_tokens(&sizes.dit, &sizes.vae, frames, height, width),
             context_tokens: TEXT_TOKENS + sizes.image_tokens(frames_given),
             guidance,
             step_cache,
@@ -613,12 +611,19 @@ pub(crate) fn cache_schedule(changes: &[f64], threshold: f64) -> Vec<bool> {
     reuse
 }
 
-/// Tokens per sample of a video of `frames` × `height` × `width` (the latent is 4× shorter
-/// after the first frame and 8× smaller in each side, then cut into the DiT's patches).
-pub(crate) fn video_tokens(dit: &DitConfig, frames: usize, height: usize, width: usize) -> usize {
-    let latent_frames = 1 + frames.saturating_sub(1) / 4;
+/// Tokens per sample of a video of `frames` × `height` × `width`: its latent on `vae` (4×
+/// shorter after the first frame, the VAE's spatial factor smaller in each side) cut into the
+/// DiT's patches.
+pub(crate) fn video_tokens(
+    dit: &DitConfig,
+    vae: &VaeSizes,
+    frames: usize,
+    height: usize,
+    width: usize,
+) -> usize {
+    let [_, _, latent_frames, h, w] = vae.latent_shape(frames, height, width);
     let [pt, ph, pw] = dit.patch_size;
-    (latent_frames / pt) * (height / 8 / ph) * (width / 8 / pw)
+    (latent_frames / pt.max(1)) * (h / ph.max(1)) * (w / pw.max(1))
 }
 
 /// Wan's text context length.
@@ -628,8 +633,9 @@ const TEXT_TOKENS: usize = 512;
 pub(crate) struct ModelSizes {
     pub(crate) dit: DitConfig,
     pub(crate) dit_weights: BlockWeights,
-    pub(crate) vae_base_dim: usize,
-    pub(crate) vae_bytes: u64,
+    pub(crate) vae: VaeSizes,
+    /// Decided from the DiT and the VAE, once.
+    pub(crate) family: ModelFamily,
     pub(crate) text: Umt5Config,
     pub(crate) text_weights: BlockWeights,
     /// Image-to-video: the CLIP vision encoder.
@@ -792,10 +798,18 @@ fn text_weights(inspection: &vpipe_ckpt::Inspection, dtype: DType) -> BlockWeigh
 }
 
 impl ModelSizes {
-    /// A named preset's sizes (no weights needed): one of [`DitConfig::PRESETS`], with the Wan
-    /// 2.1 VAE, umT5-XXL and, for the image-to-video models, CLIP ViT-H/14.
+    /// A named preset's sizes (no weights needed): one of [`DitConfig::PRESETS`], with its
+    /// VAE (Wan 2.2's for TI2V-5B, else Wan 2.1's), umT5-XXL and, for the image-to-video
+    /// models, CLIP ViT-H/14.
     pub(crate) fn preset(name: &str, dtype: DType) -> Option<Self> {
         let dit = DitConfig::preset(name)?;
+        let elem = dtype.size_in_bytes() as u64;
+        let vae = if dit.out_channels == vpipe_models::wan::vae::Config::wan22().z_dim {
+            VaeSizes::wan22(elem)
+        } else {
+            VaeSizes::wan21(elem)
+        };
+        let family = ModelFamily::of(&dit, &vae, (name, name)).ok()?;
         let clip = dit.image_dim.map(|_| {
             let config = vpipe_models::clip::Config::vit_h_14();
             let elem = dtype.size_in_bytes() as u64;
@@ -837,9 +851,8 @@ impl ModelSizes {
         Some(Self {
             dit_weights,
             dit,
-            vae_base_dim: 96,
-            // The Wan 2.1 VAE: 126.9 M parameters.
-            vae_bytes: 126_900_000 * elem,
+            vae,
+            family,
             text_weights: BlockWeights {
                 total: (text_embedding + text.num_layers as u64 * text_block + d) * elem,
                 blocks: text.num_layers,
@@ -881,15 +894,21 @@ impl ModelSizes {
                 Ok(dit_weights(&checkpoint.inspection, dtype))
             })
             .transpose()?;
-        let vae_base_dim = match &vae_header.detection.config {
-            Some(vpipe_ckpt::ModelConfig::Vae(c)) => c.base_dim,
-            _ => {
-                return Err(Error::BadInput(format!(
+        let vae_sizes = VaeSizes::of_header(vae_header, loaded_bytes(vae_header, dtype))
+            .ok_or_else(|| {
+                Error::BadInput(format!(
                     "{}: no Wan VAE configuration in its header (a tensor missing or misshapen?)",
                     vae.display()
-                )))
-            }
-        };
+                ))
+            })?;
+        let family = ModelFamily::of(
+            &dit_cfg,
+            &vae_sizes,
+            (
+                &format!("--dit {}", models.dit.path.display()),
+                &format!("--vae {}", vae.display()),
+            ),
+        )?;
         let text = match &text_header.detection.config {
             Some(vpipe_ckpt::ModelConfig::Umt5(c)) => Umt5Config {
                 vocab_size: c.vocab_size,
@@ -913,12 +932,51 @@ impl ModelSizes {
             dit_low_noise,
             dit: dit_cfg,
             dit_weights: dit_weights(dit_header, dtype),
-            vae_base_dim,
-            vae_bytes: loaded_bytes(vae_header, dtype),
+            vae: vae_sizes,
+            family,
             text,
             text_weights: text_weights(text_header, dtype),
         })
     }
+}
+
+/// Settles the run's settings that depend on its models, once, for models of `sizes`: the
+/// flow shift of a family that has its own when no `--shift` was given, the frame size
+/// checked against the latent grid the DiT's patches cut, the VAE tile checked against the
+/// VAE's grid (a tile covers whole latent cells) and its stride put on that grid (rounded
+/// down: more overlap, never a gap), and first-last-frame refused where the family has none.
+pub(crate) fn settle_for_models(job: &mut RunOptions, sizes: &ModelSizes) -> Result<()> {
+    if let (false, Some(shift)) = (job.shift_given, sizes.family.default_shift()) {
+        job.shift = shift;
+    }
+    let factor = sizes.vae.spatial_factor;
+    let [_, ph, pw] = sizes.dit.patch_size;
+    let (mh, mw) = (factor * ph.max(1), factor * pw.max(1));
+    if !job.height.is_multiple_of(mh) || !job.width.is_multiple_of(mw) {
+        return Err(Error::BadInput(format!(
+            "--size {}x{}: the {} makes latents {factor}× smaller per side and the DiT cuts them              in {ph}×{pw} patches; expected a width that is a multiple of {mw} and a height that              is a multiple of {mh}",
+            job.width,
+            job.height,
+            sizes.vae.describe()
+        )));
+    }
+    if !job.tiles.tile.is_multiple_of(factor) {
+        return Err(Error::BadInput(format!(
+            "--tile {}: the {} needs tiles of whole latent cells, a multiple of {factor} px",
+            job.tiles.tile,
+            sizes.vae.describe()
+        )));
+    }
+    job.tiles.stride = (job.tiles.stride / factor * factor).max(factor);
+    if sizes.family.first_frame_conditioning()
+        && job.image.as_ref().is_some_and(|i| i.last.is_some())
+    {
+        return Err(Error::BadInput(
+            "--last-image: Wan 2.2 TI2V-5B starts a video from its first frame only; leave out              --last-image"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the preset `name` is a Wan 2.2 A14B expert pair.
@@ -1104,7 +1162,11 @@ impl Plan {
         let scratch = sample.attention_scratch;
 
         let (tile_h, tile_w) = job.tiles.largest_tile(job.height, job.width);
-        let vae_unit = sizes.vae_base_dim as u64 * (tile_h * tile_w) as u64 * elem;
+        // The measured memory model's unit, a base channel times a tile pixel, on the pixels the
+        // VAE's stages see: a VAE that folds frames into patches runs on 1/p² of them, its
+        // encoder and decoder at widths of their own (Wan 2.2; scaled, not measured).
+        let folded_pixels = (tile_h * tile_w / (sizes.vae.patch * sizes.vae.patch)) as u64;
+        let vae_unit = |base: usize| base as u64 * folded_pixels * elem;
         let vae = if on_cuda { VAE_CUDA } else { VAE_CPU };
         let mut phases = vec![
             PhasePlan {
@@ -1140,12 +1202,12 @@ impl Plan {
                 ),
             },
         ];
-        let vae_phase = |name, bytes_per_unit| PhasePlan {
+        let vae_phase = |name, bytes_per_unit: u64, base| PhasePlan {
             name,
             resident: vec!["vae".into()],
-            estimated_peak_bytes: sizes.vae_bytes
-                + (sizes.vae_bytes as f64 * vae.weight_copies) as u64
-                + with_pool_slack(bytes_per_unit * vae_unit, on_cuda, VAE_POOL_SLACK),
+            estimated_peak_bytes: sizes.vae.bytes
+                + (sizes.vae.bytes as f64 * vae.weight_copies) as u64
+                + with_pool_slack(bytes_per_unit * vae_unit(base), on_cuda, VAE_POOL_SLACK),
             detail: format!(
                 "tile {} px, stride {} px, {} layout",
                 job.tiles.tile, job.tiles.stride, job.tiles.layout
@@ -1171,7 +1233,11 @@ impl Plan {
             );
         }
         if job.input.is_some() || frames_given > 0 {
-            phases.push(vae_phase("vae encode", vae.encode_bytes_per_unit));
+            phases.push(vae_phase(
+                "vae encode",
+                vae.encode_bytes_per_unit,
+                sizes.vae.encoder_base_dim,
+            ));
         }
         let held = sample.residency.describe("dit", sizes.dit.num_layers);
         let attention = if fused {
@@ -1220,7 +1286,11 @@ impl Plan {
                 ),
             }),
         }
-        phases.push(vae_phase("vae decode", vae.decode_bytes_per_unit));
+        phases.push(vae_phase(
+            "vae decode",
+            vae.decode_bytes_per_unit,
+            sizes.vae.decoder_base_dim,
+        ));
         phases.push(PhasePlan {
             name: "write",
             resident: vec![],
@@ -1370,7 +1440,7 @@ impl Plan {
 fn frames_given(job: &RunOptions, sizes: &ModelSizes) -> usize {
     match &job.image {
         Some(image) => 1 + usize::from(image.last.is_some()),
-        None if sizes.dit.in_channels > LATENT_CHANNELS => {
+        None if sizes.dit.in_channels > sizes.vae.latent_channels => {
             1 + usize::from(sizes.dit.image_tokens.is_some())
         }
         None => 0,

@@ -6,10 +6,11 @@ use candle_core::Device;
 use vpipe_mem::Report;
 
 use crate::error::{Error, Result};
+use crate::family::VaeSizes;
 use crate::models::{resolve_models, ModelFiles};
 use crate::observer::{stop_point, Observer};
 use crate::options::{ImageInputs, RunOptions};
-use crate::pipeline::{generate, Job, JobSpec, Mode, LATENT_CHANNELS};
+use crate::pipeline::{generate, Job, JobSpec, Mode};
 use crate::plan::{ModelSizes, Plan};
 
 /// The input clip as `[1, 3, T, H, W]` in [-1, 1] at the run's size: a video file (H.264 MP4,
@@ -176,25 +177,28 @@ fn check_image_frames(job: &RunOptions, sizes: &ModelSizes) -> Result<()> {
     Ok(())
 }
 
-/// The `--initial-noise` file's `noise` tensor as the run's latent shape
-/// `[1, 16, 1 + (frames-1)/4, height/8, width/8]`, f32 on the host. The shape and dtype are
+/// The `--initial-noise` file's `noise` tensor as the run's latent shape on `vae`
+/// `[1, C, 1 + (frames-1)/4, height/f, width/f]` (C and f: 16 and 8 for the Wan 2.1 VAE, 48
+/// and 16 for Wan 2.2's), f32 on the host. The shape and dtype are
 /// checked from the header before the tensor is converted; other tensors in the file are not
 /// read. A missing key, a wrong shape, a non-float dtype, a non-finite value or a file that is
 /// not safetensors is bad input naming the flag, the file and the expected shape.
-fn read_initial_noise(path: &Path, job: &RunOptions) -> Result<candle_core::Tensor> {
+fn read_initial_noise(
+    path: &Path,
+    job: &RunOptions,
+    vae: &VaeSizes,
+) -> Result<candle_core::Tensor> {
     use candle_core::safetensors::Load;
-    let expected = [
-        1,
-        LATENT_CHANNELS,
-        1 + (job.frames - 1) / 4,
-        job.height / 8,
-        job.width / 8,
-    ];
+    let expected = vae.latent_shape(job.frames, job.height, job.width);
     let wanted = || {
+        let (c, f) = (vae.latent_channels, vae.spatial_factor);
         format!(
-            "expected `noise` of shape {expected:?}, f32 ([1, {LATENT_CHANNELS}, 1 + (frames-1)/4, \
-             height/8, width/8] for --frames {} --size {}x{})",
-            job.frames, job.width, job.height
+            "expected `noise` of shape {expected:?}, f32 ([1, {c}, 1 + (frames-1)/4, \
+             height/{f}, width/{f}] for --frames {} --size {}x{} on the {})",
+            job.frames,
+            job.width,
+            job.height,
+            vae.describe()
         )
     };
     let bad = |what: String| Error::BadInput(format!("--initial-noise {}: {what}", path.display()));
@@ -352,9 +356,10 @@ pub fn plan(mut job: RunOptions, preset: Option<&str>) -> Result<Plan> {
     };
     check_image_frames(&job, &sizes)?;
     if preset.is_some_and(crate::plan::is_expert_pair_preset) {
-        let image_to_video = sizes.dit.in_channels > crate::plan::LATENT_CHANNELS;
+        let image_to_video = sizes.dit.in_channels > sizes.vae.latent_channels;
         with_expert_switch(&mut job, std::path::PathBuf::new(), image_to_video);
     }
+    crate::plan::settle_for_models(&mut job, &sizes)?;
     Ok(Plan::new(&job, &sizes))
 }
 
@@ -387,6 +392,7 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
     // Sampling never starts when the plan does not fit.
     let sizes = ModelSizes::of(&models, job.compute.dtype)?;
     check_image_frames(&job, &sizes)?;
+    crate::plan::settle_for_models(&mut job, &sizes)?;
     let plan = Plan::new(&job, &sizes);
     if !plan.fits() {
         return Err(plan.refusal());
@@ -395,7 +401,7 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
     let initial_noise = job
         .initial_noise
         .as_deref()
-        .map(|path| read_initial_noise(path, &job))
+        .map(|path| read_initial_noise(path, &job, &sizes.vae))
         .transpose()?;
     let mode = match (&job.input, &job.image) {
         (Some((path, strength)), _) => Mode::VideoToVideo {
@@ -439,9 +445,15 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
             stop_point(observer)?;
             p.note(
                 "video",
-                &format!("{:?} at {} fps", made.video.dims(), crate::files::FPS),
+                &format!("{:?} at {} fps", made.video.dims(), made.fps),
             );
-            crate::files::write_clip(&job.out, &made.video, Some(&made.latents), observer)
+            crate::files::write_clip(
+                &job.out,
+                &made.video,
+                Some(&made.latents),
+                made.fps,
+                observer,
+            )
         })
     });
     if let Err(err) = written {

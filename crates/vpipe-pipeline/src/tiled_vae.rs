@@ -7,9 +7,7 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Tensor};
 use vpipe_mem::{fmt_bytes, MemError, Phase};
-use vpipe_models::tiling::{
-    default_stride, halving_on_failure, TileLayout, TileSpec, MAX_TILE, SPATIAL_SCALE,
-};
+use vpipe_models::tiling::{default_stride_on, halving_on_grid, TileLayout, TileSpec, MAX_TILE};
 use vpipe_models::wan::vae::{WanVae, TEMPORAL_FACTOR};
 
 use crate::error::{Error, Result};
@@ -38,7 +36,8 @@ impl VaeOp {
     }
 
     /// Bytes per frame pixel of the tiled pass's output, all channels and frames: what a
-    /// pixel of blending strip holds (on encode, a latent cell covers 64 pixels).
+    /// pixel of blending strip holds (on encode, a latent cell covers f² pixels, f the VAE's
+    /// spatial factor).
     pub fn strip_bytes_per_pixel(self, vae: &WanVae, input: &Tensor) -> candle_core::Result<f64> {
         let (_, _, t, _, _) = input.dims5()?;
         let cfg = vae.config();
@@ -46,8 +45,8 @@ impl VaeOp {
         Ok(match self {
             VaeOp::Encode => {
                 let latent_frames = 1 + (t - 1) / TEMPORAL_FACTOR;
-                (2 * cfg.z_dim * latent_frames) as f64 * elem
-                    / (SPATIAL_SCALE * SPATIAL_SCALE) as f64
+                let f = cfg.spatial_factor();
+                (2 * cfg.z_dim * latent_frames) as f64 * elem / (f * f) as f64
             }
             VaeOp::Decode => (cfg.out_channels * (1 + TEMPORAL_FACTOR * (t - 1))) as f64 * elem,
         })
@@ -77,12 +76,13 @@ impl VaeOp {
         }
     }
 
-    /// The frame's (height, width) in pixels for this operation's input.
-    pub fn pixels(self, input: &Tensor) -> candle_core::Result<(usize, usize)> {
+    /// The frame's (height, width) in pixels for this operation's input to `vae`.
+    pub fn pixels(self, vae: &WanVae, input: &Tensor) -> candle_core::Result<(usize, usize)> {
         let (_, _, _, h, w) = input.dims5()?;
+        let f = vae.config().spatial_factor();
         Ok(match self {
             VaeOp::Encode => (h, w),
-            VaeOp::Decode => (h * SPATIAL_SCALE, w * SPATIAL_SCALE),
+            VaeOp::Decode => (h * f, w * f),
         })
     }
 }
@@ -100,7 +100,8 @@ fn is_device_out_of_memory(err: &vpipe_models::Error) -> bool {
 }
 
 /// Runs the VAE over `input` (on the host) tile by tile; on a device out-of-memory the tile is
-/// halved and the whole pass retried, and the fallback recorded. The observer sees the tiles
+/// halved (on the VAE's grid: whole latent cells) and the whole pass retried, and the
+/// fallback recorded. The observer sees the tiles
 /// as a step, and can stop the pass between and within tiles.
 pub fn run_tiled(
     phase: &mut Phase<'_>,
@@ -110,7 +111,8 @@ pub fn run_tiled(
     tiles: TileSpec,
     observer: &mut dyn Observer,
 ) -> Result<Tensor> {
-    let pixels = op.pixels(input)?;
+    let pixels = op.pixels(vae, input)?;
+    let grid = vae.config().spatial_factor();
     // The attempt reads the meters after every tile (the report's chart gets a point per
     // tile); fallbacks and samples are recorded once the attempts are over.
     let mut fallbacks = Vec::new();
@@ -123,9 +125,9 @@ pub fn run_tiled(
         op.phase(),
         tiles.count(pixels.0, pixels.1) as u64,
     ));
-    let attempts = halving_on_failure(
+    let attempts = halving_on_grid(
         tiles,
-        SMALLEST_TILE,
+        (SMALLEST_TILE, grid),
         is_device_out_of_memory,
         |failed, smaller| fallbacks.push((failed, smaller)),
         |tiles| {
@@ -219,12 +221,13 @@ pub fn calibrate(
 ) -> Result<TileMemoryModel> {
     let _span = tracing::debug_span!("vae_calibration").entered();
     let (_, _, t, h, w) = input.dims5()?;
+    let grid = vae.config().spatial_factor();
     let cell = match op {
         VaeOp::Encode => 1,
-        VaeOp::Decode => SPATIAL_SCALE,
+        VaeOp::Decode => grid,
     };
-    // Crops in pixels, on the 8-px grid, no larger than the frame.
-    let on_grid = |px: usize| px / SPATIAL_SCALE * SPATIAL_SCALE;
+    // Crops in pixels, on the VAE's grid, no larger than the frame.
+    let on_grid = |px: usize| px / grid * grid;
     let large = on_grid(CALIBRATION_SIDE.min(h.min(w) * cell));
     let sides = [on_grid(large / 3), on_grid(large * 2 / 3), large];
     if sides[0] == 0 || sides[0] == sides[1] {
@@ -274,16 +277,16 @@ pub fn calibrate(
     Ok(model)
 }
 
-/// The largest tile (multiple of 32 px, 64 to 512) in `layout` whose largest tile over a
-/// `frame` of (height, width) pixels has a modelled peak that fits what the budget leaves, or
-/// a refusal naming both numbers. (A balanced layout's tiles can be smaller than the spec's
+/// The largest tile (multiple of 32 px, 64 to 512) in `layout`, its stride on the VAE's `grid`
+/// (its spatial factor), whose largest tile over a `frame` of (height, width) pixels has a
+/// modelled peak that fits what the budget leaves, or a refusal naming both numbers. (A balanced layout's tiles can be smaller than the spec's
 /// side: 384 px every 288 cuts 832×480 into six tiles of 288×344.)
 pub fn choose_tile(
     phase: &mut Phase<'_>,
     model: TileMemoryModel,
     budget: u64,
     frame: (usize, usize),
-    layout: TileLayout,
+    (layout, grid): (TileLayout, usize),
     strip_bytes_per_pixel: f64,
 ) -> Result<TileSpec, MemError> {
     let session = phase.session();
@@ -295,7 +298,7 @@ pub fn choose_tile(
     let allowed = (left as f64 * TILE_BUDGET_SHARE) as u64;
     let spec = |side: usize| TileSpec {
         tile: side,
-        stride: default_stride(side),
+        stride: default_stride_on(side, grid),
         layout,
     };
     // The modelled largest tile, and the blending strips the pass holds besides it (exact).

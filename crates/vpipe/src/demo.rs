@@ -6,7 +6,9 @@
 //! 128-wide heads, 2 blocks; the image-to-video one with 36 input channels and image
 //! cross-attention), a umT5 encoder (width 64, 2 blocks) with a small SentencePiece Unigram
 //! tokenizer, the VAE (base width 16 instead of 96), a LoRA and, for image-to-video, a CLIP
-//! vision encoder (width 64, 2 layers, 56-px images in 14-px patches). Their weights are
+//! vision encoder (width 64, 2 layers, 56-px images in 14-px patches). With `--model
+//! wan2.2-ti2v` the DiT is Wan 2.2 TI2V-5B's architecture (48 latent channels in and out) and
+//! the VAE Wan 2.2's (patches, residual stages; base widths 16 and 24). Their weights are
 //! seeded random numbers made in-process, written in the real file formats (ComfyUI-style
 //! safetensors, `tokenizer.json`) and loaded back through the normal loaders. The clip is a
 //! built-in synthetic pattern; random weights make the output video noise-like, but every
@@ -26,8 +28,10 @@ use crate::flags::{Demo, DemoStart};
 
 /// The demo clip: frames (1 + 4k), height, width.
 const CLIP: (usize, usize, usize) = (9, 64, 96);
-/// Base width of the demo's Wan VAE (the released model has 96).
+/// Base width of the demo's Wan VAE (the released model has 96; Wan 2.2's 160).
 const VAE_BASE_DIM: usize = 16;
+/// Base width of the demo's Wan 2.2 VAE decoder (the released model has 256).
+const VAE22_DECODER_BASE_DIM: usize = 24;
 /// The demo's prompt, and the start of Wan's default negative prompt.
 const PROMPT: &str = "A cheesecake with berries on a plate, slow camera pan, soft light";
 const NEGATIVE_PROMPT: &str =
@@ -180,10 +184,27 @@ fn clip_bytes(rng: Rng) -> anyhow::Result<Vec<u8>> {
     checkpoint_bytes(&tensors)
 }
 
-fn vae_config() -> vpipe_models::wan::vae::Config {
+fn vae_config(ti2v: bool) -> vpipe_models::wan::vae::Config {
+    if ti2v {
+        return vpipe_models::wan::vae::Config {
+            base_dim: VAE_BASE_DIM,
+            decoder_base_dim: Some(VAE22_DECODER_BASE_DIM),
+            ..vpipe_models::wan::vae::Config::wan22()
+        };
+    }
     vpipe_models::wan::vae::Config {
         base_dim: VAE_BASE_DIM,
         ..vpipe_models::wan::vae::Config::wan21()
+    }
+}
+
+/// The TI2V DiT: the demo's DiT on the Wan 2.2 VAE's 48 latent channels.
+fn ti2v_dit_config(text_dim: usize) -> vpipe_models::wan::DitConfig {
+    let z = vae_config(true).z_dim;
+    vpipe_models::wan::DitConfig {
+        in_channels: z,
+        out_channels: z,
+        ..dit_config(text_dim)
     }
 }
 
@@ -210,9 +231,9 @@ fn dit_bytes(cfg: &vpipe_models::wan::DitConfig, rng: Rng) -> anyhow::Result<Vec
 }
 
 /// The VAE with the original Wan names.
-fn vae_bytes(rng: Rng) -> anyhow::Result<Vec<u8>> {
+fn vae_bytes(ti2v: bool, rng: Rng) -> anyhow::Result<Vec<u8>> {
     let tensors = seeded_weights(rng, |vb| {
-        vpipe_models::wan::WanVae::new(&vae_config(), vb)?;
+        vpipe_models::wan::WanVae::new(&vae_config(ti2v), vb)?;
         Ok(())
     })?;
     checkpoint_bytes(&tensors)
@@ -261,6 +282,8 @@ fn write_builtin_model(dir: &Path, seed: u64, demo: &Demo) -> anyhow::Result<Bui
     let text_cfg = text_config(tokenizer_vocab_size(TOKENIZER_JSON)?);
     let image = demo.mode == DemoStart::FirstFrame;
     let (dit_cfg, dit_name) = match (demo.expert_pair, image) {
+        // TI2V-5B takes text and an image alike, with no CLIP.
+        _ if demo.ti2v => (ti2v_dit_config(text_cfg.d_model), "wan2.2-ti2v-dit"),
         (false, false) => (dit_config(text_cfg.d_model), "wan2.1-dit"),
         (false, true) => (image_dit_config(text_cfg.d_model), "wan2.1-i2v-dit"),
         // Wan 2.2's image experts read the condition's channels and no CLIP features.
@@ -294,7 +317,7 @@ fn write_builtin_model(dir: &Path, seed: u64, demo: &Demo) -> anyhow::Result<Bui
                 })
             })
             .transpose()?,
-        clip: (image && !demo.expert_pair)
+        clip: (image && !demo.expert_pair && !demo.ti2v)
             .then(|| {
                 put(
                     format!("clip-vision-tiny-seed{seed}.safetensors"),
@@ -302,10 +325,17 @@ fn write_builtin_model(dir: &Path, seed: u64, demo: &Demo) -> anyhow::Result<Bui
                 )
             })
             .transpose()?,
-        vae: put(
-            format!("wan2.1-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"),
-            &vae_bytes,
-        )?,
+        vae: if demo.ti2v {
+            put(
+                format!("wan2.2-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"),
+                &|rng| vae_bytes(true, rng),
+            )?
+        } else {
+            put(
+                format!("wan2.1-vae-{VAE_BASE_DIM}-seed{seed}.safetensors"),
+                &|rng| vae_bytes(false, rng),
+            )?
+        },
         lora: put(format!("lora-tiny-seed{seed}.safetensors"), &|rng| {
             lora_bytes(&dit_cfg, rng)
         })?,
@@ -404,6 +434,8 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
         "vpipe demo: built-in {} model (seeded random weights), {} on {}",
         if demo.expert_pair {
             "Wan 2.2 expert-pair"
+        } else if demo.ti2v {
+            "Wan 2.2 TI2V-architecture"
         } else {
             "Wan 2.1-architecture"
         },
@@ -444,6 +476,9 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
             guidance: 3.0,
         };
         (Some(switch), if image { 5.0 } else { 12.0 })
+    } else if demo.ti2v {
+        // Wan 2.2 TI2V-5B's flow shift.
+        (None, 5.0)
     } else {
         (None, 3.0)
     };
@@ -467,12 +502,12 @@ pub(crate) fn run(demo: Demo) -> anyhow::Result<ExitCode> {
     let job = Job::new(spec, models, device, DType::F32, demo.budget)?;
     let mut session = vpipe_mem::MemorySession::new(job.device().clone(), demo.budget)?;
     let mut observer = crate::progress::Terminal::default();
-    let video = vpipe_pipeline::generate(&job, &mut session, &mut observer)?.video;
+    let made = vpipe_pipeline::generate(&job, &mut session, &mut observer)?;
 
     let out = &demo.out;
     let output = out.join("demo.mp4");
     session.phase("write", |p| -> anyhow::Result<()> {
-        vpipe_pipeline::write_clip(&output, &video, None, &mut observer)?;
+        vpipe_pipeline::write_clip(&output, &made.video, None, made.fps, &mut observer)?;
         p.declare_output("demo.mp4", std::fs::metadata(&output)?.len());
         Ok(())
     })?;

@@ -67,11 +67,14 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// What the demo makes: v2v (video-to-video from a built-in clip), i2v (image-to-video
-    /// from its first frame) or t2v (text-to-video); default v2v, t2v with `--model wan2.2`.
+    /// from its first frame) or t2v (text-to-video); default v2v, t2v with `--model wan2.2`
+    /// or `wan2.2-ti2v`.
     #[arg(long)]
     mode: Option<String>,
-    /// The built-in model: wan2.1 (one DiT; CLIP vision for i2v) or wan2.2 (an A14B-style
-    /// expert pair: a high-noise and a low-noise DiT, switched at the boundary).
+    /// The built-in model: wan2.1 (one DiT; CLIP vision for i2v), wan2.2 (an A14B-style
+    /// expert pair: a high-noise and a low-noise DiT, switched at the boundary) or wan2.2-ti2v
+    /// (a TI2V-5B-style DiT on a Wan 2.2 VAE: 48 latent channels, 16× per side, a timestep
+    /// per token; i2v keeps the image as the first latent frame; 24 fps).
     #[arg(long, default_value = "wan2.1")]
     model: String,
 }
@@ -95,6 +98,8 @@ pub(crate) struct Demo {
     pub(crate) mode: DemoStart,
     /// Whether the built-in model is a Wan 2.2 expert pair.
     pub(crate) expert_pair: bool,
+    /// Whether the built-in model is a Wan 2.2 TI2V DiT with the Wan 2.2 VAE.
+    pub(crate) ti2v: bool,
 }
 
 /// Parses a `--flag SIZE` value.
@@ -128,16 +133,17 @@ impl DemoArgs {
                 )));
             }
         }
-        let expert_pair = match self.model.as_str() {
-            "wan2.1" => false,
-            "wan2.2" => true,
+        let (expert_pair, ti2v) = match self.model.as_str() {
+            "wan2.1" => (false, false),
+            "wan2.2" => (true, false),
+            "wan2.2-ti2v" => (false, true),
             other => {
                 return Err(BadInput(format!(
-                    "--model {other}: expected wan2.1 or wan2.2"
+                    "--model {other}: expected wan2.1, wan2.2 or wan2.2-ti2v"
                 )))
             }
         };
-        let default_mode = if expert_pair { "t2v" } else { "v2v" };
+        let default_mode = if expert_pair || ti2v { "t2v" } else { "v2v" };
         let mode = match self.mode.as_deref().unwrap_or(default_mode) {
             "t2v" => DemoStart::Prompt,
             "v2v" => DemoStart::Clip,
@@ -151,6 +157,7 @@ impl DemoArgs {
         Ok(Demo {
             mode,
             expert_pair,
+            ti2v,
             out: self.out,
             device: self.device,
             budget: vpipe_mem::Budget {
@@ -294,7 +301,8 @@ pub(crate) struct PipelineArgs {
     #[arg(long, default_value_t = 0.7)]
     strength: f64,
     /// Image-to-video: the first frame, a PNG or JPEG (resized to cover --size and
-    /// centre-cropped, with a notice). Needs an image-to-video DiT and a CLIP vision encoder.
+    /// centre-cropped, with a notice). Needs an image-to-video DiT and, for Wan 2.1's, a CLIP
+    /// vision encoder; Wan 2.2 TI2V-5B keeps the image as the first latent frame, no CLIP.
     #[arg(long)]
     image: Option<PathBuf>,
     /// First-last-frame to video: the last frame (with --image and a first-last-frame DiT).
@@ -311,7 +319,8 @@ pub(crate) struct PipelineArgs {
     /// LoRA file and strength, FILE:STRENGTH (strength 1 if left out); repeat for several.
     #[arg(long)]
     lora: Vec<String>,
-    /// Frame size WIDTHxHEIGHT (multiples of 16).
+    /// Frame size WIDTHxHEIGHT (multiples of 16; of 32 for Wan 2.2 TI2V-5B, whose VAE makes
+    /// latents 16× smaller per side).
     #[arg(long, default_value = "832x480")]
     size: String,
     /// Number of frames (4k+1). Default 81; with --input, the clip's length cut down to 4k+1
@@ -324,7 +333,8 @@ pub(crate) struct PipelineArgs {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 6.0)]
     cfg: f64,
-    /// Flow shift (default 8; for a Wan 2.2 expert pair 12, or 5 with --image).
+    /// Flow shift (default 8; for a Wan 2.2 expert pair 12, or 5 with --image; 5 for Wan 2.2
+    /// TI2V-5B).
     #[arg(long)]
     shift: Option<f64>,
     /// Sampler: euler or unipc.
@@ -334,7 +344,8 @@ pub(crate) struct PipelineArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// The initial noise from a safetensors file instead of the seed's: key `noise`,
-    /// [1, 16, F, HEIGHT/8, WIDTH/8] with F = 1 + (frames-1)/4. Text-to-video starts from it;
+    /// [1, 16, F, HEIGHT/8, WIDTH/8] with F = 1 + (frames-1)/4 ([1, 48, F, HEIGHT/16,
+    /// WIDTH/16] on the Wan 2.2 VAE of TI2V-5B). Text-to-video starts from it;
     /// video-to-video adds it to the clip's latents (diffusers' `latents=` and its drawn
     /// noise), so a run can be compared with a reference run on the same noise.
     #[arg(long)]
@@ -347,7 +358,7 @@ pub(crate) struct PipelineArgs {
     /// The step cache's threshold on the accumulated relative change (0: no step skipped).
     #[arg(long, default_value_t = 0.1)]
     cache_threshold: f64,
-    /// VAE tile side in pixels (multiple of 8, at most 512).
+    /// VAE tile side in pixels (multiple of 8, at most 512; of 16 for the Wan 2.2 VAE).
     #[arg(long, default_value_t = 256)]
     tile: usize,
     /// VAE tile placement: balanced (the fewest equal tiles no larger than --tile) or
@@ -372,8 +383,10 @@ pub(crate) struct PipelineArgs {
     #[arg(long)]
     comfy_input: Option<PathBuf>,
     /// `plan` only: plan for a named architecture without weight files (wan2.1-t2v-14b,
-    /// wan2.1-t2v-1.3b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, wan2.1-flf2v-14b-720p; with
-    /// the Wan 2.1 VAE, umT5-XXL and, for the image models, CLIP ViT-H/14).
+    /// wan2.1-t2v-1.3b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, wan2.1-flf2v-14b-720p,
+    /// wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b; with umT5-XXL, the Wan 2.1 VAE (Wan
+    /// 2.2's for wan2.2-ti2v-5b: 48 latent channels, 16× per side, sizes multiples of 32) and,
+    /// for the Wan 2.1 image models, CLIP ViT-H/14).
     #[arg(long)]
     pub(crate) preset: Option<String>,
     /// `plan` only: print the plan as JSON.
@@ -1153,13 +1166,16 @@ pub(crate) struct VaeArgs {
     /// Output safetensors file (written to a temporary file, then renamed).
     #[arg(long)]
     output: PathBuf,
-    /// Spatial tile side in pixels (multiple of 8, at most 512), or `auto`: the largest tile
-    /// that fits the budget by a per-pixel memory model measured on three small crops. Default:
-    /// `auto` with --vram-budget, else 256.
+    /// Spatial tile side in pixels (multiple of 8, at most 512; of 16 for the Wan 2.2 VAE), or
+    /// `auto`: the largest tile that fits the budget by a per-pixel memory model measured on
+    /// three small crops. Default: `auto` with --vram-budget, else 256. With the Wan 2.2 VAE
+    /// and `--tile-layout diffusers`, diffusers' `enable_tiling(T, T, S, S)` encode is
+    /// `--tile 2T --stride 2S` (it tiles the video folded into 2×2 patches), its decode
+    /// `--tile T --stride S`.
     #[arg(long)]
     tile: Option<String>,
-    /// Distance between tiles in pixels (multiple of 8, at most the tile). Default: 3/4 of the
-    /// tile.
+    /// Distance between tiles in pixels (multiple of 8, at most the tile; of 16 for the Wan
+    /// 2.2 VAE). Default: 3/4 of the tile, on the VAE's grid.
     #[arg(long)]
     stride: Option<usize>,
     /// Tile placement: balanced (the fewest equal tiles no larger than --tile, at least its
@@ -1180,6 +1196,9 @@ pub(crate) struct VaeJob {
     pub(crate) tiles: Option<vpipe_models::tiling::TileSpec>,
     /// The placement, also of a chosen tile.
     pub(crate) layout: vpipe_models::tiling::TileLayout,
+    /// Whether `tiles.stride` is a `--stride` the user gave (else 3/4 of the tile, put on the
+    /// VAE's grid once the VAE is known).
+    pub(crate) stride_given: bool,
     pub(crate) compute: Compute,
 }
 
@@ -1232,6 +1251,7 @@ impl VaeArgs {
             output: self.output,
             tiles,
             layout: self.tile_layout,
+            stride_given: self.stride.is_some(),
             compute,
         })
     }

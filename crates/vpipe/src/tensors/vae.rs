@@ -1,4 +1,5 @@
-//! `vpipe tensors vae-encode|vae-decode`: the Wan VAE, tiled, with a budget-driven tile.
+//! `vpipe tensors vae-encode|vae-decode`: the Wan VAE (2.1 or 2.2, recognised from the
+//! file), tiled, with a budget-driven tile.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -10,9 +11,13 @@ use vpipe_mem::{MemorySession, Tier};
 use crate::flags::VaeJob;
 use vpipe_pipeline::{calibrate, choose_tile, run_tiled, VaeOp};
 
-pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_vae(op: VaeOp, mut job: VaeJob) -> anyhow::Result<ExitCode> {
     // A reader that never executes pickle code checks the file before anything loads it.
-    vpipe_ckpt::inspect(&job.vae)?;
+    let inspection = vpipe_ckpt::inspect(&job.vae)?;
+    let grid = vae_grid(&job, &inspection)?;
+    if let Some(tiles) = job.tiles.as_mut() {
+        tiles_on_grid(tiles, grid, job.stride_given)?;
+    }
     vpipe_pipeline::check_tensor_outputs(
         &job.output,
         job.compute.report.as_deref(),
@@ -38,7 +43,8 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
                 (None, Some(budget)) => {
                     let model = calibrate(p, &vae, op, &input, job.layout, &observer)?;
                     let strips = op.strip_bytes_per_pixel(&vae, &input)?;
-                    choose_tile(p, model, budget, op.pixels(&input)?, job.layout, strips)?
+                    let frame = op.pixels(&vae, &input)?;
+                    choose_tile(p, model, budget, frame, (job.layout, grid), strips)?
                 }
                 (None, None) => unreachable!("flags require a budget for an automatic tile"),
             };
@@ -74,4 +80,49 @@ pub(crate) fn run_vae(op: VaeOp, job: VaeJob) -> anyhow::Result<ExitCode> {
     );
     vpipe_pipeline::budget_kept(&report, &format!("--output {}", job.output.display()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The spatial factor of the VAE in `--vae` (8 for Wan 2.1, 16 for Wan 2.2), from its header;
+/// a file that holds no Wan VAE is bad input.
+fn vae_grid(job: &VaeJob, inspection: &vpipe_ckpt::Inspection) -> anyhow::Result<usize> {
+    use vpipe_ckpt::{Family, ModelConfig};
+    let detection = &inspection.detection;
+    match (detection.family, &detection.config) {
+        (Family::WanVae | Family::WanVae22, Some(ModelConfig::Vae(c))) => {
+            let stages = c.dim_mult.as_ref().map_or(4, Vec::len).clamp(1, 8);
+            Ok((1 << (stages - 1)) * c.patch_size.unwrap_or(1).max(1))
+        }
+        (family, _) => Err(vpipe_pipeline::Error::BadInput(format!(
+            "--vae {}: holds a {}, expected a {} or {} (its configuration from its tensors)",
+            job.vae.display(),
+            family.describe(),
+            Family::WanVae.describe(),
+            Family::WanVae22.describe()
+        ))
+        .into()),
+    }
+}
+
+/// Puts `tiles` on the VAE's `grid` (whole latent cells): a tile or a given stride off it is
+/// bad input naming the flag; the default stride is put on it.
+fn tiles_on_grid(
+    tiles: &mut vpipe_models::tiling::TileSpec,
+    grid: usize,
+    stride_given: bool,
+) -> anyhow::Result<()> {
+    let off = |flag: &str, px: usize| {
+        vpipe_pipeline::Error::BadInput(format!(
+            "{flag} {px}: this VAE makes latents {grid}× smaller per side; expected a multiple              of {grid} px"
+        ))
+    };
+    if !tiles.tile.is_multiple_of(grid) {
+        return Err(off("--tile", tiles.tile).into());
+    }
+    if stride_given && !tiles.stride.is_multiple_of(grid) {
+        return Err(off("--stride", tiles.stride).into());
+    }
+    if !stride_given {
+        tiles.stride = vpipe_models::tiling::default_stride_on(tiles.tile, grid);
+    }
+    Ok(())
 }
