@@ -78,7 +78,8 @@ impl Checkpoint {
         let head_width = if c.width == VIT_H_WIDTH { 80 } else { 64 };
         if c.width == 0 || !c.width.is_multiple_of(head_width) {
             return Err(bad(format!(
-                "its width {} is not a multiple of {head_width}, so the head count cannot be                  derived",
+                "its width {} is not a multiple of {head_width}, so the head count cannot be \
+                 derived",
                 c.width
             )));
         }

@@ -954,7 +954,9 @@ pub(crate) fn settle_for_models(job: &mut RunOptions, sizes: &ModelSizes) -> Res
     let (mh, mw) = (factor * ph.max(1), factor * pw.max(1));
     if !job.height.is_multiple_of(mh) || !job.width.is_multiple_of(mw) {
         return Err(Error::BadInput(format!(
-            "--size {}x{}: the {} makes latents {factor}× smaller per side and the DiT cuts them              in {ph}×{pw} patches; expected a width that is a multiple of {mw} and a height that              is a multiple of {mh}",
+            "--size {}x{}: the {} makes latents {factor}× smaller per side and the DiT cuts them \
+             in {ph}×{pw} patches; expected a width that is a multiple of {mw} and a height that \
+             is a multiple of {mh}",
             job.width,
             job.height,
             sizes.vae.describe()
@@ -972,7 +974,8 @@ pub(crate) fn settle_for_models(job: &mut RunOptions, sizes: &ModelSizes) -> Res
         && job.image.as_ref().is_some_and(|i| i.last.is_some())
     {
         return Err(Error::BadInput(
-            "--last-image: Wan 2.2 TI2V-5B starts a video from its first frame only; leave out              --last-image"
+            "--last-image: Wan 2.2 TI2V-5B starts a video from its first frame only; leave out \
+             --last-image"
                 .into(),
         ));
     }

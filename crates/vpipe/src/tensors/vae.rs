@@ -112,7 +112,8 @@ fn tiles_on_grid(
 ) -> anyhow::Result<()> {
     let off = |flag: &str, px: usize| {
         vpipe_pipeline::Error::BadInput(format!(
-            "{flag} {px}: this VAE makes latents {grid}× smaller per side; expected a multiple              of {grid} px"
+            "{flag} {px}: this VAE makes latents {grid}× smaller per side; expected a multiple \
+             of {grid} px"
         ))
     };
     if !tiles.tile.is_multiple_of(grid) {
