@@ -155,3 +155,34 @@ impl ModelFamily {
         self == Self::Ti2v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_family_follows_the_vae_and_a_mismatched_pair_is_bad_input() {
+        let (wan21, wan22) = (VaeSizes::wan21(2), VaeSizes::wan22(2));
+        assert_eq!(wan21.latent_shape(81, 480, 832), [1, 16, 21, 60, 104]);
+        assert_eq!(wan22.latent_shape(121, 704, 1280), [1, 48, 31, 44, 80]);
+        let ti2v = DitConfig::wan22_ti2v_5b();
+        let names = ("--dit d.safetensors", "--vae v.safetensors");
+        assert_eq!(
+            ModelFamily::of(&ti2v, &wan22, names).unwrap(),
+            ModelFamily::Ti2v
+        );
+        assert_eq!(ModelFamily::Ti2v.fps(), 24);
+        for dit in [DitConfig::wan21_t2v_14b(), DitConfig::wan21_i2v_14b()] {
+            let family = ModelFamily::of(&dit, &wan21, names).unwrap();
+            assert_eq!((family, family.fps()), (ModelFamily::Wan21Vae, 16));
+            let err = ModelFamily::of(&dit, &wan22, names)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("d.safetensors") && err.contains("v.safetensors"),
+                "{err}"
+            );
+        }
+        assert!(ModelFamily::of(&ti2v, &wan21, names).is_err());
+    }
+}
