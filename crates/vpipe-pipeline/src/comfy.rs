@@ -7,8 +7,8 @@
 //! The graph is followed from its one sampler (`KSampler` or `KSamplerAdvanced`): its model
 //! through `LoraLoaderModelOnly` and `ModelSamplingSD3` to `UNETLoader`, its conditioning
 //! through `WanImageToVideo` / `WanFirstLastFrameToVideo` to `CLIPTextEncode` and
-//! `CLIPLoader`, its latent to `EmptyHunyuanLatentVideo`, `VAEEncode` of a loaded video, or the
-//! image-to-video node, and the decoder that reads its output to `VAELoader`. A node vpipe does
+//! `CLIPLoader`, its latent to `EmptyHunyuanLatentVideo`, `VAEEncode` of a loaded video, the
+//! image-to-video node, or Wan 2.2 TI2V's `Wan22ImageToVideoLatent`, and the decoder that reads its output to `VAELoader`. A node vpipe does
 //! not know is bad input naming every such node.
 
 use std::path::{Component, Path, PathBuf};
@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::options::{ImageInputs, RunOptions};
 
 /// The node types a workflow may hold.
-const KNOWN_NODES: [&str; 21] = [
+const KNOWN_NODES: [&str; 22] = [
     "UNETLoader",
     "CLIPLoader",
     "VAELoader",
@@ -30,6 +30,7 @@ const KNOWN_NODES: [&str; 21] = [
     "CLIPVisionEncode",
     "EmptyHunyuanLatentVideo",
     "WanImageToVideo",
+    "Wan22ImageToVideoLatent",
     "WanFirstLastFrameToVideo",
     "VAEEncode",
     "VAEDecode",
@@ -450,6 +451,15 @@ fn apply_latent(
             }
             options.input = Some((video, denoise));
         }
+        // Wan 2.2 TI2V-5B's latent: the empty video, or with `start_image` the image as its
+        // first latent frame.
+        "Wan22ImageToVideoLatent" => {
+            size(options)?;
+            if inputs.contains_key("start_image") {
+                let first = image("start_image")?;
+                options.image = Some(ImageInputs { first, last: None });
+            }
+        }
         "WanImageToVideo" | "WanFirstLastFrameToVideo" => {
             size(options)?;
             let first = image("start_image")?;
@@ -488,7 +498,8 @@ fn apply_latent(
         other => {
             return Err(Graph::bad(format!(
                 "the sampler's latent_image comes from a {other}; vpipe starts from \
-                 EmptyHunyuanLatentVideo, VAEEncode, WanImageToVideo or WanFirstLastFrameToVideo"
+                 EmptyHunyuanLatentVideo, VAEEncode, WanImageToVideo, WanFirstLastFrameToVideo or \
+                 Wan22ImageToVideoLatent"
             )))
         }
     }

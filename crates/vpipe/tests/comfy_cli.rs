@@ -13,10 +13,16 @@ use common::{fixture, load, max_abs, vpipe};
 /// as ComfyUI's folders: `models/{diffusion_models,text_encoders,vae,loras,clip_vision}` and
 /// `input/`. Returns the ComfyUI folder and the tokenizer.json.
 fn comfy_folder(dir: &Path, image: bool) -> (PathBuf, PathBuf) {
+    comfy_folder_of(dir, "wan2.1", if image { "i2v" } else { "v2v" })
+}
+
+/// [`comfy_folder`] of the built-in `model` (`vpipe demo --model`) in `mode`.
+fn comfy_folder_of(dir: &Path, model: &str, mode: &str) -> (PathBuf, PathBuf) {
     let demo = dir.join("demo");
-    let mode = if image { "i2v" } else { "v2v" };
     let run = vpipe(&[
         "demo",
+        "--model",
+        model,
         "--mode",
         mode,
         "--steps",
@@ -44,8 +50,8 @@ fn comfy_folder(dir: &Path, image: bool) -> (PathBuf, PathBuf) {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_owned();
         let folder = match name.split('-').next().unwrap() {
-            "wan2.1" if name.contains("vae") => "vae",
-            "wan2.1" => "diffusion_models",
+            "wan2.1" | "wan2.2" if name.contains("vae") => "vae",
+            "wan2.1" | "wan2.2" => "diffusion_models",
             "umt5" => "text_encoders",
             "lora" => "loras",
             "clip" => "clip_vision",
@@ -266,6 +272,44 @@ fn an_image_to_video_workflow_equals_the_same_run_by_flags() {
             "64x48",
             "--frames",
             "9",
+        ],
+    );
+}
+
+#[test]
+fn a_wan22_ti2v_workflow_equals_the_same_run_by_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (comfy, tokenizer) = comfy_folder_of(dir.path(), "wan2.2-ti2v", "t2v");
+    // Text-to-video: the TI2V latent node without an image.
+    let mut graph = workflow(&comfy, json!(["6", 0]), json!(["7", 0]));
+    graph["10"] = json!({"class_type": "Wan22ImageToVideoLatent", "inputs": {
+        "vae": ["3", 0], "width": 64, "height": 64, "length": 5, "batch_size": 1}});
+    check_equal(
+        dir.path(),
+        (&comfy, &tokenizer),
+        (&graph, &[]),
+        &["--size", "64x64", "--frames", "5"],
+    );
+    // Image-to-video: its start_image, the first latent frame.
+    std::fs::copy(
+        fixture("vpipe", "pipeline_i2v/first.png"),
+        comfy.join("input/first.png"),
+    )
+    .unwrap();
+    graph["14"] = json!({"class_type": "LoadImage", "inputs": {"image": "first.png"}});
+    graph["10"]["inputs"]["start_image"] = json!(["14", 0]);
+    let image = comfy.join("input/first.png");
+    check_equal(
+        dir.path(),
+        (&comfy, &tokenizer),
+        (&graph, &[]),
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--size",
+            "64x64",
+            "--frames",
+            "5",
         ],
     );
 }
