@@ -8,10 +8,11 @@ names (bf16, 11.4 GB). The VAE comes from `bench/vae_gpu.py prepare` (diffusers 
     TINY=1 python3 bench/make_random_checkpoints.py OUT_DIR   # same key set, tiny widths (a check)
     FP8=1 python3 bench/make_random_checkpoints.py OUT_DIR    # the DiT as ComfyUI's scaled fp8 only
     ONLY=lora,fp8 python3 bench/make_random_checkpoints.py OUT_DIR  # just these files
-                                             # (dit, dit13, i2v, clip, umt5, fp8, lora;
+                                             # (dit, dit13, i2v, ti2v, clip, umt5, fp8, lora;
                                              # default dit,umt5)
 
-`dit13` writes the 1.3B text-to-video DiT the same way (dim 1536, 30 blocks, 2.8 GB). `i2v` writes
+`dit13` writes the 1.3B text-to-video DiT the same way (dim 1536, 30 blocks, 2.8 GB); `ti2v` Wan 2.2's
+TI2V-5B (dim 3072, 30 blocks, FFN 14336, 48 latent channels in and out; 10 GB). `i2v` writes
 the image-to-video 14B (36 input channels, `img_emb`, `k_img`/`v_img`/`norm_k_img` in every
 cross-attention; 32.8 GB). `clip` writes the CLIP ViT-H/14 vision encoder under transformers names
 (`vision_model.*`, as ComfyUI's clip_vision_h.safetensors holds it; bf16, 1.26 GB).
@@ -56,8 +57,14 @@ def rand(shape, kind):
 
 
 def dit(size="14B", image=False):
-    # Wan2.1-T2V-14B (or 1.3B; I2V with `image`), original names.
-    full = (5120, 13824, 40, 4096, 256) if size == "14B" else (1536, 8960, 30, 4096, 256)
+    # Wan2.1-T2V-14B (or 1.3B; I2V with `image`; Wan 2.2 TI2V-5B with its 48 latent channels),
+    # original names.
+    full = {
+        "14B": (5120, 13824, 40, 4096, 256),
+        "1.3B": (1536, 8960, 30, 4096, 256),
+        "5B": (3072, 14336, 30, 4096, 256),
+    }[size]
+    channels = 48 if size == "5B" else 16
     dim, ffn, layers, text_dim, freq = (256, 512, 2, 64, 256) if TINY else full
     clip_dim = 64 if TINY else 1280
     w = {}
@@ -66,7 +73,7 @@ def dit(size="14B", image=False):
         w[f"{name}.weight"] = rand((out_dim, in_dim), "matrix")
         w[f"{name}.bias"] = rand((out_dim,), "small")
 
-    w["patch_embedding.weight"] = rand((dim, 36 if image else 16, 1, 2, 2), "matrix")
+    w["patch_embedding.weight"] = rand((dim, 36 if image else channels, 1, 2, 2), "matrix")
     w["patch_embedding.bias"] = rand((dim,), "small")
     linear("text_embedding.0", dim, text_dim)
     linear("text_embedding.2", dim, dim)
@@ -96,7 +103,7 @@ def dit(size="14B", image=False):
         w[f"{b}.norm3.bias"] = rand((dim,), "small")
         linear(f"{b}.ffn.0", ffn, dim)
         linear(f"{b}.ffn.2", dim, ffn)
-    linear("head.head", 64, dim)
+    linear("head.head", 4 * channels, dim)
     w["head.modulation"] = rand((1, 2, dim), "small")
     return {f"model.diffusion_model.{k}": v for k, v in w.items()}
 
@@ -183,6 +190,7 @@ if __name__ == "__main__":
         "dit": ("wan2.1_t2v_14B_random_bf16.safetensors", dit),
         "dit13": ("wan2.1_t2v_1.3B_random_bf16.safetensors", lambda: dit("1.3B")),
         "i2v": ("wan2.1_i2v_14B_random_bf16.safetensors", lambda: dit(image=True)),
+        "ti2v": ("wan2.2_ti2v_5B_random_bf16.safetensors", lambda: dit("5B")),
         "clip": ("clip_vision_h_random_bf16.safetensors", clip),
         "umt5": ("umt5_xxl_random_bf16.safetensors", umt5),
         "fp8": ("wan2.1_t2v_14B_random_fp8_scaled.safetensors", lambda: scaled_fp8(dit())),

@@ -57,6 +57,30 @@ def make_vae():
     return vae.to(torch.bfloat16).eval()
 
 
+def make_vae22():
+    """The Wan 2.2 VAE (TI2V-5B's: 48 latent channels, residual stages, 2x2 patches) with random
+    weights, as `make_vae` makes the Wan 2.1 one."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(1234)
+    vae = AutoencoderKLWan(
+        base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+        attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0, is_residual=True,
+        in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4,
+        scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+    )
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if p.dim() > 1:
+                fan_in = p[0].numel()
+                p.normal_(0.0, 1.0 / fan_in**0.5)
+            elif name.endswith("gamma"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.02)
+    return vae.to(torch.bfloat16).eval()
+
+
 def timed(fn, reps=2):
     torch.cuda.synchronize()
     times, out = [], None
