@@ -30,6 +30,7 @@ use crate::settings::{mode_of, upload_name, Confinement, Settings, UPLOAD_KEYS};
 use crate::App;
 
 /// An error answer.
+#[derive(Debug)]
 struct ApiError {
     status: StatusCode,
     message: String,
@@ -244,8 +245,21 @@ async fn submit_into(
         .push(id, dir.to_path_buf(), options, mode_of(&uploads))?)
 }
 
+/// The largest settings object taken: a `--pipeline` file's limit.
+const MAX_SETTINGS_BYTES: usize = 1 << 20;
+
 /// A JSON object of settings.
 fn json_settings(body: &[u8], what: &str) -> Result<Settings, ApiError> {
+    if body.len() > MAX_SETTINGS_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{what}: {} bytes; a job's settings are at most {MAX_SETTINGS_BYTES} (uploads may \
+                 be larger)",
+                body.len()
+            ),
+        ));
+    }
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("{what}: not valid JSON: {e}")))?;
     match value {
@@ -317,4 +331,27 @@ async fn read_multipart(
     let settings =
         settings.ok_or_else(|| ApiError::bad_request("no `settings` part (the job's JSON)"))?;
     Ok((settings, uploads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_a_json_object_of_at_most_a_mebibyte() {
+        let ok = json_settings(br#"{"prompt": "a kite"}"#, "settings").unwrap();
+        assert_eq!(ok["prompt"], "a kite");
+        let big = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(MAX_SETTINGS_BYTES));
+        let err = json_settings(big.as_bytes(), "settings").err().unwrap();
+        assert_eq!(err.status, StatusCode::PAYLOAD_TOO_LARGE);
+        for (body, needle) in [
+            (&b"[1]"[..], "an array"),
+            (b"\"x\"", "a string"),
+            (b"{", "not valid"),
+        ] {
+            let err = json_settings(body, "settings").err().unwrap();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert!(err.message.contains(needle), "{}", err.message);
+        }
+    }
 }

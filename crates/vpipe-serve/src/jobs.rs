@@ -117,6 +117,18 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// Characters of a prompt the job list shows (the job runs with all of it).
+const SHOWN_PROMPT_CHARS: usize = 500;
+
+/// The prompt as the job list shows it: cut after [`SHOWN_PROMPT_CHARS`], so that the kept
+/// records stay small whatever was submitted.
+fn shown_prompt(prompt: &str) -> String {
+    match prompt.char_indices().nth(SHOWN_PROMPT_CHARS) {
+        Some((end, _)) => format!("{}…", &prompt[..end]),
+        None => prompt.to_owned(),
+    }
+}
+
 /// Milliseconds since `start`.
 fn ms_since(start: Instant) -> u64 {
     start.elapsed().as_millis() as u64
@@ -174,7 +186,7 @@ impl Jobs {
         let view = JobView {
             id,
             state: JobState::Queued,
-            prompt: options.prompt.clone(),
+            prompt: shown_prompt(&options.prompt),
             mode,
             submitted_ms: ms_since(self.started),
             started_ms: None,
@@ -360,5 +372,19 @@ impl Jobs {
 
     pub fn started(&self) -> Instant {
         self.started
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_list_shows_the_start_of_a_long_prompt() {
+        assert_eq!(shown_prompt("a kite"), "a kite");
+        let long = "é".repeat(SHOWN_PROMPT_CHARS + 10);
+        let shown = shown_prompt(&long);
+        assert_eq!(shown.chars().count(), SHOWN_PROMPT_CHARS + 1);
+        assert!(shown.ends_with('…'));
     }
 }

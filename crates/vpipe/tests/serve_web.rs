@@ -1,6 +1,7 @@
 //! `vpipe serve`'s web page in a real browser: headless Chromium (Debian's `chromium`, which
-//! CI installs) driven over the DevTools protocol submits a job through the form, sees its
-//! progress, and plays the result in the `<video>` element. With `VPIPE_SCREENSHOT=FILE` the
+//! CI installs) driven over the DevTools protocol submits an image-to-video job through the
+//! form (the first frame uploaded from its file input), sees its progress, and plays the
+//! result in the `<video>` element. With `VPIPE_SCREENSHOT=FILE` the
 //! page is saved as a PNG there (docs/serve-page.png is made this way).
 
 mod common;
@@ -133,10 +134,13 @@ impl Browser {
             if !(value.is_null() || value == false || value == "") {
                 return value;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "the page never showed {what}"
-            );
+            if start.elapsed() > Duration::from_secs(120) {
+                let page = self.eval(
+                    "document.getElementById('form-error').textContent + ' | ' + \
+                     document.getElementById('jobs').innerText",
+                );
+                panic!("the page never showed {what}; it shows: {page}");
+            }
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -209,7 +213,22 @@ fn base64_decode(text: &str) -> Vec<u8> {
 #[test]
 fn the_page_submits_a_job_shows_its_progress_and_plays_the_video() {
     let dir = tempfile::tempdir().unwrap();
-    let models = common::builtin_models(&dir.path().join("demo"));
+    let demo = dir.path().join("demo");
+    let run = common::vpipe(&[
+        "demo",
+        "--mode",
+        "i2v",
+        "--steps",
+        "2",
+        "--out",
+        demo.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let models = demo.join("weights");
     let outputs = dir.path().join("outputs");
     std::fs::create_dir(&outputs).unwrap();
     let server = Server::start(&models, &outputs, &[]);
@@ -242,6 +261,20 @@ fn the_page_submits_a_job_shows_its_progress_and_plays_the_video() {
     );
     assert!(error.as_str().unwrap().contains("--frames"), "{error}");
 
+    // The first frame, chosen in the file input as a person would.
+    let document = browser.call("DOM.getDocument", json!({}));
+    let input = browser.call(
+        "DOM.querySelector",
+        json!({"nodeId": document["root"]["nodeId"], "selector": "#image"}),
+    );
+    // From a folder of the user's (Chromium does not read files from the checkout's
+    // fixtures folder in every sandbox).
+    let image = dir.path().join("first.png");
+    std::fs::copy(common::fixture("vpipe", "pipeline_i2v/first.png"), &image).unwrap();
+    browser.call(
+        "DOM.setFileInputFiles",
+        json!({"nodeId": input["nodeId"], "files": [image.to_str().unwrap()]}),
+    );
     // Long enough to watch it sample.
     browser.eval(&fill(5, 150));
     let progress = browser.wait_for(
@@ -265,6 +298,8 @@ fn the_page_submits_a_job_shows_its_progress_and_plays_the_video() {
     assert!(legend.as_str().unwrap().contains("heap"), "{legend}");
     let row = browser.eval("document.querySelector('#jobs tr').dataset.state");
     assert_eq!(row, "succeeded");
+    let jobs = server.get_json("/api/jobs");
+    assert_eq!(jobs["jobs"][0]["mode"], "image-to-video", "{jobs}");
 
     let shot = browser.call("Page.captureScreenshot", json!({"format": "png"}));
     let png = base64_decode(shot["data"].as_str().unwrap());
