@@ -120,11 +120,8 @@ pub fn run_tiled(
     let reader = &*phase;
     // Both callbacks of a pass reach the step: one reports a tile, the other asks whether to
     // stop; they never run at once.
-    let step = RefCell::new(Step::start(
-        observer,
-        op.phase(),
-        tiles.count(pixels.0, pixels.1) as u64,
-    ));
+    let count = vae.tiles(tiles, pixels).map_or(0, |(count, _)| count);
+    let step = RefCell::new(Step::start(observer, op.phase(), count as u64));
     let attempts = halving_on_grid(
         tiles,
         (SMALLEST_TILE, grid),
@@ -158,15 +155,15 @@ pub fn run_tiled(
         vpipe_models::Error::Stopped => Error::Interrupted,
         other => other.into(),
     })?;
+    let (count, shapes) = vae.tiles(used, pixels)?;
     phase.note(
         "vae tiles",
         &format!(
-            "tile {} px, stride {} px, {} layout, {} tile(s) of {}, {:?}",
+            "tile {} px, stride {} px, {} layout, {count} tile(s) of {}, {:?}",
             used.tile,
             used.stride,
             used.layout,
-            used.count(pixels.0, pixels.1),
-            used.tile_shapes(pixels.0, pixels.1)
+            shapes
                 .iter()
                 .map(|(h, w)| format!("{h}x{w}"))
                 .collect::<Vec<_>>()

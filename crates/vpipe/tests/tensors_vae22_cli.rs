@@ -108,6 +108,37 @@ fn the_wan22_vae_encodes_and_decodes_through_the_cli_as_diffusers_does_tiled() {
         println!("{setting} decode: max |vpipe - diffusers| {err:.3e}");
         assert!(err <= TOL, "{setting} decode: {err:.3e}");
     }
+    // The report names the tiles that ran: laid over the video folded into 2x2 patches (a
+    // tile every 8 folded px from the corner, 16 wide, edge tiles cut), in video pixels.
+    let report = dir.path().join("report.json");
+    run_ok(
+        "vae-decode",
+        &mean_in,
+        &out,
+        &[
+            "--tile",
+            "32",
+            "--stride",
+            "16",
+            "--tile-layout",
+            "diffusers",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let tiles = report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["what"] == "vae tiles")
+        .and_then(|n| n["detail"].as_str())
+        .unwrap();
+    assert!(
+        tiles.contains("15 tile(s) of 16x16/16x32/32x16/32x32"),
+        "{tiles}"
+    );
     // Untiled: a tile that covers the frame.
     let encoded = run_ok("vae-encode", &video_in, &out, &["--tile", "96"]);
     let err = max_abs(&encoded["enc_mean"], &cases["t5_h48_w80.mean"]);

@@ -1750,6 +1750,28 @@ impl WanVae {
         Ok(unpatchify(&patches, self.cfg.patch())?.contiguous()?)
     }
 
+    /// The tiles a tiled pass with `spec` cuts a `height`×`width` video into, as (height,
+    /// width) in video pixels, smallest first, and how many there are: the tiler runs on the
+    /// video folded into patches, so this VAE's patches decide where the tiles fall.
+    pub fn tiles(
+        &self,
+        spec: TileSpec,
+        (height, width): (usize, usize),
+    ) -> Result<(usize, Vec<(usize, usize)>)> {
+        let p = self.cfg.patch();
+        let folded = self.patch_spec(spec)?;
+        let (h, w) = (height / p, width / p);
+        let shapes = folded.try_tile_shapes(h, w)?;
+        let count = folded.try_count(h, w)?;
+        Ok((
+            count,
+            shapes
+                .into_iter()
+                .map(|(th, tw)| (th * p, tw * p))
+                .collect(),
+        ))
+    }
+
     /// `spec` (video pixels) checked ([`TileSpec::validate`], and whole latent cells: tile and
     /// stride multiples of the spatial factor) and converted to pixels of the video folded into
     /// patches, where the tiler runs (itself when there are no patches).
