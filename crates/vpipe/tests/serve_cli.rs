@@ -1,6 +1,6 @@
 //! `vpipe serve` as a client sees it: a real server on loopback running jobs on the built-in
 //! tiny models (the demo's), one at a time, cancelled on request, each with its video, report
-//! and chart; its memory record showing no growth over 20 jobs; and bad requests answered with
+//! and chart, a clip uploaded for video-to-video; its memory record showing no growth over 20 jobs; and bad requests answered with
 //! a 4xx while the server keeps serving.
 
 mod common;
@@ -134,14 +134,27 @@ fn three_jobs_one_cancelled_each_with_its_outputs() {
         "the served video differs from vpipe run's"
     );
 
+    // Video-to-video from an uploaded clip: the first job's video.
+    let settings = json!({
+        "prompt": "the same kite at dusk", "size": "64x64", "frames": 5, "steps": 2,
+        "tile": 64, "strength": 0.6,
+    });
+    let (status, v2v) = server.submit_multipart(&settings, &[("input", &served)]);
+    assert_eq!(status, 201, "{v2v}");
+    assert_eq!(v2v["mode"], "video-to-video");
+    let v2v = server.wait_finished(id_of(&v2v));
+    assert_eq!(v2v["state"], "succeeded", "{v2v}");
+    let report = server.get_json(&format!("/api/jobs/{}/report", v2v["id"]));
+    assert!(common::phase_names(&report).contains(&"vae encode".to_owned()));
+
     // Every job boundary was measured, and the record is on disk too.
     let memory = server.get_json("/api/memory");
     let ends = boundaries(&memory, "job end");
-    assert_eq!(ends.len(), 3, "{memory}");
+    assert_eq!(ends.len(), 4, "{memory}");
     let on_disk: Value =
         serde_json::from_slice(&std::fs::read(outputs.join("server-memory.json")).unwrap())
             .unwrap();
-    assert_eq!(boundaries(&on_disk, "job end").len(), 3);
+    assert_eq!(boundaries(&on_disk, "job end").len(), 4);
 
     let status = server.stop().expect("the server stops on SIGTERM");
     assert!(status.success(), "{status:?}");
