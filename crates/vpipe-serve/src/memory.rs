@@ -122,6 +122,14 @@ impl MemoryLog {
     /// Records a boundary reading and writes the record to its file (through a temporary
     /// file, renamed into place).
     pub fn boundary(&self, at: &'static str, job: Option<u64>, reading: &Reading) {
+        self.keep_boundary(at, job, reading);
+        if let Err(e) = self.write() {
+            tracing::warn!("could not write {}: {e}", self.path.display());
+        }
+    }
+
+    /// Records a boundary reading (the oldest but the first goes when the record is full).
+    fn keep_boundary(&self, at: &'static str, job: Option<u64>, reading: &Reading) {
         let boundary = Boundary {
             at,
             job,
@@ -143,9 +151,6 @@ impl MemoryLog {
                 }
                 inner.boundaries.push_back(boundary);
             }
-        }
-        if let Err(e) = self.write() {
-            tracing::warn!("could not write {}: {e}", self.path.display());
         }
     }
 
@@ -172,5 +177,58 @@ impl MemoryLog {
                 source,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(anon: u64) -> Reading {
+        Reading {
+            t_ms: 0.0,
+            host: vpipe_mem::HostRss {
+                anon,
+                file: 0,
+                shmem: 0,
+            },
+            heap: None,
+            cuda: None,
+        }
+    }
+
+    #[test]
+    fn the_record_is_bounded_and_written_at_each_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server-memory.json");
+        let log = MemoryLog::new(
+            Instant::now(),
+            "cpu".into(),
+            vpipe_mem::Budget::default(),
+            path.clone(),
+        );
+        for i in 0..(2 * MAX_SAMPLES as u64) {
+            log.sample(&reading(i));
+        }
+        log.boundary("server start", None, &reading(1));
+        for job in 0..(MAX_BOUNDARIES as u64 + 9) {
+            log.keep_boundary("job end", Some(job), &reading(2));
+        }
+        log.boundary("job end", Some(MAX_BOUNDARIES as u64 + 9), &reading(2));
+        let record = log.record();
+        assert_eq!(record.samples.len(), MAX_SAMPLES);
+        assert_eq!(record.boundaries.len(), MAX_BOUNDARIES);
+        assert_eq!(record.first.as_ref().map(|b| b.at), Some("server start"));
+        assert_eq!(
+            record.boundaries.last().and_then(|b| b.job),
+            Some(MAX_BOUNDARIES as u64 + 9)
+        );
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            written["boundaries"].as_array().unwrap().len(),
+            MAX_BOUNDARIES
+        );
+        assert!(written["samples"].as_array().unwrap().is_empty());
     }
 }
