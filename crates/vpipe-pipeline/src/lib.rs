@@ -7,7 +7,7 @@
 //! whose kind tells bad input from a refused budget from a failed run.
 //!
 //! Modules depend only on those below them: `error`, `observer`; `paths`, `partial`,
-//! `device`; `options`, `files`, `family`, `models`; `plan`, `leased`, `tiled_vae`; `pipeline`; `run`.
+//! `device`; `step_cache`, `options`, `files`, `family`, `models`; `plan`, `leased`, `tiled_vae`; `pipeline`; `run`.
 
 mod comfy;
 mod device;
@@ -25,6 +25,7 @@ mod paths;
 mod pipeline;
 mod plan;
 mod run;
+mod step_cache;
 mod tiled_vae;
 
 pub use comfy::{apply_comfy_workflow, ComfyFolders};
@@ -45,4 +46,8 @@ pub use paths::{
 pub use pipeline::{clip_vision_features, generate, ExpertSwitch, Generated, Job, JobSpec, Mode};
 pub use plan::{attention_scratch, Plan};
 pub use run::{plan, run};
+pub use step_cache::{
+    MagCacheSettings, MagRatios, StepCache, StepCacheFlags, MAGCACHE_MAX_SKIP, MAGCACHE_RETENTION,
+    MAGCACHE_THRESHOLD, TEACACHE_THRESHOLD,
+};
 pub use tiled_vae::{calibrate, choose_tile, run_tiled, TileMemoryModel, VaeOp};

@@ -29,8 +29,8 @@ pub struct RunOptions {
     pub frames: usize,
     pub steps: usize,
     pub guidance: f64,
-    /// The step cache's threshold (`--cache teacache`); `None`: every step runs the blocks.
-    pub step_cache: Option<f64>,
+    /// The step cache (`--cache`); `None`: every step runs the blocks.
+    pub step_cache: Option<crate::StepCache>,
     pub shift: f64,
     /// Whether `shift` is a `--shift` the user gave (else a Wan 2.2 pair takes its own).
     pub shift_given: bool,

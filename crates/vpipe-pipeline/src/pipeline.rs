@@ -23,6 +23,7 @@ use crate::family::{ModelFamily, VaeSizes};
 use crate::models::ModelFiles;
 use crate::observer::{stop_point, Observer, Step};
 use crate::plan::{EncoderPlan, ModelSizes, Plan, Residency, SamplePlan, StepWork};
+use crate::step_cache::{CacheRule, StepCache};
 use crate::tiled_vae::{run_tiled, VaeOp};
 
 /// What the pipeline makes.
@@ -66,9 +67,8 @@ pub struct JobSpec {
     pub width: usize,
     pub steps: usize,
     pub guidance: f64,
-    /// The step cache's threshold on the accumulated relative change of the timestep's
-    /// modulation (TeaCache); `None`: every step runs the blocks.
-    pub step_cache: Option<f64>,
+    /// The step cache; `None`: every step runs the blocks.
+    pub step_cache: Option<StepCache>,
     /// Wan 2.2's expert pair: where the low-noise expert takes over, and its guidance.
     pub low_noise: Option<ExpertSwitch>,
     pub shift: f64,
@@ -133,7 +133,7 @@ impl Job {
             &sizes,
             (spec.frames, spec.height, spec.width),
             images,
-            (spec.guidance, spec.step_cache),
+            (spec.guidance, spec.step_cache.as_ref().map(StepCache::rule)),
         );
         let lora = !models.loras.is_empty();
         Ok(Self {
@@ -698,6 +698,8 @@ enum Conditioning<'a> {
 struct Denoising {
     latents: Tensor,
     sampler: Sampler,
+    /// `--cache magcache-calibrate`: the magnitude ratio of each step so far.
+    mag_ratios: Vec<f64>,
 }
 
 impl Denoising {
@@ -719,6 +721,7 @@ impl Denoising {
         Ok(Self {
             latents,
             sampler: Sampler::new(schedule.clone()),
+            mag_ratios: Vec::new(),
         })
     }
 }
@@ -877,8 +880,9 @@ fn sample(
         .transpose()?;
     // The steps that reuse the block cache, decided before the first one from the timesteps'
     // modulations (the model's time embedding of each step's timestep).
-    let reuse = match plan.step_cache {
-        Some(threshold) => {
+    let phase_steps = sampler.step_index()..expert.end;
+    let reuse = match (plan.step_cache, &job.spec.step_cache) {
+        (Some(CacheRule::Teacache { threshold }), _) => {
             let source: &mut dyn BlockSource = match streamed.as_mut() {
                 Some(blocks) => blocks,
                 None => &mut HeldBlocks,
@@ -904,8 +908,41 @@ fn sample(
             );
             reuse
         }
-        None => Vec::new(),
+        (Some(CacheRule::Magcache(settings)), Some(StepCache::MagCache { ratios, .. })) => {
+            let per_step = crate::plan::mag_ratios_for(&ratios.values, schedule.steps());
+            let reuse = crate::plan::magcache_schedule(&per_step, phase_steps.clone(), settings);
+            let skipped: Vec<usize> = phase_steps
+                .clone()
+                .zip(&reuse)
+                .filter(|(_, &r)| r)
+                .map(|(i, _)| i + 1)
+                .collect();
+            p.note(
+                "step cache",
+                &format!(
+                    "magcache, threshold {}, at most {} steps skipped in a row, the first {} of \
+                     the steps kept: the blocks skipped at {} of {} steps {:?} (counted from 1 \
+                     in the run, as the step notes) (magnitude ratios of {}, {} per step of the \
+                     run: {:?})",
+                    settings.threshold,
+                    settings.max_skip,
+                    settings.retention,
+                    skipped.len(),
+                    reuse.len(),
+                    skipped,
+                    ratios.file.display(),
+                    per_step.len(),
+                    per_step
+                ),
+            );
+            reuse
+        }
+        _ => Vec::new(),
     };
+    let calibrating = plan.step_cache == Some(CacheRule::MagcacheCalibrate);
+    // The norms over channels of the condition's residual at the step before (per phase: each
+    // expert keeps its own, as each transformer's hook does in diffusers).
+    let mut previous_norms: Option<Tensor> = None;
     let mut cache = BlockCache::new();
     let first = sampler.step_index();
     let mut progress = Step::start(observer, expert.phase, (expert.end - first) as u64);
@@ -963,6 +1000,26 @@ fn sample(
         for reading in reading_blocks.map(|r| r.readings).unwrap_or_default() {
             p.record_sample(reading);
         }
+        // Every step of a calibration runs the blocks, so each leaves its residual.
+        if let Some(residual) = calibrating
+            .then(|| cache.condition_residual())
+            .transpose()?
+            .flatten()
+        {
+            let norms = residual
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_keepdim(candle_core::D::Minus1)?
+                .sqrt()?;
+            let ratio = match &previous_norms {
+                Some(previous) => (&norms / (previous + 1e-8)?)?
+                    .mean_all()?
+                    .to_scalar::<f32>()?,
+                None => 1.0,
+            };
+            denoising.mag_ratios.push(f64::from(ratio));
+            previous_norms = Some(norms);
+        }
         x = sampler.step(&velocity, &x)?;
         ensure_finite(
             &x,
@@ -992,10 +1049,49 @@ fn sample(
         progress.advance(&format!("t = {t:.1}, {seconds:.2} s"));
     }
     drop(model);
+    if calibrating {
+        note_mag_ratios(
+            p,
+            job,
+            expert.end == schedule.steps(),
+            &denoising.mag_ratios,
+        )?;
+    }
     // The latents and the sampler's history leave the device with the phase.
     denoising.latents = x.to_device(&Device::Cpu)?;
     denoising.sampler.move_history_to(&Device::Cpu)?;
     p.declare_output("latents (host)", tensor_bytes(&denoising.latents));
+    Ok(())
+}
+
+/// Notes the magnitude ratios measured so far and, at the end of the run (`last`), writes
+/// them to `--mag-ratios` when given.
+fn note_mag_ratios(
+    p: &mut vpipe_mem::Phase<'_>,
+    job: &Job,
+    last: bool,
+    ratios: &[f64],
+) -> Result<()> {
+    let out = match &job.spec.step_cache {
+        Some(StepCache::MagCacheCalibrate { out }) if last => out.as_deref(),
+        _ => None,
+    };
+    if let Some(file) = out {
+        crate::step_cache::write_mag_ratios(file, ratios, job.spec.steps)?;
+    }
+    p.note(
+        "magcache calibration",
+        &format!(
+            "magnitude ratios of the condition's block residual from step to step (mean over \
+             tokens of |residual| / |residual at the step before|, 1 at a phase's first step), \
+             {} steps: {ratios:?}{}",
+            ratios.len(),
+            match out {
+                Some(file) => format!("; written to {} (--mag-ratios)", file.display()),
+                None => String::new(),
+            }
+        ),
+    );
     Ok(())
 }
 

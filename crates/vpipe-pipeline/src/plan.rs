@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::family::{ModelFamily, VaeSizes};
 use crate::models::{Checkpoint, ModelFiles};
 use crate::options::RunOptions;
+use crate::step_cache::{CacheRule, MagCacheSettings, StepCache};
 
 /// The VAE's memory model on one kind of device: activation bytes per (base channel × tile
 /// pixel × element byte), and the copies of its weights it makes beyond the resident ones.
@@ -367,8 +368,8 @@ pub(crate) struct StepWork {
     /// Tokens each cross-attention reads: the text's, and the image's for image-to-video.
     pub(crate) context_tokens: usize,
     pub(crate) guidance: f64,
-    /// The step cache's threshold; `None`: every step runs the blocks.
-    pub(crate) step_cache: Option<f64>,
+    /// The step cache's kind and settings; `None`: every step runs the blocks.
+    pub(crate) step_cache: Option<CacheRule>,
 }
 
 impl StepWork {
@@ -378,7 +379,7 @@ impl StepWork {
         sizes: &ModelSizes,
         (frames, height, width): (usize, usize, usize),
         frames_given: usize,
-        (guidance, step_cache): (f64, Option<f64>),
+        (guidance, step_cache): (f64, Option<CacheRule>),
     ) -> Self {
         Self {
             tokens: video_tokens(&sizes.dit, &sizes.vae, frames, height, width),
@@ -400,8 +401,9 @@ pub(crate) struct SamplePlan {
     pub(crate) token_slices: usize,
     /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
     pub(crate) attention_scratch: u64,
-    /// The step cache's threshold ([`cache_schedule`]); `None`: every step runs the blocks.
-    pub(crate) step_cache: Option<f64>,
+    /// The step cache's kind and settings ([`cache_schedule`], [`magcache_schedule`]);
+    /// `None`: every step runs the blocks.
+    pub(crate) step_cache: Option<CacheRule>,
     /// **Estimated** activations of one step (on CUDA with the pool's reserve beyond them).
     pub(crate) activation_bytes: u64,
     /// Weights held plus the arena plus the estimated activations.
@@ -609,6 +611,58 @@ pub(crate) fn cache_schedule(changes: &[f64], threshold: f64) -> Vec<bool> {
         }
     }
     reuse
+}
+
+/// MagCache's ratios for a run of `steps` steps from those of a calibration run: nearest
+/// neighbours, as diffusers' `nearest_interp` picks them (the index scaled and rounded in f32,
+/// halves to even).
+pub(crate) fn mag_ratios_for(ratios: &[f32], steps: usize) -> Vec<f32> {
+    match (ratios.len(), steps) {
+        (0, _) | (_, 0) => Vec::new(),
+        (_, 1) => vec![ratios[ratios.len() - 1]],
+        (n, _) if n == steps => ratios.to_vec(),
+        (n, _) => {
+            let scale = ((n - 1) as f64 / (steps - 1) as f64) as f32;
+            (0..steps)
+                .map(|i| ratios[((i as f32 * scale).round_ties_even() as usize).min(n - 1)])
+                .collect()
+        }
+    }
+}
+
+/// Which steps of `phase` (a range of a run's step indices) reuse the block cache instead of
+/// running the blocks (MagCache's rule, diffusers' `MagCacheHeadHook`), from `ratios` (one per
+/// step of the run, [`mag_ratios_for`]). Steps before `retention` × the run's steps
+/// (rounded) run the blocks. From there each step multiplies the accumulated ratio by its
+/// own, adds |1 − that product| to the accumulated error and counts itself; it reuses while
+/// the error stays at most `threshold` and the count at most `max_skip`, else runs the blocks
+/// and starts the three again. The first step of a phase has no residual to reuse (an expert
+/// keeps its own), so it runs the blocks. In f32, as diffusers' tensors of ratios make it: at
+/// threshold 0 no step reuses unless its ratios multiply to exactly 1.
+pub(crate) fn magcache_schedule(
+    ratios: &[f32],
+    phase: std::ops::Range<usize>,
+    settings: MagCacheSettings,
+) -> Vec<bool> {
+    let retention = (settings.retention * ratios.len() as f64 + 0.5) as usize;
+    let threshold = settings.threshold as f32;
+    let (mut ratio, mut err, mut count) = (1.0f32, 0.0f32, 0usize);
+    let first = phase.start;
+    phase
+        .map(|i| {
+            if i < retention {
+                return false;
+            }
+            ratio *= ratios.get(i).copied().unwrap_or(1.0);
+            count += 1;
+            err += (1.0 - ratio).abs();
+            let reuse = i > first && err <= threshold && count <= settings.max_skip;
+            if !reuse {
+                (ratio, err, count) = (1.0, 0.0, 0);
+            }
+            reuse
+        })
+        .collect()
 }
 
 /// Tokens per sample of a video of `frames` × `height` × `width`: its latent on `vae` (4×
@@ -1105,7 +1159,7 @@ impl Plan {
             sizes,
             (job.frames, job.height, job.width),
             frames_given,
-            (job.guidance, job.step_cache),
+            (job.guidance, job.step_cache.as_ref().map(StepCache::rule)),
         );
         let tokens = work.tokens;
 
@@ -1252,7 +1306,17 @@ impl Plan {
             )
         };
         let cache = match sample.step_cache {
-            Some(threshold) => format!(", step cache teacache at {threshold}"),
+            Some(CacheRule::Teacache { threshold }) => {
+                format!(", step cache teacache at {threshold}")
+            }
+            Some(CacheRule::Magcache(m)) => format!(
+                ", step cache magcache at {} (at most {} steps skipped in a row, the first {} of \
+                 the steps kept)",
+                m.threshold, m.max_skip, m.retention
+            ),
+            Some(CacheRule::MagcacheCalibrate) => {
+                ", step cache magcache-calibrate (every step runs the blocks)".to_owned()
+            }
             None => String::new(),
         };
         match (&sample_low_noise, &job.low_noise) {
@@ -1532,7 +1596,74 @@ impl std::fmt::Display for Plan {
 
 #[cfg(test)]
 mod tests {
-    use super::cache_schedule;
+    use super::{cache_schedule, mag_ratios_for, magcache_schedule};
+    use crate::step_cache::MagCacheSettings;
+
+    const MAGCACHE: MagCacheSettings = MagCacheSettings {
+        threshold: 0.06,
+        max_skip: 3,
+        retention: 0.2,
+    };
+
+    #[test]
+    fn mag_ratios_are_interpolated_to_the_nearest_step() {
+        let ratios = [1.0, 1.2, 1.05, 1.01, 0.99, 1.0, 0.98, 0.95];
+        // Step i takes ratio round(i * 7/9): 0, 0.78, 1.56, 2.33, 3.11, 3.89, 4.67, 5.44,
+        // 6.22, 7.
+        assert_eq!(
+            mag_ratios_for(&ratios, 10),
+            [1.0, 1.2, 1.05, 1.05, 1.01, 0.99, 1.0, 1.0, 0.98, 0.95]
+        );
+        assert_eq!(mag_ratios_for(&ratios, 8), ratios);
+        assert_eq!(mag_ratios_for(&ratios, 1), [0.95]);
+        // 3 → 5: scale 0.5, so steps 1 and 3 fall on halves and round to even (0 and 2).
+        assert_eq!(
+            mag_ratios_for(&[1.0, 2.0, 3.0], 5),
+            [1.0, 1.0, 2.0, 3.0, 3.0]
+        );
+        assert!(mag_ratios_for(&ratios, 0).is_empty());
+    }
+
+    #[test]
+    fn the_magcache_schedule_accumulates_the_ratios_error_and_count() {
+        let ratios = [1.0, 1.2, 1.05, 1.05, 1.01, 0.99, 1.0, 1.0, 0.98, 0.95];
+        // Retention int(0.2 * 10 + 0.5) = 2: steps 0 and 1 run. Step 2: error 0.05 (reused);
+        // step 3: product 1.1025, error 0.1525 (runs, all start again); steps 4–6: products
+        // 1.01, 0.9999, 0.9999, errors 0.01, 0.0101, 0.0102 (reused); step 7 would be the
+        // fourth in a row (runs); step 8: 0.02 (reused); step 9: product 0.931, error 0.089
+        // (runs).
+        let reuse = magcache_schedule(&ratios, 0..10, MAGCACHE);
+        let skipped: Vec<usize> = (0..10).filter(|&i| reuse[i]).collect();
+        assert_eq!(skipped, [2, 4, 5, 6, 8]);
+        // At most one in a row.
+        let one = MagCacheSettings {
+            max_skip: 1,
+            ..MAGCACHE
+        };
+        let reuse = magcache_schedule(&ratios, 0..10, one);
+        let skipped: Vec<usize> = (0..10).filter(|&i| reuse[i]).collect();
+        assert_eq!(skipped, [2, 4, 6, 8]);
+        // Threshold 0: only ratios of exactly 1 would reuse, and none multiply to 1 after a
+        // reset here but steps 6 and 7 (1.0 each after step 5 ran).
+        let zero = MagCacheSettings {
+            threshold: 0.0,
+            ..MAGCACHE
+        };
+        let reuse = magcache_schedule(&ratios, 0..10, zero);
+        let skipped: Vec<usize> = (0..10).filter(|&i| reuse[i]).collect();
+        assert_eq!(skipped, [6, 7]);
+        // A phase of an expert pair (steps 5..10): its first step runs the blocks.
+        let reuse = magcache_schedule(&ratios, 5..10, MAGCACHE);
+        assert_eq!(reuse, [false, true, true, true, false]);
+        // Retention 1: no step reuses.
+        let all_kept = MagCacheSettings {
+            retention: 1.0,
+            ..MAGCACHE
+        };
+        assert!(magcache_schedule(&ratios, 0..10, all_kept)
+            .iter()
+            .all(|&r| !r));
+    }
 
     #[test]
     fn the_step_cache_schedule_accumulates_changes_and_keeps_the_ends() {

@@ -420,7 +420,7 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
         width: job.width,
         steps: job.steps,
         guidance: job.guidance,
-        step_cache: job.step_cache,
+        step_cache: job.step_cache.clone(),
         low_noise: job
             .low_noise
             .as_ref()

@@ -352,12 +352,26 @@ pub(crate) struct PipelineArgs {
     initial_noise: Option<PathBuf>,
     /// Step cache: teacache skips the transformer blocks on steps where the timestep's
     /// modulation changed little since the blocks last ran (their accumulated relative change
-    /// below --cache-threshold), adding what the blocks added then. Off by default (exact).
+    /// below --cache-threshold), adding what the blocks added then; magcache skips them while
+    /// the accumulated error of the model's magnitude ratios (--mag-ratios) stays under
+    /// --cache-threshold, as diffusers' MagCache; magcache-calibrate runs every step and
+    /// measures those ratios. Off by default (exact).
     #[arg(long)]
     cache: Option<String>,
-    /// The step cache's threshold on the accumulated relative change (0: no step skipped).
-    #[arg(long, default_value_t = 0.1)]
-    cache_threshold: f64,
+    /// The step cache's threshold: on the accumulated relative change for teacache (default
+    /// 0.1; 0: no step skipped), on the accumulated error for magcache (default 0.06).
+    #[arg(long)]
+    cache_threshold: Option<f64>,
+    /// magcache: the most steps in a row that skip the blocks (default 3).
+    #[arg(long)]
+    cache_max_skip: Option<usize>,
+    /// magcache: the share of the first steps that always run the blocks (default 0.2).
+    #[arg(long)]
+    cache_retention: Option<f64>,
+    /// magcache: the model's magnitude ratios, a JSON array (or an object with a `mag_ratios`
+    /// array), interpolated to --steps; magcache-calibrate writes them there.
+    #[arg(long)]
+    mag_ratios: Option<PathBuf>,
     /// VAE tile side in pixels (multiple of 8, at most 512; of 16 for the Wan 2.2 VAE).
     #[arg(long, default_value_t = 256)]
     tile: usize,
@@ -420,27 +434,13 @@ impl PipelineArgs {
             None if for_plan || self.comfy_workflow.is_some() => String::new(),
             None => return Err(BadInput("--prompt: required".into())),
         };
-        let step_cache = match self.cache.as_deref() {
-            None => None,
-            Some(_) if !(0.0..=1e6).contains(&self.cache_threshold) => {
-                return Err(BadInput(format!(
-                    "--cache-threshold {}: expected a number from 0 to 1e6",
-                    self.cache_threshold
-                )))
-            }
-            Some("teacache") => Some(self.cache_threshold),
-            Some("magcache") => {
-                return Err(Error::NotBuiltYet(
-                    "--cache magcache: the magnitude-ratio step cache is not built yet; \
-                     --cache teacache is",
-                ))
-            }
-            Some(other) => {
-                return Err(BadInput(format!(
-                    "--cache {other}: expected teacache or magcache"
-                )))
-            }
-        };
+        let step_cache = vpipe_pipeline::StepCache::from_flags(vpipe_pipeline::StepCacheFlags {
+            cache: self.cache.as_deref(),
+            threshold: self.cache_threshold,
+            max_skip: self.cache_max_skip,
+            retention: self.cache_retention,
+            mag_ratios: self.mag_ratios.as_deref(),
+        })?;
         let (width, height) = self
             .size
             .split_once('x')

@@ -641,7 +641,7 @@ fn a_step_cache_that_is_not_built_or_a_bad_threshold_is_refused() {
     for (extra, code, says) in [
         (
             ["--cache", "magcache", "--cache-threshold", "0.1"],
-            5,
+            2,
             "--cache magcache",
         ),
         (

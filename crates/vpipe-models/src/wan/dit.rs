@@ -1599,6 +1599,17 @@ impl BlockCache {
         Self::default()
     }
 
+    /// What the blocks added to the condition's residual stream when they last ran, [1, L,
+    /// dim] in the model's dtype (the output of the last block minus the input of the first:
+    /// MagCache's residual). The condition is the first sample of the step's first forward in
+    /// every way of passing. `None` before any step ran the blocks.
+    pub fn condition_residual(&self) -> Result<Option<Tensor>> {
+        match self.residuals.first() {
+            Some(Some(residual)) => Ok(Some(residual.narrow(0, 0, 1)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// The slots of forwards `first..first + n` of a step, made as needed.
     fn slots(&mut self, first: usize, n: usize) -> &mut [Option<Tensor>] {
         if self.residuals.len() < first + n {
