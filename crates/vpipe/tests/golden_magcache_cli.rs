@@ -282,3 +282,111 @@ fn missing_or_bad_mag_ratios_are_refused_naming_the_flag_and_file() {
         assert!(!out.exists());
     }
 }
+
+/// Sets the value that follows `flag` in `args`.
+fn set(args: &mut [String], flag: &str, value: &str) {
+    let i = args.iter().position(|a| a == flag).unwrap();
+    args[i + 1] = value.to_owned();
+}
+
+/// Runs the Wan 2.2 expert pair of `tests/fixtures/pipeline_a14b/` (6 steps, CFG 4, boundary
+/// 0.875, shift 12) as `name` with `extra` flags; the final latents and the report.
+fn pair_run(dir: &Path, name: &str, extra: &[&str]) -> (Tensor, serde_json::Value) {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline_a14b");
+    let file = |n: &str| path(&folder.join(n));
+    let out = dir.join(format!("{name}.safetensors"));
+    let mut extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    extra.extend(
+        [
+            "--dit-low-noise",
+            &file("dit_tiny_low_text32.safetensors"),
+            "--dit-low-noise-config",
+            &file("dit_tiny_low_text32_config.json"),
+            "--boundary",
+            "0.875",
+            "--cfg-low-noise",
+            "3",
+        ]
+        .map(str::to_owned),
+    );
+    let mut args = args(&out, &extra);
+    set(
+        &mut args,
+        "--dit",
+        &file("dit_tiny_high_text32.safetensors"),
+    );
+    set(
+        &mut args,
+        "--dit-config",
+        &file("dit_tiny_high_text32_config.json"),
+    );
+    set(&mut args, "--steps", "6");
+    set(&mut args, "--cfg", "4");
+    set(&mut args, "--shift", "12");
+    set(&mut args, "--initial-noise", &file("a14b.safetensors"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = vpipe(&args);
+    assert!(
+        result.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report = std::fs::read_to_string(out.with_extension("json")).unwrap();
+    (
+        load(&out)["latents"].clone(),
+        serde_json::from_str(&report).unwrap(),
+    )
+}
+
+/// Each expert of a Wan 2.2 pair keeps its own residual, as each transformer's hook does in
+/// diffusers: calibration measures 1 at the first step of each, and MagCache runs the blocks
+/// there however large the threshold; the ratios span the whole run.
+#[test]
+fn each_expert_of_a_pair_keeps_its_own_residual() {
+    let dir = tempfile::tempdir().unwrap();
+    let ratios_file = dir.path().join("pair_ratios.json");
+    let (exact, _) = pair_run(dir.path(), "exact", &[]);
+    let (calibrated, report) = pair_run(
+        dir.path(),
+        "calibrate",
+        &[
+            "--cache",
+            "magcache-calibrate",
+            "--mag-ratios",
+            &path(&ratios_file),
+        ],
+    );
+    assert_eq!(max_abs(&calibrated, &exact), 0.0);
+    let calibration_notes = report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["what"] == "magcache calibration")
+        .count();
+    assert_eq!(calibration_notes, 2);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ratios_file).unwrap()).unwrap();
+    let ratios = numbers(&written["mag_ratios"]);
+    assert_eq!(ratios.len(), 6);
+    let firsts: Vec<usize> = (0..6).filter(|&i| ratios[i] == 1.0).collect();
+    assert_eq!(firsts.len(), 2, "{ratios:?}");
+    assert_eq!(firsts[0], 0);
+    let (_, report) = pair_run(
+        dir.path(),
+        "skip_all",
+        &[
+            "--cache",
+            "magcache",
+            "--mag-ratios",
+            &path(&ratios_file),
+            "--cache-threshold",
+            "1e6",
+            "--cache-max-skip",
+            "100",
+            "--cache-retention",
+            "0",
+        ],
+    );
+    let expected: Vec<u64> = (1..6u64).filter(|&i| i as usize != firsts[1]).collect();
+    assert_eq!(skipped_steps(&report), expected);
+}
