@@ -45,7 +45,7 @@ pub use paths::{
 };
 pub use pipeline::{clip_vision_features, generate, ExpertSwitch, Generated, Job, JobSpec, Mode};
 pub use plan::{attention_scratch, Plan};
-pub use run::{plan, run};
+pub use run::{plan, run, run_on};
 pub use step_cache::{
     MagCacheSettings, MagRatios, StepCache, StepCacheFlags, MAGCACHE_MAX_SKIP, MAGCACHE_RETENTION,
     MAGCACHE_THRESHOLD, TEACACHE_THRESHOLD,

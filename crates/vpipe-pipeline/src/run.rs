@@ -368,7 +368,28 @@ pub fn plan(mut job: RunOptions, preset: Option<&str>) -> Result<Plan> {
 /// When a phase fails or the observer stops the run, the report so far is still written.
 /// Returns the report; whether it kept the budget is the caller's to check
 /// ([`budget_kept`](crate::budget_kept)), after the output it names.
-pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
+pub fn run(job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
+    run_opening(job, observer, crate::device::open_device)
+}
+
+/// [`run`] on `device`, which the caller keeps open from one job to the next (`vpipe serve`'s
+/// worker: one context, stream and set of library handles for every job, rather than a new set
+/// per job); `job`'s `--device` must name it.
+pub fn run_on(
+    job: RunOptions,
+    device: &candle_core::Device,
+    observer: &mut dyn Observer,
+) -> Result<Report> {
+    run_opening(job, observer, |_| Ok(device.clone()))
+}
+
+/// [`run`], the device opened by `open` from the job's `--device` once the job's files are
+/// checked.
+fn run_opening(
+    mut job: RunOptions,
+    observer: &mut dyn Observer,
+    open: impl FnOnce(&str) -> Result<candle_core::Device>,
+) -> Result<Report> {
     let models = resolve_models(&job)?;
     if let Some((low, _)) = &models.dit_low_noise {
         let from_folder = job.low_noise.as_ref().is_none_or(|e| e.dit.is_none());
@@ -386,7 +407,7 @@ pub fn run(mut job: RunOptions, observer: &mut dyn Observer) -> Result<Report> {
         }
     }
     check_run_outputs(&job, &models)?;
-    let device = crate::device::open_device(&job.compute.device)?;
+    let device = open(&job.compute.device)?;
     let meters = vpipe_mem::Meters::for_device(&device)?;
     job.compute.bound_by_device(&device, &meters.read()?);
     // Sampling never starts when the plan does not fit.

@@ -142,7 +142,7 @@ pub fn serve(
         let (jobs, memory) = (jobs.clone(), memory.clone());
         std::thread::Builder::new()
             .name("vpipe-worker".into())
-            .spawn(move || worker::work(jobs, memory, meters))
+            .spawn(move || worker::work(jobs, memory, device, meters))
             .map_err(error::io("starting the worker"))?
     };
     let sampler_done = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,5 @@
 //! The one worker: takes the queued jobs in order and runs each through the same library call
-//! as `vpipe run`, in the server's process. Every job loads its models and gives them back,
+//! as `vpipe run`, in the server's process, on the one device it keeps open. Every job loads its models and gives them back,
 //! verified by its own memory session; the server reads every meter before and after each job.
 
 use std::path::Path;
@@ -75,7 +75,12 @@ impl Observer for JobObserver<'_> {
 }
 
 /// Runs jobs until the server shuts down, reading `meters` at each job's start and end.
-pub fn work(jobs: Arc<Jobs>, memory: Arc<MemoryLog>, meters: vpipe_mem::Meters) {
+pub fn work(
+    jobs: Arc<Jobs>,
+    memory: Arc<MemoryLog>,
+    device: candle_core::Device,
+    meters: vpipe_mem::Meters,
+) {
     let read = |at: &'static str, job: Option<u64>| match meters.read() {
         Ok(reading) => memory.boundary(at, job, &reading),
         Err(e) => tracing::warn!("memory reading at {at}: {e}"),
@@ -92,7 +97,7 @@ pub fn work(jobs: Arc<Jobs>, memory: Arc<MemoryLog>, meters: vpipe_mem::Meters) 
             memory: &memory,
             last_sample: Instant::now(),
         };
-        let (state, error) = run_job(options, &mut observer);
+        let (state, error) = run_job(options, &device, &mut observer);
         let (video, report) = (dir.join("video.mp4"), dir.join("report.json"));
         jobs.finish(id, state, error, video.is_file(), report.is_file());
         tracing::info!("job {id} {state:?}");
@@ -101,10 +106,14 @@ pub fn work(jobs: Arc<Jobs>, memory: Arc<MemoryLog>, meters: vpipe_mem::Meters) 
 }
 
 /// Runs one job; a panic inside it fails the job, not the server.
-fn run_job(options: RunOptions, observer: &mut JobObserver<'_>) -> (JobState, Option<JobError>) {
+fn run_job(
+    options: RunOptions,
+    device: &candle_core::Device,
+    observer: &mut JobObserver<'_>,
+) -> (JobState, Option<JobError>) {
     let out = options.out.clone();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        vpipe_pipeline::run(options, observer)
+        vpipe_pipeline::run_on(options, device, observer)
             .and_then(|report| vpipe_pipeline::budget_kept(&report, &output_name(&out)))
     }));
     match outcome {
