@@ -8,8 +8,11 @@
 //! through `LoraLoaderModelOnly` and `ModelSamplingSD3` to `UNETLoader`, its conditioning
 //! through `WanImageToVideo` / `WanFirstLastFrameToVideo` to `CLIPTextEncode` and
 //! `CLIPLoader`, its latent to `EmptyHunyuanLatentVideo`, `VAEEncode` of a loaded video, the
-//! image-to-video node, or Wan 2.2 TI2V's `Wan22ImageToVideoLatent`, and the decoder that reads its output to `VAELoader`. A node vpipe does
-//! not know is bad input naming every such node.
+//! image-to-video node, or Wan 2.2 TI2V's `Wan22ImageToVideoLatent`, and the decoder that
+//! reads its output to `VAELoader`. Wan 2.2's A14B workflows have two `KSamplerAdvanced`, the
+//! low-noise expert's continuing the high-noise expert's latents from the step where that one
+//! stops: they become an expert pair switched at that step. A node vpipe does not know is bad
+//! input naming every such node.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -235,46 +238,55 @@ pub fn apply_comfy_workflow(
         })
         .map(|(id, _)| id)
         .collect();
-    let [sampler_id] = samplers[..] else {
-        return Err(Graph::bad(format!(
-            "{} samplers (KSampler or KSamplerAdvanced); vpipe runs a workflow with one",
-            samplers.len()
-        )));
+    // One sampler, or Wan 2.2's expert pair: two KSamplerAdvanced, the second continuing the
+    // first's latents from the step where the first stops.
+    let (sampler_id, low_noise_id) = match samplers[..] {
+        [one] => (one.as_str(), None),
+        [a, b] => {
+            let continues = |from: &str, to: &str| -> Result<bool> {
+                let (_, node) = graph.node(to)?;
+                Ok(node
+                    .get("latent_image")
+                    .and_then(Value::as_array)
+                    .and_then(|l| l.first())
+                    .map(|id| id.as_str().map(str::to_owned).unwrap_or(id.to_string()))
+                    .is_some_and(|id| id == from))
+            };
+            if continues(a, b)? {
+                (a.as_str(), Some(b.as_str()))
+            } else if continues(b, a)? {
+                (b.as_str(), Some(a.as_str()))
+            } else {
+                return Err(Graph::bad(
+                    "two samplers, neither taking the other's latents: vpipe runs one sampler, \
+                     or a Wan 2.2 expert pair (the low-noise KSamplerAdvanced continuing the \
+                     high-noise one's latents)"
+                        .into(),
+                ));
+            }
+        }
+        _ => {
+            return Err(Graph::bad(format!(
+                "{} samplers (KSampler or KSamplerAdvanced); vpipe runs a workflow with one, or \
+                 Wan 2.2's two (high noise, then low noise)",
+                samplers.len()
+            )))
+        }
     };
     let sampler = graph.node(sampler_id)?;
-    apply_sampler(sampler, options)?;
-
-    // The model: LoRAs and the flow shift on the way to the DiT.
-    let mut loras = Vec::new();
-    let mut shift = None;
-    let unet = graph.follow(
+    let switch_step = apply_sampler(
         sampler,
-        "model",
-        (&["LoraLoaderModelOnly", "ModelSamplingSD3"], "UNETLoader"),
-        &mut |class, inputs| {
-            match class {
-                "LoraLoaderModelOnly" => loras.push((
-                    file_in(
-                        folders.models,
-                        &["loras"],
-                        class,
-                        text(inputs, class, "lora_name")?,
-                    )?,
-                    number(inputs, class, "strength_model")?,
-                )),
-                _ => shift = Some(number(inputs, class, "shift")?),
-            }
-            Ok(())
+        options,
+        if low_noise_id.is_some() {
+            SamplerPart::HighNoise
+        } else {
+            SamplerPart::Whole
         },
     )?;
-    options.dit = Some(file_in(
-        folders.models,
-        &["diffusion_models", "unet"],
-        "UNETLoader",
-        text(unet, "UNETLoader", "unet_name")?,
-    )?);
-    // Applied closest to the model first, as ComfyUI chains them.
-    loras.reverse();
+
+    // The model: LoRAs and the flow shift on the way to the DiT.
+    let (dit, loras, shift) = model_chain(&graph, sampler, folders)?;
+    options.dit = Some(dit);
     options.loras = loras;
     if let Some(shift) = shift {
         options.shift = shift;
@@ -282,7 +294,7 @@ pub fn apply_comfy_workflow(
     }
 
     // The prompts, through the image-to-video node when there is one.
-    let prompt = |name: &str| -> Result<(String, PathBuf)> {
+    let prompt = |sampler: (&str, &Map<String, Value>), name: &str| -> Result<(String, PathBuf)> {
         let encode = graph.follow(
             sampler,
             name,
@@ -306,41 +318,186 @@ pub fn apply_comfy_workflow(
         )?;
         Ok((text(encode, "CLIPTextEncode", "text")?.to_owned(), encoder))
     };
-    let (positive, encoder) = prompt("positive")?;
-    let (negative, _) = prompt("negative")?;
+    let (positive, encoder) = prompt(sampler, "positive")?;
+    let (negative, _) = prompt(sampler, "negative")?;
     options.prompt = positive;
     options.negative_prompt = negative;
     options.text_encoder = Some(encoder);
 
     apply_latent(&graph, sampler, folders, options)?;
-    apply_decoder(&graph, sampler_id, folders, options)
+    let decoded = match (low_noise_id, switch_step) {
+        (Some(id), Some(switch_step)) => {
+            let low = graph.node(id)?;
+            for name in ["positive", "negative"] {
+                if prompt(low, name)?.0 != prompt(sampler, name)?.0 {
+                    return Err(Graph::bad(format!(
+                        "the two samplers' {name} prompts differ; vpipe's expert pair shares \
+                         one prompt"
+                    )));
+                }
+            }
+            apply_low_noise(&graph, low, switch_step, folders, options)?;
+            id
+        }
+        _ => sampler_id,
+    };
+    apply_decoder(&graph, decoded, folders, options)
 }
 
-/// The sampler's steps, guidance, seed and sampler; its denoise (below 1: video-to-video's
-/// strength) is kept for the latent.
-fn apply_sampler(
-    (class, inputs): (&str, &Map<String, Value>),
+/// Which steps of the workflow a sampler takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SamplerPart {
+    /// All of them, from noise.
+    Whole,
+    /// A Wan 2.2 pair's high-noise expert: from noise to the switch step, handing over its
+    /// latents with their noise left in (the low-noise expert takes the rest).
+    HighNoise,
+}
+
+/// The DiT the sampler's `model` comes from, through `LoraLoaderModelOnly` and
+/// `ModelSamplingSD3`: its file, its LoRAs (closest to the model first, as ComfyUI applies
+/// them) and the flow shift when the chain sets one.
+fn model_chain(
+    graph: &Graph,
+    sampler: (&str, &Map<String, Value>),
+    folders: &ComfyFolders<'_>,
+) -> Result<(PathBuf, Vec<(PathBuf, f64)>, Option<f64>)> {
+    let mut loras = Vec::new();
+    let mut shift = None;
+    let unet = graph.follow(
+        sampler,
+        "model",
+        (&["LoraLoaderModelOnly", "ModelSamplingSD3"], "UNETLoader"),
+        &mut |class, inputs| {
+            match class {
+                "LoraLoaderModelOnly" => loras.push((
+                    file_in(
+                        folders.models,
+                        &["loras"],
+                        class,
+                        text(inputs, class, "lora_name")?,
+                    )?,
+                    number(inputs, class, "strength_model")?,
+                )),
+                _ => shift = Some(number(inputs, class, "shift")?),
+            }
+            Ok(())
+        },
+    )?;
+    let dit = file_in(
+        folders.models,
+        &["diffusion_models", "unet"],
+        "UNETLoader",
+        text(unet, "UNETLoader", "unet_name")?,
+    )?;
+    loras.reverse();
+    Ok((dit, loras, shift))
+}
+
+/// The low-noise expert of a two-sampler workflow: its DiT, LoRAs and guidance, and the
+/// boundary that hands it the steps from `switch_step` on. vpipe switches experts at a
+/// timestep (diffusers' `boundary_ratio`), so the boundary is placed between the timesteps of
+/// the steps either side of the switch, on the schedule the run will use.
+fn apply_low_noise(
+    graph: &Graph,
+    low: (&str, &Map<String, Value>),
+    switch_step: usize,
+    folders: &ComfyFolders<'_>,
     options: &mut RunOptions,
 ) -> Result<()> {
-    let steps = number(inputs, class, "steps")?;
-    if !(1.0..=1000.0).contains(&steps) || steps.fract() != 0.0 {
+    let node = read_sampler(low)?;
+    let fits = node.class == "KSamplerAdvanced"
+        && !node.add_noise
+        && node.start == switch_step
+        && node.end == node.steps
+        && node.steps == options.steps
+        && node.kind == options.sampler;
+    if !fits {
+        return Err(Graph::bad(format!(
+            "the low-noise {} takes steps {} to {} of {} (add_noise {}, {:?}); after the \
+             high-noise sampler's {switch_step} of {} steps ({:?}) it must take the rest of \
+             the same schedule, adding no noise",
+            node.class,
+            node.start,
+            node.end,
+            node.steps,
+            node.add_noise,
+            node.kind,
+            options.steps,
+            options.sampler
+        )));
+    }
+    let (dit, loras, shift) = model_chain(graph, low, folders)?;
+    if let Some(low_shift) = shift {
+        if options.shift_given && low_shift != options.shift {
+            return Err(Graph::bad(format!(
+                "the experts' ModelSamplingSD3 shifts differ ({} and {low_shift}); vpipe samples \
+                 the pair on one schedule",
+                options.shift
+            )));
+        }
+        options.shift = low_shift;
+        options.shift_given = true;
+    }
+    let image_to_video = options.image.is_some();
+    let shift = if options.shift_given {
+        options.shift
+    } else {
+        crate::options::LowNoiseExpert::default_shift(image_to_video)
+    };
+    let schedule = vpipe_sampling::Schedule::new(options.sampler, options.steps, shift)?;
+    let t = schedule.timesteps();
+    let boundary = (t[switch_step - 1] + t[switch_step]) / 2000.0;
+    options.low_noise = Some(crate::options::LowNoiseExpert {
+        dit: Some(dit),
+        config: None,
+        boundary,
+        guidance: node.guidance,
+        loras,
+    });
+    Ok(())
+}
+
+/// What a sampler node sets: its steps, guidance, seed and sampler, the steps it takes
+/// (`start..end`; a KSampler takes them all) and whether it adds the noise.
+struct SamplerNode {
+    class: String,
+    steps: usize,
+    guidance: f64,
+    seed: Option<u64>,
+    kind: vpipe_sampling::SamplerKind,
+    start: usize,
+    end: usize,
+    add_noise: bool,
+}
+
+fn read_sampler((class, inputs): (&str, &Map<String, Value>)) -> Result<SamplerNode> {
+    let step_count = |name: &str| -> Result<usize> {
+        let value = number(inputs, class, name)?;
+        if value < 0.0 || value.fract() != 0.0 {
+            return Err(Graph::bad(format!(
+                "{class}'s {name} {value}: expected a whole number of steps"
+            )));
+        }
+        Ok(value.min(1e6) as usize)
+    };
+    let steps = step_count("steps")?;
+    if !(1..=1000).contains(&steps) {
         return Err(Graph::bad(format!(
             "{class}'s steps {steps}: expected 1 to 1000"
         )));
     }
-    options.steps = steps as usize;
-    options.guidance = number(inputs, class, "cfg")?;
-    let seed_name = if class == "KSampler" {
-        "seed"
-    } else {
-        "noise_seed"
+    let advanced = class == "KSamplerAdvanced";
+    let seed_name = if advanced { "noise_seed" } else { "seed" };
+    let add_noise = !advanced || text(inputs, class, "add_noise")? == "enable";
+    // A sampler that adds no noise does not use its seed.
+    let seed = match inputs.get(seed_name).and_then(Value::as_u64) {
+        None if add_noise => {
+            return Err(Graph::bad(format!("{class}'s `{seed_name}` is not a seed")))
+        }
+        seed => seed,
     };
-    options.seed = inputs
-        .get(seed_name)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| Graph::bad(format!("{class}'s `{seed_name}` is not a seed")))?;
-    let sampler_name = text(inputs, class, "sampler_name")?;
-    options.sampler = match sampler_name {
+    let kind = match text(inputs, class, "sampler_name")? {
         "euler" => vpipe_sampling::SamplerKind::Euler,
         "uni_pc" | "uni_pc_bh2" => vpipe_sampling::SamplerKind::UniPc,
         other => {
@@ -356,18 +513,54 @@ fn apply_sampler(
              (or normal)"
         )));
     }
-    if class == "KSamplerAdvanced" {
-        let start = number(inputs, class, "start_at_step")?;
-        let end = number(inputs, class, "end_at_step")?;
-        if start != 0.0 || end < steps || text(inputs, class, "add_noise")? != "enable" {
-            return Err(Graph::bad(format!(
-                "{class} from step {start} to {end} (add_noise {:?}): vpipe runs every step \
-                 from noise",
-                inputs.get("add_noise")
-            )));
+    let (start, end) = if advanced {
+        (step_count("start_at_step")?, step_count("end_at_step")?)
+    } else {
+        (0, steps)
+    };
+    Ok(SamplerNode {
+        class: class.to_owned(),
+        steps,
+        guidance: number(inputs, class, "cfg")?,
+        seed,
+        kind,
+        start,
+        end: end.min(steps),
+        add_noise,
+    })
+}
+
+/// The steps, guidance, seed and sampler of the sampler that starts from noise (the only one,
+/// or a Wan 2.2 pair's high-noise expert) into `options`; its denoise (below 1: video-to-video's
+/// strength) is kept for the latent. Returns the step where a high-noise expert hands over.
+fn apply_sampler(
+    sampler: (&str, &Map<String, Value>),
+    options: &mut RunOptions,
+    part: SamplerPart,
+) -> Result<Option<usize>> {
+    let node = read_sampler(sampler)?;
+    let class = &node.class;
+    let switch_step = match part {
+        SamplerPart::Whole if node.add_noise && node.start == 0 && node.end == node.steps => None,
+        SamplerPart::HighNoise
+            if node.add_noise && node.start == 0 && node.end > 0 && node.end < node.steps =>
+        {
+            Some(node.end)
         }
-    }
-    Ok(())
+        _ => {
+            return Err(Graph::bad(format!(
+                "{class} from step {} to {} of {} (add_noise {}): vpipe runs every step from \
+                 noise, or a Wan 2.2 pair whose high-noise sampler takes the first steps from \
+                 noise and whose low-noise sampler the rest",
+                node.start, node.end, node.steps, node.add_noise
+            )))
+        }
+    };
+    options.steps = node.steps;
+    options.guidance = node.guidance;
+    options.seed = node.seed.unwrap_or_default();
+    options.sampler = node.kind;
+    Ok(switch_step)
 }
 
 /// What the sampler starts from: an empty latent (text-to-video), a video's latents

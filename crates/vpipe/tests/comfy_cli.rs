@@ -314,6 +314,113 @@ fn a_wan22_ti2v_workflow_equals_the_same_run_by_flags() {
     );
 }
 
+/// The one file in `comfy/models/diffusion_models` whose name holds `part`.
+fn expert_name(comfy: &Path, part: &str) -> String {
+    std::fs::read_dir(comfy.join("models/diffusion_models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().to_owned())
+        .find(|n| n.contains(part))
+        .unwrap()
+}
+
+#[test]
+fn a_wan22_expert_pair_workflow_equals_the_same_run_by_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (comfy, tokenizer) = comfy_folder_of(dir.path(), "wan2.2", "t2v");
+    let (high, low) = (
+        expert_name(&comfy, "high_noise"),
+        expert_name(&comfy, "low_noise"),
+    );
+    // ComfyUI's Wan 2.2 template: two model chains, the high-noise KSamplerAdvanced takes
+    // steps 0 to 2 of 4 from noise and hands its latents, noise left in, to the low-noise one.
+    let mut graph = workflow(&comfy, json!(["6", 0]), json!(["7", 0]));
+    graph["1"]["inputs"]["unet_name"] = json!(high);
+    graph["21"] = json!({"class_type": "UNETLoader", "inputs": {
+        "unet_name": low, "weight_dtype": "default"}});
+    graph["25"] = json!({"class_type": "ModelSamplingSD3", "inputs": {
+        "model": ["21", 0], "shift": 3.0}});
+    graph["10"] = json!({"class_type": "EmptyHunyuanLatentVideo", "inputs": {
+        "width": 64, "height": 64, "length": 5, "batch_size": 1}});
+    graph["8"] = json!({"class_type": "KSamplerAdvanced", "inputs": {
+        "model": ["5", 0], "add_noise": "enable", "noise_seed": 7, "steps": 4, "cfg": 5.0,
+        "sampler_name": "euler", "scheduler": "simple", "positive": ["6", 0],
+        "negative": ["7", 0], "latent_image": ["10", 0], "start_at_step": 0,
+        "end_at_step": 2, "return_with_leftover_noise": "enable"}});
+    graph["18"] = json!({"class_type": "KSamplerAdvanced", "inputs": {
+        "model": ["25", 0], "add_noise": "disable", "noise_seed": 0, "steps": 4, "cfg": 3.0,
+        "sampler_name": "euler", "scheduler": "simple", "positive": ["6", 0],
+        "negative": ["7", 0], "latent_image": ["8", 0], "start_at_step": 2,
+        "end_at_step": 10000, "return_with_leftover_noise": "disable"}});
+    graph["9"]["inputs"]["samples"] = json!(["18", 0]);
+
+    // The switch after step 2 of 4 on this schedule: between its second and third timesteps.
+    let schedule =
+        vpipe_sampling::Schedule::new(vpipe_sampling::SamplerKind::Euler, 4, 3.0).unwrap();
+    let t = schedule.timesteps();
+    let boundary = ((t[1] + t[2]) / 2000.0).to_string();
+    let low_path = comfy.join("models/diffusion_models").join(&low);
+    let high_path = comfy.join("models/diffusion_models").join(&high);
+    let report = dir.path().join("pair.json");
+    check_equal(
+        dir.path(),
+        (&comfy, &tokenizer),
+        (&graph, &["--report", report.to_str().unwrap()]),
+        &[
+            "--dit",
+            high_path.to_str().unwrap(),
+            "--dit-low-noise",
+            low_path.to_str().unwrap(),
+            "--boundary",
+            &boundary,
+            "--cfg-low-noise",
+            "3",
+            "--sampler",
+            "euler",
+            "--steps",
+            "4",
+            "--size",
+            "64x64",
+            "--frames",
+            "5",
+        ],
+    );
+    // Each expert took its two steps.
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    for phase in ["sample high noise", "sample low noise"] {
+        let steps = report["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["phase"] == phase && n["what"] == "step")
+            .count();
+        assert_eq!(steps, 2, "{phase}");
+    }
+
+    // A low-noise sampler that does not continue where the high-noise one stopped is refused.
+    graph["18"]["inputs"]["start_at_step"] = json!(3);
+    let file = dir.path().join("gap.json");
+    std::fs::write(&file, graph.to_string()).unwrap();
+    let models = comfy.join("models");
+    let out = dir.path().join("gap.safetensors");
+    let run = vpipe(&[
+        "run",
+        "--comfy-workflow",
+        file.to_str().unwrap(),
+        "--comfy-models",
+        models.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("low-noise KSamplerAdvanced takes steps 3"),
+        "{stderr}"
+    );
+}
+
 /// Unknown nodes are listed, a loader's file that leaves its folder is refused: exit 2.
 #[test]
 fn unknown_nodes_and_escaping_names_are_bad_input() {
