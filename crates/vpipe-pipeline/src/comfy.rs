@@ -285,7 +285,7 @@ pub fn apply_comfy_workflow(
     )?;
 
     // The model: LoRAs and the flow shift on the way to the DiT.
-    let (dit, loras, shift) = model_chain(&graph, sampler, folders)?;
+    let ModelChain { dit, loras, shift } = model_chain(&graph, sampler, folders)?;
     options.dit = Some(dit);
     options.loras = loras;
     if let Some(shift) = shift {
@@ -354,14 +354,22 @@ enum SamplerPart {
     HighNoise,
 }
 
+/// What a sampler's `model` input comes from.
+struct ModelChain {
+    dit: PathBuf,
+    /// Closest to the model first, as ComfyUI applies them.
+    loras: Vec<(PathBuf, f64)>,
+    /// The flow shift, when the chain sets one.
+    shift: Option<f64>,
+}
+
 /// The DiT the sampler's `model` comes from, through `LoraLoaderModelOnly` and
-/// `ModelSamplingSD3`: its file, its LoRAs (closest to the model first, as ComfyUI applies
-/// them) and the flow shift when the chain sets one.
+/// `ModelSamplingSD3`, with the LoRAs and the shift on the way.
 fn model_chain(
     graph: &Graph,
     sampler: (&str, &Map<String, Value>),
     folders: &ComfyFolders<'_>,
-) -> Result<(PathBuf, Vec<(PathBuf, f64)>, Option<f64>)> {
+) -> Result<ModelChain> {
     let mut loras = Vec::new();
     let mut shift = None;
     let unet = graph.follow(
@@ -391,7 +399,7 @@ fn model_chain(
         text(unet, "UNETLoader", "unet_name")?,
     )?;
     loras.reverse();
-    Ok((dit, loras, shift))
+    Ok(ModelChain { dit, loras, shift })
 }
 
 /// The low-noise expert of a two-sampler workflow: its DiT, LoRAs and guidance, and the
@@ -427,7 +435,7 @@ fn apply_low_noise(
             options.sampler
         )));
     }
-    let (dit, loras, shift) = model_chain(graph, low, folders)?;
+    let ModelChain { dit, loras, shift } = model_chain(graph, low, folders)?;
     if let Some(low_shift) = shift {
         if options.shift_given && low_shift != options.shift {
             return Err(Graph::bad(format!(
