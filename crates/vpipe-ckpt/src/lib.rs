@@ -194,6 +194,36 @@ fn serialize_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Erro
     s.serialize_str(&p.to_string_lossy())
 }
 
+/// Which expert of a Wan 2.2 A14B pair a DiT is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertRole {
+    /// Takes the steps above the boundary timestep.
+    HighNoise,
+    /// Takes the steps below it.
+    LowNoise,
+}
+
+impl std::fmt::Display for ExpertRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExpertRole::HighNoise => "high-noise",
+            ExpertRole::LowNoise => "low-noise",
+        })
+    }
+}
+
+/// The expert a DiT file is by its name, as Wan-AI and ComfyUI name them (`high_noise`,
+/// `low_noise`, any case): the two experts have the same architecture as Wan 2.1's 14B, so
+/// nothing in their tensors tells them apart.
+pub fn expert_role(path: &Path) -> Option<ExpertRole> {
+    let name = path.file_name()?.to_str()?.to_lowercase();
+    match (name.contains("high_noise"), name.contains("low_noise")) {
+        (true, false) => Some(ExpertRole::HighNoise),
+        (false, true) => Some(ExpertRole::LowNoise),
+        _ => None,
+    }
+}
+
 impl Inspection {
     /// Builds the summary from a tensor list (detection, per-dtype and total counts).
     fn new(
@@ -203,7 +233,15 @@ impl Inspection {
         metadata: Option<BTreeMap<String, String>>,
         tensors: Vec<TensorInfo>,
     ) -> Self {
-        let detection = detect(tensors.iter().map(TensorInfo::meta));
+        let mut detection = detect(tensors.iter().map(TensorInfo::meta));
+        if let (Family::WanDitT2v | Family::WanDitI2v, Some(role)) =
+            (detection.family, expert_role(path))
+        {
+            detection.notes.push(format!(
+                "the file name says Wan 2.2 A14B {role} expert (the experts have the Wan 2.1 \
+                 14B architecture, which the tensors show)"
+            ));
+        }
         let mut by: BTreeMap<DType, DTypeStats> = BTreeMap::new();
         for t in &tensors {
             let s = by.entry(t.dtype).or_insert(DTypeStats {

@@ -317,18 +317,14 @@ fn expert_pair(dir: &Path, family: Family) -> Result<Option<(Checkpoint, Checkpo
     if found.len() != 2 {
         return Ok(None);
     }
-    let named = |c: &Checkpoint, what: &str| {
-        c.path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.to_lowercase().contains(what))
-    };
-    if named(&found[1], "high_noise") {
+    use vpipe_ckpt::ExpertRole::{HighNoise, LowNoise};
+    let role = |c: &Checkpoint| vpipe_ckpt::expert_role(&c.path);
+    if role(&found[1]) == Some(HighNoise) {
         found.swap(0, 1);
     }
     let low = found.pop().expect("two files");
     let high = found.pop().expect("two files");
-    Ok((named(&high, "high_noise") && named(&low, "low_noise")).then_some((high, low)))
+    Ok((role(&high) == Some(HighNoise) && role(&low) == Some(LowNoise)).then_some((high, low)))
 }
 
 /// The model files of a run: given per file, or found in the model folder. An image-to-video

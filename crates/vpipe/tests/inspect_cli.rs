@@ -105,6 +105,29 @@ fn summary_names_the_family() {
 }
 
 #[test]
+fn a_wan22_expert_is_named_from_its_file_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = tiny_dit(dir.path());
+    for (name, role) in [
+        ("wan2.2_t2v_high_noise_14B_fp16.safetensors", "high-noise"),
+        ("wan2.2_t2v_low_noise_14B_fp16.safetensors", "low-noise"),
+    ] {
+        let expert = dir.path().join(name);
+        std::fs::copy(&path, &expert).unwrap();
+        let o = vpipe(&["inspect", expert.to_str().unwrap()]);
+        assert!(o.status.success(), "stderr: {}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains("Wan 2.1 DiT, text-to-video"), "{out}");
+        assert!(
+            out.contains(&format!("Wan 2.2 A14B {role} expert")),
+            "{out}"
+        );
+    }
+    let o = vpipe(&["inspect", path.to_str().unwrap()]);
+    assert!(!stdout(&o).contains("A14B"), "{}", stdout(&o));
+}
+
+#[test]
 fn json_has_family_layout_and_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let (path, params) = tiny_dit(dir.path());
