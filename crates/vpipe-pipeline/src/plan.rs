@@ -683,6 +683,39 @@ pub(crate) fn video_tokens(
 /// Wan's text context length.
 const TEXT_TOKENS: usize = 512;
 
+/// Floating-point operations of one forward of `dit` over `tokens` video tokens for each of
+/// `samples` samples: the matrix products of its blocks (projections, feed-forward, and the
+/// attentions' scores and weighted values), which are nearly all of its work. The second
+/// number is the self-attention's share.
+pub(crate) fn dit_forward_flops(dit: &DitConfig, tokens: usize, samples: usize) -> (f64, f64) {
+    let (l, d, f) = (tokens as f64, dit.dim as f64, dit.ffn_dim as f64);
+    let text = TEXT_TOKENS as f64;
+    let image = dit.image_tokens.map_or(0.0, |t| t as f64);
+    let projections = 2.0 * l * d * d * 6.0 // self q, k, v, o and cross q, o
+        + 2.0 * (text + image) * d * d * 2.0 // cross k, v of the text and the image tokens
+        + 2.0 * l * d * f * 2.0; // the feed-forward's two layers
+    let self_attention = 4.0 * l * l * d;
+    let cross_attention = 4.0 * l * (text + image) * d;
+    let per_sample = dit.num_layers as f64;
+    let samples = samples as f64;
+    (
+        per_sample * samples * (projections + self_attention + cross_attention),
+        per_sample * samples * self_attention,
+    )
+}
+
+/// Rates measured on an NVIDIA H200 (14B, bf16, 32 760 tokens, B = 2; BENCHMARKS.md,
+/// 2026-12-04): the fused attention kernel's self-attention, and everything else of the
+/// forward, as FLOP per second.
+const H200_ATTENTION_FLOPS: f64 = 307e12;
+const H200_OTHER_FLOPS: f64 = 480e12;
+
+/// **Estimated** seconds of one forward on an H200 with the fused attention kernel, from its
+/// FLOPs (see [`dit_forward_flops`]) at the rates measured there.
+pub(crate) fn h200_forward_seconds((total, self_attention): (f64, f64)) -> f64 {
+    self_attention / H200_ATTENTION_FLOPS + (total - self_attention) / H200_OTHER_FLOPS
+}
+
 /// The sizes a plan needs, from files or a preset.
 pub(crate) struct ModelSizes {
     pub(crate) dit: DitConfig,
@@ -1305,6 +1338,22 @@ impl Plan {
                 fmt_bytes(scratch)
             )
         };
+        let samples = if matches!(passes, GuidancePasses::Single) {
+            1
+        } else {
+            2
+        };
+        let flops = dit_forward_flops(&sizes.dit, tokens, samples);
+        let work = if fused {
+            format!(
+                ", {:.2} PFLOP a step (about {:.1} s on an H200 at the rates measured there: an \
+                 estimate)",
+                flops.0 / 1e15,
+                h200_forward_seconds(flops)
+            )
+        } else {
+            format!(", {:.2} PFLOP a step", flops.0 / 1e15)
+        };
         let cache = match sample.step_cache {
             Some(CacheRule::Teacache { threshold }) => {
                 format!(", step cache teacache at {threshold}")
@@ -1328,7 +1377,7 @@ impl Plan {
                     estimated_peak_bytes: sample.estimated_peak_bytes,
                     detail: format!(
                         "the high-noise expert down to {boundary}: {tokens} tokens, CFG \
-                         {passes:?}, {attention}{cache}"
+                         {passes:?}, {attention}{work}{cache}"
                     ),
                 });
                 phases.push(PhasePlan {
@@ -1348,7 +1397,7 @@ impl Plan {
                 resident: vec![held],
                 estimated_peak_bytes: sample.estimated_peak_bytes,
                 detail: format!(
-                    "{tokens} tokens, {} steps, CFG {passes:?}, {attention}{cache}",
+                    "{tokens} tokens, {} steps, CFG {passes:?}, {attention}{work}{cache}",
                     job.steps
                 ),
             }),
@@ -1596,8 +1645,25 @@ impl std::fmt::Display for Plan {
 
 #[cfg(test)]
 mod tests {
-    use super::{cache_schedule, mag_ratios_for, magcache_schedule};
+    use super::{
+        cache_schedule, dit_forward_flops, h200_forward_seconds, mag_ratios_for, magcache_schedule,
+        DitConfig,
+    };
     use crate::step_cache::MagCacheSettings;
+
+    #[test]
+    fn a_14b_step_is_the_work_the_h200_measured() {
+        // 14B, 832x480x81 (32 760 tokens), CFG batched: 9.03 s a step on the H200 (2026-12-04).
+        let dit = DitConfig::wan21_t2v_14b();
+        let flops = dit_forward_flops(&dit, 32_760, 2);
+        assert!((flops.0 / 1e15 - 3.356).abs() < 0.01, "{flops:?}");
+        assert!((flops.1 / flops.0 - 0.524).abs() < 0.01, "{flops:?}");
+        let seconds = h200_forward_seconds(flops);
+        assert!((seconds - 9.03).abs() / 9.03 < 0.02, "{seconds}");
+        // At CFG 1 one sample: half the work.
+        let single = dit_forward_flops(&dit, 32_760, 1);
+        assert!((single.0 * 2.0 - flops.0).abs() < 1.0);
+    }
 
     const MAGCACHE: MagCacheSettings = MagCacheSettings {
         threshold: 0.06,
