@@ -40,11 +40,8 @@ def read_clip(path):
     return video.permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # 1,3,T,H,W
 
 
-def make_vae():
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(1234)
-    vae = AutoencoderKLWan()  # Wan 2.1 defaults: base_dim 96, z_dim 16
+def randomized(vae):
+    """`vae` with seeded random weights (scaled by fan-in, norm gains near 1), in bf16."""
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if p.dim() > 1:
@@ -55,6 +52,14 @@ def make_vae():
             else:
                 p.normal_(0.0, 0.02)
     return vae.to(torch.bfloat16).eval()
+
+
+def make_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(1234)
+    vae = AutoencoderKLWan()  # Wan 2.1 defaults: base_dim 96, z_dim 16
+    return randomized(vae)
 
 
 def make_vae22():
@@ -69,16 +74,7 @@ def make_vae22():
         in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4,
         scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
     )
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if p.dim() > 1:
-                fan_in = p[0].numel()
-                p.normal_(0.0, 1.0 / fan_in**0.5)
-            elif name.endswith("gamma"):
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0.0, 0.02)
-    return vae.to(torch.bfloat16).eval()
+    return randomized(vae)
 
 
 def timed(fn, reps=2):
