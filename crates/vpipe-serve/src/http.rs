@@ -3,7 +3,7 @@
 //! | request | what it does |
 //! |---|---|
 //! | `GET /` | the web page |
-//! | `POST /api/jobs` | submits a job: a JSON object of `run.toml`'s keys, or `multipart/form-data` with a `settings` part (that JSON) and `image`, `last_image` or `input` uploads; 201 with the job |
+//! | `POST /api/jobs` | submits a job: a JSON object of `run.toml`'s keys, or `multipart/form-data` with a `settings` part (that JSON) and `image`, `last_image` or `input` uploads, or with a `comfy_workflow` part (ComfyUI's API format, its model names in the models folder) and `comfy_input` parts (the files its LoadImage / LoadVideo nodes name); 201 with the job |
 //! | `GET /api/jobs` | every kept job, newest first |
 //! | `GET /api/jobs/{id}` | one job: state, progress (step, done, total), notices, error |
 //! | `POST /api/jobs/{id}/cancel` | cancels it: a queued job never starts, a running one stops as Ctrl-C stops `vpipe run` |
@@ -207,11 +207,15 @@ async fn submit_into(
     content_type: &str,
     request: Request,
 ) -> Result<JobView, ApiError> {
-    let (submitted, uploads) = if content_type.starts_with("application/json") {
+    let submission = if content_type.starts_with("application/json") {
         let body = Bytes::from_request(request, &())
             .await
             .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-        (json_settings(&body, "request body")?, Vec::new())
+        Submission {
+            settings: json_settings(&body, "request body")?,
+            uploads: Vec::new(),
+            workflow: None,
+        }
     } else if content_type.starts_with("multipart/form-data") {
         let multipart = Multipart::from_request(request, &())
             .await
@@ -232,17 +236,28 @@ async fn submit_into(
         vram_budget: app.config.vram_budget.as_deref(),
         ram_budget: app.config.ram_budget.as_deref(),
     };
+    let comfy = submission
+        .workflow
+        .as_deref()
+        .map(|workflow| (workflow, dir.join(COMFY_INPUT)));
     let settings = confinement
-        .job_settings(&submitted, &uploads, dir)
+        .job_settings(
+            &submission.settings,
+            &submission.uploads,
+            comfy.as_ref().map(|(w, i)| (*w, i.as_path())),
+            dir,
+        )
         .map_err(ApiError::bad_request)?;
     let parse = app.parse.clone();
     let options = tokio::task::spawn_blocking(move || parse(&settings))
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| ApiError::pipeline(&e))?;
-    Ok(app
-        .jobs
-        .push(id, dir.to_path_buf(), options, mode_of(&uploads))?)
+    let mode = match &submission.workflow {
+        Some(_) => "comfyui-workflow",
+        None => mode_of(&submission.uploads),
+    };
+    Ok(app.jobs.push(id, dir.to_path_buf(), options, mode)?)
 }
 
 /// The largest settings object taken: a `--pipeline` file's limit.
@@ -290,24 +305,71 @@ async fn check_image(key: &'static str, file: &Path) -> Result<(), ApiError> {
     .map_err(ApiError::internal)?
 }
 
+/// What a submission brings: the settings, the uploads the settings name, and a ComfyUI
+/// workflow with the files its LoadImage / LoadVideo nodes name.
+struct Submission {
+    settings: Settings,
+    uploads: Vec<(&'static str, PathBuf)>,
+    /// The workflow, saved in the job's folder; its inputs in [`COMFY_INPUT`] beside it.
+    workflow: Option<PathBuf>,
+}
+
+/// The folder of a job where a workflow's uploaded inputs go (ComfyUI's `input/`).
+const COMFY_INPUT: &str = "input";
+
 /// The `settings` part and the uploads of a multipart submission, each upload saved in `dir`
-/// under a name from its content.
-async fn read_multipart(
-    mut multipart: Multipart,
-    dir: &Path,
-) -> Result<(Settings, Vec<(&'static str, PathBuf)>), ApiError> {
+/// under a name from its content; or a `comfy_workflow` part (ComfyUI's API format) with
+/// `comfy_input` parts, saved under their own (plain) file names for the workflow's loaders.
+async fn read_multipart(mut multipart: Multipart, dir: &Path) -> Result<Submission, ApiError> {
     let mut settings = None;
     let mut uploads: Vec<(&'static str, PathBuf)> = Vec::new();
+    let mut workflow = None;
     let part_error =
         |e: axum::extract::multipart::MultipartError| ApiError::new(e.status(), e.body_text());
     while let Some(field) = multipart.next_field().await.map_err(part_error)? {
         let name = field.name().unwrap_or_default().replace('-', "_");
+        let file_name = field.file_name().map(str::to_owned);
         let bytes = field.bytes().await.map_err(part_error)?;
         if name == "settings" {
             if settings.is_some() {
                 return Err(ApiError::bad_request("settings: given twice"));
             }
             settings = Some(json_settings(&bytes, "settings")?);
+            continue;
+        }
+        if name == "comfy_workflow" {
+            if workflow.is_some() {
+                return Err(ApiError::bad_request("comfy_workflow: uploaded twice"));
+            }
+            // Checked as JSON here; as a workflow by the same reader as `vpipe run`'s.
+            json_settings(&bytes, "comfy_workflow")?;
+            let file = dir.join("workflow_api.json");
+            save(&file, &bytes).await?;
+            workflow = Some(file);
+            continue;
+        }
+        if name == "comfy_input" {
+            let plain = file_name
+                .as_deref()
+                .and_then(plain_file_name)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "comfy_input: the file name {file_name:?} is not a plain name (letters, \
+                         digits, '.', '-', '_', ' '; as the workflow's LoadImage or LoadVideo \
+                         names it)"
+                    ))
+                })?;
+            let folder = dir.join(COMFY_INPUT);
+            tokio::fs::create_dir_all(&folder)
+                .await
+                .map_err(|e| ApiError::internal(format!("{}: {e}", folder.display())))?;
+            let file = folder.join(plain);
+            if file.exists() {
+                return Err(ApiError::bad_request(format!(
+                    "comfy_input: {plain} uploaded twice"
+                )));
+            }
+            save(&file, &bytes).await?;
             continue;
         }
         let Some(&key) = UPLOAD_KEYS.iter().find(|k| **k == name) else {
@@ -320,17 +382,46 @@ async fn read_multipart(
             return Err(ApiError::bad_request(format!("{key}: uploaded twice")));
         }
         let file = dir.join(upload_name(key, &bytes).map_err(ApiError::bad_request)?);
-        tokio::fs::write(&file, &bytes)
-            .await
-            .map_err(|e| ApiError::internal(format!("saving {}: {e}", file.display())))?;
+        save(&file, &bytes).await?;
         if key != "input" {
             check_image(key, &file).await?;
         }
         uploads.push((key, file));
     }
-    let settings =
-        settings.ok_or_else(|| ApiError::bad_request("no `settings` part (the job's JSON)"))?;
-    Ok((settings, uploads))
+    let settings = match (settings, &workflow) {
+        (Some(settings), _) => settings,
+        // The workflow holds the job's settings.
+        (None, Some(_)) => Settings::new(),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "no `settings` part (the job's JSON) and no `comfy_workflow`",
+            ))
+        }
+    };
+    Ok(Submission {
+        settings,
+        uploads,
+        workflow,
+    })
+}
+
+/// Writes an upload.
+async fn save(file: &Path, bytes: &[u8]) -> Result<(), ApiError> {
+    tokio::fs::write(file, bytes)
+        .await
+        .map_err(|e| ApiError::internal(format!("saving {}: {e}", file.display())))
+}
+
+/// `name` when it is a plain file name a workflow's loader can give: no folder, no leading dot,
+/// letters, digits, `.`, `-`, `_` and spaces, at most 200 bytes.
+fn plain_file_name(name: &str) -> Option<&str> {
+    let plain = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ' '));
+    plain.then_some(name)
 }
 
 #[cfg(test)]

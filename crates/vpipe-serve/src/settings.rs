@@ -61,10 +61,15 @@ impl Confinement<'_> {
     /// The settings the job runs with: `submitted` with its model paths resolved inside the
     /// models folder, the uploads at `uploads` (key → saved file), the outputs in `job_dir`,
     /// and the server's device and budgets. An error names the key and what was expected.
+    ///
+    /// With `comfy` (a ComfyUI workflow saved in the job's folder, and the folder of the files
+    /// its loaders name), the workflow's model names resolve in the models folder, as ComfyUI
+    /// resolves them in its `models/`.
     pub fn job_settings(
         &self,
         submitted: &Settings,
         uploads: &[(&'static str, PathBuf)],
+        comfy: Option<(&Path, &Path)>,
         job_dir: &Path,
     ) -> Result<Settings, String> {
         let mut settings = Settings::new();
@@ -105,6 +110,12 @@ impl Confinement<'_> {
                 (*key).into(),
                 Value::String(path.to_string_lossy().into_owned()),
             );
+        }
+        let text = |path: &Path| Value::String(path.to_string_lossy().into_owned());
+        if let Some((workflow, input)) = comfy {
+            settings.insert("comfy_workflow".into(), text(workflow));
+            settings.insert("comfy_models".into(), text(self.models));
+            settings.insert("comfy_input".into(), text(input));
         }
         let path = |name: &str| Value::String(job_dir.join(name).to_string_lossy().into_owned());
         settings.insert("out".into(), path("video.mp4"));
@@ -252,7 +263,7 @@ mod tests {
         let c = confinement(&models);
         let dir = root.path().join("job");
         let ok = c
-            .job_settings(&settings(r#"{"dit": "dit.safetensors"}"#), &[], &dir)
+            .job_settings(&settings(r#"{"dit": "dit.safetensors"}"#), &[], None, &dir)
             .unwrap();
         assert_eq!(
             ok["dit"].as_str().unwrap(),
@@ -272,11 +283,18 @@ mod tests {
             (r#"{"image": "/tmp/x.png"}"#, "as an upload"),
             (r#"{"dit": 3}"#, "expected a path"),
         ] {
-            let err = c.job_settings(&settings(json), &[], &dir).unwrap_err();
+            let err = c
+                .job_settings(&settings(json), &[], None, &dir)
+                .unwrap_err();
             assert!(err.contains(needle), "{json}: {err}");
         }
         let lora = c
-            .job_settings(&settings(r#"{"lora": "dit.safetensors:0.5"}"#), &[], &dir)
+            .job_settings(
+                &settings(r#"{"lora": "dit.safetensors:0.5"}"#),
+                &[],
+                None,
+                &dir,
+            )
             .unwrap();
         assert!(lora["lora"]
             .as_str()

@@ -103,22 +103,33 @@ impl Server {
 
     /// Submits a job as multipart: the settings and `(part name, bytes)` uploads.
     pub fn submit_multipart(&self, settings: &Value, uploads: &[(&str, &[u8])]) -> (u16, Value) {
+        let settings = settings.to_string();
+        let mut parts: Vec<(&str, Option<String>, &[u8])> =
+            vec![("settings", None, settings.as_bytes())];
+        parts.extend(
+            uploads
+                .iter()
+                .map(|(name, bytes)| (*name, Some(format!("{name}.bin")), *bytes)),
+        );
+        self.submit_parts(&parts)
+    }
+
+    /// Submits a job as multipart parts `(name, file name, bytes)`.
+    pub fn submit_parts(&self, parts: &[(&str, Option<String>, &[u8])]) -> (u16, Value) {
         let boundary = "vpipe-test-boundary-7d1f";
         let mut body = Vec::new();
-        body.extend(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"settings\"\r\n\r\n{settings}\r\n"
-            )
-            .as_bytes(),
-        );
-        for (name, bytes) in uploads {
+        for (name, file_name, bytes) in parts {
             body.extend(
-                format!(
-                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; \
-                     filename=\"{name}.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-                )
-                .as_bytes(),
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"")
+                    .as_bytes(),
             );
+            if let Some(file_name) = file_name {
+                body.extend(
+                    format!("; filename=\"{file_name}\"\r\nContent-Type: application/octet-stream")
+                        .as_bytes(),
+                );
+            }
+            body.extend(b"\r\n\r\n");
             body.extend(*bytes);
             body.extend(b"\r\n");
         }
