@@ -700,6 +700,9 @@ struct Denoising {
     sampler: Sampler,
     /// `--cache magcache-calibrate`: the magnitude ratio of each step so far.
     mag_ratios: Vec<f64>,
+    /// When the last step so far ended: the next expert of a Wan 2.2 pair measures its
+    /// switch from there.
+    last_step_end: Option<std::time::Instant>,
 }
 
 impl Denoising {
@@ -722,6 +725,7 @@ impl Denoising {
             latents,
             sampler: Sampler::new(schedule.clone()),
             mag_ratios: Vec::new(),
+            last_step_end: None,
         })
     }
 }
@@ -823,6 +827,22 @@ fn sample(
     } = *inputs;
     let plan = expert.plan;
     let guidance = expert.guidance;
+    if let Some(end) = denoising.last_step_end {
+        // The second expert of a pair, ready to take its first step.
+        let reading = p.read()?;
+        p.note(
+            "expert switch",
+            &format!(
+                "{:.2} s from the previous expert's last step to this expert's first (that \
+                 expert given back, verified; this one made ready); {} in the compute tier now \
+                 ({}, measured)",
+                end.elapsed().as_secs_f64(),
+                vpipe_mem::fmt_bytes(reading.compute_used()),
+                reading.compute_meter()
+            ),
+        );
+        p.record_sample(reading);
+    }
     let (_, _, frames, height, width) = denoising.latents.dims5()?;
     let grid = model.token_grid(frames, height, width)?;
     let tokens: usize = grid.iter().product();
@@ -946,6 +966,7 @@ fn sample(
     let mut cache = BlockCache::new();
     let first = sampler.step_index();
     let mut progress = Step::start(observer, expert.phase, (expert.end - first) as u64);
+    let mut last_step_end = None;
     while let Some(t) = sampler
         .timestep()
         .filter(|_| sampler.step_index() < expert.end)
@@ -1047,8 +1068,10 @@ fn sample(
             ),
         );
         progress.advance(&format!("t = {t:.1}, {seconds:.2} s"));
+        last_step_end = Some(std::time::Instant::now());
     }
     drop(model);
+    denoising.last_step_end = last_step_end.or(denoising.last_step_end);
     if calibrating {
         note_mag_ratios(
             p,

@@ -305,6 +305,19 @@ fn the_wan22_expert_pair_matches_diffusers_with_transformer_2() {
         .map(|n| n["detail"].as_str().unwrap())
         .collect();
     assert_eq!(steps.len(), 6, "{steps:?}");
+    // The switch is timed and measured, in the second expert's phase.
+    let switch: Vec<&serde_json::Value> = report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["what"] == "expert switch")
+        .collect();
+    assert_eq!(switch.len(), 1, "{switch:?}");
+    assert_eq!(switch[0]["phase"], "sample low noise");
+    assert!(
+        switch[0]["detail"].as_str().unwrap().contains("measured"),
+        "{switch:?}"
+    );
 }
 
 /// Wan 2.2's image-to-video expert pair (no CLIP features: the condition alone) against
