@@ -6,6 +6,7 @@
 //! | `POST /api/jobs` | submits a job: a JSON object of `run.toml`'s keys, or `multipart/form-data` with a `settings` part (that JSON) and `image`, `last_image` or `input` uploads, or with a `comfy_workflow` part (ComfyUI's API format, its model names in the models folder) and `comfy_input` parts (the files its LoadImage / LoadVideo nodes name); 201 with the job |
 //! | `GET /api/jobs` | every kept job, newest first |
 //! | `GET /api/jobs/{id}` | one job: state, progress (step, done, total), notices, error |
+//! | `DELETE /api/jobs/{id}` | removes a finished job: its record and its folder (uploads, video, report); 409 while it is queued or running |
 //! | `POST /api/jobs/{id}/cancel` | cancels it: a queued job never starts, a running one stops as Ctrl-C stops `vpipe run` |
 //! | `GET /api/jobs/{id}/video`, `/report`, `/chart` | its `video.mp4`, `report.json`, memory chart (SVG) |
 //! | `GET /api/memory` | the server's memory record: every meter at each job boundary, live samples, budgets |
@@ -78,7 +79,7 @@ impl From<Refusal> for ApiError {
         let status = match refusal {
             Refusal::QueueFull(_) | Refusal::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unknown(_) => StatusCode::NOT_FOUND,
-            Refusal::Finished(..) => StatusCode::CONFLICT,
+            Refusal::Finished(..) | Refusal::NotFinished(..) => StatusCode::CONFLICT,
         };
         Self::new(status, refusal.to_string())
     }
@@ -96,7 +97,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/api/jobs", get(list).post(submit))
-        .route("/api/jobs/{id}", get(job))
+        .route("/api/jobs/{id}", get(job).delete(remove))
         .route("/api/jobs/{id}/cancel", post(cancel))
         .route("/api/jobs/{id}/{file}", get(job_file))
         .route("/api/memory", get(memory))
@@ -135,6 +136,18 @@ async fn job(
         .view(id)
         .map(Json)
         .ok_or(Refusal::Unknown(id).into())
+}
+
+/// `DELETE /api/jobs/{id}`: a finished job's record and folder (its uploads, video, report).
+async fn remove(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let dir = app.jobs.remove(job_id(&id)?)?;
+    tokio::fs::remove_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn cancel(

@@ -102,6 +102,7 @@ pub enum Refusal {
     ShuttingDown,
     Unknown(u64),
     Finished(u64, JobState),
+    NotFinished(u64, JobState),
 }
 
 impl std::fmt::Display for Refusal {
@@ -112,6 +113,9 @@ impl std::fmt::Display for Refusal {
             Refusal::Unknown(id) => write!(f, "no job {id}"),
             Refusal::Finished(id, state) => {
                 write!(f, "job {id} has already finished ({state:?})")
+            }
+            Refusal::NotFinished(id, state) => {
+                write!(f, "job {id} is {state:?}; cancel it first")
             }
         }
     }
@@ -312,6 +316,18 @@ impl Jobs {
             }
             state => Err(Refusal::Finished(id, state)),
         }
+    }
+
+    /// Forgets finished job `id` and returns its folder, for the caller to remove; a job that
+    /// has not finished is refused (cancel it first).
+    pub fn remove(&self, id: u64) -> Result<PathBuf, Refusal> {
+        let mut inner = self.lock();
+        let record = inner.jobs.get(&id).ok_or(Refusal::Unknown(id))?;
+        if !record.view.state.is_finished() {
+            return Err(Refusal::NotFinished(id, record.view.state));
+        }
+        let record = inner.jobs.remove(&id).ok_or(Refusal::Unknown(id))?;
+        Ok(record.dir)
     }
 
     /// Stops taking jobs: the running one is stopped, the queued ones are cancelled.

@@ -68,6 +68,9 @@ fn three_jobs_one_cancelled_each_with_its_outputs() {
             && job["progress"]["done"].as_u64() >= Some(2)
     });
     assert_eq!(sampling["progress"]["total"], 1000);
+    // A running job cannot be removed; it can be cancelled.
+    let (status, _) = server.request("DELETE", &format!("/api/jobs/{long}"), "", b"");
+    assert_eq!(status, 409);
     let (status, _) = server.request("POST", &format!("/api/jobs/{long}/cancel"), "", b"");
     assert_eq!(status, 202);
 
@@ -103,6 +106,13 @@ fn three_jobs_one_cancelled_each_with_its_outputs() {
     assert_eq!(status, 404);
     let report = server.get_json(&format!("/api/jobs/{long}/report"));
     assert!(!common::phase_names(&report).is_empty());
+
+    // A finished job can be removed, files and all.
+    let (status, _) = server.request("DELETE", &format!("/api/jobs/{long}"), "", b"");
+    assert_eq!(status, 204);
+    assert!(!outputs.join(format!("job-{long}")).exists());
+    let (status, _) = server.get(&format!("/api/jobs/{long}"));
+    assert_eq!(status, 404);
 
     // The server's job is `vpipe run`'s, bit for bit.
     let cli_out = dir.path().join("cli.mp4");
@@ -142,7 +152,8 @@ fn three_jobs_one_cancelled_each_with_its_outputs() {
     let (status, v2v) = server.submit_multipart(&settings, &[("input", &served)]);
     assert_eq!(status, 201, "{v2v}");
     assert_eq!(v2v["mode"], "video-to-video");
-    let v2v = server.wait_finished(id_of(&v2v));
+    let v2v_id = id_of(&v2v);
+    let v2v = server.wait_finished(v2v_id);
     assert_eq!(v2v["state"], "succeeded", "{v2v}");
     let report = server.get_json(&format!("/api/jobs/{}/report", v2v["id"]));
     assert!(common::phase_names(&report).contains(&"vae encode".to_owned()));
