@@ -9,7 +9,9 @@
 # The two experts are one random file under both of ComfyUI's names (hard links; the disk holds
 # one 28.6 GB copy), so the page cache holds one copy for both: the host figures are the process's
 # own (RSS anon + pinned), which do not depend on that.
-# Needs .carry/vpipe.xz (CUDA build). Carry [".carry", ".whl"].
+# Needs .carry/vpipe.xz (CUDA build) and, for `ti2v`, .carry/{dit_ti2v_parity,vae22_parity}.xz
+# (`cargo test --release --features cuda -p vpipe-models --test dit_ti2v_parity --test
+# vae22_parity --no-run`). Carry [".carry", ".whl"].
 # On a CPU (a check of this script): TINY=1 VPIPE=target/debug/vpipe bash bench/gpu-wan22.sh PART
 set -u
 PART=${1:?a14b or ti2v}
@@ -68,6 +70,13 @@ save_file({k: v.contiguous() for k, v in make_vae().state_dict().items()}, '$M/w
       summary a14b-$budget | tee -a "$OUT/summary-wan22.jsonl"
     done
   else
+    # The TI2V DiT's and the Wan 2.2 VAE's parity tests on the GPU (built with `cuda`, the whole
+    # binary runs on device 0): the per-token modulation through the fused kernels, the VAE's
+    # stage shortcuts and patches.
+    for t in dit_ti2v_parity vae22_parity; do
+      [ -f .carry/$t.xz ] && timeout 200 "$(unpack $t)" --test-threads 1 --nocapture 2>&1 \
+        | grep -E "^test |test result|panicked|max abs|err"
+    done
     ONLY=ti2v,umt5 $PY bench/make_random_checkpoints.py $M || exit 4
     $PY -c "
 import sys; sys.path.insert(0, 'bench')
