@@ -394,85 +394,14 @@ fn bad_requests_get_a_4xx_and_the_server_keeps_serving() {
     assert!(!Path::new("/tmp/owned.mp4").exists());
 }
 
-/// The built-in models (`vpipe demo`'s, image-to-video) laid out as ComfyUI's `models/`.
-fn comfy_models(dir: &Path) -> std::path::PathBuf {
-    let demo = dir.join("demo");
-    let run = common::vpipe(&[
-        "demo",
-        "--mode",
-        "i2v",
-        "--steps",
-        "2",
-        "--out",
-        demo.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let models = dir.join("models");
-    for entry in std::fs::read_dir(demo.join("weights")).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        let folder = match name.split('-').next().unwrap() {
-            _ if name.contains("vae") => "vae",
-            "wan2.1" => "diffusion_models",
-            "umt5" => "text_encoders",
-            "clip" => "clip_vision",
-            _ if name == "tokenizer.json" => ".",
-            _ => continue,
-        };
-        std::fs::create_dir_all(models.join(folder)).unwrap();
-        std::fs::copy(&path, models.join(folder).join(&name)).unwrap();
-    }
-    models
-}
-
-/// The one file of `models/folder`.
-fn only_file(models: &Path, folder: &str) -> String {
-    let entry = std::fs::read_dir(models.join(folder))
-        .unwrap()
-        .next()
-        .unwrap();
-    entry.unwrap().file_name().to_str().unwrap().to_owned()
-}
-
 #[test]
 fn a_comfyui_workflow_runs_as_a_job_with_its_input_uploaded() {
     let dir = tempfile::tempdir().unwrap();
-    let models = comfy_models(dir.path());
+    let models = serve::comfy_models(dir.path());
     let outputs = dir.path().join("outputs");
     std::fs::create_dir(&outputs).unwrap();
     let server = Server::start(&models, &outputs, &[]);
-    // ComfyUI's image-to-video graph, as "Export (API)" writes it.
-    let workflow = json!({
-        "1": {"class_type": "UNETLoader", "inputs": {
-            "unet_name": only_file(&models, "diffusion_models"), "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {
-            "clip_name": only_file(&models, "text_encoders"), "type": "wan"}},
-        "3": {"class_type": "VAELoader", "inputs": {"vae_name": only_file(&models, "vae")}},
-        "4": {"class_type": "CLIPVisionLoader", "inputs": {
-            "clip_name": only_file(&models, "clip_vision")}},
-        "5": {"class_type": "LoadImage", "inputs": {"image": "boat photo.png"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a paper boat", "clip": ["2", 0]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 0]}},
-        "8": {"class_type": "CLIPVisionEncode", "inputs": {
-            "clip_vision": ["4", 0], "image": ["5", 0], "crop": "center"}},
-        "9": {"class_type": "WanImageToVideo", "inputs": {
-            "positive": ["6", 0], "negative": ["7", 0], "vae": ["3", 0],
-            "clip_vision_output": ["8", 0], "start_image": ["5", 0],
-            "width": 64, "height": 64, "length": 5, "batch_size": 1}},
-        "10": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "positive": ["9", 0], "negative": ["9", 1],
-            "latent_image": ["9", 2], "seed": 3, "steps": 2, "cfg": 5.0,
-            "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0}},
-        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["3", 0]}},
-        "12": {"class_type": "CreateVideo", "inputs": {"images": ["11", 0], "fps": 16}},
-        "13": {"class_type": "SaveVideo", "inputs": {
-            "video": ["12", 0], "filename_prefix": "vpipe", "format": "mp4", "codec": "h264"}},
-    })
-    .to_string();
+    let workflow = serve::i2v_workflow(&models, "boat photo.png").to_string();
     let image = fixture_png();
     let settings = json!({"tokenizer": "tokenizer.json", "tile": 64}).to_string();
     let parts = |input_name: &str| -> Vec<(&str, Option<String>, Vec<u8>)> {

@@ -213,22 +213,8 @@ fn base64_decode(text: &str) -> Vec<u8> {
 #[test]
 fn the_page_submits_a_job_shows_its_progress_and_plays_the_video() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = dir.path().join("demo");
-    let run = common::vpipe(&[
-        "demo",
-        "--mode",
-        "i2v",
-        "--steps",
-        "2",
-        "--out",
-        demo.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let models = demo.join("weights");
+    // ComfyUI's layout, which the form's jobs find models in and a workflow's loaders name.
+    let models = serve::comfy_models(dir.path());
     let outputs = dir.path().join("outputs");
     std::fs::create_dir(&outputs).unwrap();
     let server = Server::start(&models, &outputs, &[]);
@@ -300,6 +286,43 @@ fn the_page_submits_a_job_shows_its_progress_and_plays_the_video() {
     assert_eq!(row, "succeeded");
     let jobs = server.get_json("/api/jobs");
     assert_eq!(jobs["jobs"][0]["mode"], "image-to-video", "{jobs}");
+
+    // A ComfyUI workflow from the page: its LoadImage file is the first frame chosen above.
+    let workflow = dir.path().join("workflow_api.json");
+    std::fs::write(
+        &workflow,
+        serve::i2v_workflow(&models, "first.png").to_string(),
+    )
+    .unwrap();
+    let input = browser.call(
+        "DOM.querySelector",
+        json!({"nodeId": document["root"]["nodeId"], "selector": "#workflow"}),
+    );
+    browser.call(
+        "DOM.setFileInputFiles",
+        json!({"nodeId": input["nodeId"], "files": [workflow.to_str().unwrap()]}),
+    );
+    browser.eval(
+        "(() => { const f = document.getElementById('job-form');
+           f.extra.value = '{\"tile\": 64, \"tokenizer\": \"tokenizer.json\"}';
+           document.getElementById('submit').click(); return true; })()",
+    );
+    let done = browser.wait_for(
+        "the workflow's job done",
+        "(() => { const row = document.querySelector('#jobs tr');
+                  return row && row.id === 'job-3' && row.dataset.state !== 'queued'
+                    && row.dataset.state !== 'running' ? row.dataset.state + ' ' + row.innerText : ''; })()",
+    );
+    assert!(done.as_str().unwrap().starts_with("succeeded"), "{done}");
+    assert!(
+        done.as_str().unwrap().contains("comfyui-workflow"),
+        "{done}"
+    );
+    browser.wait_for(
+        "the workflow's video playing",
+        "(() => { const v = document.getElementById('result-video');
+                  return v && v.src.includes('/api/jobs/3/') && v.readyState >= 2; })()",
+    );
 
     let shot = browser.call("Page.captureScreenshot", json!({"format": "png"}));
     let png = base64_decode(shot["data"].as_str().unwrap());
