@@ -241,22 +241,7 @@ fn fixture_png() -> Vec<u8> {
 #[test]
 fn bad_requests_get_a_4xx_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = dir.path().join("demo");
-    let run = common::vpipe(&[
-        "demo",
-        "--mode",
-        "i2v",
-        "--steps",
-        "1",
-        "--out",
-        demo.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let models = demo.join("weights");
+    let models = serve::comfy_models(dir.path());
     std::fs::write(dir.path().join("secret.safetensors"), b"not for jobs").unwrap();
     std::os::unix::fs::symlink(
         dir.path().join("secret.safetensors"),
