@@ -319,4 +319,114 @@ mod tests {
         assert!(upload_name("input", b"hello").unwrap_err().contains("MP4"));
         assert!(upload_name("../x", b"hello").is_err());
     }
+
+    mod fuzz {
+        //! Whatever a request sets, the settings a job runs with read model files inside the
+        //! models folder only, write inside the job's folder only, and take the server's
+        //! device; or the request is refused. Never a panic.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "model_dir",
+            "dit",
+            "dit-config",
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "clip_vision",
+            "dit_low_noise",
+            "lora",
+            "lora_low_noise",
+            "out",
+            "report",
+            "device",
+            "vram_budget",
+            "image",
+            "input",
+            "comfy_workflow",
+            "prompt",
+            "steps",
+            "size",
+            "no_such_key",
+        ];
+
+        fn value() -> impl Strategy<Value = Value> {
+            let path = prop_oneof![
+                Just("dit.safetensors".to_owned()),
+                Just("sub/../dit.safetensors".to_owned()),
+                Just("../dit.safetensors".to_owned()),
+                Just("/etc/passwd".to_owned()),
+                Just("link.safetensors".to_owned()),
+                Just("dit.safetensors:0.5".to_owned()),
+                Just("".to_owned()),
+                any::<String>(),
+            ];
+            let leaf = prop_oneof![
+                path.clone().prop_map(Value::String),
+                any::<i64>().prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                Just(Value::Null),
+            ];
+            prop_oneof![
+                leaf,
+                prop::collection::vec(path.prop_map(Value::String), 0..3).prop_map(Value::Array),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 400, failure_persistence: None, ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn any_request_stays_inside_its_folders(
+                entries in prop::collection::vec((prop::sample::select(KEYS), value()), 0..6),
+            ) {
+                let root = tempfile::tempdir().unwrap();
+                let models = root.path().join("models");
+                std::fs::create_dir(&models).unwrap();
+                std::fs::write(models.join("dit.safetensors"), b"x").unwrap();
+                std::fs::write(root.path().join("secret"), b"x").unwrap();
+                std::os::unix::fs::symlink(root.path().join("secret"), models.join("link.safetensors"))
+                    .unwrap();
+                let models = models.canonicalize().unwrap();
+                let job = root.path().join("job");
+                let submitted: Settings =
+                    entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                let Ok(settings) = confinement(&models).job_settings(&submitted, &[], None, &job)
+                else {
+                    return Ok(());
+                };
+                for (key, value) in &settings {
+                    let texts: Vec<&str> = match value {
+                        Value::String(s) => vec![s.as_str()],
+                        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+                        _ => continue,
+                    };
+                    for text in texts {
+                        let path = text.rsplit_once(':').map_or(text, |(p, _)| p);
+                        if MODEL_PATH_KEYS.contains(&key.as_str()) || LORA_KEYS.contains(&key.as_str()) {
+                            prop_assert!(Path::new(path).starts_with(&models), "{key} = {text}");
+                        }
+                        if ["out", "report"].contains(&key.as_str()) {
+                            prop_assert!(Path::new(text).starts_with(&job), "{key} = {text}");
+                        }
+                    }
+                }
+                prop_assert_eq!(settings["device"].as_str(), Some("cpu"));
+                for key in UPLOAD_KEYS {
+                    prop_assert!(!settings.contains_key(*key), "{key}");
+                }
+            }
+
+            #[test]
+            fn any_upload_is_named_or_refused(key in prop::sample::select(&["image", "last_image", "input", "x"][..]), bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+                if let Ok(name) = upload_name(key, &bytes) {
+                    prop_assert!(name.starts_with(key) && !name.contains('/'));
+                }
+            }
+        }
+    }
 }

@@ -58,3 +58,69 @@ pub(crate) fn run(config: vpipe_serve::ServeConfig) -> anyhow::Result<ExitCode> 
         Err(other) => Err(other.into()),
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! A job's JSON settings end in run options or an error, never a panic, whatever their
+    //! keys and values (the server checks paths before this; here any value reaches the
+    //! command line's parser).
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "prompt",
+        "size",
+        "frames",
+        "steps",
+        "cfg",
+        "shift",
+        "seed",
+        "strength",
+        "tile",
+        "sampler",
+        "lora",
+        "cache",
+        "cache_threshold",
+        "boundary",
+        "dtype",
+        "model_dir",
+        "no_such_key",
+        "vram_budget",
+        "out",
+    ];
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value as J;
+        let leaf = prop_oneof![
+            any::<String>().prop_map(J::String),
+            "-?[0-9]{1,12}(\\.[0-9]{1,6})?".prop_map(J::String),
+            any::<i64>().prop_map(J::from),
+            any::<f64>().prop_map(J::from),
+            any::<bool>().prop_map(J::from),
+            Just(J::Null),
+        ];
+        prop_oneof![
+            leaf.clone(),
+            prop::collection::vec(leaf.clone(), 0..3).prop_map(J::Array),
+            prop::collection::vec(("[a-z]{1,4}", leaf), 0..2)
+                .prop_map(|e| J::Object(e.into_iter().collect())),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 600, failure_persistence: None, ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_json_settings_parse_or_fail_cleanly(
+            entries in prop::collection::vec((prop::sample::select(KEYS), value()), 0..6),
+        ) {
+            let settings: vpipe_serve::Settings =
+                entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            let _ = as_table(&settings)
+                .and_then(|t| crate::flags::run_options_from_settings(&t, "settings"));
+        }
+    }
+}
