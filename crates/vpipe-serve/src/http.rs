@@ -7,6 +7,7 @@
 //! | `GET /api/jobs` | every kept job, newest first |
 //! | `GET /api/jobs/{id}` | one job: state, progress (step, done, total), notices, error |
 //! | `DELETE /api/jobs/{id}` | removes a finished job: its record and its folder (uploads, video, report); 409 while it is queued or running |
+//! | `GET /api/jobs/{id}/events` | the job as server-sent events: its JSON each time it changes, until it has finished |
 //! | `POST /api/jobs/{id}/cancel` | cancels it: a queued job never starts, a running one stops as Ctrl-C stops `vpipe run` |
 //! | `GET /api/jobs/{id}/video`, `/report`, `/chart` | its `video.mp4`, `report.json`, memory chart (SVG) |
 //! | `GET /api/memory` | the server's memory record: every meter at each job boundary, live samples, budgets |
@@ -99,6 +100,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/api/jobs", get(list).post(submit))
         .route("/api/jobs/{id}", get(job).delete(remove))
         .route("/api/jobs/{id}/cancel", post(cancel))
+        .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/{file}", get(job_file))
         .route("/api/memory", get(memory))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API path") })
@@ -136,6 +138,50 @@ async fn job(
         .view(id)
         .map(Json)
         .ok_or(Refusal::Unknown(id).into())
+}
+
+/// How often a job's event stream looks for a change.
+const EVENT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `GET /api/jobs/{id}/events`: the job as server-sent events, one `data:` line of its JSON
+/// each time it changes (state, step, progress), ending after it has finished.
+async fn events(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<
+    axum::response::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    let id = job_id(&id)?;
+    app.jobs.view(id).ok_or(Refusal::Unknown(id))?;
+    // The state: the last view sent, and whether the stream is over.
+    let stream = futures_util::stream::unfold(
+        (app, None::<String>, false),
+        move |(app, last, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                // A job whose record was removed ends its stream.
+                let Some(view) = app.jobs.view(id) else {
+                    return None;
+                };
+                let json = serde_json::to_string(&view).unwrap_or_default();
+                if last.as_deref() != Some(json.as_str()) {
+                    let finished = !matches!(
+                        view.state,
+                        crate::JobState::Queued | crate::JobState::Running
+                    );
+                    let event = axum::response::sse::Event::default().data(json.clone());
+                    return Some((Ok(event), (app, Some(json), finished)));
+                }
+                tokio::time::sleep(EVENT_POLL).await;
+            }
+        },
+    );
+    Ok(axum::response::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
 }
 
 /// `DELETE /api/jobs/{id}`: a finished job's record and folder (its uploads, video, report).

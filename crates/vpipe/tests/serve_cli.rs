@@ -62,27 +62,53 @@ fn three_jobs_one_cancelled_each_with_its_outputs() {
         .collect();
     assert_eq!(ids, [third, long, first], "newest first");
 
-    let sampling = server.wait_for(long, |job| {
-        job["state"] == "running"
-            && job["progress"]["step"] == "sample"
-            && job["progress"]["done"].as_u64() >= Some(2)
-    });
-    assert_eq!(sampling["progress"]["total"], 1000);
-    // A running job cannot be removed; it can be cancelled.
-    let (status, _) = server.request("DELETE", &format!("/api/jobs/{long}"), "", b"");
-    assert_eq!(status, 409);
-    let (status, _) = server.request("POST", &format!("/api/jobs/{long}/cancel"), "", b"");
-    assert_eq!(status, 202);
+    // The third job as server-sent events, read from its queueing to its end while the
+    // rest of the test goes on: its JSON at each change.
+    std::thread::scope(|scope| {
+        let events = scope.spawn(|| server.get(&format!("/api/jobs/{third}/events")));
+        let sampling = server.wait_for(long, |job| {
+            job["state"] == "running"
+                && job["progress"]["step"] == "sample"
+                && job["progress"]["done"].as_u64() >= Some(2)
+        });
+        assert_eq!(sampling["progress"]["total"], 1000);
+        // A running job cannot be removed; it can be cancelled.
+        let (status, _) = server.request("DELETE", &format!("/api/jobs/{long}"), "", b"");
+        assert_eq!(status, 409);
+        let (status, _) = server.request("POST", &format!("/api/jobs/{long}/cancel"), "", b"");
+        assert_eq!(status, 202);
 
-    let done = server.wait_finished(first);
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let cancelled = server.wait_finished(long);
-    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
-    assert_eq!(cancelled["error"]["exit_code"], 130);
-    assert_eq!(cancelled["video"], false, "a cancelled job writes no video");
-    assert_eq!(cancelled["report"], true, "but its report so far");
-    let done_third = server.wait_finished(third);
-    assert_eq!(done_third["state"], "succeeded", "{done_third}");
+        let done = server.wait_finished(first);
+        assert_eq!(done["state"], "succeeded", "{done}");
+
+        let cancelled = server.wait_finished(long);
+        assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+        assert_eq!(cancelled["error"]["exit_code"], 130);
+        assert_eq!(cancelled["video"], false, "a cancelled job writes no video");
+        assert_eq!(cancelled["report"], true, "but its report so far");
+        let done_third = server.wait_finished(third);
+        assert_eq!(done_third["state"], "succeeded", "{done_third}");
+        let (status, stream) = events.join().unwrap();
+        assert_eq!(status, 200);
+        let events: Vec<Value> = String::from_utf8(stream)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|json| serde_json::from_str(json.trim()).unwrap())
+            .collect();
+        let states: Vec<&str> = events
+            .iter()
+            .map(|e| e["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states.first(), Some(&"queued"), "{states:?}");
+        assert_eq!(states.last(), Some(&"succeeded"), "{states:?}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["state"] == "running" && e["progress"]["step"] == "sample"),
+            "{states:?}"
+        );
+    });
 
     // Cancelling a finished job is a conflict; an unknown job is not found.
     let (status, _) = server.request("POST", &format!("/api/jobs/{first}/cancel"), "", b"");
