@@ -165,9 +165,7 @@ async fn events(
             }
             loop {
                 // A job whose record was removed ends its stream.
-                let Some(view) = app.jobs.view(id) else {
-                    return None;
-                };
+                let view = app.jobs.view(id)?;
                 let json = serde_json::to_string(&view).unwrap_or_default();
                 if last.as_deref() != Some(json.as_str()) {
                     let finished = !matches!(
