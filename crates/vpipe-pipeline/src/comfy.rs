@@ -244,13 +244,10 @@ pub fn apply_comfy_workflow(
         [one] => (one.as_str(), None),
         [a, b] => {
             let continues = |from: &str, to: &str| -> Result<bool> {
-                let (_, node) = graph.node(to)?;
-                Ok(node
-                    .get("latent_image")
-                    .and_then(Value::as_array)
-                    .and_then(|l| l.first())
-                    .map(|id| id.as_str().map(str::to_owned).unwrap_or(id.to_string()))
-                    .is_some_and(|id| id == from))
+                let node = graph.node(to)?;
+                Ok(graph
+                    .linked(node, "latent_image")
+                    .is_ok_and(|(id, ..)| id == from))
             };
             if continues(a, b)? {
                 (a.as_str(), Some(b.as_str()))

@@ -19,18 +19,6 @@ pub enum ServeError {
     Memory(#[from] vpipe_mem::MemError),
 }
 
-impl ServeError {
-    /// The exit code of the process that this error ends (the table of `vpipe_pipeline::exit_code`).
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            ServeError::BadConfig(_) => 2,
-            ServeError::Io { .. } => 1,
-            ServeError::Pipeline(e) => vpipe_pipeline::exit_code(vpipe_pipeline::causes(e)),
-            ServeError::Memory(_) => 1,
-        }
-    }
-}
-
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     let context = context.into();
     move |source| ServeError::Io { context, source }

@@ -222,7 +222,7 @@ impl Jobs {
             .values()
             .filter(|r| r.view.state.is_finished())
             .count();
-        let mut excess = finished.saturating_sub(self.max_kept);
+        let excess = finished.saturating_sub(self.max_kept);
         if excess == 0 {
             return;
         }
@@ -231,11 +231,7 @@ impl Jobs {
             .iter()
             .filter(|(_, r)| r.view.state.is_finished())
             .map(|(&id, _)| id)
-            .take_while(|_| {
-                let take = excess > 0;
-                excess = excess.saturating_sub(1);
-                take
-            })
+            .take(excess)
             .collect();
         for id in old {
             inner.jobs.remove(&id);

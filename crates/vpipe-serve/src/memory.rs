@@ -76,6 +76,14 @@ struct Inner {
     samples: VecDeque<Sample>,
 }
 
+/// Appends `item`, dropping the oldest when `queue` already holds `cap`.
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
+    if queue.len() == cap {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+}
+
 /// The server's memory record.
 pub struct MemoryLog {
     inner: Mutex<Inner>,
@@ -112,11 +120,7 @@ impl MemoryLog {
     /// Adds a live sample (the oldest goes when the series is full).
     pub fn sample(&self, reading: &Reading) {
         let sample = Sample::of(reading, self.now_ms());
-        let mut inner = self.lock();
-        if inner.samples.len() == MAX_SAMPLES {
-            inner.samples.pop_front();
-        }
-        inner.samples.push_back(sample);
+        push_bounded(&mut self.lock().samples, sample, MAX_SAMPLES);
     }
 
     /// Records a boundary reading and writes the record to its file (through a temporary
@@ -137,20 +141,12 @@ impl MemoryLog {
             host_file: reading.host.file,
             pool_reserved: reading.pool_reserved(),
         };
-        {
-            let mut inner = self.lock();
-            if inner.samples.len() == MAX_SAMPLES {
-                inner.samples.pop_front();
-            }
-            inner.samples.push_back(boundary.sample);
-            if inner.first.is_none() {
-                inner.first = Some(boundary);
-            } else {
-                if inner.boundaries.len() == MAX_BOUNDARIES {
-                    inner.boundaries.pop_front();
-                }
-                inner.boundaries.push_back(boundary);
-            }
+        let mut inner = self.lock();
+        push_bounded(&mut inner.samples, boundary.sample, MAX_SAMPLES);
+        if inner.first.is_none() {
+            inner.first = Some(boundary);
+        } else {
+            push_bounded(&mut inner.boundaries, boundary, MAX_BOUNDARIES);
         }
     }
 
