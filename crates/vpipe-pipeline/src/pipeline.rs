@@ -907,11 +907,8 @@ fn sample(
                 Some(blocks) => blocks,
                 None => &mut HeldBlocks,
             };
-            let changes = modulation_changes(
-                &model,
-                &schedule.timesteps()[sampler.step_index()..expert.end],
-                source,
-            )?;
+            let changes =
+                modulation_changes(&model, &schedule.timesteps()[phase_steps.clone()], source)?;
             let reuse = crate::plan::cache_schedule(&changes, threshold);
             let skipped: Vec<usize> = (1..=reuse.len()).filter(|&i| reuse[i - 1]).collect();
             let changes: Vec<String> = changes[1..].iter().map(|c| format!("{c:.3}")).collect();
