@@ -5,6 +5,8 @@ pub mod conv3d;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
 #[cfg(feature = "cuda")]
+pub mod cudnn_sdpa;
+#[cfg(feature = "cuda")]
 pub mod fused;
 pub mod layout;
 pub mod linear;

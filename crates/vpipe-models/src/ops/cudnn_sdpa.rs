@@ -1,0 +1,1145 @@
+//! Scaled-dot-product attention on CUDA through cuDNN's fused flash-attention engines, built
+//! with cuDNN's backend graph API (the cudarc that candle re-exports): PyTorch's default
+//! attention kernel on Hopper, which vpipe's own kernel (`ops::fused::flash_attention`) trails.
+//!
+//! # The graphs
+//!
+//! cuDNN runs attention from one of two descriptions, and this module builds them exactly as
+//! cuDNN's frontend (v1.x) builds an inference SDPA (no mask, bias or dropout, non-causal, no
+//! softmax statistics written out):
+//!
+//! - **Native**: one `CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR` operation with the Q, K, V
+//!   and O tensors and the scale (a pass-by-value f32 tensor); K is given as [B, H, Lk, D].
+//!   The frontend picks it by default from cuDNN 9.13.1 on (it refuses the operation earlier),
+//!   so it is tried first there.
+//! - **Composite** (every cuDNN 9): the operations the frontend lowers SDPA to, which cuDNN's
+//!   fused-attention engines recognise as one pattern:
+//!   `S = Q·Kᵀ` (matmul, f32 out; Kᵀ is K's own memory described as [B, H, D, Lk] by swapping
+//!   the last two dimensions and strides) → `S·scale` (pointwise mul by the pass-by-value
+//!   scale) → softmax as `M = max(S)` (reduction) → `S − M` → `exp` → `Z = Σ exp` (reduction)
+//!   → `exp / Z` → `P·V` (matmul into O). The frontend also emits the statistics chain
+//!   `M + log Z` into a virtual tensor that nothing reads, even for inference, and so does
+//!   this module, so that cuDNN sees the graph its engines are matched against. Every
+//!   intermediate is virtual and f32, except the probabilities P, which are in the I/O dtype
+//!   (bf16/f16): the second matmul takes its A operand in the I/O type, as the frontend notes.
+//!   Compute types are f32 throughout.
+//!
+//! Unless `VPIPE_CUDNN_SDPA_GRAPH` says `native` or `composite` (only that one is tried), the
+//! native operation is tried where the version allows and the composite graph when it gives
+//! no plan. For the graph that builds, cuDNN's heuristics (mode A) rank engine configurations,
+//! and the first one that finalizes into an execution plan is kept.
+//!
+//! # Plans and handles
+//!
+//! A plan is built once per (stream, dtype, B, H, Lq, Lk, D, strides of q, k, v and the
+//! output) and thread (cuDNN handles and plans are not thread-safe), like `ops::cudnn`'s
+//! convolutions; a shape cuDNN refuses is remembered too, so that a caller that falls back
+//! pays the planning once. The backend API needs the raw handle, which cudarc's `Cudnn` keeps
+//! private, so this module keeps its own handle per stream and thread.
+//!
+//! The operands are read in place through their strides (the DiT's token-major [B, L, H, D]
+//! buffers viewed as [B, H, L, D]); the output is written token-major and returned as the
+//! [B, H, Lq, D] view of it, as `ops::fused::flash_attention` does.
+
+// The backend API is FFI; each unsafe block says what it relies on.
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::cudnn::{result, sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop,
+};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Layout, Storage, Tensor};
+
+use sys::cudnnBackendAttributeName_t as Attr;
+use sys::cudnnBackendAttributeType_t as AttrType;
+use sys::cudnnBackendDescriptorType_t as Kind;
+
+/// Errors inside this module: what failed, and cuDNN's status; [`error`] adds the prefix.
+type Fallible<T> = std::result::Result<T, String>;
+
+fn error(what: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuDNN SDPA: {what}"))
+}
+
+/// `Ok` for `CUDNN_STATUS_SUCCESS`, else "`step`: the status".
+fn check(status: sys::cudnnStatus_t, step: &str) -> Fallible<()> {
+    if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{step}: {status:?}"))
+    }
+}
+
+/// The cuDNN library's version, e.g. 91501 for 9.15.1 (`cudnnGetVersion`).
+pub fn cudnn_version() -> usize {
+    result::get_version()
+}
+
+/// The first cuDNN with the native SDPA operation, as cuDNN's frontend gates it.
+const NATIVE_MIN_VERSION: usize = 91301;
+/// Reductions take a determinism flag from cuDNN 9.11 on (the frontend sets it from then on).
+const DETERMINISM_FLAG_VERSION: usize = 91100;
+/// Chooses the graph: `native` or `composite` tries that one alone; unset tries both.
+const GRAPH_ENV: &str = "VPIPE_CUDNN_SDPA_GRAPH";
+
+/// Unique ids of the tensors the variant pack binds (ids are the graph's only link from a
+/// tensor descriptor to its memory).
+const UID_Q: i64 = 1;
+const UID_K: i64 = 2;
+const UID_V: i64 = 3;
+const UID_O: i64 = 4;
+const UID_SCALE: i64 = 5;
+/// The composite graph's virtual tensors, numbered from here.
+const UID_VIRTUAL: i64 = 100;
+
+/// Alignment cuDNN is promised for every tensor's address and strides (its kernels load 16
+/// bytes at a time); [`sdpa_supports`] checks the operands against it.
+const ALIGN_BYTES: usize = 16;
+/// The largest head dimension taken (every Wan DiT has 128).
+const MAX_HEAD_DIM: usize = 128;
+
+/// A cuDNN backend descriptor, destroyed on drop.
+struct Descriptor {
+    raw: sys::cudnnBackendDescriptor_t,
+}
+
+impl Descriptor {
+    fn new(kind: Kind, what: &str) -> Fallible<Self> {
+        let mut raw: sys::cudnnBackendDescriptor_t = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid place for the new descriptor.
+        let status = unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut raw) };
+        check(status, &format!("creating {what}"))?;
+        if raw.is_null() {
+            return Err(format!("creating {what}: cuDNN returned no descriptor"));
+        }
+        Ok(Self { raw })
+    }
+
+    /// Sets `name` to `values`.
+    ///
+    /// # Safety
+    /// `T` must be the C type cuDNN reads for `ty` (e.g. `i64` for `CUDNN_TYPE_INT64`, the
+    /// 32-bit enum for `CUDNN_TYPE_DATA_TYPE`, `bool` for `CUDNN_TYPE_BOOLEAN`), and any handle,
+    /// descriptor or pointer among `values` must stay valid for as long as cuDNN uses it.
+    unsafe fn set<T>(&self, name: Attr, ty: AttrType, values: &[T], step: &str) -> Fallible<()> {
+        // SAFETY: `values` holds `values.len()` elements of the type `ty` names (the caller's
+        // promise); cuDNN reads them during the call.
+        let status = unsafe {
+            sys::cudnnBackendSetAttribute(
+                self.raw,
+                name,
+                ty,
+                values.len() as i64,
+                values.as_ptr().cast::<c_void>(),
+            )
+        };
+        check(status, step)
+    }
+
+    fn set_i64s(&self, name: Attr, values: &[i64], step: &str) -> Fallible<()> {
+        // SAFETY: CUDNN_TYPE_INT64 is int64_t.
+        unsafe { self.set(name, AttrType::CUDNN_TYPE_INT64, values, step) }
+    }
+
+    fn set_bool(&self, name: Attr, value: bool, step: &str) -> Fallible<()> {
+        // SAFETY: CUDNN_TYPE_BOOLEAN is C's bool, one byte like Rust's.
+        unsafe { self.set(name, AttrType::CUDNN_TYPE_BOOLEAN, &[value], step) }
+    }
+
+    fn set_data_type(&self, name: Attr, value: sys::cudnnDataType_t, step: &str) -> Fallible<()> {
+        // SAFETY: CUDNN_TYPE_DATA_TYPE is the cudnnDataType_t enum, 32 bits (repr(u32) here).
+        unsafe { self.set(name, AttrType::CUDNN_TYPE_DATA_TYPE, &[value], step) }
+    }
+
+    fn set_pointwise_mode(&self, value: sys::cudnnPointwiseMode_t, step: &str) -> Fallible<()> {
+        // SAFETY: CUDNN_TYPE_POINTWISE_MODE is the cudnnPointwiseMode_t enum, 32 bits.
+        unsafe {
+            self.set(
+                Attr::CUDNN_ATTR_POINTWISE_MODE,
+                AttrType::CUDNN_TYPE_POINTWISE_MODE,
+                &[value],
+                step,
+            )
+        }
+    }
+
+    fn set_reduction_operator(
+        &self,
+        value: sys::cudnnReduceTensorOp_t,
+        step: &str,
+    ) -> Fallible<()> {
+        // SAFETY: CUDNN_TYPE_REDUCTION_OPERATOR_TYPE is the cudnnReduceTensorOp_t enum, 32 bits.
+        unsafe {
+            self.set(
+                Attr::CUDNN_ATTR_REDUCTION_OPERATOR,
+                AttrType::CUDNN_TYPE_REDUCTION_OPERATOR_TYPE,
+                &[value],
+                step,
+            )
+        }
+    }
+
+    fn set_heuristic_mode(&self, value: sys::cudnnBackendHeurMode_t, step: &str) -> Fallible<()> {
+        // SAFETY: CUDNN_TYPE_HEUR_MODE is the cudnnBackendHeurMode_t enum, 32 bits.
+        unsafe {
+            self.set(
+                Attr::CUDNN_ATTR_ENGINEHEUR_MODE,
+                AttrType::CUDNN_TYPE_HEUR_MODE,
+                &[value],
+                step,
+            )
+        }
+    }
+
+    /// Sets `name` to `handle`, which cuDNN keeps: the caller keeps the handle alive for as
+    /// long as this descriptor (a [`Plan`] holds its [`Handle`]).
+    fn set_handle(&self, name: Attr, handle: &Handle, step: &str) -> Fallible<()> {
+        // SAFETY: CUDNN_TYPE_HANDLE is cudnnHandle_t; `handle` is live (see above).
+        unsafe { self.set(name, AttrType::CUDNN_TYPE_HANDLE, &[handle.raw], step) }
+    }
+
+    /// Sets `name` to descriptors, which the caller keeps alive for as long as this one (the
+    /// [`Plan`] holds every descriptor of its graph).
+    fn set_descriptors(&self, name: Attr, values: &[&Descriptor], step: &str) -> Fallible<()> {
+        let raw: Vec<sys::cudnnBackendDescriptor_t> = values.iter().map(|d| d.raw).collect();
+        // SAFETY: CUDNN_TYPE_BACKEND_DESCRIPTOR is cudnnBackendDescriptor_t; they are live.
+        unsafe { self.set(name, AttrType::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw, step) }
+    }
+
+    fn finalize(&self, step: &str) -> Fallible<()> {
+        // SAFETY: `raw` is a live descriptor whose attributes were set through `set`.
+        check(unsafe { sys::cudnnBackendFinalize(self.raw) }, step)
+    }
+
+    /// A finalized descriptor's single int64 attribute.
+    fn get_i64(&self, name: Attr, step: &str) -> Fallible<i64> {
+        let (mut value, mut count) = (0i64, 0i64);
+        // SAFETY: one int64_t is requested into `value`; cuDNN writes the count into `count`.
+        let status = unsafe {
+            sys::cudnnBackendGetAttribute(
+                self.raw,
+                name,
+                AttrType::CUDNN_TYPE_INT64,
+                1,
+                &mut count,
+                (&mut value as *mut i64).cast::<c_void>(),
+            )
+        };
+        check(status, step)?;
+        if count != 1 {
+            return Err(format!("{step}: cuDNN returned {count} values"));
+        }
+        Ok(value)
+    }
+}
+
+impl Drop for Descriptor {
+    fn drop(&mut self) {
+        // SAFETY: `raw` was created by `Descriptor::new` and is destroyed only here.
+        unsafe {
+            let _ = sys::cudnnBackendDestroyDescriptor(self.raw);
+        }
+    }
+}
+
+/// Descriptors that must outlive the ones built from them, dropped newest first (operations
+/// before the tensors they name, the plan before its engine configuration and graph).
+#[derive(Default)]
+struct Kept(Vec<Descriptor>);
+
+impl Kept {
+    fn keep(&mut self, descriptor: Descriptor) {
+        self.0.push(descriptor);
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        while self.0.pop().is_some() {}
+    }
+}
+
+/// A raw cuDNN handle bound to a stream, destroyed on drop; it holds the stream so that no
+/// other stream can take its address (the key it is found by) while it lives.
+struct Handle {
+    raw: sys::cudnnHandle_t,
+    _stream: Arc<CudaStream>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: `raw` was created by `handle` and is destroyed only here, after every plan
+        // built on it (each holds this handle).
+        unsafe {
+            let _ = result::destroy_handle(self.raw);
+        }
+    }
+}
+
+/// What identifies a plan: the stream (its handle), dtype, sizes and the element strides of
+/// q, k, v and the output ([B, H, L, D] order).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PlanKey {
+    stream: usize,
+    dtype: DType,
+    /// B, H, Lq, Lk, D.
+    sizes: [usize; 5],
+    strides: [[usize; 4]; 4],
+}
+
+/// Which of the two graphs a plan runs.
+#[derive(Clone, Copy)]
+enum Graph {
+    Native,
+    Composite,
+}
+
+impl Graph {
+    fn name(self) -> &'static str {
+        match self {
+            Graph::Native => "native SDPA_FWD operation",
+            Graph::Composite => "composite graph",
+        }
+    }
+}
+
+/// An execution plan and everything it was built from.
+struct Plan {
+    plan: Descriptor,
+    workspace_bytes: usize,
+    /// Which graph, which engine configuration, and why any graph tried first gave no plan.
+    description: String,
+    /// The engine configuration, operation graph, operations and tensors of the plan.
+    _graph: Kept,
+    /// Dropped last: the descriptors above were built on it.
+    handle: Rc<Handle>,
+}
+
+/// Per thread: handles by stream, and plans (or why there is none) by key.
+#[derive(Default)]
+struct State {
+    handles: HashMap<usize, Rc<Handle>>,
+    plans: HashMap<PlanKey, Result<Rc<Plan>, String>>,
+}
+
+thread_local! {
+    // cuDNN handles and execution plans are not thread-safe; one set per thread.
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+/// This thread's handle for `stream`, created (and bound to the stream) on first use.
+fn handle(stream: &Arc<CudaStream>) -> Fallible<Rc<Handle>> {
+    let key = Arc::as_ptr(stream) as usize;
+    if let Some(found) = STATE.with(|s| s.borrow().handles.get(&key).cloned()) {
+        return Ok(found);
+    }
+    let _span = tracing::debug_span!("cudnn_sdpa_handle").entered();
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| format!("binding the CUDA context: {e:?}"))?;
+    let raw = result::create_handle().map_err(|e| format!("creating the handle: {e:?}"))?;
+    let created = Rc::new(Handle {
+        raw,
+        _stream: stream.clone(),
+    });
+    // SAFETY: `raw` is a live handle and the stream outlives it (`created` holds both).
+    unsafe { result::set_stream(raw, stream.cu_stream() as sys::cudaStream_t) }
+        .map_err(|e| format!("binding the handle to the stream: {e:?}"))?;
+    STATE.with(|s| s.borrow_mut().handles.insert(key, created.clone()));
+    Ok(created)
+}
+
+/// A tensor descriptor's properties.
+struct TensorSpec {
+    name: &'static str,
+    uid: i64,
+    dtype: sys::cudnnDataType_t,
+    dims: [i64; 4],
+    strides: [i64; 4],
+    is_virtual: bool,
+    by_value: bool,
+}
+
+fn tensor(spec: TensorSpec) -> Fallible<Descriptor> {
+    let TensorSpec {
+        name,
+        uid,
+        dtype,
+        dims,
+        strides,
+        is_virtual,
+        by_value,
+    } = spec;
+    let d = Descriptor::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR, name)?;
+    let step = |what: &str| format!("tensor {name}: {what}");
+    d.set_data_type(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, dtype, &step("data type"))?;
+    d.set_i64s(
+        Attr::CUDNN_ATTR_TENSOR_DIMENSIONS,
+        &dims,
+        &step("dimensions"),
+    )?;
+    d.set_i64s(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides, &step("strides"))?;
+    d.set_i64s(
+        Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID,
+        &[uid],
+        &step("unique id"),
+    )?;
+    d.set_i64s(
+        Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT,
+        &[ALIGN_BYTES as i64],
+        &step("alignment"),
+    )?;
+    if is_virtual {
+        d.set_bool(Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL, true, &step("virtual"))?;
+    }
+    if by_value {
+        d.set_bool(Attr::CUDNN_ATTR_TENSOR_IS_BY_VALUE, true, &step("by value"))?;
+    }
+    d.finalize(&step("finalizing"))?;
+    Ok(d)
+}
+
+/// The sizes and layouts a graph is built for, in cuDNN's terms.
+struct Problem {
+    io: sys::cudnnDataType_t,
+    b: i64,
+    h: i64,
+    lq: i64,
+    lk: i64,
+    d: i64,
+    q: [i64; 4],
+    k: [i64; 4],
+    v: [i64; 4],
+    o: [i64; 4],
+}
+
+impl Problem {
+    fn from_key(key: &PlanKey) -> Fallible<Self> {
+        let io = match key.dtype {
+            DType::BF16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+            DType::F16 => sys::cudnnDataType_t::CUDNN_DATA_HALF,
+            other => return Err(format!("no attention for {other:?}")),
+        };
+        let [b, h, lq, lk, d] = key.sizes.map(|n| n as i64);
+        let [q, k, v, o] = key.strides.map(|s| s.map(|n| n as i64));
+        Ok(Self {
+            io,
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            q,
+            k,
+            v,
+            o,
+        })
+    }
+
+    /// The four tensors the variant pack binds and the scale. `transposed_k` describes K as
+    /// Kᵀ [B, H, D, Lk] over the same memory (what the composite graph's first matmul takes).
+    fn io_tensors(&self, transposed_k: bool) -> Fallible<[Descriptor; 5]> {
+        let (b, h, lq, lk, d) = (self.b, self.h, self.lq, self.lk, self.d);
+        let plain = |name, uid, dims, strides| TensorSpec {
+            name,
+            uid,
+            dtype: self.io,
+            dims,
+            strides,
+            is_virtual: false,
+            by_value: false,
+        };
+        let [k0, k1, k2, k3] = self.k;
+        let k = if transposed_k {
+            plain("Kᵀ", UID_K, [b, h, d, lk], [k0, k1, k3, k2])
+        } else {
+            plain("K", UID_K, [b, h, lk, d], self.k)
+        };
+        Ok([
+            tensor(plain("Q", UID_Q, [b, h, lq, d], self.q))?,
+            tensor(k)?,
+            tensor(plain("V", UID_V, [b, h, lk, d], self.v))?,
+            tensor(plain("O", UID_O, [b, h, lq, d], self.o))?,
+            // A host f32 passed by value at execution, [1, 1, 1, 1] as PyTorch declares it.
+            tensor(TensorSpec {
+                name: "scale",
+                uid: UID_SCALE,
+                dtype: sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                dims: [1; 4],
+                strides: [1; 4],
+                is_virtual: false,
+                by_value: true,
+            })?,
+        ])
+    }
+}
+
+/// The native SDPA operation over Q, K, V, O and the scale; returns the operation and the
+/// tensors it names.
+fn native_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
+    let [q, k, v, o, scale] = p.io_tensors(false)?;
+    let op = Descriptor::new(
+        Kind::CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR,
+        "the SDPA operation",
+    )?;
+    for (name, t, what) in [
+        (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, &q, "Q"),
+        (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, &k, "K"),
+        (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, &v, "V"),
+        (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, &o, "O"),
+        (
+            Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC,
+            &scale,
+            "scale",
+        ),
+    ] {
+        op.set_descriptors(name, &[t], &format!("SDPA operation: {what}"))?;
+    }
+    op.finalize("finalizing the SDPA operation")?;
+    let mut kept = Kept::default();
+    for t in [q, k, v, o, scale] {
+        kept.keep(t);
+    }
+    Ok((vec![op], kept))
+}
+
+/// A matmul operation `c = a · b` computing in f32; its matmul descriptor goes to `kept`.
+fn matmul(
+    name: &str,
+    a: &Descriptor,
+    b: &Descriptor,
+    c: &Descriptor,
+    kept: &mut Kept,
+) -> Fallible<Descriptor> {
+    let step = |what: &str| format!("matmul {name}: {what}");
+    let desc = Descriptor::new(Kind::CUDNN_BACKEND_MATMUL_DESCRIPTOR, name)?;
+    desc.set_data_type(
+        Attr::CUDNN_ATTR_MATMUL_COMP_TYPE,
+        sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        &step("compute type"),
+    )?;
+    desc.finalize(&step("finalizing the descriptor"))?;
+    let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, name)?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &[a], &step("A"))?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, &[b], &step("B"))?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, &[c], &step("C"))?;
+    op.set_descriptors(
+        Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC,
+        &[&desc],
+        &step("descriptor"),
+    )?;
+    op.finalize(&step("finalizing"))?;
+    kept.keep(desc);
+    Ok(op)
+}
+
+/// A pointwise operation `y = mode(x[, b])` computing in f32; its pointwise descriptor goes to
+/// `kept`.
+fn pointwise(
+    mode: sys::cudnnPointwiseMode_t,
+    x: &Descriptor,
+    b: Option<&Descriptor>,
+    y: &Descriptor,
+    kept: &mut Kept,
+) -> Fallible<Descriptor> {
+    let step = |what: &str| format!("pointwise {mode:?}: {what}");
+    let desc = Descriptor::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR, "a pointwise mode")?;
+    desc.set_pointwise_mode(mode, &step("mode"))?;
+    desc.set_data_type(
+        Attr::CUDNN_ATTR_POINTWISE_MATH_PREC,
+        sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        &step("precision"),
+    )?;
+    desc.finalize(&step("finalizing the descriptor"))?;
+    let op = Descriptor::new(
+        Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR,
+        "a pointwise operation",
+    )?;
+    op.set_descriptors(
+        Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR,
+        &[&desc],
+        &step("descriptor"),
+    )?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &[x], &step("X"))?;
+    if let Some(b) = b {
+        op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &[b], &step("B"))?;
+    }
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &[y], &step("Y"))?;
+    op.finalize(&step("finalizing"))?;
+    kept.keep(desc);
+    Ok(op)
+}
+
+/// A reduction `y = op(x)` over the dimensions where `y` has size 1, computing in f32; its
+/// reduction descriptor goes to `kept`.
+fn reduction(
+    operator: sys::cudnnReduceTensorOp_t,
+    x: &Descriptor,
+    y: &Descriptor,
+    kept: &mut Kept,
+) -> Fallible<Descriptor> {
+    let step = |what: &str| format!("reduction {operator:?}: {what}");
+    let desc = Descriptor::new(Kind::CUDNN_BACKEND_REDUCTION_DESCRIPTOR, "a reduction mode")?;
+    desc.set_data_type(
+        Attr::CUDNN_ATTR_REDUCTION_COMP_TYPE,
+        sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        &step("compute type"),
+    )?;
+    desc.set_reduction_operator(operator, &step("operator"))?;
+    if cudnn_version() >= DETERMINISM_FLAG_VERSION {
+        desc.set_bool(
+            Attr::CUDNN_ATTR_REDUCTION_IS_DETERMINISTIC,
+            false,
+            &step("determinism"),
+        )?;
+    }
+    desc.finalize(&step("finalizing the descriptor"))?;
+    let op = Descriptor::new(
+        Kind::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR,
+        "a reduction operation",
+    )?;
+    op.set_descriptors(
+        Attr::CUDNN_ATTR_OPERATION_REDUCTION_DESC,
+        &[&desc],
+        &step("descriptor"),
+    )?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, &[x], &step("X"))?;
+    op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_REDUCTION_YDESC, &[y], &step("Y"))?;
+    op.finalize(&step("finalizing"))?;
+    kept.keep(desc);
+    Ok(op)
+}
+
+/// The composite graph (see the module documentation); returns its operations in the
+/// frontend's order and the descriptors they name.
+fn composite_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
+    use sys::cudnnPointwiseMode_t as Pw;
+    use sys::cudnnReduceTensorOp_t as Red;
+    let [q, kt, v, o, scale] = p.io_tensors(true)?;
+    let (b, h, lq, lk) = (p.b, p.h, p.lq, p.lk);
+    // Scores [B, H, Lq, Lk] and per-row values [B, H, Lq, 1], packed as the frontend lays
+    // out its virtual tensors (cuDNN never stores them).
+    let scores = ([b, h, lq, lk], [h * lq * lk, lq * lk, lk, 1]);
+    let rows = ([b, h, lq, 1], [h * lq, lq, 1, 1]);
+    let mut next_uid = UID_VIRTUAL;
+    let mut virtual_tensor = |name, dtype, (dims, strides): ([i64; 4], [i64; 4])| {
+        next_uid += 1;
+        tensor(TensorSpec {
+            name,
+            uid: next_uid,
+            dtype,
+            dims,
+            strides,
+            is_virtual: true,
+            by_value: false,
+        })
+    };
+    let f32 = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+    let s = virtual_tensor("S = Q·Kᵀ", f32, scores)?;
+    let scaled = virtual_tensor("S·scale", f32, scores)?;
+    let max = virtual_tensor("M = max", f32, rows)?;
+    let centred = virtual_tensor("S − M", f32, scores)?;
+    let exp = virtual_tensor("exp(S − M)", f32, scores)?;
+    let sum = virtual_tensor("Z = Σ exp", f32, rows)?;
+    let log_sum = virtual_tensor("log Z", f32, rows)?;
+    let stats = virtual_tensor("stats = M + log Z", f32, rows)?;
+    let probs = virtual_tensor("P = exp / Z", p.io, scores)?;
+
+    let mut kept = Kept::default();
+    let ops = vec![
+        matmul("Q·Kᵀ", &q, &kt, &s, &mut kept)?,
+        pointwise(
+            Pw::CUDNN_POINTWISE_MUL,
+            &s,
+            Some(&scale),
+            &scaled,
+            &mut kept,
+        )?,
+        reduction(Red::CUDNN_REDUCE_TENSOR_MAX, &scaled, &max, &mut kept)?,
+        pointwise(
+            Pw::CUDNN_POINTWISE_SUB,
+            &scaled,
+            Some(&max),
+            &centred,
+            &mut kept,
+        )?,
+        pointwise(Pw::CUDNN_POINTWISE_EXP, &centred, None, &exp, &mut kept)?,
+        reduction(Red::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum, &mut kept)?,
+        pointwise(Pw::CUDNN_POINTWISE_LOG, &sum, None, &log_sum, &mut kept)?,
+        pointwise(
+            Pw::CUDNN_POINTWISE_ADD,
+            &max,
+            Some(&log_sum),
+            &stats,
+            &mut kept,
+        )?,
+        pointwise(Pw::CUDNN_POINTWISE_DIV, &exp, Some(&sum), &probs, &mut kept)?,
+        matmul("P·V", &probs, &v, &o, &mut kept)?,
+    ];
+    for t in [
+        q, kt, v, o, scale, s, scaled, max, centred, exp, sum, log_sum, stats, probs,
+    ] {
+        kept.keep(t);
+    }
+    Ok((ops, kept))
+}
+
+/// The operation graph of `ops`, cuDNN's ranked engine configurations for it, and the first
+/// that finalizes into an execution plan.
+fn plan_graph(
+    handle: &Rc<Handle>,
+    graph: Graph,
+    ops: Vec<Descriptor>,
+    mut kept: Kept,
+) -> Fallible<Plan> {
+    let op_graph = Descriptor::new(
+        Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR,
+        "the operation graph",
+    )?;
+    let op_refs: Vec<&Descriptor> = ops.iter().collect();
+    op_graph.set_descriptors(
+        Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS,
+        &op_refs,
+        "operation graph: operations",
+    )?;
+    op_graph.set_handle(
+        Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE,
+        handle,
+        "operation graph: handle",
+    )?;
+    op_graph.finalize("finalizing the operation graph")?;
+    for op in ops {
+        kept.keep(op);
+    }
+
+    let heuristics = Descriptor::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "the heuristics")?;
+    heuristics.set_descriptors(
+        Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH,
+        &[&op_graph],
+        "heuristics: operation graph",
+    )?;
+    heuristics.set_heuristic_mode(
+        sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+        "heuristics: mode",
+    )?;
+    heuristics.finalize("finalizing the heuristics query")?;
+    let mut count = 0i64;
+    // SAFETY: a count query (no elements requested, none written).
+    let status = unsafe {
+        sys::cudnnBackendGetAttribute(
+            heuristics.raw,
+            Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+            AttrType::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            0,
+            &mut count,
+            std::ptr::null_mut(),
+        )
+    };
+    check(status, "counting the engine configurations")?;
+    if count <= 0 {
+        return Err("the heuristics found no engine configuration".into());
+    }
+    // cuDNN fills engine configuration descriptors that the caller creates.
+    let configs = (0..count)
+        .map(|_| Descriptor::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, "an engine config"))
+        .collect::<Fallible<Vec<_>>>()?;
+    let mut raw: Vec<sys::cudnnBackendDescriptor_t> = configs.iter().map(|c| c.raw).collect();
+    let mut returned = 0i64;
+    // SAFETY: `raw` holds `count` live engine configuration descriptors for cuDNN to fill.
+    let status = unsafe {
+        sys::cudnnBackendGetAttribute(
+            heuristics.raw,
+            Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+            AttrType::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            count,
+            &mut returned,
+            raw.as_mut_ptr().cast::<c_void>(),
+        )
+    };
+    check(status, "reading the engine configurations")?;
+    let returned = returned.clamp(0, count) as usize;
+
+    let mut refusals = Vec::new();
+    for (rank, config) in configs.into_iter().take(returned).enumerate() {
+        match execution_plan(handle, &config) {
+            Ok((plan, workspace_bytes)) => {
+                let description = format!(
+                    "{}, engine configuration {} of {returned} (heuristics mode A), \
+                     workspace {workspace_bytes} bytes, cuDNN {}",
+                    graph.name(),
+                    rank + 1,
+                    cudnn_version()
+                );
+                kept.keep(op_graph);
+                kept.keep(heuristics);
+                kept.keep(config);
+                return Ok(Plan {
+                    plan,
+                    workspace_bytes,
+                    description,
+                    _graph: kept,
+                    handle: handle.clone(),
+                });
+            }
+            Err(e) => refusals.push(format!("configuration {}: {e}", rank + 1)),
+        }
+    }
+    if refusals.is_empty() {
+        return Err("the heuristics returned no engine configuration".into());
+    }
+    Err(format!(
+        "no engine configuration finalized ({})",
+        refusals.join("; ")
+    ))
+}
+
+/// An execution plan of one engine configuration, and its workspace size.
+fn execution_plan(handle: &Handle, config: &Descriptor) -> Fallible<(Descriptor, usize)> {
+    let plan = Descriptor::new(
+        Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR,
+        "the execution plan",
+    )?;
+    plan.set_handle(
+        Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+        handle,
+        "execution plan: handle",
+    )?;
+    plan.set_descriptors(
+        Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
+        &[config],
+        "execution plan: engine configuration",
+    )?;
+    plan.finalize("finalizing the execution plan")?;
+    let bytes = plan.get_i64(
+        Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+        "reading the workspace size",
+    )?;
+    let bytes = usize::try_from(bytes).map_err(|_| format!("workspace size {bytes}"))?;
+    Ok((plan, bytes))
+}
+
+/// A plan for `key` on `handle`: the native operation, then the composite graph, as the
+/// version and [`GRAPH_ENV`] allow.
+fn build_plan(handle: &Rc<Handle>, key: &PlanKey) -> Fallible<Plan> {
+    let version = cudnn_version();
+    // cuDNN's frontend refuses bf16/f16 attention on 9.10.0 and 9.10.1 (known bugs), and this
+    // module is written against cuDNN 9's backend API.
+    if version < 90000 || version == 91000 || version == 91001 {
+        return Err(format!(
+            "cuDNN {version} is not supported (9.0 or later, except 9.10.0 and 9.10.1)"
+        ));
+    }
+    let choice = std::env::var(GRAPH_ENV).unwrap_or_default();
+    let problem = Problem::from_key(key)?;
+    let mut refusals = Vec::new();
+    if choice != "composite" {
+        if version >= NATIVE_MIN_VERSION {
+            match native_graph(&problem)
+                .and_then(|(ops, kept)| plan_graph(handle, Graph::Native, ops, kept))
+            {
+                Ok(plan) => return Ok(plan),
+                Err(e) => refusals.push(format!("{}: {e}", Graph::Native.name())),
+            }
+        } else {
+            refusals.push(format!(
+                "{}: needs cuDNN {NATIVE_MIN_VERSION} or later",
+                Graph::Native.name()
+            ));
+        }
+    }
+    if choice != "native" {
+        match composite_graph(&problem)
+            .and_then(|(ops, kept)| plan_graph(handle, Graph::Composite, ops, kept))
+        {
+            Ok(mut plan) => {
+                if !refusals.is_empty() {
+                    plan.description += &format!(" (after {})", refusals.join("; "));
+                }
+                return Ok(plan);
+            }
+            Err(e) => refusals.push(format!("{}: {e}", Graph::Composite.name())),
+        }
+    }
+    Err(format!(
+        "no execution plan for {:?} [B, H, Lq, Lk, D] = {:?} with strides {:?} ({})",
+        key.dtype,
+        key.sizes,
+        key.strides,
+        refusals.join("; ")
+    ))
+}
+
+/// This thread's plan for `key`, built on first use; a refusal is remembered as well.
+fn plan_for(key: &PlanKey, stream: &Arc<CudaStream>) -> candle_core::Result<Rc<Plan>> {
+    if let Some(found) = STATE.with(|s| s.borrow().plans.get(key).cloned()) {
+        return found.map_err(error);
+    }
+    let handle = handle(stream).map_err(error)?;
+    let built = tracing::debug_span!("cudnn_sdpa_plan").in_scope(|| build_plan(&handle, key));
+    let cached = built.map(Rc::new);
+    if let Ok(plan) = &cached {
+        tracing::debug!(plan = %plan.description, "cuDNN SDPA plan");
+    }
+    STATE.with(|s| s.borrow_mut().plans.insert(key.clone(), cached.clone()));
+    cached.map_err(error)
+}
+
+/// Whether [`sdpa`] takes these operands: bf16 or f16 (all three alike) on one CUDA device,
+/// [B, H, L, D] with equal B, H and D, k and v of one length and no empty dimension, D a
+/// multiple of 8 up to 128, D contiguous, and every other stride and the start offsets 16-byte
+/// aligned (cuDNN's requirement); a stride of 0 only on a dimension of size 1.
+pub fn sdpa_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let (Ok((b, h, lq, d)), Ok((kb, kh, lk, kd)), Ok(v_dims)) = (q.dims4(), k.dims4(), v.dims4())
+    else {
+        return false;
+    };
+    let shapes = (kb, kh, kd) == (b, h, d)
+        && v_dims == (b, h, lk, d)
+        && [b, h, lq, lk].iter().all(|&n| n > 0)
+        && d.is_multiple_of(8)
+        && d <= MAX_HEAD_DIM;
+    let dtype = q.dtype();
+    let types = matches!(dtype, DType::BF16 | DType::F16)
+        && k.dtype() == dtype
+        && v.dtype() == dtype
+        && q.device().is_cuda()
+        && q.device().same_device(k.device())
+        && q.device().same_device(v.device());
+    let align = ALIGN_BYTES / dtype.size_in_bytes();
+    let aligned = |t: &Tensor| {
+        let (dims, strides) = (t.dims(), t.layout().stride());
+        strides[3] == 1
+            && strides[..3]
+                .iter()
+                .zip(dims)
+                .all(|(&s, &n)| s.is_multiple_of(align) && (s > 0 || n == 1))
+            && t.layout().start_offset().is_multiple_of(align)
+    };
+    shapes && types && [q, k, v].into_iter().all(aligned)
+}
+
+/// Element strides as cuDNN gets them: a size-1 dimension of stride 0 (a broadcast) gets the
+/// extent of the dimensions inside it, as PyTorch passes such strides (cuDNN may reject 0).
+fn strides_of(layout: &Layout) -> [usize; 4] {
+    let (dims, strides) = (layout.dims(), layout.stride());
+    std::array::from_fn(|i| match strides[i] {
+        0 => (i + 1..4).map(|j| strides[j] * dims[j]).max().unwrap_or(1),
+        s => s,
+    })
+}
+
+/// The plan [`sdpa`] runs for these operands, in words (which graph, which engine
+/// configuration, the workspace, the cuDNN version, and why a graph tried first gave no
+/// plan); builds the plan if needed. For reports.
+///
+/// # Errors
+/// As [`sdpa`].
+pub fn describe_plan(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<String> {
+    let (key, stream) = plan_key(q, k, v)?;
+    Ok(plan_for(&key, &stream)?.description.clone())
+}
+
+/// The plan key of supported operands, and their stream.
+fn plan_key(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(PlanKey, Arc<CudaStream>)> {
+    if !sdpa_supports(q, k, v) {
+        return Err(error(format!(
+            "unsupported operands q {:?} {:?} strides {:?} offset {}, k {:?} {:?} strides {:?} \
+             offset {}, v {:?} {:?} strides {:?} offset {}",
+            q.dims(),
+            q.dtype(),
+            q.layout().stride(),
+            q.layout().start_offset(),
+            k.dims(),
+            k.dtype(),
+            k.layout().stride(),
+            k.layout().start_offset(),
+            v.dims(),
+            v.dtype(),
+            v.layout().stride(),
+            v.layout().start_offset(),
+        )));
+    }
+    let (b, h, lq, d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let stream = q.device().as_cuda_device()?.cuda_stream();
+    let key = PlanKey {
+        stream: Arc::as_ptr(&stream) as usize,
+        dtype: q.dtype(),
+        sizes: [b, h, lq, lk, d],
+        strides: [
+            strides_of(q.layout()),
+            strides_of(k.layout()),
+            strides_of(v.layout()),
+            output_strides(h, lq, d),
+        ],
+    };
+    Ok((key, stream))
+}
+
+/// Strides of the output's [B, H, Lq, D] view of its token-major [B, Lq, H, D] buffer.
+fn output_strides(h: usize, lq: usize, d: usize) -> [usize; 4] {
+    [lq * h * d, d, h * d, 1]
+}
+
+/// `softmax(q·kᵀ / √D) · v` through cuDNN's fused attention (see the module documentation),
+/// reading q, k and v in place through their strides. The output is written token-major and
+/// returned as a [B, H, Lq, D] view of it, so that the usual `transpose(1, 2)` back to
+/// [B, Lq, H, D] is free.
+///
+/// The plan is built on the first call for a shape and layout (see the module documentation);
+/// the workspace cuDNN asks for (usually none or a few MiB) is allocated per call from the
+/// device's stream-ordered pool rather than kept per plan, so that idle plans hold no memory.
+///
+/// # Shapes
+/// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D], bf16 or f16, any strides with D
+///   contiguous ([`sdpa_supports`]).
+/// - returns [B, H, Lq, D], a transposed view of a [B, Lq, H, D] buffer.
+///
+/// # Errors
+/// Operands [`sdpa_supports`] refuses, or no execution plan from cuDNN for them (the message
+/// names each step that failed and cuDNN's status), so that the caller can fall back to
+/// another kernel; or a failed allocation or launch.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let (key, stream) = plan_key(q, k, v)?;
+    let plan = plan_for(&key, &stream)?;
+    match q.dtype() {
+        DType::BF16 => run::<half::bf16>(q, k, v, &plan, &key, &stream),
+        DType::F16 => run::<half::f16>(q, k, v, &plan, &key, &stream),
+        other => Err(error(format!("no attention for {other:?}"))),
+    }
+}
+
+/// The device pointer of an operand's first element, and the record of its read (dropped
+/// after the launch).
+fn operand_ptr<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
+    stream: &'a CudaStream,
+) -> candle_core::Result<(u64, SyncOnDrop<'a>)> {
+    let Storage::Cuda(cuda) = storage else {
+        return Err(error("operands must be on the CUDA device"));
+    };
+    // Both dtypes taken are two bytes wide.
+    let offset = (layout.start_offset() * 2) as u64;
+    let (base, read) = match &cuda.slice {
+        CudaStorageSlice::BF16(s) => s.device_ptr(stream),
+        CudaStorageSlice::F16(s) => s.device_ptr(stream),
+        _ => return Err(error("operands must be bf16 or f16")),
+    };
+    Ok((base + offset, read))
+}
+
+/// Allocates the output (and workspace) and executes `plan`.
+fn run<T: CudaDType + DeviceRepr>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    plan: &Plan,
+    key: &PlanKey,
+    stream: &Arc<CudaStream>,
+) -> candle_core::Result<Tensor> {
+    let [b, h, lq, _, d] = key.sizes;
+    let device = q.device().as_cuda_device()?.clone();
+    let alloc_err = |e| error(format!("allocating device memory: {e:?}"));
+    // SAFETY: the plan writes every element of the output (O covers it exactly).
+    let mut out = unsafe { stream.alloc::<T>(b * lq * h * d) }.map_err(alloc_err)?;
+    // SAFETY: cuDNN's workspace is scratch it writes before reading.
+    let mut workspace = match plan.workspace_bytes {
+        0 => None,
+        n => Some(unsafe { stream.alloc::<u8>(n) }.map_err(alloc_err)?),
+    };
+    {
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let (qp, _q_read) = operand_ptr(&q_storage, q_layout, stream)?;
+        let (kp, _k_read) = operand_ptr(&k_storage, k_layout, stream)?;
+        let (vp, _v_read) = operand_ptr(&v_storage, v_layout, stream)?;
+        let (op, _o_write) = out.device_ptr_mut(stream);
+        let scratch = workspace.as_mut().map(|w| w.device_ptr_mut(stream));
+        let wp = scratch.as_ref().map_or(0, |(p, _)| *p);
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| error(format!("binding the CUDA context: {e:?}")))?;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let _span = tracing::trace_span!("cudnn_sdpa_execute").entered();
+        // SAFETY: q, k and v are live storages (their read guards are held) of the layouts the
+        // plan was built for (its key); `out` is a fresh buffer of the output's layout and
+        // `wp` (if any) a fresh one of the plan's workspace size; the launch is ordered on
+        // `stream` before anything frees them.
+        unsafe { execute(plan, [qp, kp, vp, op], scale, wp) }.map_err(error)?;
+        // The read and write records drop here, after the launch, then the storage guards.
+    }
+    let out = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device)),
+        vec![b, lq, h, d],
+        BackpropOp::none(),
+        false,
+    );
+    // Frees the workspace after the launch in stream order.
+    drop(workspace);
+    out.transpose(1, 2)
+}
+
+/// Binds the tensors to their unique ids in a variant pack and launches `plan` on its handle's
+/// stream.
+///
+/// # Safety
+/// `q`, `k`, `v` and `o` must address live device buffers covering the plan's layouts (`o`
+/// writable and used by nothing else meanwhile), and `workspace` a live buffer of at least the
+/// plan's workspace size (or 0 when it needs none).
+unsafe fn execute(plan: &Plan, [q, k, v, o]: [u64; 4], scale: f32, workspace: u64) -> Fallible<()> {
+    // cuDNN reads the pass-by-value scale from host memory during the execute call; aligned
+    // as the tensor descriptor promises.
+    #[repr(align(16))]
+    struct Aligned(f32);
+    let mut scale = Aligned(scale);
+    let pointers: [*mut c_void; 5] = [
+        q as usize as *mut c_void,
+        k as usize as *mut c_void,
+        v as usize as *mut c_void,
+        o as usize as *mut c_void,
+        (&mut scale.0 as *mut f32).cast::<c_void>(),
+    ];
+    let uids = [UID_Q, UID_K, UID_V, UID_O, UID_SCALE];
+    let pack = Descriptor::new(
+        Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR,
+        "the variant pack",
+    )?;
+    // SAFETY: CUDNN_TYPE_VOID_PTR is void*; the pointers stay valid until `cudnnBackendExecute`
+    // returns (the caller's promise, and `scale` lives on this frame).
+    unsafe {
+        pack.set(
+            Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
+            AttrType::CUDNN_TYPE_VOID_PTR,
+            &pointers,
+            "variant pack: data pointers",
+        )?;
+        pack.set(
+            Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
+            AttrType::CUDNN_TYPE_VOID_PTR,
+            &[workspace as usize as *mut c_void],
+            "variant pack: workspace",
+        )?;
+    }
+    pack.set_i64s(
+        Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
+        &uids,
+        "variant pack: unique ids",
+    )?;
+    pack.finalize("finalizing the variant pack")?;
+    // SAFETY: the handle, plan and pack are live and finalized; the buffers are the caller's
+    // promise.
+    let status = unsafe { sys::cudnnBackendExecute(plan.handle.raw, plan.plan.raw, pack.raw) };
+    check(status, "executing the plan")
+}
