@@ -3,9 +3,11 @@
 # (random weights, bf16) under a --vram-budget that streams its blocks, with every meter at each
 # job boundary (the server's own record); and, for issue 15, the CLIP vision encoder's layers
 # streamed on the GPU (`tensors clip-vision --vram-budget 1GiB` against the resident run).
+#   bash bench/gpu-serve.sh [jobs|clip|all]     (default all)
 # Needs .carry/vpipe.xz (CUDA build). Carry [".carry", ".whl"].
 # On a CPU (a check of this script): TINY=1 VPIPE=target/debug/vpipe bash bench/gpu-serve.sh
 set -u
+PART=${1:-all}
 if [ -n "${TINY:-}" ]; then
   OUT=${OUT:-/tmp/vpipe-bench-out}; mkdir -p "$OUT"
   DEVICE="--device cpu"; BUDGET=""; JOBS=3
@@ -28,15 +30,18 @@ T0=$(date +%s)
     cp /tmp/serve-demo/weights/*.safetensors /tmp/serve-demo/weights/tokenizer.json $M/
     rm -f $M/lora-*.safetensors
   else
-    ONLY=dit,umt5,clip python3 bench/make_random_checkpoints.py $M || exit 4
+    if [ "$PART" = clip ]; then ONLY=clip; else ONLY=dit,umt5,clip; fi
+    ONLY=$ONLY python3 bench/make_random_checkpoints.py $M || exit 4
     mkdir -p /tmp/serve-clip && mv $M/clip_vision_h_random_bf16.safetensors /tmp/serve-clip/
-    python3 -c "
+    [ "$PART" = clip ] || python3 -c "
 import sys; sys.path.insert(0, 'bench')
 from vae_gpu import make_vae
 from safetensors.torch import save_file
 save_file({k: v.contiguous() for k, v in make_vae().state_dict().items()}, '$M/wan_2.1_vae.safetensors')" || exit 4
   fi
   echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+  JOBS_CODE=0
+  if [ "$PART" != clip ]; then
   rm -rf /tmp/serve-out
   $VPIPE serve --models $M --outputs /tmp/serve-out --listen 127.0.0.1:8190 $DEVICE $BUDGET \
     > /tmp/serve.log 2>&1 &
@@ -48,7 +53,8 @@ save_file({k: v.contiguous() for k, v in make_vae().state_dict().items()}, '$M/w
   kill -TERM $SERVER; wait $SERVER; echo "vpipe serve exit $?"
   cp /tmp/serve-out/job-1/report.json "$OUT/serve-job1-report.json" 2>/dev/null
   echo "jobs done at +$(( $(date +%s) - T0 ))s"
-  if [ -z "${TINY:-}" ]; then
+  fi
+  if [ -z "${TINY:-}" ] && [ "$PART" != jobs ]; then
     # CLIP vision: resident, then its layers streamed through a 1 GiB budget; outputs compared.
     python3 -c "
 import torch; from safetensors.torch import save_file
