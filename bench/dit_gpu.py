@@ -2,6 +2,7 @@
 """diffusers/transformers side of the DiT and umT5 benchmarks (same card, same call as vpipe's).
 
     python3 bench/dit_gpu.py dit [--reps 2]     # WanTransformer3DModel 14B, bf16, SDPA
+    python3 bench/dit_gpu.py dit-1.3b [--reps 2]  # the same for the 1.3B
     python3 bench/dit_gpu.py umt5 [--reps 5]    # UMT5EncoderModel (umT5-xxl), bf16, 512 tokens
     python3 bench/dit_gpu.py dit-fp8 [--reps 2] # the 14B with float8 e4m3 weights (diffusers'
                                                 # layerwise casting: stored fp8, computed bf16)
@@ -74,6 +75,9 @@ def i2v(reps, width=1280, height=720):
     from diffusers import WanTransformer3DModel
 
     cfg = dict(WAN14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+    if small:  # Wan 2.1 1.3B
+        cfg.update(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+    heads = cfg["num_attention_heads"]
     t0 = time.perf_counter()
     model = build(lambda: WanTransformer3DModel(**cfg))
     torch.cuda.synchronize()
@@ -118,12 +122,15 @@ def dit_fp8(reps):
          max_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
 
 
-def dit(reps):
+def dit(reps, small=False):
     from diffusers import WanTransformer3DModel
 
     cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
                patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    if small:  # Wan 2.1 1.3B
+        cfg.update(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+    heads = cfg["num_attention_heads"]
     t0 = time.perf_counter()
     model = build(lambda: WanTransformer3DModel(**cfg))
     torch.cuda.synchronize()
@@ -138,8 +145,8 @@ def dit(reps):
         ts = torch.full((B,), 999.0, device=DEV)
         fwd = lambda: model(hidden_states=hs, timestep=ts, encoder_hidden_states=ehs, return_dict=False)
         step, peak = measure(fwd, reps)
-        q = torch.randn(B, tokens, 40, 128, device=DEV, dtype=torch.bfloat16).permute(0, 2, 1, 3)
-        kv = torch.randn(B, L, 40, 128, device=DEV, dtype=torch.bfloat16).permute(0, 2, 1, 3)
+        q = torch.randn(B, tokens, heads, 128, device=DEV, dtype=torch.bfloat16).permute(0, 2, 1, 3)
+        kv = torch.randn(B, L, heads, 128, device=DEV, dtype=torch.bfloat16).permute(0, 2, 1, 3)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         self_s, _ = measure(lambda: sdpa(q, q, q), reps)
         cross_s, _ = measure(lambda: sdpa(q, kv, kv), reps)
@@ -260,4 +267,5 @@ if __name__ == "__main__":
         width, height = map(int, size.split("x"))
         i2v(reps, width, height)
     else:
-        {"dit": dit, "umt5": umt5, "dit-fp8": dit_fp8, "dit-offload": dit_offload}[section](reps)
+        {"dit": dit, "dit-1.3b": lambda r: dit(r, small=True), "umt5": umt5, "dit-fp8": dit_fp8,
+         "dit-offload": dit_offload}[section](reps)

@@ -65,7 +65,7 @@ save_file({'pixel_values': torch.randn(1, 3, 224, 224)}, '/tmp/serve-clip/in.saf
       $VPIPE tensors clip-vision --clip-vision /tmp/serve-clip/clip_vision_h_random_bf16.safetensors \
         --input /tmp/serve-clip/in.safetensors --output /tmp/serve-clip/out-$budget.safetensors \
         --device cuda:0 --dtype bf16 $flag --report /tmp/serve-clip/report-$budget.json 2>&1 | tail -2
-      echo "clip-vision $budget exit $?"
+      code=${PIPESTATUS[0]}; echo "clip-vision $budget exit $code"; [ $code -ne 0 ] && JOBS_CODE=$code
     done
     python3 - "$OUT" <<'PY'
 import json, sys

@@ -21,8 +21,13 @@ use vpipe_models::ops::max_abs_diff;
 
 const HEAD_DIM: usize = 128;
 
+/// One device for every operand: candle gives each `new_cuda` call a device of its own, and
+/// cuDNN's attention takes operands of one device only.
 fn device() -> Device {
-    Device::new_cuda(0).expect("a CUDA device")
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| Device::new_cuda(0).expect("a CUDA device"))
+        .clone()
 }
 
 /// Random operands [B, H, L, D]: contiguous, or token-major ([B, L, H, D] viewed as

@@ -198,8 +198,8 @@ fn chunked_attention_does_not_change_the_output() {
         attention_scratch: 2048,
         ..Execution::default()
     };
-    let (self_chunk, _) = model.query_chunks(&execution, 2, 72, 20);
-    assert!(self_chunk.0 < 72, "{self_chunk:?}");
+    let (self_attend, _) = model.attends(&execution, 2, 72, 20);
+    assert!(self_attend.chunk.0 < 72, "{self_attend:?}");
     let chunked = run_planned(&model, &cases, "batch2", &execution);
     let err = max_abs_diff(&chunked, &full).unwrap();
     assert!(err <= 1e-5, "{err}");
@@ -219,7 +219,14 @@ fn token_slices_do_not_change_the_output() {
     let sliced = run_planned(&model, &cases, "batch2", &execution);
     let err = max_abs_diff(&sliced, &whole).unwrap();
     assert!(err <= 1e-5, "{err}");
-    let estimate = |slices| config().activation_bytes_estimate(DType::F32, 2, 72, 0, slices);
+    let estimate = |token_slices| {
+        let execution = Execution {
+            attention_scratch: 0,
+            token_slices,
+            ..Execution::default()
+        };
+        config().activation_bytes_estimate(DType::F32, 2, 72, &execution)
+    };
     assert!(estimate(5) <= estimate(1));
 }
 

@@ -234,6 +234,7 @@ fn per_token_timesteps_under_slices_chunks_and_guidance() {
         Execution {
             attention_scratch: 2048,
             token_slices: 1,
+            ..Execution::default()
         },
     ] {
         let out = model.forward_planned(&x, &t, &ctx, &execution).unwrap();

@@ -8,7 +8,14 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use vpipe_models::ops::attention::{
-    attention, attention_over_query, chunked_attention, is_fused, QueryChunk,
+    attention, attention_over_query, chunked_attention, is_fused, Attend, AttentionKernel,
+    QueryChunk,
+};
+
+/// vpipe's fused kernel, the chunk unused.
+const FUSED: Attend = Attend {
+    kernel: AttentionKernel::Fused,
+    chunk: QueryChunk(1),
 };
 use vpipe_models::ops::max_abs_diff;
 
@@ -34,7 +41,7 @@ fn check((b, h, lq, lk): (usize, usize, usize, usize), dtype: DType, strided: bo
     };
     let (q, k, v) = (make(lq)?, make(lk)?, make(lk)?);
     assert!(is_fused(&q, &k, &v), "fused kernel refused {:?}", q.dims());
-    let fused = attention(&q, &k, &v, QueryChunk(1))?;
+    let fused = attention(&q, &k, &v, FUSED)?;
     assert_eq!(fused.dims(), &[b, h, lq, 128]);
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
     let reference = chunked_attention(&f32_of(&q)?, &f32_of(&k)?, &f32_of(&v)?, QueryChunk(512))?;
@@ -81,7 +88,7 @@ fn large_scores_do_not_overflow() -> Result<()> {
     let q = (Tensor::ones((1, 1, 70, 128), DType::F32, &dev)? * 3.0)?.to_dtype(DType::BF16)?;
     let k = (Tensor::ones((1, 1, 90, 128), DType::F32, &dev)? * 3.0)?.to_dtype(DType::BF16)?;
     let v = Tensor::randn(0f32, 1., (1, 1, 90, 128), &dev)?.to_dtype(DType::BF16)?;
-    let fused = attention(&q, &k, &v, QueryChunk(1))?.to_dtype(DType::F32)?;
+    let fused = attention(&q, &k, &v, FUSED)?.to_dtype(DType::F32)?;
     // Equal scores: every output row is the mean of v's rows.
     let mean = v
         .to_dtype(DType::F32)?
@@ -104,14 +111,14 @@ fn writing_over_the_queries_equals_a_fresh_output() -> Result<()> {
             }
         };
         let (q, k, v) = (make(lq)?, make(lk)?, make(lk)?);
-        let fresh = attention(&q, &k, &v, QueryChunk(1))?;
+        let fresh = attention(&q, &k, &v, FUSED)?;
         // A copy of q with q's strides, so that the kernel writes the output in that layout.
         let queries = if strided {
             q.transpose(1, 2)?.copy()?.transpose(1, 2)?
         } else {
             q.copy()?
         };
-        let over = attention_over_query(queries, &k, &v, QueryChunk(1))?;
+        let over = attention_over_query(queries, &k, &v, FUSED)?;
         assert_eq!(over.dims(), fresh.dims());
         let err = max_abs_diff(&over.to_dtype(DType::F32)?, &fresh.to_dtype(DType::F32)?)?;
         println!("attention over the queries, strided={strided}: max abs vs a fresh output {err}");

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use vpipe_models::ops::attention::AttentionKernel;
 use vpipe_models::ops::max_abs_diff;
 use vpipe_models::tiling::{
     halving_on_failure, tiled_decode, tiled_encode, Finish, TileError, TileSpec, MAX_FRAME_SIDE,
@@ -250,7 +251,12 @@ fn a_huge_token_grid_is_refused_before_any_table_is_made() {
 #[test]
 fn estimates_from_absurd_sizes_saturate_instead_of_overflowing() {
     let cfg = Config::wan21_t2v_14b();
-    let bytes = cfg.activation_bytes_estimate(DType::F32, usize::MAX, usize::MAX, u64::MAX, 1);
+    let execution = Execution {
+        attention: AttentionKernel::Chunked,
+        attention_scratch: u64::MAX,
+        token_slices: 1,
+    };
+    let bytes = cfg.activation_bytes_estimate(DType::F32, usize::MAX, usize::MAX, &execution);
     assert_eq!(bytes, u64::MAX);
     let absurd = Config {
         dim: 1 << 40,

@@ -44,7 +44,7 @@ pub use paths::{
     require_files,
 };
 pub use pipeline::{clip_vision_features, generate, ExpertSwitch, Generated, Job, JobSpec, Mode};
-pub use plan::{attention_scratch, Plan};
+pub use plan::{attention_kernel, attention_scratch, Plan};
 pub use run::{plan, run, run_on};
 pub use step_cache::{
     MagCacheSettings, MagRatios, StepCache, StepCacheFlags, MAGCACHE_MAX_SKIP, MAGCACHE_RETENTION,

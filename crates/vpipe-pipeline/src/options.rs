@@ -95,6 +95,9 @@ pub struct Compute {
     pub dtype: candle_core::DType,
     /// Whether `dtype` is the device's default rather than a `--dtype` the user gave.
     pub dtype_is_default: bool,
+    /// The attention kernel `--attention` asks for; `None`: the plan takes the fastest that
+    /// applies.
+    pub attention: Option<vpipe_models::ops::attention::AttentionKernel>,
     pub budget: vpipe_mem::Budget,
     /// Whether `budget.host` is a `--ram-budget` the user gave (else what the OS reported).
     pub ram_budget_given: bool,

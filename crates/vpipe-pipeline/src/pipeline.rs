@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
+use vpipe_models::ops::attention::{cudnn_refusal, AttentionKernel};
 use vpipe_models::tiling::TileSpec;
 use vpipe_models::wan::{
     BlockCache, BlockSource, CacheUse, DitConfig, Execution, GuidancePasses, HeldBlocks, StepRun,
@@ -136,6 +137,7 @@ impl Job {
             (spec.guidance, spec.step_cache.as_ref().map(StepCache::rule)),
         );
         let lora = !models.loras.is_empty();
+        let kernels = crate::plan::attention_kernels(None, on_cuda, dtype, sizes.dit.head_dim());
         Ok(Self {
             clip: sizes.clip.as_ref().map(|c| {
                 (
@@ -148,8 +150,8 @@ impl Job {
                 (&sizes.dit, sizes.dit_weights),
                 dtype,
                 work,
-                budget,
-                on_cuda,
+                (budget, on_cuda),
+                &kernels,
                 lora,
             ),
             sample_low_noise: sizes
@@ -161,7 +163,8 @@ impl Job {
                         ..work
                     };
                     let lora = !models.loras_low_noise.is_empty();
-                    SamplePlan::new((&sizes.dit, weights), dtype, work, budget, on_cuda, lora)
+                    let way = (budget, on_cuda);
+                    SamplePlan::new((&sizes.dit, weights), dtype, work, way, &kernels, lora)
                 }),
             text_config: sizes.text,
             dit_config: sizes.dit,
@@ -847,13 +850,15 @@ fn sample(
     let grid = model.token_grid(frames, height, width)?;
     let tokens: usize = grid.iter().product();
     let execution = Execution {
+        attention: plan.attention,
         attention_scratch: plan.attention_scratch,
         token_slices: plan.token_slices,
     };
     p.note(
         "sampling",
         &format!(
-            "{tokens} tokens, CFG {} {:?} ({}), {} token slice(s), {}: estimated activations {}",
+            "{tokens} tokens, CFG {} {:?} ({}), {} token slice(s), {}, {}: estimated \
+             activations {}",
             guidance,
             plan.passes,
             match plan.passes {
@@ -863,6 +868,7 @@ fn sample(
                 GuidancePasses::Single => "one forward per step, the condition only",
             },
             plan.token_slices,
+            plan.attention.describe(),
             match plan.residency {
                 Residency::Resident => "every block held".to_owned(),
                 Residency::Streamed {
@@ -1068,6 +1074,12 @@ fn sample(
         last_step_end = Some(std::time::Instant::now());
     }
     drop(model);
+    if let (AttentionKernel::Cudnn, Some(why)) = (plan.attention, cudnn_refusal()) {
+        p.fallback(
+            "attention",
+            &format!("cuDNN's attention was refused, vpipe's fused kernel ran instead: {why}"),
+        );
+    }
     denoising.last_step_end = last_step_end.or(denoising.last_step_end);
     if calibrating {
         note_mag_ratios(

@@ -12,15 +12,15 @@
 use candle_core::DType;
 use serde::Serialize;
 use vpipe_mem::fmt_bytes;
-use vpipe_models::ops::attention::{fused_kernel_applies, QueryChunk};
-use vpipe_models::wan::dit::DEFAULT_ATTENTION_SCRATCH;
+use vpipe_models::ops::attention::{AttentionKernel, QueryChunk};
+use vpipe_models::wan::dit::{Execution, DEFAULT_ATTENTION_SCRATCH};
 use vpipe_models::wan::{dit_keys, BlockPart, DitConfig, GuidancePasses};
 use vpipe_text::umt5::{keys as umt5_keys, Config as Umt5Config};
 
 use crate::error::{Error, Result};
 use crate::family::{ModelFamily, VaeSizes};
 use crate::models::{Checkpoint, ModelFiles};
-use crate::options::RunOptions;
+use crate::options::{Compute, RunOptions};
 use crate::step_cache::{CacheRule, MagCacheSettings, StepCache};
 
 /// The VAE's memory model on one kind of device: activation bytes per (base channel × tile
@@ -399,7 +399,10 @@ pub(crate) struct SamplePlan {
     /// Token slices the FFN and the self-attention's input run over in turn (1: all at once;
     /// see `vpipe_models::wan::Execution::token_slices`).
     pub(crate) token_slices: usize,
-    /// Bytes of attention-score scratch a forward gets (0: the fused kernel needs none).
+    /// The attention kernel.
+    #[serde(serialize_with = "serialize_kernel")]
+    pub(crate) attention: AttentionKernel,
+    /// Bytes of attention-score scratch a forward gets (0 but for the chunked path).
     pub(crate) attention_scratch: u64,
     /// The step cache's kind and settings ([`cache_schedule`], [`magcache_schedule`]);
     /// `None`: every step runs the blocks.
@@ -411,6 +414,13 @@ pub(crate) struct SamplePlan {
     /// The least budget any strategy runs in (every block streamed, sequential passes, the
     /// FFN in slices).
     pub(crate) minimum_bytes: u64,
+}
+
+fn serialize_kernel<S: serde::Serializer>(
+    kernel: &AttentionKernel,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(kernel.name())
 }
 
 fn serialize_passes<S: serde::Serializer>(
@@ -441,13 +451,15 @@ impl SamplePlan {
     /// stream reads the pinned host copy when `budget.host` has room for it, else the file.
     /// Without a budget, or when nothing fits, resident and batched (the caller compares the
     /// estimate with the budget). At guidance scale 1 each step is one forward of the
-    /// condition ([`GuidancePasses::Single`]).
+    /// condition ([`GuidancePasses::Single`]). Each way of stepping tries the attention
+    /// `kernels` in their order (a kernel that writes its output over the queries needs less
+    /// in token slices).
     pub(crate) fn new(
         (dit, dit_weights): (&DitConfig, BlockWeights),
         dtype: DType,
         work: StepWork,
-        budget: vpipe_mem::Budget,
-        on_cuda: bool,
+        (budget, on_cuda): (vpipe_mem::Budget, bool),
+        kernels: &[AttentionKernel],
         lora: bool,
     ) -> Self {
         let StepWork {
@@ -456,11 +468,9 @@ impl SamplePlan {
             guidance,
             step_cache,
         } = work;
-        let fused = fused_kernel_applies(on_cuda, dtype, dit.head_dim());
-        let scratch = if fused {
-            0
-        } else {
-            attention_scratch(budget.compute, dit_weights.total)
+        let scratch_for = |kernel| match kernel {
+            AttentionKernel::Chunked => attention_scratch(budget.compute, dit_weights.total),
+            AttentionKernel::Cudnn | AttentionKernel::Fused => 0,
         };
         let elem = dtype.size_in_bytes() as u64;
         // Two passes keep the second pass's residual stream while the first runs a block.
@@ -471,18 +481,23 @@ impl SamplePlan {
         // bulk of a small video's activations (measured 6.9 MiB at 256 wide on the CPU).
         // The image tokens of image-to-video go the same way.
         let text_side = 10 * context_tokens as u64 * dit.dim as u64 * elem;
-        let activations = |(passes, token_slices): Step| {
+        let activations = |((passes, token_slices), attention): (Step, AttentionKernel)| {
+            let execution = Execution {
+                attention,
+                attention_scratch: scratch_for(attention),
+                token_slices,
+            };
             let live = match passes {
                 GuidancePasses::Batched => dit
-                    .activation_bytes_estimate(dtype, 2, tokens, scratch, token_slices)
+                    .activation_bytes_estimate(dtype, 2, tokens, &execution)
                     .saturating_add(2 * text_side),
                 GuidancePasses::TwoPasses => dit
-                    .activation_bytes_estimate(dtype, 1, tokens, scratch, token_slices)
+                    .activation_bytes_estimate(dtype, 1, tokens, &execution)
                     .saturating_add(residual)
                     .saturating_add(2 * text_side),
                 // One residual stream and one context at a time.
                 GuidancePasses::Sequential | GuidancePasses::Single => dit
-                    .activation_bytes_estimate(dtype, 1, tokens, scratch, token_slices)
+                    .activation_bytes_estimate(dtype, 1, tokens, &execution)
                     .saturating_add(text_side),
             };
             // A step cache keeps what the blocks added for each sample, and the residual
@@ -509,14 +524,17 @@ impl SamplePlan {
         } else {
             (GuidancePasses::Sequential, TOKEN_SLICES)
         };
+        let last_kernel = *kernels.last().unwrap_or(&AttentionKernel::Chunked);
+        let smallest = (smallest, last_kernel);
         let minimum_bytes = weights.minimum(activations(smallest));
-        let plan = |step: Step, (residency, estimated_peak_bytes)| Self {
+        let plan = |way: (Step, AttentionKernel), (residency, estimated_peak_bytes)| Self {
             residency,
-            passes: step.0,
-            token_slices: step.1,
-            attention_scratch: scratch,
+            passes: way.0 .0,
+            token_slices: way.0 .1,
+            attention: way.1,
+            attention_scratch: scratch_for(way.1),
             step_cache,
-            activation_bytes: activations(step),
+            activation_bytes: activations(way),
             estimated_peak_bytes,
             minimum_bytes,
         };
@@ -528,27 +546,28 @@ impl SamplePlan {
             (GuidancePasses::TwoPasses, 1),
             (GuidancePasses::TwoPasses, TOKEN_SLICES),
             (GuidancePasses::Sequential, 1),
-            smallest,
+            smallest.0,
         ];
-        let unguided = [(GuidancePasses::Single, 1), smallest];
+        let unguided = [(GuidancePasses::Single, 1), smallest.0];
         let steps: &[Step] = if single { &unguided } else { &guided };
+        let ways: Vec<(Step, AttentionKernel)> = steps
+            .iter()
+            .flat_map(|&step| kernels.iter().map(move |&kernel| (step, kernel)))
+            .collect();
         let Some(limit) = budget.compute.map(planning_limit) else {
-            let step = steps[0];
-            return plan(
-                step,
-                (Residency::Resident, weights.total + activations(step)),
-            );
+            let way = ways[0];
+            return plan(way, (Residency::Resident, weights.total + activations(way)));
         };
         let pinned = pinned_fits(on_cuda, weights.total, budget);
         // Held whole, in the fastest way of stepping that fits, first; then streamed.
-        for &step in steps {
-            if let Some(resident) = weights.resident(activations(step), limit, on_cuda, pinned) {
-                return plan(step, resident);
+        for &way in &ways {
+            if let Some(resident) = weights.resident(activations(way), limit, on_cuda, pinned) {
+                return plan(way, resident);
             }
         }
-        for &step in steps {
-            if let Some(streamed) = weights.residency(activations(step), limit, on_cuda, pinned) {
-                return plan(step, streamed);
+        for &way in &ways {
+            if let Some(streamed) = weights.residency(activations(way), limit, on_cuda, pinned) {
+                return plan(way, streamed);
             }
         }
         plan(
@@ -1027,6 +1046,42 @@ impl ModelSizes {
     }
 }
 
+/// The attention kernels a sample phase may use, in the order its plan tries them: the one
+/// `--attention` names; else the fastest that applies, and vpipe's fused kernel after cuDNN's
+/// (it needs less memory in token slices, writing its output over the queries).
+pub(crate) fn attention_kernels(
+    requested: Option<AttentionKernel>,
+    on_cuda: bool,
+    dtype: DType,
+    head_dim: usize,
+) -> Vec<AttentionKernel> {
+    let fastest = AttentionKernel::fastest(on_cuda, dtype, head_dim);
+    let fused = AttentionKernel::Fused;
+    match requested {
+        Some(kernel) => vec![kernel],
+        None if fastest == AttentionKernel::Cudnn
+            && fused.applies(on_cuda, dtype, head_dim).is_ok() =>
+        {
+            vec![fastest, fused]
+        }
+        None => vec![fastest],
+    }
+}
+
+/// The attention kernel for heads of `head_dim` under `compute` where no budget weighs in:
+/// the one `--attention` names (an error where it cannot run), else the fastest that applies.
+/// One rule for `plan`, `run` and `tensors dit`.
+pub fn attention_kernel(compute: &Compute, head_dim: usize) -> Result<AttentionKernel> {
+    let on_cuda = compute.device.starts_with("cuda");
+    match compute.attention {
+        Some(kernel) => kernel
+            .applies(on_cuda, compute.dtype, head_dim)
+            .map(|()| kernel)
+            .map_err(|why| Error::BadInput(format!("--attention {}: {why}", kernel.name()))),
+        None => Ok(AttentionKernel::fastest(on_cuda, compute.dtype, head_dim)),
+    }
+}
+
 /// Settles the run's settings that depend on its models, once, for models of `sizes`: the
 /// flow shift of a family that has its own when no `--shift` was given, the frame size
 /// checked against the latent grid the DiT's patches cut, the VAE tile checked against the
@@ -1057,6 +1112,7 @@ pub(crate) fn settle_for_models(job: &mut RunOptions, sizes: &ModelSizes) -> Res
         )));
     }
     job.tiles.stride = (job.tiles.stride / factor * factor).max(factor);
+    attention_kernel(&job.compute, sizes.dit.head_dim())?;
     if sizes.family.first_frame_conditioning()
         && job.image.as_ref().is_some_and(|i| i.last.is_some())
     {
@@ -1203,12 +1259,14 @@ impl Plan {
             .clip
             .as_ref()
             .map(|c| EncoderPlan::clip(c, frames_given, dtype, model_budget, on_cuda));
+        let kernels =
+            attention_kernels(job.compute.attention, on_cuda, dtype, sizes.dit.head_dim());
         let sample = SamplePlan::new(
             (&sizes.dit, sizes.dit_weights),
             dtype,
             work,
-            model_budget,
-            on_cuda,
+            (model_budget, on_cuda),
+            &kernels,
             !job.loras.is_empty(),
         );
         let sample_low_noise =
@@ -1223,18 +1281,18 @@ impl Plan {
                             guidance: expert.guidance,
                             ..work
                         },
-                        model_budget,
-                        on_cuda,
+                        (model_budget, on_cuda),
+                        &kernels,
                         false,
                     )
                 });
-        let fused = sample.attention_scratch == 0;
+        let fused = sample.attention != AttentionKernel::Chunked;
         let passes = sample.passes;
         let batch = match passes {
             GuidancePasses::Batched => 2,
             GuidancePasses::TwoPasses | GuidancePasses::Sequential | GuidancePasses::Single => 1,
         };
-        // The fused kernel takes every query row in one launch.
+        // A fused kernel (cuDNN's or vpipe's) takes every query row in one launch.
         let rows = if fused {
             tokens
         } else {
@@ -1331,7 +1389,7 @@ impl Plan {
         }
         let held = sample.residency.describe("dit", sizes.dit.num_layers);
         let attention = if fused {
-            "fused attention kernel (no score scratch)".to_owned()
+            format!("{} (no score scratch)", sample.attention.describe())
         } else {
             format!(
                 "attention in chunks of {rows} query rows ({} of score scratch)",
@@ -1344,7 +1402,7 @@ impl Plan {
             2
         };
         let flops = dit_forward_flops(&sizes.dit, tokens, samples);
-        let work = if fused {
+        let work = if sample.attention == AttentionKernel::Fused {
             format!(
                 ", {:.2} PFLOP a step (about {:.1} s on an H200 at the rates measured there: an \
                  estimate)",

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release --features cuda -p vpipe --example dit_bench
-//! dit_bench --preset wan2.1-t2v-14b --scratch-gib 4 --reps 2 > dit.jsonl
+//! dit_bench --preset wan2.1-t2v-14b --scratch-gib 4 --reps 2 [--attention cudnn] > dit.jsonl
 //! dit_bench --preset wan2.1-t2v-1.3b --layers 1 --latent 1,4,4 --device cpu   # script check
 //! ```
 //!
@@ -21,7 +21,9 @@ use std::time::Instant;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
-use vpipe_models::ops::attention::{attention, skip_for_benchmark, time_calls, timed_seconds};
+use vpipe_models::ops::attention::{
+    attention, skip_for_benchmark, time_calls, timed_seconds, AttentionKernel,
+};
 use vpipe_models::wan::dit::{Config, Execution, WanModel};
 
 mod common;
@@ -36,6 +38,8 @@ struct Args {
     /// Fewer blocks than the preset (a quick check of the script on a CPU).
     layers: Option<usize>,
     cpu: bool,
+    /// The attention kernel (default: the fastest that applies).
+    attention: Option<AttentionKernel>,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +50,7 @@ fn parse_args() -> Args {
         latent: [21, 60, 104],
         layers: None,
         cpu: false,
+        attention: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +68,11 @@ fn parse_args() -> Args {
             }
             "--layers" => args.layers = Some(value.parse().expect("--layers N")),
             "--device" => args.cpu = value == "cpu",
+            "--attention" => {
+                args.attention = Some(
+                    AttentionKernel::from_name(&value).expect("--attention cudnn|fused|chunked"),
+                )
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -83,14 +93,14 @@ fn main() -> Result<()> {
     let model = WanModel::new(&cfg, vb).map_err(candle_core::Error::wrap)?;
     device.synchronize()?;
     let scratch = (args.scratch_gib * GIB) as u64;
+    let kernel = args
+        .attention
+        .unwrap_or_else(|| AttentionKernel::fastest(device.is_cuda(), dtype, cfg.head_dim()));
     let execution = Execution {
+        attention: kernel,
         attention_scratch: scratch,
         ..Execution::default()
     };
-    // The fused kernel keeps no scores.
-    let fused =
-        vpipe_models::ops::attention::fused_kernel_applies(device.is_cuda(), dtype, cfg.head_dim());
-    let estimate_scratch = if fused { 0 } else { scratch };
     let weights = meters.read().expect("meter").compute_used() as f64 / GIB;
     println!(
         "{}",
@@ -124,7 +134,7 @@ fn main() -> Result<()> {
             ..
         } = measure(&device, &meters, args.reps, forward)?;
 
-        let (self_chunk, cross_chunk) = model.query_chunks(&execution, batch, tokens, text_len);
+        let (self_attend, cross_attend) = model.attends(&execution, batch, tokens, text_len);
         let (h, hd) = (cfg.num_heads, cfg.head_dim());
         let q = Tensor::randn(0f32, 1., (batch, h, tokens, hd), &device)?.to_dtype(dtype)?;
         let kv_text =
@@ -132,12 +142,12 @@ fn main() -> Result<()> {
         let Measured {
             median_s: self_s, ..
         } = measure(&device, &meters, args.reps, || {
-            attention(&q, &q, &q, self_chunk).map(drop)
+            attention(&q, &q, &q, self_attend).map(drop)
         })?;
         let Measured {
             median_s: cross_s, ..
         } = measure(&device, &meters, args.reps, || {
-            attention(&q, &kv_text, &kv_text, cross_chunk).map(drop)
+            attention(&q, &kv_text, &kv_text, cross_attend).map(drop)
         })?;
         let attention_s = (self_s + cross_s) * cfg.num_layers as f64;
         // Once more with every attention call timed inside the forward (synchronised).
@@ -160,13 +170,14 @@ fn main() -> Result<()> {
             "{}",
             json!({"what": "forward", "batch": batch, "tokens": tokens, "text_len": text_len,
             "forward_s": step_s, "peak_above_weights_gib": peak_gib,
-            "activation_estimate_gib": cfg.activation_bytes_estimate(dtype, batch, tokens, estimate_scratch, 1) as f64 / GIB,
+            "activation_estimate_gib": cfg.activation_bytes_estimate(dtype, batch, tokens, &execution) as f64 / GIB,
             "attention_s": attention_s, "non_attention_s": step_s - attention_s,
             "self_attention_layer_s": self_s, "cross_attention_layer_s": cross_s,
             "timed_forward_s": timed_forward_s, "in_model_attention_s": in_model_attention_s,
             "in_model_non_attention_s": timed_forward_s - in_model_attention_s,
             "forward_without_attention_s": rest_s, "forward_without_attention_peak_gib": rest_peak_gib,
-            "scratch_gib": args.scratch_gib, "self_chunk_rows": self_chunk.0, "cross_chunk_rows": cross_chunk.0.min(tokens)}),
+            "attention": kernel.name(), "cudnn_refusal": vpipe_models::ops::attention::cudnn_refusal(),
+            "scratch_gib": args.scratch_gib, "self_chunk_rows": self_attend.chunk.0, "cross_chunk_rows": cross_attend.chunk.0.min(tokens)}),
         );
     }
     Ok(())

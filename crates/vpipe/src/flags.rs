@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+use vpipe_models::ops::attention::AttentionKernel;
 use vpipe_pipeline::Error::BadInput;
 use vpipe_pipeline::{require_files, Compute, Error, ImageInputs, RunOptions};
 
@@ -1047,6 +1048,12 @@ pub(crate) struct ComputeArgs {
     /// Write the memory report here (and the chart next to it, as .svg).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// The attention kernel: auto (the fastest that applies: cudnn, then fused, then
+    /// chunked), cudnn (cuDNN's fused attention: CUDA, bf16/f16), fused (vpipe's own kernel:
+    /// CUDA, bf16/f16, heads of 128) or chunked (matmul and softmax over query chunks: any
+    /// device and dtype).
+    #[arg(long, default_value = "auto")]
+    attention: String,
 }
 
 impl ComputeArgs {
@@ -1055,9 +1062,18 @@ impl ComputeArgs {
             Some(text) => (parse_dtype(text)?, false),
             None => (default_dtype(&self.device), true),
         };
+        let attention = match self.attention.as_str() {
+            "auto" => None,
+            name => Some(AttentionKernel::from_name(name).ok_or_else(|| {
+                BadInput(format!(
+                    "--attention {name}: expected auto, cudnn, fused or chunked"
+                ))
+            })?),
+        };
         Ok(Compute {
             dtype,
             dtype_is_default,
+            attention,
             budget: vpipe_mem::Budget {
                 compute: parse_budget("--vram-budget", &self.vram_budget)?,
                 host: match parse_budget("--ram-budget", &self.ram_budget)? {
@@ -1382,6 +1398,7 @@ mod fuzz {
         "--device",
         "--vram-budget",
         "--ram-budget",
+        "--attention",
         "--lora",
         "--prompt",
         "--negative-prompt",

@@ -1,9 +1,13 @@
-//! Attention with bounded memory: the softmax scores of at most `query_chunk` query rows exist
-//! at any time, so 32 760 tokens × 40 heads never materialise the 86 GB score matrix.
+//! Attention with bounded memory, through one of three kernels that a plan picks
+//! ([`AttentionKernel::choose`]):
+//! - cuDNN's fused attention on CUDA in bf16/f16 (head dims up to 128, `ops::cudnn_sdpa`);
+//! - vpipe's own fused kernel on CUDA in bf16/f16 at head dim 128 (`ops::fused`), which keeps no
+//!   scores and can write its output over the queries;
+//! - the chunked path anywhere else: the softmax scores of at most `query_chunk` query rows exist
+//!   at any time, so 32 760 tokens × 40 heads never materialise the 86 GB score matrix.
 //!
-//! This is the one function every attention in the models calls. On CUDA, for bf16/f16 with
-//! head dim 128 (every Wan DiT), it runs vpipe's fused kernel instead, which keeps no scores at
-//! all (`ops::fused::flash_attention`); everything else goes through the chunked path.
+//! Every attention in the models calls [`attention`] or [`attention_over_query`] with the
+//! plan's [`Attend`].
 
 use candle_core::{DType, Result, Tensor};
 
@@ -100,6 +104,99 @@ impl QueryChunk {
     }
 }
 
+/// The attention kernels, fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// cuDNN's fused flash attention (`ops::cudnn_sdpa`): CUDA, bf16/f16, head dims a multiple
+    /// of 8 up to 128; its output is a buffer of its own next to q, k and v.
+    Cudnn,
+    /// vpipe's fused kernel (kernels/attention.cu): CUDA, bf16/f16, head dim 128; it can write
+    /// over its queries.
+    Fused,
+    /// `QueryChunk` query rows at a time through matmul and softmax: any device and dtype.
+    Chunked,
+}
+
+impl AttentionKernel {
+    /// Every kernel, fastest first.
+    pub const ALL: [Self; 3] = [Self::Cudnn, Self::Fused, Self::Chunked];
+
+    /// The name `--attention` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cudnn => "cudnn",
+            Self::Fused => "fused",
+            Self::Chunked => "chunked",
+        }
+    }
+
+    /// The kernel `--attention` names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kernel in words, for plans and reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Cudnn => "cuDNN fused attention",
+            Self::Fused => "vpipe's fused attention kernel",
+            Self::Chunked => "chunked attention (matmul and softmax over query chunks)",
+        }
+    }
+
+    /// Whether this build can run this kernel for heads of `head_dim` in `dtype`, on a CUDA
+    /// device (`on_cuda`) or not; `Err` says why not.
+    pub fn applies(
+        self,
+        on_cuda: bool,
+        dtype: DType,
+        head_dim: usize,
+    ) -> std::result::Result<(), String> {
+        let half = matches!(dtype, DType::BF16 | DType::F16);
+        match self {
+            Self::Chunked => Ok(()),
+            _ if !cfg!(feature = "cuda") => Err("this build has no CUDA (feature `cuda`)".into()),
+            _ if !on_cuda => Err("it runs on a CUDA device only".into()),
+            _ if !half => Err(format!("it computes in bf16 or f16, not {dtype:?}")),
+            Self::Fused if !fused_kernel_applies(on_cuda, dtype, head_dim) => Err(format!(
+                "it takes heads of {FUSED_HEAD_DIM}, not {head_dim}"
+            )),
+            Self::Cudnn if !head_dim.is_multiple_of(8) || head_dim > 128 => Err(format!(
+                "it takes heads of a multiple of 8 up to 128, not {head_dim}"
+            )),
+            Self::Cudnn | Self::Fused => Ok(()),
+        }
+    }
+
+    /// The fastest kernel that [applies](Self::applies) to heads of `head_dim` in `dtype`.
+    pub fn fastest(on_cuda: bool, dtype: DType, head_dim: usize) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.applies(on_cuda, dtype, head_dim).is_ok())
+            .unwrap_or(Self::Chunked)
+    }
+}
+
+/// How one attention call runs, as its plan decided: the kernel, and the query rows one
+/// pass of the chunked path takes (where it runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attend {
+    /// The kernel asked for (another runs where it does not take the operands).
+    pub kernel: AttentionKernel,
+    /// Query rows per pass of the chunked path.
+    pub chunk: QueryChunk,
+}
+
+impl Attend {
+    /// The chunked path, `rows` query rows at a time.
+    pub fn chunked(rows: usize) -> Self {
+        Self {
+            kernel: AttentionKernel::Chunked,
+            chunk: QueryChunk(rows),
+        }
+    }
+}
+
 /// Whether this build has the fused kernel for attention on a CUDA device (`on_cuda`) in
 /// `dtype` with heads of `head_dim`; where it does, attention takes no score scratch (strides
 /// of the operands aside, which the models keep aligned: see [`is_fused`]).
@@ -127,7 +224,10 @@ pub fn is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     }
 }
 
-/// `softmax(q·kᵀ / √D) · v`: fused where [`is_fused`], otherwise `chunk` query rows at a time.
+/// `softmax(q·kᵀ / √D) · v` through the kernel `how` names, where it takes these operands:
+/// cuDNN falls back to the fused kernel (and records why: [`cudnn_refusal`]) when cuDNN gives
+/// no plan for them, the fused kernel to the chunked path for operands it does not take
+/// ([`is_fused`]).
 ///
 /// # Shapes
 /// - `q`: [B, H, Lq, D], `k` and `v`: [B, H, Lk, D], of one dtype (any strides).
@@ -136,24 +236,75 @@ pub fn is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// # Errors
 /// Operands of another rank, with different B, H or D, keys and values of different lengths,
 /// or an empty dimension (a softmax over no keys has no value).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, how: Attend) -> Result<Tensor> {
     #[cfg(feature = "bench-hooks")]
-    return hooks::around(q, || dispatch(q, k, v, chunk));
+    return hooks::around(q, || dispatch(q, k, v, how));
     #[cfg(not(feature = "bench-hooks"))]
-    dispatch(q, k, v, chunk)
+    dispatch(q, k, v, how)
 }
 
-fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Tensor> {
+fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, how: Attend) -> Result<Tensor> {
     check_operands(q, k, v)?;
     #[cfg(feature = "cuda")]
-    if is_fused(q, k, v) {
-        return crate::ops::fused::flash_attention(q, k, v);
+    {
+        if how.kernel == AttentionKernel::Cudnn {
+            if let Some(out) = cudnn(q, k, v) {
+                return Ok(out);
+            }
+        }
+        if how.kernel != AttentionKernel::Chunked && is_fused(q, k, v) {
+            return crate::ops::fused::flash_attention(q, k, v);
+        }
     }
-    chunked_attention(q, k, v, chunk)
+    chunked_attention(q, k, v, how.chunk)
 }
 
-/// [`attention`] whose output may take the queries' memory: where the fused kernel runs, it
-/// writes over `q`, so that no output buffer exists next to q, k and v at the attention's
+/// cuDNN's attention where it takes these operands and gives a plan for them; `None` (the
+/// refusal recorded) where it does not.
+#[cfg(feature = "cuda")]
+fn cudnn(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Tensor> {
+    use crate::ops::cudnn_sdpa;
+    if !cudnn_sdpa::sdpa_supports(q, k, v) {
+        record_cudnn_refusal(format!(
+            "operands it does not take (q {:?} {:?} strides {:?})",
+            q.dims(),
+            q.dtype(),
+            q.layout().stride()
+        ));
+        return None;
+    }
+    match cudnn_sdpa::sdpa(q, k, v) {
+        Ok(out) => Some(out),
+        Err(e) => {
+            record_cudnn_refusal(e.to_string());
+            None
+        }
+    }
+}
+
+/// The first reason cuDNN's attention was refused in this process.
+static CUDNN_REFUSAL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+#[cfg(feature = "cuda")]
+fn record_cudnn_refusal(why: String) {
+    let mut first = CUDNN_REFUSAL.lock().unwrap_or_else(|e| e.into_inner());
+    if first.is_none() {
+        tracing::warn!("cuDNN attention refused, the fused kernel runs instead: {why}");
+        *first = Some(why);
+    }
+}
+
+/// Why cuDNN's attention did not run for some call of this process where a plan asked for
+/// it (the first reason), so that a report can say that another kernel ran instead.
+pub fn cudnn_refusal() -> Option<String> {
+    CUDNN_REFUSAL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// [`attention`] whose output may take the queries' memory: where vpipe's fused kernel runs,
+/// it writes over `q`, so that no output buffer exists next to q, k and v at the attention's
 /// peak (the output then has `q`'s layout; `q` must not share its memory with `k` or `v`).
 /// Elsewhere as [`attention`], `q` freed after it.
 ///
@@ -162,19 +313,14 @@ fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, chunk: QueryChunk) -> Result<Ten
 ///
 /// # Errors
 /// As [`attention`].
-pub fn attention_over_query(
-    q: Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    chunk: QueryChunk,
-) -> Result<Tensor> {
+pub fn attention_over_query(q: Tensor, k: &Tensor, v: &Tensor, how: Attend) -> Result<Tensor> {
     check_operands(&q, k, v)?;
     #[cfg(feature = "cuda")]
-    if is_fused(&q, k, v) {
+    if how.kernel == AttentionKernel::Fused && is_fused(&q, k, v) {
         crate::ops::fused::flash_attention_in_place(&q, k, v)?;
         return Ok(q);
     }
-    attention(&q, k, v, chunk)
+    attention(&q, k, v, how)
 }
 
 /// The unfused path of [`attention`] on any device: `chunk` query rows at a time (public so
@@ -276,13 +422,13 @@ mod tests {
         let q = random((2, 3, 37, 16), 1)?;
         let k = random((2, 3, 29, 16), 2)?;
         let v = random((2, 3, 29, 16), 3)?;
-        let full = attention(&q, &k, &v, QueryChunk(usize::MAX))?;
+        let full = attention(&q, &k, &v, Attend::chunked(usize::MAX))?;
         // Reference written out without the chunking code path.
         let reference =
             candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.25)?)?.matmul(&v)?;
         assert!(crate::ops::max_abs_diff(&full, &reference)? <= 1e-6);
         for rows in [1, 5, 36, 37] {
-            let chunked = attention(&q, &k, &v, QueryChunk(rows))?;
+            let chunked = attention(&q, &k, &v, Attend::chunked(rows))?;
             let err = crate::ops::max_abs_diff(&chunked, &full)?;
             assert!(err <= 1e-5, "chunk {rows}: {err}");
         }
@@ -308,10 +454,10 @@ mod tests {
     fn mismatched_shapes_are_an_error() -> Result<()> {
         let q = random((1, 2, 4, 8), 1)?;
         let k = random((1, 2, 5, 4), 2)?;
-        assert!(attention(&q, &k, &k, QueryChunk(2)).is_err());
+        assert!(attention(&q, &k, &k, Attend::chunked(2)).is_err());
         let v = random((1, 2, 6, 8), 3)?;
         let k = random((1, 2, 5, 8), 2)?;
-        assert!(attention(&q, &k, &v, QueryChunk(2)).is_err());
+        assert!(attention(&q, &k, &v, Attend::chunked(2)).is_err());
         Ok(())
     }
 
@@ -319,8 +465,8 @@ mod tests {
     fn empty_operands_are_an_error_not_a_panic() -> Result<()> {
         let q = random((1, 2, 4, 8), 1)?;
         let no_keys = Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu)?;
-        for chunk in [QueryChunk(0), QueryChunk(1), QueryChunk(usize::MAX)] {
-            let err = attention(&q, &no_keys, &no_keys, chunk).unwrap_err();
+        for rows in [0, 1, usize::MAX] {
+            let err = attention(&q, &no_keys, &no_keys, Attend::chunked(rows)).unwrap_err();
             assert!(err.to_string().contains("k of shape [1, 2, 0, 8]"), "{err}");
         }
         let no_queries = Tensor::zeros((1, 2, 0, 8), DType::F32, &Device::Cpu)?;

@@ -78,7 +78,9 @@ fn check(status: sys::cudnnStatus_t, step: &str) -> Fallible<()> {
     }
 }
 
-/// The cuDNN library's version, e.g. 91501 for 9.15.1 (`cudnnGetVersion`).
+/// The cuDNN library's version, e.g. 91501 for 9.15.1 (`cudnnGetVersion`). The CUDA build
+/// links the library (as candle links cudarc's libraries), so it is there whenever the process
+/// runs.
 pub fn cudnn_version() -> usize {
     result::get_version()
 }

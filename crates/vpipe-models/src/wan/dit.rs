@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use super::dit_keys;
 use crate::error::{Error, Result};
-use crate::ops::attention::{attention, attention_over_query, QueryChunk};
+use crate::ops::attention::{attention, attention_over_query, Attend, AttentionKernel, QueryChunk};
 use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear};
 
 /// Scratch that one attention call may use for its scores when no budget is given.
@@ -367,19 +367,24 @@ impl Config {
     }
 
     /// **Estimated** device bytes one forward of `batch` samples of `tokens` tokens in `dtype`
-    /// needs on top of the weights, with at most `attention_scratch` bytes of attention scores
-    /// and `token_slices` token slices (see [`Execution::token_slices`]): the larger of the two
-    /// live sets inside a block, self-attention and the FFN. An estimate from the code's
-    /// structure, not a measurement (`dit_bench` reports the measured peak next to it).
-    /// Saturates at `u64::MAX` (more than any budget) for sizes whose product does not fit.
+    /// needs on top of the weights, run as `execution` says (its attention kernel, at most
+    /// `attention_scratch` bytes of scores where the chunked path runs, its token slices): the
+    /// larger of the two live sets inside a block, self-attention and the FFN. An estimate from
+    /// the code's structure, not a measurement (`dit_bench` reports the measured peak next to
+    /// it). Saturates at `u64::MAX` (more than any budget) for sizes whose product does not
+    /// fit.
     pub fn activation_bytes_estimate(
         &self,
         dtype: DType,
         batch: usize,
         tokens: usize,
-        attention_scratch: u64,
-        token_slices: usize,
+        execution: &Execution,
     ) -> u64 {
+        let token_slices = execution.token_slices;
+        let attention_scratch = match execution.attention {
+            AttentionKernel::Chunked => execution.attention_scratch,
+            AttentionKernel::Cudnn | AttentionKernel::Fused => 0,
+        };
         let elem = dtype.size_in_bytes() as u64;
         let token_row = (batch as u64)
             .saturating_mul(tokens as u64)
@@ -396,9 +401,18 @@ impl Config {
         // residual, q, k and v, the output taking the queries' memory, plus one slice's
         // normed input, projection, norm and rotation, and one tensor more (measured: 1.73
         // GiB at B=1 in 8 slices, 5.5 token-sized tensors).
+        // Only vpipe's fused kernel writes its output over the queries: another kernel's output
+        // is one token-sized tensor more in slices.
+        let own_output = match execution.attention {
+            AttentionKernel::Fused => 0,
+            AttentionKernel::Cudnn | AttentionKernel::Chunked => d,
+        };
         let attention_row = match slices {
             1 => (13 * d).div_ceil(2),
-            n => d.saturating_mul(5).saturating_add((5 * d).div_ceil(n)),
+            n => d
+                .saturating_mul(5)
+                .saturating_add(own_output)
+                .saturating_add((5 * d).div_ceil(n)),
         };
         let attention = token_row
             .saturating_mul(attention_row)
@@ -752,7 +766,7 @@ impl Attention {
         x: Tensor,
         (context, image): (Option<&Tensor>, Option<(&ImageKeys, &Tensor)>),
         rope: Option<&Rope>,
-        chunk: QueryChunk,
+        how: Attend,
     ) -> Result<Tensor> {
         // Each intermediate lives only inside its block: the token-sized tensors are what
         // bounds the activation peak (see `Config::activation_bytes_estimate`).
@@ -765,12 +779,12 @@ impl Attention {
         let k = split(self.norm_k.forward(&self.k.forward(kv_source)?)?)?;
         let v = self.heads(&self.v.forward(kv_source)?)?;
         drop(x);
-        let mut out = attention(&q, &k, &v, chunk)?;
+        let mut out = attention(&q, &k, &v, how)?;
         drop((k, v));
         if let Some((keys, image)) = image {
             let k = self.heads(&keys.norm_k.forward(&keys.k.forward(image)?)?)?;
             let v = self.heads(&keys.v.forward(image)?)?;
-            out = (out + attention(&q, &k, &v, chunk)?)?;
+            out = (out + attention(&q, &k, &v, how)?)?;
         }
         drop(q);
         let (b, h, l, hd) = out.dims4()?;
@@ -792,7 +806,7 @@ impl Attention {
         x: &Tensor,
         norm: &dyn Fn(&Tensor, usize) -> Result<Tensor>,
         rope: &Rope,
-        chunk: QueryChunk,
+        how: Attend,
         slices: usize,
     ) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
@@ -813,7 +827,7 @@ impl Attention {
             v.slice_set(&self.v.forward(&h)?.contiguous()?, 1, start)?;
         }
         let v = self.heads(&v)?;
-        let attended = attention_over_query(q, &k, &v, chunk)?;
+        let attended = attention_over_query(q, &k, &v, how)?;
         drop((k, v));
         // The head-major output copied token-major; the queries' memory is freed before the
         // output projection.
@@ -882,7 +896,7 @@ impl SelfAttentionPart {
 
     /// Updates the pass's residual stream, and sets the block's modulation (the table plus
     /// the timestep's projection) that the feed-forward part reads.
-    fn forward(&self, pass: &mut Embedded, run: &BlockRun, chunk: QueryChunk) -> Result<()> {
+    fn forward(&self, pass: &mut Embedded, run: &BlockRun, how: Attend) -> Result<()> {
         let m = self.modulation.broadcast_add(&pass.time)?;
         let modulation = Modulation::new(&m, 0, true, pass.runs.as_deref())?;
         let norm = |x: &Tensor, start: usize| modulation.norm(x, start, run.eps);
@@ -891,10 +905,10 @@ impl SelfAttentionPart {
         let x = {
             let y = if run.token_slices > 1 {
                 self.attn
-                    .forward_self_sliced(&pass.x, &norm, run.rope, chunk, run.token_slices)?
+                    .forward_self_sliced(&pass.x, &norm, run.rope, how, run.token_slices)?
             } else {
                 self.attn
-                    .forward(norm(&pass.x, 0)?, (None, None), Some(run.rope), chunk)?
+                    .forward(norm(&pass.x, 0)?, (None, None), Some(run.rope), how)?
             };
             modulation.gated_residual(&pass.x, &y)?
         };
@@ -947,7 +961,7 @@ impl CrossAttentionPart {
         })
     }
 
-    fn forward(&self, pass: &mut Embedded, chunk: QueryChunk, eps: f64) -> Result<()> {
+    fn forward(&self, pass: &mut Embedded, how: Attend, eps: f64) -> Result<()> {
         let image = match (&self.image, &pass.image) {
             (Some(keys), Some(image)) => Some((keys, image)),
             (None, None) => None,
@@ -962,7 +976,7 @@ impl CrossAttentionPart {
             let h = norm_modulate(&pass.x, &self.norm_weight, &self.norm_bias, eps)?;
             let y = self
                 .attn
-                .forward(h, (Some(&pass.context), image), None, chunk)?;
+                .forward(h, (Some(&pass.context), image), None, how)?;
             (&pass.x + y)?
         };
         pass.x = x;
@@ -1096,8 +1110,8 @@ enum PartRef<'a> {
 /// What every part of every block of one forward shares.
 struct BlockRun<'a> {
     rope: &'a Rope,
-    /// The query chunks (self, cross) of each pass.
-    chunks: &'a [(QueryChunk, QueryChunk)],
+    /// How each pass's attention runs (self, cross).
+    attends: &'a [(Attend, Attend)],
     token_slices: usize,
     eps: f64,
 }
@@ -1108,10 +1122,10 @@ impl PartRef<'_> {
     /// # Shapes
     /// Each pass's `x`: [B, L, dim] before and after.
     fn forward(self, passes: &mut [Embedded], run: &BlockRun) -> Result<()> {
-        for (pass, chunks) in passes.iter_mut().zip(run.chunks) {
+        for (pass, attends) in passes.iter_mut().zip(run.attends) {
             match self {
-                Self::SelfAttention(p) => p.forward(pass, run, chunks.0)?,
-                Self::CrossAttention(p) => p.forward(pass, chunks.1, run.eps)?,
+                Self::SelfAttention(p) => p.forward(pass, run, attends.0)?,
+                Self::CrossAttention(p) => p.forward(pass, attends.1, run.eps)?,
                 Self::FeedForward(p) => p.forward(pass, run.token_slices, run.eps)?,
             }
         }
@@ -1564,8 +1578,11 @@ pub struct WanModel {
 /// no such setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Execution {
-    /// Bytes the scores of one attention call may take where the fused kernel does not run
-    /// (the query chunk follows, [`QueryChunk::for_budget`]).
+    /// The attention kernel (where it takes the operands; see
+    /// [`attention`](crate::ops::attention::attention)).
+    pub attention: AttentionKernel,
+    /// Bytes the scores of one attention call may take where the chunked path runs (the
+    /// query chunk follows, [`QueryChunk::for_budget`]).
     pub attention_scratch: u64,
     /// Token slices the FFN and the self-attention's input (its norm and the q, k and v
     /// projections) run over in turn (1: all at once). More slices hold less at a time: a
@@ -1578,6 +1595,7 @@ pub struct Execution {
 impl Default for Execution {
     fn default() -> Self {
         Self {
+            attention: AttentionKernel::Fused,
             attention_scratch: DEFAULT_ATTENTION_SCRATCH,
             token_slices: 1,
         }
@@ -1792,21 +1810,22 @@ impl WanModel {
         self.dtype
     }
 
-    /// The query chunks (self-attention, cross-attention) a forward of `batch` samples of
-    /// `tokens` tokens with `context_len` context rows uses under `execution`.
-    pub fn query_chunks(
+    /// How the attentions (self, cross) of a forward of `batch` samples of `tokens` tokens
+    /// with `context_len` context rows run under `execution`.
+    pub fn attends(
         &self,
         execution: &Execution,
         batch: usize,
         tokens: usize,
         context_len: usize,
-    ) -> (QueryChunk, QueryChunk) {
+    ) -> (Attend, Attend) {
         let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim());
         let budget = execution.attention_scratch;
-        (
-            QueryChunk::for_budget(budget, batch, h, tokens, hd, self.dtype),
-            QueryChunk::for_budget(budget, batch, h, context_len, hd, self.dtype),
-        )
+        let attend = |keys: usize| Attend {
+            kernel: execution.attention,
+            chunk: QueryChunk::for_budget(budget, batch, h, keys, hd, self.dtype),
+        };
+        (attend(tokens), attend(context_len))
     }
 
     /// The guided velocity `uncond + scale · (cond − uncond)` for one sample, for a model that
@@ -2110,13 +2129,13 @@ impl WanModel {
             &self.device,
         )?;
         let tokens: usize = grid.iter().product();
-        let chunks: Vec<_> = passes
+        let attends: Vec<_> = passes
             .iter()
-            .map(|p| Ok(self.query_chunks(execution, p.x.dim(0)?, tokens, p.context.dim(1)?)))
+            .map(|p| Ok(self.attends(execution, p.x.dim(0)?, tokens, p.context.dim(1)?)))
             .collect::<Result<_>>()?;
         let run = BlockRun {
             rope: &rope,
-            chunks: &chunks,
+            attends: &attends,
             token_slices: execution.token_slices,
             eps: self.cfg.eps,
         };

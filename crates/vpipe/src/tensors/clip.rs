@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use crate::flags::ClipVisionJob;
 
-pub(crate) fn run_clip_vision(job: ClipVisionJob) -> anyhow::Result<ExitCode> {
+pub(crate) fn run_clip_vision(mut job: ClipVisionJob) -> anyhow::Result<ExitCode> {
     let checkpoint = vpipe_ckpt::inspect(&job.clip_vision)?;
     vpipe_pipeline::check_tensor_outputs(
         &job.output,
@@ -12,6 +12,10 @@ pub(crate) fn run_clip_vision(job: ClipVisionJob) -> anyhow::Result<ExitCode> {
         &[("--clip-vision", &job.clip_vision), ("--input", &job.input)],
     )?;
     let device = vpipe_pipeline::open_device(&job.compute.device)?;
+    // The plan's budget is what is left beside the process's own device footprint (the
+    // context, the handles), as a run plans it.
+    let baseline = vpipe_mem::Meters::for_device(&device)?.read()?;
+    job.compute.bound_by_device(&device, &baseline);
     let [pixels] = super::read_inputs(&job.input, ["pixel_values"])?;
     let one = super::OneModel {
         phase: "clip vision",

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, Tier};
-use vpipe_models::ops::attention::QueryChunk;
 use vpipe_models::wan::Execution;
 
 use crate::flags::DitJob;
@@ -55,21 +54,23 @@ pub(crate) fn run_dit(job: DitJob) -> anyhow::Result<ExitCode> {
                 .saturating_sub(p.session().baseline().compute_used());
             let scratch = attention_scratch(job.compute.budget.compute, in_use);
             let execution = Execution {
+                attention: vpipe_pipeline::attention_kernel(&job.compute, model.config().head_dim())?,
                 attention_scratch: scratch,
                 ..Execution::default()
             };
             let (b, _, f, h, w) = latents.dims5().unwrap_or((0, 0, 0, 0, 0));
             if let Ok(grid) = model.token_grid(f, h, w) {
                 let tokens = grid.iter().product();
-                let (QueryChunk(self_rows), QueryChunk(cross_rows)) =
-                    model.query_chunks(&execution, b, tokens, context.dim(1).unwrap_or(0));
+                let (self_attend, cross_attend) =
+                    model.attends(&execution, b, tokens, context.dim(1).unwrap_or(0));
                 p.note(
                     "attention chunks",
                     &format!(
-                        "{tokens} tokens; {} of score scratch: {} query rows per self-attention pass, {} per cross-attention pass",
+                        "{tokens} tokens, {}; {} of score scratch: {} query rows per self-attention pass, {} per cross-attention pass",
+                        execution.attention.describe(),
                         fmt_bytes(scratch),
-                        self_rows.min(tokens),
-                        cross_rows.min(tokens)
+                        self_attend.chunk.0.min(tokens),
+                        cross_attend.chunk.0.min(tokens)
                     ),
                 );
             }

@@ -1,0 +1,72 @@
+#!/bin/bash
+# One device call for issue 14's attention kernel: vpipe's cuDNN SDPA (ops::cudnn_sdpa) against
+# the f32 chunked path and vpipe's own fused kernel (the GPU test binary), then PyTorch's SDPA on
+# the same self-attention shape in the same call: its default choice, and cuDNN, flash and
+# memory-efficient forced. Which libcudnn each side loads is printed first. With `dit`, then the
+# whole 14B and 1.3B forwards (B=2 with CFG, and B=1) with cuDNN's and vpipe's fused attention,
+# next to diffusers' in the same call.
+#   bash bench/gpu-attention.sh [kernel|dit|all]      (default all)
+# Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
+# --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
+# --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
+set -u
+PART=${1:-all}
+. bench/device-env.sh
+{
+  if [ "$PART" != dit ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  date -u
+  ldconfig -p | grep -i libcudnn.so | head -3
+  python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+  T=$(unpack cudnn_attention_gpu)
+  CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr timeout 300 "$T" --nocapture --test-threads 1 2>&1 \
+    | grep -vE "^running|^$" | head -120
+  CODE=${PIPESTATUS[0]}
+  python3 - <<'PY'
+import json, torch
+from torch.nn.attention import sdpa_kernel, SDPBackend
+import torch.nn.functional as F
+b, h, l, d = 2, 40, 32760, 128
+flops = 4 * b * h * l * l * d
+torch.manual_seed(0)
+# token-major [B, L, H, D] viewed as [B, H, L, D], as diffusers' Wan attention passes them
+q, k, v = (torch.randn(b, l, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+def timed(backend):
+    ctx = sdpa_kernel([backend]) if backend is not None else torch.no_grad()
+    with ctx, torch.no_grad():
+        for _ in range(2):
+            F.scaled_dot_product_attention(q, k, v)
+        times = []
+        for _ in range(5):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(); F.scaled_dot_product_attention(q, k, v); e.record()
+            torch.cuda.synchronize(); times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+for name, backend in [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                      ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+    try:
+        s = timed(backend)
+        print(json.dumps({"torch_sdpa": name, "shape": [b, h, l, d], "s": round(s, 4),
+                          "tflops": round(flops / s / 1e12, 1)}))
+    except Exception as e:
+        print(json.dumps({"torch_sdpa": name, "error": str(e)[:200]}))
+PY
+  fi
+  if [ "$PART" != kernel ]; then
+    B=$(unpack dit_bench)
+    for preset in wan2.1-t2v-14b wan2.1-t2v-1.3b; do
+      for kernel in cudnn fused; do
+        echo "=== vpipe $preset, $kernel attention"
+        timeout 200 "$B" --preset $preset --attention $kernel --reps 2 | sed "s/^/vpipe $kernel /"
+        [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
+      done
+    done
+    echo "=== diffusers 14B"
+    timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    echo "=== diffusers 1.3B"
+    timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+  fi
+  exit ${CODE:-0}
+} 2>&1 | tee "$OUT/attention.log"
+exit ${PIPESTATUS[0]}
