@@ -37,6 +37,9 @@ phases = [{"name": p["name"], "s": round((p["exit"]["t_ms"] - p["entry"]["t_ms"]
 host = max((s["rss_anon"] + s["rss_shmem"]) for s in r["samples"]) / GiB if r["samples"] else None
 row = {"run": sys.argv[2], "phases": phases,
        "steps": [n["detail"] for n in r["notes"] if n["what"] == "step"],
+       "notes": [f'{n["what"]}: {n["detail"]}' for n in r["notes"]
+                 if n["what"] in ("expert switch", "sampling")],
+       "fallbacks": [f'{n["what"]}: {n["detail"]}' for n in r.get("fallbacks", [])],
        "host_anon_shmem_peak_gib": None if host is None else round(host, 2),
        "verified": all(t["verified"] for t in r["transitions"]),
        "moves": [f'{t["model"]}: {t["from"]}->{t["to"]} ({t["phase"]})' for t in r["transitions"]],
