@@ -224,6 +224,11 @@ impl Meters {
         Ok(reading)
     }
 
+    /// Counts the readings' times from now on (a new record of a long-lived session).
+    pub fn restart_clock(&mut self) {
+        self.start = Instant::now();
+    }
+
     /// Resets every high-water mark (heap peak, pool high marks) to the current value.
     pub fn reset_peaks(&self) -> Result<(), MemError> {
         reset_heap_peak();

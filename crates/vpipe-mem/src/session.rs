@@ -2,7 +2,8 @@
 //! phases through which all work on them goes.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use candle_core::{DType, Device};
 
@@ -61,13 +62,50 @@ const PHASE_EXIT_TOLERANCE: Tolerance = Tolerance {
 const CLONE_HINT: &str = "a tensor of the model is still referenced (a clone kept past its lease?)";
 const LOAD_HINT: &str = "the copy did not land where it was counted";
 
-/// The memory side of one run. All moves of weights happen inside [`MemorySession::phase`].
+/// What makes two registrations the same weights in memory: the file (its path, length and
+/// modification time, so that a file replaced in place is a new model), the dtype its weights
+/// are loaded in, and the caller's name for the patch applied as they are read (e.g. the LoRA
+/// files and strengths merged into them).
+#[derive(Debug, Clone, PartialEq)]
+struct Identity {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    load_dtype: Option<DType>,
+    patch: String,
+}
+
+impl Identity {
+    /// The identity of `path` now; `None` when its metadata cannot be read (such a model is
+    /// never taken for another).
+    fn of(path: &Path, load_dtype: Option<DType>, patch: &str) -> Option<Self> {
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Self {
+            path: path.to_owned(),
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+            load_dtype,
+            patch: patch.to_owned(),
+        })
+    }
+}
+
+/// The memory side of one run, or of a server's many jobs: each job is a record of its own
+/// ([`MemorySession::start_record`]), and models registered by one may stay resident for the
+/// next. All moves of weights happen inside [`MemorySession::phase`].
 pub struct MemorySession {
     device: Device,
     meters: Meters,
     budget: Budget,
     baseline: Reading,
+    compute_workspace: crate::ComputeWorkspace,
     models: Vec<Model>,
+    /// Per model: its identity when registered with one ([`Phase::register_reusing`]).
+    identities: Vec<Option<Identity>>,
+    /// Per model: the record that last registered it.
+    registered_in: Vec<u64>,
+    /// The current record's number (0 until [`MemorySession::start_record`]).
+    record: u64,
     ledger: Ledger,
 }
 
@@ -98,9 +136,91 @@ impl MemorySession {
             meters,
             budget,
             baseline,
+            compute_workspace: workspace,
             models: Vec::new(),
+            identities: Vec::new(),
+            registered_in: Vec::new(),
+            record: 0,
             ledger,
         })
+    }
+
+    /// Starts a new record: what [`Self::report`] covers from now on. The entries of the
+    /// previous record are dropped (its report already made), so that a session that lives
+    /// for many jobs holds one job's ledger at a time. The new record starts from the
+    /// session's baseline (the empty process, against which budgets are kept) and a reading
+    /// now, which shows the models still resident; its times count from now. Models stay
+    /// registered; those on disk that the new record does not register again may have their
+    /// ids given to new models.
+    pub fn start_record(&mut self) -> Result<(), MemError> {
+        self.record += 1;
+        self.meters.restart_clock();
+        let mut ledger = Ledger::default();
+        ledger.record(
+            None,
+            Event::Baseline {
+                reading: self.baseline,
+                compute_workspace: self.compute_workspace,
+            },
+        );
+        ledger.record(
+            None,
+            Event::Sample {
+                reading: self.meters.read()?,
+            },
+        );
+        self.ledger = ledger;
+        Ok(())
+    }
+
+    /// Sets the budget the next phases are held to (a server's jobs may each be bounded anew
+    /// by what the device has free).
+    pub fn set_budget(&mut self, budget: Budget) {
+        self.budget = budget;
+    }
+
+    /// Adds `model`, in the slot of a model on disk that no record since the previous one
+    /// registered (so that a long-lived session does not grow with every job's models).
+    fn add_model(&mut self, model: Model, identity: Option<Identity>) -> ModelId {
+        let free = (0..self.models.len())
+            .find(|&i| self.registered_in[i] < self.record && self.models[i].tier() == Tier::Disk);
+        match free {
+            Some(i) => {
+                self.models[i] = model;
+                self.identities[i] = identity;
+                self.registered_in[i] = self.record;
+                ModelId(i)
+            }
+            None => {
+                self.models.push(model);
+                self.identities.push(identity);
+                self.registered_in.push(self.record);
+                ModelId(self.models.len() - 1)
+            }
+        }
+    }
+
+    /// The model registered with this identity (see [`Phase::register_reusing`]), if any:
+    /// `path` as it is now, loaded in `load_dtype`, patched as the caller's `patch` names.
+    pub fn find_registered(
+        &self,
+        path: &Path,
+        load_dtype: Option<DType>,
+        patch: &str,
+    ) -> Option<ModelId> {
+        let identity = Identity::of(path, load_dtype, patch)?;
+        self.identities
+            .iter()
+            .position(|i| i.as_ref() == Some(&identity))
+            .map(ModelId)
+    }
+
+    /// The models not on disk (in host memory or on the device), in order of registration.
+    pub fn resident_models(&self) -> Vec<ModelId> {
+        (0..self.models.len())
+            .filter(|&i| self.models[i].tier() != Tier::Disk)
+            .map(ModelId)
+            .collect()
     }
 
     /// Registers a checkpoint, .safetensors (header only) or .pth (tensor index only;
@@ -112,9 +232,8 @@ impl MemorySession {
         path: &Path,
         load_dtype: Option<DType>,
     ) -> Result<ModelId, MemError> {
-        self.models
-            .push(describe_checkpoint(name, path, load_dtype)?);
-        Ok(ModelId(self.models.len() - 1))
+        let model = describe_checkpoint(name, path, load_dtype)?;
+        Ok(self.add_model(model, None))
     }
 
     /// [`Self::register`] from the checkpoint's inspection (`vpipe_ckpt::inspect`), which
@@ -125,10 +244,30 @@ impl MemorySession {
         inspection: &vpipe_ckpt::Inspection,
         load_dtype: Option<DType>,
     ) -> Result<ModelId, MemError> {
-        self.models.push(crate::store::describe_inspected(
-            name, inspection, load_dtype,
-        )?);
-        Ok(ModelId(self.models.len() - 1))
+        let model = crate::store::describe_inspected(name, inspection, load_dtype)?;
+        Ok(self.add_model(model, None))
+    }
+
+    /// [`Self::register_inspected`], unless a model of the same identity (the file as it is
+    /// now, `load_dtype`, and `patch`: the caller's name for the weight patch it will set, or
+    /// will find already set) is registered: then that model, wherever it is. Returns the
+    /// model, and whether it was found resident (its weights stay where they are: a later
+    /// `make_resident` moves nothing).
+    pub fn register_reusing(
+        &mut self,
+        name: &str,
+        inspection: &vpipe_ckpt::Inspection,
+        load_dtype: Option<DType>,
+        patch: &str,
+    ) -> Result<(ModelId, bool), MemError> {
+        if let Some(id) = self.find_registered(&inspection.path, load_dtype, patch) {
+            self.registered_in[id.0] = self.record;
+            name.clone_into(&mut self.models[id.0].name);
+            return Ok((id, self.models[id.0].tier() != Tier::Disk));
+        }
+        let identity = Identity::of(&inspection.path, load_dtype, patch);
+        let model = crate::store::describe_inspected(name, inspection, load_dtype)?;
+        Ok((self.add_model(model, identity), false))
     }
 
     /// Sets the patch applied to `id`'s weights whenever they are read from disk (see
@@ -383,6 +522,34 @@ impl Phase<'_> {
     ) -> Result<ModelId, MemError> {
         self.session
             .register_inspected(name, inspection, load_dtype)
+    }
+
+    /// See [`MemorySession::register_reusing`]. A model found resident is noted as carried
+    /// over, with its bytes.
+    pub fn register_reusing(
+        &mut self,
+        name: &str,
+        inspection: &vpipe_ckpt::Inspection,
+        load_dtype: Option<DType>,
+        patch: &str,
+    ) -> Result<(ModelId, bool), MemError> {
+        let (id, resident) = self
+            .session
+            .register_reusing(name, inspection, load_dtype, patch)?;
+        if resident {
+            let bytes = self.session.model_bytes(id);
+            let tier = self.session.tier(id);
+            self.note(
+                "carried over",
+                &format!(
+                    "'{name}' carried over from the previous job, resident ({tier} tier): {} \
+                     ({bytes} B, its weights as the store counts them, verified by measurement \
+                     when they were loaded); nothing to load",
+                    crate::fmt_bytes(bytes),
+                ),
+            );
+        }
+        Ok((id, resident))
     }
 
     /// See [`MemorySession::set_patch`].
@@ -915,5 +1082,135 @@ impl MemorySession {
             needed: Tier::Device,
             actual: model.tier(),
         })
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    /// The tests here read process-wide meters: one at a time.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A checkpoint of one f32 tensor of 64 MiB: past malloc's largest mmap threshold, so that
+    /// its host copy comes and goes from RssAnon whole (this test binary has no counting
+    /// allocator; the checks read RSS).
+    fn checkpoint(dir: &Path) -> PathBuf {
+        let path = dir.join("vae.safetensors");
+        let t = candle_core::Tensor::arange(0u32, 1 << 24, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("w".to_owned(), t)]),
+            &path,
+        )
+        .unwrap();
+        path
+    }
+
+    fn load(
+        session: &mut MemorySession,
+        inspection: &vpipe_ckpt::Inspection,
+        patch: &str,
+    ) -> (ModelId, bool) {
+        session
+            .phase("load", |p| {
+                p.register_reusing("vae", inspection, None, patch)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_record_reports_what_happened_since_and_finds_resident_models_in_place() {
+        let _alone = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let path = checkpoint(dir.path());
+        let inspection = vpipe_ckpt::inspect(&path).unwrap();
+        let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+
+        let (id, carried) = load(&mut session, &inspection, "none");
+        assert!(!carried);
+        session.phase("work", |p| p.make_resident(id)).unwrap();
+        let first = session.report().unwrap();
+        assert_eq!(first.transitions.len(), 1, "the load");
+
+        session.start_record().unwrap();
+        let (again, carried) = load(&mut session, &inspection, "none");
+        assert_eq!(again, id, "the same file, dtype and patch: the same model");
+        assert!(carried);
+        session
+            .phase("work", |p| {
+                p.make_resident(again)?;
+                p.offload(again, Tier::Disk)
+            })
+            .unwrap();
+        let second = session.report().unwrap();
+        assert_eq!(
+            second.baseline, first.baseline,
+            "both from the empty process"
+        );
+        let names: Vec<&str> = second.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["load", "work"], "only the new record's phases");
+        let moves: Vec<(Tier, Tier)> = second.transitions.iter().map(|t| (t.from, t.to)).collect();
+        assert_eq!(moves, [(Tier::Host, Tier::Disk)], "no load, the offload");
+        assert!(second.transitions[0].verified);
+        let bytes = session.model_bytes(id);
+        assert_eq!(bytes, 64 << 20);
+        assert!(
+            second.notes.iter().any(|n| n.what == "carried over"
+                && n.phase.as_deref() == Some("load")
+                && n.detail.contains(&format!("({bytes} B"))),
+            "{:?}",
+            second.notes
+        );
+        // The record starts with the baseline and a reading at its start, its times from there.
+        assert!(second.samples.len() >= 2);
+        assert!(second.phases[0].entry.t_ms < first.phases.last().unwrap().exit.t_ms + 1e4);
+
+        // Another patch is another model: it takes the slot of the one on disk.
+        session.start_record().unwrap();
+        let (other, carried) = load(&mut session, &inspection, "lora a.safetensors at 0.5");
+        assert!(!carried);
+        assert_eq!(
+            other, id,
+            "the slot of a model on disk from an earlier record"
+        );
+        assert_eq!(session.models.len(), 1, "the session does not grow");
+        assert_eq!(session.find_registered(&path, None, "none"), None);
+        assert_eq!(
+            session.find_registered(&path, None, "lora a.safetensors at 0.5"),
+            Some(other)
+        );
+        assert!(session.resident_models().is_empty());
+        let third = session.report().unwrap();
+        assert!(third.transitions.is_empty() && third.notes.is_empty());
+    }
+
+    #[test]
+    fn a_resident_model_keeps_its_slot_and_a_file_changed_in_place_is_a_new_model() {
+        let _alone = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let path = checkpoint(dir.path());
+        let inspection = vpipe_ckpt::inspect(&path).unwrap();
+        let mut session = MemorySession::new(Device::Cpu, Budget::default()).unwrap();
+        let (id, _) = load(&mut session, &inspection, "none");
+        session.phase("work", |p| p.make_resident(id)).unwrap();
+        session.start_record().unwrap();
+        // The same path, rewritten: longer, so its identity differs whatever the clock says.
+        let t = candle_core::Tensor::zeros(1 << 19, DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("w".to_owned(), t)]),
+            &path,
+        )
+        .unwrap();
+        let inspection = vpipe_ckpt::inspect(&path).unwrap();
+        let (new, carried) = load(&mut session, &inspection, "none");
+        assert!(!carried);
+        assert_ne!(new, id, "the resident model keeps its slot");
+        assert_eq!(session.resident_models(), [id]);
+        session
+            .phase("release", |p| p.offload(id, Tier::Disk))
+            .unwrap();
+        assert!(session.resident_models().is_empty());
     }
 }
