@@ -45,7 +45,7 @@ pub use paths::{
 };
 pub use pipeline::{clip_vision_features, generate, ExpertSwitch, Generated, Job, JobSpec, Mode};
 pub use plan::{attention_kernel, attention_scratch, Plan};
-pub use run::{plan, run, run_on};
+pub use run::{plan, plan_next, run, run_in_session, run_on, NextJob};
 pub use step_cache::{
     MagCacheSettings, MagRatios, StepCache, StepCacheFlags, MAGCACHE_MAX_SKIP, MAGCACHE_RETENTION,
     MAGCACHE_THRESHOLD, TEACACHE_THRESHOLD,

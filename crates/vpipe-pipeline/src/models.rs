@@ -155,7 +155,47 @@ pub struct ModelFiles {
     pub(crate) clip_config: Option<vpipe_models::clip::Config>,
 }
 
+/// The name of the weight patch a DiT gets from `loras` (files and strengths), as the memory
+/// session tells registrations apart ([`vpipe_mem::MemorySession::register_reusing`]): each
+/// file with its strength, length and modification time, so that the same files at the same
+/// strengths name the same merged weights; `none` without LoRAs.
+pub(crate) fn patch_name(loras: &[(PathBuf, f64)]) -> String {
+    if loras.is_empty() {
+        return "none".into();
+    }
+    loras
+        .iter()
+        .map(|(path, strength)| {
+            let stamp = std::fs::metadata(path)
+                .map(|m| format!("{} B, modified {:?}", m.len(), m.modified().ok()))
+                .unwrap_or_else(|e| format!("unreadable: {e}"));
+            format!("{} at {strength} ({stamp})", path.display())
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 impl ModelFiles {
+    /// Each model of the run as the pipeline registers it: its name, its file and the name of
+    /// its weight patch ([`patch_name`]).
+    pub(crate) fn registered(&self) -> Vec<(&'static str, &Path, String)> {
+        let none = || "none".to_owned();
+        let mut models = vec![("dit", self.dit.path.as_path(), patch_name(&self.loras))];
+        if let Some((low, _)) = &self.dit_low_noise {
+            models.push((
+                "dit low noise",
+                low.path.as_path(),
+                patch_name(&self.loras_low_noise),
+            ));
+        }
+        models.push(("vae", self.vae.path.as_path(), none()));
+        models.push(("text encoder", self.text_encoder.path.as_path(), none()));
+        if let Some(clip) = &self.clip_vision {
+            models.push(("clip vision", clip.path.as_path(), none()));
+        }
+        models
+    }
+
     /// The given files, as they are (their families are not checked), with the DiT's
     /// configuration from its header.
     pub fn inspect(

@@ -23,7 +23,7 @@ use crate::error::{Context, Error, Result};
 use crate::family::{ModelFamily, VaeSizes};
 use crate::models::ModelFiles;
 use crate::observer::{stop_point, Observer, Step};
-use crate::plan::{EncoderPlan, ModelSizes, Plan, Residency, SamplePlan, StepWork};
+use crate::plan::{EncoderPlan, Holding, ModelSizes, Plan, Residency, SamplePlan, StepWork};
 use crate::step_cache::{CacheRule, StepCache};
 use crate::tiled_vae::{run_tiled, VaeOp};
 
@@ -115,6 +115,8 @@ pub struct Job {
     /// Image-to-video: the CLIP vision encoder's configuration, and how the clip vision
     /// phase holds it.
     clip: Option<(vpipe_models::clip::Config, EncoderPlan)>,
+    /// Which models stay resident past the phases that use them (the planner's decision).
+    holding: Holding,
 }
 
 impl Job {
@@ -174,6 +176,7 @@ impl Job {
             models,
             device,
             dtype,
+            holding: Holding::default(),
         })
     }
 
@@ -199,6 +202,7 @@ impl Job {
             models,
             device,
             dtype,
+            holding: plan.holding().clone(),
         }
     }
 
@@ -239,28 +243,39 @@ pub fn generate(
 
     // Every checkpoint's header was read when its file was found ([`ModelFiles`]), by a
     // reader that never executes pickle code, before anything loads it.
-    let (ids, tokenizer, loras) = session.phase("load", |p| -> Result<_> {
+    let ids = session.phase("load", |p| -> Result<_> {
         let files =
             3 + u64::from(models.clip_vision.is_some()) + u64::from(models.dit_low_noise.is_some());
         let mut progress = Step::start(observer, "load", files);
-        let mut register = |name: &'static str, checkpoint: &crate::models::Checkpoint| {
-            let id = p.register_inspected(name, &checkpoint.inspection, Some(job.dtype))?;
-            progress.advance(name);
-            Ok::<_, Error>(id)
-        };
+        // A model of the same file, dtype and patch still resident from an earlier job of the
+        // same session is taken as it is (and noted as carried over).
+        let mut carried = Vec::new();
+        let mut register =
+            |name: &'static str, checkpoint: &crate::models::Checkpoint, patch: &str| {
+                let (id, resident) =
+                    p.register_reusing(name, &checkpoint.inspection, Some(job.dtype), patch)?;
+                if resident {
+                    carried.push(id);
+                }
+                progress.advance(name);
+                Ok::<_, Error>(id)
+            };
+        let patch = |loras| crate::models::patch_name(loras);
         let ids = Registered {
-            dit: register("dit", &models.dit)?,
+            dit: register("dit", &models.dit, &patch(&models.loras))?,
             dit_low_noise: models
                 .dit_low_noise
                 .as_ref()
-                .map(|(checkpoint, _)| register("dit low noise", checkpoint))
+                .map(|(checkpoint, _)| {
+                    register("dit low noise", checkpoint, &patch(&models.loras_low_noise))
+                })
                 .transpose()?,
-            vae: register("vae", &models.vae)?,
-            text: register("text encoder", &models.text_encoder)?,
+            vae: register("vae", &models.vae, "none")?,
+            text: register("text encoder", &models.text_encoder, "none")?,
             clip: models
                 .clip_vision
                 .as_ref()
-                .map(|clip| register("clip vision", clip))
+                .map(|clip| register("clip vision", clip, "none"))
                 .transpose()?,
         };
         let tokenizer = match &models.tokenizer {
@@ -272,16 +287,32 @@ pub fn generate(
             crate::leased::read_loras(&models.loras)?,
             crate::leased::read_loras(&models.loras_low_noise)?,
         );
-        Ok((ids, tokenizer, loras))
+        Ok((ids, tokenizer, loras, carried))
     })?;
+    let (ids, tokenizer, loras, carried) = (ids.0, ids.1, ids.2, ids.3);
 
     stop_point(observer)?;
-    // See `leased::plan_loras`: merged by the store as the weights are read.
+    // See `leased::plan_loras`: merged by the store as the weights are read. A DiT carried
+    // over resident was registered with the same patch name: its weights hold these LoRAs.
     session.phase("lora", |p| {
-        crate::leased::plan_loras(p, ids.dit, &models.dit, &loras.0, &models.loras)?;
+        let patch = |p: &mut vpipe_mem::Phase<'_>, id, checkpoint, loras, files| {
+            if carried.contains(&id) {
+                p.note(
+                    "lora",
+                    &format!(
+                        "'{}' carried over with the same LoRA files and strengths merged",
+                        p.session().model_name(id)
+                    ),
+                );
+                Ok(())
+            } else {
+                crate::leased::plan_loras(p, id, checkpoint, loras, files)
+            }
+        };
+        patch(p, ids.dit, &models.dit, &loras.0, &models.loras)?;
         match (ids.dit_low_noise, &models.dit_low_noise) {
             (Some(id), Some((checkpoint, _))) => {
-                crate::leased::plan_loras(p, id, checkpoint, &loras.1, &models.loras_low_noise)
+                patch(p, id, checkpoint, &loras.1, &models.loras_low_noise)
             }
             _ => Ok(()),
         }
@@ -313,7 +344,7 @@ pub fn generate(
                         .forward(&input_ids, &mask)?
                         .to_device(&Device::Cpu)?
                 };
-                p.offload(ids.text, Tier::Disk)?;
+                give_back(p, &job.holding, ids.text)?;
                 context
             }
             Residency::Streamed {
@@ -376,6 +407,7 @@ pub fn generate(
                     (id, config, plan.residency),
                     &pixels,
                     (job.dtype, &job.device),
+                    &job.holding,
                 )
                 .with_context(context)?;
                 // Both frames' tokens in one row for first-last-frame to video, as the DiT's
@@ -530,7 +562,7 @@ pub fn generate(
             let raw = vae.denormalize_latents(&latents)?;
             run_tiled(p, &vae, VaeOp::Decode, &raw, job.spec.tiles, observer)?
         };
-        p.offload(ids.vae, Tier::Disk)?;
+        give_back(p, &job.holding, ids.vae)?;
         ensure_finite(&video, "vae decode: the decoded video")?;
         p.declare_output("video (host)", tensor_bytes(&video));
         Ok(video)
@@ -570,12 +602,38 @@ pub fn clip_vision_features(
             ),
         },
     );
-    clip_features(p, (id, config, plan.residency), pixels, (dtype, device))
+    let holding = Holding::default();
+    clip_features(
+        p,
+        (id, config, plan.residency),
+        pixels,
+        (dtype, device),
+        &holding,
+    )
+}
+
+/// Gives `id` back to disk after the phase that used it (verified), unless `holding` keeps it
+/// resident to the job's end: then a note says so.
+fn give_back(p: &mut vpipe_mem::Phase<'_>, holding: &Holding, id: ModelId) -> Result<()> {
+    let name = p.session().model_name(id).to_owned();
+    if holding.holds_to_end(&name) {
+        let bytes = p.session().model_bytes(id);
+        p.note(
+            "held",
+            &format!(
+                "'{name}' stays resident to the job's end ({}, {bytes} B): the plan holds it for a \
+                 next job, every phase after this one fitting beside it (estimated)",
+                fmt_bytes(bytes)
+            ),
+        );
+        return Ok(());
+    }
+    Ok(p.offload(id, Tier::Disk)?)
 }
 
 /// The CLIP vision encoder `id` of configuration `config`, held as `residency` says
 /// (resident, or its layers from the held ones on streamed), on `pixels`: the image features,
-/// on `device`. Leaves the encoder on disk.
+/// on `device`. Leaves the encoder on disk, unless `holding` keeps it resident.
 ///
 /// # Shapes
 /// - `pixels`: [n, 3, S, S], CLIP-normalised.
@@ -585,6 +643,7 @@ pub(crate) fn clip_features(
     (id, config, residency): (ModelId, &vpipe_models::clip::Config, Residency),
     pixels: &Tensor,
     (dtype, device): (DType, &Device),
+    holding: &Holding,
 ) -> Result<Tensor> {
     match residency {
         Residency::Resident => {
@@ -593,7 +652,7 @@ pub(crate) fn clip_features(
                 let lease = p.lease(id)?;
                 crate::leased::clip_vision(&lease, config, dtype, device)?.image_features(pixels)?
             };
-            p.offload(id, Tier::Disk)?;
+            give_back(p, holding, id)?;
             Ok(features)
         }
         Residency::Streamed {
@@ -643,7 +702,7 @@ fn encode(
             let mean = run_tiled(p, &vae, VaeOp::Encode, video, job.spec.tiles, observer)?;
             vae.normalize_latents(&mean)?
         };
-        p.offload(vae_id, Tier::Disk)?;
+        give_back(p, &job.holding, vae_id)?;
         ensure_finite(&latents, "vae encode: the latents")?;
         p.declare_output("encoded latents (host)", tensor_bytes(&latents));
         Ok(latents)
@@ -764,8 +823,7 @@ fn run_expert(
                     .with_context(context)?
             };
             sample(job, p, model, inputs, None, observer, (expert, denoising))?;
-            p.offload(expert.id, Tier::Disk)?;
-            Ok(())
+            give_back(p, &job.holding, expert.id)
         }
         Residency::Streamed {
             held_blocks,
@@ -837,9 +895,13 @@ fn sample(
             "expert switch",
             &format!(
                 "{:.2} s from the previous expert's last step to this expert's first (that \
-                 expert given back, verified; this one made ready); {} in the compute tier now \
-                 ({}, measured)",
+                 expert {}; this one made ready); {} in the compute tier now ({}, measured)",
                 end.elapsed().as_secs_f64(),
+                if job.holding.holds_to_end("dit") {
+                    "held resident, as the plan holds it for a next job"
+                } else {
+                    "given back, verified"
+                },
                 vpipe_mem::fmt_bytes(reading.compute_used()),
                 reading.compute_meter()
             ),

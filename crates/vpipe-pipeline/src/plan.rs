@@ -1194,6 +1194,72 @@ pub(crate) struct PhasePlan {
     /// Weights plus estimated activations, in bytes.
     pub(crate) estimated_peak_bytes: u64,
     pub(crate) detail: String,
+    /// The models the phase holds whole, by the names the pipeline registers them under, and
+    /// their bytes as loaded: what may stay resident past the phase ([`Holding`]).
+    #[serde(skip)]
+    pub(crate) whole: Vec<(&'static str, u64)>,
+}
+
+/// A model held resident outside the phases that use it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct HeldModel {
+    /// The name the pipeline registers it under (`dit`, `vae`, `text encoder`, …).
+    pub(crate) model: String,
+    /// Its weights as loaded (exact, from the checkpoint's header).
+    pub(crate) bytes: u64,
+}
+
+/// Which models stay resident outside the phases that use them, decided once per job by
+/// [`Plan::decide_holding`]: models carried in from the previous job (held until their first
+/// use), and models held from their first use to the job's end for the next one. A model is
+/// held only where every phase it spans fits with it: each phase's estimated peak plus the
+/// bytes held beside it within the compute allowance (the budget less what the process holds
+/// before any work). Without a budget (a CPU run without `--vram-budget`) nothing bounds it.
+/// Streamed models are never held: their phase has no room for them whole.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Holding {
+    /// Carried over resident from the previous job and used by this one.
+    pub(crate) carried: Vec<HeldModel>,
+    /// Offered by the previous job but not taken: this job does not hold them whole, or its
+    /// phases before their first use have no room for them. Given back at the job's start.
+    pub(crate) refused: Vec<HeldModel>,
+    /// Held from their first use to the job's end, rather than given back after each phase
+    /// that uses them (only in `vpipe serve`, where the next job may take them).
+    pub(crate) held_to_end: Vec<HeldModel>,
+}
+
+impl Holding {
+    /// Whether `model` stays resident after the phases that use it.
+    pub(crate) fn holds_to_end(&self, model: &str) -> bool {
+        self.held_to_end.iter().any(|h| h.model == model)
+    }
+
+    /// Whether `model`, carried in, is taken.
+    pub(crate) fn takes(&self, model: &str) -> bool {
+        self.carried.iter().any(|h| h.model == model)
+    }
+
+    fn describe(list: &[HeldModel]) -> String {
+        if list.is_empty() {
+            return "none".into();
+        }
+        list.iter()
+            .map(|h| format!("{} ({})", h.model, fmt_bytes(h.bytes)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The decision in words, for the plan's table and the report's notes.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "carried over from the previous job: {}; given back at the start: {}; held to the \
+             job's end for the next job: {} (each where every phase it spans fits beside it: \
+             estimated peaks + held bytes within the allowance)",
+            Self::describe(&self.carried),
+            Self::describe(&self.refused),
+            Self::describe(&self.held_to_end),
+        )
+    }
 }
 
 /// A run's plan.
@@ -1235,6 +1301,17 @@ pub struct Plan {
     pub(crate) vae_tile_px: usize,
     /// The precision of the weights and the computation, and why it is that one.
     pub(crate) dtype: String,
+    /// Device bytes the process holds before any work (on CUDA), left out of what the
+    /// models may use.
+    #[serde(skip)]
+    pub(crate) taken: u64,
+    /// Which models this run holds outside the phases that use them: `vpipe run` holds none
+    /// (within one run no model is used again after a later phase but the VAE of a
+    /// video- or image-to-video run, which stays as it is, given back and read again), so
+    /// every phase starts from the baseline; `vpipe serve` decides per job.
+    pub(crate) holding: Holding,
+    /// What `vpipe serve` would hold to this job's end for a next job (nothing carried in).
+    pub(crate) serve_holding: Holding,
 }
 
 impl Plan {
@@ -1322,6 +1399,7 @@ impl Plan {
                 resident: vec![],
                 estimated_peak_bytes: 0,
                 detail: "headers only".into(),
+                whole: vec![],
             },
             PhasePlan {
                 name: "lora",
@@ -1331,6 +1409,7 @@ impl Plan {
                     "{} LoRA file(s) checked against the DiT's keys",
                     job.loras.len()
                 ),
+                whole: vec![],
             },
             PhasePlan {
                 name: "text",
@@ -1339,6 +1418,7 @@ impl Plan {
                     .describe("text encoder", sizes.text.num_layers)],
                 estimated_peak_bytes: text.estimated_peak_bytes,
                 detail: format!("prompt and negative prompt, {TEXT_TOKENS} tokens each"),
+                whole: whole_if(text.residency, "text encoder", sizes.text_weights.total),
             },
             PhasePlan {
                 name: "shift",
@@ -1348,6 +1428,7 @@ impl Plan {
                     "{} schedule, shift {}, no device work",
                     job.sampler, job.shift
                 ),
+                whole: vec![],
             },
         ];
         let vae_phase = |name, bytes_per_unit: u64, base| PhasePlan {
@@ -1360,6 +1441,7 @@ impl Plan {
                 "tile {} px, stride {} px, {} layout",
                 job.tiles.tile, job.tiles.stride, job.tiles.layout
             ),
+            whole: vec![("vae", sizes.vae.bytes)],
         };
         if let (Some(clip), Some(plan)) = (&sizes.clip, &clip) {
             // Before the shift phase, as the pipeline runs it.
@@ -1377,6 +1459,7 @@ impl Plan {
                         clip.config.image_size,
                         clip.config.tokens()
                     ),
+                    whole: whole_if(plan.residency, "clip vision", clip.weights.total),
                 },
             );
         }
@@ -1437,6 +1520,7 @@ impl Plan {
                         "the high-noise expert down to {boundary}: {tokens} tokens, CFG \
                          {passes:?}, {attention}{work}{cache}"
                     ),
+                    whole: whole_if(sample.residency, "dit", sizes.dit_weights.total),
                 });
                 phases.push(PhasePlan {
                     name: "sample low noise",
@@ -1448,6 +1532,11 @@ impl Plan {
                         "the low-noise expert below {boundary}, CFG {} {:?}",
                         expert.guidance, low.passes
                     ),
+                    whole: whole_if(
+                        low.residency,
+                        "dit low noise",
+                        sizes.dit_low_noise.map_or(0, |w| w.total),
+                    ),
                 });
             }
             _ => phases.push(PhasePlan {
@@ -1458,6 +1547,7 @@ impl Plan {
                     "{tokens} tokens, {} steps, CFG {passes:?}, {attention}{work}{cache}",
                     job.steps
                 ),
+                whole: whole_if(sample.residency, "dit", sizes.dit_weights.total),
             }),
         }
         phases.push(vae_phase(
@@ -1470,6 +1560,7 @@ impl Plan {
             resident: vec![],
             estimated_peak_bytes: 0,
             detail: format!("{}", job.out.display()),
+            whole: vec![],
         });
         // On CUDA the budget also holds what the process took before any work.
         let taken = job.compute.device_baseline;
@@ -1513,7 +1604,7 @@ impl Plan {
             .max_by_key(|(_, least)| *least)
             .map(|(phase, least)| (phase, least + taken))
             .expect("a plan has phases");
-        Self {
+        let mut plan = Self {
             phases,
             budget_bytes: budget,
             budget_source: job.compute.budget_source.clone(),
@@ -1557,7 +1648,103 @@ impl Plan {
                     " (--dtype)"
                 }
             ),
+            taken,
+            holding: Holding::default(),
+            serve_holding: Holding::default(),
+        };
+        plan.serve_holding = plan.holding_for(&[], true);
+        plan
+    }
+
+    /// Decides which models this job holds outside the phases that use them (see
+    /// [`Holding`]): of `carried` (models the previous job left resident that this job uses,
+    /// as loaded), those that fit until their first use; and with `hold_to_end`, the models it
+    /// holds whole that fit from their first use to the job's end. The largest first: they
+    /// cost the most to read again.
+    pub(crate) fn decide_holding(&mut self, carried: &[&str], hold_to_end: bool) {
+        self.holding = self.holding_for(carried, hold_to_end);
+    }
+
+    /// The decision of [`Self::decide_holding`], made for `carried` and `hold_to_end`.
+    pub(crate) fn holding_for(&self, carried: &[&str], hold_to_end: bool) -> Holding {
+        let allowance = self.budget_bytes.map(|b| b.saturating_sub(self.taken));
+        let mut models: Vec<(&'static str, u64)> = Vec::new();
+        for &(model, bytes) in self.phases.iter().flat_map(|p| &p.whole) {
+            if !models.iter().any(|(m, _)| *m == model) {
+                models.push((model, bytes));
+            }
         }
+        models.sort_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
+        let uses = |model: &str| -> Vec<usize> {
+            (0..self.phases.len())
+                .filter(|&i| self.phases[i].whole.iter().any(|(m, _)| *m == model))
+                .collect()
+        };
+        // Bytes held beside each phase's own estimate so far.
+        let mut beside = vec![0u64; self.phases.len()];
+        let hold = |span: &[usize], bytes: u64, beside: &mut [u64]| {
+            let fits = allowance.is_none_or(|allowed| {
+                span.iter()
+                    .all(|&i| self.phases[i].estimated_peak_bytes + beside[i] + bytes <= allowed)
+            });
+            if fits {
+                span.iter().for_each(|&i| beside[i] += bytes);
+            }
+            fits
+        };
+        let mut holding = Holding::default();
+        for offered in carried {
+            let used = uses(offered);
+            let known = models.iter().find(|(m, _)| m == offered);
+            match (used.first(), known) {
+                (Some(&first), Some(&(model, bytes))) => {
+                    let span: Vec<usize> = (0..first).collect();
+                    let held = HeldModel {
+                        model: model.to_owned(),
+                        bytes,
+                    };
+                    if hold(&span, bytes, &mut beside) {
+                        holding.carried.push(held);
+                    } else {
+                        holding.refused.push(held);
+                    }
+                }
+                // Not held whole by this job (streamed, or not one of its models).
+                _ => holding.refused.push(HeldModel {
+                    model: (*offered).to_owned(),
+                    bytes: 0,
+                }),
+            }
+        }
+        if hold_to_end {
+            for &(model, bytes) in &models {
+                let used = uses(model);
+                let Some(&first) = used.first() else { continue };
+                let span: Vec<usize> = (first + 1..self.phases.len())
+                    .filter(|i| !used.contains(i))
+                    .collect();
+                if hold(&span, bytes, &mut beside) {
+                    holding.held_to_end.push(HeldModel {
+                        model: model.to_owned(),
+                        bytes,
+                    });
+                }
+            }
+        }
+        holding
+    }
+
+    /// The holding decision this run takes.
+    pub(crate) fn holding(&self) -> &Holding {
+        &self.holding
+    }
+}
+
+/// A model's entry in [`PhasePlan::whole`] when `residency` holds it whole.
+fn whole_if(residency: Residency, model: &'static str, bytes: u64) -> Vec<(&'static str, u64)> {
+    match residency {
+        Residency::Resident => vec![(model, bytes)],
+        Residency::Streamed { .. } => vec![],
     }
 }
 
@@ -1657,6 +1844,20 @@ impl std::fmt::Display for Plan {
             )?;
         }
         writeln!(f, "mode {}, precision {}", self.mode, self.dtype)?;
+        writeln!(
+            f,
+            "models held outside their phases: {}",
+            if self.holding.carried.is_empty() && self.holding.held_to_end.is_empty() {
+                "none, each given back after the phase that uses it".to_owned()
+            } else {
+                self.holding.summary()
+            }
+        )?;
+        writeln!(
+            f,
+            "in vpipe serve, held to the job's end for a next job that uses them: {} (estimated)",
+            Holding::describe(&self.serve_holding.held_to_end)
+        )?;
         match self.budget_bytes {
             Some(budget) => writeln!(
                 f,

@@ -12,6 +12,7 @@ use crate::observer::{stop_point, Observer};
 use crate::options::{ImageInputs, RunOptions};
 use crate::pipeline::{generate, Job, JobSpec, Mode};
 use crate::plan::{ModelSizes, Plan};
+use vpipe_mem::MemorySession;
 
 /// The input clip as `[1, 3, T, H, W]` in [-1, 1] at the run's size: a video file (H.264 MP4,
 /// GIF, a folder of PNG frames) resized to cover the frame, centre-cropped, and cut to the
@@ -383,18 +384,14 @@ pub fn run_on(
     run_opening(job, observer, |_| Ok(device.clone()))
 }
 
-/// [`run`], the device opened by `open` from the job's `--device` once the job's files are
-/// checked.
-fn run_opening(
-    mut job: RunOptions,
-    observer: &mut dyn Observer,
-    open: impl FnOnce(&str) -> Result<candle_core::Device>,
-) -> Result<Report> {
-    let models = resolve_models(&job)?;
+/// A run's files resolved and checked (the Wan 2.2 pair's switch set when a model folder
+/// paired it), before the device is touched.
+fn resolve_checked(job: &mut RunOptions, observer: &mut dyn Observer) -> Result<ModelFiles> {
+    let models = resolve_models(job)?;
     if let Some((low, _)) = &models.dit_low_noise {
         let from_folder = job.low_noise.as_ref().is_none_or(|e| e.dit.is_none());
         let image_to_video = job.image.is_some();
-        with_expert_switch(&mut job, low.path.clone(), image_to_video);
+        with_expert_switch(job, low.path.clone(), image_to_video);
         if from_folder {
             observer.notice(&format!(
                 "--model-dir: the Wan 2.2 expert pair {} (high noise) and {} (low noise), \
@@ -406,33 +403,40 @@ fn run_opening(
             ));
         }
     }
-    check_run_outputs(&job, &models)?;
-    let device = open(&job.compute.device)?;
-    let meters = vpipe_mem::Meters::for_device(&device)?;
-    job.compute.bound_by_device(&device, &meters.read()?);
-    // Sampling never starts when the plan does not fit.
-    let sizes = ModelSizes::of(&models, job.compute.dtype)?;
-    check_image_frames(&job, &sizes)?;
-    crate::plan::settle_for_models(&mut job, &sizes)?;
-    let plan = Plan::new(&job, &sizes);
+    check_run_outputs(job, &models)?;
+    Ok(models)
+}
+
+/// The plan of `job` on `models` (its budget already bounded by the device), refused when it
+/// does not fit: sampling never starts then.
+fn plan_checked(job: &mut RunOptions, models: &ModelFiles) -> Result<(Plan, ModelSizes)> {
+    let sizes = ModelSizes::of(models, job.compute.dtype)?;
+    check_image_frames(job, &sizes)?;
+    crate::plan::settle_for_models(job, &sizes)?;
+    let plan = Plan::new(job, &sizes);
     if !plan.fits() {
         return Err(plan.refusal());
     }
-    // Before the clip, whose decoding may take a while: a wrong noise file fails at once.
+    Ok((plan, sizes))
+}
+
+/// What the run makes: its inputs read (the noise file first, so that a wrong one fails at
+/// once, before the clip, whose decoding may take a while).
+fn job_spec(job: &RunOptions, sizes: &ModelSizes, observer: &mut dyn Observer) -> Result<JobSpec> {
     let initial_noise = job
         .initial_noise
         .as_deref()
-        .map(|path| read_initial_noise(path, &job, &sizes.vae))
+        .map(|path| read_initial_noise(path, job, &sizes.vae))
         .transpose()?;
     let mode = match (&job.input, &job.image) {
         (Some((path, strength)), _) => Mode::VideoToVideo {
-            video: read_clip(path, &job, observer)?,
+            video: read_clip(path, job, observer)?,
             strength: *strength,
         },
-        (None, Some(images)) => read_images(images, &job, &sizes, observer)?,
+        (None, Some(images)) => read_images(images, job, sizes, observer)?,
         (None, None) => Mode::TextToVideo,
     };
-    let spec = JobSpec {
+    Ok(JobSpec {
         prompt: job.prompt.clone(),
         negative_prompt: job.negative_prompt.clone(),
         mode,
@@ -454,33 +458,44 @@ fn run_opening(
         seed: job.seed,
         initial_noise,
         tiles: job.tiles,
-    };
-    let pipeline_job = Job::planned(spec, models, device, job.compute.dtype, &plan, sizes);
-    let mut session = vpipe_mem::MemorySession::with_meters(
-        pipeline_job.device().clone(),
-        meters,
-        job.compute.budget,
-    )?;
-    let written = generate(&pipeline_job, &mut session, observer).and_then(|made| {
-        session.phase("write", |p| -> Result<()> {
-            stop_point(observer)?;
-            p.note(
-                "video",
-                &format!("{:?} at {} fps", made.video.dims(), made.fps),
-            );
-            crate::files::write_clip(
-                &job.out,
-                &made.video,
-                Some(&made.latents),
-                made.fps,
-                observer,
-            )
-        })
-    });
-    if let Err(err) = written {
+    })
+}
+
+/// Every phase of `pipeline_job`, then the write phase.
+fn generate_and_write(
+    pipeline_job: &Job,
+    session: &mut MemorySession,
+    job: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let made = generate(pipeline_job, session, observer)?;
+    session.phase("write", |p| -> Result<()> {
+        stop_point(observer)?;
+        p.note(
+            "video",
+            &format!("{:?} at {} fps", made.video.dims(), made.fps),
+        );
+        crate::files::write_clip(
+            &job.out,
+            &made.video,
+            Some(&made.latents),
+            made.fps,
+            observer,
+        )
+    })
+}
+
+/// Writes the report (the report so far when `outcome` is a failure, which is returned).
+fn finish(
+    outcome: Result<()>,
+    session: &MemorySession,
+    job: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<Report> {
+    if let Err(err) = outcome {
         // The report so far: what ran, what it measured, where it stopped.
         if let Some(path) = job.compute.report.as_deref() {
-            if let Err(report_err) = crate::files::finish_report(&session, Some(path)) {
+            if let Err(report_err) = crate::files::finish_report(session, Some(path)) {
                 observer.notice(&format!(
                     "could not write the report so far: {}",
                     crate::error::chain(&report_err)
@@ -489,5 +504,216 @@ fn run_opening(
         }
         return Err(err);
     }
-    crate::files::finish_report(&session, job.compute.report.as_deref())
+    crate::files::finish_report(session, job.compute.report.as_deref())
+}
+
+/// [`run`], the device opened by `open` from the job's `--device` once the job's files are
+/// checked.
+fn run_opening(
+    mut job: RunOptions,
+    observer: &mut dyn Observer,
+    open: impl FnOnce(&str) -> Result<candle_core::Device>,
+) -> Result<Report> {
+    let models = resolve_checked(&mut job, observer)?;
+    let device = open(&job.compute.device)?;
+    let meters = vpipe_mem::Meters::for_device(&device)?;
+    job.compute.bound_by_device(&device, &meters.read()?);
+    let (plan, sizes) = plan_checked(&mut job, &models)?;
+    let spec = job_spec(&job, &sizes, observer)?;
+    let pipeline_job = Job::planned(spec, models, device, job.compute.dtype, &plan, sizes);
+    let mut session =
+        MemorySession::with_meters(pipeline_job.device().clone(), meters, job.compute.budget)?;
+    let outcome = generate_and_write(&pipeline_job, &mut session, &job, observer);
+    finish(outcome, &session, &job, observer)
+}
+
+/// The next queued job as the job before it sees it, to decide which of its models stay
+/// resident: its plan, and its models' names, files and patches as the pipeline registers
+/// them.
+pub struct NextJob {
+    plan: Plan,
+    models: Vec<(&'static str, std::path::PathBuf, String)>,
+    dtype: candle_core::DType,
+}
+
+/// Plans `job`, queued next, without reading its inputs: its files resolved, its plan made
+/// with its budget as given (its own start bounds it by what the device has free then, and
+/// gives back what no longer fits).
+pub fn plan_next(job: &RunOptions) -> Result<NextJob> {
+    let models = resolve_models(job)?;
+    let sizes = ModelSizes::of(&models, job.compute.dtype)?;
+    let plan = Plan::new(job, &sizes);
+    Ok(NextJob {
+        plan,
+        models: models
+            .registered()
+            .into_iter()
+            .map(|(name, path, patch)| (name, path.to_owned(), patch))
+            .collect(),
+        dtype: job.compute.dtype,
+    })
+}
+
+/// `models` (name, file, patch) that `session` holds resident under the same identity, by
+/// name with their ids.
+fn resident_of<'m>(
+    session: &MemorySession,
+    models: impl Iterator<Item = (&'m str, &'m Path, &'m str)>,
+    dtype: candle_core::DType,
+) -> Vec<(&'m str, vpipe_mem::ModelId)> {
+    models
+        .filter_map(|(name, path, patch)| {
+            let id = session.find_registered(path, Some(dtype), patch)?;
+            (session.tier(id) != vpipe_mem::Tier::Disk).then_some((name, id))
+        })
+        .collect()
+}
+
+/// Gives back to disk, verified, every resident model but `keep`, in the phase `phase` (none
+/// when nothing is resident and there is no `decision` to note), noting the planner's
+/// `decision`, why each model is given back (`why_given_back`) and why each is kept.
+fn release(
+    session: &mut MemorySession,
+    (phase, decision): (&str, Option<&str>),
+    keep: &[vpipe_mem::ModelId],
+    why_given_back: &str,
+    why_kept: &str,
+) -> Result<()> {
+    let resident = session.resident_models();
+    if resident.is_empty() && decision.is_none() {
+        return Ok(());
+    }
+    session.phase(phase, |p| -> Result<()> {
+        if let Some(decision) = decision {
+            p.note("holding", decision);
+        }
+        for id in resident {
+            let name = p.session().model_name(id).to_owned();
+            let bytes = p.session().model_bytes(id);
+            let size = format!("{}, {bytes} B", vpipe_mem::fmt_bytes(bytes));
+            if keep.contains(&id) {
+                p.note(
+                    "kept",
+                    &format!("'{name}' stays resident ({size}): {why_kept}"),
+                );
+            } else {
+                p.note(
+                    "given back",
+                    &format!("'{name}' ({size}): {why_given_back}"),
+                );
+                p.offload(id, vpipe_mem::Tier::Disk)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// [`run_on`] in `session`, a memory session that lives across jobs (`vpipe serve`'s worker
+/// keeps one): the job is a new record of it (its report, the same as `vpipe run`'s, covers
+/// this job alone), takes the models an earlier job left resident when the planner says they
+/// fit (noted as carried over; no load), and holds its models to its end where the plan has
+/// room. At its end `next` says which job is queued next ([`plan_next`]); the models that job
+/// uses stay resident when its plan fits with them held, and every other is given back,
+/// verified, in the job's phase "release". A job that fails gives every model back.
+pub fn run_in_session(
+    mut job: RunOptions,
+    session: &mut MemorySession,
+    observer: &mut dyn Observer,
+    next: &mut dyn FnMut() -> Option<NextJob>,
+) -> Result<Report> {
+    let models = resolve_checked(&mut job, observer)?;
+    let device = session.device().clone();
+    // The device's free memory is less the models still resident, which the plan counts in
+    // its phases' peaks: they are added back to what the device can give.
+    let given = job.compute.budget.compute;
+    job.compute.bound_by_device(&device, session.baseline());
+    if job.compute.budget.compute != given {
+        let resident = session.resident_compute_bytes();
+        job.compute.budget.compute = job
+            .compute
+            .budget
+            .compute
+            .map(|bound| (bound + resident).min(given.unwrap_or(u64::MAX)));
+    }
+    let (mut plan, sizes) = plan_checked(&mut job, &models)?;
+    let spec = job_spec(&job, &sizes, observer)?;
+    session.start_record()?;
+    session.set_budget(job.compute.budget);
+    let registered = models.registered();
+    let offered = resident_of(
+        session,
+        registered
+            .iter()
+            .map(|(n, p, patch)| (*n, *p, patch.as_str())),
+        job.compute.dtype,
+    );
+    let names: Vec<&str> = offered.iter().map(|(name, _)| *name).collect();
+    plan.decide_holding(&names, true);
+    let taken: Vec<_> = offered
+        .into_iter()
+        .filter(|(name, _)| plan.holding().takes(name))
+        .map(|(_, id)| id)
+        .collect();
+    drop(registered);
+    let pipeline_job = Job::planned(spec, models, device, job.compute.dtype, &plan, sizes);
+    let outcome = release(
+        session,
+        ("hold", Some(&plan.holding().summary())),
+        &taken,
+        "this job does not hold it whole, or its phases before the model's first use have no \
+         room for it (the plan's estimates)",
+        "this job uses it",
+    )
+    .and_then(|()| generate_and_write(&pipeline_job, session, &job, observer));
+    let kept = match (&outcome, next()) {
+        (Ok(()), Some(next)) => {
+            let offered = resident_of(
+                session,
+                next.models
+                    .iter()
+                    .map(|(n, p, patch)| (*n, p.as_path(), patch.as_str())),
+                next.dtype,
+            );
+            let names: Vec<&str> = offered.iter().map(|(name, _)| *name).collect();
+            let holding = next.plan.holding_for(&names, true);
+            let kept: Vec<_> = offered
+                .into_iter()
+                .filter(|(name, _)| holding.takes(name))
+                .map(|(_, id)| id)
+                .collect();
+            let decision = format!("for the next job: {}", holding.summary());
+            release(
+                session,
+                ("release", Some(&decision)),
+                &kept,
+                "the next queued job does not use it (the same file, dtype and LoRAs), or its \
+                 phases before the model's first use have no room for it (the next job's plan: \
+                 estimated peaks + held bytes within its allowance)",
+                "the next queued job uses the same file, dtype and LoRAs, and its phases before \
+                 the model's first use fit beside it (the next job's plan: estimated peaks + \
+                 held bytes within its allowance)",
+            )
+        }
+        (Ok(()), None) => release(session, ("release", None), &[], "no job is queued next", ""),
+        (Err(_), _) => release(
+            session,
+            ("release", None),
+            &[],
+            "the job did not finish",
+            "",
+        ),
+    };
+    let outcome = match outcome {
+        Ok(()) => kept,
+        Err(err) => {
+            if let Err(release_err) = kept {
+                observer.notice(&format!(
+                    "giving the models back after the failure: {}",
+                    crate::error::chain(&release_err)
+                ));
+            }
+            Err(err)
+        }
+    };
+    finish(outcome, session, &job, observer)
 }

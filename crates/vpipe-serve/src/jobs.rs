@@ -264,6 +264,17 @@ impl Jobs {
         }
     }
 
+    /// `look` at the settings of the job that [`Self::next`] would give now, if any (under the
+    /// queue's lock: keep it short).
+    pub fn peek_next<R>(&self, look: impl FnOnce(&RunOptions) -> R) -> Option<R> {
+        let inner = self.lock();
+        let options = inner
+            .queue
+            .iter()
+            .find_map(|id| inner.jobs.get(id)?.options.as_ref())?;
+        Some(look(options))
+    }
+
     /// Records how job `id` ended.
     pub fn finish(
         &self,

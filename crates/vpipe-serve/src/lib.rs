@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 pub use error::ServeError;
 pub use jobs::{JobState, JobView};
-pub use memory::{Boundary, MemoryRecord, Sample};
+pub use memory::{Boundary, MemoryRecord, ResidentModel, Sample};
 pub use settings::Settings;
 use vpipe_pipeline::RunOptions;
 
@@ -142,7 +142,7 @@ pub fn serve(
         let (jobs, memory) = (jobs.clone(), memory.clone());
         std::thread::Builder::new()
             .name("vpipe-worker".into())
-            .spawn(move || worker::work(jobs, memory, device, meters))
+            .spawn(move || worker::work(jobs, memory, (device, budget), meters))
             .map_err(error::io("starting the worker"))?
     };
     let sampler_done = Arc::new(AtomicBool::new(false));

@@ -44,6 +44,16 @@ impl Sample {
     }
 }
 
+/// A model the server's memory session holds resident at a boundary (kept for the next job).
+#[derive(Debug, Clone, Serialize)]
+pub struct ResidentModel {
+    pub name: String,
+    /// `host` or `device`.
+    pub tier: vpipe_mem::Tier,
+    /// Its weights as the store counts them (verified by measurement when loaded).
+    pub bytes: u64,
+}
+
 /// A reading at a job boundary.
 #[derive(Debug, Clone, Serialize)]
 pub struct Boundary {
@@ -56,6 +66,13 @@ pub struct Boundary {
     pub host_file: u64,
     /// The CUDA pool's reserve, on CUDA.
     pub pool_reserved: Option<u64>,
+    /// The compute tier's use as the session's meter reads it (`pool_used` on CUDA, the heap
+    /// or RssAnon on the CPU), and that meter's name.
+    pub compute_used: u64,
+    pub compute_meter: &'static str,
+    /// The models the session holds resident across this boundary (none at a job's end but
+    /// those kept for the job queued next).
+    pub resident_models: Vec<ResidentModel>,
 }
 
 /// The whole record, as `GET /api/memory` returns it and `server-memory.json` holds it.
@@ -125,21 +142,36 @@ impl MemoryLog {
 
     /// Records a boundary reading and writes the record to its file (through a temporary
     /// file, renamed into place).
-    pub fn boundary(&self, at: &'static str, job: Option<u64>, reading: &Reading) {
-        self.keep_boundary(at, job, reading);
+    pub fn boundary(
+        &self,
+        at: &'static str,
+        job: Option<u64>,
+        reading: &Reading,
+        resident_models: Vec<ResidentModel>,
+    ) {
+        self.keep_boundary(at, job, reading, resident_models);
         if let Err(e) = self.write() {
             tracing::warn!("could not write {}: {e}", self.path.display());
         }
     }
 
     /// Records a boundary reading (the oldest but the first goes when the record is full).
-    fn keep_boundary(&self, at: &'static str, job: Option<u64>, reading: &Reading) {
+    fn keep_boundary(
+        &self,
+        at: &'static str,
+        job: Option<u64>,
+        reading: &Reading,
+        resident_models: Vec<ResidentModel>,
+    ) {
         let boundary = Boundary {
             at,
             job,
             sample: Sample::of(reading, self.now_ms()),
             host_file: reading.host.file,
             pool_reserved: reading.pool_reserved(),
+            compute_used: reading.compute_used(),
+            compute_meter: reading.compute_meter(),
+            resident_models,
         };
         let mut inner = self.lock();
         push_bounded(&mut inner.samples, boundary.sample, MAX_SAMPLES);
@@ -206,11 +238,21 @@ mod tests {
         for i in 0..(2 * MAX_SAMPLES as u64) {
             log.sample(&reading(i));
         }
-        log.boundary("server start", None, &reading(1));
+        log.boundary("server start", None, &reading(1), Vec::new());
         for job in 0..(MAX_BOUNDARIES as u64 + 9) {
-            log.keep_boundary("job end", Some(job), &reading(2));
+            log.keep_boundary("job end", Some(job), &reading(2), Vec::new());
         }
-        log.boundary("job end", Some(MAX_BOUNDARIES as u64 + 9), &reading(2));
+        let kept = ResidentModel {
+            name: "dit".into(),
+            tier: vpipe_mem::Tier::Host,
+            bytes: 5,
+        };
+        log.boundary(
+            "job end",
+            Some(MAX_BOUNDARIES as u64 + 9),
+            &reading(2),
+            vec![kept],
+        );
         let record = log.record();
         assert_eq!(record.samples.len(), MAX_SAMPLES);
         assert_eq!(record.boundaries.len(), MAX_BOUNDARIES);
@@ -226,5 +268,8 @@ mod tests {
             MAX_BOUNDARIES
         );
         assert!(written["samples"].as_array().unwrap().is_empty());
+        let last = written["boundaries"].as_array().unwrap().last().unwrap();
+        assert_eq!(last["resident_models"][0]["name"], "dit");
+        assert_eq!(last["compute_used"], 2, "RssAnon without the heap meter");
     }
 }

@@ -1,6 +1,8 @@
 //! The one worker: takes the queued jobs in order and runs each through the same library call
-//! as `vpipe run`, in the server's process, on the one device it keeps open. Every job loads its models and gives them back,
-//! verified by its own memory session; the server reads every meter before and after each job.
+//! as `vpipe run`, in the server's process, on the one device it keeps open, in one memory
+//! session for the server's life. Each job is a record of that session (its own report); the
+//! models the job queued next uses stay resident when its plan fits with them, every other is
+//! given back, verified. The server reads the session's meters before and after each job.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +12,7 @@ use std::time::Instant;
 use vpipe_pipeline::{Observer, RunOptions};
 
 use crate::jobs::{JobError, JobState, Jobs, Progress};
-use crate::memory::MemoryLog;
+use crate::memory::{MemoryLog, ResidentModel};
 
 /// A job's observer: its progress and notices go to the job's record, and it stops when the
 /// job is cancelled or the server shuts down.
@@ -74,20 +76,59 @@ impl Observer for JobObserver<'_> {
     }
 }
 
-/// Runs jobs until the server shuts down, reading `meters` at each job's start and end.
+/// What `session` holds resident now.
+fn resident_models(session: &vpipe_mem::MemorySession) -> Vec<ResidentModel> {
+    session
+        .resident_models()
+        .into_iter()
+        .map(|id| ResidentModel {
+            name: session.model_name(id).to_owned(),
+            tier: session.tier(id),
+            bytes: session.model_bytes(id),
+        })
+        .collect()
+}
+
+/// Runs jobs until the server shuts down in one memory session on `device` under `budget`,
+/// made on this thread (the CPU matmul library's buffers, part of its baseline, are this
+/// thread's) when the first job comes, so that its baseline is the process ready to run jobs
+/// (the HTTP side's buffers made); reads its meters at each job's start and end. `meters`
+/// reads the server's start and takes the live samples while a job runs.
 pub fn work(
     jobs: Arc<Jobs>,
     memory: Arc<MemoryLog>,
-    device: candle_core::Device,
+    (device, budget): (candle_core::Device, vpipe_mem::Budget),
     meters: vpipe_mem::Meters,
 ) {
-    let read = |at: &'static str, job: Option<u64>| match meters.read() {
-        Ok(reading) => memory.boundary(at, job, &reading),
-        Err(e) => tracing::warn!("memory reading at {at}: {e}"),
-    };
-    read("server start", None);
+    let read =
+        |at: &'static str, job: Option<u64>, session: &vpipe_mem::MemorySession| match session
+            .meters()
+            .read()
+        {
+            Ok(reading) => memory.boundary(at, job, &reading, resident_models(session)),
+            Err(e) => tracing::warn!("memory reading at {at}: {e}"),
+        };
+    match meters.read() {
+        Ok(reading) => memory.boundary("server start", None, &reading, Vec::new()),
+        Err(e) => tracing::warn!("memory reading at the server's start: {e}"),
+    }
+    let mut session = None;
     while let Some((id, options, dir)) = jobs.next() {
-        read("job start", Some(id));
+        let session = match &mut session {
+            Some(session) => session,
+            None => match vpipe_mem::MemorySession::new(device.clone(), budget) {
+                Ok(made) => session.insert(made),
+                Err(e) => {
+                    let error = JobError {
+                        message: format!("the server's memory session could not start: {e}"),
+                        exit_code: 1,
+                    };
+                    jobs.finish(id, JobState::Failed, Some(error), false, false);
+                    continue;
+                }
+            },
+        };
+        read("job start", Some(id), session);
         tracing::info!("job {id} started");
         let mut observer = JobObserver {
             id,
@@ -97,23 +138,30 @@ pub fn work(
             memory: &memory,
             last_sample: Instant::now(),
         };
-        let (state, error) = run_job(options, &device, &mut observer);
+        let (state, error) = run_job(options, session, &jobs, &mut observer);
         let (video, report) = (dir.join("video.mp4"), dir.join("report.json"));
         jobs.finish(id, state, error, video.is_file(), report.is_file());
         tracing::info!("job {id} {state:?}");
-        read("job end", Some(id));
+        read("job end", Some(id), session);
     }
 }
 
 /// Runs one job; a panic inside it fails the job, not the server.
+/// At its end, the job queued next then is planned to decide what stays resident for it (a
+/// next job whose files cannot be planned keeps nothing: it will fail on its own).
 fn run_job(
     options: RunOptions,
-    device: &candle_core::Device,
+    session: &mut vpipe_mem::MemorySession,
+    jobs: &Jobs,
     observer: &mut JobObserver<'_>,
 ) -> (JobState, Option<JobError>) {
     let out = options.out.clone();
+    let mut next = || {
+        jobs.peek_next(vpipe_pipeline::plan_next)
+            .and_then(|planned| planned.ok())
+    };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        vpipe_pipeline::run_on(options, device, observer)
+        vpipe_pipeline::run_in_session(options, session, observer, &mut next)
             .and_then(|report| vpipe_pipeline::budget_kept(&report, &output_name(&out)))
     }));
     match outcome {

@@ -236,7 +236,20 @@ fn twenty_jobs_leave_the_server_as_they_found_it() {
     let ends = boundaries(&memory, "job end");
     assert_eq!(ends.len(), 20);
     let value = |b: &Value, key: &str| b[key].as_u64().unwrap_or_else(|| panic!("{key}: {b}"));
-    let (third, last) = (ends[2], ends[19]);
+    // Job 20 has no job after it and gives every model back; jobs 3 and 19 each keep the
+    // same models for the next: growth is measured between two ends holding the same.
+    let names = |b: &Value| -> Vec<String> {
+        b["resident_models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(!names(ends[2]).is_empty(), "{}", ends[2]);
+    assert_eq!(names(ends[2]), names(ends[18]));
+    assert!(names(ends[19]).is_empty(), "{}", ends[19]);
+    let (third, last) = (ends[2], ends[18]);
     let heap_growth = value(last, "heap").saturating_sub(value(third, "heap"));
     let rss_growth = value(last, "host_anon").saturating_sub(value(third, "host_anon"));
     eprintln!(
@@ -251,12 +264,160 @@ fn twenty_jobs_leave_the_server_as_they_found_it() {
     );
     assert!(
         heap_growth <= HEAP_GROWTH_TOLERANCE,
-        "the heap grew by {heap_growth} B from job 3 to job 20"
+        "the heap grew by {heap_growth} B from job 3 to job 19"
     );
     assert!(
         rss_growth <= RSS_GROWTH_TOLERANCE,
-        "anonymous RSS grew by {rss_growth} B from job 3 to job 20"
+        "anonymous RSS grew by {rss_growth} B from job 3 to job 19"
     );
+}
+
+/// The notes of `report` named `what`.
+fn notes<'a>(report: &'a Value, what: &str) -> Vec<&'a str> {
+    report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["what"] == what)
+        .map(|n| n["detail"].as_str().unwrap())
+        .collect()
+}
+
+/// The (model, from, to, phase) of every transition of `report`, each verified.
+fn moves(report: &Value) -> Vec<(String, String, String, String)> {
+    let transitions = report["transitions"].as_array().unwrap();
+    assert!(transitions.iter().all(|t| t["verified"] == true));
+    transitions
+        .iter()
+        .map(|t| {
+            let field = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
+            (field("model"), field("from"), field("to"), field("phase"))
+        })
+        .collect()
+}
+
+/// The models a report loads (disk → host).
+fn loaded(report: &Value) -> Vec<String> {
+    moves(report)
+        .into_iter()
+        .filter(|(_, from, _, _)| from == "disk")
+        .map(|(model, ..)| model)
+        .collect()
+}
+
+/// The models a report gives back to disk in phase `phase`.
+fn given_back_in(report: &Value, phase: &str) -> Vec<String> {
+    let mut models: Vec<String> = moves(report)
+        .into_iter()
+        .filter(|(_, _, to, p)| to == "disk" && p == phase)
+        .map(|(model, ..)| model)
+        .collect();
+    models.sort();
+    models
+}
+
+#[test]
+fn a_job_takes_the_models_the_one_before_left_resident() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::builtin_models(&dir.path().join("demo"));
+    let outputs = dir.path().join("outputs");
+    std::fs::create_dir(&outputs).unwrap();
+    let server = Server::start(&models, &outputs, &[]);
+    let job = small_job("a red kite over the sea", 2);
+    let mut with_lora = job.clone();
+    with_lora["lora"] = json!(["lora-tiny-seed42.safetensors:0.5"]);
+    // Queued together, so that each job's end sees the next.
+    let ids: Vec<u64> = [&job, &job, &with_lora]
+        .iter()
+        .map(|settings| {
+            let (status, answer) = server.submit(settings);
+            assert_eq!(status, 201, "{answer}");
+            id_of(&answer)
+        })
+        .collect();
+    let reports: Vec<Value> = ids
+        .iter()
+        .map(|&id| {
+            let job = server.wait_finished(id);
+            assert_eq!(job["state"], "succeeded", "{job}");
+            server.get_json(&format!("/api/jobs/{id}/report"))
+        })
+        .collect();
+    let (first, second, third) = (&reports[0], &reports[1], &reports[2]);
+    let all = ["dit", "text encoder", "vae"];
+
+    // The first job loads everything and, the second using the same, keeps it.
+    let mut first_loads = loaded(first);
+    first_loads.sort();
+    assert_eq!(first_loads, all);
+    assert!(given_back_in(first, "release").is_empty(), "{first}");
+    assert_eq!(notes(first, "kept").len(), 3, "{:?}", notes(first, "kept"));
+    eprintln!("first job's decision: {:?}", notes(first, "holding"));
+
+    // The second loads nothing and says what it took, with its bytes.
+    assert!(loaded(second).is_empty(), "{:?}", moves(second));
+    let carried = notes(second, "carried over");
+    assert_eq!(carried.len(), 3, "{carried:?}");
+    for model in all {
+        assert!(
+            carried
+                .iter()
+                .any(|n| n.contains(&format!("'{model}' carried over")) && n.contains(" B,")),
+            "{carried:?}"
+        );
+    }
+    eprintln!("carried over: {carried:?}");
+    assert!(common::phase_names(second).contains(&"sample".to_owned()));
+    assert!(second["violations"].as_array().unwrap().is_empty());
+
+    // Its video is the first's, and `vpipe run`'s.
+    let video = |id: u64| server.get(&format!("/api/jobs/{id}/video")).1;
+    assert!(
+        video(ids[0]) == video(ids[1]),
+        "the carried models made another video"
+    );
+    let cli_out = dir.path().join("cli.mp4");
+    let run = common::vpipe(&[
+        "run",
+        "--model-dir",
+        models.to_str().unwrap(),
+        "--prompt",
+        "a red kite over the sea",
+        "--size",
+        "64x64",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+        "--tile",
+        "64",
+        "--out",
+        cli_out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        video(ids[1]) == std::fs::read(&cli_out).unwrap(),
+        "differs from vpipe run's"
+    );
+
+    // The third merges a LoRA: another DiT. The second gives its DiT back (verified), keeps
+    // the rest; the third loads the DiT alone and, last in the queue, gives everything back.
+    assert_eq!(given_back_in(second, "release"), ["dit"]);
+    assert_eq!(loaded(third), ["dit"]);
+    assert_eq!(notes(third, "carried over").len(), 2);
+    assert_eq!(given_back_in(third, "release"), all);
+
+    // The server's record: what stayed resident across each job boundary.
+    let memory = server.get_json("/api/memory");
+    let resident: Vec<usize> = boundaries(&memory, "job end")
+        .iter()
+        .map(|b| b["resident_models"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(resident, [3, 2, 0], "{memory}");
 }
 
 /// A PNG of this crate's image-to-video fixtures.
