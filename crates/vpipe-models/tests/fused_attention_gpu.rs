@@ -118,7 +118,7 @@ fn writing_over_the_queries_equals_a_fresh_output() -> Result<()> {
         } else {
             q.copy()?
         };
-        let over = attention_over_query(queries, &k, &v, FUSED)?;
+        let over = attention_over_query(queries, &k, &v, FUSED, 1)?;
         assert_eq!(over.dims(), fresh.dims());
         let err = max_abs_diff(&over.to_dtype(DType::F32)?, &fresh.to_dtype(DType::F32)?)?;
         println!("attention over the queries, strided={strided}: max abs vs a fresh output {err}");

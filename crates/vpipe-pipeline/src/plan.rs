@@ -723,16 +723,26 @@ pub(crate) fn dit_forward_flops(dit: &DitConfig, tokens: usize, samples: usize) 
     )
 }
 
-/// Rates measured on an NVIDIA H200 (14B, bf16, 32 760 tokens, B = 2; BENCHMARKS.md,
-/// 2026-12-04): the fused attention kernel's self-attention, and everything else of the
-/// forward, as FLOP per second.
-const H200_ATTENTION_FLOPS: f64 = 307e12;
+/// Rates measured on an NVIDIA H200 (14B, bf16, 32 760 tokens, B = 2; BENCHMARKS.md):
+/// the self-attention of cuDNN's fused attention (2026-12-05) and of vpipe's fused kernel
+/// (2026-12-04), and everything else of the forward, as FLOP per second.
+const H200_CUDNN_ATTENTION_FLOPS: f64 = 557e12;
+const H200_FUSED_ATTENTION_FLOPS: f64 = 307e12;
 const H200_OTHER_FLOPS: f64 = 480e12;
 
-/// **Estimated** seconds of one forward on an H200 with the fused attention kernel, from its
-/// FLOPs (see [`dit_forward_flops`]) at the rates measured there.
-pub(crate) fn h200_forward_seconds((total, self_attention): (f64, f64)) -> f64 {
-    self_attention / H200_ATTENTION_FLOPS + (total - self_attention) / H200_OTHER_FLOPS
+/// **Estimated** seconds of one forward on an H200 with the attention `kernel`, from its
+/// FLOPs (see [`dit_forward_flops`]) at the rates measured there; `None` for the chunked path,
+/// which was not measured there.
+pub(crate) fn h200_forward_seconds(
+    (total, self_attention): (f64, f64),
+    kernel: AttentionKernel,
+) -> Option<f64> {
+    let attention_rate = match kernel {
+        AttentionKernel::Cudnn => H200_CUDNN_ATTENTION_FLOPS,
+        AttentionKernel::Fused => H200_FUSED_ATTENTION_FLOPS,
+        AttentionKernel::Chunked => return None,
+    };
+    Some(self_attention / attention_rate + (total - self_attention) / H200_OTHER_FLOPS)
 }
 
 /// The sizes a plan needs, from files or a preset.
@@ -1485,15 +1495,13 @@ impl Plan {
             2
         };
         let flops = dit_forward_flops(&sizes.dit, tokens, samples);
-        let work = if sample.attention == AttentionKernel::Fused {
-            format!(
-                ", {:.2} PFLOP a step (about {:.1} s on an H200 at the rates measured there: an \
-                 estimate)",
+        let work = match h200_forward_seconds(flops, sample.attention) {
+            Some(seconds) => format!(
+                ", {:.2} PFLOP a step (about {seconds:.1} s on an H200 at the rates measured \
+                 there: an estimate)",
                 flops.0 / 1e15,
-                h200_forward_seconds(flops)
-            )
-        } else {
-            format!(", {:.2} PFLOP a step", flops.0 / 1e15)
+            ),
+            None => format!(", {:.2} PFLOP a step", flops.0 / 1e15),
         };
         let cache = match sample.step_cache {
             Some(CacheRule::Teacache { threshold }) => {
@@ -1906,19 +1914,29 @@ impl std::fmt::Display for Plan {
 mod tests {
     use super::{
         cache_schedule, dit_forward_flops, h200_forward_seconds, mag_ratios_for, magcache_schedule,
-        DitConfig,
+        AttentionKernel, DitConfig,
     };
     use crate::step_cache::MagCacheSettings;
 
     #[test]
     fn a_14b_step_is_the_work_the_h200_measured() {
-        // 14B, 832x480x81 (32 760 tokens), CFG batched: 9.03 s a step on the H200 (2026-12-04).
+        // 14B, 832x480x81 (32 760 tokens), CFG batched, a step on the H200: 9.03 s with the
+        // fused kernel (2026-12-04), 6.39 s with cuDNN's attention (2026-12-05).
         let dit = DitConfig::wan21_t2v_14b();
         let flops = dit_forward_flops(&dit, 32_760, 2);
         assert!((flops.0 / 1e15 - 3.356).abs() < 0.01, "{flops:?}");
         assert!((flops.1 / flops.0 - 0.524).abs() < 0.01, "{flops:?}");
-        let seconds = h200_forward_seconds(flops);
-        assert!((seconds - 9.03).abs() / 9.03 < 0.02, "{seconds}");
+        for (kernel, measured) in [
+            (AttentionKernel::Fused, 9.03),
+            (AttentionKernel::Cudnn, 6.39),
+        ] {
+            let seconds = h200_forward_seconds(flops, kernel).unwrap();
+            assert!(
+                (seconds - measured).abs() / measured < 0.03,
+                "{kernel:?}: {seconds}"
+            );
+        }
+        assert_eq!(h200_forward_seconds(flops, AttentionKernel::Chunked), None);
         // At CFG 1 one sample: half the work.
         let single = dit_forward_flops(&dit, 32_760, 1);
         assert!((single.0 * 2.0 - flops.0).abs() < 1.0);

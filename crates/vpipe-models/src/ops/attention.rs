@@ -303,24 +303,41 @@ pub fn cudnn_refusal() -> Option<String> {
         .clone()
 }
 
-/// [`attention`] whose output may take the queries' memory: where vpipe's fused kernel runs,
-/// it writes over `q`, so that no output buffer exists next to q, k and v at the attention's
-/// peak (the output then has `q`'s layout; `q` must not share its memory with `k` or `v`).
-/// Elsewhere as [`attention`], `q` freed after it.
+/// [`attention`] whose output takes the queries' memory, so that no whole output buffer exists
+/// next to q, k and v at the attention's peak: where vpipe's fused kernel runs, it writes over
+/// `q` in one launch; any other kernel attends `slices` query slices in turn, each slice's
+/// output copied over its own queries (which no later slice reads), so that one slice's output
+/// at a time exists beside them. The output has `q`'s layout; `q` must be contiguous and must
+/// not share its memory with `k` or `v`. With one slice, as [`attention`], `q` freed after it.
 ///
 /// # Shapes
 /// As [`attention`].
 ///
 /// # Errors
-/// As [`attention`].
-pub fn attention_over_query(q: Tensor, k: &Tensor, v: &Tensor, how: Attend) -> Result<Tensor> {
-    check_operands(&q, k, v)?;
+/// As [`attention`], or a non-contiguous `q` with more than one slice.
+pub fn attention_over_query(
+    q: Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    how: Attend,
+    slices: usize,
+) -> Result<Tensor> {
+    let (_, _, lq, _) = check_operands(&q, k, v)?;
     #[cfg(feature = "cuda")]
     if how.kernel == AttentionKernel::Fused && is_fused(&q, k, v) {
         crate::ops::fused::flash_attention_in_place(&q, k, v)?;
         return Ok(q);
     }
-    attention(&q, k, v, how)
+    if slices <= 1 {
+        return attention(&q, k, v, how);
+    }
+    let size = lq.div_ceil(slices);
+    for start in (0..lq).step_by(size) {
+        let rows = size.min(lq - start);
+        let part = attention(&q.narrow(2, start, rows)?, k, v, how)?.contiguous()?;
+        q.slice_set(&part, 2, start)?;
+    }
+    Ok(q)
 }
 
 /// The unfused path of [`attention`] on any device: `chunk` query rows at a time (public so
@@ -431,6 +448,23 @@ mod tests {
             let chunked = attention(&q, &k, &v, Attend::chunked(rows))?;
             let err = crate::ops::max_abs_diff(&chunked, &full)?;
             assert!(err <= 1e-5, "chunk {rows}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_over_query_in_slices_equals_attention() -> Result<()> {
+        let q = random((2, 3, 37, 16), 4)?;
+        let k = random((2, 3, 29, 16), 5)?;
+        let v = random((2, 3, 29, 16), 6)?;
+        let whole = attention(&q, &k, &v, Attend::chunked(8))?;
+        for slices in [1, 2, 5, 37, 64] {
+            let over = attention_over_query(q.copy()?, &k, &v, Attend::chunked(8), slices)?;
+            assert_eq!(
+                crate::ops::max_abs_diff(&over, &whole)?,
+                0.0,
+                "{slices} slices"
+            );
         }
         Ok(())
     }

@@ -401,11 +401,11 @@ impl Config {
         // residual, q, k and v, the output taking the queries' memory, plus one slice's
         // normed input, projection, norm and rotation, and one tensor more (measured: 1.73
         // GiB at B=1 in 8 slices, 5.5 token-sized tensors).
-        // Only vpipe's fused kernel writes its output over the queries: another kernel's output
-        // is one token-sized tensor more in slices.
+        // In slices the output takes the queries' memory: vpipe's fused kernel writes over them
+        // at once, another kernel one query slice at a time (one slice's output more).
         let own_output = match execution.attention {
             AttentionKernel::Fused => 0,
-            AttentionKernel::Cudnn | AttentionKernel::Chunked => d,
+            AttentionKernel::Cudnn | AttentionKernel::Chunked => d.div_ceil(slices),
         };
         let attention_row = match slices {
             1 => (13 * d).div_ceil(2),
@@ -827,7 +827,7 @@ impl Attention {
             v.slice_set(&self.v.forward(&h)?.contiguous()?, 1, start)?;
         }
         let v = self.heads(&v)?;
-        let attended = attention_over_query(q, &k, &v, how)?;
+        let attended = attention_over_query(q, &k, &v, how, slices)?;
         drop((k, v));
         // The head-major output copied token-major; the queries' memory is freed before the
         // output projection.
