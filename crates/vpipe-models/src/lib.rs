@@ -7,6 +7,8 @@
 //!   checkpoints (`.safetensors` or `.pth`).
 //! - [`ops::CausalConv3d`]: Wan's causal 3D convolution as a sum of candle 2D convolutions.
 //! - [`clip::ClipVisionEncoder`]: the CLIP ViT-H/14 image encoder of the image-to-video models.
+//! - [`parallel::Communicator`]: the collectives of multi-device forwards (sequence and
+//!   guidance parallelism), with an in-process communicator whose ranks are threads.
 //! - [`Error`]: the crate's error type.
 
 #![deny(missing_docs)]
@@ -16,6 +18,7 @@ pub mod checkpoint;
 pub mod clip;
 mod error;
 pub mod ops;
+pub mod parallel;
 pub mod tiling;
 pub mod wan;
 

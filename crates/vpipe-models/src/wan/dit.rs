@@ -20,6 +20,7 @@ use super::dit_keys;
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention, attention_over_query, Attend, AttentionKernel, QueryChunk};
 use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear};
+use crate::parallel::Communicator;
 
 /// Scratch that one attention call may use for its scores when no budget is given.
 pub const DEFAULT_ATTENTION_SCRATCH: u64 = 1 << 30;
@@ -761,11 +762,14 @@ impl Attention {
     /// - `x`: [B, L, dim]; `context`: [B, Lc, dim] for cross-attention, `None` for self;
     ///   the image context [B, Li, dim].
     /// - output: [B, L, dim]
+    ///
+    /// With a token `shard` (self-attention only), `x` is this rank's shard of the tokens and
+    /// the attention runs over every rank's tokens ([`TokenShard::attend`]).
     fn forward(
         &self,
         x: Tensor,
         (context, image): (Option<&Tensor>, Option<(&ImageKeys, &Tensor)>),
-        rope: Option<&Rope>,
+        (rope, shard): (Option<&Rope>, Option<&TokenShard>),
         how: Attend,
     ) -> Result<Tensor> {
         // Each intermediate lives only inside its block: the token-sized tensors are what
@@ -779,7 +783,10 @@ impl Attention {
         let k = split(self.norm_k.forward(&self.k.forward(kv_source)?)?)?;
         let v = self.heads(&self.v.forward(kv_source)?)?;
         drop(x);
-        let mut out = attention(&q, &k, &v, how)?;
+        let mut out = match shard {
+            None => attention(&q, &k, &v, how)?,
+            Some(shard) => shard.attend(q.clone(), &k, &v, |q, k, v| attention(&q, k, v, how))?,
+        };
         drop((k, v));
         if let Some((keys, image)) = image {
             let k = self.heads(&keys.norm_k.forward(&keys.k.forward(image)?)?)?;
@@ -805,7 +812,7 @@ impl Attention {
         &self,
         x: &Tensor,
         norm: &dyn Fn(&Tensor, usize) -> Result<Tensor>,
-        rope: &Rope,
+        (rope, shard): (&Rope, Option<&TokenShard>),
         how: Attend,
         slices: usize,
     ) -> Result<Tensor> {
@@ -827,7 +834,11 @@ impl Attention {
             v.slice_set(&self.v.forward(&h)?.contiguous()?, 1, start)?;
         }
         let v = self.heads(&v)?;
-        let attended = attention_over_query(q, &k, &v, how, slices)?;
+        let over_query = |q, k: &Tensor, v: &Tensor| attention_over_query(q, k, v, how, slices);
+        let attended = match shard {
+            None => over_query(q, &k, &v)?,
+            Some(shard) => shard.attend(q, &k, &v, over_query)?,
+        };
         drop((k, v));
         // The head-major output copied token-major; the queries' memory is freed before the
         // output projection.
@@ -904,11 +915,20 @@ impl SelfAttentionPart {
         // shadowed binding would live to the end of the function).
         let x = {
             let y = if run.token_slices > 1 {
-                self.attn
-                    .forward_self_sliced(&pass.x, &norm, run.rope, how, run.token_slices)?
+                self.attn.forward_self_sliced(
+                    &pass.x,
+                    &norm,
+                    (run.rope, run.shard),
+                    how,
+                    run.token_slices,
+                )?
             } else {
-                self.attn
-                    .forward(norm(&pass.x, 0)?, (None, None), Some(run.rope), how)?
+                self.attn.forward(
+                    norm(&pass.x, 0)?,
+                    (None, None),
+                    (Some(run.rope), run.shard),
+                    how,
+                )?
             };
             modulation.gated_residual(&pass.x, &y)?
         };
@@ -976,7 +996,7 @@ impl CrossAttentionPart {
             let h = norm_modulate(&pass.x, &self.norm_weight, &self.norm_bias, eps)?;
             let y = self
                 .attn
-                .forward(h, (Some(&pass.context), image), None, how)?;
+                .forward(h, (Some(&pass.context), image), (None, None), how)?;
             (&pass.x + y)?
         };
         pass.x = x;
@@ -1109,11 +1129,152 @@ enum PartRef<'a> {
 
 /// What every part of every block of one forward shares.
 struct BlockRun<'a> {
+    /// The tables of the tokens the passes hold (this rank's shard under sequence
+    /// parallelism).
     rope: &'a Rope,
+    /// Sequence parallelism: which of every rank's tokens the passes hold.
+    shard: Option<&'a TokenShard<'a>>,
     /// How each pass's attention runs (self, cross).
     attends: &'a [(Attend, Attend)],
     token_slices: usize,
     eps: f64,
+}
+
+/// Sequence parallelism (Ulysses): the tokens of one forward cut into one contiguous shard per
+/// rank of `comm`, in rank order, each padded at its end to `len` tokens (the last shards
+/// may hold only part of `len` real tokens, or none) so that the collectives move tensors of
+/// one shape on every rank, as NCCL's need. Everything per token (the norms, projections,
+/// cross-attention, FFN, modulation, head) runs on the rank's own shard; only the
+/// self-attention needs every token, and gets them through two all-to-alls
+/// ([`Self::attend`]). Padding tokens are carried through the per-token work and never
+/// attended to.
+struct TokenShard<'a> {
+    comm: &'a dyn Communicator,
+    /// Every rank's tokens together (L).
+    tokens: usize,
+    /// Tokens per rank, padding included: ⌈L / N⌉.
+    len: usize,
+}
+
+impl<'a> TokenShard<'a> {
+    /// The shard of `comm`'s rank of `tokens` tokens of a model with `heads` heads.
+    ///
+    /// # Errors
+    /// [`Error::DitConfig`] when the heads do not divide among the ranks.
+    fn new(comm: &'a dyn Communicator, tokens: usize, heads: usize) -> Result<Self> {
+        check_heads_divide(comm, heads)?;
+        Ok(Self {
+            comm,
+            tokens,
+            len: tokens.div_ceil(comm.world_size()),
+        })
+    }
+
+    /// The first of the rank's tokens.
+    fn start(&self) -> usize {
+        self.comm.rank() * self.len
+    }
+
+    /// The rank's real tokens (the rest of `len` is padding).
+    fn real(&self) -> usize {
+        self.len.min(self.tokens.saturating_sub(self.start()))
+    }
+
+    /// The rank's rows of `x` along `dim` (every token there), padded with zeros to `len`.
+    fn local(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        let real = x.narrow(dim, self.start().min(self.tokens), self.real())?;
+        pad(&real, dim, self.len)
+    }
+
+    /// The rank's RoPE tables (the padding rows zero).
+    fn rope(&self, rope: &Rope) -> Result<Rope> {
+        Ok(Rope {
+            cos: self.local(&rope.cos, 0)?,
+            sin: self.local(&rope.sin, 0)?,
+        })
+    }
+
+    /// Per-token timesteps' runs of every token, as runs of the rank's shard: each run cut to
+    /// the shard (possibly empty), the last one covering the padding too, so that every run
+    /// keeps its row of the modulation tables.
+    fn runs(&self, runs: &[Range<usize>]) -> Vec<Range<usize>> {
+        let (first, end) = (self.start(), self.start() + self.real());
+        let local = |t: usize| t.clamp(first, end) - first;
+        let mut local_runs: Vec<_> = runs
+            .iter()
+            .map(|run| local(run.start)..local(run.end))
+            .collect();
+        if let Some(last) = local_runs.last_mut() {
+            last.end = self.len;
+        }
+        local_runs
+    }
+
+    /// Attention of this rank's tokens' queries over every rank's keys and values, by `core`:
+    /// an all-to-all gives each rank every token of `H/N` of the heads, `core` attends over
+    /// them (padding cut off), and another all-to-all gives each rank back every head of its
+    /// own tokens.
+    ///
+    /// # Shapes
+    /// - `q`, `k`, `v`: [B, H, len, D]; `core`'s operands [B, H/N, L, D], output the same.
+    /// - output: [B, H, len, D].
+    fn attend(
+        &self,
+        q: Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        core: impl FnOnce(Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        let every_token = |x: &Tensor| -> Result<Tensor> {
+            let x = self.comm.all_to_all(x, 1, 2)?;
+            Ok(if x.dim(2)? == self.tokens {
+                x
+            } else {
+                x.narrow(2, 0, self.tokens)?.contiguous()?
+            })
+        };
+        let q = every_token(&q)?;
+        let (k, v) = (every_token(k)?, every_token(v)?);
+        let out = core(q, &k, &v)?;
+        drop((k, v));
+        let padded = pad(&out, 2, self.len * self.comm.world_size())?;
+        Ok(self.comm.all_to_all(&padded, 2, 1)?)
+    }
+
+    /// Every rank's tokens of `x`, padding dropped.
+    ///
+    /// # Shapes
+    /// - `x`: [B, len, C] → [B, L, C].
+    fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        let every = self.comm.all_gather(&x.contiguous()?, 1)?;
+        Ok(every.narrow(1, 0, self.tokens)?)
+    }
+}
+
+/// `x` with zeros after its rows along `dim`, up to `to` rows.
+fn pad(x: &Tensor, dim: usize, to: usize) -> Result<Tensor> {
+    let rows = x.dim(dim)?;
+    if rows >= to {
+        return Ok(x.clone());
+    }
+    let mut zeros = x.dims().to_vec();
+    zeros[dim] = to - rows;
+    let zeros = Tensor::zeros(zeros, x.dtype(), x.device())?;
+    Ok(Tensor::cat(&[x, &zeros], dim)?)
+}
+
+/// Refuses a sequence-parallel group among whose ranks the heads do not divide (each rank
+/// attends with `heads / N` of them).
+fn check_heads_divide(comm: &dyn Communicator, heads: usize) -> Result<()> {
+    let ranks = comm.world_size();
+    if ranks == 0 || !heads.is_multiple_of(ranks) {
+        return Err(Error::DitConfig {
+            reason: format!(
+                "sequence parallelism over {ranks} ranks needs a head count that divides                  among them; the model has {heads} heads"
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl PartRef<'_> {
@@ -1675,6 +1836,20 @@ pub struct StepRun<'a> {
     pub image: Option<&'a Tensor>,
 }
 
+/// How one guided step runs over several ranks ([`WanModel::forward_guided_parallel`]).
+#[derive(Clone, Copy)]
+pub struct ParallelRun<'a> {
+    /// The memory-for-speed settings of each rank's forward.
+    pub execution: &'a Execution,
+    /// Sequence parallelism: the ranks among which each pass's tokens are split (Ulysses;
+    /// the heads must divide among them). `None`: this rank runs every token.
+    pub sequence: Option<&'a dyn Communicator>,
+    /// Guidance parallelism: two ranks, rank 0 running the conditional pass and rank 1 the
+    /// unconditional one. `None`: this rank runs both passes (through each block together,
+    /// as [`GuidancePasses::TwoPasses`]).
+    pub guidance: Option<&'a dyn Communicator>,
+}
+
 impl WanModel {
     /// Builds the model from `vb` (original Wan names, see [`dit_keys::canonical_var_builder`]),
     /// in `vb`'s dtype. Linear weights with a float8 scale next to them stay float8
@@ -1914,7 +2089,7 @@ impl WanModel {
                         )],
                         image.map(|i| Tensor::cat(&[i, i], 0)).transpose()?.as_ref(),
                     ),
-                    (execution, cache_slots(&mut cache, 0, 1)),
+                    (execution, cache_slots(&mut cache, 0, 1), None),
                     source,
                 )?;
                 vpipe_sampling::cfg_batched(&both, scale)
@@ -1925,7 +2100,7 @@ impl WanModel {
                         [(latents, timestep, cond), (latents, timestep, uncond)],
                         image,
                     ),
-                    (execution, cache_slots(&mut cache, 0, 2)),
+                    (execution, cache_slots(&mut cache, 0, 2), None),
                     source,
                 )?;
                 vpipe_sampling::cfg(&c, &u, scale)
@@ -1933,12 +2108,12 @@ impl WanModel {
             GuidancePasses::Sequential => {
                 let [c] = self.forward_passes(
                     ([(latents, timestep, cond)], image),
-                    (execution, cache_slots(&mut cache, 0, 1)),
+                    (execution, cache_slots(&mut cache, 0, 1), None),
                     source,
                 )?;
                 let [u] = self.forward_passes(
                     ([(latents, timestep, uncond)], image),
-                    (execution, cache_slots(&mut cache, 1, 1)),
+                    (execution, cache_slots(&mut cache, 1, 1), None),
                     source,
                 )?;
                 vpipe_sampling::cfg(&c, &u, scale)
@@ -1946,7 +2121,7 @@ impl WanModel {
             GuidancePasses::Single => {
                 let [c] = self.forward_passes(
                     ([(latents, timestep, cond)], image),
-                    (execution, cache_slots(&mut cache, 0, 1)),
+                    (execution, cache_slots(&mut cache, 0, 1), None),
                     source,
                 )?;
                 return Ok(c);
@@ -2061,7 +2236,7 @@ impl WanModel {
     ) -> Result<Tensor> {
         let [out] = self.forward_passes(
             ([(latents, timestep, context)], None),
-            (execution, None),
+            (execution, None, None),
             &mut HeldBlocks,
         )?;
         Ok(out)
@@ -2089,27 +2264,137 @@ impl WanModel {
     ) -> Result<Tensor> {
         let [out] = self.forward_passes(
             ([(latents, timestep, context)], Some(image_features)),
-            (execution, None),
+            (execution, None, None),
             &mut HeldBlocks,
         )?;
         Ok(out)
     }
 
+    /// [`Self::forward_planned`] with the tokens split among the ranks of `sequence` (Ulysses
+    /// sequence parallelism): each rank holds a contiguous shard of ⌈L / N⌉ tokens (the last
+    /// ones padded), runs the per-token work on it, and around each self-attention exchanges
+    /// tokens for heads with the others (all-to-all), attending over every token with H / N
+    /// of the heads. Every rank of the group calls this with the same inputs and gets the whole
+    /// output (an all-gather after the head). The same result as [`Self::forward_planned`] to
+    /// rounding (the attention's sums run over the same tokens in the same order).
+    ///
+    /// # Shapes
+    /// As [`Self::forward`].
+    ///
+    /// # Errors
+    /// As [`Self::forward`]; [`Error::DitConfig`] when the model's heads do not divide among
+    /// the ranks; a failed collective (a rank that left the group or stopped, see
+    /// [`crate::parallel::CommError`]) as [`Error::Candle`] wrapping it.
+    pub fn forward_sharded(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        execution: &Execution,
+        sequence: &dyn Communicator,
+    ) -> Result<Tensor> {
+        let [out] = self.forward_passes(
+            ([(latents, timestep, context)], None),
+            (execution, None, Some(sequence)),
+            &mut HeldBlocks,
+        )?;
+        Ok(out)
+    }
+
+    /// The guided velocity `uncond + scale · (cond − uncond)` (as [`Self::forward_guided`]),
+    /// its passes spread over ranks as `run` says: with a `guidance` group of two, the
+    /// conditional pass on its rank 0 and the unconditional one on its rank 1, combined
+    /// through an all-gather; with a `sequence` group, each pass's tokens split among its ranks
+    /// ([`Self::forward_sharded`]). Both together: N = 2·S ranks, each in one guidance group
+    /// (the ranks holding the same shard) and one sequence group (the ranks running the same
+    /// pass). Every rank calls this with the same inputs and gets the whole guided velocity.
+    ///
+    /// # Shapes
+    /// - `latents`: [B, C, F, H, W]; `timestep`: [B] or [B, L] (see [`Self::forward`]);
+    ///   `cond`, `uncond`: [B, Lc, text_dim].
+    /// - output: [B, C, F, H, W] in the model's dtype.
+    ///
+    /// # Errors
+    /// As [`Self::forward_sharded`]; [`Error::DitInput`] of `guidance` for a scale that is
+    /// not a finite number or a guidance group of other than two ranks.
+    pub fn forward_guided_parallel(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        cond: &Tensor,
+        uncond: &Tensor,
+        scale: f64,
+        run: ParallelRun<'_>,
+    ) -> Result<Tensor> {
+        let refuse = |reason: String| {
+            Err(Error::DitInput {
+                tensor: "guidance",
+                reason,
+            })
+        };
+        if !scale.is_finite() {
+            return refuse(format!("the guidance scale {scale} is not a finite number"));
+        }
+        let how = (run.execution, None, run.sequence);
+        let guided = match run.guidance {
+            Some(guidance) => {
+                if guidance.world_size() != 2 {
+                    return refuse(format!(
+                        "guidance parallelism runs the condition and the uncondition on two                          ranks; the group has {}",
+                        guidance.world_size()
+                    ));
+                }
+                let context = if guidance.rank() == 0 { cond } else { uncond };
+                let [own] = self.forward_passes(
+                    ([(latents, timestep, context)], None),
+                    how,
+                    &mut HeldBlocks,
+                )?;
+                // [cond; uncond] along the batch, on both ranks.
+                let both = guidance.all_gather(&own, 0)?;
+                vpipe_sampling::cfg_batched(&both, scale)
+            }
+            None => {
+                let [c, u] = self.forward_passes(
+                    (
+                        [(latents, timestep, cond), (latents, timestep, uncond)],
+                        None,
+                    ),
+                    how,
+                    &mut HeldBlocks,
+                )?;
+                vpipe_sampling::cfg(&c, &u, scale)
+            }
+        };
+        guided.map_err(|e| Error::DitInput {
+            tensor: "guidance",
+            reason: e.to_string(),
+        })
+    }
+
     /// Forwards of `N` inputs (each as [`Self::forward`]'s) through the blocks together: each
     /// block is built once (from `source` when the model does not hold it) and runs every
-    /// input before the next block.
+    /// input before the next block. With a `sequence` group, the blocks run on this rank's
+    /// shard of the tokens ([`TokenShard`]) and the outputs are gathered whole on every rank.
     fn forward_passes<const N: usize>(
         &self,
         (inputs, image): ([(&Tensor, &Tensor, &Tensor); N], Option<&Tensor>),
-        (execution, cache): (&Execution, Option<CacheSlots<'_>>),
+        (execution, cache, sequence): (
+            &Execution,
+            Option<CacheSlots<'_>>,
+            Option<&dyn Communicator>,
+        ),
         source: &mut dyn BlockSource,
     ) -> Result<[Tensor; N]> {
+        if let Some(comm) = sequence {
+            check_heads_divide(comm, self.cfg.num_heads)?;
+        }
         let mut passes = Vec::with_capacity(N);
         {
             // A source's embedding weights are dropped before the first block runs.
             let embeddings = self.embeddings(source)?;
             for input in inputs {
-                passes.push(self.embed(input, image, &embeddings)?);
+                passes.push(self.embed(input, image, &embeddings, sequence)?);
             }
         }
         let grid = passes[0].grid;
@@ -2129,12 +2414,20 @@ impl WanModel {
             &self.device,
         )?;
         let tokens: usize = grid.iter().product();
+        let shard = sequence
+            .map(|comm| TokenShard::new(comm, tokens, self.cfg.num_heads))
+            .transpose()?;
+        let rope = match &shard {
+            Some(shard) => shard.rope(&rope)?,
+            None => rope,
+        };
         let attends: Vec<_> = passes
             .iter()
             .map(|p| Ok(self.attends(execution, p.x.dim(0)?, tokens, p.context.dim(1)?)))
             .collect::<Result<_>>()?;
         let run = BlockRun {
             rope: &rope,
+            shard: shard.as_ref(),
             attends: &attends,
             token_slices: execution.token_slices,
             eps: self.cfg.eps,
@@ -2169,6 +2462,10 @@ impl WanModel {
                 self.cfg.eps,
             )?;
             let x = self.head.forward(&x)?;
+            let x = match &shard {
+                Some(shard) => shard.gather(&x)?,
+                None => x,
+            };
             outputs.push(self.unpatchify(&x, grid)?);
         }
         Ok(outputs
@@ -2216,14 +2513,18 @@ impl WanModel {
     }
 
     /// Checks the inputs and runs everything before the blocks: the patch, time and text
-    /// embeddings.
+    /// embeddings; with a `sequence` group, of this rank's shard of the tokens.
     fn embed(
         &self,
         (latents, timestep, context): (&Tensor, &Tensor, &Tensor),
         image: Option<&Tensor>,
         embeddings: &Embeddings,
+        sequence: Option<&dyn Communicator>,
     ) -> Result<Embedded> {
         let (b, timesteps, grid) = self.check_inputs(latents, timestep, context)?;
+        let shard = sequence
+            .map(|comm| TokenShard::new(comm, grid.iter().product(), self.cfg.num_heads))
+            .transpose()?;
         let image = match (&self.image_embedding, image) {
             (Some(embedding), Some(features)) => {
                 let dims = features.dims();
@@ -2257,12 +2558,15 @@ impl WanModel {
                 })
             }
         };
-        let x = self.patchify(&latents.to_dtype(self.dtype)?, grid)?;
+        let x = self.patchify(&latents.to_dtype(self.dtype)?, grid, shard.as_ref())?;
 
         let _span = tracing::trace_span!("dit_embed").entered();
         let (values, runs) = match timesteps {
             Timesteps::PerSample(t) => (t, None),
-            Timesteps::PerToken { values, runs } => (values, Some(runs)),
+            Timesteps::PerToken { values, runs } => match &shard {
+                Some(shard) => (values, Some(shard.runs(&runs))),
+                None => (values, Some(runs)),
+            },
         };
         // One embedding per distinct row: per sample, or per sample and run of tokens.
         let features = timestep_features(&values, self.cfg.freq_dim, &self.device)?;
@@ -2407,8 +2711,9 @@ impl WanModel {
         Ok((b, timesteps, grid))
     }
 
-    /// [B, C, F, H, W] → tokens [B, L, dim] (the (1, 2, 2)-strided Conv3d as one matmul).
-    fn patchify(&self, x: &Tensor, grid: [usize; 3]) -> Result<Tensor> {
+    /// [B, C, F, H, W] → tokens [B, L, dim] (the (1, 2, 2)-strided Conv3d as one matmul), or
+    /// the `shard`'s tokens [B, len, dim] alone.
+    fn patchify(&self, x: &Tensor, grid: [usize; 3], shard: Option<&TokenShard>) -> Result<Tensor> {
         let (b, c, _, _, _) = x.dims5()?;
         let [pt, ph, pw] = self.cfg.patch_size;
         let [gf, gh, gw] = grid;
@@ -2416,11 +2721,18 @@ impl WanModel {
             .reshape(vec![b, c, gf, pt, gh, ph, gw, pw])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .contiguous()?
-            .reshape((b * gf * gh * gw, c * pt * ph * pw))?;
+            .reshape((b, gf * gh * gw, c * pt * ph * pw))?;
+        // Cut before the projection: a patch is C·pt·ph·pw wide, a token `dim`.
+        let patches = match shard {
+            Some(shard) => shard.local(&patches, 1)?,
+            None => patches,
+        };
+        let l = patches.dim(1)?;
         let tokens = patches
+            .reshape((b * l, c * pt * ph * pw))?
             .matmul(&self.patch_weight.t()?)?
             .broadcast_add(&self.patch_bias)?;
-        Ok(tokens.reshape((b, gf * gh * gw, self.cfg.dim))?)
+        Ok(tokens.reshape((b, l, self.cfg.dim))?)
     }
 
     /// Head output [B, L, C·pt·ph·pw] → [B, C, F, H, W].

@@ -37,6 +37,6 @@ pub mod vae;
 
 pub use dit::{
     BlockCache, BlockPart, BlockSource, CacheUse, Config as DitConfig, Execution, GuidancePasses,
-    HeldBlocks, StepRun, WanModel,
+    HeldBlocks, ParallelRun, StepRun, WanModel,
 };
 pub use vae::{Config as VaeConfig, Posterior, WanVae};
