@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use vpipe_models::ops::max_abs_diff;
 use vpipe_models::parallel::{Communicator, InProcessCommunicator};
-use vpipe_models::wan::dit::{Config, Execution, GuidancePasses, ParallelRun, WanModel};
+use vpipe_models::wan::dit::{
+    Config, Execution, GuidancePasses, HeldBlocks, ParallelRun, StepRun, WanModel,
+};
 use vpipe_models::Error;
 
 /// Sharded against whole, f32: the same sums over the same tokens, to rounding.
@@ -173,6 +175,28 @@ fn guided_inputs() -> (Tensor, Tensor, Tensor, Tensor) {
 
 const SCALE: f64 = 5.0;
 
+/// The (sequence, guidance) communicators of 4 ranks, Ulysses 2 × guidance 2.
+fn mesh_2x2() -> Vec<(InProcessCommunicator, InProcessCommunicator)> {
+    // Rank (g, s): shard s of pass g (condition 0, uncondition 1). Its sequence group is
+    // pass g's ranks, its guidance group the ranks holding shard s.
+    let mut sequence: Vec<Vec<_>> = (0..2)
+        .map(|_| InProcessCommunicator::group(2, TIMEOUT))
+        .collect();
+    let mut guidance: Vec<Vec<_>> = (0..2)
+        .map(|_| InProcessCommunicator::group(2, TIMEOUT))
+        .collect();
+    let mut ranks = Vec::new();
+    for g in (0..2).rev() {
+        for s in (0..2).rev() {
+            let seq = sequence[g].remove(s);
+            let guide = guidance[s].remove(g);
+            assert_eq!((seq.rank(), guide.rank()), (s, g));
+            ranks.push((seq, guide));
+        }
+    }
+    ranks
+}
+
 #[test]
 fn guidance_on_2_ranks_matches_one() {
     let model = t2v_model(2);
@@ -193,6 +217,7 @@ fn guidance_on_2_ranks_matches_one() {
             execution: &execution,
             sequence: None,
             guidance: Some(&comm),
+            image: None,
         };
         model
             .forward_guided_parallel(&x, &t, &cond, &uncond, SCALE, run)
@@ -220,28 +245,12 @@ fn ulysses_times_guidance_on_4_ranks_matches_one() {
             (GuidancePasses::Sequential, &execution),
         )
         .unwrap();
-    // Rank (g, s): shard s of pass g (condition 0, uncondition 1). Its sequence group is
-    // pass g's ranks, its guidance group the ranks holding shard s.
-    let mut sequence: Vec<Vec<_>> = (0..2)
-        .map(|_| InProcessCommunicator::group(2, TIMEOUT))
-        .collect();
-    let mut guidance: Vec<Vec<_>> = (0..2)
-        .map(|_| InProcessCommunicator::group(2, TIMEOUT))
-        .collect();
-    let mut ranks = Vec::new();
-    for g in (0..2).rev() {
-        for s in (0..2).rev() {
-            let seq = sequence[g].remove(s);
-            let guide = guidance[s].remove(g);
-            assert_eq!((seq.rank(), guide.rank()), (s, g));
-            ranks.push((seq, guide));
-        }
-    }
-    let outputs = on_ranks(ranks, |(seq, guide)| {
+    let outputs = on_ranks(mesh_2x2(), |(seq, guide)| {
         let run = ParallelRun {
             execution: &execution,
             sequence: Some(&seq),
             guidance: Some(&guide),
+            image: None,
         };
         let out = model
             .forward_guided_parallel(&x, &t, &cond, &uncond, SCALE, run)
@@ -252,6 +261,61 @@ fn ulysses_times_guidance_on_4_ranks_matches_one() {
         let err = max_abs_diff(&out, &whole).unwrap();
         println!("ulysses 2 × guidance 2, rank ({g}, {s}): max abs {err:.3e}");
         assert!(err <= TOL, "rank ({g}, {s}): {err}");
+    }
+}
+
+#[test]
+fn image_to_video_ulysses_times_guidance_on_4_ranks_matches_one() {
+    // The image-to-video fixture (36 channels, image keys and values in every
+    // cross-attention): the image features reach every rank's shard of both passes.
+    let cfg = config("dit", "dit_tiny_i2v_config.json");
+    let model = WanModel::from_file(
+        fixture("dit", "dit_tiny_i2v_diffusers.safetensors"),
+        Some(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let i2v = load_cases("dit", "dit_i2v_cases.safetensors");
+    let (x, t, image, cond) = (
+        &i2v["hidden_states"],
+        &i2v["timestep"],
+        &i2v["encoder_hidden_states_image"],
+        &i2v["encoder_hidden_states"],
+    );
+    let uncond = (cond * -0.5).unwrap();
+    let execution = Execution::default();
+    let whole = model
+        .forward_guided_with(
+            x,
+            t,
+            cond,
+            &uncond,
+            SCALE,
+            StepRun {
+                passes: GuidancePasses::TwoPasses,
+                execution: &execution,
+                cache: None,
+                image: Some(image),
+            },
+            &mut HeldBlocks,
+        )
+        .unwrap();
+    let outputs = on_ranks(mesh_2x2(), |(seq, guide)| {
+        let run = ParallelRun {
+            execution: &execution,
+            sequence: Some(&seq),
+            guidance: Some(&guide),
+            image: Some(image),
+        };
+        model
+            .forward_guided_parallel(x, t, cond, &uncond, SCALE, run)
+            .unwrap()
+    });
+    for out in outputs {
+        let err = max_abs_diff(&out, &whole).unwrap();
+        println!("image-to-video, ulysses 2 × guidance 2: max abs {err:.3e}");
+        assert!(err <= TOL, "{err}");
     }
 }
 
@@ -373,6 +437,7 @@ fn guidance_over_other_than_two_ranks_is_an_error() {
         execution: &Execution::default(),
         sequence: None,
         guidance: Some(&comms[0]),
+        image: None,
     };
     let err = model
         .forward_guided_parallel(&x, &t, &cond, &uncond, SCALE, run)

@@ -1848,6 +1848,9 @@ pub struct ParallelRun<'a> {
     /// unconditional one. `None`: this rank runs both passes (through each block together,
     /// as [`GuidancePasses::TwoPasses`]).
     pub guidance: Option<&'a dyn Communicator>,
+    /// Image-to-video: the CLIP image features, [B, Li, image_dim], the same for both passes
+    /// (every rank attends to all of them from its own tokens).
+    pub image: Option<&'a Tensor>,
 }
 
 impl WanModel {
@@ -2346,7 +2349,7 @@ impl WanModel {
                 }
                 let context = if guidance.rank() == 0 { cond } else { uncond };
                 let [own] = self.forward_passes(
-                    ([(latents, timestep, context)], None),
+                    ([(latents, timestep, context)], run.image),
                     how,
                     &mut HeldBlocks,
                 )?;
@@ -2358,7 +2361,7 @@ impl WanModel {
                 let [c, u] = self.forward_passes(
                     (
                         [(latents, timestep, cond), (latents, timestep, uncond)],
-                        None,
+                        run.image,
                     ),
                     how,
                     &mut HeldBlocks,
