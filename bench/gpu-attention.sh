@@ -5,7 +5,10 @@
 # memory-efficient forced. Which libcudnn each side loads is printed first. With `dit`, then the
 # whole 14B and 1.3B forwards (B=2 with CFG, and B=1) with cuDNN's and vpipe's fused attention,
 # next to diffusers' in the same call.
-#   bash bench/gpu-attention.sh [kernel|dit|all]      (default all)
+# With `stream`: the 14B T2V at 832x480x81, 2 steps, at --vram-budget 4GiB and 4608MiB and
+# resident, one `vpipe run` each (the plan's attention kernel and token slices, the steps, the
+# footprint; needs .carry/vpipe.xz).
+#   bash bench/gpu-attention.sh [kernel|dit|stream|all]      (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -13,7 +16,7 @@ set -u
 PART=${1:-all}
 . bench/device-env.sh
 {
-  if [ "$PART" != dit ]; then
+  if [ "$PART" = kernel ] || [ "$PART" = all ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   date -u
   ldconfig -p | grep -i libcudnn.so | head -3
@@ -53,7 +56,7 @@ for name, backend in [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
         print(json.dumps({"torch_sdpa": name, "error": str(e)[:200]}))
 PY
   fi
-  if [ "$PART" != kernel ]; then
+  if [ "$PART" = dit ] || [ "$PART" = all ]; then
     B=$(unpack dit_bench)
     for preset in wan2.1-t2v-14b wan2.1-t2v-1.3b; do
       for kernel in cudnn fused; do
@@ -66,6 +69,30 @@ PY
     timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
     echo "=== diffusers 1.3B"
     timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+  fi
+  if [ "$PART" = stream ]; then
+    V=$(unpack vpipe); M=/tmp/stream-models; mkdir -p $M
+    ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M > /dev/null || exit 4
+    python3 -c "
+import sys; sys.path.insert(0, 'bench')
+from vae_gpu import make_vae
+from safetensors.torch import save_file
+save_file({k: v.contiguous() for k, v in make_vae().state_dict().items()}, '$M/wan_2.1_vae.safetensors')" || exit 4
+    for budget in 4GiB 4608MiB none; do
+      flags="--ram-budget 64GiB"; [ $budget != none ] && flags="$flags --vram-budget $budget"
+      $V run --model-dir $M --tokenizer crates/vpipe-text/tests/fixtures/tokenizer.json \
+        --device cuda:0 --size 832x480 --frames 81 --steps 2 --prompt "A cheesecake" $flags \
+        --out /tmp/stream-$budget.safetensors --report $OUT/report-stream-$budget.json 2>&1 | tail -1
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=7
+      python3 - "$OUT/report-stream-$budget.json" "$budget" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); GiB = 2**30
+notes = [n["detail"] for n in r["notes"] if n["what"] in ("sampling", "step")]
+peak = max((p.get("device_footprint_peak") or 0) for p in r["phases"]) / GiB
+print(json.dumps({"budget": sys.argv[2], "footprint_gib": round(peak, 2), "notes": notes,
+                  "fallbacks": r.get("fallbacks", []), "violations": r["violations"]}))
+PY
+    done
   fi
   exit ${CODE:-0}
 } 2>&1 | tee "$OUT/attention.log"

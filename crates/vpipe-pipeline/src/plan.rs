@@ -28,6 +28,8 @@ use crate::step_cache::{CacheRule, MagCacheSettings, StepCache};
 struct VaeMemoryModel {
     encode_bytes_per_unit: u64,
     decode_bytes_per_unit: u64,
+    /// The decoder of a VAE that folds frames into patches (Wan 2.2), on the folded pixels.
+    folded_decode_bytes_per_unit: u64,
     weight_copies: f64,
 }
 
@@ -35,9 +37,13 @@ struct VaeMemoryModel {
 /// 0.44 GiB for encode and 0.66 GiB for decode above the 0.24 GiB of weights, rounded up;
 /// `bench/results/2026-11-27-h100-vae-cl-1128-vae_warm.log`, BENCHMARKS.md "Wan 2.1 VAE").
 /// cuDNN takes the whole kernels: no copies.
+/// The Wan 2.2 decoder measured on the H200 (bf16, 256-px tiles over 1280×704×121, 2026-12-05):
+/// 0.93–0.99 GiB reserved above its 1.31 GiB of weights, against 0.80 GiB from the 2.1 rate;
+/// its encoder is still scaled from the 2.1 rate (not measured).
 const VAE_CUDA: VaeMemoryModel = VaeMemoryModel {
     encode_bytes_per_unit: 38,
     decode_bytes_per_unit: 57,
+    folded_decode_bytes_per_unit: 72,
     weight_copies: 0.0,
 };
 
@@ -47,6 +53,7 @@ const VAE_CUDA: VaeMemoryModel = VaeMemoryModel {
 const VAE_CPU: VaeMemoryModel = VaeMemoryModel {
     encode_bytes_per_unit: 50,
     decode_bytes_per_unit: 60,
+    folded_decode_bytes_per_unit: 60,
     weight_copies: 1.2,
 };
 /// Share of what the budget leaves after the DiT's weights that attention scores may take.
@@ -1558,9 +1565,14 @@ impl Plan {
                 whole: whole_if(sample.residency, "dit", sizes.dit_weights.total),
             }),
         }
+        let decode_bytes_per_unit = if sizes.vae.patch > 1 {
+            vae.folded_decode_bytes_per_unit
+        } else {
+            vae.decode_bytes_per_unit
+        };
         phases.push(vae_phase(
             "vae decode",
-            vae.decode_bytes_per_unit,
+            decode_bytes_per_unit,
             sizes.vae.decoder_base_dim,
         ));
         phases.push(PhasePlan {

@@ -22,6 +22,34 @@ fn small_job(prompt: &str, steps: u64) -> Value {
     })
 }
 
+/// The video `vpipe run` makes of `small_job("a red kite over the sea", 2)` on `models`.
+fn run_video(models: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join("cli.mp4");
+    let run = common::vpipe(&[
+        "run",
+        "--model-dir",
+        models.to_str().unwrap(),
+        "--prompt",
+        "a red kite over the sea",
+        "--size",
+        "64x64",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+        "--tile",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::read(&out).unwrap()
+}
+
 fn id_of(answer: &Value) -> u64 {
     answer["id"]
         .as_u64()
@@ -141,32 +169,10 @@ fn three_jobs_one_cancelled_each_with_its_outputs() {
     assert_eq!(status, 404);
 
     // The server's job is `vpipe run`'s, bit for bit.
-    let cli_out = dir.path().join("cli.mp4");
-    let run = common::vpipe(&[
-        "run",
-        "--model-dir",
-        models.to_str().unwrap(),
-        "--prompt",
-        "a red kite over the sea",
-        "--size",
-        "64x64",
-        "--frames",
-        "5",
-        "--steps",
-        "2",
-        "--tile",
-        "64",
-        "--out",
-        cli_out.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let cli_video = run_video(&models, dir.path());
     let (_, served) = server.get(&format!("/api/jobs/{first}/video"));
     assert!(
-        served == std::fs::read(&cli_out).unwrap(),
+        served == cli_video,
         "the served video differs from vpipe run's"
     );
 
@@ -376,33 +382,8 @@ fn a_job_takes_the_models_the_one_before_left_resident() {
         video(ids[0]) == video(ids[1]),
         "the carried models made another video"
     );
-    let cli_out = dir.path().join("cli.mp4");
-    let run = common::vpipe(&[
-        "run",
-        "--model-dir",
-        models.to_str().unwrap(),
-        "--prompt",
-        "a red kite over the sea",
-        "--size",
-        "64x64",
-        "--frames",
-        "5",
-        "--steps",
-        "2",
-        "--tile",
-        "64",
-        "--out",
-        cli_out.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(
-        video(ids[1]) == std::fs::read(&cli_out).unwrap(),
-        "differs from vpipe run's"
-    );
+    let cli_video = run_video(&models, dir.path());
+    assert!(video(ids[1]) == cli_video, "differs from vpipe run's");
 
     // The third merges a LoRA: another DiT. The second gives its DiT back (verified), keeps
     // the rest; the third loads the DiT alone and, last in the queue, gives everything back.
@@ -654,4 +635,40 @@ fn a_comfyui_workflow_runs_as_a_job_with_its_input_uploaded() {
         answer["error"].as_str().unwrap().contains("RIFE VFI"),
         "{answer}"
     );
+}
+
+/// What `vpipe serve` would hold to a job's end follows the budget: the 1.3B DiT (f32 on the
+/// CPU) held whole in 8 GiB stays for a next job; in 4 GiB its blocks stream, so it cannot.
+#[test]
+fn the_plan_holds_for_a_next_job_only_what_the_budget_holds_whole() {
+    let held = |budget: &str| -> Vec<String> {
+        let out = common::vpipe(&[
+            "plan",
+            "--preset",
+            "wan2.1-t2v-1.3b",
+            "--size",
+            "832x480",
+            "--frames",
+            "81",
+            "--device",
+            "cpu",
+            "--vram-budget",
+            budget,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["serve_holding"]["held_to_end"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["model"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(held("8GiB"), ["dit", "vae"]);
+    assert_eq!(held("4GiB"), ["vae"]);
 }
