@@ -76,6 +76,8 @@ save_file({k: v.contiguous() for k, v in make_vae().state_dict().items()}, '$M/w
     # The TI2V DiT's and the Wan 2.2 VAE's parity tests on the GPU (built with `cuda`, the whole
     # binary runs on device 0): the per-token modulation through the fused kernels, the VAE's
     # stage shortcuts and patches.
+    # The test binaries find their fixtures under the path they were built in.
+    [ -e /work/main/crates ] || { mkdir -p /work && ln -sfn "$PWD" /work/main; }
     for t in dit_ti2v_parity vae22_parity; do
       [ -f .carry/$t.xz ] && timeout 200 "$(unpack $t)" --test-threads 1 --nocapture 2>&1 \
         | grep -E "^test |test result|panicked|max abs|err"
