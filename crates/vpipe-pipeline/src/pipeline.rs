@@ -978,13 +978,14 @@ fn sample(
             let changes =
                 modulation_changes(&model, &schedule.timesteps()[phase_steps.clone()], source)?;
             let reuse = crate::plan::cache_schedule(&changes, threshold);
-            let skipped: Vec<usize> = (1..=reuse.len()).filter(|&i| reuse[i - 1]).collect();
+            let skipped = skipped_steps(phase_steps.clone(), &reuse);
             let changes: Vec<String> = changes[1..].iter().map(|c| format!("{c:.3}")).collect();
             p.note(
                 "step cache",
                 &format!(
                     "teacache, threshold {threshold}: the blocks skipped at {} of {} steps {:?} \
-                     (relative changes of the time modulation from step to step: {})",
+                     (counted from 1 in the run, as the step notes) (relative changes of the time \
+                     modulation from step to step: {})",
                     skipped.len(),
                     reuse.len(),
                     skipped,
@@ -996,12 +997,7 @@ fn sample(
         (Some(CacheRule::Magcache(settings)), Some(StepCache::MagCache { ratios, .. })) => {
             let per_step = crate::plan::mag_ratios_for(&ratios.values, schedule.steps());
             let reuse = crate::plan::magcache_schedule(&per_step, phase_steps.clone(), settings);
-            let skipped: Vec<usize> = phase_steps
-                .clone()
-                .zip(&reuse)
-                .filter(|(_, &r)| r)
-                .map(|(i, _)| i + 1)
-                .collect();
+            let skipped = skipped_steps(phase_steps.clone(), &reuse);
             p.note(
                 "step cache",
                 &format!(
@@ -1156,6 +1152,16 @@ fn sample(
     denoising.sampler.move_history_to(&Device::Cpu)?;
     p.declare_output("latents (host)", tensor_bytes(&denoising.latents));
     Ok(())
+}
+
+/// The steps of `phase_steps` (indices in the run) that `reuse` marks, counted from 1 in the
+/// run as the step notes count them.
+fn skipped_steps(phase_steps: std::ops::Range<usize>, reuse: &[bool]) -> Vec<usize> {
+    phase_steps
+        .zip(reuse)
+        .filter(|(_, &reused)| reused)
+        .map(|(i, _)| i + 1)
+        .collect()
 }
 
 /// Notes the magnitude ratios measured so far and, at the end of the run (`last`), writes

@@ -139,10 +139,12 @@ pub fn work(
             last_sample: Instant::now(),
         };
         let (state, error) = run_job(options, session, &jobs, &mut observer);
+        // The boundary is on record (and in the file) before the job shows as finished, so
+        // that whoever waits for the job finds its end reading.
+        read("job end", Some(id), session);
         let (video, report) = (dir.join("video.mp4"), dir.join("report.json"));
         jobs.finish(id, state, error, video.is_file(), report.is_file());
         tracing::info!("job {id} {state:?}");
-        read("job end", Some(id), session);
     }
 }
 
