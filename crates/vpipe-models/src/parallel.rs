@@ -452,8 +452,9 @@ mod tests {
             let err = comm.all_gather(&ranked(comm.rank()), 0).unwrap_err();
             Some((err, start.elapsed()))
         });
+        // A rank may first see another that already failed on rank 2 and ended in turn.
         for (err, elapsed) in results.into_iter().flatten() {
-            assert!(matches!(err, CommError::PeerGone { peer: 2, .. }), "{err}");
+            assert!(matches!(err, CommError::PeerGone { .. }), "{err}");
             assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
         }
     }
