@@ -208,10 +208,13 @@ impl MemorySession {
         load_dtype: Option<DType>,
         patch: &str,
     ) -> Option<ModelId> {
-        let identity = Identity::of(path, load_dtype, patch)?;
+        self.find_identity(&Identity::of(path, load_dtype, patch)?)
+    }
+
+    fn find_identity(&self, identity: &Identity) -> Option<ModelId> {
         self.identities
             .iter()
-            .position(|i| i.as_ref() == Some(&identity))
+            .position(|i| i.as_ref() == Some(identity))
             .map(ModelId)
     }
 
@@ -260,12 +263,12 @@ impl MemorySession {
         load_dtype: Option<DType>,
         patch: &str,
     ) -> Result<(ModelId, bool), MemError> {
-        if let Some(id) = self.find_registered(&inspection.path, load_dtype, patch) {
+        let identity = Identity::of(&inspection.path, load_dtype, patch);
+        if let Some(id) = identity.as_ref().and_then(|i| self.find_identity(i)) {
             self.registered_in[id.0] = self.record;
             name.clone_into(&mut self.models[id.0].name);
             return Ok((id, self.models[id.0].tier() != Tier::Disk));
         }
-        let identity = Identity::of(&inspection.path, load_dtype, patch);
         let model = crate::store::describe_inspected(name, inspection, load_dtype)?;
         Ok((self.add_model(model, identity), false))
     }

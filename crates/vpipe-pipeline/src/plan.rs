@@ -1090,13 +1090,12 @@ pub(crate) fn attention_kernels(
 /// One rule for `plan`, `run` and `tensors dit`.
 pub fn attention_kernel(compute: &Compute, head_dim: usize) -> Result<AttentionKernel> {
     let on_cuda = compute.device.starts_with("cuda");
-    match compute.attention {
-        Some(kernel) => kernel
+    if let Some(kernel) = compute.attention {
+        kernel
             .applies(on_cuda, compute.dtype, head_dim)
-            .map(|()| kernel)
-            .map_err(|why| Error::BadInput(format!("--attention {}: {why}", kernel.name()))),
-        None => Ok(AttentionKernel::fastest(on_cuda, compute.dtype, head_dim)),
+            .map_err(|why| Error::BadInput(format!("--attention {}: {why}", kernel.name())))?;
     }
+    Ok(attention_kernels(compute.attention, on_cuda, compute.dtype, head_dim)[0])
 }
 
 /// Settles the run's settings that depend on its models, once, for models of `sizes`: the
