@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 mod common;
-use common::{fixture, load, max_abs, vpipe};
+use common::{fixture, golden_run_args, load, max_abs, vpipe};
 
 /// The bound on max |vpipe − diffusers| of the decoded video.
 const TOL: f64 = 1e-4;
@@ -79,49 +79,20 @@ fn run_args(
 ) -> Vec<String> {
     let fx = settings();
     let s = &fx["settings"];
-    let path = |p: PathBuf| p.to_str().unwrap().to_owned();
-    let mut args: Vec<String> = [
-        "run",
-        "--dit",
-        &path(golden("dit_tiny_text32.safetensors")),
-        "--dit-config",
-        &path(golden("dit_tiny_text32_config.json")),
-        "--vae",
-        &path(fixture(
-            "vpipe-models",
-            "vae/wan_vae_tiny_diffusers.safetensors",
-        )),
-        "--text-encoder",
-        &path(fixture("vpipe-text", "umt5_tiny_transformers.safetensors")),
-        "--tokenizer",
-        &path(fixture("vpipe-text", "tokenizer.json")),
-        "--prompt",
-        s["prompt"].as_str().unwrap(),
-        "--negative-prompt",
-        s["negative_prompt"].as_str().unwrap(),
-        "--size",
-        &format!("{}x{}", s["width"], s["height"]),
-        "--frames",
-        &s["frames"].to_string(),
-        "--steps",
-        &steps.to_string(),
-        "--cfg",
-        &cfg.map_or_else(|| s["guidance_scale"].to_string(), |c| c.to_string()),
-        "--shift",
-        &s["shift"].to_string(),
-        "--sampler",
-        "unipc",
-        "--dtype",
-        "f32",
-        "--device",
-        "cpu",
-        "--initial-noise",
-        noise.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let vae = fixture("vpipe-models", "vae/wan_vae_tiny_diffusers.safetensors");
+    let cfg = cfg.map_or_else(|| s["guidance_scale"].to_string(), |c| c.to_string());
+    let mut args = golden_run_args(
+        (
+            &golden("dit_tiny_text32.safetensors"),
+            &golden("dit_tiny_text32_config.json"),
+            &vae,
+        ),
+        s,
+        (&steps.to_string(), &cfg),
+        noise,
+        out,
+    );
+    args.extend(["--shift".to_owned(), s["shift"].to_string()]);
     args.extend_from_slice(extra);
     args
 }

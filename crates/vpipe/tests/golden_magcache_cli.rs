@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 
 mod common;
-use common::{fixture, load, max_abs, vpipe};
+use common::{fixture, golden_run_args, load, max_abs, vpipe};
 
 /// The bound on max |vpipe − diffusers| of the latents and the video, and on the relative
 /// error of each calibrated ratio.
@@ -43,50 +43,24 @@ fn path(p: &Path) -> String {
 fn args(out: &Path, extra: &[String]) -> Vec<String> {
     let fx = fixtures();
     let s = &fx["settings"];
-    let mut args: Vec<String> = [
-        "run",
-        "--dit",
-        &path(&pipeline("dit_tiny_text32.safetensors")),
-        "--dit-config",
-        &path(&pipeline("dit_tiny_text32_config.json")),
-        "--vae",
-        &path(&fixture(
-            "vpipe-models",
-            "vae/wan_vae_tiny_diffusers.safetensors",
-        )),
-        "--text-encoder",
-        &path(&fixture("vpipe-text", "umt5_tiny_transformers.safetensors")),
-        "--tokenizer",
-        &path(&fixture("vpipe-text", "tokenizer.json")),
-        "--prompt",
-        s["prompt"].as_str().unwrap(),
-        "--negative-prompt",
-        s["negative_prompt"].as_str().unwrap(),
-        "--size",
-        &format!("{}x{}", s["width"], s["height"]),
-        "--frames",
-        &s["frames"].to_string(),
-        "--steps",
-        &s["steps"].to_string(),
-        "--cfg",
-        &s["guidance_scale"].to_string(),
-        "--shift",
-        &s["shift"].to_string(),
-        "--sampler",
-        "unipc",
-        "--dtype",
-        "f32",
-        "--device",
-        "cpu",
-        "--initial-noise",
-        &path(&pipeline("t2v.safetensors")),
-        "--out",
-        &path(out),
-        "--report",
-        &path(&out.with_extension("json")),
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let vae = fixture("vpipe-models", "vae/wan_vae_tiny_diffusers.safetensors");
+    let mut args = golden_run_args(
+        (
+            &pipeline("dit_tiny_text32.safetensors"),
+            &pipeline("dit_tiny_text32_config.json"),
+            &vae,
+        ),
+        s,
+        (&s["steps"].to_string(), &s["guidance_scale"].to_string()),
+        &pipeline("t2v.safetensors"),
+        out,
+    );
+    args.extend([
+        "--shift".to_owned(),
+        s["shift"].to_string(),
+        "--report".to_owned(),
+        path(&out.with_extension("json")),
+    ]);
     args.extend_from_slice(extra);
     args
 }

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fixture, load, max_abs, vpipe};
+use common::{fixture, golden_run_args, load, max_abs, vpipe};
 
 /// The bound on max |vpipe − diffusers| of the final latents and the decoded video.
 const TOL: f64 = 1e-4;
@@ -44,43 +44,13 @@ fn run_args(
     extra: &[&str],
 ) -> Vec<String> {
     let s = settings();
-    let mut args: Vec<String> = [
-        "run",
-        "--dit",
-        &arg(dit),
-        "--dit-config",
-        &arg(dit_config),
-        "--vae",
-        &arg(vae),
-        "--text-encoder",
-        &arg(&fixture("vpipe-text", "umt5_tiny_transformers.safetensors")),
-        "--tokenizer",
-        &arg(&fixture("vpipe-text", "tokenizer.json")),
-        "--prompt",
-        s["prompt"].as_str().unwrap(),
-        "--negative-prompt",
-        s["negative_prompt"].as_str().unwrap(),
-        "--size",
-        &format!("{}x{}", s["width"], s["height"]),
-        "--frames",
-        &s["frames"].to_string(),
-        "--steps",
-        &s["steps"].to_string(),
-        "--cfg",
-        &s["guidance_scale"].to_string(),
-        "--sampler",
-        "unipc",
-        "--dtype",
-        "f32",
-        "--device",
-        "cpu",
-        "--initial-noise",
-        &arg(noise),
-        "--out",
-        &arg(out),
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut args = golden_run_args(
+        (dit, dit_config, vae),
+        &s,
+        (&s["steps"].to_string(), &s["guidance_scale"].to_string()),
+        noise,
+        out,
+    );
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args
 }

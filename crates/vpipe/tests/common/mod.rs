@@ -54,3 +54,56 @@ pub fn builtin_models(dir: &Path) -> PathBuf {
     );
     dir.join("weights")
 }
+
+/// `vpipe run` as the golden tests compare it with diffusers: the DiT, its config and the VAE
+/// of `models` with the tiny umT5 and its tokenizer, the generator's `settings` (prompts, size,
+/// frames), `steps` and `cfg`, UniPC, f32 on the CPU, from the initial noise `noise`, writing
+/// `out`. Callers add what their reference sets beyond this (the shift, a report, ...).
+pub fn golden_run_args(
+    (dit, dit_config, vae): (&Path, &Path, &Path),
+    settings: &serde_json::Value,
+    (steps, cfg): (&str, &str),
+    noise: &Path,
+    out: &Path,
+) -> Vec<String> {
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let text_encoder = fixture("vpipe-text", "umt5_tiny_transformers.safetensors");
+    let tokenizer = fixture("vpipe-text", "tokenizer.json");
+    [
+        "run",
+        "--dit",
+        &path(dit),
+        "--dit-config",
+        &path(dit_config),
+        "--vae",
+        &path(vae),
+        "--text-encoder",
+        &path(&text_encoder),
+        "--tokenizer",
+        &path(&tokenizer),
+        "--prompt",
+        settings["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        settings["negative_prompt"].as_str().unwrap(),
+        "--size",
+        &format!("{}x{}", settings["width"], settings["height"]),
+        "--frames",
+        &settings["frames"].to_string(),
+        "--steps",
+        steps,
+        "--cfg",
+        cfg,
+        "--sampler",
+        "unipc",
+        "--dtype",
+        "f32",
+        "--device",
+        "cpu",
+        "--initial-noise",
+        &path(noise),
+        "--out",
+        &path(out),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
