@@ -5,10 +5,12 @@
 # memory-efficient forced. Which libcudnn each side loads is printed first. With `dit`, then the
 # whole 14B and 1.3B forwards (B=2 with CFG, and B=1) with cuDNN's and vpipe's fused attention,
 # next to diffusers' in the same call.
-# With `stream`: the 14B T2V at 832x480x81, 2 steps, at --vram-budget 4GiB and 4608MiB and
+# With `stream`: the 14B T2V at 832x480x81, 2 steps, at --vram-budget 4GiB and 12GiB and
 # resident, one `vpipe run` each (the plan's attention kernel and token slices, the steps, the
 # footprint; needs .carry/vpipe.xz).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|all]      (default all: kernel and dit)
+# With `slices`: the 14B forward at B=1 with cuDNN's attention, whole and in 8 token slices
+# (what a streamed plan runs), resident, to split a sliced step's cost from streaming's.
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|all]      (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -70,6 +72,14 @@ PY
     echo "=== diffusers 1.3B"
     timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
   fi
+  if [ "$PART" = slices ]; then
+    D=$(unpack dit_bench)
+    for n in 1 8; do
+      timeout 200 "$D" --preset wan2.1-t2v-14b --attention cudnn --reps 3 --batches 1 --token-slices $n \
+        | grep forward
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+    done
+  fi
   if [ "$PART" = stream ]; then
     V=$(unpack vpipe); M=/tmp/stream-models; mkdir -p $M
     ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M > /dev/null || exit 4
@@ -78,7 +88,7 @@ import sys; sys.path.insert(0, 'bench')
 from vae_gpu import make_vae
 from safetensors.torch import save_file
 save_file({k: v.contiguous() for k, v in make_vae().state_dict().items()}, '$M/wan_2.1_vae.safetensors')" || exit 4
-    for budget in 4GiB 4608MiB none; do
+    for budget in 4GiB 12GiB none; do
       flags="--ram-budget 64GiB"; [ $budget != none ] && flags="$flags --vram-budget $budget"
       $V run --model-dir $M --tokenizer crates/vpipe-text/tests/fixtures/tokenizer.json \
         --device cuda:0 --size 832x480 --frames 81 --steps 2 --prompt "A cheesecake" $flags \

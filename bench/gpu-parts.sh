@@ -13,6 +13,12 @@
 #                               bench/check_pipeline_report.py
 #   bash bench/gpu-parts.sh D   with a reading as each streamed block starts: text-to-video
 #                               resident and at 4GiB (else the least)
+#   bash bench/gpu-parts.sh E   with the LoRA merged in place in the pinned copy and the
+#                               planner's estimate of cuDNN's attention in token slices:
+#                               text-to-video at 4GiB (else the least); video-to-video at 6GiB
+#                               without and with the rank-32 LoRA (load times compared, each
+#                               checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
+#                               its least)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -137,6 +143,20 @@ EOF
     run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
       --lora $M/lora_rank32_all_linear_random.safetensors:0.8
     checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+  elif [ "$PART" = E ]; then
+    ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
+    checked v2v-6GiB /tmp/v2v.mp4 $?
+    run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
+      --lora $M/lora_rank32_all_linear_random.safetensors:0.8
+    checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+    rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
+    ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
+    echo "fp8 checkpoint ready at +$(( $(date +%s) - T0 ))s"
+    budget_or_least fp8-3GiB /tmp/fp8-t2v.safetensors 3GiB $FP8 $FILES $T2V
   elif [ "$PART" = D ]; then
     ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4

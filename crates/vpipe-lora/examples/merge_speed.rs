@@ -1,6 +1,6 @@
 //! How fast a rank-32 LoRA merges into the rows of one 14B FFN weight (13 824 × 5 120, bf16)
-//! on this machine's cores: [`MergePlan::apply_into`], as the store merges a LoRA while it
-//! reads the weights. A benchmark, not a test:
+//! on this machine's cores: [`MergePlan::apply_in_place`], as the store merges a LoRA into
+//! the weights it has read. A benchmark, not a test:
 //!
 //!     cargo run --release -p vpipe-lora --example merge_speed [LAYERS]
 //!
@@ -45,11 +45,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     .into();
     let plan = MergePlan::new(&[(&lora, 0.8)], &shapes, &|_| None)?;
     let weight = Tensor::randn(0f32, 0.02, (rows, columns), &Device::Cpu)?.to_dtype(DType::BF16)?;
-    let mut out = vec![0u8; rows * columns * 2];
-    plan.apply_into("blocks.0.ffn.0.weight", &weight, &mut out)?;
+    let mut bytes = safetensors::View::data(&weight).into_owned();
+    plan.apply_in_place("blocks.0.ffn.0.weight", DType::BF16, &mut bytes)?;
     let started = std::time::Instant::now();
     for _ in 0..layers {
-        plan.apply_into("blocks.0.ffn.0.weight", &weight, &mut out)?;
+        plan.apply_in_place("blocks.0.ffn.0.weight", DType::BF16, &mut bytes)?;
     }
     let seconds = started.elapsed().as_secs_f64() / layers as f64;
     println!(

@@ -12,7 +12,7 @@ use crate::file::{LoraFile, Module, Naming, PairStyle};
 /// The largest finite float8 e4m3fn value.
 const F8E4M3_MAX: f64 = 448.0;
 
-/// Rows of a weight [`MergePlan::apply_into`] merges together: their low-rank update is one
+/// Rows of a weight [`MergePlan::apply_in_place`] merges together: their low-rank update is one
 /// matrix product, and their f32 copy (13 824 columns: 1.8 MB) stays in a core's cache.
 const MERGE_ROWS: usize = 32;
 
@@ -433,41 +433,36 @@ impl MergePlan {
         Ok(merged)
     }
 
-    /// [`MergePlan::apply`] written into `out`, the merged weight's bytes in `weight`'s dtype,
-    /// with no full-size temporary: each row is merged in f32 from the weight's row and the
-    /// patches' factors (a low-rank patch's `rank × in` factor scaled once), rows in parallel.
-    /// The same sums as [`MergePlan::apply`] in another order, so a merged value may differ by
-    /// f32 rounding before it is rounded to the weight's dtype.
+    /// [`MergePlan::apply`] done in place on the weight's bytes (row-major, little-endian, in
+    /// `dtype`), with no full-size temporary: each block of rows is merged in f32 from its own
+    /// bytes and the patches' factors (a low-rank patch's `rank × in` factor scaled once),
+    /// blocks in parallel. This lets the store merge a weight where it was read to (its pinned
+    /// arena), so a LoRA adds no second copy and no read through a memory map. The same sums as
+    /// [`MergePlan::apply`] in another order, so a merged value may differ by f32 rounding
+    /// before it is rounded to `dtype`.
     ///
     /// Returns `Ok(false)`, with nothing written, where this path does not apply: a weight the
-    /// plan does not patch, a dtype other than f32, bf16 or f16, a weight off the CPU.
+    /// plan does not patch, or a dtype other than f32, bf16 or f16.
     ///
     /// # Shapes
-    /// `weight` as in [`MergePlan::apply`]; `out` holds exactly its bytes.
-    pub fn apply_into(&self, name: &str, weight: &Tensor, out: &mut [u8]) -> Result<bool> {
+    /// `weight` holds exactly the elements of the shape given for `name` in the plan's model
+    /// weight list.
+    pub fn apply_in_place(&self, name: &str, dtype: DType, weight: &mut [u8]) -> Result<bool> {
         use rayon::prelude::*;
         let Some(target) = self.targets.get(name) else {
             return Ok(false);
         };
-        let dtype = weight.dtype();
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !weight.device().is_cpu() {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Ok(false);
-        }
-        if weight.shape() != &target.shape {
-            return Err(Error::WeightShape {
-                weight: name.to_string(),
-                expected: target.shape.clone(),
-                got: weight.shape().clone(),
-            });
         }
         let rows = target.shape.dims().first().copied().unwrap_or(1).max(1);
         let columns = target.shape.elem_count() / rows;
         let elem = dtype.size_in_bytes();
-        if out.len() != rows * columns * elem {
+        if weight.len() != rows * columns * elem {
             return Err(Error::WeightShape {
-                weight: format!("{name} (output buffer of {} bytes)", out.len()),
+                weight: format!("{name} (held as {} bytes of {dtype:?})", weight.len()),
                 expected: target.shape.clone(),
-                got: weight.shape().clone(),
+                got: Shape::from(weight.len() / elem),
             });
         }
         // Each patch as row factors: low rank `up` [rows, rank] and the scaled `down`
@@ -513,37 +508,11 @@ impl MergePlan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let weight = weight.contiguous()?;
-        let (storage, layout) = weight.storage_and_layout();
-        let candle_core::Storage::Cpu(storage) = &*storage else {
-            return Ok(false);
-        };
-        let start = layout.start_offset();
-        // The weight's row as f32, by dtype.
-        let read_row = |row: usize, acc: &mut [f32]| match storage {
-            candle_core::CpuStorage::F32(v) => {
-                acc.copy_from_slice(&v[start + row * columns..start + (row + 1) * columns])
-            }
-            candle_core::CpuStorage::BF16(v) => {
-                for (a, w) in acc.iter_mut().zip(&v[start + row * columns..]) {
-                    *a = w.to_f32();
-                }
-            }
-            candle_core::CpuStorage::F16(v) => {
-                for (a, w) in acc.iter_mut().zip(&v[start + row * columns..]) {
-                    *a = w.to_f32();
-                }
-            }
-            _ => unreachable!("checked above"),
-        };
         // A block of rows at a time: the low-rank update of the block is one matrix product,
         // which reuses each `down` row across the block's rows (a row at a time re-read all
         // of `down` per row, 4× slower on a 14B FFN weight, examples/merge_speed.rs).
-        let merge_block = |first: usize, acc: &mut [f32]| -> Result<()> {
+        let add_updates = |first: usize, acc: &mut [f32]| -> Result<()> {
             let count = acc.len() / columns;
-            for (row, acc) in acc.chunks_exact_mut(columns).enumerate() {
-                read_row(first + row, acc);
-            }
             for factors in &factors {
                 let delta = match factors {
                     Factors::LowRank { up, down, rank } => {
@@ -563,30 +532,16 @@ impl MergePlan {
             }
             Ok(())
         };
-        out.par_chunks_mut(MERGE_ROWS * columns * elem)
+        weight
+            .par_chunks_mut(MERGE_ROWS * columns * elem)
             .enumerate()
             .try_for_each_init(
                 || vec![0f32; MERGE_ROWS * columns],
                 |acc, (block, bytes)| -> Result<()> {
                     let acc = &mut acc[..bytes.len() / elem];
-                    merge_block(block * MERGE_ROWS, acc)?;
-                    match dtype {
-                        DType::F32 => {
-                            for (chunk, a) in bytes.chunks_exact_mut(4).zip(acc.iter()) {
-                                chunk.copy_from_slice(&a.to_le_bytes());
-                            }
-                        }
-                        DType::BF16 => {
-                            for (chunk, a) in bytes.chunks_exact_mut(2).zip(acc.iter()) {
-                                chunk.copy_from_slice(&half::bf16::from_f32(*a).to_le_bytes());
-                            }
-                        }
-                        _ => {
-                            for (chunk, a) in bytes.chunks_exact_mut(2).zip(acc.iter()) {
-                                chunk.copy_from_slice(&half::f16::from_f32(*a).to_le_bytes());
-                            }
-                        }
-                    }
+                    decode_f32(dtype, bytes, acc);
+                    add_updates(block * MERGE_ROWS, acc)?;
+                    encode_f32(dtype, acc, bytes);
                     Ok(())
                 },
             )?;
@@ -664,5 +619,47 @@ fn check_shape(file: &str, key: &str, delta: &Delta, weight: &str, shape: &Shape
             weight: weight.to_string(),
             weight_shape: dims.into(),
         })
+    }
+}
+
+/// Little-endian `dtype` values (f32, bf16 or f16) widened to f32.
+fn decode_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+    }
+}
+
+/// f32 values rounded (to nearest even) to little-endian `dtype` (f32, bf16 or f16).
+fn encode_f32(dtype: DType, values: &[f32], bytes: &mut [u8]) {
+    match dtype {
+        DType::F32 => {
+            for (b, v) in bytes.chunks_exact_mut(4).zip(values) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (b, v) in bytes.chunks_exact_mut(2).zip(values) {
+                b.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        _ => {
+            for (b, v) in bytes.chunks_exact_mut(2).zip(values) {
+                b.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
     }
 }

@@ -59,7 +59,7 @@ pub use report::{
 };
 pub use session::{Budget, MemorySession, Phase};
 pub use store::{
-    resident_dtype, Lease, ModelId, PatchFn, PatchIntoFn, TensorMeta, Tier, WeightPatch,
+    resident_dtype, Lease, ModelId, PatchFn, PatchInPlaceFn, TensorMeta, Tier, WeightPatch,
 };
 pub use stream::{StreamSource, StreamSpec, StreamStats, Streamer};
 pub use svg::{render_svg, write_svg};

@@ -169,15 +169,16 @@ pub struct WeightPatch {
     pub keys: std::collections::BTreeSet<String>,
     /// The change; see [`PatchFn`].
     pub apply: std::sync::Arc<PatchFn>,
-    /// The same change written straight into the memory that holds the patched weight, where
-    /// it can be (see [`PatchIntoFn`]); `apply` otherwise.
-    pub apply_into: Option<std::sync::Arc<PatchIntoFn>>,
+    /// The same change made in place on the weight's bytes where it was read to, where it can
+    /// be (see [`PatchInPlaceFn`]); `apply` otherwise.
+    pub apply_in_place: Option<std::sync::Arc<PatchInPlaceFn>>,
 }
 
-/// Writes the patched weight of a key, given the stored one (on the host), into a buffer of
-/// exactly its bytes; `Ok(false)`, with nothing written, where it cannot (the caller then uses
-/// [`WeightPatch::apply`]). Spares the full-size temporaries a tensor-level merge makes.
-pub type PatchIntoFn = dyn Fn(&str, &Tensor, &mut [u8]) -> candle_core::Result<bool> + Send + Sync;
+/// Patches the weight of a key in place, given its bytes on the host (row-major,
+/// little-endian, in the dtype given); `Ok(false)`, with nothing written, where it cannot (the
+/// caller then uses [`WeightPatch::apply`]). Lets the store read a patched weight as it reads
+/// any other (straight into its host copy) and merge it there, with no full-size temporary.
+pub type PatchInPlaceFn = dyn Fn(&str, DType, &mut [u8]) -> candle_core::Result<bool> + Send + Sync;
 
 impl fmt::Debug for WeightPatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -370,9 +371,10 @@ impl Model {
     }
 
     /// Reads a safetensors checkpoint into one page-locked arena, tensors in parallel: those
-    /// held as stored (same dtype, no patch) straight from the file into the arena (`pread`:
-    /// no page faults on a map), the others converted or patched through the map, fewer at a
-    /// time (a LoRA merge holds the weight, its update and the sum in f32).
+    /// held in their stored dtype straight from the file into the arena (`pread`: no page
+    /// faults on a map) and patched there in place where the patch can be; the others
+    /// converted or patched through the map, fewer at a time (a tensor-level LoRA merge holds
+    /// the weight, its update and the sum in f32).
     #[cfg(feature = "cuda")]
     fn read_pinned_copy(
         &self,
@@ -403,7 +405,7 @@ impl Model {
             let as_stored = self
                 .patch
                 .as_ref()
-                .is_none_or(|p| !p.keys.contains(&meta.name))
+                .is_none_or(|p| !p.keys.contains(&meta.name) || p.apply_in_place.is_some())
                 && DType::try_from(info.dtype).ok() == Some(meta.dtype);
             let at = as_stored.then_some((8 + header + info.data_offsets.0) as u64);
             ranges.push((meta, start..total, at));
@@ -421,19 +423,29 @@ impl Model {
                     // SAFETY: each tensor's range is its own; no other thread writes it.
                     let target =
                         unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(&e))?;
-                    file.read_exact_at(target, *offset).map_err(|e| context(&e))
-                }
-                None => {
-                    let stored = self.read_stored(reader, meta)?;
+                    file.read_exact_at(target, *offset)
+                        .map_err(|e| context(&e))?;
                     let patch = self.patch.as_ref().filter(|p| p.keys.contains(&meta.name));
-                    if let Some(apply) = patch.and_then(|p| p.apply_into.as_deref()) {
-                        // SAFETY: each tensor's range is its own; no other thread writes it.
-                        let target =
-                            unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(&e))?;
-                        if apply(&meta.name, &stored, target).map_err(|e| context(&e))? {
+                    let Some(patch) = patch else { return Ok(()) };
+                    if let Some(apply) = patch.apply_in_place.as_deref() {
+                        if apply(&meta.name, meta.dtype, target).map_err(|e| context(&e))? {
                             return Ok(());
                         }
                     }
+                    // A patch that cannot work in place: through a tensor of the bytes read.
+                    let stored = Tensor::from_raw_buffer(
+                        target,
+                        meta.dtype,
+                        meta.shape.as_slice(),
+                        &Device::Cpu,
+                    )
+                    .map_err(|e| context(&e))?;
+                    let tensor = self.patched(meta, stored)?;
+                    target.copy_from_slice(&safetensors::View::data(&tensor));
+                    Ok(())
+                }
+                None => {
+                    let stored = self.read_stored(reader, meta)?;
                     let tensor = self.patched(meta, stored)?;
                     arena
                         .fill(range.clone(), &safetensors::View::data(&tensor))
@@ -489,36 +501,35 @@ impl Model {
         Ok(out)
     }
 
-    /// The patched tensor made by the patch's `apply_into` in a fresh host buffer of the
-    /// weight's dtype (f32, bf16 or f16), or `None` where it does not apply.
+    /// The patched tensor made by the patch's `apply_in_place` on a fresh host copy of the
+    /// weight in its dtype (f32, bf16 or f16), or `None` where it does not apply.
     fn patched_into_new(
         &self,
         patch: &WeightPatch,
         meta: &TensorMeta,
         tensor: &Tensor,
     ) -> Result<Option<Tensor>, MemError> {
-        fn into<T: bytemuck::Pod + candle_core::WithDType>(
-            apply: &PatchIntoFn,
+        fn in_copy<T: bytemuck::Pod + candle_core::WithDType>(
+            apply: &PatchInPlaceFn,
             meta: &TensorMeta,
             tensor: &Tensor,
-            zero: T,
         ) -> candle_core::Result<Option<Tensor>> {
-            let mut out = vec![zero; tensor.elem_count()];
-            if !apply(&meta.name, tensor, bytemuck::cast_slice_mut(&mut out))? {
+            let mut copy = tensor.flatten_all()?.to_vec1::<T>()?;
+            if !apply(&meta.name, meta.dtype, bytemuck::cast_slice_mut(&mut copy))? {
                 return Ok(None);
             }
-            Tensor::from_vec(out, meta.shape.as_slice(), &Device::Cpu).map(Some)
+            Tensor::from_vec(copy, meta.shape.as_slice(), &Device::Cpu).map(Some)
         }
-        let Some(apply) = patch.apply_into.as_deref() else {
+        let Some(apply) = patch.apply_in_place.as_deref() else {
             return Ok(None);
         };
         if !tensor.device().is_cpu() || tensor.dtype() != meta.dtype {
             return Ok(None);
         }
         match meta.dtype {
-            DType::F32 => into(apply, meta, tensor, 0f32),
-            DType::BF16 => into(apply, meta, tensor, half::bf16::ZERO),
-            DType::F16 => into(apply, meta, tensor, half::f16::ZERO),
+            DType::F32 => in_copy::<f32>(apply, meta, tensor),
+            DType::BF16 => in_copy::<half::bf16>(apply, meta, tensor),
+            DType::F16 => in_copy::<half::f16>(apply, meta, tensor),
             _ => Ok(None),
         }
         .map_err(|e| self.checkpoint_error(format!("patching '{}': {e}", meta.name)))

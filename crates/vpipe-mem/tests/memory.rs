@@ -461,7 +461,7 @@ fn a_weight_patch_replaces_weights_as_they_are_read() {
         let double = |keys: &[&str]| vpipe_mem::WeightPatch {
             keys: keys.iter().map(|k| k.to_string()).collect(),
             apply: std::sync::Arc::new(|_: &str, t: &Tensor| t * 2.0),
-            apply_into: None,
+            apply_in_place: None,
         };
         let err = session
             .set_patch(model, double(&["blocks.9.weight"]))
@@ -505,7 +505,7 @@ fn a_weight_patch_replaces_weights_as_they_are_read() {
         let reshape = vpipe_mem::WeightPatch {
             keys: ["blocks.0.weight".to_string()].into(),
             apply: std::sync::Arc::new(|_: &str, t: &Tensor| t.narrow(0, 0, 4)),
-            apply_into: None,
+            apply_in_place: None,
         };
         session.set_patch(model, reshape).unwrap();
         let err = session.phase("load", |p| p.load(model)).unwrap_err();
@@ -532,7 +532,7 @@ fn a_copy_that_does_not_land_fails_the_load_verification() {
                 vpipe_mem::WeightPatch {
                     keys: (0..4).map(|i| format!("blocks.{i}.weight")).collect(),
                     apply: Arc::new(move |_: &str, _: &Tensor| Ok(shared.clone())),
-                    apply_into: None,
+                    apply_in_place: None,
                 },
             )
             .unwrap();
@@ -574,7 +574,7 @@ fn a_matmul_library_workspace_is_not_counted_as_the_model() {
                             let m = t.reshape((512, 512))?;
                             (m.matmul(&m.t()?)? * 0.0)?.reshape(t.dims())? + t
                         }),
-                        apply_into: None,
+                        apply_in_place: None,
                     },
                 )
                 .unwrap();

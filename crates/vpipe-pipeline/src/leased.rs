@@ -578,11 +578,11 @@ pub fn plan_loras(
             }
             .map_err(candle_core::Error::wrap)
         }),
-        // Rows merged straight into the weight's memory; scaled-fp8 weights take `apply`.
-        apply_into: Some(std::sync::Arc::new(
-            move |key: &str, weight: &Tensor, out: &mut [u8]| match &into_keys[key] {
+        // Rows merged in the weight's own memory; scaled-fp8 weights take `apply`.
+        apply_in_place: Some(std::sync::Arc::new(
+            move |key: &str, dtype: DType, weight: &mut [u8]| match &into_keys[key] {
                 (original, None) => into_plan
-                    .apply_into(original, weight, out)
+                    .apply_in_place(original, dtype, weight)
                     .map_err(candle_core::Error::wrap),
                 (_, Some(_)) => Ok(false),
             },

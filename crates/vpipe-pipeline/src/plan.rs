@@ -527,12 +527,17 @@ impl SamplePlan {
         };
         let single = guidance == 1.0;
         let smallest = if single {
-            (GuidancePasses::Single, TOKEN_SLICES)
+            (GuidancePasses::Single, MOST_TOKEN_SLICES)
         } else {
-            (GuidancePasses::Sequential, TOKEN_SLICES)
+            (GuidancePasses::Sequential, MOST_TOKEN_SLICES)
         };
-        let last_kernel = *kernels.last().unwrap_or(&AttentionKernel::Chunked);
-        let smallest = (smallest, last_kernel);
+        // The kernel that needs the least in the smallest way of stepping.
+        let least_kernel = kernels
+            .iter()
+            .copied()
+            .min_by_key(|&kernel| activations((smallest, kernel)))
+            .unwrap_or(AttentionKernel::Chunked);
+        let smallest = (smallest, least_kernel);
         let minimum_bytes = weights.minimum(activations(smallest));
         let plan = |way: (Step, AttentionKernel), (residency, estimated_peak_bytes)| Self {
             residency,
@@ -553,9 +558,14 @@ impl SamplePlan {
             (GuidancePasses::TwoPasses, 1),
             (GuidancePasses::TwoPasses, TOKEN_SLICES),
             (GuidancePasses::Sequential, 1),
+            (GuidancePasses::Sequential, TOKEN_SLICES),
             smallest.0,
         ];
-        let unguided = [(GuidancePasses::Single, 1), smallest.0];
+        let unguided = [
+            (GuidancePasses::Single, 1),
+            (GuidancePasses::Single, TOKEN_SLICES),
+            smallest.0,
+        ];
         let steps: &[Step] = if single { &unguided } else { &guided };
         let ways: Vec<(Step, AttentionKernel)> = steps
             .iter()
@@ -591,6 +601,11 @@ type Step = (GuidancePasses, usize);
 /// eighth of the FFN's hidden state and of the projections' intermediates at a time (4 096
 /// tokens of the 32 760 of 832×480×81, still large matrix products).
 const TOKEN_SLICES: usize = 8;
+
+/// Token slices of the smallest way of stepping, where nothing else fits: a slice's own
+/// tensors halve again, the whole residual, keys and values staying (about 0.15 GiB less than
+/// 8 slices at 832×480×81 on the 14B).
+const MOST_TOKEN_SLICES: usize = 16;
 
 /// What a CUDA run holds on the host before its models and video: the binary, the CUDA
 /// driver's and libraries' host memory, the tokenizer (a refused run peaked at 0.33 GiB RSS

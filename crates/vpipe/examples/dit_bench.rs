@@ -5,6 +5,7 @@
 //! ```text
 //! cargo build --release --features cuda -p vpipe --example dit_bench
 //! dit_bench --preset wan2.1-t2v-14b --scratch-gib 4 --reps 2 [--attention cudnn] > dit.jsonl
+//! dit_bench --token-slices 8 --batches 1     # the forward a streamed plan runs in slices
 //! dit_bench --preset wan2.1-t2v-1.3b --layers 1 --latent 1,4,4 --device cpu   # script check
 //! ```
 //!
@@ -40,6 +41,10 @@ struct Args {
     cpu: bool,
     /// The attention kernel (default: the fastest that applies).
     attention: Option<AttentionKernel>,
+    /// Token slices of the FFN and the self-attention's input (`Execution::token_slices`).
+    token_slices: usize,
+    /// Batch sizes to measure, in order (2: one step with CFG batched; 1: one pass).
+    batches: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -51,6 +56,8 @@ fn parse_args() -> Args {
         layers: None,
         cpu: false,
         attention: None,
+        token_slices: 1,
+        batches: vec![2, 1],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +79,13 @@ fn parse_args() -> Args {
                 args.attention = Some(
                     AttentionKernel::from_name(&value).expect("--attention cudnn|fused|chunked"),
                 )
+            }
+            "--token-slices" => args.token_slices = value.parse().expect("--token-slices N"),
+            "--batches" => {
+                args.batches = value
+                    .split(',')
+                    .map(|x| x.parse().expect("--batches B[,B…]"))
+                    .collect()
             }
             other => panic!("unknown flag {other}"),
         }
@@ -99,7 +113,7 @@ fn main() -> Result<()> {
     let execution = Execution {
         attention: kernel,
         attention_scratch: scratch,
-        ..Execution::default()
+        token_slices: args.token_slices,
     };
     let weights = meters.read().expect("meter").compute_used() as f64 / GIB;
     println!(
@@ -111,7 +125,7 @@ fn main() -> Result<()> {
     let [frames, height, width] = args.latent;
     let text_len = 512;
     let tokens = frames * (height / 2) * (width / 2);
-    for batch in [2usize, 1] {
+    for &batch in &args.batches {
         let latents = Tensor::randn(
             0f32,
             1.,
@@ -176,7 +190,7 @@ fn main() -> Result<()> {
             "timed_forward_s": timed_forward_s, "in_model_attention_s": in_model_attention_s,
             "in_model_non_attention_s": timed_forward_s - in_model_attention_s,
             "forward_without_attention_s": rest_s, "forward_without_attention_peak_gib": rest_peak_gib,
-            "attention": kernel.name(), "cudnn_refusal": vpipe_models::ops::attention::cudnn_refusal(),
+            "attention": kernel.name(), "token_slices": args.token_slices, "cudnn_refusal": vpipe_models::ops::attention::cudnn_refusal(),
             "scratch_gib": args.scratch_gib, "self_chunk_rows": self_attend.chunk.0, "cross_chunk_rows": cross_attend.chunk.0.min(tokens)}),
         );
     }

@@ -400,18 +400,19 @@ impl Config {
         // token-sized tensors, and half of one more for the step's own (measured on the H200,
         // 32,760 tokens, bf16: 3.95 GiB at B=2 batched, 2.05 GiB at B=1). In slices: the
         // residual, q, k and v, the output taking the queries' memory, plus one slice's
-        // normed input, projection, norm and rotation, and one tensor more (measured: 1.73
-        // GiB at B=1 in 8 slices, 5.5 token-sized tensors).
-        // In slices the output takes the queries' memory: vpipe's fused kernel writes over them
-        // at once, another kernel one query slice at a time (one slice's output more).
-        let own_output = match execution.attention {
-            AttentionKernel::Fused => 0,
-            AttentionKernel::Cudnn | AttentionKernel::Chunked => d.div_ceil(slices),
+        // normed input, projection, norm and rotation. vpipe's fused kernel writes over the
+        // queries at once and holds one tensor more (measured: 1.73 GiB at B=1 in 8 slices,
+        // 5.5 token-sized tensors); cuDNN's writes one query slice's output at a time (one
+        // slice more; measured: 1.48 GiB at B=1 in 8 slices, 4.7 tensors). The chunked path is
+        // counted as the fused kernel, with one slice's output more.
+        let (whole_rows, own_output) = match execution.attention {
+            AttentionKernel::Fused => (5 * d, 0),
+            AttentionKernel::Cudnn => (4 * d, d.div_ceil(slices)),
+            AttentionKernel::Chunked => (5 * d, d.div_ceil(slices)),
         };
         let attention_row = match slices {
             1 => (13 * d).div_ceil(2),
-            n => d
-                .saturating_mul(5)
+            n => whole_rows
                 .saturating_add(own_output)
                 .saturating_add((5 * d).div_ceil(n)),
         };
