@@ -471,7 +471,7 @@ impl MergePlan {
         enum Factors {
             LowRank {
                 up: Vec<f32>,
-                down: Tensor,
+                down: Vec<f32>,
                 rank: usize,
             },
             Full(Vec<f32>),
@@ -490,13 +490,11 @@ impl MergePlan {
                     Delta::LowRank { up, down, scale } => {
                         let rank = down.dims()[0];
                         let down = down
-                            .to_device(&Device::Cpu)?
                             .to_dtype(DType::F32)?
-                            .affine(patch.strength * scale, 0.0)?
-                            .reshape((rank, columns))?;
+                            .affine(patch.strength * scale, 0.0)?;
                         Factors::LowRank {
                             up: f32_vec(up)?,
-                            down,
+                            down: f32_vec(&down)?,
                             rank,
                         }
                     }
@@ -508,29 +506,25 @@ impl MergePlan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // A block of rows at a time: the low-rank update of the block is one matrix product,
-        // which reuses each `down` row across the block's rows (a row at a time re-read all
-        // of `down` per row, 4× slower on a 14B FFN weight, examples/merge_speed.rs).
-        let add_updates = |first: usize, acc: &mut [f32]| -> Result<()> {
+        // A block of rows at a time: the low-rank update of the block is one matrix product
+        // accumulated into the rows, which reuses each `down` row across the block's rows (a
+        // row at a time re-read all of `down` per row, 4× slower on a 14B FFN weight,
+        // examples/merge_speed.rs).
+        let add_updates = |first: usize, acc: &mut [f32]| {
             let count = acc.len() / columns;
             for factors in &factors {
-                let delta = match factors {
+                match factors {
                     Factors::LowRank { up, down, rank } => {
-                        let up = &up[first * rank..(first + count) * rank];
-                        Tensor::from_slice(up, (count, *rank), &Device::Cpu)?
-                            .matmul(down)?
-                            .flatten_all()?
-                            .to_vec1::<f32>()?
+                        add_product(acc, &up[first * rank..(first + count) * rank], down, *rank)
                     }
                     Factors::Full(delta) => {
-                        delta[first * columns..(first + count) * columns].to_vec()
+                        let delta = &delta[first * columns..(first + count) * columns];
+                        for (a, d) in acc.iter_mut().zip(delta) {
+                            *a += d;
+                        }
                     }
-                };
-                for (a, d) in acc.iter_mut().zip(&delta) {
-                    *a += d;
                 }
             }
-            Ok(())
         };
         weight
             .par_chunks_mut(MERGE_ROWS * columns * elem)
@@ -540,7 +534,7 @@ impl MergePlan {
                 |acc, (block, bytes)| -> Result<()> {
                     let acc = &mut acc[..bytes.len() / elem];
                     decode_f32(dtype, bytes, acc);
-                    add_updates(block * MERGE_ROWS, acc)?;
+                    add_updates(block * MERGE_ROWS, acc);
                     encode_f32(dtype, acc, bytes);
                     Ok(())
                 },
@@ -632,7 +626,7 @@ fn decode_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         }
         DType::BF16 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
             }
         }
         _ => {
@@ -653,12 +647,97 @@ fn encode_f32(dtype: DType, values: &[f32], bytes: &mut [u8]) {
         }
         DType::BF16 => {
             for (b, v) in bytes.chunks_exact_mut(2).zip(values) {
-                b.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+                b.copy_from_slice(&bf16_bits(*v).to_le_bytes());
             }
         }
         _ => {
             for (b, v) in bytes.chunks_exact_mut(2).zip(values) {
                 b.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// `value` rounded to the nearest bfloat16 (ties to even), as bits: `half::bf16::from_f32`
+/// without its branches, so that a loop of it vectorises; a NaN stays a (quiet) NaN.
+fn bf16_bits(value: f32) -> u16 {
+    let bits = value.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if value.is_nan() {
+        ((bits >> 16) as u16) | 0x0040
+    } else {
+        rounded
+    }
+}
+
+/// `acc += up · down`, row-major: `acc` [rows, columns], `up` [rows, rank], `down` [rank,
+/// columns]; one thread (the caller runs blocks of rows in parallel).
+///
+/// # Panics
+/// When the lengths do not make those shapes.
+#[allow(unsafe_code)]
+fn add_product(acc: &mut [f32], up: &[f32], down: &[f32], rank: usize) {
+    assert!(rank > 0 && down.len() % rank == 0 && up.len() % rank == 0);
+    let (rows, columns) = (up.len() / rank, down.len() / rank);
+    assert_eq!(acc.len(), rows * columns);
+    // SAFETY: the three slices hold exactly the row-major shapes given (asserted above), the
+    // strides stay within them, and `acc` is borrowed mutably, so it aliases neither factor.
+    unsafe {
+        gemm::gemm(
+            rows,
+            columns,
+            rank,
+            acc.as_mut_ptr(),
+            1,
+            columns as isize,
+            true,
+            up.as_ptr(),
+            1,
+            rank as isize,
+            down.as_ptr(),
+            1,
+            columns as isize,
+            1f32,
+            1f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The branch-free rounding equals `half`'s on every kind of value: ties both ways,
+    /// subnormals, the largest finite values (rounding to infinity), infinities and NaNs.
+    #[test]
+    fn bf16_rounding_is_halfs() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3f80_8000), // a tie, rounds down to even
+            f32::from_bits(0x3f81_8000), // a tie, rounds up to even
+            f32::from_bits(0x0000_0001),
+            f32::from_bits(0x807f_ffff),
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001), // a signalling NaN
+        ];
+        let spread = (0..1u32 << 20).map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9)));
+        for value in specials.into_iter().chain(spread) {
+            let want = half::bf16::from_f32(value);
+            let got = bf16_bits(value);
+            if value.is_nan() {
+                assert!(half::bf16::from_bits(got).is_nan(), "{value:?}");
+            } else {
+                assert_eq!(got, want.to_bits(), "{value:?} ({:#010x})", value.to_bits());
             }
         }
     }
