@@ -677,7 +677,7 @@ fn bf16_bits(value: f32) -> u16 {
 /// When the lengths do not make those shapes.
 #[allow(unsafe_code)]
 fn add_product(acc: &mut [f32], up: &[f32], down: &[f32], rank: usize) {
-    assert!(rank > 0 && down.len() % rank == 0 && up.len() % rank == 0);
+    assert!(rank > 0 && down.len().is_multiple_of(rank) && up.len().is_multiple_of(rank));
     let (rows, columns) = (up.len() / rank, down.len() / rank);
     assert_eq!(acc.len(), rows * columns);
     // SAFETY: the three slices hold exactly the row-major shapes given (asserted above), the
