@@ -10,7 +10,9 @@
 # footprint; needs .carry/vpipe.xz).
 # With `slices`: the 14B forward at B=1 with cuDNN's attention, whole and in 8 token slices
 # (what a streamed plan runs), resident, to split a sliced step's cost from streaming's.
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|all]      (default all: kernel and dit)
+# With `ncu-slices`: the same two forwards on 2 blocks of the 14B under Nsight Compute, kernel
+# time summed by kernel name, whole against 8 slices (where a sliced forward's time goes).
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -78,6 +80,33 @@ PY
       timeout 200 "$D" --preset wan2.1-t2v-14b --attention cudnn --reps 3 --batches 1 --token-slices $n \
         | grep forward
       [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+    done
+  fi
+  if [ "$PART" = ncu-slices ]; then
+    D=$(unpack dit_bench)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    echo "ncu: ${NCU:-none}"; [ -n "$NCU" ] || exit 5
+    for n in 1 8; do
+      timeout 240 $NCU --clock-control none --metrics gpu__time_duration.sum --csv \
+        --log-file /tmp/ncu-slices-$n.csv "$D" --preset wan2.1-t2v-14b --layers 2 \
+        --attention cudnn --reps 1 --batches 1 --token-slices $n > /dev/null 2>&1
+      echo "=== $n token slice(s): 2 blocks, kernel time by name"
+      python3 - /tmp/ncu-slices-$n.csv <<'PY'
+import csv, sys
+from collections import defaultdict
+rows = list(csv.DictReader(l for l in open(sys.argv[1], errors="replace") if l.startswith('"')))
+tot, cnt = defaultdict(float), defaultdict(int)
+for r in rows:
+    if r.get("Metric Name") != "gpu__time_duration.sum":
+        continue
+    v = float(r["Metric Value"].replace(",", ""))
+    v *= {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(r.get("Metric Unit", "nsecond"), 1e-6)
+    name = r["Kernel Name"][:100]
+    tot[name] += v; cnt[name] += 1
+print(f"total {sum(tot.values()):.2f} ms in {sum(cnt.values())} kernels")
+for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:30]:
+    print(f"{v:9.2f} ms {cnt[k]:5d}x  {k}")
+PY
     done
   fi
   if [ "$PART" = stream ]; then
