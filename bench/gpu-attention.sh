@@ -91,22 +91,7 @@ PY
         --log-file /tmp/ncu-slices-$n.csv "$D" --preset wan2.1-t2v-14b --layers 2 \
         --attention cudnn --reps 1 --batches 1 --token-slices $n > /dev/null 2>&1
       echo "=== $n token slice(s): 2 blocks, kernel time by name"
-      python3 - /tmp/ncu-slices-$n.csv <<'PY'
-import csv, sys
-from collections import defaultdict
-rows = list(csv.DictReader(l for l in open(sys.argv[1], errors="replace") if l.startswith('"')))
-tot, cnt = defaultdict(float), defaultdict(int)
-for r in rows:
-    if r.get("Metric Name") != "gpu__time_duration.sum":
-        continue
-    v = float(r["Metric Value"].replace(",", ""))
-    v *= {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(r.get("Metric Unit", "nsecond"), 1e-6)
-    name = r["Kernel Name"][:100]
-    tot[name] += v; cnt[name] += 1
-print(f"total {sum(tot.values()):.2f} ms in {sum(cnt.values())} kernels")
-for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:30]:
-    print(f"{v:9.2f} ms {cnt[k]:5d}x  {k}")
-PY
+      python3 bench/ncu_by_kernel.py /tmp/ncu-slices-$n.csv 30
     done
   fi
   if [ "$PART" = stream ]; then
