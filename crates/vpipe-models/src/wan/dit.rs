@@ -404,22 +404,19 @@ impl Config {
         // queries at once and holds one tensor more (measured: 1.73 GiB at B=1 in 8 slices,
         // 5.5 token-sized tensors); cuDNN's writes one query slice's output at a time (one
         // slice more; measured: 1.48 GiB at B=1 in 8 slices, 4.7 tensors). The chunked path is
-        // counted as the fused kernel, with one slice's output more.
-        let (whole_rows, own_output) = match execution.attention {
-            AttentionKernel::Fused => (5 * d, 0),
-            AttentionKernel::Cudnn => (4 * d, d.div_ceil(slices)),
-            AttentionKernel::Chunked => (5 * d, d.div_ceil(slices)),
-        };
-        // Whole, cuDNN's attention holds less: its output is a fresh token-major tensor that
-        // the output projection reads as it is (measured with the 14B at 32,760 tokens, bf16:
-        // 3.78 GiB at B=2, 1.895 GiB at B=1, 6.05 token-sized tensors; counted as 6.1).
-        let whole_row = match execution.attention {
-            AttentionKernel::Cudnn => (61 * d).div_ceil(10),
-            AttentionKernel::Fused | AttentionKernel::Chunked => (13 * d).div_ceil(2),
+        // counted as the fused kernel, with one slice's output more. Whole, cuDNN's attention
+        // holds less: its output is a fresh token-major tensor that the output projection
+        // reads as it is (measured with the 14B at 32,760 tokens, bf16: 3.78 GiB at B=2, 1.895
+        // GiB at B=1, 6.05 token-sized tensors; counted as 6.1).
+        // Per kernel: (whole, held whole in slices, one slice's own output).
+        let (whole_row, held_in_slices, own_output) = match execution.attention {
+            AttentionKernel::Fused => ((13 * d).div_ceil(2), 5 * d, 0),
+            AttentionKernel::Cudnn => ((61 * d).div_ceil(10), 4 * d, d.div_ceil(slices)),
+            AttentionKernel::Chunked => ((13 * d).div_ceil(2), 5 * d, d.div_ceil(slices)),
         };
         let attention_row = match slices {
             1 => whole_row,
-            n => whole_rows
+            n => held_in_slices
                 .saturating_add(own_output)
                 .saturating_add((5 * d).div_ceil(n)),
         };
