@@ -440,7 +440,7 @@ impl Model {
                         &Device::Cpu,
                     )
                     .map_err(|e| context(&e))?;
-                    let tensor = self.patched(meta, stored)?;
+                    let tensor = self.patched_whole(patch, meta, &stored)?;
                     target.copy_from_slice(&safetensors::View::data(&tensor));
                     Ok(())
                 }
@@ -485,7 +485,18 @@ impl Model {
         if let Some(merged) = self.patched_into_new(patch, meta, &tensor)? {
             return Ok(merged);
         }
-        let out = (patch.apply)(&meta.name, &tensor)
+        self.patched_whole(patch, meta, &tensor)
+    }
+
+    /// `tensor` patched by the patch's tensor-level `apply`, checked to keep the stored shape
+    /// and dtype.
+    fn patched_whole(
+        &self,
+        patch: &WeightPatch,
+        meta: &TensorMeta,
+        tensor: &Tensor,
+    ) -> Result<Tensor, MemError> {
+        let out = (patch.apply)(&meta.name, tensor)
             .and_then(|t| t.contiguous())
             .map_err(|e| self.checkpoint_error(format!("patching '{}': {e}", meta.name)))?;
         if out.dims() != meta.shape.as_slice() || out.dtype() != meta.dtype {
