@@ -225,7 +225,7 @@ fn token_slices_do_not_change_the_output() {
             token_slices,
             ..Execution::default()
         };
-        config().activation_bytes_estimate(DType::F32, 2, 72, &execution)
+        config().activation_bytes_estimate(DType::F32, 2, 72, &execution, false)
     };
     assert!(estimate(5) <= estimate(1));
 }

@@ -184,7 +184,7 @@ fn main() -> Result<()> {
             "{}",
             json!({"what": "forward", "batch": batch, "tokens": tokens, "text_len": text_len,
             "forward_s": step_s, "peak_above_weights_gib": peak_gib,
-            "activation_estimate_gib": cfg.activation_bytes_estimate(dtype, batch, tokens, &execution) as f64 / GIB,
+            "activation_estimate_gib": cfg.activation_bytes_estimate(dtype, batch, tokens, &execution, device.is_cuda()) as f64 / GIB,
             "attention_s": attention_s, "non_attention_s": step_s - attention_s,
             "self_attention_layer_s": self_s, "cross_attention_layer_s": cross_s,
             "timed_forward_s": timed_forward_s, "in_model_attention_s": in_model_attention_s,
