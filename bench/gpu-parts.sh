@@ -19,6 +19,12 @@
 #                               without and with the rank-32 LoRA (load times compared, each
 #                               checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
 #                               its least)
+#   bash bench/gpu-parts.sh F   with the LoRA merged on the GPU as the weights are read and
+#                               the FFN's in-place estimate: the device-merge test; text-to-video
+#                               resident and at 4GiB (else the least); video-to-video at 6GiB
+#                               without and with the rank-32 LoRA (load times compared, each
+#                               checked); then the scaled-fp8 14B with the LoRA at 16GiB
+#                               (checked; the fp8 weights' LoRA merged on the host)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -157,6 +163,28 @@ EOF
     ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
     echo "fp8 checkpoint ready at +$(( $(date +%s) - T0 ))s"
     budget_or_least fp8-3GiB /tmp/fp8-t2v.safetensors 3GiB $FP8 $FILES $T2V
+  elif [ "$PART" = F ]; then
+    [ -f .carry/device_merge_gpu.xz ] && timeout 120 "$(unpack device_merge_gpu)" --test-threads 1 \
+      --nocapture 2>&1 | grep -E "^test |test result|panicked|against host"
+    ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
+    checked v2v-6GiB /tmp/v2v.mp4 $?
+    run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
+      --lora $M/lora_rank32_all_linear_random.safetensors:0.8
+    checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+    rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
+    if [ $(( $(date +%s) - T0 )) -lt 400 ]; then
+      ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
+      run v2v-fp8-lora /tmp/v2v-fp8-lora.mp4 $FP8 $FILES $V2V --vram-budget 16GiB --ram-budget 32GiB \
+        --lora $M/lora_rank32_all_linear_random.safetensors:0.8
+      checked v2v-fp8-lora /tmp/v2v-fp8-lora.mp4 $?
+    else
+      echo "fp8 + LoRA skipped: +$(( $(date +%s) - T0 ))s"
+    fi
   elif [ "$PART" = D ]; then
     ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4

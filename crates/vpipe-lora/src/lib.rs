@@ -36,6 +36,8 @@
 #![deny(unsafe_code)]
 
 mod backend;
+#[cfg(feature = "cuda")]
+mod device;
 mod error;
 mod file;
 mod plan;

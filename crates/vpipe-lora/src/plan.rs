@@ -18,13 +18,13 @@ const MERGE_ROWS: usize = 32;
 
 /// One contribution to one model weight.
 #[derive(Debug)]
-struct Patch {
-    strength: f64,
-    delta: Delta,
+pub(crate) struct Patch {
+    pub(crate) strength: f64,
+    pub(crate) delta: Delta,
 }
 
 #[derive(Debug)]
-enum Delta {
+pub(crate) enum Delta {
     /// `scale · up · down`, flattened to `[out, in·k…]` and reshaped to the weight.
     LowRank {
         /// shape [out, rank, 1…]
@@ -67,9 +67,9 @@ impl Patch {
 }
 
 #[derive(Debug)]
-struct Target {
-    shape: Shape,
-    patches: Vec<Patch>,
+pub(crate) struct Target {
+    pub(crate) shape: Shape,
+    pub(crate) patches: Vec<Patch>,
 }
 
 /// What one LoRA file contributes to a [`MergePlan`], for logging ([`MergePlan::summary`]).
@@ -223,7 +223,7 @@ impl<'a> Resolver<'a> {
 /// ([`MergePlan::ensure_all_applied`]).
 #[derive(Debug)]
 pub struct MergePlan {
-    targets: BTreeMap<String, Target>,
+    pub(crate) targets: BTreeMap<String, Target>,
     summaries: Vec<FileSummary>,
     applied: Mutex<BTreeSet<String>>,
 }
@@ -426,10 +426,7 @@ impl MergePlan {
             acc = (acc + patch.delta(compute, device, &target.shape)?)?;
         }
         let merged = acc.to_dtype(weight.dtype())?;
-        self.applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
+        self.mark_applied(name);
         Ok(merged)
     }
 
@@ -539,10 +536,7 @@ impl MergePlan {
                     Ok(())
                 },
             )?;
-        self.applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
+        self.mark_applied(name);
         Ok(true)
     }
 
@@ -566,6 +560,14 @@ impl MergePlan {
             .broadcast_div(&scale)?
             .clamp(-F8E4M3_MAX, F8E4M3_MAX)?
             .to_dtype(weight.dtype())?)
+    }
+
+    /// Records that `name` was merged (for [`MergePlan::ensure_all_applied`]).
+    pub(crate) fn mark_applied(&self, name: &str) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
     }
 
     /// Patched weights that [`MergePlan::apply`] has not been called for yet, sorted.

@@ -172,6 +172,11 @@ pub struct WeightPatch {
     /// The same change made in place on the weight's bytes where it was read to, where it can
     /// be (see [`PatchInPlaceFn`]); `apply` otherwise.
     pub apply_in_place: Option<std::sync::Arc<PatchInPlaceFn>>,
+    /// The same change made in place on the weight's bytes copied to the device, where it can
+    /// be (see [`PatchOnDeviceFn`]); `apply_in_place` otherwise. A CUDA run's pinned host copy
+    /// takes this way.
+    #[cfg(feature = "cuda")]
+    pub apply_on_device: Option<std::sync::Arc<PatchOnDeviceFn>>,
 }
 
 /// Patches the weight of a key in place, given its bytes on the host (row-major,
@@ -179,6 +184,20 @@ pub struct WeightPatch {
 /// caller then uses [`WeightPatch::apply`]). Lets the store read a patched weight as it reads
 /// any other (straight into its host copy) and merge it there, with no full-size temporary.
 pub type PatchInPlaceFn = dyn Fn(&str, DType, &mut [u8]) -> candle_core::Result<bool> + Send + Sync;
+
+/// Patches the weight of a key in place in device memory, given its bytes there (row-major, in
+/// the dtype given) and the device whose stream to run on; `Ok(false)`, with nothing written,
+/// where it cannot (the caller then patches the host bytes). Lets the store merge a LoRA on the
+/// GPU as the weights are read, at the bus's speed rather than the host cores'.
+#[cfg(feature = "cuda")]
+pub type PatchOnDeviceFn = dyn Fn(
+        &str,
+        DType,
+        &candle_core::CudaDevice,
+        &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+    ) -> candle_core::Result<bool>
+    + Send
+    + Sync;
 
 impl fmt::Debug for WeightPatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -372,9 +391,10 @@ impl Model {
 
     /// Reads a safetensors checkpoint into one page-locked arena, tensors in parallel: those
     /// held in their stored dtype straight from the file into the arena (`pread`: no page
-    /// faults on a map) and patched there in place where the patch can be; the others
-    /// converted or patched through the map, fewer at a time (a tensor-level LoRA merge holds
-    /// the weight, its update and the sum in f32).
+    /// faults on a map), patched on the device where the patch can be (one weight at a time,
+    /// by one thread, while the others read), else on the host in place; the others converted
+    /// or patched through the map, fewer at a time (a tensor-level LoRA merge holds the
+    /// weight, its update and the sum in f32).
     #[cfg(feature = "cuda")]
     fn read_pinned_copy(
         &self,
@@ -414,51 +434,115 @@ impl Model {
             PinnedArena::new(cuda, total)
                 .map_err(|e| self.checkpoint_error(format!("pinning {total} bytes: {e}")))?,
         );
-        let fill = |(meta, range, at): &(&TensorMeta, std::ops::Range<usize>, Option<u64>)| {
-            let context = |e: &dyn fmt::Display| {
-                self.checkpoint_error(format!("tensor '{}': {e}", meta.name))
+        type Entry<'a> = (&'a TensorMeta, std::ops::Range<usize>, Option<u64>);
+        let context = |meta: &TensorMeta, e: &dyn fmt::Display| {
+            self.checkpoint_error(format!("tensor '{}': {e}", meta.name))
+        };
+        let patch_of =
+            |meta: &TensorMeta| self.patch.as_ref().filter(|p| p.keys.contains(&meta.name));
+        // A weight read as stored and patched on the host: in place where the patch can be,
+        // else through a tensor of the bytes read.
+        let patch_on_host = |(meta, range, _): &Entry| -> Result<(), MemError> {
+            let Some(patch) = patch_of(meta) else {
+                return Ok(());
             };
+            // SAFETY: each tensor's range is its own; no other thread touches it now.
+            let target =
+                unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(meta, &e))?;
+            if let Some(apply) = patch.apply_in_place.as_deref() {
+                if apply(&meta.name, meta.dtype, target).map_err(|e| context(meta, &e))? {
+                    return Ok(());
+                }
+            }
+            let stored =
+                Tensor::from_raw_buffer(target, meta.dtype, meta.shape.as_slice(), &Device::Cpu)
+                    .map_err(|e| context(meta, &e))?;
+            let tensor = self.patched_whole(patch, meta, &stored)?;
+            target.copy_from_slice(&safetensors::View::data(&tensor));
+            Ok(())
+        };
+        // Patched weights go to the device to be merged there as they are read (the GPU's
+        // product runs at the bus's speed, the host's at its cores'), one at a time: a weight
+        // and its two factors are all the device holds for it, freed before the next.
+        let on_device = |meta: &TensorMeta| {
+            patch_of(meta)
+                .and_then(|p| p.apply_on_device.as_deref())
+                .filter(|_| matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16))
+        };
+        let merge_on_device = |entry: &Entry| -> Result<bool, MemError> {
+            let (meta, range, _) = entry;
+            let Some(apply) = on_device(meta) else {
+                return Ok(false);
+            };
+            let stream = cuda.cuda_stream();
+            // SAFETY: the weight was read before it was sent here; only this thread touches
+            // its range now.
+            let bytes = unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(meta, &e))?;
+            let mut on_gpu = stream.clone_htod(&*bytes).map_err(|e| context(meta, &e))?;
+            if !apply(&meta.name, meta.dtype, cuda, &mut on_gpu).map_err(|e| context(meta, &e))? {
+                return Ok(false);
+            }
+            stream
+                .memcpy_dtoh(&on_gpu, bytes)
+                .and_then(|()| stream.synchronize())
+                .map_err(|e| context(meta, &e))?;
+            Ok(true)
+        };
+        let read = |(meta, range, at): &Entry| -> Result<(), MemError> {
             match at {
                 Some(offset) => {
                     // SAFETY: each tensor's range is its own; no other thread writes it.
                     let target =
-                        unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(&e))?;
+                        unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(meta, &e))?;
                     file.read_exact_at(target, *offset)
-                        .map_err(|e| context(&e))?;
-                    let patch = self.patch.as_ref().filter(|p| p.keys.contains(&meta.name));
-                    let Some(patch) = patch else { return Ok(()) };
-                    if let Some(apply) = patch.apply_in_place.as_deref() {
-                        if apply(&meta.name, meta.dtype, target).map_err(|e| context(&e))? {
-                            return Ok(());
-                        }
-                    }
-                    // A patch that cannot work in place: through a tensor of the bytes read.
-                    let stored = Tensor::from_raw_buffer(
-                        target,
-                        meta.dtype,
-                        meta.shape.as_slice(),
-                        &Device::Cpu,
-                    )
-                    .map_err(|e| context(&e))?;
-                    let tensor = self.patched_whole(patch, meta, &stored)?;
-                    target.copy_from_slice(&safetensors::View::data(&tensor));
-                    Ok(())
+                        .map_err(|e| context(meta, &e))
                 }
                 None => {
                     let stored = self.read_stored(reader, meta)?;
                     let tensor = self.patched(meta, stored)?;
                     arena
                         .fill(range.clone(), &safetensors::View::data(&tensor))
-                        .map_err(|e| context(&e))
+                        .map_err(|e| context(meta, &e))
                 }
             }
         };
-        let (direct, converted): (Vec<_>, Vec<_>) =
+        let (direct, converted): (Vec<&Entry>, Vec<&Entry>) =
             ranges.iter().partition(|(_, _, at)| at.is_some());
-        direct.par_iter().try_for_each(|r| fill(r))?;
+        // The weights read as stored, in parallel; those patched on the device are merged by
+        // one thread as they arrive, the others on the host by the thread that read them.
+        let left_to_host = std::thread::scope(|scope| -> Result<Vec<&Entry>, MemError> {
+            let (ready, arrived) = std::sync::mpsc::channel::<&Entry>();
+            let merger = scope.spawn(move || -> Result<Vec<&Entry>, MemError> {
+                let mut left = Vec::new();
+                for entry in arrived {
+                    if !merge_on_device(entry)? {
+                        left.push(entry);
+                    }
+                }
+                Ok(left)
+            });
+            let read_all = direct.par_iter().try_for_each_with(ready, |ready, entry| {
+                read(entry)?;
+                if on_device(entry.0).is_some() {
+                    // A closed channel means the merger failed: its error is reported below.
+                    let _ = ready.send(entry);
+                    Ok(())
+                } else {
+                    patch_on_host(entry)
+                }
+            });
+            let left = merger
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            read_all?;
+            left
+        })?;
+        left_to_host
+            .par_iter()
+            .try_for_each(|entry| patch_on_host(entry))?;
         // Conversions and merges: a few at a time, so that their temporaries stay bounded.
         for chunk in converted.chunks(4) {
-            chunk.par_iter().try_for_each(|r| fill(r))?;
+            chunk.par_iter().try_for_each(|entry| read(entry))?;
         }
         let copies = ranges
             .iter()

@@ -462,6 +462,8 @@ fn a_weight_patch_replaces_weights_as_they_are_read() {
             keys: keys.iter().map(|k| k.to_string()).collect(),
             apply: std::sync::Arc::new(|_: &str, t: &Tensor| t * 2.0),
             apply_in_place: None,
+            #[cfg(feature = "cuda")]
+            apply_on_device: None,
         };
         let err = session
             .set_patch(model, double(&["blocks.9.weight"]))
@@ -506,6 +508,8 @@ fn a_weight_patch_replaces_weights_as_they_are_read() {
             keys: ["blocks.0.weight".to_string()].into(),
             apply: std::sync::Arc::new(|_: &str, t: &Tensor| t.narrow(0, 0, 4)),
             apply_in_place: None,
+            #[cfg(feature = "cuda")]
+            apply_on_device: None,
         };
         session.set_patch(model, reshape).unwrap();
         let err = session.phase("load", |p| p.load(model)).unwrap_err();
@@ -533,6 +537,8 @@ fn a_copy_that_does_not_land_fails_the_load_verification() {
                     keys: (0..4).map(|i| format!("blocks.{i}.weight")).collect(),
                     apply: Arc::new(move |_: &str, _: &Tensor| Ok(shared.clone())),
                     apply_in_place: None,
+                    #[cfg(feature = "cuda")]
+                    apply_on_device: None,
                 },
             )
             .unwrap();
@@ -575,6 +581,8 @@ fn a_matmul_library_workspace_is_not_counted_as_the_model() {
                             (m.matmul(&m.t()?)? * 0.0)?.reshape(t.dims())? + t
                         }),
                         apply_in_place: None,
+                        #[cfg(feature = "cuda")]
+                        apply_on_device: None,
                     },
                 )
                 .unwrap();

@@ -568,6 +568,8 @@ pub fn plan_loras(
     let plan = std::sync::Arc::new(plan);
     let by_key = std::sync::Arc::new(by_key);
     let (into_plan, into_keys) = (plan.clone(), by_key.clone());
+    #[cfg(feature = "cuda")]
+    let (device_plan, device_keys) = (plan.clone(), by_key.clone());
     let patch = WeightPatch {
         keys: by_key.keys().cloned().collect(),
         apply: std::sync::Arc::new(move |key: &str, weight: &Tensor| {
@@ -585,6 +587,17 @@ pub fn plan_loras(
                     .apply_in_place(original, dtype, weight)
                     .map_err(candle_core::Error::wrap),
                 (_, Some(_)) => Ok(false),
+            },
+        )),
+        #[cfg(feature = "cuda")]
+        apply_on_device: Some(std::sync::Arc::new(
+            move |key: &str, dtype: DType, device: &candle_core::CudaDevice, weight: &mut _| {
+                match &device_keys[key] {
+                    (original, None) => device_plan
+                        .apply_in_place_on_device(original, dtype, device, weight)
+                        .map_err(candle_core::Error::wrap),
+                    (_, Some(_)) => Ok(false),
+                }
             },
         )),
     };

@@ -1,0 +1,134 @@
+//! On the GPU: a LoRA merged into a weight in device memory
+//! ([`MergePlan::apply_in_place_on_device`]) gives the host's in-place merge
+//! ([`MergePlan::apply_in_place`]) up to one rounding step, in f32, bf16 and f16, and refuses,
+//! writing nothing, where it cannot merge exactly. Runs only with the `cuda` feature, on the
+//! device machine.
+#![cfg(feature = "cuda")]
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use vpipe_lora::{LoraFile, MergePlan};
+
+const NAME: &str = "blocks.0.ffn.0.weight";
+
+/// A rank-`rank` LoRA for one [rows, columns] weight, factors in `factor_dtype`, alpha = rank
+/// (scale 1), merged at strength 0.8; with the weight in `dtype`.
+fn case(
+    (rows, columns, rank): (usize, usize, usize),
+    dtype: DType,
+    factor_dtype: DType,
+) -> (MergePlan, Tensor) {
+    let key = "diffusion_model.blocks.0.ffn.0";
+    let random = |shape: (usize, usize), std: f32| {
+        Tensor::randn(0f32, std, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(factor_dtype)
+            .unwrap()
+    };
+    let tensors = HashMap::from([
+        (
+            format!("{key}.lora_A.weight"),
+            random((rank, columns), 0.05),
+        ),
+        (format!("{key}.lora_B.weight"), random((rows, rank), 0.05)),
+        (
+            format!("{key}.alpha"),
+            Tensor::new(rank as f32, &Device::Cpu).unwrap(),
+        ),
+    ]);
+    let lora = LoraFile::from_tensors("synthetic", tensors).unwrap();
+    let shapes: BTreeMap<String, Shape> = [(NAME.to_owned(), Shape::from((rows, columns)))].into();
+    let plan = MergePlan::new(&[(&lora, 0.8)], &shapes, &|_| None).unwrap();
+    let weight = Tensor::randn(0f32, 0.02, (rows, columns), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    (plan, weight)
+}
+
+fn bytes(t: &Tensor) -> Vec<u8> {
+    safetensors::View::data(t).into_owned()
+}
+
+fn as_f32(bytes: &[u8], dtype: DType, shape: &[usize]) -> Tensor {
+    Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// The weight merged on the device, or `None` where the device path refused (then its bytes
+/// must come back as they went).
+fn merged_on_device(plan: &MergePlan, weight: &Tensor) -> Option<Vec<u8>> {
+    let Device::Cuda(cuda) = Device::new_cuda(0).unwrap() else {
+        unreachable!()
+    };
+    let stream = cuda.cuda_stream();
+    let original = bytes(weight);
+    let mut on_gpu = stream.clone_htod(&original).unwrap();
+    let merged = plan
+        .apply_in_place_on_device(NAME, weight.dtype(), &cuda, &mut on_gpu)
+        .unwrap();
+    let back = stream.clone_dtoh(&on_gpu).unwrap();
+    if merged {
+        Some(back)
+    } else {
+        assert_eq!(back, original, "a refused merge wrote the weight");
+        None
+    }
+}
+
+#[test]
+fn the_device_merge_equals_the_hosts() {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let shape = (1_000, 768, 32);
+        let (plan, weight) = case(shape, dtype, dtype);
+        let mut on_host = bytes(&weight);
+        assert!(plan.apply_in_place(NAME, dtype, &mut on_host).unwrap());
+        let on_device = merged_on_device(&plan, &weight).expect("merged on the device");
+        let dims = [shape.0, shape.1];
+        let (host, device) = (
+            as_f32(&on_host, dtype, &dims),
+            as_f32(&on_device, dtype, &dims),
+        );
+        let original = weight.to_dtype(DType::F32).unwrap();
+        let largest = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let err = largest(&(&device - &host).unwrap());
+        let change = largest(&(&host - &original).unwrap());
+        let step = match dtype {
+            DType::F32 => 1e-6,
+            DType::BF16 => 2f32.powi(-7),
+            _ => 2f32.powi(-10),
+        };
+        let same = on_host
+            .chunks(dtype.size_in_bytes())
+            .zip(on_device.chunks(dtype.size_in_bytes()))
+            .filter(|(a, b)| a == b)
+            .count() as f64
+            / (shape.0 * shape.1) as f64;
+        eprintln!(
+            "{dtype:?}: device against host max abs {err:.3e} (the merge changed the weight by \
+             up to {change:.3e}); {:.2} % of the elements bit-identical",
+            100.0 * same
+        );
+        assert!(change > 1e-3, "{dtype:?}: the merge changed nothing");
+        assert!(err <= step * largest(&host).max(1.0), "{dtype:?}: {err}");
+        assert!(same > 0.9, "{dtype:?}: only {same} bit-identical");
+    }
+}
+
+#[test]
+fn factors_in_another_dtype_are_left_to_the_host() {
+    let (plan, weight) = case((64, 48, 4), DType::BF16, DType::F32);
+    assert!(merged_on_device(&plan, &weight).is_none());
+    // The plan did not count the weight as merged.
+    assert_eq!(plan.unapplied(), [NAME]);
+}
