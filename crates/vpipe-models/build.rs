@@ -2,7 +2,7 @@
 //! nvcc (the same one candle-kernels uses: `CUDA_HOME` / `PATH`, `CUDA_COMPUTE_CAP`).
 
 fn main() {
-    const KERNELS: [&str; 4] = ["rms_channels", "dit", "attention", "vae"];
+    const KERNELS: [&str; 5] = ["rms_channels", "dit", "attention", "vae", "fp8"];
     for name in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{name}.cu");
     }

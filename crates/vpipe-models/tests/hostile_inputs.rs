@@ -255,6 +255,7 @@ fn estimates_from_absurd_sizes_saturate_instead_of_overflowing() {
         attention: AttentionKernel::Chunked,
         attention_scratch: u64::MAX,
         token_slices: 1,
+        matmul: vpipe_models::ops::linear::MatmulPrecision::Fp8,
     };
     let bytes = cfg.activation_bytes_estimate(DType::F32, usize::MAX, usize::MAX, &execution, true);
     assert_eq!(bytes, u64::MAX);

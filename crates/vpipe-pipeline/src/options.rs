@@ -98,6 +98,8 @@ pub struct Compute {
     /// The attention kernel `--attention` asks for; `None`: the plan takes the fastest that
     /// applies.
     pub attention: Option<vpipe_models::ops::attention::AttentionKernel>,
+    /// How the DiT blocks' linear layers multiply: exact, or in float8 (`--fp8-compute`).
+    pub matmul: vpipe_models::ops::linear::MatmulPrecision,
     pub budget: vpipe_mem::Budget,
     /// Whether `budget.host` is a `--ram-budget` the user gave (else what the OS reported).
     pub ram_budget_given: bool,

@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
 use vpipe_models::ops::attention::{cudnn_refusal, AttentionKernel};
+use vpipe_models::ops::linear::MatmulPrecision;
 use vpipe_models::tiling::TileSpec;
 use vpipe_models::wan::{
     BlockCache, BlockSource, CacheUse, DitConfig, Execution, GuidancePasses, HeldBlocks, StepRun,
@@ -140,6 +141,7 @@ impl Job {
         );
         let lora = !models.loras.is_empty();
         let kernels = crate::plan::attention_kernels(None, on_cuda, dtype, sizes.dit.head_dim());
+        let kernels = (kernels.as_slice(), MatmulPrecision::Exact);
         Ok(Self {
             clip: sizes.clip.as_ref().map(|c| {
                 (
@@ -153,7 +155,7 @@ impl Job {
                 dtype,
                 work,
                 (budget, on_cuda),
-                &kernels,
+                kernels,
                 lora,
             ),
             sample_low_noise: sizes
@@ -166,7 +168,7 @@ impl Job {
                     };
                     let lora = !models.loras_low_noise.is_empty();
                     let way = (budget, on_cuda);
-                    SamplePlan::new((&sizes.dit, weights), dtype, work, way, &kernels, lora)
+                    SamplePlan::new((&sizes.dit, weights), dtype, work, way, kernels, lora)
                 }),
             text_config: sizes.text,
             dit_config: sizes.dit,
@@ -915,12 +917,13 @@ fn sample(
         attention: plan.attention,
         attention_scratch: plan.attention_scratch,
         token_slices: plan.token_slices,
+        matmul: plan.matmul,
     };
     p.note(
         "sampling",
         &format!(
-            "{tokens} tokens, CFG {} {:?} ({}), {} token slice(s), {}, {}: estimated \
-             activations {}",
+            "{tokens} tokens, CFG {} {:?} ({}), {} token slice(s), {}, {} products, {}: \
+             estimated activations {}",
             guidance,
             plan.passes,
             match plan.passes {
@@ -931,6 +934,10 @@ fn sample(
             },
             plan.token_slices,
             plan.attention.describe(),
+            match plan.matmul {
+                MatmulPrecision::Exact => "exact",
+                MatmulPrecision::Fp8 => "float8 (e4m3, per-token scales)",
+            },
             match plan.residency {
                 Residency::Resident => "every block held".to_owned(),
                 Residency::Streamed {

@@ -13,6 +13,7 @@ use candle_core::DType;
 use serde::Serialize;
 use vpipe_mem::fmt_bytes;
 use vpipe_models::ops::attention::{AttentionKernel, QueryChunk};
+use vpipe_models::ops::linear::MatmulPrecision;
 use vpipe_models::wan::dit::{Execution, DEFAULT_ATTENTION_SCRATCH};
 use vpipe_models::wan::{dit_keys, BlockPart, DitConfig, GuidancePasses};
 use vpipe_text::umt5::{keys as umt5_keys, Config as Umt5Config};
@@ -411,6 +412,9 @@ pub(crate) struct SamplePlan {
     pub(crate) attention: AttentionKernel,
     /// Bytes of attention-score scratch a forward gets (0 but for the chunked path).
     pub(crate) attention_scratch: u64,
+    /// How the blocks' linear layers multiply (`--fp8-compute`).
+    #[serde(serialize_with = "serialize_matmul")]
+    pub(crate) matmul: MatmulPrecision,
     /// The step cache's kind and settings ([`cache_schedule`], [`magcache_schedule`]);
     /// `None`: every step runs the blocks.
     pub(crate) step_cache: Option<CacheRule>,
@@ -428,6 +432,16 @@ fn serialize_kernel<S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(kernel.name())
+}
+
+fn serialize_matmul<S: serde::Serializer>(
+    matmul: &MatmulPrecision,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(match matmul {
+        MatmulPrecision::Exact => "exact",
+        MatmulPrecision::Fp8 => "fp8",
+    })
 }
 
 fn serialize_passes<S: serde::Serializer>(
@@ -466,7 +480,7 @@ impl SamplePlan {
         dtype: DType,
         work: StepWork,
         (budget, on_cuda): (vpipe_mem::Budget, bool),
-        kernels: &[AttentionKernel],
+        (kernels, matmul): (&[AttentionKernel], MatmulPrecision),
         lora: bool,
     ) -> Self {
         let StepWork {
@@ -493,6 +507,7 @@ impl SamplePlan {
                 attention,
                 attention_scratch: scratch_for(attention),
                 token_slices,
+                matmul,
             };
             let live = match passes {
                 GuidancePasses::Batched => dit
@@ -545,6 +560,7 @@ impl SamplePlan {
             token_slices: way.0 .1,
             attention: way.1,
             attention_scratch: scratch_for(way.1),
+            matmul,
             step_cache,
             activation_bytes: activations(way),
             estimated_peak_bytes,
@@ -1147,6 +1163,13 @@ pub(crate) fn settle_for_models(job: &mut RunOptions, sizes: &ModelSizes) -> Res
     }
     job.tiles.stride = (job.tiles.stride / factor * factor).max(factor);
     attention_kernel(&job.compute, sizes.dit.head_dim())?;
+    if job.compute.matmul == MatmulPrecision::Fp8 && job.compute.dtype == DType::F32 {
+        return Err(Error::BadInput(
+            "--fp8-compute: the float8 products take bf16 or f16 activations; with --dtype f32 \
+             every product stays exact (give --dtype bf16)"
+                .into(),
+        ));
+    }
     if sizes.family.first_frame_conditioning()
         && job.image.as_ref().is_some_and(|i| i.last.is_some())
     {
@@ -1377,7 +1400,7 @@ impl Plan {
             dtype,
             work,
             (model_budget, on_cuda),
-            &kernels,
+            (&kernels, job.compute.matmul),
             !job.loras.is_empty(),
         );
         let sample_low_noise =
@@ -1393,7 +1416,7 @@ impl Plan {
                             ..work
                         },
                         (model_budget, on_cuda),
-                        &kernels,
+                        (&kernels, job.compute.matmul),
                         false,
                     )
                 });
@@ -1519,7 +1542,21 @@ impl Plan {
             2
         };
         let flops = dit_forward_flops(&sizes.dit, tokens, samples);
-        let work = match h200_forward_seconds(flops, sample.attention) {
+        let attention = match (sample.matmul, on_cuda) {
+            (MatmulPrecision::Exact, _) => attention,
+            (MatmulPrecision::Fp8, true) => {
+                format!("{attention}, float8 products in the blocks (cuBLASLt, per-token scales)")
+            }
+            (MatmulPrecision::Fp8, false) => format!(
+                "{attention}, float8 products in the blocks emulated on the CPU (the GPU's \
+                 numbers, no faster)"
+            ),
+        };
+        // The measured rates are bf16's; the float8 products' are not in them.
+        let rates = (sample.matmul == MatmulPrecision::Exact)
+            .then(|| h200_forward_seconds(flops, sample.attention))
+            .flatten();
+        let work = match rates {
             Some(seconds) => format!(
                 ", {:.2} PFLOP a step (about {seconds:.1} s on an H200 at the rates measured \
                  there: an estimate)",
@@ -1990,7 +2027,10 @@ mod tests {
             candle_core::DType::BF16,
             work,
             (budget, true),
-            &[AttentionKernel::Cudnn, AttentionKernel::Fused],
+            (
+                &[AttentionKernel::Cudnn, AttentionKernel::Fused],
+                super::MatmulPrecision::Exact,
+            ),
             false,
         )
     }

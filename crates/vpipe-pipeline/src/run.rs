@@ -516,6 +516,10 @@ fn run_opening(
 ) -> Result<Report> {
     let models = resolve_checked(&mut job, observer)?;
     let device = open(&job.compute.device)?;
+    if job.compute.matmul == vpipe_models::ops::linear::MatmulPrecision::Fp8 {
+        vpipe_models::ops::fp8::runs_on(&device)
+            .map_err(|why| Error::BadInput(format!("--fp8-compute: {why}")))?;
+    }
     let meters = vpipe_mem::Meters::for_device(&device)?;
     job.compute.bound_by_device(&device, &meters.read()?);
     let (plan, sizes) = plan_checked(&mut job, &models)?;

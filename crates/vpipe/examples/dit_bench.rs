@@ -6,6 +6,7 @@
 //! cargo build --release --features cuda -p vpipe --example dit_bench
 //! dit_bench --preset wan2.1-t2v-14b --scratch-gib 4 --reps 2 [--attention cudnn] > dit.jsonl
 //! dit_bench --token-slices 8 --batches 1     # the forward a streamed plan runs in slices
+//! dit_bench --matmul fp8                      # float8 products; and their error against exact
 //! dit_bench --preset wan2.1-t2v-1.3b --layers 1 --latent 1,4,4 --device cpu   # script check
 //! ```
 //!
@@ -25,6 +26,7 @@ use serde_json::json;
 use vpipe_models::ops::attention::{
     attention, skip_for_benchmark, time_calls, timed_seconds, AttentionKernel,
 };
+use vpipe_models::ops::linear::MatmulPrecision;
 use vpipe_models::wan::dit::{Config, Execution, WanModel};
 
 mod common;
@@ -45,6 +47,8 @@ struct Args {
     token_slices: usize,
     /// Batch sizes to measure, in order (2: one step with CFG batched; 1: one pass).
     batches: Vec<usize>,
+    /// How the blocks' linear layers multiply (`Execution::matmul`).
+    matmul: MatmulPrecision,
 }
 
 fn parse_args() -> Args {
@@ -58,6 +62,7 @@ fn parse_args() -> Args {
         attention: None,
         token_slices: 1,
         batches: vec![2, 1],
+        matmul: MatmulPrecision::Exact,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -87,6 +92,13 @@ fn parse_args() -> Args {
                     .map(|x| x.parse().expect("--batches B[,B…]"))
                     .collect()
             }
+            "--matmul" => {
+                args.matmul = match value.as_str() {
+                    "fp8" => MatmulPrecision::Fp8,
+                    "exact" => MatmulPrecision::Exact,
+                    other => panic!("--matmul exact|fp8, not {other}"),
+                }
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -114,6 +126,7 @@ fn main() -> Result<()> {
         attention: kernel,
         attention_scratch: scratch,
         token_slices: args.token_slices,
+        matmul: args.matmul,
     };
     let weights = meters.read().expect("meter").compute_used() as f64 / GIB;
     println!(
@@ -191,8 +204,33 @@ fn main() -> Result<()> {
             "in_model_non_attention_s": timed_forward_s - in_model_attention_s,
             "forward_without_attention_s": rest_s, "forward_without_attention_peak_gib": rest_peak_gib,
             "attention": kernel.name(), "token_slices": args.token_slices, "cudnn_refusal": vpipe_models::ops::attention::cudnn_refusal(),
+            "matmul": format!("{:?}", args.matmul),
             "scratch_gib": args.scratch_gib, "self_chunk_rows": self_attend.chunk.0, "cross_chunk_rows": cross_attend.chunk.0.min(tokens)}),
         );
+        if args.matmul != MatmulPrecision::Exact {
+            // The output's error against the exact products, same inputs and attention.
+            let exact = Execution {
+                matmul: MatmulPrecision::Exact,
+                ..execution
+            };
+            let run = |execution: &Execution| {
+                model
+                    .forward_planned(&latents, &timestep, &context, execution)
+                    .map_err(candle_core::Error::wrap)?
+                    .to_dtype(DType::F64)?
+                    .flatten_all()
+            };
+            let (fast, reference) = (run(&execution)?, run(&exact)?);
+            let dot = |a: &Tensor, b: &Tensor| (a * b)?.sum_all()?.to_scalar::<f64>();
+            let diff = (&fast - &reference)?;
+            println!(
+                "{}",
+                json!({"what": "matmul_error", "batch": batch, "matmul": format!("{:?}", args.matmul),
+                "relative_l2": (dot(&diff, &diff)? / dot(&reference, &reference)?).sqrt(),
+                "max_abs": diff.abs()?.max_all()?.to_scalar::<f64>()?,
+                "cosine": dot(&fast, &reference)? / (dot(&fast, &fast)? * dot(&reference, &reference)?).sqrt()}),
+            );
+        }
     }
     Ok(())
 }

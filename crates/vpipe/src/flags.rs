@@ -1054,6 +1054,12 @@ pub(crate) struct ComputeArgs {
     /// device and dtype).
     #[arg(long, default_value = "auto")]
     attention: String,
+    /// Multiply in float8 (e4m3) in the DiT's blocks: the activations quantised per token,
+    /// bf16/f16 weights per output channel (scaled-fp8 weights as stored), the products
+    /// accumulated in f32 by cuBLASLt (CUDA, compute capability 8.9 or newer; emulated on the
+    /// CPU: the same numbers, no faster). Faster and less exact; needs --dtype bf16 or f16.
+    #[arg(long)]
+    fp8_compute: bool,
 }
 
 impl ComputeArgs {
@@ -1074,6 +1080,11 @@ impl ComputeArgs {
             dtype,
             dtype_is_default,
             attention,
+            matmul: if self.fp8_compute {
+                vpipe_models::ops::linear::MatmulPrecision::Fp8
+            } else {
+                vpipe_models::ops::linear::MatmulPrecision::Exact
+            },
             budget: vpipe_mem::Budget {
                 compute: parse_budget("--vram-budget", &self.vram_budget)?,
                 host: match parse_budget("--ram-budget", &self.ram_budget)? {

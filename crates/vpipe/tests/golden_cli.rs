@@ -649,3 +649,82 @@ fn a_step_cache_that_is_not_built_or_a_bad_threshold_is_refused() {
         assert!(!out.exists());
     }
 }
+
+/// `--fp8-compute` on the CPU runs the GPU's float8 arithmetic emulated: the same run as exact
+/// bf16 but for float8's error (the final latents close to the exact run's and to diffusers'
+/// f32 ones, not equal), and the plan and report say so. With f32 activations the flag is bad
+/// input naming itself.
+#[test]
+fn fp8_compute_runs_near_the_exact_products_and_says_so() {
+    let fx = settings();
+    let run = &fx["runs"]["t2v"];
+    let reference_file = golden("t2v.safetensors");
+    let reference = load(&reference_file);
+    let dir = tempfile::tempdir().unwrap();
+    let latents_of = |extra: &[&str]| {
+        let out = dir.path().join("out.safetensors");
+        let report_file = dir.path().join("report.json");
+        let mut extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        extra.extend(["--report".to_owned(), arg(report_file.clone())]);
+        let args = run_args(
+            &reference_file,
+            &out,
+            (run["steps"].as_u64().unwrap(), None),
+            &extra,
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = vpipe(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+        let made = result.status.success().then(|| {
+            let report: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+            (load(&out)["latents"].clone(), report)
+        });
+        (result.status.code(), stderr, made)
+    };
+    let relative = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (
+            a.to_dtype(DType::F64).unwrap(),
+            b.to_dtype(DType::F64).unwrap(),
+        );
+        let norm = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        (norm(&(&a - &b).unwrap()) / norm(&b)).sqrt()
+    };
+    let (_, _, exact) = latents_of(&["--dtype", "bf16"]);
+    let (exact, _) = exact.expect("the exact bf16 run");
+    let (_, _, fp8) = latents_of(&["--dtype", "bf16", "--fp8-compute"]);
+    let (fp8, report) = fp8.expect("the fp8 run");
+    let note = sampling_note(&report);
+    assert!(note.contains("float8"), "{note}");
+    let diffusers = &reference["latents"];
+    let (against_exact, exact_against_diffusers, against_diffusers) = (
+        relative(&fp8, &exact),
+        relative(&exact, diffusers),
+        relative(&fp8, diffusers),
+    );
+    println!(
+        "final latents, relative L2: fp8 against exact bf16 {against_exact:.3e}; against \
+         diffusers f32 {against_diffusers:.3e} (exact bf16 {exact_against_diffusers:.3e})"
+    );
+    // The tiny model in bf16 is already far from f32 (its own rounding over two steps);
+    // float8 adds its error to that, and must not be a different computation.
+    assert!(
+        against_exact > 0.0 && against_exact < 0.15,
+        "fp8 against exact bf16: {against_exact}"
+    );
+    assert!(
+        against_diffusers < 1.1 * exact_against_diffusers,
+        "{against_diffusers} against {exact_against_diffusers}"
+    );
+    let (code, stderr, made) = latents_of(&["--fp8-compute"]);
+    assert!(made.is_none());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--fp8-compute"), "{stderr}");
+}

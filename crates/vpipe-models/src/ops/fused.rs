@@ -313,7 +313,7 @@ pub fn bias_residual_in_place(
 const DIT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit.ptx"));
 
 /// The kernel-name suffix of a dtype, and the check that the DiT kernels have it.
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+pub(crate) fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
         DType::BF16 => Ok("bf16"),
@@ -323,7 +323,7 @@ fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
 }
 
 /// A contiguous CUDA tensor's raw device pointer (the tensor must stay alive while it is used).
-fn device_ptr(t: &Tensor) -> candle_core::Result<u64> {
+pub(crate) fn device_ptr(t: &Tensor) -> candle_core::Result<u64> {
     if !t.layout().is_contiguous() {
         candle_core::bail!("vpipe DiT kernels: tensors must be contiguous");
     }
@@ -351,7 +351,7 @@ fn layout_ptr(t: &Tensor) -> candle_core::Result<u64> {
 
 /// An uninitialised CUDA tensor like `like` (device, dtype) of `shape`, and its device pointer;
 /// the kernel that receives the pointer must write every element.
-fn empty(like: &Tensor, shape: &[usize]) -> candle_core::Result<(Tensor, u64)> {
+pub(crate) fn empty(like: &Tensor, shape: &[usize]) -> candle_core::Result<(Tensor, u64)> {
     let device = like.device().as_cuda_device()?.clone();
     let n: usize = shape.iter().product();
     let stream = device.cuda_stream();

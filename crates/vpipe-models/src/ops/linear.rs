@@ -17,6 +17,18 @@ use candle_nn::{Init, VarBuilder};
 /// `scaled_fp8` format and the later `comfy_quant` one.
 pub const SCALE_NAMES: [&str; 2] = ["scale_weight", "weight_scale"];
 
+/// How a linear layer's matrix product runs: the plan's choice (`--fp8-compute`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// In the activations' dtype, with the weight as stored (a scaled-fp8 weight dequantised).
+    #[default]
+    Exact,
+    /// In float8 e4m3 with per-token activation scales and per-channel weight scales (a
+    /// scaled-fp8 weight with its own scale), for bf16 and f16 activations
+    /// ([`crate::ops::fp8::linear`]); f32 stays exact.
+    Fp8,
+}
+
 /// `y = x·Wᵀ + b` with `W` in the checkpoint's precision (f32, bf16, f16, or scaled float8).
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -103,7 +115,7 @@ impl Linear {
 impl Linear {
     /// `act(x·Wᵀ + b)`; on CUDA the bias and the activation are one in-place pass over the
     /// matmul's output.
-    fn forward_act(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    fn forward_act(&self, x: &Tensor, gelu: bool, precision: MatmulPrecision) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let Some((&x_in, leading)) = x.dims().split_last() else {
             candle_core::bail!("linear: the input is a scalar; expected [..., {in_dim}]")
@@ -118,6 +130,11 @@ impl Linear {
         let mut out_shape = x.dims().to_vec();
         out_shape[leading.len()] = out_dim;
         let rows = leading.iter().product::<usize>();
+        if precision == MatmulPrecision::Fp8 && matches!(x.dtype(), DType::BF16 | DType::F16) {
+            let x = x.reshape((rows, in_dim))?;
+            let y = crate::ops::fp8::linear(&x, &self.fp8_weight()?, self.bias.as_ref(), gelu)?;
+            return y.reshape(out_shape);
+        }
         let weight = self.weight_in(x.dtype())?;
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         #[cfg(feature = "cuda")]
@@ -137,12 +154,34 @@ impl Linear {
         y.reshape(out_shape)
     }
 
-    /// `GELU_tanh(x·Wᵀ + b)` (the first half of Wan's FFN).
+    /// `GELU_tanh(x·Wᵀ + b)` (the first half of Wan's FFN), the product as `precision` says.
     ///
     /// # Shapes
     /// - `x`: [..., in] → [..., out]
-    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act(x, true)
+    pub fn forward_gelu_in(&self, x: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
+        self.forward_act(x, true, precision)
+    }
+
+    /// `x·Wᵀ + b`, the product as `precision` says.
+    ///
+    /// # Shapes
+    /// - `x`: [..., in] → [..., out], in `x`'s dtype.
+    pub fn forward_in(&self, x: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
+        self.forward_act(x, false, precision)
+    }
+
+    /// The weight in float8 with its scales, for [`MatmulPrecision::Fp8`]: a float8 weight as
+    /// it is stored, any other quantised per output channel.
+    fn fp8_weight(&self) -> Result<crate::ops::fp8::Fp8Weight> {
+        use crate::ops::fp8::Fp8Weight;
+        match (&self.scale, self.weight.dtype()) {
+            (Some(scale), _) => Fp8Weight::scaled(self.weight.clone(), scale),
+            (None, DType::F8E4M3) => Fp8Weight::scaled(
+                self.weight.clone(),
+                &Tensor::new(1f32, self.weight.device())?,
+            ),
+            _ => Fp8Weight::quantize(&self.weight),
+        }
     }
 }
 
@@ -150,7 +189,7 @@ impl Module for Linear {
     /// # Shapes
     /// - `x`: [..., in] → [..., out], computed in `x`'s dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act(x, false)
+        self.forward_act(x, false, MatmulPrecision::Exact)
     }
 }
 

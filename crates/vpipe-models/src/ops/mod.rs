@@ -6,6 +6,7 @@ pub mod conv3d;
 pub mod cudnn;
 #[cfg(feature = "cuda")]
 pub mod cudnn_sdpa;
+pub mod fp8;
 #[cfg(feature = "cuda")]
 pub mod fused;
 pub mod layout;

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use super::dit_keys;
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention, attention_over_query, Attend, AttentionKernel, QueryChunk};
-use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear};
+use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear, MatmulPrecision};
 use crate::parallel::Communicator;
 
 /// Scratch that one attention call may use for its scores when no budget is given.
@@ -432,13 +432,19 @@ impl Config {
         // normed copy, then the output): 2·dim + ffn_dim, under the whole forward's measured
         // peak above for the 14B (4.7 against 6.05 token-sized tensors). In slices: the
         // residual and the slices done so far, plus one slice's copy, normed copy, hidden
-        // state and output; then the slices and their concatenation.
+        // state and output; then the slices and their concatenation. In float8 the second
+        // product reads a float8 copy of the hidden state (half its bytes in a 16-bit dtype)
+        // and of its weight (dim × ffn_dim bytes), made beside them.
+        let (f, fp8_weight) = match execution.matmul {
+            MatmulPrecision::Exact => (f, 0),
+            MatmulPrecision::Fp8 => (f + f.div_ceil(2), d.saturating_mul(self.ffn_dim as u64)),
+        };
         let ffn_row = match slices {
             1 if on_cuda => d.saturating_mul(2).saturating_add(f),
             1 => d.saturating_mul(4).saturating_add(f),
             n => (2 * d + (3 * d + f).div_ceil(n)).max(3 * d),
         };
-        let ffn = token_row.saturating_mul(ffn_row);
+        let ffn = token_row.saturating_mul(ffn_row).saturating_add(fp8_weight);
         attention.max(ffn)
     }
 
@@ -783,7 +789,7 @@ impl Attention {
         x: Tensor,
         (context, image): (Option<&Tensor>, Option<(&ImageKeys, &Tensor)>),
         (rope, shard): (Option<&Rope>, Option<&TokenShard>),
-        how: Attend,
+        (how, matmul): (Attend, MatmulPrecision),
     ) -> Result<Tensor> {
         // Each intermediate lives only inside its block: the token-sized tensors are what
         // bounds the activation peak (see `Config::activation_bytes_estimate`).
@@ -792,9 +798,12 @@ impl Attention {
             Some(rope) => rope.heads(&t, self.num_heads),
             None => self.heads(&t),
         };
-        let q = split(self.norm_q.forward(&self.q.forward(&x)?)?)?;
-        let k = split(self.norm_k.forward(&self.k.forward(kv_source)?)?)?;
-        let v = self.heads(&self.v.forward(kv_source)?)?;
+        let q = split(self.norm_q.forward(&self.q.forward_in(&x, matmul)?)?)?;
+        let k = split(
+            self.norm_k
+                .forward(&self.k.forward_in(kv_source, matmul)?)?,
+        )?;
+        let v = self.heads(&self.v.forward_in(kv_source, matmul)?)?;
         drop(x);
         let mut out = match shard {
             None => attention(&q, &k, &v, how)?,
@@ -802,14 +811,14 @@ impl Attention {
         };
         drop((k, v));
         if let Some((keys, image)) = image {
-            let k = self.heads(&keys.norm_k.forward(&keys.k.forward(image)?)?)?;
-            let v = self.heads(&keys.v.forward(image)?)?;
+            let k = self.heads(&keys.norm_k.forward(&keys.k.forward_in(image, matmul)?)?)?;
+            let v = self.heads(&keys.v.forward_in(image, matmul)?)?;
             out = (out + attention(&q, &k, &v, how)?)?;
         }
         drop(q);
         let (b, h, l, hd) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((b, l, h * hd))?;
-        Ok(self.o.forward(&out)?)
+        Ok(self.o.forward_in(&out, matmul)?)
     }
 
     /// Self-attention of the residual stream `x` normed by `norm` (given a slice of `x` and
@@ -826,7 +835,7 @@ impl Attention {
         x: &Tensor,
         norm: &dyn Fn(&Tensor, usize) -> Result<Tensor>,
         (rope, shard): (&Rope, Option<&TokenShard>),
-        how: Attend,
+        (how, matmul): (Attend, MatmulPrecision),
         slices: usize,
     ) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
@@ -840,11 +849,11 @@ impl Attention {
             let h = norm(&x.narrow(1, start, len)?.contiguous()?, start)?;
             let rope = rope.tokens(start, len)?;
             let project = |linear: &Linear, norm: &RmsNorm| -> Result<Tensor> {
-                rope.heads(&norm.forward(&linear.forward(&h)?)?, heads)
+                rope.heads(&norm.forward(&linear.forward_in(&h, matmul)?)?, heads)
             };
             q.slice_set(&project(&self.q, &self.norm_q)?, 2, start)?;
             k.slice_set(&project(&self.k, &self.norm_k)?, 2, start)?;
-            v.slice_set(&self.v.forward(&h)?.contiguous()?, 1, start)?;
+            v.slice_set(&self.v.forward_in(&h, matmul)?.contiguous()?, 1, start)?;
         }
         let v = self.heads(&v)?;
         let over_query = |q, k: &Tensor, v: &Tensor| attention_over_query(q, k, v, how, slices);
@@ -857,7 +866,7 @@ impl Attention {
         // output projection.
         let out = attended.transpose(1, 2)?.reshape((b, l, d))?;
         drop(attended);
-        Ok(self.o.forward(&out)?)
+        Ok(self.o.forward_in(&out, matmul)?)
     }
 }
 
@@ -932,7 +941,7 @@ impl SelfAttentionPart {
                     &pass.x,
                     &norm,
                     (run.rope, run.shard),
-                    how,
+                    (how, run.matmul),
                     run.token_slices,
                 )?
             } else {
@@ -940,7 +949,7 @@ impl SelfAttentionPart {
                     norm(&pass.x, 0)?,
                     (None, None),
                     (Some(run.rope), run.shard),
-                    how,
+                    (how, run.matmul),
                 )?
             };
             modulation.gated_residual(&pass.x, &y)?
@@ -994,7 +1003,7 @@ impl CrossAttentionPart {
         })
     }
 
-    fn forward(&self, pass: &mut Embedded, how: Attend, eps: f64) -> Result<()> {
+    fn forward(&self, pass: &mut Embedded, how: Attend, run: &BlockRun) -> Result<()> {
         let image = match (&self.image, &pass.image) {
             (Some(keys), Some(image)) => Some((keys, image)),
             (None, None) => None,
@@ -1006,10 +1015,13 @@ impl CrossAttentionPart {
             }
         };
         let x = {
-            let h = norm_modulate(&pass.x, &self.norm_weight, &self.norm_bias, eps)?;
-            let y = self
-                .attn
-                .forward(h, (Some(&pass.context), image), (None, None), how)?;
+            let h = norm_modulate(&pass.x, &self.norm_weight, &self.norm_bias, run.eps)?;
+            let y = self.attn.forward(
+                h,
+                (Some(&pass.context), image),
+                (None, None),
+                (how, run.matmul),
+            )?;
             (&pass.x + y)?
         };
         pass.x = x;
@@ -1036,7 +1048,8 @@ impl FeedForwardPart {
     /// Runs over `slices` slices of the tokens in turn (1: all at once), so that the
     /// `ffn_dim`-wide hidden state exists for one slice at a time; a slice that spans tokens
     /// of different timesteps runs as one piece per timestep.
-    fn forward(&self, pass: &mut Embedded, slices: usize, eps: f64) -> Result<()> {
+    fn forward(&self, pass: &mut Embedded, run: &BlockRun) -> Result<()> {
+        let (slices, eps, matmul) = (run.token_slices, run.eps, run.matmul);
         let m = pass
             .block_modulation
             .take()
@@ -1047,9 +1060,9 @@ impl FeedForwardPart {
         let modulation = Modulation::new(&m, 3, true, pass.runs.as_deref())?;
         let ffn = |x: &Tensor, run: &ModulationRun| -> Result<Tensor> {
             let h = norm_modulate(x, &run.scale, &run.shift, eps)?;
-            let hidden = self.ffn_in.forward_gelu(&h)?;
+            let hidden = self.ffn_in.forward_gelu_in(&h, matmul)?;
             drop(h);
-            let y = self.ffn_out.forward(&hidden)?;
+            let y = self.ffn_out.forward_in(&hidden, matmul)?;
             drop(hidden);
             gated_residual(x, &y, run.gate()?)
         };
@@ -1150,6 +1163,7 @@ struct BlockRun<'a> {
     /// How each pass's attention runs (self, cross).
     attends: &'a [(Attend, Attend)],
     token_slices: usize,
+    matmul: MatmulPrecision,
     eps: f64,
 }
 
@@ -1299,8 +1313,8 @@ impl PartRef<'_> {
         for (pass, attends) in passes.iter_mut().zip(run.attends) {
             match self {
                 Self::SelfAttention(p) => p.forward(pass, run, attends.0)?,
-                Self::CrossAttention(p) => p.forward(pass, attends.1, run.eps)?,
-                Self::FeedForward(p) => p.forward(pass, run.token_slices, run.eps)?,
+                Self::CrossAttention(p) => p.forward(pass, attends.1, run)?,
+                Self::FeedForward(p) => p.forward(pass, run)?,
             }
         }
         Ok(())
@@ -1764,6 +1778,8 @@ pub struct Execution {
     /// projections' intermediates, the attention's output then taking the queries' memory
     /// (see [`Config::activation_bytes_estimate`]).
     pub token_slices: usize,
+    /// How the blocks' linear layers multiply (the embeddings and the head stay exact).
+    pub matmul: MatmulPrecision,
 }
 
 impl Default for Execution {
@@ -1772,6 +1788,7 @@ impl Default for Execution {
             attention: AttentionKernel::Fused,
             attention_scratch: DEFAULT_ATTENTION_SCRATCH,
             token_slices: 1,
+            matmul: MatmulPrecision::Exact,
         }
     }
 }
@@ -2446,6 +2463,7 @@ impl WanModel {
             shard: shard.as_ref(),
             attends: &attends,
             token_slices: execution.token_slices,
+            matmul: execution.matmul,
             eps: self.cfg.eps,
         };
         match cache {

@@ -1,0 +1,73 @@
+// vpipe's float8 (e4m3) compute around cuBLASLt's float8 matrix product:
+// - row_absmax: the largest |x| of each row (per-token activation scales, per-channel weight
+//   scales), one block per row.
+// - quantize_fp8: x8 = e4m3(clamp(x / scale, ±448)), one scale per row (or one for all).
+// - scale_bias_act: y = act(y · row_scale · column_scale + bias) in place on the product's
+//   output; f32 arithmetic, act = identity or GELU(tanh).
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+#define FP8_MAX 448.f
+
+// Largest value over the block; every thread gets the result. `shared` holds 32 floats.
+__device__ float block_max(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  int warps = (blockDim.x + 31) / 32;
+  v = lane < warps ? shared[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+template <typename T>
+__device__ void row_absmax(const T* x, float* out, int cols) {
+  __shared__ float partial[32];
+  const T* xr = x + (long long)blockIdx.x * cols;
+  float m = 0.f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(to_f32(xr[c])));
+  m = block_max(m, partial);
+  if (threadIdx.x == 0) out[blockIdx.x] = m;
+}
+
+template <typename T>
+__device__ void quantize_fp8(const T* x, const float* scales, int scale_stride,
+                             __nv_fp8_e4m3* y, long long n, int cols) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float v = to_f32(x[i]) / scales[(i / cols) * scale_stride];
+  y[i] = __nv_fp8_e4m3(fminf(fmaxf(v, -FP8_MAX), FP8_MAX));
+}
+
+template <typename T>
+__device__ void scale_bias_act(T* y, const float* row_scales, const float* column_scales,
+                               int column_stride, const T* bias, long long n, int cols,
+                               int gelu) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  int c = i % cols;
+  float v = to_f32(y[i]) * row_scales[i / cols] * column_scales[c * column_stride];
+  if (bias) v += to_f32(bias[c]);
+  if (gelu) v = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  y[i] = from_f32<T>(v);
+}
+
+#define FP8_KERNELS(SUFFIX, T)                                                                 \
+  extern "C" __global__ void row_absmax_##SUFFIX(const T* x, float* out, int cols) {          \
+    row_absmax<T>(x, out, cols);                                                               \
+  }                                                                                            \
+  extern "C" __global__ void quantize_fp8_##SUFFIX(const T* x, const float* scales,           \
+                                                   int scale_stride, __nv_fp8_e4m3* y,        \
+                                                   long long n, int cols) {                   \
+    quantize_fp8<T>(x, scales, scale_stride, y, n, cols);                                     \
+  }                                                                                            \
+  extern "C" __global__ void scale_bias_act_##SUFFIX(                                         \
+      T* y, const float* row_scales, const float* column_scales, int column_stride,           \
+      const T* bias, long long n, int cols, int gelu) {                                        \
+    scale_bias_act<T>(y, row_scales, column_scales, column_stride, bias, n, cols, gelu);      \
+  }
+FP8_KERNELS(bf16, __nv_bfloat16)
+FP8_KERNELS(f16, __half)

@@ -1,0 +1,584 @@
+//! Float8 (e4m3) linear layers: the activations quantised per token (row), the weight per
+//! output channel (or a stored scaled-fp8 weight with its one scale), the product in float8
+//! with f32 accumulation, then both scales, the bias and the activation in one pass. On CUDA
+//! (compute capability 8.9 or newer) the product is cuBLASLt's float8 matrix product and the
+//! rest vpipe's kernels; anywhere else the same arithmetic is emulated (values quantised to
+//! float8 and back, the product in f32): the reference the GPU path is tested against.
+//!
+//! The product is rounded to the activations' dtype before the scales are applied, on both
+//! paths, so that they differ only in the order of the product's sums; it is taken times
+//! [`PRODUCT_SCALE`] first, so that it fits in f16.
+
+use candle_core::{DType, Tensor, D};
+
+/// The largest finite float8 e4m3 value: a scale maps each row's largest |value| to it.
+const FP8_MAX: f64 = 448.0;
+
+/// The smallest scale, for a row of zeros (whose values stay zeros).
+const MIN_SCALE: f64 = 1e-12;
+
+/// What the float8 product is multiplied by before it is rounded to the activations' dtype
+/// (and divided by after): each of its terms is at most 448² = 2¹⁷·⁶, so a product over k
+/// inputs stays under 3.1·k, within f16's 65 504 for k up to 21 000 (Wan's widest is
+/// 13 824). A power of two, so the two steps round nothing.
+const PRODUCT_SCALE: f64 = 1.0 / 65_536.0;
+
+/// Whether `device` runs [`linear`]: the CPU (emulated) and CUDA devices of compute
+/// capability 8.9 or newer (Ada, Hopper, Blackwell), whose cuBLASLt has float8 products; else
+/// why not.
+pub fn runs_on(device: &candle_core::Device) -> std::result::Result<(), String> {
+    if device.is_cpu() {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+        let context = cuda.cuda_stream().context().clone();
+        let capability = context
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .and_then(|major| {
+                context
+                    .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                    .map(|minor| (major, minor))
+            })
+            .map_err(|e| format!("reading the GPU's compute capability: {e}"))?;
+        if capability < (8, 9) {
+            return Err(format!(
+                "this GPU's compute capability is {}.{}; float8 products need 8.9 or newer \
+                 (Ada, Hopper, Blackwell)",
+                capability.0, capability.1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A weight in float8 for [`linear`]: its [out, in] values and the f32 scales that give them
+/// back (`w ≈ w8 · scale`), one per output channel or one for all.
+#[derive(Debug, Clone)]
+pub struct Fp8Weight {
+    weight: Tensor,
+    scales: Tensor,
+}
+
+impl Fp8Weight {
+    /// `weight` [out, in] (f32, bf16 or f16) quantised with one scale per output channel:
+    /// the channel's largest |w| over 448.
+    pub fn quantize(weight: &Tensor) -> candle_core::Result<Self> {
+        weight.dims2()?;
+        let weight = weight.contiguous()?;
+        let scales = row_scales(&weight)?;
+        let weight = quantize_rows(&weight, &scales)?;
+        Ok(Self { weight, scales })
+    }
+
+    /// A stored scaled-fp8 weight (ComfyUI's `w = w8 · scale`), used as it is.
+    ///
+    /// # Shapes
+    /// - `weight`: [out, in] float8 e4m3; `scale`: one element.
+    pub fn scaled(weight: Tensor, scale: &Tensor) -> candle_core::Result<Self> {
+        weight.dims2()?;
+        if weight.dtype() != DType::F8E4M3 || scale.elem_count() != 1 {
+            candle_core::bail!(
+                "fp8 weight: expected float8 e4m3 values and one scale, got {:?} and {:?}",
+                weight.dtype(),
+                scale.dims()
+            );
+        }
+        let scales = scale
+            .to_device(weight.device())?
+            .to_dtype(DType::F32)?
+            .reshape(1)?;
+        Ok(Self {
+            weight: weight.contiguous()?,
+            scales,
+        })
+    }
+}
+
+/// `act(x · Wᵀ + bias)` in float8: `x` quantised per row, the product accumulated in f32 and
+/// rounded to `x`'s dtype, then times the row's and the channel's scales, plus the bias, then
+/// GELU(tanh) when `gelu`.
+///
+/// # Shapes
+/// - `x`: [rows, in], bf16 or f16; `bias`: [out]; returns [rows, out] in `x`'s dtype.
+pub fn linear(
+    x: &Tensor,
+    weight: &Fp8Weight,
+    bias: Option<&Tensor>,
+    gelu: bool,
+) -> candle_core::Result<Tensor> {
+    let inputs = x.dim(D::Minus1)?;
+    x.dims2()?;
+    let (outputs, weight_inputs) = weight.weight.dims2()?;
+    if inputs != weight_inputs || !matches!(x.dtype(), DType::BF16 | DType::F16) {
+        candle_core::bail!(
+            "fp8 linear: input {:?} {:?} for a weight of [{outputs}, {weight_inputs}]; expected \
+             [rows, {weight_inputs}] in bf16 or f16",
+            x.dims(),
+            x.dtype()
+        );
+    }
+    let x = x.contiguous()?;
+    let scales = row_scales(&x)?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = x.device() {
+        // cuBLASLt's float8 products take whole tiles of 16 rows: the rows past `x`'s are
+        // zeros, and their outputs are left out (a prefix of a row-major tensor, no copy).
+        let rows = x.dim(0)?;
+        let padded = rows.next_multiple_of(16);
+        let x8 = cuda_kernels::quantize(&x, &scales, padded)?;
+        let (y, yp) = crate::ops::fused::empty(&x, &[padded, outputs])?;
+        let shape = (padded, outputs, inputs);
+        cuda_kernels::product(cuda, (&weight.weight, &x8), (yp, x.dtype()), shape)?;
+        let y = y.narrow(0, 0, rows)?;
+        let scales = scales.affine(1.0 / PRODUCT_SCALE, 0.0)?;
+        cuda_kernels::scale_bias_act(&y, &scales, &weight.scales, bias, gelu)?;
+        return Ok(y);
+    }
+    let product = quantize_rows(&x, &scales)?
+        .to_dtype(DType::F32)?
+        .matmul(&weight.weight.to_dtype(DType::F32)?.t()?)?
+        .affine(PRODUCT_SCALE, 0.0)?
+        .to_dtype(x.dtype())?
+        .to_dtype(DType::F32)?
+        .affine(1.0 / PRODUCT_SCALE, 0.0)?
+        .broadcast_mul(&scales.unsqueeze(1)?)?
+        .broadcast_mul(&weight.scales.unsqueeze(0)?)?;
+    let y = match bias {
+        Some(b) => product.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => product,
+    };
+    let y = if gelu { y.gelu()? } else { y };
+    y.to_dtype(x.dtype())
+}
+
+/// Each row's scale: its largest |value| over 448 (at least [`MIN_SCALE`]), f32 [rows].
+fn row_scales(x: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    let absmax = if x.device().is_cuda() {
+        cuda_kernels::row_absmax(x)?
+    } else {
+        x.to_dtype(DType::F32)?.abs()?.max(D::Minus1)?
+    };
+    #[cfg(not(feature = "cuda"))]
+    let absmax = x.to_dtype(DType::F32)?.abs()?.max(D::Minus1)?;
+    absmax.affine(1.0 / FP8_MAX, 0.0)?.maximum(MIN_SCALE)
+}
+
+/// `x` [rows, cols] divided by its rows' `scales` and rounded to float8 e4m3 (saturating).
+fn quantize_rows(x: &Tensor, scales: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda_kernels::quantize(x, scales, x.dim(0)?);
+    }
+    x.to_dtype(DType::F32)?
+        .broadcast_div(&scales.unsqueeze(1)?)?
+        .clamp(-FP8_MAX, FP8_MAX)?
+        .to_dtype(DType::F8E4M3)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_kernels {
+    //! The CUDA side of [`super::linear`]: vpipe's kernels (`kernels/fp8.cu`) and cuBLASLt's
+    //! float8 product.
+    #![allow(unsafe_code)]
+
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, DType, Tensor};
+
+    use crate::ops::fused::{device_ptr, empty, suffix};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
+
+    /// cuBLASLt's workspace: what NVIDIA recommends on Hopper.
+    const WORKSPACE_BYTES: usize = 32 << 20;
+
+    /// `{base}_{dtype}` from `kernels/fp8.cu`.
+    fn name(base: &str, dtype: DType) -> candle_core::Result<String> {
+        Ok(format!("{base}_{}", suffix(dtype)?))
+    }
+
+    /// Each row's largest |value|, f32 [rows]: one block per row.
+    pub(super) fn row_absmax(x: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, cols) = x.dims2()?;
+        let x = x.contiguous()?;
+        let like = Tensor::zeros((), DType::F32, x.device())?;
+        let (out, op) = empty(&like, &[rows])?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+            &name("row_absmax", x.dtype())?,
+            "vpipe_fp8",
+            PTX,
+        )?;
+        let (xp, cols) = (device_ptr(&x)?, cols as i32);
+        let mut a = func.builder();
+        a.arg(&xp);
+        a.arg(&op);
+        a.arg(&cols);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `x` is contiguous [rows, cols] and `out` holds `rows` f32; the kernel reads
+        // and writes only those, on the tensors' stream.
+        unsafe { a.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    /// `x` [rows, cols] over its rows' scales (f32 [rows], or one for all) in float8 e4m3,
+    /// followed by zero rows up to `padded_rows`.
+    pub(super) fn quantize(
+        x: &Tensor,
+        scales: &Tensor,
+        padded_rows: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, cols) = x.dims2()?;
+        let n = rows * cols;
+        let out = Tensor::zeros((padded_rows.max(rows), cols), DType::F8E4M3, x.device())?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let n32 = u32::try_from(n).map_err(|_| {
+            candle_core::Error::Msg(format!("fp8 quantize: {n} elements, more than one launch"))
+        })?;
+        let x = x.contiguous()?;
+        let scales = scales.to_dtype(DType::F32)?.contiguous()?;
+        let stride = i32::from(scales.elem_count() != 1);
+        let (xp, sp, op) = (device_ptr(&x)?, device_ptr(&scales)?, device_ptr(&out)?);
+        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+            &name("quantize_fp8", x.dtype())?,
+            "vpipe_fp8",
+            PTX,
+        )?;
+        let (n64, cols) = (n as i64, cols as i32);
+        let mut a = func.builder();
+        a.arg(&xp);
+        a.arg(&sp);
+        a.arg(&stride);
+        a.arg(&op);
+        a.arg(&n64);
+        a.arg(&cols);
+        // SAFETY: `x` and `out` are contiguous with `n` elements; `scales` holds one f32 per
+        // row (stride 1) or one (stride 0).
+        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+        Ok(out)
+    }
+
+    /// `y ← act(y · row_scales[r] · column_scales[c] + bias[c])` in place.
+    pub(super) fn scale_bias_act(
+        y: &Tensor,
+        row_scales: &Tensor,
+        column_scales: &Tensor,
+        bias: Option<&Tensor>,
+        gelu: bool,
+    ) -> candle_core::Result<()> {
+        let (rows, cols) = y.dims2()?;
+        let n = rows * cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let n32 = u32::try_from(n).map_err(|_| {
+            candle_core::Error::Msg(format!("fp8 epilogue: {n} elements, more than one launch"))
+        })?;
+        let column_stride = i32::from(column_scales.elem_count() != 1);
+        let bias = bias
+            .map(|b| b.to_dtype(y.dtype())?.contiguous())
+            .transpose()?;
+        let (yp, rp, cp) = (
+            device_ptr(y)?,
+            device_ptr(row_scales)?,
+            device_ptr(column_scales)?,
+        );
+        let bp = bias.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
+        let func = y.device().as_cuda_device()?.get_or_load_custom_func(
+            &name("scale_bias_act", y.dtype())?,
+            "vpipe_fp8",
+            PTX,
+        )?;
+        let (n64, cols, gelu) = (n as i64, cols as i32, i32::from(gelu));
+        let mut a = func.builder();
+        a.arg(&yp);
+        a.arg(&rp);
+        a.arg(&cp);
+        a.arg(&column_stride);
+        a.arg(&bp);
+        a.arg(&n64);
+        a.arg(&cols);
+        a.arg(&gelu);
+        // SAFETY: `y` is the product's fresh contiguous output of `n` elements; the scales
+        // hold one f32 per row and per column (or one); `bias`, when given, `cols` elements.
+        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+        Ok(())
+    }
+
+    /// A cuBLASLt handle and its workspace.
+    struct Lt {
+        handle: sys::cublasLtHandle_t,
+        workspace: CudaSlice<u8>,
+    }
+
+    thread_local! {
+        // Like cuDNN's, one handle per stream per thread.
+        static HANDLES: RefCell<HashMap<usize, std::rc::Rc<Lt>>> = RefCell::new(HashMap::new());
+    }
+
+    fn handle(device: &CudaDevice) -> candle_core::Result<std::rc::Rc<Lt>> {
+        let stream = device.cuda_stream();
+        let key = std::sync::Arc::as_ptr(&stream) as usize;
+        HANDLES.with(|handles| {
+            if let Some(h) = handles.borrow().get(&key) {
+                return Ok(h.clone());
+            }
+            let handle = lt::create_handle().map_err(|e| fail("creating the handle", e))?;
+            // SAFETY: the workspace is only ever scratch for cuBLASLt.
+            let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
+            let h = std::rc::Rc::new(Lt { handle, workspace });
+            handles.borrow_mut().insert(key, h.clone());
+            Ok(h)
+        })
+    }
+
+    fn fail(what: &str, e: impl std::fmt::Display) -> candle_core::Error {
+        candle_core::Error::Msg(format!("cuBLASLt float8 product: {what}: {e}"))
+    }
+
+    /// Owned cuBLASLt descriptors, destroyed on drop.
+    struct Desc(sys::cublasLtMatmulDesc_t);
+    struct Layout(sys::cublasLtMatrixLayout_t);
+    struct Pref(sys::cublasLtMatmulPreference_t);
+    impl Drop for Desc {
+        fn drop(&mut self) {
+            // SAFETY: made by `create_matmul_desc`, destroyed once.
+            let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+        }
+    }
+    impl Drop for Layout {
+        fn drop(&mut self) {
+            // SAFETY: made by `create_matrix_layout`, destroyed once.
+            let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+        }
+    }
+    impl Drop for Pref {
+        fn drop(&mut self) {
+            // SAFETY: made by `create_matmul_pref`, destroyed once.
+            let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+        }
+    }
+
+    /// `y [rows, outputs] = x8 · w8ᵀ` (row-major; float8 in, f32 accumulation, `y`'s dtype
+    /// out), written to the fresh buffer at `y`. cuBLASLt sees column-major memory: the
+    /// weight as k × m (transposed: m × k), the activations as k × n and the output as m × n,
+    /// the "TN" layout its float8 products take.
+    pub(super) fn product(
+        device: &CudaDevice,
+        (w8, x8): (&Tensor, &Tensor),
+        (y, dtype): (u64, DType),
+        (rows, outputs, inputs): (usize, usize, usize),
+    ) -> candle_core::Result<()> {
+        if rows == 0 || outputs == 0 {
+            return Ok(());
+        }
+        let lt_handle = handle(device)?;
+        let stream = device.cuda_stream();
+        let (wp, xp) = (device_ptr(w8)?, device_ptr(x8)?);
+        let out_type = match dtype {
+            DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+            _ => sys::cudaDataType_t::CUDA_R_16BF,
+        };
+        let fp8 = sys::cudaDataType_t::CUDA_R_8F_E4M3;
+        let (m, n, k) = (outputs as u64, rows as u64, inputs as u64);
+        let desc = Desc(
+            lt::create_matmul_desc(
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType_t::CUDA_R_32F,
+            )
+            .map_err(|e| fail("the descriptor", e))?,
+        );
+        let transpose =
+            candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32;
+        // SAFETY: the attribute is the operation enum, passed by pointer with its size.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                desc.0,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&transpose) as *const _ as *const _,
+                std::mem::size_of_val(&transpose),
+            )
+        }
+        .map_err(|e| fail("transposing the weight", e))?;
+        let layout = |dtype, rows, cols, ld| {
+            lt::create_matrix_layout(dtype, rows, cols, ld)
+                .map(Layout)
+                .map_err(|e| fail("a layout", e))
+        };
+        let a = layout(fp8, k, m, k as i64)?;
+        let b = layout(fp8, k, n, k as i64)?;
+        let d = layout(out_type, m, n, m as i64)?;
+        let pref = Pref(lt::create_matmul_pref().map_err(|e| fail("the preference", e))?);
+        let workspace_bytes = WORKSPACE_BYTES as u64;
+        // SAFETY: the attribute is a u64, passed by pointer with its size.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&workspace_bytes) as *const _ as *const _,
+                std::mem::size_of_val(&workspace_bytes),
+            )
+        }
+        .map_err(|e| fail("the workspace size", e))?;
+        // SAFETY: every descriptor above is alive until the end of this function.
+        let heuristic = unsafe {
+            lt::get_matmul_algo_heuristic(lt_handle.handle, desc.0, a.0, b.0, d.0, d.0, pref.0)
+        }
+        .map_err(|e| fail("no algorithm for these shapes", e))?;
+        let (alpha, beta) = (super::PRODUCT_SCALE as f32, 0f32);
+        let (workspace, _record) = lt_handle.workspace.device_ptr(&stream);
+        // SAFETY: `w8` is [m, k] and `x8` [n, k] float8, contiguous (checked by `device_ptr`),
+        // `y` a fresh [n, m] buffer of 16-bit values; β = 0, so C (= D) is not read. All on
+        // the tensors' stream.
+        unsafe {
+            lt::matmul(
+                lt_handle.handle,
+                desc.0,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                wp as *const _,
+                a.0,
+                xp as *const _,
+                b.0,
+                y as *const _,
+                d.0,
+                y as *mut _,
+                d.0,
+                (&heuristic.algo) as *const _,
+                workspace as *mut _,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(|e| fail("the product", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn relative_l2(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap();
+        let b = b.to_dtype(DType::F64).unwrap();
+        let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let norm = b.sqr().unwrap().sum_all().unwrap();
+        (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt()
+    }
+
+    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+        // A fixed pattern rather than an RNG: the test must not depend on one.
+        let n = shape.0 * shape.1;
+        let values: Vec<f32> = (0..n)
+            .map(|i| {
+                let x = ((i as u64 * 2_654_435_761 + seed * 97) % 1_000_003) as f32 / 1_000_003.0;
+                (x - 0.5) * if i % 7 == 0 { 4.0 } else { 1.0 }
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Per-channel quantisation keeps each weight within e4m3's 3 mantissa bits.
+    #[test]
+    fn a_quantised_weight_gives_its_values_back_within_float8_precision() {
+        let w = random((48, 64), 1);
+        let q = Fp8Weight::quantize(&w).unwrap();
+        assert_eq!(q.weight.dtype(), DType::F8E4M3);
+        assert_eq!(q.scales.dims(), [48]);
+        let back = q
+            .weight
+            .to_dtype(DType::F32)
+            .unwrap()
+            .broadcast_mul(&q.scales.unsqueeze(1).unwrap())
+            .unwrap();
+        let err = relative_l2(&back, &w);
+        assert!(err > 0.0 && err < 0.04, "{err}");
+    }
+
+    /// The float8 linear layer against the exact one in f32: within float8's error, with the
+    /// bias and GELU applied after the scales; a row of zeros gives the activation of the bias.
+    #[test]
+    fn the_fp8_linear_is_the_exact_one_within_float8_error() {
+        let w = random((48, 64), 2);
+        let bias = random((1, 48), 3).flatten_all().unwrap();
+        let mut x = random((37, 64), 4);
+        x = Tensor::cat(
+            &[x, Tensor::zeros((1, 64), DType::F32, &Device::Cpu).unwrap()],
+            0,
+        )
+        .unwrap();
+        let weight = Fp8Weight::quantize(&w).unwrap();
+        for gelu in [false, true] {
+            let exact = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let exact = if gelu { exact.gelu().unwrap() } else { exact };
+            let xb = x.to_dtype(DType::BF16).unwrap();
+            let y = linear(&xb, &weight, Some(&bias), gelu).unwrap();
+            assert_eq!((y.dims(), y.dtype()), ([38, 48].as_slice(), DType::BF16));
+            let err = relative_l2(&y, &exact);
+            assert!(err > 0.0 && err < 0.06, "gelu {gelu}: {err}");
+            let last = y.get(37).unwrap().to_dtype(DType::F32).unwrap();
+            let want = if gelu {
+                bias.gelu().unwrap()
+            } else {
+                bias.clone()
+            };
+            assert!(relative_l2(&last, &want) < 1e-2);
+        }
+    }
+
+    /// A stored scaled-fp8 weight is used with its own scale: the same as the exact product
+    /// with the dequantised weight, within the activations' float8 error.
+    #[test]
+    fn a_scaled_fp8_weight_is_used_as_stored() {
+        let w8 = random((16, 32), 5)
+            .affine(200.0, 0.0)
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
+        let scale = Tensor::new(0.01f32, &Device::Cpu).unwrap();
+        let weight = Fp8Weight::scaled(w8.clone(), &scale).unwrap();
+        let x = random((9, 32), 6);
+        let exact = x
+            .matmul(
+                &(w8.to_dtype(DType::F32).unwrap() * 0.01)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap();
+        let y = linear(&x.to_dtype(DType::F16).unwrap(), &weight, None, false).unwrap();
+        assert_eq!(y.dtype(), DType::F16);
+        let err = relative_l2(&y, &exact);
+        assert!(err > 0.0 && err < 0.05, "{err}");
+        assert!(Fp8Weight::scaled(random((2, 2), 7), &scale).is_err());
+    }
+
+    #[test]
+    fn f32_activations_and_wrong_widths_are_refused() {
+        let weight = Fp8Weight::quantize(&random((8, 16), 8)).unwrap();
+        assert!(linear(&random((4, 16), 9), &weight, None, false).is_err());
+        let x = random((4, 12), 9).to_dtype(DType::BF16).unwrap();
+        assert!(linear(&x, &weight, None, false).is_err());
+    }
+}
