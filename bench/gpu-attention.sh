@@ -10,9 +10,12 @@
 # footprint; needs .carry/vpipe.xz).
 # With `slices`: the 14B forward at B=1 with cuDNN's attention, whole and in 8 token slices
 # (what a streamed plan runs), resident, to split a sliced step's cost from streaming's.
+# With `fp8`: the float8 products' GPU test (.carry/fp8_gpu.xz: `cargo test --release --features
+# cuda -p vpipe-models --test fp8_gpu --no-run`), then `dit_bench --matmul exact|fp8` on the 14B
+# and the 1.3B at B = 2 next to diffusers.
 # With `ncu-slices`: the same two forwards on 2 blocks of the 14B under Nsight Compute, kernel
 # time summed by kernel name, whole against 8 slices (where a sliced forward's time goes).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|all]   (default all: kernel and dit)
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -66,6 +69,27 @@ PY
       for kernel in cudnn fused; do
         echo "=== vpipe $preset, $kernel attention"
         timeout 200 "$B" --preset $preset --attention $kernel --reps 2 | sed "s/^/vpipe $kernel /"
+        [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
+      done
+    done
+    echo "=== diffusers 14B"
+    timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    echo "=== diffusers 1.3B"
+    timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+  fi
+  if [ "$PART" = fp8 ]; then
+    # Float8 products (--fp8-compute, dit_bench --matmul fp8): the GPU test against the CPU's
+    # emulation and a 14B FFN-sized product's time; then the 14B and 1.3B forwards at B = 2,
+    # exact and in float8 (with the output's error against exact), next to diffusers.
+    T=$(unpack fp8_gpu)
+    timeout 200 "$T" --nocapture --test-threads 1 2>&1 | grep -E "^test |test result|panicked|GPU against|FFN product"
+    [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=9
+    B=$(unpack dit_bench)
+    for preset in wan2.1-t2v-14b wan2.1-t2v-1.3b; do
+      for matmul in exact fp8; do
+        echo "=== vpipe $preset, cudnn attention, $matmul products"
+        timeout 200 "$B" --preset $preset --attention cudnn --matmul $matmul --reps 2 --batches 2 \
+          | sed "s/^/vpipe $matmul /"
         [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
       done
     done
