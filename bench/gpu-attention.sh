@@ -10,9 +10,10 @@
 # footprint; needs .carry/vpipe.xz).
 # With `slices`: the 14B forward at B=1 with cuDNN's attention, whole and in 8 token slices
 # (what a streamed plan runs), resident, to split a sliced step's cost from streaming's.
-# With `fp8`: the float8 products' GPU test (.carry/fp8_gpu.xz: `cargo test --release --features
-# cuda -p vpipe-models --test fp8_gpu --no-run`), then `dit_bench --matmul exact|fp8` on the 14B
-# and the 1.3B at B = 2 next to diffusers.
+# With `fp8`: the float8 GPU tests (.carry/fp8_gpu.xz: `cargo test --release --features cuda -p
+# vpipe-models --test fp8_gpu --no-run`: products and attention against exact, their times),
+# then `dit_bench --attention cudnn|fp8 --matmul exact|fp8` on the 14B and the 1.3B at B = 2
+# (each float8 run with its output's error against the exact forward) next to diffusers.
 # With `ncu-slices`: the same two forwards on 2 blocks of the 14B under Nsight Compute, kernel
 # time summed by kernel name, whole against 8 slices (where a sliced forward's time goes).
 #   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|all]   (default all: kernel and dit)
@@ -82,16 +83,15 @@ PY
     # emulation and a 14B FFN-sized product's time; then the 14B and 1.3B forwards at B = 2,
     # exact and in float8 (with the output's error against exact), next to diffusers.
     T=$(unpack fp8_gpu)
-    timeout 200 "$T" --nocapture --test-threads 1 2>&1 | grep -E "^test |test result|panicked|GPU against|FFN product"
+    timeout 200 "$T" --nocapture --test-threads 1 2>&1 | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|self-attention"
     [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=9
     B=$(unpack dit_bench)
-    for preset in wan2.1-t2v-14b wan2.1-t2v-1.3b; do
-      for matmul in exact fp8; do
-        echo "=== vpipe $preset, cudnn attention, $matmul products"
-        timeout 200 "$B" --preset $preset --attention cudnn --matmul $matmul --reps 2 --batches 2 \
-          | sed "s/^/vpipe $matmul /"
-        [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
-      done
+    for run in "14b cudnn exact" "14b cudnn fp8" "14b fp8 exact" "14b fp8 fp8" "1.3b cudnn exact" "1.3b fp8 fp8"; do
+      set -- $run
+      echo "=== vpipe wan2.1-t2v-$1, $2 attention, $3 products"
+      timeout 200 "$B" --preset wan2.1-t2v-$1 --attention $2 --matmul $3 --reps 2 --batches 2 \
+        | sed "s/^/vpipe $1 $2 $3 /"
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
     done
     echo "=== diffusers 14B"
     timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'

@@ -196,3 +196,89 @@ fn times_a_14b_ffn_product() {
     eprintln!("14B FFN product: fp8 against bf16, relative L2 {err:.3e}");
     assert!(err < 0.06, "{err}");
 }
+
+/// Token-major q, k and v ([B, L, H, D] buffers viewed as [B, H, L, D], as the DiT passes
+/// them), bf16.
+fn token_major(b: usize, l: usize, h: usize, d: usize, seed: f32) -> [Tensor; 3] {
+    let dev = cuda();
+    [0.0, 1.0, 2.0].map(|i| {
+        Tensor::randn(seed + i, 1.0, (b, l, h, d), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+    })
+}
+
+/// cuDNN's float8 attention against its exact (bf16) attention on the same operands: max
+/// abs, relative L2 and cosine printed; at the 14B's self-attention shape also the seconds
+/// per call and TFLOP/s of both (median of 5). Where cuDNN gives no float8 plan the test
+/// fails with cuDNN's message.
+#[test]
+fn fp8_attention_against_the_exact_one() {
+    use vpipe_models::ops::cudnn_sdpa::{sdpa, sdpa_fp8};
+    let dev = cuda();
+    for (b, l, h, d, timed) in [
+        (1, 1000, 4, 128, false),
+        (2, 4096, 8, 64, false),
+        (2, 32_760, 40, 128, true),
+    ] {
+        let [q, k, v] = token_major(b, l, h, d, 0.0);
+        let exact = sdpa(&q, &k, &v).unwrap();
+        let fp8 = sdpa_fp8(&q, &k, &v).unwrap();
+        assert_eq!(fp8.dims(), exact.dims());
+        let host = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let (x, y) = (host(&fp8), host(&exact));
+        let dot = |a: &Tensor, b: &Tensor| {
+            (a * b)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let diff = (&x - &y).unwrap();
+        let max_abs = diff
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let rel = (dot(&diff, &diff) / dot(&y, &y)).sqrt();
+        let cosine = dot(&x, &y) / (dot(&x, &x) * dot(&y, &y)).sqrt();
+        eprintln!(
+            "fp8 attention [{b}, {h}, {l}, {d}] against bf16: max abs {max_abs:.3e}, relative L2 \
+             {rel:.3e}, cosine {cosine:.6}"
+        );
+        assert!(
+            rel < 0.1 && cosine > 0.99,
+            "relative L2 {rel}, cosine {cosine}"
+        );
+        if timed {
+            let time = |f: &dyn Fn() -> Tensor| {
+                let mut times = Vec::new();
+                for _ in 0..7 {
+                    dev.synchronize().unwrap();
+                    let t = Instant::now();
+                    let y = f();
+                    dev.synchronize().unwrap();
+                    times.push(t.elapsed().as_secs_f64());
+                    drop(y);
+                }
+                times.sort_by(f64::total_cmp);
+                times[3]
+            };
+            let flops = 4.0 * (b * h * l * l * d) as f64;
+            let exact_s = time(&|| sdpa(&q, &k, &v).unwrap());
+            let fp8_s = time(&|| sdpa_fp8(&q, &k, &v).unwrap());
+            eprintln!(
+                "self-attention [{b}, {h}, {l}, {d}]: bf16 {exact_s:.4} s ({:.0} TFLOP/s), fp8 \
+                 {fp8_s:.4} s ({:.0} TFLOP/s, quantising q, k and v included)",
+                flops / exact_s / 1e12,
+                flops / fp8_s / 1e12
+            );
+        }
+    }
+}

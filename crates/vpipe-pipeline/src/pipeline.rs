@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use vpipe_mem::{fmt_bytes, MemorySession, ModelId, Tier};
-use vpipe_models::ops::attention::{cudnn_refusal, AttentionKernel};
+use vpipe_models::ops::attention::{cudnn_refusal, fp8_attention_refusal, AttentionKernel};
 use vpipe_models::ops::linear::MatmulPrecision;
 use vpipe_models::tiling::TileSpec;
 use vpipe_models::wan::{
@@ -1139,7 +1139,17 @@ fn sample(
         last_step_end = Some(std::time::Instant::now());
     }
     drop(model);
-    if let (AttentionKernel::Cudnn, Some(why)) = (plan.attention, cudnn_refusal()) {
+    if let (AttentionKernel::CudnnFp8, Some(why)) = (plan.attention, fp8_attention_refusal()) {
+        p.fallback(
+            "attention",
+            &format!(
+                "cuDNN's float8 attention was refused, its exact attention ran instead: {why}"
+            ),
+        );
+    }
+    if let (AttentionKernel::Cudnn | AttentionKernel::CudnnFp8, Some(why)) =
+        (plan.attention, cudnn_refusal())
+    {
         p.fallback(
             "attention",
             &format!("cuDNN's attention was refused, vpipe's fused kernel ran instead: {why}"),

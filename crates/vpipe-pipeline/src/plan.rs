@@ -491,7 +491,7 @@ impl SamplePlan {
         } = work;
         let scratch_for = |kernel| match kernel {
             AttentionKernel::Chunked => attention_scratch(budget.compute, dit_weights.total),
-            AttentionKernel::Cudnn | AttentionKernel::Fused => 0,
+            AttentionKernel::Cudnn | AttentionKernel::Fused | AttentionKernel::CudnnFp8 => 0,
         };
         let elem = dtype.size_in_bytes() as u64;
         // Two passes keep the second pass's residual stream while the first runs a block.
@@ -781,7 +781,7 @@ pub(crate) fn h200_forward_seconds(
     let attention_rate = match kernel {
         AttentionKernel::Cudnn => H200_CUDNN_ATTENTION_FLOPS,
         AttentionKernel::Fused => H200_FUSED_ATTENTION_FLOPS,
-        AttentionKernel::Chunked => return None,
+        AttentionKernel::Chunked | AttentionKernel::CudnnFp8 => return None,
     };
     Some(self_attention / attention_rate + (total - self_attention) / H200_OTHER_FLOPS)
 }

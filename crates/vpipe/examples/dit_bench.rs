@@ -6,7 +6,7 @@
 //! cargo build --release --features cuda -p vpipe --example dit_bench
 //! dit_bench --preset wan2.1-t2v-14b --scratch-gib 4 --reps 2 [--attention cudnn] > dit.jsonl
 //! dit_bench --token-slices 8 --batches 1     # the forward a streamed plan runs in slices
-//! dit_bench --matmul fp8                      # float8 products; and their error against exact
+//! dit_bench --matmul fp8 --attention fp8      # float8 paths, and their error against exact
 //! dit_bench --preset wan2.1-t2v-1.3b --layers 1 --latent 1,4,4 --device cpu   # script check
 //! ```
 //!
@@ -207,10 +207,15 @@ fn main() -> Result<()> {
             "matmul": format!("{:?}", args.matmul),
             "scratch_gib": args.scratch_gib, "self_chunk_rows": self_attend.chunk.0, "cross_chunk_rows": cross_attend.chunk.0.min(tokens)}),
         );
-        if args.matmul != MatmulPrecision::Exact {
-            // The output's error against the exact products, same inputs and attention.
+        if args.matmul != MatmulPrecision::Exact || kernel == AttentionKernel::CudnnFp8 {
+            // The output's error against the exact forward: exact products, cuDNN's exact
+            // attention for float8's, the same inputs.
             let exact = Execution {
                 matmul: MatmulPrecision::Exact,
+                attention: match kernel {
+                    AttentionKernel::CudnnFp8 => AttentionKernel::Cudnn,
+                    other => other,
+                },
                 ..execution
             };
             let run = |execution: &Execution| {
@@ -225,7 +230,7 @@ fn main() -> Result<()> {
             let diff = (&fast - &reference)?;
             println!(
                 "{}",
-                json!({"what": "matmul_error", "batch": batch, "matmul": format!("{:?}", args.matmul),
+                json!({"what": "fast_path_error", "batch": batch, "matmul": format!("{:?}", args.matmul), "attention": kernel.name(),
                 "relative_l2": (dot(&diff, &diff)? / dot(&reference, &reference)?).sqrt(),
                 "max_abs": diff.abs()?.max_all()?.to_scalar::<f64>()?,
                 "cosine": dot(&fast, &reference)? / (dot(&fast, &fast)? * dot(&reference, &reference)?).sqrt()}),

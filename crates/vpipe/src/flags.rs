@@ -1050,8 +1050,10 @@ pub(crate) struct ComputeArgs {
     report: Option<PathBuf>,
     /// The attention kernel: auto (the fastest that applies: cudnn, then fused, then
     /// chunked), cudnn (cuDNN's fused attention: CUDA, bf16/f16), fused (vpipe's own kernel:
-    /// CUDA, bf16/f16, heads of 128) or chunked (matmul and softmax over query chunks: any
-    /// device and dtype).
+    /// CUDA, bf16/f16, heads of 128), chunked (matmul and softmax over query chunks: any
+    /// device and dtype) or fp8 (cuDNN's attention in float8 for the self-attention, q, k and
+    /// v quantised with one scale each: Hopper or newer, bf16/f16; faster and less exact,
+    /// cuDNN's exact attention where cuDNN refuses it, as the report says).
     #[arg(long, default_value = "auto")]
     attention: String,
     /// Multiply in float8 (e4m3) in the DiT's blocks: the activations quantised per token,
@@ -1072,7 +1074,7 @@ impl ComputeArgs {
             "auto" => None,
             name => Some(AttentionKernel::from_name(name).ok_or_else(|| {
                 BadInput(format!(
-                    "--attention {name}: expected auto, cudnn, fused or chunked"
+                    "--attention {name}: expected auto, cudnn, fused, chunked or fp8"
                 ))
             })?),
         };

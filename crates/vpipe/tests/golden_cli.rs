@@ -653,7 +653,7 @@ fn a_step_cache_that_is_not_built_or_a_bad_threshold_is_refused() {
 /// `--fp8-compute` on the CPU runs the GPU's float8 arithmetic emulated: the same run as exact
 /// bf16 but for float8's error (the final latents close to the exact run's and to diffusers'
 /// f32 ones, not equal), and the plan and report say so. With f32 activations the flag is bad
-/// input naming itself.
+/// input naming itself, as is `--attention fp8` (cuDNN's, CUDA only) on the CPU.
 #[test]
 fn fp8_compute_runs_near_the_exact_products_and_says_so() {
     let fx = settings();
@@ -727,4 +727,9 @@ fn fp8_compute_runs_near_the_exact_products_and_says_so() {
     assert!(made.is_none());
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--fp8-compute"), "{stderr}");
+    // cuDNN's float8 attention has no CPU path: bad input naming the flag.
+    let (code, stderr, made) = latents_of(&["--dtype", "bf16", "--attention", "fp8"]);
+    assert!(made.is_none());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--attention fp8"), "{stderr}");
 }

@@ -115,10 +115,16 @@ pub enum AttentionKernel {
     Fused,
     /// `QueryChunk` query rows at a time through matmul and softmax: any device and dtype.
     Chunked,
+    /// cuDNN's fused attention in float8 (`ops::cudnn_sdpa::sdpa_fp8`): q, k and v quantised
+    /// to e4m3 with one scale each, both products in float8 with f32 accumulation, the output
+    /// in q's dtype. Opt-in (`--attention fp8`), never picked by itself: faster and less exact.
+    /// CUDA, Hopper or newer, bf16/f16, head dims a multiple of 16 up to 128; the
+    /// cross-attention (512 keys) stays cuDNN's exact one.
+    CudnnFp8,
 }
 
 impl AttentionKernel {
-    /// Every kernel, fastest first.
+    /// Every exact kernel, fastest first (what `--attention auto` picks from).
     pub const ALL: [Self; 3] = [Self::Cudnn, Self::Fused, Self::Chunked];
 
     /// The name `--attention` takes.
@@ -127,12 +133,16 @@ impl AttentionKernel {
             Self::Cudnn => "cudnn",
             Self::Fused => "fused",
             Self::Chunked => "chunked",
+            Self::CudnnFp8 => "fp8",
         }
     }
 
     /// The kernel `--attention` names.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
+        Self::ALL
+            .into_iter()
+            .chain([Self::CudnnFp8])
+            .find(|k| k.name() == name)
     }
 
     /// The kernel in words, for plans and reports.
@@ -141,6 +151,18 @@ impl AttentionKernel {
             Self::Cudnn => "cuDNN fused attention",
             Self::Fused => "vpipe's fused attention kernel",
             Self::Chunked => "chunked attention (matmul and softmax over query chunks)",
+            Self::CudnnFp8 => {
+                "cuDNN fused attention in float8 (self-attention; one scale per q, k and v)"
+            }
+        }
+    }
+
+    /// The kernel of a cross-attention when this one runs the self-attention: float8 only
+    /// where the time is (the self-attention's 32 760 keys, not the text's 512).
+    pub fn for_cross_attention(self) -> Self {
+        match self {
+            Self::CudnnFp8 => Self::Cudnn,
+            other => other,
         }
     }
 
@@ -164,7 +186,10 @@ impl AttentionKernel {
             Self::Cudnn if !head_dim.is_multiple_of(8) || head_dim > 128 => Err(format!(
                 "it takes heads of a multiple of 8 up to 128, not {head_dim}"
             )),
-            Self::Cudnn | Self::Fused => Ok(()),
+            Self::CudnnFp8 if !head_dim.is_multiple_of(16) || head_dim > 128 => Err(format!(
+                "it takes heads of a multiple of 16 up to 128, not {head_dim}"
+            )),
+            Self::Cudnn | Self::Fused | Self::CudnnFp8 => Ok(()),
         }
     }
 
@@ -247,7 +272,16 @@ fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, how: Attend) -> Result<Tensor> {
     check_operands(q, k, v)?;
     #[cfg(feature = "cuda")]
     {
-        if how.kernel == AttentionKernel::Cudnn {
+        if how.kernel == AttentionKernel::CudnnFp8 {
+            match crate::ops::cudnn_sdpa::sdpa_fp8(q, k, v) {
+                Ok(out) => return Ok(out),
+                Err(e) => record_fp8_refusal(e.to_string()),
+            }
+        }
+        if matches!(
+            how.kernel,
+            AttentionKernel::Cudnn | AttentionKernel::CudnnFp8
+        ) {
             if let Some(out) = cudnn(q, k, v) {
                 return Ok(out);
             }
@@ -284,6 +318,27 @@ fn cudnn(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Tensor> {
 
 /// The first reason cuDNN's attention was refused in this process.
 static CUDNN_REFUSAL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The first reason cuDNN's float8 attention was refused in this process.
+static FP8_REFUSAL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+#[cfg(feature = "cuda")]
+fn record_fp8_refusal(why: String) {
+    let mut first = FP8_REFUSAL.lock().unwrap_or_else(|e| e.into_inner());
+    if first.is_none() {
+        tracing::warn!("cuDNN's float8 attention refused, its exact attention runs instead: {why}");
+        *first = Some(why);
+    }
+}
+
+/// Why cuDNN's float8 attention did not run for some call of this process where a plan asked
+/// for it (the first reason): the exact cuDNN attention ran instead.
+pub fn fp8_attention_refusal() -> Option<String> {
+    FP8_REFUSAL
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
 
 #[cfg(feature = "cuda")]
 fn record_cudnn_refusal(why: String) {

@@ -24,6 +24,14 @@
 //!   (bf16/f16): the second matmul takes its A operand in the I/O type, as the frontend notes.
 //!   Compute types are f32 throughout.
 //!
+//! **Float8** ([`sdpa_fp8`]): the composite graph as the frontend lowers its FP8 SDPA, Q, K
+//! and V in e4m3 with one descale each (device f32 scalars): `S = Q·Kᵀ` → `·scale` →
+//! `·descale_q` → `·descale_k` → the softmax above (P in f32) → `amax(P)` (an output) →
+//! `P·scale_s` in e4m3 → `P·V` (f32) → `·descale_s` → `·descale_v` → `·scale_o` into O (in
+//! the input's bf16/f16) and `amax` of the descaled product (an output). P is at most 1, so
+//! `scale_s` is 448 (e4m3's largest value) and `descale_s` its inverse; O is not quantised
+//! (`scale_o` 1).
+//!
 //! Unless `VPIPE_CUDNN_SDPA_GRAPH` says `native` or `composite` (only that one is tried), the
 //! native operation is tried where the version allows and the composite graph when it gives
 //! no plan. For the graph that builds, cuDNN's heuristics (mode A) rank engine configurations,
@@ -52,7 +60,7 @@ use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop,
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle_core::op::BackpropOp;
@@ -99,6 +107,18 @@ const UID_K: i64 = 2;
 const UID_V: i64 = 3;
 const UID_O: i64 = 4;
 const UID_SCALE: i64 = 5;
+/// The float8 graph's scales (device f32 scalars) and its two amax outputs.
+const UID_DESCALE_Q: i64 = 6;
+const UID_DESCALE_K: i64 = 7;
+const UID_DESCALE_V: i64 = 8;
+const UID_DESCALE_S: i64 = 9;
+const UID_SCALE_S: i64 = 10;
+const UID_SCALE_O: i64 = 11;
+const UID_AMAX_S: i64 = 12;
+const UID_AMAX_O: i64 = 13;
+/// What the float8 graph scales the probabilities by before they are rounded to e4m3: P is
+/// at most 1, e4m3's largest value 448.
+const FP8_PROBABILITY_SCALE: f32 = 448.0;
 /// The composite graph's virtual tensors, numbered from here.
 const UID_VIRTUAL: i64 = 100;
 
@@ -292,6 +312,8 @@ impl Drop for Handle {
 struct PlanKey {
     stream: usize,
     dtype: DType,
+    /// Q, K and V in float8 e4m3 (the output in `dtype`).
+    fp8: bool,
     /// B, H, Lq, Lk, D.
     sizes: [usize; 5],
     strides: [[usize; 4]; 4],
@@ -302,6 +324,7 @@ struct PlanKey {
 enum Graph {
     Native,
     Composite,
+    CompositeFp8,
 }
 
 impl Graph {
@@ -309,6 +332,7 @@ impl Graph {
         match self {
             Graph::Native => "native SDPA_FWD operation",
             Graph::Composite => "composite graph",
+            Graph::CompositeFp8 => "composite float8 graph",
         }
     }
 }
@@ -330,6 +354,43 @@ struct Plan {
 struct State {
     handles: HashMap<usize, Rc<Handle>>,
     plans: HashMap<PlanKey, Result<Rc<Plan>, String>>,
+    /// By stream: the float8 graph's constant scales and its amax outputs
+    /// ([`Fp8Scalars`]).
+    fp8_scalars: HashMap<usize, Rc<CudaSlice<f32>>>,
+}
+
+/// Where the float8 graph's device scalars sit in their buffer, 16 bytes apart (the alignment
+/// every tensor descriptor promises): `scale_s`, `descale_s`, `scale_o`, then the two amax
+/// outputs (written by every call; calls on one stream run in turn).
+struct Fp8Scalars;
+
+impl Fp8Scalars {
+    const STRIDE: usize = ALIGN_BYTES / 4;
+    const SCALE_S: usize = 0;
+    const DESCALE_S: usize = 1;
+    const SCALE_O: usize = 2;
+    const AMAX_S: usize = 3;
+    const AMAX_O: usize = 4;
+    const COUNT: usize = 5;
+
+    /// This thread's buffer for `stream`, made on first use.
+    fn on(stream: &Arc<CudaStream>) -> candle_core::Result<Rc<CudaSlice<f32>>> {
+        let key = Arc::as_ptr(stream) as usize;
+        if let Some(found) = STATE.with(|s| s.borrow().fp8_scalars.get(&key).cloned()) {
+            return Ok(found);
+        }
+        let mut values = vec![0f32; Self::COUNT * Self::STRIDE];
+        values[Self::SCALE_S * Self::STRIDE] = FP8_PROBABILITY_SCALE;
+        values[Self::DESCALE_S * Self::STRIDE] = 1.0 / FP8_PROBABILITY_SCALE;
+        values[Self::SCALE_O * Self::STRIDE] = 1.0;
+        let buffer = Rc::new(
+            stream
+                .clone_htod(&values)
+                .map_err(|e| error(format!("the float8 scales: {e:?}")))?,
+        );
+        STATE.with(|s| s.borrow_mut().fp8_scalars.insert(key, buffer.clone()));
+        Ok(buffer)
+    }
 }
 
 thread_local! {
@@ -412,7 +473,10 @@ fn tensor(spec: TensorSpec) -> Fallible<Descriptor> {
 
 /// The sizes and layouts a graph is built for, in cuDNN's terms.
 struct Problem {
+    /// The output's type (and the inputs', unless `input` says float8).
     io: sys::cudnnDataType_t,
+    /// Q's, K's and V's type.
+    input: sys::cudnnDataType_t,
     b: i64,
     h: i64,
     lq: i64,
@@ -433,8 +497,14 @@ impl Problem {
         };
         let [b, h, lq, lk, d] = key.sizes.map(|n| n as i64);
         let [q, k, v, o] = key.strides.map(|s| s.map(|n| n as i64));
+        let input = if key.fp8 {
+            sys::cudnnDataType_t::CUDNN_DATA_FP8_E4M3
+        } else {
+            io
+        };
         Ok(Self {
             io,
+            input,
             b,
             h,
             lq,
@@ -454,7 +524,7 @@ impl Problem {
         let plain = |name, uid, dims, strides| TensorSpec {
             name,
             uid,
-            dtype: self.io,
+            dtype: self.input,
             dims,
             strides,
             is_virtual: false,
@@ -470,7 +540,10 @@ impl Problem {
             tensor(plain("Q", UID_Q, [b, h, lq, d], self.q))?,
             tensor(k)?,
             tensor(plain("V", UID_V, [b, h, lk, d], self.v))?,
-            tensor(plain("O", UID_O, [b, h, lq, d], self.o))?,
+            tensor(TensorSpec {
+                dtype: self.io,
+                ..plain("O", UID_O, [b, h, lq, d], self.o)
+            })?,
             // A host f32 passed by value at execution, [1, 1, 1, 1] as PyTorch declares it.
             tensor(TensorSpec {
                 name: "scale",
@@ -695,6 +768,117 @@ fn composite_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
     Ok((ops, kept))
 }
 
+/// The composite float8 graph (see the module documentation); returns its operations in the
+/// frontend's order and the descriptors they name.
+fn composite_fp8_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
+    use sys::cudnnPointwiseMode_t as Pw;
+    use sys::cudnnReduceTensorOp_t as Red;
+    let [q, kt, v, o, scale] = p.io_tensors(true)?;
+    let (b, h, lq, lk, d) = (p.b, p.h, p.lq, p.lk, p.d);
+    let f32 = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+    // The scales and the amax outputs: f32 [1, 1, 1, 1] in device memory.
+    let scalar = |name, uid| {
+        tensor(TensorSpec {
+            name,
+            uid,
+            dtype: f32,
+            dims: [1; 4],
+            strides: [1; 4],
+            is_virtual: false,
+            by_value: false,
+        })
+    };
+    let descale_q = scalar("descale q", UID_DESCALE_Q)?;
+    let descale_k = scalar("descale k", UID_DESCALE_K)?;
+    let descale_v = scalar("descale v", UID_DESCALE_V)?;
+    let descale_s = scalar("descale s", UID_DESCALE_S)?;
+    let scale_s = scalar("scale s", UID_SCALE_S)?;
+    let scale_o = scalar("scale o", UID_SCALE_O)?;
+    let amax_s = scalar("amax s", UID_AMAX_S)?;
+    let amax_o = scalar("amax o", UID_AMAX_O)?;
+    let scores = ([b, h, lq, lk], [h * lq * lk, lq * lk, lk, 1]);
+    let rows = ([b, h, lq, 1], [h * lq, lq, 1, 1]);
+    let outputs = ([b, h, lq, d], [h * lq * d, lq * d, d, 1]);
+    let mut next_uid = UID_VIRTUAL;
+    let mut virtual_tensor = |name, dtype, (dims, strides): ([i64; 4], [i64; 4])| {
+        next_uid += 1;
+        tensor(TensorSpec {
+            name,
+            uid: next_uid,
+            dtype,
+            dims,
+            strides,
+            is_virtual: true,
+            by_value: false,
+        })
+    };
+    let s = virtual_tensor("S = Q·Kᵀ", f32, scores)?;
+    let scaled = virtual_tensor("S·scale", f32, scores)?;
+    let q_descaled = virtual_tensor("·descale q", f32, scores)?;
+    let k_descaled = virtual_tensor("·descale k", f32, scores)?;
+    let max = virtual_tensor("M = max", f32, rows)?;
+    let centred = virtual_tensor("S − M", f32, scores)?;
+    let exp = virtual_tensor("exp(S − M)", f32, scores)?;
+    let sum = virtual_tensor("Z = Σ exp", f32, rows)?;
+    let log_sum = virtual_tensor("log Z", f32, rows)?;
+    let stats = virtual_tensor("stats = M + log Z", f32, rows)?;
+    let probs = virtual_tensor("P = exp / Z", f32, scores)?;
+    let probs8 = virtual_tensor("P·scale s", p.input, scores)?;
+    let product = virtual_tensor("P·V", f32, outputs)?;
+    let s_descaled = virtual_tensor("·descale s", f32, outputs)?;
+    let v_descaled = virtual_tensor("·descale v", f32, outputs)?;
+
+    let mut kept = Kept::default();
+    let mul = |x: &Descriptor, b: &Descriptor, y: &Descriptor, kept: &mut Kept| {
+        pointwise(Pw::CUDNN_POINTWISE_MUL, x, Some(b), y, kept)
+    };
+    let ops = vec![
+        matmul("Q·Kᵀ", &q, &kt, &s, &mut kept)?,
+        mul(&s, &scale, &scaled, &mut kept)?,
+        mul(&scaled, &descale_q, &q_descaled, &mut kept)?,
+        mul(&q_descaled, &descale_k, &k_descaled, &mut kept)?,
+        reduction(Red::CUDNN_REDUCE_TENSOR_MAX, &k_descaled, &max, &mut kept)?,
+        pointwise(
+            Pw::CUDNN_POINTWISE_SUB,
+            &k_descaled,
+            Some(&max),
+            &centred,
+            &mut kept,
+        )?,
+        pointwise(Pw::CUDNN_POINTWISE_EXP, &centred, None, &exp, &mut kept)?,
+        reduction(Red::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum, &mut kept)?,
+        pointwise(Pw::CUDNN_POINTWISE_LOG, &sum, None, &log_sum, &mut kept)?,
+        pointwise(
+            Pw::CUDNN_POINTWISE_ADD,
+            &max,
+            Some(&log_sum),
+            &stats,
+            &mut kept,
+        )?,
+        pointwise(Pw::CUDNN_POINTWISE_DIV, &exp, Some(&sum), &probs, &mut kept)?,
+        reduction(Red::CUDNN_REDUCE_TENSOR_AMAX, &probs, &amax_s, &mut kept)?,
+        mul(&probs, &scale_s, &probs8, &mut kept)?,
+        matmul("P·V", &probs8, &v, &product, &mut kept)?,
+        mul(&product, &descale_s, &s_descaled, &mut kept)?,
+        mul(&s_descaled, &descale_v, &v_descaled, &mut kept)?,
+        mul(&v_descaled, &scale_o, &o, &mut kept)?,
+        reduction(
+            Red::CUDNN_REDUCE_TENSOR_AMAX,
+            &v_descaled,
+            &amax_o,
+            &mut kept,
+        )?,
+    ];
+    for t in [
+        q, kt, v, o, scale, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, amax_s,
+        amax_o, s, scaled, q_descaled, k_descaled, max, centred, exp, sum, log_sum, stats, probs,
+        probs8, product, s_descaled, v_descaled,
+    ] {
+        kept.keep(t);
+    }
+    Ok((ops, kept))
+}
+
 /// The operation graph of `ops`, cuDNN's ranked engine configurations for it, and the first
 /// that finalizes into an execution plan.
 fn plan_graph(
@@ -840,8 +1024,22 @@ fn build_plan(handle: &Rc<Handle>, key: &PlanKey) -> Fallible<Plan> {
             "cuDNN {version} is not supported (9.0 or later, except 9.10.0 and 9.10.1)"
         ));
     }
-    let choice = std::env::var(GRAPH_ENV).unwrap_or_default();
     let problem = Problem::from_key(key)?;
+    if key.fp8 {
+        return composite_fp8_graph(&problem)
+            .and_then(|(ops, kept)| plan_graph(handle, Graph::CompositeFp8, ops, kept))
+            .map_err(|e| {
+                format!(
+                    "no execution plan for float8 [B, H, Lq, Lk, D] = {:?} with strides {:?}, \
+                     output {:?} ({}: {e})",
+                    key.sizes,
+                    key.strides,
+                    key.dtype,
+                    Graph::CompositeFp8.name()
+                )
+            });
+    }
+    let choice = std::env::var(GRAPH_ENV).unwrap_or_default();
     let mut refusals = Vec::new();
     if choice != "composite" {
         if version >= NATIVE_MIN_VERSION {
@@ -976,6 +1174,7 @@ fn plan_key(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(PlanKey,
     let key = PlanKey {
         stream: Arc::as_ptr(&stream) as usize,
         dtype: q.dtype(),
+        fp8: false,
         sizes: [b, h, lq, lk, d],
         strides: [
             strides_of(q.layout()),
@@ -1040,7 +1239,78 @@ fn operand_ptr<'a>(
     Ok((base + offset, read))
 }
 
-/// Allocates the output (and workspace) and executes `plan`.
+/// `softmax(q·kᵀ / √D) · v` through cuDNN's fused attention in float8 (the module
+/// documentation's float8 graph): q, k and v are quantised to e4m3 with one scale each (their
+/// largest |value| over 448, computed on the device) into copies of their own layouts, both
+/// products run in float8 with f32 accumulation, and the output is written in q's dtype,
+/// token-major, returned as [`sdpa`]'s is. The plan is built once per shape and layout.
+///
+/// # Shapes
+/// As [`sdpa`]; D a multiple of 16.
+///
+/// # Errors
+/// As [`sdpa`] (cuDNN's float8 attention needs Hopper or newer and cuDNN 9.1 or later; where
+/// it gives no plan the message says so, and the caller runs the exact attention instead).
+pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let (mut key, stream) = plan_key(q, k, v)?;
+    let d = key.sizes[4];
+    if !d.is_multiple_of(16) {
+        return Err(error(format!(
+            "float8 attention takes heads of a multiple of 16, not {d}"
+        )));
+    }
+    let (q8, descale_q, q_strides) = crate::ops::fp8::quantize_per_tensor(q)?;
+    let (k8, descale_k, k_strides) = crate::ops::fp8::quantize_per_tensor(k)?;
+    let (v8, descale_v, v_strides) = crate::ops::fp8::quantize_per_tensor(v)?;
+    let four = |strides: Vec<usize>| -> candle_core::Result<[usize; 4]> {
+        let strides: [usize; 4] = strides
+            .try_into()
+            .map_err(|s| error(format!("float8 operand strides {s:?}")))?;
+        // One-byte elements: every stride of a dimension past 1 16-byte aligned.
+        if strides[..3].iter().any(|s| !s.is_multiple_of(ALIGN_BYTES)) {
+            return Err(error(format!(
+                "float8 operand strides {strides:?} are not multiples of {ALIGN_BYTES}"
+            )));
+        }
+        Ok(strides)
+    };
+    key.fp8 = true;
+    key.strides = [
+        four(q_strides)?,
+        four(k_strides)?,
+        four(v_strides)?,
+        key.strides[3],
+    ];
+    let plan = plan_for(&key, &stream)?;
+    let scalars = Fp8Scalars::on(&stream)?;
+    let (base, _scalars_read) = scalars.device_ptr(&stream);
+    let scalar = |i: usize| base + (i * Fp8Scalars::STRIDE * 4) as u64;
+    let ptr = crate::ops::fused::device_ptr;
+    let operands = [
+        (UID_Q, ptr(&q8)?),
+        (UID_K, ptr(&k8)?),
+        (UID_V, ptr(&v8)?),
+        (UID_DESCALE_Q, ptr(&descale_q)?),
+        (UID_DESCALE_K, ptr(&descale_k)?),
+        (UID_DESCALE_V, ptr(&descale_v)?),
+        (UID_SCALE_S, scalar(Fp8Scalars::SCALE_S)),
+        (UID_DESCALE_S, scalar(Fp8Scalars::DESCALE_S)),
+        (UID_SCALE_O, scalar(Fp8Scalars::SCALE_O)),
+        (UID_AMAX_S, scalar(Fp8Scalars::AMAX_S)),
+        (UID_AMAX_O, scalar(Fp8Scalars::AMAX_O)),
+    ];
+    let device = q.device().as_cuda_device()?;
+    let out = match q.dtype() {
+        DType::BF16 => launch::<half::bf16>(device, &plan, &key, &stream, &operands),
+        DType::F16 => launch::<half::f16>(device, &plan, &key, &stream, &operands),
+        other => Err(error(format!("no attention for {other:?}"))),
+    };
+    // The float8 copies and the descales are freed after the launch in stream order.
+    drop((q8, k8, v8, descale_q, descale_k, descale_v));
+    out
+}
+
+/// Executes `plan` on q, k and v read in place.
 fn run<T: CudaDType + DeviceRepr>(
     q: &Tensor,
     k: &Tensor,
@@ -1049,8 +1319,28 @@ fn run<T: CudaDType + DeviceRepr>(
     key: &PlanKey,
     stream: &Arc<CudaStream>,
 ) -> candle_core::Result<Tensor> {
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let (qp, _q_read) = operand_ptr(&q_storage, q_layout, stream)?;
+    let (kp, _k_read) = operand_ptr(&k_storage, k_layout, stream)?;
+    let (vp, _v_read) = operand_ptr(&v_storage, v_layout, stream)?;
+    let device = q.device().as_cuda_device()?;
+    let operands = [(UID_Q, qp), (UID_K, kp), (UID_V, vp)];
+    launch::<T>(device, plan, key, stream, &operands)
+    // The read records drop here, after the launch, then the storage guards.
+}
+
+/// Allocates the output (and workspace) and executes `plan` on `operands` (unique id and
+/// device address of every tensor the plan binds but the output and the scale).
+fn launch<T: CudaDType + DeviceRepr>(
+    device: &candle_core::CudaDevice,
+    plan: &Plan,
+    key: &PlanKey,
+    stream: &Arc<CudaStream>,
+    operands: &[(i64, u64)],
+) -> candle_core::Result<Tensor> {
     let [b, h, lq, _, d] = key.sizes;
-    let device = q.device().as_cuda_device()?.clone();
     let alloc_err = |e| error(format!("allocating device memory: {e:?}"));
     // SAFETY: the plan writes every element of the output (O covers it exactly).
     let mut out = unsafe { stream.alloc::<T>(b * lq * h * d) }.map_err(alloc_err)?;
@@ -1060,12 +1350,6 @@ fn run<T: CudaDType + DeviceRepr>(
         n => Some(unsafe { stream.alloc::<u8>(n) }.map_err(alloc_err)?),
     };
     {
-        let (q_storage, q_layout) = q.storage_and_layout();
-        let (k_storage, k_layout) = k.storage_and_layout();
-        let (v_storage, v_layout) = v.storage_and_layout();
-        let (qp, _q_read) = operand_ptr(&q_storage, q_layout, stream)?;
-        let (kp, _k_read) = operand_ptr(&k_storage, k_layout, stream)?;
-        let (vp, _v_read) = operand_ptr(&v_storage, v_layout, stream)?;
         let (op, _o_write) = out.device_ptr_mut(stream);
         let scratch = workspace.as_mut().map(|w| w.device_ptr_mut(stream));
         let wp = scratch.as_ref().map_or(0, |(p, _)| *p);
@@ -1074,16 +1358,18 @@ fn run<T: CudaDType + DeviceRepr>(
             .bind_to_thread()
             .map_err(|e| error(format!("binding the CUDA context: {e:?}")))?;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let mut bound = operands.to_vec();
+        bound.push((UID_O, op));
         let _span = tracing::trace_span!("cudnn_sdpa_execute").entered();
-        // SAFETY: q, k and v are live storages (their read guards are held) of the layouts the
-        // plan was built for (its key); `out` is a fresh buffer of the output's layout and
-        // `wp` (if any) a fresh one of the plan's workspace size; the launch is ordered on
-        // `stream` before anything frees them.
-        unsafe { execute(plan, [qp, kp, vp, op], scale, wp) }.map_err(error)?;
-        // The read and write records drop here, after the launch, then the storage guards.
+        // SAFETY: the operands are live buffers of the layouts the plan was built for (its
+        // key; the caller holds them past this call); `out` is a fresh buffer of the output's
+        // layout and `wp` (if any) a fresh one of the plan's workspace size; the launch is
+        // ordered on `stream` before anything frees them.
+        unsafe { execute(plan, &bound, scale, wp) }.map_err(error)?;
+        // The write records drop here, after the launch.
     }
     let out = Tensor::from_storage(
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device)),
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone())),
         vec![b, lq, h, d],
         BackpropOp::none(),
         false,
@@ -1093,27 +1379,26 @@ fn run<T: CudaDType + DeviceRepr>(
     out.transpose(1, 2)
 }
 
-/// Binds the tensors to their unique ids in a variant pack and launches `plan` on its handle's
-/// stream.
+/// Binds the tensors to their unique ids in a variant pack (the pass-by-value `scale` too)
+/// and launches `plan` on its handle's stream.
 ///
 /// # Safety
-/// `q`, `k`, `v` and `o` must address live device buffers covering the plan's layouts (`o`
-/// writable and used by nothing else meanwhile), and `workspace` a live buffer of at least the
-/// plan's workspace size (or 0 when it needs none).
-unsafe fn execute(plan: &Plan, [q, k, v, o]: [u64; 4], scale: f32, workspace: u64) -> Fallible<()> {
+/// Every address in `bound` must point to a live device buffer covering the layout the plan
+/// gave its id (the output writable and used by nothing else meanwhile), and `workspace` to a
+/// live buffer of at least the plan's workspace size (or be 0 when it needs none).
+unsafe fn execute(plan: &Plan, bound: &[(i64, u64)], scale: f32, workspace: u64) -> Fallible<()> {
     // cuDNN reads the pass-by-value scale from host memory during the execute call; aligned
     // as the tensor descriptor promises.
     #[repr(align(16))]
     struct Aligned(f32);
     let mut scale = Aligned(scale);
-    let pointers: [*mut c_void; 5] = [
-        q as usize as *mut c_void,
-        k as usize as *mut c_void,
-        v as usize as *mut c_void,
-        o as usize as *mut c_void,
-        (&mut scale.0 as *mut f32).cast::<c_void>(),
-    ];
-    let uids = [UID_Q, UID_K, UID_V, UID_O, UID_SCALE];
+    let mut pointers: Vec<*mut c_void> = bound
+        .iter()
+        .map(|&(_, address)| address as usize as *mut c_void)
+        .collect();
+    pointers.push((&mut scale.0 as *mut f32).cast::<c_void>());
+    let mut uids: Vec<i64> = bound.iter().map(|&(uid, _)| uid).collect();
+    uids.push(UID_SCALE);
     let pack = Descriptor::new(
         Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR,
         "the variant pack",

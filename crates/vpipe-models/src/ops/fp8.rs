@@ -179,6 +179,9 @@ fn quantize_rows(x: &Tensor, scales: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
+pub(crate) use cuda_kernels::quantize_per_tensor;
+
+#[cfg(feature = "cuda")]
 mod cuda_kernels {
     //! The CUDA side of [`super::linear`]: vpipe's kernels (`kernels/fp8.cu`) and cuBLASLt's
     //! float8 product.
@@ -209,28 +212,41 @@ mod cuda_kernels {
     pub(super) fn row_absmax(x: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, cols) = x.dims2()?;
         let x = x.contiguous()?;
-        let like = Tensor::zeros((), DType::F32, x.device())?;
+        absmax_at((device_ptr(&x)?, x.dtype()), x.device(), (rows, cols))
+    }
+
+    /// The largest |value| of each of `rows` rows of `cols` elements from the device address
+    /// `x` (of `dtype`), f32 [rows] on `device`.
+    fn absmax_at(
+        (x, dtype): (u64, DType),
+        device: &candle_core::Device,
+        (rows, cols): (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let like = Tensor::zeros((), DType::F32, device)?;
         let (out, op) = empty(&like, &[rows])?;
         if rows == 0 {
             return Ok(out);
         }
-        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
-            &name("row_absmax", x.dtype())?,
+        let func = device.as_cuda_device()?.get_or_load_custom_func(
+            &name("row_absmax", dtype)?,
             "vpipe_fp8",
             PTX,
         )?;
-        let (xp, cols) = (device_ptr(&x)?, cols as i32);
+        let grid = u32::try_from(rows).map_err(|_| {
+            candle_core::Error::Msg(format!("fp8 absmax: {rows} rows, more than one launch"))
+        })?;
+        let cols = cols as i32;
         let mut a = func.builder();
-        a.arg(&xp);
+        a.arg(&x);
         a.arg(&op);
         a.arg(&cols);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (grid, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `x` is contiguous [rows, cols] and `out` holds `rows` f32; the kernel reads
-        // and writes only those, on the tensors' stream.
+        // SAFETY: the caller's `x` addresses `rows · cols` live elements of `dtype`; `out`
+        // holds `rows` f32. The kernel reads and writes only those, on the device's stream.
         unsafe { a.launch(cfg) }.w()?;
         Ok(out)
     }
@@ -243,35 +259,108 @@ mod cuda_kernels {
         padded_rows: usize,
     ) -> candle_core::Result<Tensor> {
         let (rows, cols) = x.dims2()?;
-        let n = rows * cols;
         let out = Tensor::zeros((padded_rows.max(rows), cols), DType::F8E4M3, x.device())?;
+        let x = x.contiguous()?;
+        quantize_at((device_ptr(&x)?, x.dtype()), scales, &out, (rows, cols))?;
+        Ok(out)
+    }
+
+    /// Writes the `rows · cols` elements from the device address `x` (of `dtype`) over their
+    /// rows' `scales` (f32 [rows], or one for all) into the start of the float8 tensor `out`.
+    fn quantize_at(
+        (x, dtype): (u64, DType),
+        scales: &Tensor,
+        out: &Tensor,
+        (rows, cols): (usize, usize),
+    ) -> candle_core::Result<()> {
+        let n = rows * cols;
         if n == 0 {
-            return Ok(out);
+            return Ok(());
+        }
+        if out.dtype() != DType::F8E4M3 || out.elem_count() < n {
+            candle_core::bail!(
+                "fp8 quantize: {n} elements into {:?} {:?}",
+                out.dims(),
+                out.dtype()
+            );
         }
         let n32 = u32::try_from(n).map_err(|_| {
             candle_core::Error::Msg(format!("fp8 quantize: {n} elements, more than one launch"))
         })?;
-        let x = x.contiguous()?;
         let scales = scales.to_dtype(DType::F32)?.contiguous()?;
         let stride = i32::from(scales.elem_count() != 1);
-        let (xp, sp, op) = (device_ptr(&x)?, device_ptr(&scales)?, device_ptr(&out)?);
-        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
-            &name("quantize_fp8", x.dtype())?,
+        let (sp, op) = (device_ptr(&scales)?, device_ptr(out)?);
+        let func = out.device().as_cuda_device()?.get_or_load_custom_func(
+            &name("quantize_fp8", dtype)?,
             "vpipe_fp8",
             PTX,
         )?;
         let (n64, cols) = (n as i64, cols as i32);
         let mut a = func.builder();
-        a.arg(&xp);
+        a.arg(&x);
         a.arg(&sp);
         a.arg(&stride);
         a.arg(&op);
         a.arg(&n64);
         a.arg(&cols);
-        // SAFETY: `x` and `out` are contiguous with `n` elements; `scales` holds one f32 per
-        // row (stride 1) or one (stride 0).
+        // SAFETY: the caller's `x` addresses `n` live elements of `dtype`; `out` holds at
+        // least `n` bytes (checked); `scales` one f32 per row (stride 1) or one (stride 0).
         unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
-        Ok(out)
+        Ok(())
+    }
+
+    /// `x` in float8 e4m3 with one scale for all of it, in its own memory order: the float8
+    /// elements [n] (the i-th element of `x`'s storage span at the i-th byte) and the f32 [1]
+    /// descale that gives the values back (`x ≈ x8 · descale`: the largest |x| over 448). The
+    /// float8 copy has `x`'s strides; a view whose elements do not fill their span is made
+    /// contiguous first, and the strides returned are those of what was quantised.
+    pub(crate) fn quantize_per_tensor(
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Vec<usize>)> {
+        let x = if fills_its_span(x) {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        let n = x.elem_count();
+        let cols = x.dims().last().copied().unwrap_or(1).max(1);
+        if n % cols != 0 {
+            candle_core::bail!("fp8 quantize: {n} elements in rows of {cols}");
+        }
+        let ptr = crate::ops::fused::layout_ptr(&x)?;
+        let rows = n / cols;
+        let absmax = absmax_at((ptr, x.dtype()), x.device(), (rows, cols))?;
+        let descale = absmax
+            .max(0)?
+            .affine(1.0 / super::FP8_MAX, 0.0)?
+            .maximum(super::MIN_SCALE)?
+            .reshape(1)?;
+        let out = Tensor::zeros(n, DType::F8E4M3, x.device())?;
+        quantize_at((ptr, x.dtype()), &descale, &out, (rows, cols))?;
+        Ok((out, descale, x.layout().stride().to_vec()))
+    }
+
+    /// Whether `x`'s elements fill the memory from its first one to its last (a permutation of
+    /// a contiguous tensor, such as a transposed view), so that quantising that memory in
+    /// order quantises exactly `x`.
+    fn fills_its_span(x: &Tensor) -> bool {
+        let mut axes: Vec<(usize, usize)> = x
+            .layout()
+            .stride()
+            .iter()
+            .copied()
+            .zip(x.dims().iter().copied())
+            .filter(|&(_, n)| n > 1)
+            .collect();
+        axes.sort_unstable();
+        let mut expected = 1;
+        for (stride, n) in axes {
+            if stride != expected {
+                return false;
+            }
+            expected *= n;
+        }
+        true
     }
 
     /// `y ← act(y · row_scales[r] · column_scales[c] + bias[c])` in place.

@@ -331,7 +331,7 @@ pub(crate) fn device_ptr(t: &Tensor) -> candle_core::Result<u64> {
 }
 
 /// The raw device pointer of a CUDA tensor's first element, whatever its strides.
-fn layout_ptr(t: &Tensor) -> candle_core::Result<u64> {
+pub(crate) fn layout_ptr(t: &Tensor) -> candle_core::Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cuda) = &*storage else {

@@ -386,7 +386,7 @@ impl Config {
         let token_slices = execution.token_slices;
         let attention_scratch = match execution.attention {
             AttentionKernel::Chunked => execution.attention_scratch,
-            AttentionKernel::Cudnn | AttentionKernel::Fused => 0,
+            AttentionKernel::Cudnn | AttentionKernel::Fused | AttentionKernel::CudnnFp8 => 0,
         };
         let elem = dtype.size_in_bytes() as u64;
         let token_row = (batch as u64)
@@ -409,11 +409,18 @@ impl Config {
         // counted as the fused kernel, with one slice's output more. Whole, cuDNN's attention
         // holds less: its output is a fresh token-major tensor that the output projection
         // reads as it is (measured with the 14B at 32,760 tokens, bf16: 3.78 GiB at B=2, 1.895
-        // GiB at B=1, 6.05 token-sized tensors; counted as 6.1).
+        // GiB at B=1, 6.05 token-sized tensors; counted as 6.1). In float8, cuDNN's attention
+        // reads float8 copies of q, k and v made beside them (half a token-sized tensor each in
+        // a 16-bit dtype; an estimate, not yet measured).
         // Per kernel: (whole, held whole in slices, one slice's own output).
         let (whole_row, held_in_slices, own_output) = match execution.attention {
             AttentionKernel::Fused => ((13 * d).div_ceil(2), 5 * d, 0),
             AttentionKernel::Cudnn => ((61 * d).div_ceil(10), 4 * d, d.div_ceil(slices)),
+            AttentionKernel::CudnnFp8 => (
+                (61 * d).div_ceil(10) + (3 * d).div_ceil(2),
+                4 * d + (3 * d).div_ceil(2),
+                d.div_ceil(slices),
+            ),
             AttentionKernel::Chunked => ((13 * d).div_ceil(2), 5 * d, d.div_ceil(slices)),
         };
         let attention_row = match slices {
@@ -2029,11 +2036,14 @@ impl WanModel {
     ) -> (Attend, Attend) {
         let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim());
         let budget = execution.attention_scratch;
-        let attend = |keys: usize| Attend {
-            kernel: execution.attention,
+        let attend = |kernel, keys: usize| Attend {
+            kernel,
             chunk: QueryChunk::for_budget(budget, batch, h, keys, hd, self.dtype),
         };
-        (attend(tokens), attend(context_len))
+        (
+            attend(execution.attention, tokens),
+            attend(execution.attention.for_cross_attention(), context_len),
+        )
     }
 
     /// The guided velocity `uncond + scale · (cond − uncond)` for one sample, for a model that
