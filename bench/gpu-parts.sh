@@ -91,6 +91,16 @@ bf16_runs() {  # the checkpoints ($1: which), then text-to-video resident and at
   checked v2v-6GiB /tmp/v2v.mp4 $?
   cp /tmp/report-v2v-6GiB.svg $OUT/ 2>/dev/null
 }
+v2v_lora() {  # video-to-video at 6GiB with the rank-32 LoRA on all 400 linear layers, checked
+  run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
+    --lora $M/lora_rank32_all_linear_random.safetensors:0.8
+  checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+}
+v2v_without_and_with_lora() {  # the same without the LoRA first (the load times compared)
+  run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
+  checked v2v-6GiB /tmp/v2v.mp4 $?
+  v2v_lora
+}
 summary() {  # summary-$PART.json: per run the steps, footprints, streams and load times
   python3 - "$OUT" "$PART" <<'EOF'
 import json, sys, os, glob
@@ -146,19 +156,13 @@ EOF
         | grep -E "^test |test result|panicked|max abs"
     done
     bf16_runs dit,umt5,lora
-    run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
-      --lora $M/lora_rank32_all_linear_random.safetensors:0.8
-    checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+    v2v_lora
   elif [ "$PART" = E ]; then
     ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
     echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
     budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
-    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
-    checked v2v-6GiB /tmp/v2v.mp4 $?
-    run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
-      --lora $M/lora_rank32_all_linear_random.safetensors:0.8
-    checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+    v2v_without_and_with_lora
     rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
     ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
     echo "fp8 checkpoint ready at +$(( $(date +%s) - T0 ))s"
@@ -171,11 +175,7 @@ EOF
     echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
     run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
     budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
-    run v2v-6GiB /tmp/v2v.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB
-    checked v2v-6GiB /tmp/v2v.mp4 $?
-    run v2v-6GiB-lora /tmp/v2v-lora.mp4 $BF16 $FILES $V2V --vram-budget 6GiB --ram-budget 32GiB \
-      --lora $M/lora_rank32_all_linear_random.safetensors:0.8
-    checked v2v-6GiB-lora /tmp/v2v-lora.mp4 $?
+    v2v_without_and_with_lora
     rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
     if [ $(( $(date +%s) - T0 )) -lt 400 ]; then
       ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4

@@ -36,3 +36,19 @@ template <typename T> struct Vec<T, 4> {
     *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(four);
   }
 };
+
+// `op` over the block (an associative operation with 0 as its identity on the values given:
+// a sum, or the largest of values that are not negative); every thread gets the result.
+// `shared` holds 32 floats.
+template <typename Op>
+__device__ float block_reduce(float v, float* shared, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  int warps = (blockDim.x + 31) / 32;
+  v = lane < warps ? shared[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}

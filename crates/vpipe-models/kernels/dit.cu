@@ -14,18 +14,12 @@
 
 #include "common.cuh"
 
+struct Add {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+
 // Sum over the block; every thread gets the result. `shared` holds 32 floats.
-__device__ float block_sum(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  int warps = (blockDim.x + 31) / 32;
-  v = lane < warps ? shared[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
-}
+__device__ float block_sum(float v, float* shared) { return block_reduce(v, shared, Add()); }
 
 template <typename T>
 __device__ void ln_modulate(const T* x, const float* mul, const float* add, T* y, int dim,

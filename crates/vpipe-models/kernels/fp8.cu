@@ -10,18 +10,9 @@
 
 #define FP8_MAX 448.f
 
-// Largest value over the block; every thread gets the result. `shared` holds 32 floats.
-__device__ float block_max(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  int warps = (blockDim.x + 31) / 32;
-  v = lane < warps ? shared[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  return v;
-}
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
 template <typename T>
 __device__ void row_absmax(const T* x, float* out, int cols) {
@@ -29,7 +20,8 @@ __device__ void row_absmax(const T* x, float* out, int cols) {
   const T* xr = x + (long long)blockIdx.x * cols;
   float m = 0.f;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(to_f32(xr[c])));
-  m = block_max(m, partial);
+  // Zero stands for the lanes past the last warp: every |x| is at least that.
+  m = block_reduce(m, partial, Max());
   if (threadIdx.x == 0) out[blockIdx.x] = m;
 }
 

@@ -31,6 +31,23 @@ fn relative_l2(a: &Tensor, b: &Tensor) -> f64 {
     (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt()
 }
 
+/// Seconds one call of `f` takes on the GPU: the median of 7, each between two device
+/// synchronisations.
+fn median_seconds(f: &dyn Fn() -> Tensor) -> f64 {
+    let dev = cuda();
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        dev.synchronize().unwrap();
+        let t = Instant::now();
+        let y = f();
+        dev.synchronize().unwrap();
+        times.push(t.elapsed().as_secs_f64());
+        drop(y);
+    }
+    times.sort_by(f64::total_cmp);
+    times[3]
+}
+
 fn randn(shape: (usize, usize), std: f32) -> Tensor {
     Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()
 }
@@ -66,34 +83,31 @@ fn the_gpu_product_equals_the_emulated_one() {
                         .to_dtype(dtype)
                         .unwrap()
                 });
-                let (on_host, exact_weight) = if stored {
-                    let w8 = (&w * 4000.0)
-                        .unwrap()
-                        .clamp(-448f32, 448f32)
-                        .unwrap()
-                        .to_dtype(DType::F8E4M3)
-                        .unwrap();
-                    let scale = Tensor::new(1.0f32 / 4000.0, &Device::Cpu).unwrap();
-                    let dequantised = (w8.to_dtype(DType::F32).unwrap() / 4000.0).unwrap();
-                    (Fp8Weight::scaled(w8, &scale).unwrap(), dequantised)
-                } else {
-                    (Fp8Weight::quantize(&w).unwrap(), w.clone())
-                };
-                let on_gpu = if stored {
-                    let w8 = (&w * 4000.0)
-                        .unwrap()
-                        .clamp(-448f32, 448f32)
-                        .unwrap()
-                        .to_dtype(DType::F8E4M3)
-                        .unwrap();
-                    Fp8Weight::scaled(
-                        w8.to_device(&cuda()).unwrap(),
-                        &Tensor::new(1.0f32 / 4000.0, &cuda()).unwrap(),
-                    )
+                // A stored scaled-fp8 weight: float8 values and one scale.
+                let w8 = (&w * 4000.0)
                     .unwrap()
-                } else {
-                    Fp8Weight::quantize(&w.to_dtype(dtype).unwrap().to_device(&cuda()).unwrap())
+                    .clamp(-448f32, 448f32)
+                    .unwrap()
+                    .to_dtype(DType::F8E4M3)
+                    .unwrap();
+                let scale = 1.0f32 / 4000.0;
+                let (on_host, on_gpu, exact_weight) = if stored {
+                    let dequantised = (w8.to_dtype(DType::F32).unwrap() * scale as f64).unwrap();
+                    let stored_on = |device: &Device| {
+                        Fp8Weight::scaled(
+                            w8.to_device(device).unwrap(),
+                            &Tensor::new(scale, device).unwrap(),
+                        )
                         .unwrap()
+                    };
+                    (stored_on(&Device::Cpu), stored_on(&cuda()), dequantised)
+                } else {
+                    let on_gpu = w.to_dtype(dtype).unwrap().to_device(&cuda()).unwrap();
+                    (
+                        Fp8Weight::quantize(&w).unwrap(),
+                        Fp8Weight::quantize(&on_gpu).unwrap(),
+                        w.clone(),
+                    )
                 };
                 let host = linear(&x, &on_host, bias.as_ref(), gelu).unwrap();
                 let gpu_bias = bias.as_ref().map(|b| b.to_device(&cuda()).unwrap());
@@ -162,28 +176,15 @@ fn times_a_14b_ffn_product() {
         .unwrap();
     let b = Tensor::zeros(outputs, DType::BF16, &dev).unwrap();
     let weight = Fp8Weight::quantize(&w).unwrap();
-    let time = |f: &dyn Fn() -> Tensor| {
-        let mut times = Vec::new();
-        for _ in 0..7 {
-            dev.synchronize().unwrap();
-            let t = Instant::now();
-            let y = f();
-            dev.synchronize().unwrap();
-            times.push(t.elapsed().as_secs_f64());
-            drop(y);
-        }
-        times.sort_by(f64::total_cmp);
-        times[3]
-    };
-    let bf16 = time(&|| {
+    let bf16 = median_seconds(&|| {
         x.matmul(&w.t().unwrap())
             .unwrap()
             .broadcast_add(&b)
             .unwrap()
     });
-    let fp8 = time(&|| linear(&x, &weight, Some(&b), false).unwrap());
+    let fp8 = median_seconds(&|| linear(&x, &weight, Some(&b), false).unwrap());
     let fp8_with_weight =
-        time(&|| linear(&x, &Fp8Weight::quantize(&w).unwrap(), Some(&b), false).unwrap());
+        median_seconds(&|| linear(&x, &Fp8Weight::quantize(&w).unwrap(), Some(&b), false).unwrap());
     let flops = 2.0 * (rows * inputs * outputs) as f64;
     eprintln!(
         "14B FFN product: bf16 {bf16:.4} s ({:.0} TFLOP/s); fp8 {fp8:.4} s ({:.0} TFLOP/s), with the \
@@ -218,7 +219,6 @@ fn token_major(b: usize, l: usize, h: usize, d: usize, seed: f32) -> [Tensor; 3]
 #[test]
 fn fp8_attention_against_the_exact_one() {
     use vpipe_models::ops::cudnn_sdpa::{sdpa, sdpa_fp8};
-    let dev = cuda();
     for (b, l, h, d, timed) in [
         (1, 1000, 4, 128, false),
         (2, 4096, 8, 64, false),
@@ -257,22 +257,9 @@ fn fp8_attention_against_the_exact_one() {
             "relative L2 {rel}, cosine {cosine}"
         );
         if timed {
-            let time = |f: &dyn Fn() -> Tensor| {
-                let mut times = Vec::new();
-                for _ in 0..7 {
-                    dev.synchronize().unwrap();
-                    let t = Instant::now();
-                    let y = f();
-                    dev.synchronize().unwrap();
-                    times.push(t.elapsed().as_secs_f64());
-                    drop(y);
-                }
-                times.sort_by(f64::total_cmp);
-                times[3]
-            };
             let flops = 4.0 * (b * h * l * l * d) as f64;
-            let exact_s = time(&|| sdpa(&q, &k, &v).unwrap());
-            let fp8_s = time(&|| sdpa_fp8(&q, &k, &v).unwrap());
+            let exact_s = median_seconds(&|| sdpa(&q, &k, &v).unwrap());
+            let fp8_s = median_seconds(&|| sdpa_fp8(&q, &k, &v).unwrap());
             eprintln!(
                 "self-attention [{b}, {h}, {l}, {d}]: bf16 {exact_s:.4} s ({:.0} TFLOP/s), fp8 \
                  {fp8_s:.4} s ({:.0} TFLOP/s, quantising q, k and v included)",

@@ -322,13 +322,20 @@ static CUDNN_REFUSAL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(N
 /// The first reason cuDNN's float8 attention was refused in this process.
 static FP8_REFUSAL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
+/// Keeps `why` in `slot` unless a reason is there already, and logs it the first time.
 #[cfg(feature = "cuda")]
-fn record_fp8_refusal(why: String) {
-    let mut first = FP8_REFUSAL.lock().unwrap_or_else(|e| e.into_inner());
+fn record_first(slot: &std::sync::Mutex<Option<String>>, why: String, what: &str) {
+    let mut first = slot.lock().unwrap_or_else(|e| e.into_inner());
     if first.is_none() {
-        tracing::warn!("cuDNN's float8 attention refused, its exact attention runs instead: {why}");
+        tracing::warn!("{what}: {why}");
         *first = Some(why);
     }
+}
+
+#[cfg(feature = "cuda")]
+fn record_fp8_refusal(why: String) {
+    let what = "cuDNN's float8 attention refused, its exact attention runs instead";
+    record_first(&FP8_REFUSAL, why, what);
 }
 
 /// Why cuDNN's float8 attention did not run for some call of this process where a plan asked
@@ -342,11 +349,8 @@ pub fn fp8_attention_refusal() -> Option<String> {
 
 #[cfg(feature = "cuda")]
 fn record_cudnn_refusal(why: String) {
-    let mut first = CUDNN_REFUSAL.lock().unwrap_or_else(|e| e.into_inner());
-    if first.is_none() {
-        tracing::warn!("cuDNN attention refused, the fused kernel runs instead: {why}");
-        *first = Some(why);
-    }
+    let what = "cuDNN attention refused, the fused kernel runs instead";
+    record_first(&CUDNN_REFUSAL, why, what);
 }
 
 /// Why cuDNN's attention did not run for some call of this process where a plan asked for

@@ -587,9 +587,10 @@ fn native_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
     Ok((vec![op], kept))
 }
 
-/// A matmul operation `c = a · b` computing in f32; its matmul descriptor goes to `kept`.
+/// A matmul operation `c = a · b` computing in f32, with the padding value given where the
+/// frontend sets one (its float8 graph's first product); its matmul descriptor goes to `kept`.
 fn matmul(
-    name: &str,
+    (name, padding): (&str, Option<f64>),
     a: &Descriptor,
     b: &Descriptor,
     c: &Descriptor,
@@ -602,6 +603,17 @@ fn matmul(
         sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
         &step("compute type"),
     )?;
+    if let Some(padding) = padding {
+        // SAFETY: CUDNN_TYPE_DOUBLE is C's double.
+        unsafe {
+            desc.set(
+                Attr::CUDNN_ATTR_MATMUL_PADDING_VALUE,
+                AttrType::CUDNN_TYPE_DOUBLE,
+                &[padding],
+                &step("padding value"),
+            )
+        }?;
+    }
     desc.finalize(&step("finalizing the descriptor"))?;
     let op = Descriptor::new(Kind::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, name)?;
     op.set_descriptors(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &[a], &step("A"))?;
@@ -694,75 +706,143 @@ fn reduction(
     Ok(op)
 }
 
-/// The composite graph (see the module documentation); returns its operations in the
-/// frontend's order and the descriptors they name.
-fn composite_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
-    use sys::cudnnPointwiseMode_t as Pw;
-    use sys::cudnnReduceTensorOp_t as Red;
-    let [q, kt, v, o, scale] = p.io_tensors(true)?;
-    let (b, h, lq, lk) = (p.b, p.h, p.lq, p.lk);
-    // Scores [B, H, Lq, Lk] and per-row values [B, H, Lq, 1], packed as the frontend lays
-    // out its virtual tensors (cuDNN never stores them).
-    let scores = ([b, h, lq, lk], [h * lq * lk, lq * lk, lk, 1]);
-    let rows = ([b, h, lq, 1], [h * lq, lq, 1, 1]);
-    let mut next_uid = UID_VIRTUAL;
-    let mut virtual_tensor = |name, dtype, (dims, strides): ([i64; 4], [i64; 4])| {
-        next_uid += 1;
+/// Dimensions and strides of a tensor descriptor.
+type Extent = ([i64; 4], [i64; 4]);
+
+/// A composite graph's virtual tensors (intermediates cuDNN never stores), numbered from
+/// [`UID_VIRTUAL`] and laid out packed, as the frontend lays them out.
+struct Virtuals {
+    next_uid: i64,
+}
+
+impl Virtuals {
+    fn new() -> Self {
+        Self {
+            next_uid: UID_VIRTUAL,
+        }
+    }
+
+    fn tensor(
+        &mut self,
+        name: &'static str,
+        dtype: sys::cudnnDataType_t,
+        (dims, strides): Extent,
+    ) -> Fallible<Descriptor> {
+        self.next_uid += 1;
         tensor(TensorSpec {
             name,
-            uid: next_uid,
+            uid: self.next_uid,
             dtype,
             dims,
             strides,
             is_virtual: true,
             by_value: false,
         })
-    };
-    let f32 = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
-    let s = virtual_tensor("S = Q·Kᵀ", f32, scores)?;
-    let scaled = virtual_tensor("S·scale", f32, scores)?;
-    let max = virtual_tensor("M = max", f32, rows)?;
-    let centred = virtual_tensor("S − M", f32, scores)?;
-    let exp = virtual_tensor("exp(S − M)", f32, scores)?;
-    let sum = virtual_tensor("Z = Σ exp", f32, rows)?;
-    let log_sum = virtual_tensor("log Z", f32, rows)?;
-    let stats = virtual_tensor("stats = M + log Z", f32, rows)?;
-    let probs = virtual_tensor("P = exp / Z", p.io, scores)?;
+    }
+}
 
+/// The scores' [B, H, Lq, Lk] and the per-row values' [B, H, Lq, 1] extents, packed.
+fn score_extents(p: &Problem) -> (Extent, Extent) {
+    let (b, h, lq, lk) = (p.b, p.h, p.lq, p.lk);
+    (
+        ([b, h, lq, lk], [h * lq * lk, lq * lk, lk, 1]),
+        ([b, h, lq, 1], [h * lq, lq, 1, 1]),
+    )
+}
+
+/// The frontend's softmax with statistics over the keys of the scores `x`: `M = max`, `x − M`,
+/// `exp`, `Z = Σ exp`, the statistics chain `M + log Z` (which nothing reads: the engines
+/// match the graph with it) and the probabilities `P = exp / Z` in `dtype`, which it returns.
+/// Appends its operations to `ops` and the other tensors it made to `kept`.
+fn softmax(
+    (x, dtype): (&Descriptor, sys::cudnnDataType_t),
+    p: &Problem,
+    virtuals: &mut Virtuals,
+    ops: &mut Vec<Descriptor>,
+    kept: &mut Kept,
+) -> Fallible<Descriptor> {
+    use sys::cudnnPointwiseMode_t as Pw;
+    use sys::cudnnReduceTensorOp_t as Red;
+    let f32 = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+    let (scores, rows) = score_extents(p);
+    let max = virtuals.tensor("M = max", f32, rows)?;
+    let centred = virtuals.tensor("S − M", f32, scores)?;
+    let exp = virtuals.tensor("exp(S − M)", f32, scores)?;
+    let sum = virtuals.tensor("Z = Σ exp", f32, rows)?;
+    let log_sum = virtuals.tensor("log Z", f32, rows)?;
+    let stats = virtuals.tensor("stats = M + log Z", f32, rows)?;
+    let probs = virtuals.tensor("P = exp / Z", dtype, scores)?;
+    ops.push(reduction(Red::CUDNN_REDUCE_TENSOR_MAX, x, &max, kept)?);
+    ops.push(pointwise(
+        Pw::CUDNN_POINTWISE_SUB,
+        x,
+        Some(&max),
+        &centred,
+        kept,
+    )?);
+    ops.push(pointwise(
+        Pw::CUDNN_POINTWISE_EXP,
+        &centred,
+        None,
+        &exp,
+        kept,
+    )?);
+    ops.push(reduction(Red::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum, kept)?);
+    ops.push(pointwise(
+        Pw::CUDNN_POINTWISE_LOG,
+        &sum,
+        None,
+        &log_sum,
+        kept,
+    )?);
+    ops.push(pointwise(
+        Pw::CUDNN_POINTWISE_ADD,
+        &max,
+        Some(&log_sum),
+        &stats,
+        kept,
+    )?);
+    ops.push(pointwise(
+        Pw::CUDNN_POINTWISE_DIV,
+        &exp,
+        Some(&sum),
+        &probs,
+        kept,
+    )?);
+    for t in [max, centred, exp, sum, log_sum, stats] {
+        kept.keep(t);
+    }
+    Ok(probs)
+}
+
+/// `y = x · b` (pointwise, f32).
+fn mul(x: &Descriptor, b: &Descriptor, y: &Descriptor, kept: &mut Kept) -> Fallible<Descriptor> {
+    pointwise(
+        sys::cudnnPointwiseMode_t::CUDNN_POINTWISE_MUL,
+        x,
+        Some(b),
+        y,
+        kept,
+    )
+}
+
+/// The composite graph (see the module documentation); returns its operations in the
+/// frontend's order and the descriptors they name.
+fn composite_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
+    let [q, kt, v, o, scale] = p.io_tensors(true)?;
+    let (scores, _) = score_extents(p);
+    let f32 = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+    let mut virtuals = Virtuals::new();
+    let s = virtuals.tensor("S = Q·Kᵀ", f32, scores)?;
+    let scaled = virtuals.tensor("S·scale", f32, scores)?;
     let mut kept = Kept::default();
-    let ops = vec![
-        matmul("Q·Kᵀ", &q, &kt, &s, &mut kept)?,
-        pointwise(
-            Pw::CUDNN_POINTWISE_MUL,
-            &s,
-            Some(&scale),
-            &scaled,
-            &mut kept,
-        )?,
-        reduction(Red::CUDNN_REDUCE_TENSOR_MAX, &scaled, &max, &mut kept)?,
-        pointwise(
-            Pw::CUDNN_POINTWISE_SUB,
-            &scaled,
-            Some(&max),
-            &centred,
-            &mut kept,
-        )?,
-        pointwise(Pw::CUDNN_POINTWISE_EXP, &centred, None, &exp, &mut kept)?,
-        reduction(Red::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum, &mut kept)?,
-        pointwise(Pw::CUDNN_POINTWISE_LOG, &sum, None, &log_sum, &mut kept)?,
-        pointwise(
-            Pw::CUDNN_POINTWISE_ADD,
-            &max,
-            Some(&log_sum),
-            &stats,
-            &mut kept,
-        )?,
-        pointwise(Pw::CUDNN_POINTWISE_DIV, &exp, Some(&sum), &probs, &mut kept)?,
-        matmul("P·V", &probs, &v, &o, &mut kept)?,
+    let mut ops = vec![
+        matmul(("Q·Kᵀ", None), &q, &kt, &s, &mut kept)?,
+        mul(&s, &scale, &scaled, &mut kept)?,
     ];
-    for t in [
-        q, kt, v, o, scale, s, scaled, max, centred, exp, sum, log_sum, stats, probs,
-    ] {
+    let probs = softmax((&scaled, p.io), p, &mut virtuals, &mut ops, &mut kept)?;
+    ops.push(matmul(("P·V", None), &probs, &v, &o, &mut kept)?);
+    for t in [q, kt, v, o, scale, s, scaled, probs] {
         kept.keep(t);
     }
     Ok((ops, kept))
@@ -771,10 +851,8 @@ fn composite_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
 /// The composite float8 graph (see the module documentation); returns its operations in the
 /// frontend's order and the descriptors they name.
 fn composite_fp8_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
-    use sys::cudnnPointwiseMode_t as Pw;
     use sys::cudnnReduceTensorOp_t as Red;
     let [q, kt, v, o, scale] = p.io_tensors(true)?;
-    let (b, h, lq, lk, d) = (p.b, p.h, p.lq, p.lk, p.d);
     let f32 = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
     // The scales and the amax outputs: f32 [1, 1, 1, 1] in device memory.
     let scalar = |name, uid| {
@@ -796,69 +874,31 @@ fn composite_fp8_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
     let scale_o = scalar("scale o", UID_SCALE_O)?;
     let amax_s = scalar("amax s", UID_AMAX_S)?;
     let amax_o = scalar("amax o", UID_AMAX_O)?;
-    let scores = ([b, h, lq, lk], [h * lq * lk, lq * lk, lk, 1]);
-    let rows = ([b, h, lq, 1], [h * lq, lq, 1, 1]);
+    let (scores, _) = score_extents(p);
+    let (b, h, lq, d) = (p.b, p.h, p.lq, p.d);
     let outputs = ([b, h, lq, d], [h * lq * d, lq * d, d, 1]);
-    let mut next_uid = UID_VIRTUAL;
-    let mut virtual_tensor = |name, dtype, (dims, strides): ([i64; 4], [i64; 4])| {
-        next_uid += 1;
-        tensor(TensorSpec {
-            name,
-            uid: next_uid,
-            dtype,
-            dims,
-            strides,
-            is_virtual: true,
-            by_value: false,
-        })
-    };
-    let s = virtual_tensor("S = Q·Kᵀ", f32, scores)?;
-    let scaled = virtual_tensor("S·scale", f32, scores)?;
-    let q_descaled = virtual_tensor("·descale q", f32, scores)?;
-    let k_descaled = virtual_tensor("·descale k", f32, scores)?;
-    let max = virtual_tensor("M = max", f32, rows)?;
-    let centred = virtual_tensor("S − M", f32, scores)?;
-    let exp = virtual_tensor("exp(S − M)", f32, scores)?;
-    let sum = virtual_tensor("Z = Σ exp", f32, rows)?;
-    let log_sum = virtual_tensor("log Z", f32, rows)?;
-    let stats = virtual_tensor("stats = M + log Z", f32, rows)?;
-    let probs = virtual_tensor("P = exp / Z", f32, scores)?;
-    let probs8 = virtual_tensor("P·scale s", p.input, scores)?;
-    let product = virtual_tensor("P·V", f32, outputs)?;
-    let s_descaled = virtual_tensor("·descale s", f32, outputs)?;
-    let v_descaled = virtual_tensor("·descale v", f32, outputs)?;
-
+    let mut virtuals = Virtuals::new();
+    let s = virtuals.tensor("S = Q·Kᵀ", f32, scores)?;
+    let scaled = virtuals.tensor("S·scale", f32, scores)?;
+    let q_descaled = virtuals.tensor("·descale q", f32, scores)?;
+    let k_descaled = virtuals.tensor("·descale k", f32, scores)?;
     let mut kept = Kept::default();
-    let mul = |x: &Descriptor, b: &Descriptor, y: &Descriptor, kept: &mut Kept| {
-        pointwise(Pw::CUDNN_POINTWISE_MUL, x, Some(b), y, kept)
-    };
-    let ops = vec![
-        matmul("Q·Kᵀ", &q, &kt, &s, &mut kept)?,
+    let mut ops = vec![
+        matmul(("Q·Kᵀ", Some(0.0)), &q, &kt, &s, &mut kept)?,
         mul(&s, &scale, &scaled, &mut kept)?,
         mul(&scaled, &descale_q, &q_descaled, &mut kept)?,
         mul(&q_descaled, &descale_k, &k_descaled, &mut kept)?,
-        reduction(Red::CUDNN_REDUCE_TENSOR_MAX, &k_descaled, &max, &mut kept)?,
-        pointwise(
-            Pw::CUDNN_POINTWISE_SUB,
-            &k_descaled,
-            Some(&max),
-            &centred,
-            &mut kept,
-        )?,
-        pointwise(Pw::CUDNN_POINTWISE_EXP, &centred, None, &exp, &mut kept)?,
-        reduction(Red::CUDNN_REDUCE_TENSOR_ADD, &exp, &sum, &mut kept)?,
-        pointwise(Pw::CUDNN_POINTWISE_LOG, &sum, None, &log_sum, &mut kept)?,
-        pointwise(
-            Pw::CUDNN_POINTWISE_ADD,
-            &max,
-            Some(&log_sum),
-            &stats,
-            &mut kept,
-        )?,
-        pointwise(Pw::CUDNN_POINTWISE_DIV, &exp, Some(&sum), &probs, &mut kept)?,
+    ];
+    let probs = softmax((&k_descaled, f32), p, &mut virtuals, &mut ops, &mut kept)?;
+    let probs8 = virtuals.tensor("P·scale s", p.input, scores)?;
+    let product = virtuals.tensor("P·V", f32, outputs)?;
+    let s_descaled = virtuals.tensor("·descale s", f32, outputs)?;
+    let v_descaled = virtuals.tensor("·descale v", f32, outputs)?;
+
+    ops.extend([
         reduction(Red::CUDNN_REDUCE_TENSOR_AMAX, &probs, &amax_s, &mut kept)?,
         mul(&probs, &scale_s, &probs8, &mut kept)?,
-        matmul("P·V", &probs8, &v, &product, &mut kept)?,
+        matmul(("P·V", None), &probs8, &v, &product, &mut kept)?,
         mul(&product, &descale_s, &s_descaled, &mut kept)?,
         mul(&s_descaled, &descale_v, &v_descaled, &mut kept)?,
         mul(&v_descaled, &scale_o, &o, &mut kept)?,
@@ -868,11 +908,10 @@ fn composite_fp8_graph(p: &Problem) -> Fallible<(Vec<Descriptor>, Kept)> {
             &amax_o,
             &mut kept,
         )?,
-    ];
+    ]);
     for t in [
         q, kt, v, o, scale, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, amax_s,
-        amax_o, s, scaled, q_descaled, k_descaled, max, centred, exp, sum, log_sum, stats, probs,
-        probs8, product, s_descaled, v_descaled,
+        amax_o, s, scaled, q_descaled, k_descaled, probs, probs8, product, s_descaled, v_descaled,
     ] {
         kept.keep(t);
     }
