@@ -354,14 +354,12 @@ struct Plan {
 struct State {
     handles: HashMap<usize, Rc<Handle>>,
     plans: HashMap<PlanKey, Result<Rc<Plan>, String>>,
-    /// By stream: the float8 graph's constant scales and its amax outputs
-    /// ([`Fp8Scalars`]).
-    fp8_scalars: HashMap<usize, Rc<CudaSlice<f32>>>,
 }
 
 /// Where the float8 graph's device scalars sit in their buffer, 16 bytes apart (the alignment
 /// every tensor descriptor promises): `scale_s`, `descale_s`, `scale_o`, then the two amax
-/// outputs (written by every call; calls on one stream run in turn).
+/// outputs. A buffer per call, freed after it in stream order, as the workspace is, so that
+/// nothing stays on the device between phases.
 struct Fp8Scalars;
 
 impl Fp8Scalars {
@@ -373,23 +371,15 @@ impl Fp8Scalars {
     const AMAX_O: usize = 4;
     const COUNT: usize = 5;
 
-    /// This thread's buffer for `stream`, made on first use.
-    fn on(stream: &Arc<CudaStream>) -> candle_core::Result<Rc<CudaSlice<f32>>> {
-        let key = Arc::as_ptr(stream) as usize;
-        if let Some(found) = STATE.with(|s| s.borrow().fp8_scalars.get(&key).cloned()) {
-            return Ok(found);
-        }
-        let mut values = vec![0f32; Self::COUNT * Self::STRIDE];
+    /// A fresh buffer on `stream` with the constants in place.
+    fn on(stream: &Arc<CudaStream>) -> candle_core::Result<CudaSlice<f32>> {
+        let mut values = [0f32; Self::COUNT * Self::STRIDE];
         values[Self::SCALE_S * Self::STRIDE] = FP8_PROBABILITY_SCALE;
         values[Self::DESCALE_S * Self::STRIDE] = 1.0 / FP8_PROBABILITY_SCALE;
         values[Self::SCALE_O * Self::STRIDE] = 1.0;
-        let buffer = Rc::new(
-            stream
-                .clone_htod(&values)
-                .map_err(|e| error(format!("the float8 scales: {e:?}")))?,
-        );
-        STATE.with(|s| s.borrow_mut().fp8_scalars.insert(key, buffer.clone()));
-        Ok(buffer)
+        stream
+            .clone_htod(&values)
+            .map_err(|e| error(format!("the float8 scales: {e:?}")))
     }
 }
 

@@ -192,7 +192,7 @@ mod cuda_kernels {
 
     use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, DType, Tensor};
 
@@ -410,30 +410,22 @@ mod cuda_kernels {
         Ok(())
     }
 
-    /// A cuBLASLt handle and its workspace.
-    struct Lt {
-        handle: sys::cublasLtHandle_t,
-        workspace: CudaSlice<u8>,
-    }
-
     thread_local! {
-        // Like cuDNN's, one handle per stream per thread.
-        static HANDLES: RefCell<HashMap<usize, std::rc::Rc<Lt>>> = RefCell::new(HashMap::new());
+        // Like cuDNN's, one handle per stream per thread. Its workspace is allocated per
+        // product, as cuDNN's is, so that no memory stays on the device between phases.
+        static HANDLES: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
     }
 
-    fn handle(device: &CudaDevice) -> candle_core::Result<std::rc::Rc<Lt>> {
+    fn handle(device: &CudaDevice) -> candle_core::Result<sys::cublasLtHandle_t> {
         let stream = device.cuda_stream();
         let key = std::sync::Arc::as_ptr(&stream) as usize;
         HANDLES.with(|handles| {
-            if let Some(h) = handles.borrow().get(&key) {
-                return Ok(h.clone());
+            if let Some(&h) = handles.borrow().get(&key) {
+                return Ok(h as sys::cublasLtHandle_t);
             }
             let handle = lt::create_handle().map_err(|e| fail("creating the handle", e))?;
-            // SAFETY: the workspace is only ever scratch for cuBLASLt.
-            let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
-            let h = std::rc::Rc::new(Lt { handle, workspace });
-            handles.borrow_mut().insert(key, h.clone());
-            Ok(h)
+            handles.borrow_mut().insert(key, handle as usize);
+            Ok(handle)
         })
     }
 
@@ -526,18 +518,20 @@ mod cuda_kernels {
         }
         .map_err(|e| fail("the workspace size", e))?;
         // SAFETY: every descriptor above is alive until the end of this function.
-        let heuristic = unsafe {
-            lt::get_matmul_algo_heuristic(lt_handle.handle, desc.0, a.0, b.0, d.0, d.0, pref.0)
-        }
-        .map_err(|e| fail("no algorithm for these shapes", e))?;
+        let heuristic =
+            unsafe { lt::get_matmul_algo_heuristic(lt_handle, desc.0, a.0, b.0, d.0, d.0, pref.0) }
+                .map_err(|e| fail("no algorithm for these shapes", e))?;
         let (alpha, beta) = (super::PRODUCT_SCALE as f32, 0f32);
-        let (workspace, _record) = lt_handle.workspace.device_ptr(&stream);
+        // SAFETY: the workspace is only ever scratch for cuBLASLt; it is freed after the
+        // product in stream order.
+        let scratch = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
+        let (workspace, _record) = scratch.device_ptr(&stream);
         // SAFETY: `w8` is [m, k] and `x8` [n, k] float8, contiguous (checked by `device_ptr`),
         // `y` a fresh [n, m] buffer of 16-bit values; β = 0, so C (= D) is not read. All on
         // the tensors' stream.
         unsafe {
             lt::matmul(
-                lt_handle.handle,
+                lt_handle,
                 desc.0,
                 (&alpha) as *const f32 as *const _,
                 (&beta) as *const f32 as *const _,
