@@ -30,7 +30,9 @@
 //! `P·scale_s` in e4m3 → `P·V` (f32) → `·descale_s` → `·descale_v` → `·scale_o` into O (in
 //! the input's bf16/f16) and `amax` of the descaled product (an output). P is at most 1, so
 //! `scale_s` is 448 (e4m3's largest value) and `descale_s` its inverse; O is not quantised
-//! (`scale_o` 1).
+//! (`scale_o` 1). Where cuDNN gives no plan with O in bf16/f16 (the frontend's older cuDNN
+//! versions write float8 only), O is written in e4m3 with `scale_o = 1 / descale_v` (every
+//! output is a convex combination of V's rows, so `|O| ≤ max |V|`) and dequantised after.
 //!
 //! Unless `VPIPE_CUDNN_SDPA_GRAPH` says `native` or `composite` (only that one is tried), the
 //! native operation is tried where the version allows and the composite graph when it gives
@@ -312,8 +314,9 @@ impl Drop for Handle {
 struct PlanKey {
     stream: usize,
     dtype: DType,
-    /// Q, K and V in float8 e4m3 (the output in `dtype`).
+    /// Q, K and V in float8 e4m3 (the output in `dtype`, or in e4m3 too with `fp8_output`).
     fp8: bool,
+    fp8_output: bool,
     /// B, H, Lq, Lk, D.
     sizes: [usize; 5],
     strides: [[usize; 4]; 4],
@@ -487,11 +490,9 @@ impl Problem {
         };
         let [b, h, lq, lk, d] = key.sizes.map(|n| n as i64);
         let [q, k, v, o] = key.strides.map(|s| s.map(|n| n as i64));
-        let input = if key.fp8 {
-            sys::cudnnDataType_t::CUDNN_DATA_FP8_E4M3
-        } else {
-            io
-        };
+        let fp8 = sys::cudnnDataType_t::CUDNN_DATA_FP8_E4M3;
+        let input = if key.fp8 { fp8 } else { io };
+        let io = if key.fp8_output { fp8 } else { io };
         Ok(Self {
             io,
             input,
@@ -1204,6 +1205,7 @@ fn plan_key(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(PlanKey,
         stream: Arc::as_ptr(&stream) as usize,
         dtype: q.dtype(),
         fp8: false,
+        fp8_output: false,
         sizes: [b, h, lq, lk, d],
         strides: [
             strides_of(q.layout()),
@@ -1310,12 +1312,22 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
         four(v_strides)?,
         key.strides[3],
     ];
-    let plan = plan_for(&key, &stream)?;
+    let plan = match plan_for(&key, &stream) {
+        Ok(plan) => plan,
+        Err(refused) => {
+            key.fp8_output = true;
+            plan_for(&key, &stream).map_err(|also| {
+                error(format!("{refused}; with the output in float8 too: {also}"))
+            })?
+        }
+    };
     let scalars = Fp8Scalars::on(&stream)?;
     let (base, _scalars_read) = scalars.device_ptr(&stream);
     let scalar = |i: usize| base + (i * Fp8Scalars::STRIDE * 4) as u64;
     let ptr = crate::ops::fused::device_ptr;
-    let operands = [
+    // A float8 output's scale: the largest |V| maps to 448.
+    let output_scale = key.fp8_output.then(|| descale_v.recip()).transpose()?;
+    let mut operands = vec![
         (UID_Q, ptr(&q8)?),
         (UID_K, ptr(&k8)?),
         (UID_V, ptr(&v8)?),
@@ -1324,15 +1336,31 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
         (UID_DESCALE_V, ptr(&descale_v)?),
         (UID_SCALE_S, scalar(Fp8Scalars::SCALE_S)),
         (UID_DESCALE_S, scalar(Fp8Scalars::DESCALE_S)),
-        (UID_SCALE_O, scalar(Fp8Scalars::SCALE_O)),
+        (
+            UID_SCALE_O,
+            match &output_scale {
+                Some(scale) => ptr(scale)?,
+                None => scalar(Fp8Scalars::SCALE_O),
+            },
+        ),
         (UID_AMAX_S, scalar(Fp8Scalars::AMAX_S)),
         (UID_AMAX_O, scalar(Fp8Scalars::AMAX_O)),
     ];
     let device = q.device().as_cuda_device()?;
-    let out = match q.dtype() {
-        DType::BF16 => launch::<half::bf16>(device, &plan, &key, &stream, &operands),
-        DType::F16 => launch::<half::f16>(device, &plan, &key, &stream, &operands),
-        other => Err(error(format!("no attention for {other:?}"))),
+    let out = if key.fp8_output {
+        let [b, h, lq, _, d] = key.sizes;
+        let o8 = Tensor::zeros(b * lq * h * d, DType::F8E4M3, q.device())?;
+        operands.push((UID_O, ptr(&o8)?));
+        execute_on(&plan, &key, &stream, &operands)?;
+        crate::ops::fused::dequantize_fp8(&o8, &descale_v, q.dtype())?
+            .reshape((b, lq, h, d))?
+            .transpose(1, 2)
+    } else {
+        match q.dtype() {
+            DType::BF16 => launch::<half::bf16>(device, &plan, &key, &stream, &operands),
+            DType::F16 => launch::<half::f16>(device, &plan, &key, &stream, &operands),
+            other => Err(error(format!("no attention for {other:?}"))),
+        }
     };
     // The float8 copies and the descales are freed after the launch in stream order.
     drop((q8, k8, v8, descale_q, descale_k, descale_v));
@@ -1360,8 +1388,9 @@ fn run<T: CudaDType + DeviceRepr>(
     // The read records drop here, after the launch, then the storage guards.
 }
 
-/// Allocates the output (and workspace) and executes `plan` on `operands` (unique id and
-/// device address of every tensor the plan binds but the output and the scale).
+/// Allocates the output and executes `plan` on `operands` (unique id and device address of
+/// every tensor the plan binds but the output and the scale); returns the output as a
+/// [B, H, Lq, D] view of its token-major buffer.
 fn launch<T: CudaDType + DeviceRepr>(
     device: &candle_core::CudaDevice,
     plan: &Plan,
@@ -1373,29 +1402,12 @@ fn launch<T: CudaDType + DeviceRepr>(
     let alloc_err = |e| error(format!("allocating device memory: {e:?}"));
     // SAFETY: the plan writes every element of the output (O covers it exactly).
     let mut out = unsafe { stream.alloc::<T>(b * lq * h * d) }.map_err(alloc_err)?;
-    // SAFETY: cuDNN's workspace is scratch it writes before reading.
-    let mut workspace = match plan.workspace_bytes {
-        0 => None,
-        n => Some(unsafe { stream.alloc::<u8>(n) }.map_err(alloc_err)?),
-    };
     {
         let (op, _o_write) = out.device_ptr_mut(stream);
-        let scratch = workspace.as_mut().map(|w| w.device_ptr_mut(stream));
-        let wp = scratch.as_ref().map_or(0, |(p, _)| *p);
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| error(format!("binding the CUDA context: {e:?}")))?;
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
         let mut bound = operands.to_vec();
         bound.push((UID_O, op));
-        let _span = tracing::trace_span!("cudnn_sdpa_execute").entered();
-        // SAFETY: the operands are live buffers of the layouts the plan was built for (its
-        // key; the caller holds them past this call); `out` is a fresh buffer of the output's
-        // layout and `wp` (if any) a fresh one of the plan's workspace size; the launch is
-        // ordered on `stream` before anything frees them.
-        unsafe { execute(plan, &bound, scale, wp) }.map_err(error)?;
-        // The write records drop here, after the launch.
+        execute_on(plan, key, stream, &bound)?;
+        // The write record drops here, after the launch.
     }
     let out = Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone())),
@@ -1403,9 +1415,42 @@ fn launch<T: CudaDType + DeviceRepr>(
         BackpropOp::none(),
         false,
     );
+    out.transpose(1, 2)
+}
+
+/// Allocates the workspace and executes `plan` on `bound` (unique id and device address of
+/// every tensor the plan binds but the scale, the output included).
+fn execute_on(
+    plan: &Plan,
+    key: &PlanKey,
+    stream: &Arc<CudaStream>,
+    bound: &[(i64, u64)],
+) -> candle_core::Result<()> {
+    let d = key.sizes[4];
+    let alloc_err = |e| error(format!("allocating device memory: {e:?}"));
+    // SAFETY: cuDNN's workspace is scratch it writes before reading.
+    let mut workspace = match plan.workspace_bytes {
+        0 => None,
+        n => Some(unsafe { stream.alloc::<u8>(n) }.map_err(alloc_err)?),
+    };
+    {
+        let scratch = workspace.as_mut().map(|w| w.device_ptr_mut(stream));
+        let wp = scratch.as_ref().map_or(0, |(p, _)| *p);
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| error(format!("binding the CUDA context: {e:?}")))?;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let _span = tracing::trace_span!("cudnn_sdpa_execute").entered();
+        // SAFETY: the bound tensors are live buffers of the layouts the plan was built for
+        // (its key; the caller holds them past this call, the output fresh and its own), and
+        // `wp` (if any) a fresh buffer of the plan's workspace size; the launch is ordered on
+        // `stream` before anything frees them.
+        unsafe { execute(plan, bound, scale, wp) }.map_err(error)?;
+    }
     // Frees the workspace after the launch in stream order.
     drop(workspace);
-    out.transpose(1, 2)
+    Ok(())
 }
 
 /// Binds the tensors to their unique ids in a variant pack (the pass-by-value `scale` too)
