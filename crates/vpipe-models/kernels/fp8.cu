@@ -1,6 +1,9 @@
 // vpipe's float8 (e4m3) compute around cuBLASLt's float8 matrix product:
-// - row_absmax: the largest |x| of each row (per-token activation scales, per-channel weight
-//   scales), one block per row.
+// - quantize_rows: each row's scale (its largest |x| over 448, at least 1e-12) and the row in
+//   e4m3 over it (per-token activation scales, per-channel weight scales), one block per row:
+//   the row is read from memory once, its second reading from the cache.
+// - row_absmax: the largest |x| of each row (for one scale over a whole tensor), one block per
+//   row.
 // - quantize_fp8: x8 = e4m3(clamp(x / scale, ±448)), one scale per row (or one for all).
 // - scale_bias_act: y = act(y · row_scale · column_scale + bias) in place on the product's
 //   output; f32 arithmetic, act = identity or GELU(tanh).
@@ -9,10 +12,28 @@
 #include "common.cuh"
 
 #define FP8_MAX 448.f
+#define MIN_SCALE 1e-12f
 
 struct Max {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
+
+template <typename T>
+__device__ void quantize_rows(const T* x, float* scales, __nv_fp8_e4m3* y, int cols) {
+  __shared__ float partial[32];
+  long long start = (long long)blockIdx.x * cols;
+  const T* xr = x + start;
+  float m = 0.f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(to_f32(xr[c])));
+  m = block_reduce(m, partial, Max());
+  // As the CPU computes it: the largest value times 1/448 (no fused rounding: the add is 0).
+  float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
+  if (threadIdx.x == 0) scales[blockIdx.x] = s;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    float v = to_f32(xr[c]) / s;
+    y[start + c] = __nv_fp8_e4m3(fminf(fmaxf(v, -FP8_MAX), FP8_MAX));
+  }
+}
 
 template <typename T>
 __device__ void row_absmax(const T* x, float* out, int cols) {
@@ -48,6 +69,10 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
 }
 
 #define FP8_KERNELS(SUFFIX, T)                                                                 \
+  extern "C" __global__ void quantize_rows_##SUFFIX(const T* x, float* scales,                \
+                                                    __nv_fp8_e4m3* y, int cols) {             \
+    quantize_rows<T>(x, scales, y, cols);                                                      \
+  }                                                                                            \
   extern "C" __global__ void row_absmax_##SUFFIX(const T* x, float* out, int cols) {          \
     row_absmax<T>(x, out, cols);                                                               \
   }                                                                                            \
@@ -61,5 +86,6 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
       const T* bias, long long n, int cols, int gelu) {                                        \
     scale_bias_act<T>(y, row_scales, column_scales, column_stride, bias, n, cols, gelu);      \
   }
+FP8_KERNELS(f32, float)
 FP8_KERNELS(bf16, __nv_bfloat16)
 FP8_KERNELS(f16, __half)

@@ -66,9 +66,8 @@ impl Fp8Weight {
     /// the channel's largest |w| over 448.
     pub fn quantize(weight: &Tensor) -> candle_core::Result<Self> {
         weight.dims2()?;
-        let weight = weight.contiguous()?;
-        let scales = row_scales(&weight)?;
-        let weight = quantize_rows(&weight, &scales)?;
+        let rows = weight.dim(0)?;
+        let (weight, scales) = quantize_per_row(&weight.contiguous()?, rows)?;
         Ok(Self { weight, scales })
     }
 
@@ -120,14 +119,13 @@ pub fn linear(
         );
     }
     let x = x.contiguous()?;
-    let scales = row_scales(&x)?;
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(cuda) = x.device() {
         // cuBLASLt's float8 products take whole tiles of 16 rows: the rows past `x`'s are
         // zeros, and their outputs are left out (a prefix of a row-major tensor, no copy).
         let rows = x.dim(0)?;
         let padded = rows.next_multiple_of(16);
-        let x8 = cuda_kernels::quantize(&x, &scales, padded)?;
+        let (x8, scales) = quantize_per_row(&x, padded)?;
         let (y, yp) = crate::ops::fused::empty(&x, &[padded, outputs])?;
         let shape = (padded, outputs, inputs);
         cuda_kernels::product(cuda, (&weight.weight, &x8), (yp, x.dtype()), shape)?;
@@ -136,7 +134,8 @@ pub fn linear(
         cuda_kernels::scale_bias_act(&y, &scales, &weight.scales, bias, gelu)?;
         return Ok(y);
     }
-    let product = quantize_rows(&x, &scales)?
+    let (x8, scales) = quantize_per_row(&x, x.dim(0)?)?;
+    let product = x8
         .to_dtype(DType::F32)?
         .matmul(&weight.weight.to_dtype(DType::F32)?.t()?)?
         .affine(PRODUCT_SCALE, 0.0)?
@@ -153,29 +152,27 @@ pub fn linear(
     y.to_dtype(x.dtype())
 }
 
-/// Each row's scale: its largest |value| over 448 (at least [`MIN_SCALE`]), f32 [rows].
-fn row_scales(x: &Tensor) -> candle_core::Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    let absmax = if x.device().is_cuda() {
-        cuda_kernels::row_absmax(x)?
-    } else {
-        x.to_dtype(DType::F32)?.abs()?.max(D::Minus1)?
-    };
-    #[cfg(not(feature = "cuda"))]
-    let absmax = x.to_dtype(DType::F32)?.abs()?.max(D::Minus1)?;
-    absmax.affine(1.0 / FP8_MAX, 0.0)?.maximum(MIN_SCALE)
-}
-
-/// `x` [rows, cols] divided by its rows' `scales` and rounded to float8 e4m3 (saturating).
-fn quantize_rows(x: &Tensor, scales: &Tensor) -> candle_core::Result<Tensor> {
+/// `x` [rows, cols] in float8 e4m3 with one scale per row, its largest |value| over 448 (at
+/// least [`MIN_SCALE`]): the rows divided by their scales and rounded (saturating), followed
+/// by zero rows up to `padded_rows` (on CUDA; the CPU pads nothing), and the f32 [rows] scales.
+fn quantize_per_row(x: &Tensor, padded_rows: usize) -> candle_core::Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return cuda_kernels::quantize(x, scales, x.dim(0)?);
+        return cuda_kernels::quantize_rows(x, padded_rows);
     }
-    x.to_dtype(DType::F32)?
+    let _ = padded_rows;
+    let scales = x
+        .to_dtype(DType::F32)?
+        .abs()?
+        .max(D::Minus1)?
+        .affine(1.0 / FP8_MAX, 0.0)?
+        .maximum(MIN_SCALE)?;
+    let x8 = x
+        .to_dtype(DType::F32)?
         .broadcast_div(&scales.unsqueeze(1)?)?
         .clamp(-FP8_MAX, FP8_MAX)?
-        .to_dtype(DType::F8E4M3)
+        .to_dtype(DType::F8E4M3)?;
+    Ok((x8, scales))
 }
 
 #[cfg(feature = "cuda")]
@@ -208,11 +205,43 @@ mod cuda_kernels {
         Ok(format!("{base}_{}", suffix(dtype)?))
     }
 
-    /// Each row's largest |value|, f32 [rows]: one block per row.
-    pub(super) fn row_absmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x` [rows, cols] in e4m3 with one scale per row (see [`super::quantize_per_row`]), in
+    /// one kernel: one block per row.
+    pub(super) fn quantize_rows(
+        x: &Tensor,
+        padded_rows: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (rows, cols) = x.dims2()?;
         let x = x.contiguous()?;
-        absmax_at((device_ptr(&x)?, x.dtype()), x.device(), (rows, cols))
+        let out = Tensor::zeros((padded_rows.max(rows), cols), DType::F8E4M3, x.device())?;
+        let like = Tensor::zeros((), DType::F32, x.device())?;
+        let (scales, sp) = empty(&like, &[rows])?;
+        if rows == 0 || cols == 0 {
+            return Ok((out, scales.ones_like()?));
+        }
+        let grid = u32::try_from(rows).map_err(|_| {
+            candle_core::Error::Msg(format!("fp8 quantize: {rows} rows, more than one launch"))
+        })?;
+        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+            &name("quantize_rows", x.dtype())?,
+            "vpipe_fp8",
+            PTX,
+        )?;
+        let (xp, op, cols) = (device_ptr(&x)?, device_ptr(&out)?, cols as i32);
+        let mut a = func.builder();
+        a.arg(&xp);
+        a.arg(&sp);
+        a.arg(&op);
+        a.arg(&cols);
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `x` is contiguous [rows, cols]; `out` holds at least `rows · cols` bytes and
+        // `scales` `rows` f32, which the kernel writes, one block per row, on their stream.
+        unsafe { a.launch(cfg) }.w()?;
+        Ok((out, scales))
     }
 
     /// The largest |value| of each of `rows` rows of `cols` elements from the device address
@@ -248,20 +277,6 @@ mod cuda_kernels {
         // SAFETY: the caller's `x` addresses `rows · cols` live elements of `dtype`; `out`
         // holds `rows` f32. The kernel reads and writes only those, on the device's stream.
         unsafe { a.launch(cfg) }.w()?;
-        Ok(out)
-    }
-
-    /// `x` [rows, cols] over its rows' scales (f32 [rows], or one for all) in float8 e4m3,
-    /// followed by zero rows up to `padded_rows`.
-    pub(super) fn quantize(
-        x: &Tensor,
-        scales: &Tensor,
-        padded_rows: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (rows, cols) = x.dims2()?;
-        let out = Tensor::zeros((padded_rows.max(rows), cols), DType::F8E4M3, x.device())?;
-        let x = x.contiguous()?;
-        quantize_at((device_ptr(&x)?, x.dtype()), scales, &out, (rows, cols))?;
         Ok(out)
     }
 
