@@ -132,3 +132,67 @@ fn factors_in_another_dtype_are_left_to_the_host() {
     // The plan did not count the weight as merged.
     assert_eq!(plan.unapplied(), [NAME]);
 }
+
+/// Where the in-place product cannot merge (two LoRAs on one weight), the store merges with
+/// the tensor-level [`MergePlan::apply`] on the device: the same weight as on the host, up to
+/// f32 rounding.
+#[test]
+fn two_loras_merge_on_the_device_as_on_the_host() {
+    let (rows, columns, rank) = (512, 384, 8);
+    let (_, weight) = case((rows, columns, rank), DType::BF16, DType::BF16);
+    let lora = |seed: f32, dtype: DType| {
+        let key = "diffusion_model.blocks.0.ffn.0";
+        let random = |shape: (usize, usize)| {
+            Tensor::randn(seed, 0.05f32, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        LoraFile::from_tensors(
+            format!("lora{seed}"),
+            HashMap::from([
+                (format!("{key}.lora_A.weight"), random((rank, columns))),
+                (format!("{key}.lora_B.weight"), random((rows, rank))),
+            ]),
+        )
+        .unwrap()
+    };
+    let (a, b) = (lora(0.0, DType::BF16), lora(1.0, DType::F32));
+    let shapes: BTreeMap<String, Shape> = [(NAME.to_owned(), Shape::from((rows, columns)))].into();
+    let plan = MergePlan::new(&[(&a, 0.8), (&b, 0.5)], &shapes, &|_| None).unwrap();
+    let Device::Cuda(cuda) = Device::new_cuda(0).unwrap() else {
+        unreachable!()
+    };
+    let stream = cuda.cuda_stream();
+    let mut on_gpu = stream.clone_htod(&bytes(&weight)).unwrap();
+    assert!(!plan
+        .apply_in_place_on_device(NAME, DType::BF16, &cuda, &mut on_gpu)
+        .unwrap());
+    let on_device = plan
+        .apply(
+            NAME,
+            &weight.to_device(&Device::Cuda(cuda.clone())).unwrap(),
+        )
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let on_host = plan
+        .apply(NAME, &weight)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let largest = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let err = largest(&(&on_device - &on_host).unwrap());
+    eprintln!("two LoRAs: device against host max abs {err:.3e}");
+    assert!(err <= 2f32.powi(-7) * largest(&on_host).max(1.0), "{err}");
+    assert!(largest(&(&on_host - &weight.to_dtype(DType::F32).unwrap()).unwrap()) > 1e-3);
+}

@@ -181,6 +181,46 @@ impl PinnedTensor {
     }
 }
 
+/// Copies a contiguous device tensor's elements into `bytes` (its length, its dtype's
+/// little-endian bytes, aligned for the dtype: a range of an arena) and waits for the copy.
+pub(crate) fn copy_to_host(tensor: &Tensor, bytes: &mut [u8]) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::CudaStorageSlice as S;
+    fn copy<T: DeviceRepr + bytemuck::Pod>(
+        slice: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+        (start, end): (usize, usize),
+        bytes: &mut [u8],
+        stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    ) -> candle_core::Result<()> {
+        let host: &mut [T] = bytemuck::try_cast_slice_mut(bytes)
+            .map_err(|e| candle_core::Error::Msg(format!("copy to host: {e}")))?;
+        if host.len() != end - start {
+            candle_core::bail!(
+                "copy to host: {} elements into room for {}",
+                end - start,
+                host.len()
+            );
+        }
+        stream
+            .memcpy_dtoh(&slice.slice(start..end), host)
+            .and_then(|()| stream.synchronize())
+            .map_err(driver_error)
+    }
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        candle_core::bail!("copy to host: the tensor is not on the CUDA device")
+    };
+    let Some(offsets) = layout.contiguous_offsets() else {
+        candle_core::bail!("copy to host: the tensor is not contiguous")
+    };
+    let stream = cuda.device.cuda_stream();
+    match &cuda.slice {
+        S::BF16(s) => copy(s, offsets, bytes, &stream),
+        S::F16(s) => copy(s, offsets, bytes, &stream),
+        S::F32(s) => copy(s, offsets, bytes, &stream),
+        _ => candle_core::bail!("copy to host: only f32, bf16 and f16 tensors"),
+    }
+}
+
 /// Overwrites a contiguous device tensor with page-locked `bytes` (the same length), copied
 /// asynchronously on `stream`; the caller orders `stream` with the streams that read or
 /// write the tensor, and keeps `bytes` alive until the copy is done.

@@ -461,31 +461,40 @@ impl Model {
             target.copy_from_slice(&safetensors::View::data(&tensor));
             Ok(())
         };
-        // Patched weights go to the device to be merged there as they are read (the GPU's
-        // product runs at the bus's speed, the host's at its cores'), one at a time: a weight
-        // and its two factors are all the device holds for it, freed before the next.
+        // Patched float weights go to the device to be merged there as they are read (the
+        // GPU's products run at the bus's speed, the host's at its cores'), one at a time: in
+        // place where the patch can be (the weight and its factors are all the device holds
+        // for it), else by the tensor-level patch on the device (the weight, its f32 sum and
+        // an update), freed before the next.
         let on_device = |meta: &TensorMeta| {
-            patch_of(meta)
-                .and_then(|p| p.apply_on_device.as_deref())
-                .filter(|_| matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16))
+            patch_of(meta).filter(|_| matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16))
         };
         let merge_on_device = |entry: &Entry| -> Result<bool, MemError> {
             let (meta, range, _) = entry;
-            let Some(apply) = on_device(meta) else {
+            let Some(patch) = on_device(meta) else {
                 return Ok(false);
             };
             let stream = cuda.cuda_stream();
             // SAFETY: the weight was read before it was sent here; only this thread touches
             // its range now.
             let bytes = unsafe { arena.range_mut(range.clone()) }.map_err(|e| context(meta, &e))?;
-            let mut on_gpu = stream.clone_htod(&*bytes).map_err(|e| context(meta, &e))?;
-            if !apply(&meta.name, meta.dtype, cuda, &mut on_gpu).map_err(|e| context(meta, &e))? {
-                return Ok(false);
+            if let Some(apply) = patch.apply_on_device.as_deref() {
+                let mut on_gpu = stream.clone_htod(&*bytes).map_err(|e| context(meta, &e))?;
+                if apply(&meta.name, meta.dtype, cuda, &mut on_gpu)
+                    .map_err(|e| context(meta, &e))?
+                {
+                    stream
+                        .memcpy_dtoh(&on_gpu, bytes)
+                        .and_then(|()| stream.synchronize())
+                        .map_err(|e| context(meta, &e))?;
+                    return Ok(true);
+                }
             }
-            stream
-                .memcpy_dtoh(&on_gpu, bytes)
-                .and_then(|()| stream.synchronize())
+            let device = Device::Cuda(cuda.clone());
+            let weight = Tensor::from_raw_buffer(bytes, meta.dtype, meta.shape.as_slice(), &device)
                 .map_err(|e| context(meta, &e))?;
+            let merged = self.patched_whole(patch, meta, &weight)?;
+            crate::pinned::copy_to_host(&merged, bytes).map_err(|e| context(meta, &e))?;
             Ok(true)
         };
         let read = |(meta, range, at): &Entry| -> Result<(), MemError> {
