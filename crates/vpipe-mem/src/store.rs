@@ -469,10 +469,10 @@ impl Model {
         let on_device = |meta: &TensorMeta| {
             patch_of(meta).filter(|_| matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16))
         };
-        let merge_on_device = |entry: &Entry| -> Result<bool, MemError> {
+        let merge_on_device = |entry: &Entry| -> Result<(), MemError> {
             let (meta, range, _) = entry;
             let Some(patch) = on_device(meta) else {
-                return Ok(false);
+                return Ok(());
             };
             let stream = cuda.cuda_stream();
             // SAFETY: the weight was read before it was sent here; only this thread touches
@@ -483,19 +483,17 @@ impl Model {
                 if apply(&meta.name, meta.dtype, cuda, &mut on_gpu)
                     .map_err(|e| context(meta, &e))?
                 {
-                    stream
+                    return stream
                         .memcpy_dtoh(&on_gpu, bytes)
                         .and_then(|()| stream.synchronize())
-                        .map_err(|e| context(meta, &e))?;
-                    return Ok(true);
+                        .map_err(|e| context(meta, &e));
                 }
             }
             let device = Device::Cuda(cuda.clone());
             let weight = Tensor::from_raw_buffer(bytes, meta.dtype, meta.shape.as_slice(), &device)
                 .map_err(|e| context(meta, &e))?;
             let merged = self.patched_whole(patch, meta, &weight)?;
-            crate::pinned::copy_to_host(&merged, bytes).map_err(|e| context(meta, &e))?;
-            Ok(true)
+            crate::pinned::copy_to_host(&merged, bytes).map_err(|e| context(meta, &e))
         };
         let read = |(meta, range, at): &Entry| -> Result<(), MemError> {
             match at {
@@ -519,16 +517,10 @@ impl Model {
             ranges.iter().partition(|(_, _, at)| at.is_some());
         // The weights read as stored, in parallel; those patched on the device are merged by
         // one thread as they arrive, the others on the host by the thread that read them.
-        let left_to_host = std::thread::scope(|scope| -> Result<Vec<&Entry>, MemError> {
+        std::thread::scope(|scope| -> Result<(), MemError> {
             let (ready, arrived) = std::sync::mpsc::channel::<&Entry>();
-            let merger = scope.spawn(move || -> Result<Vec<&Entry>, MemError> {
-                let mut left = Vec::new();
-                for entry in arrived {
-                    if !merge_on_device(entry)? {
-                        left.push(entry);
-                    }
-                }
-                Ok(left)
+            let merger = scope.spawn(move || -> Result<(), MemError> {
+                arrived.into_iter().try_for_each(merge_on_device)
             });
             let read_all = direct.par_iter().try_for_each_with(ready, |ready, entry| {
                 read(entry)?;
@@ -540,15 +532,12 @@ impl Model {
                     patch_on_host(entry)
                 }
             });
-            let left = merger
+            let merged = merger
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             read_all?;
-            left
+            merged
         })?;
-        left_to_host
-            .par_iter()
-            .try_for_each(|entry| patch_on_host(entry))?;
         // Conversions and merges: a few at a time, so that their temporaries stay bounded.
         for chunk in converted.chunks(4) {
             chunk.par_iter().try_for_each(|entry| read(entry))?;
