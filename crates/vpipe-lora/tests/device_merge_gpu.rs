@@ -58,6 +58,16 @@ fn as_f32(bytes: &[u8], dtype: DType, shape: &[usize]) -> Tensor {
         .unwrap()
 }
 
+/// The largest |element|.
+fn largest(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The weight merged on the device, or `None` where the device path refused (then its bytes
 /// must come back as they went).
 fn merged_on_device(plan: &MergePlan, weight: &Tensor) -> Option<Vec<u8>> {
@@ -93,14 +103,6 @@ fn the_device_merge_equals_the_hosts() {
             as_f32(&on_device, dtype, &dims),
         );
         let original = weight.to_dtype(DType::F32).unwrap();
-        let largest = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         let err = largest(&(&device - &host).unwrap());
         let change = largest(&(&host - &original).unwrap());
         let step = match dtype {
@@ -183,14 +185,6 @@ fn two_loras_merge_on_the_device_as_on_the_host() {
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    let largest = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     let err = largest(&(&on_device - &on_host).unwrap());
     eprintln!("two LoRAs: device against host max abs {err:.3e}");
     assert!(err <= 2f32.powi(-7) * largest(&on_host).max(1.0), "{err}");

@@ -219,9 +219,6 @@ mod cuda_kernels {
         if rows == 0 || cols == 0 {
             return Ok((out, scales.ones_like()?));
         }
-        let grid = u32::try_from(rows).map_err(|_| {
-            candle_core::Error::Msg(format!("fp8 quantize: {rows} rows, more than one launch"))
-        })?;
         let func = x.device().as_cuda_device()?.get_or_load_custom_func(
             &name("quantize_rows", x.dtype())?,
             "vpipe_fp8",
@@ -233,15 +230,23 @@ mod cuda_kernels {
         a.arg(&sp);
         a.arg(&op);
         a.arg(&cols);
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = one_block_per_row(rows)?;
         // SAFETY: `x` is contiguous [rows, cols]; `out` holds at least `rows · cols` bytes and
         // `scales` `rows` f32, which the kernel writes, one block per row, on their stream.
         unsafe { a.launch(cfg) }.w()?;
         Ok((out, scales))
+    }
+
+    /// A launch of one block of 256 threads per row.
+    fn one_block_per_row(rows: usize) -> candle_core::Result<LaunchConfig> {
+        let grid = u32::try_from(rows).map_err(|_| {
+            candle_core::Error::Msg(format!("fp8: {rows} rows, more than one launch covers"))
+        })?;
+        Ok(LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
     }
 
     /// The largest |value| of each of `rows` rows of `cols` elements from the device address
@@ -261,19 +266,12 @@ mod cuda_kernels {
             "vpipe_fp8",
             PTX,
         )?;
-        let grid = u32::try_from(rows).map_err(|_| {
-            candle_core::Error::Msg(format!("fp8 absmax: {rows} rows, more than one launch"))
-        })?;
         let cols = cols as i32;
         let mut a = func.builder();
         a.arg(&x);
         a.arg(&op);
         a.arg(&cols);
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = one_block_per_row(rows)?;
         // SAFETY: the caller's `x` addresses `rows · cols` live elements of `dtype`; `out`
         // holds `rows` f32. The kernel reads and writes only those, on the device's stream.
         unsafe { a.launch(cfg) }.w()?;
