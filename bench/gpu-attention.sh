@@ -83,7 +83,7 @@ PY
     # emulation and a 14B FFN-sized product's time; then the 14B and 1.3B forwards at B = 2,
     # exact and in float8 (with the output's error against exact), next to diffusers.
     T=$(unpack fp8_gpu)
-    timeout 200 "$T" --nocapture --test-threads 1 2>&1 | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|self-attention"
+    timeout 200 "$T" --nocapture --test-threads 1 2>&1 | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|self-attention|linear rows"
     [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=9
     B=$(unpack dit_bench)
     for run in "14b cudnn exact" "14b cudnn fp8" "14b fp8 exact" "14b fp8 fp8" "1.3b cudnn exact" "1.3b fp8 fp8"; do

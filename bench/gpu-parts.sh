@@ -20,7 +20,8 @@
 #                               checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
 #                               its least)
 #   bash bench/gpu-parts.sh F   with the LoRA merged on the GPU as the weights are read and
-#                               the FFN's in-place estimate: the device-merge test; text-to-video
+#                               the FFN's in-place estimate: the device-merge test and the
+#                               epilogue linear layer's (.carry/fp8_gpu.xz); text-to-video
 #                               resident and at 4GiB (else the least); video-to-video at 6GiB
 #                               without and with the rank-32 LoRA (load times compared, each
 #                               checked); then the scaled-fp8 14B with the LoRA at 16GiB
@@ -170,6 +171,10 @@ EOF
   elif [ "$PART" = F ]; then
     [ -f .carry/device_merge_gpu.xz ] && timeout 120 "$(unpack device_merge_gpu)" --test-threads 1 \
       --nocapture 2>&1 | grep -E "^test |test result|panicked|against host"
+    # The exact linear layers' bias and GELU in cuBLASLt's epilogue, against the host, before
+    # the runs that use them.
+    [ -f .carry/fp8_gpu.xz ] && timeout 120 "$(unpack fp8_gpu)" the_epilogue_linear_equals_the_hosts \
+      --test-threads 1 --nocapture 2>&1 | grep -E "^test |test result|panicked|linear rows"
     ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
     echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"

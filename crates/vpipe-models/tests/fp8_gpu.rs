@@ -5,13 +5,67 @@
 //! The two differ only in the order of the product's sums (each rounds the product to the
 //! activations' dtype once, then applies the scales), so they agree to that dtype's rounding.
 //! `--nocapture` prints each case's error against the exact f32 product too, and the time of a
-//! 14B FFN-sized product against the bf16 one.
+//! 14B FFN-sized product against the bf16 one. The exact bf16 linear layer, whose bias and GELU
+//! cuBLASLt adds in the product's epilogue on CUDA, is checked against the host's too.
 #![cfg(feature = "cuda")]
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use vpipe_models::ops::fp8::{linear, Fp8Weight};
+use vpipe_models::ops::linear::{Linear, MatmulPrecision};
+
+/// A linear layer with `w` [out, in] and `b` [out] on `device`, in `dtype`.
+fn layer(w: &Tensor, b: &Tensor, dtype: DType, device: &Device) -> Linear {
+    let (outputs, inputs) = w.dims2().unwrap();
+    let tensors = std::collections::HashMap::from([
+        ("weight".to_owned(), w.clone()),
+        ("bias".to_owned(), b.clone()),
+    ]);
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+    Linear::new(inputs, outputs, true, vb).unwrap()
+}
+
+/// The exact linear layer on the GPU (the bias, and GELU, in cuBLASLt's epilogue, rounded
+/// once) against the host's in f32: within bf16's and f16's rounding, rows that are and are
+/// not whole tiles.
+#[test]
+fn the_epilogue_linear_equals_the_hosts() {
+    let (inputs, outputs) = (640, 384);
+    for rows in [1000, 77] {
+        for dtype in [DType::BF16, DType::F16] {
+            for gelu in [false, true] {
+                let (w, b, x) = (
+                    randn((outputs, inputs), 0.05),
+                    randn((1, outputs), 0.1).flatten_all().unwrap(),
+                    randn((rows, inputs), 1.0),
+                );
+                let on_host = layer(&w, &b, DType::F32, &Device::Cpu);
+                let on_gpu = layer(&w, &b, dtype, &cuda());
+                let x16 = x.to_dtype(dtype).unwrap();
+                let want = match gelu {
+                    true => on_host.forward_gelu_in(
+                        &x16.to_dtype(DType::F32).unwrap(),
+                        MatmulPrecision::Exact,
+                    ),
+                    false => on_host.forward(&x16.to_dtype(DType::F32).unwrap()),
+                }
+                .unwrap();
+                let x16 = x16.to_device(&cuda()).unwrap();
+                let got = match gelu {
+                    true => on_gpu.forward_gelu_in(&x16, MatmulPrecision::Exact),
+                    false => on_gpu.forward(&x16),
+                }
+                .unwrap();
+                let err = relative_l2(&got, &want);
+                eprintln!(
+                    "linear rows {rows} {dtype:?} gelu {gelu}: GPU against the host {err:.2e}"
+                );
+                assert!(err < 1e-2, "{err}");
+            }
+        }
+    }
+}
 
 fn cuda() -> Device {
     static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
@@ -176,6 +230,8 @@ fn times_a_14b_ffn_product() {
         .unwrap();
     let b = Tensor::zeros(outputs, DType::BF16, &dev).unwrap();
     let weight = Fp8Weight::quantize(&w).unwrap();
+    let with_epilogue = layer(&w, &b, DType::BF16, &dev);
+    let epilogue = median_seconds(&|| with_epilogue.forward(&x).unwrap());
     let bf16 = median_seconds(&|| {
         x.matmul(&w.t().unwrap())
             .unwrap()
@@ -187,8 +243,9 @@ fn times_a_14b_ffn_product() {
         median_seconds(&|| linear(&x, &Fp8Weight::quantize(&w).unwrap(), Some(&b), false).unwrap());
     let flops = 2.0 * (rows * inputs * outputs) as f64;
     eprintln!(
-        "14B FFN product: bf16 {bf16:.4} s ({:.0} TFLOP/s); fp8 {fp8:.4} s ({:.0} TFLOP/s), with the \
-         weight quantised in the call {fp8_with_weight:.4} s",
+        "14B FFN product: bf16 {bf16:.4} s ({:.0} TFLOP/s), bf16 with the bias in the epilogue \
+         {epilogue:.4} s; fp8 {fp8:.4} s ({:.0} TFLOP/s), with the weight quantised in the call \
+         {fp8_with_weight:.4} s",
         flops / bf16 / 1e12,
         flops / fp8 / 1e12
     );

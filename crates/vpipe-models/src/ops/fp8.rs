@@ -184,21 +184,13 @@ mod cuda_kernels {
     //! float8 product.
     #![allow(unsafe_code)]
 
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, DType, Tensor};
 
     use crate::ops::fused::{device_ptr, empty, suffix};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
-
-    /// cuBLASLt's workspace: what NVIDIA recommends on Hopper.
-    const WORKSPACE_BYTES: usize = 32 << 20;
 
     /// `{base}_{dtype}` from `kernels/fp8.cu`.
     fn name(base: &str, dtype: DType) -> candle_core::Result<String> {
@@ -423,146 +415,34 @@ mod cuda_kernels {
         Ok(())
     }
 
-    thread_local! {
-        // Like cuDNN's, one handle per stream per thread. Its workspace is allocated per
-        // product, as cuDNN's is, so that no memory stays on the device between phases.
-        static HANDLES: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
-    }
-
-    fn handle(device: &CudaDevice) -> candle_core::Result<sys::cublasLtHandle_t> {
-        let stream = device.cuda_stream();
-        let key = std::sync::Arc::as_ptr(&stream) as usize;
-        HANDLES.with(|handles| {
-            if let Some(&h) = handles.borrow().get(&key) {
-                return Ok(h as sys::cublasLtHandle_t);
-            }
-            let handle = lt::create_handle().map_err(|e| fail("creating the handle", e))?;
-            handles.borrow_mut().insert(key, handle as usize);
-            Ok(handle)
-        })
-    }
-
-    fn fail(what: &str, e: impl std::fmt::Display) -> candle_core::Error {
-        candle_core::Error::Msg(format!("cuBLASLt float8 product: {what}: {e}"))
-    }
-
-    /// Owned cuBLASLt descriptors, destroyed on drop.
-    struct Desc(sys::cublasLtMatmulDesc_t);
-    struct Layout(sys::cublasLtMatrixLayout_t);
-    struct Pref(sys::cublasLtMatmulPreference_t);
-    impl Drop for Desc {
-        fn drop(&mut self) {
-            // SAFETY: made by `create_matmul_desc`, destroyed once.
-            let _ = unsafe { lt::destroy_matmul_desc(self.0) };
-        }
-    }
-    impl Drop for Layout {
-        fn drop(&mut self) {
-            // SAFETY: made by `create_matrix_layout`, destroyed once.
-            let _ = unsafe { lt::destroy_matrix_layout(self.0) };
-        }
-    }
-    impl Drop for Pref {
-        fn drop(&mut self) {
-            // SAFETY: made by `create_matmul_pref`, destroyed once.
-            let _ = unsafe { lt::destroy_matmul_pref(self.0) };
-        }
-    }
-
-    /// `y [rows, outputs] = x8 · w8ᵀ` (row-major; float8 in, f32 accumulation, `y`'s dtype
-    /// out), written to the fresh buffer at `y`. cuBLASLt sees column-major memory: the
-    /// weight as k × m (transposed: m × k), the activations as k × n and the output as m × n,
-    /// the "TN" layout its float8 products take.
+    /// `y [rows, out] = x8 · w8ᵀ · PRODUCT_SCALE` (float8 in, f32 accumulation, `dtype` out),
+    /// written to the fresh buffer at `y` ([`crate::ops::lt`]).
     pub(super) fn product(
         device: &CudaDevice,
         (w8, x8): (&Tensor, &Tensor),
         (y, dtype): (u64, DType),
         (rows, outputs, inputs): (usize, usize, usize),
     ) -> candle_core::Result<()> {
-        if rows == 0 || outputs == 0 {
-            return Ok(());
-        }
-        let lt_handle = handle(device)?;
-        let stream = device.cuda_stream();
+        let product = crate::ops::lt::Product {
+            outputs,
+            rows,
+            inputs,
+            operands: DType::F8E4M3,
+            output: dtype,
+        };
         let (wp, xp) = (device_ptr(w8)?, device_ptr(x8)?);
-        let out_type = match dtype {
-            DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
-            _ => sys::cudaDataType_t::CUDA_R_16BF,
-        };
-        let fp8 = sys::cudaDataType_t::CUDA_R_8F_E4M3;
-        let (m, n, k) = (outputs as u64, rows as u64, inputs as u64);
-        let desc = Desc(
-            lt::create_matmul_desc(
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cudaDataType_t::CUDA_R_32F,
-            )
-            .map_err(|e| fail("the descriptor", e))?,
-        );
-        let transpose =
-            candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32;
-        // SAFETY: the attribute is the operation enum, passed by pointer with its size.
+        let alpha = super::PRODUCT_SCALE as f32;
+        // SAFETY: `w8` is [outputs, inputs] and `x8` [rows, inputs] float8, contiguous
+        // (`device_ptr` checks), `y` a fresh [rows, outputs] buffer of `dtype`.
         unsafe {
-            lt::set_matmul_desc_attribute(
-                desc.0,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                (&transpose) as *const _ as *const _,
-                std::mem::size_of_val(&transpose),
+            crate::ops::lt::matmul(
+                device,
+                product,
+                (wp, xp, y),
+                alpha,
+                crate::ops::lt::Epilogue::None,
             )
         }
-        .map_err(|e| fail("transposing the weight", e))?;
-        let layout = |dtype, rows, cols, ld| {
-            lt::create_matrix_layout(dtype, rows, cols, ld)
-                .map(Layout)
-                .map_err(|e| fail("a layout", e))
-        };
-        let a = layout(fp8, k, m, k as i64)?;
-        let b = layout(fp8, k, n, k as i64)?;
-        let d = layout(out_type, m, n, m as i64)?;
-        let pref = Pref(lt::create_matmul_pref().map_err(|e| fail("the preference", e))?);
-        let workspace_bytes = WORKSPACE_BYTES as u64;
-        // SAFETY: the attribute is a u64, passed by pointer with its size.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                pref.0,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&workspace_bytes) as *const _ as *const _,
-                std::mem::size_of_val(&workspace_bytes),
-            )
-        }
-        .map_err(|e| fail("the workspace size", e))?;
-        // SAFETY: every descriptor above is alive until the end of this function.
-        let heuristic =
-            unsafe { lt::get_matmul_algo_heuristic(lt_handle, desc.0, a.0, b.0, d.0, d.0, pref.0) }
-                .map_err(|e| fail("no algorithm for these shapes", e))?;
-        let (alpha, beta) = (super::PRODUCT_SCALE as f32, 0f32);
-        // SAFETY: the workspace is only ever scratch for cuBLASLt; it is freed after the
-        // product in stream order.
-        let scratch = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
-        let (workspace, _record) = scratch.device_ptr(&stream);
-        // SAFETY: `w8` is [m, k] and `x8` [n, k] float8, contiguous (checked by `device_ptr`),
-        // `y` a fresh [n, m] buffer of 16-bit values; β = 0, so C (= D) is not read. All on
-        // the tensors' stream.
-        unsafe {
-            lt::matmul(
-                lt_handle,
-                desc.0,
-                (&alpha) as *const f32 as *const _,
-                (&beta) as *const f32 as *const _,
-                wp as *const _,
-                a.0,
-                xp as *const _,
-                b.0,
-                y as *const _,
-                d.0,
-                y as *mut _,
-                d.0,
-                (&heuristic.algo) as *const _,
-                workspace as *mut _,
-                WORKSPACE_BYTES,
-                stream.cu_stream() as *mut _,
-            )
-        }
-        .map_err(|e| fail("the product", e))
     }
 }
 

@@ -136,6 +136,10 @@ impl Linear {
             return y.reshape(out_shape);
         }
         let weight = self.weight_in(x.dtype())?;
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.with_epilogue(&x.reshape((rows, in_dim))?, &weight, gelu)? {
+            return y.reshape(out_shape);
+        }
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         #[cfg(feature = "cuda")]
         if y.device().is_cuda() {
@@ -168,6 +172,55 @@ impl Linear {
     /// - `x`: [..., in] → [..., out], in `x`'s dtype.
     pub fn forward_in(&self, x: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
         self.forward_act(x, false, precision)
+    }
+
+    /// On CUDA in bf16/f16 with a bias: `act(x·Wᵀ + b)` as one cuBLASLt product whose
+    /// epilogue adds the bias (and GELU) in f32 before the output is rounded, rather than a
+    /// second pass over the output; `None` where that does not apply or cuBLASLt cannot take
+    /// the operands (logged once), so that the caller multiplies as before.
+    ///
+    /// # Shapes
+    /// - `x`: [rows, in]; `weight`: [out, in] in `x`'s dtype; returns [rows, out].
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    fn with_epilogue(&self, x: &Tensor, weight: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+        use crate::ops::lt::{matmul, Epilogue, Product};
+        let (Some(bias), candle_core::Device::Cuda(cuda)) = (&self.bias, x.device()) else {
+            return Ok(None);
+        };
+        if !matches!(x.dtype(), DType::BF16 | DType::F16) || weight.dtype() != x.dtype() {
+            return Ok(None);
+        }
+        let (rows, inputs) = x.dims2()?;
+        let outputs = weight.dim(0)?;
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        let bias = bias.to_dtype(x.dtype())?.contiguous()?;
+        let ptr = crate::ops::fused::device_ptr;
+        let (y, yp) = crate::ops::fused::empty(&x, &[rows, outputs])?;
+        let epilogue = if gelu {
+            Epilogue::GeluBias(ptr(&bias)?)
+        } else {
+            Epilogue::Bias(ptr(&bias)?)
+        };
+        let product = Product {
+            outputs,
+            rows,
+            inputs,
+            operands: x.dtype(),
+            output: x.dtype(),
+        };
+        // SAFETY: `weight` [outputs, inputs], `x` [rows, inputs] and the bias [outputs] are
+        // contiguous tensors of one dtype (checked above), alive past the call; `y` is fresh.
+        match unsafe { matmul(cuda, product, (ptr(&weight)?, ptr(&x)?, yp), 1.0, epilogue) } {
+            Ok(()) => Ok(Some(y)),
+            Err(e) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| {
+                    tracing::warn!("linear layers multiply without a fused epilogue: {e}")
+                });
+                Ok(None)
+            }
+        }
     }
 
     /// The weight in float8 with its scales, for [`MatmulPrecision::Fp8`]: a float8 weight as

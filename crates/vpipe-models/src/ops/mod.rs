@@ -11,6 +11,8 @@ pub mod fp8;
 pub mod fused;
 pub mod layout;
 pub mod linear;
+#[cfg(feature = "cuda")]
+pub(crate) mod lt;
 
 pub use conv3d::{CausalConv3d, Conv3dConfig};
 
