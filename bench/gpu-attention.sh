@@ -23,6 +23,12 @@
 set -u
 PART=${1:-all}
 . bench/device-env.sh
+diffusers_dits() {  # the reference: diffusers' 14B and 1.3B forwards, same call
+  echo "=== diffusers 14B"
+  timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+  echo "=== diffusers 1.3B"
+  timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+}
 {
   if [ "$PART" = kernel ] || [ "$PART" = all ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -73,10 +79,7 @@ PY
         [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
       done
     done
-    echo "=== diffusers 14B"
-    timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
-    echo "=== diffusers 1.3B"
-    timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+    diffusers_dits
   fi
   if [ "$PART" = fp8 ]; then
     # Float8 products (--fp8-compute, dit_bench --matmul fp8): the GPU test against the CPU's
@@ -93,10 +96,7 @@ PY
         | sed "s/^/vpipe $1 $2 $3 /"
       [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
     done
-    echo "=== diffusers 14B"
-    timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
-    echo "=== diffusers 1.3B"
-    timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+    diffusers_dits
   fi
   if [ "$PART" = slices ]; then
     D=$(unpack dit_bench)

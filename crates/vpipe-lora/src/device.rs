@@ -68,9 +68,11 @@ impl MergePlan {
                 "merging a LoRA into '{name}' on the GPU: {e}"
             ))))
         };
+        // The factors' elements as little-endian bytes in their dtype (they are on the host).
         let upload = |factor: &Tensor| -> Result<CudaSlice<u8>> {
-            let bytes = host_bytes(factor)?;
-            stream.clone_htod(&bytes).map_err(|e| driver(&e))
+            stream
+                .clone_htod(&*safetensors::View::data(factor))
+                .map_err(|e| driver(&e))
         };
         let (up, down) = (upload(up)?, upload(down)?);
         let alpha = (patch.strength * scale) as f32;
@@ -117,26 +119,4 @@ impl MergePlan {
         self.mark_applied(name);
         Ok(true)
     }
-}
-
-/// A host tensor's elements as little-endian bytes, in its dtype (f32, bf16 or f16).
-fn host_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
-    let flat = tensor.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
-    Ok(match flat.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        _ => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    })
 }

@@ -65,8 +65,7 @@ impl Fp8Weight {
     /// `weight` [out, in] (f32, bf16 or f16) quantised with one scale per output channel:
     /// the channel's largest |w| over 448.
     pub fn quantize(weight: &Tensor) -> candle_core::Result<Self> {
-        weight.dims2()?;
-        let rows = weight.dim(0)?;
+        let (rows, _) = weight.dims2()?;
         let (weight, scales) = quantize_per_row(&weight.contiguous()?, rows)?;
         Ok(Self { weight, scales })
     }
@@ -107,8 +106,7 @@ pub fn linear(
     bias: Option<&Tensor>,
     gelu: bool,
 ) -> candle_core::Result<Tensor> {
-    let inputs = x.dim(D::Minus1)?;
-    x.dims2()?;
+    let (rows, inputs) = x.dims2()?;
     let (outputs, weight_inputs) = weight.weight.dims2()?;
     if inputs != weight_inputs || !matches!(x.dtype(), DType::BF16 | DType::F16) {
         candle_core::bail!(
@@ -123,7 +121,6 @@ pub fn linear(
     if let candle_core::Device::Cuda(cuda) = x.device() {
         // cuBLASLt's float8 products take whole tiles of 16 rows: the rows past `x`'s are
         // zeros, and their outputs are left out (a prefix of a row-major tensor, no copy).
-        let rows = x.dim(0)?;
         let padded = rows.next_multiple_of(16);
         let (x8, scales) = quantize_per_row(&x, padded)?;
         let (y, yp) = crate::ops::fused::empty(&x, &[padded, outputs])?;
@@ -134,7 +131,7 @@ pub fn linear(
         cuda_kernels::scale_bias_act(&y, &scales, &weight.scales, bias, gelu)?;
         return Ok(y);
     }
-    let (x8, scales) = quantize_per_row(&x, x.dim(0)?)?;
+    let (x8, scales) = quantize_per_row(&x, rows)?;
     let product = x8
         .to_dtype(DType::F32)?
         .matmul(&weight.weight.to_dtype(DType::F32)?.t()?)?
