@@ -1,13 +1,15 @@
 //! Float8 (e4m3) linear layers: the activations quantised per token (row), the weight per
 //! output channel (or a stored scaled-fp8 weight with its one scale), the product in float8
-//! with f32 accumulation, then both scales, the bias and the activation in one pass. On CUDA
-//! (compute capability 8.9 or newer) the product is cuBLASLt's float8 matrix product and the
-//! rest vpipe's kernels; anywhere else the same arithmetic is emulated (values quantised to
-//! float8 and back, the product in f32): the reference the GPU path is tested against.
+//! with f32 accumulation, then both scales, the bias and the activation. On CUDA (compute
+//! capability 8.9 or newer) the product is cuBLASLt's float8 matrix product; anywhere else the
+//! same arithmetic is emulated (values quantised to float8 and back, the product in f32): the
+//! reference the GPU path is tested against.
 //!
-//! The product is rounded to the activations' dtype before the scales are applied, on both
-//! paths, so that they differ only in the order of the product's sums; it is taken times
-//! [`PRODUCT_SCALE`] first, so that it fits in f16.
+//! On CUDA the scales, the bias and GELU are applied in the product's epilogue, to the f32
+//! accumulator, and the output is rounded once, as the emulation does (cuBLASLt's "outer
+//! vector" scaling, cuBLAS 12.9 or newer). Where cuBLASLt has no such algorithm the product is
+//! rounded to the activations' dtype first (scaled so that it fits in f16)
+//! and one kernel of vpipe's applies the rest: one more rounding, within float8's error.
 
 use candle_core::{DType, Tensor, D};
 
@@ -16,12 +18,6 @@ const FP8_MAX: f64 = 448.0;
 
 /// The smallest scale, for a row of zeros (whose values stay zeros).
 const MIN_SCALE: f64 = 1e-12;
-
-/// What the float8 product is multiplied by before it is rounded to the activations' dtype
-/// (and divided by after): each of its terms is at most 448² = 2¹⁷·⁶, so a product over k
-/// inputs stays under 3.1·k, within f16's 65 504 for k up to 21 000 (Wan's widest is
-/// 13 824). A power of two, so the two steps round nothing.
-const PRODUCT_SCALE: f64 = 1.0 / 65_536.0;
 
 /// Whether `device` runs [`linear`]: the CPU (emulated) and CUDA devices of compute
 /// capability 8.9 or newer (Ada, Hopper, Blackwell), whose cuBLASLt has float8 products; else
@@ -94,9 +90,9 @@ impl Fp8Weight {
     }
 }
 
-/// `act(x · Wᵀ + bias)` in float8: `x` quantised per row, the product accumulated in f32 and
-/// rounded to `x`'s dtype, then times the row's and the channel's scales, plus the bias, then
-/// GELU(tanh) when `gelu`.
+/// `act(x · Wᵀ + bias)` in float8: `x` quantised per row, the product accumulated in f32,
+/// times the row's and the channel's scales, plus the bias, then GELU(tanh) when `gelu`,
+/// rounded to `x`'s dtype.
 ///
 /// # Shapes
 /// - `x`: [rows, in], bf16 or f16; `bias`: [out]; returns [rows, out] in `x`'s dtype.
@@ -123,11 +119,15 @@ pub fn linear(
         // zeros, and their outputs are left out (a prefix of a row-major tensor, no copy).
         let padded = rows.next_multiple_of(16);
         let (x8, scales) = quantize_per_row(&x, padded)?;
+        let operands = (&x8, &scales, weight);
+        if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype())? {
+            return y.narrow(0, 0, rows);
+        }
         let (y, yp) = crate::ops::fused::empty(&x, &[padded, outputs])?;
         let shape = (padded, outputs, inputs);
         cuda_kernels::product(cuda, (&weight.weight, &x8), (yp, x.dtype()), shape)?;
         let y = y.narrow(0, 0, rows)?;
-        let scales = scales.affine(1.0 / PRODUCT_SCALE, 0.0)?;
+        let scales = scales.affine(1.0 / cuda_kernels::PRODUCT_SCALE, 0.0)?;
         cuda_kernels::scale_bias_act(&y, &scales, &weight.scales, bias, gelu)?;
         return Ok(y);
     }
@@ -135,10 +135,6 @@ pub fn linear(
     let product = x8
         .to_dtype(DType::F32)?
         .matmul(&weight.weight.to_dtype(DType::F32)?.t()?)?
-        .affine(PRODUCT_SCALE, 0.0)?
-        .to_dtype(x.dtype())?
-        .to_dtype(DType::F32)?
-        .affine(1.0 / PRODUCT_SCALE, 0.0)?
         .broadcast_mul(&scales.unsqueeze(1)?)?
         .broadcast_mul(&weight.scales.unsqueeze(0)?)?;
     let y = match bias {
@@ -151,7 +147,8 @@ pub fn linear(
 
 /// `x` [rows, cols] in float8 e4m3 with one scale per row, its largest |value| over 448 (at
 /// least [`MIN_SCALE`]): the rows divided by their scales and rounded (saturating), followed
-/// by zero rows up to `padded_rows` (on CUDA; the CPU pads nothing), and the f32 [rows] scales.
+/// by zero rows up to `padded_rows` (on CUDA; the CPU pads nothing), and the f32 scales, one
+/// per row (zeros for the padding).
 fn quantize_per_row(x: &Tensor, padded_rows: usize) -> candle_core::Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
@@ -174,6 +171,8 @@ fn quantize_per_row(x: &Tensor, padded_rows: usize) -> candle_core::Result<(Tens
 
 #[cfg(feature = "cuda")]
 pub(crate) use cuda_kernels::quantize_per_tensor;
+#[cfg(all(feature = "cuda", feature = "bench-hooks"))]
+pub use cuda_kernels::set_scales_in_product;
 
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
@@ -184,10 +183,89 @@ mod cuda_kernels {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, DType, Tensor};
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use crate::ops::fused::{device_ptr, empty, suffix};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
+
+    /// What the float8 product is multiplied by before it is rounded to the activations' dtype
+    /// (and divided by after) where the scales cannot be applied in the product: each of its
+    /// terms is at most 448² = 2¹⁷·⁶, so a product over k inputs stays under 3.1·k, within
+    /// f16's 65 504 for k up to 21 000 (Wan's widest is 13 824). A power of two, so the two
+    /// steps round nothing.
+    pub(super) const PRODUCT_SCALE: f64 = 1.0 / 65_536.0;
+
+    /// Set once cuBLASLt has refused a product with its scales in the epilogue: it has no
+    /// such algorithm here, and the products apply them in a pass of their own from then on.
+    static SCALES_REFUSED: AtomicBool = AtomicBool::new(false);
+
+    /// Whether the products may apply the scales in cuBLASLt's epilogue (the default), for
+    /// the benchmarks that time both ways.
+    #[cfg(feature = "bench-hooks")]
+    pub fn set_scales_in_product(on: bool) {
+        SCALES_REFUSED.store(!on, Ordering::Relaxed);
+    }
+
+    /// `act(x8 · w8ᵀ · row_scale · column_scale + bias)` in one cuBLASLt product, its f32
+    /// accumulator scaled and the bias and GELU added in the epilogue, rounded once to
+    /// `dtype`; `None` (nothing written) where cuBLASLt has no such algorithm, GELU comes
+    /// without a bias, or an earlier product was refused.
+    ///
+    /// # Shapes
+    /// - `x8`: [rows, in] float8 with `row_scales` [rows] f32, `rows` a multiple of 16;
+    ///   `weight`: [out, in]; `bias`: [out]; returns [rows, out] in `dtype`.
+    pub(super) fn scaled_product(
+        device: &CudaDevice,
+        (x8, row_scales, weight): (&Tensor, &Tensor, &super::Fp8Weight),
+        bias: Option<&Tensor>,
+        gelu: bool,
+        dtype: DType,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use crate::ops::lt::{matmul, Epilogue, OuterScales, Product};
+        if SCALES_REFUSED.load(Ordering::Relaxed) || (gelu && bias.is_none()) {
+            return Ok(None);
+        }
+        let (rows, inputs) = x8.dims2()?;
+        let outputs = weight.weight.dim(0)?;
+        // One scale per output feature, also for a stored weight's single one.
+        let column_scales = weight.scales.broadcast_as(outputs)?.contiguous()?;
+        let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
+        let epilogue = match (&bias, gelu) {
+            (Some(b), true) => Epilogue::GeluBias(device_ptr(b)?),
+            (Some(b), false) => Epilogue::Bias(device_ptr(b)?),
+            (None, _) => Epilogue::None,
+        };
+        let like = Tensor::zeros((), dtype, x8.device())?;
+        let (y, yp) = empty(&like, &[rows, outputs])?;
+        let product = Product {
+            outputs,
+            rows,
+            inputs,
+            operands: DType::F8E4M3,
+            output: dtype,
+        };
+        let scales = OuterScales {
+            weight: device_ptr(&column_scales)?,
+            rows: device_ptr(row_scales)?,
+        };
+        let operands = (device_ptr(&weight.weight)?, device_ptr(x8)?, yp);
+        // SAFETY: `weight.weight` [outputs, inputs] and `x8` [rows, inputs] are contiguous
+        // float8 (`device_ptr` checks); `column_scales` and `row_scales` hold `outputs` and
+        // `rows` f32; the bias `outputs` elements of `dtype`; `y` is fresh. All outlive the
+        // call, which is queued on their stream.
+        match unsafe { matmul(device, product, operands, 1.0, epilogue, Some(scales)) } {
+            Ok(()) => Ok(Some(y)),
+            Err(e) => {
+                if !SCALES_REFUSED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "float8 products apply their scales in a pass of their own: {e}"
+                    );
+                }
+                Ok(None)
+            }
+        }
+    }
 
     /// `{base}_{dtype}` from `kernels/fp8.cu`.
     fn name(base: &str, dtype: DType) -> candle_core::Result<String> {
@@ -202,12 +280,13 @@ mod cuda_kernels {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let (rows, cols) = x.dims2()?;
         let x = x.contiguous()?;
-        let out = Tensor::zeros((padded_rows.max(rows), cols), DType::F8E4M3, x.device())?;
-        let like = Tensor::zeros((), DType::F32, x.device())?;
-        let (scales, sp) = empty(&like, &[rows])?;
+        let padded_rows = padded_rows.max(rows);
+        let out = Tensor::zeros((padded_rows, cols), DType::F8E4M3, x.device())?;
+        let scales = Tensor::zeros(padded_rows, DType::F32, x.device())?;
         if rows == 0 || cols == 0 {
             return Ok((out, scales.ones_like()?));
         }
+        let sp = device_ptr(&scales)?;
         let func = x.device().as_cuda_device()?.get_or_load_custom_func(
             &name("quantize_rows", x.dtype())?,
             "vpipe_fp8",
@@ -428,7 +507,7 @@ mod cuda_kernels {
             output: dtype,
         };
         let (wp, xp) = (device_ptr(w8)?, device_ptr(x8)?);
-        let alpha = super::PRODUCT_SCALE as f32;
+        let alpha = PRODUCT_SCALE as f32;
         // SAFETY: `w8` is [outputs, inputs] and `x8` [rows, inputs] float8, contiguous
         // (`device_ptr` checks), `y` a fresh [rows, outputs] buffer of `dtype`.
         unsafe {
@@ -438,6 +517,7 @@ mod cuda_kernels {
                 (wp, xp, y),
                 alpha,
                 crate::ops::lt::Epilogue::None,
+                None,
             )
         }
     }

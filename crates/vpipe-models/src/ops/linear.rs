@@ -211,7 +211,16 @@ impl Linear {
         };
         // SAFETY: `weight` [outputs, inputs], `x` [rows, inputs] and the bias [outputs] are
         // contiguous tensors of one dtype (checked above), alive past the call; `y` is fresh.
-        match unsafe { matmul(cuda, product, (ptr(&weight)?, ptr(&x)?, yp), 1.0, epilogue) } {
+        match unsafe {
+            matmul(
+                cuda,
+                product,
+                (ptr(&weight)?, ptr(&x)?, yp),
+                1.0,
+                epilogue,
+                None,
+            )
+        } {
             Ok(()) => Ok(Some(y)),
             Err(e) => {
                 static LOGGED: std::sync::Once = std::sync::Once::new();
