@@ -26,6 +26,12 @@
 #                               without and with the rank-32 LoRA (load times compared, each
 #                               checked); then the scaled-fp8 14B with the LoRA at 16GiB
 #                               (checked; the fp8 weights' LoRA merged on the host)
+#   bash bench/gpu-parts.sh G   one call for what F and `gpu-attention.sh fp8` measure, most
+#                               wanted first, each step started only while the call's 10
+#                               minutes leave it time: the float8 tests and forwards next to
+#                               diffusers (`gpu-attention.sh fp8`), then text-to-video resident
+#                               and at 4GiB, then video-to-video at 6GiB without and with the
+#                               LoRA (load times compared, each checked)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -189,6 +195,18 @@ EOF
       checked v2v-fp8-lora /tmp/v2v-fp8-lora.mp4 $?
     else
       echo "fp8 + LoRA skipped: +$(( $(date +%s) - T0 ))s"
+    fi
+  elif [ "$PART" = G ]; then
+    left() { echo $(( 585 - ($(date +%s) - T0) )); }
+    bash bench/gpu-attention.sh fp8 > /dev/null 2>&1
+    echo "float8 forwards done (attention.log) at +$(( $(date +%s) - T0 ))s"
+    if [ $(left) -gt 200 ]; then
+      ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
+      python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+      echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+      run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+      [ $(left) -gt 60 ] && budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+      [ $(left) -gt 110 ] && v2v_without_and_with_lora
     fi
   elif [ "$PART" = D ]; then
     ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
