@@ -196,21 +196,24 @@ mod cuda_kernels {
     /// steps round nothing.
     pub(super) const PRODUCT_SCALE: f64 = 1.0 / 65_536.0;
 
-    /// Set once cuBLASLt has refused a product with its scales in the epilogue: it has no
-    /// such algorithm here, and the products apply them in a pass of their own from then on.
-    static SCALES_REFUSED: AtomicBool = AtomicBool::new(false);
+    /// Set once cuBLASLt has refused a product with its scales in the epilogue (without GELU,
+    /// with GELU): it has no such algorithm here, and those products apply them in a pass of
+    /// their own from then on.
+    static SCALES_REFUSED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
     /// Whether the products may apply the scales in cuBLASLt's epilogue (the default), for
     /// the benchmarks that time both ways.
     #[cfg(feature = "bench-hooks")]
     pub fn set_scales_in_product(on: bool) {
-        SCALES_REFUSED.store(!on, Ordering::Relaxed);
+        for refused in &SCALES_REFUSED {
+            refused.store(!on, Ordering::Relaxed);
+        }
     }
 
     /// `act(x8 · w8ᵀ · row_scale · column_scale + bias)` in one cuBLASLt product, its f32
     /// accumulator scaled and the bias and GELU added in the epilogue, rounded once to
     /// `dtype`; `None` (nothing written) where cuBLASLt has no such algorithm, GELU comes
-    /// without a bias, or an earlier product was refused.
+    /// without a bias, or an earlier product of the same epilogue was refused.
     ///
     /// # Shapes
     /// - `x8`: [rows, in] float8 with `row_scales` [rows] f32, `rows` a multiple of 16;
@@ -223,7 +226,8 @@ mod cuda_kernels {
         dtype: DType,
     ) -> candle_core::Result<Option<Tensor>> {
         use crate::ops::lt::{matmul, Epilogue, OuterScales, Product};
-        if SCALES_REFUSED.load(Ordering::Relaxed) || (gelu && bias.is_none()) {
+        let refused = &SCALES_REFUSED[usize::from(gelu)];
+        if refused.load(Ordering::Relaxed) || (gelu && bias.is_none()) {
             return Ok(None);
         }
         let (rows, inputs) = x8.dims2()?;
@@ -257,9 +261,10 @@ mod cuda_kernels {
         match unsafe { matmul(device, product, operands, 1.0, epilogue, Some(scales)) } {
             Ok(()) => Ok(Some(y)),
             Err(e) => {
-                if !SCALES_REFUSED.swap(true, Ordering::Relaxed) {
+                if !refused.swap(true, Ordering::Relaxed) {
+                    let which = if gelu { " with GELU" } else { "" };
                     tracing::warn!(
-                        "float8 products apply their scales in a pass of their own: {e}"
+                        "float8 products{which} apply their scales in a pass of their own: {e}"
                     );
                 }
                 Ok(None)
