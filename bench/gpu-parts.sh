@@ -28,7 +28,8 @@
 #                               (checked; the fp8 weights' LoRA merged on the host)
 #   bash bench/gpu-parts.sh G   one call for what F and `gpu-attention.sh fp8` measure, most
 #                               wanted first, each step started only while the call's 10
-#                               minutes leave it time: the float8 tests and forwards next to
+#                               minutes leave it time: the device-merge test, the float8
+#                               tests and forwards next to
 #                               diffusers (`gpu-attention.sh fp8`), then text-to-video resident
 #                               and at 4GiB, then video-to-video at 6GiB without and with the
 #                               LoRA (load times compared, each checked)
@@ -198,6 +199,8 @@ EOF
     fi
   elif [ "$PART" = G ]; then
     left() { echo $(( 585 - ($(date +%s) - T0) )); }
+    [ -f .carry/device_merge_gpu.xz ] && timeout 60 "$(unpack device_merge_gpu)" --test-threads 1 \
+      --nocapture 2>&1 | grep -E "^test |test result|panicked|against host"
     bash bench/gpu-attention.sh fp8 > /dev/null 2>&1
     echo "float8 forwards done (attention.log) at +$(( $(date +%s) - T0 ))s"
     if [ $(left) -gt 200 ]; then
