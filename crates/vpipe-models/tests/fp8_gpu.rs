@@ -340,3 +340,32 @@ fn fp8_attention_against_the_exact_one() {
         }
     }
 }
+
+/// In query slices (a streamed plan's self-attention) the float8 attention quantises the keys
+/// and values once for every slice: the slices together agree with the whole call (each slice's
+/// queries have a scale of their own) and with the exact attention, and cuDNN refused nothing.
+#[test]
+fn fp8_attention_in_query_slices_equals_the_whole_one() {
+    use vpipe_models::ops::attention::{
+        attention_over_query, fp8_attention_refusal, Attend, AttentionKernel,
+    };
+    use vpipe_models::ops::cudnn_sdpa::{sdpa, sdpa_fp8};
+    let [q, k, v] = token_major(1, 4100, 8, 128, 3.0);
+    let q = q.contiguous().unwrap();
+    let whole = sdpa_fp8(&q, &k, &v).unwrap();
+    let exact = sdpa(&q, &k, &v).unwrap();
+    let how = Attend {
+        kernel: AttentionKernel::CudnnFp8,
+        ..Attend::chunked(1024)
+    };
+    let sliced = attention_over_query(q.copy().unwrap(), &k, &v, how, 4).unwrap();
+    let (against_whole, against_exact) =
+        (relative_l2(&sliced, &whole), relative_l2(&sliced, &exact));
+    eprintln!(
+        "fp8 attention in 4 query slices: against the whole call {against_whole:.3e}, against \
+         bf16 {against_exact:.3e}"
+    );
+    assert!(against_whole < 0.05, "{against_whole}");
+    assert!(against_exact < 0.1, "{against_exact}");
+    assert_eq!(fp8_attention_refusal(), None);
+}

@@ -391,12 +391,56 @@ pub fn attention_over_query(
         return attention(&q, k, v, how);
     }
     let size = lq.div_ceil(slices);
+    // cuDNN's float8 attention: the keys and values quantised once for every slice.
+    #[cfg(feature = "cuda")]
+    let keys_values_fp8 = if how.kernel == AttentionKernel::CudnnFp8 && k.device().is_cuda() {
+        crate::ops::cudnn_sdpa::Fp8KeysValues::quantize(k, v)
+            .map_err(|e| record_fp8_refusal(e.to_string()))
+            .ok()
+    } else {
+        None
+    };
     for start in (0..lq).step_by(size) {
         let rows = size.min(lq - start);
-        let part = attention(&q.narrow(2, start, rows)?, k, v, how)?.contiguous()?;
-        q.slice_set(&part, 2, start)?;
+        let q_slice = q.narrow(2, start, rows)?;
+        #[cfg(feature = "cuda")]
+        let part = match &keys_values_fp8 {
+            Some(kv8) => attention_fp8_keys_values(&q_slice, (k, v, kv8), how)?,
+            None => attention(&q_slice, k, v, how)?,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let part = attention(&q_slice, k, v, how)?;
+        q.slice_set(&part.contiguous()?, 2, start)?;
     }
     Ok(q)
+}
+
+/// [`attention`] with cuDNN's float8 attention on keys and values quantised already (`kv8`,
+/// from `k` and `v`); where cuDNN refuses, its exact attention (the refusal recorded).
+#[cfg(feature = "cuda")]
+fn attention_fp8_keys_values(
+    q: &Tensor,
+    (k, v, kv8): (&Tensor, &Tensor, &crate::ops::cudnn_sdpa::Fp8KeysValues),
+    how: Attend,
+) -> Result<Tensor> {
+    let run = || -> Result<Tensor> {
+        check_operands(q, k, v)?;
+        match crate::ops::cudnn_sdpa::sdpa_fp8_with(q, k, v, kv8) {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                record_fp8_refusal(e.to_string());
+                let exact = Attend {
+                    kernel: how.kernel.for_cross_attention(),
+                    ..how
+                };
+                dispatch(q, k, v, exact)
+            }
+        }
+    };
+    #[cfg(feature = "bench-hooks")]
+    return hooks::around(q, run);
+    #[cfg(not(feature = "bench-hooks"))]
+    run()
 }
 
 /// The unfused path of [`attention`] on any device: `chunk` query rows at a time (public so

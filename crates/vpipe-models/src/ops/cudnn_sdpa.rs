@@ -1283,6 +1283,41 @@ fn operand_ptr<'a>(
 /// As [`sdpa`] (cuDNN's float8 attention needs Hopper or newer and cuDNN 9.1 or later; where
 /// it gives no plan the message says so, and the caller runs the exact attention instead).
 pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    sdpa_fp8_with(q, k, v, &Fp8KeysValues::quantize(k, v)?)
+}
+
+/// Keys and values quantised for [`sdpa_fp8_with`] (e4m3, one scale each, in their own
+/// layouts), so that query slices attending to the same keys quantise them once.
+pub struct Fp8KeysValues {
+    k: (Tensor, Tensor, Vec<usize>),
+    v: (Tensor, Tensor, Vec<usize>),
+}
+
+impl Fp8KeysValues {
+    /// # Shapes
+    /// - `k`, `v`: [B, H, Lk, D], bf16 or f16.
+    pub fn quantize(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            k: crate::ops::fp8::quantize_per_tensor(k)?,
+            v: crate::ops::fp8::quantize_per_tensor(v)?,
+        })
+    }
+}
+
+/// [`sdpa_fp8`] with `k` and `v` already quantised in `kv8` (from these `k` and `v`, whose
+/// shapes and layouts the plan takes): only q is quantised here.
+///
+/// # Shapes
+/// As [`sdpa_fp8`].
+///
+/// # Errors
+/// As [`sdpa_fp8`].
+pub fn sdpa_fp8_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv8: &Fp8KeysValues,
+) -> candle_core::Result<Tensor> {
     let (mut key, stream) = plan_key(q, k, v)?;
     let d = key.sizes[4];
     if !d.is_multiple_of(16) {
@@ -1291,8 +1326,8 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
         )));
     }
     let (q8, descale_q, q_strides) = crate::ops::fp8::quantize_per_tensor(q)?;
-    let (k8, descale_k, k_strides) = crate::ops::fp8::quantize_per_tensor(k)?;
-    let (v8, descale_v, v_strides) = crate::ops::fp8::quantize_per_tensor(v)?;
+    let (k8, descale_k, k_strides) = (&kv8.k.0, &kv8.k.1, kv8.k.2.clone());
+    let (v8, descale_v, v_strides) = (&kv8.v.0, &kv8.v.1, kv8.v.2.clone());
     let four = |strides: Vec<usize>| -> candle_core::Result<[usize; 4]> {
         let strides: [usize; 4] = strides
             .try_into()
@@ -1329,11 +1364,11 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
     let output_scale = key.fp8_output.then(|| descale_v.recip()).transpose()?;
     let mut operands = vec![
         (UID_Q, ptr(&q8)?),
-        (UID_K, ptr(&k8)?),
-        (UID_V, ptr(&v8)?),
+        (UID_K, ptr(k8)?),
+        (UID_V, ptr(v8)?),
         (UID_DESCALE_Q, ptr(&descale_q)?),
-        (UID_DESCALE_K, ptr(&descale_k)?),
-        (UID_DESCALE_V, ptr(&descale_v)?),
+        (UID_DESCALE_K, ptr(descale_k)?),
+        (UID_DESCALE_V, ptr(descale_v)?),
         (UID_SCALE_S, scalar(Fp8Scalars::SCALE_S)),
         (UID_DESCALE_S, scalar(Fp8Scalars::DESCALE_S)),
         (
@@ -1352,7 +1387,7 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
         let o8 = Tensor::zeros(b * lq * h * d, DType::F8E4M3, q.device())?;
         operands.push((UID_O, ptr(&o8)?));
         execute_on(&plan, &key, &stream, &operands)?;
-        crate::ops::fused::dequantize_fp8(&o8, &descale_v, q.dtype())?
+        crate::ops::fused::dequantize_fp8(&o8, descale_v, q.dtype())?
             .reshape((b, lq, h, d))?
             .transpose(1, 2)
     } else {
@@ -1362,8 +1397,8 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
             other => Err(error(format!("no attention for {other:?}"))),
         }
     };
-    // The float8 copies and the descales are freed after the launch in stream order.
-    drop((q8, k8, v8, descale_q, descale_k, descale_v));
+    // q's float8 copy and descale are freed after the launch in stream order.
+    drop((q8, descale_q));
     out
 }
 
