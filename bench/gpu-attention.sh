@@ -102,7 +102,8 @@ PY
     }
     dit_runs "14b cudnn exact" "14b fp8 fp8" "1.3b cudnn exact" "1.3b fp8 fp8"
     diffusers_dits
-    dit_runs "14b cudnn fp8" "14b fp8 exact"
+    # Each float8 path alone (gpu-parts.sh G leaves them out, for its streaming runs' time).
+    [ "${FP8_APART:-1}" = 1 ] && dit_runs "14b cudnn fp8" "14b fp8 exact"
   fi
   if [ "$PART" = slices ]; then
     D=$(unpack dit_bench)
