@@ -8,8 +8,8 @@
 //! On CUDA the scales, the bias and GELU are applied in the product's epilogue, to the f32
 //! accumulator, and the output is rounded once, as the emulation does (cuBLASLt's "outer
 //! vector" scaling, cuBLAS 12.9 or newer). Where cuBLASLt has no such algorithm the product is
-//! rounded to the activations' dtype first (scaled so that it fits in f16)
-//! and one kernel of vpipe's applies the rest: one more rounding, within float8's error.
+//! rounded to the activations' dtype first (scaled so that it fits in f16) and one kernel of
+//! vpipe's applies the rest: one more rounding, within float8's error.
 
 use candle_core::{DType, Tensor, D};
 
