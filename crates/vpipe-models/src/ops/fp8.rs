@@ -286,10 +286,17 @@ mod cuda_kernels {
         let (rows, cols) = x.dims2()?;
         let x = x.contiguous()?;
         let padded_rows = padded_rows.max(rows);
-        let out = Tensor::zeros((padded_rows, cols), DType::F8E4M3, x.device())?;
         let scales = Tensor::zeros(padded_rows, DType::F32, x.device())?;
         if rows == 0 || cols == 0 {
+            let out = Tensor::zeros((padded_rows, cols), DType::F8E4M3, x.device())?;
             return Ok((out, scales.ones_like()?));
+        }
+        // The kernel writes the first `rows` rows; only the padding is zeroed here.
+        let like = Tensor::zeros((), DType::F8E4M3, x.device())?;
+        let (out, op) = empty(&like, &[padded_rows, cols])?;
+        if padded_rows > rows {
+            let padding = Tensor::zeros((padded_rows - rows, cols), DType::F8E4M3, x.device())?;
+            out.slice_set(&padding, 0, rows)?;
         }
         let sp = device_ptr(&scales)?;
         let func = x.device().as_cuda_device()?.get_or_load_custom_func(
@@ -297,7 +304,7 @@ mod cuda_kernels {
             "vpipe_fp8",
             PTX,
         )?;
-        let (xp, op, cols) = (device_ptr(&x)?, device_ptr(&out)?, cols as i32);
+        let (xp, cols) = (device_ptr(&x)?, cols as i32);
         let mut a = func.builder();
         a.arg(&xp);
         a.arg(&sp);

@@ -355,7 +355,7 @@ pub(crate) fn empty(like: &Tensor, shape: &[usize]) -> candle_core::Result<(Tens
     let device = like.device().as_cuda_device()?.clone();
     let n: usize = shape.iter().product();
     let stream = device.cuda_stream();
-    // SAFETY (all three): the caller's kernel writes every element.
+    // SAFETY (all four): the caller's kernel writes every element.
     let storage = match like.dtype() {
         DType::F32 => {
             CudaStorage::wrap_cuda_slice(unsafe { stream.alloc::<f32>(n) }.w()?, device.clone())
@@ -366,6 +366,10 @@ pub(crate) fn empty(like: &Tensor, shape: &[usize]) -> candle_core::Result<(Tens
         ),
         DType::F16 => CudaStorage::wrap_cuda_slice(
             unsafe { stream.alloc::<half::f16>(n) }.w()?,
+            device.clone(),
+        ),
+        DType::F8E4M3 => CudaStorage::wrap_cuda_slice(
+            unsafe { stream.alloc::<float8::F8E4M3>(n) }.w()?,
             device.clone(),
         ),
         other => candle_core::bail!("vpipe DiT kernels: no kernel for {other:?}"),
