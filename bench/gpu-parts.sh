@@ -32,7 +32,8 @@
 #                               tests and forwards next to
 #                               diffusers (`gpu-attention.sh fp8`), then text-to-video resident
 #                               and at 4GiB, then video-to-video at 6GiB without and with the
-#                               LoRA (load times compared, each checked)
+#                               LoRA (load times compared, each checked); G_SECONDS=N for a
+#                               call limited to N seconds (default 585)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -198,7 +199,7 @@ EOF
       echo "fp8 + LoRA skipped: +$(( $(date +%s) - T0 ))s"
     fi
   elif [ "$PART" = G ]; then
-    left() { echo $(( 585 - ($(date +%s) - T0) )); }
+    left() { echo $(( ${G_SECONDS:-585} - ($(date +%s) - T0) )); }
     [ -f .carry/device_merge_gpu.xz ] && timeout 60 "$(unpack device_merge_gpu)" --test-threads 1 \
       --nocapture 2>&1 | grep -E "^test |test result|panicked|against host"
     FP8_APART=0 bash bench/gpu-attention.sh fp8 > /dev/null 2>&1
