@@ -16,7 +16,9 @@
 # (each float8 run with its output's error against the exact forward) next to diffusers.
 # With `ncu-slices`: the same two forwards on 2 blocks of the 14B under Nsight Compute, kernel
 # time summed by kernel name, whole against 8 slices (where a sliced forward's time goes).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|all]   (default all: kernel and dit)
+# With `fp8-short`: the float8 rows that fit a short call (the tests, the 14B exact and float8,
+# the 1.3B exact, each next to diffusers).
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -104,6 +106,22 @@ PY
     diffusers_dits
     # Each float8 path alone (gpu-parts.sh G leaves them out, for its streaming runs' time).
     [ "${FP8_APART:-1}" = 1 ] && dit_runs "14b cudnn fp8" "14b fp8 exact"
+  fi
+  if [ "$PART" = fp8-short ]; then
+    # The float8 rows for a short call (about 6 minutes): the GPU tests, the 14B exact and in
+    # float8 next to diffusers' 14B, then the 1.3B exact next to diffusers' 1.3B.
+    T=$(unpack fp8_gpu)
+    timeout 120 "$T" --nocapture --test-threads 1 2>&1 | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|self-attention|linear rows"
+    B=$(unpack dit_bench)
+    for run in "14b cudnn exact" "14b fp8 fp8"; do
+      set -- $run
+      echo "=== vpipe wan2.1-t2v-$1, $2 attention, $3 products"
+      timeout 150 "$B" --preset wan2.1-t2v-$1 --attention $2 --matmul $3 --reps 2 --batches 2 | sed "s/^/vpipe $1 $2 $3 /"
+    done
+    timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
+    timeout 60 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
+    timeout 90 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
   fi
   if [ "$PART" = slices ]; then
     D=$(unpack dit_bench)
