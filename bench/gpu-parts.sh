@@ -204,6 +204,8 @@ EOF
       --nocapture 2>&1 | grep -E "^test |test result|panicked|against host"
     FP8_APART=0 bash bench/gpu-attention.sh fp8 > /dev/null 2>&1
     echo "float8 forwards done (attention.log) at +$(( $(date +%s) - T0 ))s"
+    grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention" $OUT/attention.log
+    python3 bench/dit_table.py $OUT/attention.log
     if [ $(left) -gt 200 ]; then
       ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
       python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
