@@ -90,6 +90,45 @@ impl Fp8Weight {
     }
 }
 
+/// Activations in float8 for [`linear_rows`]: `x` quantised per row once, for every product
+/// that reads the same input (the queries', keys' and values' projections of one attention).
+#[derive(Debug)]
+pub struct Fp8Rows {
+    /// [padded rows, in] float8 e4m3: on CUDA the rows up to a multiple of 16 are zeros.
+    values: Tensor,
+    /// [padded rows] f32, zeros for the padding.
+    scales: Tensor,
+    rows: usize,
+    dtype: DType,
+}
+
+impl Fp8Rows {
+    /// `x` quantised with one scale per row: the row's largest |value| over 448.
+    ///
+    /// # Shapes
+    /// - `x`: [rows, in], bf16 or f16.
+    pub fn quantize(x: &Tensor) -> candle_core::Result<Self> {
+        let (rows, _) = x.dims2()?;
+        if !matches!(x.dtype(), DType::BF16 | DType::F16) {
+            candle_core::bail!("fp8 linear: input in {:?}; expected bf16 or f16", x.dtype());
+        }
+        // cuBLASLt's float8 products take whole tiles of 16 rows: the rows past `x`'s are
+        // zeros, and their outputs are left out (a prefix of a row-major tensor, no copy).
+        let padded = if x.device().is_cuda() {
+            rows.next_multiple_of(16)
+        } else {
+            rows
+        };
+        let (values, scales) = quantize_per_row(&x.contiguous()?, padded)?;
+        Ok(Self {
+            values,
+            scales,
+            rows,
+            dtype: x.dtype(),
+        })
+    }
+}
+
 /// `act(x · Wᵀ + bias)` in float8: `x` quantised per row, the product accumulated in f32,
 /// times the row's and the channel's scales, plus the bias, then GELU(tanh) when `gelu`,
 /// rounded to `x`'s dtype.
@@ -102,9 +141,8 @@ pub fn linear(
     bias: Option<&Tensor>,
     gelu: bool,
 ) -> candle_core::Result<Tensor> {
-    let (rows, inputs) = x.dims2()?;
     let (outputs, weight_inputs) = weight.weight.dims2()?;
-    if inputs != weight_inputs || !matches!(x.dtype(), DType::BF16 | DType::F16) {
+    if x.dims2()?.1 != weight_inputs || !matches!(x.dtype(), DType::BF16 | DType::F16) {
         candle_core::bail!(
             "fp8 linear: input {:?} {:?} for a weight of [{outputs}, {weight_inputs}]; expected \
              [rows, {weight_inputs}] in bf16 or f16",
@@ -112,37 +150,55 @@ pub fn linear(
             x.dtype()
         );
     }
-    let x = x.contiguous()?;
+    linear_rows(&Fp8Rows::quantize(x)?, weight, bias, gelu)
+}
+
+/// [`linear`] of activations already in float8, so that products of one input quantise it
+/// once.
+///
+/// # Shapes
+/// - `x`: [rows, in]; `bias`: [out]; returns [rows, out] in the dtype `x` was quantised from.
+pub fn linear_rows(
+    x: &Fp8Rows,
+    weight: &Fp8Weight,
+    bias: Option<&Tensor>,
+    gelu: bool,
+) -> candle_core::Result<Tensor> {
+    let (outputs, weight_inputs) = weight.weight.dims2()?;
+    let (padded, inputs) = x.values.dims2()?;
+    if inputs != weight_inputs {
+        candle_core::bail!(
+            "fp8 linear: input of [{}, {inputs}] for a weight of [{outputs}, {weight_inputs}]",
+            x.rows
+        );
+    }
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(cuda) = x.device() {
-        // cuBLASLt's float8 products take whole tiles of 16 rows: the rows past `x`'s are
-        // zeros, and their outputs are left out (a prefix of a row-major tensor, no copy).
-        let padded = rows.next_multiple_of(16);
-        let (x8, scales) = quantize_per_row(&x, padded)?;
-        let operands = (&x8, &scales, weight);
-        if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype())? {
-            return y.narrow(0, 0, rows);
+    if let candle_core::Device::Cuda(cuda) = x.values.device() {
+        let operands = (&x.values, &x.scales, weight);
+        if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype)? {
+            return y.narrow(0, 0, x.rows);
         }
-        let (y, yp) = crate::ops::fused::empty(&x, &[padded, outputs])?;
+        let (y, yp) = crate::ops::fused::empty_on(cuda, x.dtype, &[padded, outputs])?;
         let shape = (padded, outputs, inputs);
-        cuda_kernels::product(cuda, (&weight.weight, &x8), (yp, x.dtype()), shape)?;
-        let y = y.narrow(0, 0, rows)?;
-        let scales = scales.affine(1.0 / cuda_kernels::PRODUCT_SCALE, 0.0)?;
+        cuda_kernels::product(cuda, (&weight.weight, &x.values), (yp, x.dtype), shape)?;
+        let y = y.narrow(0, 0, x.rows)?;
+        let scales = x.scales.affine(1.0 / cuda_kernels::PRODUCT_SCALE, 0.0)?;
         cuda_kernels::scale_bias_act(&y, &scales, &weight.scales, bias, gelu)?;
         return Ok(y);
     }
-    let (x8, scales) = quantize_per_row(&x, rows)?;
-    let product = x8
+    let _ = padded;
+    let product = x
+        .values
         .to_dtype(DType::F32)?
         .matmul(&weight.weight.to_dtype(DType::F32)?.t()?)?
-        .broadcast_mul(&scales.unsqueeze(1)?)?
+        .broadcast_mul(&x.scales.unsqueeze(1)?)?
         .broadcast_mul(&weight.scales.unsqueeze(0)?)?;
     let y = match bias {
         Some(b) => product.broadcast_add(&b.to_dtype(DType::F32)?)?,
         None => product,
     };
     let y = if gelu { y.gelu()? } else { y };
-    y.to_dtype(x.dtype())
+    y.to_dtype(x.dtype)
 }
 
 /// `x` [rows, cols] in float8 e4m3 with one scale per row, its largest |value| over 448 (at

@@ -352,11 +352,21 @@ pub(crate) fn layout_ptr(t: &Tensor) -> candle_core::Result<u64> {
 /// An uninitialised CUDA tensor like `like` (device, dtype) of `shape`, and its device pointer;
 /// the kernel that receives the pointer must write every element.
 pub(crate) fn empty(like: &Tensor, shape: &[usize]) -> candle_core::Result<(Tensor, u64)> {
-    let device = like.device().as_cuda_device()?.clone();
+    empty_on(like.device().as_cuda_device()?, like.dtype(), shape)
+}
+
+/// An uninitialised tensor of `dtype` and `shape` on `device`, and its device pointer; the
+/// kernel that receives the pointer must write every element.
+pub(crate) fn empty_on(
+    device: &candle_core::CudaDevice,
+    dtype: DType,
+    shape: &[usize],
+) -> candle_core::Result<(Tensor, u64)> {
+    let device = device.clone();
     let n: usize = shape.iter().product();
     let stream = device.cuda_stream();
     // SAFETY (all four): the caller's kernel writes every element.
-    let storage = match like.dtype() {
+    let storage = match dtype {
         DType::F32 => {
             CudaStorage::wrap_cuda_slice(unsafe { stream.alloc::<f32>(n) }.w()?, device.clone())
         }

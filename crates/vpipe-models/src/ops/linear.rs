@@ -112,11 +112,44 @@ impl Linear {
     }
 }
 
+/// A linear layer's input made ready once for every layer that reads it (the queries', keys'
+/// and values' projections of one attention): quantised to float8 once when the products
+/// are, as it is otherwise.
+#[derive(Debug)]
+pub struct LinearInput<'a> {
+    x: &'a Tensor,
+    fp8: Option<crate::ops::fp8::Fp8Rows>,
+}
+
+impl<'a> LinearInput<'a> {
+    /// `x` for products as `precision` says (float8 applies to bf16 and f16 inputs).
+    ///
+    /// # Shapes
+    /// - `x`: [..., in].
+    pub fn new(x: &'a Tensor, precision: MatmulPrecision) -> Result<Self> {
+        let fp8 = match x.dims().last() {
+            Some(&inputs)
+                if precision == MatmulPrecision::Fp8
+                    && matches!(x.dtype(), DType::BF16 | DType::F16) =>
+            {
+                let rows = x.elem_count() / inputs.max(1);
+                Some(crate::ops::fp8::Fp8Rows::quantize(
+                    &x.reshape((rows, inputs))?,
+                )?)
+            }
+            _ => None,
+        };
+        Ok(Self { x, fp8 })
+    }
+}
+
 impl Linear {
     /// `act(x·Wᵀ + b)`; on CUDA the bias and the activation are one in-place pass over the
     /// matmul's output.
-    fn forward_act(&self, x: &Tensor, gelu: bool, precision: MatmulPrecision) -> Result<Tensor> {
+    fn forward_act(&self, x: &LinearInput, gelu: bool) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
+        let x_fp8 = &x.fp8;
+        let x = x.x;
         let Some((&x_in, leading)) = x.dims().split_last() else {
             candle_core::bail!("linear: the input is a scalar; expected [..., {in_dim}]")
         };
@@ -130,9 +163,9 @@ impl Linear {
         let mut out_shape = x.dims().to_vec();
         out_shape[leading.len()] = out_dim;
         let rows = leading.iter().product::<usize>();
-        if precision == MatmulPrecision::Fp8 && matches!(x.dtype(), DType::BF16 | DType::F16) {
-            let x = x.reshape((rows, in_dim))?;
-            let y = crate::ops::fp8::linear(&x, &self.fp8_weight()?, self.bias.as_ref(), gelu)?;
+        if let Some(x8) = x_fp8 {
+            let weight = self.fp8_weight()?;
+            let y = crate::ops::fp8::linear_rows(x8, &weight, self.bias.as_ref(), gelu)?;
             return y.reshape(out_shape);
         }
         let weight = self.weight_in(x.dtype())?;
@@ -163,7 +196,7 @@ impl Linear {
     /// # Shapes
     /// - `x`: [..., in] → [..., out]
     pub fn forward_gelu_in(&self, x: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
-        self.forward_act(x, true, precision)
+        self.forward_act(&LinearInput::new(x, precision)?, true)
     }
 
     /// `x·Wᵀ + b`, the product as `precision` says.
@@ -171,7 +204,15 @@ impl Linear {
     /// # Shapes
     /// - `x`: [..., in] → [..., out], in `x`'s dtype.
     pub fn forward_in(&self, x: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
-        self.forward_act(x, false, precision)
+        self.forward_act(&LinearInput::new(x, precision)?, false)
+    }
+
+    /// `x·Wᵀ + b` of an input prepared once for several layers ([`LinearInput`]).
+    ///
+    /// # Shapes
+    /// - `x`: [..., in] → [..., out], in `x`'s dtype.
+    pub fn forward_prepared(&self, x: &LinearInput) -> Result<Tensor> {
+        self.forward_act(x, false)
     }
 
     /// On CUDA in bf16/f16 with a bias: `act(x·Wᵀ + b)` as one cuBLASLt product whose
@@ -251,7 +292,7 @@ impl Module for Linear {
     /// # Shapes
     /// - `x`: [..., in] → [..., out], computed in `x`'s dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act(x, false, MatmulPrecision::Exact)
+        self.forward_in(x, MatmulPrecision::Exact)
     }
 }
 
@@ -359,6 +400,55 @@ mod tests {
             lin.forward(&x)?.to_vec2::<f32>()?,
             expected.to_vec2::<f32>()?
         );
+        Ok(())
+    }
+
+    /// One input quantised once for several float8 products (q, k and v) gives each layer the
+    /// product that quantising the input for it alone gives, and exact products ignore it.
+    #[test]
+    fn an_input_prepared_once_serves_every_layer_that_reads_it() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::arange(0f32, 24.0, &dev)?.reshape((2, 3, 4))? * 0.37)?
+            .sin()?
+            .to_dtype(DType::BF16)?;
+        let layers = (0..3)
+            .map(|i| {
+                let w = (Tensor::arange(0f32, 20.0, &dev)?.reshape((5, 4))? * (0.3 + i as f64))?
+                    .cos()?;
+                let tensors = HashMap::from([
+                    ("weight".to_string(), w),
+                    (
+                        "bias".to_string(),
+                        Tensor::full(0.1f32 * i as f32, 5, &dev)?,
+                    ),
+                ]);
+                Linear::new(
+                    4,
+                    5,
+                    true,
+                    VarBuilder::from_tensors(tensors, DType::BF16, &dev),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fp8 = LinearInput::new(&x, MatmulPrecision::Fp8)?;
+        let exact = LinearInput::new(&x, MatmulPrecision::Exact)?;
+        assert!(fp8.fp8.is_some() && exact.fp8.is_none());
+        for layer in &layers {
+            let alone = crate::ops::fp8::linear(
+                &x.reshape((6, 4))?,
+                &layer.fp8_weight()?,
+                layer.bias.as_ref(),
+                false,
+            )?
+            .reshape((2, 3, 5))?;
+            let shared = layer.forward_prepared(&fp8)?;
+            let diff = (shared.to_dtype(DType::F32)? - alone.to_dtype(DType::F32)?)?;
+            assert_eq!(diff.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            let exact = layer.forward_prepared(&exact)?;
+            let plain = layer.forward(&x)?;
+            let diff = (exact.to_dtype(DType::F32)? - plain.to_dtype(DType::F32)?)?;
+            assert_eq!(diff.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        }
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use super::dit_keys;
 use crate::error::{Error, Result};
 use crate::ops::attention::{attention, attention_over_query, Attend, AttentionKernel, QueryChunk};
-use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear, MatmulPrecision};
+use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear, LinearInput, MatmulPrecision};
 use crate::parallel::Communicator;
 
 /// Scratch that one attention call may use for its scores when no budget is given.
@@ -801,17 +801,20 @@ impl Attention {
     ) -> Result<Tensor> {
         // Each intermediate lives only inside its block: the token-sized tensors are what
         // bounds the activation peak (see `Config::activation_bytes_estimate`).
-        let kv_source = context.unwrap_or(&x);
         let split = |t: Tensor| match rope {
             Some(rope) => rope.heads(&t, self.num_heads),
             None => self.heads(&t),
         };
-        let q = split(self.norm_q.forward(&self.q.forward_in(&x, matmul)?)?)?;
-        let k = split(
-            self.norm_k
-                .forward(&self.k.forward_in(kv_source, matmul)?)?,
-        )?;
-        let v = self.heads(&self.v.forward_in(kv_source, matmul)?)?;
+        // One input for the queries', keys' and values' products (in float8, quantised once).
+        let (q, k, v) = {
+            let input = LinearInput::new(&x, matmul)?;
+            let context = context.map(|c| LinearInput::new(c, matmul)).transpose()?;
+            let kv_input = context.as_ref().unwrap_or(&input);
+            let q = split(self.norm_q.forward(&self.q.forward_prepared(&input)?)?)?;
+            let k = split(self.norm_k.forward(&self.k.forward_prepared(kv_input)?)?)?;
+            let v = self.heads(&self.v.forward_prepared(kv_input)?)?;
+            (q, k, v)
+        };
         drop(x);
         let mut out = match shard {
             None => attention(&q, &k, &v, how)?,
@@ -855,13 +858,14 @@ impl Attention {
         for start in (0..l).step_by(size) {
             let len = size.min(l - start);
             let h = norm(&x.narrow(1, start, len)?.contiguous()?, start)?;
+            let h = LinearInput::new(&h, matmul)?;
             let rope = rope.tokens(start, len)?;
             let project = |linear: &Linear, norm: &RmsNorm| -> Result<Tensor> {
-                rope.heads(&norm.forward(&linear.forward_in(&h, matmul)?)?, heads)
+                rope.heads(&norm.forward(&linear.forward_prepared(&h)?)?, heads)
             };
             q.slice_set(&project(&self.q, &self.norm_q)?, 2, start)?;
             k.slice_set(&project(&self.k, &self.norm_k)?, 2, start)?;
-            v.slice_set(&self.v.forward_in(&h, matmul)?.contiguous()?, 1, start)?;
+            v.slice_set(&self.v.forward_prepared(&h)?.contiguous()?, 1, start)?;
         }
         let v = self.heads(&v)?;
         let over_query = |q, k: &Tensor, v: &Tensor| attention_over_query(q, k, v, how, slices);
