@@ -822,8 +822,9 @@ impl Attention {
         };
         drop((k, v));
         if let Some((keys, image)) = image {
-            let k = self.heads(&keys.norm_k.forward(&keys.k.forward_in(image, matmul)?)?)?;
-            let v = self.heads(&keys.v.forward_in(image, matmul)?)?;
+            let image = LinearInput::new(image, matmul)?;
+            let k = self.heads(&keys.norm_k.forward(&keys.k.forward_prepared(&image)?)?)?;
+            let v = self.heads(&keys.v.forward_prepared(&image)?)?;
             out = (out + attention(&q, &k, &v, how)?)?;
         }
         drop(q);
