@@ -34,6 +34,8 @@
 #                               and at 4GiB, then video-to-video at 6GiB without and with the
 #                               LoRA (load times compared, each checked); G_SECONDS=N for a
 #                               call limited to N seconds (default 585)
+#   bash bench/gpu-parts.sh L   what G leaves out when short of time: video-to-video at 6GiB
+#                               without and with the LoRA (load times compared, each checked)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -214,6 +216,11 @@ EOF
       [ $(left) -gt 60 ] && budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
       [ $(left) -gt 110 ] && v2v_without_and_with_lora
     fi
+  elif [ "$PART" = L ]; then
+    ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    v2v_without_and_with_lora
   elif [ "$PART" = D ]; then
     ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
