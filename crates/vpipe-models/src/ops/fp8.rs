@@ -165,7 +165,7 @@ pub fn linear_rows(
     gelu: bool,
 ) -> candle_core::Result<Tensor> {
     let (outputs, weight_inputs) = weight.weight.dims2()?;
-    let (padded, inputs) = x.values.dims2()?;
+    let inputs = x.values.dim(1)?;
     if inputs != weight_inputs {
         candle_core::bail!(
             "fp8 linear: input of [{}, {inputs}] for a weight of [{outputs}, {weight_inputs}]",
@@ -178,6 +178,7 @@ pub fn linear_rows(
         if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype)? {
             return y.narrow(0, 0, x.rows);
         }
+        let padded = x.values.dim(0)?;
         let (y, yp) = crate::ops::fused::empty_on(cuda, x.dtype, &[padded, outputs])?;
         let shape = (padded, outputs, inputs);
         cuda_kernels::product(cuda, (&weight.weight, &x.values), (yp, x.dtype), shape)?;
@@ -186,7 +187,6 @@ pub fn linear_rows(
         cuda_kernels::scale_bias_act(&y, &scales, &weight.scales, bias, gelu)?;
         return Ok(y);
     }
-    let _ = padded;
     let product = x
         .values
         .to_dtype(DType::F32)?
