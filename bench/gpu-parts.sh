@@ -36,6 +36,12 @@
 #                               call limited to N seconds (default 585)
 #   bash bench/gpu-parts.sh L   what G leaves out when short of time: video-to-video at 6GiB
 #                               without and with the LoRA (load times compared, each checked)
+#   bash bench/gpu-parts.sh M   the device-merge test and the float8 tests (the float8
+#                               attention's error per shape, its time token- and head-major);
+#                               the 14B forward at B = 2 with each float8 path alone (its
+#                               error against exact); then text-to-video resident and at 4GiB
+#                               (one sample at a time, whole, since the planner's one-sample
+#                               pool reserve)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -216,6 +222,23 @@ EOF
       [ $(left) -gt 60 ] && budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
       [ $(left) -gt 110 ] && v2v_without_and_with_lora
     fi
+  elif [ "$PART" = M ]; then
+    [ -f .carry/device_merge_gpu.xz ] && timeout 60 "$(unpack device_merge_gpu)" --test-threads 1 \
+      --nocapture 2>&1 | grep -E "^test |test result|panicked|against host"
+    timeout 150 "$(unpack fp8_gpu)" --nocapture --test-threads 1 2>&1 \
+      | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|self-attention|linear rows|relative L2"
+    D=$(unpack dit_bench)
+    for run in "cudnn fp8" "fp8 exact"; do
+      set -- $run
+      echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products (+$(( $(date +%s) - T0 ))s)"
+      timeout 120 "$D" --preset wan2.1-t2v-14b --attention $1 --matmul $2 --reps 2 --batches 2 \
+        | sed "s/^/vpipe 14b $1 $2 /"
+    done
+    ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
   elif [ "$PART" = L ]; then
     ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4

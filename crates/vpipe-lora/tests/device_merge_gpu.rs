@@ -123,7 +123,11 @@ fn the_device_merge_equals_the_hosts() {
         );
         assert!(change > 1e-3, "{dtype:?}: the merge changed nothing");
         assert!(err <= step * largest(&host).max(1.0), "{dtype:?}: {err}");
-        assert!(same > 0.9, "{dtype:?}: only {same} bit-identical");
+        // In f32 the two sum the low-rank product in different orders, a few ulps apart;
+        // rounded to a 16-bit dtype, nearly all of them come out the same.
+        if dtype != DType::F32 {
+            assert!(same > 0.9, "{dtype:?}: only {same} bit-identical");
+        }
     }
 }
 

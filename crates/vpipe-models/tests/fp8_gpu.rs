@@ -75,16 +75,7 @@ fn cuda() -> Device {
 }
 
 fn relative_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let host = |t: &Tensor| {
-        t.to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-    };
-    let (a, b) = (host(a), host(b));
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap();
-    (diff.to_scalar::<f64>().unwrap() / norm.to_scalar::<f64>().unwrap()).sqrt()
+    errors(a, b).1
 }
 
 /// Seconds one call of `f` takes on the GPU: the median of 7, each between two device
@@ -284,14 +275,20 @@ fn token_major(b: usize, l: usize, h: usize, d: usize, seed: f32) -> [Tensor; 3]
 }
 
 /// cuDNN's float8 attention against its exact (bf16) attention on the same operands: max
-/// abs, relative L2 and cosine printed; at the 14B's self-attention shape also the seconds
-/// per call and TFLOP/s of both (median of 5). Where cuDNN gives no float8 plan the test
-/// fails with cuDNN's message.
+/// abs, relative L2 and cosine printed for each shape (one and two samples, heads of 64 and
+/// 128, up to the 14B's self-attention), every shape run before the test fails on the ones
+/// out of bounds. At the 14B's self-attention shape also the seconds per call and TFLOP/s
+/// (median of 5) of both, with the operands token-major (as the DiT passes them) and
+/// head-major. Where cuDNN gives no float8 plan the test fails with cuDNN's message.
 #[test]
 fn fp8_attention_against_the_exact_one() {
     use vpipe_models::ops::cudnn_sdpa::{sdpa, sdpa_fp8};
+    let mut out_of_bounds = Vec::new();
     for (b, l, h, d, timed) in [
         (1, 1000, 4, 128, false),
+        (1, 4096, 8, 128, false),
+        (2, 4096, 8, 128, false),
+        (1, 4096, 8, 64, false),
         (2, 4096, 8, 64, false),
         (2, 32_760, 40, 128, true),
     ] {
@@ -299,46 +296,69 @@ fn fp8_attention_against_the_exact_one() {
         let exact = sdpa(&q, &k, &v).unwrap();
         let fp8 = sdpa_fp8(&q, &k, &v).unwrap();
         assert_eq!(fp8.dims(), exact.dims());
-        let host = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-        let (x, y) = (host(&fp8), host(&exact));
-        let dot = |a: &Tensor, b: &Tensor| {
-            (a * b)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let diff = (&x - &y).unwrap();
-        let max_abs = diff
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let rel = (dot(&diff, &diff) / dot(&y, &y)).sqrt();
-        let cosine = dot(&x, &y) / (dot(&x, &x) * dot(&y, &y)).sqrt();
+        let (max_abs, rel, cosine) = errors(&fp8, &exact);
+        // Per sample: where one sample's output alone is off, the batch's layout is.
+        let per_sample: Vec<String> = (0..b)
+            .map(|i| {
+                let (_, rel, _) = errors(
+                    &fp8.narrow(0, i, 1).unwrap(),
+                    &exact.narrow(0, i, 1).unwrap(),
+                );
+                format!("{rel:.3e}")
+            })
+            .collect();
         eprintln!(
             "fp8 attention [{b}, {h}, {l}, {d}] against bf16: max abs {max_abs:.3e}, relative L2 \
-             {rel:.3e}, cosine {cosine:.6}"
+             {rel:.3e}, cosine {cosine:.6}; per sample relative L2 {per_sample:?}"
         );
-        assert!(
-            rel < 0.1 && cosine > 0.99,
-            "relative L2 {rel}, cosine {cosine}"
-        );
+        if !(rel < 0.1 && cosine > 0.99) {
+            out_of_bounds.push(format!(
+                "[{b}, {h}, {l}, {d}]: relative L2 {rel}, cosine {cosine}"
+            ));
+        }
         if timed {
             let flops = 4.0 * (b * h * l * l * d) as f64;
+            let tflops = |s: f64| flops / s / 1e12;
             let exact_s = median_seconds(&|| sdpa(&q, &k, &v).unwrap());
             let fp8_s = median_seconds(&|| sdpa_fp8(&q, &k, &v).unwrap());
+            let [qh, kh, vh] = [&q, &k, &v].map(|t| t.contiguous().unwrap());
+            let head_major_s = median_seconds(&|| sdpa_fp8(&qh, &kh, &vh).unwrap());
             eprintln!(
                 "self-attention [{b}, {h}, {l}, {d}]: bf16 {exact_s:.4} s ({:.0} TFLOP/s), fp8 \
-                 {fp8_s:.4} s ({:.0} TFLOP/s, quantising q, k and v included)",
-                flops / exact_s / 1e12,
-                flops / fp8_s / 1e12
+                 {fp8_s:.4} s ({:.0} TFLOP/s, quantising q, k and v included), fp8 head-major \
+                 {head_major_s:.4} s ({:.0} TFLOP/s)",
+                tflops(exact_s),
+                tflops(fp8_s),
+                tflops(head_major_s)
             );
         }
     }
+    assert!(out_of_bounds.is_empty(), "{out_of_bounds:#?}");
+}
+
+/// Max abs, relative L2 and cosine of `x` against `y`, in f64 on the host.
+fn errors(x: &Tensor, y: &Tensor) -> (f64, f64, f64) {
+    let host = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let (x, y) = (host(x), host(y));
+    let dot = |a: &Tensor, b: &Tensor| {
+        (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let diff = (&x - &y).unwrap();
+    let max_abs = diff
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let rel = (dot(&diff, &diff) / dot(&y, &y)).sqrt();
+    let cosine = dot(&x, &y) / (dot(&x, &x) * dot(&y, &y)).sqrt();
+    (max_abs, rel, cosine)
 }
 
 /// In query slices (a streamed plan's self-attention) the float8 attention quantises the keys
