@@ -445,13 +445,65 @@ impl MergePlan {
     /// `weight` holds exactly the elements of the shape given for `name` in the plan's model
     /// weight list.
     pub fn apply_in_place(&self, name: &str, dtype: DType, weight: &mut [u8]) -> Result<bool> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Ok(false);
+        }
+        self.merge_rows_in_place(
+            name,
+            (dtype, weight),
+            |bytes, out| decode_f32(dtype, bytes, out),
+            |values, bytes| encode_f32(dtype, values, bytes),
+        )
+    }
+
+    /// [`MergePlan::apply_scaled_fp8`] done in place on a float8 e4m3 weight's bytes with one
+    /// `scale` for the whole weight, as [`MergePlan::apply_in_place`] does for 16-bit weights:
+    /// each block of rows dequantised to f32, merged, and rounded back to float8 with the same
+    /// scale (to nearest even, saturating at ±448), blocks in parallel. The same sums as
+    /// [`MergePlan::apply_scaled_fp8`] in another order.
+    ///
+    /// Returns `Ok(false)`, with nothing written, for a weight the plan does not patch.
+    ///
+    /// # Shapes
+    /// As [`MergePlan::apply_in_place`], one byte per element.
+    pub fn apply_in_place_scaled_fp8(
+        &self,
+        name: &str,
+        scale: f32,
+        weight: &mut [u8],
+    ) -> Result<bool> {
+        let max = F8E4M3_MAX as f32;
+        let table = e4m3_values();
+        self.merge_rows_in_place(
+            name,
+            (DType::F8E4M3, weight),
+            |bytes, out| {
+                for (o, b) in out.iter_mut().zip(bytes) {
+                    *o = table[*b as usize] * scale;
+                }
+            },
+            |values, bytes| {
+                for (b, v) in bytes.iter_mut().zip(values) {
+                    *b = e4m3_bits((v / scale).clamp(-max, max));
+                }
+            },
+        )
+    }
+
+    /// Merges the patches of `name` into `weight`'s bytes (elements of `dtype`'s size) a block
+    /// of rows at a time, in parallel: `decode` reads a block's bytes as f32, `encode` writes
+    /// the merged values back. `Ok(false)` for a weight the plan does not patch.
+    fn merge_rows_in_place(
+        &self,
+        name: &str,
+        (dtype, weight): (DType, &mut [u8]),
+        decode: impl Fn(&[u8], &mut [f32]) + Sync,
+        encode: impl Fn(&[f32], &mut [u8]) + Sync,
+    ) -> Result<bool> {
         use rayon::prelude::*;
         let Some(target) = self.targets.get(name) else {
             return Ok(false);
         };
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Ok(false);
-        }
         let rows = target.shape.dims().first().copied().unwrap_or(1).max(1);
         let columns = target.shape.elem_count() / rows;
         let elem = dtype.size_in_bytes();
@@ -530,9 +582,9 @@ impl MergePlan {
                 || vec![0f32; MERGE_ROWS * columns],
                 |acc, (block, bytes)| -> Result<()> {
                     let acc = &mut acc[..bytes.len() / elem];
-                    decode_f32(dtype, bytes, acc);
+                    decode(bytes, acc);
                     add_updates(block * MERGE_ROWS, acc);
-                    encode_f32(dtype, acc, bytes);
+                    encode(acc, bytes);
                     Ok(())
                 },
             )?;
@@ -660,6 +712,38 @@ fn encode_f32(dtype: DType, values: &[f32], bytes: &mut [u8]) {
     }
 }
 
+/// The value of each float8 e4m3 bit pattern (NaN for the two NaNs), as `float8` decodes it.
+fn e4m3_values() -> &'static [f32; 256] {
+    static VALUES: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    VALUES.get_or_init(|| std::array::from_fn(|i| float8::F8E4M3::from_bits(i as u8).to_f32()))
+}
+
+/// `value` (|value| at most 448) rounded to the nearest float8 e4m3 (ties to even), as bits; a
+/// NaN stays NaN. The rounding `float8::F8E4M3::from_f32` does, without its detour through
+/// f64 and its branches for the values a clamped weight never holds (a tenth of its time).
+fn e4m3_bits(value: f32) -> u8 {
+    let bits = value.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let magnitude = bits & 0x7fff_ffff;
+    if value.is_nan() {
+        return sign | 0x7f;
+    }
+    let below_normal = f32::from_bits(magnitude) < E4M3_MIN_NORMAL;
+    let code = if below_normal {
+        // Multiples of 2⁻⁹ (the subnormals; 8 is the smallest normal, 2⁻⁶).
+        (f32::from_bits(magnitude) * 512.0).round_ties_even() as u8
+    } else {
+        // The 23-bit mantissa rounded to 3 bits (a carry moves into the exponent), the
+        // exponent rebiased from 127 to 7.
+        let rounded = magnitude + 0x7_ffff + ((magnitude >> 20) & 1);
+        ((rounded >> 20) - ((127 - 7) << 3)) as u8
+    };
+    sign | code
+}
+
+/// float8 e4m3's smallest normal value, 2⁻⁶.
+const E4M3_MIN_NORMAL: f32 = 1.0 / 64.0;
+
 /// `value` rounded to the nearest bfloat16 (ties to even), as bits: `half::bf16::from_f32`
 /// without its branches, so that a loop of it vectorises; a NaN stays a (quiet) NaN.
 fn bf16_bits(value: f32) -> u16 {
@@ -712,6 +796,47 @@ fn add_product(acc: &mut [f32], up: &[f32], down: &[f32], rank: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float8_rounding_matches_the_float8_crate_at_every_boundary() {
+        use float8::F8E4M3;
+        let table = e4m3_values();
+        let mut values: Vec<f32> = Vec::new();
+        // Every finite e4m3 value up to 448, the f32s next to it, and the midpoints to the
+        // next value with their neighbours (the ties and the values just off them).
+        let finite: Vec<f32> = (0u8..=0x7e).map(|b| table[b as usize]).collect();
+        for pair in finite.windows(2) {
+            let mid = (pair[0] + pair[1]) / 2.0;
+            for v in [pair[0], mid] {
+                values.extend([v, f32::from_bits(v.to_bits() + 1)]);
+                if v > 0.0 {
+                    values.push(f32::from_bits(v.to_bits() - 1));
+                }
+            }
+        }
+        values.push(448.0);
+        // And a spread of others.
+        let mut x = 1e-6f32;
+        while x < 448.0 {
+            values.push(x);
+            x *= 1.0007;
+        }
+        for v in values {
+            for v in [v, -v] {
+                assert_eq!(
+                    e4m3_bits(v),
+                    F8E4M3::from_f32(v).to_bits(),
+                    "{v:e} ({:#x})",
+                    v.to_bits()
+                );
+            }
+        }
+        assert!(table[e4m3_bits(f32::NAN) as usize].is_nan());
+        for b in 0u8..=255 {
+            let v = F8E4M3::from_bits(b).to_f32();
+            assert!(table[b as usize] == v || (v.is_nan() && table[b as usize].is_nan()));
+        }
+    }
 
     /// The branch-free rounding equals `half`'s on every kind of value: ties both ways,
     /// subnormals, the largest finite values (rounding to infinity), infinities and NaNs.

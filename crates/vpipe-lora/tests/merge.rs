@@ -461,17 +461,62 @@ fn scaled_fp8_weights_stay_float8_with_their_scale() {
             .unwrap()
             .clamp(-448.0 * s, 448.0 * s)
             .unwrap();
-        let got = dequant(&merged);
-        let err = (&got - &want).unwrap().abs().unwrap();
         let bound = ((want.abs().unwrap() / 16.0).unwrap() + s / 1024.0).unwrap();
-        let over = (err - bound)
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(over <= 1e-7, "{name}: off by {over} beyond float8 rounding");
-        assert!(max_abs_diff(&got, &dequant(&w8)) > 1e-3, "{name} unchanged");
+        let within = |merged: &Tensor, how: &str| {
+            let got = dequant(merged);
+            let err = (&got - &want).unwrap().abs().unwrap();
+            let over = (err - &bound)
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                over <= 1e-7,
+                "{name} {how}: off by {over} beyond float8 rounding"
+            );
+            assert!(
+                max_abs_diff(&got, &dequant(&w8)) > 1e-3,
+                "{name} {how}: unchanged"
+            );
+        };
+        within(&merged, "as a tensor");
+        // The same merge in place on the weight's bytes (as the store merges a weight where
+        // it read it), with the same scale: within the same bound, and the same bytes but
+        // where the two sums' order moved a value across a rounding boundary.
+        let bits = |t: &Tensor| -> Vec<u8> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<float8::F8E4M3>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let mut bytes = bits(&w8);
+        assert!(p
+            .apply_in_place_scaled_fp8(name, s as f32, &mut bytes)
+            .unwrap());
+        let in_place = Tensor::from_vec(
+            bytes
+                .iter()
+                .map(|&b| float8::F8E4M3::from_bits(b))
+                .collect::<Vec<_>>(),
+            w8.shape(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        within(&in_place, "in place");
+        let same = bits(&merged)
+            .iter()
+            .zip(&bytes)
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(
+            same * 100 >= bytes.len() * 99,
+            "{name}: {same} of {} bytes",
+            bytes.len()
+        );
         checked += 1;
     }
     assert!(checked > 0);
@@ -482,6 +527,14 @@ fn scaled_fp8_weights_stay_float8_with_their_scale() {
         .unwrap();
     let w8 = weights[untouched.as_str()].to_dtype(DType::F8E4M3).unwrap();
     let one = Tensor::new(1f32, &Device::Cpu).unwrap();
+    let mut bytes = vec![0u8; w8.elem_count()];
+    assert!(!p
+        .apply_in_place_scaled_fp8(untouched, 1.0, &mut bytes)
+        .unwrap());
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "a weight not patched was written"
+    );
     let same = p.apply_scaled_fp8(untouched, &w8, &one).unwrap();
     assert_eq!(
         max_abs_diff(

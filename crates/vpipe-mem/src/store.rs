@@ -595,37 +595,28 @@ impl Model {
     }
 
     /// The patched tensor made by the patch's `apply_in_place` on a fresh host copy of the
-    /// weight in its dtype (f32, bf16 or f16), or `None` where it does not apply.
+    /// weight's bytes, or `None` where it does not apply (the patch says which dtypes it takes).
     fn patched_into_new(
         &self,
         patch: &WeightPatch,
         meta: &TensorMeta,
         tensor: &Tensor,
     ) -> Result<Option<Tensor>, MemError> {
-        fn in_copy<T: bytemuck::Pod + candle_core::WithDType>(
-            apply: &PatchInPlaceFn,
-            meta: &TensorMeta,
-            tensor: &Tensor,
-        ) -> candle_core::Result<Option<Tensor>> {
-            let mut copy = tensor.flatten_all()?.to_vec1::<T>()?;
-            if !apply(&meta.name, meta.dtype, bytemuck::cast_slice_mut(&mut copy))? {
-                return Ok(None);
-            }
-            Tensor::from_vec(copy, meta.shape.as_slice(), &Device::Cpu).map(Some)
-        }
         let Some(apply) = patch.apply_in_place.as_deref() else {
             return Ok(None);
         };
         if !tensor.device().is_cpu() || tensor.dtype() != meta.dtype {
             return Ok(None);
         }
-        match meta.dtype {
-            DType::F32 => in_copy::<f32>(apply, meta, tensor),
-            DType::BF16 => in_copy::<half::bf16>(apply, meta, tensor),
-            DType::F16 => in_copy::<half::f16>(apply, meta, tensor),
-            _ => Ok(None),
-        }
-        .map_err(|e| self.checkpoint_error(format!("patching '{}': {e}", meta.name)))
+        let in_copy = || -> candle_core::Result<Option<Tensor>> {
+            let mut bytes = safetensors::View::data(&tensor.flatten_all()?).into_owned();
+            if !apply(&meta.name, meta.dtype, &mut bytes)? {
+                return Ok(None);
+            }
+            Tensor::from_raw_buffer(&bytes, meta.dtype, meta.shape.as_slice(), &Device::Cpu)
+                .map(Some)
+        };
+        in_copy().map_err(|e| self.checkpoint_error(format!("patching '{}': {e}", meta.name)))
     }
 
     /// One tensor's bytes into pinned memory, errors naming the checkpoint and the tensor.

@@ -512,7 +512,8 @@ pub fn read_loras(files: &[(std::path::PathBuf, f64)]) -> Result<Vec<(LoraFile, 
 /// matches nothing fails early), notes what each file patches, and arranges the merge as a
 /// store patch: merged weights replace the originals as they are read from disk, so the DiT
 /// never exists twice. A scaled-fp8 weight is merged in f32 and stored back as float8 with its
-/// own scale ([`MergePlan::apply_scaled_fp8`]); its scale is read from the file here.
+/// own scale ([`MergePlan::apply_in_place_scaled_fp8`], [`MergePlan::apply_scaled_fp8`] for a
+/// scale per channel); its scale is read from the file here.
 pub fn plan_loras(
     p: &mut Phase<'_>,
     dit: ModelId,
@@ -580,12 +581,22 @@ pub fn plan_loras(
             }
             .map_err(candle_core::Error::wrap)
         }),
-        // Rows merged in the weight's own memory; scaled-fp8 weights take `apply`.
+        // Rows merged in the weight's own memory, scaled-fp8 weights with their one scale
+        // too; a scale per channel takes `apply`.
         apply_in_place: Some(std::sync::Arc::new(
             move |key: &str, dtype: DType, weight: &mut [u8]| match &into_keys[key] {
                 (original, None) => into_plan
                     .apply_in_place(original, dtype, weight)
                     .map_err(candle_core::Error::wrap),
+                (original, Some(scale)) if dtype == DType::F8E4M3 && scale.elem_count() == 1 => {
+                    let scale = scale
+                        .flatten_all()?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?[0];
+                    into_plan
+                        .apply_in_place_scaled_fp8(original, scale, weight)
+                        .map_err(candle_core::Error::wrap)
+                }
                 (_, Some(_)) => Ok(false),
             },
         )),
