@@ -17,8 +17,9 @@
 # With `ncu-slices`: the same two forwards on 2 blocks of the 14B under Nsight Compute, kernel
 # time summed by kernel name, whole against 8 slices (where a sliced forward's time goes).
 # With `fp8-short`: the float8 rows that fit a short call (the tests, the 14B exact and float8,
-# the 1.3B exact, each next to diffusers).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|all]   (default all: kernel and dit)
+# the 1.3B exact, each next to diffusers). With `exact-short`: the 1.3B and the 14B exact at
+# B = 2, each next to diffusers (about 5 minutes).
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -122,6 +123,20 @@ PY
     echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
     timeout 60 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
     timeout 90 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+  fi
+  if [ "$PART" = exact-short ]; then
+    # The exact forwards next to diffusers' for a short call (about 5 minutes): the 1.3B at
+    # B = 2 first, then the 14B.
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    B=$(unpack dit_bench)
+    echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
+    timeout 60 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
+    timeout 90 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+    echo "=== vpipe wan2.1-t2v-14b, cudnn attention, exact products"
+    timeout 70 "$B" --preset wan2.1-t2v-14b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 14b cudnn exact /"
+    timeout 100 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    date -u
   fi
   if [ "$PART" = slices ]; then
     D=$(unpack dit_bench)
