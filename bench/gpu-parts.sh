@@ -42,6 +42,9 @@
 #                               error against exact); then text-to-video resident and at 4GiB
 #                               (one sample at a time, whole, since the planner's one-sample
 #                               pool reserve)
+#   bash bench/gpu-parts.sh N   the scaled-fp8 14B: video-to-video at 16GiB without and with
+#                               the rank-32 LoRA (its float8 weights merged in place in the
+#                               pinned copy; load times compared, each checked)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -239,6 +242,15 @@ EOF
     echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
     run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
     budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+  elif [ "$PART" = N ]; then
+    ONLY=umt5,lora,fp8 python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    run v2v-fp8 /tmp/v2v-fp8.mp4 $FP8 $FILES $V2V --vram-budget 16GiB --ram-budget 32GiB
+    checked v2v-fp8 /tmp/v2v-fp8.mp4 $?
+    run v2v-fp8-lora /tmp/v2v-fp8-lora.mp4 $FP8 $FILES $V2V --vram-budget 16GiB --ram-budget 32GiB \
+      --lora $M/lora_rank32_all_linear_random.safetensors:0.8
+    checked v2v-fp8-lora /tmp/v2v-fp8-lora.mp4 $?
   elif [ "$PART" = L ]; then
     ONLY=dit,umt5,lora python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
