@@ -45,6 +45,12 @@
 #   bash bench/gpu-parts.sh N   the scaled-fp8 14B: video-to-video at 16GiB without and with
 #                               the rank-32 LoRA (its float8 weights merged in place in the
 #                               pinned copy; load times compared, each checked)
+#   bash bench/gpu-parts.sh H   issue 13's H200 table in one call: text-to-video resident, at
+#                               4GiB (else the plan's least) and at 12GiB; diffusers' group
+#                               offloading (leaf and block level) in the same call; then the
+#                               scaled-fp8 14B at 3GiB (else its least); each step started
+#                               only while the call's 10 minutes leave it time (H_SECONDS,
+#                               default 585)
 #   bash bench/gpu-parts.sh C   after the planner's recalibration on call B: text-to-video
 #                               resident and at 4GiB (else the least), video-to-video at 6GiB
 #                               (checked); then the scaled-fp8 14B: text-to-video at 3GiB (else
@@ -242,6 +248,23 @@ EOF
     echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
     run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
     budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+  elif [ "$PART" = H ]; then
+    left() { echo $(( ${H_SECONDS:-585} - ($(date +%s) - T0) )); }
+    ONLY=dit,umt5 python3 bench/make_random_checkpoints.py $M || exit 4
+    python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
+    echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"
+    run t2v-resident /tmp/t2v-resident.safetensors $BF16 $FILES $T2V
+    budget_or_least t2v-4GiB /tmp/t2v-4GiB.safetensors 4GiB $BF16 $FILES $T2V
+    [ $(left) -gt 300 ] && run t2v-12GiB /tmp/t2v-12GiB.safetensors $BF16 $FILES $T2V --vram-budget 12GiB
+    if [ $(left) -gt 220 ]; then
+      echo "=== diffusers: the 14B resident and with group offloading (+$(( $(date +%s) - T0 ))s)"
+      timeout $(( $(left) - 130 )) python3 bench/dit_gpu.py dit-offload --reps 2 | sed 's/^/diffusers /'
+    fi
+    rm -f $M/wan2.1_t2v_14B_random_bf16.safetensors
+    if [ $(left) -gt 120 ]; then
+      ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
+      budget_or_least fp8-3GiB /tmp/fp8-t2v.safetensors 3GiB $FP8 $FILES $T2V
+    fi
   elif [ "$PART" = N ]; then
     ONLY=umt5,lora,fp8 python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
