@@ -774,26 +774,64 @@ pub(crate) fn dit_forward_flops(dit: &DitConfig, tokens: usize, samples: usize) 
     )
 }
 
-/// Rates measured on an NVIDIA H200 (14B, bf16, 32 760 tokens, B = 2; BENCHMARKS.md):
-/// the self-attention of cuDNN's fused attention (2026-12-05) and of vpipe's fused kernel
-/// (2026-12-04), and everything else of the forward, as FLOP per second.
-const H200_CUDNN_ATTENTION_FLOPS: f64 = 557e12;
-const H200_FUSED_ATTENTION_FLOPS: f64 = 307e12;
-const H200_OTHER_FLOPS: f64 = 480e12;
+/// Rates measured on one card (14B, bf16 activations, 32 760 tokens, B = 2; BENCHMARKS.md), as
+/// FLOP per second: the self-attention of each kernel measured there, and everything else of
+/// the forward with exact and with float8 products.
+struct MeasuredRates {
+    card: &'static str,
+    cudnn_attention: Option<f64>,
+    fused_attention: Option<f64>,
+    fp8_attention: Option<f64>,
+    other_exact: Option<f64>,
+    other_fp8: Option<f64>,
+}
 
-/// **Estimated** seconds of one forward on an H200 with the attention `kernel`, from its
-/// FLOPs (see [`dit_forward_flops`]) at the rates measured there; `None` for the chunked path,
-/// which was not measured there.
-pub(crate) fn h200_forward_seconds(
+/// The H200: cuDNN's fused attention (2026-12-05) and vpipe's fused kernel (2026-12-04); the
+/// rest with exact products. Its float8 paths are not measured there yet.
+const H200_RATES: MeasuredRates = MeasuredRates {
+    card: "an H200",
+    cudnn_attention: Some(557e12),
+    fused_attention: Some(307e12),
+    fp8_attention: None,
+    other_exact: Some(480e12),
+    other_fp8: None,
+};
+
+/// The H100 (2026-12-05): a self-attention layer of cuDNN's exact attention 0.0748 s and of its
+/// float8 one 0.0675 s; the rest of the forward 2.88 s with exact products (5.874 − 40 ·
+/// 0.0748) and 2.28 s with float8 ones (5.269 − 40 · 0.0748).
+const H100_RATES: MeasuredRates = MeasuredRates {
+    card: "an H100",
+    cudnn_attention: Some(587e12),
+    fused_attention: None,
+    fp8_attention: Some(652e12),
+    other_exact: Some(554e12),
+    other_fp8: Some(702e12),
+};
+
+/// **Estimated** seconds of one forward with the attention `kernel` and the blocks' products
+/// in `matmul`, from its FLOPs (see [`dit_forward_flops`]) at the rates measured on a card,
+/// with the card's name: the H200's where it measured both, else the H100's; `None` where
+/// neither did (the chunked path, vpipe's kernel with float8 products).
+pub(crate) fn measured_forward_seconds(
     (total, self_attention): (f64, f64),
     kernel: AttentionKernel,
-) -> Option<f64> {
-    let attention_rate = match kernel {
-        AttentionKernel::Cudnn => H200_CUDNN_ATTENTION_FLOPS,
-        AttentionKernel::Fused => H200_FUSED_ATTENTION_FLOPS,
-        AttentionKernel::Chunked | AttentionKernel::CudnnFp8 => return None,
-    };
-    Some(self_attention / attention_rate + (total - self_attention) / H200_OTHER_FLOPS)
+    matmul: MatmulPrecision,
+) -> Option<(f64, &'static str)> {
+    [H200_RATES, H100_RATES].into_iter().find_map(|rates| {
+        let attention = match kernel {
+            AttentionKernel::Cudnn => rates.cudnn_attention,
+            AttentionKernel::Fused => rates.fused_attention,
+            AttentionKernel::CudnnFp8 => rates.fp8_attention,
+            AttentionKernel::Chunked => None,
+        }?;
+        let other = match matmul {
+            MatmulPrecision::Exact => rates.other_exact,
+            MatmulPrecision::Fp8 => rates.other_fp8,
+        }?;
+        let seconds = self_attention / attention + (total - self_attention) / other;
+        Some((seconds, rates.card))
+    })
 }
 
 /// The sizes a plan needs, from files or a preset.
@@ -1562,13 +1600,10 @@ impl Plan {
                  numbers, no faster)"
             ),
         };
-        // The measured rates are bf16's; the float8 products' are not in them.
-        let rates = (sample.matmul == MatmulPrecision::Exact)
-            .then(|| h200_forward_seconds(flops, sample.attention))
-            .flatten();
+        let rates = measured_forward_seconds(flops, sample.attention, sample.matmul);
         let work = match rates {
-            Some(seconds) => format!(
-                ", {:.2} PFLOP a step (about {seconds:.1} s on an H200 at the rates measured \
+            Some((seconds, card)) => format!(
+                ", {:.2} PFLOP a step (about {seconds:.1} s on {card} at the rates measured \
                  there: an estimate)",
                 flops.0 / 1e15,
             ),
@@ -1989,30 +2024,42 @@ impl std::fmt::Display for Plan {
 #[cfg(test)]
 mod tests {
     use super::{
-        cache_schedule, dit_forward_flops, h200_forward_seconds, mag_ratios_for, magcache_schedule,
-        AttentionKernel, DitConfig,
+        cache_schedule, dit_forward_flops, mag_ratios_for, magcache_schedule,
+        measured_forward_seconds, AttentionKernel, DitConfig,
     };
     use crate::step_cache::MagCacheSettings;
 
     #[test]
-    fn a_14b_step_is_the_work_the_h200_measured() {
-        // 14B, 832x480x81 (32 760 tokens), CFG batched, a step on the H200: 9.03 s with the
-        // fused kernel (2026-12-04), 6.39 s with cuDNN's attention (2026-12-05).
+    fn a_14b_step_is_the_work_the_cards_measured() {
+        use super::MatmulPrecision::{Exact, Fp8};
+        // 14B, 832x480x81 (32 760 tokens), CFG batched, one forward: on the H200 9.03 s with
+        // the fused kernel (2026-12-04), 6.39 s with cuDNN's attention (2026-12-05); on the
+        // H100 (2026-12-05, the float8 paths) 5.269 s with float8 products, 5.643 s with
+        // float8 attention, 4.855 s with both.
         let dit = DitConfig::wan21_t2v_14b();
         let flops = dit_forward_flops(&dit, 32_760, 2);
         assert!((flops.0 / 1e15 - 3.356).abs() < 0.01, "{flops:?}");
         assert!((flops.1 / flops.0 - 0.524).abs() < 0.01, "{flops:?}");
-        for (kernel, measured) in [
-            (AttentionKernel::Fused, 9.03),
-            (AttentionKernel::Cudnn, 6.39),
+        for (kernel, matmul, measured, card) in [
+            (AttentionKernel::Fused, Exact, 9.03, "an H200"),
+            (AttentionKernel::Cudnn, Exact, 6.39, "an H200"),
+            (AttentionKernel::Cudnn, Fp8, 5.269, "an H100"),
+            (AttentionKernel::CudnnFp8, Exact, 5.643, "an H100"),
+            (AttentionKernel::CudnnFp8, Fp8, 4.855, "an H100"),
         ] {
-            let seconds = h200_forward_seconds(flops, kernel).unwrap();
+            let (seconds, on) = measured_forward_seconds(flops, kernel, matmul).unwrap();
+            assert_eq!(on, card, "{kernel:?} {matmul:?}");
             assert!(
-                (seconds - measured).abs() / measured < 0.03,
-                "{kernel:?}: {seconds}"
+                (seconds - measured).abs() / measured < 0.05,
+                "{kernel:?} {matmul:?}: {seconds}"
             );
         }
-        assert_eq!(h200_forward_seconds(flops, AttentionKernel::Chunked), None);
+        for (kernel, matmul) in [
+            (AttentionKernel::Chunked, Exact),
+            (AttentionKernel::Fused, Fp8),
+        ] {
+            assert_eq!(measured_forward_seconds(flops, kernel, matmul), None);
+        }
         // At CFG 1 one sample: half the work.
         let single = dit_forward_flops(&dit, 32_760, 1);
         assert!((single.0 * 2.0 - flops.0).abs() < 1.0);
