@@ -36,8 +36,8 @@
 //! Heads of 128 only: at 64 its error against the exact attention was 21–26 % relative L2 at
 //! 4096 keys, against 6–8 % at 128 (H100, cuDNN 9, 2026-12-05). Its error grows with the keys:
 //! at the 14B's 32,760 the output keeps its direction (cosine 0.9996) but its norm is off by
-//! about a third (relative L2 0.38), as a float8 product accumulating over many keys in the
-//! tensor cores' reduced-precision accumulator would give.
+//! about a third (relative L2 0.38). The cause is not established (emulated float8 rounding
+//! of P and V and a truncating accumulator explain at most 3.5 %).
 //!
 //! Unless `VPIPE_CUDNN_SDPA_GRAPH` says `native` or `composite` (only that one is tried), the
 //! native operation is tried where the version allows and the composite graph when it gives
