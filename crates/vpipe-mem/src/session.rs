@@ -484,8 +484,17 @@ pub struct Phase<'s> {
 }
 
 fn check(meter: &str, expected: i64, before: u64, after: u64, tolerance: Tolerance) -> Check {
+    within(
+        meter,
+        expected,
+        (before, after),
+        tolerance.for_bytes(expected),
+    )
+}
+
+/// The reading's change against `expected`, `tolerance` bytes either way.
+fn within(meter: &str, expected: i64, (before, after): (u64, u64), tolerance: u64) -> Check {
     let measured = after as i64 - before as i64;
-    let tolerance = tolerance.for_bytes(expected);
     Check {
         meter: meter.to_owned(),
         expected,
@@ -500,25 +509,12 @@ fn check(meter: &str, expected: i64, before: u64, after: u64, tolerance: Toleran
 /// free may let malloc give back other freed pages along with the model's, measured at 20 MiB
 /// beyond a tiny model's on CI; the heap meter, exact, checks the bytes), and only a smaller
 /// one fails (what a tensor still referenced leaves).
-fn resident_check(
-    meter: &str,
-    expected: i64,
-    (before, after): (u64, u64),
-    tolerance: u64,
-) -> Check {
-    let measured = after as i64 - before as i64;
-    let ok = if expected < 0 {
-        measured <= expected.saturating_add(tolerance as i64)
-    } else {
-        measured.abs_diff(expected) <= tolerance
-    };
-    Check {
-        meter: meter.to_owned(),
-        expected,
-        measured,
-        tolerance,
-        ok,
+fn resident_check(meter: &str, expected: i64, readings: (u64, u64), tolerance: u64) -> Check {
+    let mut check = within(meter, expected, readings, tolerance);
+    if expected < 0 {
+        check.ok = check.measured <= expected.saturating_add(tolerance as i64);
     }
+    check
 }
 
 impl Phase<'_> {
