@@ -17,9 +17,11 @@
 # With `ncu-slices`: the same two forwards on 2 blocks of the 14B under Nsight Compute, kernel
 # time summed by kernel name, whole against 8 slices (where a sliced forward's time goes).
 # With `fp8-short`: the float8 rows that fit a short call (the tests, the 14B exact and float8,
-# the 1.3B exact, each next to diffusers). With `exact-short`: the 1.3B and the 14B exact at
+# the 1.3B exact, each next to diffusers). With `fp8-centred`: the float8 and device-merge
+# GPU tests, then the 14B at B = 2 exact, with the float8 attention alone and with both float8
+# paths (each with its error against exact), next to diffusers' 14B. With `exact-short`: the 1.3B and the 14B exact at
 # B = 2, each next to diffusers (about 5 minutes).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|exact-short|all]   (default all: kernel and dit)
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -107,6 +109,23 @@ PY
     diffusers_dits
     # Each float8 path alone (gpu-parts.sh G leaves them out, for its streaming runs' time).
     [ "${FP8_APART:-1}" = 1 ] && dit_runs "14b cudnn fp8" "14b fp8 exact"
+  fi
+  if [ "$PART" = fp8-centred ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    timeout 90 "$(unpack device_merge_gpu)" --test-threads 1 --nocapture 2>&1 \
+      | grep -E "^test |test result|panicked|against host|scaled fp8"
+    timeout 150 "$(unpack fp8_gpu)" --nocapture --test-threads 1 2>&1 \
+      | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|bf16 attention|self-attention|linear rows"
+    B=$(unpack dit_bench)
+    for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do
+      set -- $run
+      echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products"
+      timeout 150 "$B" --preset wan2.1-t2v-14b --attention $1 --matmul $2 --reps 2 --batches 2 \
+        | sed "s/^/vpipe 14b $1 $2 /"
+    done
+    timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    date -u
   fi
   if [ "$PART" = fp8-short ]; then
     # The float8 rows for a short call (about 6 minutes): the GPU tests, the 14B exact and in

@@ -34,6 +34,10 @@
 #                               and at 4GiB, then video-to-video at 6GiB without and with the
 #                               LoRA (load times compared, each checked); G_SECONDS=N for a
 #                               call limited to N seconds (default 585)
+#   bash bench/gpu-parts.sh O   with float8 LoRA merges on the GPU and the float8 attention's
+#                               keys and values centred: the device-merge test and the float8
+#                               attention test; the 14B forward at B = 2 with the float8
+#                               attention (its error against exact); then what N runs
 #   bash bench/gpu-parts.sh L   what G leaves out when short of time: video-to-video at 6GiB
 #                               without and with the LoRA (load times compared, each checked)
 #   bash bench/gpu-parts.sh M   the device-merge test and the float8 tests (the float8
@@ -265,7 +269,16 @@ EOF
       ONLY=fp8 python3 bench/make_random_checkpoints.py $M || exit 4
       budget_or_least fp8-3GiB /tmp/fp8-t2v.safetensors 3GiB $FP8 $FILES $T2V
     fi
-  elif [ "$PART" = N ]; then
+  elif [ "$PART" = O ] || [ "$PART" = N ]; then
+    if [ "$PART" = O ]; then
+      timeout 90 "$(unpack device_merge_gpu)" --test-threads 1 --nocapture 2>&1 \
+        | grep -E "^test |test result|panicked|against host|scaled fp8"
+      timeout 150 "$(unpack fp8_gpu)" fp8_attention --nocapture --test-threads 1 2>&1 \
+        | grep -E "^test |test result|panicked|fp8 attention|bf16 attention|self-attention"
+      echo "=== vpipe wan2.1-t2v-14b, fp8 attention, exact products (+$(( $(date +%s) - T0 ))s)"
+      timeout 120 "$(unpack dit_bench)" --preset wan2.1-t2v-14b --attention fp8 --matmul exact \
+        --reps 2 --batches 2 | sed "s/^/vpipe 14b fp8 exact /"
+    fi
     ONLY=umt5,lora,fp8 python3 bench/make_random_checkpoints.py $M || exit 4
     python3 bench/vae_gpu.py prepare .carry/clip.mp4 > /dev/null || exit 4
     echo "checkpoints ready at +$(( $(date +%s) - T0 ))s"

@@ -38,10 +38,17 @@ pub(crate) enum Delta {
 }
 
 impl Patch {
+    /// What the patch's product (or full delta) is multiplied by: strength · alpha / rank.
+    pub(crate) fn factor_scale(&self) -> f64 {
+        match &self.delta {
+            Delta::LowRank { scale, .. } | Delta::Full { scale, .. } => self.strength * scale,
+        }
+    }
+
     /// The patch in `dtype` on `device`, shaped like the weight.
     fn delta(&self, dtype: DType, device: &Device, shape: &Shape) -> Result<Tensor> {
         let out = match &self.delta {
-            Delta::LowRank { up, down, scale } => {
+            Delta::LowRank { up, down, .. } => {
                 let rank = down.dims()[0];
                 let out_dim = up.dims()[0];
                 let up = up
@@ -54,13 +61,13 @@ impl Patch {
                 // the same numbers up to f32 rounding, one full-size temporary less per merge.
                 let down = down
                     .reshape((rank, in_flat))?
-                    .affine(self.strength * scale, 0.0)?;
+                    .affine(self.factor_scale(), 0.0)?;
                 up.matmul(&down)?.reshape(shape)?
             }
-            Delta::Full { delta, scale } => delta
+            Delta::Full { delta, .. } => delta
                 .to_device(device)?
                 .to_dtype(dtype)?
-                .affine(self.strength * scale, 0.0)?,
+                .affine(self.factor_scale(), 0.0)?,
         };
         Ok(out)
     }
@@ -536,21 +543,21 @@ impl MergePlan {
             .iter()
             .map(|patch| -> Result<Factors> {
                 Ok(match &patch.delta {
-                    Delta::LowRank { up, down, scale } => {
+                    Delta::LowRank { up, down, .. } => {
                         let rank = down.dims()[0];
                         let down = down
                             .to_dtype(DType::F32)?
-                            .affine(patch.strength * scale, 0.0)?;
+                            .affine(patch.factor_scale(), 0.0)?;
                         Factors::LowRank {
                             up: f32_vec(up)?,
                             down: f32_vec(&down)?,
                             rank,
                         }
                     }
-                    Delta::Full { delta, scale } => Factors::Full(f32_vec(
+                    Delta::Full { delta, .. } => Factors::Full(f32_vec(
                         &delta
                             .to_dtype(DType::F32)?
-                            .affine(patch.strength * scale, 0.0)?,
+                            .affine(patch.factor_scale(), 0.0)?,
                     )?),
                 })
             })
@@ -605,7 +612,7 @@ impl MergePlan {
         if !self.targets.contains_key(name) {
             return Ok(weight.clone());
         }
-        let scale = scale.to_dtype(DType::F32)?;
+        let scale = scale.to_device(weight.device())?.to_dtype(DType::F32)?;
         let dequantised = weight.to_dtype(DType::F32)?.broadcast_mul(&scale)?;
         let merged = self.apply(name, &dequantised)?;
         Ok(merged

@@ -193,3 +193,67 @@ fn two_loras_merge_on_the_device_as_on_the_host() {
     assert!(err <= 2f32.powi(-7) * largest(&on_host).max(1.0), "{err}");
     assert!(largest(&(&on_host - &weight.to_dtype(DType::F32).unwrap()).unwrap()) > 1e-3);
 }
+
+/// A scaled-fp8 weight merged on the device ([`MergePlan::apply_in_place_scaled_fp8_on_device`])
+/// gives the host's in-place merge up to one float8 rounding step.
+#[test]
+fn a_scaled_fp8_weight_merges_on_the_device_as_on_the_host() {
+    let shape = (1_000, 768, 32);
+    let dims = [shape.0, shape.1];
+    let (plan, wide) = case(shape, DType::F32, DType::BF16);
+    let scale = 0.02f32 / 64.0;
+    let weight = (wide / f64::from(scale))
+        .unwrap()
+        .to_dtype(DType::F8E4M3)
+        .unwrap();
+    let original = bytes(&weight);
+    let mut on_host = original.clone();
+    assert!(plan
+        .apply_in_place_scaled_fp8(NAME, scale, &mut on_host)
+        .unwrap());
+    let Device::Cuda(cuda) = Device::new_cuda(0).unwrap() else {
+        unreachable!()
+    };
+    let stream = cuda.cuda_stream();
+    let mut on_gpu = stream.clone_htod(&original).unwrap();
+    assert!(plan
+        .apply_in_place_scaled_fp8_on_device(NAME, scale, &cuda, &mut on_gpu)
+        .unwrap());
+    let on_device = stream.clone_dtoh(&on_gpu).unwrap();
+    let host = as_f32(&on_host, DType::F8E4M3, &dims);
+    let before = as_f32(&original, DType::F8E4M3, &dims);
+    assert!(
+        largest(&(&host - &before).unwrap()) >= 1.0,
+        "the merge changed nothing"
+    );
+    let device = as_f32(&on_device, DType::F8E4M3, &dims);
+    // One e4m3 step: an eighth of the value's binade, 2^-9 among the subnormals.
+    let step = (host.abs().unwrap().maximum(&device.abs().unwrap()).unwrap() / 8.0)
+        .unwrap()
+        .maximum(2f64.powi(-9))
+        .unwrap();
+    let over = (&device - &host)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .gt(&step)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let same = on_host
+        .iter()
+        .zip(&on_device)
+        .filter(|(a, b)| a == b)
+        .count() as f64
+        / on_host.len() as f64;
+    eprintln!(
+        "scaled fp8: {:.2} % of the bytes as the host's; {over} elements more than one \
+         step apart",
+        100.0 * same
+    );
+    assert_eq!(over, 0.0);
+}

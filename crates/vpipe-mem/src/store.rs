@@ -464,10 +464,17 @@ impl Model {
         // Patched float weights go to the device to be merged there as they are read (the
         // GPU's products run at the bus's speed, the host's at its cores'), one at a time: in
         // place where the patch can be (the weight and its factors are all the device holds
-        // for it), else by the tensor-level patch on the device (the weight, its f32 sum and
-        // an update), freed before the next.
+        // for it; a float8 weight also its f32 widening), else by the tensor-level patch on
+        // the device (the weight, its f32 sum and an update), freed before the next. A float8
+        // weight the device cannot merge in place is merged on the host: candle's CUDA
+        // backend has no float8 conversion under the names it looks for.
         let on_device = |meta: &TensorMeta| {
-            patch_of(meta).filter(|_| matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16))
+            patch_of(meta).filter(|_| {
+                matches!(
+                    meta.dtype,
+                    DType::F32 | DType::BF16 | DType::F16 | DType::F8E4M3
+                )
+            })
         };
         let merge_on_device = |entry: &Entry| -> Result<(), MemError> {
             let (meta, range, _) = entry;
@@ -488,6 +495,9 @@ impl Model {
                         .and_then(|()| stream.synchronize())
                         .map_err(|e| context(meta, &e));
                 }
+            }
+            if meta.dtype == DType::F8E4M3 {
+                return patch_on_host(entry);
             }
             let device = Device::Cuda(cuda.clone());
             let weight = Tensor::from_raw_buffer(bytes, meta.dtype, meta.shape.as_slice(), &device)

@@ -274,16 +274,16 @@ fn token_major(b: usize, l: usize, h: usize, d: usize, seed: f32) -> [Tensor; 3]
     })
 }
 
-/// cuDNN's float8 attention against its exact (bf16) attention on the same operands: max
-/// abs, relative L2, cosine and the ratio of the norms printed for each shape (one and two
-/// samples, 1000 to 32,760 keys), every shape run before the test fails on the ones out of
-/// bounds. Up to 4096 keys within 10 % relative L2; beyond, the gap grows with the keys (the
-/// norms drift apart while the direction stays; the cause is not established), so there only
-/// the direction is held (cosine 0.999), and both are compared with an f32 reference (the
-/// chunked path) to tell which one drifts: the exact one is held within 2 %. Heads of 64 are
-/// refused. At the 14B's self-attention shape also the seconds per call and TFLOP/s (median
-/// of 7) of both, with the operands token-major (as the DiT passes them) and head-major. Where
-/// cuDNN gives no float8 plan the test fails with cuDNN's message.
+/// cuDNN's float8 attention (keys and values centred, see `Fp8KeysValues`) against its exact
+/// (bf16) attention on the same operands: max abs, relative L2, cosine and the ratio of the
+/// norms printed for each shape (one and two samples, 1000 to 32,760 keys), every shape run
+/// before the test fails on the ones out of bounds. The operands have means of 0, 1 and 2 (q,
+/// k, v): with the values' mean left in, the float8 output's norm shrank with the keys (0.62
+/// at 32 760). Each within 1 % relative L2 of the exact one; past 4096 keys both are compared
+/// with an f32 reference (the chunked path) and held within 2 %. Heads of 64 are refused. At
+/// the 14B's self-attention shape also the seconds per call and TFLOP/s (median of 7) of both,
+/// with the operands token-major (as the DiT passes them) and head-major. Where cuDNN gives no
+/// float8 plan the test fails with cuDNN's message.
 #[test]
 fn fp8_attention_against_the_exact_one() {
     use vpipe_models::ops::cudnn_sdpa::{sdpa, sdpa_fp8};
@@ -310,7 +310,7 @@ fn fp8_attention_against_the_exact_one() {
              {rel:.3e}, cosine {cosine:.6}, norm ratio {norm_ratio:.4}"
         );
         // Past the exact kernel's f32-tested lengths (4100 keys), both against an f32
-        // reference on the same operands: which of the two the norms' gap belongs to.
+        // reference on the same operands.
         if l > 4096 {
             use vpipe_models::ops::attention::{chunked_attention, QueryChunk};
             let [q32, k32, v32] = [&q, &k, &v].map(|t| t.to_dtype(DType::F32).unwrap());
@@ -326,18 +326,14 @@ fn fp8_attention_against_the_exact_one() {
                     "{name} attention [{b}, {h}, {l}, 128] against f32: relative L2 {rel:.3e}, \
                      cosine {cosine:.6}, norm ratio {norm_ratio:.4}"
                 );
-                if name == "bf16" && rel > 0.02 {
+                if rel > 0.02 {
                     out_of_bounds.push(format!(
-                        "the exact attention [{b}, {h}, {l}, 128] against f32: relative L2 {rel}"
+                        "the {name} attention [{b}, {h}, {l}, 128] against f32: relative L2 {rel}"
                     ));
                 }
             }
         }
-        let within = match l {
-            ..=4096 => rel < 0.1 && cosine > 0.99,
-            _ => cosine > 0.999,
-        };
-        if !within {
+        if rel > 0.01 {
             out_of_bounds.push(format!(
                 "[{b}, {h}, {l}, 128]: relative L2 {rel}, cosine {cosine}"
             ));

@@ -512,7 +512,8 @@ pub fn read_loras(files: &[(std::path::PathBuf, f64)]) -> Result<Vec<(LoraFile, 
 /// matches nothing fails early), notes what each file patches, and arranges the merge as a
 /// store patch: merged weights replace the originals as they are read from disk, so the DiT
 /// never exists twice. A scaled-fp8 weight is merged in f32 and stored back as float8 with its
-/// own scale ([`MergePlan::apply_in_place_scaled_fp8`], [`MergePlan::apply_scaled_fp8`] for a
+/// own scale (on the GPU as it is read on CUDA, [`MergePlan::apply_in_place_scaled_fp8_on_device`];
+/// else [`MergePlan::apply_in_place_scaled_fp8`], or [`MergePlan::apply_scaled_fp8`] for a
 /// scale per channel); its scale is read from the file here.
 pub fn plan_loras(
     p: &mut Phase<'_>,
@@ -588,15 +589,12 @@ pub fn plan_loras(
                 (original, None) => into_plan
                     .apply_in_place(original, dtype, weight)
                     .map_err(candle_core::Error::wrap),
-                (original, Some(scale)) if dtype == DType::F8E4M3 && scale.elem_count() == 1 => {
-                    let scale = scale
-                        .flatten_all()?
-                        .to_dtype(DType::F32)?
-                        .to_vec1::<f32>()?[0];
-                    into_plan
+                (original, Some(scale)) if dtype == DType::F8E4M3 => match one_scale(scale)? {
+                    Some(scale) => into_plan
                         .apply_in_place_scaled_fp8(original, scale, weight)
-                        .map_err(candle_core::Error::wrap)
-                }
+                        .map_err(candle_core::Error::wrap),
+                    None => Ok(false),
+                },
                 (_, Some(_)) => Ok(false),
             },
         )),
@@ -607,6 +605,12 @@ pub fn plan_loras(
                     (original, None) => device_plan
                         .apply_in_place_on_device(original, dtype, device, weight)
                         .map_err(candle_core::Error::wrap),
+                    (original, Some(scale)) if dtype == DType::F8E4M3 => match one_scale(scale)? {
+                        Some(scale) => device_plan
+                            .apply_in_place_scaled_fp8_on_device(original, scale, device, weight)
+                            .map_err(candle_core::Error::wrap),
+                        None => Ok(false),
+                    },
                     (_, Some(_)) => Ok(false),
                 }
             },
@@ -625,6 +629,19 @@ pub fn plan_loras(
     );
     p.set_patch(dit, patch)?;
     Ok(())
+}
+
+/// A float8 weight's scale as one number, `None` for a scale per channel.
+fn one_scale(scale: &Tensor) -> candle_core::Result<Option<f32>> {
+    if scale.elem_count() != 1 {
+        return Ok(None);
+    }
+    Ok(Some(
+        scale
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?[0],
+    ))
 }
 
 /// The scale of the float8 weight `key` (see [`fp8_scale_names`]), read from the checkpoint,

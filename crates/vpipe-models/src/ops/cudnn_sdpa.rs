@@ -1294,21 +1294,53 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
 }
 
 /// Keys and values quantised for [`sdpa_fp8_with`] (e4m3, one scale each, in their own
-/// layouts), so that query slices attending to the same keys quantise them once.
+/// layouts), so that query slices attending to the same keys quantise them once. Both are
+/// quantised less each channel's mean over the keys, which changes no attention output: taken
+/// off the keys it lowers every score of a query by the same amount, which the softmax
+/// ignores; taken off the values it is added back to the output (`o = P·(v − m) + m`, P's
+/// rows summing to 1). What it changes is the float8 error. With the values' mean left in, the
+/// output's norm shrank as the keys grew (0.62 of the exact one's at 32 760 keys, cosine
+/// 0.9996); centred, the error is bf16's (BENCHMARKS.md, 2026-12-05). This fits the float8
+/// products keeping fewer bits of the sum they accumulate into than f32: the dropped low bits
+/// of terms of one sign all lower the sum, of centred terms they cancel out.
 pub struct Fp8KeysValues {
     k: (Tensor, Tensor, Vec<usize>),
     v: (Tensor, Tensor, Vec<usize>),
+    /// The values' mean over the keys, [B, 1, H, D].
+    v_mean: Tensor,
 }
 
 impl Fp8KeysValues {
     /// # Shapes
     /// - `k`, `v`: [B, H, Lk, D], bf16 or f16.
     pub fn quantize(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
-        Ok(Self {
-            k: crate::ops::fp8::quantize_per_tensor(k)?,
-            v: crate::ops::fp8::quantize_per_tensor(v)?,
-        })
+        let quantize = |x: &Tensor| -> candle_core::Result<_> {
+            let mean = mean_over_keys(x)?;
+            Ok((crate::ops::fp8::quantize_per_tensor(x, Some(&mean))?, mean))
+        };
+        let (k, _) = quantize(k)?;
+        let (v, v_mean) = quantize(v)?;
+        Ok(Self { k, v, v_mean })
     }
+}
+
+/// Each channel's mean over the keys of `x` [B, H, L, D], as [B, 1, H, D] in x's dtype: one
+/// matrix product of a row of 1/L with x's rows, token- or head-major as x is laid out (else a
+/// contiguous copy), accumulated in f32. Its rounding does not matter: the same mean is taken
+/// off and added back.
+fn mean_over_keys(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    let weights = |batches: usize| {
+        Tensor::full(1.0 / l as f32, (batches, 1, l), x.device())?.to_dtype(x.dtype())
+    };
+    let tokens = x.transpose(1, 2)?;
+    let mean = if tokens.is_contiguous() {
+        weights(b)?.matmul(&tokens.reshape((b, l, h * d))?)?
+    } else {
+        let heads = x.contiguous()?.reshape((b * h, l, d))?;
+        weights(b * h)?.matmul(&heads)?
+    };
+    mean.reshape((b, 1, h, d))
 }
 
 /// [`sdpa_fp8`] with `k` and `v` already quantised in `kv8` (from these `k` and `v`, whose
@@ -1333,7 +1365,7 @@ pub fn sdpa_fp8_with(
              enough), not {d}"
         )));
     }
-    let (q8, descale_q, q_strides) = crate::ops::fp8::quantize_per_tensor(q)?;
+    let (q8, descale_q, q_strides) = crate::ops::fp8::quantize_per_tensor(q, None)?;
     let (k8, descale_k, k_strides) = (&kv8.k.0, &kv8.k.1, kv8.k.2.clone());
     let (v8, descale_v, v_strides) = (&kv8.v.0, &kv8.v.1, kv8.v.2.clone());
     let four = |strides: Vec<usize>| -> candle_core::Result<[usize; 4]> {
@@ -1407,7 +1439,15 @@ pub fn sdpa_fp8_with(
     };
     // q's float8 copy and descale are freed after the launch in stream order.
     drop((q8, descale_q));
-    out
+    // The values' mean back (see [`Fp8KeysValues`]), in place on the fresh output.
+    let out = out?;
+    match crate::ops::fp8::ChannelOffsets::for_layout(&kv8.v_mean, &out)? {
+        Some(mean) => {
+            crate::ops::fp8::add_channel_offsets(&out, &mean)?;
+            Ok(out)
+        }
+        None => out.broadcast_add(&kv8.v_mean.transpose(1, 2)?),
+    }
 }
 
 /// Executes `plan` on q, k and v read in place.

@@ -225,10 +225,10 @@ fn quantize_per_row(x: &Tensor, padded_rows: usize) -> candle_core::Result<(Tens
     Ok((x8, scales))
 }
 
-#[cfg(feature = "cuda")]
-pub(crate) use cuda_kernels::quantize_per_tensor;
 #[cfg(all(feature = "cuda", feature = "bench-hooks"))]
 pub use cuda_kernels::set_scales_in_product;
+#[cfg(feature = "cuda")]
+pub(crate) use cuda_kernels::{add_channel_offsets, quantize_per_tensor, ChannelOffsets};
 
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
@@ -385,10 +385,74 @@ mod cuda_kernels {
         })
     }
 
-    /// The largest |value| of each of `rows` rows of `cols` elements from the device address
-    /// `x` (of `dtype`), f32 [rows] on `device`.
+    /// An offset per channel of a [B, H, L, D] tensor laid out with its L axis outside H and
+    /// D (token-major) or outside D only (head-major): element i of its memory is paired with
+    /// `values[(i / span) · inner + i % inner]`, where `inner` is the L axis's stride (a
+    /// multiple of D, so that each row of D lies in one block of offsets) and `span` L times
+    /// it; `values` is f32 [B, H, D] (contiguous). Attention's keys and values
+    /// less their mean over the keys, and the values' mean added back to the output.
+    pub(crate) struct ChannelOffsets {
+        pub(crate) values: Tensor,
+        inner: i64,
+        span: i64,
+    }
+
+    impl ChannelOffsets {
+        /// `values` ([B, 1, H, D] or any shape of B·H·D elements) paired with `x` [B, H, L, D];
+        /// `None` where x's layout is neither of the two the indexing covers.
+        pub(crate) fn for_layout(values: &Tensor, x: &Tensor) -> candle_core::Result<Option<Self>> {
+            let (b, h, l, d) = x.dims4()?;
+            let stride = x.layout().stride();
+            let (token_major, head_major) = ([l * h * d, d, h * d, 1], [h * l * d, l * d, d, 1]);
+            // Axes of one element take any stride.
+            let matches =
+                |expected: [usize; 4]| (0..4).all(|a| x.dims()[a] == 1 || stride[a] == expected[a]);
+            let inner = if matches(token_major) {
+                h * d
+            } else if matches(head_major) {
+                d
+            } else {
+                return Ok(None);
+            };
+            if values.elem_count() != b * h * d {
+                candle_core::bail!(
+                    "channel offsets: {} values for [{b}, {h}, {l}, {d}]",
+                    values.elem_count()
+                );
+            }
+            Ok(Some(Self {
+                values: values.to_dtype(DType::F32)?.contiguous()?,
+                inner: inner as i64,
+                span: (l * inner) as i64,
+            }))
+        }
+
+        /// The kernels' arguments: the values' address (0 for none), inner, span.
+        fn arguments(offsets: Option<&Self>) -> candle_core::Result<(u64, i64, i64)> {
+            Ok(match offsets {
+                Some(o) => (device_ptr(&o.values)?, o.inner, o.span),
+                None => (0, 1, 1),
+            })
+        }
+    }
+
+    /// A launch of one warp per row, 8 rows a block.
+    fn one_warp_per_row(rows: usize) -> candle_core::Result<LaunchConfig> {
+        let grid = u32::try_from(rows.div_ceil(8)).map_err(|_| {
+            candle_core::Error::Msg(format!("fp8: {rows} rows, more than one launch covers"))
+        })?;
+        Ok(LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// The largest |value| (less its channel's offset, where given) of each of `rows` rows of
+    /// `cols` elements from the device address `x` (of `dtype`), f32 [rows] on `device`.
     fn absmax_at(
         (x, dtype): (u64, DType),
+        offsets: Option<&ChannelOffsets>,
         device: &candle_core::Device,
         (rows, cols): (usize, usize),
     ) -> candle_core::Result<Tensor> {
@@ -402,14 +466,20 @@ mod cuda_kernels {
             "vpipe_fp8",
             PTX,
         )?;
+        let (offsets, inner, span) = ChannelOffsets::arguments(offsets)?;
         let cols = cols as i32;
         let mut a = func.builder();
         a.arg(&x);
+        a.arg(&offsets);
+        a.arg(&inner);
+        a.arg(&span);
         a.arg(&op);
         a.arg(&cols);
         let cfg = one_block_per_row(rows)?;
         // SAFETY: the caller's `x` addresses `rows · cols` live elements of `dtype`; `out`
-        // holds `rows` f32. The kernel reads and writes only those, on the device's stream.
+        // holds `rows` f32; the offsets, when given, cover every index the pairing gives for
+        // them (`ChannelOffsets::for_layout`). The kernel reads and writes only those, on the
+        // device's stream.
         unsafe { a.launch(cfg) }.w()?;
         Ok(out)
     }
@@ -419,6 +489,7 @@ mod cuda_kernels {
     fn quantize_at(
         (x, dtype): (u64, DType),
         scales: &Tensor,
+        offsets: Option<&ChannelOffsets>,
         out: &Tensor,
         (rows, cols): (usize, usize),
     ) -> candle_core::Result<()> {
@@ -433,9 +504,6 @@ mod cuda_kernels {
                 out.dtype()
             );
         }
-        let n32 = u32::try_from(n).map_err(|_| {
-            candle_core::Error::Msg(format!("fp8 quantize: {n} elements, more than one launch"))
-        })?;
         let scales = scales.to_dtype(DType::F32)?.contiguous()?;
         let stride = i32::from(scales.elem_count() != 1);
         let (sp, op) = (device_ptr(&scales)?, device_ptr(out)?);
@@ -444,17 +512,23 @@ mod cuda_kernels {
             "vpipe_fp8",
             PTX,
         )?;
-        let (n64, cols) = (n as i64, cols as i32);
+        let (offsets, inner, span) = ChannelOffsets::arguments(offsets)?;
+        let cfg = one_warp_per_row(rows)?;
+        let (rows, cols) = (rows as i64, cols as i32);
         let mut a = func.builder();
         a.arg(&x);
         a.arg(&sp);
         a.arg(&stride);
+        a.arg(&offsets);
+        a.arg(&inner);
+        a.arg(&span);
         a.arg(&op);
-        a.arg(&n64);
+        a.arg(&rows);
         a.arg(&cols);
         // SAFETY: the caller's `x` addresses `n` live elements of `dtype`; `out` holds at
-        // least `n` bytes (checked); `scales` one f32 per row (stride 1) or one (stride 0).
-        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+        // least `n` bytes (checked); `scales` one f32 per row (stride 1) or one (stride 0);
+        // the offsets, when given, cover every index their pairing gives.
+        unsafe { a.launch(cfg) }.w()?;
         Ok(())
     }
 
@@ -463,13 +537,28 @@ mod cuda_kernels {
     /// descale that gives the values back (`x ≈ x8 · descale`: the largest |x| over 448). The
     /// float8 copy has `x`'s strides; a view whose elements do not fill their span is made
     /// contiguous first, and the strides returned are those of what was quantised.
+    ///
+    /// With `mean` ([B, 1, H, D], x [B, H, L, D]), each element less its channel's mean is
+    /// quantised instead (`x − mean ≈ x8 · descale`), x made contiguous first where its layout
+    /// is neither token- nor head-major ([`ChannelOffsets`]).
     pub(crate) fn quantize_per_tensor(
         x: &Tensor,
+        mean: Option<&Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor, Vec<usize>)> {
-        let x = if fills_its_span(x) {
+        let mut x = if fills_its_span(x) {
             x.clone()
         } else {
             x.contiguous()?
+        };
+        let offsets = match mean {
+            None => None,
+            Some(mean) => match ChannelOffsets::for_layout(mean, &x)? {
+                Some(offsets) => Some(offsets),
+                None => {
+                    x = x.contiguous()?;
+                    ChannelOffsets::for_layout(mean, &x)?
+                }
+            },
         };
         let n = x.elem_count();
         let cols = x.dims().last().copied().unwrap_or(1).max(1);
@@ -478,15 +567,56 @@ mod cuda_kernels {
         }
         let ptr = crate::ops::fused::layout_ptr(&x)?;
         let rows = n / cols;
-        let absmax = absmax_at((ptr, x.dtype()), x.device(), (rows, cols))?;
+        let absmax = absmax_at((ptr, x.dtype()), offsets.as_ref(), x.device(), (rows, cols))?;
         let descale = absmax
             .max(0)?
             .affine(1.0 / super::FP8_MAX, 0.0)?
             .maximum(super::MIN_SCALE)?
             .reshape(1)?;
         let out = Tensor::zeros(n, DType::F8E4M3, x.device())?;
-        quantize_at((ptr, x.dtype()), &descale, &out, (rows, cols))?;
+        quantize_at(
+            (ptr, x.dtype()),
+            &descale,
+            offsets.as_ref(),
+            &out,
+            (rows, cols),
+        )?;
         Ok((out, descale, x.layout().stride().to_vec()))
+    }
+
+    /// `y ← y + offset` per channel, in place (see [`ChannelOffsets`]; `y` a fresh tensor the
+    /// caller owns, whose layout the offsets were paired with).
+    pub(crate) fn add_channel_offsets(
+        y: &Tensor,
+        offsets: &ChannelOffsets,
+    ) -> candle_core::Result<()> {
+        let n = y.elem_count();
+        let cols = y.dims().last().copied().unwrap_or(1).max(1);
+        if n == 0 {
+            return Ok(());
+        }
+        let yp = crate::ops::fused::layout_ptr(y)?;
+        let (op, inner, span) = ChannelOffsets::arguments(Some(offsets))?;
+        let func = y.device().as_cuda_device()?.get_or_load_custom_func(
+            &name("add_offsets", y.dtype())?,
+            "vpipe_fp8",
+            PTX,
+        )?;
+        let cfg = one_warp_per_row(n / cols)?;
+        let (rows, cols) = ((n / cols) as i64, cols as i32);
+        let mut a = func.builder();
+        a.arg(&yp);
+        a.arg(&op);
+        a.arg(&inner);
+        a.arg(&span);
+        a.arg(&rows);
+        a.arg(&cols);
+        // SAFETY: `y`'s `n` elements fill their span from `yp` (its layout is one the offsets
+        // were paired with, token- or head-major, rows of D within one channel block); the
+        // offsets cover every index the pairing gives; the caller holds no other reference to
+        // `y` while the kernel writes it.
+        unsafe { a.launch(cfg) }.w()?;
+        Ok(())
     }
 
     /// Whether `x`'s elements fill the memory from its first one to its last (a permutation of
