@@ -6,8 +6,8 @@
 //   row.
 // - quantize_fp8: x8 = e4m3(clamp(x / scale, ±448)), one scale per row (or one for all).
 // - Both take x less an offset per channel where `offsets` is given: element i loses
-//   offsets[(i / span) * inner + i % inner], `inner` a multiple of the row (attention's keys
-//   and values less their mean over the keys; see add_offsets).
+//   offsets[(i / span) * inner + i % inner] (attention's keys and values less their mean over
+//   the keys; see add_offsets).
 // - add_offsets: y += offsets[(i / span) * inner + i % inner] in place (the values' mean back
 //   on the attention's output).
 // - scale_bias_act: y = act(y · row_scale · column_scale + bias) in place on the product's
@@ -40,11 +40,10 @@ __device__ void quantize_rows(const T* x, float* scales, __nv_fp8_e4m3* y, int c
   }
 }
 
-// The offsets of the row of `cols` elements starting at element `start` (null without
-// offsets): a row lies within one channel block, `inner` being a multiple of `cols`.
-__device__ __forceinline__ const float* row_offsets(const float* offsets, long long inner,
-                                                    long long span, long long start) {
-  return offsets ? offsets + (start / span) * inner + start % inner : nullptr;
+// The offset of element i (0 without offsets).
+__device__ __forceinline__ float offset_at(const float* offsets, long long inner, long long span,
+                                           long long i) {
+  return offsets ? offsets[(i / span) * inner + i % inner] : 0.f;
 }
 
 template <typename T>
@@ -52,42 +51,30 @@ __device__ void row_absmax(const T* x, const float* offsets, long long inner, lo
                            float* out, int cols) {
   __shared__ float partial[32];
   long long start = (long long)blockIdx.x * cols;
-  const T* xr = x + start;
-  const float* off = row_offsets(offsets, inner, span, start);
   float m = 0.f;
   for (int c = threadIdx.x; c < cols; c += blockDim.x)
-    m = fmaxf(m, fabsf(to_f32(xr[c]) - (off ? off[c] : 0.f)));
+    m = fmaxf(m, fabsf(to_f32(x[start + c]) - offset_at(offsets, inner, span, start + c)));
   // Zero stands for the lanes past the last warp: every |x| is at least that.
   m = block_reduce(m, partial, Max());
   if (threadIdx.x == 0) out[blockIdx.x] = m;
 }
 
-// One warp per row: the row's scale and offsets are found once, not per element.
 template <typename T>
 __device__ void quantize_fp8(const T* x, const float* scales, int scale_stride,
                              const float* offsets, long long inner, long long span,
-                             __nv_fp8_e4m3* y, long long rows, int cols) {
-  long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  long long start = row * cols;
-  const float* off = row_offsets(offsets, inner, span, start);
-  float s = scales[row * scale_stride];
-  for (int c = threadIdx.x % 32; c < cols; c += 32) {
-    float v = (to_f32(x[start + c]) - (off ? off[c] : 0.f)) / s;
-    y[start + c] = __nv_fp8_e4m3(fminf(fmaxf(v, -FP8_MAX), FP8_MAX));
-  }
+                             __nv_fp8_e4m3* y, long long n, int cols) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float v = (to_f32(x[i]) - offset_at(offsets, inner, span, i)) / scales[(i / cols) * scale_stride];
+  y[i] = __nv_fp8_e4m3(fminf(fmaxf(v, -FP8_MAX), FP8_MAX));
 }
 
-// One warp per row, as quantize_fp8.
 template <typename T>
 __device__ void add_offsets(T* y, const float* offsets, long long inner, long long span,
-                            long long rows, int cols) {
-  long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  long long start = row * cols;
-  const float* off = row_offsets(offsets, inner, span, start);
-  for (int c = threadIdx.x % 32; c < cols; c += 32)
-    y[start + c] = from_f32<T>(to_f32(y[start + c]) + off[c]);
+                            long long n) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  y[i] = from_f32<T>(to_f32(y[i]) + offset_at(offsets, inner, span, i));
 }
 
 template <typename T>
@@ -115,12 +102,12 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
   }                                                                                            \
   extern "C" __global__ void quantize_fp8_##SUFFIX(                                           \
       const T* x, const float* scales, int scale_stride, const float* offsets,                 \
-      long long inner, long long span, __nv_fp8_e4m3* y, long long rows, int cols) {           \
-    quantize_fp8<T>(x, scales, scale_stride, offsets, inner, span, y, rows, cols);             \
+      long long inner, long long span, __nv_fp8_e4m3* y, long long n, int cols) {              \
+    quantize_fp8<T>(x, scales, scale_stride, offsets, inner, span, y, n, cols);                \
   }                                                                                            \
   extern "C" __global__ void add_offsets_##SUFFIX(T* y, const float* offsets, long long inner, \
-                                                  long long span, long long rows, int cols) { \
-    add_offsets<T>(y, offsets, inner, span, rows, cols);                                       \
+                                                  long long span, long long n) {              \
+    add_offsets<T>(y, offsets, inner, span, n);                                                \
   }                                                                                            \
   extern "C" __global__ void scale_bias_act_##SUFFIX(                                         \
       T* y, const float* row_scales, const float* column_scales, int column_stride,           \

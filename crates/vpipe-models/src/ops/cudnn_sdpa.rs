@@ -1306,7 +1306,7 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
 pub struct Fp8KeysValues {
     k: (Tensor, Tensor, Vec<usize>),
     v: (Tensor, Tensor, Vec<usize>),
-    /// The values' mean over the keys, [B, 1, H, D].
+    /// The values' mean over the keys, [B, 1, H, D] in v's dtype.
     v_mean: Tensor,
 }
 
@@ -1446,7 +1446,7 @@ pub fn sdpa_fp8_with(
             crate::ops::fp8::add_channel_offsets(&out, &mean)?;
             Ok(out)
         }
-        None => out.broadcast_add(&kv8.v_mean.transpose(1, 2)?),
+        None => out.broadcast_add(&kv8.v_mean.transpose(1, 2)?.to_dtype(out.dtype())?),
     }
 }
 

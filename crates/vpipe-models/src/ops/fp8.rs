@@ -387,9 +387,8 @@ mod cuda_kernels {
 
     /// An offset per channel of a [B, H, L, D] tensor laid out with its L axis outside H and
     /// D (token-major) or outside D only (head-major): element i of its memory is paired with
-    /// `values[(i / span) · inner + i % inner]`, where `inner` is the L axis's stride (a
-    /// multiple of D, so that each row of D lies in one block of offsets) and `span` L times
-    /// it; `values` is f32 [B, H, D] (contiguous). Attention's keys and values
+    /// `values[(i / span) · inner + i % inner]`, where `inner` is the L axis's stride and
+    /// `span` L times it; `values` is f32 [B, H, D] (contiguous). Attention's keys and values
     /// less their mean over the keys, and the values' mean added back to the output.
     pub(crate) struct ChannelOffsets {
         pub(crate) values: Tensor,
@@ -436,15 +435,10 @@ mod cuda_kernels {
         }
     }
 
-    /// A launch of one warp per row, 8 rows a block.
-    fn one_warp_per_row(rows: usize) -> candle_core::Result<LaunchConfig> {
-        let grid = u32::try_from(rows.div_ceil(8)).map_err(|_| {
-            candle_core::Error::Msg(format!("fp8: {rows} rows, more than one launch covers"))
-        })?;
-        Ok(LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+    /// `n` elements as one launch's count.
+    fn elements_u32(n: usize) -> candle_core::Result<u32> {
+        u32::try_from(n).map_err(|_| {
+            candle_core::Error::Msg(format!("fp8: {n} elements, more than one launch covers"))
         })
     }
 
@@ -504,6 +498,7 @@ mod cuda_kernels {
                 out.dtype()
             );
         }
+        let n32 = elements_u32(n)?;
         let scales = scales.to_dtype(DType::F32)?.contiguous()?;
         let stride = i32::from(scales.elem_count() != 1);
         let (sp, op) = (device_ptr(&scales)?, device_ptr(out)?);
@@ -513,8 +508,7 @@ mod cuda_kernels {
             PTX,
         )?;
         let (offsets, inner, span) = ChannelOffsets::arguments(offsets)?;
-        let cfg = one_warp_per_row(rows)?;
-        let (rows, cols) = (rows as i64, cols as i32);
+        let (n64, cols) = (n as i64, cols as i32);
         let mut a = func.builder();
         a.arg(&x);
         a.arg(&sp);
@@ -523,12 +517,12 @@ mod cuda_kernels {
         a.arg(&inner);
         a.arg(&span);
         a.arg(&op);
-        a.arg(&rows);
+        a.arg(&n64);
         a.arg(&cols);
         // SAFETY: the caller's `x` addresses `n` live elements of `dtype`; `out` holds at
         // least `n` bytes (checked); `scales` one f32 per row (stride 1) or one (stride 0);
         // the offsets, when given, cover every index their pairing gives.
-        unsafe { a.launch(cfg) }.w()?;
+        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
         Ok(())
     }
 
@@ -591,7 +585,6 @@ mod cuda_kernels {
         offsets: &ChannelOffsets,
     ) -> candle_core::Result<()> {
         let n = y.elem_count();
-        let cols = y.dims().last().copied().unwrap_or(1).max(1);
         if n == 0 {
             return Ok(());
         }
@@ -602,20 +595,17 @@ mod cuda_kernels {
             "vpipe_fp8",
             PTX,
         )?;
-        let cfg = one_warp_per_row(n / cols)?;
-        let (rows, cols) = ((n / cols) as i64, cols as i32);
+        let (n32, n64) = (elements_u32(n)?, n as i64);
         let mut a = func.builder();
         a.arg(&yp);
         a.arg(&op);
         a.arg(&inner);
         a.arg(&span);
-        a.arg(&rows);
-        a.arg(&cols);
+        a.arg(&n64);
         // SAFETY: `y`'s `n` elements fill their span from `yp` (its layout is one the offsets
-        // were paired with, token- or head-major, rows of D within one channel block); the
-        // offsets cover every index the pairing gives; the caller holds no other reference to
-        // `y` while the kernel writes it.
-        unsafe { a.launch(cfg) }.w()?;
+        // were paired with, token- or head-major); the offsets cover every index the pairing
+        // gives; the caller holds no other reference to `y` while the kernel writes it.
+        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
         Ok(())
     }
 
