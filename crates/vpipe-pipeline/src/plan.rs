@@ -797,16 +797,17 @@ const H200_RATES: MeasuredRates = MeasuredRates {
     other_fp8: None,
 };
 
-/// The H100 (2026-12-05): a self-attention layer of cuDNN's exact attention 0.0748 s and of its
-/// float8 one 0.0675 s; the rest of the forward 2.88 s with exact products (5.874 − 40 ·
-/// 0.0748) and 2.28 s with float8 ones (5.269 − 40 · 0.0748).
+/// The H100 (2026-12-05, 18:05 UTC, one call): in the 14B's forward at B = 2 a self-attention
+/// layer of cuDNN's exact attention 0.0785 s and of its float8 one (keys and values centred)
+/// 0.0761 s; the rest of the forward 2.89 s with exact products (6.025 − 40 · 0.0785) and
+/// 2.10 s with float8 ones (5.146 − 40 · 0.0761).
 const H100_RATES: MeasuredRates = MeasuredRates {
     card: "an H100",
-    cudnn_attention: Some(587e12),
+    cudnn_attention: Some(560e12),
     fused_attention: None,
-    fp8_attention: Some(652e12),
+    fp8_attention: Some(578e12),
     other_exact: Some(554e12),
-    other_fp8: Some(702e12),
+    other_fp8: Some(760e12),
 };
 
 /// **Estimated** seconds of one forward with the attention `kernel` and the blocks' products
@@ -2034,8 +2035,8 @@ mod tests {
         use super::MatmulPrecision::{Exact, Fp8};
         // 14B, 832x480x81 (32 760 tokens), CFG batched, one forward: on the H200 9.03 s with
         // the fused kernel (2026-12-04), 6.39 s with cuDNN's attention (2026-12-05); on the
-        // H100 (2026-12-05, the float8 paths) 5.269 s with float8 products, 5.643 s with
-        // float8 attention, 4.855 s with both.
+        // H100 (2026-12-05, the float8 paths) 5.269 s with float8 products (15:00), 5.871 s
+        // with float8 attention (keys and values centred), 5.146 s with both (18:05).
         let dit = DitConfig::wan21_t2v_14b();
         let flops = dit_forward_flops(&dit, 32_760, 2);
         assert!((flops.0 / 1e15 - 3.356).abs() < 0.01, "{flops:?}");
@@ -2044,8 +2045,8 @@ mod tests {
             (AttentionKernel::Fused, Exact, 9.03, "an H200"),
             (AttentionKernel::Cudnn, Exact, 6.39, "an H200"),
             (AttentionKernel::Cudnn, Fp8, 5.269, "an H100"),
-            (AttentionKernel::CudnnFp8, Exact, 5.643, "an H100"),
-            (AttentionKernel::CudnnFp8, Fp8, 4.855, "an H100"),
+            (AttentionKernel::CudnnFp8, Exact, 5.871, "an H100"),
+            (AttentionKernel::CudnnFp8, Fp8, 5.146, "an H100"),
         ] {
             let (seconds, on) = measured_forward_seconds(flops, kernel, matmul).unwrap();
             assert_eq!(on, card, "{kernel:?} {matmul:?}");

@@ -156,9 +156,9 @@ impl AttentionKernel {
             Self::Fused => "vpipe's fused attention kernel",
             Self::Chunked => "chunked attention (matmul and softmax over query chunks)",
             Self::CudnnFp8 => {
-                "cuDNN fused attention in float8 (self-attention; one scale per q, k and v; \
-                 its error grows with the keys: 38 % relative L2 against the exact attention \
-                 at 32 760 keys, measured on an H100)"
+                "cuDNN fused attention in float8 (self-attention; one scale per q, k and v, \
+                 keys and values less their mean over the keys; 0.11 % relative L2 against \
+                 the exact attention at 32 760 keys, measured on an H100)"
             }
         }
     }

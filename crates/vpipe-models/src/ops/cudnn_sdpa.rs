@@ -33,11 +33,12 @@
 //! (`scale_o` 1). Where cuDNN gives no plan with O in bf16/f16 (the frontend's older cuDNN
 //! versions write float8 only), O is written in e4m3 with `scale_o = 1 / descale_v` (every
 //! output is a convex combination of V's rows, so `|O| ≤ max |V|`) and dequantised after.
-//! Heads of 128 only: at 64 its error against the exact attention was 21–26 % relative L2 at
-//! 4096 keys, against 6–8 % at 128 (H100, cuDNN 9, 2026-12-05). Its error grows with the keys:
-//! at the 14B's 32,760 the output keeps its direction (cosine 0.9996) but its norm is off by
-//! about a third (relative L2 0.38). The cause is not established (emulated float8 rounding
-//! of P and V and a truncating accumulator explain at most 3.5 %).
+//! K and V are quantised less each channel's mean over the keys, and V's mean is added back
+//! to O ([`Fp8KeysValues`]): with the mean left in, the output's norm shrank with the keys
+//! (relative L2 0.38 against the exact attention at the 14B's 32,760, cosine 0.9996); centred,
+//! 0.0011, as close to an f32 reference as the exact attention (H100, cuDNN 9, 2026-12-05).
+//! Heads of 128 only: at 64 the uncentred error was 21–26 % relative L2 at 4096 keys, against
+//! 6–8 % at 128, and heads of 64 have not been measured centred.
 //!
 //! Unless `VPIPE_CUDNN_SDPA_GRAPH` says `native` or `composite` (only that one is tried), the
 //! native operation is tried where the version allows and the composite graph when it gives
