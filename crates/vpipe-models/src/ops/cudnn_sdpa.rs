@@ -1301,9 +1301,12 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
 /// ignores; taken off the values it is added back to the output (`o = P·(v − m) + m`, P's
 /// rows summing to 1). What it changes is the float8 error. With the values' mean left in, the
 /// output's norm shrank as the keys grew (0.62 of the exact one's at 32 760 keys, cosine
-/// 0.9996); centred, the error is bf16's (BENCHMARKS.md, 2026-12-05). This fits the float8
-/// products keeping fewer bits of the sum they accumulate into than f32: the dropped low bits
-/// of terms of one sign all lower the sum, of centred terms they cancel out.
+/// 0.9996); centred, the error is bf16's (BENCHMARKS.md, 2026-12-05). Hopper's float8 matrix
+/// products add each product to the running sum aligned to the larger exponent and cut to
+/// about 13 bits below it: with values of one sign every cut lowers the sum, and the more keys
+/// the larger the sum and the more is cut; centred, the cuts fall either way
+/// (`bench/fp8_attention_emulation.py` reproduces the drift, 0.624 at 32 760 keys, and its
+/// absence once centred).
 pub struct Fp8KeysValues {
     k: (Tensor, Tensor, Vec<usize>),
     v: (Tensor, Tensor, Vec<usize>),
