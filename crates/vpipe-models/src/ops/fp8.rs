@@ -645,9 +645,7 @@ mod cuda_kernels {
         if n == 0 {
             return Ok(());
         }
-        let n32 = u32::try_from(n).map_err(|_| {
-            candle_core::Error::Msg(format!("fp8 epilogue: {n} elements, more than one launch"))
-        })?;
+        let n32 = elements_u32(n)?;
         let column_stride = i32::from(column_scales.elem_count() != 1);
         let bias = bias
             .map(|b| b.to_dtype(y.dtype())?.contiguous())
