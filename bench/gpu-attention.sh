@@ -19,9 +19,12 @@
 # With `fp8-short`: the float8 rows that fit a short call (the tests, the 14B exact and float8,
 # the 1.3B exact, each next to diffusers). With `fp8-centred`: the float8 and device-merge
 # GPU tests, then the 14B at B = 2 exact, with the float8 attention alone and with both float8
-# paths (each with its error against exact), next to diffusers' 14B. With `exact-short`: the 1.3B and the 14B exact at
+# paths (each with its error against exact), next to diffusers' 14B. With `fp8-compare`: the
+# float8 attention test and the 14B forward with the float8 attention from main's binaries
+# (.carry/fp8_gpu.xz, dit_bench.xz) and from a candidate branch's (.carry/fp8_gpu_branch.xz,
+# dit_bench_branch.xz), one after the other in one call. With `exact-short`: the 1.3B and the 14B exact at
 # B = 2, each next to diffusers (about 5 minutes).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|exact-short|all]   (default all: kernel and dit)
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|fp8-compare|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -125,6 +128,21 @@ PY
         | sed "s/^/vpipe 14b $1 $2 /"
     done
     timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    date -u
+  fi
+  if [ "$PART" = fp8-compare ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    for build in "" _branch; do
+      echo "=== fp8_gpu$build"
+      timeout 90 "$(unpack fp8_gpu$build)" fp8_attention --nocapture --test-threads 1 2>&1 \
+        | grep -E "^test |test result|panicked|fp8 attention|bf16 attention|self-attention"
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+      echo "=== dit_bench$build wan2.1-t2v-14b, fp8 attention, exact products"
+      timeout 120 "$(unpack dit_bench$build)" --preset wan2.1-t2v-14b --attention fp8 --matmul exact \
+        --reps 2 --batches 2 | sed "s/^/vpipe$build 14b fp8 exact /"
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+    done
     date -u
   fi
   if [ "$PART" = fp8-short ]; then
