@@ -391,7 +391,7 @@ mod cuda_kernels {
     /// `span` L times it; `values` is f32 [B, H, D] (contiguous). Attention's keys and values
     /// less their mean over the keys, and the values' mean added back to the output.
     pub(crate) struct ChannelOffsets {
-        pub(crate) values: Tensor,
+        values: Tensor,
         inner: i64,
         span: i64,
     }
