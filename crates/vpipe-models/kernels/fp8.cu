@@ -2,8 +2,8 @@
 // - quantize_rows: each row's scale (its largest |x| over 448, at least 1e-12) and the row in
 //   e4m3 over it (per-token activation scales, per-channel weight scales), one block per row:
 //   the row is read from memory once, its second reading from the cache.
-// - row_absmax: the largest |x| of each row (for one scale over a whole tensor), one block per
-//   row.
+// - absmax_all: the largest |x| of a whole tensor (for one scale over it), grid-stride, four
+//   16-bit elements a thread where aligned.
 // - quantize_fp8: x8 = e4m3(clamp(x / scale, ±448)), one scale per row (or one for all).
 // - Both take x less an offset per channel where `offsets` is given: element i loses
 //   offsets[(i / span) * inner + i % inner] (attention's keys and values less their mean over
@@ -47,19 +47,6 @@ __device__ __forceinline__ float offset_at(const float* offsets, long long inner
 }
 
 template <typename T>
-__device__ void row_absmax(const T* x, const float* offsets, long long inner, long long span,
-                           float* out, int cols) {
-  __shared__ float partial[32];
-  long long start = (long long)blockIdx.x * cols;
-  float m = 0.f;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x)
-    m = fmaxf(m, fabsf(to_f32(x[start + c]) - offset_at(offsets, inner, span, start + c)));
-  // Zero stands for the lanes past the last warp: every |x| is at least that.
-  m = block_reduce(m, partial, Max());
-  if (threadIdx.x == 0) out[blockIdx.x] = m;
-}
-
-template <typename T>
 __device__ void quantize_fp8(const T* x, const float* scales, int scale_stride,
                              const float* offsets, long long inner, long long span,
                              __nv_fp8_e4m3* y, long long n, int cols) {
@@ -75,6 +62,68 @@ __device__ void add_offsets(T* y, const float* offsets, long long inner, long lo
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   y[i] = from_f32<T>(to_f32(y[i]) + offset_at(offsets, inner, span, i));
+}
+
+// The first of the offsets of VEC elements from element i (null without offsets): a group of
+// VEC lies within one block of offsets, `inner` being a multiple of VEC.
+__device__ __forceinline__ const float* group_offsets(const float* offsets, long long inner,
+                                                      long long span, long long i) {
+  return offsets ? offsets + (i / span) * inner + i % inner : nullptr;
+}
+
+// The largest |x - offset| over all n elements into *out (holding 0 before): VEC elements a
+// thread at a time, grid-stride, one atomic max per block (non-negative floats order as their
+// bits do).
+template <typename T, int VEC>
+__device__ void absmax_all(const T* x, const float* offsets, long long inner, long long span,
+                           float* out, long long n) {
+  __shared__ float partial[32];
+  float m = 0.f;
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
+       i += (long long)gridDim.x * blockDim.x * VEC) {
+    float v[VEC];
+    Vec<T, VEC>::load(x + i, v);
+    const float* off = group_offsets(offsets, inner, span, i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j] - (off ? off[j] : 0.f)));
+  }
+  m = block_reduce(m, partial, Max());
+  if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
+}
+
+// quantize_fp8 with VEC elements a thread (of one row: cols a multiple of VEC), one division
+// for the group's offsets and the float8 bytes stored as one word.
+template <typename T, int VEC>
+__device__ void quantize_fp8_groups(const T* x, const float* scales, int scale_stride,
+                                    const float* offsets, long long inner, long long span,
+                                    __nv_fp8_e4m3* y, long long n, int cols) {
+  long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  if (i >= n) return;
+  float v[VEC];
+  Vec<T, VEC>::load(x + i, v);
+  const float* off = group_offsets(offsets, inner, span, i);
+  float s = scales[scale_stride ? i / cols : 0];
+  unsigned int packed = 0;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    float q = (v[j] - (off ? off[j] : 0.f)) / s;
+    packed |= (unsigned int)__nv_fp8_e4m3(fminf(fmaxf(q, -FP8_MAX), FP8_MAX)).__x << (8 * j);
+  }
+  *reinterpret_cast<unsigned int*>(y + i) = packed;
+}
+
+// add_offsets with VEC elements a thread.
+template <typename T, int VEC>
+__device__ void add_offsets_groups(T* y, const float* offsets, long long inner, long long span,
+                                   long long n) {
+  long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  if (i >= n) return;
+  float v[VEC];
+  Vec<T, VEC>::load(y + i, v);
+  const float* off = group_offsets(offsets, inner, span, i);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] += off[j];
+  Vec<T, VEC>::store(y + i, v);
 }
 
 template <typename T>
@@ -95,11 +144,6 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
                                                     __nv_fp8_e4m3* y, int cols) {             \
     quantize_rows<T>(x, scales, y, cols);                                                      \
   }                                                                                            \
-  extern "C" __global__ void row_absmax_##SUFFIX(const T* x, const float* offsets,            \
-                                                 long long inner, long long span, float* out, \
-                                                 int cols) {                                  \
-    row_absmax<T>(x, offsets, inner, span, out, cols);                                         \
-  }                                                                                            \
   extern "C" __global__ void quantize_fp8_##SUFFIX(                                           \
       const T* x, const float* scales, int scale_stride, const float* offsets,                 \
       long long inner, long long span, __nv_fp8_e4m3* y, long long n, int cols) {              \
@@ -114,6 +158,34 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
       const T* bias, long long n, int cols, int gelu) {                                        \
     scale_bias_act<T>(y, row_scales, column_scales, column_stride, bias, n, cols, gelu);      \
   }
+// Four 16-bit elements a thread (8-byte accesses; the caller checks the alignment).
+#define FP8_GROUP_KERNELS(SUFFIX, T)                                                           \
+  extern "C" __global__ void absmax_all_##SUFFIX(const T* x, const float* offsets,            \
+                                                 long long inner, long long span, float* out, \
+                                                 long long n) {                               \
+    absmax_all<T, 1>(x, offsets, inner, span, out, n);                                         \
+  }                                                                                            \
+  extern "C" __global__ void absmax_all_x4_##SUFFIX(const T* x, const float* offsets,         \
+                                                    long long inner, long long span,          \
+                                                    float* out, long long n) {                \
+    absmax_all<T, 4>(x, offsets, inner, span, out, n);                                         \
+  }                                                                                            \
+  extern "C" __global__ void quantize_fp8_x4_##SUFFIX(                                        \
+      const T* x, const float* scales, int scale_stride, const float* offsets,                 \
+      long long inner, long long span, __nv_fp8_e4m3* y, long long n, int cols) {              \
+    quantize_fp8_groups<T, 4>(x, scales, scale_stride, offsets, inner, span, y, n, cols);      \
+  }                                                                                            \
+  extern "C" __global__ void add_offsets_x4_##SUFFIX(T* y, const float* offsets,              \
+                                                     long long inner, long long span,         \
+                                                     long long n) {                           \
+    add_offsets_groups<T, 4>(y, offsets, inner, span, n);                                      \
+  }
+extern "C" __global__ void absmax_all_f32(const float* x, const float* offsets, long long inner,
+                                          long long span, float* out, long long n) {
+  absmax_all<float, 1>(x, offsets, inner, span, out, n);
+}
+FP8_GROUP_KERNELS(bf16, __nv_bfloat16)
+FP8_GROUP_KERNELS(f16, __half)
 FP8_KERNELS(f32, float)
 FP8_KERNELS(bf16, __nv_bfloat16)
 FP8_KERNELS(f16, __half)

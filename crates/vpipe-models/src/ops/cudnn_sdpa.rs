@@ -1310,7 +1310,7 @@ pub fn sdpa_fp8(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tenso
 pub struct Fp8KeysValues {
     k: (Tensor, Tensor, Vec<usize>),
     v: (Tensor, Tensor, Vec<usize>),
-    /// The values' mean over the keys, [B, 1, H, D] in v's dtype.
+    /// The values' mean over the keys, f32 [B, 1, H, D].
     v_mean: Tensor,
 }
 
@@ -1328,23 +1328,33 @@ impl Fp8KeysValues {
     }
 }
 
-/// Each channel's mean over the keys of `x` [B, H, L, D], as [B, 1, H, D] in x's dtype: one
-/// matrix product of a row of 1/L with x's rows, token- or head-major as x is laid out (else a
-/// contiguous copy), accumulated in f32. Its rounding does not matter: the same mean is taken
-/// off and added back.
+/// Each channel's mean over the keys of `x` [B, H, L, D], as f32 [B, 1, H, D]: matrix
+/// products of rows of 1/L with x's rows, token- or head-major as x is laid out (else a
+/// contiguous copy), accumulated in f32. The keys are summed in up to 64 runs of equal length,
+/// a product row each, and the runs' sums added: one row over all 32 760 keys would leave most
+/// of the GPU idle. The mean's rounding does not matter: the same mean is taken off and added
+/// back.
 fn mean_over_keys(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, l, d) = x.dims4()?;
-    let weights = |batches: usize| {
-        Tensor::full(1.0 / l as f32, (batches, 1, l), x.device())?.to_dtype(x.dtype())
-    };
+    let runs = (1..=64).rev().find(|r| l % r == 0).unwrap_or(1);
     let tokens = x.transpose(1, 2)?;
-    let mean = if tokens.is_contiguous() {
-        weights(b)?.matmul(&tokens.reshape((b, l, h * d))?)?
+    let (rows, batches, width) = if tokens.is_contiguous() {
+        (tokens.reshape((b * runs, l / runs, h * d))?, b, h * d)
     } else {
-        let heads = x.contiguous()?.reshape((b * h, l, d))?;
-        weights(b * h)?.matmul(&heads)?
+        (
+            x.contiguous()?.reshape((b * h * runs, l / runs, d))?,
+            b * h,
+            d,
+        )
     };
-    mean.reshape((b, 1, h, d))
+    let weights = Tensor::full(1.0 / l as f32, (batches * runs, 1, l / runs), x.device())?
+        .to_dtype(x.dtype())?;
+    weights
+        .matmul(&rows)?
+        .reshape((batches, runs, width))?
+        .to_dtype(DType::F32)?
+        .sum(1)?
+        .reshape((b, 1, h, d))
 }
 
 /// [`sdpa_fp8`] with `k` and `v` already quantised in `kv8` (from these `k` and `v`, whose

@@ -442,37 +442,71 @@ mod cuda_kernels {
         })
     }
 
-    /// The largest |value| (less its channel's offset, where given) of each of `rows` rows of
-    /// `cols` elements from the device address `x` (of `dtype`), f32 [rows] on `device`.
+    /// Whether `n` elements of `dtype` from the device address `x`, in rows of `cols`, can be
+    /// taken four at a time (16-bit, 8-byte aligned, groups of four within a row and within a
+    /// block of offsets): the kernels' `_x4` variants.
+    fn in_fours(
+        x: u64,
+        dtype: DType,
+        (n, cols): (usize, usize),
+        offsets: Option<&ChannelOffsets>,
+    ) -> bool {
+        matches!(dtype, DType::BF16 | DType::F16)
+            && x.is_multiple_of(8)
+            && n.is_multiple_of(4)
+            && cols.is_multiple_of(4)
+            && offsets.is_none_or(|o| o.inner % 4 == 0)
+    }
+
+    /// `{base}_x4_{dtype}` where the elements go four at a time ([`in_fours`]), else
+    /// `{base}_{dtype}`, and the elements a thread takes.
+    fn grouped(base: &str, dtype: DType, fours: bool) -> candle_core::Result<(String, usize)> {
+        Ok(if fours {
+            (name(&format!("{base}_x4"), dtype)?, 4)
+        } else {
+            (name(base, dtype)?, 1)
+        })
+    }
+
+    /// The largest |value| (less its channel's offset, where given) of the `rows · cols`
+    /// elements from the device address `x` (of `dtype`), f32 [1] on `device`: one kernel,
+    /// a block's largest merged by an atomic maximum.
     fn absmax_at(
         (x, dtype): (u64, DType),
         offsets: Option<&ChannelOffsets>,
         device: &candle_core::Device,
         (rows, cols): (usize, usize),
     ) -> candle_core::Result<Tensor> {
-        let like = Tensor::zeros((), DType::F32, device)?;
-        let (out, op) = empty(&like, &[rows])?;
-        if rows == 0 {
+        let out = Tensor::zeros(1, DType::F32, device)?;
+        let n = rows * cols;
+        if n == 0 {
             return Ok(out);
         }
-        let func = device.as_cuda_device()?.get_or_load_custom_func(
-            &name("row_absmax", dtype)?,
-            "vpipe_fp8",
-            PTX,
-        )?;
+        let fours = in_fours(x, dtype, (n, cols), offsets);
         let (offsets, inner, span) = ChannelOffsets::arguments(offsets)?;
-        let cols = cols as i32;
+        let (kernel, per_thread) = grouped("absmax_all", dtype, fours)?;
+        let func = device
+            .as_cuda_device()?
+            .get_or_load_custom_func(&kernel, "vpipe_fp8", PTX)?;
+        // Enough blocks to fill the GPU; each thread strides over the rest.
+        let blocks = (n / per_thread).div_ceil(256).clamp(1, 1024) as u32;
+        let (op, n64) = (device_ptr(&out)?, n as i64);
         let mut a = func.builder();
         a.arg(&x);
         a.arg(&offsets);
         a.arg(&inner);
         a.arg(&span);
         a.arg(&op);
-        a.arg(&cols);
-        let cfg = one_block_per_row(rows)?;
-        // SAFETY: the caller's `x` addresses `rows · cols` live elements of `dtype`; `out`
-        // holds `rows` f32; the offsets, when given, cover every index the pairing gives for
-        // them (`ChannelOffsets::for_layout`). The kernel reads and writes only those, on the
+        a.arg(&n64);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's `x` addresses `n` live elements of `dtype` (8-byte aligned in
+        // fours where the `_x4` kernel runs: `in_fours`); `out` holds one f32, zero before;
+        // the offsets, when given, cover every index the pairing gives for them
+        // (`ChannelOffsets::for_layout`). The kernel reads and writes only those, on the
         // device's stream.
         unsafe { a.launch(cfg) }.w()?;
         Ok(out)
@@ -498,16 +532,17 @@ mod cuda_kernels {
                 out.dtype()
             );
         }
-        let n32 = elements_u32(n)?;
         let scales = scales.to_dtype(DType::F32)?.contiguous()?;
         let stride = i32::from(scales.elem_count() != 1);
         let (sp, op) = (device_ptr(&scales)?, device_ptr(out)?);
-        let func = out.device().as_cuda_device()?.get_or_load_custom_func(
-            &name("quantize_fp8", dtype)?,
-            "vpipe_fp8",
-            PTX,
-        )?;
+        let fours = in_fours(x, dtype, (n, cols), offsets) && op.is_multiple_of(4);
         let (offsets, inner, span) = ChannelOffsets::arguments(offsets)?;
+        let (kernel, per_thread) = grouped("quantize_fp8", dtype, fours)?;
+        let threads = elements_u32(n / per_thread)?;
+        let func =
+            out.device()
+                .as_cuda_device()?
+                .get_or_load_custom_func(&kernel, "vpipe_fp8", PTX)?;
         let (n64, cols) = (n as i64, cols as i32);
         let mut a = func.builder();
         a.arg(&x);
@@ -519,10 +554,11 @@ mod cuda_kernels {
         a.arg(&op);
         a.arg(&n64);
         a.arg(&cols);
-        // SAFETY: the caller's `x` addresses `n` live elements of `dtype`; `out` holds at
-        // least `n` bytes (checked); `scales` one f32 per row (stride 1) or one (stride 0);
-        // the offsets, when given, cover every index their pairing gives.
-        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+        // SAFETY: the caller's `x` addresses `n` live elements of `dtype` (aligned for fours
+        // where the `_x4` kernel runs); `out` holds at least `n` bytes (checked); `scales` one
+        // f32 per row (stride 1) or one (stride 0); the offsets, when given, cover every index
+        // their pairing gives.
+        unsafe { a.launch(LaunchConfig::for_num_elems(threads)) }.w()?;
         Ok(())
     }
 
@@ -563,7 +599,6 @@ mod cuda_kernels {
         let rows = n / cols;
         let absmax = absmax_at((ptr, x.dtype()), offsets.as_ref(), x.device(), (rows, cols))?;
         let descale = absmax
-            .max(0)?
             .affine(1.0 / super::FP8_MAX, 0.0)?
             .maximum(super::MIN_SCALE)?
             .reshape(1)?;
@@ -589,13 +624,15 @@ mod cuda_kernels {
             return Ok(());
         }
         let yp = crate::ops::fused::layout_ptr(y)?;
+        let cols = y.dims().last().copied().unwrap_or(1).max(1);
+        let fours = in_fours(yp, y.dtype(), (n, cols), Some(offsets));
         let (op, inner, span) = ChannelOffsets::arguments(Some(offsets))?;
-        let func = y.device().as_cuda_device()?.get_or_load_custom_func(
-            &name("add_offsets", y.dtype())?,
-            "vpipe_fp8",
-            PTX,
-        )?;
-        let (n32, n64) = (elements_u32(n)?, n as i64);
+        let (kernel, per_thread) = grouped("add_offsets", y.dtype(), fours)?;
+        let func =
+            y.device()
+                .as_cuda_device()?
+                .get_or_load_custom_func(&kernel, "vpipe_fp8", PTX)?;
+        let (n32, n64) = (elements_u32(n / per_thread)?, n as i64);
         let mut a = func.builder();
         a.arg(&yp);
         a.arg(&op);
