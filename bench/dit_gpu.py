@@ -122,7 +122,7 @@ def dit_fp8(reps):
          max_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
 
 
-def dit(reps, small=False):
+def dit(reps, small=False, batches=(2, 1)):
     from diffusers import WanTransformer3DModel
 
     cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
@@ -139,7 +139,7 @@ def dit(reps, small=False):
     F, H, W, L = 21, 60, 104, 512
     tokens = F * (H // 2) * (W // 2)
     g = torch.Generator(device=DEV).manual_seed(0)
-    for B in (2, 1):
+    for B in batches:
         hs = torch.randn(B, 16, F, H, W, generator=g, device=DEV).to(torch.bfloat16)
         ehs = torch.randn(B, L, 4096, generator=g, device=DEV).to(torch.bfloat16)
         ts = torch.full((B,), 999.0, device=DEV)
@@ -267,5 +267,8 @@ if __name__ == "__main__":
         width, height = map(int, size.split("x"))
         i2v(reps, width, height)
     else:
-        {"dit": dit, "dit-1.3b": lambda r: dit(r, small=True), "umt5": umt5, "dit-fp8": dit_fp8,
+        # `--batches 2` measures the CFG-batched forward alone.
+        batches = (int(sys.argv[sys.argv.index("--batches") + 1]),) if "--batches" in sys.argv else (2, 1)
+        {"dit": lambda r: dit(r, batches=batches), "dit-1.3b": lambda r: dit(r, small=True, batches=batches),
+         "umt5": umt5, "dit-fp8": dit_fp8,
          "dit-offload": dit_offload}[section](reps)

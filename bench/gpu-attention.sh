@@ -23,8 +23,13 @@
 # float8 attention test and the 14B forward with the float8 attention from main's binaries
 # (.carry/fp8_gpu.xz, dit_bench.xz) and from a candidate branch's (.carry/fp8_gpu_branch.xz,
 # dit_bench_branch.xz), one after the other in one call. With `exact-short`: the 1.3B and the 14B exact at
-# B = 2, each next to diffusers (about 5 minutes).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|fp8-compare|exact-short|all]   (default all: kernel and dit)
+# B = 2, each next to diffusers (about 5 minutes). With `cudnn-wheel`: the float8 attention test
+# on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel; BRANCH=1 adds the branch's
+# test binary), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers. With
+# `fp8-layout`: the float8 values in their own layout and keys-contiguous
+# (VPIPE_FP8_VALUES_LAYOUT=keys-inner), the attention test and the 14B forward with each, next
+# to diffusers, then the 1.3B exact next to diffusers' (about 8 minutes).
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|fp8-compare|cudnn-wheel|fp8-layout|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -143,6 +148,60 @@ PY
         --reps 2 --batches 2 | sed "s/^/vpipe$build 14b fp8 exact /"
       [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
     done
+    date -u
+  fi
+  if [ "$PART" = cudnn-wheel ]; then
+    # The same binaries on the system's libcudnn and on the one PyTorch ships (the
+    # nvidia-cudnn wheel): which cuDNN the attention runs on, and what each costs.
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    WHEEL=$(python3 -c "import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], 'lib'))")
+    mkdir -p /tmp/cudnn-wheel && ln -sf "$WHEEL/libcudnn.so.9" /tmp/cudnn-wheel/libcudnn.so
+    ls "$WHEEL"; python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+    for lib in system wheel; do
+      [ $lib = wheel ] && export LD_LIBRARY_PATH=/tmp/cudnn-wheel:$WHEEL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      for build in "" ${BRANCH:+_branch}; do
+        echo "=== fp8_gpu$build, $lib cuDNN"
+        LD_DEBUG=libs timeout 90 "$(unpack fp8_gpu$build)" fp8_attention --nocapture --test-threads 1 2>&1 \
+          | grep -E "^test |test result|panicked|calling init: .*libcudnn.so|fp8 attention|bf16 attention|self-attention"
+        [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+      done
+    done
+    B=$(unpack dit_bench)
+    for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do
+      set -- $run
+      echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products, wheel cuDNN"
+      timeout 150 "$B" --preset wan2.1-t2v-14b --attention $1 --matmul $2 --reps 2 --batches 2 \
+        | sed "s/^/vpipe 14b $1 $2 /"
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+    done
+    timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    date -u
+  fi
+  if [ "$PART" = fp8-layout ]; then
+    # The float8 values in their own layout against keys-contiguous ([B, H, D, L]): the
+    # attention test with each, then the 14B at B = 2 exact, with both float8 paths in each
+    # layout, next to diffusers' 14B; then the 1.3B exact next to diffusers' 1.3B.
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    T=$(unpack fp8_gpu); B=$(unpack dit_bench)
+    for layout in own keys-inner; do
+      echo "=== fp8_gpu, values $layout"
+      VPIPE_FP8_VALUES_LAYOUT=$layout timeout 90 "$T" fp8_attention --nocapture --test-threads 1 2>&1 \
+        | grep -E "^test |test result|panicked|fp8 attention|bf16 attention|self-attention|Error|error"
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+    done
+    for run in "cudnn exact own" "fp8 fp8 own" "fp8 fp8 keys-inner"; do
+      set -- $run
+      echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products, values $3"
+      VPIPE_FP8_VALUES_LAYOUT=$3 timeout 120 "$B" --preset wan2.1-t2v-14b --attention $1 --matmul $2 \
+        --reps 2 --batches 2 | sed "s/^/vpipe 14b $1 $2 $3 /"
+      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+    done
+    timeout 100 python3 bench/dit_gpu.py dit --reps 2 --batches 2 | sed 's/^/diffusers /'
+    echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
+    timeout 50 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
+    timeout 60 python3 bench/dit_gpu.py dit-1.3b --reps 2 --batches 2 | sed 's/^/diffusers /'
     date -u
   fi
   if [ "$PART" = fp8-short ]; then
