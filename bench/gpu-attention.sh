@@ -19,17 +19,14 @@
 # With `fp8-short`: the float8 rows that fit a short call (the tests, the 14B exact and float8,
 # the 1.3B exact, each next to diffusers). With `fp8-centred`: the float8 and device-merge
 # GPU tests, then the 14B at B = 2 exact, with the float8 attention alone and with both float8
-# paths (each with its error against exact), next to diffusers' 14B. With `fp8-compare`: the
-# float8 attention test and the 14B forward with the float8 attention from main's binaries
-# (.carry/fp8_gpu.xz, dit_bench.xz) and from a candidate branch's (.carry/fp8_gpu_branch.xz,
-# dit_bench_branch.xz), one after the other in one call. With `exact-short`: the 1.3B and the 14B exact at
+# paths (each with its error against exact), next to diffusers' 14B. With `exact-short`: the 1.3B and the 14B exact at
 # B = 2, each next to diffusers (about 5 minutes). With `cudnn-wheel`: the float8 attention test
-# on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel; BRANCH=1 adds the branch's
-# test binary), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers. With
+# on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers. With
 # `fp8-layout`: the float8 values in their own layout and keys-contiguous
 # (VPIPE_FP8_VALUES_LAYOUT=keys-inner), the attention test and the 14B forward with each, next
-# to diffusers, then the 1.3B exact next to diffusers' (about 8 minutes).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|fp8-compare|cudnn-wheel|fp8-layout|exact-short|all]   (default all: kernel and dit)
+# to diffusers, then the 1.3B exact next to diffusers' (about 8 minutes; SHORT=1 leaves out the
+# exact 14B and the 1.3B: about 4 minutes).
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|cudnn-wheel|fp8-layout|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -41,6 +38,12 @@ diffusers_dits() {  # the reference: diffusers' 14B and 1.3B forwards, same call
   timeout 200 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
   echo "=== diffusers 1.3B"
   timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
+}
+vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_bench ($B)
+  echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products${3:+, $3}"
+  timeout "${T14:-150}" "$B" --preset wan2.1-t2v-14b --attention "$1" --matmul "$2" --reps 2 \
+    --batches 2 | sed "s/^/vpipe 14b $1 $2 ${3:+$3 }/"
+  [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
 }
 {
   if [ "$PART" = kernel ] || [ "$PART" = all ]; then
@@ -126,28 +129,8 @@ PY
     timeout 150 "$(unpack fp8_gpu)" --nocapture --test-threads 1 2>&1 \
       | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|bf16 attention|self-attention|linear rows"
     B=$(unpack dit_bench)
-    for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do
-      set -- $run
-      echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products"
-      timeout 150 "$B" --preset wan2.1-t2v-14b --attention $1 --matmul $2 --reps 2 --batches 2 \
-        | sed "s/^/vpipe 14b $1 $2 /"
-    done
+    for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do vpipe_14b $run; done
     timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
-    date -u
-  fi
-  if [ "$PART" = fp8-compare ]; then
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    date -u
-    for build in "" _branch; do
-      echo "=== fp8_gpu$build"
-      timeout 90 "$(unpack fp8_gpu$build)" fp8_attention --nocapture --test-threads 1 2>&1 \
-        | grep -E "^test |test result|panicked|fp8 attention|bf16 attention|self-attention"
-      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-      echo "=== dit_bench$build wan2.1-t2v-14b, fp8 attention, exact products"
-      timeout 120 "$(unpack dit_bench$build)" --preset wan2.1-t2v-14b --attention fp8 --matmul exact \
-        --reps 2 --batches 2 | sed "s/^/vpipe$build 14b fp8 exact /"
-      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-    done
     date -u
   fi
   if [ "$PART" = cudnn-wheel ]; then
@@ -160,21 +143,13 @@ PY
     ls "$WHEEL"; python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
     for lib in system wheel; do
       [ $lib = wheel ] && export LD_LIBRARY_PATH=/tmp/cudnn-wheel:$WHEEL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-      for build in "" ${BRANCH:+_branch}; do
-        echo "=== fp8_gpu$build, $lib cuDNN"
-        LD_DEBUG=libs timeout 90 "$(unpack fp8_gpu$build)" fp8_attention --nocapture --test-threads 1 2>&1 \
-          | grep -E "^test |test result|panicked|calling init: .*libcudnn.so|fp8 attention|bf16 attention|self-attention"
-        [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-      done
-    done
-    B=$(unpack dit_bench)
-    for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do
-      set -- $run
-      echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products, wheel cuDNN"
-      timeout 150 "$B" --preset wan2.1-t2v-14b --attention $1 --matmul $2 --reps 2 --batches 2 \
-        | sed "s/^/vpipe 14b $1 $2 /"
+      echo "=== fp8_gpu, $lib cuDNN"
+      LD_DEBUG=libs timeout 90 "$(unpack fp8_gpu)" fp8_attention --nocapture --test-threads 1 2>&1 \
+        | grep -E "^test |test result|panicked|calling init: .*libcudnn.so|fp8 attention|bf16 attention|self-attention"
       [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
     done
+    B=$(unpack dit_bench)
+    for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do vpipe_14b $run "wheel cuDNN"; done
     timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
     date -u
   fi
@@ -191,17 +166,18 @@ PY
         | grep -E "^test |test result|panicked|fp8 attention|bf16 attention|self-attention|Error|error"
       [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
     done
-    for run in "cudnn exact own" "fp8 fp8 own" "fp8 fp8 keys-inner"; do
+    RUNS=("fp8 fp8 own" "fp8 fp8 keys-inner")
+    [ "${SHORT:-0}" = 1 ] || RUNS=("cudnn exact own" "${RUNS[@]}")
+    for run in "${RUNS[@]}"; do
       set -- $run
-      echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products, values $3"
-      VPIPE_FP8_VALUES_LAYOUT=$3 timeout 120 "$B" --preset wan2.1-t2v-14b --attention $1 --matmul $2 \
-        --reps 2 --batches 2 | sed "s/^/vpipe 14b $1 $2 $3 /"
-      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+      VPIPE_FP8_VALUES_LAYOUT=$3 T14=120 vpipe_14b $1 $2 "values $3"
     done
     timeout 100 python3 bench/dit_gpu.py dit --reps 2 --batches 2 | sed 's/^/diffusers /'
-    echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
-    timeout 50 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
-    timeout 60 python3 bench/dit_gpu.py dit-1.3b --reps 2 --batches 2 | sed 's/^/diffusers /'
+    if [ "${SHORT:-0}" != 1 ]; then
+      echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
+      timeout 50 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
+      timeout 60 python3 bench/dit_gpu.py dit-1.3b --reps 2 --batches 2 | sed 's/^/diffusers /'
+    fi
     date -u
   fi
   if [ "$PART" = fp8-short ]; then
