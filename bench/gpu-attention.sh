@@ -21,12 +21,8 @@
 # GPU tests, then the 14B at B = 2 exact, with the float8 attention alone and with both float8
 # paths (each with its error against exact), next to diffusers' 14B. With `exact-short`: the 1.3B and the 14B exact at
 # B = 2, each next to diffusers (about 5 minutes). With `cudnn-wheel`: the float8 attention test
-# on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers. With
-# `fp8-layout`: the float8 values in their own layout and keys-contiguous
-# (VPIPE_FP8_VALUES_LAYOUT=keys-inner), the attention test and the 14B forward with each, next
-# to diffusers, then the 1.3B exact next to diffusers' (about 8 minutes; SHORT=1 leaves out the
-# exact 14B and the 1.3B: about 4 minutes).
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|cudnn-wheel|fp8-layout|exact-short|all]   (default all: kernel and dit)
+# on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers.
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-centred|cudnn-wheel|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -151,33 +147,6 @@ PY
     B=$(unpack dit_bench)
     for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do vpipe_14b $run "wheel cuDNN"; done
     timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
-    date -u
-  fi
-  if [ "$PART" = fp8-layout ]; then
-    # The float8 values in their own layout against keys-contiguous ([B, H, D, L]): the
-    # attention test with each, then the 14B at B = 2 exact, with both float8 paths in each
-    # layout, next to diffusers' 14B; then the 1.3B exact next to diffusers' 1.3B.
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    date -u
-    T=$(unpack fp8_gpu); B=$(unpack dit_bench)
-    for layout in own keys-inner; do
-      echo "=== fp8_gpu, values $layout"
-      VPIPE_FP8_VALUES_LAYOUT=$layout timeout 90 "$T" fp8_attention --nocapture --test-threads 1 2>&1 \
-        | grep -E "^test |test result|panicked|fp8 attention|bf16 attention|self-attention|Error|error"
-      [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-    done
-    RUNS=("fp8 fp8 own" "fp8 fp8 keys-inner")
-    [ "${SHORT:-0}" = 1 ] || RUNS=("cudnn exact own" "${RUNS[@]}")
-    for run in "${RUNS[@]}"; do
-      set -- $run
-      VPIPE_FP8_VALUES_LAYOUT=$3 T14=120 vpipe_14b $1 $2 "values $3"
-    done
-    timeout 100 python3 bench/dit_gpu.py dit --reps 2 --batches 2 | sed 's/^/diffusers /'
-    if [ "${SHORT:-0}" != 1 ]; then
-      echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
-      timeout 50 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
-      timeout 60 python3 bench/dit_gpu.py dit-1.3b --reps 2 --batches 2 | sed 's/^/diffusers /'
-    fi
     date -u
   fi
   if [ "$PART" = fp8-short ]; then

@@ -12,10 +12,6 @@
 //   on the attention's output).
 // - scale_bias_act: y = act(y · row_scale · column_scale + bias) in place on the product's
 //   output; f32 arithmetic, act = identity or GELU(tanh).
-// - quantize_fp8_keys_inner: attention's values [B, H, L, D] (D contiguous, any other strides)
-//   less their channel means, over one scale, into e4m3 laid out [B, H, D, L'] (the keys
-//   contiguous, L' = L rounded up to 16): the layout Hopper's float8 matrix product takes its
-//   second operand in, through a 32 x 32 tile in shared memory.
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -131,34 +127,6 @@ __device__ void add_offsets_groups(T* y, const float* offsets, long long inner, 
 }
 
 template <typename T>
-__device__ void quantize_fp8_keys_inner(const T* x, long long batch_stride, long long head_stride,
-                                        long long key_stride, const float* means,
-                                        const float* scale, __nv_fp8_e4m3* y, int heads,
-                                        int keys, int dims, int keys_padded) {
-  __shared__ float tile[32][33];
-  int bh = blockIdx.z, b = bh / heads, h = bh % heads;
-  int l0 = blockIdx.x * 32, d0 = blockIdx.y * 32;
-  const T* xs = x + b * batch_stride + h * head_stride;
-  const float* mean = means + (long long)bh * dims;
-  int d = d0 + threadIdx.x;
-  for (int r = threadIdx.y; r < 32; r += blockDim.y) {
-    int l = l0 + r;
-    if (l < keys && d < dims) tile[r][threadIdx.x] = to_f32(xs[l * key_stride + d]) - mean[d];
-  }
-  __syncthreads();
-  float s = scale[0];
-  int l = l0 + threadIdx.x;
-  for (int r = threadIdx.y; r < 32; r += blockDim.y) {
-    int dd = d0 + r;
-    if (l < keys && dd < dims) {
-      float q = tile[threadIdx.x][r] / s;
-      y[((long long)bh * dims + dd) * keys_padded + l] =
-          __nv_fp8_e4m3(fminf(fmaxf(q, -FP8_MAX), FP8_MAX));
-    }
-  }
-}
-
-template <typename T>
 __device__ void scale_bias_act(T* y, const float* row_scales, const float* column_scales,
                                int column_stride, const T* bias, long long n, int cols,
                                int gelu) {
@@ -211,13 +179,6 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
                                                      long long inner, long long span,         \
                                                      long long n) {                           \
     add_offsets_groups<T, 4>(y, offsets, inner, span, n);                                      \
-  }                                                                                            \
-  extern "C" __global__ void quantize_fp8_keys_inner_##SUFFIX(                                \
-      const T* x, long long batch_stride, long long head_stride, long long key_stride,         \
-      const float* means, const float* scale, __nv_fp8_e4m3* y, int heads, int keys, int dims, \
-      int keys_padded) {                                                                       \
-    quantize_fp8_keys_inner<T>(x, batch_stride, head_stride, key_stride, means, scale, y,      \
-                               heads, keys, dims, keys_padded);                                \
   }
 extern "C" __global__ void absmax_all_f32(const float* x, const float* offsets, long long inner,
                                           long long span, float* out, long long n) {

@@ -103,11 +103,6 @@ pub fn cudnn_version() -> usize {
     result::get_version()
 }
 
-/// `keys-inner` lays the float8 values out [B, H, D, L] (the keys contiguous) for cuDNN's
-/// float8 attention instead of in the values' own layout: an experiment, to measure which
-/// layout cuDNN's Hopper kernel reads faster.
-const VALUES_LAYOUT_ENV: &str = "VPIPE_FP8_VALUES_LAYOUT";
-
 /// The first cuDNN with the native SDPA operation, as cuDNN's frontend gates it.
 const NATIVE_MIN_VERSION: usize = 91301;
 /// Reductions take a determinism flag from cuDNN 9.11 on (the frontend sets it from then on).
@@ -1328,15 +1323,7 @@ impl Fp8KeysValues {
             Ok((crate::ops::fp8::quantize_per_tensor(x, Some(&mean))?, mean))
         };
         let (k, _) = quantize(k)?;
-        let (v, v_mean) = if std::env::var(VALUES_LAYOUT_ENV).as_deref() == Ok("keys-inner") {
-            let mean = mean_over_keys(v)?;
-            (
-                crate::ops::fp8::quantize_per_tensor_keys_inner(v, &mean)?,
-                mean,
-            )
-        } else {
-            quantize(v)?
-        };
+        let (v, v_mean) = quantize(v)?;
         Ok(Self { k, v, v_mean })
     }
 }
@@ -1399,11 +1386,8 @@ pub fn sdpa_fp8_with(
         let strides: [usize; 4] = strides
             .try_into()
             .map_err(|s| error(format!("float8 operand strides {s:?}")))?;
-        // One-byte elements: every stride but the contiguous axis's 16-byte aligned.
-        if strides
-            .iter()
-            .any(|&s| s != 1 && !s.is_multiple_of(ALIGN_BYTES))
-        {
+        // One-byte elements: every stride of a dimension past 1 16-byte aligned.
+        if strides[..3].iter().any(|s| !s.is_multiple_of(ALIGN_BYTES)) {
             return Err(error(format!(
                 "float8 operand strides {strides:?} are not multiples of {ALIGN_BYTES}"
             )));

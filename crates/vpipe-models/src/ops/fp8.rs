@@ -228,9 +228,7 @@ fn quantize_per_row(x: &Tensor, padded_rows: usize) -> candle_core::Result<(Tens
 #[cfg(all(feature = "cuda", feature = "bench-hooks"))]
 pub use cuda_kernels::set_scales_in_product;
 #[cfg(feature = "cuda")]
-pub(crate) use cuda_kernels::{
-    add_channel_offsets, quantize_per_tensor, quantize_per_tensor_keys_inner, ChannelOffsets,
-};
+pub(crate) use cuda_kernels::{add_channel_offsets, quantize_per_tensor, ChannelOffsets};
 
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
@@ -577,148 +575,42 @@ mod cuda_kernels {
         x: &Tensor,
         mean: Option<&Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor, Vec<usize>)> {
-        let whole = OneScale::of(x, mean)?;
-        let out = Tensor::zeros(whole.n, DType::F8E4M3, whole.x.device())?;
+        let mut x = if fills_its_span(x) {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        let offsets = match mean {
+            None => None,
+            Some(mean) => match ChannelOffsets::for_layout(mean, &x)? {
+                Some(offsets) => Some(offsets),
+                None => {
+                    x = x.contiguous()?;
+                    ChannelOffsets::for_layout(mean, &x)?
+                }
+            },
+        };
+        let n = x.elem_count();
+        let cols = x.dims().last().copied().unwrap_or(1).max(1);
+        if n % cols != 0 {
+            candle_core::bail!("fp8 quantize: {n} elements in rows of {cols}");
+        }
+        let ptr = crate::ops::fused::layout_ptr(&x)?;
+        let rows = n / cols;
+        let absmax = absmax_at((ptr, x.dtype()), offsets.as_ref(), x.device(), (rows, cols))?;
+        let descale = absmax
+            .affine(1.0 / super::FP8_MAX, 0.0)?
+            .maximum(super::MIN_SCALE)?
+            .reshape(1)?;
+        let out = Tensor::zeros(n, DType::F8E4M3, x.device())?;
         quantize_at(
-            (whole.ptr, whole.x.dtype()),
-            &whole.descale,
-            whole.offsets.as_ref(),
+            (ptr, x.dtype()),
+            &descale,
+            offsets.as_ref(),
             &out,
-            (whole.n / whole.cols, whole.cols),
+            (rows, cols),
         )?;
-        Ok((out, whole.descale, whole.x.layout().stride().to_vec()))
-    }
-
-    /// Attention's values `x` [B, H, L, D] less their `mean` [B, 1, H, D] in float8 with one
-    /// scale, as [`quantize_per_tensor`] quantises them, but laid out [B, H, D, L'] with the
-    /// keys contiguous (L' = L rounded up to 16 elements, the padding zeros): the operand
-    /// layout Hopper's float8 products read without transposing. Returns the float8 bytes,
-    /// the descale and the [B, H, L, D] strides of the new layout.
-    pub(crate) fn quantize_per_tensor_keys_inner(
-        x: &Tensor,
-        mean: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, Vec<usize>)> {
-        let (b, h, l, d) = x.dims4()?;
-        let whole = OneScale::of(x, Some(mean))?;
-        let x = &whole.x;
-        let stride = x.layout().stride();
-        if stride[3] != 1 {
-            candle_core::bail!("fp8 values: channels not contiguous (strides {stride:?})");
-        }
-        let padded = l.next_multiple_of(16);
-        let out = Tensor::zeros(b * h * d * padded, DType::F8E4M3, x.device())?;
-        if l == 0 || d == 0 || b * h == 0 {
-            return Ok((
-                out,
-                whole.descale,
-                vec![h * d * padded, d * padded, 1, padded],
-            ));
-        }
-        let means = mean.to_dtype(DType::F32)?.contiguous()?;
-        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
-            &name("quantize_fp8_keys_inner", x.dtype())?,
-            "vpipe_fp8",
-            PTX,
-        )?;
-        let int = |n: usize| {
-            i32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("fp8 values: {n}")))
-        };
-        let (heads, keys, dims, keys_padded) = (int(h)?, int(l)?, int(d)?, int(padded)?);
-        let [batch_stride, head_stride, key_stride] =
-            [stride[0], stride[1], stride[2]].map(|s| s as i64);
-        let (mp, sp, op) = (
-            device_ptr(&means)?,
-            device_ptr(&whole.descale)?,
-            device_ptr(&out)?,
-        );
-        let mut a = func.builder();
-        a.arg(&whole.ptr);
-        a.arg(&batch_stride);
-        a.arg(&head_stride);
-        a.arg(&key_stride);
-        a.arg(&mp);
-        a.arg(&sp);
-        a.arg(&op);
-        a.arg(&heads);
-        a.arg(&keys);
-        a.arg(&dims);
-        a.arg(&keys_padded);
-        let tiles = |n: usize| u32::try_from(n.div_ceil(32)).map_err(candle_core::Error::wrap);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                tiles(l)?,
-                tiles(d)?,
-                u32::try_from(b * h).map_err(candle_core::Error::wrap)?,
-            ),
-            block_dim: (32, 8, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: `x`'s elements lie at `ptr + b·batch_stride + h·head_stride + l·key_stride
-        // + d` for indices within its dims (its layout, D contiguous, checked); `means` holds
-        // B·H·D f32 (OneScale::of checked the count), `descale` one f32, `out` B·H·D·L' bytes,
-        // of which the kernel writes only indices within the dims.
-        unsafe { a.launch(cfg) }.w()?;
-        Ok((
-            out,
-            whole.descale,
-            vec![h * d * padded, d * padded, 1, padded],
-        ))
-    }
-
-    /// A tensor ready to quantise with one scale over all of it: `x` (made contiguous where
-    /// its elements do not fill their span, or where the offsets cannot pair with its
-    /// layout), its channel offsets and the descale (the largest |x − offset| over 448).
-    struct OneScale {
-        x: Tensor,
-        ptr: u64,
-        offsets: Option<ChannelOffsets>,
-        descale: Tensor,
-        n: usize,
-        cols: usize,
-    }
-
-    impl OneScale {
-        fn of(x: &Tensor, mean: Option<&Tensor>) -> candle_core::Result<Self> {
-            let mut x = if fills_its_span(x) {
-                x.clone()
-            } else {
-                x.contiguous()?
-            };
-            let offsets = match mean {
-                None => None,
-                Some(mean) => match ChannelOffsets::for_layout(mean, &x)? {
-                    Some(offsets) => Some(offsets),
-                    None => {
-                        x = x.contiguous()?;
-                        ChannelOffsets::for_layout(mean, &x)?
-                    }
-                },
-            };
-            let n = x.elem_count();
-            let cols = x.dims().last().copied().unwrap_or(1).max(1);
-            if n % cols != 0 {
-                candle_core::bail!("fp8 quantize: {n} elements in rows of {cols}");
-            }
-            let ptr = crate::ops::fused::layout_ptr(&x)?;
-            let absmax = absmax_at(
-                (ptr, x.dtype()),
-                offsets.as_ref(),
-                x.device(),
-                (n / cols, cols),
-            )?;
-            let descale = absmax
-                .affine(1.0 / super::FP8_MAX, 0.0)?
-                .maximum(super::MIN_SCALE)?
-                .reshape(1)?;
-            Ok(Self {
-                x,
-                ptr,
-                offsets,
-                descale,
-                n,
-                cols,
-            })
-        }
+        Ok((out, descale, x.layout().stride().to_vec()))
     }
 
     /// `y ← y + offset` per channel, in place (see [`ChannelOffsets`]; `y` a fresh tensor the
