@@ -786,53 +786,42 @@ struct MeasuredRates {
     other_fp8: Option<f64>,
 }
 
-/// The H200: cuDNN's fused attention (2026-12-05) and vpipe's fused kernel (2026-12-04); the
-/// rest with exact products. Its float8 paths are not measured there yet.
+/// The H200 (BENCHMARKS.md, 2026-12-05 19:34 UTC, one call, unless said): in the 14B's forward
+/// at B = 2 a self-attention layer of cuDNN's exact attention 0.0789 s; the float8 attention's
+/// layer alone 0.0600 s (q, k and v quantised and centred in the call); vpipe's fused kernel's
+/// layer 0.146 s (2026-12-05 04:25); the rest of the forward 2.787 s with exact products
+/// (5.942 − 40 · 0.0789) and 1.908 s with float8 ones (4.951 − 40 · 0.0761).
 const H200_RATES: MeasuredRates = MeasuredRates {
     card: "an H200",
     cudnn_attention: Some(557e12),
-    fused_attention: Some(307e12),
-    fp8_attention: None,
-    other_exact: Some(480e12),
-    other_fp8: None,
-};
-
-/// The H100 (2026-12-05, 18:05 UTC, one call): in the 14B's forward at B = 2 a self-attention
-/// layer of cuDNN's exact attention 0.0785 s and of its float8 one (keys and values centred)
-/// 0.0761 s; the rest of the forward 2.89 s with exact products (6.025 − 40 · 0.0785) and
-/// 2.10 s with float8 ones (5.146 − 40 · 0.0761).
-const H100_RATES: MeasuredRates = MeasuredRates {
-    card: "an H100",
-    cudnn_attention: Some(560e12),
-    fused_attention: None,
-    fp8_attention: Some(578e12),
-    other_exact: Some(554e12),
-    other_fp8: Some(760e12),
+    fused_attention: Some(301e12),
+    fp8_attention: Some(733e12),
+    other_exact: Some(573e12),
+    other_fp8: Some(837e12),
 };
 
 /// **Estimated** seconds of one forward with the attention `kernel` and the blocks' products
 /// in `matmul`, from its FLOPs (see [`dit_forward_flops`]) at the rates measured on a card,
-/// with the card's name: the H200's where it measured both, else the H100's; `None` where
-/// neither did (the chunked path, vpipe's kernel with float8 products).
+/// with the card's name; `None` where the card measured no rate for the kernel (the chunked
+/// path).
 pub(crate) fn measured_forward_seconds(
     (total, self_attention): (f64, f64),
     kernel: AttentionKernel,
     matmul: MatmulPrecision,
 ) -> Option<(f64, &'static str)> {
-    [H200_RATES, H100_RATES].into_iter().find_map(|rates| {
-        let attention = match kernel {
-            AttentionKernel::Cudnn => rates.cudnn_attention,
-            AttentionKernel::Fused => rates.fused_attention,
-            AttentionKernel::CudnnFp8 => rates.fp8_attention,
-            AttentionKernel::Chunked => None,
-        }?;
-        let other = match matmul {
-            MatmulPrecision::Exact => rates.other_exact,
-            MatmulPrecision::Fp8 => rates.other_fp8,
-        }?;
-        let seconds = self_attention / attention + (total - self_attention) / other;
-        Some((seconds, rates.card))
-    })
+    let rates = H200_RATES;
+    let attention = match kernel {
+        AttentionKernel::Cudnn => rates.cudnn_attention,
+        AttentionKernel::Fused => rates.fused_attention,
+        AttentionKernel::CudnnFp8 => rates.fp8_attention,
+        AttentionKernel::Chunked => None,
+    }?;
+    let other = match matmul {
+        MatmulPrecision::Exact => rates.other_exact,
+        MatmulPrecision::Fp8 => rates.other_fp8,
+    }?;
+    let seconds = self_attention / attention + (total - self_attention) / other;
+    Some((seconds, rates.card))
 }
 
 /// The sizes a plan needs, from files or a preset.
@@ -2033,33 +2022,37 @@ mod tests {
     #[test]
     fn a_14b_step_is_the_work_the_cards_measured() {
         use super::MatmulPrecision::{Exact, Fp8};
-        // 14B, 832x480x81 (32 760 tokens), CFG batched, one forward: on the H200 9.03 s with
-        // the fused kernel (2026-12-04), 6.39 s with cuDNN's attention (2026-12-05); on the
-        // H100 (2026-12-05, the float8 paths) 5.269 s with float8 products (15:00), 5.871 s
-        // with float8 attention (keys and values centred), 5.146 s with both (18:05).
+        // 14B, 832x480x81 (32 760 tokens), CFG batched, one forward on the H200 (2026-12-05,
+        // 19:34 UTC): the rest of the forward 2.787 s with exact products and 1.908 s with
+        // float8 ones, plus 40 self-attention layers of 0.0789 s (cuDNN's, in the forward:
+        // 5.942 s measured whole), 0.146 s (vpipe's kernel, 04:25) or 0.0600 s (float8, the
+        // layer alone).
         let dit = DitConfig::wan21_t2v_14b();
         let flops = dit_forward_flops(&dit, 32_760, 2);
         assert!((flops.0 / 1e15 - 3.356).abs() < 0.01, "{flops:?}");
         assert!((flops.1 / flops.0 - 0.524).abs() < 0.01, "{flops:?}");
-        for (kernel, matmul, measured, card) in [
-            (AttentionKernel::Fused, Exact, 9.03, "an H200"),
-            (AttentionKernel::Cudnn, Exact, 6.39, "an H200"),
-            (AttentionKernel::Cudnn, Fp8, 5.269, "an H100"),
-            (AttentionKernel::CudnnFp8, Exact, 5.871, "an H100"),
-            (AttentionKernel::CudnnFp8, Fp8, 5.146, "an H100"),
+        for (kernel, layer) in [
+            (AttentionKernel::Cudnn, 0.0789),
+            (AttentionKernel::Fused, 0.146),
+            (AttentionKernel::CudnnFp8, 0.0600),
         ] {
-            let (seconds, on) = measured_forward_seconds(flops, kernel, matmul).unwrap();
-            assert_eq!(on, card, "{kernel:?} {matmul:?}");
-            assert!(
-                (seconds - measured).abs() / measured < 0.05,
-                "{kernel:?} {matmul:?}: {seconds}"
-            );
+            for (matmul, rest) in [(Exact, 2.787), (Fp8, 1.908)] {
+                let measured = rest + 40.0 * layer;
+                let (seconds, on) = measured_forward_seconds(flops, kernel, matmul).unwrap();
+                assert_eq!(on, "an H200", "{kernel:?} {matmul:?}");
+                assert!(
+                    (seconds - measured).abs() / measured < 0.01,
+                    "{kernel:?} {matmul:?}: {seconds} against {measured}"
+                );
+            }
         }
-        for (kernel, matmul) in [
-            (AttentionKernel::Chunked, Exact),
-            (AttentionKernel::Fused, Fp8),
-        ] {
-            assert_eq!(measured_forward_seconds(flops, kernel, matmul), None);
+        let (whole, _) = measured_forward_seconds(flops, AttentionKernel::Cudnn, Exact).unwrap();
+        assert!((whole - 5.942).abs() / 5.942 < 0.01, "{whole}");
+        for matmul in [Exact, Fp8] {
+            assert_eq!(
+                measured_forward_seconds(flops, AttentionKernel::Chunked, matmul),
+                None
+            );
         }
         // At CFG 1 one sample: half the work.
         let single = dit_forward_flops(&dit, 32_760, 1);
