@@ -144,6 +144,11 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
                                                     __nv_fp8_e4m3* y, int cols) {             \
     quantize_rows<T>(x, scales, y, cols);                                                      \
   }                                                                                            \
+  extern "C" __global__ void absmax_all_##SUFFIX(const T* x, const float* offsets,            \
+                                                 long long inner, long long span, float* out, \
+                                                 long long n) {                               \
+    absmax_all<T, 1>(x, offsets, inner, span, out, n);                                         \
+  }                                                                                            \
   extern "C" __global__ void quantize_fp8_##SUFFIX(                                           \
       const T* x, const float* scales, int scale_stride, const float* offsets,                 \
       long long inner, long long span, __nv_fp8_e4m3* y, long long n, int cols) {              \
@@ -160,11 +165,6 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
   }
 // Four 16-bit elements a thread (8-byte accesses; the caller checks the alignment).
 #define FP8_GROUP_KERNELS(SUFFIX, T)                                                           \
-  extern "C" __global__ void absmax_all_##SUFFIX(const T* x, const float* offsets,            \
-                                                 long long inner, long long span, float* out, \
-                                                 long long n) {                               \
-    absmax_all<T, 1>(x, offsets, inner, span, out, n);                                         \
-  }                                                                                            \
   extern "C" __global__ void absmax_all_x4_##SUFFIX(const T* x, const float* offsets,         \
                                                     long long inner, long long span,          \
                                                     float* out, long long n) {                \
@@ -180,10 +180,6 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
                                                      long long n) {                           \
     add_offsets_groups<T, 4>(y, offsets, inner, span, n);                                      \
   }
-extern "C" __global__ void absmax_all_f32(const float* x, const float* offsets, long long inner,
-                                          long long span, float* out, long long n) {
-  absmax_all<float, 1>(x, offsets, inner, span, out, n);
-}
 FP8_GROUP_KERNELS(bf16, __nv_bfloat16)
 FP8_GROUP_KERNELS(f16, __half)
 FP8_KERNELS(f32, float)
