@@ -779,11 +779,11 @@ pub(crate) fn dit_forward_flops(dit: &DitConfig, tokens: usize, samples: usize) 
 /// the forward with exact and with float8 products.
 struct MeasuredRates {
     card: &'static str,
-    cudnn_attention: Option<f64>,
-    fused_attention: Option<f64>,
-    fp8_attention: Option<f64>,
-    other_exact: Option<f64>,
-    other_fp8: Option<f64>,
+    cudnn_attention: f64,
+    fused_attention: f64,
+    fp8_attention: f64,
+    other_exact: f64,
+    other_fp8: f64,
 }
 
 /// The H200 (BENCHMARKS.md, 2026-12-05 19:34 UTC, one call, unless said): in the 14B's forward
@@ -793,11 +793,11 @@ struct MeasuredRates {
 /// (5.942 − 40 · 0.0789) and 1.908 s with float8 ones (4.951 − 40 · 0.0761).
 const H200_RATES: MeasuredRates = MeasuredRates {
     card: "an H200",
-    cudnn_attention: Some(557e12),
-    fused_attention: Some(301e12),
-    fp8_attention: Some(733e12),
-    other_exact: Some(573e12),
-    other_fp8: Some(837e12),
+    cudnn_attention: 557e12,
+    fused_attention: 301e12,
+    fp8_attention: 733e12,
+    other_exact: 573e12,
+    other_fp8: 837e12,
 };
 
 /// **Estimated** seconds of one forward with the attention `kernel` and the blocks' products
@@ -814,12 +814,12 @@ pub(crate) fn measured_forward_seconds(
         AttentionKernel::Cudnn => rates.cudnn_attention,
         AttentionKernel::Fused => rates.fused_attention,
         AttentionKernel::CudnnFp8 => rates.fp8_attention,
-        AttentionKernel::Chunked => None,
-    }?;
+        AttentionKernel::Chunked => return None,
+    };
     let other = match matmul {
         MatmulPrecision::Exact => rates.other_exact,
         MatmulPrecision::Fp8 => rates.other_fp8,
-    }?;
+    };
     let seconds = self_attention / attention + (total - self_attention) / other;
     Some((seconds, rates.card))
 }
