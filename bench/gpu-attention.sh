@@ -38,7 +38,7 @@ diffusers_dits() {  # the reference: diffusers' 14B and 1.3B forwards, same call
 vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_bench ($B)
   echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products${3:+, $3}"
   timeout "${T14:-150}" "$B" --preset wan2.1-t2v-14b --attention "$1" --matmul "$2" --reps 2 \
-    --batches 2 | sed "s/^/vpipe 14b $1 $2 ${3:+$3 }/"
+    --batches 2 ${FP8_SCALES:+--fp8-scales $FP8_SCALES} | sed "s/^/vpipe 14b $1 $2 ${3:+$3 }/"
   [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
 }
 {
@@ -147,6 +147,32 @@ PY
     B=$(unpack dit_bench)
     for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do vpipe_14b $run "wheel cuDNN"; done
     timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    date -u
+  fi
+  if [ "$PART" = fp8-pass ]; then
+    # The float8 products' scales in vpipe's pass after an unscaled product (the default)
+    # against cuBLASLt's epilogue: the float8 GPU tests (both, with the FFN product's times and
+    # PyTorch's float8 products at the 14B's shapes), the 14B at B = 2 with both float8 paths
+    # each way next to diffusers' 14B, then Nsight Compute's kernel times of two blocks of the
+    # float8 forward (where its time goes). About 6 minutes.
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    timeout 60 python3 bench/fp8_products_torch.py | sed 's/^/torch /'
+    timeout 150 "$(unpack fp8_gpu)" --nocapture --test-threads 1 2>&1 \
+      | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|bf16 attention|self-attention|linear rows"
+    [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+    B=$(unpack dit_bench)
+    T14=120 vpipe_14b fp8 fp8 "scales pass"
+    FP8_SCALES=epilogue T14=120 vpipe_14b fp8 fp8 "scales epilogue"
+    timeout 100 python3 bench/dit_gpu.py dit --reps 2 --batches 2 | sed 's/^/diffusers /'
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [ -n "$NCU" ]; then
+      timeout 200 $NCU --clock-control none --metrics gpu__time_duration.sum --csv \
+        --log-file /tmp/ncu-fp8.csv "$B" --preset wan2.1-t2v-14b --layers 2 --attention fp8 \
+        --matmul fp8 --reps 1 --batches 2 > /dev/null 2>&1
+      echo "=== two blocks of the 14B at B = 2, both float8 paths: kernel time by name"
+      python3 bench/ncu_by_kernel.py /tmp/ncu-fp8.csv 40
+    fi
     date -u
   fi
   if [ "$PART" = fp8-short ]; then

@@ -12,8 +12,8 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
 
-// VEC consecutive elements as one access: VEC 1, or 4 16-bit values (one 8-byte access; the
-// caller guarantees 8-byte alignment).
+// VEC consecutive elements as one access: VEC 1, or 4 or 8 16-bit values (one 8- or 16-byte
+// access; the caller guarantees that alignment).
 template <typename T, int VEC> struct Vec;
 template <typename T> struct Vec<T, 1> {
   static __device__ __forceinline__ void load(const T* p, float (&v)[1]) { v[0] = to_f32(*p); }
@@ -34,6 +34,22 @@ template <typename T> struct Vec<T, 4> {
 #pragma unroll
     for (int i = 0; i < 4; ++i) four[i] = from_f32<T>(v[i]);
     *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(four);
+  }
+};
+
+template <typename T> struct Vec<T, 8> {
+  static_assert(sizeof(T) == 2, "eight 16-bit values");
+  static __device__ __forceinline__ void load(const T* p, float (&v)[8]) {
+    T eight[8];
+    *reinterpret_cast<uint4*>(eight) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_f32(eight[i]);
+  }
+  static __device__ __forceinline__ void store(T* p, const float (&v)[8]) {
+    T eight[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) eight[i] = from_f32<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(eight);
   }
 };
 

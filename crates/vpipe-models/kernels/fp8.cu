@@ -10,8 +10,12 @@
 //   the keys; see add_offsets).
 // - add_offsets: y += offsets[(i / span) * inner + i % inner] in place (the values' mean back
 //   on the attention's output).
-// - scale_bias_act: y = act(y · row_scale · column_scale + bias) in place on the product's
-//   output; f32 arithmetic, act = identity or GELU(tanh).
+// - scale_bias_act: y = act(y · factor · row_scale · column_scale + bias) in place on the
+//   product's output; f32 arithmetic, act = identity or GELU(tanh).
+// - rows_scale_act: one block per row, eight 16-bit elements a thread: v = act(x · factor ·
+//   row_scale · column_scale + bias), then either written to y (in place or not) or quantised
+//   as quantize_rows does, the row's scale with it (the float8 product's own scales and
+//   epilogue in one pass, its output ready for the next product; or quantize_rows alone).
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -127,16 +131,82 @@ __device__ void add_offsets_groups(T* y, const float* offsets, long long inner, 
 }
 
 template <typename T>
-__device__ void scale_bias_act(T* y, const float* row_scales, const float* column_scales,
-                               int column_stride, const T* bias, long long n, int cols,
-                               int gelu) {
+__device__ void scale_bias_act(T* y, float factor, const float* row_scales,
+                               const float* column_scales, int column_stride, const T* bias,
+                               long long n, int cols, int gelu) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   int c = i % cols;
-  float v = to_f32(y[i]) * row_scales[i / cols] * column_scales[c * column_stride];
+  float v = to_f32(y[i]) * factor * row_scales[i / cols] * column_scales[c * column_stride];
   if (bias) v += to_f32(bias[c]);
   if (gelu) v = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
   y[i] = from_f32<T>(v);
+}
+
+// v = act(x[r, c] · factor · row_scales[r] · column_scales[c · column_stride] + bias[c]) over
+// one row r per block, VEC elements a thread (cols a multiple of VEC, rows aligned to VEC
+// elements); a null row_scales, column_scales or bias is left out. Without y8, v goes to y
+// (which may be x). With y8, the row's scale (its largest |v| over 448, at least MIN_SCALE)
+// goes to y8_scales[r] and v over it, in e4m3, to y8; blocks at or past `rows` write a row of
+// zeros with a zero scale (the padding cuBLASLt's tiles take) and read nothing. Quantising
+// reads the row twice, the second time from the cache.
+template <typename T, int VEC>
+__device__ void rows_scale_act(const T* x, float factor, const float* row_scales,
+                               const float* column_scales, int column_stride, const T* bias,
+                               int gelu, T* y, __nv_fp8_e4m3* y8, float* y8_scales, int cols,
+                               int rows) {
+  __shared__ float partial[32];
+  long long r = blockIdx.x;
+  long long start = r * cols;
+  if (r >= rows) {
+    if (!y8) return;
+    for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
+      unsigned char zeros[VEC] = {};
+      *reinterpret_cast<uint2*>(y8 + start + c) = *reinterpret_cast<const uint2*>(zeros);
+    }
+    if (threadIdx.x == 0) y8_scales[r] = 0.f;
+    return;
+  }
+  float scale = factor * (row_scales ? row_scales[r] : 1.f);
+  auto values = [&](int c, float(&v)[VEC]) {
+    Vec<T, VEC>::load(x + start + c, v);
+    float b[VEC];
+    if (bias) Vec<T, VEC>::load(bias + c, b);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float s = scale * (column_scales ? column_scales[(c + j) * column_stride] : 1.f);
+      float u = v[j] * s + (bias ? b[j] : 0.f);
+      v[j] = gelu ? 0.5f * u * (1.f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)))
+                  : u;
+    }
+  };
+  if (!y8) {
+    for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
+      float v[VEC];
+      values(c, v);
+      Vec<T, VEC>::store(y + start + c, v);
+    }
+    return;
+  }
+  float m = 0.f;
+  for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
+    float v[VEC];
+    values(c, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j]));
+  }
+  m = block_reduce(m, partial, Max());
+  float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
+  if (threadIdx.x == 0) y8_scales[r] = s;
+  for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
+    float v[VEC];
+    values(c, v);
+    unsigned char packed[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      packed[j] = __nv_fp8_e4m3(fminf(fmaxf(v[j] / s, -FP8_MAX), FP8_MAX)).__x;
+    *reinterpret_cast<uint2*>(y8 + start + c) = *reinterpret_cast<const uint2*>(packed);
+  }
 }
 
 #define FP8_KERNELS(SUFFIX, T)                                                                 \
@@ -159,9 +229,10 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
     add_offsets<T>(y, offsets, inner, span, n);                                                \
   }                                                                                            \
   extern "C" __global__ void scale_bias_act_##SUFFIX(                                         \
-      T* y, const float* row_scales, const float* column_scales, int column_stride,           \
-      const T* bias, long long n, int cols, int gelu) {                                        \
-    scale_bias_act<T>(y, row_scales, column_scales, column_stride, bias, n, cols, gelu);      \
+      T* y, float factor, const float* row_scales, const float* column_scales,                 \
+      int column_stride, const T* bias, long long n, int cols, int gelu) {                     \
+    scale_bias_act<T>(y, factor, row_scales, column_scales, column_stride, bias, n, cols,     \
+                      gelu);                                                                   \
   }
 // Four 16-bit elements a thread (8-byte accesses; the caller checks the alignment).
 #define FP8_GROUP_KERNELS(SUFFIX, T)                                                           \
@@ -179,6 +250,13 @@ __device__ void scale_bias_act(T* y, const float* row_scales, const float* colum
                                                      long long inner, long long span,         \
                                                      long long n) {                           \
     add_offsets_groups<T, 4>(y, offsets, inner, span, n);                                      \
+  }                                                                                            \
+  extern "C" __global__ void rows_scale_act_x8_##SUFFIX(                                      \
+      const T* x, float factor, const float* row_scales, const float* column_scales,           \
+      int column_stride, const T* bias, int gelu, T* y, __nv_fp8_e4m3* y8, float* y8_scales,   \
+      int cols, int rows) {                                                                    \
+    rows_scale_act<T, 8>(x, factor, row_scales, column_scales, column_stride, bias, gelu, y,   \
+                         y8, y8_scales, cols, rows);                                           \
   }
 FP8_GROUP_KERNELS(bf16, __nv_bfloat16)
 FP8_GROUP_KERNELS(f16, __half)

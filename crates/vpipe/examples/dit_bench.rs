@@ -7,6 +7,7 @@
 //! dit_bench --preset wan2.1-t2v-14b --scratch-gib 4 --reps 2 [--attention cudnn] > dit.jsonl
 //! dit_bench --token-slices 8 --batches 1     # the forward a streamed plan runs in slices
 //! dit_bench --matmul fp8 --attention fp8      # float8 paths, and their error against exact
+//! dit_bench --matmul fp8 --fp8-scales epilogue # the float8 products' scales in cuBLASLt's epilogue
 //! dit_bench --preset wan2.1-t2v-1.3b --layers 1 --latent 1,4,4 --device cpu   # script check
 //! ```
 //!
@@ -98,6 +99,19 @@ fn parse_args() -> Args {
                     "exact" => MatmulPrecision::Exact,
                     other => panic!("--matmul exact|fp8, not {other}"),
                 }
+            }
+            // Where float8 products apply their scales: in a pass of vpipe's after the
+            // product (the default) or in cuBLASLt's epilogue, to time both.
+            "--fp8-scales" => {
+                let in_epilogue = match value.as_str() {
+                    "epilogue" => true,
+                    "pass" => false,
+                    other => panic!("--fp8-scales pass|epilogue, not {other}"),
+                };
+                #[cfg(feature = "cuda")]
+                vpipe_models::ops::fp8::set_scales_in_product(in_epilogue);
+                #[cfg(not(feature = "cuda"))]
+                let _ = in_epilogue;
             }
             other => panic!("unknown flag {other}"),
         }

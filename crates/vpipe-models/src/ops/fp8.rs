@@ -5,11 +5,13 @@
 //! same arithmetic is emulated (values quantised to float8 and back, the product in f32): the
 //! reference the GPU path is tested against.
 //!
-//! On CUDA the scales, the bias and GELU are applied in the product's epilogue, to the f32
-//! accumulator, and the output is rounded once, as the emulation does (cuBLASLt's "outer
-//! vector" scaling, cuBLAS 12.9 or newer). Where cuBLASLt has no such algorithm the product is
-//! rounded to the activations' dtype first (scaled so that it fits in f16) and one kernel of
-//! vpipe's applies the rest: one more rounding, within float8's error.
+//! On CUDA the product runs with no scales of its own (cuBLASLt's fastest float8 kernels:
+//! per-row "outer vector" scales in its epilogue cost a third of the product's speed on
+//! Hopper), rounded to the activations' dtype (scaled so that it fits in f16); one pass of
+//! vpipe's then applies both scales, the bias and GELU in f32: one more rounding than the
+//! emulation's, far within float8's error. A product whose output feeds another float8 product
+//! ([`linear_rows_to_fp8`]) is quantised in that same pass, so its 16-bit output is never
+//! written.
 
 use candle_core::{DType, Tensor, D};
 
@@ -127,6 +129,18 @@ impl Fp8Rows {
             dtype: x.dtype(),
         })
     }
+
+    /// The rows back in the dtype they were quantised from: each value times its row's scale.
+    ///
+    /// # Shapes
+    /// - returns [rows, in].
+    pub fn dequantize(&self) -> candle_core::Result<Tensor> {
+        self.values
+            .narrow(0, 0, self.rows)?
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.scales.narrow(0, 0, self.rows)?.unsqueeze(1)?)?
+            .to_dtype(self.dtype)
+    }
 }
 
 /// `act(x · Wᵀ + bias)` in float8: `x` quantised per row, the product accumulated in f32,
@@ -175,16 +189,13 @@ pub fn linear_rows(
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(cuda) = x.values.device() {
         let operands = (&x.values, &x.scales, weight);
-        if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype)? {
-            return y.narrow(0, 0, x.rows);
+        if cuda_kernels::scales_in_product() {
+            if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype)? {
+                return y.narrow(0, 0, x.rows);
+            }
         }
-        let padded = x.values.dim(0)?;
-        let (y, yp) = crate::ops::fused::empty_on(cuda, x.dtype, &[padded, outputs])?;
-        let shape = (padded, outputs, inputs);
-        cuda_kernels::product(cuda, (&weight.weight, &x.values), (yp, x.dtype), shape)?;
-        let y = y.narrow(0, 0, x.rows)?;
-        let scales = x.scales.affine(1.0 / cuda_kernels::PRODUCT_SCALE, 0.0)?;
-        cuda_kernels::scale_bias_act(&y, &scales, &weight.scales, bias, gelu)?;
+        let y = cuda_kernels::unscaled_product(cuda, x, weight)?.narrow(0, 0, x.rows)?;
+        cuda_kernels::scale_bias_act(&y, &x.scales, &weight.scales, bias, gelu)?;
         return Ok(y);
     }
     let product = x
@@ -199,6 +210,38 @@ pub fn linear_rows(
     };
     let y = if gelu { y.gelu()? } else { y };
     y.to_dtype(x.dtype)
+}
+
+/// [`linear_rows`] made ready for the next float8 product (the FFN's hidden state for its
+/// second layer): on CUDA the scales, the bias, GELU and the per-row quantisation are one pass
+/// over the product, whose output is never rounded to 16 bits after scaling; elsewhere the
+/// output quantised as [`Fp8Rows::quantize`] does.
+///
+/// # Shapes
+/// - `x`: [rows, in]; `bias`: [out]; returns [rows, out] quantised from `x`'s dtype.
+pub fn linear_rows_to_fp8(
+    x: &Fp8Rows,
+    weight: &Fp8Weight,
+    bias: Option<&Tensor>,
+    gelu: bool,
+) -> candle_core::Result<Fp8Rows> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = x.values.device() {
+        if !cuda_kernels::scales_in_product() {
+            let y = cuda_kernels::unscaled_product(cuda, x, weight)?;
+            let operands = (&y, x.rows, &x.scales, &weight.scales);
+            if let Some((values, scales)) = cuda_kernels::scale_act_quantize(operands, bias, gelu)?
+            {
+                return Ok(Fp8Rows {
+                    values,
+                    scales,
+                    rows: x.rows,
+                    dtype: x.dtype,
+                });
+            }
+        }
+    }
+    Fp8Rows::quantize(&linear_rows(x, weight, bias, gelu)?)
 }
 
 /// `x` [rows, cols] in float8 e4m3 with one scale per row, its largest |value| over 448 (at
@@ -241,7 +284,7 @@ mod cuda_kernels {
     use candle_core::{CudaDevice, DType, Tensor};
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use crate::ops::fused::{device_ptr, empty, suffix};
+    use crate::ops::fused::{device_ptr, empty, empty_on, suffix};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8.ptx"));
 
@@ -257,12 +300,22 @@ mod cuda_kernels {
     /// their own from then on.
     static SCALES_REFUSED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
-    /// Whether the products may apply the scales in cuBLASLt's epilogue (the default), for
-    /// the benchmarks that time both ways.
+    /// Whether the products apply the scales in cuBLASLt's epilogue rather than in a pass of
+    /// their own (the default): for the benchmarks that time both ways.
+    static SCALES_IN_PRODUCT: AtomicBool = AtomicBool::new(false);
+
+    pub(super) fn scales_in_product() -> bool {
+        SCALES_IN_PRODUCT.load(Ordering::Relaxed)
+    }
+
+    /// Whether the products apply the scales in cuBLASLt's epilogue (per-row "outer vector"
+    /// scaling) instead of in vpipe's pass after an unscaled product (the default), for the
+    /// benchmarks that time both ways.
     #[cfg(feature = "bench-hooks")]
     pub fn set_scales_in_product(on: bool) {
+        SCALES_IN_PRODUCT.store(on, Ordering::Relaxed);
         for refused in &SCALES_REFUSED {
-            refused.store(!on, Ordering::Relaxed);
+            refused.store(false, Ordering::Relaxed);
         }
     }
 
@@ -342,11 +395,17 @@ mod cuda_kernels {
         let (rows, cols) = x.dims2()?;
         let x = x.contiguous()?;
         let padded_rows = padded_rows.max(rows);
-        let scales = Tensor::zeros(padded_rows, DType::F32, x.device())?;
         if rows == 0 || cols == 0 {
             let out = Tensor::zeros((padded_rows, cols), DType::F8E4M3, x.device())?;
-            return Ok((out, scales.ones_like()?));
+            let scales = Tensor::ones(padded_rows, DType::F32, x.device())?;
+            return Ok((out, scales));
         }
+        if let Some(RowsDone::Quantised(values, scales)) =
+            rows_pass(&x, rows, RowsPass::default(), Some(padded_rows))?
+        {
+            return Ok((values, scales));
+        }
+        let scales = Tensor::zeros(padded_rows, DType::F32, x.device())?;
         // The kernel writes the first `rows` rows; only the padding is zeroed here.
         let like = Tensor::zeros((), DType::F8E4M3, x.device())?;
         let (out, op) = empty(&like, &[padded_rows, cols])?;
@@ -669,7 +728,161 @@ mod cuda_kernels {
         true
     }
 
-    /// `y ← act(y · row_scales[r] · column_scales[c] + bias[c])` in place.
+    /// What [`rows_pass`] applies to each row: `act(x · factor · row_scales[r] ·
+    /// column_scales[c] + bias[c])`, a missing term left out.
+    #[derive(Clone, Copy)]
+    pub(super) struct RowsPass<'a> {
+        pub(super) factor: f32,
+        pub(super) row_scales: Option<&'a Tensor>,
+        pub(super) column_scales: Option<&'a Tensor>,
+        pub(super) bias: Option<&'a Tensor>,
+        pub(super) gelu: bool,
+    }
+
+    impl Default for RowsPass<'_> {
+        fn default() -> Self {
+            Self {
+                factor: 1.0,
+                row_scales: None,
+                column_scales: None,
+                bias: None,
+                gelu: false,
+            }
+        }
+    }
+
+    /// What [`rows_pass`] did.
+    pub(super) enum RowsDone {
+        /// Wrote the rows back in place.
+        InPlace,
+        /// Quantised them: float8 values [padded, cols] and their f32 scales [padded].
+        Quantised(Tensor, Tensor),
+    }
+
+    /// `pass` over the first `rows` rows of `x` [≥ rows, cols] (contiguous), eight elements a
+    /// thread, one block per row: in place without `quantise_to`; with `Some(padded)`, into
+    /// float8 with one scale per row as [`quantize_rows`] makes them, `padded` rows of which
+    /// those past `rows` are zeros. `None` (nothing done) where the eight-wide kernel does
+    /// not apply: not 16-bit, rows of other than a multiple of eight, or an unaligned operand.
+    pub(super) fn rows_pass(
+        x: &Tensor,
+        rows: usize,
+        pass: RowsPass,
+        quantise_to: Option<usize>,
+    ) -> candle_core::Result<Option<RowsDone>> {
+        const VEC: usize = 8;
+        let cols = x.dim(1)?;
+        let bias = pass
+            .bias
+            .map(|b| b.to_dtype(x.dtype())?.contiguous())
+            .transpose()?;
+        let (xp, bp) = (device_ptr(x)?, bias.as_ref().map(device_ptr).transpose()?);
+        let aligned = |p: u64| p.is_multiple_of(2 * VEC as u64);
+        if !matches!(x.dtype(), DType::BF16 | DType::F16)
+            || !cols.is_multiple_of(VEC)
+            || !aligned(xp)
+            || bp.is_some_and(|p| !aligned(p))
+            || x.dim(0)? < rows
+        {
+            return Ok(None);
+        }
+        let grid_rows = quantise_to.unwrap_or(rows).max(rows);
+        let quantised = match quantise_to {
+            Some(_) => {
+                let like = Tensor::zeros((), DType::F8E4M3, x.device())?;
+                let (values, vp) = empty(&like, &[grid_rows, cols])?;
+                let (scales, sp) =
+                    empty_on(x.device().as_cuda_device()?, DType::F32, &[grid_rows])?;
+                Some(((values, vp), (scales, sp)))
+            }
+            None => None,
+        };
+        let done = |quantised: Option<((Tensor, u64), (Tensor, u64))>| {
+            Some(match quantised {
+                Some(((values, _), (scales, _))) => RowsDone::Quantised(values, scales),
+                None => RowsDone::InPlace,
+            })
+        };
+        if grid_rows == 0 || cols == 0 {
+            return Ok(done(quantised));
+        }
+        let column_stride = i32::from(pass.column_scales.is_some_and(|c| c.elem_count() != 1));
+        let pointer = |t: Option<&Tensor>| t.map(device_ptr).transpose().map(|p| p.unwrap_or(0));
+        let (rp, cp) = (pointer(pass.row_scales)?, pointer(pass.column_scales)?);
+        let (yp, y8p, y8s) = match &quantised {
+            Some(((_, vp), (_, sp))) => (0u64, *vp, *sp),
+            None => (xp, 0, 0),
+        };
+        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+            &name("rows_scale_act_x8", x.dtype())?,
+            "vpipe_fp8",
+            PTX,
+        )?;
+        let (gelu, cols32, rows32) = (i32::from(pass.gelu), cols as i32, rows as i32);
+        let bp = bp.unwrap_or(0);
+        let mut a = func.builder();
+        a.arg(&xp);
+        a.arg(&pass.factor);
+        a.arg(&rp);
+        a.arg(&cp);
+        a.arg(&column_stride);
+        a.arg(&bp);
+        a.arg(&gelu);
+        a.arg(&yp);
+        a.arg(&y8p);
+        a.arg(&y8s);
+        a.arg(&cols32);
+        a.arg(&rows32);
+        // SAFETY: `x` holds at least `rows` contiguous rows of `cols` 16-bit elements, 16-byte
+        // aligned (checked above); the scales hold one f32 per row and per column (or one);
+        // the bias `cols` elements; `values` and `scales`, when quantising, are fresh tensors
+        // of `grid_rows` rows that the kernel writes whole. All on the tensors' stream.
+        unsafe { a.launch(one_block_per_row(grid_rows)?) }.w()?;
+        Ok(done(quantised))
+    }
+
+    /// `y [rows, out] = x8 · w8ᵀ · PRODUCT_SCALE` over the padded rows of `x`, in `x`'s
+    /// dtype: the product that the scales are applied to afterwards.
+    pub(super) fn unscaled_product(
+        device: &CudaDevice,
+        x: &super::Fp8Rows,
+        weight: &super::Fp8Weight,
+    ) -> candle_core::Result<Tensor> {
+        let (padded, inputs) = x.values.dims2()?;
+        let outputs = weight.weight.dim(0)?;
+        let (y, yp) = empty_on(device, x.dtype, &[padded, outputs])?;
+        product(
+            device,
+            (&weight.weight, &x.values),
+            (yp, x.dtype),
+            (padded, outputs, inputs),
+        )?;
+        Ok(y)
+    }
+
+    /// The unscaled product `y` (first `rows` rows of it) scaled, biased and activated as
+    /// [`scale_bias_act`] does, and quantised per row for the next product in the same pass;
+    /// `None` where the eight-wide kernel does not apply.
+    pub(super) fn scale_act_quantize(
+        (y, rows, row_scales, column_scales): (&Tensor, usize, &Tensor, &Tensor),
+        bias: Option<&Tensor>,
+        gelu: bool,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let pass = RowsPass {
+            factor: (1.0 / PRODUCT_SCALE) as f32,
+            row_scales: Some(row_scales),
+            column_scales: Some(column_scales),
+            bias,
+            gelu,
+        };
+        Ok(match rows_pass(y, rows, pass, Some(y.dim(0)?))? {
+            Some(RowsDone::Quantised(values, scales)) => Some((values, scales)),
+            _ => None,
+        })
+    }
+
+    /// `y ← act(y / PRODUCT_SCALE · row_scales[r] · column_scales[c] + bias[c])` in place:
+    /// the unscaled product's scales, bias and activation.
     pub(super) fn scale_bias_act(
         y: &Tensor,
         row_scales: &Tensor,
@@ -680,6 +893,17 @@ mod cuda_kernels {
         let (rows, cols) = y.dims2()?;
         let n = rows * cols;
         if n == 0 {
+            return Ok(());
+        }
+        let factor = (1.0 / PRODUCT_SCALE) as f32;
+        let pass = RowsPass {
+            factor,
+            row_scales: Some(row_scales),
+            column_scales: Some(column_scales),
+            bias,
+            gelu,
+        };
+        if rows_pass(y, rows, pass, None)?.is_some() {
             return Ok(());
         }
         let n32 = elements_u32(n)?;
@@ -701,6 +925,7 @@ mod cuda_kernels {
         let (n64, cols, gelu) = (n as i64, cols as i32, i32::from(gelu));
         let mut a = func.builder();
         a.arg(&yp);
+        a.arg(&factor);
         a.arg(&rp);
         a.arg(&cp);
         a.arg(&column_stride);
@@ -821,6 +1046,41 @@ mod tests {
             };
             assert!(relative_l2(&last, &want) < 1e-2);
         }
+    }
+
+    /// The FFN's hidden state made ready for its second layer: the first layer's output in
+    /// float8, and the second layer's product of it, each within float8's error of the exact
+    /// one.
+    #[test]
+    fn a_product_quantised_for_the_next_one_keeps_float8_accuracy() {
+        let (w1, w2) = (random((48, 64), 7), random((24, 48), 8));
+        let bias = random((1, 48), 9).flatten_all().unwrap();
+        let x = random((21, 64), 10).to_dtype(DType::BF16).unwrap();
+        let (first, second) = (
+            Fp8Weight::quantize(&w1).unwrap(),
+            Fp8Weight::quantize(&w2).unwrap(),
+        );
+        let x8 = Fp8Rows::quantize(&x).unwrap();
+        let hidden = linear_rows_to_fp8(&x8, &first, Some(&bias), true).unwrap();
+        let exact = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&w1.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            .gelu()
+            .unwrap();
+        let back = hidden.dequantize().unwrap();
+        assert_eq!(
+            (back.dims(), back.dtype()),
+            ([21, 48].as_slice(), DType::BF16)
+        );
+        let err = relative_l2(&back, &exact);
+        assert!(err > 0.0 && err < 0.08, "{err}");
+        let y = linear_rows(&hidden, &second, None, false).unwrap();
+        let err = relative_l2(&y, &exact.matmul(&w2.t().unwrap()).unwrap());
+        assert!(err > 0.0 && err < 0.1, "{err}");
     }
 
     /// A stored scaled-fp8 weight is used with its own scale: the same as the exact product

@@ -1073,9 +1073,11 @@ impl FeedForwardPart {
         let modulation = Modulation::new(&m, 3, true, pass.runs.as_deref())?;
         let ffn = |x: &Tensor, run: &ModulationRun| -> Result<Tensor> {
             let h = norm_modulate(x, &run.scale, &run.shift, eps)?;
-            let hidden = self.ffn_in.forward_gelu_in(&h, matmul)?;
+            let hidden = self
+                .ffn_in
+                .forward_gelu_prepared(&LinearInput::new(&h, matmul)?)?;
             drop(h);
-            let y = self.ffn_out.forward_in(&hidden, matmul)?;
+            let y = self.ffn_out.forward_prepared(&hidden)?;
             drop(hidden);
             gated_residual(x, &y, run.gate()?)
         };
