@@ -4,7 +4,8 @@
 //
 // - ln_modulate: y = LN(x) * mul[b] + add[b]; LN without affine, f32 statistics, one block
 //   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
-// - gated_residual: y = x + r * gate[b], in f32.
+// - gated_residual: y = x + r * gate[b], in f32; for 16-bit rows of a multiple of eight, one
+//   block per row, eight elements a thread (gated_residual_rows_x8).
 // - rope_heads: [B, L, H, D] -> [B, H, L, D] with interleaved pairs rotated by cos/sin [L, D/2].
 // - bias_act: y = act(y + bias) in place on a fresh matmul output, act = identity or
 //   GELU(tanh); f32 arithmetic.
@@ -61,6 +62,25 @@ __device__ void gated_residual(const T* x, const T* res, const float* gate, T* y
   y[i] = from_f32<T>(to_f32(x[i]) + to_f32(res[i]) * g);
 }
 
+// gated_residual over one row per block, VEC elements a thread (dim a multiple of VEC, rows
+// aligned to VEC elements): the gate's row is found once per block rather than by two 64-bit
+// divisions per element.
+template <typename T, int VEC>
+__device__ void gated_residual_rows(const T* x, const T* res, const float* gate, T* y, int dim,
+                                    long long rows_per_batch) {
+  long long r = blockIdx.x;
+  const float* g = gate + (r / rows_per_batch) * dim;
+  long long start = r * dim;
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    float xv[VEC], rv[VEC];
+    Vec<T, VEC>::load(x + start + c, xv);
+    Vec<T, VEC>::load(res + start + c, rv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xv[j] += rv[j] * g[c + j];
+    Vec<T, VEC>::store(y + start + c, xv);
+  }
+}
+
 template <typename T>
 __device__ void rope_heads(const T* x, const float* cos, const float* sin, T* y, int batches,
                            int tokens, int heads, int head_dim) {
@@ -90,6 +110,14 @@ __device__ void bias_act(T* y, const T* bias, long long n, int dim, int gelu) {
   if (gelu) v = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
   y[i] = from_f32<T>(v);
 }
+
+#define DIT_ROW_KERNELS(SUFFIX, T)                                                             \
+  extern "C" __global__ void gated_residual_rows_x8_##SUFFIX(                                 \
+      const T* x, const T* res, const float* gate, T* y, int dim, long long rows_per_batch) {  \
+    gated_residual_rows<T, 8>(x, res, gate, y, dim, rows_per_batch);                           \
+  }
+DIT_ROW_KERNELS(bf16, __nv_bfloat16)
+DIT_ROW_KERNELS(f16, __half)
 
 #define DIT_KERNELS(SUFFIX, T)                                                                 \
   extern "C" __global__ void ln_modulate_##SUFFIX(const T* x, const float* mul,               \
