@@ -5,13 +5,12 @@
 //! same arithmetic is emulated (values quantised to float8 and back, the product in f32): the
 //! reference the GPU path is tested against.
 //!
-//! On CUDA the product runs with no scales of its own (cuBLASLt's fastest float8 kernels:
-//! per-row "outer vector" scales in its epilogue cost a third of the product's speed on
-//! Hopper), rounded to the activations' dtype (scaled so that it fits in f16); one pass of
-//! vpipe's then applies both scales, the bias and GELU in f32: one more rounding than the
-//! emulation's, far within float8's error. A product whose output feeds another float8 product
-//! ([`linear_rows_to_fp8`]) is quantised in that same pass, so its 16-bit output is never
-//! written.
+//! On CUDA the scales, the bias and GELU are applied in the product's epilogue, to the f32
+//! accumulator, and the output is rounded once, as the emulation does (cuBLASLt's "outer
+//! vector" scaling, cuBLAS 12.9 or newer). Where cuBLASLt has no such algorithm the product is
+//! rounded to the activations' dtype first (scaled so that it fits in f16) and one pass of
+//! vpipe's (a block per row, eight elements a thread) applies the rest: one more rounding,
+//! within float8's error.
 
 use candle_core::{DType, Tensor, D};
 
@@ -129,18 +128,6 @@ impl Fp8Rows {
             dtype: x.dtype(),
         })
     }
-
-    /// The rows back in the dtype they were quantised from: each value times its row's scale.
-    ///
-    /// # Shapes
-    /// - returns [rows, in].
-    pub fn dequantize(&self) -> candle_core::Result<Tensor> {
-        self.values
-            .narrow(0, 0, self.rows)?
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.scales.narrow(0, 0, self.rows)?.unsqueeze(1)?)?
-            .to_dtype(self.dtype)
-    }
 }
 
 /// `act(x · Wᵀ + bias)` in float8: `x` quantised per row, the product accumulated in f32,
@@ -189,10 +176,8 @@ pub fn linear_rows(
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(cuda) = x.values.device() {
         let operands = (&x.values, &x.scales, weight);
-        if cuda_kernels::scales_in_product() {
-            if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype)? {
-                return y.narrow(0, 0, x.rows);
-            }
+        if let Some(y) = cuda_kernels::scaled_product(cuda, operands, bias, gelu, x.dtype)? {
+            return y.narrow(0, 0, x.rows);
         }
         let y = cuda_kernels::unscaled_product(cuda, x, weight)?.narrow(0, 0, x.rows)?;
         cuda_kernels::scale_bias_act(&y, &x.scales, &weight.scales, bias, gelu)?;
@@ -210,38 +195,6 @@ pub fn linear_rows(
     };
     let y = if gelu { y.gelu()? } else { y };
     y.to_dtype(x.dtype)
-}
-
-/// [`linear_rows`] made ready for the next float8 product (the FFN's hidden state for its
-/// second layer): on CUDA the scales, the bias, GELU and the per-row quantisation are one pass
-/// over the product, whose output is never rounded to 16 bits after scaling; elsewhere the
-/// output quantised as [`Fp8Rows::quantize`] does.
-///
-/// # Shapes
-/// - `x`: [rows, in]; `bias`: [out]; returns [rows, out] quantised from `x`'s dtype.
-pub fn linear_rows_to_fp8(
-    x: &Fp8Rows,
-    weight: &Fp8Weight,
-    bias: Option<&Tensor>,
-    gelu: bool,
-) -> candle_core::Result<Fp8Rows> {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(cuda) = x.values.device() {
-        if !cuda_kernels::scales_in_product() {
-            let y = cuda_kernels::unscaled_product(cuda, x, weight)?;
-            let operands = (&y, x.rows, &x.scales, &weight.scales);
-            if let Some((values, scales)) = cuda_kernels::scale_act_quantize(operands, bias, gelu)?
-            {
-                return Ok(Fp8Rows {
-                    values,
-                    scales,
-                    rows: x.rows,
-                    dtype: x.dtype,
-                });
-            }
-        }
-    }
-    Fp8Rows::quantize(&linear_rows(x, weight, bias, gelu)?)
 }
 
 /// `x` [rows, cols] in float8 e4m3 with one scale per row, its largest |value| over 448 (at
@@ -300,22 +253,12 @@ mod cuda_kernels {
     /// their own from then on.
     static SCALES_REFUSED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
-    /// Whether the products apply the scales in cuBLASLt's epilogue rather than in a pass of
-    /// their own (the default): for the benchmarks that time both ways.
-    static SCALES_IN_PRODUCT: AtomicBool = AtomicBool::new(false);
-
-    pub(super) fn scales_in_product() -> bool {
-        SCALES_IN_PRODUCT.load(Ordering::Relaxed)
-    }
-
-    /// Whether the products apply the scales in cuBLASLt's epilogue (per-row "outer vector"
-    /// scaling) instead of in vpipe's pass after an unscaled product (the default), for the
-    /// benchmarks that time both ways.
+    /// Whether the products may apply the scales in cuBLASLt's epilogue (the default) rather
+    /// than in vpipe's pass after an unscaled product, for the benchmarks that time both ways.
     #[cfg(feature = "bench-hooks")]
     pub fn set_scales_in_product(on: bool) {
-        SCALES_IN_PRODUCT.store(on, Ordering::Relaxed);
         for refused in &SCALES_REFUSED {
-            refused.store(false, Ordering::Relaxed);
+            refused.store(!on, Ordering::Relaxed);
         }
     }
 
@@ -860,27 +803,6 @@ mod cuda_kernels {
         Ok(y)
     }
 
-    /// The unscaled product `y` (first `rows` rows of it) scaled, biased and activated as
-    /// [`scale_bias_act`] does, and quantised per row for the next product in the same pass;
-    /// `None` where the eight-wide kernel does not apply.
-    pub(super) fn scale_act_quantize(
-        (y, rows, row_scales, column_scales): (&Tensor, usize, &Tensor, &Tensor),
-        bias: Option<&Tensor>,
-        gelu: bool,
-    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let pass = RowsPass {
-            factor: (1.0 / PRODUCT_SCALE) as f32,
-            row_scales: Some(row_scales),
-            column_scales: Some(column_scales),
-            bias,
-            gelu,
-        };
-        Ok(match rows_pass(y, rows, pass, Some(y.dim(0)?))? {
-            Some(RowsDone::Quantised(values, scales)) => Some((values, scales)),
-            _ => None,
-        })
-    }
-
     /// `y ← act(y / PRODUCT_SCALE · row_scales[r] · column_scales[c] + bias[c])` in place:
     /// the unscaled product's scales, bias and activation.
     pub(super) fn scale_bias_act(
@@ -1046,41 +968,6 @@ mod tests {
             };
             assert!(relative_l2(&last, &want) < 1e-2);
         }
-    }
-
-    /// The FFN's hidden state made ready for its second layer: the first layer's output in
-    /// float8, and the second layer's product of it, each within float8's error of the exact
-    /// one.
-    #[test]
-    fn a_product_quantised_for_the_next_one_keeps_float8_accuracy() {
-        let (w1, w2) = (random((48, 64), 7), random((24, 48), 8));
-        let bias = random((1, 48), 9).flatten_all().unwrap();
-        let x = random((21, 64), 10).to_dtype(DType::BF16).unwrap();
-        let (first, second) = (
-            Fp8Weight::quantize(&w1).unwrap(),
-            Fp8Weight::quantize(&w2).unwrap(),
-        );
-        let x8 = Fp8Rows::quantize(&x).unwrap();
-        let hidden = linear_rows_to_fp8(&x8, &first, Some(&bias), true).unwrap();
-        let exact = x
-            .to_dtype(DType::F32)
-            .unwrap()
-            .matmul(&w1.t().unwrap())
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap()
-            .gelu()
-            .unwrap();
-        let back = hidden.dequantize().unwrap();
-        assert_eq!(
-            (back.dims(), back.dtype()),
-            ([21, 48].as_slice(), DType::BF16)
-        );
-        let err = relative_l2(&back, &exact);
-        assert!(err > 0.0 && err < 0.08, "{err}");
-        let y = linear_rows(&hidden, &second, None, false).unwrap();
-        let err = relative_l2(&y, &exact.matmul(&w2.t().unwrap()).unwrap());
-        assert!(err > 0.0 && err < 0.1, "{err}");
     }
 
     /// A stored scaled-fp8 weight is used with its own scale: the same as the exact product

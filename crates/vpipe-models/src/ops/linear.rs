@@ -114,13 +114,10 @@ impl Linear {
 
 /// A linear layer's input made ready once for every layer that reads it (the queries', keys'
 /// and values' projections of one attention): quantised to float8 once when the products
-/// are, as it is otherwise. The FFN's hidden state comes as one from its first layer
-/// ([`Linear::forward_gelu_prepared`]), in float8 only when the products are.
+/// are, as it is otherwise.
 #[derive(Debug)]
 pub struct LinearInput<'a> {
-    dims: Vec<usize>,
-    /// The input as it is, for exact products; absent where only `fp8` holds it.
-    x: Option<std::borrow::Cow<'a, Tensor>>,
+    x: &'a Tensor,
     fp8: Option<crate::ops::fp8::Fp8Rows>,
 }
 
@@ -142,27 +139,35 @@ impl<'a> LinearInput<'a> {
             }
             _ => None,
         };
-        Ok(Self {
-            dims: x.dims().to_vec(),
-            x: Some(std::borrow::Cow::Borrowed(x)),
-            fp8,
-        })
+        Ok(Self { x, fp8 })
     }
 }
 
 impl Linear {
     /// `act(x·Wᵀ + b)`; on CUDA the bias and the activation are one in-place pass over the
     /// matmul's output.
-    fn forward_act(&self, input: &LinearInput, gelu: bool) -> Result<Tensor> {
-        let (out_shape, rows, in_dim) = self.output_shape(input)?;
-        if let Some(x8) = &input.fp8 {
+    fn forward_act(&self, x: &LinearInput, gelu: bool) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let x_fp8 = &x.fp8;
+        let x = x.x;
+        let Some((&x_in, leading)) = x.dims().split_last() else {
+            candle_core::bail!("linear: the input is a scalar; expected [..., {in_dim}]")
+        };
+        if x_in != in_dim {
+            candle_core::bail!(
+                "linear: input of shape {:?}, expected [..., {in_dim}] for a weight of [{out_dim}, \
+                 {in_dim}]",
+                x.dims()
+            )
+        }
+        let mut out_shape = x.dims().to_vec();
+        out_shape[leading.len()] = out_dim;
+        let rows = leading.iter().product::<usize>();
+        if let Some(x8) = x_fp8 {
             let weight = self.fp8_weight()?;
             let y = crate::ops::fp8::linear_rows(x8, &weight, self.bias.as_ref(), gelu)?;
             return y.reshape(out_shape);
         }
-        let Some(x) = input.x.as_deref() else {
-            candle_core::bail!("linear: an input prepared for float8 products only")
-        };
         let weight = self.weight_in(x.dtype())?;
         #[cfg(feature = "cuda")]
         if let Some(y) = self.with_epilogue(&x.reshape((rows, in_dim))?, &weight, gelu)? {
@@ -184,49 +189,6 @@ impl Linear {
         };
         let y = if gelu { y.gelu()? } else { y };
         y.reshape(out_shape)
-    }
-
-    /// The output's shape for `input`, its rows and the input features; an error naming the
-    /// shapes where `input`'s last axis is not the weight's.
-    fn output_shape(&self, input: &LinearInput) -> Result<(Vec<usize>, usize, usize)> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let Some((&x_in, leading)) = input.dims.split_last() else {
-            candle_core::bail!("linear: the input is a scalar; expected [..., {in_dim}]")
-        };
-        if x_in != in_dim {
-            candle_core::bail!(
-                "linear: input of shape {:?}, expected [..., {in_dim}] for a weight of [{out_dim}, \
-                 {in_dim}]",
-                input.dims
-            )
-        }
-        let mut out_shape = input.dims.clone();
-        out_shape[leading.len()] = out_dim;
-        Ok((out_shape, leading.iter().product(), in_dim))
-    }
-
-    /// `GELU_tanh(x·Wᵀ + b)` made ready as the next layer's input (the FFN's hidden state):
-    /// with float8 products it goes straight from this product into float8, never rounded to
-    /// 16 bits after its scales ([`crate::ops::fp8::linear_rows_to_fp8`]).
-    ///
-    /// # Shapes
-    /// - `x`: [..., in] → [..., out].
-    pub fn forward_gelu_prepared(&self, x: &LinearInput) -> Result<LinearInput<'static>> {
-        let (dims, _, _) = self.output_shape(x)?;
-        if let Some(x8) = &x.fp8 {
-            let weight = self.fp8_weight()?;
-            let y8 = crate::ops::fp8::linear_rows_to_fp8(x8, &weight, self.bias.as_ref(), true)?;
-            return Ok(LinearInput {
-                dims,
-                x: None,
-                fp8: Some(y8),
-            });
-        }
-        Ok(LinearInput {
-            dims,
-            x: Some(std::borrow::Cow::Owned(self.forward_act(x, true)?)),
-            fp8: None,
-        })
     }
 
     /// `GELU_tanh(x·Wᵀ + b)` (the first half of Wan's FFN), the product as `precision` says.

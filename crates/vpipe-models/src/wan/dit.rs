@@ -1035,7 +1035,7 @@ impl CrossAttentionPart {
                 (None, None),
                 (how, run.matmul),
             )?;
-            (&pass.x + y)?
+            residual_add(&pass.x, &y)?
         };
         pass.x = x;
         Ok(())
@@ -1073,11 +1073,9 @@ impl FeedForwardPart {
         let modulation = Modulation::new(&m, 3, true, pass.runs.as_deref())?;
         let ffn = |x: &Tensor, run: &ModulationRun| -> Result<Tensor> {
             let h = norm_modulate(x, &run.scale, &run.shift, eps)?;
-            let hidden = self
-                .ffn_in
-                .forward_gelu_prepared(&LinearInput::new(&h, matmul)?)?;
+            let hidden = self.ffn_in.forward_gelu_in(&h, matmul)?;
             drop(h);
-            let y = self.ffn_out.forward_prepared(&hidden)?;
+            let y = self.ffn_out.forward_in(&hidden, matmul)?;
             drop(hidden);
             gated_residual(x, &y, run.gate()?)
         };
@@ -1554,6 +1552,15 @@ impl Modulation {
             gated_residual(x, y, run.gate()?)
         })
     }
+}
+
+/// `x + y` (bf16 and f16: in f32, rounded once; as candle's own add rounds them).
+fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) && x.rank() == 3 {
+        return Ok(crate::ops::fused::residual_add(x, y)?);
+    }
+    Ok((x + y)?)
 }
 
 /// `x + y · gate` in f32, returned in `x`'s dtype.
