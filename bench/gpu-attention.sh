@@ -153,7 +153,8 @@ PY
     # The float8 GPU tests (products and attention against exact, the FFN product's time with
     # the scales in cuBLASLt's epilogue and in vpipe's pass) and the DiT parity on the GPU;
     # then the 14B at B = 2 with both float8 paths next to diffusers' 14B, the 14B exact, the
-    # 1.3B exact next to diffusers' 1.3B (about 4 minutes). TORCH_PRODUCTS=1 first times
+    # 1.3B exact next to diffusers' 1.3B (about 4 minutes). CUBLAS_WHEEL=1 then runs the FFN
+    # product and the 14B float8 forward on PyTorch's cuBLASLt. TORCH_PRODUCTS=1 first times
     # PyTorch's float8 products at the 14B's shapes; NCU=1 last adds Nsight Compute's kernel
     # times of two blocks of the float8 forward. Needs .carry/{fp8_gpu,dit_parity,dit_bench}.xz.
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -176,6 +177,17 @@ PY
     timeout 40 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
     [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
     timeout 50 python3 bench/dit_gpu.py dit-1.3b --reps 2 --batches 2 | sed 's/^/diffusers /'
+    if [ "${CUBLAS_WHEEL:-0}" = 1 ]; then
+      # The same FFN product and 14B float8 forward on the cuBLASLt PyTorch ships (its
+      # nvidia wheel) instead of the system's.
+      LT=$(python3 -c "import nvidia, glob, os; print(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], '**', 'libcublasLt.so.*'), recursive=True))[-1])")
+      echo "wheel cuBLASLt: $LT"; mkdir -p /tmp/lt-wheel
+      ln -sf "$LT" /tmp/lt-wheel/libcublasLt.so; ln -sf "$LT" /tmp/lt-wheel/$(basename "$LT")
+      export LD_LIBRARY_PATH=/tmp/lt-wheel:$(dirname "$LT")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      LD_DEBUG=libs timeout 60 /tmp/vpipe-bin/fp8_gpu times_a_14b_ffn_product --nocapture 2>&1 \
+        | grep -E "FFN product|calling init: .*libcublasLt" | sort -u
+      T14=80 vpipe_14b fp8 fp8 "wheel cuBLASLt"
+    fi
     NCU_BIN=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ "${NCU:-0}" = 1 ] && [ -n "$NCU_BIN" ]; then
       timeout 200 $NCU_BIN --clock-control none --metrics gpu__time_duration.sum --csv \
