@@ -4,8 +4,8 @@
 //
 // - ln_modulate: y = LN(x) * mul[b] + add[b]; LN without affine, f32 statistics, one block
 //   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
-// - gated_residual: y = x + r * gate[b] (x + r with a null gate), in f32; for 16-bit rows of a
-//   multiple of eight, one block per row, eight elements a thread (gated_residual_rows_x8).
+// - gated_residual: y = x + r * gate[b], in f32; for 16-bit rows of a multiple of eight, one
+//   block per row, eight elements a thread (gated_residual_rows_x8).
 // - rope_heads: [B, L, H, D] -> [B, H, L, D] with interleaved pairs rotated by cos/sin [L, D/2].
 // - bias_act: y = act(y + bias) in place on a fresh matmul output, act = identity or
 //   GELU(tanh); f32 arithmetic.
@@ -58,7 +58,7 @@ __device__ void gated_residual(const T* x, const T* res, const float* gate, T* y
   if (i >= n) return;
   long long row = i / dim;
   int c = i - row * dim;
-  float g = gate ? gate[(row / rows_per_batch) * dim + c] : 1.f;
+  float g = gate[(row / rows_per_batch) * dim + c];
   y[i] = from_f32<T>(to_f32(x[i]) + to_f32(res[i]) * g);
 }
 
@@ -69,14 +69,14 @@ template <typename T, int VEC>
 __device__ void gated_residual_rows(const T* x, const T* res, const float* gate, T* y, int dim,
                                     long long rows_per_batch) {
   long long r = blockIdx.x;
-  const float* g = gate ? gate + (r / rows_per_batch) * dim : nullptr;
+  const float* g = gate + (r / rows_per_batch) * dim;
   long long start = r * dim;
   for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
     float xv[VEC], rv[VEC];
     Vec<T, VEC>::load(x + start + c, xv);
     Vec<T, VEC>::load(res + start + c, rv);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) xv[j] += g ? rv[j] * g[c + j] : rv[j];
+    for (int j = 0; j < VEC; ++j) xv[j] += rv[j] * g[c + j];
     Vec<T, VEC>::store(y + start + c, xv);
   }
 }

@@ -439,32 +439,14 @@ pub fn ln_modulate(
 /// # Shapes
 /// - `x`, `r`: [B, L, D] of one dtype; `gate`: [B, 1, D] f32. Returns [B, L, D].
 pub fn gated_residual(x: &Tensor, r: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
-    residual(x, r, Some(gate))
-}
-
-/// `x + r` in f32, rounded once to `x`'s dtype: [`gated_residual`] without a gate (the
-/// cross-attention's residual), in the same eight-wide pass rather than candle's add.
-///
-/// # Shapes
-/// - `x`, `r`: [B, L, D] of one dtype. Returns [B, L, D].
-pub fn residual_add(x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
-    residual(x, r, None)
-}
-
-/// `x + r · gate[b]`, or `x + r` without a gate.
-fn residual(x: &Tensor, r: &Tensor, gate: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (b, l, d) = x.dims3()?;
     let x = x.contiguous()?;
     let r = r.to_dtype(x.dtype())?.contiguous()?;
     let gate = gate
-        .map(|g| {
-            g.to_dtype(DType::F32)?
-                .broadcast_as((b, 1, d))?
-                .contiguous()
-        })
-        .transpose()?;
-    let (xp, rp) = (device_ptr(&x)?, device_ptr(&r)?);
-    let gp = gate.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
+        .to_dtype(DType::F32)?
+        .broadcast_as((b, 1, d))?
+        .contiguous()?;
+    let (xp, rp, gp) = (device_ptr(&x)?, device_ptr(&r)?, device_ptr(&gate)?);
     let n = x.elem_count();
     let (out, op) = empty(&x, &[b, l, d])?;
     if n == 0 {
@@ -504,8 +486,8 @@ fn residual(x: &Tensor, r: &Tensor, gate: Option<&Tensor>) -> candle_core::Resul
         a.arg(&dim);
         a.arg(&rows);
         // SAFETY: `x`, `r` and `out` are contiguous [b, l, d] of one 16-bit dtype, 16-byte
-        // aligned with d a multiple of eight (checked above); `gate`, when given, is [b, 1, d]
-        // f32. One block per row on their stream.
+        // aligned with d a multiple of eight (checked above); `gate` is [b, 1, d] f32. One
+        // block per row on their stream.
         unsafe { a.launch(cfg) }.w()?;
         return Ok(out);
     }

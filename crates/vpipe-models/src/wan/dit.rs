@@ -1035,7 +1035,7 @@ impl CrossAttentionPart {
                 (None, None),
                 (how, run.matmul),
             )?;
-            residual_add(&pass.x, &y)?
+            (&pass.x + y)?
         };
         pass.x = x;
         Ok(())
@@ -1552,15 +1552,6 @@ impl Modulation {
             gated_residual(x, y, run.gate()?)
         })
     }
-}
-
-/// `x + y` (bf16 and f16: in f32, rounded once; as candle's own add rounds them).
-fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if fused(x) && x.rank() == 3 {
-        return Ok(crate::ops::fused::residual_add(x, y)?);
-    }
-    Ok((x + y)?)
 }
 
 /// `x + y · gate` in f32, returned in `x`'s dtype.
