@@ -21,35 +21,24 @@ template <typename T> struct Vec<T, 1> {
     *p = from_f32<T>(v[0]);
   }
 };
-template <typename T> struct Vec<T, 4> {
-  static_assert(sizeof(T) == 2, "four 16-bit values");
-  static __device__ __forceinline__ void load(const T* p, float (&v)[4]) {
-    T four[4];
-    *reinterpret_cast<uint2*>(four) = *reinterpret_cast<const uint2*>(p);
+// The word that holds VEC 16-bit values.
+template <int VEC> struct Word16;
+template <> struct Word16<4> { using type = uint2; };
+template <> struct Word16<8> { using type = uint4; };
+template <typename T, int VEC> struct Vec {
+  static_assert(sizeof(T) == 2, "16-bit values");
+  using Word = typename Word16<VEC>::type;
+  static __device__ __forceinline__ void load(const T* p, float (&v)[VEC]) {
+    T values[VEC];
+    *reinterpret_cast<Word*>(values) = *reinterpret_cast<const Word*>(p);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = to_f32(four[i]);
+    for (int i = 0; i < VEC; ++i) v[i] = to_f32(values[i]);
   }
-  static __device__ __forceinline__ void store(T* p, const float (&v)[4]) {
-    T four[4];
+  static __device__ __forceinline__ void store(T* p, const float (&v)[VEC]) {
+    T values[VEC];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) four[i] = from_f32<T>(v[i]);
-    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(four);
-  }
-};
-
-template <typename T> struct Vec<T, 8> {
-  static_assert(sizeof(T) == 2, "eight 16-bit values");
-  static __device__ __forceinline__ void load(const T* p, float (&v)[8]) {
-    T eight[8];
-    *reinterpret_cast<uint4*>(eight) = *reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_f32(eight[i]);
-  }
-  static __device__ __forceinline__ void store(T* p, const float (&v)[8]) {
-    T eight[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) eight[i] = from_f32<T>(v[i]);
-    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(eight);
+    for (int i = 0; i < VEC; ++i) values[i] = from_f32<T>(v[i]);
+    *reinterpret_cast<Word*>(p) = *reinterpret_cast<const Word*>(values);
   }
 };
 
