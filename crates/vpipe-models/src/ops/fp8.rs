@@ -784,25 +784,6 @@ mod cuda_kernels {
         Ok(done(quantised))
     }
 
-    /// `y [rows, out] = x8 · w8ᵀ · PRODUCT_SCALE` over the padded rows of `x`, in `x`'s
-    /// dtype: the product that the scales are applied to afterwards.
-    pub(super) fn unscaled_product(
-        device: &CudaDevice,
-        x: &super::Fp8Rows,
-        weight: &super::Fp8Weight,
-    ) -> candle_core::Result<Tensor> {
-        let (padded, inputs) = x.values.dims2()?;
-        let outputs = weight.weight.dim(0)?;
-        let (y, yp) = empty_on(device, x.dtype, &[padded, outputs])?;
-        product(
-            device,
-            (&weight.weight, &x.values),
-            (yp, x.dtype),
-            (padded, outputs, inputs),
-        )?;
-        Ok(y)
-    }
-
     /// `y ← act(y / PRODUCT_SCALE · row_scales[r] · column_scales[c] + bias[c])` in place:
     /// the unscaled product's scales, bias and activation.
     pub(super) fn scale_bias_act(
@@ -861,35 +842,39 @@ mod cuda_kernels {
         Ok(())
     }
 
-    /// `y [rows, out] = x8 · w8ᵀ · PRODUCT_SCALE` (float8 in, f32 accumulation, `dtype` out),
-    /// written to the fresh buffer at `y` ([`crate::ops::lt`]).
-    pub(super) fn product(
+    /// `y [rows, out] = x8 · w8ᵀ · PRODUCT_SCALE` over the padded rows of `x` (float8 in, f32
+    /// accumulation, `x`'s dtype out; [`crate::ops::lt`]): the product that the scales are
+    /// applied to afterwards.
+    pub(super) fn unscaled_product(
         device: &CudaDevice,
-        (w8, x8): (&Tensor, &Tensor),
-        (y, dtype): (u64, DType),
-        (rows, outputs, inputs): (usize, usize, usize),
-    ) -> candle_core::Result<()> {
+        x: &super::Fp8Rows,
+        weight: &super::Fp8Weight,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, inputs) = x.values.dims2()?;
+        let outputs = weight.weight.dim(0)?;
+        let (y, yp) = empty_on(device, x.dtype, &[rows, outputs])?;
         let product = crate::ops::lt::Product {
             outputs,
             rows,
             inputs,
             operands: DType::F8E4M3,
-            output: dtype,
+            output: x.dtype,
         };
-        let (wp, xp) = (device_ptr(w8)?, device_ptr(x8)?);
+        let (wp, xp) = (device_ptr(&weight.weight)?, device_ptr(&x.values)?);
         let alpha = PRODUCT_SCALE as f32;
-        // SAFETY: `w8` is [outputs, inputs] and `x8` [rows, inputs] float8, contiguous
-        // (`device_ptr` checks), `y` a fresh [rows, outputs] buffer of `dtype`.
+        // SAFETY: `weight.weight` is [outputs, inputs] and `x.values` [rows, inputs] float8,
+        // contiguous (`device_ptr` checks); `y` is a fresh [rows, outputs] buffer of x's dtype.
         unsafe {
             crate::ops::lt::matmul(
                 device,
                 product,
-                (wp, xp, y),
+                (wp, xp, yp),
                 alpha,
                 crate::ops::lt::Epilogue::None,
                 None,
             )
-        }
+        }?;
+        Ok(y)
     }
 }
 
