@@ -42,6 +42,10 @@ template <typename T, int VEC> struct Vec {
   }
 };
 
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
 // `op` over the block (an associative operation with 0 as its identity on the values given:
 // a sum, or the largest of values that are not negative); every thread gets the result.
 // `shared` holds 32 floats.

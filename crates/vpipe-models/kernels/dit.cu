@@ -4,9 +4,15 @@
 //
 // - ln_modulate: y = LN(x) * mul[b] + add[b]; LN without affine, f32 statistics, one block
 //   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
+//   For 16-bit rows of a multiple of eight, eight elements a thread (ln_modulate_rows_x8),
+//   which can also give its output quantised to e4m3 per row, for a float8 product.
 // - gated_residual: y = x + r * gate[b], in f32; for 16-bit rows of a multiple of eight, one
-//   block per row, eight elements a thread (gated_residual_rows_x8).
+//   block per row, eight elements a thread (gated_residual_rows_x8, where a null gate gives
+//   the plain residual y = x + r).
 // - rope_heads: [B, L, H, D] -> [B, H, L, D] with interleaved pairs rotated by cos/sin [L, D/2].
+// - rms_rope_heads: the q/k RMS norm across the heads (rounded once, as candle's rms_norm)
+//   and rope_heads in one pass, one block per token, eight elements a thread; optionally the
+//   largest |output| into *absmax (float8 attention's per-tensor scale of q).
 // - bias_act: y = act(y + bias) in place on a fresh matmul output, act = identity or
 //   GELU(tanh); f32 arithmetic.
 // - dequant_fp8: w = float(w8) * scale (ComfyUI's scaled fp8 weights); candle 0.11.1's own
@@ -51,6 +57,102 @@ __device__ void ln_modulate(const T* x, const float* mul, const float* add, T* y
   }
 }
 
+// VEC f32 values to and from shared memory as 16-byte words (VEC a multiple of 4, p aligned).
+template <int VEC>
+__device__ __forceinline__ void store_shared(float* p, const float (&v)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; j += 4)
+    *reinterpret_cast<float4*>(p + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+}
+template <int VEC>
+__device__ __forceinline__ void load_shared(const float* p, float (&v)[VEC]) {
+#pragma unroll
+  for (int j = 0; j < VEC; j += 4) {
+    float4 w = *reinterpret_cast<const float4*>(p + j);
+    v[j] = w.x, v[j + 1] = w.y, v[j + 2] = w.z, v[j + 3] = w.w;
+  }
+}
+
+// ln_modulate with VEC 16-bit elements a thread (dim a multiple of VEC, rows aligned to VEC
+// elements): the same f32 arithmetic, the row kept in shared memory between its passes.
+// With y8, the output rounded to T is not written but quantised as fp8.cu's quantize_rows
+// does: the row's scale (its largest |value| over 448, at least 1e-12) to y8_scales[r], the
+// row over it in e4m3 to y8; blocks at or past `rows` write a row of zeros with a zero scale
+// (the padding cuBLASLt's float8 tiles take) and read nothing.
+template <typename T, int VEC>
+__device__ void ln_modulate_rows(const T* x, const float* mul, const float* add, T* y, int dim,
+                                 long long rows_per_batch, long long mod_stride, float eps,
+                                 __nv_fp8_e4m3* y8, float* y8_scales, long long rows) {
+  extern __shared__ float row[];
+  __shared__ float partial[32];
+  long long r = blockIdx.x;
+  if (y8 && r >= rows) {
+    for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+      unsigned char zeros[VEC] = {};
+      *reinterpret_cast<uint2*>(y8 + r * dim + c) = *reinterpret_cast<const uint2*>(zeros);
+    }
+    if (threadIdx.x == 0) y8_scales[r] = 0.f;
+    return;
+  }
+  const T* xr = x + r * dim;
+  float sum = 0.f;
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    float v[VEC];
+    Vec<T, VEC>::load(xr + c, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sum += v[j];
+    store_shared<VEC>(row + c, v);
+  }
+  float mean = block_sum(sum, partial) / dim;
+  float sq = 0.f;
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    float v[VEC];
+    load_shared<VEC>(row + c, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float d = v[j] - mean;
+      sq += d * d;
+    }
+  }
+  float rstd = rsqrtf(block_sum(sq, partial) / dim + eps);
+  long long b = r / rows_per_batch;
+  const float* m = mul + b * mod_stride;
+  const float* a = add + b * mod_stride;
+  // The row's values from column c, in f32.
+  auto values = [&](int c, float(&v)[VEC]) {
+    load_shared<VEC>(row + c, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean) * rstd * m[c + j] + a[c + j];
+  };
+  if (!y8) {
+    for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+      float v[VEC];
+      values(c, v);
+      Vec<T, VEC>::store(y + r * dim + c, v);
+    }
+    return;
+  }
+  float largest = 0.f;
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    float v[VEC];
+    values(c, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) largest = fmaxf(largest, fabsf(to_f32(from_f32<T>(v[j]))));
+  }
+  largest = block_reduce(largest, partial, Max());
+  float s = fmaxf(largest * (1.f / 448.f), 1e-12f);
+  if (threadIdx.x == 0) y8_scales[r] = s;
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    float v[VEC];
+    values(c, v);
+    unsigned char packed[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      packed[j] = __nv_fp8_e4m3(fminf(fmaxf(to_f32(from_f32<T>(v[j])) / s, -448.f), 448.f)).__x;
+    *reinterpret_cast<uint2*>(y8 + r * dim + c) = *reinterpret_cast<const uint2*>(packed);
+  }
+}
+
 template <typename T>
 __device__ void gated_residual(const T* x, const T* res, const float* gate, T* y, long long n,
                                int dim, long long rows_per_batch) {
@@ -64,20 +166,73 @@ __device__ void gated_residual(const T* x, const T* res, const float* gate, T* y
 
 // gated_residual over one row per block, VEC elements a thread (dim a multiple of VEC, rows
 // aligned to VEC elements): the gate's row is found once per block rather than by two 64-bit
-// divisions per element.
+// divisions per element. A null gate adds r as it is (x + r · 1 is exact before the rounding).
 template <typename T, int VEC>
 __device__ void gated_residual_rows(const T* x, const T* res, const float* gate, T* y, int dim,
                                     long long rows_per_batch) {
   long long r = blockIdx.x;
-  const float* g = gate + (r / rows_per_batch) * dim;
+  const float* g = gate ? gate + (r / rows_per_batch) * dim : nullptr;
   long long start = r * dim;
   for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
     float xv[VEC], rv[VEC];
     Vec<T, VEC>::load(x + start + c, xv);
     Vec<T, VEC>::load(res + start + c, rv);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) xv[j] += rv[j] * g[c + j];
+    for (int j = 0; j < VEC; ++j) xv[j] += rv[j] * (g ? g[c + j] : 1.f);
     Vec<T, VEC>::store(y + start + c, xv);
+  }
+}
+
+// y[b, h, l, :] = rope(round(x[b, l, :] * rstd * w)) for the token r = b * tokens + l of this
+// block: the RMS over all heads in f32, the normed value rounded once to T (as candle's
+// rms_norm), then each interleaved pair rotated by cos/sin[l, pair] in f32 and rounded. VEC
+// elements a thread (head_dim a multiple of VEC, rows aligned to VEC elements); the row is
+// read twice, the second time from the cache. With absmax, the largest |y| of the block goes
+// to *absmax by an atomic maximum (non-negative floats order as their bits do; *absmax holds
+// 0 or a smaller such maximum before).
+template <typename T, int VEC>
+__device__ void rms_rope_heads(const T* x, const T* weight, const float* cos, const float* sin,
+                               T* y, int tokens, int heads, int head_dim, float eps,
+                               float* absmax) {
+  __shared__ float partial[32];
+  long long r = blockIdx.x;
+  int dim = heads * head_dim;
+  const T* xr = x + r * dim;
+  float sq = 0.f;
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    float v[VEC];
+    Vec<T, VEC>::load(xr + c, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sq += v[j] * v[j];
+  }
+  float rstd = rsqrtf(block_sum(sq, partial) / dim + eps);
+  long long b = r / tokens;
+  int l = r - b * tokens, pairs = head_dim / 2;
+  const float* cr = cos + (long long)l * pairs;
+  const float* sr = sin + (long long)l * pairs;
+  float m = 0.f;
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    float v[VEC], w[VEC];
+    Vec<T, VEC>::load(xr + c, v);
+    Vec<T, VEC>::load(weight + c, w);
+    int h = c / head_dim, d = c - h * head_dim;
+#pragma unroll
+    for (int j = 0; j < VEC; j += 2) {
+      float x1 = to_f32(from_f32<T>(rstd * v[j] * w[j]));
+      float x2 = to_f32(from_f32<T>(rstd * v[j + 1] * w[j + 1]));
+      float cs = cr[(d + j) / 2], sn = sr[(d + j) / 2];
+      v[j] = x1 * cs - x2 * sn;
+      v[j + 1] = x1 * sn + x2 * cs;
+    }
+    if (absmax) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(to_f32(from_f32<T>(v[j]))));
+    }
+    Vec<T, VEC>::store(y + ((b * heads + h) * tokens + l) * head_dim + d, v);
+  }
+  if (absmax) {
+    m = block_reduce(m, partial, Max());
+    if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(absmax), __float_as_int(m));
   }
 }
 
@@ -112,9 +267,20 @@ __device__ void bias_act(T* y, const T* bias, long long n, int dim, int gelu) {
 }
 
 #define DIT_ROW_KERNELS(SUFFIX, T)                                                             \
+  extern "C" __global__ void ln_modulate_rows_x8_##SUFFIX(                                    \
+      const T* x, const float* mul, const float* add, T* y, int dim, long long rows_per_batch, \
+      long long mod_stride, float eps, __nv_fp8_e4m3* y8, float* y8_scales, long long rows) {  \
+    ln_modulate_rows<T, 8>(x, mul, add, y, dim, rows_per_batch, mod_stride, eps, y8,           \
+                           y8_scales, rows);                                                   \
+  }                                                                                            \
   extern "C" __global__ void gated_residual_rows_x8_##SUFFIX(                                 \
       const T* x, const T* res, const float* gate, T* y, int dim, long long rows_per_batch) {  \
     gated_residual_rows<T, 8>(x, res, gate, y, dim, rows_per_batch);                           \
+  }                                                                                            \
+  extern "C" __global__ void rms_rope_heads_x8_##SUFFIX(                                      \
+      const T* x, const T* weight, const float* cos, const float* sin, T* y, int tokens,       \
+      int heads, int head_dim, float eps, float* absmax) {                                     \
+    rms_rope_heads<T, 8>(x, weight, cos, sin, y, tokens, heads, head_dim, eps, absmax);        \
   }
 DIT_ROW_KERNELS(bf16, __nv_bfloat16)
 DIT_ROW_KERNELS(f16, __half)

@@ -2,8 +2,8 @@
 // - quantize_rows: each row's scale (its largest |x| over 448, at least 1e-12) and the row in
 //   e4m3 over it (per-token activation scales, per-channel weight scales), one block per row:
 //   the row is read from memory once, its second reading from the cache.
-// - absmax_all: the largest |x| of a whole tensor (for one scale over it), grid-stride, four
-//   16-bit elements a thread where aligned.
+// - absmax_all: the largest |x| of a whole tensor (for one scale over it), grid-stride, eight
+//   (or four) 16-bit elements a thread where aligned; quantize_fp8 and add_offsets likewise.
 // - quantize_fp8: x8 = e4m3(clamp(x / scale, ±448)), one scale per row (or one for all).
 // - Both take x less an offset per channel where `offsets` is given: element i loses
 //   offsets[(i / span) * inner + i % inner] (attention's keys and values less their mean over
@@ -22,10 +22,6 @@
 
 #define FP8_MAX 448.f
 #define MIN_SCALE 1e-12f
-
-struct Max {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
 
 template <typename T>
 __device__ void quantize_rows(const T* x, float* scales, __nv_fp8_e4m3* y, int cols) {
@@ -95,6 +91,11 @@ __device__ void absmax_all(const T* x, const float* offsets, long long inner, lo
   if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
 }
 
+// The word that holds VEC float8 values.
+template <int VEC> struct Word8;
+template <> struct Word8<4> { using type = unsigned int; };
+template <> struct Word8<8> { using type = uint2; };
+
 // quantize_fp8 with VEC elements a thread (of one row: cols a multiple of VEC), one division
 // for the group's offsets and the float8 bytes stored as one word.
 template <typename T, int VEC>
@@ -107,13 +108,14 @@ __device__ void quantize_fp8_groups(const T* x, const float* scales, int scale_s
   Vec<T, VEC>::load(x + i, v);
   const float* off = group_offsets(offsets, inner, span, i);
   float s = scales[scale_stride ? i / cols : 0];
-  unsigned int packed = 0;
+  unsigned char packed[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     float q = (v[j] - (off ? off[j] : 0.f)) / s;
-    packed |= (unsigned int)__nv_fp8_e4m3(fminf(fmaxf(q, -FP8_MAX), FP8_MAX)).__x << (8 * j);
+    packed[j] = __nv_fp8_e4m3(fminf(fmaxf(q, -FP8_MAX), FP8_MAX)).__x;
   }
-  *reinterpret_cast<unsigned int*>(y + i) = packed;
+  *reinterpret_cast<typename Word8<VEC>::type*>(y + i) =
+      *reinterpret_cast<const typename Word8<VEC>::type*>(packed);
 }
 
 // add_offsets with VEC elements a thread.
@@ -128,6 +130,102 @@ __device__ void add_offsets_groups(T* y, const float* offsets, long long inner, 
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v[j] += off[j];
   Vec<T, VEC>::store(y + i, v);
+}
+
+// Per-channel sum, least and largest value over a chunk of the rows of x laid out
+// [outer, rows, inner] (inner contiguous: attention's [B, H, L, D] keys or values token-major,
+// outer B and inner H·D, or head-major, outer B·H and inner D), VEC 16-bit elements a thread:
+// block (chunk, o) writes its chunk's three values of each channel o·inner + c to
+// partial[((p · chunks + chunk) · outer + o) · inner + c], p = 0, 1, 2 for sum, least,
+// largest. A row of inner / VEC groups takes `groups` threads (looping where there are more
+// groups than threads); blockDim / groups rows go at once, merged in shared memory
+// (3 · blockDim · VEC floats) in a fixed order, so that the sums do not depend on timing.
+template <typename T, int VEC>
+__device__ void channel_stats(const T* x, float* partial, long long rows, int inner,
+                              int rows_per_chunk) {
+  extern __shared__ float merged[];
+  int groups = inner / VEC;
+  int lanes = max(1, (int)blockDim.x / groups);  // rows at once
+  int lane = threadIdx.x / groups, g0 = threadIdx.x % groups;
+  long long o = blockIdx.y, chunks = gridDim.x, outer = gridDim.y;
+  long long first = (long long)blockIdx.x * rows_per_chunk;
+  long long last = min(first + rows_per_chunk, rows);
+  // With several rows at once, each thread takes one group (every thread reaches the
+  // barriers); with one, the threads loop over the groups.
+  int g_first = lanes > 1 ? g0 : threadIdx.x, g_step = lanes > 1 ? groups : blockDim.x;
+  for (int g = g_first; g < groups; g += g_step) {
+    float sum[VEC], lo[VEC], hi[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sum[j] = 0.f, lo[j] = INFINITY, hi[j] = -INFINITY;
+    if (lane < lanes) {
+#pragma unroll 4
+      for (long long r = first + lane; r < last; r += lanes) {
+        float v[VEC];
+        Vec<T, VEC>::load(x + (o * rows + r) * inner + g * VEC, v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum[j] += v[j], lo[j] = fminf(lo[j], v[j]), hi[j] = fmaxf(hi[j], v[j]);
+      }
+    }
+    if (lanes > 1) {
+      // Each lane's values to shared memory; lane 0 adds them up in lane order.
+      float* mine = merged + 3 * VEC * threadIdx.x;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) mine[j] = sum[j], mine[VEC + j] = lo[j], mine[2 * VEC + j] = hi[j];
+      __syncthreads();
+      if (lane == 0) {
+        for (int l = 1; l < lanes; ++l) {
+          const float* other = merged + 3 * VEC * (l * groups + g0);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            sum[j] += other[j];
+            lo[j] = fminf(lo[j], other[VEC + j]);
+            hi[j] = fmaxf(hi[j], other[2 * VEC + j]);
+          }
+        }
+      }
+      __syncthreads();
+      if (lane != 0) continue;
+    }
+    long long plane = chunks * outer * inner;
+    float* out = partial + ((long long)blockIdx.x * outer + o) * inner + g * VEC;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      out[j] = sum[j];
+      out[plane + j] = lo[j];
+      out[2 * plane + j] = hi[j];
+    }
+  }
+}
+
+// The chunks' values merged, one thread a channel (outer · inner of them): mean[c] = sum / rows,
+// and the largest |x - mean| over every channel into *absmax (0 before) by an atomic maximum:
+// max(largest - mean, mean - least), which equals the largest |x - mean| computed element by
+// element in f32 (x - mean rounds monotonically in x).
+__device__ void channel_stats_merge(const float* partial, float* mean, float* absmax,
+                                    long long rows, long long channels, int chunks) {
+  __shared__ float block_max[32];
+  long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  float spread = 0.f;
+  if (c < channels) {
+    long long plane = chunks * channels;
+    float sum = 0.f, lo = INFINITY, hi = -INFINITY;
+    for (int k = 0; k < chunks; ++k) {
+      sum += partial[k * channels + c];
+      lo = fminf(lo, partial[plane + k * channels + c]);
+      hi = fmaxf(hi, partial[2 * plane + k * channels + c]);
+    }
+    float m = sum / rows;
+    mean[c] = m;
+    spread = fmaxf(hi - m, m - lo);
+  }
+  spread = block_reduce(spread, block_max, Max());
+  if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(absmax), __float_as_int(spread));
+}
+
+extern "C" __global__ void channel_stats_merge_f32(const float* partial, float* mean,
+                                                   float* absmax, long long rows,
+                                                   long long channels, int chunks) {
+  channel_stats_merge(partial, mean, absmax, rows, channels, chunks);
 }
 
 template <typename T>
@@ -234,22 +332,29 @@ __device__ void rows_scale_act(const T* x, float factor, const float* row_scales
     scale_bias_act<T>(y, factor, row_scales, column_scales, column_stride, bias, n, cols,     \
                       gelu);                                                                   \
   }
-// Four 16-bit elements a thread (8-byte accesses; the caller checks the alignment).
-#define FP8_GROUP_KERNELS(SUFFIX, T)                                                           \
-  extern "C" __global__ void absmax_all_x4_##SUFFIX(const T* x, const float* offsets,         \
-                                                    long long inner, long long span,          \
-                                                    float* out, long long n) {                \
-    absmax_all<T, 4>(x, offsets, inner, span, out, n);                                         \
+// VEC = 4 or 8 16-bit elements a thread (8- or 16-byte accesses; the caller checks the
+// alignment).
+#define FP8_GROUP_KERNELS(SUFFIX, T, VEC)                                                      \
+  extern "C" __global__ void absmax_all_x##VEC##_##SUFFIX(const T* x, const float* offsets,   \
+                                                          long long inner, long long span,    \
+                                                          float* out, long long n) {          \
+    absmax_all<T, VEC>(x, offsets, inner, span, out, n);                                       \
   }                                                                                            \
-  extern "C" __global__ void quantize_fp8_x4_##SUFFIX(                                        \
+  extern "C" __global__ void quantize_fp8_x##VEC##_##SUFFIX(                                  \
       const T* x, const float* scales, int scale_stride, const float* offsets,                 \
       long long inner, long long span, __nv_fp8_e4m3* y, long long n, int cols) {              \
-    quantize_fp8_groups<T, 4>(x, scales, scale_stride, offsets, inner, span, y, n, cols);      \
+    quantize_fp8_groups<T, VEC>(x, scales, scale_stride, offsets, inner, span, y, n, cols);    \
   }                                                                                            \
-  extern "C" __global__ void add_offsets_x4_##SUFFIX(T* y, const float* offsets,              \
-                                                     long long inner, long long span,         \
-                                                     long long n) {                           \
-    add_offsets_groups<T, 4>(y, offsets, inner, span, n);                                      \
+  extern "C" __global__ void add_offsets_x##VEC##_##SUFFIX(T* y, const float* offsets,        \
+                                                           long long inner, long long span,   \
+                                                           long long n) {                     \
+    add_offsets_groups<T, VEC>(y, offsets, inner, span, n);                                    \
+  }
+#define FP8_ROW_KERNELS(SUFFIX, T)                                                             \
+  extern "C" __global__ void channel_stats_x8_##SUFFIX(const T* x, float* partial,            \
+                                                       long long rows, int inner,             \
+                                                       int rows_per_chunk) {                  \
+    channel_stats<T, 8>(x, partial, rows, inner, rows_per_chunk);                              \
   }                                                                                            \
   extern "C" __global__ void rows_scale_act_x8_##SUFFIX(                                      \
       const T* x, float factor, const float* row_scales, const float* column_scales,           \
@@ -258,8 +363,12 @@ __device__ void rows_scale_act(const T* x, float factor, const float* row_scales
     rows_scale_act<T, 8>(x, factor, row_scales, column_scales, column_stride, bias, gelu, y,   \
                          y8, y8_scales, cols, rows);                                           \
   }
-FP8_GROUP_KERNELS(bf16, __nv_bfloat16)
-FP8_GROUP_KERNELS(f16, __half)
+FP8_GROUP_KERNELS(bf16, __nv_bfloat16, 4)
+FP8_GROUP_KERNELS(f16, __half, 4)
+FP8_GROUP_KERNELS(bf16, __nv_bfloat16, 8)
+FP8_GROUP_KERNELS(f16, __half, 8)
+FP8_ROW_KERNELS(bf16, __nv_bfloat16)
+FP8_ROW_KERNELS(f16, __half)
 FP8_KERNELS(f32, float)
 FP8_KERNELS(bf16, __nv_bfloat16)
 FP8_KERNELS(f16, __half)

@@ -264,6 +264,116 @@ fn cuda_matches_diffusers() {
     }
 }
 
+/// The one-pass kernels of a block at the 14B's width (40 heads × 128, rows of 5 120: many
+/// warps a row, where the tiny model's rows take one) against the steps they replace, bf16 on
+/// the GPU: the q/k RMS norm with RoPE and the head split (and its largest |output|), the
+/// layer norm with modulation, and the plain residual.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_one_pass_block_kernels_equal_their_steps_at_14b_width() {
+    use vpipe_models::ops::fused;
+    let device = Device::new_cuda(0).unwrap();
+    let (b, l, heads, d) = (2, 300, 40, 128);
+    let dim = heads * d;
+    let randn = |shape: &[usize], std: f32| {
+        Tensor::randn(0f32, std, shape, &device)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let x = randn(&[b, l, dim], 3.0);
+    let max_of = |t: &Tensor| output_max(&t.to_dtype(DType::F32).unwrap());
+    let host_f32 = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+
+    // RMS norm + RoPE + head split, against candle's rms_norm then rope_heads.
+    let weight = (randn(&[dim], 0.5).abs().unwrap() + 0.5).unwrap();
+    let angles = Tensor::rand(0f32, 6.3, (l, d / 2), &device).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let absmax = Tensor::zeros(1, DType::F32, &device).unwrap();
+    let one_pass = fused::rms_rope_heads(&x, (&weight, 1e-6), (&cos, &sin), heads, Some(&absmax))
+        .unwrap()
+        .expect("the one-pass kernel takes bf16 rows of 40 × 128");
+    let normed = candle_nn::ops::rms_norm(&x, &weight, 1e-6).unwrap();
+    let steps = fused::rope_heads(&normed, &cos, &sin, heads).unwrap();
+    assert_eq!(one_pass.dims(), &[b, heads, l, d]);
+    let err = max_abs_diff(&host_f32(&one_pass), &host_f32(&steps)).unwrap();
+    let scale = max_of(&steps);
+    println!(
+        "rms_rope_heads at 40 × 128: max abs {err:.3e} against the two steps (max {scale:.2})"
+    );
+    // The sums run in another order: a value may round to the neighbouring bf16 (2⁻⁷ relative).
+    assert!(err <= scale / 64.0, "{err} of {scale}");
+    let merged = absmax.to_vec1::<f32>().unwrap()[0] as f64;
+    assert_eq!(merged, max_of(&one_pass), "the merged largest |output|");
+
+    // Layer norm with a per-sample modulation, against the f32 steps on the host.
+    let mul = Tensor::randn(1f32, 0.2, (b, 1, dim), &device).unwrap();
+    let add = Tensor::randn(0f32, 0.2, (b, 1, dim), &device).unwrap();
+    let modulated = fused::ln_modulate(&x, &mul, &add, 1e-6).unwrap();
+    let xf = host_f32(&x);
+    let mean = xf.mean_keepdim(2).unwrap();
+    let centred = xf.broadcast_sub(&mean).unwrap();
+    let var = centred.sqr().unwrap().mean_keepdim(2).unwrap();
+    let expected = centred
+        .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&host_f32(&mul))
+        .unwrap()
+        .broadcast_add(&host_f32(&add))
+        .unwrap();
+    let err = max_abs_diff(&host_f32(&modulated), &expected).unwrap();
+    let scale = output_max(&expected);
+    println!("ln_modulate at 5 120 wide: max abs {err:.3e} against f32 (max {scale:.2})");
+    assert!(err <= scale / 128.0, "{err} of {scale}");
+
+    // The plain residual, against candle's add (both round the exact sum once).
+    let r = randn(&[b, l, dim], 1.0);
+    let sum = fused::residual(&x, &r).unwrap();
+    assert_eq!(max_abs_diff(&sum, &(&x + &r).unwrap()).unwrap(), 0.0);
+}
+
+/// The DiT with float8 products (`--fp8-compute`) on the GPU, where the layer norms quantise
+/// their outputs in their own pass, against the same products emulated on the host (the
+/// inputs quantised per row alike, the products in f32), bf16, whole and in token slices
+/// (the self-attention's norm per slice).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_fp8_products_match_the_hosts_emulation() {
+    use vpipe_models::ops::linear::MatmulPrecision;
+    let device = Device::new_cuda(0).unwrap();
+    let cases = cases();
+    let host = model("dit_tiny_diffusers.safetensors", DType::BF16, &Device::Cpu);
+    let gpu = model("dit_tiny_diffusers.safetensors", DType::BF16, &device);
+    for token_slices in [1, 5] {
+        let execution = Execution {
+            matmul: MatmulPrecision::Fp8,
+            token_slices,
+            ..Execution::default()
+        };
+        let on_host = run_planned(&host, &cases, "batch2", &execution)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let on_gpu_cases: HashMap<String, Tensor> = cases
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_device(&device).unwrap()))
+            .collect();
+        let on_gpu = run_planned(&gpu, &on_gpu_cases, "batch2", &execution)
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let err = max_abs_diff(&on_gpu, &on_host).unwrap();
+        let bound = 0.05 * output_max(&on_host);
+        println!("cuda fp8 products, {token_slices} slice(s): max abs {err:.3e} against the host (bound {bound:.1e})");
+        assert!(err <= bound, "{token_slices} slices: {err}");
+    }
+}
+
 #[test]
 fn guidance_batched_equals_two_passes() {
     // batch2's two contexts play cond and uncond for sample 0's latents.

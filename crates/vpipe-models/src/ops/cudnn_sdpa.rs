@@ -1318,7 +1318,12 @@ impl Fp8KeysValues {
     /// # Shapes
     /// - `k`, `v`: [B, H, Lk, D], bf16 or f16.
     pub fn quantize(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
+        // The mean and the spread about it in one pass where x's layout allows, else the
+        // mean by a matrix product and the spread in the quantisation's own pass.
         let quantize = |x: &Tensor| -> candle_core::Result<_> {
+            if let Some(centred) = crate::ops::fp8::quantize_centred(x)? {
+                return Ok(centred);
+            }
             let mean = mean_over_keys(x)?;
             Ok((crate::ops::fp8::quantize_per_tensor(x, Some(&mean))?, mean))
         };

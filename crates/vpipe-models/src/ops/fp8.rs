@@ -113,13 +113,7 @@ impl Fp8Rows {
         if !matches!(x.dtype(), DType::BF16 | DType::F16) {
             candle_core::bail!("fp8 linear: input in {:?}; expected bf16 or f16", x.dtype());
         }
-        // cuBLASLt's float8 products take whole tiles of 16 rows: the rows past `x`'s are
-        // zeros, and their outputs are left out (a prefix of a row-major tensor, no copy).
-        let padded = if x.device().is_cuda() {
-            rows.next_multiple_of(16)
-        } else {
-            rows
-        };
+        let padded = padded_rows(rows, x.device());
         let (values, scales) = quantize_per_row(&x.contiguous()?, padded)?;
         Ok(Self {
             values,
@@ -127,6 +121,43 @@ impl Fp8Rows {
             rows,
             dtype: x.dtype(),
         })
+    }
+
+    /// `LN(x) · mul + add` ([`crate::ops::fused::ln_modulate`]) quantised as [`Self::quantize`]
+    /// quantises its output, in the same pass over `x`; `None` where that kernel does not
+    /// take `x` (the caller norms, then quantises).
+    ///
+    /// # Shapes
+    /// - `x`: [B, L, D], bf16 or f16; `mul`, `add`: [B, 1, D] or [1, 1, D], f32. The rows are
+    ///   x's B·L tokens.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layer_norm_modulated(
+        x: &Tensor,
+        (mul, add, eps): (&Tensor, &Tensor, f32),
+    ) -> candle_core::Result<Option<Self>> {
+        let (b, l, _) = x.dims3()?;
+        let padded = padded_rows(b * l, x.device());
+        Ok(
+            crate::ops::fused::ln_modulate_fp8(x, (mul, add, eps), padded)?.map(
+                |(values, scales)| Self {
+                    values,
+                    scales,
+                    rows: b * l,
+                    dtype: x.dtype(),
+                },
+            ),
+        )
+    }
+}
+
+/// The rows a float8 input of `rows` rows is stored with: cuBLASLt's float8 products take
+/// whole tiles of 16 rows, so on CUDA the rows past `rows` are zeros, and their outputs are
+/// left out (a prefix of a row-major tensor, no copy).
+fn padded_rows(rows: usize, device: &candle_core::Device) -> usize {
+    if device.is_cuda() {
+        rows.next_multiple_of(16)
+    } else {
+        rows
     }
 }
 
@@ -224,7 +255,9 @@ fn quantize_per_row(x: &Tensor, padded_rows: usize) -> candle_core::Result<(Tens
 #[cfg(all(feature = "cuda", feature = "bench-hooks"))]
 pub use cuda_kernels::set_scales_in_product;
 #[cfg(feature = "cuda")]
-pub(crate) use cuda_kernels::{add_channel_offsets, quantize_per_tensor, ChannelOffsets};
+pub(crate) use cuda_kernels::{
+    add_channel_offsets, quantize_centred, quantize_per_tensor, ChannelOffsets,
+};
 
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
@@ -398,21 +431,31 @@ mod cuda_kernels {
         span: i64,
     }
 
+    /// How many consecutive elements of `x` [B, H, L, D] in memory are channels of one token:
+    /// H·D where x is token-major ([B, L, H, D] memory), D where head-major; `None` for any
+    /// other layout.
+    fn channel_run(x: &Tensor) -> candle_core::Result<Option<usize>> {
+        let (_, h, l, d) = x.dims4()?;
+        let stride = x.layout().stride();
+        let (token_major, head_major) = ([l * h * d, d, h * d, 1], [h * l * d, l * d, d, 1]);
+        // Axes of one element take any stride.
+        let matches =
+            |expected: [usize; 4]| (0..4).all(|a| x.dims()[a] == 1 || stride[a] == expected[a]);
+        Ok(if matches(token_major) {
+            Some(h * d)
+        } else if matches(head_major) {
+            Some(d)
+        } else {
+            None
+        })
+    }
+
     impl ChannelOffsets {
         /// `values` ([B, 1, H, D] or any shape of B·H·D elements) paired with `x` [B, H, L, D];
         /// `None` where x's layout is neither of the two the indexing covers.
         pub(crate) fn for_layout(values: &Tensor, x: &Tensor) -> candle_core::Result<Option<Self>> {
             let (b, h, l, d) = x.dims4()?;
-            let stride = x.layout().stride();
-            let (token_major, head_major) = ([l * h * d, d, h * d, 1], [h * l * d, l * d, d, 1]);
-            // Axes of one element take any stride.
-            let matches =
-                |expected: [usize; 4]| (0..4).all(|a| x.dims()[a] == 1 || stride[a] == expected[a]);
-            let inner = if matches(token_major) {
-                h * d
-            } else if matches(head_major) {
-                d
-            } else {
+            let Some(inner) = channel_run(x)? else {
                 return Ok(None);
             };
             if values.elem_count() != b * h * d {
@@ -444,30 +487,33 @@ mod cuda_kernels {
         })
     }
 
-    /// Whether `n` elements of `dtype` from the device address `x`, in rows of `cols`, can be
-    /// taken four at a time (16-bit, 8-byte aligned, groups of four within a row and within a
-    /// block of offsets): the kernels' `_x4` variants.
-    fn in_fours(
+    /// How many of the `n` elements of `dtype` from the device address `x`, in rows of `cols`,
+    /// a thread can take at a time: 8 or 4 for 16-bit elements whose address allows one 16- or
+    /// 8-byte access per group and whose groups lie within a row and within a block of offsets
+    /// (the kernels' `_x8` and `_x4` variants), else 1.
+    fn group_width(
         x: u64,
         dtype: DType,
         (n, cols): (usize, usize),
         offsets: Option<&ChannelOffsets>,
-    ) -> bool {
-        matches!(dtype, DType::BF16 | DType::F16)
-            && x.is_multiple_of(8)
-            && n.is_multiple_of(4)
-            && cols.is_multiple_of(4)
-            && offsets.is_none_or(|o| o.inner % 4 == 0)
+    ) -> usize {
+        let fits = |width: usize| {
+            matches!(dtype, DType::BF16 | DType::F16)
+                && x.is_multiple_of(2 * width as u64)
+                && n.is_multiple_of(width)
+                && cols.is_multiple_of(width)
+                && offsets.is_none_or(|o| o.inner % width as i64 == 0)
+        };
+        [8, 4].into_iter().find(|&w| fits(w)).unwrap_or(1)
     }
 
-    /// `{base}_x4_{dtype}` where the elements go four at a time ([`in_fours`]), else
-    /// `{base}_{dtype}`, and the elements a thread takes.
-    fn grouped(base: &str, dtype: DType, fours: bool) -> candle_core::Result<(String, usize)> {
-        Ok(if fours {
-            (name(&format!("{base}_x4"), dtype)?, 4)
+    /// `{base}_x{width}_{dtype}`, or `{base}_{dtype}` for one element a thread.
+    fn grouped(base: &str, dtype: DType, width: usize) -> candle_core::Result<String> {
+        if width == 1 {
+            name(base, dtype)
         } else {
-            (name(base, dtype)?, 1)
-        })
+            name(&format!("{base}_x{width}"), dtype)
+        }
     }
 
     /// The largest |value| (less its channel's offset, where given) of the `rows · cols`
@@ -484,9 +530,9 @@ mod cuda_kernels {
         if n == 0 {
             return Ok(out);
         }
-        let fours = in_fours(x, dtype, (n, cols), offsets);
+        let per_thread = group_width(x, dtype, (n, cols), offsets);
         let (offsets, inner, span) = ChannelOffsets::arguments(offsets)?;
-        let (kernel, per_thread) = grouped("absmax_all", dtype, fours)?;
+        let kernel = grouped("absmax_all", dtype, per_thread)?;
         let func = device
             .as_cuda_device()?
             .get_or_load_custom_func(&kernel, "vpipe_fp8", PTX)?;
@@ -506,7 +552,7 @@ mod cuda_kernels {
             shared_mem_bytes: 0,
         };
         // SAFETY: the caller's `x` addresses `n` live elements of `dtype` (8-byte aligned in
-        // fours where the `_x4` kernel runs: `in_fours`); `out` holds one f32, zero before;
+        // groups where a grouped kernel runs: `group_width`); `out` holds one f32, zero before;
         // the offsets, when given, cover every index the pairing gives for them
         // (`ChannelOffsets::for_layout`). The kernel reads and writes only those, on the
         // device's stream.
@@ -537,9 +583,14 @@ mod cuda_kernels {
         let scales = scales.to_dtype(DType::F32)?.contiguous()?;
         let stride = i32::from(scales.elem_count() != 1);
         let (sp, op) = (device_ptr(&scales)?, device_ptr(out)?);
-        let fours = in_fours(x, dtype, (n, cols), offsets) && op.is_multiple_of(4);
+        // A group's float8 bytes are stored as one word.
+        let width = group_width(x, dtype, (n, cols), offsets);
+        let per_thread = [8, 4]
+            .into_iter()
+            .find(|&w| w <= width && op.is_multiple_of(w as u64))
+            .unwrap_or(1);
         let (offsets, inner, span) = ChannelOffsets::arguments(offsets)?;
-        let (kernel, per_thread) = grouped("quantize_fp8", dtype, fours)?;
+        let kernel = grouped("quantize_fp8", dtype, per_thread)?;
         let threads = elements_u32(n / per_thread)?;
         let func =
             out.device()
@@ -556,8 +607,8 @@ mod cuda_kernels {
         a.arg(&op);
         a.arg(&n64);
         a.arg(&cols);
-        // SAFETY: the caller's `x` addresses `n` live elements of `dtype` (aligned for fours
-        // where the `_x4` kernel runs); `out` holds at least `n` bytes (checked); `scales` one
+        // SAFETY: the caller's `x` addresses `n` live elements of `dtype` (aligned for groups
+        // where a grouped kernel runs, as is `out`); `out` holds at least `n` bytes (checked); `scales` one
         // f32 per row (stride 1) or one (stride 0); the offsets, when given, cover every index
         // their pairing gives.
         unsafe { a.launch(LaunchConfig::for_num_elems(threads)) }.w()?;
@@ -592,27 +643,142 @@ mod cuda_kernels {
                 }
             },
         };
+        let (ptr, rows_cols) = rows_of(&x)?;
+        let absmax = absmax_at((ptr, x.dtype()), offsets.as_ref(), x.device(), rows_cols)?;
+        quantize_to_absmax(&x, offsets.as_ref(), &absmax)
+    }
+
+    /// `x` (a [B, H, L, D] tensor, token- or head-major, bf16 or f16) less each channel's
+    /// mean over L, quantised as [`quantize_per_tensor`] with that mean quantises it, and the
+    /// mean (f32 [B, 1, H, D]); the mean and the largest |x − mean| come from one pass over
+    /// x. `None` where x's layout, dtype or alignment is not one that pass takes.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn quantize_centred(
+        x: &Tensor,
+    ) -> candle_core::Result<Option<((Tensor, Tensor, Vec<usize>), Tensor)>> {
+        let Some((mean, absmax)) = centred_spread(x)? else {
+            return Ok(None);
+        };
+        let Some(offsets) = ChannelOffsets::for_layout(&mean, x)? else {
+            return Ok(None);
+        };
+        Ok(Some((
+            quantize_to_absmax(x, Some(&offsets), &absmax)?,
+            mean,
+        )))
+    }
+
+    /// `x`'s first element's address, and its elements as (rows, cols) of its last axis.
+    fn rows_of(x: &Tensor) -> candle_core::Result<(u64, (usize, usize))> {
         let n = x.elem_count();
         let cols = x.dims().last().copied().unwrap_or(1).max(1);
-        if n % cols != 0 {
+        if !n.is_multiple_of(cols) {
             candle_core::bail!("fp8 quantize: {n} elements in rows of {cols}");
         }
-        let ptr = crate::ops::fused::layout_ptr(&x)?;
-        let rows = n / cols;
-        let absmax = absmax_at((ptr, x.dtype()), offsets.as_ref(), x.device(), (rows, cols))?;
+        Ok((crate::ops::fused::layout_ptr(x)?, (n / cols, cols)))
+    }
+
+    /// [`quantize_per_tensor`] of `x` (whose elements fill their span) given its largest
+    /// |value| (less the offsets, where given), f32 [1].
+    fn quantize_to_absmax(
+        x: &Tensor,
+        offsets: Option<&ChannelOffsets>,
+        absmax: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Vec<usize>)> {
+        let (ptr, (rows, cols)) = rows_of(x)?;
+        let n = rows * cols;
         let descale = absmax
             .affine(1.0 / super::FP8_MAX, 0.0)?
             .maximum(super::MIN_SCALE)?
             .reshape(1)?;
-        let out = Tensor::zeros(n, DType::F8E4M3, x.device())?;
-        quantize_at(
-            (ptr, x.dtype()),
-            &descale,
-            offsets.as_ref(),
-            &out,
-            (rows, cols),
-        )?;
+        // Every element is written by the kernel.
+        let (out, _) = empty_on(x.device().as_cuda_device()?, DType::F8E4M3, &[n])?;
+        quantize_at((ptr, x.dtype()), &descale, offsets, &out, (rows, cols))?;
         Ok((out, descale, x.layout().stride().to_vec()))
+    }
+
+    /// Each channel's mean over L of `x` [B, H, L, D] (f32 [B, 1, H, D]) and the largest
+    /// |x − mean| over all of x (f32 [1]), from one pass over x in chunks of rows and a merge
+    /// of the chunks (`channel_stats*` in kernels/fp8.cu; deterministic: no sum depends on
+    /// timing); `None` where x is not token- or head-major ([`ChannelOffsets`]), not bf16 or
+    /// f16, or its channel rows are not whole 16-byte groups.
+    fn centred_spread(x: &Tensor) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        const VEC: usize = 8;
+        let (b, h, l, d) = x.dims4()?;
+        let Some(inner) = channel_run(x)? else {
+            return Ok(None);
+        };
+        let outer = b * h * d / inner;
+        let xp = crate::ops::fused::layout_ptr(x)?;
+        if !matches!(x.dtype(), DType::BF16 | DType::F16)
+            || !inner.is_multiple_of(VEC)
+            || !xp.is_multiple_of(2 * VEC as u64)
+            || b * h * l * d == 0
+        {
+            return Ok(None);
+        }
+        let device = x.device().as_cuda_device()?;
+        // About four blocks per multiprocessor of the largest Hopper parts.
+        let chunks = 528usize.div_ceil(outer).clamp(1, l);
+        let rows_per_chunk = l.div_ceil(chunks);
+        let chunks = l.div_ceil(rows_per_chunk);
+        let groups = inner / VEC;
+        let threads = if groups >= 128 {
+            (groups.div_ceil(32) * 32).min(1024)
+        } else {
+            256
+        };
+        let shared = if threads / groups > 1 {
+            3 * threads * VEC * 4
+        } else {
+            0
+        };
+        let channels = outer * inner;
+        let (_partial, pp) = empty_on(device, DType::F32, &[3, chunks, channels])?;
+        let func = device.get_or_load_custom_func(
+            &name("channel_stats_x8", x.dtype())?,
+            "vpipe_fp8",
+            PTX,
+        )?;
+        let (rows, inner32, per_chunk) = (l as i64, inner as i32, rows_per_chunk as i32);
+        let mut a = func.builder();
+        a.arg(&xp);
+        a.arg(&pp);
+        a.arg(&rows);
+        a.arg(&inner32);
+        a.arg(&per_chunk);
+        let cfg = LaunchConfig {
+            grid_dim: (chunks as u32, outer as u32, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        // SAFETY: `x` is [outer, l, inner] from `xp` with inner contiguous (its strides
+        // checked above), 16-bit, 16-byte aligned with inner a multiple of eight; `partial`
+        // holds 3 · chunks · outer · inner f32, each written by one thread; the shared
+        // memory holds 3 · threads · 8 f32 where rows go several at once.
+        unsafe { a.launch(cfg) }.w()?;
+        let (mean, mp) = empty_on(device, DType::F32, &[b, 1, h, d])?;
+        let absmax = Tensor::zeros(1, DType::F32, x.device())?;
+        let ap = device_ptr(&absmax)?;
+        let merge = device.get_or_load_custom_func("channel_stats_merge_f32", "vpipe_fp8", PTX)?;
+        let (channels64, chunks32) = (channels as i64, chunks as i32);
+        let mut a = merge.builder();
+        a.arg(&pp);
+        a.arg(&mp);
+        a.arg(&ap);
+        a.arg(&rows);
+        a.arg(&channels64);
+        a.arg(&chunks32);
+        let cfg = LaunchConfig {
+            grid_dim: (channels.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `partial` holds the chunks' values just written in stream order; `mean`
+        // holds `channels` f32 (b·h·d, in the channel order the offsets pair with), each
+        // written by one thread; `absmax` one f32, zero before.
+        unsafe { a.launch(cfg) }.w()?;
+        Ok(Some((mean, absmax)))
     }
 
     /// `y ← y + offset` per channel, in place (see [`ChannelOffsets`]; `y` a fresh tensor the
@@ -627,9 +793,9 @@ mod cuda_kernels {
         }
         let yp = crate::ops::fused::layout_ptr(y)?;
         let cols = y.dims().last().copied().unwrap_or(1).max(1);
-        let fours = in_fours(yp, y.dtype(), (n, cols), Some(offsets));
+        let per_thread = group_width(yp, y.dtype(), (n, cols), Some(offsets));
         let (op, inner, span) = ChannelOffsets::arguments(Some(offsets))?;
-        let (kernel, per_thread) = grouped("add_offsets", y.dtype(), fours)?;
+        let kernel = grouped("add_offsets", y.dtype(), per_thread)?;
         let func =
             y.device()
                 .as_cuda_device()?

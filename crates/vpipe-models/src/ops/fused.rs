@@ -401,37 +401,111 @@ pub fn ln_modulate(
     eps: f32,
 ) -> candle_core::Result<Tensor> {
     let (b, l, d) = x.dims3()?;
+    let (out, op) = empty(x, &[b, l, d])?;
+    launch_ln_modulate(x, (mul, add, eps), (op, None))?;
+    Ok(out)
+}
+
+/// [`ln_modulate`] with its output quantised per row for a float8 product, as
+/// `fp8::Fp8Rows::quantize` quantises (the output rounded to `x`'s dtype first): e4m3 values
+/// [padded, D] and f32 scales [padded], the rows past B·L zeros with zero scales. `None`,
+/// with nothing done, where the eight-wide kernel does not take `x` (a dtype other than bf16
+/// and f16, rows not a multiple of eight wide, addresses not 16-byte aligned).
+///
+/// # Shapes
+/// As [`ln_modulate`]; `padded` at least B·L.
+pub fn ln_modulate_fp8(
+    x: &Tensor,
+    (mul, add, eps): (&Tensor, &Tensor, f32),
+    padded: usize,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    let (b, l, d) = x.dims3()?;
+    let device = x.device().as_cuda_device()?;
+    let (values, vp) = empty_on(device, DType::F8E4M3, &[padded.max(b * l), d])?;
+    let (scales, sp) = empty_on(device, DType::F32, &[padded.max(b * l)])?;
+    Ok(
+        launch_ln_modulate(x, (mul, add, eps), (0, Some((vp, sp, padded))))?
+            .map(|()| (values, scales)),
+    )
+}
+
+/// Launches `ln_modulate_*` on `x` into the device address `out`, or, with `fp8` (values'
+/// and scales' addresses and padded rows), `ln_modulate_rows_x8_*` into those; `None` where
+/// `fp8` is asked and the eight-wide kernel does not take `x`.
+fn launch_ln_modulate(
+    x: &Tensor,
+    (mul, add, eps): (&Tensor, &Tensor, f32),
+    (out, fp8): (u64, Option<(u64, u64, usize)>),
+) -> candle_core::Result<Option<()>> {
+    let (b, l, d) = x.dims3()?;
     let x = x.contiguous()?;
     let mod_batches = mul.dim(0)?;
     let stride = if mod_batches == 1 { 0i64 } else { d as i64 };
     let mul = mul.to_dtype(DType::F32)?.contiguous()?;
     let add = add.to_dtype(DType::F32)?.contiguous()?;
     let (xp, mp, ap) = (device_ptr(&x)?, device_ptr(&mul)?, device_ptr(&add)?);
+    let (dim, rows_per_batch) = (d as i32, l as i64);
+    // Eight 16-bit elements a thread where the rows allow it, as many threads as a row has
+    // groups of eight (in whole warps, at most 1024).
+    const VEC: usize = 8;
+    let rows_x8 = matches!(x.dtype(), DType::BF16 | DType::F16)
+        && d.is_multiple_of(VEC)
+        && [xp, fp8.map_or(out, |(vp, ..)| vp)]
+            .iter()
+            .all(|p| p.is_multiple_of(2 * VEC as u64));
+    if fp8.is_some() && !rows_x8 {
+        return Ok(None);
+    }
+    let (kernel, threads) = if rows_x8 {
+        let threads = ((d / VEC).div_ceil(32) * 32).min(1024) as u32;
+        (
+            format!("ln_modulate_rows_x8_{}", suffix(x.dtype())?),
+            threads,
+        )
+    } else {
+        (format!("ln_modulate_{}", suffix(x.dtype())?), 256)
+    };
+    let grid = fp8.map_or(b * l, |(.., padded)| padded.max(b * l));
     let cfg = LaunchConfig {
-        grid_dim: ((b * l) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (
+            u32::try_from(grid).map_err(|_| {
+                candle_core::Error::Msg(format!("ln_modulate: {grid} rows, more than one launch"))
+            })?,
+            1,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: (d * 4) as u32,
     };
-    let (dim, rows, eps) = (d as i32, l as i64, eps);
-    let (out, op) = empty(&x, &[b, l, d])?;
-    let func = x.device().as_cuda_device()?.get_or_load_custom_func(
-        &format!("ln_modulate_{}", suffix(x.dtype())?),
-        "vpipe_dit",
-        DIT_PTX,
-    )?;
+    let func =
+        x.device()
+            .as_cuda_device()?
+            .get_or_load_custom_func(&kernel, "vpipe_dit", DIT_PTX)?;
+    let (vp, sp, rows) = match fp8 {
+        Some((vp, sp, _)) => (vp, sp, (b * l) as i64),
+        None => (0, 0, (b * l) as i64),
+    };
     let mut a = func.builder();
     a.arg(&xp);
     a.arg(&mp);
     a.arg(&ap);
-    a.arg(&op);
+    a.arg(&out);
     a.arg(&dim);
-    a.arg(&rows);
+    a.arg(&rows_per_batch);
     a.arg(&stride);
     a.arg(&eps);
-    // SAFETY: arguments match `ln_modulate_*` in kernels/dit.cu; the pointers belong to live,
-    // contiguous tensors of the sizes the kernel reads and writes.
+    if rows_x8 {
+        a.arg(&vp);
+        a.arg(&sp);
+        a.arg(&rows);
+    }
+    // SAFETY: arguments match `ln_modulate_*` (or `ln_modulate_rows_x8_*`) in kernels/dit.cu;
+    // `x`, `mul` and `add` are live contiguous tensors of the sizes the kernel reads; `out`
+    // (without `fp8`) holds B·L·D elements of x's dtype, or (with it) the values `grid`·D bytes
+    // and the scales `grid` f32, each row written whole by its block; 16-byte aligned with
+    // rows a multiple of eight 16-bit elements for the eight-wide kernel.
     unsafe { a.launch(cfg) }.w()?;
-    Ok(out)
+    Ok(Some(()))
 }
 
 /// `x + r · gate[b]` in f32, rounded once to `x`'s dtype.
@@ -439,36 +513,48 @@ pub fn ln_modulate(
 /// # Shapes
 /// - `x`, `r`: [B, L, D] of one dtype; `gate`: [B, 1, D] f32. Returns [B, L, D].
 pub fn gated_residual(x: &Tensor, r: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, l, d) = x.dims3()?;
-    let x = x.contiguous()?;
-    let r = r.to_dtype(x.dtype())?.contiguous()?;
+    let (b, _, d) = x.dims3()?;
     let gate = gate
         .to_dtype(DType::F32)?
         .broadcast_as((b, 1, d))?
         .contiguous()?;
-    let (xp, rp, gp) = (device_ptr(&x)?, device_ptr(&r)?, device_ptr(&gate)?);
+    residual_rows(x, r, Some(&gate))
+}
+
+/// `x + r` in f32, rounded once to `x`'s dtype (the cross-attention's residual, one pass
+/// where candle's broadcasting add takes about four times as long).
+///
+/// # Shapes
+/// - `x`, `r`: [B, L, D] of one dtype. Returns [B, L, D].
+pub fn residual(x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
+    residual_rows(x, r, None)
+}
+
+/// `x + r · gate[b]` (or `x + r` without a gate), one block per row where the rows allow
+/// eight 16-bit elements a thread; else one element a thread (gated), or candle's add.
+fn residual_rows(x: &Tensor, r: &Tensor, gate: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    let x = x.contiguous()?;
+    let r = r.to_dtype(x.dtype())?.contiguous()?;
+    let (xp, rp) = (device_ptr(&x)?, device_ptr(&r)?);
+    let gp = gate.map(device_ptr).transpose()?.unwrap_or(0);
     let n = x.elem_count();
-    let (out, op) = empty(&x, &[b, l, d])?;
-    if n == 0 {
-        return Ok(out);
-    }
     const VEC: usize = 8;
     let rows_x8 = matches!(x.dtype(), DType::BF16 | DType::F16)
         && d.is_multiple_of(VEC)
-        && [xp, rp, op]
-            .iter()
-            .all(|p| p.is_multiple_of(2 * VEC as u64));
-    if rows_x8 {
+        && [xp, rp].iter().all(|p| p.is_multiple_of(2 * VEC as u64));
+    if n == 0 || !rows_x8 && gate.is_none() {
+        return &x + &r;
+    }
+    let (out, op) = empty(&x, &[b, l, d])?;
+    if rows_x8 && op.is_multiple_of(2 * VEC as u64) {
         let func = x.device().as_cuda_device()?.get_or_load_custom_func(
             &format!("gated_residual_rows_x8_{}", suffix(x.dtype())?),
             "vpipe_dit",
             DIT_PTX,
         )?;
         let grid = u32::try_from(b * l).map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "gated residual: {} rows, more than one launch",
-                b * l
-            ))
+            candle_core::Error::Msg(format!("residual: {} rows, more than one launch", b * l))
         })?;
         // As many threads as a row has groups of eight, in whole warps, at most 256.
         let threads = ((d / VEC).div_ceil(32) * 32).min(256) as u32;
@@ -486,10 +572,14 @@ pub fn gated_residual(x: &Tensor, r: &Tensor, gate: &Tensor) -> candle_core::Res
         a.arg(&dim);
         a.arg(&rows);
         // SAFETY: `x`, `r` and `out` are contiguous [b, l, d] of one 16-bit dtype, 16-byte
-        // aligned with d a multiple of eight (checked above); `gate` is [b, 1, d] f32. One
-        // block per row on their stream.
+        // aligned with d a multiple of eight (checked above); `gate`, when given, is [b, 1, d]
+        // f32 (else null, which the kernel reads as no gate). One block per row on their
+        // stream.
         unsafe { a.launch(cfg) }.w()?;
         return Ok(out);
+    }
+    if gate.is_none() {
+        return &x + &r;
     }
     let cfg = LaunchConfig::for_num_elems(n as u32);
     let (n, dim, rows) = (n as i64, d as i32, l as i64);
@@ -506,7 +596,7 @@ pub fn gated_residual(x: &Tensor, r: &Tensor, gate: &Tensor) -> candle_core::Res
     a.arg(&n);
     a.arg(&dim);
     a.arg(&rows);
-    // SAFETY: as in `ln_modulate`, for `gated_residual_*`.
+    // SAFETY: as in `ln_modulate`, for `gated_residual_*`, with the gate [b, 1, d] f32.
     unsafe { a.launch(cfg) }.w()?;
     Ok(out)
 }
@@ -547,6 +637,87 @@ pub fn rope_heads(
     // SAFETY: as in `ln_modulate`, for `rope_heads_*`.
     unsafe { a.launch(cfg) }.w()?;
     Ok(out)
+}
+
+/// The q/k RMS norm across all heads (`x · rstd · weight`, rounded once to `x`'s dtype, as
+/// candle's `rms_norm`) and [`rope_heads`] in one pass over the tokens, eight elements a
+/// thread. With `absmax` (f32 [1], holding 0 or a smaller maximum), the largest |output| is
+/// merged into it. `None`, with nothing written, where the kernel does not take these
+/// operands (a dtype other than bf16 and f16, heads not a multiple of eight wide, addresses
+/// not 16-byte aligned): the caller norms and rotates apart.
+///
+/// # Shapes
+/// - `x`: [B, L, H·D]; `weight`: [H·D] in `x`'s dtype; `cos`, `sin`: [L, D/2] f32.
+/// - returns [B, H, L, D] in `x`'s dtype.
+pub fn rms_rope_heads(
+    x: &Tensor,
+    (weight, eps): (&Tensor, f32),
+    (cos, sin): (&Tensor, &Tensor),
+    heads: usize,
+    absmax: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    const VEC: usize = 8;
+    let (b, l, hd) = x.dims3()?;
+    let d = hd / heads.max(1);
+    if !matches!(x.dtype(), DType::BF16 | DType::F16)
+        || heads == 0
+        || d * heads != hd
+        || !d.is_multiple_of(VEC)
+        || weight.dtype() != x.dtype()
+        || weight.elem_count() != hd
+        || cos.dims() != [l, d / 2]
+        || sin.dims() != [l, d / 2]
+        || b * l == 0
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let (xp, wp) = (device_ptr(&x)?, device_ptr(&weight)?);
+    if ![xp, wp].iter().all(|p| p.is_multiple_of(2 * VEC as u64)) {
+        return Ok(None);
+    }
+    let (cp, sp) = (device_ptr(&cos)?, device_ptr(&sin)?);
+    let mp = absmax.map(device_ptr).transpose()?.unwrap_or(0);
+    let (out, op) = empty(&x, &[b, heads, l, d])?;
+    let grid = u32::try_from(b * l).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "rms_rope_heads: {} rows, more than one launch",
+            b * l
+        ))
+    })?;
+    // As many threads as a row has groups of eight, in whole warps, at most 1024.
+    let threads = ((hd / VEC).div_ceil(32) * 32).min(1024) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (li, hi, di) = (l as i32, heads as i32, d as i32);
+    let func = x.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("rms_rope_heads_x8_{}", suffix(x.dtype())?),
+        "vpipe_dit",
+        DIT_PTX,
+    )?;
+    let mut a = func.builder();
+    a.arg(&xp);
+    a.arg(&wp);
+    a.arg(&cp);
+    a.arg(&sp);
+    a.arg(&op);
+    a.arg(&li);
+    a.arg(&hi);
+    a.arg(&di);
+    a.arg(&eps);
+    a.arg(&mp);
+    // SAFETY: `x` is contiguous [b, l, heads·d] and `weight` [heads·d], both of one 16-bit
+    // dtype and 16-byte aligned, d a multiple of eight (checked above); `cos` and `sin` are
+    // [l, d/2] f32; `out` is a fresh [b, heads, l, d] buffer of x's dtype (the allocator's
+    // alignment), every element of which one block per token writes; `absmax`, when given,
+    // holds one f32. All on their stream.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(Some(out))
 }
 
 /// `float(w8) · scale` in `dtype`: a scaled float8 e4m3 weight made usable for a matmul (a

@@ -114,19 +114,21 @@ impl Linear {
 
 /// A linear layer's input made ready once for every layer that reads it (the queries', keys'
 /// and values' projections of one attention): quantised to float8 once when the products
-/// are, as it is otherwise.
+/// are, as it is otherwise. A quantised input keeps only its float8 rows.
 #[derive(Debug)]
-pub struct LinearInput<'a> {
-    x: &'a Tensor,
+pub struct LinearInput {
+    /// The input as given; `None` once quantised.
+    x: Option<Tensor>,
+    shape: Vec<usize>,
     fp8: Option<crate::ops::fp8::Fp8Rows>,
 }
 
-impl<'a> LinearInput<'a> {
+impl LinearInput {
     /// `x` for products as `precision` says (float8 applies to bf16 and f16 inputs).
     ///
     /// # Shapes
     /// - `x`: [..., in].
-    pub fn new(x: &'a Tensor, precision: MatmulPrecision) -> Result<Self> {
+    pub fn new(x: &Tensor, precision: MatmulPrecision) -> Result<Self> {
         let fp8 = match x.dims().last() {
             Some(&inputs)
                 if precision == MatmulPrecision::Fp8
@@ -139,35 +141,51 @@ impl<'a> LinearInput<'a> {
             }
             _ => None,
         };
-        Ok(Self { x, fp8 })
+        Ok(Self {
+            x: fp8.is_none().then(|| x.clone()),
+            shape: x.dims().to_vec(),
+            fp8,
+        })
+    }
+
+    /// An input quantised already, of `shape` ([..., in]; its rows those of `rows`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn quantized(rows: crate::ops::fp8::Fp8Rows, shape: &[usize]) -> Self {
+        Self {
+            x: None,
+            shape: shape.to_vec(),
+            fp8: Some(rows),
+        }
     }
 }
 
 impl Linear {
     /// `act(x·Wᵀ + b)`; on CUDA the bias and the activation are one in-place pass over the
     /// matmul's output.
-    fn forward_act(&self, x: &LinearInput, gelu: bool) -> Result<Tensor> {
+    fn forward_act(&self, input: &LinearInput, gelu: bool) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
-        let x_fp8 = &x.fp8;
-        let x = x.x;
-        let Some((&x_in, leading)) = x.dims().split_last() else {
+        let Some((&x_in, leading)) = input.shape.split_last() else {
             candle_core::bail!("linear: the input is a scalar; expected [..., {in_dim}]")
         };
         if x_in != in_dim {
             candle_core::bail!(
                 "linear: input of shape {:?}, expected [..., {in_dim}] for a weight of [{out_dim}, \
                  {in_dim}]",
-                x.dims()
+                input.shape
             )
         }
-        let mut out_shape = x.dims().to_vec();
+        let mut out_shape = input.shape.clone();
         out_shape[leading.len()] = out_dim;
         let rows = leading.iter().product::<usize>();
-        if let Some(x8) = x_fp8 {
-            let weight = self.fp8_weight()?;
-            let y = crate::ops::fp8::linear_rows(x8, &weight, self.bias.as_ref(), gelu)?;
-            return y.reshape(out_shape);
-        }
+        let x = match (&input.fp8, &input.x) {
+            (Some(x8), _) => {
+                let weight = self.fp8_weight()?;
+                let y = crate::ops::fp8::linear_rows(x8, &weight, self.bias.as_ref(), gelu)?;
+                return y.reshape(out_shape);
+            }
+            (None, Some(x)) => x,
+            (None, None) => candle_core::bail!("linear: an input with neither values nor rows"),
+        };
         let weight = self.weight_in(x.dtype())?;
         #[cfg(feature = "cuda")]
         if let Some(y) = self.with_epilogue(&x.reshape((rows, in_dim))?, &weight, gelu)? {
@@ -205,6 +223,14 @@ impl Linear {
     /// - `x`: [..., in] → [..., out], in `x`'s dtype.
     pub fn forward_in(&self, x: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
         self.forward_act(&LinearInput::new(x, precision)?, false)
+    }
+
+    /// `GELU_tanh(x·Wᵀ + b)` of an input prepared once ([`LinearInput`]).
+    ///
+    /// # Shapes
+    /// - `x`: [..., in] → [..., out], in `x`'s dtype.
+    pub fn forward_gelu_prepared(&self, x: &LinearInput) -> Result<Tensor> {
+        self.forward_act(x, true)
     }
 
     /// `x·Wᵀ + b` of an input prepared once for several layers ([`LinearInput`]).

@@ -724,6 +724,29 @@ impl Rope {
         })
     }
 
+    /// [`RmsNorm::forward`] of `x` then [`Self::heads`], in one pass on CUDA where the fused
+    /// kernel takes the operands.
+    ///
+    /// # Shapes
+    /// - `x`: [B, L, H·D] → [B, H, L, D] (contiguous), `x`'s dtype.
+    fn normed_heads(&self, x: &Tensor, norm: &RmsNorm, heads: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused(x) {
+            let weight = norm.weight.to_dtype(x.dtype())?;
+            let fused = crate::ops::fused::rms_rope_heads(
+                x,
+                (&weight, norm.eps),
+                (&self.cos, &self.sin),
+                heads,
+                None,
+            )?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        self.heads(&norm.forward(x)?, heads)
+    }
+
     /// Splits `x` into heads and rotates its interleaved pairs, in f32.
     ///
     /// # Shapes
@@ -780,13 +803,14 @@ impl Attention {
             .transpose(1, 2)?)
     }
 
-    /// `x` is taken by value so that it is freed as soon as the queries, keys and values
-    /// are made, before the attention itself (one token-sized tensor less at its peak).
+    /// `input` (the normed tokens, made ready for the products: [`norm_modulate_input`]) is
+    /// taken by value so that it is freed as soon as the queries, keys and values are made,
+    /// before the attention itself (one token-sized tensor less at its peak).
     /// With `image` (image-to-video's cross-attention), the queries also attend to the image
     /// context through its own keys and values, and the two results are added.
     ///
     /// # Shapes
-    /// - `x`: [B, L, dim]; `context`: [B, Lc, dim] for cross-attention, `None` for self;
+    /// - `input`: [B, L, dim]; `context`: [B, Lc, dim] for cross-attention, `None` for self;
     ///   the image context [B, Li, dim].
     /// - output: [B, L, dim]
     ///
@@ -794,28 +818,27 @@ impl Attention {
     /// the attention runs over every rank's tokens ([`TokenShard::attend`]).
     fn forward(
         &self,
-        x: Tensor,
+        input: LinearInput,
         (context, image): (Option<&Tensor>, Option<(&ImageKeys, &Tensor)>),
         (rope, shard): (Option<&Rope>, Option<&TokenShard>),
         (how, matmul): (Attend, MatmulPrecision),
     ) -> Result<Tensor> {
         // Each intermediate lives only inside its block: the token-sized tensors are what
         // bounds the activation peak (see `Config::activation_bytes_estimate`).
-        let split = |t: Tensor| match rope {
-            Some(rope) => rope.heads(&t, self.num_heads),
-            None => self.heads(&t),
+        let split = |t: Tensor, norm: &RmsNorm| match rope {
+            Some(rope) => rope.normed_heads(&t, norm, self.num_heads),
+            None => self.heads(&norm.forward(&t)?),
         };
         // One input for the queries', keys' and values' products (in float8, quantised once).
         let (q, k, v) = {
-            let input = LinearInput::new(&x, matmul)?;
             let context = context.map(|c| LinearInput::new(c, matmul)).transpose()?;
             let kv_input = context.as_ref().unwrap_or(&input);
-            let q = split(self.norm_q.forward(&self.q.forward_prepared(&input)?)?)?;
-            let k = split(self.norm_k.forward(&self.k.forward_prepared(kv_input)?)?)?;
+            let q = split(self.q.forward_prepared(&input)?, &self.norm_q)?;
+            let k = split(self.k.forward_prepared(kv_input)?, &self.norm_k)?;
             let v = self.heads(&self.v.forward_prepared(kv_input)?)?;
             (q, k, v)
         };
-        drop(x);
+        drop(input);
         let mut out = match shard {
             None => attention(&q, &k, &v, how)?,
             Some(shard) => shard.attend(q.clone(), &k, &v, |q, k, v| attention(&q, k, v, how))?,
@@ -845,7 +868,7 @@ impl Attention {
     fn forward_self_sliced(
         &self,
         x: &Tensor,
-        norm: &dyn Fn(&Tensor, usize) -> Result<Tensor>,
+        norm: &dyn Fn(&Tensor, usize) -> Result<LinearInput>,
         (rope, shard): (&Rope, Option<&TokenShard>),
         (how, matmul): (Attend, MatmulPrecision),
         slices: usize,
@@ -859,10 +882,9 @@ impl Attention {
         for start in (0..l).step_by(size) {
             let len = size.min(l - start);
             let h = norm(&x.narrow(1, start, len)?.contiguous()?, start)?;
-            let h = LinearInput::new(&h, matmul)?;
             let rope = rope.tokens(start, len)?;
             let project = |linear: &Linear, norm: &RmsNorm| -> Result<Tensor> {
-                rope.heads(&norm.forward(&linear.forward_prepared(&h)?)?, heads)
+                rope.normed_heads(&linear.forward_prepared(&h)?, norm, heads)
             };
             q.slice_set(&project(&self.q, &self.norm_q)?, 2, start)?;
             k.slice_set(&project(&self.k, &self.norm_k)?, 2, start)?;
@@ -945,7 +967,7 @@ impl SelfAttentionPart {
     fn forward(&self, pass: &mut Embedded, run: &BlockRun, how: Attend) -> Result<()> {
         let m = self.modulation.broadcast_add(&pass.time)?;
         let modulation = Modulation::new(&m, 0, true, pass.runs.as_deref())?;
-        let norm = |x: &Tensor, start: usize| modulation.norm(x, start, run.eps);
+        let norm = |x: &Tensor, start: usize| modulation.norm_input(x, start, run.eps, run.matmul);
         // Scoped so that the attention's output is freed before the residual is replaced (a
         // shadowed binding would live to the end of the function).
         let x = {
@@ -1028,14 +1050,18 @@ impl CrossAttentionPart {
             }
         };
         let x = {
-            let h = norm_modulate(&pass.x, &self.norm_weight, &self.norm_bias, run.eps)?;
+            let h = norm_modulate_input(
+                &pass.x,
+                (&self.norm_weight, &self.norm_bias, run.eps),
+                run.matmul,
+            )?;
             let y = self.attn.forward(
                 h,
                 (Some(&pass.context), image),
                 (None, None),
                 (how, run.matmul),
             )?;
-            (&pass.x + y)?
+            residual(&pass.x, &y)?
         };
         pass.x = x;
         Ok(())
@@ -1072,8 +1098,8 @@ impl FeedForwardPart {
             })?;
         let modulation = Modulation::new(&m, 3, true, pass.runs.as_deref())?;
         let ffn = |x: &Tensor, run: &ModulationRun| -> Result<Tensor> {
-            let h = norm_modulate(x, &run.scale, &run.shift, eps)?;
-            let hidden = self.ffn_in.forward_gelu_in(&h, matmul)?;
+            let h = norm_modulate_input(x, (&run.scale, &run.shift, eps), matmul)?;
+            let hidden = self.ffn_in.forward_gelu_prepared(&h)?;
             drop(h);
             let y = self.ffn_out.forward_in(&hidden, matmul)?;
             drop(hidden);
@@ -1414,12 +1440,7 @@ fn fused(x: &Tensor) -> bool {
 /// # Shapes
 /// - `x`: [B, L, D]; `mul`, `add`: f32, [B, 1, D], [1, 1, D] or [D].
 fn norm_modulate(x: &Tensor, mul: &Tensor, add: &Tensor, eps: f64) -> Result<Tensor> {
-    let d = x.dim(2)?;
-    let (mul, add) = if mul.rank() == 1 {
-        (mul.reshape((1, 1, d))?, add.reshape((1, 1, d))?)
-    } else {
-        (mul.clone(), add.clone())
-    };
+    let (mul, add) = modulation_rows(x, mul, add)?;
     #[cfg(feature = "cuda")]
     if fused(x) {
         return Ok(crate::ops::fused::ln_modulate(x, &mul, &add, eps as f32)?);
@@ -1428,6 +1449,35 @@ fn norm_modulate(x: &Tensor, mul: &Tensor, add: &Tensor, eps: f64) -> Result<Ten
         .broadcast_mul(&mul)?
         .broadcast_add(&add)?;
     Ok(y.to_dtype(x.dtype())?)
+}
+
+/// [`norm_modulate`] made ready for the products that read it ([`LinearInput`]): with float8
+/// products on CUDA, quantised in the norm's own pass, where the kernel takes `x`.
+fn norm_modulate_input(
+    x: &Tensor,
+    (mul, add, eps): (&Tensor, &Tensor, f64),
+    matmul: MatmulPrecision,
+) -> Result<LinearInput> {
+    #[cfg(feature = "cuda")]
+    if fused(x) && matmul == MatmulPrecision::Fp8 && matches!(x.dtype(), DType::BF16 | DType::F16) {
+        let (mul, add) = modulation_rows(x, mul, add)?;
+        let quantized =
+            crate::ops::fp8::Fp8Rows::layer_norm_modulated(x, (&mul, &add, eps as f32))?;
+        if let Some(rows) = quantized {
+            return Ok(LinearInput::quantized(rows, x.dims()));
+        }
+    }
+    Ok(LinearInput::new(&norm_modulate(x, mul, add, eps)?, matmul)?)
+}
+
+/// `mul` and `add` as [B or 1, 1, D] (a [D] vector as [1, 1, D]).
+fn modulation_rows(x: &Tensor, mul: &Tensor, add: &Tensor) -> Result<(Tensor, Tensor)> {
+    let d = x.dim(2)?;
+    Ok(if mul.rank() == 1 {
+        (mul.reshape((1, 1, d))?, add.reshape((1, 1, d))?)
+    } else {
+        (mul.clone(), add.clone())
+    })
 }
 
 /// A block's (or the output norm's) modulation of a pass's tokens: shift, 1 + scale and, for a
@@ -1539,6 +1589,26 @@ impl Modulation {
         })
     }
 
+    /// [`Self::norm`] made ready for the products that read it: in one pass
+    /// ([`norm_modulate_input`]) where one run covers the tokens.
+    ///
+    /// # Shapes
+    /// As [`Self::norm`].
+    fn norm_input(
+        &self,
+        x: &Tensor,
+        start: usize,
+        eps: f64,
+        matmul: MatmulPrecision,
+    ) -> Result<LinearInput> {
+        match self.pieces(start, x.dim(1)?)[..] {
+            [(first, n, run)] if first == start && n == x.dim(1)? => {
+                norm_modulate_input(x, (&run.scale, &run.shift, eps), matmul)
+            }
+            _ => Ok(LinearInput::new(&self.norm(x, start, eps)?, matmul)?),
+        }
+    }
+
     /// `x + y · gate`, each token with its run's gate ([`gated_residual`]).
     ///
     /// # Shapes
@@ -1552,6 +1622,15 @@ impl Modulation {
             gated_residual(x, y, run.gate()?)
         })
     }
+}
+
+/// `x + y`, one pass on CUDA.
+fn residual(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        return Ok(crate::ops::fused::residual(x, y)?);
+    }
+    Ok((x + y)?)
 }
 
 /// `x + y · gate` in f32, returned in `x`'s dtype.
