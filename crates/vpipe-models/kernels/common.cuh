@@ -3,6 +3,11 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+// e4m3's largest finite value, and the least scale a row of zeros gets.
+#define FP8_MAX 448.f
+#define MIN_SCALE 1e-12f
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -60,4 +65,56 @@ __device__ float block_reduce(float v, float* shared, Op op) {
   v = lane < warps ? shared[lane] : 0.f;
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
   return v;
+}
+
+// The word that holds VEC float8 values.
+template <int VEC> struct Word8;
+template <> struct Word8<1> { using type = unsigned char; };
+template <> struct Word8<4> { using type = unsigned int; };
+template <> struct Word8<8> { using type = uint2; };
+
+// The end of a kernel of one row per block: the row's values, VEC at a time from column c as
+// `values(c, v)` gives them in f32, stored to y as T; or, with y8, quantised to e4m3 over the
+// row's scale (its largest |value| over FP8_MAX, at least MIN_SCALE), which goes to *y8_scale:
+// a float8 product's input with per-token scales. `partial` holds 32 floats.
+template <typename T, int VEC, typename Values>
+__device__ void store_row(const Values& values, T* y, __nv_fp8_e4m3* y8, float* y8_scale,
+                          int cols, float* partial) {
+  if (!y8) {
+    for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
+      float v[VEC];
+      values(c, v);
+      Vec<T, VEC>::store(y + c, v);
+    }
+    return;
+  }
+  float m = 0.f;
+  for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
+    float v[VEC];
+    values(c, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j]));
+  }
+  m = block_reduce(m, partial, Max());
+  float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
+  if (threadIdx.x == 0) *y8_scale = s;
+  for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
+    float v[VEC];
+    values(c, v);
+    unsigned char packed[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      packed[j] = __nv_fp8_e4m3(fminf(fmaxf(v[j] / s, -FP8_MAX), FP8_MAX)).__x;
+    *reinterpret_cast<typename Word8<VEC>::type*>(y8 + c) =
+        *reinterpret_cast<const typename Word8<VEC>::type*>(packed);
+  }
+}
+
+// A padding row of a float8 product's input (cuBLASLt's tiles take whole 16 rows): zeros,
+// with a zero scale.
+template <int VEC>
+__device__ void zero_fp8_row(__nv_fp8_e4m3* y8, float* y8_scale, int cols) {
+  for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC)
+    *reinterpret_cast<typename Word8<VEC>::type*>(y8 + c) = typename Word8<VEC>::type{};
+  if (threadIdx.x == 0) *y8_scale = 0.f;
 }

@@ -5,7 +5,7 @@
 // - ln_modulate: y = LN(x) * mul[b] + add[b]; LN without affine, f32 statistics, one block
 //   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
 //   For 16-bit rows of a multiple of eight, eight elements a thread (ln_modulate_rows_x8),
-//   which can also give its output quantised to e4m3 per row, for a float8 product.
+//   which can instead give its output quantised to e4m3 per row, for a float8 product.
 // - gated_residual: y = x + r * gate[b], in f32; for 16-bit rows of a multiple of eight, one
 //   block per row, eight elements a thread (gated_residual_rows_x8, where a null gate gives
 //   the plain residual y = x + r).
@@ -17,8 +17,6 @@
 //   GELU(tanh); f32 arithmetic.
 // - dequant_fp8: w = float(w8) * scale (ComfyUI's scaled fp8 weights); candle 0.11.1's own
 //   float8 casts on CUDA look up kernels under names the kernel file does not define.
-#include <cuda_fp8.h>
-
 #include "common.cuh"
 
 struct Add {
@@ -28,57 +26,38 @@ struct Add {
 // Sum over the block; every thread gets the result. `shared` holds 32 floats.
 __device__ float block_sum(float v, float* shared) { return block_reduce(v, shared, Add()); }
 
-template <typename T>
-__device__ void ln_modulate(const T* x, const float* mul, const float* add, T* y, int dim,
-                            long long rows_per_batch, long long mod_stride, float eps) {
-  extern __shared__ float row[];
-  __shared__ float partial[32];
-  long long r = blockIdx.x;
-  const T* xr = x + r * dim;
-  float sum = 0.f;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    float v = to_f32(xr[c]);
-    row[c] = v;
-    sum += v;
-  }
-  float mean = block_sum(sum, partial) / dim;
-  float sq = 0.f;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    float d = row[c] - mean;
-    sq += d * d;
-  }
-  float rstd = rsqrtf(block_sum(sq, partial) / dim + eps);
-  long long b = r / rows_per_batch;
-  const float* m = mul + b * mod_stride;
-  const float* a = add + b * mod_stride;
-  T* yr = y + r * dim;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    yr[c] = from_f32<T>((row[c] - mean) * rstd * m[c] + a[c]);
-  }
-}
-
-// VEC f32 values to and from shared memory as 16-byte words (VEC a multiple of 4, p aligned).
+// VEC f32 values to and from shared memory, as 16-byte words where VEC is a multiple of 4
+// (p then aligned).
 template <int VEC>
 __device__ __forceinline__ void store_shared(float* p, const float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
 #pragma unroll
-  for (int j = 0; j < VEC; j += 4)
-    *reinterpret_cast<float4*>(p + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+    for (int j = 0; j < VEC; j += 4)
+      *reinterpret_cast<float4*>(p + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p[j] = v[j];
+  }
 }
 template <int VEC>
 __device__ __forceinline__ void load_shared(const float* p, float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
 #pragma unroll
-  for (int j = 0; j < VEC; j += 4) {
-    float4 w = *reinterpret_cast<const float4*>(p + j);
-    v[j] = w.x, v[j + 1] = w.y, v[j + 2] = w.z, v[j + 3] = w.w;
+    for (int j = 0; j < VEC; j += 4) {
+      float4 w = *reinterpret_cast<const float4*>(p + j);
+      v[j] = w.x, v[j + 1] = w.y, v[j + 2] = w.z, v[j + 3] = w.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = p[j];
   }
 }
 
-// ln_modulate with VEC 16-bit elements a thread (dim a multiple of VEC, rows aligned to VEC
-// elements): the same f32 arithmetic, the row kept in shared memory between its passes.
-// With y8, the output rounded to T is not written but quantised as fp8.cu's quantize_rows
-// does: the row's scale (its largest |value| over 448, at least 1e-12) to y8_scales[r], the
-// row over it in e4m3 to y8; blocks at or past `rows` write a row of zeros with a zero scale
-// (the padding cuBLASLt's float8 tiles take) and read nothing.
+// y = LN(x) * mul[b] + add[b] over one row per block, VEC elements a thread (VEC 1, or 4 or 8
+// 16-bit elements: dim a multiple of VEC, rows aligned to VEC elements), the row kept in
+// shared memory (dim floats) between its passes. With y8, y is not written: the values are
+// quantised per row for a float8 product (store_row), from f32; blocks at or past `rows`
+// write a padding row (zero_fp8_row) and read nothing.
 template <typename T, int VEC>
 __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add, T* y, int dim,
                                  long long rows_per_batch, long long mod_stride, float eps,
@@ -87,11 +66,7 @@ __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add,
   __shared__ float partial[32];
   long long r = blockIdx.x;
   if (y8 && r >= rows) {
-    for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
-      unsigned char zeros[VEC] = {};
-      *reinterpret_cast<uint2*>(y8 + r * dim + c) = *reinterpret_cast<const uint2*>(zeros);
-    }
-    if (threadIdx.x == 0) y8_scales[r] = 0.f;
+    zero_fp8_row<VEC>(y8 + r * dim, y8_scales + r, dim);
     return;
   }
   const T* xr = x + r * dim;
@@ -124,33 +99,8 @@ __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean) * rstd * m[c + j] + a[c + j];
   };
-  if (!y8) {
-    for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
-      float v[VEC];
-      values(c, v);
-      Vec<T, VEC>::store(y + r * dim + c, v);
-    }
-    return;
-  }
-  float largest = 0.f;
-  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
-    float v[VEC];
-    values(c, v);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) largest = fmaxf(largest, fabsf(to_f32(from_f32<T>(v[j]))));
-  }
-  largest = block_reduce(largest, partial, Max());
-  float s = fmaxf(largest * (1.f / 448.f), 1e-12f);
-  if (threadIdx.x == 0) y8_scales[r] = s;
-  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
-    float v[VEC];
-    values(c, v);
-    unsigned char packed[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      packed[j] = __nv_fp8_e4m3(fminf(fmaxf(to_f32(from_f32<T>(v[j])) / s, -448.f), 448.f)).__x;
-    *reinterpret_cast<uint2*>(y8 + r * dim + c) = *reinterpret_cast<const uint2*>(packed);
-  }
+  store_row<T, VEC>(values, y8 ? nullptr : y + r * dim, y8 ? y8 + r * dim : nullptr,
+                    y8 ? y8_scales + r : nullptr, dim, partial);
 }
 
 template <typename T>
@@ -290,7 +240,8 @@ DIT_ROW_KERNELS(f16, __half)
                                                   const float* add, T* y, int dim,            \
                                                   long long rows_per_batch,                   \
                                                   long long mod_stride, float eps) {          \
-    ln_modulate<T>(x, mul, add, y, dim, rows_per_batch, mod_stride, eps);                     \
+    ln_modulate_rows<T, 1>(x, mul, add, y, dim, rows_per_batch, mod_stride, eps, nullptr,      \
+                           nullptr, 0);                                                        \
   }                                                                                            \
   extern "C" __global__ void gated_residual_##SUFFIX(const T* x, const T* res,                \
                                                      const float* gate, T* y, long long n,    \

@@ -16,12 +16,9 @@
 //   row_scale · column_scale + bias), then either written to y (in place or not) or quantised
 //   as quantize_rows does, the row's scale with it (the float8 product's own scales and
 //   epilogue in one pass, its output ready for the next product; or quantize_rows alone).
-#include <cuda_fp8.h>
-
+// - channel_stats, channel_stats_merge: attention's keys or values, each channel's mean over
+//   the keys and the largest |x - mean| of the whole tensor, from one pass over x.
 #include "common.cuh"
-
-#define FP8_MAX 448.f
-#define MIN_SCALE 1e-12f
 
 template <typename T>
 __device__ void quantize_rows(const T* x, float* scales, __nv_fp8_e4m3* y, int cols) {
@@ -90,11 +87,6 @@ __device__ void absmax_all(const T* x, const float* offsets, long long inner, lo
   m = block_reduce(m, partial, Max());
   if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
 }
-
-// The word that holds VEC float8 values.
-template <int VEC> struct Word8;
-template <> struct Word8<4> { using type = unsigned int; };
-template <> struct Word8<8> { using type = uint2; };
 
 // quantize_fp8 with VEC elements a thread (of one row: cols a multiple of VEC), one division
 // for the group's offsets and the float8 bytes stored as one word.
@@ -257,12 +249,7 @@ __device__ void rows_scale_act(const T* x, float factor, const float* row_scales
   long long r = blockIdx.x;
   long long start = r * cols;
   if (r >= rows) {
-    if (!y8) return;
-    for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
-      unsigned char zeros[VEC] = {};
-      *reinterpret_cast<uint2*>(y8 + start + c) = *reinterpret_cast<const uint2*>(zeros);
-    }
-    if (threadIdx.x == 0) y8_scales[r] = 0.f;
+    if (y8) zero_fp8_row<VEC>(y8 + start, y8_scales + r, cols);
     return;
   }
   float scale = factor * (row_scales ? row_scales[r] : 1.f);
@@ -278,33 +265,8 @@ __device__ void rows_scale_act(const T* x, float factor, const float* row_scales
                   : u;
     }
   };
-  if (!y8) {
-    for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
-      float v[VEC];
-      values(c, v);
-      Vec<T, VEC>::store(y + start + c, v);
-    }
-    return;
-  }
-  float m = 0.f;
-  for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
-    float v[VEC];
-    values(c, v);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j]));
-  }
-  m = block_reduce(m, partial, Max());
-  float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
-  if (threadIdx.x == 0) y8_scales[r] = s;
-  for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {
-    float v[VEC];
-    values(c, v);
-    unsigned char packed[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      packed[j] = __nv_fp8_e4m3(fminf(fmaxf(v[j] / s, -FP8_MAX), FP8_MAX)).__x;
-    *reinterpret_cast<uint2*>(y8 + start + c) = *reinterpret_cast<const uint2*>(packed);
-  }
+  store_row<T, VEC>(values, y ? y + start : nullptr, y8 ? y8 + start : nullptr,
+                    y8 ? y8_scales + r : nullptr, cols, partial);
 }
 
 #define FP8_KERNELS(SUFFIX, T)                                                                 \

@@ -123,9 +123,10 @@ impl Fp8Rows {
         })
     }
 
-    /// `LN(x) · mul + add` ([`crate::ops::fused::ln_modulate`]) quantised as [`Self::quantize`]
-    /// quantises its output, in the same pass over `x`; `None` where that kernel does not
-    /// take `x` (the caller norms, then quantises).
+    /// `LN(x) · mul + add` ([`crate::ops::fused::ln_modulate`]) quantised per row as
+    /// [`Self::quantize`] quantises, in the same pass over `x` and from the norm's f32 values
+    /// (not rounded to x's dtype first); `None` where that kernel does not take `x` (the
+    /// caller norms, then quantises).
     ///
     /// # Shapes
     /// - `x`: [B, L, D], bf16 or f16; `mul`, `add`: [B, 1, D] or [1, 1, D], f32. The rows are

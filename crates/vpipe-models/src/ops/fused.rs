@@ -407,7 +407,8 @@ pub fn ln_modulate(
 }
 
 /// [`ln_modulate`] with its output quantised per row for a float8 product, as
-/// `fp8::Fp8Rows::quantize` quantises (the output rounded to `x`'s dtype first): e4m3 values
+/// `fp8::Fp8Rows::quantize` quantises, from the norm's f32 values (not rounded to `x`'s
+/// dtype first): e4m3 values
 /// [padded, D] and f32 scales [padded], the rows past B·L zeros with zero scales. `None`,
 /// with nothing done, where the eight-wide kernel does not take `x` (a dtype other than bf16
 /// and f16, rows not a multiple of eight wide, addresses not 16-byte aligned).
