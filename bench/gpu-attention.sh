@@ -22,8 +22,7 @@
 # paths (each with its error against exact), next to diffusers' 14B. With `exact-short`: the 1.3B and the 14B exact at
 # B = 2, each next to diffusers (about 5 minutes). With `cudnn-wheel`: the float8 attention test
 # on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers.
-# With `block-passes`: the one-pass block kernels' GPU checks and the issue's forwards, short.
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-pass|block-passes|fp8-centred|cudnn-wheel|exact-short|all]   (default all: kernel and dit)
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-pass|fp8-centred|cudnn-wheel|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -161,12 +160,15 @@ PY
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     date -u
     [ "${TORCH_PRODUCTS:-0}" = 1 ] && timeout 60 python3 bench/fp8_products_torch.py | sed 's/^/torch /'
-    # QUICK=1: the products' tests alone and no 14B exact run (a call of about 2.5 minutes).
-    timeout 100 "$(unpack fp8_gpu)" ${QUICK:+product} --nocapture --test-threads 1 2>&1 \
+    # QUICK=1: the products' tests alone and no 14B exact run (a call of about 2.5 minutes);
+    # FP8_TESTS=NAME: only the float8 tests whose names hold NAME (fp8_attention: the
+    # attention's error against the exact one).
+    timeout 100 "$(unpack fp8_gpu)" ${FP8_TESTS:-${QUICK:+product}} --nocapture --test-threads 1 2>&1 \
       | grep -E "^test |test result|panicked|GPU against|FFN product|fp8 attention|bf16 attention|self-attention|linear rows"
     [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-    # The fused DiT kernels against diffusers' fixtures (the binary finds them under the
-    # path it was built in).
+    # The fused DiT kernels against diffusers' fixtures, the one-pass block kernels at the
+    # 14B's width against the steps they replace, float8 products against the host's
+    # emulation (the binary finds its fixtures under the path it was built in).
     [ -e /work/main/crates ] || { mkdir -p /work && ln -sfn "$PWD" /work/main; }
     timeout 60 "$(unpack dit_parity)" cuda --nocapture --test-threads 1 2>&1 \
       | grep -E "max abs|test result|panicked|FAILED"
@@ -198,31 +200,6 @@ PY
       echo "=== two blocks of the 14B at B = 2, both float8 paths: kernel time by name"
       python3 bench/ncu_by_kernel.py /tmp/ncu-fp8.csv 40
     fi
-    date -u
-  fi
-  if [ "$PART" = block-passes ]; then
-    # For a short call (about 4 minutes): the DiT's one-pass kernels on the GPU (parity with
-    # diffusers, the kernels at the 14B's width against the steps they replace, float8
-    # products against the host's emulation), the float8 attention's error, then the 14B at
-    # B = 2 with both float8 paths next to diffusers' 14B, and the 1.3B exact next to
-    # diffusers' 1.3B; the 14B exact last.
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    date -u
-    [ -e /work/main/crates ] || { mkdir -p /work && ln -sfn "$PWD" /work/main; }
-    timeout 60 "$(unpack dit_parity)" cuda --nocapture --test-threads 1 2>&1 \
-      | grep -E "max abs|test result|panicked|FAILED"
-    [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-    timeout 90 "$(unpack fp8_gpu)" fp8_attention --nocapture --test-threads 1 2>&1 \
-      | grep -E "^test |test result|panicked|fp8 attention|self-attention"
-    [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-    B=$(unpack dit_bench)
-    T14=80 vpipe_14b fp8 fp8
-    timeout 80 python3 bench/dit_gpu.py dit --reps 2 --batches 2 | sed 's/^/diffusers /'
-    echo "=== vpipe wan2.1-t2v-1.3b, cudnn attention, exact products"
-    timeout 40 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
-    [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
-    timeout 50 python3 bench/dit_gpu.py dit-1.3b --reps 2 --batches 2 | sed 's/^/diffusers /'
-    T14=60 vpipe_14b cudnn exact
     date -u
   fi
   if [ "$PART" = fp8-short ]; then
