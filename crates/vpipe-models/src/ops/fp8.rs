@@ -724,11 +724,9 @@ mod cuda_kernels {
         let rows_per_chunk = l.div_ceil(chunks);
         let chunks = l.div_ceil(rows_per_chunk);
         let groups = inner / VEC;
-        let threads = if groups >= 128 {
-            (groups.div_ceil(32) * 32).min(1024)
-        } else {
-            256
-        };
+        // 256 threads: the kernel's 66 registers a thread leave room for three blocks a
+        // multiprocessor; rows of more groups loop, of fewer go several at once.
+        let threads = 256;
         let shared = if threads / groups > 1 {
             3 * threads * VEC * 4
         } else {
