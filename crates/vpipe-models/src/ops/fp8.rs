@@ -609,9 +609,9 @@ mod cuda_kernels {
         a.arg(&n64);
         a.arg(&cols);
         // SAFETY: the caller's `x` addresses `n` live elements of `dtype` (aligned for groups
-        // where a grouped kernel runs, as is `out`); `out` holds at least `n` bytes (checked); `scales` one
-        // f32 per row (stride 1) or one (stride 0); the offsets, when given, cover every index
-        // their pairing gives.
+        // where a grouped kernel runs, as is `out`); `out` holds at least `n` bytes (checked);
+        // `scales` one f32 per row (stride 1) or one (stride 0); the offsets, when given,
+        // cover every index their pairing gives.
         unsafe { a.launch(LaunchConfig::for_num_elems(threads)) }.w()?;
         Ok(())
     }
