@@ -11,8 +11,7 @@
 //   the plain residual y = x + r).
 // - rope_heads: [B, L, H, D] -> [B, H, L, D] with interleaved pairs rotated by cos/sin [L, D/2].
 // - rms_rope_heads: the q/k RMS norm across the heads (rounded once, as candle's rms_norm)
-//   and rope_heads in one pass, one block per token, eight elements a thread; optionally the
-//   largest |output| into *absmax (float8 attention's per-tensor scale of q).
+//   and rope_heads in one pass, one block per token, eight elements a thread.
 // - bias_act: y = act(y + bias) in place on a fresh matmul output, act = identity or
 //   GELU(tanh); f32 arithmetic.
 // - dequant_fp8: w = float(w8) * scale (ComfyUI's scaled fp8 weights); candle 0.11.1's own
@@ -137,13 +136,10 @@ __device__ void gated_residual_rows(const T* x, const T* res, const float* gate,
 // block: the RMS over all heads in f32, the normed value rounded once to T (as candle's
 // rms_norm), then each interleaved pair rotated by cos/sin[l, pair] in f32 and rounded. VEC
 // elements a thread (head_dim a multiple of VEC, rows aligned to VEC elements); the row is
-// read twice, the second time from the cache. With absmax, the largest |y| of the block goes
-// to *absmax by an atomic maximum (non-negative floats order as their bits do; *absmax holds
-// 0 or a smaller such maximum before).
+// read twice, the second time from the cache.
 template <typename T, int VEC>
 __device__ void rms_rope_heads(const T* x, const T* weight, const float* cos, const float* sin,
-                               T* y, int tokens, int heads, int head_dim, float eps,
-                               float* absmax) {
+                               T* y, int tokens, int heads, int head_dim, float eps) {
   __shared__ float partial[32];
   long long r = blockIdx.x;
   int dim = heads * head_dim;
@@ -160,7 +156,6 @@ __device__ void rms_rope_heads(const T* x, const T* weight, const float* cos, co
   int l = r - b * tokens, pairs = head_dim / 2;
   const float* cr = cos + (long long)l * pairs;
   const float* sr = sin + (long long)l * pairs;
-  float m = 0.f;
   for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
     float v[VEC], w[VEC];
     Vec<T, VEC>::load(xr + c, v);
@@ -174,15 +169,7 @@ __device__ void rms_rope_heads(const T* x, const T* weight, const float* cos, co
       v[j] = x1 * cs - x2 * sn;
       v[j + 1] = x1 * sn + x2 * cs;
     }
-    if (absmax) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(to_f32(from_f32<T>(v[j]))));
-    }
     Vec<T, VEC>::store(y + ((b * heads + h) * tokens + l) * head_dim + d, v);
-  }
-  if (absmax) {
-    m = block_reduce(m, partial, Max());
-    if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(absmax), __float_as_int(m));
   }
 }
 
@@ -229,8 +216,8 @@ __device__ void bias_act(T* y, const T* bias, long long n, int dim, int gelu) {
   }                                                                                            \
   extern "C" __global__ void rms_rope_heads_x8_##SUFFIX(                                      \
       const T* x, const T* weight, const float* cos, const float* sin, T* y, int tokens,       \
-      int heads, int head_dim, float eps, float* absmax) {                                     \
-    rms_rope_heads<T, 8>(x, weight, cos, sin, y, tokens, heads, head_dim, eps, absmax);        \
+      int heads, int head_dim, float eps) {                                                    \
+    rms_rope_heads<T, 8>(x, weight, cos, sin, y, tokens, heads, head_dim, eps);                \
   }
 DIT_ROW_KERNELS(bf16, __nv_bfloat16)
 DIT_ROW_KERNELS(f16, __half)

@@ -266,8 +266,8 @@ fn cuda_matches_diffusers() {
 
 /// The one-pass kernels of a block at the 14B's width (40 heads × 128, rows of 5 120: many
 /// warps a row, where the tiny model's rows take one) against the steps they replace, bf16 on
-/// the GPU: the q/k RMS norm with RoPE and the head split (and its largest |output|), the
-/// layer norm with modulation, and the plain residual.
+/// the GPU: the q/k RMS norm with RoPE and the head split, the layer norm with modulation,
+/// and the plain residual.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_one_pass_block_kernels_equal_their_steps_at_14b_width() {
@@ -294,8 +294,7 @@ fn cuda_one_pass_block_kernels_equal_their_steps_at_14b_width() {
     let weight = (randn(&[dim], 0.5).abs().unwrap() + 0.5).unwrap();
     let angles = Tensor::rand(0f32, 6.3, (l, d / 2), &device).unwrap();
     let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-    let absmax = Tensor::zeros(1, DType::F32, &device).unwrap();
-    let one_pass = fused::rms_rope_heads(&x, (&weight, 1e-6), (&cos, &sin), heads, Some(&absmax))
+    let one_pass = fused::rms_rope_heads(&x, (&weight, 1e-6), (&cos, &sin), heads)
         .unwrap()
         .expect("the one-pass kernel takes bf16 rows of 40 × 128");
     let normed = candle_nn::ops::rms_norm(&x, &weight, 1e-6).unwrap();
@@ -308,8 +307,6 @@ fn cuda_one_pass_block_kernels_equal_their_steps_at_14b_width() {
     );
     // The sums run in another order: a value may round to the neighbouring bf16 (2⁻⁷ relative).
     assert!(err <= scale / 64.0, "{err} of {scale}");
-    let merged = absmax.to_vec1::<f32>().unwrap()[0] as f64;
-    assert_eq!(merged, max_of(&one_pass), "the merged largest |output|");
 
     // Layer norm with a per-sample modulation, against the f32 steps on the host.
     let mul = Tensor::randn(1f32, 0.2, (b, 1, dim), &device).unwrap();

@@ -642,8 +642,7 @@ pub fn rope_heads(
 
 /// The q/k RMS norm across all heads (`x · rstd · weight`, rounded once to `x`'s dtype, as
 /// candle's `rms_norm`) and [`rope_heads`] in one pass over the tokens, eight elements a
-/// thread. With `absmax` (f32 [1], holding 0 or a smaller maximum), the largest |output| is
-/// merged into it. `None`, with nothing written, where the kernel does not take these
+/// thread. `None`, with nothing written, where the kernel does not take these
 /// operands (a dtype other than bf16 and f16, heads not a multiple of eight wide, addresses
 /// not 16-byte aligned): the caller norms and rotates apart.
 ///
@@ -655,7 +654,6 @@ pub fn rms_rope_heads(
     (weight, eps): (&Tensor, f32),
     (cos, sin): (&Tensor, &Tensor),
     heads: usize,
-    absmax: Option<&Tensor>,
 ) -> candle_core::Result<Option<Tensor>> {
     const VEC: usize = 8;
     let (b, l, hd) = x.dims3()?;
@@ -680,7 +678,6 @@ pub fn rms_rope_heads(
         return Ok(None);
     }
     let (cp, sp) = (device_ptr(&cos)?, device_ptr(&sin)?);
-    let mp = absmax.map(device_ptr).transpose()?.unwrap_or(0);
     let (out, op) = empty(&x, &[b, heads, l, d])?;
     let grid = u32::try_from(b * l).map_err(|_| {
         candle_core::Error::Msg(format!(
@@ -711,12 +708,10 @@ pub fn rms_rope_heads(
     a.arg(&hi);
     a.arg(&di);
     a.arg(&eps);
-    a.arg(&mp);
     // SAFETY: `x` is contiguous [b, l, heads·d] and `weight` [heads·d], both of one 16-bit
     // dtype and 16-byte aligned, d a multiple of eight (checked above); `cos` and `sin` are
     // [l, d/2] f32; `out` is a fresh [b, heads, l, d] buffer of x's dtype (the allocator's
-    // alignment), every element of which one block per token writes; `absmax`, when given,
-    // holds one f32. All on their stream.
+    // alignment), every element of which one block per token writes. All on their stream.
     unsafe { a.launch(cfg) }.w()?;
     Ok(Some(out))
 }

@@ -738,7 +738,6 @@ impl Rope {
                 (&weight, norm.eps),
                 (&self.cos, &self.sin),
                 heads,
-                None,
             )?;
             if let Some(y) = fused {
                 return Ok(y);
