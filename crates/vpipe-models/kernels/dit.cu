@@ -6,9 +6,9 @@
 //   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
 //   For 16-bit rows of a multiple of eight, eight elements a thread (ln_modulate_rows_x8),
 //   which can instead give its output quantised to e4m3 per row, for a float8 product.
-// - gated_residual: y = x + r * gate[b], in f32; for 16-bit rows of a multiple of eight, one
-//   block per row, eight elements a thread (gated_residual_rows_x8, where a null gate gives
-//   the plain residual y = x + r).
+// - gated_residual_rows: y = x + r * gate[b], in f32, one block per row (a null gate gives
+//   the plain residual y = x + r); for 16-bit rows of a multiple of eight, eight elements a
+//   thread (gated_residual_rows_x8).
 // - rope_heads: [B, L, H, D] -> [B, H, L, D] with interleaved pairs rotated by cos/sin [L, D/2].
 // - rms_rope_heads: the q/k RMS norm across the heads (rounded once, as candle's rms_norm)
 //   and rope_heads in one pass, one block per token, eight elements a thread.
@@ -102,20 +102,9 @@ __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add,
                     y8 ? y8_scales + r : nullptr, dim, partial);
 }
 
-template <typename T>
-__device__ void gated_residual(const T* x, const T* res, const float* gate, T* y, long long n,
-                               int dim, long long rows_per_batch) {
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  long long row = i / dim;
-  int c = i - row * dim;
-  float g = gate[(row / rows_per_batch) * dim + c];
-  y[i] = from_f32<T>(to_f32(x[i]) + to_f32(res[i]) * g);
-}
-
-// gated_residual over one row per block, VEC elements a thread (dim a multiple of VEC, rows
-// aligned to VEC elements): the gate's row is found once per block rather than by two 64-bit
-// divisions per element. A null gate adds r as it is (x + r · 1 is exact before the rounding).
+// y = x + r * gate[b] over one row per block, VEC elements a thread (VEC 1, or 8 16-bit
+// elements: dim a multiple of VEC, rows aligned to VEC elements), the gate's row found once
+// per block. A null gate adds r as it is (x + r · 1 is exact before the rounding).
 template <typename T, int VEC>
 __device__ void gated_residual_rows(const T* x, const T* res, const float* gate, T* y, int dim,
                                     long long rows_per_batch) {
@@ -230,10 +219,10 @@ DIT_ROW_KERNELS(f16, __half)
     ln_modulate_rows<T, 1>(x, mul, add, y, dim, rows_per_batch, mod_stride, eps, nullptr,      \
                            nullptr, 0);                                                        \
   }                                                                                            \
-  extern "C" __global__ void gated_residual_##SUFFIX(const T* x, const T* res,                \
-                                                     const float* gate, T* y, long long n,    \
-                                                     int dim, long long rows_per_batch) {     \
-    gated_residual<T>(x, res, gate, y, n, dim, rows_per_batch);                               \
+  extern "C" __global__ void gated_residual_rows_##SUFFIX(const T* x, const T* res,           \
+                                                          const float* gate, T* y, int dim,   \
+                                                          long long rows_per_batch) {         \
+    gated_residual_rows<T, 1>(x, res, gate, y, dim, rows_per_batch);                          \
   }                                                                                            \
   extern "C" __global__ void rope_heads_##SUFFIX(const T* x, const float* cos,                \
                                                  const float* sin, T* y, int batches,         \

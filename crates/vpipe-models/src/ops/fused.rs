@@ -389,6 +389,41 @@ pub(crate) fn empty_on(
     Ok((out, ptr))
 }
 
+/// How a kernel of one row per block takes `rows` rows of `width` elements of `dtype` at the
+/// device `addresses` it reads and writes: eight 16-bit elements a thread where the width is
+/// a multiple of eight and every address 16-byte aligned, a thread per group of eight in
+/// whole warps (at most `max_threads`); else one element a thread, 256 threads. Whether it
+/// goes eight-wide, and the launch (with `shared` bytes of dynamic shared memory); an error
+/// naming `what` where the rows are more than one launch covers.
+fn row_launch(
+    what: &str,
+    dtype: DType,
+    (rows, width): (usize, usize),
+    addresses: &[u64],
+    (max_threads, shared): (usize, u32),
+) -> candle_core::Result<(bool, LaunchConfig)> {
+    const VEC: usize = 8;
+    let eight_wide = matches!(dtype, DType::BF16 | DType::F16)
+        && width.is_multiple_of(VEC)
+        && addresses.iter().all(|p| p.is_multiple_of(2 * VEC as u64));
+    let threads = if eight_wide {
+        ((width / VEC).div_ceil(32) * 32).min(max_threads)
+    } else {
+        256
+    };
+    let grid = u32::try_from(rows).map_err(|_| {
+        candle_core::Error::Msg(format!("{what}: {rows} rows, more than one launch covers"))
+    })?;
+    Ok((
+        eight_wide,
+        LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: shared,
+        },
+    ))
+}
+
 /// `LN(x) · mul[b] + add[b]`: layer norm without affine over the last dimension with f32
 /// statistics, then a per-sample (or shared) f32 multiply-add, rounded once to `x`'s dtype.
 ///
@@ -446,46 +481,29 @@ fn launch_ln_modulate(
     let add = add.to_dtype(DType::F32)?.contiguous()?;
     let (xp, mp, ap) = (device_ptr(&x)?, device_ptr(&mul)?, device_ptr(&add)?);
     let (dim, rows_per_batch) = (d as i32, l as i64);
-    // Eight 16-bit elements a thread where the rows allow it, as many threads as a row has
-    // groups of eight (in whole warps, at most 1024).
-    const VEC: usize = 8;
-    let rows_x8 = matches!(x.dtype(), DType::BF16 | DType::F16)
-        && d.is_multiple_of(VEC)
-        && [xp, fp8.map_or(out, |(vp, ..)| vp)]
-            .iter()
-            .all(|p| p.is_multiple_of(2 * VEC as u64));
+    let grid = fp8.map_or(b * l, |(.., padded)| padded.max(b * l));
+    let written = fp8.map_or(out, |(vp, ..)| vp);
+    let (rows_x8, cfg) = row_launch(
+        "ln_modulate",
+        x.dtype(),
+        (grid, d),
+        &[xp, written],
+        (1024, (d * 4) as u32),
+    )?;
     if fp8.is_some() && !rows_x8 {
         return Ok(None);
     }
-    let (kernel, threads) = if rows_x8 {
-        let threads = ((d / VEC).div_ceil(32) * 32).min(1024) as u32;
-        (
-            format!("ln_modulate_rows_x8_{}", suffix(x.dtype())?),
-            threads,
-        )
+    let kernel = if rows_x8 {
+        format!("ln_modulate_rows_x8_{}", suffix(x.dtype())?)
     } else {
-        (format!("ln_modulate_{}", suffix(x.dtype())?), 256)
-    };
-    let grid = fp8.map_or(b * l, |(.., padded)| padded.max(b * l));
-    let cfg = LaunchConfig {
-        grid_dim: (
-            u32::try_from(grid).map_err(|_| {
-                candle_core::Error::Msg(format!("ln_modulate: {grid} rows, more than one launch"))
-            })?,
-            1,
-            1,
-        ),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: (d * 4) as u32,
+        format!("ln_modulate_{}", suffix(x.dtype())?)
     };
     let func =
         x.device()
             .as_cuda_device()?
             .get_or_load_custom_func(&kernel, "vpipe_dit", DIT_PTX)?;
-    let (vp, sp, rows) = match fp8 {
-        Some((vp, sp, _)) => (vp, sp, (b * l) as i64),
-        None => (0, 0, (b * l) as i64),
-    };
+    let (vp, sp) = fp8.map_or((0, 0), |(vp, sp, _)| (vp, sp));
+    let rows = (b * l) as i64;
     let mut a = func.builder();
     a.arg(&xp);
     a.arg(&mp);
@@ -531,73 +549,37 @@ pub fn residual(x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
     residual_rows(x, r, None)
 }
 
-/// `x + r · gate[b]` (or `x + r` without a gate), one block per row where the rows allow
-/// eight 16-bit elements a thread; else one element a thread (gated), or candle's add.
+/// `x + r · gate[b]` (or `x + r` without a gate), in f32, one block per row (eight 16-bit
+/// elements a thread where the rows allow it).
 fn residual_rows(x: &Tensor, r: &Tensor, gate: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (b, l, d) = x.dims3()?;
     let x = x.contiguous()?;
     let r = r.to_dtype(x.dtype())?.contiguous()?;
-    let (xp, rp) = (device_ptr(&x)?, device_ptr(&r)?);
-    let gp = gate.map(device_ptr).transpose()?.unwrap_or(0);
-    let n = x.elem_count();
-    const VEC: usize = 8;
-    let rows_x8 = matches!(x.dtype(), DType::BF16 | DType::F16)
-        && d.is_multiple_of(VEC)
-        && [xp, rp].iter().all(|p| p.is_multiple_of(2 * VEC as u64));
-    if n == 0 || !rows_x8 && gate.is_none() {
-        return &x + &r;
-    }
     let (out, op) = empty(&x, &[b, l, d])?;
-    if rows_x8 && op.is_multiple_of(2 * VEC as u64) {
-        let func = x.device().as_cuda_device()?.get_or_load_custom_func(
-            &format!("gated_residual_rows_x8_{}", suffix(x.dtype())?),
-            "vpipe_dit",
-            DIT_PTX,
-        )?;
-        let grid = u32::try_from(b * l).map_err(|_| {
-            candle_core::Error::Msg(format!("residual: {} rows, more than one launch", b * l))
-        })?;
-        // As many threads as a row has groups of eight, in whole warps, at most 256.
-        let threads = ((d / VEC).div_ceil(32) * 32).min(256) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (dim, rows) = (d as i32, l as i64);
-        let mut a = func.builder();
-        a.arg(&xp);
-        a.arg(&rp);
-        a.arg(&gp);
-        a.arg(&op);
-        a.arg(&dim);
-        a.arg(&rows);
-        // SAFETY: `x`, `r` and `out` are contiguous [b, l, d] of one 16-bit dtype, 16-byte
-        // aligned with d a multiple of eight (checked above); `gate`, when given, is [b, 1, d]
-        // f32 (else null, which the kernel reads as no gate). One block per row on their
-        // stream.
-        unsafe { a.launch(cfg) }.w()?;
+    if x.elem_count() == 0 {
         return Ok(out);
     }
-    if gate.is_none() {
-        return &x + &r;
-    }
-    let cfg = LaunchConfig::for_num_elems(n as u32);
-    let (n, dim, rows) = (n as i64, d as i32, l as i64);
+    let (xp, rp) = (device_ptr(&x)?, device_ptr(&r)?);
+    let gp = gate.map(device_ptr).transpose()?.unwrap_or(0);
+    let (rows_x8, cfg) = row_launch("residual", x.dtype(), (b * l, d), &[xp, rp, op], (256, 0))?;
+    let width = if rows_x8 { "_x8" } else { "" };
     let func = x.device().as_cuda_device()?.get_or_load_custom_func(
-        &format!("gated_residual_{}", suffix(x.dtype())?),
+        &format!("gated_residual_rows{width}_{}", suffix(x.dtype())?),
         "vpipe_dit",
         DIT_PTX,
     )?;
+    let (dim, rows) = (d as i32, l as i64);
     let mut a = func.builder();
     a.arg(&xp);
     a.arg(&rp);
     a.arg(&gp);
     a.arg(&op);
-    a.arg(&n);
     a.arg(&dim);
     a.arg(&rows);
-    // SAFETY: as in `ln_modulate`, for `gated_residual_*`, with the gate [b, 1, d] f32.
+    // SAFETY: `x`, `r` and `out` are contiguous [b, l, d] of one dtype (16-byte aligned with
+    // d a multiple of eight for the eight-wide kernel: `row_launch`); `gate`, when given, is
+    // [b, 1, d] f32 (else null, which the kernel reads as no gate). One block per row on
+    // their stream.
     unsafe { a.launch(cfg) }.w()?;
     Ok(out)
 }
@@ -658,8 +640,7 @@ pub fn rms_rope_heads(
     const VEC: usize = 8;
     let (b, l, hd) = x.dims3()?;
     let d = hd / heads.max(1);
-    if !matches!(x.dtype(), DType::BF16 | DType::F16)
-        || heads == 0
+    if heads == 0
         || d * heads != hd
         || !d.is_multiple_of(VEC)
         || weight.dtype() != x.dtype()
@@ -674,24 +655,18 @@ pub fn rms_rope_heads(
     let weight = weight.contiguous()?;
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let (xp, wp) = (device_ptr(&x)?, device_ptr(&weight)?);
-    if ![xp, wp].iter().all(|p| p.is_multiple_of(2 * VEC as u64)) {
+    let (out, op) = empty(&x, &[b, heads, l, d])?;
+    let (eight_wide, cfg) = row_launch(
+        "rms_rope_heads",
+        x.dtype(),
+        (b * l, hd),
+        &[xp, wp, op],
+        (1024, 0),
+    )?;
+    if !eight_wide {
         return Ok(None);
     }
     let (cp, sp) = (device_ptr(&cos)?, device_ptr(&sin)?);
-    let (out, op) = empty(&x, &[b, heads, l, d])?;
-    let grid = u32::try_from(b * l).map_err(|_| {
-        candle_core::Error::Msg(format!(
-            "rms_rope_heads: {} rows, more than one launch",
-            b * l
-        ))
-    })?;
-    // As many threads as a row has groups of eight, in whole warps, at most 1024.
-    let threads = ((hd / VEC).div_ceil(32) * 32).min(1024) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (li, hi, di) = (l as i32, heads as i32, d as i32);
     let func = x.device().as_cuda_device()?.get_or_load_custom_func(
         &format!("rms_rope_heads_x8_{}", suffix(x.dtype())?),
