@@ -96,6 +96,7 @@ __device__ void store_row(const Values& values, T* y, __nv_fp8_e4m3* y8, float* 
     for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j]));
   }
   m = block_reduce(m, partial, Max());
+  // As the CPU computes it: the largest value times 1/448 (no fused rounding: the add is 0).
   float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
   if (threadIdx.x == 0) *y8_scale = s;
   for (int c = threadIdx.x * VEC; c < cols; c += blockDim.x * VEC) {

@@ -24,17 +24,9 @@ template <typename T>
 __device__ void quantize_rows(const T* x, float* scales, __nv_fp8_e4m3* y, int cols) {
   __shared__ float partial[32];
   long long start = (long long)blockIdx.x * cols;
-  const T* xr = x + start;
-  float m = 0.f;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(to_f32(xr[c])));
-  m = block_reduce(m, partial, Max());
-  // As the CPU computes it: the largest value times 1/448 (no fused rounding: the add is 0).
-  float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
-  if (threadIdx.x == 0) scales[blockIdx.x] = s;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-    float v = to_f32(xr[c]) / s;
-    y[start + c] = __nv_fp8_e4m3(fminf(fmaxf(v, -FP8_MAX), FP8_MAX));
-  }
+  auto values = [&](int c, float(&v)[1]) { v[0] = to_f32(x[start + c]); };
+  store_row<T, 1>(values, static_cast<T*>(nullptr), y + start, scales + blockIdx.x, cols,
+                  partial);
 }
 
 // The offset of element i (0 without offsets).
