@@ -16,6 +16,9 @@
 //   GELU(tanh); f32 arithmetic.
 // - dequant_fp8: w = float(w8) * scale (ComfyUI's scaled fp8 weights); candle 0.11.1's own
 //   float8 casts on CUDA look up kernels under names the kernel file does not define.
+// - dequant_rows_mean_x8: the float8 attention's output back, y = float(o8) * scale +
+//   mean[b] (the values' mean over the keys, taken off before the attention), one block per
+//   token row, eight elements a thread: the dequantisation and the mean in one pass.
 #include "common.cuh"
 
 struct Add {
@@ -192,6 +195,23 @@ __device__ void bias_act(T* y, const T* bias, long long n, int dim, int gelu) {
   y[i] = from_f32<T>(v);
 }
 
+template <typename T, int VEC>
+__device__ void dequant_rows_mean(const __nv_fp8_e4m3* o8, const float* scale, const float* mean,
+                                  T* y, int dim, long long rows_per_batch) {
+  long long row = blockIdx.x;
+  const __nv_fp8_e4m3* src = o8 + row * dim;
+  const float* m = mean + (row / rows_per_batch) * dim;
+  float s = scale[0];
+  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+    typename Word8<VEC>::type word = *reinterpret_cast<const typename Word8<VEC>::type*>(src + c);
+    const __nv_fp8_e4m3* bytes = reinterpret_cast<const __nv_fp8_e4m3*>(&word);
+    float v[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = float(bytes[j]) * s + m[c + j];
+    Vec<T, VEC>::store(y + row * dim + c, v);
+  }
+}
+
 #define DIT_ROW_KERNELS(SUFFIX, T)                                                             \
   extern "C" __global__ void ln_modulate_rows_x8_##SUFFIX(                                    \
       const T* x, const float* mul, const float* add, T* y, int dim, long long rows_per_batch, \
@@ -207,6 +227,11 @@ __device__ void bias_act(T* y, const T* bias, long long n, int dim, int gelu) {
       const T* x, const T* weight, const float* cos, const float* sin, T* y, int tokens,       \
       int heads, int head_dim, float eps) {                                                    \
     rms_rope_heads<T, 8>(x, weight, cos, sin, y, tokens, heads, head_dim, eps);                \
+  }                                                                                            \
+  extern "C" __global__ void dequant_rows_mean_x8_##SUFFIX(                                   \
+      const __nv_fp8_e4m3* o8, const float* scale, const float* mean, T* y, int dim,           \
+      long long rows_per_batch) {                                                              \
+    dequant_rows_mean<T, 8>(o8, scale, mean, y, dim, rows_per_batch);                          \
   }
 DIT_ROW_KERNELS(bf16, __nv_bfloat16)
 DIT_ROW_KERNELS(f16, __half)

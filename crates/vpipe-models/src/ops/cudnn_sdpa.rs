@@ -1443,9 +1443,15 @@ pub fn sdpa_fp8_with(
     let device = q.device().as_cuda_device()?;
     let out = if key.fp8_output {
         let [b, h, lq, _, d] = key.sizes;
-        let o8 = Tensor::zeros(b * lq * h * d, DType::F8E4M3, q.device())?;
-        operands.push((UID_O, ptr(&o8)?));
+        let (o8, o8_ptr) = crate::ops::fused::empty_on(device, DType::F8E4M3, &[b, lq, h * d])?;
+        operands.push((UID_O, o8_ptr));
         execute_on(&plan, &key, &stream, &operands)?;
+        // Dequantised with the values' mean back in one pass where the kernel takes them.
+        let with_mean =
+            crate::ops::fused::dequantize_rows_with_mean(&o8, descale_v, &kv8.v_mean, q.dtype())?;
+        if let Some(out) = with_mean {
+            return out.reshape((b, lq, h, d))?.transpose(1, 2);
+        }
         crate::ops::fused::dequantize_fp8(&o8, descale_v, q.dtype())?
             .reshape((b, lq, h, d))?
             .transpose(1, 2)

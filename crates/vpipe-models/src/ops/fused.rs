@@ -754,6 +754,66 @@ pub fn dequantize_fp8(
     Ok(out)
 }
 
+/// The float8 attention's output back in `dtype`: `float(o8) · scale + mean[b]` per token
+/// row (the values' mean over the keys, taken off before the attention), in one pass, eight
+/// elements a thread. `None`, with nothing done, where that kernel does not take the operands
+/// (a dtype other than bf16 and f16, rows not a multiple of eight wide, an unaligned address):
+/// the caller dequantises and adds the mean apart.
+///
+/// # Shapes
+/// - `o8`: [B, L, C] float8 e4m3; `scale`: one f32; `mean`: B·C f32 (row b's C channels
+///   from b·C on). Returns [B, L, C] in `dtype`.
+pub fn dequantize_rows_with_mean(
+    o8: &Tensor,
+    scale: &Tensor,
+    mean: &Tensor,
+    dtype: DType,
+) -> candle_core::Result<Option<Tensor>> {
+    let (b, l, c) = o8.dims3()?;
+    if o8.dtype() != DType::F8E4M3
+        || scale.dtype() != DType::F32
+        || scale.elem_count() != 1
+        || mean.dtype() != DType::F32
+        || mean.elem_count() != b * c
+        || b * l == 0
+    {
+        return Ok(None);
+    }
+    let (o8, mean) = (o8.contiguous()?, mean.contiguous()?);
+    let (input, sp, mp) = (device_ptr(&o8)?, device_ptr(scale)?, device_ptr(&mean)?);
+    let (out, op) = empty_on(o8.device().as_cuda_device()?, dtype, &[b, l, c])?;
+    // The float8 rows are read as 8-byte words, the mean as f32 at any offset.
+    let (eight_wide, cfg) = row_launch(
+        "dequantize_rows_with_mean",
+        dtype,
+        (b * l, c),
+        &[op],
+        (256, 0),
+    )?;
+    if !eight_wide || !input.is_multiple_of(8) {
+        return Ok(None);
+    }
+    let func = o8.device().as_cuda_device()?.get_or_load_custom_func(
+        &format!("dequant_rows_mean_x8_{}", suffix(dtype)?),
+        "vpipe_dit",
+        DIT_PTX,
+    )?;
+    let (dim, rows_per_batch) = (c as i32, l as i64);
+    let mut a = func.builder();
+    a.arg(&input);
+    a.arg(&sp);
+    a.arg(&mp);
+    a.arg(&op);
+    a.arg(&dim);
+    a.arg(&rows_per_batch);
+    // SAFETY: `o8` is contiguous [b, l, c] float8 (8-byte aligned, c a multiple of eight:
+    // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32; `out` a fresh
+    // [b, l, c] buffer of `dtype`, 16-byte aligned, every row of which one block writes. All
+    // on their stream.
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(Some(out))
+}
+
 /// `y ← act(y + bias)` **in place**, act = identity or GELU(tanh), in f32 per element.
 ///
 /// `y` must be a fresh tensor that nothing else shares (a matmul's output): its buffer is
