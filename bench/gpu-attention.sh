@@ -35,23 +35,8 @@ diffusers_dits() {  # the reference: diffusers' 14B and 1.3B forwards, same call
   echo "=== diffusers 1.3B"
   timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
 }
-vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_bench ($B)
-  echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products${3:+, $3}"
-  timeout "${T14:-150}" "$B" --preset wan2.1-t2v-14b --attention "$1" --matmul "$2" --reps 2 \
-    --batches 2 ${FP8_SCALES:+--fp8-scales $FP8_SCALES} | sed "s/^/vpipe 14b $1 $2 ${3:+$3 }/"
-  [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
-}
-{
-  if [ "$PART" = kernel ] || [ "$PART" = all ]; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  date -u
-  ldconfig -p | grep -i libcudnn.so | head -3
-  python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
-  T=$(unpack cudnn_attention_gpu)
-  CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr timeout 300 "$T" --nocapture --test-threads 1 2>&1 \
-    | grep -vE "^running|^$" | head -120
-  CODE=${PIPESTATUS[0]}
-  python3 - <<'PY'
+torch_sdpa() {  # PyTorch's SDPA on one 14B self-attention layer: its default, cuDNN, flash, efficient
+  timeout 120 python3 - <<'PY'
 import json, torch
 from torch.nn.attention import sdpa_kernel, SDPBackend
 import torch.nn.functional as F
@@ -81,6 +66,24 @@ for name, backend in [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
     except Exception as e:
         print(json.dumps({"torch_sdpa": name, "error": str(e)[:200]}))
 PY
+}
+vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_bench ($B)
+  echo "=== vpipe wan2.1-t2v-14b, $1 attention, $2 products${3:+, $3}"
+  timeout "${T14:-150}" "$B" --preset wan2.1-t2v-14b --attention "$1" --matmul "$2" --reps 2 \
+    --batches 2 ${FP8_SCALES:+--fp8-scales $FP8_SCALES} | sed "s/^/vpipe 14b $1 $2 ${3:+$3 }/"
+  [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
+}
+{
+  if [ "$PART" = kernel ] || [ "$PART" = all ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  date -u
+  ldconfig -p | grep -i libcudnn.so | head -3
+  python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+  T=$(unpack cudnn_attention_gpu)
+  CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr timeout 300 "$T" --nocapture --test-threads 1 2>&1 \
+    | grep -vE "^running|^$" | head -120
+  CODE=${PIPESTATUS[0]}
+  torch_sdpa
   fi
   if [ "$PART" = dit ] || [ "$PART" = all ]; then
     B=$(unpack dit_bench)
@@ -156,7 +159,8 @@ PY
     # 1.3B exact next to diffusers' 1.3B (about 4 minutes). CUBLAS_WHEEL=1 then runs the FFN
     # product and the 14B float8 forward on PyTorch's cuBLASLt. TORCH_PRODUCTS=1 first times
     # PyTorch's float8 products at the 14B's shapes; NCU=1 last adds Nsight Compute's kernel
-    # times of two blocks of the float8 forward. Needs .carry/{fp8_gpu,dit_parity,dit_bench}.xz.
+    # times of two blocks of the float8 forward; SDPA=1 adds PyTorch's SDPA on one
+    # self-attention layer (default, cuDNN, flash, efficient). Needs .carry/{fp8_gpu,dit_parity,dit_bench}.xz.
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     date -u
     [ "${TORCH_PRODUCTS:-0}" = 1 ] && timeout 60 python3 bench/fp8_products_torch.py | sed 's/^/torch /'
@@ -181,6 +185,8 @@ PY
     timeout 40 "$B" --preset wan2.1-t2v-1.3b --attention cudnn --reps 2 --batches 2 | sed "s/^/vpipe 1.3b cudnn exact /"
     [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
     timeout 50 python3 bench/dit_gpu.py dit-1.3b --reps 2 --batches 2 | sed 's/^/diffusers /'
+    # SDPA=1: PyTorch's attention on the self-attention layer the float8 tests time.
+    [ "${SDPA:-0}" = 1 ] && torch_sdpa
     if [ "${CUBLAS_WHEEL:-0}" = 1 ]; then
       # The same FFN product and 14B float8 forward on the cuBLASLt PyTorch ships (its
       # nvidia wheel) instead of the system's.
