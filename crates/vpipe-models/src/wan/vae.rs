@@ -1964,16 +1964,51 @@ mod tests {
         }
     }
 
+    /// The tensors `cfg` asks a checkpoint for, and their shapes (u8 zeros: the shapes matter,
+    /// not the values).
+    fn requested_keys(cfg: &Config) -> BTreeMap<String, Vec<usize>> {
+        let rec = Recorder::default();
+        let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::U8, Device::Cpu);
+        WanVae::new(cfg, vb).unwrap();
+        let keys = rec.0.lock().unwrap().clone();
+        keys
+    }
+
+    /// `keys` holds each of `expect` with its shape and none of `absent`, and its parameters
+    /// in tenths of millions: (all, encoder, decoder).
+    fn check_key_set(
+        keys: &BTreeMap<String, Vec<usize>>,
+        expect: &[(&str, &[usize])],
+        absent: &[&str],
+        tenths_of_millions: (usize, usize, usize),
+    ) {
+        for &(name, shape) in expect {
+            assert_eq!(keys.get(name).map(Vec::as_slice), Some(shape), "{name}");
+        }
+        for &name in absent {
+            assert!(!keys.contains_key(name), "{name}");
+        }
+        let params = |prefix: &str| -> usize {
+            keys.iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum()
+        };
+        let tenths = |n: usize| (n as f64 / 1e5).round() as usize;
+        let counted = (
+            tenths(params("")),
+            tenths(params("encoder.")),
+            tenths(params("decoder.")),
+        );
+        assert_eq!(counted, tenths_of_millions);
+    }
+
     /// The Wan 2.1 preset asks for exactly the real checkpoint's tensors: 194 of them, with the
     /// shapes of the Wan 2.1 VAE checkpoint, and 126.9 M parameters (53.6 M
     /// encoder, 73.3 M decoder).
     #[test]
     fn wan21_requests_the_real_key_set() {
-        let rec = Recorder::default();
-        // u8 zeros: the shapes matter, not the values (127 MB instead of 508).
-        let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::U8, Device::Cpu);
-        WanVae::new(&Config::wan21(), vb).unwrap();
-        let keys = rec.0.lock().unwrap().clone();
+        let keys = requested_keys(&Config::wan21());
         assert_eq!(keys.len(), 194);
         let expect: [(&str, &[usize]); 22] = [
             ("encoder.conv1.weight", &[96, 3, 3, 3, 3]),
@@ -2011,27 +2046,13 @@ mod tests {
             ("decoder.upsamples.14.residual.6.weight", &[96, 96, 3, 3, 3]),
             ("decoder.head.2.weight", &[3, 96, 3, 3, 3]),
         ];
-        for (name, shape) in expect {
-            assert_eq!(keys.get(name).map(Vec::as_slice), Some(shape), "{name}");
-        }
-        for absent in [
+        let absent = [
             "encoder.downsamples.2.time_conv.weight",
             "encoder.downsamples.11.residual.0.gamma",
             "decoder.upsamples.11.time_conv.weight",
             "decoder.upsamples.15.residual.0.gamma",
-        ] {
-            assert!(!keys.contains_key(absent), "{absent}");
-        }
-        let params = |prefix: &str| -> usize {
-            keys.iter()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum()
-        };
-        let tenths = |n: usize| (n as f64 / 1e5).round() as usize;
-        assert_eq!(tenths(params("")), 1269);
-        assert_eq!(tenths(params("encoder.")), 536);
-        assert_eq!(tenths(params("decoder.")), 733);
+        ];
+        check_key_set(&keys, &expect, &absent, (1269, 536, 733));
     }
 
     /// The Wan 2.2 preset asks for exactly the real checkpoint's tensors (`Wan2.2_VAE.pth`,
@@ -2040,10 +2061,7 @@ mod tests {
     /// `convert_vae_22` read backwards.
     #[test]
     fn wan22_requests_the_real_key_set() {
-        let rec = Recorder::default();
-        let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::U8, Device::Cpu);
-        WanVae::new(&Config::wan22(), vb).unwrap();
-        let keys = rec.0.lock().unwrap().clone();
+        let keys = requested_keys(&Config::wan22());
         assert_eq!(keys.len(), 196);
         let expect: [(&str, &[usize]); 21] = [
             ("encoder.conv1.weight", &[160, 12, 3, 3, 3]),
@@ -2107,27 +2125,13 @@ mod tests {
             ("decoder.head.0.gamma", &[256, 1, 1, 1]),
             ("decoder.head.2.weight", &[12, 256, 3, 3, 3]),
         ];
-        for (name, shape) in expect {
-            assert_eq!(keys.get(name).map(Vec::as_slice), Some(shape), "{name}");
-        }
-        for absent in [
+        let absent = [
             "encoder.downsamples.0.downsamples.2.time_conv.weight",
             "encoder.downsamples.3.downsamples.2.resample.1.weight",
             "decoder.upsamples.2.upsamples.3.time_conv.weight",
             "decoder.upsamples.3.upsamples.3.resample.1.weight",
-        ] {
-            assert!(!keys.contains_key(absent), "{absent}");
-        }
-        let params = |prefix: &str| -> usize {
-            keys.iter()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum()
-        };
-        let tenths = |n: usize| (n as f64 / 1e5).round() as usize;
-        assert_eq!(tenths(params("")), 7047);
-        assert_eq!(tenths(params("encoder.")), 1496);
-        assert_eq!(tenths(params("decoder.")), 5550);
+        ];
+        check_key_set(&keys, &expect, &absent, (7047, 1496, 5550));
     }
 
     /// Channel `c·4 + j·2 + i` of the folded clip is pixel (row offset `i`, column offset `j`)
