@@ -18,7 +18,8 @@
 //   float8 casts on CUDA look up kernels under names the kernel file does not define.
 // - dequant_rows_mean_x8: the float8 attention's output back, y = float(o8) * scale +
 //   mean[b] (the values' mean over the keys, taken off before the attention), one block per
-//   token row, eight elements a thread: the dequantisation and the mean in one pass.
+//   token row, eight elements a thread: the dequantisation and the mean in one pass; or,
+//   instead, that row quantised per row for the output projection's float8 product.
 #include "common.cuh"
 
 struct Add {
@@ -195,21 +196,30 @@ __device__ void bias_act(T* y, const T* bias, long long n, int dim, int gelu) {
   y[i] = from_f32<T>(v);
 }
 
+// The float8 attention's output row of this block, float(o8) * scale[0] + mean[b] in f32,
+// stored to y or, with y8, quantised per row for the output projection's float8 product
+// (store_row); blocks at or past `rows` then write a padding row (zero_fp8_row).
 template <typename T, int VEC>
 __device__ void dequant_rows_mean(const __nv_fp8_e4m3* o8, const float* scale, const float* mean,
-                                  T* y, int dim, long long rows_per_batch) {
-  long long row = blockIdx.x;
-  const __nv_fp8_e4m3* src = o8 + row * dim;
-  const float* m = mean + (row / rows_per_batch) * dim;
+                                  T* y, int dim, long long rows_per_batch, __nv_fp8_e4m3* y8,
+                                  float* y8_scales, long long rows) {
+  __shared__ float partial[32];
+  long long r = blockIdx.x;
+  if (y8 && r >= rows) {
+    zero_fp8_row<VEC>(y8 + r * dim, y8_scales + r, dim);
+    return;
+  }
+  const __nv_fp8_e4m3* src = o8 + r * dim;
+  const float* m = mean + (r / rows_per_batch) * dim;
   float s = scale[0];
-  for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
+  auto values = [&](int c, float(&v)[VEC]) {
     typename Word8<VEC>::type word = *reinterpret_cast<const typename Word8<VEC>::type*>(src + c);
     const __nv_fp8_e4m3* bytes = reinterpret_cast<const __nv_fp8_e4m3*>(&word);
-    float v[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = float(bytes[j]) * s + m[c + j];
-    Vec<T, VEC>::store(y + row * dim + c, v);
-  }
+  };
+  store_row<T, VEC>(values, y8 ? nullptr : y + r * dim, y8 ? y8 + r * dim : nullptr,
+                    y8 ? y8_scales + r : nullptr, dim, partial);
 }
 
 #define DIT_ROW_KERNELS(SUFFIX, T)                                                             \
@@ -230,8 +240,8 @@ __device__ void dequant_rows_mean(const __nv_fp8_e4m3* o8, const float* scale, c
   }                                                                                            \
   extern "C" __global__ void dequant_rows_mean_x8_##SUFFIX(                                   \
       const __nv_fp8_e4m3* o8, const float* scale, const float* mean, T* y, int dim,           \
-      long long rows_per_batch) {                                                              \
-    dequant_rows_mean<T, 8>(o8, scale, mean, y, dim, rows_per_batch);                          \
+      long long rows_per_batch, __nv_fp8_e4m3* y8, float* y8_scales, long long rows) {         \
+    dequant_rows_mean<T, 8>(o8, scale, mean, y, dim, rows_per_batch, y8, y8_scales, rows);     \
   }
 DIT_ROW_KERNELS(bf16, __nv_bfloat16)
 DIT_ROW_KERNELS(f16, __half)

@@ -442,3 +442,71 @@ fn fp8_attention_in_query_slices_equals_the_whole_one() {
     assert!(against_exact < 0.1, "{against_exact}");
     assert_eq!(fp8_attention_refusal(), None);
 }
+
+/// cuDNN's float8 attention feeding a float8 output projection
+/// (`attention_projection_input`, as the DiT's self-attention runs with `--attention fp8
+/// --fp8-compute`): its float8 output becomes the projection's float8 rows in one pass
+/// (dequantised, the values' mean back, quantised per row), and the 16-bit output is never
+/// written. The projection of those rows against that of the 16-bit output quantised apart
+/// (the two-pass path): within float8's rounding of each other, and no farther from the exact
+/// attention and product than the two-pass path is (10 % slack). Two samples (a mean of the
+/// values each), 40 heads of 128, 4096 tokens.
+#[test]
+fn fp8_attention_rows_feed_the_projection_as_its_output_does() {
+    use vpipe_models::ops::attention::{
+        attention, attention_projection_input, fp8_attention_refusal, Attend, AttentionKernel,
+    };
+    use vpipe_models::ops::cudnn_sdpa::{sdpa_fp8_rows, Fp8AttentionOutput};
+    let (b, l, h, d) = (2, 4096, 40, 128);
+    let [q, k, v] = token_major(b, l, h, d, -1.0);
+    assert!(
+        matches!(
+            sdpa_fp8_rows(&q, &k, &v).unwrap(),
+            Fp8AttentionOutput::Rows(_)
+        ),
+        "cuDNN wrote the float8 attention's output in 16 bits: the rows path did not run"
+    );
+    let with = |kernel| Attend {
+        kernel,
+        ..Attend::chunked(1024)
+    };
+    let dim = h * d;
+    let (w, bias) = (
+        randn((dim, dim), 0.02),
+        randn((1, dim), 0.1).flatten_all().unwrap(),
+    );
+    let projection = layer(&w, &bias, DType::BF16, &cuda());
+    let tokens = |t: Tensor| t.transpose(1, 2).unwrap().reshape((b, l, dim)).unwrap();
+    let fp8 = with(AttentionKernel::CudnnFp8);
+    let rows = attention_projection_input(&q, &k, &v, fp8, MatmulPrecision::Fp8).unwrap();
+    let one_pass = projection.forward_prepared(&rows).unwrap();
+    let two_pass = projection
+        .forward_in(
+            &tokens(attention(&q, &k, &v, fp8).unwrap()),
+            MatmulPrecision::Fp8,
+        )
+        .unwrap();
+    let exact = projection
+        .forward_in(
+            &tokens(attention(&q, &k, &v, with(AttentionKernel::Cudnn)).unwrap()),
+            MatmulPrecision::Exact,
+        )
+        .unwrap();
+    let between = relative_l2(&one_pass, &two_pass);
+    let (one_pass_err, two_pass_err) = (
+        relative_l2(&one_pass, &exact),
+        relative_l2(&two_pass, &exact),
+    );
+    eprintln!(
+        "fp8 attention into the fp8 projection: one pass against two {between:.3e}; against \
+         the exact attention and product: one pass {one_pass_err:.3e}, two passes \
+         {two_pass_err:.3e}"
+    );
+    assert_eq!(one_pass.dims(), exact.dims());
+    assert!(between < 0.04, "{between}");
+    assert!(
+        one_pass_err <= two_pass_err * 1.1 + 1e-4,
+        "{one_pass_err} against {two_pass_err}"
+    );
+    assert_eq!(fp8_attention_refusal(), None);
+}

@@ -11,6 +11,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::ops::linear::{LinearInput, MatmulPrecision};
+
 #[cfg(feature = "bench-hooks")]
 pub use hooks::{skip_for_benchmark, time_calls, timed_seconds};
 
@@ -46,10 +48,14 @@ mod hooks {
         TIMED_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
-    /// `run` (the attention) as the switches say.
-    pub(super) fn around(q: &Tensor, run: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    /// `run` (the attention) as the switches say; skipped, `skipped` of the query instead.
+    pub(super) fn around<T>(
+        q: &Tensor,
+        skipped: impl FnOnce(Tensor) -> Result<T>,
+        run: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         if SKIPPED.load(Ordering::Relaxed) {
-            return Ok(q.clone());
+            return skipped(q.clone());
         }
         if !TIMING.load(Ordering::Relaxed) {
             return run();
@@ -273,9 +279,63 @@ pub fn is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// or an empty dimension (a softmax over no keys has no value).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, how: Attend) -> Result<Tensor> {
     #[cfg(feature = "bench-hooks")]
-    return hooks::around(q, || dispatch(q, k, v, how));
+    return hooks::around(q, Ok, || dispatch(q, k, v, how));
     #[cfg(not(feature = "bench-hooks"))]
     dispatch(q, k, v, how)
+}
+
+/// [`attention`] with its output made the input of the output projection for products of
+/// `precision` (token rows [B, Lq, H·D]). cuDNN's float8 attention feeding float8 products
+/// turns its float8 output into the product's float8 rows in one pass, so that the 16-bit
+/// output is never written ([`crate::ops::cudnn_sdpa::sdpa_fp8_rows`]); where cuDNN refuses
+/// it, its exact attention runs (the refusal recorded).
+///
+/// # Shapes
+/// As [`attention`]; the input's shape is [B, Lq, H·D].
+///
+/// # Errors
+/// As [`attention`].
+pub fn attention_projection_input(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    how: Attend,
+    precision: MatmulPrecision,
+) -> Result<LinearInput> {
+    let tokens = |out: Tensor| -> Result<LinearInput> {
+        let (b, h, l, d) = out.dims4()?;
+        LinearInput::new(&out.transpose(1, 2)?.reshape((b, l, h * d))?, precision)
+    };
+    #[cfg(feature = "cuda")]
+    if how.kernel == AttentionKernel::CudnnFp8
+        && precision == MatmulPrecision::Fp8
+        && q.device().is_cuda()
+    {
+        use crate::ops::cudnn_sdpa::{sdpa_fp8_rows, Fp8AttentionOutput};
+        let run = || -> Result<LinearInput> {
+            let (b, h, l, d) = q.dims4()?;
+            check_operands(q, k, v)?;
+            match sdpa_fp8_rows(q, k, v) {
+                Ok(Fp8AttentionOutput::Rows(rows)) => {
+                    Ok(LinearInput::quantized(rows, &[b, l, h * d]))
+                }
+                Ok(Fp8AttentionOutput::Heads(out)) => tokens(out),
+                Err(e) => {
+                    record_fp8_refusal(e.to_string());
+                    let exact = Attend {
+                        kernel: how.kernel.for_cross_attention(),
+                        ..how
+                    };
+                    tokens(dispatch(q, k, v, exact)?)
+                }
+            }
+        };
+        #[cfg(feature = "bench-hooks")]
+        return hooks::around(q, tokens, run);
+        #[cfg(not(feature = "bench-hooks"))]
+        return run();
+    }
+    tokens(attention(q, k, v, how)?)
 }
 
 fn dispatch(q: &Tensor, k: &Tensor, v: &Tensor, how: Attend) -> Result<Tensor> {
@@ -448,7 +508,7 @@ fn attention_fp8_keys_values(
         }
     };
     #[cfg(feature = "bench-hooks")]
-    return hooks::around(q, run);
+    return hooks::around(q, Ok, run);
     #[cfg(not(feature = "bench-hooks"))]
     run()
 }

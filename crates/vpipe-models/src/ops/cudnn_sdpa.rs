@@ -1376,6 +1376,47 @@ pub fn sdpa_fp8_with(
     v: &Tensor,
     kv8: &Fp8KeysValues,
 ) -> candle_core::Result<Tensor> {
+    match sdpa_fp8_output(q, k, v, kv8, false)? {
+        Fp8AttentionOutput::Heads(out) => Ok(out),
+        Fp8AttentionOutput::Rows(_) => Err(error("float8 rows where heads were asked for")),
+    }
+}
+
+/// What [`sdpa_fp8_rows`] gives back.
+#[derive(Debug)]
+pub enum Fp8AttentionOutput {
+    /// [B, H, Lq, D] in q's dtype, as [`sdpa_fp8`] returns it.
+    Heads(Tensor),
+    /// The output's B·Lq token rows of H·D, quantised per row for a float8 product.
+    Rows(crate::ops::fp8::Fp8Rows),
+}
+
+/// [`sdpa_fp8`] with its output made the input of a float8 product (the output projection):
+/// where cuDNN writes the output in e4m3, one pass turns it into the product's float8 rows
+/// (dequantised, the values' mean back, quantised per row), and the 16-bit output is never
+/// written; else the output as [`sdpa_fp8`] returns it.
+///
+/// # Shapes
+/// As [`sdpa_fp8`]; the rows are [B·Lq, H·D].
+///
+/// # Errors
+/// As [`sdpa_fp8`].
+pub fn sdpa_fp8_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<Fp8AttentionOutput> {
+    sdpa_fp8_output(q, k, v, &Fp8KeysValues::quantize(k, v)?, true)
+}
+
+/// [`sdpa_fp8_with`], or with `rows` [`sdpa_fp8_rows`].
+fn sdpa_fp8_output(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kv8: &Fp8KeysValues,
+    rows: bool,
+) -> candle_core::Result<Fp8AttentionOutput> {
     let (mut key, stream) = plan_key(q, k, v)?;
     let d = key.sizes[4];
     if d != FP8_HEAD_DIM {
@@ -1446,11 +1487,20 @@ pub fn sdpa_fp8_with(
         let (o8, o8_ptr) = crate::ops::fused::empty_on(device, DType::F8E4M3, &[b, lq, h * d])?;
         operands.push((UID_O, o8_ptr));
         execute_on(&plan, &key, &stream, &operands)?;
-        // Dequantised with the values' mean back in one pass where the kernel takes them.
-        let with_mean =
-            crate::ops::fused::dequantize_rows_with_mean(&o8, descale_v, &kv8.v_mean, q.dtype())?;
-        if let Some(out) = with_mean {
-            return out.reshape((b, lq, h, d))?.transpose(1, 2);
+        // Dequantised with the values' mean back in one pass where the kernel takes them,
+        // and quantised per row too where a float8 product reads the output.
+        let means = (descale_v, &kv8.v_mean);
+        if rows {
+            if let Some(rows) = crate::ops::fp8::Fp8Rows::attention_output(&o8, means, q.dtype())? {
+                return Ok(Fp8AttentionOutput::Rows(rows));
+            }
+        }
+        if let Some(out) =
+            crate::ops::fused::dequantize_rows_with_mean(&o8, means.0, means.1, q.dtype())?
+        {
+            return Ok(Fp8AttentionOutput::Heads(
+                out.reshape((b, lq, h, d))?.transpose(1, 2)?,
+            ));
         }
         crate::ops::fused::dequantize_fp8(&o8, descale_v, q.dtype())?
             .reshape((b, lq, h, d))?
@@ -1466,13 +1516,14 @@ pub fn sdpa_fp8_with(
     drop((q8, descale_q));
     // The values' mean back (see [`Fp8KeysValues`]), in place on the fresh output.
     let out = out?;
-    match crate::ops::fp8::ChannelOffsets::for_layout(&kv8.v_mean, &out)? {
+    let out = match crate::ops::fp8::ChannelOffsets::for_layout(&kv8.v_mean, &out)? {
         Some(mean) => {
             crate::ops::fp8::add_channel_offsets(&out, &mean)?;
-            Ok(out)
+            out
         }
-        None => out.broadcast_add(&kv8.v_mean.transpose(1, 2)?.to_dtype(out.dtype())?),
-    }
+        None => out.broadcast_add(&kv8.v_mean.transpose(1, 2)?.to_dtype(out.dtype())?)?,
+    };
+    Ok(Fp8AttentionOutput::Heads(out))
 }
 
 /// Executes `plan` on q, k and v read in place.

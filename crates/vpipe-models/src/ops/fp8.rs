@@ -149,6 +149,33 @@ impl Fp8Rows {
             ),
         )
     }
+
+    /// cuDNN's float8 attention output `o8` made the output projection's float8 input: per
+    /// token row `float(o8) · scale + mean[b]` (the values' mean back), quantised as
+    /// [`Self::quantize`] quantises, in one pass and from f32 (the 16-bit output is never
+    /// written); `None` where that kernel does not take the operands.
+    ///
+    /// # Shapes
+    /// - `o8`: [B, L, C] float8 e4m3; `scale`: one f32; `mean`: B·C f32. The rows are the
+    ///   B·L tokens, as `dtype` (the attention's) they stand for.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn attention_output(
+        o8: &Tensor,
+        (scale, mean): (&Tensor, &Tensor),
+        dtype: DType,
+    ) -> candle_core::Result<Option<Self>> {
+        let (b, l, _) = o8.dims3()?;
+        let padded = padded_rows(b * l, o8.device());
+        Ok(
+            crate::ops::fused::dequantize_rows_with_mean_fp8(o8, (scale, mean), dtype, padded)?
+                .map(|(values, scales)| Self {
+                    values,
+                    scales,
+                    rows: b * l,
+                    dtype,
+                }),
+        )
+    }
 }
 
 /// The rows a float8 input of `rows` rows is stored with: cuBLASLt's float8 products take

@@ -770,6 +770,43 @@ pub fn dequantize_rows_with_mean(
     dtype: DType,
 ) -> candle_core::Result<Option<Tensor>> {
     let (b, l, c) = o8.dims3()?;
+    let (out, op) = empty_on(o8.device().as_cuda_device()?, dtype, &[b, l, c])?;
+    Ok(launch_dequant_rows_mean(o8, (scale, mean), dtype, (op, None))?.map(|()| out))
+}
+
+/// [`dequantize_rows_with_mean`] quantised per row for a float8 product instead, as
+/// `fp8::Fp8Rows::quantize` quantises, from the f32 values (not rounded to `dtype` first):
+/// e4m3 values [padded, C] and f32 scales [padded], the rows past B·L zeros with zero scales.
+/// `None`, with nothing done, where the kernel does not take the operands.
+///
+/// # Shapes
+/// As [`dequantize_rows_with_mean`]; `padded` at least B·L.
+pub fn dequantize_rows_with_mean_fp8(
+    o8: &Tensor,
+    (scale, mean): (&Tensor, &Tensor),
+    dtype: DType,
+    padded: usize,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    let (b, l, c) = o8.dims3()?;
+    let device = o8.device().as_cuda_device()?;
+    let (values, vp) = empty_on(device, DType::F8E4M3, &[padded.max(b * l), c])?;
+    let (scales, sp) = empty_on(device, DType::F32, &[padded.max(b * l)])?;
+    Ok(
+        launch_dequant_rows_mean(o8, (scale, mean), dtype, (0, Some((vp, sp, padded))))?
+            .map(|()| (values, scales)),
+    )
+}
+
+/// Launches `dequant_rows_mean_x8_*` on `o8` into the device address `out` (of `dtype`), or,
+/// with `fp8` (values' and scales' addresses and padded rows), into those; `None` where the
+/// kernel does not take the operands.
+fn launch_dequant_rows_mean(
+    o8: &Tensor,
+    (scale, mean): (&Tensor, &Tensor),
+    dtype: DType,
+    (out, fp8): (u64, Option<(u64, u64, usize)>),
+) -> candle_core::Result<Option<()>> {
+    let (b, l, c) = o8.dims3()?;
     if o8.dtype() != DType::F8E4M3
         || scale.dtype() != DType::F32
         || scale.elem_count() != 1
@@ -781,13 +818,15 @@ pub fn dequantize_rows_with_mean(
     }
     let (o8, mean) = (o8.contiguous()?, mean.contiguous()?);
     let (input, sp, mp) = (device_ptr(&o8)?, device_ptr(scale)?, device_ptr(&mean)?);
-    let (out, op) = empty_on(o8.device().as_cuda_device()?, dtype, &[b, l, c])?;
-    // The float8 rows are read as 8-byte words, the mean as f32 at any offset.
+    let grid = fp8.map_or(b * l, |(.., padded)| padded.max(b * l));
+    let written = fp8.map_or(out, |(vp, ..)| vp);
+    // The float8 rows are read as 8-byte words, the mean as f32 at any offset; the 16-bit
+    // output (or the float8 one, 16-byte aligned as a fresh buffer) as 16-byte words.
     let (eight_wide, cfg) = row_launch(
         "dequantize_rows_with_mean",
         dtype,
-        (b * l, c),
-        &[op],
+        (grid, c),
+        &[written],
         (256, 0),
     )?;
     if !eight_wide || !input.is_multiple_of(8) {
@@ -798,20 +837,25 @@ pub fn dequantize_rows_with_mean(
         "vpipe_dit",
         DIT_PTX,
     )?;
-    let (dim, rows_per_batch) = (c as i32, l as i64);
+    let (vp, scales_p) = fp8.map_or((0, 0), |(vp, sp, _)| (vp, sp));
+    let (dim, rows_per_batch, rows) = (c as i32, l as i64, (b * l) as i64);
     let mut a = func.builder();
     a.arg(&input);
     a.arg(&sp);
     a.arg(&mp);
-    a.arg(&op);
+    a.arg(&out);
     a.arg(&dim);
     a.arg(&rows_per_batch);
+    a.arg(&vp);
+    a.arg(&scales_p);
+    a.arg(&rows);
     // SAFETY: `o8` is contiguous [b, l, c] float8 (8-byte aligned, c a multiple of eight:
-    // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32; `out` a fresh
-    // [b, l, c] buffer of `dtype`, 16-byte aligned, every row of which one block writes. All
-    // on their stream.
+    // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32; `out` (without
+    // `fp8`) a fresh [b, l, c] buffer of `dtype`, or (with it) the values `grid`·c bytes and
+    // the scales `grid` f32, 16-byte aligned, each row written whole by its block. All on
+    // their stream.
     unsafe { a.launch(cfg) }.w()?;
-    Ok(Some(out))
+    Ok(Some(()))
 }
 
 /// `y ← act(y + bias)` **in place**, act = identity or GELU(tanh), in f32 per element.

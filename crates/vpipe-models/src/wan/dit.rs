@@ -18,7 +18,10 @@ use serde::Deserialize;
 
 use super::dit_keys;
 use crate::error::{Error, Result};
-use crate::ops::attention::{attention, attention_over_query, Attend, AttentionKernel, QueryChunk};
+use crate::ops::attention::{
+    attention, attention_over_query, attention_projection_input, Attend, AttentionKernel,
+    QueryChunk,
+};
 use crate::ops::linear::{get_in_dtype, layer_norm_f32, Linear, LinearInput, MatmulPrecision};
 use crate::parallel::Communicator;
 
@@ -838,6 +841,13 @@ impl Attention {
             (q, k, v)
         };
         drop(input);
+        if shard.is_none() && image.is_none() {
+            // The output straight into the projection's input (in float8 where both paths
+            // are: the 16-bit output is never written).
+            let projected = attention_projection_input(&q, &k, &v, how, matmul)?;
+            drop((q, k, v));
+            return Ok(self.o.forward_prepared(&projected)?);
+        }
         let mut out = match shard {
             None => attention(&q, &k, &v, how)?,
             Some(shard) => shard.attend(q.clone(), &k, &v, |q, k, v| attention(&q, k, v, how))?,
