@@ -119,3 +119,22 @@ __device__ void zero_fp8_row(__nv_fp8_e4m3* y8, float* y8_scale, int cols) {
     *reinterpret_cast<typename Word8<VEC>::type*>(y8 + c) = typename Word8<VEC>::type{};
   if (threadIdx.x == 0) *y8_scale = 0.f;
 }
+
+// In a kernel of one token row per block that may quantise its rows (y8): whether block r is
+// past the `rows` rows, in which case it writes a padding row (zero_fp8_row) and has nothing
+// else to do. Without y8, never.
+template <int VEC>
+__device__ bool fp8_padding_row(__nv_fp8_e4m3* y8, float* y8_scales, long long r, long long rows,
+                                int cols) {
+  if (!y8 || r < rows) return false;
+  zero_fp8_row<VEC>(y8 + r * cols, y8_scales + r, cols);
+  return true;
+}
+
+// store_row of row r: to y's row r, or with y8 quantised into y8's row r and y8_scales[r].
+template <typename T, int VEC, typename Values>
+__device__ void store_row_at(const Values& values, T* y, __nv_fp8_e4m3* y8, float* y8_scales,
+                             long long r, int cols, float* partial) {
+  store_row<T, VEC>(values, y8 ? nullptr : y + r * cols, y8 ? y8 + r * cols : nullptr,
+                    y8 ? y8_scales + r : nullptr, cols, partial);
+}

@@ -68,10 +68,7 @@ __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add,
   extern __shared__ float row[];
   __shared__ float partial[32];
   long long r = blockIdx.x;
-  if (y8 && r >= rows) {
-    zero_fp8_row<VEC>(y8 + r * dim, y8_scales + r, dim);
-    return;
-  }
+  if (fp8_padding_row<VEC>(y8, y8_scales, r, rows, dim)) return;
   const T* xr = x + r * dim;
   float sum = 0.f;
   for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
@@ -102,8 +99,7 @@ __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean) * rstd * m[c + j] + a[c + j];
   };
-  store_row<T, VEC>(values, y8 ? nullptr : y + r * dim, y8 ? y8 + r * dim : nullptr,
-                    y8 ? y8_scales + r : nullptr, dim, partial);
+  store_row_at<T, VEC>(values, y, y8, y8_scales, r, dim, partial);
 }
 
 // y = x + r * gate[b] over one row per block, VEC elements a thread (VEC 1, or 8 16-bit
@@ -205,10 +201,7 @@ __device__ void dequant_rows_mean(const __nv_fp8_e4m3* o8, const float* scale, c
                                   float* y8_scales, long long rows) {
   __shared__ float partial[32];
   long long r = blockIdx.x;
-  if (y8 && r >= rows) {
-    zero_fp8_row<VEC>(y8 + r * dim, y8_scales + r, dim);
-    return;
-  }
+  if (fp8_padding_row<VEC>(y8, y8_scales, r, rows, dim)) return;
   const __nv_fp8_e4m3* src = o8 + r * dim;
   const float* m = mean + (r / rows_per_batch) * dim;
   float s = scale[0];
@@ -218,8 +211,7 @@ __device__ void dequant_rows_mean(const __nv_fp8_e4m3* o8, const float* scale, c
 #pragma unroll
     for (int j = 0; j < VEC; ++j) v[j] = float(bytes[j]) * s + m[c + j];
   };
-  store_row<T, VEC>(values, y8 ? nullptr : y + r * dim, y8 ? y8 + r * dim : nullptr,
-                    y8 ? y8_scales + r : nullptr, dim, partial);
+  store_row_at<T, VEC>(values, y, y8, y8_scales, r, dim, partial);
 }
 
 #define DIT_ROW_KERNELS(SUFFIX, T)                                                             \
