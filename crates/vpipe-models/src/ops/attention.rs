@@ -6,8 +6,8 @@
 //! - the chunked path anywhere else: the softmax scores of at most `query_chunk` query rows exist
 //!   at any time, so 32 760 tokens × 40 heads never materialise the 86 GB score matrix.
 //!
-//! Every attention in the models calls [`attention`] or [`attention_over_query`] with the
-//! plan's [`Attend`].
+//! Every attention in the models calls [`attention`], [`attention_over_query`] or
+//! [`attention_projection_input`] with the plan's [`Attend`].
 
 use candle_core::{DType, Result, Tensor};
 
