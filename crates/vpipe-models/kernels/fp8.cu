@@ -240,10 +240,7 @@ __device__ void rows_scale_act(const T* x, float factor, const float* row_scales
   __shared__ float partial[32];
   long long r = blockIdx.x;
   long long start = r * cols;
-  if (r >= rows) {
-    if (y8) zero_fp8_row<VEC>(y8 + start, y8_scales + r, cols);
-    return;
-  }
+  if (fp8_padding_row<VEC>(y8, y8_scales, r, rows, cols) || r >= rows) return;
   float scale = factor * (row_scales ? row_scales[r] : 1.f);
   auto values = [&](int c, float(&v)[VEC]) {
     Vec<T, VEC>::load(x + start + c, v);
@@ -257,8 +254,7 @@ __device__ void rows_scale_act(const T* x, float factor, const float* row_scales
                   : u;
     }
   };
-  store_row<T, VEC>(values, y ? y + start : nullptr, y8 ? y8 + start : nullptr,
-                    y8 ? y8_scales + r : nullptr, cols, partial);
+  store_row_at<T, VEC>(values, y, y8, y8_scales, r, cols, partial);
 }
 
 #define FP8_KERNELS(SUFFIX, T)                                                                 \

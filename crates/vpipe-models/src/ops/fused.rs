@@ -424,6 +424,59 @@ fn row_launch(
     ))
 }
 
+/// Where a kernel of one token row per block that may quantise its rows writes
+/// (kernels/common.cuh's `store_row_at`): its output, or float8 rows for a float8 product.
+#[derive(Clone, Copy)]
+enum RowsOut {
+    /// The output's device address.
+    Plain(u64),
+    /// The float8 values' and scales' device addresses, and the rows they hold (those past
+    /// the input's rows are padding).
+    Fp8 {
+        values: u64,
+        scales: u64,
+        padded: usize,
+    },
+}
+
+impl RowsOut {
+    /// Float8 rows of `width` for `rows` rows padded to `padded` on `device`: the values
+    /// [padded, width] e4m3 and the scales [padded] f32 (uninitialised: the kernel writes
+    /// every row), and where they are.
+    fn fp8_on(
+        device: &candle_core::CudaDevice,
+        (rows, padded): (usize, usize),
+        width: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Self)> {
+        let padded = padded.max(rows);
+        let (values, vp) = empty_on(device, DType::F8E4M3, &[padded, width])?;
+        let (scales, sp) = empty_on(device, DType::F32, &[padded])?;
+        let out = Self::Fp8 {
+            values: vp,
+            scales: sp,
+            padded,
+        };
+        Ok((values, scales, out))
+    }
+
+    /// The blocks to launch for `rows` rows (the padding rows too), and the address of the
+    /// rows they write.
+    fn grid_and_written(self, rows: usize) -> (usize, u64) {
+        match self {
+            Self::Plain(out) => (rows, out),
+            Self::Fp8 { values, padded, .. } => (padded.max(rows), values),
+        }
+    }
+
+    /// The kernel's `y`, `y8` and `y8_scales` addresses (0 for none).
+    fn addresses(self) -> (u64, u64, u64) {
+        match self {
+            Self::Plain(out) => (out, 0, 0),
+            Self::Fp8 { values, scales, .. } => (0, values, scales),
+        }
+    }
+}
+
 /// `LN(x) · mul[b] + add[b]`: layer norm without affine over the last dimension with f32
 /// statistics, then a per-sample (or shared) f32 multiply-add, rounded once to `x`'s dtype.
 ///
@@ -437,7 +490,7 @@ pub fn ln_modulate(
 ) -> candle_core::Result<Tensor> {
     let (b, l, d) = x.dims3()?;
     let (out, op) = empty(x, &[b, l, d])?;
-    launch_ln_modulate(x, (mul, add, eps), (op, None))?;
+    launch_ln_modulate(x, (mul, add, eps), RowsOut::Plain(op))?;
     Ok(out)
 }
 
@@ -456,22 +509,17 @@ pub fn ln_modulate_fp8(
     padded: usize,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
     let (b, l, d) = x.dims3()?;
-    let device = x.device().as_cuda_device()?;
-    let (values, vp) = empty_on(device, DType::F8E4M3, &[padded.max(b * l), d])?;
-    let (scales, sp) = empty_on(device, DType::F32, &[padded.max(b * l)])?;
-    Ok(
-        launch_ln_modulate(x, (mul, add, eps), (0, Some((vp, sp, padded))))?
-            .map(|()| (values, scales)),
-    )
+    let (values, scales, out) = RowsOut::fp8_on(x.device().as_cuda_device()?, (b * l, padded), d)?;
+    Ok(launch_ln_modulate(x, (mul, add, eps), out)?.map(|()| (values, scales)))
 }
 
-/// Launches `ln_modulate_*` on `x` into the device address `out`, or, with `fp8` (values'
-/// and scales' addresses and padded rows), `ln_modulate_rows_x8_*` into those; `None` where
-/// `fp8` is asked and the eight-wide kernel does not take `x`.
+/// Launches `ln_modulate_*` on `x` into `out`, or `ln_modulate_rows_x8_*` where eight-wide
+/// (always for float8 rows); `None`, with nothing done, where float8 rows are asked and the
+/// eight-wide kernel does not take `x`.
 fn launch_ln_modulate(
     x: &Tensor,
     (mul, add, eps): (&Tensor, &Tensor, f32),
-    (out, fp8): (u64, Option<(u64, u64, usize)>),
+    out: RowsOut,
 ) -> candle_core::Result<Option<()>> {
     let (b, l, d) = x.dims3()?;
     let x = x.contiguous()?;
@@ -481,8 +529,7 @@ fn launch_ln_modulate(
     let add = add.to_dtype(DType::F32)?.contiguous()?;
     let (xp, mp, ap) = (device_ptr(&x)?, device_ptr(&mul)?, device_ptr(&add)?);
     let (dim, rows_per_batch) = (d as i32, l as i64);
-    let grid = fp8.map_or(b * l, |(.., padded)| padded.max(b * l));
-    let written = fp8.map_or(out, |(vp, ..)| vp);
+    let (grid, written) = out.grid_and_written(b * l);
     let (rows_x8, cfg) = row_launch(
         "ln_modulate",
         x.dtype(),
@@ -490,7 +537,7 @@ fn launch_ln_modulate(
         &[xp, written],
         (1024, (d * 4) as u32),
     )?;
-    if fp8.is_some() && !rows_x8 {
+    if matches!(out, RowsOut::Fp8 { .. }) && !rows_x8 {
         return Ok(None);
     }
     let kernel = if rows_x8 {
@@ -502,13 +549,13 @@ fn launch_ln_modulate(
         x.device()
             .as_cuda_device()?
             .get_or_load_custom_func(&kernel, "vpipe_dit", DIT_PTX)?;
-    let (vp, sp) = fp8.map_or((0, 0), |(vp, sp, _)| (vp, sp));
+    let (yp, vp, sp) = out.addresses();
     let rows = (b * l) as i64;
     let mut a = func.builder();
     a.arg(&xp);
     a.arg(&mp);
     a.arg(&ap);
-    a.arg(&out);
+    a.arg(&yp);
     a.arg(&dim);
     a.arg(&rows_per_batch);
     a.arg(&stride);
@@ -520,9 +567,9 @@ fn launch_ln_modulate(
     }
     // SAFETY: arguments match `ln_modulate_*` (or `ln_modulate_rows_x8_*`) in kernels/dit.cu;
     // `x`, `mul` and `add` are live contiguous tensors of the sizes the kernel reads; `out`
-    // (without `fp8`) holds B·L·D elements of x's dtype, or (with it) the values `grid`·D bytes
-    // and the scales `grid` f32, each row written whole by its block; 16-byte aligned with
-    // rows a multiple of eight 16-bit elements for the eight-wide kernel.
+    // holds B·L·D elements of x's dtype, or float8 rows (`RowsOut::fp8_on`: the values
+    // `grid`·D bytes and the scales `grid` f32), each row written whole by its block; 16-byte
+    // aligned with rows a multiple of eight 16-bit elements for the eight-wide kernel.
     unsafe { a.launch(cfg) }.w()?;
     Ok(Some(()))
 }
@@ -771,7 +818,7 @@ pub fn dequantize_rows_with_mean(
 ) -> candle_core::Result<Option<Tensor>> {
     let (b, l, c) = o8.dims3()?;
     let (out, op) = empty_on(o8.device().as_cuda_device()?, dtype, &[b, l, c])?;
-    Ok(launch_dequant_rows_mean(o8, (scale, mean), dtype, (op, None))?.map(|()| out))
+    Ok(launch_dequant_rows_mean(o8, (scale, mean), dtype, RowsOut::Plain(op))?.map(|()| out))
 }
 
 /// [`dequantize_rows_with_mean`] quantised per row for a float8 product instead, as
@@ -788,23 +835,17 @@ pub fn dequantize_rows_with_mean_fp8(
     padded: usize,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
     let (b, l, c) = o8.dims3()?;
-    let device = o8.device().as_cuda_device()?;
-    let (values, vp) = empty_on(device, DType::F8E4M3, &[padded.max(b * l), c])?;
-    let (scales, sp) = empty_on(device, DType::F32, &[padded.max(b * l)])?;
-    Ok(
-        launch_dequant_rows_mean(o8, (scale, mean), dtype, (0, Some((vp, sp, padded))))?
-            .map(|()| (values, scales)),
-    )
+    let (values, scales, out) = RowsOut::fp8_on(o8.device().as_cuda_device()?, (b * l, padded), c)?;
+    Ok(launch_dequant_rows_mean(o8, (scale, mean), dtype, out)?.map(|()| (values, scales)))
 }
 
-/// Launches `dequant_rows_mean_x8_*` on `o8` into the device address `out` (of `dtype`), or,
-/// with `fp8` (values' and scales' addresses and padded rows), into those; `None` where the
-/// kernel does not take the operands.
+/// Launches `dequant_rows_mean_x8_*` on `o8` into `out` (a `dtype` output or float8 rows);
+/// `None`, with nothing done, where the kernel does not take the operands.
 fn launch_dequant_rows_mean(
     o8: &Tensor,
     (scale, mean): (&Tensor, &Tensor),
     dtype: DType,
-    (out, fp8): (u64, Option<(u64, u64, usize)>),
+    out: RowsOut,
 ) -> candle_core::Result<Option<()>> {
     let (b, l, c) = o8.dims3()?;
     if o8.dtype() != DType::F8E4M3
@@ -818,8 +859,7 @@ fn launch_dequant_rows_mean(
     }
     let (o8, mean) = (o8.contiguous()?, mean.contiguous()?);
     let (input, sp, mp) = (device_ptr(&o8)?, device_ptr(scale)?, device_ptr(&mean)?);
-    let grid = fp8.map_or(b * l, |(.., padded)| padded.max(b * l));
-    let written = fp8.map_or(out, |(vp, ..)| vp);
+    let (grid, written) = out.grid_and_written(b * l);
     // The float8 rows are read as 8-byte words, the mean as f32 at any offset; the 16-bit
     // output (or the float8 one, 16-byte aligned as a fresh buffer) as 16-byte words.
     let (eight_wide, cfg) = row_launch(
@@ -837,23 +877,23 @@ fn launch_dequant_rows_mean(
         "vpipe_dit",
         DIT_PTX,
     )?;
-    let (vp, scales_p) = fp8.map_or((0, 0), |(vp, sp, _)| (vp, sp));
+    let (yp, vp, scales_p) = out.addresses();
     let (dim, rows_per_batch, rows) = (c as i32, l as i64, (b * l) as i64);
     let mut a = func.builder();
     a.arg(&input);
     a.arg(&sp);
     a.arg(&mp);
-    a.arg(&out);
+    a.arg(&yp);
     a.arg(&dim);
     a.arg(&rows_per_batch);
     a.arg(&vp);
     a.arg(&scales_p);
     a.arg(&rows);
     // SAFETY: `o8` is contiguous [b, l, c] float8 (8-byte aligned, c a multiple of eight:
-    // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32; `out` (without
-    // `fp8`) a fresh [b, l, c] buffer of `dtype`, or (with it) the values `grid`·c bytes and
-    // the scales `grid` f32, 16-byte aligned, each row written whole by its block. All on
-    // their stream.
+    // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32; `out` a fresh
+    // [b, l, c] buffer of `dtype`, or float8 rows (`RowsOut::fp8_on`: the values `grid`·c
+    // bytes and the scales `grid` f32), 16-byte aligned, each row written whole by its block.
+    // All on their stream.
     unsafe { a.launch(cfg) }.w()?;
     Ok(Some(()))
 }
