@@ -191,6 +191,9 @@ fn main() -> Result<()> {
             attention(&q, &kv_text, &kv_text, cross_attend).map(drop)
         })?;
         let attention_s = (self_s + cross_s) * cfg.num_layers as f64;
+        if device.is_cuda() {
+            cross_attention_kernels(&q, &kv_text, (&device, &meters), args.reps)?;
+        }
         // Once more with every attention call timed inside the forward (synchronised).
         time_calls(true);
         let start = Instant::now();
@@ -249,6 +252,60 @@ fn main() -> Result<()> {
                 "max_abs": diff.abs()?.max_all()?.to_scalar::<f64>()?,
                 "cosine": dot(&fast, &reference)? / (dot(&fast, &fast)? * dot(&reference, &reference)?).sqrt()}),
             );
+        }
+    }
+    Ok(())
+}
+
+/// The cross-attention (the text's keys) with each GPU kernel, on head-major operands and on
+/// the token-major views the forward passes, with cuDNN's plan for each: which kernel the
+/// short keys should take.
+fn cross_attention_kernels(
+    q: &Tensor,
+    kv: &Tensor,
+    (device, meters): (&candle_core::Device, &vpipe_mem::Meters),
+    reps: usize,
+) -> Result<()> {
+    let (b, h, l, d) = q.dims4()?;
+    let lk = kv.dim(2)?;
+    let token_major = |x: &Tensor| -> Result<Tensor> {
+        let (b, h, l, d) = x.dims4()?;
+        x.transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, l, h * d))?
+            .reshape((b, l, h, d))?
+            .transpose(1, 2)
+    };
+    let (q_tokens, kv_tokens) = (token_major(q)?, token_major(kv)?);
+    let flops = 4.0 * (b * h * l * lk * d) as f64;
+    for (layout, q, kv) in [
+        ("head-major", q, kv),
+        ("token-major", &q_tokens, &kv_tokens),
+    ] {
+        for kernel in [AttentionKernel::Cudnn, AttentionKernel::Fused] {
+            let how = vpipe_models::ops::attention::Attend {
+                kernel,
+                chunk: vpipe_models::ops::attention::QueryChunk(l),
+            };
+            let timed = measure(device, meters, reps.max(5), || {
+                attention(q, kv, kv, how).map(drop)
+            });
+            let plan = match kernel {
+                #[cfg(feature = "cuda")]
+                AttentionKernel::Cudnn => vpipe_models::ops::cudnn_sdpa::describe_plan(q, kv, kv)
+                    .unwrap_or_else(|e| e.to_string()),
+                _ => String::new(),
+            };
+            let line = match timed {
+                Ok(Measured { median_s, .. }) => {
+                    json!({"what": "cross_attention", "layout": layout,
+                    "kernel": kernel.name(), "shape": [b, h, l, lk, d], "s": median_s,
+                    "tflops": flops / median_s / 1e12, "plan": plan})
+                }
+                Err(e) => json!({"what": "cross_attention", "layout": layout,
+                    "kernel": kernel.name(), "error": e.to_string()}),
+            };
+            println!("{line}");
         }
     }
     Ok(())
