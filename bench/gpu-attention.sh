@@ -35,16 +35,17 @@ diffusers_dits() {  # the reference: diffusers' 14B and 1.3B forwards, same call
   echo "=== diffusers 1.3B"
   timeout 120 python3 bench/dit_gpu.py dit-1.3b --reps 2 | sed 's/^/diffusers /'
 }
-torch_sdpa() {  # PyTorch's SDPA on one 14B self-attention layer: its default, cuDNN, flash, efficient
-  timeout 120 python3 - <<'PY'
+torch_sdpa() {  # PyTorch's SDPA on one 14B self-attention layer, then on its cross-attention
+  # (the text's 512 keys): its default, cuDNN, flash, efficient
+  timeout 150 python3 - <<'PY'
 import json, torch
 from torch.nn.attention import sdpa_kernel, SDPBackend
 import torch.nn.functional as F
 b, h, l, d = 2, 40, 32760, 128
-flops = 4 * b * h * l * l * d
 torch.manual_seed(0)
 # token-major [B, L, H, D] viewed as [B, H, L, D], as diffusers' Wan attention passes them
 q, k, v = (torch.randn(b, l, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+lk = l
 def timed(backend):
     ctx = sdpa_kernel([backend]) if backend is not None else torch.no_grad()
     with ctx, torch.no_grad():
@@ -57,14 +58,20 @@ def timed(backend):
             torch.cuda.synchronize(); times.append(s.elapsed_time(e) / 1e3)
     times.sort()
     return times[len(times) // 2]
-for name, backend in [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                      ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
-    try:
-        s = timed(backend)
-        print(json.dumps({"torch_sdpa": name, "shape": [b, h, l, d], "s": round(s, 4),
-                          "tflops": round(flops / s / 1e12, 1)}))
-    except Exception as e:
-        print(json.dumps({"torch_sdpa": name, "error": str(e)[:200]}))
+backends = [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+for keys in (l, 512):
+    if keys != lk:
+        k, v = (torch.randn(b, keys, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+        lk = keys
+    flops = 4 * b * h * l * keys * d
+    for name, backend in backends:
+        try:
+            s = timed(backend)
+            print(json.dumps({"torch_sdpa": name, "shape": [b, h, l, d], "keys": keys, "s": round(s, 5),
+                              "tflops": round(flops / s / 1e12, 1)}))
+        except Exception as e:
+            print(json.dumps({"torch_sdpa": name, "keys": keys, "error": str(e)[:200]}))
 PY
 }
 vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_bench ($B)

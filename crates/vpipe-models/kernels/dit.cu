@@ -93,11 +93,14 @@ __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add,
   long long b = r / rows_per_batch;
   const float* m = mul + b * mod_stride;
   const float* a = add + b * mod_stride;
-  // The row's values from column c, in f32.
+  // The row's values from column c, in f32 (mul and add 16-byte aligned where VEC is 8).
   auto values = [&](int c, float(&v)[VEC]) {
+    float mv[VEC], av[VEC];
     load_shared<VEC>(row + c, v);
+    load_f32<VEC>(m + c, mv);
+    load_f32<VEC>(a + c, av);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean) * rstd * m[c + j] + a[c + j];
+    for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean) * rstd * mv[j] + av[j];
   };
   store_row_at<T, VEC>(values, y, y8, y8_scales, r, dim, partial);
 }
@@ -112,11 +115,17 @@ __device__ void gated_residual_rows(const T* x, const T* res, const float* gate,
   const float* g = gate ? gate + (r / rows_per_batch) * dim : nullptr;
   long long start = r * dim;
   for (int c = threadIdx.x * VEC; c < dim; c += blockDim.x * VEC) {
-    float xv[VEC], rv[VEC];
+    float xv[VEC], rv[VEC], gv[VEC];
     Vec<T, VEC>::load(x + start + c, xv);
     Vec<T, VEC>::load(res + start + c, rv);
+    if (g) {
+      load_f32<VEC>(g + c, gv);
+    } else {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) xv[j] += rv[j] * (g ? g[c + j] : 1.f);
+      for (int j = 0; j < VEC; ++j) gv[j] = 1.f;
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xv[j] += rv[j] * gv[j];
     Vec<T, VEC>::store(y + start + c, xv);
   }
 }
@@ -208,8 +217,10 @@ __device__ void dequant_rows_mean(const __nv_fp8_e4m3* o8, const float* scale, c
   auto values = [&](int c, float(&v)[VEC]) {
     typename Word8<VEC>::type word = *reinterpret_cast<const typename Word8<VEC>::type*>(src + c);
     const __nv_fp8_e4m3* bytes = reinterpret_cast<const __nv_fp8_e4m3*>(&word);
+    float mv[VEC];
+    load_f32<VEC>(m + c, mv);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = float(bytes[j]) * s + m[c + j];
+    for (int j = 0; j < VEC; ++j) v[j] = float(bytes[j]) * s + mv[j];
   };
   store_row_at<T, VEC>(values, y, y8, y8_scales, r, dim, partial);
 }

@@ -53,11 +53,27 @@ __device__ void add_offsets(T* y, const float* offsets, long long inner, long lo
   y[i] = from_f32<T>(to_f32(y[i]) + offset_at(offsets, inner, span, i));
 }
 
-// The first of the offsets of VEC elements from element i (null without offsets): a group of
-// VEC lies within one block of offsets, `inner` being a multiple of VEC.
-__device__ __forceinline__ const float* group_offsets(const float* offsets, long long inner,
-                                                      long long span, long long i) {
-  return offsets ? offsets + (i / span) * inner + i % inner : nullptr;
+// The offsets of the VEC elements from element i, in f32 (zeros without offsets): a group of
+// VEC lies within one block of offsets, `inner` being a multiple of VEC, and the offsets are
+// 16-byte aligned (so read as 16-byte words). The index in 32-bit arithmetic where it fits:
+// a 64-bit division costs several times as much, and these kernels are bound by such work
+// rather than by memory otherwise.
+template <int VEC>
+__device__ __forceinline__ void group_offsets(const float* offsets, long long inner,
+                                              long long span, long long i, float (&o)[VEC]) {
+  if (!offsets) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o[j] = 0.f;
+    return;
+  }
+  long long at;
+  if (i <= 0xffffffffLL && span <= 0xffffffffLL) {
+    unsigned ii = (unsigned)i, sp = (unsigned)span, in = (unsigned)inner;
+    at = (long long)(ii / sp) * inner + ii % in;
+  } else {
+    at = (i / span) * inner + i % inner;
+  }
+  load_f32<VEC>(offsets + at, o);
 }
 
 // The largest |x - offset| over all n elements into *out (holding 0 before): VEC elements a
@@ -70,11 +86,11 @@ __device__ void absmax_all(const T* x, const float* offsets, long long inner, lo
   float m = 0.f;
   for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n;
        i += (long long)gridDim.x * blockDim.x * VEC) {
-    float v[VEC];
+    float v[VEC], off[VEC];
     Vec<T, VEC>::load(x + i, v);
-    const float* off = group_offsets(offsets, inner, span, i);
+    group_offsets<VEC>(offsets, inner, span, i, off);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j] - (off ? off[j] : 0.f)));
+    for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j] - off[j]));
   }
   m = block_reduce(m, partial, Max());
   if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
@@ -88,14 +104,14 @@ __device__ void quantize_fp8_groups(const T* x, const float* scales, int scale_s
                                     __nv_fp8_e4m3* y, long long n, int cols) {
   long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (i >= n) return;
-  float v[VEC];
+  float v[VEC], off[VEC];
   Vec<T, VEC>::load(x + i, v);
-  const float* off = group_offsets(offsets, inner, span, i);
+  group_offsets<VEC>(offsets, inner, span, i, off);
   float s = scales[scale_stride ? i / cols : 0];
   unsigned char packed[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    float q = (v[j] - (off ? off[j] : 0.f)) / s;
+    float q = (v[j] - off[j]) / s;
     packed[j] = __nv_fp8_e4m3(fminf(fmaxf(q, -FP8_MAX), FP8_MAX)).__x;
   }
   *reinterpret_cast<typename Word8<VEC>::type*>(y + i) =
@@ -108,9 +124,9 @@ __device__ void add_offsets_groups(T* y, const float* offsets, long long inner, 
                                    long long n) {
   long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (i >= n) return;
-  float v[VEC];
+  float v[VEC], off[VEC];
   Vec<T, VEC>::load(y + i, v);
-  const float* off = group_offsets(offsets, inner, span, i);
+  group_offsets<VEC>(offsets, inner, span, i, off);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) v[j] += off[j];
   Vec<T, VEC>::store(y + i, v);

@@ -518,7 +518,7 @@ mod cuda_kernels {
     /// How many of the `n` elements of `dtype` from the device address `x`, in rows of `cols`,
     /// a thread can take at a time: 8 or 4 for 16-bit elements whose address allows one 16- or
     /// 8-byte access per group and whose groups lie within a row and within a block of offsets
-    /// (the kernels' `_x8` and `_x4` variants), else 1.
+    /// (16-byte aligned, read as 16-byte words) (the kernels' `_x8` and `_x4` variants), else 1.
     fn group_width(
         x: u64,
         dtype: DType,
@@ -530,7 +530,10 @@ mod cuda_kernels {
                 && x.is_multiple_of(2 * width as u64)
                 && n.is_multiple_of(width)
                 && cols.is_multiple_of(width)
-                && offsets.is_none_or(|o| o.inner % width as i64 == 0)
+                && offsets.is_none_or(|o| {
+                    o.inner % width as i64 == 0
+                        && device_ptr(&o.values).is_ok_and(|p| p.is_multiple_of(16))
+                })
         };
         [8, 4].into_iter().find(|&w| fits(w)).unwrap_or(1)
     }

@@ -534,7 +534,7 @@ fn launch_ln_modulate(
         "ln_modulate",
         x.dtype(),
         (grid, d),
-        &[xp, written],
+        &[xp, written, mp, ap],
         (1024, (d * 4) as u32),
     )?;
     if matches!(out, RowsOut::Fp8 { .. }) && !rows_x8 {
@@ -569,7 +569,8 @@ fn launch_ln_modulate(
     // `x`, `mul` and `add` are live contiguous tensors of the sizes the kernel reads; `out`
     // holds B·L·D elements of x's dtype, or float8 rows (`RowsOut::fp8_on`: the values
     // `grid`·D bytes and the scales `grid` f32), each row written whole by its block; 16-byte
-    // aligned with rows a multiple of eight 16-bit elements for the eight-wide kernel.
+    // aligned (`mul` and `add` too) with rows a multiple of eight 16-bit elements for the
+    // eight-wide kernel.
     unsafe { a.launch(cfg) }.w()?;
     Ok(Some(()))
 }
@@ -608,7 +609,13 @@ fn residual_rows(x: &Tensor, r: &Tensor, gate: Option<&Tensor>) -> candle_core::
     }
     let (xp, rp) = (device_ptr(&x)?, device_ptr(&r)?);
     let gp = gate.map(device_ptr).transpose()?.unwrap_or(0);
-    let (rows_x8, cfg) = row_launch("residual", x.dtype(), (b * l, d), &[xp, rp, op], (256, 0))?;
+    let (rows_x8, cfg) = row_launch(
+        "residual",
+        x.dtype(),
+        (b * l, d),
+        &[xp, rp, op, gp],
+        (256, 0),
+    )?;
     let width = if rows_x8 { "_x8" } else { "" };
     let func = x.device().as_cuda_device()?.get_or_load_custom_func(
         &format!("gated_residual_rows{width}_{}", suffix(x.dtype())?),
@@ -624,8 +631,8 @@ fn residual_rows(x: &Tensor, r: &Tensor, gate: Option<&Tensor>) -> candle_core::
     a.arg(&dim);
     a.arg(&rows);
     // SAFETY: `x`, `r` and `out` are contiguous [b, l, d] of one dtype (16-byte aligned with
-    // d a multiple of eight for the eight-wide kernel: `row_launch`); `gate`, when given, is
-    // [b, 1, d] f32 (else null, which the kernel reads as no gate). One block per row on
+    // d a multiple of eight for the eight-wide kernel, the gate too: `row_launch`); `gate`,
+    // when given, is [b, 1, d] f32 (else null, which the kernel reads as no gate). One block per row on
     // their stream.
     unsafe { a.launch(cfg) }.w()?;
     Ok(out)
@@ -860,14 +867,15 @@ fn launch_dequant_rows_mean(
     let (o8, mean) = (o8.contiguous()?, mean.contiguous()?);
     let (input, sp, mp) = (device_ptr(&o8)?, device_ptr(scale)?, device_ptr(&mean)?);
     let (grid, written) = out.grid_and_written(b * l);
-    // The float8 rows are read as 8-byte words, the mean as f32 at any offset; the 16-bit
-    // output (or the float8 one, 16-byte aligned as a fresh buffer) as 16-byte words.
+    // The float8 rows are read as 8-byte words, the mean and the 16-bit output (or the
+    // float8 one, 16-byte aligned as a fresh buffer) as 16-byte words; a thread a group of
+    // eight, so that a row quantised for a product is computed once.
     let (eight_wide, cfg) = row_launch(
         "dequantize_rows_with_mean",
         dtype,
         (grid, c),
-        &[written],
-        (256, 0),
+        &[written, mp],
+        (1024, 0),
     )?;
     if !eight_wide || !input.is_multiple_of(8) {
         return Ok(None);
@@ -890,7 +898,8 @@ fn launch_dequant_rows_mean(
     a.arg(&scales_p);
     a.arg(&rows);
     // SAFETY: `o8` is contiguous [b, l, c] float8 (8-byte aligned, c a multiple of eight:
-    // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32; `out` a fresh
+    // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32 (16-byte aligned:
+    // `row_launch`); `out` a fresh
     // [b, l, c] buffer of `dtype`, or float8 rows (`RowsOut::fp8_on`: the values `grid`·c
     // bytes and the scales `grid` f32), 16-byte aligned, each row written whole by its block.
     // All on their stream.

@@ -2868,8 +2868,15 @@ impl WanModel {
         let l = patches.dim(1)?;
         let tokens = patches
             .reshape((b * l, c * pt * ph * pw))?
-            .matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?;
+            .matmul(&self.patch_weight.t()?)?;
+        #[cfg(feature = "cuda")]
+        if fused(&tokens) {
+            // In place on the fresh product: candle's broadcasting add is several times
+            // slower over this many tokens.
+            crate::ops::fused::bias_act_in_place(&tokens, &self.patch_bias, false)?;
+            return Ok(tokens.reshape((b, l, self.cfg.dim))?);
+        }
+        let tokens = tokens.broadcast_add(&self.patch_bias)?;
         Ok(tokens.reshape((b, l, self.cfg.dim))?)
     }
 
