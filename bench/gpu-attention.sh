@@ -22,7 +22,7 @@
 # paths (each with its error against exact), next to diffusers' 14B. With `exact-short`: the 1.3B and the 14B exact at
 # B = 2, each next to diffusers (about 5 minutes). With `cudnn-wheel`: the float8 attention test
 # on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers.
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-pass|fp8-centred|cudnn-wheel|exact-short|all]   (default all: kernel and dit)
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-pass|fp8-centred|cudnn-wheel|cross-kernels|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -137,6 +137,33 @@ vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_
     B=$(unpack dit_bench)
     for run in "cudnn exact" "fp8 exact" "fp8 fp8"; do vpipe_14b $run; done
     timeout 150 python3 bench/dit_gpu.py dit --reps 2 | sed 's/^/diffusers /'
+    date -u
+  fi
+  if [ "$PART" = cross-kernels ]; then
+    # Which cuDNN graph and engine configuration the cross-attention (the text's 512 keys)
+    # should run: dit_bench on one block of the 14B at B = 2 (its cross-attention lines:
+    # cuDNN head- and token-major with the plan, and the fused kernel) with the native
+    # graph's first and second engine configuration and with the composite graph, on the
+    # system's cuDNN and on PyTorch's; then PyTorch's SDPA on the same shapes (about 3 minutes).
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    B=$(unpack dit_bench)
+    WHEEL=$(python3 -c "import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], 'lib'))")
+    mkdir -p /tmp/cudnn-wheel && ln -sf "$WHEEL/libcudnn.so.9" /tmp/cudnn-wheel/libcudnn.so
+    SYSTEM_LIBRARY_PATH=${LD_LIBRARY_PATH-}
+    for lib in system wheel; do
+      [ $lib = wheel ] && export LD_LIBRARY_PATH=/tmp/cudnn-wheel:$WHEEL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      for choice in "native 1" "native 2" "composite 1"; do
+        set -- $choice
+        echo "=== $lib cuDNN, $1 graph, engine configuration $2 first"
+        VPIPE_CUDNN_SDPA_GRAPH=$1 VPIPE_CUDNN_SDPA_CONFIG=$2 timeout 60 "$B" --preset wan2.1-t2v-14b \
+          --layers 1 --attention cudnn --reps 2 --batches 2 | grep -E 'cross_attention"|"forward"' \
+          | sed "s/^/$lib $1 $2 /"
+        [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
+      done
+    done
+    export LD_LIBRARY_PATH=$SYSTEM_LIBRARY_PATH
+    torch_sdpa
     date -u
   fi
   if [ "$PART" = cudnn-wheel ]; then

@@ -43,7 +43,8 @@
 //! Unless `VPIPE_CUDNN_SDPA_GRAPH` says `native` or `composite` (only that one is tried), the
 //! native operation is tried where the version allows and the composite graph when it gives
 //! no plan. For the graph that builds, cuDNN's heuristics (mode A) rank engine configurations,
-//! and the first one that finalizes into an execution plan is kept.
+//! and the first one that finalizes into an execution plan is kept (`VPIPE_CUDNN_SDPA_CONFIG=n`
+//! tries the n-th first).
 //!
 //! # Plans and handles
 //!
@@ -109,6 +110,9 @@ const NATIVE_MIN_VERSION: usize = 91301;
 const DETERMINISM_FLAG_VERSION: usize = 91100;
 /// Chooses the graph: `native` or `composite` tries that one alone; unset tries both.
 const GRAPH_ENV: &str = "VPIPE_CUDNN_SDPA_GRAPH";
+/// A number n: the heuristics' n-th engine configuration is tried first (from 1), to time
+/// the others; unset, their ranking is followed.
+const CONFIG_ENV: &str = "VPIPE_CUDNN_SDPA_CONFIG";
 
 /// Unique ids of the tensors the variant pack binds (ids are the graph's only link from a
 /// tensor descriptor to its memory).
@@ -993,7 +997,16 @@ fn plan_graph(
     let returned = returned.clamp(0, count) as usize;
 
     let mut refusals = Vec::new();
-    for (rank, config) in configs.into_iter().take(returned).enumerate() {
+    let mut ranked: Vec<_> = configs.into_iter().take(returned).enumerate().collect();
+    let first = std::env::var(CONFIG_ENV)
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| (1..=ranked.len()).contains(n));
+    if let Some(n) = first {
+        let chosen = ranked.remove(n - 1);
+        ranked.insert(0, chosen);
+    }
+    for (rank, config) in ranked {
         match execution_plan(handle, &config) {
             Ok((plan, workspace_bytes)) => {
                 let description = format!(
