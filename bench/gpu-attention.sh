@@ -22,7 +22,7 @@
 # paths (each with its error against exact), next to diffusers' 14B. With `exact-short`: the 1.3B and the 14B exact at
 # B = 2, each next to diffusers (about 5 minutes). With `cudnn-wheel`: the float8 attention test
 # on the system's libcudnn and on PyTorch's (its nvidia-cudnn wheel), then the 14B at B = 2 exact and in float8 on PyTorch's, next to diffusers.
-#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-pass|fp8-centred|cudnn-wheel|cross-kernels|exact-short|all]   (default all: kernel and dit)
+#   bash bench/gpu-attention.sh [kernel|dit|stream|slices|ncu-slices|fp8|fp8-short|fp8-pass|fp8-centred|cudnn-wheel|cross-kernels|ncu-rows|exact-short|all]   (default all: kernel and dit)
 # Needs .carry/cudnn_attention_gpu.xz (`cargo test --release --features cuda -p vpipe-models
 # --test cudnn_attention_gpu --no-run`) and, for `dit`, .carry/dit_bench.xz (`cargo build
 # --release --features cuda,bench-hooks -p vpipe --example dit_bench`). Carry [".carry", ".whl"].
@@ -164,6 +164,23 @@ vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_
     done
     export LD_LIBRARY_PATH=$SYSTEM_LIBRARY_PATH
     torch_sdpa
+    date -u
+  fi
+  if [ "$PART" = ncu-rows ]; then
+    # Nsight Compute's detailed sections (throughput against the peaks, memory, occupancy,
+    # what the warps wait on) for the float8 forward's row kernels, two launches of each, on
+    # one block of the 14B at B = 2 (about 2 minutes).
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    date -u
+    B=$(unpack dit_bench)
+    NCU_BIN=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    timeout 240 $NCU_BIN --kernel-name 'regex:ln_modulate|quantize_fp8|dequant_rows|gated_residual|rms_rope|absmax_all|channel_stats_x8' \
+      --launch-count 14 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section WarpStateStats "$B" --preset wan2.1-t2v-14b --layers 1 \
+      --attention fp8 --matmul fp8 --reps 1 --batches 2 2>&1 \
+      | grep -E '^  [a-z_0-9]+.*\(|Duration|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Block Limit|Warp Cycles Per Issued|Stall|OPT|Block Size|Grid Size' \
+      | cut -c1-160
+    [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=6
     date -u
   fi
   if [ "$PART" = cudnn-wheel ]; then

@@ -90,6 +90,27 @@ template <> struct Word8<1> { using type = unsigned char; };
 template <> struct Word8<4> { using type = unsigned int; };
 template <> struct Word8<8> { using type = uint2; };
 
+// The scale of a row quantised to e4m3, from each thread's largest |value| m: the row's
+// largest over the block times 1/448 (at least MIN_SCALE), as the CPU computes it (no fused
+// rounding: the add is 0); thread 0 writes it to *y8_scale. `partial` holds 32 floats.
+__device__ __forceinline__ float fp8_row_scale(float m, float* partial, float* y8_scale) {
+  m = block_reduce(m, partial, Max());
+  float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
+  if (threadIdx.x == 0) *y8_scale = s;
+  return s;
+}
+
+// VEC values over the scale s, clamped to e4m3's range and stored as one word at p.
+template <int VEC>
+__device__ __forceinline__ void store_fp8(__nv_fp8_e4m3* p, const float (&v)[VEC], float s) {
+  unsigned char packed[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    packed[j] = __nv_fp8_e4m3(fminf(fmaxf(v[j] / s, -FP8_MAX), FP8_MAX)).__x;
+  *reinterpret_cast<typename Word8<VEC>::type*>(p) =
+      *reinterpret_cast<const typename Word8<VEC>::type*>(packed);
+}
+
 // The end of a kernel of one row per block: the row's values, VEC at a time from column c as
 // `values(c, v)` gives them in f32, stored to y as T; or, with y8, quantised to e4m3 over the
 // row's scale (its largest |value| over FP8_MAX, at least MIN_SCALE), which goes to *y8_scale:
@@ -125,26 +146,15 @@ __device__ void store_row(const Values& values, T* y, __nv_fp8_e4m3* y8, float* 
       for (int j = 0; j < VEC; ++j) m = fmaxf(m, fabsf(v[j]));
     }
   }
-  m = block_reduce(m, partial, Max());
-  // As the CPU computes it: the largest value times 1/448 (no fused rounding: the add is 0).
-  float s = fmaxf(m * (1.f / FP8_MAX), MIN_SCALE);
-  if (threadIdx.x == 0) *y8_scale = s;
-  auto quantised = [&](int c, const float(&v)[VEC]) {
-    unsigned char packed[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      packed[j] = __nv_fp8_e4m3(fminf(fmaxf(v[j] / s, -FP8_MAX), FP8_MAX)).__x;
-    *reinterpret_cast<typename Word8<VEC>::type*>(y8 + c) =
-        *reinterpret_cast<const typename Word8<VEC>::type*>(packed);
-  };
+  float s = fp8_row_scale(m, partial, y8_scale);
   if (kept_whole) {
-    if (c0 < cols) quantised(c0, kept);
+    if (c0 < cols) store_fp8<VEC>(y8 + c0, kept, s);
     return;
   }
   for (int c = c0; c < cols; c += blockDim.x * VEC) {
     float v[VEC];
     values(c, v);
-    quantised(c, v);
+    store_fp8<VEC>(y8 + c, v, s);
   }
 }
 

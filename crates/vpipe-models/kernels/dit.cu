@@ -5,7 +5,9 @@
 // - ln_modulate: y = LN(x) * mul[b] + add[b]; LN without affine, f32 statistics, one block
 //   per row. mul/add are f32 [batches, dim] with a batch stride (0: one vector for all rows).
 //   For 16-bit rows of a multiple of eight, eight elements a thread (ln_modulate_rows_x8),
-//   which can instead give its output quantised to e4m3 per row, for a float8 product.
+//   which can instead give its output quantised to e4m3 per row, for a float8 product; rows
+//   of up to 8 192 held in registers, up to eight groups of eight a thread in small blocks
+//   (ln_modulate_rows_held1..8), the same outputs.
 // - gated_residual_rows: y = x + r * gate[b], in f32, one block per row (a null gate gives
 //   the plain residual y = x + r); for 16-bit rows of a multiple of eight, eight elements a
 //   thread (gated_residual_rows_x8).
@@ -103,6 +105,78 @@ __device__ void ln_modulate_rows(const T* x, const float* mul, const float* add,
     for (int j = 0; j < VEC; ++j) v[j] = (v[j] - mean) * rstd * mv[j] + av[j];
   };
   store_row_at<T, VEC>(values, y, y8, y8_scales, r, dim, partial);
+}
+
+// ln_modulate_rows (eight 16-bit elements a group) with the row held in registers, GROUPS
+// groups a thread (dim at most GROUPS · 8 · blockDim.x; blocks of at most 128 threads): several
+// rows in flight on each multiprocessor where the shared-memory kernel's blocks of dim / 8
+// threads left two, and the modulation read once per element.
+template <typename T, int GROUPS>
+__device__ void ln_modulate_rows_held(const T* x, const float* mul, const float* add, T* y,
+                                      int dim, long long rows_per_batch, long long mod_stride,
+                                      float eps, __nv_fp8_e4m3* y8, float* y8_scales,
+                                      long long rows) {
+  constexpr int VEC = 8;
+  __shared__ float partial[32];
+  long long r = blockIdx.x;
+  if (fp8_padding_row<VEC>(y8, y8_scales, r, rows, dim)) return;
+  const T* xr = x + r * dim;
+  float v[GROUPS][VEC];
+  float sum = 0.f;
+#pragma unroll
+  for (int g = 0; g < GROUPS; ++g) {
+    int c = (g * blockDim.x + threadIdx.x) * VEC;
+    if (c < dim) {
+      Vec<T, VEC>::load(xr + c, v[g]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum += v[g][j];
+    }
+  }
+  float mean = block_sum(sum, partial) / dim;
+  float sq = 0.f;
+#pragma unroll
+  for (int g = 0; g < GROUPS; ++g) {
+    if ((g * blockDim.x + threadIdx.x) * VEC < dim) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        float d = v[g][j] - mean;
+        sq += d * d;
+      }
+    }
+  }
+  float rstd = rsqrtf(block_sum(sq, partial) / dim + eps);
+  long long b = r / rows_per_batch;
+  const float* m = mul + b * mod_stride;
+  const float* a = add + b * mod_stride;
+  float largest = 0.f;
+#pragma unroll
+  for (int g = 0; g < GROUPS; ++g) {
+    int c = (g * blockDim.x + threadIdx.x) * VEC;
+    if (c < dim) {
+      float mv[VEC], av[VEC];
+      load_f32<VEC>(m + c, mv);
+      load_f32<VEC>(a + c, av);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        v[g][j] = (v[g][j] - mean) * rstd * mv[j] + av[j];
+        largest = fmaxf(largest, fabsf(v[g][j]));
+      }
+    }
+  }
+  if (!y8) {
+#pragma unroll
+    for (int g = 0; g < GROUPS; ++g) {
+      int c = (g * blockDim.x + threadIdx.x) * VEC;
+      if (c < dim) Vec<T, VEC>::store(y + r * dim + c, v[g]);
+    }
+    return;
+  }
+  float s = fp8_row_scale(largest, partial, y8_scales + r);
+#pragma unroll
+  for (int g = 0; g < GROUPS; ++g) {
+    int c = (g * blockDim.x + threadIdx.x) * VEC;
+    if (c < dim) store_fp8<VEC>(y8 + r * dim + c, v[g], s);
+  }
 }
 
 // y = x + r * gate[b] over one row per block, VEC elements a thread (VEC 1, or 8 16-bit
@@ -224,6 +298,25 @@ __device__ void dequant_rows_mean(const __nv_fp8_e4m3* o8, const float* scale, c
   };
   store_row_at<T, VEC>(values, y, y8, y8_scales, r, dim, partial);
 }
+
+#define LN_MODULATE_HELD(SUFFIX, T, GROUPS)                                                    \
+  extern "C" __global__ void __launch_bounds__(128) ln_modulate_rows_held##GROUPS##_##SUFFIX(  \
+      const T* x, const float* mul, const float* add, T* y, int dim, long long rows_per_batch, \
+      long long mod_stride, float eps, __nv_fp8_e4m3* y8, float* y8_scales, long long rows) {  \
+    ln_modulate_rows_held<T, GROUPS>(x, mul, add, y, dim, rows_per_batch, mod_stride, eps, y8, \
+                                     y8_scales, rows);                                         \
+  }
+#define LN_MODULATE_HELD_ALL(SUFFIX, T)                                                        \
+  LN_MODULATE_HELD(SUFFIX, T, 1)                                                               \
+  LN_MODULATE_HELD(SUFFIX, T, 2)                                                               \
+  LN_MODULATE_HELD(SUFFIX, T, 3)                                                               \
+  LN_MODULATE_HELD(SUFFIX, T, 4)                                                               \
+  LN_MODULATE_HELD(SUFFIX, T, 5)                                                               \
+  LN_MODULATE_HELD(SUFFIX, T, 6)                                                               \
+  LN_MODULATE_HELD(SUFFIX, T, 7)                                                               \
+  LN_MODULATE_HELD(SUFFIX, T, 8)
+LN_MODULATE_HELD_ALL(bf16, __nv_bfloat16)
+LN_MODULATE_HELD_ALL(f16, __half)
 
 #define DIT_ROW_KERNELS(SUFFIX, T)                                                             \
   extern "C" __global__ void ln_modulate_rows_x8_##SUFFIX(                                    \

@@ -327,6 +327,30 @@ fn cuda_one_pass_block_kernels_equal_their_steps_at_14b_width() {
     let scale = output_max(&expected);
     println!("ln_modulate at 5 120 wide: max abs {err:.3e} against f32 (max {scale:.2})");
     assert!(err <= scale / 128.0, "{err} of {scale}");
+    // The same rows quantised per row for a float8 product, the kernel's other output: e4m3
+    // keeps 3 bits below the leading one, so each value is within 1/16 of itself.
+    let (values, scales) = fused::ln_modulate_fp8(&x, (&mul, &add, 1e-6), b * l)
+        .unwrap()
+        .expect("the eight-wide kernel takes bf16 rows of 5 120");
+    let back = values
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape((b * l, dim))
+        .unwrap()
+        .broadcast_mul(&host_f32(&scales).reshape((b * l, 1)).unwrap())
+        .unwrap();
+    let expected_rows = expected.reshape((b * l, dim)).unwrap();
+    let relative = ((&back - &expected_rows).unwrap().abs().unwrap()
+        / (expected_rows.abs().unwrap() + scale / 448.0).unwrap())
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    println!("ln_modulate in float8 rows at 5 120 wide: largest error {relative:.3e} of the value");
+    assert!(relative <= 1.0 / 14.0, "{relative}");
 
     // The plain residual, against candle's add (both round the exact sum once).
     let r = randn(&[b, l, dim], 1.0);

@@ -508,6 +508,18 @@ mod cuda_kernels {
         }
     }
 
+    /// One thread for each of `threads` units of work, in blocks of 256: at 1024 a block
+    /// (cudarc's `for_num_elems`), these kernels' 38 registers a thread let one block, half
+    /// the threads, stay on a multiprocessor (Nsight Compute, H100).
+    fn per_thread_launch(threads: u32) -> LaunchConfig {
+        const BLOCK: u32 = 256;
+        LaunchConfig {
+            grid_dim: (threads.div_ceil(BLOCK).max(1), 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     /// `n` elements as one launch's count.
     fn elements_u32(n: usize) -> candle_core::Result<u32> {
         u32::try_from(n).map_err(|_| {
@@ -642,7 +654,7 @@ mod cuda_kernels {
         // where a grouped kernel runs, as is `out`); `out` holds at least `n` bytes (checked);
         // `scales` one f32 per row (stride 1) or one (stride 0); the offsets, when given,
         // cover every index their pairing gives.
-        unsafe { a.launch(LaunchConfig::for_num_elems(threads)) }.w()?;
+        unsafe { a.launch(per_thread_launch(threads)) }.w()?;
         Ok(())
     }
 
@@ -839,7 +851,7 @@ mod cuda_kernels {
         // SAFETY: `y`'s `n` elements fill their span from `yp` (its layout is one the offsets
         // were paired with, token- or head-major); the offsets cover every index the pairing
         // gives; the caller holds no other reference to `y` while the kernel writes it.
-        unsafe { a.launch(LaunchConfig::for_num_elems(n32)) }.w()?;
+        unsafe { a.launch(per_thread_launch(n32)) }.w()?;
         Ok(())
     }
 

@@ -530,7 +530,7 @@ fn launch_ln_modulate(
     let (xp, mp, ap) = (device_ptr(&x)?, device_ptr(&mul)?, device_ptr(&add)?);
     let (dim, rows_per_batch) = (d as i32, l as i64);
     let (grid, written) = out.grid_and_written(b * l);
-    let (rows_x8, cfg) = row_launch(
+    let (rows_x8, mut cfg) = row_launch(
         "ln_modulate",
         x.dtype(),
         (grid, d),
@@ -540,10 +540,20 @@ fn launch_ln_modulate(
     if matches!(out, RowsOut::Fp8 { .. }) && !rows_x8 {
         return Ok(None);
     }
-    let kernel = if rows_x8 {
-        format!("ln_modulate_rows_x8_{}", suffix(x.dtype())?)
-    } else {
-        format!("ln_modulate_{}", suffix(x.dtype())?)
+    // Rows of up to 8 192 elements (1 024 groups of eight) are held in registers, at most
+    // eight groups a thread in blocks of at most 128 threads (`ln_modulate_rows_held{n}_*`):
+    // several rows in flight on a multiprocessor; wider ones go through shared memory.
+    let groups = d / 8;
+    let held = rows_x8.then(|| groups.div_ceil(128)).filter(|&g| g <= 8);
+    let kernel = match held {
+        Some(per_thread) => {
+            let threads = (groups.div_ceil(per_thread).div_ceil(32) * 32) as u32;
+            cfg.block_dim = (threads, 1, 1);
+            cfg.shared_mem_bytes = 0;
+            format!("ln_modulate_rows_held{per_thread}_{}", suffix(x.dtype())?)
+        }
+        None if rows_x8 => format!("ln_modulate_rows_x8_{}", suffix(x.dtype())?),
+        None => format!("ln_modulate_{}", suffix(x.dtype())?),
     };
     let func =
         x.device()
@@ -565,7 +575,9 @@ fn launch_ln_modulate(
         a.arg(&sp);
         a.arg(&rows);
     }
-    // SAFETY: arguments match `ln_modulate_*` (or `ln_modulate_rows_x8_*`) in kernels/dit.cu;
+    // SAFETY: arguments match `ln_modulate_*` (or `ln_modulate_rows_x8_*`, or
+    // `ln_modulate_rows_held{n}_*`, whose n groups of eight a thread cover the row) in
+    // kernels/dit.cu;
     // `x`, `mul` and `add` are live contiguous tensors of the sizes the kernel reads; `out`
     // holds B·L·D elements of x's dtype, or float8 rows (`RowsOut::fp8_on`: the values
     // `grid`·D bytes and the scales `grid` f32), each row written whole by its block; 16-byte
