@@ -226,7 +226,7 @@ vpipe_14b() {  # ATTENTION MATMUL [LABEL]: the 14B forward at B = 2 through dit_
     # emulation (the binary finds its fixtures under the path it was built in).
     [ -e /work/main/crates ] || { mkdir -p /work && ln -sfn "$PWD" /work/main; }
     timeout 60 "$(unpack dit_parity)" cuda --nocapture --test-threads 1 2>&1 \
-      | grep -E "max abs|test result|panicked|FAILED"
+      | grep -E "max abs|largest error|test result|panicked|FAILED"
     [ "${PIPESTATUS[0]}" -ne 0 ] && CODE=8
     B=$(unpack dit_bench)
     T14=80 vpipe_14b fp8 fp8
