@@ -268,14 +268,8 @@ fn cross_attention_kernels(
 ) -> Result<()> {
     let (b, h, l, d) = q.dims4()?;
     let lk = kv.dim(2)?;
-    let token_major = |x: &Tensor| -> Result<Tensor> {
-        let (b, h, l, d) = x.dims4()?;
-        x.transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, l, h * d))?
-            .reshape((b, l, h, d))?
-            .transpose(1, 2)
-    };
+    // [B, H, L, D] viewed over a [B, L, H, D] buffer, as the forward's projections lay it out.
+    let token_major = |x: &Tensor| x.transpose(1, 2)?.contiguous()?.transpose(1, 2);
     let (q_tokens, kv_tokens) = (token_major(q)?, token_major(kv)?);
     let flops = 4.0 * (b * h * l * lk * d) as f64;
     for (layout, q, kv) in [

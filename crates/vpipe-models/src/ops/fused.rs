@@ -644,8 +644,8 @@ fn residual_rows(x: &Tensor, r: &Tensor, gate: Option<&Tensor>) -> candle_core::
     a.arg(&rows);
     // SAFETY: `x`, `r` and `out` are contiguous [b, l, d] of one dtype (16-byte aligned with
     // d a multiple of eight for the eight-wide kernel, the gate too: `row_launch`); `gate`,
-    // when given, is [b, 1, d] f32 (else null, which the kernel reads as no gate). One block per row on
-    // their stream.
+    // when given, is [b, 1, d] f32 (else null, which the kernel reads as no gate). One block
+    // per row on their stream.
     unsafe { a.launch(cfg) }.w()?;
     Ok(out)
 }
@@ -911,10 +911,9 @@ fn launch_dequant_rows_mean(
     a.arg(&rows);
     // SAFETY: `o8` is contiguous [b, l, c] float8 (8-byte aligned, c a multiple of eight:
     // checked above and by `row_launch`), `scale` one f32, `mean` b·c f32 (16-byte aligned:
-    // `row_launch`); `out` a fresh
-    // [b, l, c] buffer of `dtype`, or float8 rows (`RowsOut::fp8_on`: the values `grid`·c
-    // bytes and the scales `grid` f32), 16-byte aligned, each row written whole by its block.
-    // All on their stream.
+    // `row_launch`); `out` a fresh [b, l, c] buffer of `dtype`, or float8 rows
+    // (`RowsOut::fp8_on`: the values `grid`·c bytes and the scales `grid` f32), 16-byte
+    // aligned, each row written whole by its block. All on their stream.
     unsafe { a.launch(cfg) }.w()?;
     Ok(Some(()))
 }
